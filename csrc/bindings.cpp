@@ -1,0 +1,378 @@
+// The Python module blob2gpu._core: thin bindings over the pipeline. Every blocking call releases
+// the GIL; CoreError becomes the blob2gpu.errors class named after its kind.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+
+#include "device_arena.hpp"
+#include "dlpack.hpp"
+#include "dtype.hpp"
+#include "errors.hpp"
+#include "load_session.hpp"
+#include "safetensors_header.hpp"
+#include "shim/cuda_driver.hpp"
+#include "tensor_export.hpp"
+
+namespace py = pybind11;
+using namespace blob2gpu;
+
+namespace {
+
+constexpr const char* kCapsuleVersioned = "dltensor_versioned";
+constexpr const char* kCapsuleVersionedUsed = "used_dltensor_versioned";
+constexpr const char* kCapsuleLegacy = "dltensor";
+constexpr const char* kCapsuleLegacyUsed = "used_dltensor";
+
+// A capsule nobody consumed still owns its tensor: call the deleter.
+void versioned_capsule_destructor(PyObject* capsule) {
+  if (PyCapsule_IsValid(capsule, kCapsuleVersionedUsed)) return;
+  PyObject *type, *value, *traceback;
+  PyErr_Fetch(&type, &value, &traceback);
+  auto* managed =
+      static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(capsule, kCapsuleVersioned));
+  if (managed && managed->deleter) managed->deleter(managed);
+  PyErr_Clear();
+  PyErr_Restore(type, value, traceback);
+}
+
+void legacy_capsule_destructor(PyObject* capsule) {
+  if (PyCapsule_IsValid(capsule, kCapsuleLegacyUsed)) return;
+  PyObject *type, *value, *traceback;
+  PyErr_Fetch(&type, &value, &traceback);
+  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, kCapsuleLegacy));
+  if (managed && managed->deleter) managed->deleter(managed);
+  PyErr_Clear();
+  PyErr_Restore(type, value, traceback);
+}
+
+[[noreturn]] void buffer_error(const std::string& message) {
+  PyErr_SetString(PyExc_BufferError, message.c_str());
+  throw py::error_already_set();
+}
+
+py::dict shard_stats_dict(const ShardStats& s) {
+  py::dict d;
+  d["name"] = s.name;
+  d["file_bytes"] = s.file_bytes;
+  d["header_bytes"] = s.header_bytes;
+  d["data_bytes"] = s.data_bytes;
+  d["tensors"] = s.tensors;
+  d["realigned_tensors"] = s.realigned_tensors;
+  d["start_ns"] = s.start_ns;
+  d["header_ns"] = s.header_ns;
+  d["published_ns"] = s.published_ns;
+  return d;
+}
+
+py::dict session_stats_dict(const SessionStats& s) {
+  py::dict d;
+  d["device"] = s.device;
+  d["bytes_read"] = s.bytes_read;
+  d["elapsed_ns"] = s.elapsed_ns;
+  d["all_published_ns"] = s.all_published_ns;
+  d["pinned"] = s.pinned;
+  d["pinned_fallback"] = s.pinned_fallback;
+  d["staging_slots"] = s.staging_slots;
+  d["staging_slot_bytes"] = s.staging_slot_bytes;
+  d["copy_streams"] = s.copy_streams;
+  d["io_threads"] = s.io_threads;
+  d["peak_slots_in_flight"] = s.peak_slots_in_flight;
+  d["slot_waits"] = s.slot_waits;
+  d["mmap"] = s.mmap;
+  py::list shards;
+  for (const auto& shard : s.shards) shards.append(shard_stats_dict(shard));
+  d["shards"] = shards;
+  return d;
+}
+
+// Resolves the DLPack `stream` argument for a CUDA producer (Python array API semantics).
+// Returns false when the consumer asked for no synchronization (-1).
+bool cuda_stream_from_arg(const py::object& stream, CUstream* out) {
+  if (stream.is_none()) {
+    *out = BLOB2GPU_CU_STREAM_LEGACY;
+    return true;
+  }
+  if (!py::isinstance<py::int_>(stream)) buffer_error("__dlpack__: stream must be None or an int");
+  long long value = stream.cast<long long>();
+  if (value == -1) return false;
+  if (value == 0) {
+    buffer_error("__dlpack__: stream=0 is ambiguous for CUDA; pass 1 (legacy default stream), "
+                 "2 (per-thread default stream) or a stream handle");
+  }
+  if (value == 1) *out = BLOB2GPU_CU_STREAM_LEGACY;
+  else if (value == 2) *out = BLOB2GPU_CU_STREAM_PER_THREAD;
+  else *out = reinterpret_cast<CUstream>(static_cast<uintptr_t>(value));
+  return true;
+}
+
+py::capsule make_capsule(const TensorView& view, bool versioned, uint64_t flags) {
+  if (versioned) {
+    DLManagedTensorVersioned* m = view.to_dlpack_versioned(flags);
+    PyObject* cap = PyCapsule_New(m, kCapsuleVersioned, versioned_capsule_destructor);
+    if (cap == nullptr) {
+      m->deleter(m);
+      throw py::error_already_set();
+    }
+    return py::reinterpret_steal<py::capsule>(cap);
+  }
+  DLManagedTensor* m = view.to_dlpack_legacy();
+  PyObject* cap = PyCapsule_New(m, kCapsuleLegacy, legacy_capsule_destructor);
+  if (cap == nullptr) {
+    m->deleter(m);
+    throw py::error_already_set();
+  }
+  return py::reinterpret_steal<py::capsule>(cap);
+}
+
+py::capsule tensor_dlpack(const std::shared_ptr<TensorView>& self, py::object stream,
+                          py::object max_version, py::object dl_device, py::object copy) {
+  bool versioned = false;
+  if (!max_version.is_none()) {
+    auto version = max_version.cast<py::tuple>();
+    versioned = version.size() >= 1 && version[0].cast<int>() >= 1;
+  }
+  auto own = self->dlpack_device();
+  std::shared_ptr<TensorView> source = self;
+  uint64_t flags = 0;
+  bool want_copy = !copy.is_none() && copy.cast<bool>();
+  bool forbid_copy = !copy.is_none() && !copy.cast<bool>();
+  if (!dl_device.is_none()) {
+    auto target = dl_device.cast<py::tuple>();
+    int type = target[0].cast<int>(), id = target[1].cast<int>();
+    if (type != own.first || id != own.second) {
+      if (type != kDLCPU) buffer_error("__dlpack__: can only export to this tensor's device or cpu");
+      if (forbid_copy) buffer_error("__dlpack__: exporting to cpu needs a copy, and copy=False");
+      want_copy = true;
+    }
+  }
+  if (own.first == kDLCUDA) {
+    CUstream consumer = nullptr;
+    if (!want_copy && cuda_stream_from_arg(stream, &consumer)) {
+      py::gil_scoped_release release;
+      self->make_stream_wait(consumer);
+    }
+  }
+  if (want_copy) {
+    if (own.first == kDLCUDA && (dl_device.is_none() ||
+                                 dl_device.cast<py::tuple>()[0].cast<int>() == kDLCUDA)) {
+      buffer_error("__dlpack__: copy=True on the same CUDA device is not supported; copy in the "
+                   "consumer instead");
+    }
+    if (!versioned) buffer_error("__dlpack__: a copy needs a DLPack 1.0+ consumer (max_version)");
+    py::gil_scoped_release release;
+    source = self->to_host();
+    flags |= kDLPackFlagIsCopied;
+  }
+  return make_capsule(*source, versioned, flags);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "blob2gpu native core: safetensors header parsing, staging ring, copy engine, arenas";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const CoreError& e) {
+      py::object errors = py::module_::import("blob2gpu.errors");
+      py::object cls = errors.attr(error_kind_name(e.kind()));
+      PyErr_SetString(cls.ptr(), e.what());
+    }
+  });
+
+  m.def(
+      "parse_header",
+      [](py::bytes data, py::object file_size, const std::string& shard) {
+        std::string_view bytes = data;
+        uint64_t size = file_size.is_none() ? bytes.size() : file_size.cast<uint64_t>();
+        auto* p = reinterpret_cast<const uint8_t*>(bytes.data());
+        ShardHeader h;
+        {
+          py::gil_scoped_release release;
+          uint64_t n = read_header_length(p, bytes.size(), size, shard);
+          if (bytes.size() < kHeaderLengthBytes + n) {
+            throw CoreError(ErrorKind::HeaderTruncated,
+                            "shard '" + shard + "': only " + std::to_string(bytes.size()) +
+                                " bytes given, the header needs " +
+                                std::to_string(kHeaderLengthBytes + n));
+          }
+          h = parse_header(p + kHeaderLengthBytes, n, size, shard);
+        }
+        py::list tensors;
+        for (const auto& t : h.tensors) {
+          py::dict d;
+          d["name"] = t.name;
+          d["dtype"] = std::string(dtype_info(t.dtype).name);
+          d["shape"] = py::tuple(py::cast(t.shape));
+          d["begin"] = t.begin;
+          d["end"] = t.end;
+          tensors.append(d);
+        }
+        py::dict metadata;
+        for (const auto& kv : h.metadata) metadata[py::str(kv.first)] = kv.second;
+        py::dict out;
+        out["header_bytes"] = h.header_bytes;
+        out["data_offset"] = h.data_offset;
+        out["data_bytes"] = h.data_bytes;
+        out["tensors"] = tensors;
+        out["metadata"] = metadata;
+        return out;
+      },
+      py::arg("data"), py::arg("file_size") = py::none(), py::arg("shard") = "shard",
+      "Parse and validate a safetensors header from the first bytes of a shard.");
+
+  m.def("dtype_table", [] {
+    py::list out;
+    for (const auto& info : dtype_table()) {
+      py::dict d;
+      d["name"] = std::string(info.name);
+      d["bits"] = info.bits;
+      d["dlpack_code"] = info.dlpack_code;
+      d["dlpack_bits"] = info.dlpack_bits;
+      out.append(d);
+    }
+    return out;
+  });
+
+  m.def("driver_info", [] {
+    py::dict d;
+    try {
+      const CudaDriver& drv = cuda_driver();
+      d["available"] = true;
+      d["path"] = drv.path;
+      d["version"] = drv.version;
+      int count = 0;
+      check_cuda(drv.cuDeviceGetCount(&count), "cuDeviceGetCount");
+      py::list devices;
+      for (int i = 0; i < count; ++i) {
+        CUdevice dev = 0;
+        check_cuda(drv.cuDeviceGet(&dev, i), "cuDeviceGet");
+        char name[256] = {0};
+        drv.cuDeviceGetName(name, sizeof(name) - 1, dev);
+        size_t total = 0;
+        drv.cuDeviceTotalMem(&total, dev);
+        py::dict info;
+        info["index"] = i;
+        info["name"] = std::string(name);
+        info["total_bytes"] = total;
+        devices.append(info);
+      }
+      d["devices"] = devices;
+    } catch (const CoreError& e) {
+      d["available"] = false;
+      d["error"] = std::string(e.what());
+    }
+    return d;
+  });
+
+  m.def("live_arena_count", &DeviceArena::live_count,
+        "Arenas (shard and realigned-tensor allocations) alive in this process.");
+
+  py::class_<TensorView, std::shared_ptr<TensorView>>(m, "TensorView")
+      .def_property_readonly("name", &TensorView::name)
+      .def_property_readonly("dtype",
+                             [](const TensorView& t) { return std::string(dtype_info(t.dtype()).name); })
+      .def_property_readonly("shape",
+                             [](const TensorView& t) { return py::tuple(py::cast(t.shape())); })
+      .def_property_readonly("nbytes", &TensorView::nbytes)
+      .def_property_readonly("data_ptr", &TensorView::address)
+      .def_property_readonly("device",
+                             [](const TensorView& t) {
+                               auto d = t.dlpack_device();
+                               return d.first == kDLCUDA ? "cuda:" + std::to_string(d.second)
+                                                         : std::string("cpu");
+                             })
+      .def("__dlpack_device__", [](const TensorView& t) { return py::make_tuple(t.dlpack_device().first, t.dlpack_device().second); })
+      .def("__dlpack__", &tensor_dlpack, py::kw_only(), py::arg("stream") = py::none(),
+           py::arg("max_version") = py::none(), py::arg("dl_device") = py::none(),
+           py::arg("copy") = py::none())
+      .def("as_bytes", &TensorView::as_bytes,
+           "A uint8 view of the same bytes (for consumers that lack this dtype).")
+      .def("to_host", &TensorView::to_host, py::call_guard<py::gil_scoped_release>(),
+           "A copy in host memory; waits for the bytes to land first.")
+      .def("wait_ready", &TensorView::wait_ready, py::call_guard<py::gil_scoped_release>())
+      .def("to_bytes",
+           [](const TensorView& t) {
+             std::shared_ptr<TensorView> host;
+             {
+               py::gil_scoped_release release;
+               host = t.to_host();
+             }
+             return py::bytes(reinterpret_cast<const char*>(host->address()), host->nbytes());
+           })
+      .def("__repr__", [](const TensorView& t) {
+        std::string shape;
+        for (size_t i = 0; i < t.shape().size(); ++i) {
+          shape += (i ? ", " : "") + std::to_string(t.shape()[i]);
+        }
+        auto d = t.dlpack_device();
+        return "TensorView('" + t.name() + "', " + std::string(dtype_info(t.dtype()).name) + "[" +
+               shape + "], " + (d.first == kDLCUDA ? "cuda:" + std::to_string(d.second) : "cpu") +
+               ")";
+      });
+
+  py::class_<LoadSession, std::shared_ptr<LoadSession>>(m, "LoadSession")
+      .def("next_shard",
+           [](LoadSession& s) -> py::object {
+             std::optional<PublishedShard> shard;
+             {
+               py::gil_scoped_release release;
+               shard = s.next_shard();
+             }
+             if (!shard) return py::none();
+             py::list tensors;
+             for (const auto& t : shard->tensors) tensors.append(t);
+             py::dict metadata;
+             for (const auto& kv : shard->metadata) metadata[py::str(kv.first)] = kv.second;
+             return py::make_tuple(shard->index, tensors, metadata);
+           },
+           "Next (shard index, [TensorView], metadata) in arrival order, or None when done.")
+      .def("wait_landed", &LoadSession::wait_landed, py::call_guard<py::gil_scoped_release>())
+      .def("cancel", &LoadSession::cancel, py::call_guard<py::gil_scoped_release>())
+      .def("close", &LoadSession::close, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("shard_count", &LoadSession::shard_count)
+      .def("stats", [](const LoadSession& s) { return session_stats_dict(s.stats()); });
+
+  py::class_<LoadPipeline, std::shared_ptr<LoadPipeline>>(m, "LoadPipeline")
+      .def(py::init([](const std::string& device, size_t staging_slots, size_t staging_slot_bytes,
+                       size_t copy_streams, size_t io_threads, bool use_pinned_host_fallback) {
+             PipelineSettings s;
+             s.staging_slots = staging_slots;
+             s.staging_slot_bytes = staging_slot_bytes;
+             s.copy_streams = copy_streams;
+             s.io_threads = io_threads;
+             s.use_pinned_host_fallback = use_pinned_host_fallback;
+             py::gil_scoped_release release;
+             return LoadPipeline::create(device, s);
+           }),
+           py::arg("device"), py::arg("staging_slots"), py::arg("staging_slot_bytes"),
+           py::arg("copy_streams"), py::arg("io_threads"), py::arg("use_pinned_host_fallback"))
+      .def(
+          "start_local",
+          [](LoadPipeline& p, const std::vector<std::string>& paths,
+             const std::vector<std::string>& names, bool mmap) {
+            if (paths.size() != names.size()) {
+              throw CoreError(ErrorKind::InvalidArgument, "paths and names differ in length");
+            }
+            std::vector<ShardSource> shards;
+            for (size_t i = 0; i < paths.size(); ++i) shards.push_back({paths[i], names[i]});
+            py::gil_scoped_release release;
+            return p.start_local(std::move(shards), mmap);
+          },
+          py::arg("paths"), py::arg("names"), py::arg("mmap") = false)
+      .def("close", &LoadPipeline::close, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("device", &LoadPipeline::device)
+      .def_property_readonly("is_cuda", &LoadPipeline::is_cuda)
+      .def("memory_info",
+           [](const LoadPipeline& p) -> py::object {
+             if (!p.context()) return py::none();
+             auto info = p.context()->memory_info();
+             return py::make_tuple(info.first, info.second);
+           },
+           "(free, total) bytes of the target GPU, or None on cpu.")
+      .def_property_readonly("device_name", [](const LoadPipeline& p) {
+        return p.context() ? p.context()->name() : std::string("cpu");
+      });
+}

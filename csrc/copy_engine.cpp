@@ -1,0 +1,84 @@
+#include "copy_engine.hpp"
+
+#include "errors.hpp"
+
+namespace blob2gpu {
+
+CopyEngine::CopyEngine(std::shared_ptr<CudaContext> ctx, StagingRing& ring, size_t streams)
+    : ctx_(std::move(ctx)), ring_(ring) {
+  if (streams < 1) {
+    throw CoreError(ErrorKind::InvalidArgument, "copy_streams must be at least 1");
+  }
+  for (size_t i = 0; i < streams; ++i) streams_.push_back(std::make_unique<CudaStream>(ctx_));
+  for (size_t i = 0; i < ring.stats().slots; ++i) {
+    slot_events_.push_back(std::make_unique<CudaEvent>(ctx_));
+  }
+  reaper_ = std::thread([this] { reap(); });
+}
+
+CopyEngine::~CopyEngine() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  pending_changed_.notify_all();
+  reaper_.join();
+}
+
+void CopyEngine::submit(Slot* slot, const std::vector<CopyRange>& ranges) {
+  const CudaDriver& d = cuda_driver();
+  CUstream stream = streams_[next_stream_.fetch_add(1) % streams_.size()]->handle();
+  for (const CopyRange& r : ranges) {
+    if (r.bytes == 0) continue;
+    check_cuda(d.cuMemcpyHtoDAsync(r.dst, slot->data() + r.src_offset, r.bytes, stream),
+               "cuMemcpyHtoDAsync of " + std::to_string(r.bytes) + " bytes");
+  }
+  slot_events_[slot->index]->record(stream);
+  ring_.mark_copying(slot);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    pending_.push_back(slot);
+  }
+  pending_changed_.notify_all();
+}
+
+std::vector<std::shared_ptr<CudaEvent>> CopyEngine::record_fence() {
+  std::vector<std::shared_ptr<CudaEvent>> fence;
+  for (const auto& stream : streams_) {
+    auto event = std::make_shared<CudaEvent>(ctx_);
+    event->record(stream->handle());
+    fence.push_back(std::move(event));
+  }
+  return fence;
+}
+
+std::exception_ptr CopyEngine::async_error() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return async_error_;
+}
+
+void CopyEngine::reap() {
+  ScopedContext bind(*ctx_);
+  for (;;) {
+    Slot* slot = nullptr;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      pending_changed_.wait(lock, [this] { return stopping_ || !pending_.empty(); });
+      if (pending_.empty()) return;  // stopping and drained
+      slot = pending_.front();
+    }
+    try {
+      slot_events_[slot->index]->synchronize();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!async_error_) async_error_ = std::current_exception();
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      pending_.pop_front();
+    }
+    ring_.release(slot);
+  }
+}
+
+}  // namespace blob2gpu

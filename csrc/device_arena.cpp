@@ -1,0 +1,98 @@
+#include "device_arena.hpp"
+
+#include <sys/mman.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "errors.hpp"
+
+namespace blob2gpu {
+
+namespace {
+std::atomic<int64_t> g_live_arenas{0};
+constexpr size_t kMinDeviceBytes = 256;
+
+std::string mib(size_t bytes) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.1f MiB", static_cast<double>(bytes) / (1024.0 * 1024.0));
+  return buf;
+}
+}  // namespace
+
+int64_t DeviceArena::live_count() { return g_live_arenas.load(); }
+
+std::shared_ptr<DeviceArena> DeviceArena::on_device(std::shared_ptr<CudaContext> ctx,
+                                                    size_t bytes, const std::string& label) {
+  std::shared_ptr<DeviceArena> arena(new DeviceArena());
+  ScopedContext bind(*ctx);
+  CUdeviceptr ptr = 0;
+  size_t request = bytes < kMinDeviceBytes ? kMinDeviceBytes : bytes;
+  CUresult rc = cuda_driver().cuMemAlloc(&ptr, request);
+  if (rc == CUDA_ERROR_OUT_OF_MEMORY) {
+    size_t free_bytes = 0, total = 0;
+    cuda_driver().cuMemGetInfo(&free_bytes, &total);
+    throw CoreError(ErrorKind::GPUOutOfMemory,
+                    label + ": cuda:" + std::to_string(ctx->ordinal()) + " is out of memory (asked " +
+                        mib(request) + ", " + mib(free_bytes) + " free of " + mib(total) +
+                        "); free GPU memory, use a larger GPU, or load fewer tensors");
+  }
+  check_cuda(rc, label + ": cuMemAlloc of " + mib(request));
+  arena->ctx_ = std::move(ctx);
+  arena->address_ = ptr;
+  arena->size_ = bytes;
+  g_live_arenas++;
+  return arena;
+}
+
+std::shared_ptr<DeviceArena> DeviceArena::on_host(size_t bytes, const std::string& label) {
+  std::shared_ptr<DeviceArena> arena(new DeviceArena());
+  try {
+    arena->host_ = HostBuffer::pageable(bytes);
+  } catch (const std::bad_alloc&) {
+    throw CoreError(ErrorKind::HostOutOfMemory,
+                    label + ": cannot allocate " + mib(bytes) +
+                        " of host memory for the shard; free memory or load to a GPU");
+  }
+  arena->address_ = reinterpret_cast<uint64_t>(arena->host_.data());
+  arena->size_ = bytes;
+  g_live_arenas++;
+  return arena;
+}
+
+std::shared_ptr<DeviceArena> DeviceArena::map_file(int fd, uint64_t file_size,
+                                                   uint64_t data_offset,
+                                                   const std::string& label) {
+  std::shared_ptr<DeviceArena> arena(new DeviceArena());
+  // Private and writable: consumers may write into tensors without touching the file, and the
+  // file's later changes are not our tensors' (pages are copied on first write).
+  void* p = mmap(nullptr, file_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+  if (p == MAP_FAILED) {
+    throw CoreError(ErrorKind::SourceReadError,
+                    label + ": mmap failed: " + std::strerror(errno));
+  }
+  arena->mapping_ = p;
+  arena->mapping_bytes_ = file_size;
+  arena->address_ = reinterpret_cast<uint64_t>(p) + data_offset;
+  arena->size_ = file_size - data_offset;
+  g_live_arenas++;
+  return arena;
+}
+
+DeviceArena::~DeviceArena() {
+  if (ctx_) {
+    // A copy still in flight must not land in freed (and maybe reused) memory.
+    for (const auto& event : fence_) {
+      try {
+        event->synchronize();
+      } catch (...) {
+      }
+    }
+    ScopedContext bind(*ctx_);
+    cuda_driver().cuMemFree(address_);
+  }
+  if (mapping_ != nullptr) munmap(mapping_, mapping_bytes_);
+  g_live_arenas--;
+}
+
+}  // namespace blob2gpu

@@ -1,0 +1,49 @@
+// The one exception type the core throws. Its kind names the diagnosis; the Python layer maps each
+// kind to a class under blob2gpu.errors.Blob2GpuError (see python/blob2gpu/errors.py).
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace blob2gpu {
+
+enum class ErrorKind {
+  // The safetensors header (all are InvalidHeader in Python).
+  HeaderTooLarge,      // declared length over the cap
+  HeaderTruncated,     // file shorter than 8 bytes, or length points past the end of the file
+  HeaderNotUtf8,       // header bytes are not valid UTF-8
+  HeaderNotJson,       // not JSON, or JSON that is not an object
+  InvalidTensorEntry,  // entry is not an object with dtype, shape, data_offsets of the right types
+  UnknownDType,        // dtype string not in the table
+  InvalidShape,        // shape not a list of non-negative integers, or numel overflows
+  InvalidOffsets,      // offsets unsorted, overlapping, gapped, or not covering the data region
+  TensorSizeMismatch,  // end - begin != numel x dtype size
+  DuplicateTensor,     // the same name twice
+  InvalidMetadata,     // __metadata__ not a map of strings
+  // Sources.
+  SourceUnavailable,  // a file could not be opened or stat'ed
+  SourceReadError,    // a read failed or came back short
+  // Memory and devices.
+  PinnedMemoryUnavailable,  // pinned staging could not be allocated and fallback is off
+  GPUOutOfMemory,           // a device allocation failed during the load
+  HostOutOfMemory,          // a host allocation for a cpu-target arena failed
+  CudaDriverUnavailable,    // libcuda could not be loaded or has no device
+  CudaError,                // any other driver error
+  // Export and arguments.
+  DTypeNotSupported,  // a consumer cannot take this dtype
+  InvalidArgument,    // a caller error (bad setting, bad device string, ...)
+  LoadCancelled,      // the load was cancelled or the pipeline was closed under it
+};
+
+const char* error_kind_name(ErrorKind kind);
+
+class CoreError : public std::runtime_error {
+ public:
+  CoreError(ErrorKind kind, const std::string& message) : std::runtime_error(message), kind_(kind) {}
+  ErrorKind kind() const { return kind_; }
+
+ private:
+  ErrorKind kind_;
+};
+
+}  // namespace blob2gpu

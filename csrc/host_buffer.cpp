@@ -1,0 +1,42 @@
+#include "host_buffer.hpp"
+
+#include <cstdlib>
+#include <new>
+
+#include "cuda_device.hpp"
+
+namespace blob2gpu {
+
+namespace {
+constexpr size_t kPageBytes = 4096;
+size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+}  // namespace
+
+HostBuffer HostBuffer::pageable(size_t bytes) {
+  HostBuffer b;
+  void* p = std::aligned_alloc(kPageBytes, round_up(bytes == 0 ? 1 : bytes, kPageBytes));
+  if (p == nullptr) throw std::bad_alloc();
+  b.data_ = {static_cast<uint8_t*>(p), [](uint8_t* q) { std::free(q); }};
+  b.size_ = bytes;
+  return b;
+}
+
+HostBuffer HostBuffer::pinned(const std::shared_ptr<CudaContext>& ctx, size_t bytes) {
+  HostBuffer b;
+  ScopedContext bind(*ctx);
+  void* p = nullptr;
+  if (cuda_driver().cuMemHostAlloc(&p, bytes, CU_MEMHOSTALLOC_PORTABLE) != CUDA_SUCCESS ||
+      p == nullptr) {
+    return b;
+  }
+  // The deleter keeps the context alive: pinned memory must be freed before its context goes.
+  b.data_ = {static_cast<uint8_t*>(p), [ctx](uint8_t* q) {
+               ScopedContext bind_for_free(*ctx);
+               cuda_driver().cuMemFreeHost(q);
+             }};
+  b.size_ = bytes;
+  b.pinned_ = true;
+  return b;
+}
+
+}  // namespace blob2gpu

@@ -1,0 +1,36 @@
+// Host memory owners. Each says which guarantee it gives:
+//  - pageable: page-aligned (4096) memory from the C heap; DMA from it is staged by the driver.
+//  - pinned: page-locked through cuMemHostAlloc (portable), so H2D copies from it are true DMA and
+//    can run asynchronously with the host.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+namespace blob2gpu {
+
+class CudaContext;
+
+class HostBuffer {
+ public:
+  HostBuffer() = default;
+  // Throws std::bad_alloc when the heap refuses.
+  static HostBuffer pageable(size_t bytes);
+  // Returns an empty buffer (data() == nullptr) when the driver refuses to pin; the caller decides
+  // between falling back and raising, since only it knows the setting.
+  static HostBuffer pinned(const std::shared_ptr<CudaContext>& ctx, size_t bytes);
+
+  uint8_t* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+  bool is_pinned() const { return pinned_; }
+  explicit operator bool() const { return data_ != nullptr; }
+
+ private:
+  std::unique_ptr<uint8_t, std::function<void(uint8_t*)>> data_;
+  size_t size_ = 0;
+  bool pinned_ = false;
+};
+
+}  // namespace blob2gpu

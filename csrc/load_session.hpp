@@ -1,0 +1,180 @@
+// LoadPipeline owns what outlives one load (the target's context, the staging ring, the copy
+// engine and the io threads); LoadSession is one load of a set of shards through it.
+//
+// Flow of one shard (cuda target): header read and parsed -> one DeviceArena sized to the data
+// region -> data chunks pread into ring slots -> one async H2D copy per slot -> when every chunk
+// is enqueued, a fence (one event per stream) is recorded and the shard's tensors are published.
+// On the host target chunks are read straight into the arena (no staging copy), or the file is
+// mapped when mmap is asked.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "copy_engine.hpp"
+#include "cuda_device.hpp"
+#include "device_arena.hpp"
+#include "io_threads.hpp"
+#include "safetensors_header.hpp"
+#include "shard_file.hpp"
+#include "staging_ring.hpp"
+#include "tensor_export.hpp"
+
+namespace blob2gpu {
+
+struct PipelineSettings {
+  size_t staging_slots = 8;
+  size_t staging_slot_bytes = 32u << 20;
+  size_t copy_streams = 2;
+  size_t io_threads = 4;
+  bool use_pinned_host_fallback = true;
+};
+
+struct ShardSource {
+  std::string path;  // local file
+  std::string name;  // how errors and reports name it
+};
+
+struct ShardStats {
+  std::string name;
+  uint64_t file_bytes = 0;
+  uint64_t header_bytes = 0;
+  uint64_t data_bytes = 0;
+  size_t tensors = 0;
+  size_t realigned_tensors = 0;  // tensors copied into their own aligned allocation
+  int64_t start_ns = -1;         // first work on the shard, from the session start
+  int64_t header_ns = -1;        // header parsed and arena allocated
+  int64_t published_ns = -1;     // every byte read and enqueued; tensors handed out
+};
+
+struct SessionStats {
+  std::string device;
+  uint64_t bytes_read = 0;  // bytes read from sources (headers included)
+  int64_t elapsed_ns = 0;
+  int64_t all_published_ns = -1;
+  bool pinned = false;
+  bool pinned_fallback = false;
+  size_t staging_slots = 0;
+  size_t staging_slot_bytes = 0;
+  size_t copy_streams = 0;
+  size_t io_threads = 0;
+  size_t peak_slots_in_flight = 0;  // most slots whose copies were in flight at once
+  uint64_t slot_waits = 0;
+  bool mmap = false;
+  std::vector<ShardStats> shards;
+};
+
+struct PublishedShard {
+  size_t index = 0;
+  std::vector<std::shared_ptr<TensorView>> tensors;  // in file order
+  std::vector<std::pair<std::string, std::string>> metadata;
+};
+
+class LoadSession;
+
+class LoadPipeline : public std::enable_shared_from_this<LoadPipeline> {
+ public:
+  // device: "cpu", "cuda" or "cuda:N". Allocates the ring (pinned on CUDA) and starts the threads.
+  static std::shared_ptr<LoadPipeline> create(const std::string& device,
+                                              const PipelineSettings& settings);
+  ~LoadPipeline();
+
+  // Starts loading the shards in the background and returns at once. One session at a time.
+  std::shared_ptr<LoadSession> start_local(std::vector<ShardSource> shards, bool mmap);
+  void close();  // cancels a running session and releases the ring, streams and threads
+
+  const std::string& device() const { return device_; }
+  bool is_cuda() const { return ctx_ != nullptr; }
+  const std::shared_ptr<CudaContext>& context() const { return ctx_; }
+  RingStats ring_stats() const;
+  const PipelineSettings& settings() const { return settings_; }
+
+ private:
+  friend class LoadSession;
+  LoadPipeline() = default;
+  void session_ended();
+
+  std::string device_;
+  PipelineSettings settings_;
+  std::shared_ptr<CudaContext> ctx_;
+  std::unique_ptr<StagingRing> ring_;
+  std::unique_ptr<CopyEngine> engine_;
+  std::unique_ptr<IoThreads> threads_;
+  std::mutex mutex_;
+  LoadSession* active_ = nullptr;
+  bool closed_ = false;
+};
+
+class LoadSession {
+ public:
+  ~LoadSession();
+  LoadSession(const LoadSession&) = delete;
+  LoadSession& operator=(const LoadSession&) = delete;
+
+  // The next shard whose tensors are ready to hand out, in arrival order; nullopt when all were
+  // returned. Blocks; rethrows the load's first error.
+  std::optional<PublishedShard> next_shard();
+  // Blocks until every byte handed out so far has landed on the device (waits on fence events).
+  void wait_landed();
+  // Stops the load: pending reads are skipped, in-flight copies drain, unpublished arenas are freed.
+  void cancel();
+  // cancel() and wait until no task of this session runs; idempotent.
+  void close();
+  SessionStats stats() const;
+  size_t shard_count() const { return shards_.size(); }
+
+ private:
+  friend class LoadPipeline;
+  struct Realigned {
+    size_t tensor;  // index in header.tensors
+    std::shared_ptr<DeviceArena> arena;
+  };
+  struct Shard {
+    ShardSource source;
+    std::unique_ptr<ShardFile> file;
+    ShardHeader header;
+    std::shared_ptr<DeviceArena> arena;
+    std::vector<Realigned> realigned;
+    std::atomic<uint64_t> bytes_landed{0};
+    ShardStats stats;
+  };
+
+  LoadSession(std::shared_ptr<LoadPipeline> pipeline, std::vector<ShardSource> shards, bool mmap);
+  void begin();
+  void post(std::function<void()> task, bool urgent);
+  void run_header(size_t shard);
+  void run_chunk(size_t shard, uint64_t begin, uint64_t end);
+  void finish_shard(size_t shard);
+  void fail(std::exception_ptr error);
+  int64_t now_ns() const;
+
+  std::shared_ptr<LoadPipeline> pipeline_;
+  std::vector<std::unique_ptr<Shard>> shards_;
+  bool mmap_;
+  std::chrono::steady_clock::time_point start_;
+  std::atomic<bool> cancelled_{false};
+  std::atomic<uint64_t> bytes_read_{0};
+
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;
+  size_t outstanding_ = 0;  // tasks posted and not finished
+  std::deque<PublishedShard> ready_;
+  size_t published_ = 0;
+  size_t returned_ = 0;
+  std::exception_ptr error_;
+  int64_t all_published_ns_ = -1;
+  std::vector<std::shared_ptr<CudaEvent>> fences_;  // of every shard handed out, for wait_landed
+  bool closed_ = false;
+};
+
+}  // namespace blob2gpu

@@ -1,0 +1,60 @@
+#include "shard_file.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "errors.hpp"
+
+namespace blob2gpu {
+
+ShardFile::ShardFile(const std::string& path, const std::string& label) : label_(label) {
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) {
+    throw CoreError(ErrorKind::SourceUnavailable,
+                    "shard '" + label + "': cannot open '" + path + "': " + std::strerror(errno));
+  }
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
+    int err = errno;
+    ::close(fd_);
+    fd_ = -1;
+    throw CoreError(ErrorKind::SourceUnavailable,
+                    "shard '" + label + "': '" + path + "' is not a readable regular file" +
+                        (err ? std::string(": ") + std::strerror(err) : std::string()));
+  }
+  size_ = static_cast<uint64_t>(st.st_size);
+  // The pipeline reads each shard once, front to back in large chunks.
+  ::posix_fadvise(fd_, 0, 0, POSIX_FADV_SEQUENTIAL);
+}
+
+ShardFile::~ShardFile() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void ShardFile::read_exact(uint8_t* dst, size_t bytes, uint64_t offset) const {
+  size_t done = 0;
+  while (done < bytes) {
+    ssize_t n = ::pread(fd_, dst + done, bytes - done, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw CoreError(ErrorKind::SourceReadError, "shard '" + label_ + "': read of " +
+                                                      std::to_string(bytes) + " bytes at offset " +
+                                                      std::to_string(offset + done) +
+                                                      " failed: " + std::strerror(errno));
+    }
+    if (n == 0) {
+      throw CoreError(ErrorKind::SourceReadError,
+                      "shard '" + label_ + "': file ended at offset " +
+                          std::to_string(offset + done) + " but " + std::to_string(bytes - done) +
+                          " more bytes were expected (was it truncated or replaced during the "
+                          "load?)");
+    }
+    done += static_cast<size_t>(n);
+  }
+}
+
+}  // namespace blob2gpu

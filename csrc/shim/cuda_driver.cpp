@@ -1,0 +1,116 @@
+#include "shim/cuda_driver.hpp"
+
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <mutex>
+
+#include "errors.hpp"
+
+namespace blob2gpu {
+namespace {
+
+std::once_flag g_load_once;
+CudaDriver g_driver;
+std::string g_load_error;  // empty when loaded
+bool g_loaded = false;
+
+template <typename Fn>
+bool resolve(void* lib, const char* symbol, Fn* slot, std::string* missing) {
+  *slot = reinterpret_cast<Fn>(dlsym(lib, symbol));
+  if (*slot == nullptr) {
+    *missing = symbol;
+    return false;
+  }
+  return true;
+}
+
+void load_driver() {
+  const char* override_path = std::getenv(kCudaDriverEnv);
+  std::string path = (override_path && *override_path) ? override_path : "libcuda.so.1";
+  // The library stays loaded for the life of the process: device memory handed to consumers
+  // may outlive every blob2gpu object.
+  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (lib == nullptr) {
+    const char* why = dlerror();
+    g_load_error = "cannot load the CUDA driver '" + path + "': " + (why ? why : "unknown error") +
+                   " (is an NVIDIA driver installed? set " + kCudaDriverEnv +
+                   " to its path, or use device='cpu')";
+    return;
+  }
+  CudaDriver d;
+  d.path = path;
+  std::string missing;
+  bool ok = resolve(lib, "cuInit", &d.cuInit, &missing) &&
+            resolve(lib, "cuDriverGetVersion", &d.cuDriverGetVersion, &missing) &&
+            resolve(lib, "cuDeviceGetCount", &d.cuDeviceGetCount, &missing) &&
+            resolve(lib, "cuDeviceGet", &d.cuDeviceGet, &missing) &&
+            resolve(lib, "cuDeviceGetName", &d.cuDeviceGetName, &missing) &&
+            resolve(lib, "cuDeviceTotalMem_v2", &d.cuDeviceTotalMem, &missing) &&
+            resolve(lib, "cuDevicePrimaryCtxRetain", &d.cuDevicePrimaryCtxRetain, &missing) &&
+            resolve(lib, "cuDevicePrimaryCtxRelease_v2", &d.cuDevicePrimaryCtxRelease, &missing) &&
+            resolve(lib, "cuCtxSetCurrent", &d.cuCtxSetCurrent, &missing) &&
+            resolve(lib, "cuCtxGetCurrent", &d.cuCtxGetCurrent, &missing) &&
+            resolve(lib, "cuMemGetInfo_v2", &d.cuMemGetInfo, &missing) &&
+            resolve(lib, "cuMemAlloc_v2", &d.cuMemAlloc, &missing) &&
+            resolve(lib, "cuMemFree_v2", &d.cuMemFree, &missing) &&
+            resolve(lib, "cuMemHostAlloc", &d.cuMemHostAlloc, &missing) &&
+            resolve(lib, "cuMemFreeHost", &d.cuMemFreeHost, &missing) &&
+            resolve(lib, "cuMemcpyHtoDAsync_v2", &d.cuMemcpyHtoDAsync, &missing) &&
+            resolve(lib, "cuMemcpyDtoHAsync_v2", &d.cuMemcpyDtoHAsync, &missing) &&
+            resolve(lib, "cuStreamCreate", &d.cuStreamCreate, &missing) &&
+            resolve(lib, "cuStreamDestroy_v2", &d.cuStreamDestroy, &missing) &&
+            resolve(lib, "cuStreamSynchronize", &d.cuStreamSynchronize, &missing) &&
+            resolve(lib, "cuStreamWaitEvent", &d.cuStreamWaitEvent, &missing) &&
+            resolve(lib, "cuEventCreate", &d.cuEventCreate, &missing) &&
+            resolve(lib, "cuEventDestroy_v2", &d.cuEventDestroy, &missing) &&
+            resolve(lib, "cuEventRecord", &d.cuEventRecord, &missing) &&
+            resolve(lib, "cuEventQuery", &d.cuEventQuery, &missing) &&
+            resolve(lib, "cuEventSynchronize", &d.cuEventSynchronize, &missing) &&
+            resolve(lib, "cuGetErrorName", &d.cuGetErrorName, &missing) &&
+            resolve(lib, "cuGetErrorString", &d.cuGetErrorString, &missing);
+  if (!ok) {
+    g_load_error = "the CUDA driver '" + path + "' lacks the entry point " + missing +
+                   " (driver too old? blob2gpu needs CUDA 11.0 or newer)";
+    return;
+  }
+  CUresult rc = d.cuInit(0);
+  if (rc != CUDA_SUCCESS) {
+    const char* name = nullptr;
+    d.cuGetErrorName(rc, &name);
+    g_load_error = "cuInit failed for the CUDA driver '" + path + "': " +
+                   (name ? name : std::to_string(rc)) + " (no usable GPU, or the driver and "
+                   "kernel module disagree; nvidia-smi tells more)";
+    return;
+  }
+  d.cuDriverGetVersion(&d.version);
+  g_driver = d;
+  g_loaded = true;
+}
+
+}  // namespace
+
+const CudaDriver& cuda_driver() {
+  std::call_once(g_load_once, load_driver);
+  if (!g_loaded) throw CoreError(ErrorKind::CudaDriverUnavailable, g_load_error);
+  return g_driver;
+}
+
+bool cuda_driver_loaded() { return g_loaded; }
+
+void check_cuda(CUresult result, const std::string& what) {
+  if (result == CUDA_SUCCESS) return;
+  const char* name = nullptr;
+  const char* text = nullptr;
+  if (g_loaded) {
+    g_driver.cuGetErrorName(result, &name);
+    g_driver.cuGetErrorString(result, &text);
+  }
+  std::string message = what + ": " + (name ? name : "CUresult " + std::to_string(result));
+  if (text) message += std::string(" (") + text + ")";
+  throw CoreError(result == CUDA_ERROR_OUT_OF_MEMORY ? ErrorKind::GPUOutOfMemory
+                                                     : ErrorKind::CudaError,
+                  message);
+}
+
+}  // namespace blob2gpu

@@ -1,0 +1,59 @@
+// The CUDA driver, loaded at run time. This is the only place that calls dlopen/dlsym: the rest of
+// the core calls through the table returned by cuda_driver(), so one wheel serves CPU and GPU hosts.
+#pragma once
+
+#include <string>
+
+#include "shim/cuda_driver_api.h"
+
+namespace blob2gpu {
+
+// Environment variable naming the driver library to load instead of libcuda.so.1 (tests point it
+// at the fake driver).
+constexpr const char* kCudaDriverEnv = "BLOB2GPU_CUDA_DRIVER";
+
+struct CudaDriver {
+  std::string path;  // the library that was loaded
+  int version = 0;   // cuDriverGetVersion
+  PFN_cuInit cuInit = nullptr;
+  PFN_cuDriverGetVersion cuDriverGetVersion = nullptr;
+  PFN_cuDeviceGetCount cuDeviceGetCount = nullptr;
+  PFN_cuDeviceGet cuDeviceGet = nullptr;
+  PFN_cuDeviceGetName cuDeviceGetName = nullptr;
+  PFN_cuDeviceTotalMem_v2 cuDeviceTotalMem = nullptr;
+  PFN_cuDevicePrimaryCtxRetain cuDevicePrimaryCtxRetain = nullptr;
+  PFN_cuDevicePrimaryCtxRelease_v2 cuDevicePrimaryCtxRelease = nullptr;
+  PFN_cuCtxSetCurrent cuCtxSetCurrent = nullptr;
+  PFN_cuCtxGetCurrent cuCtxGetCurrent = nullptr;
+  PFN_cuMemGetInfo_v2 cuMemGetInfo = nullptr;
+  PFN_cuMemAlloc_v2 cuMemAlloc = nullptr;
+  PFN_cuMemFree_v2 cuMemFree = nullptr;
+  PFN_cuMemHostAlloc cuMemHostAlloc = nullptr;
+  PFN_cuMemFreeHost cuMemFreeHost = nullptr;
+  PFN_cuMemcpyHtoDAsync_v2 cuMemcpyHtoDAsync = nullptr;
+  PFN_cuMemcpyDtoHAsync_v2 cuMemcpyDtoHAsync = nullptr;
+  PFN_cuStreamCreate cuStreamCreate = nullptr;
+  PFN_cuStreamDestroy_v2 cuStreamDestroy = nullptr;
+  PFN_cuStreamSynchronize cuStreamSynchronize = nullptr;
+  PFN_cuStreamWaitEvent cuStreamWaitEvent = nullptr;
+  PFN_cuEventCreate cuEventCreate = nullptr;
+  PFN_cuEventDestroy_v2 cuEventDestroy = nullptr;
+  PFN_cuEventRecord cuEventRecord = nullptr;
+  PFN_cuEventQuery cuEventQuery = nullptr;
+  PFN_cuEventSynchronize cuEventSynchronize = nullptr;
+  PFN_cuGetErrorName cuGetErrorName = nullptr;
+  PFN_cuGetErrorString cuGetErrorString = nullptr;
+};
+
+// Loads and initializes the driver once per process (thread-safe). Throws CoreError
+// CudaDriverUnavailable naming the library and the reason when it cannot.
+const CudaDriver& cuda_driver();
+
+// Whether a driver was loaded successfully (never throws, never loads).
+bool cuda_driver_loaded();
+
+// Throws CoreError for a failed driver call: GPUOutOfMemory for CUDA_ERROR_OUT_OF_MEMORY, CudaError
+// otherwise; the message is "<what>: <CUDA_ERROR_NAME> (<description>)".
+void check_cuda(CUresult result, const std::string& what);
+
+}  // namespace blob2gpu

@@ -1,0 +1,48 @@
+"""blob2gpu: stream safetensors checkpoints into GPU (or CPU) memory with the fewest copies.
+
+    import blob2gpu
+    state_dict = blob2gpu.load("model/", device="cuda")          # {name: torch.Tensor}
+    with blob2gpu.open("model/", device="cuda") as checkpoint:   # tensors as shards arrive
+        for name, tensor in checkpoint: ...
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import errors
+from .checkpoint import Checkpoint
+from .errors import Blob2GpuError
+from .loader import Loader
+from .report import LoadReport
+
+__version__ = "0.1.0"
+__all__ = ["Blob2GpuError", "Checkpoint", "LoadReport", "Loader", "errors", "load", "open"]
+
+
+def load(uri: str, device: str = "cpu", framework: str = "torch", **settings: Any) -> dict[str, Any]:
+    """Load every tensor of a checkpoint; returns {name: tensor} of `framework` on `device`.
+
+    uri: a .safetensors file, a directory of shards, or a model.safetensors.index.json.
+    device: 'cpu', 'cuda' or 'cuda:N'. framework: 'torch', 'numpy', 'cupy' or 'dlpack'.
+    settings: see blob2gpu.settings (docs/settings.md). Raises a blob2gpu.errors.Blob2GpuError
+    subclass naming the shard and what to change; on error nothing stays allocated.
+    """
+    with Loader(**settings) as loader:
+        return loader.load(uri, device=device, framework=framework)
+
+
+def open(uri: str, device: str = "cpu", framework: str = "torch", **settings: Any) -> Checkpoint:  # noqa: A001
+    """Start loading and return a Checkpoint (a context manager) at once.
+
+    Iterate it for (name, tensor) in arrival order; ``get(name)``, ``keys()``, ``metadata`` and
+    ``report`` wait for what they need. Closing it releases the staging it used.
+    """
+    loader = Loader(**settings)
+    try:
+        checkpoint = loader.open(uri, device=device, framework=framework)
+    except BaseException:
+        loader.close()
+        raise
+    checkpoint._on_close = loader.close
+    return checkpoint

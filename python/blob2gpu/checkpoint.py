@@ -1,0 +1,165 @@
+"""Checkpoint: one load in progress or done. Iterating it yields (name, tensor) as shards arrive;
+``get``, ``keys`` and ``metadata`` wait for what they need."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import _core
+from .errors import InvalidIndex, LoadCancelled
+from .report import LoadReport
+from .sources import ShardPlan
+
+
+class Checkpoint:
+    """A checkpoint being loaded. Use as a context manager; closing it stops an unfinished load and
+    releases what the load holds, while tensors already handed out stay valid."""
+
+    def __init__(self, session: _core.LoadSession, plan: ShardPlan, convert: Callable[[Any], Any],
+                 report: LoadReport, on_close: Callable[[], None] | None = None) -> None:
+        self._session = session
+        self._plan = plan
+        self._convert = convert
+        self._report = report
+        self._on_close = on_close
+        self._tensors: dict[str, Any] = {}
+        self._metadata: dict[str, str] = {}
+        self._shard_of: dict[str, str] = {}
+        self._finished = False
+        self._closed = False
+
+    # -- arrival ----------------------------------------------------------------------------------
+    def _receive_next(self) -> list[tuple[str, Any]] | None:
+        """Pull the next arrived shard into the checkpoint; None once every shard arrived."""
+        if self._finished:
+            return None
+        if self._closed:
+            raise LoadCancelled("the checkpoint is closed")
+        try:
+            item = self._session.next_shard()
+        except BaseException:
+            self.close()
+            raise
+        if item is None:
+            self._finish()
+            return None
+        index, views, metadata = item
+        shard_name = self._plan.shards[index].name
+        self._metadata.update(metadata)
+        arrived = []
+        for view in views:
+            tensor = self._convert(view)
+            self._tensors[view.name] = tensor
+            self._shard_of[view.name] = shard_name
+            arrived.append((view.name, tensor))
+        return arrived
+
+    def _finish(self) -> None:
+        self._session.wait_landed()
+        report = self._report
+        report.phases["model_load_complete"] = time.perf_counter() - report._clock_start
+        report.seconds = report.phases["model_load_complete"]
+        stats = self._session.stats()
+        report._absorb_core_stats(stats)
+        published = stats["all_published_ns"] / 1e9
+        report.phases["artifact_fetch_complete"] = published
+        report.phases["host_staging_complete"] = published
+        report.tensors = len(self._tensors)
+        self._finished = True
+        self._check_weight_map()
+        self.close()
+
+    def _check_weight_map(self) -> None:
+        weight_map = self._plan.weight_map
+        if weight_map is None:
+            return
+        missing = [n for n in weight_map if n not in self._tensors]
+        misplaced = [n for n, shard in weight_map.items()
+                     if n in self._shard_of and self._shard_of[n] != shard]
+        if missing or misplaced:
+            detail = []
+            if missing:
+                detail.append(f"missing from every shard: {', '.join(sorted(missing)[:5])}")
+            if misplaced:
+                n = sorted(misplaced)[0]
+                detail.append(f"'{n}' is in '{self._shard_of[n]}' but the index says "
+                              f"'{weight_map[n]}'")
+            raise InvalidIndex(f"index of '{self._plan.uri}' disagrees with its shards: "
+                               + "; ".join(detail))
+
+    def _drain(self) -> None:
+        while self._receive_next() is not None:
+            pass
+
+    # -- public API -------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        """Yield (name, tensor): those already arrived, then the rest in arrival order."""
+        yield from list(self._tensors.items())
+        while (arrived := self._receive_next()) is not None:
+            yield from arrived
+
+    def keys(self) -> list[str]:
+        """Every tensor name (waits for the load to finish)."""
+        self._drain()
+        return list(self._tensors)
+
+    def get(self, name: str) -> Any:
+        """The tensor named `name`, waiting for its shard if needed. Raises KeyError if absent."""
+        while name not in self._tensors:
+            if self._receive_next() is None:
+                raise KeyError(f"no tensor '{name}' in '{self._plan.uri}'")
+        return self._tensors[name]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.keys()
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every tensor by name (waits for the load to finish)."""
+        self._drain()
+        return dict(self._tensors)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The shards' ``__metadata__`` merged (waits for the load to finish)."""
+        self._drain()
+        return dict(self._metadata)
+
+    @property
+    def report(self) -> LoadReport:
+        """The LoadReport; complete once the load has finished."""
+        return self._report
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def close(self) -> None:
+        """Stop the load if unfinished and release its staging; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._session.close()
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

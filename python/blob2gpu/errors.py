@@ -1,0 +1,117 @@
+"""Every error blob2gpu raises, under one base class.
+
+The core raises by kind name (csrc/errors.hpp); each kind is a class here with the same name, so
+``except blob2gpu.errors.InvalidOffsets`` catches exactly that diagnosis and
+``except blob2gpu.Blob2GpuError`` catches them all. Messages name the shard, the tensor, the offset
+or the setting to change, and never carry credentials.
+"""
+
+from __future__ import annotations
+
+
+class Blob2GpuError(Exception):
+    """Base class of every blob2gpu error."""
+
+
+# --- the safetensors header -------------------------------------------------------------------
+class InvalidHeader(Blob2GpuError, ValueError):
+    """A shard's safetensors header breaks the format's rules; the shard is not loaded."""
+
+
+class HeaderTooLarge(InvalidHeader):
+    """The declared header length is over the 100,000,000-byte cap."""
+
+
+class HeaderTruncated(InvalidHeader):
+    """The shard is shorter than its 8-byte length prefix, or the length points past its end."""
+
+
+class HeaderNotUtf8(InvalidHeader):
+    """The header bytes are not valid UTF-8."""
+
+
+class HeaderNotJson(InvalidHeader):
+    """The header is not JSON, or not a JSON object."""
+
+
+class InvalidTensorEntry(InvalidHeader):
+    """A tensor entry lacks dtype, shape or data_offsets, or has them of the wrong type."""
+
+
+class UnknownDType(InvalidHeader):
+    """A tensor's dtype is not a safetensors dtype."""
+
+
+class InvalidShape(InvalidHeader):
+    """A shape is not a list of non-negative integers, or its element count overflows."""
+
+
+class InvalidOffsets(InvalidHeader):
+    """Offsets overlap, leave gaps, or do not cover the data region exactly."""
+
+
+class TensorSizeMismatch(InvalidHeader):
+    """A tensor's byte range does not match its shape times its dtype's size."""
+
+
+class DuplicateTensor(InvalidHeader):
+    """The same tensor name appears twice in one header."""
+
+
+class InvalidMetadata(InvalidHeader):
+    """``__metadata__`` is not a map of strings."""
+
+
+class InvalidIndex(InvalidHeader):
+    """``model.safetensors.index.json`` is malformed or disagrees with the shards."""
+
+
+# --- sources ----------------------------------------------------------------------------------
+class SourceUnavailable(Blob2GpuError, OSError):
+    """A checkpoint, shard or index could not be found or opened."""
+
+
+class SourceReadError(Blob2GpuError, OSError):
+    """A read failed or ended early (the file changed under the load)."""
+
+
+# --- memory and devices -----------------------------------------------------------------------
+class PinnedMemoryUnavailable(Blob2GpuError, MemoryError):
+    """Staging memory could not be pinned and use_pinned_host_fallback is off."""
+
+
+class GPUOutOfMemory(Blob2GpuError, MemoryError):
+    """A device allocation failed during the load; everything the load allocated was released."""
+
+
+class HostOutOfMemory(Blob2GpuError, MemoryError):
+    """Host memory for a cpu-target shard could not be allocated."""
+
+
+class CudaDriverUnavailable(Blob2GpuError, RuntimeError):
+    """No usable CUDA driver or GPU (set BLOB2GPU_CUDA_DRIVER, or use device='cpu')."""
+
+
+class CudaError(Blob2GpuError, RuntimeError):
+    """A CUDA driver call failed."""
+
+
+# --- export and arguments ---------------------------------------------------------------------
+class DTypeNotSupported(Blob2GpuError, TypeError):
+    """The chosen framework cannot hold this dtype (unsupported_dtype='bytes' returns raw bytes)."""
+
+
+class InvalidArgument(Blob2GpuError, ValueError):
+    """A caller error: an unknown device, framework or URI form."""
+
+
+class ConfigError(InvalidArgument):
+    """A setting is unknown or has a bad value; the message names the key, source and valid values."""
+
+
+class LoadCancelled(Blob2GpuError):
+    """The load was closed or cancelled before it finished."""
+
+
+__all__ = [name for name, value in globals().items()
+           if isinstance(value, type) and issubclass(value, Blob2GpuError)]

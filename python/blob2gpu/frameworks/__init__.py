@@ -1,0 +1,53 @@
+"""Hand-off to consumer frameworks through DLPack: one small module per framework.
+
+Each module has ``convert(view) -> tensor``. The core's TensorView is itself a DLPack producer, so
+framework='dlpack' returns it unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import DTypeNotSupported, InvalidArgument
+
+FRAMEWORKS = ("torch", "numpy", "cupy", "dlpack")
+
+# dtypes every DLPack consumer we support understands; any other one may be refused by a consumer.
+_COMMON_DTYPES = {"BOOL", "U8", "I8", "I16", "I32", "I64", "F16", "F32", "F64"}
+
+
+def converter(framework: str, device: str, unsupported_dtype: str) -> Callable[[Any], Any]:
+    """Return a function TensorView -> framework tensor.
+
+    Raises InvalidArgument for an unknown framework or one that cannot live on `device`, and
+    (when called) DTypeNotSupported where the framework refuses a dtype and unsupported_dtype is
+    'raise'; with 'bytes' such tensors come back as uint8 views of their raw bytes.
+    """
+    if framework not in FRAMEWORKS:
+        raise InvalidArgument(f"framework '{framework}' is not one of {', '.join(FRAMEWORKS)}")
+    if framework == "dlpack":
+        return lambda view: view
+    if framework == "numpy" and device != "cpu":
+        raise InvalidArgument(f"numpy arrays live in host memory; device '{device}' needs "
+                              "framework='torch', 'cupy' or 'dlpack'")
+    try:
+        module = importlib.import_module(f".{framework}", __name__)
+    except ImportError as e:
+        raise InvalidArgument(f"framework '{framework}' is not installed: {e}") from None
+    convert = module.convert
+
+    def to_framework(view: Any) -> Any:
+        try:
+            return convert(view)
+        except Exception as e:
+            if view.dtype in _COMMON_DTYPES:
+                raise
+            if unsupported_dtype == "bytes":
+                return convert(view.as_bytes())
+            raise DTypeNotSupported(
+                f"tensor '{view.name}': {framework} cannot hold dtype {view.dtype} ({e}); pass "
+                "unsupported_dtype='bytes' to get its raw bytes as uint8") from e
+
+    return to_framework

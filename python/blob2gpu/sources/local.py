@@ -1,0 +1,78 @@
+"""Local files: a .safetensors file, a directory of shards, or a model.safetensors.index.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from ..errors import InvalidArgument, InvalidIndex, SourceUnavailable
+from .plan import ShardPlan, ShardRef
+
+INDEX_NAME = "model.safetensors.index.json"
+REMOTE_SCHEMES = ("az", "abfs", "abfss", "http", "https", "wasb", "wasbs")
+
+
+def _local_path(uri: str) -> Path:
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme in REMOTE_SCHEMES:
+        raise InvalidArgument(
+            f"'{parsed.scheme}://' URIs need the Azure Blob source, which this build does not have "
+            "yet; download the checkpoint and pass a local path")
+    return Path(uri)
+
+
+def _ref(path: Path) -> ShardRef:
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise SourceUnavailable(f"shard '{path.name}': cannot stat '{path}': {e.strerror}") from None
+    return ShardRef(name=path.name, path=str(path), size=size)
+
+
+def _from_index(index_path: Path) -> ShardPlan:
+    try:
+        doc = json.loads(index_path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SourceUnavailable(f"cannot read index '{index_path}': {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidIndex(f"index '{index_path.name}' is not valid JSON: {e}") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise InvalidIndex(f"index '{index_path.name}' has no 'weight_map' of tensor name to shard "
+                           "file name")
+    files: list[str] = []
+    for shard in weight_map.values():
+        if shard not in files:
+            files.append(shard)
+    refs = []
+    for name in sorted(files):
+        shard_path = index_path.parent / name
+        if os.sep in name or name.startswith(".") or not shard_path.is_file():
+            raise SourceUnavailable(
+                f"index '{index_path.name}' names shard '{name}', which is not in "
+                f"'{index_path.parent}'")
+        refs.append(_ref(shard_path))
+    return ShardPlan(uri=str(index_path), shards=tuple(refs), weight_map=dict(weight_map))
+
+
+def resolve_local(uri: str) -> ShardPlan:
+    """Resolve a local checkpoint. Returns a ShardPlan; raises SourceUnavailable or InvalidIndex."""
+    path = _local_path(uri)
+    if path.is_dir():
+        index = path / INDEX_NAME
+        if index.is_file():
+            return _from_index(index)
+        shards = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and p.is_file())
+        if not shards:
+            raise SourceUnavailable(f"no .safetensors files and no {INDEX_NAME} in '{path}'")
+        return ShardPlan(uri=str(path), shards=tuple(_ref(p) for p in shards))
+    if path.name.endswith(".index.json"):
+        return _from_index(path)
+    if not path.exists():
+        raise SourceUnavailable(f"checkpoint '{uri}' does not exist")
+    return ShardPlan(uri=str(path), shards=(_ref(path),))
