@@ -22,6 +22,8 @@ std::string mib(size_t bytes) {
 
 int64_t DeviceArena::live_count() { return g_live_arenas.load(); }
 
+DeviceArena::DeviceArena() { g_live_arenas++; }
+
 std::shared_ptr<DeviceArena> DeviceArena::on_device(std::shared_ptr<CudaContext> ctx,
                                                     size_t bytes, const std::string& label) {
   std::shared_ptr<DeviceArena> arena(new DeviceArena());
@@ -41,7 +43,6 @@ std::shared_ptr<DeviceArena> DeviceArena::on_device(std::shared_ptr<CudaContext>
   arena->ctx_ = std::move(ctx);
   arena->address_ = ptr;
   arena->size_ = bytes;
-  g_live_arenas++;
   return arena;
 }
 
@@ -56,7 +57,6 @@ std::shared_ptr<DeviceArena> DeviceArena::on_host(size_t bytes, const std::strin
   }
   arena->address_ = reinterpret_cast<uint64_t>(arena->host_.data());
   arena->size_ = bytes;
-  g_live_arenas++;
   return arena;
 }
 
@@ -75,7 +75,6 @@ std::shared_ptr<DeviceArena> DeviceArena::map_file(int fd, uint64_t file_size,
   arena->mapping_bytes_ = file_size;
   arena->address_ = reinterpret_cast<uint64_t>(p) + data_offset;
   arena->size_ = file_size - data_offset;
-  g_live_arenas++;
   return arena;
 }
 

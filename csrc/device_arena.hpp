@@ -48,7 +48,7 @@ class DeviceArena {
   static int64_t live_count();
 
  private:
-  DeviceArena() = default;
+  DeviceArena();  // counts the arena; the destructor uncounts it, even for a failed factory
   std::shared_ptr<CudaContext> ctx_;  // null for host arenas
   uint64_t address_ = 0;
   size_t size_ = 0;

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs what the tests need (idempotent on a machine that has it) and runs them.
+# torch comes first and pinned: the CPU build of 2.13.0 is what these machines carry, and the test
+# extra's range is satisfied by it, so pip downloads no CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -m pip install -q "torch==2.13.0"
+"$PY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.13" ninja
+"$PY" -m pip install -q --no-build-isolation ".[test]"
+exec "$PY" -m pytest -q "$@"

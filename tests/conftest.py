@@ -1,0 +1,153 @@
+"""Shared test fixtures: the fake CUDA driver, and checkpoints written by the real `safetensors`.
+
+The fake driver (tests/fake_cuda/) is built once and named in BLOB2GPU_CUDA_DRIVER before the core
+loads a driver, so device='cuda' runs the real CUDA backend on host memory. With
+BLOB2GPU_TEST_REAL_GPU=1 the real libcuda is used instead and the fake-only tests are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "fake_cuda"))
+from build import FakeDriver, build_fake_driver  # noqa: E402
+
+REAL_GPU = os.environ.get("BLOB2GPU_TEST_REAL_GPU") == "1"
+if not REAL_GPU:
+    os.environ["BLOB2GPU_CUDA_DRIVER"] = str(build_fake_driver())
+
+# Every dtype torch and safetensors can both write, by safetensors name.
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "U16": torch.uint16,
+    "I16": torch.int16, "U32": torch.uint32, "I32": torch.int32, "U64": torch.uint64,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+    "F64": torch.float64, "C64": torch.complex64, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+}
+# dtypes the safetensors package cannot write from torch: written by raw_safetensors() with bits.
+RAW_DTYPE_BITS = {"F8_E8M0": 8, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4}
+
+
+def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Random bytes reinterpreted as `dtype` (every bit pattern, so byte equality is meaningful)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    count = int(np.prod(shape)) if shape else 1
+    raw = np.random.default_rng(seed).integers(0, 256, size=count * itemsize, dtype=np.uint8)
+    if dtype == torch.bool:
+        raw = raw & 1
+    return torch.from_numpy(raw).view(dtype).reshape(shape)
+
+
+def raw_safetensors(path: Path, entries: list[tuple[str, str, list[int], bytes]],
+                    metadata: dict[str, str] | None = None, pad: bool = True) -> Path:
+    """Write a safetensors file by hand (json + struct), independent of the code under test."""
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, dtype, shape, data in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    blob = json.dumps(header).encode()
+    if pad:
+        blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + b"".join(e[3] for e in entries))
+    return path
+
+
+def reference_bytes(path: Path) -> dict[str, bytes]:
+    """Each tensor's bytes as the reference reads them: safetensors where it knows the dtype, and
+    the header's own offsets (parsed with json here) where it does not."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    from safetensors import safe_open
+
+    out: dict[str, bytes] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name, entry in header.items():
+            if entry["dtype"] in TORCH_DTYPES:
+                t = f.get_tensor(name)
+                out[name] = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() \
+                    if t.numel() else b""
+            else:
+                begin, end = entry["data_offsets"]
+                out[name] = raw[8 + n + begin:8 + n + end]
+    return out
+
+
+def as_bytes(tensor: object) -> bytes:
+    """The bytes of a loaded tensor, whatever framework or device holds it."""
+    if hasattr(tensor, "to_bytes"):  # a blob2gpu TensorView (framework='dlpack'), any device
+        return tensor.to_bytes()
+    if isinstance(tensor, torch.Tensor):
+        return tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() \
+            if tensor.numel() else b""
+    return np.ascontiguousarray(tensor).tobytes()
+
+
+@pytest.fixture
+def write_checkpoint(tmp_path: Path) -> Callable[..., Path]:
+    """Write shards with safetensors.torch.save_file; returns the checkpoint directory.
+
+    shards: list of {name: tensor}; index=True also writes model.safetensors.index.json.
+    """
+    from safetensors.torch import save_file
+
+    def write(shards: list[dict[str, torch.Tensor]], index: bool = True,
+              metadata: dict[str, str] | None = None, name: str = "ckpt") -> Path:
+        directory = tmp_path / name
+        directory.mkdir()
+        weight_map = {}
+        for i, tensors in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(tensors, str(directory / file), metadata=metadata)
+            weight_map.update(dict.fromkeys(tensors, file))
+        if index:
+            (directory / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map}))
+        return directory
+
+    return write
+
+
+@pytest.fixture
+def fake_driver() -> Iterator[FakeDriver]:
+    """The fake CUDA driver's control API; checks after the test that nothing was misused."""
+    if REAL_GPU:
+        pytest.skip("runs on the fake CUDA driver only (BLOB2GPU_TEST_REAL_GPU=1)")
+    driver = FakeDriver(os.environ["BLOB2GPU_CUDA_DRIVER"])
+    driver.reset_faults()
+    driver.reset_counters()
+    violations_before = driver.violations()
+    yield driver
+    driver.reset_faults()
+    assert driver.violations() == violations_before, driver.last_violation()
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request: pytest.FixtureRequest) -> str:
+    """Each target: the host backend, and the CUDA backend (fake driver in CI, real with a GPU)."""
+    if request.param == "cuda" and not REAL_GPU:
+        request.getfixturevalue("fake_driver")
+    return request.param
+
+
+def load_bytes(uri: Path | str, device: str, **settings: object) -> dict[str, bytes]:
+    """Load with blob2gpu and return each tensor's bytes (read back through the driver on cuda)."""
+    import blob2gpu
+
+    framework = "dlpack" if device != "cpu" else "torch"
+    tensors = blob2gpu.load(str(uri), device=device, framework=framework, **settings)
+    return {name: as_bytes(t) for name, t in tensors.items()}
