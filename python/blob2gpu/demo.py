@@ -76,7 +76,10 @@ def main(device: str = "auto", total_mb: int = 256, directory: str | None = None
         report.mark_first_token()
         print(report.summary())
         print(report.phase_table())
-        print(f"{len(tensors)} tensors; staging: {report.staging_slots} x "
-              f"{report.staging_slot_bytes >> 20} MiB, pinned={report.pinned}, "
-              f"peak slots in flight={report.peak_slots_in_flight}")
+        if report.staging_slots:
+            print(f"{len(tensors)} tensors; staging ring {report.staging_slots} x "
+                  f"{report.staging_slot_bytes >> 20} MiB, pinned={report.pinned}, "
+                  f"peak slots in flight={report.peak_slots_in_flight}")
+        else:
+            print(f"{len(tensors)} tensors read straight into host memory (no staging)")
     return 0

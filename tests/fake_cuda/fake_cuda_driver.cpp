@@ -1,0 +1,1227 @@
+// Test-only fake of the CUDA driver API on host memory. blob2gpu's real CUDA backend dlopen()s this
+// library instead of libcuda.so.1 (BLOB2GPU_CUDA_DRIVER=<path>), so its real code paths run on CPU:
+// every stream has a worker thread that performs copies later, events complete when the worker
+// reaches them, device pointers are synthetic addresses that fault if the host dereferences them,
+// and misuse is recorded as a "violation" that tests read through the fake_cuda_* control API.
+// See tests/fake_cuda/README.md.
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <shared_mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "cuda_driver_api.h"
+
+#define FAKE_CUDA_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+constexpr int kMaxDevices = 16;
+constexpr int kDriverVersion = 12080;
+constexpr uint64_t kDefaultVramBudget = 8ull << 30;
+
+// Device addresses live above the 48-bit user address space (non-canonical on x86-64, beyond the
+// VA range on aarch64), so a host dereference of a device pointer always faults instead of
+// silently reading some host mapping. Each device gets its own 16 TiB span; addresses are handed
+// out by a bump pointer and never reused, so a stale pointer never becomes valid again.
+constexpr uint64_t kDeviceAddressBase = 1ull << 48;
+constexpr uint64_t kDeviceAddressSpan = 1ull << 44;
+constexpr uint64_t kDeviceAlignment = 256;
+// Unused gap after every allocation, so an access just past the end is not inside a neighbour.
+constexpr uint64_t kDeviceGuardGap = 64ull << 10;
+// Fresh device memory is filled with this byte, like the garbage real VRAM holds: a tensor region
+// the core never copied shows up as 0xA5 bytes instead of plausible zeros.
+constexpr int kFreshDeviceByte = 0xA5;
+
+// Opaque handles are tagged ids in the same non-canonical range, never host pointers: the core
+// cannot dereference them, and ids are never reused, so a destroyed handle is always recognised.
+constexpr uint64_t kHandleTagMask = 0xffff'f000'0000'0000ull;
+constexpr uint64_t kHandleIdMask = ~kHandleTagMask;
+constexpr uint64_t kContextTag = 0x0002'c000'0000'0000ull;
+constexpr uint64_t kStreamTag = 0x0002'5000'0000'0000ull;
+constexpr uint64_t kEventTag = 0x0002'e000'0000'0000ull;
+
+constexpr size_t kViolationLogCapacity = 256;
+
+uint64_t round_up(uint64_t value, uint64_t alignment) {
+  return (value + alignment - 1) / alignment * alignment;
+}
+
+struct FreeDeleter {
+  void operator()(std::byte* p) const { std::free(p); }
+};
+using AlignedBytes = std::unique_ptr<std::byte, FreeDeleter>;
+
+// Host memory with the given alignment; null on failure.
+AlignedBytes allocate_aligned(size_t alignment, size_t bytes) {
+  void* p = nullptr;
+  if (posix_memalign(&p, alignment, bytes) != 0) return AlignedBytes();
+  return AlignedBytes(static_cast<std::byte*>(p));
+}
+
+// Keeps a T alive for the whole process without ever running its destructor: the driver state
+// owns worker threads, and joining them from a global destructor could hang process exit.
+template <typename T>
+class NoDestructor {
+ public:
+  NoDestructor() { ::new (static_cast<void*>(storage_)) T(); }
+  T& get() { return *std::launder(reinterpret_cast<T*>(storage_)); }
+
+ private:
+  alignas(T) unsigned char storage_[sizeof(T)];
+};
+
+// One cuMemAlloc_v2 allocation: a synthetic address range backed by host memory.
+struct DeviceBlock {
+  uint64_t address = 0;
+  uint64_t size = 0;
+  int device = 0;
+  AlignedBytes memory;
+  int64_t pending_ops = 0;  // queued copies that still reference this block
+};
+
+// One cuMemHostAlloc allocation (real, page-aligned host memory).
+struct HostBlock {
+  AlignedBytes memory;
+  uint64_t size = 0;
+  int64_t pending_ops = 0;
+};
+
+struct Stream;
+
+// One queued stream operation. Copies hold shared_ptrs to the memory they touch, so a misused
+// free (recorded as a violation) never leaves the worker writing into released memory.
+struct StreamOp {
+  enum class Kind { kCopyHtoD, kCopyDtoH, kWaitEvent };
+  Kind kind = Kind::kCopyHtoD;
+  std::shared_ptr<DeviceBlock> device_block;
+  uint64_t device_offset = 0;
+  uint64_t bytes = 0;
+  std::shared_ptr<HostBlock> host_block;  // null when the host side is pageable memory
+  std::byte* host = nullptr;              // copy source (HtoD) or destination (DtoH)
+  std::vector<std::byte> staging;         // pageable HtoD: the source as it was at call time
+  std::shared_ptr<Stream> wait_stream;
+  uint64_t wait_position = 0;
+};
+
+struct Stream {
+  uint64_t id = 0;  // 0 for a device's implicit stream (NULL / legacy / per-thread handles)
+  int device = 0;
+  std::deque<StreamOp> queue;
+  uint64_t enqueued = 0;   // operations ever enqueued
+  uint64_t completed = 0;  // operations the worker has finished
+  bool stopping = false;
+  std::condition_variable work_ready;
+  std::thread worker;
+};
+
+struct Event {
+  uint64_t id = 0;
+  int device = 0;
+  std::shared_ptr<Stream> stream;  // null until first recorded: a never-recorded event is complete
+  uint64_t position = 0;           // complete once stream->completed reaches this
+};
+
+struct Device {
+  int64_t primary_refcount = 0;
+  uint64_t next_offset = 0;  // bump pointer inside this device's address span
+  uint64_t live_bytes = 0;
+  int64_t live_allocations = 0;
+  int64_t live_streams = 0;
+  int64_t live_events = 0;
+  std::shared_ptr<Stream> implicit_stream;
+};
+
+struct DriverState {
+  std::mutex mu;
+  std::condition_variable progress;  // notified whenever any stream completes an operation
+  // Held shared by workers while they move bytes (without mu), exclusively by
+  // fake_cuda_read_device, so a debug read never sees a half-done copy.
+  std::shared_mutex copy_mu;
+
+  bool initialized = false;
+  int device_count = 1;
+  uint64_t vram_budget = kDefaultVramBudget;
+  uint64_t copy_delay_us = 0;
+  int64_t host_alloc_fail_after = -1;
+  int64_t device_alloc_fail_after = -1;
+  bool sticky_faults = false;
+
+  std::array<Device, kMaxDevices> devices;
+  std::map<uint64_t, std::shared_ptr<DeviceBlock>> device_blocks;  // by address
+  std::map<uintptr_t, std::shared_ptr<HostBlock>> host_blocks;     // by address
+  std::unordered_map<uint64_t, std::shared_ptr<Stream>> streams;
+  std::unordered_map<uint64_t, std::shared_ptr<Event>> events;
+  uint64_t next_stream_id = 1;
+  uint64_t next_event_id = 1;
+
+  int64_t live_device_allocations = 0;
+  uint64_t live_device_bytes = 0;
+  uint64_t peak_device_bytes = 0;
+  int64_t live_host_allocations = 0;
+  uint64_t live_host_bytes = 0;
+  int64_t live_streams = 0;
+  int64_t live_events = 0;
+
+  uint64_t h2d_copies = 0;
+  uint64_t h2d_bytes = 0;
+  uint64_t pageable_h2d_copies = 0;
+  int64_t pending_h2d_copies = 0;
+  int64_t max_pending_h2d_copies = 0;
+
+  int64_t violations = 0;
+  std::deque<std::string> violation_log;  // deque: push/pop at the ends keep other c_str() valid
+  bool has_last_violation = false;
+};
+
+DriverState& state() {
+  static NoDestructor<DriverState> instance;
+  return instance.get();
+}
+
+using Lock = std::unique_lock<std::mutex>;
+
+// The calling thread's current context handle (cuCtxSetCurrent); 0 when none.
+thread_local uint64_t t_current_context = 0;
+
+std::string hex(uint64_t value) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(value));
+  return buf;
+}
+
+void record_violation(DriverState& s, const Lock&, std::string message) {
+  ++s.violations;
+  std::fprintf(stderr, "[fake_cuda] violation: %s\n", message.c_str());
+  s.violation_log.push_back(std::move(message));
+  if (s.violation_log.size() > kViolationLogCapacity) s.violation_log.pop_front();
+  s.has_last_violation = true;
+}
+
+// Runs an API body, turning exceptions into driver error codes: nothing may unwind into C callers.
+template <typename F>
+CUresult guarded(F&& body) noexcept {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    return CUDA_ERROR_OUT_OF_MEMORY;
+  } catch (...) {
+    return CUDA_ERROR_UNKNOWN;
+  }
+}
+
+bool is_tagged(uint64_t handle, uint64_t tag) {
+  return (handle & kHandleTagMask) == tag;
+}
+
+CUcontext context_handle(int device) {
+  return reinterpret_cast<CUcontext>(static_cast<uintptr_t>(kContextTag | (device + 1)));
+}
+
+// Device of the calling thread's current context, or -1 with the error to return.
+int current_device(DriverState& s, const Lock&, CUresult* error) {
+  if (!s.initialized) {
+    *error = CUDA_ERROR_NOT_INITIALIZED;
+    return -1;
+  }
+  const uint64_t handle = t_current_context;
+  if (handle == 0 || !is_tagged(handle, kContextTag)) {
+    *error = CUDA_ERROR_INVALID_CONTEXT;
+    return -1;
+  }
+  const int device = static_cast<int>((handle & kHandleIdMask) - 1);
+  if (device < 0 || device >= kMaxDevices || s.devices[device].primary_refcount <= 0) {
+    *error = CUDA_ERROR_INVALID_CONTEXT;  // the primary context was released to zero meanwhile
+    return -1;
+  }
+  *error = CUDA_SUCCESS;
+  return device;
+}
+
+void stream_worker(Stream* stream);
+
+std::shared_ptr<Stream> start_stream(int device, uint64_t id) {
+  auto stream = std::make_shared<Stream>();
+  stream->id = id;
+  stream->device = device;
+  stream->worker = std::thread(stream_worker, stream.get());
+  return stream;
+}
+
+// Resolves a stream handle. NULL, CU_STREAM_LEGACY and CU_STREAM_PER_THREAD all map to the current
+// device's implicit stream. Handles that were destroyed or never issued are violations.
+CUresult resolve_stream(DriverState& s, const Lock& lock, CUstream handle, int device,
+                        const char* api, std::shared_ptr<Stream>* out) {
+  const auto value = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(handle));
+  if (handle == nullptr || handle == BLOB2GPU_CU_STREAM_LEGACY ||
+      handle == BLOB2GPU_CU_STREAM_PER_THREAD) {
+    Device& d = s.devices[device];
+    if (!d.implicit_stream) d.implicit_stream = start_stream(device, 0);
+    *out = d.implicit_stream;
+    return CUDA_SUCCESS;
+  }
+  if (is_tagged(value, kStreamTag)) {
+    const uint64_t id = value & kHandleIdMask;
+    auto it = s.streams.find(id);
+    if (it != s.streams.end()) {
+      *out = it->second;
+      return CUDA_SUCCESS;
+    }
+    if (id != 0 && id < s.next_stream_id) {
+      record_violation(
+          s, lock, std::string(api) + ": stream " + hex(value) + " used after cuStreamDestroy_v2");
+      return CUDA_ERROR_INVALID_HANDLE;
+    }
+  }
+  record_violation(s, lock, std::string(api) + ": unknown stream handle " + hex(value));
+  return CUDA_ERROR_INVALID_HANDLE;
+}
+
+CUresult resolve_event(DriverState& s, const Lock& lock, CUevent handle, const char* api,
+                       std::shared_ptr<Event>* out) {
+  const auto value = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(handle));
+  if (is_tagged(value, kEventTag)) {
+    const uint64_t id = value & kHandleIdMask;
+    auto it = s.events.find(id);
+    if (it != s.events.end()) {
+      *out = it->second;
+      return CUDA_SUCCESS;
+    }
+    if (id != 0 && id < s.next_event_id) {
+      record_violation(
+          s, lock, std::string(api) + ": event " + hex(value) + " used after cuEventDestroy_v2");
+      return CUDA_ERROR_INVALID_HANDLE;
+    }
+  }
+  record_violation(s, lock, std::string(api) + ": unknown event handle " + hex(value));
+  return CUDA_ERROR_INVALID_HANDLE;
+}
+
+// Work can only be queued on a stream of the current context (the real driver says "invalid
+// resource handle" otherwise).
+CUresult check_stream_device(DriverState& s, const Lock& lock, const Stream& stream, int device,
+                             const char* api) {
+  if (stream.device == device) return CUDA_SUCCESS;
+  record_violation(s, lock,
+                   std::string(api) + ": stream of device " + std::to_string(stream.device) +
+                       " used while device " + std::to_string(device) + "'s context is current");
+  return CUDA_ERROR_INVALID_HANDLE;
+}
+
+// The live allocation that contains [address, address + bytes) entirely, or null.
+std::shared_ptr<DeviceBlock> find_device_range(DriverState& s, uint64_t address, uint64_t bytes) {
+  auto it = s.device_blocks.upper_bound(address);
+  if (it == s.device_blocks.begin()) return nullptr;
+  --it;
+  const DeviceBlock& block = *it->second;
+  const uint64_t offset = address - block.address;
+  if (offset >= block.size || bytes > block.size - offset) return nullptr;
+  return it->second;
+}
+
+enum class HostKind { kPageable, kPinned, kStraddlesPinned };
+
+// Classifies a host range: inside one cuMemHostAlloc block, pageable, or partly inside a block.
+HostKind classify_host_range(DriverState& s, const void* p, uint64_t bytes,
+                             std::shared_ptr<HostBlock>* block_out) {
+  const auto address = reinterpret_cast<uintptr_t>(p);
+  auto it = s.host_blocks.upper_bound(address);
+  if (it != s.host_blocks.begin()) {
+    auto prev = std::prev(it);
+    const uint64_t offset = address - prev->first;
+    if (offset < prev->second->size) {
+      if (bytes > prev->second->size - offset) return HostKind::kStraddlesPinned;
+      *block_out = prev->second;
+      return HostKind::kPinned;
+    }
+  }
+  // A pageable range that runs into the next pinned block is also an overrun.
+  if (it != s.host_blocks.end() && bytes > it->first - address) return HostKind::kStraddlesPinned;
+  return HostKind::kPageable;
+}
+
+bool event_complete(const Event& event) {
+  return !event.stream || event.stream->completed >= event.position;
+}
+
+uint64_t enqueue(DriverState& s, Stream& stream, StreamOp op) {
+  if (op.device_block) ++op.device_block->pending_ops;
+  if (op.host_block) ++op.host_block->pending_ops;
+  if (op.kind == StreamOp::Kind::kCopyHtoD) {
+    ++s.pending_h2d_copies;
+    s.max_pending_h2d_copies = std::max(s.max_pending_h2d_copies, s.pending_h2d_copies);
+  }
+  stream.queue.push_back(std::move(op));
+  ++stream.enqueued;
+  stream.work_ready.notify_one();
+  return stream.enqueued;
+}
+
+void finish_copy(DriverState& s, const StreamOp& op) {
+  if (op.device_block) --op.device_block->pending_ops;
+  if (op.host_block) --op.host_block->pending_ops;
+  if (op.kind == StreamOp::Kind::kCopyHtoD) {
+    --s.pending_h2d_copies;
+    ++s.h2d_copies;
+    s.h2d_bytes += op.bytes;
+    if (!op.host_block) ++s.pageable_h2d_copies;
+  }
+}
+
+// One per stream. Copies run without the lock held and read their source when they execute, so a
+// caller that reuses a source buffer before the copy's event completed ships the wrong bytes.
+void stream_worker(Stream* stream) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  for (;;) {
+    stream->work_ready.wait(lock, [&] { return !stream->queue.empty() || stream->stopping; });
+    if (stream->queue.empty()) return;  // stopping, and everything queued has run
+    StreamOp op = std::move(stream->queue.front());
+    stream->queue.pop_front();
+    if (op.kind == StreamOp::Kind::kWaitEvent) {
+      s.progress.wait(lock, [&] { return op.wait_stream->completed >= op.wait_position; });
+    } else {
+      const uint64_t delay_us = s.copy_delay_us;
+      lock.unlock();
+      if (delay_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
+      {
+        std::shared_lock<std::shared_mutex> copying(s.copy_mu);
+        std::byte* device = op.device_block->memory.get() + op.device_offset;
+        if (op.kind == StreamOp::Kind::kCopyHtoD) {
+          const std::byte* src = op.staging.empty() ? op.host : op.staging.data();
+          std::memcpy(device, src, op.bytes);
+        } else {
+          std::memcpy(op.host, device, op.bytes);
+        }
+      }
+      lock.lock();
+      finish_copy(s, op);
+    }
+    ++stream->completed;
+    op = StreamOp();  // drop block references while the lock is held
+    s.progress.notify_all();
+  }
+}
+
+// Validates and queues one copy; shared by the HtoD and DtoH entry points.
+CUresult enqueue_copy(StreamOp::Kind kind, CUdeviceptr dptr, void* host, size_t bytes,
+                      CUstream handle, const char* api) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  CUresult error;
+  const int device = current_device(s, lock, &error);
+  if (device < 0) return error;
+  std::shared_ptr<Stream> stream;
+  if (CUresult r = resolve_stream(s, lock, handle, device, api, &stream); r != CUDA_SUCCESS) {
+    return r;
+  }
+  if (CUresult r = check_stream_device(s, lock, *stream, device, api); r != CUDA_SUCCESS) return r;
+  if (bytes == 0) return CUDA_SUCCESS;
+  if (host == nullptr) return CUDA_ERROR_INVALID_VALUE;
+
+  StreamOp op;
+  op.kind = kind;
+  op.bytes = bytes;
+  op.device_block = find_device_range(s, dptr, bytes);
+  if (!op.device_block) {
+    record_violation(s, lock,
+                     std::string(api) + ": device range [" + hex(dptr) + ", +" +
+                         std::to_string(bytes) +
+                         ") is not inside one live cuMemAlloc_v2 allocation");
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  op.device_offset = dptr - op.device_block->address;
+  if (const auto h = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(host));
+      h >= kDeviceAddressBase && h < kDeviceAddressBase + kMaxDevices * kDeviceAddressSpan) {
+    record_violation(s, lock,
+                     std::string(api) + ": host pointer " + hex(h) + " is a device address");
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  const HostKind host_kind = classify_host_range(s, host, bytes, &op.host_block);
+  if (host_kind == HostKind::kStraddlesPinned) {
+    record_violation(s, lock,
+                     std::string(api) + ": host range [" + hex(reinterpret_cast<uintptr_t>(host)) +
+                         ", +" + std::to_string(bytes) +
+                         ") runs past the end of a cuMemHostAlloc block");
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  op.host = static_cast<std::byte*>(host);
+  const bool pageable = host_kind == HostKind::kPageable;
+  if (kind == StreamOp::Kind::kCopyHtoD && pageable) {
+    // The real driver stages pageable memory before returning: the caller may reuse it at once.
+    const auto* src = static_cast<const std::byte*>(host);
+    op.staging.assign(src, src + bytes);
+  }
+  const uint64_t position = enqueue(s, *stream, std::move(op));
+  if (kind == StreamOp::Kind::kCopyDtoH && pageable) {
+    // The real driver returns from a DtoH copy into pageable memory only once it has completed.
+    s.progress.wait(lock, [&] { return stream->completed >= position; });
+  }
+  return CUDA_SUCCESS;
+}
+
+const char* error_name(CUresult error) {
+  switch (error) {
+    case CUDA_SUCCESS:
+      return "CUDA_SUCCESS";
+    case CUDA_ERROR_INVALID_VALUE:
+      return "CUDA_ERROR_INVALID_VALUE";
+    case CUDA_ERROR_OUT_OF_MEMORY:
+      return "CUDA_ERROR_OUT_OF_MEMORY";
+    case CUDA_ERROR_NOT_INITIALIZED:
+      return "CUDA_ERROR_NOT_INITIALIZED";
+    case CUDA_ERROR_NO_DEVICE:
+      return "CUDA_ERROR_NO_DEVICE";
+    case CUDA_ERROR_INVALID_DEVICE:
+      return "CUDA_ERROR_INVALID_DEVICE";
+    case CUDA_ERROR_INVALID_CONTEXT:
+      return "CUDA_ERROR_INVALID_CONTEXT";
+    case CUDA_ERROR_INVALID_HANDLE:
+      return "CUDA_ERROR_INVALID_HANDLE";
+    case CUDA_ERROR_NOT_READY:
+      return "CUDA_ERROR_NOT_READY";
+    case CUDA_ERROR_ILLEGAL_ADDRESS:
+      return "CUDA_ERROR_ILLEGAL_ADDRESS";
+    case CUDA_ERROR_NOT_SUPPORTED:
+      return "CUDA_ERROR_NOT_SUPPORTED";
+    case CUDA_ERROR_UNKNOWN:
+      return "CUDA_ERROR_UNKNOWN";
+    default:
+      return nullptr;
+  }
+}
+
+// The real driver's descriptions for the same codes.
+const char* error_string(CUresult error) {
+  switch (error) {
+    case CUDA_SUCCESS:
+      return "no error";
+    case CUDA_ERROR_INVALID_VALUE:
+      return "invalid argument";
+    case CUDA_ERROR_OUT_OF_MEMORY:
+      return "out of memory";
+    case CUDA_ERROR_NOT_INITIALIZED:
+      return "initialization error";
+    case CUDA_ERROR_NO_DEVICE:
+      return "no CUDA-capable device is detected";
+    case CUDA_ERROR_INVALID_DEVICE:
+      return "invalid device ordinal";
+    case CUDA_ERROR_INVALID_CONTEXT:
+      return "invalid device context";
+    case CUDA_ERROR_INVALID_HANDLE:
+      return "invalid resource handle";
+    case CUDA_ERROR_NOT_READY:
+      return "device not ready";
+    case CUDA_ERROR_ILLEGAL_ADDRESS:
+      return "an illegal memory access was encountered";
+    case CUDA_ERROR_NOT_SUPPORTED:
+      return "operation not supported";
+    case CUDA_ERROR_UNKNOWN:
+      return "unknown error";
+    default:
+      return nullptr;
+  }
+}
+
+// A fault switch: -1 is off; otherwise the number of calls that still succeed. At 0 the next call
+// fails, and the switch turns itself off again unless faults are sticky (then every later call
+// fails, like real exhaustion, until the switch is reset).
+bool fault_fires(DriverState& s, int64_t* switch_value) {
+  if (*switch_value != 0) return false;
+  if (!s.sticky_faults) *switch_value = -1;
+  return true;
+}
+void count_success(int64_t* switch_value) {
+  if (*switch_value > 0) --*switch_value;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Driver API entry points (the names cuda_driver.cpp looks up with dlsym).
+
+FAKE_CUDA_EXPORT CUresult cuInit(unsigned int flags) {
+  return guarded([&]() -> CUresult {
+    if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    DriverState& s = state();
+    Lock lock(s.mu);
+    if (s.device_count <= 0) return CUDA_ERROR_NO_DEVICE;
+    s.initialized = true;
+    return CUDA_SUCCESS;
+  });
+}
+
+// Like the real driver, this one works before cuInit.
+FAKE_CUDA_EXPORT CUresult cuDriverGetVersion(int* version) {
+  if (version == nullptr) return CUDA_ERROR_INVALID_VALUE;
+  *version = kDriverVersion;
+  return CUDA_SUCCESS;
+}
+
+FAKE_CUDA_EXPORT CUresult cuDeviceGetCount(int* count) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    if (!s.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (count == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    *count = s.device_count;
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuDeviceGet(CUdevice* device, int ordinal) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    if (!s.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (device == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (ordinal < 0 || ordinal >= s.device_count) return CUDA_ERROR_INVALID_DEVICE;
+    *device = ordinal;
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuDeviceGetName(char* name, int len, CUdevice device) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    if (!s.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (name == nullptr || len <= 0) return CUDA_ERROR_INVALID_VALUE;
+    if (device < 0 || device >= s.device_count) return CUDA_ERROR_INVALID_DEVICE;
+    std::snprintf(name, static_cast<size_t>(len), "blob2gpu fake GPU %d", device);
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice device) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    if (!s.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (bytes == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (device < 0 || device >= s.device_count) return CUDA_ERROR_INVALID_DEVICE;
+    *bytes = s.vram_budget;
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice device) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    if (!s.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (ctx == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (device < 0 || device >= s.device_count) return CUDA_ERROR_INVALID_DEVICE;
+    ++s.devices[device].primary_refcount;
+    *ctx = context_handle(device);
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice device) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    if (!s.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (device < 0 || device >= s.device_count) return CUDA_ERROR_INVALID_DEVICE;
+    Device& d = s.devices[device];
+    if (d.primary_refcount <= 0) {
+      record_violation(s, lock,
+                       "cuDevicePrimaryCtxRelease_v2: device " + std::to_string(device) +
+                           " released more often than retained");
+      return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    if (--d.primary_refcount == 0 &&
+        (d.live_allocations > 0 || d.live_streams > 0 || d.live_events > 0)) {
+      // The real driver destroys the context here, and every resource in it with it.
+      record_violation(s, lock,
+                       "cuDevicePrimaryCtxRelease_v2: last reference to device " +
+                           std::to_string(device) + "'s context released with " +
+                           std::to_string(d.live_allocations) + " allocations, " +
+                           std::to_string(d.live_streams) + " streams and " +
+                           std::to_string(d.live_events) + " events still alive");
+    }
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuCtxSetCurrent(CUcontext ctx) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    if (!s.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    const auto value = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(ctx));
+    if (value == 0) {
+      t_current_context = 0;
+      return CUDA_SUCCESS;
+    }
+    const int device = static_cast<int>((value & kHandleIdMask) - 1);
+    if (!is_tagged(value, kContextTag) || device < 0 || device >= kMaxDevices ||
+        s.devices[device].primary_refcount <= 0) {
+      return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    t_current_context = value;
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuCtxGetCurrent(CUcontext* ctx) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    if (!s.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (ctx == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    *ctx = reinterpret_cast<CUcontext>(static_cast<uintptr_t>(t_current_context));
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total_bytes) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    CUresult error;
+    const int device = current_device(s, lock, &error);
+    if (device < 0) return error;
+    if (free_bytes == nullptr || total_bytes == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    const uint64_t live = s.devices[device].live_bytes;
+    *free_bytes = s.vram_budget > live ? s.vram_budget - live : 0;
+    *total_bytes = s.vram_budget;
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* dptr, size_t bytes) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    CUresult error;
+    const int device = current_device(s, lock, &error);
+    if (device < 0) return error;
+    if (dptr == nullptr || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (fault_fires(s, &s.device_alloc_fail_after)) return CUDA_ERROR_OUT_OF_MEMORY;
+    Device& d = s.devices[device];
+    const uint64_t rounded = round_up(bytes, kDeviceAlignment);
+    if (bytes > s.vram_budget || d.live_bytes > s.vram_budget - bytes ||
+        d.next_offset + rounded + kDeviceGuardGap > kDeviceAddressSpan) {
+      return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    auto block = std::make_shared<DeviceBlock>();
+    block->memory = allocate_aligned(kDeviceAlignment, bytes);
+    if (!block->memory) return CUDA_ERROR_OUT_OF_MEMORY;
+    std::memset(block->memory.get(), kFreshDeviceByte, bytes);
+    block->address =
+        kDeviceAddressBase + static_cast<uint64_t>(device) * kDeviceAddressSpan + d.next_offset;
+    block->size = bytes;
+    block->device = device;
+    d.next_offset += rounded + kDeviceGuardGap;
+    d.live_bytes += bytes;
+    ++d.live_allocations;
+    s.device_blocks.emplace(block->address, block);
+    ++s.live_device_allocations;
+    s.live_device_bytes += bytes;
+    s.peak_device_bytes = std::max(s.peak_device_bytes, s.live_device_bytes);
+    count_success(&s.device_alloc_fail_after);
+    *dptr = block->address;
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    CUresult error;
+    const int device = current_device(s, lock, &error);
+    if (device < 0) return error;
+    if (dptr == 0) return CUDA_SUCCESS;
+    auto it = s.device_blocks.find(dptr);
+    if (it == s.device_blocks.end()) {
+      record_violation(
+          s, lock,
+          "cuMemFree_v2(" + hex(dptr) + "): not the start of a live cuMemAlloc_v2 allocation");
+      return CUDA_ERROR_INVALID_VALUE;
+    }
+    const DeviceBlock& block = *it->second;
+    if (block.pending_ops > 0) {
+      // The free still takes effect; the queued copies keep the backing memory alive until they
+      // ran.
+      record_violation(s, lock,
+                       "cuMemFree_v2(" + hex(dptr) + ") while " +
+                           std::to_string(block.pending_ops) + " queued copies still use it");
+    }
+    Device& d = s.devices[block.device];
+    d.live_bytes -= block.size;
+    --d.live_allocations;
+    --s.live_device_allocations;
+    s.live_device_bytes -= block.size;
+    s.device_blocks.erase(it);
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuMemHostAlloc(void** pp, size_t bytes, unsigned int flags) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    CUresult error;
+    if (current_device(s, lock, &error) < 0) return error;
+    if (pp == nullptr || bytes == 0 || (flags & ~0x7u) != 0) return CUDA_ERROR_INVALID_VALUE;
+    if (fault_fires(s, &s.host_alloc_fail_after)) return CUDA_ERROR_OUT_OF_MEMORY;
+    static const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    auto block = std::make_shared<HostBlock>();
+    block->memory = allocate_aligned(page, bytes);
+    if (!block->memory) return CUDA_ERROR_OUT_OF_MEMORY;
+    block->size = bytes;
+    void* p = block->memory.get();
+    s.host_blocks.emplace(reinterpret_cast<uintptr_t>(p), std::move(block));
+    ++s.live_host_allocations;
+    s.live_host_bytes += bytes;
+    count_success(&s.host_alloc_fail_after);
+    *pp = p;
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuMemFreeHost(void* p) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    CUresult error;
+    if (current_device(s, lock, &error) < 0) return error;
+    if (p == nullptr) return CUDA_SUCCESS;
+    auto it = s.host_blocks.find(reinterpret_cast<uintptr_t>(p));
+    if (it == s.host_blocks.end()) {
+      record_violation(s, lock,
+                       "cuMemFreeHost(" + hex(reinterpret_cast<uintptr_t>(p)) +
+                           "): not the start of a live cuMemHostAlloc block");
+      return CUDA_ERROR_INVALID_VALUE;
+    }
+    const HostBlock& block = *it->second;
+    if (block.pending_ops > 0) {
+      // The free still takes effect; the queued copies keep the memory alive until they ran.
+      record_violation(s, lock,
+                       "cuMemFreeHost(" + hex(reinterpret_cast<uintptr_t>(p)) + ") while " +
+                           std::to_string(block.pending_ops) + " queued copies still use it");
+    }
+    --s.live_host_allocations;
+    s.live_host_bytes -= block.size;
+    s.host_blocks.erase(it);
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes,
+                                               CUstream stream) {
+  return guarded([&]() -> CUresult {
+    return enqueue_copy(StreamOp::Kind::kCopyHtoD, dst, const_cast<void*>(src), bytes, stream,
+                        "cuMemcpyHtoDAsync_v2");
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes,
+                                               CUstream stream) {
+  return guarded([&]() -> CUresult {
+    return enqueue_copy(StreamOp::Kind::kCopyDtoH, src, dst, bytes, stream, "cuMemcpyDtoHAsync_v2");
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuStreamCreate(CUstream* stream, unsigned int flags) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    CUresult error;
+    const int device = current_device(s, lock, &error);
+    if (device < 0) return error;
+    if (stream == nullptr || (flags & ~static_cast<unsigned>(CU_STREAM_NON_BLOCKING)) != 0) {
+      return CUDA_ERROR_INVALID_VALUE;
+    }
+    const uint64_t id = s.next_stream_id++;
+    s.streams.emplace(id, start_stream(device, id));
+    ++s.live_streams;
+    ++s.devices[device].live_streams;
+    *stream = reinterpret_cast<CUstream>(static_cast<uintptr_t>(kStreamTag | id));
+    return CUDA_SUCCESS;
+  });
+}
+
+// Waits until everything queued on the stream has run, then joins its worker.
+FAKE_CUDA_EXPORT CUresult cuStreamDestroy_v2(CUstream handle) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    CUresult error;
+    const int device = current_device(s, lock, &error);
+    if (device < 0) return error;
+    if (handle == nullptr || handle == BLOB2GPU_CU_STREAM_LEGACY ||
+        handle == BLOB2GPU_CU_STREAM_PER_THREAD) {
+      record_violation(s, lock,
+                       "cuStreamDestroy_v2: the NULL/legacy/per-thread stream cannot "
+                       "be destroyed");
+      return CUDA_ERROR_INVALID_HANDLE;
+    }
+    std::shared_ptr<Stream> stream;
+    if (CUresult r = resolve_stream(s, lock, handle, device, "cuStreamDestroy_v2", &stream);
+        r != CUDA_SUCCESS) {
+      return r;
+    }
+    s.streams.erase(stream->id);
+    --s.live_streams;
+    --s.devices[stream->device].live_streams;
+    stream->stopping = true;
+    stream->work_ready.notify_one();
+    std::thread worker = std::move(stream->worker);
+    lock.unlock();
+    worker.join();
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuStreamSynchronize(CUstream handle) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    CUresult error;
+    const int device = current_device(s, lock, &error);
+    if (device < 0) return error;
+    std::shared_ptr<Stream> stream;
+    if (CUresult r = resolve_stream(s, lock, handle, device, "cuStreamSynchronize", &stream);
+        r != CUDA_SUCCESS) {
+      return r;
+    }
+    const uint64_t target = stream->enqueued;
+    s.progress.wait(lock, [&] { return stream->completed >= target; });
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuStreamWaitEvent(CUstream handle, CUevent event_handle,
+                                            unsigned int flags) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    CUresult error;
+    const int device = current_device(s, lock, &error);
+    if (device < 0) return error;
+    std::shared_ptr<Stream> stream;
+    if (CUresult r = resolve_stream(s, lock, handle, device, "cuStreamWaitEvent", &stream);
+        r != CUDA_SUCCESS) {
+      return r;
+    }
+    if (CUresult r = check_stream_device(s, lock, *stream, device, "cuStreamWaitEvent");
+        r != CUDA_SUCCESS) {
+      return r;
+    }
+    std::shared_ptr<Event> event;
+    if (CUresult r = resolve_event(s, lock, event_handle, "cuStreamWaitEvent", &event);
+        r != CUDA_SUCCESS) {
+      return r;
+    }
+    if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    // Later re-records of the event do not move this wait: it is bound to the position now.
+    if (event_complete(*event) || event->stream == stream) return CUDA_SUCCESS;
+    StreamOp op;
+    op.kind = StreamOp::Kind::kWaitEvent;
+    op.wait_stream = event->stream;
+    op.wait_position = event->position;
+    enqueue(s, *stream, std::move(op));
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuEventCreate(CUevent* event, unsigned int flags) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    CUresult error;
+    const int device = current_device(s, lock, &error);
+    if (device < 0) return error;
+    const unsigned known = CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING;
+    if (event == nullptr || (flags & ~known) != 0) return CUDA_ERROR_INVALID_VALUE;
+    auto created = std::make_shared<Event>();
+    created->id = s.next_event_id++;
+    created->device = device;
+    s.events.emplace(created->id, created);
+    ++s.live_events;
+    ++s.devices[device].live_events;
+    *event = reinterpret_cast<CUevent>(static_cast<uintptr_t>(kEventTag | created->id));
+    return CUDA_SUCCESS;
+  });
+}
+
+// Waits already queued on this event stay bound to its last position (the real driver defers).
+FAKE_CUDA_EXPORT CUresult cuEventDestroy_v2(CUevent handle) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    CUresult error;
+    if (current_device(s, lock, &error) < 0) return error;
+    std::shared_ptr<Event> event;
+    if (CUresult r = resolve_event(s, lock, handle, "cuEventDestroy_v2", &event);
+        r != CUDA_SUCCESS) {
+      return r;
+    }
+    s.events.erase(event->id);
+    --s.live_events;
+    --s.devices[event->device].live_events;
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuEventRecord(CUevent event_handle, CUstream handle) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    CUresult error;
+    const int device = current_device(s, lock, &error);
+    if (device < 0) return error;
+    std::shared_ptr<Event> event;
+    if (CUresult r = resolve_event(s, lock, event_handle, "cuEventRecord", &event);
+        r != CUDA_SUCCESS) {
+      return r;
+    }
+    std::shared_ptr<Stream> stream;
+    if (CUresult r = resolve_stream(s, lock, handle, device, "cuEventRecord", &stream);
+        r != CUDA_SUCCESS) {
+      return r;
+    }
+    if (CUresult r = check_stream_device(s, lock, *stream, device, "cuEventRecord");
+        r != CUDA_SUCCESS) {
+      return r;
+    }
+    if (event->device != stream->device) {
+      record_violation(s, lock,
+                       "cuEventRecord: event of device " + std::to_string(event->device) +
+                           " recorded on a stream of " + "device " +
+                           std::to_string(stream->device));
+      return CUDA_ERROR_INVALID_HANDLE;
+    }
+    event->stream = stream;
+    event->position = stream->enqueued;
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuEventQuery(CUevent handle) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    CUresult error;
+    if (current_device(s, lock, &error) < 0) return error;
+    std::shared_ptr<Event> event;
+    if (CUresult r = resolve_event(s, lock, handle, "cuEventQuery", &event); r != CUDA_SUCCESS) {
+      return r;
+    }
+    return event_complete(*event) ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuEventSynchronize(CUevent handle) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    CUresult error;
+    if (current_device(s, lock, &error) < 0) return error;
+    std::shared_ptr<Event> event;
+    if (CUresult r = resolve_event(s, lock, handle, "cuEventSynchronize", &event);
+        r != CUDA_SUCCESS) {
+      return r;
+    }
+    // Bound to the position at call time, so a concurrent re-record does not extend the wait.
+    std::shared_ptr<Stream> stream = event->stream;
+    const uint64_t position = event->position;
+    if (stream) s.progress.wait(lock, [&] { return stream->completed >= position; });
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuGetErrorName(CUresult error, const char** name) {
+  if (name == nullptr) return CUDA_ERROR_INVALID_VALUE;
+  *name = error_name(error);
+  return *name != nullptr ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+FAKE_CUDA_EXPORT CUresult cuGetErrorString(CUresult error, const char** text) {
+  if (text == nullptr) return CUDA_ERROR_INVALID_VALUE;
+  *text = error_string(error);
+  return *text != nullptr ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Control API for tests (see README.md). All of it is thread-safe.
+
+FAKE_CUDA_EXPORT void fake_cuda_reset_faults(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  s.host_alloc_fail_after = -1;
+  s.device_alloc_fail_after = -1;
+  s.sticky_faults = false;
+  s.copy_delay_us = 0;
+}
+
+FAKE_CUDA_EXPORT void fake_cuda_set_device_count(int n) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  s.device_count = std::clamp(n, 0, kMaxDevices);
+}
+
+FAKE_CUDA_EXPORT void fake_cuda_set_vram_budget(uint64_t bytes) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  s.vram_budget = bytes;
+}
+
+FAKE_CUDA_EXPORT void fake_cuda_set_copy_delay_us(uint64_t us) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  s.copy_delay_us = us;
+}
+
+FAKE_CUDA_EXPORT void fake_cuda_fail_host_alloc_after(int64_t n) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  s.host_alloc_fail_after = n < 0 ? -1 : n;
+}
+
+FAKE_CUDA_EXPORT void fake_cuda_fail_device_alloc_after(int64_t n) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  s.device_alloc_fail_after = n < 0 ? -1 : n;
+}
+
+// With sticky faults, a switch that fired keeps failing every call until it is reset.
+FAKE_CUDA_EXPORT void fake_cuda_set_sticky_faults(int sticky) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  s.sticky_faults = sticky != 0;
+}
+
+FAKE_CUDA_EXPORT int64_t fake_cuda_live_device_allocations(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  return s.live_device_allocations;
+}
+
+FAKE_CUDA_EXPORT uint64_t fake_cuda_live_device_bytes(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  return s.live_device_bytes;
+}
+
+FAKE_CUDA_EXPORT uint64_t fake_cuda_peak_device_bytes(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  return s.peak_device_bytes;
+}
+
+FAKE_CUDA_EXPORT void fake_cuda_reset_peak(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  s.peak_device_bytes = s.live_device_bytes;
+}
+
+FAKE_CUDA_EXPORT int64_t fake_cuda_live_host_allocations(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  return s.live_host_allocations;
+}
+
+FAKE_CUDA_EXPORT uint64_t fake_cuda_live_host_bytes(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  return s.live_host_bytes;
+}
+
+FAKE_CUDA_EXPORT int64_t fake_cuda_live_streams(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  return s.live_streams;
+}
+
+FAKE_CUDA_EXPORT int64_t fake_cuda_live_events(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  return s.live_events;
+}
+
+FAKE_CUDA_EXPORT uint64_t fake_cuda_h2d_copies(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  return s.h2d_copies;
+}
+
+FAKE_CUDA_EXPORT uint64_t fake_cuda_h2d_bytes(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  return s.h2d_bytes;
+}
+
+FAKE_CUDA_EXPORT uint64_t fake_cuda_pageable_h2d_copies(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  return s.pageable_h2d_copies;
+}
+
+FAKE_CUDA_EXPORT int64_t fake_cuda_max_pending_h2d_copies(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  return s.max_pending_h2d_copies;
+}
+
+// Also clears the violation count, so each test can start from zero.
+FAKE_CUDA_EXPORT void fake_cuda_reset_counters(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  s.h2d_copies = 0;
+  s.h2d_bytes = 0;
+  s.pageable_h2d_copies = 0;
+  s.max_pending_h2d_copies = s.pending_h2d_copies;
+  s.violations = 0;
+  s.has_last_violation = false;  // the log itself stays, so returned pointers remain valid
+}
+
+FAKE_CUDA_EXPORT int64_t fake_cuda_violations(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  return s.violations;
+}
+
+FAKE_CUDA_EXPORT const char* fake_cuda_last_violation(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  if (!s.has_last_violation || s.violation_log.empty()) return "";
+  return s.violation_log.back().c_str();
+}
+
+// Synchronous debug read of device memory: no context needed; waits only for copies already
+// moving bytes, not for queued ones.
+FAKE_CUDA_EXPORT int fake_cuda_read_device(uint64_t dptr, void* dst, uint64_t bytes) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    if (bytes == 0) return CUDA_SUCCESS;
+    if (dst == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    std::shared_ptr<DeviceBlock> block = find_device_range(s, dptr, bytes);
+    if (!block) return CUDA_ERROR_INVALID_VALUE;
+    std::unique_lock<std::shared_mutex> no_copy_in_flight(s.copy_mu);
+    std::memcpy(dst, block->memory.get() + (dptr - block->address), bytes);
+    return CUDA_SUCCESS;
+  });
+}
