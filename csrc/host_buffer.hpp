@@ -1,5 +1,6 @@
 // Host memory owners. Each says which guarantee it gives:
-//  - pageable: page-aligned (4096) memory from the C heap; DMA from it is staged by the driver.
+//  - pageable: page-aligned (4096) memory; buffers of 2 MiB and more are mapped from the kernel
+//    with transparent huge pages advised. DMA from it is staged by the driver.
 //  - pinned: page-locked through cuMemHostAlloc (portable), so H2D copies from it are true DMA and
 //    can run asynchronously with the host.
 #pragma once
