@@ -19,7 +19,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "fake_cuda"))
-from build import FakeDriver, build_fake_driver  # noqa: E402
+from build import FakeDriver, build_fake_driver
 
 REAL_GPU = os.environ.get("BLOB2GPU_TEST_REAL_GPU") == "1"
 if not REAL_GPU:
@@ -27,11 +27,23 @@ if not REAL_GPU:
 
 # Every dtype torch and safetensors can both write, by safetensors name.
 TORCH_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "U16": torch.uint16,
-    "I16": torch.int16, "U32": torch.uint32, "I32": torch.int32, "U64": torch.uint64,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-    "F64": torch.float64, "C64": torch.complex64, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "U16": torch.uint16,
+    "I16": torch.int16,
+    "U32": torch.uint32,
+    "I32": torch.int32,
+    "U64": torch.uint64,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
     "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
 }
 # dtypes the safetensors package cannot write from torch: written by raw_safetensors() with bits.
@@ -48,15 +60,23 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> 
     return torch.from_numpy(raw).view(dtype).reshape(shape)
 
 
-def raw_safetensors(path: Path, entries: list[tuple[str, str, list[int], bytes]],
-                    metadata: dict[str, str] | None = None, pad: bool = True) -> Path:
+def raw_safetensors(
+    path: Path,
+    entries: list[tuple[str, str, list[int], bytes]],
+    metadata: dict[str, str] | None = None,
+    pad: bool = True,
+) -> Path:
     """Write a safetensors file by hand (json + struct), independent of the code under test."""
     header: dict[str, object] = {}
     if metadata is not None:
         header["__metadata__"] = metadata
     offset = 0
     for name, dtype, shape, data in entries:
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [offset, offset + len(data)],
+        }
         offset += len(data)
     blob = json.dumps(header).encode()
     if pad:
@@ -70,7 +90,7 @@ def reference_bytes(path: Path) -> dict[str, bytes]:
     the header's own offsets (parsed with json here) where it does not."""
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     header.pop("__metadata__", None)
     from safetensors import safe_open
 
@@ -79,11 +99,14 @@ def reference_bytes(path: Path) -> dict[str, bytes]:
         for name, entry in header.items():
             if entry["dtype"] in TORCH_DTYPES:
                 t = f.get_tensor(name)
-                out[name] = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() \
-                    if t.numel() else b""
+                out[name] = (
+                    t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                    if t.numel()
+                    else b""
+                )
             else:
                 begin, end = entry["data_offsets"]
-                out[name] = raw[8 + n + begin:8 + n + end]
+                out[name] = raw[8 + n + begin : 8 + n + end]
     return out
 
 
@@ -92,8 +115,11 @@ def as_bytes(tensor: object) -> bytes:
     if hasattr(tensor, "to_bytes"):  # a blob2gpu TensorView (framework='dlpack'), any device
         return tensor.to_bytes()
     if isinstance(tensor, torch.Tensor):
-        return tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() \
-            if tensor.numel() else b""
+        return (
+            tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            if tensor.numel()
+            else b""
+        )
     return np.ascontiguousarray(tensor).tobytes()
 
 
@@ -105,8 +131,12 @@ def write_checkpoint(tmp_path: Path) -> Callable[..., Path]:
     """
     from safetensors.torch import save_file
 
-    def write(shards: list[dict[str, torch.Tensor]], index: bool = True,
-              metadata: dict[str, str] | None = None, name: str = "ckpt") -> Path:
+    def write(
+        shards: list[dict[str, torch.Tensor]],
+        index: bool = True,
+        metadata: dict[str, str] | None = None,
+        name: str = "ckpt",
+    ) -> Path:
         directory = tmp_path / name
         directory.mkdir()
         weight_map = {}
@@ -116,7 +146,8 @@ def write_checkpoint(tmp_path: Path) -> Callable[..., Path]:
             weight_map.update(dict.fromkeys(tensors, file))
         if index:
             (directory / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {}, "weight_map": weight_map}))
+                json.dumps({"metadata": {}, "weight_map": weight_map})
+            )
         return directory
 
     return write

@@ -11,13 +11,15 @@ from conftest import random_tensor
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "blob2gpu", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "blob2gpu", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_load_prints_summary_and_writes_report(write_checkpoint, tmp_path):
-    directory = write_checkpoint([{f"s{s}.w": random_tensor(torch.bfloat16, (128, 32), s)}
-                                  for s in range(2)])
+    directory = write_checkpoint(
+        [{f"s{s}.w": random_tensor(torch.bfloat16, (128, 32), s)} for s in range(2)]
+    )
     out = tmp_path / "report.json"
     result = run("load", str(directory), "--device", "cpu", "--report", str(out))
     assert result.returncode == 0, result.stderr

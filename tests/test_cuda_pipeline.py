@@ -22,8 +22,13 @@ def expected(directory):
 
 
 def shards(count: int, rows: int = 64, cols: int = 256, per_shard: int = 4):
-    return [{f"s{s}.w{i}": random_tensor(torch.float32, (rows, cols), seed=s * 100 + i)
-             for i in range(per_shard)} for s in range(count)]
+    return [
+        {
+            f"s{s}.w{i}": random_tensor(torch.float32, (rows, cols), seed=s * 100 + i)
+            for i in range(per_shard)
+        }
+        for s in range(count)
+    ]
 
 
 def test_slots_are_never_reused_before_their_copy_completes(fake_driver, write_checkpoint):
@@ -31,8 +36,15 @@ def test_slots_are_never_reused_before_their_copy_completes(fake_driver, write_c
     # pending. A slot reused before its event completed would show up as wrong bytes.
     directory = write_checkpoint(shards(3))
     fake_driver.set_copy_delay_us(1500)
-    with blob2gpu.open(str(directory), device="cuda", framework="dlpack", staging_slots=3,
-                       staging_slot_bytes=16384, io_threads=4, copy_streams=2) as checkpoint:
+    with blob2gpu.open(
+        str(directory),
+        device="cuda",
+        framework="dlpack",
+        staging_slots=3,
+        staging_slot_bytes=16384,
+        io_threads=4,
+        copy_streams=2,
+    ) as checkpoint:
         got = {name: view.to_bytes() for name, view in checkpoint.to_dict().items()}
         report = checkpoint.report
     assert got == expected(directory)
@@ -43,11 +55,13 @@ def test_slots_are_never_reused_before_their_copy_completes(fake_driver, write_c
 
 
 def test_tensors_are_handed_out_before_copies_land_and_consumers_wait_on_events(
-        fake_driver, write_checkpoint):
+    fake_driver, write_checkpoint
+):
     directory = write_checkpoint(shards(2, per_shard=2))
     fake_driver.set_copy_delay_us(20000)
-    with blob2gpu.open(str(directory), device="cuda", framework="dlpack",
-                       staging_slot_bytes=65536) as checkpoint:
+    with blob2gpu.open(
+        str(directory), device="cuda", framework="dlpack", staging_slot_bytes=65536
+    ) as checkpoint:
         name, view = next(iter(checkpoint))
         # No host-side wait happened: the view exists while its copies are still queued.
         assert fake_driver.h2d_copies() < 4
@@ -158,12 +172,14 @@ def test_second_device(fake_driver, write_checkpoint):
 
 def test_missing_driver_is_a_typed_error(write_checkpoint, tmp_path):
     directory = write_checkpoint(shards(1))
-    code = ("import blob2gpu, sys\n"
-            "try:\n"
-            f"    blob2gpu.load({str(directory)!r}, device='cuda')\n"
-            "except blob2gpu.errors.CudaDriverUnavailable as e:\n"
-            "    print('typed:', e); sys.exit(0)\n"
-            "sys.exit(1)\n")
+    code = (
+        "import blob2gpu, sys\n"
+        "try:\n"
+        f"    blob2gpu.load({str(directory)!r}, device='cuda')\n"
+        "except blob2gpu.errors.CudaDriverUnavailable as e:\n"
+        "    print('typed:', e); sys.exit(0)\n"
+        "sys.exit(1)\n"
+    )
     env = dict(os.environ, BLOB2GPU_CUDA_DRIVER=str(tmp_path / "no-such-libcuda.so"))
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

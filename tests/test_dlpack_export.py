@@ -14,8 +14,9 @@ from conftest import random_tensor
 
 @pytest.fixture
 def views(write_checkpoint):
-    directory = write_checkpoint([{"w": random_tensor(torch.float32, (4, 6)),
-                                   "b": torch.arange(3, dtype=torch.int16)}])
+    directory = write_checkpoint(
+        [{"w": random_tensor(torch.float32, (4, 6)), "b": torch.arange(3, dtype=torch.int16)}]
+    )
     return blob2gpu.load(str(directory), framework="dlpack")
 
 
@@ -68,9 +69,10 @@ def test_unconsumed_capsule_releases_its_arena(write_checkpoint):
 def test_as_bytes_view_of_subbyte_and_wide_dtypes(tmp_path):
     from conftest import raw_safetensors
 
-    file = raw_safetensors(tmp_path / "x.safetensors",
-                           [("f4", "F4", [2, 4], b"\x12\x34\x56\x78"),
-                            ("bf", "BF16", [2, 3], bytes(range(12)))])
+    file = raw_safetensors(
+        tmp_path / "x.safetensors",
+        [("f4", "F4", [2, 4], b"\x12\x34\x56\x78"), ("bf", "BF16", [2, 3], bytes(range(12)))],
+    )
     views = blob2gpu.load(str(file), framework="dlpack")
     assert views["f4"].as_bytes().shape == (4,)
     assert views["bf"].as_bytes().shape == (2, 6)

@@ -14,34 +14,35 @@ from conftest import random_tensor
 
 
 def three_shards(write_checkpoint):
-    return write_checkpoint([{f"s{s}.w": random_tensor(torch.float32, (128, 64), seed=s)}
-                             for s in range(3)])
+    return write_checkpoint(
+        [{f"s{s}.w": random_tensor(torch.float32, (128, 64), seed=s)} for s in range(3)]
+    )
 
 
 def test_missing_checkpoint():
-    with pytest.raises(errors.SourceUnavailable, match="does not exist"):
+    with pytest.raises(errors.SourceUnavailable, match=r"does not exist"):
         blob2gpu.load("/nonexistent/model.safetensors")
 
 
 def test_empty_directory(tmp_path):
-    with pytest.raises(errors.SourceUnavailable, match="no .safetensors"):
+    with pytest.raises(errors.SourceUnavailable, match=r"no .safetensors"):
         blob2gpu.load(str(tmp_path))
 
 
 def test_index_names_a_missing_shard(write_checkpoint):
     directory = three_shards(write_checkpoint)
     (directory / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(errors.SourceUnavailable, match="model-00002-of-00003.safetensors"):
+    with pytest.raises(errors.SourceUnavailable, match=r"model-00002-of-00003.safetensors"):
         blob2gpu.load(str(directory))
 
 
 def test_malformed_index(write_checkpoint):
     directory = three_shards(write_checkpoint)
     (directory / "model.safetensors.index.json").write_text("{not json")
-    with pytest.raises(errors.InvalidIndex, match="not valid JSON"):
+    with pytest.raises(errors.InvalidIndex, match=r"not valid JSON"):
         blob2gpu.load(str(directory))
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": [1]}))
-    with pytest.raises(errors.InvalidIndex, match="weight_map"):
+    with pytest.raises(errors.InvalidIndex, match=r"weight_map"):
         blob2gpu.load(str(directory))
 
 
@@ -51,13 +52,15 @@ def test_index_disagreeing_with_shards(write_checkpoint):
     doc = json.loads(index.read_text())
     doc["weight_map"]["ghost.weight"] = "model-00001-of-00003.safetensors"
     index.write_text(json.dumps(doc))
-    with pytest.raises(errors.InvalidIndex, match="ghost.weight"):
+    with pytest.raises(errors.InvalidIndex, match=r"ghost.weight"):
         blob2gpu.load(str(directory))
     doc["weight_map"].pop("ghost.weight")
-    doc["weight_map"]["s0.w"], doc["weight_map"]["s1.w"] = \
-        doc["weight_map"]["s1.w"], doc["weight_map"]["s0.w"]
+    doc["weight_map"]["s0.w"], doc["weight_map"]["s1.w"] = (
+        doc["weight_map"]["s1.w"],
+        doc["weight_map"]["s0.w"],
+    )
     index.write_text(json.dumps(doc))
-    with pytest.raises(errors.InvalidIndex, match="'s0.w' is in 'model-00001"):
+    with pytest.raises(errors.InvalidIndex, match=r"'s0.w' is in 'model-00001"):
         blob2gpu.load(str(directory))
 
 
@@ -75,7 +78,7 @@ def test_bad_shard_mid_load_releases_everything(device, write_checkpoint, damage
     victim.write_bytes(bytes(raw))
     gc.collect()
     before = _core.live_arena_count()
-    with pytest.raises(expected, match="model-00002-of-00003.safetensors"):
+    with pytest.raises(expected, match=r"model-00002-of-00003.safetensors"):
         blob2gpu.load(str(directory), device=device, framework="dlpack")
     gc.collect()
     assert _core.live_arena_count() == before
@@ -84,17 +87,20 @@ def test_bad_shard_mid_load_releases_everything(device, write_checkpoint, damage
 def test_not_a_safetensors_file(tmp_path):
     bogus = tmp_path / "weights.safetensors"
     bogus.write_bytes(b"PK\x03\x04 this is a zip file, not safetensors" * 10)
-    with pytest.raises(errors.InvalidHeader, match="weights.safetensors"):
+    with pytest.raises(errors.InvalidHeader, match=r"weights.safetensors"):
         blob2gpu.load(str(bogus))
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"device": "tpu"}, errors.InvalidArgument, "'cpu', 'cuda', 'cuda:N'"),
-    ({"framework": "jax"}, errors.InvalidArgument, "framework 'jax'"),
-    ({"device": "cuda", "framework": "numpy"}, errors.InvalidArgument, "host memory"),
-    ({"staging_slots": 1}, errors.ConfigError, "staging_slots"),
-    ({"no_such_setting": 1}, errors.ConfigError, "unknown setting 'no_such_setting'"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"device": "tpu"}, errors.InvalidArgument, "'cpu', 'cuda', 'cuda:N'"),
+        ({"framework": "jax"}, errors.InvalidArgument, "framework 'jax'"),
+        ({"device": "cuda", "framework": "numpy"}, errors.InvalidArgument, "host memory"),
+        ({"staging_slots": 1}, errors.ConfigError, "staging_slots"),
+        ({"no_such_setting": 1}, errors.ConfigError, "unknown setting 'no_such_setting'"),
+    ],
+)
 def test_bad_arguments(write_checkpoint, kwargs, error, match):
     directory = three_shards(write_checkpoint)
     with pytest.raises(error, match=match):
@@ -102,7 +108,7 @@ def test_bad_arguments(write_checkpoint, kwargs, error, match):
 
 
 def test_remote_uri_without_blob_source_says_so():
-    with pytest.raises(errors.InvalidArgument, match="az://"):
+    with pytest.raises(errors.InvalidArgument, match=r"az://"):
         blob2gpu.load("az://models/llama")
 
 
@@ -117,7 +123,7 @@ def test_one_load_at_a_time_per_loader(write_checkpoint):
     directory = three_shards(write_checkpoint)
     with blob2gpu.Loader() as loader:
         checkpoint = loader.open(str(directory))
-        with pytest.raises(errors.InvalidArgument, match="already running a load"):
+        with pytest.raises(errors.InvalidArgument, match=r"already running a load"):
             loader.open(str(directory))
         checkpoint.close()
         assert len(loader.load(str(directory))) == 3

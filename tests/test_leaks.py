@@ -20,8 +20,12 @@ def rss_bytes() -> int:
 
 @pytest.mark.parametrize("reuse_loader", [False, True], ids=["fresh-loader", "reused-loader"])
 def test_200_load_free_cycles(device, write_checkpoint, request, reuse_loader):
-    directory = write_checkpoint([{f"s{s}.w{i}": random_tensor(torch.float16, (64, 64), s + i)
-                                   for i in range(3)} for s in range(2)])
+    directory = write_checkpoint(
+        [
+            {f"s{s}.w{i}": random_tensor(torch.float16, (64, 64), s + i) for i in range(3)}
+            for s in range(2)
+        ]
+    )
     framework = "torch" if device == "cpu" else "dlpack"
     loader = blob2gpu.Loader(staging_slots=2, staging_slot_bytes=8192) if reuse_loader else None
 
@@ -29,8 +33,13 @@ def test_200_load_free_cycles(device, write_checkpoint, request, reuse_loader):
         if loader is not None:
             tensors = loader.load(str(directory), device=device, framework=framework)
         else:
-            tensors = blob2gpu.load(str(directory), device=device, framework=framework,
-                                    staging_slots=2, staging_slot_bytes=8192)
+            tensors = blob2gpu.load(
+                str(directory),
+                device=device,
+                framework=framework,
+                staging_slots=2,
+                staging_slot_bytes=8192,
+            )
         assert len(tensors) == 6
 
     for _ in range(20):  # warm up allocator pools and import caches

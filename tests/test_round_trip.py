@@ -30,12 +30,15 @@ def expected(directory: Path) -> dict[str, bytes]:
 
 
 def test_every_dtype_is_byte_equal(device, write_checkpoint, tmp_path):
-    tensors = {f"t_{name}": random_tensor(dtype, (3, 5), seed=i)
-               for i, (name, dtype) in enumerate(TORCH_DTYPES.items())}
+    tensors = {
+        f"t_{name}": random_tensor(dtype, (3, 5), seed=i)
+        for i, (name, dtype) in enumerate(TORCH_DTYPES.items())
+    }
     directory = write_checkpoint([tensors], index=False)
     # The dtypes safetensors cannot write from torch, by hand: 8-bit E8M0, packed F6 and F4.
-    entries = [(f"t_{name}", name, [4, 8], bytes(range(bits * 4)))
-               for name, bits in RAW_DTYPE_BITS.items()]
+    entries = [
+        (f"t_{name}", name, [4, 8], bytes(range(bits * 4))) for name, bits in RAW_DTYPE_BITS.items()
+    ]
     raw_safetensors(directory / "model-extra.safetensors", entries)
     got = blob2gpu.load(str(directory), device=device, framework="dlpack")
     ref = expected(directory)
@@ -46,8 +49,10 @@ def test_every_dtype_is_byte_equal(device, write_checkpoint, tmp_path):
 
 
 def test_torch_tensors_match_dtype_and_shape(write_checkpoint):
-    tensors = {f"t_{name}": random_tensor(dtype, (2, 3), seed=i)
-               for i, (name, dtype) in enumerate(TORCH_DTYPES.items())}
+    tensors = {
+        f"t_{name}": random_tensor(dtype, (2, 3), seed=i)
+        for i, (name, dtype) in enumerate(TORCH_DTYPES.items())
+    }
     directory = write_checkpoint([tensors])
     got = blob2gpu.load(str(directory), device="cpu", framework="torch")
     for name, t in tensors.items():
@@ -56,8 +61,11 @@ def test_torch_tensors_match_dtype_and_shape(write_checkpoint):
 
 
 def test_numpy_arrays_match(write_checkpoint):
-    tensors = {"f32": random_tensor(torch.float32, (4, 4)), "i64": random_tensor(torch.int64, (7,)),
-               "bool": random_tensor(torch.bool, (3,))}
+    tensors = {
+        "f32": random_tensor(torch.float32, (4, 4)),
+        "i64": random_tensor(torch.int64, (7,)),
+        "bool": random_tensor(torch.bool, (3,)),
+    }
     directory = write_checkpoint([tensors])
     got = blob2gpu.load(str(directory), device="cpu", framework="numpy")
     for name, t in tensors.items():
@@ -66,9 +74,13 @@ def test_numpy_arrays_match(write_checkpoint):
 
 
 def test_empty_and_zero_dim_tensors(device, write_checkpoint):
-    tensors = {"empty": torch.zeros((0, 3)), "empty_i8": torch.zeros((5, 0), dtype=torch.int8),
-               "scalar": torch.tensor(3.5), "scalar_bf16": torch.tensor(1.25, dtype=torch.bfloat16),
-               "after": random_tensor(torch.float16, (9,))}
+    tensors = {
+        "empty": torch.zeros((0, 3)),
+        "empty_i8": torch.zeros((5, 0), dtype=torch.int8),
+        "scalar": torch.tensor(3.5),
+        "scalar_bf16": torch.tensor(1.25, dtype=torch.bfloat16),
+        "after": random_tensor(torch.float16, (9,)),
+    }
     directory = write_checkpoint([tensors])
     assert load_bytes(directory, device) == expected(directory)
     if device == "cpu":
@@ -89,8 +101,10 @@ def test_tensor_larger_than_a_slot(device, write_checkpoint):
 
 
 def test_header_larger_than_a_slot(device, write_checkpoint):
-    tensors = {f"layer.{i}.a_rather_long_parameter_name.weight": random_tensor(torch.float16, (3,), i)
-               for i in range(400)}
+    tensors = {
+        f"layer.{i}.a_rather_long_parameter_name.weight": random_tensor(torch.float16, (3,), i)
+        for i in range(400)
+    }
     directory = write_checkpoint([tensors], metadata={"note": "x" * 5000})
     header_len = int.from_bytes(next(directory.glob("*.safetensors")).read_bytes()[:8], "little")
     assert header_len > SMALL_SLOTS["staging_slot_bytes"]
@@ -99,12 +113,17 @@ def test_header_larger_than_a_slot(device, write_checkpoint):
 
 @pytest.mark.parametrize("form", ["directory", "index", "directory_without_index", "file_url"])
 def test_many_shards_every_uri_form(device, write_checkpoint, form):
-    shards = [{f"s{s}.w{i}": random_tensor(torch.bfloat16, (64, 33), seed=s * 10 + i)
-               for i in range(5)} for s in range(8)]
+    shards = [
+        {f"s{s}.w{i}": random_tensor(torch.bfloat16, (64, 33), seed=s * 10 + i) for i in range(5)}
+        for s in range(8)
+    ]
     directory = write_checkpoint(shards, index=form != "directory_without_index")
-    uri = {"directory": str(directory), "directory_without_index": str(directory),
-           "index": str(directory / "model.safetensors.index.json"),
-           "file_url": f"file://{directory}"}[form]
+    uri = {
+        "directory": str(directory),
+        "directory_without_index": str(directory),
+        "index": str(directory / "model.safetensors.index.json"),
+        "file_url": f"file://{directory}",
+    }[form]
     assert load_bytes(uri, device) == expected(directory)
 
 
@@ -116,8 +135,11 @@ def test_single_file(device, write_checkpoint):
 
 def test_misaligned_tensor_gets_its_own_aligned_allocation(device, tmp_path):
     f32 = np.arange(4, dtype=np.float32).tobytes()
-    file = raw_safetensors(tmp_path / "odd.safetensors",
-                           [("u8", "U8", [3], b"\x01\x02\x03"), ("f32", "F32", [4], f32)], pad=False)
+    file = raw_safetensors(
+        tmp_path / "odd.safetensors",
+        [("u8", "U8", [3], b"\x01\x02\x03"), ("f32", "F32", [4], f32)],
+        pad=False,
+    )
     framework = "torch" if device == "cpu" else "dlpack"
     with blob2gpu.open(str(file), device=device, framework=framework) as checkpoint:
         got = checkpoint.to_dict()
@@ -143,8 +165,9 @@ def test_mmap_mode_maps_instead_of_reading(write_checkpoint):
 
 
 def test_checkpoint_api_iterates_in_arrival_order(write_checkpoint):
-    shards = [{f"s{s}.t{i}": torch.full((4,), float(s * 10 + i)) for i in range(3)}
-              for s in range(4)]
+    shards = [
+        {f"s{s}.t{i}": torch.full((4,), float(s * 10 + i)) for i in range(3)} for s in range(4)
+    ]
     directory = write_checkpoint(shards, metadata={"format": "pt"})
     with blob2gpu.open(str(directory)) as checkpoint:
         seen = [name for name, _ in checkpoint]
@@ -169,8 +192,9 @@ def test_report_counts_bytes_tensors_and_phases(device, write_checkpoint):
     total = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     assert report.bytes == total and report.tensors == 3 and len(report.shards) == 3
     p = report.phases
-    assert 0.0 == p["artifact_fetch_start"] <= p["artifact_fetch_complete"] <= \
-        p["model_load_complete"]
+    assert (
+        0.0 == p["artifact_fetch_start"] <= p["artifact_fetch_complete"] <= p["model_load_complete"]
+    )
     assert report.seconds == p["model_load_complete"] > 0
     assert all(s.fetch_latency is not None and s.fetch_latency >= 0 for s in report.shards)
     assert p["first_token"] is None

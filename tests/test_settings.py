@@ -30,25 +30,30 @@ def test_deployment_variable_and_its_blob2gpu_name():
     s = resolve(environ={"USE_PINNED_HOST_FALLBACK": "false"})
     assert s.use_pinned_host_fallback is False
     assert s.sources["use_pinned_host_fallback"] == "env USE_PINNED_HOST_FALLBACK"
-    s = resolve(environ={"USE_PINNED_HOST_FALLBACK": "false",
-                         "BLOB2GPU_USE_PINNED_HOST_FALLBACK": "true"})
+    s = resolve(
+        environ={"USE_PINNED_HOST_FALLBACK": "false", "BLOB2GPU_USE_PINNED_HOST_FALLBACK": "true"}
+    )
     assert s.use_pinned_host_fallback is True
 
 
-@pytest.mark.parametrize(("value", "expected"), [("64MiB", 64 << 20), ("1g", 1 << 30),
-                                                 ("65536", 65536), ("8_192", 8192)])
+@pytest.mark.parametrize(
+    ("value", "expected"), [("64MiB", 64 << 20), ("1g", 1 << 30), ("65536", 65536), ("8_192", 8192)]
+)
 def test_sizes_accept_suffixes(value, expected):
     assert resolve(environ={"BLOB2GPU_STAGING_SLOT_BYTES": value}).staging_slot_bytes == expected
 
 
-@pytest.mark.parametrize(("overrides", "environ", "match"), [
-    ({"staging_slots": 1}, {}, r"'staging_slots' from argument .* at least 2"),
-    ({}, {"BLOB2GPU_COPY_STREAMS": "many"}, r"from env BLOB2GPU_COPY_STREAMS .* integer"),
-    ({"unsupported_dtype": "ignore"}, {}, r"one of 'raise', 'bytes'"),
-    ({}, {"BLOB2GPU_USE_PINNED_HOST_FALLBACK": "maybe"}, r"true or false"),
-    ({"stagingslots": 4}, {}, r"unknown setting 'stagingslots'.*staging_slots"),
-    ({"io_threads": True}, {}, r"'io_threads'"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "environ", "match"),
+    [
+        ({"staging_slots": 1}, {}, r"'staging_slots' from argument .* at least 2"),
+        ({}, {"BLOB2GPU_COPY_STREAMS": "many"}, r"from env BLOB2GPU_COPY_STREAMS .* integer"),
+        ({"unsupported_dtype": "ignore"}, {}, r"one of 'raise', 'bytes'"),
+        ({}, {"BLOB2GPU_USE_PINNED_HOST_FALLBACK": "maybe"}, r"true or false"),
+        ({"stagingslots": 4}, {}, r"unknown setting 'stagingslots'.*staging_slots"),
+        ({"io_threads": True}, {}, r"'io_threads'"),
+    ],
+)
 def test_errors_name_key_source_and_valid_values(overrides, environ, match):
     with pytest.raises(ConfigError, match=match):
         resolve(overrides, environ=environ)

@@ -1,9 +1,9 @@
 """blob2gpu: stream safetensors checkpoints into GPU (or CPU) memory with the fewest copies.
 
-    import blob2gpu
-    state_dict = blob2gpu.load("model/", device="cuda")          # {name: torch.Tensor}
-    with blob2gpu.open("model/", device="cuda") as checkpoint:   # tensors as shards arrive
-        for name, tensor in checkpoint: ...
+import blob2gpu
+state_dict = blob2gpu.load("model/", device="cuda")          # {name: torch.Tensor}
+with blob2gpu.open("model/", device="cuda") as checkpoint:   # tensors as shards arrive
+    for name, tensor in checkpoint: ...
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ __version__ = "0.1.0"
 __all__ = ["Blob2GpuError", "Checkpoint", "LoadReport", "Loader", "errors", "load", "open"]
 
 
-def load(uri: str, device: str = "cpu", framework: str = "torch", **settings: Any) -> dict[str, Any]:
+def load(
+    uri: str, device: str = "cpu", framework: str = "torch", **settings: Any
+) -> dict[str, Any]:
     """Load every tensor of a checkpoint; returns {name: tensor} of `framework` on `device`.
 
     uri: a .safetensors file, a directory of shards, or a model.safetensors.index.json.
@@ -32,7 +34,7 @@ def load(uri: str, device: str = "cpu", framework: str = "torch", **settings: An
         return loader.load(uri, device=device, framework=framework)
 
 
-def open(uri: str, device: str = "cpu", framework: str = "torch", **settings: Any) -> Checkpoint:  # noqa: A001
+def open(uri: str, device: str = "cpu", framework: str = "torch", **settings: Any) -> Checkpoint:
     """Start loading and return a Checkpoint (a context manager) at once.
 
     Iterate it for (name, tensor) in arrival order; ``get(name)``, ``keys()``, ``metadata`` and

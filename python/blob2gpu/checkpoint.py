@@ -17,8 +17,14 @@ class Checkpoint:
     """A checkpoint being loaded. Use as a context manager; closing it stops an unfinished load and
     releases what the load holds, while tensors already handed out stay valid."""
 
-    def __init__(self, session: _core.LoadSession, plan: ShardPlan, convert: Callable[[Any], Any],
-                 report: LoadReport, on_close: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        session: _core.LoadSession,
+        plan: ShardPlan,
+        convert: Callable[[Any], Any],
+        report: LoadReport,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         self._session = session
         self._plan = plan
         self._convert = convert
@@ -76,18 +82,23 @@ class Checkpoint:
         if weight_map is None:
             return
         missing = [n for n in weight_map if n not in self._tensors]
-        misplaced = [n for n, shard in weight_map.items()
-                     if n in self._shard_of and self._shard_of[n] != shard]
+        misplaced = [
+            n
+            for n, shard in weight_map.items()
+            if n in self._shard_of and self._shard_of[n] != shard
+        ]
         if missing or misplaced:
             detail = []
             if missing:
                 detail.append(f"missing from every shard: {', '.join(sorted(missing)[:5])}")
             if misplaced:
                 n = sorted(misplaced)[0]
-                detail.append(f"'{n}' is in '{self._shard_of[n]}' but the index says "
-                              f"'{weight_map[n]}'")
-            raise InvalidIndex(f"index of '{self._plan.uri}' disagrees with its shards: "
-                               + "; ".join(detail))
+                detail.append(
+                    f"'{n}' is in '{self._shard_of[n]}' but the index says '{weight_map[n]}'"
+                )
+            raise InvalidIndex(
+                f"index of '{self._plan.uri}' disagrees with its shards: " + "; ".join(detail)
+            )
 
     def _drain(self) -> None:
         while self._receive_next() is not None:

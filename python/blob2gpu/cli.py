@@ -38,8 +38,15 @@ def _cmd_settings(args: argparse.Namespace) -> int:
 
     resolved = resolve()
     if args.json:
-        print(json.dumps({s.name: {"value": resolved.values[s.name],
-                                   "source": resolved.sources[s.name]} for s in SCHEMA}, indent=2))
+        print(
+            json.dumps(
+                {
+                    s.name: {"value": resolved.values[s.name], "source": resolved.sources[s.name]}
+                    for s in SCHEMA
+                },
+                indent=2,
+            )
+        )
     else:
         for s in SCHEMA:
             print(f"{s.name:<26} {resolved.values[s.name]!r:<14} ({resolved.sources[s.name]})")
@@ -54,8 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("uri", help="a .safetensors file, a directory of shards, or an index.json")
     load.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     load.add_argument("--report", help="write the LoadReport as JSON to this file")
-    load.add_argument("--set", action="append", metavar="KEY=VALUE",
-                      help="a setting for this load (repeatable), e.g. --set staging_slots=16")
+    load.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a setting for this load (repeatable), e.g. --set staging_slots=16",
+    )
     load.add_argument("--quiet", action="store_true", help="print nothing")
     load.set_defaults(run=_cmd_load)
 

@@ -15,8 +15,13 @@ import numpy as np
 
 from . import _core
 
-LAYER_SHAPES = {"attn.qkv.weight": (3, 1), "attn.out.weight": (1, 1), "mlp.up.weight": (4, 1),
-                "mlp.down.weight": (1, 4), "norm.weight": (1,)}
+LAYER_SHAPES = {
+    "attn.qkv.weight": (3, 1),
+    "attn.out.weight": (1, 1),
+    "mlp.up.weight": (4, 1),
+    "mlp.down.weight": (1, 4),
+    "norm.weight": (1,),
+}
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
@@ -24,8 +29,11 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name, array in tensors.items():
-        header[name] = {"dtype": "F16", "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
+        header[name] = {
+            "dtype": "F16",
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
         offset += array.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -36,9 +44,13 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
             f.write(np.ascontiguousarray(array).tobytes())
 
 
-def write_demo_checkpoint(directory: Path, total_mb: int = 256, shards: int = 4,
-                          hidden: int = 1024) -> Path:
-    """Write a `shards`-shard float16 checkpoint of about `total_mb` MB with an index; returns it."""
+def write_demo_checkpoint(
+    directory: Path, total_mb: int = 256, shards: int = 4, hidden: int = 1024
+) -> Path:
+    """Write a float16 checkpoint of about `total_mb` MB in `shards` shards with an index.
+
+    Returns the directory.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     per_layer = sum(np.prod([d * hidden for d in s]) for s in LAYER_SHAPES.values()) * 2
     layers = max(shards, int(total_mb * 1e6 // per_layer))
@@ -56,7 +68,8 @@ def write_demo_checkpoint(directory: Path, total_mb: int = 256, shards: int = 4,
                 weight_map[key] = name
         write_safetensors(directory / name, tensors, {"format": "pt"})
     (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+    )
     return directory
 
 
@@ -68,8 +81,10 @@ def main(device: str = "auto", total_mb: int = 256, directory: str | None = None
         device = "cuda" if _core.driver_info()["available"] else "cpu"
     with tempfile.TemporaryDirectory(prefix="blob2gpu-demo-") as tmp:
         path = write_demo_checkpoint(Path(directory or tmp), total_mb=total_mb)
-        print(f"demo checkpoint: {path} ({sum(f.stat().st_size for f in path.iterdir()) / 1e6:.0f}"
-              f" MB), loading to {device}")
+        print(
+            f"demo checkpoint: {path} ({sum(f.stat().st_size for f in path.iterdir()) / 1e6:.0f}"
+            f" MB), loading to {device}"
+        )
         with blob2gpu.open(str(path), device=device, framework="dlpack") as checkpoint:
             tensors = checkpoint.to_dict()
             report = checkpoint.report
@@ -77,9 +92,11 @@ def main(device: str = "auto", total_mb: int = 256, directory: str | None = None
         print(report.summary())
         print(report.phase_table())
         if report.staging_slots:
-            print(f"{len(tensors)} tensors; staging ring {report.staging_slots} x "
-                  f"{report.staging_slot_bytes >> 20} MiB, pinned={report.pinned}, "
-                  f"peak slots in flight={report.peak_slots_in_flight}")
+            print(
+                f"{len(tensors)} tensors; staging ring {report.staging_slots} x "
+                f"{report.staging_slot_bytes >> 20} MiB, pinned={report.pinned}, "
+                f"peak slots in flight={report.peak_slots_in_flight}"
+            )
         else:
             print(f"{len(tensors)} tensors read straight into host memory (no staging)")
     return 0

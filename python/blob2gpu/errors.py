@@ -106,12 +106,18 @@ class InvalidArgument(Blob2GpuError, ValueError):
 
 
 class ConfigError(InvalidArgument):
-    """A setting is unknown or has a bad value; the message names the key, source and valid values."""
+    """A setting is unknown or has a bad value.
+
+    The message names the key, where it came from and the valid values.
+    """
 
 
 class LoadCancelled(Blob2GpuError):
     """The load was closed or cancelled before it finished."""
 
 
-__all__ = [name for name, value in globals().items()
-           if isinstance(value, type) and issubclass(value, Blob2GpuError)]
+__all__ = [
+    name
+    for name, value in globals().items()
+    if isinstance(value, type) and issubclass(value, Blob2GpuError)
+]

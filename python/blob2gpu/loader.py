@@ -14,8 +14,13 @@ from .settings import ResolvedSettings, resolve
 from .sources import resolve as resolve_source
 
 # Settings fixed when a target's pipeline is built; the others may change per load.
-PIPELINE_SETTINGS = ("staging_slots", "staging_slot_bytes", "copy_streams", "io_threads",
-                     "use_pinned_host_fallback")
+PIPELINE_SETTINGS = (
+    "staging_slots",
+    "staging_slot_bytes",
+    "copy_streams",
+    "io_threads",
+    "use_pinned_host_fallback",
+)
 
 
 def normalize_device(device: str) -> str:
@@ -52,11 +57,13 @@ class Loader:
         if device not in self._pipelines:
             s = self._settings
             self._pipelines[device] = _core.LoadPipeline(
-                device, **{name: s.values[name] for name in PIPELINE_SETTINGS})
+                device, **{name: s.values[name] for name in PIPELINE_SETTINGS}
+            )
         return self._pipelines[device]
 
-    def open(self, uri: str, device: str = "cpu", framework: str = "torch",
-             **settings: Any) -> Checkpoint:
+    def open(
+        self, uri: str, device: str = "cpu", framework: str = "torch", **settings: Any
+    ) -> Checkpoint:
         """Start loading `uri` and return a Checkpoint at once (tensors arrive as it is iterated).
 
         Raises SourceUnavailable, InvalidArgument, ConfigError before anything is read; errors of
@@ -71,17 +78,25 @@ class Loader:
         started_at, clock_start = time.time(), time.perf_counter()
         plan = resolve_source(uri)
         pipeline = self._pipeline(device)
-        report = LoadReport(uri=plan.uri, device=device, framework=framework,
-                            started_at=started_at, settings=dict(effective.values),
-                            _clock_start=clock_start)
+        report = LoadReport(
+            uri=plan.uri,
+            device=device,
+            framework=framework,
+            started_at=started_at,
+            settings=dict(effective.values),
+            _clock_start=clock_start,
+        )
         report.phases["artifact_fetch_start"] = 0.0
-        session = pipeline.start_local([s.path for s in plan.shards],
-                                       [s.name for s in plan.shards],
-                                       mmap=bool(effective.mmap_local_files and device == "cpu"))
+        session = pipeline.start_local(
+            [s.path for s in plan.shards],
+            [s.name for s in plan.shards],
+            mmap=bool(effective.mmap_local_files and device == "cpu"),
+        )
         return Checkpoint(session, plan, convert, report)
 
-    def load(self, uri: str, device: str = "cpu", framework: str = "torch",
-             **settings: Any) -> dict[str, Any]:
+    def load(
+        self, uri: str, device: str = "cpu", framework: str = "torch", **settings: Any
+    ) -> dict[str, Any]:
         """Load every tensor of `uri` onto `device`; returns {name: tensor}.
 
         Returns once every byte has landed. Raises the load's typed error (see blob2gpu.errors)

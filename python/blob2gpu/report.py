@@ -15,8 +15,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PHASES = ("artifact_fetch_start", "artifact_fetch_complete", "host_staging_complete",
-          "model_load_complete", "first_token")
+PHASES = (
+    "artifact_fetch_start",
+    "artifact_fetch_complete",
+    "host_staging_complete",
+    "model_load_complete",
+    "first_token",
+)
 
 
 @dataclass
@@ -42,7 +47,7 @@ class ShardReport:
 
 @dataclass
 class LoadReport:
-    """The record of one load. ``to_json()`` gives the machine form; ``summary()`` a line for people."""
+    """The record of one load: ``to_json()`` for machines, ``summary()`` for people."""
 
     uri: str
     device: str
@@ -90,8 +95,10 @@ class LoadReport:
 
     def summary(self) -> str:
         """One line: bytes, seconds, GB/s, tensors, shards, device."""
-        return (f"{self.bytes / 1e9:.3f} GB in {self.seconds:.3f} s = {self.throughput_gbps:.2f} GB/s"
-                f", {self.tensors} tensors from {len(self.shards)} shard(s) to {self.device}")
+        return (
+            f"{self.bytes / 1e9:.3f} GB in {self.seconds:.3f} s = {self.throughput_gbps:.2f} GB/s"
+            f", {self.tensors} tensors from {len(self.shards)} shard(s) to {self.device}"
+        )
 
     def phase_table(self) -> str:
         """The phases as a small text table (seconds since artifact fetch start)."""
@@ -104,16 +111,32 @@ class LoadReport:
     # -- filled by the Checkpoint -----------------------------------------------------------------
     def _absorb_core_stats(self, stats: dict[str, Any]) -> None:
         self.bytes = int(stats["bytes_read"])
-        for key in ("staging_slots", "staging_slot_bytes", "copy_streams", "io_threads", "pinned",
-                    "pinned_fallback", "peak_slots_in_flight", "slot_waits", "mmap"):
+        for key in (
+            "staging_slots",
+            "staging_slot_bytes",
+            "copy_streams",
+            "io_threads",
+            "pinned",
+            "pinned_fallback",
+            "peak_slots_in_flight",
+            "slot_waits",
+            "mmap",
+        ):
             setattr(self, key, stats[key])
 
         def secs(ns: int) -> float | None:
             return None if ns < 0 else ns / 1e9
 
-        self.shards = [ShardReport(name=s["name"], bytes=s["file_bytes"],
-                                   header_bytes=s["header_bytes"], tensors=s["tensors"],
-                                   realigned_tensors=s["realigned_tensors"],
-                                   started=secs(s["start_ns"]), header_parsed=secs(s["header_ns"]),
-                                   published=secs(s["published_ns"]))
-                       for s in stats["shards"]]
+        self.shards = [
+            ShardReport(
+                name=s["name"],
+                bytes=s["file_bytes"],
+                header_bytes=s["header_bytes"],
+                tensors=s["tensors"],
+                realigned_tensors=s["realigned_tensors"],
+                started=secs(s["start_ns"]),
+                header_parsed=secs(s["header_ns"]),
+                published=secs(s["published_ns"]),
+            )
+            for s in stats["shards"]
+        ]

@@ -37,23 +37,63 @@ class Setting:
 
 
 SCHEMA: tuple[Setting, ...] = (
-    Setting("staging_slots", 8, "Slots in the pinned staging ring; host memory used by a GPU load "
-            "is slots x slot bytes, whatever the checkpoint size.", int, minimum=2, maximum=4096),
-    Setting("staging_slot_bytes", 32 * MiB, "Bytes per staging slot, and the size of one read and "
-            "one host-to-device copy. Accepts suffixes: 32MiB, 64M.", int,
-            minimum=4096, maximum=1 << 34),
-    Setting("copy_streams", 2, "CUDA streams that carry host-to-device copies.", int,
-            minimum=1, maximum=64),
-    Setting("io_threads", 4, "Core threads that read shards and fill slots (no GIL).", int,
-            minimum=1, maximum=256),
-    Setting("use_pinned_host_fallback", True, "When pinning the staging ring is refused, use "
-            "pageable memory (slower copies, recorded in the report) instead of failing.", bool,
-            env_aliases=("USE_PINNED_HOST_FALLBACK",)),
-    Setting("mmap_local_files", False, "cpu target, local files: map shards copy-on-write instead "
-            "of reading them (zero-copy; pages are read on first touch).", bool),
-    Setting("unsupported_dtype", "raise", "What to do when the framework cannot hold a dtype "
-            "(e.g. F4 in numpy): 'raise' DTypeNotSupported, or return the raw 'bytes' as uint8.",
-            str, choices=("raise", "bytes")),
+    Setting(
+        "staging_slots",
+        8,
+        "Slots in the pinned staging ring; host memory used by a GPU load "
+        "is slots x slot bytes, whatever the checkpoint size.",
+        int,
+        minimum=2,
+        maximum=4096,
+    ),
+    Setting(
+        "staging_slot_bytes",
+        32 * MiB,
+        "Bytes per staging slot, and the size of one read and "
+        "one host-to-device copy. Accepts suffixes: 32MiB, 64M.",
+        int,
+        minimum=4096,
+        maximum=1 << 34,
+    ),
+    Setting(
+        "copy_streams",
+        2,
+        "CUDA streams that carry host-to-device copies.",
+        int,
+        minimum=1,
+        maximum=64,
+    ),
+    Setting(
+        "io_threads",
+        4,
+        "Core threads that read shards and fill slots (no GIL).",
+        int,
+        minimum=1,
+        maximum=256,
+    ),
+    Setting(
+        "use_pinned_host_fallback",
+        True,
+        "When pinning the staging ring is refused, use "
+        "pageable memory (slower copies, recorded in the report) instead of failing.",
+        bool,
+        env_aliases=("USE_PINNED_HOST_FALLBACK",),
+    ),
+    Setting(
+        "mmap_local_files",
+        False,
+        "cpu target, local files: map shards copy-on-write instead "
+        "of reading them (zero-copy; pages are read on first touch).",
+        bool,
+    ),
+    Setting(
+        "unsupported_dtype",
+        "raise",
+        "What to do when the framework cannot hold a dtype "
+        "(e.g. F4 in numpy): 'raise' DTypeNotSupported, or return the raw 'bytes' as uint8.",
+        str,
+        choices=("raise", "bytes"),
+    ),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SCHEMA}
@@ -65,8 +105,17 @@ CORE_ENVIRONMENT: dict[str, str] = {
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-_SUFFIXES = {"k": 1 << 10, "kib": 1 << 10, "m": MiB, "mib": MiB, "g": 1 << 30, "gib": 1 << 30,
-             "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+_SUFFIXES = {
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "m": MiB,
+    "mib": MiB,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+}
 
 
 def _valid_values(s: Setting) -> str:
@@ -82,8 +131,10 @@ def _valid_values(s: Setting) -> str:
 
 def _coerce(s: Setting, value: Any, source: str) -> Any:
     def bad() -> ConfigError:
-        return ConfigError(f"setting '{s.name}' from {source} has the bad value {value!r}: "
-                           f"expected {_valid_values(s)}")
+        return ConfigError(
+            f"setting '{s.name}' from {source} has the bad value {value!r}: "
+            f"expected {_valid_values(s)}"
+        )
 
     if s.type is bool:
         if isinstance(value, bool):
@@ -97,14 +148,15 @@ def _coerce(s: Setting, value: Any, source: str) -> Any:
         if isinstance(value, str):
             text = value.strip().lower().replace("_", "")
             number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-            suffix = text[len(number):]
+            suffix = text[len(number) :]
             if not number.isdigit() or (suffix and suffix not in _SUFFIXES):
                 raise bad()
             value = int(number) * _SUFFIXES.get(suffix, 1)
         if not isinstance(value, int):
             raise bad()
         if (s.minimum is not None and value < s.minimum) or (
-                s.maximum is not None and value > s.maximum):
+            s.maximum is not None and value > s.maximum
+        ):
             raise bad()
         return value
     if not isinstance(value, str):
@@ -139,17 +191,19 @@ class ResolvedSettings:
 
 def _lookup(key: str, source: str) -> Setting:
     if key not in BY_NAME:
-        raise ConfigError(f"unknown setting '{key}' from {source}; known settings: "
-                          + ", ".join(sorted(BY_NAME)))
+        raise ConfigError(
+            f"unknown setting '{key}' from {source}; known settings: " + ", ".join(sorted(BY_NAME))
+        )
     return BY_NAME[key]
 
 
-def resolve(overrides: Mapping[str, Any] | None = None,
-            environ: Mapping[str, str] | None = None) -> ResolvedSettings:
+def resolve(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> ResolvedSettings:
     """Resolve every setting from keyword arguments, then the environment, then defaults.
 
-    Returns a ResolvedSettings. Raises ConfigError for an unknown key or a bad value, naming the key,
-    its source and the valid values.
+    Returns a ResolvedSettings. Raises ConfigError for an unknown key or a bad value, naming
+    the key, its source and the valid values.
     """
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
@@ -165,8 +219,10 @@ def resolve(overrides: Mapping[str, Any] | None = None,
 
 def markdown_table() -> str:
     """The settings reference as a Markdown table (docs/settings.md is generated from it)."""
-    lines = ["| setting | environment variable | default | what it does |",
-             "| --- | --- | --- | --- |"]
+    lines = [
+        "| setting | environment variable | default | what it does |",
+        "| --- | --- | --- | --- |",
+    ]
     for s in SCHEMA:
         env = f"`{s.env}`" + "".join(f", `{a}`" for a in s.env_aliases)
         lines.append(f"| `{s.name}` | {env} | `{s.default!r}` | {s.doc} |")
@@ -177,10 +233,12 @@ def markdown_table() -> str:
 
 def settings_doc() -> str:
     """The whole docs/settings.md page."""
-    return ("# Settings\n\nGenerated from `python/blob2gpu/settings.py` by "
-            "`python -m blob2gpu.settings > docs/settings.md`; a test keeps them in step.\n\n"
-            "Precedence, highest first: keyword arguments (`blob2gpu.load(..., staging_slots=16)`), "
-            "environment variables, defaults.\n\n" + markdown_table())
+    return (
+        "# Settings\n\nGenerated from `python/blob2gpu/settings.py` by "
+        "`python -m blob2gpu.settings > docs/settings.md`; a test keeps them in step.\n\n"
+        "Precedence, highest first: keyword arguments (`blob2gpu.load(..., staging_slots=16)`), "
+        "environment variables, defaults.\n\n" + markdown_table()
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ def converter(framework: str, device: str, unsupported_dtype: str) -> Callable[[
     if framework == "dlpack":
         return lambda view: view
     if framework == "numpy" and device != "cpu":
-        raise InvalidArgument(f"numpy arrays live in host memory; device '{device}' needs "
-                              "framework='torch', 'cupy' or 'dlpack'")
+        raise InvalidArgument(
+            f"numpy arrays live in host memory; device '{device}' needs "
+            "framework='torch', 'cupy' or 'dlpack'"
+        )
     try:
         module = importlib.import_module(f".{framework}", __name__)
     except ImportError as e:
@@ -48,6 +50,7 @@ def converter(framework: str, device: str, unsupported_dtype: str) -> Callable[[
                 return convert(view.as_bytes())
             raise DTypeNotSupported(
                 f"tensor '{view.name}': {framework} cannot hold dtype {view.dtype} ({e}); pass "
-                "unsupported_dtype='bytes' to get its raw bytes as uint8") from e
+                "unsupported_dtype='bytes' to get its raw bytes as uint8"
+            ) from e
 
     return to_framework

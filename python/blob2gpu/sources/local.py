@@ -21,7 +21,8 @@ def _local_path(uri: str) -> Path:
     if parsed.scheme in REMOTE_SCHEMES:
         raise InvalidArgument(
             f"'{parsed.scheme}://' URIs need the Azure Blob source, which this build does not have "
-            "yet; download the checkpoint and pass a local path")
+            "yet; download the checkpoint and pass a local path"
+        )
     return Path(uri)
 
 
@@ -29,7 +30,9 @@ def _ref(path: Path) -> ShardRef:
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise SourceUnavailable(f"shard '{path.name}': cannot stat '{path}': {e.strerror}") from None
+        raise SourceUnavailable(
+            f"shard '{path.name}': cannot stat '{path}': {e.strerror}"
+        ) from None
     return ShardRef(name=path.name, path=str(path), size=size)
 
 
@@ -42,9 +45,11 @@ def _from_index(index_path: Path) -> ShardPlan:
         raise InvalidIndex(f"index '{index_path.name}' is not valid JSON: {e}") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise InvalidIndex(f"index '{index_path.name}' has no 'weight_map' of tensor name to shard "
-                           "file name")
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise InvalidIndex(
+            f"index '{index_path.name}' has no 'weight_map' of tensor name to shard file name"
+        )
     files: list[str] = []
     for shard in weight_map.values():
         if shard not in files:
@@ -55,7 +60,8 @@ def _from_index(index_path: Path) -> ShardPlan:
         if os.sep in name or name.startswith(".") or not shard_path.is_file():
             raise SourceUnavailable(
                 f"index '{index_path.name}' names shard '{name}', which is not in "
-                f"'{index_path.parent}'")
+                f"'{index_path.parent}'"
+            )
         refs.append(_ref(shard_path))
     return ShardPlan(uri=str(index_path), shards=tuple(refs), weight_map=dict(weight_map))
 
