@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""GPU load benchmark (run by bench/gpu_check.sh on a machine with a GPU).
+
+Same run, same page-cached sharded bf16 checkpoint, every contestant ends with every tensor in GPU
+memory and the device synchronized:
+    h2d-ceiling       one pinned host buffer of the whole checkpoint copied to the GPU (torch,
+                      non_blocking); no file reads: the PCIe/C2C ceiling for reference
+    safetensors       safetensors.torch.load_file(shard, device="cuda:0") per shard: the baseline
+    blob2gpu          blob2gpu.load(dir, device="cuda:0", framework="torch")
+    blob2gpu-loader   a blob2gpu.Loader reused (ring already pinned), loader.load(...)
+Prints GB/s, the ratio against safetensors, and the blob2gpu report's peak slots in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+GB = 1e9
+
+
+def write_checkpoint(directory: Path, total_gb: float, shards: int) -> Path:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / f"done-{total_gb}-{shards}"
+    if marker.exists():
+        return directory
+    per_shard = int(total_gb * GB / shards)
+    hidden = 4096
+    rows = max(1, per_shard // (hidden * 2) // 4)
+    weight_map = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        tensors = {
+            f"layers.{s}.w{i}": torch.randn(rows, hidden).to(torch.bfloat16) for i in range(4)
+        }
+        tensors[f"layers.{s}.norm"] = torch.ones(hidden, dtype=torch.bfloat16)
+        save_file(tensors, str(directory / name))
+        weight_map.update(dict.fromkeys(tensors, name))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    marker.touch()
+    return directory
+
+
+def files_of(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def warm(directory: Path) -> int:
+    return sum(len(f.read_bytes()) for f in files_of(directory))
+
+
+def run_h2d_ceiling(directory: Path, total: int) -> float:
+    host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(total, dtype=torch.uint8, device="cuda:0")
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def run_safetensors(directory: Path) -> float:
+    from safetensors.torch import load_file
+
+    t = time.perf_counter()
+    out = {}
+    for f in files_of(directory):
+        out.update(load_file(str(f), device="cuda:0"))
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def run_blob2gpu(directory: Path, loader=None) -> tuple[float, dict]:
+    import blob2gpu
+
+    t = time.perf_counter()
+    if loader is None:
+        with blob2gpu.open(str(directory), device="cuda:0") as checkpoint:
+            checkpoint.to_dict()
+            report = checkpoint.report
+    else:
+        with loader.open(str(directory), device="cuda:0") as checkpoint:
+            checkpoint.to_dict()
+            report = checkpoint.report
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, report.to_dict()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--total-gb", type=float, default=4.0)
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=str(Path(__file__).parent / ".data" / "gpu"))
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device visible to torch: nothing to benchmark", file=sys.stderr)
+        return 3
+    import blob2gpu
+
+    directory = write_checkpoint(Path(args.dir), args.total_gb, args.shards)
+    total = warm(directory)
+    torch.zeros(1, device="cuda:0")  # create the context outside the timings
+    results: dict[str, list[float]] = {}
+    peaks = []
+    loader = blob2gpu.Loader()
+    run_blob2gpu(directory, loader)  # pins the ring once
+    for _ in range(args.repeats):
+        results.setdefault("h2d-ceiling", []).append(run_h2d_ceiling(directory, total))
+        results.setdefault("safetensors", []).append(run_safetensors(directory))
+        seconds, report = run_blob2gpu(directory)
+        results.setdefault("blob2gpu", []).append(seconds)
+        peaks.append(report["peak_slots_in_flight"])
+        results.setdefault("blob2gpu-loader", []).append(run_blob2gpu(directory, loader)[0])
+        torch.cuda.empty_cache()
+    loader.close()
+    base = total / statistics.median(results["safetensors"]) / GB
+    rows = []
+    print(
+        f"\n{total / GB:.2f} GB, {args.shards} shards, page cache warm, "
+        f"{torch.cuda.get_device_name(0)}, median of {args.repeats}"
+    )
+    print(f"{'contestant':<18}{'GB/s':>8}{'x safetensors':>15}")
+    for name, samples in results.items():
+        gbps = total / statistics.median(samples) / GB
+        rows.append({"contestant": name, "gbps": gbps, "ratio": gbps / base})
+        print(f"{name:<18}{gbps:>8.2f}{gbps / base:>15.2f}")
+    print(f"blob2gpu peak slots in flight: {max(peaks)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "peak_slots_in_flight": peaks}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
