@@ -4,6 +4,7 @@ and resident memory does not grow beyond noise."""
 from __future__ import annotations
 
 import gc
+import os
 import resource
 
 import blob2gpu
@@ -50,7 +51,8 @@ def test_200_load_free_cycles(device, write_checkpoint, request, reuse_loader):
         cycle()
     gc.collect()
     assert _core.live_arena_count() == arenas == 0
-    assert rss_bytes() - rss < 16 << 20
+    if "libasan" not in os.environ.get("LD_PRELOAD", ""):  # ASan's quarantine holds freed memory
+        assert rss_bytes() - rss < 16 << 20
     if loader is not None:
         loader.close()
     if device == "cuda" and "fake_driver" in request.fixturenames:

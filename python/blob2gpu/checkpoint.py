@@ -46,6 +46,9 @@ class Checkpoint:
         try:
             item = self._session.next_shard()
         except BaseException:
+            # A failed load keeps nothing: tensors it already handed out live only as long as the
+            # caller holds them (a traceback holding this checkpoint must not pin GPU memory).
+            self._tensors.clear()
             self.close()
             raise
         if item is None:
