@@ -167,6 +167,26 @@ py::capsule tensor_dlpack(const std::shared_ptr<TensorView>& self, py::object st
   return make_capsule(*source, versioned, flags);
 }
 
+// A landing held by Python: gives its slot back if dropped without commit() or release().
+struct PyLanding {
+  std::shared_ptr<LoadSession> session;
+  Landing landing;
+  bool open = true;
+  ~PyLanding() {
+    if (open && session) session->release(landing);
+  }
+  void check_open() const {
+    if (!open) throw CoreError(ErrorKind::InvalidArgument, "this landing was already committed");
+  }
+};
+
+ErrorKind error_kind_from_name(const std::string& name) {
+  for (int k = 0; k <= static_cast<int>(ErrorKind::LoadCancelled); ++k) {
+    if (name == error_kind_name(static_cast<ErrorKind>(k))) return static_cast<ErrorKind>(k);
+  }
+  throw CoreError(ErrorKind::InvalidArgument, "unknown error kind '" + name + "'");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -313,6 +333,21 @@ PYBIND11_MODULE(_core, m) {
                ")";
       });
 
+  py::class_<PyLanding, std::shared_ptr<PyLanding>>(m, "Landing")
+      .def_property_readonly("shard", [](const PyLanding& l) { return l.landing.shard; })
+      .def_property_readonly("file_offset",
+                             [](const PyLanding& l) { return l.landing.file_offset; })
+      .def_property_readonly("nbytes", [](const PyLanding& l) { return l.landing.capacity; })
+      .def_property_readonly(
+          "view",
+          [](const PyLanding& l) {
+            l.check_open();
+            return py::memoryview::from_memory(static_cast<void*>(l.landing.data),
+                                               static_cast<py::ssize_t>(l.landing.capacity),
+                                               /*readonly=*/false);
+          },
+          "A writable memoryview of the landing's bytes; valid until commit() or release().");
+
   py::class_<LoadSession, std::shared_ptr<LoadSession>>(m, "LoadSession")
       .def("next_shard",
            [](LoadSession& s) -> py::object {
@@ -333,6 +368,54 @@ PYBIND11_MODULE(_core, m) {
       .def("cancel", &LoadSession::cancel, py::call_guard<py::gil_scoped_release>())
       .def("close", &LoadSession::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("shard_count", &LoadSession::shard_count)
+      .def(
+          "acquire",
+          [](const std::shared_ptr<LoadSession>& s, size_t shard, uint64_t file_offset,
+             size_t nbytes) -> py::object {
+            std::optional<Landing> landing;
+            {
+              py::gil_scoped_release release;
+              landing = s->acquire(shard, file_offset, nbytes);
+            }
+            if (!landing) return py::none();
+            auto out = std::make_shared<PyLanding>();
+            out->session = s;
+            out->landing = *landing;
+            return py::cast(out);
+          },
+          py::arg("shard"), py::arg("file_offset"), py::arg("nbytes"),
+          "A Landing for bytes [file_offset, file_offset + nbytes) of a shard, or None once the "
+          "load is cancelled. Blocks (without the GIL) for a free staging slot.")
+      .def(
+          "commit",
+          [](LoadSession& s, PyLanding& l) {
+            l.check_open();
+            l.open = false;
+            FeedStatus status;
+            {
+              py::gil_scoped_release release;
+              status = s.commit(l.landing);
+            }
+            py::dict d;
+            d["header_ready"] = status.header_ready;
+            d["data_offset"] = status.data_offset;
+            d["header_have"] = status.header_have;
+            return d;
+          },
+          "Hand a filled landing to the pipeline; returns {header_ready, data_offset, "
+          "header_have}. Raises the load's typed error for a bad header.")
+      .def("release",
+           [](LoadSession& s, PyLanding& l) {
+             if (!l.open) return;
+             l.open = false;
+             s.release(l.landing);
+           })
+      .def("abort",
+           [](LoadSession& s, const std::string& kind, const std::string& message) {
+             s.abort(error_kind_from_name(kind), message);
+           },
+           py::arg("kind"), py::arg("message"),
+           "Fail the load with a core error kind; next_shard() raises it.")
       .def("stats", [](const LoadSession& s) { return session_stats_dict(s.stats()); });
 
   py::class_<LoadPipeline, std::shared_ptr<LoadPipeline>>(m, "LoadPipeline")
@@ -362,6 +445,20 @@ PYBIND11_MODULE(_core, m) {
             return p.start_local(std::move(shards), mmap);
           },
           py::arg("paths"), py::arg("names"), py::arg("mmap") = false)
+      .def(
+          "start_fed",
+          [](LoadPipeline& p, const std::vector<std::string>& names,
+             const std::vector<uint64_t>& sizes) {
+            if (names.size() != sizes.size()) {
+              throw CoreError(ErrorKind::InvalidArgument, "names and sizes differ in length");
+            }
+            std::vector<ShardSource> shards;
+            for (size_t i = 0; i < names.size(); ++i) shards.push_back({"", names[i], sizes[i]});
+            py::gil_scoped_release release;
+            return p.start_fed(std::move(shards));
+          },
+          py::arg("names"), py::arg("sizes"),
+          "Start a load whose byte ranges the caller fetches into landings (acquire/commit).")
       .def("close", &LoadPipeline::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("device", &LoadPipeline::device)
       .def_property_readonly("is_cuda", &LoadPipeline::is_cuda)

@@ -63,8 +63,17 @@ std::shared_ptr<LoadSession> LoadPipeline::start_local(std::vector<ShardSource> 
     throw CoreError(ErrorKind::InvalidArgument,
                     "mmap applies to the cpu target only (device is " + device_ + ")");
   }
+  return start(std::move(shards), mmap, /*fed=*/false);
+}
+
+std::shared_ptr<LoadSession> LoadPipeline::start_fed(std::vector<ShardSource> shards) {
+  return start(std::move(shards), /*mmap=*/false, /*fed=*/true);
+}
+
+std::shared_ptr<LoadSession> LoadPipeline::start(std::vector<ShardSource> shards, bool mmap,
+                                                 bool fed) {
   std::shared_ptr<LoadSession> session(
-      new LoadSession(shared_from_this(), std::move(shards), mmap));
+      new LoadSession(shared_from_this(), std::move(shards), mmap, fed));
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (closed_) throw CoreError(ErrorKind::InvalidArgument, "the loader is closed");
@@ -74,6 +83,12 @@ std::shared_ptr<LoadSession> LoadPipeline::start_local(std::vector<ShardSource> 
                       "use another Loader");
     }
     active_ = session.get();
+    if (fed && !ring_) {
+      // cpu target: data lands in the arena directly, but each shard's first range (header and
+      // first data) needs a place before the arena exists. Pageable; untouched pages cost nothing.
+      ring_ = std::make_unique<StagingRing>(nullptr, settings_.staging_slots,
+                                            settings_.staging_slot_bytes, true);
+    }
   }
   if (ring_) ring_->reset_peaks();
   session->begin();
@@ -110,11 +125,16 @@ RingStats LoadPipeline::ring_stats() const {
 // LoadSession
 
 LoadSession::LoadSession(std::shared_ptr<LoadPipeline> pipeline, std::vector<ShardSource> shards,
-                         bool mmap)
-    : pipeline_(std::move(pipeline)), mmap_(mmap), start_(std::chrono::steady_clock::now()) {
+                         bool mmap, bool fed)
+    : pipeline_(std::move(pipeline)),
+      mmap_(mmap),
+      fed_(fed),
+      start_(std::chrono::steady_clock::now()) {
   for (auto& source : shards) {
     auto shard = std::make_unique<Shard>();
     shard->stats.name = source.name;
+    shard->stats.file_bytes = source.size;
+    shard->file_size = source.size;
     shard->source = std::move(source);
     shards_.push_back(std::move(shard));
   }
@@ -134,6 +154,7 @@ void LoadSession::begin() {
     all_published_ns_ = now_ns();
     return;
   }
+  if (fed_) return;  // the feeder drives the load
   for (size_t i = 0; i < shards_.size(); ++i) {
     post([this, i] { run_header(i); }, /*urgent=*/false);
   }
@@ -172,13 +193,11 @@ void LoadSession::fail(std::exception_ptr error) {
 
 void LoadSession::run_header(size_t index) {
   Shard& shard = *shards_[index];
-  ShardStats st;  // published under the lock at the end: stats() may read concurrently
-  st.name = shard.source.name;
+  ShardStats st;
   st.start_ns = now_ns();
   const std::string& label = shard.source.name;
   shard.file = std::make_unique<ShardFile>(shard.source.path, label);
   const uint64_t file_size = shard.file->size();
-  st.file_bytes = file_size;
 
   uint8_t length_bytes[kHeaderLengthBytes] = {0};
   size_t have = static_cast<size_t>(std::min<uint64_t>(file_size, kHeaderLengthBytes));
@@ -187,8 +206,29 @@ void LoadSession::run_header(size_t index) {
   std::vector<uint8_t> json(header_len);
   shard.file->read_exact(json.data(), json.size(), kHeaderLengthBytes);
   bytes_read_ += kHeaderLengthBytes + header_len;
-  shard.header = parse_header(json.data(), json.size(), file_size, label);
+  prepare_shard(index, json.data(), json.size(), file_size, st);
   const ShardHeader& h = shard.header;
+
+  if (mmap_ || h.data_bytes == 0) {
+    if (mmap_) bytes_read_ += h.data_bytes;  // mapped: the consumer's first touch reads it
+    finish_shard(index);
+    return;
+  }
+  const uint64_t chunk = pipeline_->settings_.staging_slot_bytes;
+  for (uint64_t begin = 0; begin < h.data_bytes; begin += chunk) {
+    uint64_t end = std::min(h.data_bytes, begin + chunk);
+    post([this, index, begin, end] { run_chunk(index, begin, end); }, /*urgent=*/true);
+  }
+}
+
+void LoadSession::prepare_shard(size_t index, const uint8_t* json, size_t json_len,
+                                uint64_t file_size, ShardStats st) {
+  Shard& shard = *shards_[index];
+  const std::string& label = shard.source.name;
+  shard.header = parse_header(json, json_len, file_size, label);
+  const ShardHeader& h = shard.header;
+  st.name = label;
+  st.file_bytes = file_size;
   st.header_bytes = h.header_bytes;
   st.data_bytes = h.data_bytes;
   st.tensors = h.tensors.size();
@@ -214,47 +254,216 @@ void LoadSession::run_header(size_t index) {
   st.header_ns = now_ns();
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    shard.stats = st;
+    shard.stats = st;  // under the lock: stats() may read concurrently
   }
+  shard.header_ready = true;
+}
 
-  if (mmap_ || h.data_bytes == 0) {
-    if (mmap_) bytes_read_ += h.data_bytes;  // mapped: the consumer's first touch reads it
-    finish_shard(index);
-    return;
+void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64_t begin,
+                            uint64_t bytes) {
+  Shard& shard = *shards_[index];
+  const ShardHeader& h = shard.header;
+  const uint64_t end = begin + bytes;
+  if (end > h.data_bytes) {
+    if (slot) pipeline_->ring_->release(slot);
+    throw CoreError(ErrorKind::InvalidArgument,
+                    "shard '" + shard.source.name + "': bytes [" + std::to_string(begin) + ", " +
+                        std::to_string(end) + ") fall outside its data region of " +
+                        std::to_string(h.data_bytes) + " bytes");
   }
-  const uint64_t chunk = pipeline_->settings_.staging_slot_bytes;
-  for (uint64_t begin = 0; begin < h.data_bytes; begin += chunk) {
-    uint64_t end = std::min(h.data_bytes, begin + chunk);
-    post([this, index, begin, end] { run_chunk(index, begin, end); }, /*urgent=*/true);
+  if (pipeline_->ctx_) {
+    try {
+      std::vector<CopyRange> copies{{shard.arena->address() + begin, slot_offset, bytes}};
+      for (const Realigned& r : shard.realigned) {
+        const TensorEntry& e = h.tensors[r.tensor];
+        uint64_t lo = std::max(e.begin, begin), hi = std::min(e.end, end);
+        if (lo < hi) {
+          copies.push_back(
+              {r.arena->address() + (lo - e.begin), slot_offset + (lo - begin), hi - lo});
+        }
+      }
+      pipeline_->engine_->submit(slot, copies);
+    } catch (...) {
+      pipeline_->ring_->release(slot);
+      throw;
+    }
+  } else if (slot != nullptr) {
+    std::memcpy(shard.arena->host_data() + begin, slot->data() + slot_offset, bytes);
+    pipeline_->ring_->release(slot);
   }
+  if (shard.bytes_landed.fetch_add(bytes) + bytes == h.data_bytes) finish_shard(index);
 }
 
 void LoadSession::run_chunk(size_t index, uint64_t begin, uint64_t end) {
   Shard& shard = *shards_[index];
   const ShardHeader& h = shard.header;
   const uint64_t bytes = end - begin;
+  Slot* slot = nullptr;
   if (!pipeline_->ctx_) {
     shard.file->read_exact(shard.arena->host_data() + begin, bytes, h.data_offset + begin);
   } else {
-    StagingRing& ring = *pipeline_->ring_;
-    Slot* slot = ring.acquire(&cancelled_);
+    slot = pipeline_->ring_->acquire(&cancelled_);
     if (slot == nullptr) return;  // cancelled
     try {
       shard.file->read_exact(slot->data(), bytes, h.data_offset + begin);
-      std::vector<CopyRange> copies{{shard.arena->address() + begin, 0, bytes}};
-      for (const Realigned& r : shard.realigned) {
-        const TensorEntry& e = h.tensors[r.tensor];
-        uint64_t lo = std::max(e.begin, begin), hi = std::min(e.end, end);
-        if (lo < hi) copies.push_back({r.arena->address() + (lo - e.begin), lo - begin, hi - lo});
-      }
-      pipeline_->engine_->submit(slot, copies);
     } catch (...) {
-      ring.release(slot);
+      pipeline_->ring_->release(slot);
       throw;
     }
   }
   bytes_read_ += bytes;
-  if (shard.bytes_landed.fetch_add(bytes) + bytes == h.data_bytes) finish_shard(index);
+  land_data(index, slot, 0, begin, bytes);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fed sessions: a caller (the Python Blob source) fetches byte ranges into landings.
+
+std::optional<Landing> LoadSession::acquire(size_t index, uint64_t file_offset, size_t bytes) {
+  check_shard_index(index);
+  Shard& shard = *shards_[index];
+  if (cancelled_) return std::nullopt;
+  if (bytes == 0 || file_offset + bytes > shard.file_size) {
+    throw CoreError(ErrorKind::InvalidArgument,
+                    "shard '" + shard.source.name + "': range [" + std::to_string(file_offset) +
+                        ", " + std::to_string(file_offset + bytes) + ") is outside its " +
+                        std::to_string(shard.file_size) + " bytes");
+  }
+  Landing landing;
+  landing.shard = index;
+  landing.file_offset = file_offset;
+  landing.capacity = bytes;
+  if (!shard.header_ready) {
+    if (file_offset == 0) {
+      int64_t expected = -1;
+      shard.first_ns.compare_exchange_strong(expected, now_ns());
+    } else if (!shard.header_buf.empty() && file_offset == shard.header_have &&
+               file_offset + bytes == shard.header_buf.size()) {
+      landing.data = shard.header_buf.data() + file_offset;  // the rest of a long header
+      return landing;
+    } else {
+      throw CoreError(ErrorKind::InvalidArgument,
+                      "shard '" + shard.source.name + "': range at offset " +
+                          std::to_string(file_offset) + " requested before its header was read");
+    }
+  } else if (file_offset < shard.header.data_offset) {
+    throw CoreError(ErrorKind::InvalidArgument, "shard '" + shard.source.name +
+                                                    "': header bytes requested twice");
+  }
+  if (!pipeline_->ctx_ && shard.header_ready) {
+    // cpu target: the socket writes straight into the arena.
+    landing.data = shard.arena->host_data() + (file_offset - shard.header.data_offset);
+    return landing;
+  }
+  if (bytes > pipeline_->settings_.staging_slot_bytes) {
+    throw CoreError(ErrorKind::InvalidArgument,
+                    "a range of " + std::to_string(bytes) + " bytes exceeds staging_slot_bytes (" +
+                        std::to_string(pipeline_->settings_.staging_slot_bytes) + ")");
+  }
+  landing.slot = pipeline_->ring_->acquire(&cancelled_);
+  if (landing.slot == nullptr) return std::nullopt;
+  landing.data = landing.slot->data();
+  return landing;
+}
+
+void LoadSession::release(Landing& landing) {
+  if (landing.slot) pipeline_->ring_->release(landing.slot);
+  landing.slot = nullptr;
+  landing.data = nullptr;
+}
+
+FeedStatus LoadSession::commit(Landing& landing) {
+  try {
+    // Feeder threads belong to the caller (Python), not to the io threads that bind the context.
+    std::unique_ptr<ScopedContext> bind;
+    if (pipeline_->ctx_) bind = std::make_unique<ScopedContext>(*pipeline_->ctx_);
+    return commit_landing(landing);
+  } catch (...) {
+    fail(std::current_exception());
+    throw;
+  }
+}
+
+FeedStatus LoadSession::commit_landing(Landing& landing) {
+  Shard& shard = *shards_[landing.shard];
+  const std::string& label = shard.source.name;
+  Slot* slot = landing.slot;
+  landing.slot = nullptr;
+  bytes_read_ += landing.capacity;
+  if (!shard.header_ready) {
+    if (landing.file_offset == 0) {
+      const uint8_t* data = landing.data;
+      uint64_t header_len = 0;
+      try {
+        header_len = read_header_length(data, landing.capacity, shard.file_size, label);
+      } catch (...) {
+        if (slot) pipeline_->ring_->release(slot);
+        throw;
+      }
+      const uint64_t data_offset = kHeaderLengthBytes + header_len;
+      if (data_offset > landing.capacity) {
+        // A header longer than the first range: keep what arrived, ask for the rest.
+        shard.header_buf.assign(data, data + landing.capacity);
+        shard.header_buf.resize(data_offset);
+        shard.header_have = landing.capacity;
+        if (slot) pipeline_->ring_->release(slot);
+        return status_of(shard);
+      }
+      ShardStats st;
+      st.start_ns = shard.first_ns.load();
+      try {
+        prepare_shard(landing.shard, data + kHeaderLengthBytes, header_len, shard.file_size, st);
+      } catch (...) {
+        if (slot) pipeline_->ring_->release(slot);
+        throw;
+      }
+      const uint64_t data_in_first = landing.capacity - data_offset;
+      if (shard.header.data_bytes == 0) {
+        if (slot) pipeline_->ring_->release(slot);
+        finish_shard(landing.shard);
+      } else if (data_in_first > 0) {
+        land_data(landing.shard, slot, data_offset, 0, data_in_first);
+      } else if (slot) {
+        pipeline_->ring_->release(slot);
+      }
+      return status_of(shard);
+    }
+    // The rest of a long header has landed in header_buf.
+    shard.header_have = shard.header_buf.size();
+    ShardStats st;
+    st.start_ns = shard.first_ns.load();
+    prepare_shard(landing.shard, shard.header_buf.data() + kHeaderLengthBytes,
+                  shard.header_buf.size() - kHeaderLengthBytes, shard.file_size, st);
+    std::vector<uint8_t>().swap(shard.header_buf);
+    if (shard.header.data_bytes == 0) finish_shard(landing.shard);
+    return status_of(shard);
+  }
+  land_data(landing.shard, slot, 0, landing.file_offset - shard.header.data_offset,
+            landing.capacity);
+  return status_of(shard);
+}
+
+FeedStatus LoadSession::status_of(const Shard& shard) const {
+  FeedStatus s;
+  s.header_ready = shard.header_ready;
+  if (shard.header_ready) {
+    s.data_offset = shard.header.data_offset;
+  } else {
+    s.header_have = shard.header_have;
+    s.data_offset = shard.header_buf.size();
+  }
+  return s;
+}
+
+void LoadSession::check_shard_index(size_t index) const {
+  if (index >= shards_.size()) {
+    throw CoreError(ErrorKind::InvalidArgument, "shard index " + std::to_string(index) +
+                                                    " out of range (" +
+                                                    std::to_string(shards_.size()) + " shards)");
+  }
+}
+
+void LoadSession::abort(ErrorKind kind, const std::string& message) {
+  fail(std::make_exception_ptr(CoreError(kind, message)));
 }
 
 void LoadSession::finish_shard(size_t index) {
@@ -333,6 +542,13 @@ void LoadSession::wait_landed() {
 }
 
 void LoadSession::cancel() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!error_ && returned_ < shards_.size()) {
+      error_ = std::make_exception_ptr(
+          CoreError(ErrorKind::LoadCancelled, "the load was cancelled before it finished"));
+    }
+  }
   cancelled_ = true;
   if (pipeline_->ring_) pipeline_->ring_->wake_all();
   changed_.notify_all();

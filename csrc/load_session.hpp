@@ -24,6 +24,7 @@
 #include "copy_engine.hpp"
 #include "cuda_device.hpp"
 #include "device_arena.hpp"
+#include "errors.hpp"
 #include "io_threads.hpp"
 #include "safetensors_header.hpp"
 #include "shard_file.hpp"
@@ -41,8 +42,27 @@ struct PipelineSettings {
 };
 
 struct ShardSource {
-  std::string path;  // local file
-  std::string name;  // how errors and reports name it
+  std::string path;    // local file; empty for a fed shard
+  std::string name;    // how errors and reports name it
+  uint64_t size = 0;   // fed shards: the size the source listed
+};
+
+// A place where a feeder writes the bytes [file_offset, file_offset + capacity) of one shard: a
+// staging slot, the tail of a long header, or (cpu target) the shard's arena itself.
+struct Landing {
+  size_t shard = 0;
+  uint64_t file_offset = 0;
+  size_t capacity = 0;
+  uint8_t* data = nullptr;
+  Slot* slot = nullptr;  // owned by the landing until commit() or release()
+};
+
+// What a feeder needs to know after a commit: where the data region starts (the header's end)
+// once the header is known, or how much header is still missing.
+struct FeedStatus {
+  bool header_ready = false;
+  uint64_t data_offset = 0;  // header ready: 8 + N; else the header's total length (8 + N)
+  uint64_t header_have = 0;  // header not ready: bytes of it received so far
 };
 
 struct ShardStats {
@@ -91,6 +111,8 @@ class LoadPipeline : public std::enable_shared_from_this<LoadPipeline> {
 
   // Starts loading the shards in the background and returns at once. One session at a time.
   std::shared_ptr<LoadSession> start_local(std::vector<ShardSource> shards, bool mmap);
+  // Starts a load whose bytes a caller fetches and commits (see LoadSession::acquire).
+  std::shared_ptr<LoadSession> start_fed(std::vector<ShardSource> shards);
   void close();  // cancels a running session and releases the ring, streams and threads
 
   const std::string& device() const { return device_; }
@@ -103,6 +125,7 @@ class LoadPipeline : public std::enable_shared_from_this<LoadPipeline> {
   friend class LoadSession;
   LoadPipeline() = default;
   void session_ended();
+  std::shared_ptr<LoadSession> start(std::vector<ShardSource> shards, bool mmap, bool fed);
 
   std::string device_;
   PipelineSettings settings_;
@@ -133,6 +156,19 @@ class LoadSession {
   SessionStats stats() const;
   size_t shard_count() const { return shards_.size(); }
 
+  // --- fed sessions ---
+  // A landing for [file_offset, file_offset + bytes) of a shard: blocks for a free slot on CUDA;
+  // nullopt once the load is cancelled. The first range of a shard must start at offset 0 and
+  // carry the header; data ranges may be requested once commit() reported the header ready.
+  std::optional<Landing> acquire(size_t shard, uint64_t file_offset, size_t bytes);
+  // The landing's bytes are all there: parse the header or hand the data to the device.
+  // Throws (and fails the load) for a bad header or a bad range.
+  FeedStatus commit(Landing& landing);
+  // Gives an unfilled landing back (the feeder gave up on it).
+  void release(Landing& landing);
+  // Fails the load with an error the feeder met; next_shard() rethrows it.
+  void abort(ErrorKind kind, const std::string& message);
+
  private:
   friend class LoadPipeline;
   struct Realigned {
@@ -141,7 +177,12 @@ class LoadSession {
   };
   struct Shard {
     ShardSource source;
+    uint64_t file_size = 0;
     std::unique_ptr<ShardFile> file;
+    std::vector<uint8_t> header_buf;  // fed: a header longer than the first range
+    uint64_t header_have = 0;
+    std::atomic<bool> header_ready{false};
+    std::atomic<int64_t> first_ns{-1};
     ShardHeader header;
     std::shared_ptr<DeviceArena> arena;
     std::vector<Realigned> realigned;
@@ -149,8 +190,17 @@ class LoadSession {
     ShardStats stats;
   };
 
-  LoadSession(std::shared_ptr<LoadPipeline> pipeline, std::vector<ShardSource> shards, bool mmap);
+  LoadSession(std::shared_ptr<LoadPipeline> pipeline, std::vector<ShardSource> shards, bool mmap,
+              bool fed);
   void begin();
+  void prepare_shard(size_t shard, const uint8_t* json, size_t json_len, uint64_t file_size,
+                     ShardStats st);
+  // Hands [begin, begin + bytes) of the data region to the target. With a slot (bytes at
+  // slot_offset) the slot is consumed; without one the bytes are already in the arena.
+  void land_data(size_t shard, Slot* slot, size_t slot_offset, uint64_t begin, uint64_t bytes);
+  FeedStatus commit_landing(Landing& landing);
+  FeedStatus status_of(const Shard& shard) const;
+  void check_shard_index(size_t shard) const;
   void post(std::function<void()> task, bool urgent);
   void run_header(size_t shard);
   void run_chunk(size_t shard, uint64_t begin, uint64_t end);
@@ -161,6 +211,7 @@ class LoadSession {
   std::shared_ptr<LoadPipeline> pipeline_;
   std::vector<std::unique_ptr<Shard>> shards_;
   bool mmap_;
+  bool fed_;
   std::chrono::steady_clock::time_point start_;
   std::atomic<bool> cancelled_{false};
   std::atomic<uint64_t> bytes_read_{0};

@@ -8,4 +8,8 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.13" ninja
 "$PY" -m pip install -q --no-build-isolation ".[test]"
+# The tests talk to a real Azurite (npm), installed into .azurite/ once.
+if [ ! -x .azurite/node_modules/.bin/azurite-blob ]; then
+  npm install --no-save --no-audit --no-fund --loglevel=error --prefix .azurite azurite@3.37.0
+fi
 exec "$PY" -m pytest -q "$@"

@@ -182,3 +182,61 @@ def load_bytes(uri: Path | str, device: str, **settings: object) -> dict[str, by
     framework = "dlpack" if device != "cpu" else "torch"
     tensors = blob2gpu.load(str(uri), device=device, framework=framework, **settings)
     return {name: as_bytes(t) for name, t in tensors.items()}
+
+
+# --- Azure Blob: a real Azurite, and a fault proxy in front of it -----------------------------
+from support.azurite import Azurite  # noqa: E402
+from support.fault_proxy import FaultProxy  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Azurite]:
+    server = Azurite()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def _proxy_server(azurite: Azurite) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(azurite.port)
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def fault_proxy(_proxy_server: FaultProxy) -> Iterator[FaultProxy]:
+    """The fault proxy, reset (no faults armed, counters at 0) for each test."""
+    _proxy_server.reset()
+    yield _proxy_server
+    _proxy_server.reset()
+
+
+_container_counter = [0]
+
+
+@pytest.fixture
+def container(azurite: Azurite) -> Iterator[str]:
+    """A fresh container in Azurite; deleted after the test."""
+    _container_counter[0] += 1
+    name = f"models{_container_counter[0]:04d}"
+    service = azurite.service()
+    service.create_container(name)
+    yield name
+    service.delete_container(name)
+
+
+def upload_directory(azurite: Azurite, container: str, directory: Path, prefix: str) -> None:
+    """Upload every file of `directory` to `container` under `prefix/`."""
+    client = azurite.service().get_container_client(container)
+    for f in sorted(directory.iterdir()):
+        with f.open("rb") as fh:
+            client.upload_blob(f"{prefix}/{f.name}" if prefix else f.name, fh, overwrite=True)
+
+
+@pytest.fixture
+def blob_env(azurite: Azurite, monkeypatch: pytest.MonkeyPatch) -> Azurite:
+    """AZURE_STORAGE_CONNECTION_STRING pointing at Azurite (az:// URIs resolve through it)."""
+    for var in ("AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string())
+    return azurite

@@ -17,24 +17,37 @@ from .loader import Loader
 from .report import LoadReport
 
 __version__ = "0.1.0"
-__all__ = ["Blob2GpuError", "Checkpoint", "LoadReport", "Loader", "errors", "load", "open"]
+__all__ = [
+    "Blob2GpuError",
+    "Checkpoint",
+    "LoadReport",
+    "Loader",
+    "errors",
+    "fetch_aux",
+    "load",
+    "open",
+]
 
 
 def load(
-    uri: str, device: str = "cpu", framework: str = "torch", **settings: Any
+    uri: str, device: str = "cpu", framework: str = "torch", credential: Any = None, **settings: Any
 ) -> dict[str, Any]:
     """Load every tensor of a checkpoint; returns {name: tensor} of `framework` on `device`.
 
-    uri: a .safetensors file, a directory of shards, or a model.safetensors.index.json.
+    uri: a .safetensors file, a directory of shards, or a model.safetensors.index.json, local or
+    in Azure Blob Storage (az://CONTAINER/PREFIX, https://ACCOUNT.blob.core.windows.net/...).
+    credential: for Blob URIs, an azure credential object, account key or SAS token.
     device: 'cpu', 'cuda' or 'cuda:N'. framework: 'torch', 'numpy', 'cupy' or 'dlpack'.
     settings: see blob2gpu.settings (docs/settings.md). Raises a blob2gpu.errors.Blob2GpuError
     subclass naming the shard and what to change; on error nothing stays allocated.
     """
     with Loader(**settings) as loader:
-        return loader.load(uri, device=device, framework=framework)
+        return loader.load(uri, device=device, framework=framework, credential=credential)
 
 
-def open(uri: str, device: str = "cpu", framework: str = "torch", **settings: Any) -> Checkpoint:
+def open(
+    uri: str, device: str = "cpu", framework: str = "torch", credential: Any = None, **settings: Any
+) -> Checkpoint:
     """Start loading and return a Checkpoint (a context manager) at once.
 
     Iterate it for (name, tensor) in arrival order; ``get(name)``, ``keys()``, ``metadata`` and
@@ -42,9 +55,23 @@ def open(uri: str, device: str = "cpu", framework: str = "torch", **settings: An
     """
     loader = Loader(**settings)
     try:
-        checkpoint = loader.open(uri, device=device, framework=framework)
+        checkpoint = loader.open(uri, device=device, framework=framework, credential=credential)
     except BaseException:
         loader.close()
         raise
     checkpoint._on_close = loader.close
     return checkpoint
+
+
+def fetch_aux(uri: str, dest: str, credential: Any = None, **settings: Any) -> list[str]:
+    """Download the non-weight files beside a Blob checkpoint (config.json, tokenizer files, ...)
+    into the local directory `dest`; returns their paths. Raises BlobNotFound, AccessDenied,
+    StorageUnavailable, or InvalidArgument for a URI that is not a Blob URI."""
+    from .settings import resolve
+    from .sources.azure_blob import is_blob_uri
+    from .sources.blob_client import open_container
+
+    if not is_blob_uri(uri):
+        raise errors.InvalidArgument(f"fetch_aux needs a Blob URI (az://, https://), not '{uri}'")
+    container = open_container(uri, resolve(settings), credential)
+    return [str(p) for p in container.fetch_aux(dest)]

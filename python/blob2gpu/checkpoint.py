@@ -24,8 +24,10 @@ class Checkpoint:
         convert: Callable[[Any], Any],
         report: LoadReport,
         on_close: Callable[[], None] | None = None,
+        feeder: Any = None,
     ) -> None:
         self._session = session
+        self._feeder = feeder  # fetches a Blob checkpoint's ranges; None for local files
         self._plan = plan
         self._convert = convert
         self._report = report
@@ -45,11 +47,14 @@ class Checkpoint:
             raise LoadCancelled("the checkpoint is closed")
         try:
             item = self._session.next_shard()
-        except BaseException:
+        except BaseException as error:
             # A failed load keeps nothing: tensors it already handed out live only as long as the
             # caller holds them (a traceback holding this checkpoint must not pin GPU memory).
             self._tensors.clear()
             self.close()
+            source_error = self._feeder.error if self._feeder is not None else None
+            if source_error is not None and source_error is not error:
+                raise source_error from None  # the feeder's typed error, not the core's echo
             raise
         if item is None:
             self._finish()
@@ -76,6 +81,11 @@ class Checkpoint:
         report.phases["artifact_fetch_complete"] = published
         report.phases["host_staging_complete"] = published
         report.tensors = len(self._tensors)
+        if self._feeder is not None:
+            report.retries = self._feeder.retries
+            report.requests = self._feeder.requests
+            for shard, retries in zip(report.shards, self._feeder.shard_retries, strict=True):
+                shard.retries = retries
         self._finished = True
         self._check_weight_map()
         self.close()
@@ -161,6 +171,8 @@ class Checkpoint:
             return
         self._closed = True
         try:
+            if self._feeder is not None:
+                self._feeder.stop()
             self._session.close()
         finally:
             if self._on_close is not None:

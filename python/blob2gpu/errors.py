@@ -75,6 +75,22 @@ class SourceReadError(Blob2GpuError, OSError):
     """A read failed or ended early (the file changed under the load)."""
 
 
+class BlobNotFound(SourceUnavailable):
+    """The container or blob does not exist (HTTP 404); the message names both."""
+
+
+class AccessDenied(SourceUnavailable):
+    """The storage account refused the credential (HTTP 401/403); no secret is in the message."""
+
+
+class StorageUnavailable(SourceUnavailable):
+    """The storage endpoint kept failing (resets, timeouts, 5xx, throttling) after every retry."""
+
+
+class BlobChanged(Blob2GpuError):
+    """A blob was overwritten during the load (its etag changed); nothing mixed is returned."""
+
+
 # --- memory and devices -----------------------------------------------------------------------
 class PinnedMemoryUnavailable(Blob2GpuError, MemoryError):
     """Staging memory could not be pinned and use_pinned_host_fallback is off."""

@@ -36,6 +36,7 @@ class ShardReport:
     started: float | None
     header_parsed: float | None
     published: float | None
+    retries: int = 0  # ranges of this shard fetched again after a transient failure
 
     @property
     def fetch_latency(self) -> float | None:
@@ -67,6 +68,10 @@ class LoadReport:
     peak_slots_in_flight: int = 0
     slot_waits: int = 0
     mmap: bool = False
+    source: str = "local"  # local or azure-blob
+    credential: str | None = None  # how the Blob credential was chosen (never its value)
+    requests: int = 0  # ranged GETs sent (retries included)
+    retries: int = 0  # transient failures retried (ranges and listing calls)
     gpu_memory_free_before: int | None = None
     gpu_memory_free_after: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)

@@ -80,6 +80,61 @@ SCHEMA: tuple[Setting, ...] = (
         env_aliases=("USE_PINNED_HOST_FALLBACK",),
     ),
     Setting(
+        "prefetch_concurrency",
+        8,
+        "Concurrent ranged GETs to Blob Storage (threads; bytes go from the socket straight into "
+        "staging).",
+        int,
+        minimum=1,
+        maximum=256,
+    ),
+    Setting(
+        "chunk_bytes",
+        0,
+        "Bytes per ranged GET; 0 means staging_slot_bytes. On a GPU it is capped at "
+        "staging_slot_bytes.",
+        int,
+        minimum=0,
+        maximum=1 << 34,
+    ),
+    Setting(
+        "retry_max_attempts",
+        6,
+        "Attempts per range (and per listing call) before a transient storage failure fails the "
+        "load.",
+        int,
+        minimum=1,
+        maximum=100,
+    ),
+    Setting(
+        "retry_backoff_seconds",
+        0.25,
+        "First retry's backoff; it doubles each attempt, with jitter.",
+        float,
+    ),
+    Setting("retry_backoff_max_seconds", 8.0, "Longest backoff between two attempts.", float),
+    Setting(
+        "read_timeout_seconds",
+        30.0,
+        "A storage socket silent this long is a transient failure (the range is retried from the "
+        "last byte received).",
+        float,
+    ),
+    Setting(
+        "connect_timeout_seconds",
+        10.0,
+        "Time allowed to connect to the storage endpoint.",
+        float,
+    ),
+    Setting(
+        "on_blob_change",
+        "fail",
+        "A blob overwritten during a load: 'fail' raises BlobChanged; 'restart' lists again and "
+        "reloads (load() only, up to 3 times). Never a mixed checkpoint.",
+        str,
+        choices=("fail", "restart"),
+    ),
+    Setting(
         "mmap_local_files",
         False,
         "cpu target, local files: map shards copy-on-write instead "
@@ -123,6 +178,8 @@ def _valid_values(s: Setting) -> str:
         return "one of " + ", ".join(repr(c) for c in s.choices)
     if s.type is bool:
         return "true or false"
+    if s.type is float:
+        return "a number of seconds (0 or more)"
     if s.type is int:
         hi = f" and at most {s.maximum}" if s.maximum is not None else ""
         return f"an integer of at least {s.minimum}{hi}"
@@ -159,6 +216,16 @@ def _coerce(s: Setting, value: Any, source: str) -> Any:
         ):
             raise bad()
         return value
+    if s.type is float:
+        if isinstance(value, bool):
+            raise bad()
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad() from None
+        if not number >= 0 or number == float("inf"):
+            raise bad()
+        return number
     if not isinstance(value, str):
         raise bad()
     if s.choices and value not in s.choices:

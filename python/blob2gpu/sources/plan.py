@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -10,8 +11,9 @@ class ShardRef:
     """One shard: the name errors and reports use, where it is, and its size in bytes."""
 
     name: str
-    path: str
+    path: str  # a local path, or the blob name
     size: int
+    etag: str | None = None  # blobs: the etag seen at listing; every range is pinned to it
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class ShardPlan:
     uri: str
     shards: tuple[ShardRef, ...]
     weight_map: dict[str, str] | None = field(default=None)
+    location: Any = None  # a BlobLocation for Blob checkpoints, None for local files
 
     @property
     def total_bytes(self) -> int:

@@ -1,0 +1,356 @@
+"""Azure Blob Storage: URIs, credentials and listing.
+
+A URI names one blob, a prefix holding shards (with or without model.safetensors.index.json), or
+the index itself:
+    az://CONTAINER/PREFIX              account from AZURE_STORAGE_CONNECTION_STRING or
+                                       AZURE_STORAGE_ACCOUNT_NAME
+    https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX[?SAS]
+    http://127.0.0.1:PORT/ACCOUNT/CONTAINER/PREFIX   path-style (emulators, private endpoints)
+The byte ranges themselves are fetched by blob_feeder.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from ..errors import (
+    AccessDenied,
+    BlobNotFound,
+    InvalidArgument,
+    InvalidIndex,
+    SourceUnavailable,
+    StorageUnavailable,
+)
+from .plan import ShardPlan, ShardRef
+from .redact import redact
+
+INDEX_NAME = "model.safetensors.index.json"
+BLOB_SCHEMES = ("az", "http", "https")
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class BlobLocation:
+    """Where a checkpoint lives. `account_url` never carries a SAS; `sas` holds it apart."""
+
+    account_url: str
+    account: str
+    container: str
+    path: str  # a blob name, or a prefix ('' for the whole container)
+    sas: str | None = None
+
+    def describe(self, blob: str | None = None) -> str:
+        """How errors name a place: account, container and blob, never a secret."""
+        where = f"container '{self.container}' of account '{self.account}'"
+        return f"blob '{blob}' in {where}" if blob is not None else where
+
+
+def is_blob_uri(uri: str) -> bool:
+    return urlparse(uri).scheme in BLOB_SCHEMES
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_ip_or_localhost(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_connection_string(text: str) -> dict[str, str]:
+    """The key=value pairs of an Azure Storage connection string."""
+    out = {}
+    for part in text.split(";"):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _account_url_from_connection_string(cs: Mapping[str, str]) -> tuple[str, str]:
+    account = cs.get("AccountName", "")
+    if "BlobEndpoint" in cs:
+        url = cs["BlobEndpoint"].rstrip("/")
+        if not account:
+            parsed = urlparse(url)
+            account = (
+                parsed.path.strip("/").split("/")[0]
+                if _is_ip_or_localhost(parsed.hostname or "")
+                else (parsed.hostname or "").split(".")[0]
+            )
+        return url, account
+    if not account:
+        raise InvalidArgument(
+            "AZURE_STORAGE_CONNECTION_STRING has neither AccountName nor BlobEndpoint"
+        )
+    protocol = cs.get("DefaultEndpointsProtocol", "https")
+    suffix = cs.get("EndpointSuffix", "core.windows.net")
+    return f"{protocol}://{account}.blob.{suffix}", account
+
+
+def parse_blob_uri(uri: str, environ: Mapping[str, str] | None = None) -> BlobLocation:
+    """Parse a Blob URI into a BlobLocation. Raises InvalidArgument naming what is missing."""
+    env = os.environ if environ is None else environ
+    parsed = urlparse(uri)
+    if parsed.scheme == "az":
+        container, path = parsed.netloc, parsed.path.lstrip("/")
+        if not container:
+            raise InvalidArgument(f"'{redact(uri)}' names no container: use az://CONTAINER/PREFIX")
+        if env.get("AZURE_STORAGE_CONNECTION_STRING"):
+            cs = parse_connection_string(env["AZURE_STORAGE_CONNECTION_STRING"])
+            account_url, account = _account_url_from_connection_string(cs)
+        elif env.get("AZURE_STORAGE_ACCOUNT_NAME"):
+            account = env["AZURE_STORAGE_ACCOUNT_NAME"]
+            account_url = f"https://{account}.blob.core.windows.net"
+        else:
+            raise InvalidArgument(
+                "az:// URIs need the storage account: set "
+                "AZURE_STORAGE_ACCOUNT_NAME (or AZURE_STORAGE_CONNECTION_STRING)"
+            )
+        return BlobLocation(account_url, account, container, path)
+    host = parsed.hostname or ""
+    segments = [s for s in parsed.path.split("/")]
+    segments = segments[1:] if segments and segments[0] == "" else segments
+    port = f":{parsed.port}" if parsed.port else ""
+    if _is_ip_or_localhost(host):  # path-style: /ACCOUNT/CONTAINER/PATH
+        if len(segments) < 2 or not segments[0] or not segments[1]:
+            raise InvalidArgument(
+                f"'{redact(uri)}' is path-style and needs /ACCOUNT/CONTAINER/PREFIX"
+            )
+        account, container, rest = segments[0], segments[1], segments[2:]
+        account_url = f"{parsed.scheme}://{host}{port}/{account}"
+    else:
+        if not segments or not segments[0]:
+            raise InvalidArgument(f"'{redact(uri)}' names no container")
+        account = host.split(".")[0]
+        container, rest = segments[0], segments[1:]
+        account_url = f"{parsed.scheme}://{host}{port}"
+    return BlobLocation(account_url, account, container, "/".join(rest), parsed.query or None)
+
+
+def resolve_credential(
+    location: BlobLocation, explicit: Any = None, environ: Mapping[str, str] | None = None
+) -> tuple[Any, str]:
+    """Pick the credential for `location`: (credential, how it was chosen, for the report).
+
+    Order: an explicit credential; a SAS in the URI; AZURE_STORAGE_CONNECTION_STRING's key or SAS;
+    AZURE_STORAGE_KEY; AZURE_STORAGE_SAS_TOKEN; azure-identity's DefaultAzureCredential when it is
+    installed (workload or managed identity on AKS); anonymous. Raises InvalidArgument when a
+    bearer token would cross plain HTTP to a host other than loopback.
+    """
+    env = os.environ if environ is None else environ
+    credential: Any = None
+    how = "anonymous"
+    if explicit is not None:
+        credential, how = explicit, "explicit credential"
+    elif location.sas:
+        how = "SAS in the URI"
+    elif env.get("AZURE_STORAGE_CONNECTION_STRING"):
+        cs = parse_connection_string(env["AZURE_STORAGE_CONNECTION_STRING"])
+        if cs.get("AccountKey"):
+            credential = {
+                "account_name": cs.get("AccountName", location.account),
+                "account_key": cs["AccountKey"],
+            }
+            how = "account key from AZURE_STORAGE_CONNECTION_STRING"
+        elif cs.get("SharedAccessSignature"):
+            credential, how = (
+                cs["SharedAccessSignature"],
+                "SAS from AZURE_STORAGE_CONNECTION_STRING",
+            )
+    elif env.get("AZURE_STORAGE_KEY"):
+        credential = {"account_name": location.account, "account_key": env["AZURE_STORAGE_KEY"]}
+        how = "account key from AZURE_STORAGE_KEY"
+    elif env.get("AZURE_STORAGE_SAS_TOKEN"):
+        credential, how = env["AZURE_STORAGE_SAS_TOKEN"].lstrip("?"), "AZURE_STORAGE_SAS_TOKEN"
+    else:
+        try:
+            from azure.identity import DefaultAzureCredential
+        except ImportError:
+            pass
+        else:
+            credential, how = DefaultAzureCredential(), "DefaultAzureCredential (azure-identity)"
+    if hasattr(credential, "get_token"):
+        parsed = urlparse(location.account_url)
+        if parsed.scheme != "https" and not _is_loopback(parsed.hostname or ""):
+            raise InvalidArgument(
+                f"refusing to send a bearer token over plain HTTP to "
+                f"'{parsed.hostname}': use https (or a loopback emulator)"
+            )
+    return credential, how
+
+
+def storage_error(
+    error: BaseException, location: BlobLocation, blob: str | None = None, what: str = "request"
+) -> Exception:
+    """Map an azure-core/storage exception to a blob2gpu error naming the place, without secrets.
+
+    Transient failures come back as StorageUnavailable; callers that retry test is_transient first.
+    """
+    status = getattr(error, "status_code", None)
+    code = getattr(error, "error_code", None)
+    place = location.describe(blob)
+    detail = f"HTTP {status}" + (f" {code}" if code else "") if status else type(error).__name__
+    if status == 404:
+        if code == "ContainerNotFound" or blob is None:
+            return BlobNotFound(f"{what}: {location.describe()} does not exist ({detail})")
+        return BlobNotFound(f"{what}: {place} does not exist ({detail})")
+    if status in (401, 403):
+        return AccessDenied(
+            f"{what}: access to {place} was denied ({detail}); check the "
+            "credential: SAS expiry and permissions (read, list), the account key, "
+            "or the identity's 'Storage Blob Data Reader' role"
+        )
+    if status in TRANSIENT_STATUS or status is None:
+        return StorageUnavailable(
+            f"{what}: {place} is unavailable ({detail}: {redact(error)[:300]})"
+        )
+    return SourceUnavailable(f"{what}: {place} failed ({detail}: {redact(error)[:300]})")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed request may succeed if retried (connection trouble, timeouts, 5xx, 429)."""
+    from azure.core.exceptions import (
+        IncompleteReadError,
+        ServiceRequestError,
+        ServiceResponseError,
+    )
+
+    status = getattr(error, "status_code", None)
+    if status is not None:
+        return status in TRANSIENT_STATUS
+    return isinstance(
+        error,
+        (
+            ServiceRequestError,
+            ServiceResponseError,
+            IncompleteReadError,
+            ConnectionError,
+            TimeoutError,
+            OSError,
+        ),
+    )
+
+
+def _child_names(names: list[str], directory: str) -> list[str]:
+    prefix = f"{directory}/" if directory else ""
+    return [n for n in names if n.startswith(prefix) and "/" not in n[len(prefix) :]]
+
+
+@dataclass
+class BlobListing:
+    """What a Blob URI resolved to: the plan, and the other files beside the weights."""
+
+    plan: ShardPlan
+    aux_blobs: list[tuple[str, int]]  # (blob name, size) of config, tokenizer, ... files
+
+
+def list_checkpoint(container_client: Any, location: BlobLocation, retry: Any) -> BlobListing:
+    """List the checkpoint at `location`. Raises BlobNotFound, AccessDenied, InvalidIndex,
+    SourceUnavailable (naming the missing shard) or StorageUnavailable."""
+    path = location.path.rstrip("/")
+    if path.endswith(".safetensors") or path.endswith(".index.json"):
+        directory = posixpath.dirname(path)
+    else:
+        directory = path
+    prefix = f"{directory}/" if directory else None
+
+    def do_list() -> list[Any]:
+        return list(container_client.list_blobs(name_starts_with=prefix))
+
+    blobs = retry(do_list, f"listing {location.describe()}", None)
+    by_name = {b.name: b for b in blobs}
+    children = _child_names(list(by_name), directory)
+
+    def ref(name: str) -> ShardRef:
+        b = by_name[name]
+        return ShardRef(name=posixpath.basename(name), path=name, size=int(b.size), etag=b.etag)
+
+    weight_map = None
+    if path.endswith(".safetensors"):
+        if path not in by_name:
+            raise BlobNotFound(f"{location.describe(path)} does not exist")
+        shard_names = [path]
+    else:
+        index = path if path.endswith(".index.json") else posixpath.join(directory, INDEX_NAME)
+        if path.endswith(".index.json") and index not in by_name:
+            raise BlobNotFound(f"{location.describe(index)} does not exist")
+        if index in by_name:
+            raw = retry(
+                lambda: (
+                    container_client.get_blob_client(index)
+                    .download_blob(etag=by_name[index].etag, match_condition=_if_match())
+                    .readall()
+                ),
+                f"reading {location.describe(index)}",
+                index,
+            )
+            weight_map = _parse_index(raw, index)
+            files = sorted(set(weight_map.values()))
+            shard_names = []
+            for f in files:
+                name = posixpath.join(directory, f) if directory else f
+                if name not in by_name:
+                    raise SourceUnavailable(
+                        f"index '{index}' names shard '{f}', which is not in "
+                        f"{location.describe()} under '{directory or '/'}'"
+                    )
+                shard_names.append(name)
+        else:
+            shard_names = sorted(n for n in children if n.endswith(".safetensors"))
+            if not shard_names:
+                raise BlobNotFound(
+                    f"no .safetensors blobs and no {INDEX_NAME} under "
+                    f"'{directory or '/'}' in {location.describe()}"
+                )
+    weights = set(shard_names)
+    aux = [
+        (n, int(by_name[n].size))
+        for n in children
+        if n not in weights and not n.endswith(".safetensors")
+    ]
+    plan = ShardPlan(
+        uri=f"{location.account_url}/{location.container}/{location.path}",
+        shards=tuple(ref(n) for n in shard_names),
+        weight_map=weight_map,
+        location=location,
+    )
+    return BlobListing(plan=plan, aux_blobs=aux)
+
+
+def _if_match() -> Any:
+    from azure.core import MatchConditions
+
+    return MatchConditions.IfNotModified
+
+
+def _parse_index(raw: bytes, name: str) -> dict[str, str]:
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidIndex(f"index '{name}' is not valid JSON: {e}") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and "/" not in v and not v.startswith(".")
+        for k, v in weight_map.items()
+    ):
+        raise InvalidIndex(f"index '{name}' has no 'weight_map' of tensor name to shard file name")
+    return dict(weight_map)

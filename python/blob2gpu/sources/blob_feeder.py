@@ -1,0 +1,306 @@
+"""BlobFeeder: concurrent ranged GETs from Azure Blob Storage, written by the socket straight into
+the pipeline's landings (a pinned staging slot, or the cpu arena itself).
+
+Each shard's first range starts at offset 0 and carries the header and the first data, so there is
+no separate header round trip; the shard's other ranges are scheduled once the core has parsed that
+header, ahead of other shards' first ranges. Every range is pinned to the etag seen at listing
+(If-Match). A transient failure (reset, timeout, 408/429/5xx) retries only the bytes still missing,
+after an exponential backoff with jitter; a permanent one fails the load at once.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..errors import Blob2GpuError, BlobChanged, HeaderTruncated, LoadCancelled, StorageUnavailable
+from .azure_blob import BlobLocation, is_transient, storage_error
+from .plan import ShardPlan, ShardRef
+from .redact import redact
+
+T = TypeVar("T")
+
+
+class RetryPolicy:
+    """Exponential backoff with jitter for transient storage failures; counts what it retried."""
+
+    def __init__(
+        self,
+        location: BlobLocation,
+        max_attempts: int,
+        backoff_seconds: float,
+        backoff_max_seconds: float,
+        stopping: threading.Event | None = None,
+    ) -> None:
+        self.location = location
+        self.max_attempts = max_attempts
+        self.backoff_seconds = backoff_seconds
+        self.backoff_max_seconds = backoff_max_seconds
+        self.stopping = stopping or threading.Event()
+        self._lock = threading.Lock()
+        self.retries = 0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number `attempt` (1-based): jittered, capped."""
+        ceiling = min(self.backoff_max_seconds, self.backoff_seconds * (2 ** (attempt - 1)))
+        return ceiling * random.uniform(0.5, 1.0)
+
+    def wait_before_retry(
+        self, attempt: int, error: BaseException, what: str, blob: str | None
+    ) -> None:
+        """Count a retry and sleep, or raise StorageUnavailable once attempts are spent."""
+        if attempt >= self.max_attempts:
+            raise StorageUnavailable(
+                f"{what}: {self.location.describe(blob)} kept failing after {attempt} attempts "
+                f"(last: {type(error).__name__}: {redact(error)[:200]}); raise "
+                "retry_max_attempts or check the storage account's health and throttling"
+            ) from None
+        with self._lock:
+            self.retries += 1
+        if self.stopping.wait(self.delay(attempt)):
+            raise LoadCancelled("the load was cancelled while waiting to retry")
+
+    def run(self, fn: Callable[[], T], what: str, blob: str | None) -> T:
+        """Call fn, retrying transient failures; permanent ones raise a typed error."""
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except Blob2GpuError:
+                raise
+            except Exception as e:
+                if not is_transient(e):
+                    raise storage_error(e, self.location, blob, what) from None
+                attempt += 1
+                self.wait_before_retry(attempt, e, what, blob)
+
+
+@dataclass
+class RangeTask:
+    shard: int
+    start: int
+    end: int
+    first: bool = False  # carries the header: schedules the shard's remaining ranges
+
+
+class BlobFeeder:
+    """Feeds one fed LoadSession from Blob Storage with `concurrency` threads."""
+
+    def __init__(
+        self,
+        session: Any,
+        plan: ShardPlan,
+        container_client: Any,
+        retry: RetryPolicy,
+        concurrency: int,
+        chunk_bytes: int,
+    ) -> None:
+        self._session = session
+        self._plan = plan
+        self._container = container_client
+        self._retry = retry
+        self._chunk = chunk_bytes
+        self._blobs = [container_client.get_blob_client(s.path) for s in plan.shards]
+        self._queue: deque[RangeTask] = deque()
+        self._cv = threading.Condition()
+        self._active = 0
+        self._stopping = retry.stopping
+        self._threads = [
+            threading.Thread(target=self._worker, name=f"blob2gpu-feeder-{i}", daemon=True)
+            for i in range(concurrency)
+        ]
+        self._open_responses: set[Any] = set()
+        self.error: BaseException | None = None
+        self.shard_retries = [0] * len(plan.shards)
+        self.requests = 0
+        self.bytes_fetched = 0
+
+    # -- scheduling -------------------------------------------------------------------------------
+    def start(self) -> BlobFeeder:
+        for i, ref in enumerate(self._plan.shards):
+            if ref.size < 8:
+                self._fail(
+                    HeaderTruncated(
+                        f"shard '{ref.name}': blob is {ref.size} bytes, shorter "
+                        "than the 8-byte safetensors header length"
+                    )
+                )
+                return self
+            self._queue.append(RangeTask(i, 0, min(self._chunk, ref.size), first=True))
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _next(self) -> RangeTask | None:
+        with self._cv:
+            while True:
+                if self._stopping.is_set():
+                    return None
+                if self._queue:
+                    self._active += 1
+                    return self._queue.popleft()
+                if self._active == 0:
+                    return None  # every range fetched
+                self._cv.wait()
+
+    def _done(self, follow_ups: list[RangeTask]) -> None:
+        with self._cv:
+            # A shard in progress finishes before other shards start: its arena fills sooner.
+            self._queue.extendleft(reversed(follow_ups))
+            self._active -= 1
+            self._cv.notify_all()
+
+    def _ranges(self, shard: int, start: int, end: int) -> list[RangeTask]:
+        return [
+            RangeTask(shard, a, min(end, a + self._chunk)) for a in range(start, end, self._chunk)
+        ]
+
+    def _worker(self) -> None:
+        while (task := self._next()) is not None:
+            follow_ups: list[RangeTask] = []
+            try:
+                follow_ups = self._run(task)
+            except BaseException as e:
+                self._fail(e)
+            finally:
+                self._done(follow_ups)
+
+    def _run(self, task: RangeTask) -> list[RangeTask]:
+        ref = self._plan.shards[task.shard]
+        landing = self._session.acquire(task.shard, task.start, task.end - task.start)
+        if landing is None:
+            return []  # cancelled
+        try:
+            self._fetch_into(task.shard, ref, task.start, landing.view)
+        except BaseException:
+            self._session.release(landing)
+            raise
+        status = self._session.commit(landing)
+        if not status["header_ready"]:
+            # The header is longer than the first range: fetch the rest of it, then the data.
+            return [RangeTask(task.shard, status["header_have"], status["data_offset"], first=True)]
+        if task.first:
+            return self._ranges(task.shard, max(task.end, status["data_offset"]), ref.size)
+        return []
+
+    # -- fetching ---------------------------------------------------------------------------------
+    def _fetch_into(self, shard: int, ref: ShardRef, offset: int, view: memoryview) -> None:
+        """Fill `view` with bytes [offset, offset + len(view)) of the blob, retrying what failed."""
+        from azure.storage.blob._generated.models import ModifiedAccessConditions
+
+        blob = self._blobs[shard]
+        total = len(view)
+        pos = 0
+        attempt = 0
+        what = f"shard '{ref.name}' bytes {offset}-{offset + total - 1}"
+        while pos < total:
+            if self._stopping.is_set():
+                raise LoadCancelled("the load was cancelled")
+            response = None
+            try:
+                # The generated operation is the SDK's own GET (auth, headers, logging policies);
+                # with stream=True its body is still in the socket, which readinto() below empties
+                # into the landing with no intermediate bytes objects.
+                pipeline_response = blob._client.blob.download(
+                    range=f"bytes={offset + pos}-{offset + total - 1}",
+                    modified_access_conditions=ModifiedAccessConditions(if_match=ref.etag),
+                    cls=lambda pipeline_response, _body, _headers: pipeline_response,
+                )
+                with self._cv:
+                    self.requests += 1
+                response = pipeline_response.http_response.internal_response
+                self._check_range(ref, response, offset + pos, offset + total)
+                with self._cv:
+                    self._open_responses.add(response)
+                body = response.raw._fp  # http.client.HTTPResponse: readinto() fills our memory
+                while pos < total:
+                    n = body.readinto(view[pos:])
+                    if not n:
+                        raise ConnectionResetError(
+                            f"connection closed after {pos} of {total} bytes"
+                        )
+                    pos += n
+                    with self._cv:
+                        self.bytes_fetched += n
+                response.raw.release_conn()  # keep-alive: back to the pool
+                response = None
+            except Blob2GpuError:
+                raise
+            except Exception as e:
+                if self._stopping.is_set():
+                    raise LoadCancelled("the load was cancelled") from None
+                status = getattr(e, "status_code", None)
+                if status in (412, 416):
+                    raise BlobChanged(
+                        f"shard '{ref.name}': {self._plan.location.describe(ref.path)} changed "
+                        f"during the load (HTTP {status}: its etag is no longer {ref.etag}); "
+                        "nothing from it was kept: load again"
+                    ) from None
+                if not is_transient(e):
+                    raise storage_error(e, self._plan.location, ref.path, what) from None
+                attempt += 1
+                with self._cv:
+                    self.shard_retries[shard] += 1
+                self._retry.wait_before_retry(attempt, e, what, ref.path)
+            finally:
+                if response is not None:
+                    response.close()  # a broken body: drop the connection
+                    with self._cv:
+                        self._open_responses.discard(response)
+                else:
+                    with self._cv:
+                        self._open_responses = {
+                            r for r in self._open_responses if not getattr(r.raw, "closed", False)
+                        }
+
+    def _check_range(self, ref: ShardRef, response: Any, start: int, end: int) -> None:
+        length = int(response.headers.get("Content-Length", -1))
+        total = response.headers.get("Content-Range", "").rsplit("/", 1)[-1]
+        if length != end - start or (total.isdigit() and int(total) != ref.size):
+            response.close()
+            raise BlobChanged(
+                f"shard '{ref.name}': {self._plan.location.describe(ref.path)} changed during "
+                f"the load (expected {ref.size} bytes, the server reports "
+                f"{total or '?'}); load again"
+            )
+
+    # -- ending -----------------------------------------------------------------------------------
+    def _fail(self, error: BaseException) -> None:
+        with self._cv:
+            first = self.error is None
+            if first:
+                self.error = error
+            self._cv.notify_all()
+        if first:
+            self._stopping.set()
+            message = redact(error)
+            kind = "LoadCancelled" if isinstance(error, LoadCancelled) else "SourceReadError"
+            try:
+                self._session.abort(kind, message)
+            except Exception:
+                pass
+
+    def stop(self) -> None:
+        """Stop fetching: cancel waits, break open responses, and join the threads."""
+        if any(t.is_alive() for t in self._threads):
+            self._session.cancel()  # wakes threads waiting for a staging slot
+        self._stopping.set()
+        with self._cv:
+            self._cv.notify_all()
+            responses = list(self._open_responses)
+        for r in responses:
+            try:
+                r.close()
+            except Exception:
+                pass
+        for t in self._threads:
+            if t.is_alive():
+                t.join()
+
+    @property
+    def retries(self) -> int:
+        return self._retry.retries

@@ -1,0 +1,1 @@
+"""Test-only servers: a real Azurite (blob service, in memory) and a fault-injecting HTTP proxy."""

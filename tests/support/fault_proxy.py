@@ -1,0 +1,181 @@
+"""A fault-injecting HTTP proxy between the client and Azurite.
+
+Every request travels on its own connection (the proxy forces `Connection: close`), so a fault
+hits exactly one request. Faults apply to ranged blob GETs (those with a Range or x-ms-range
+header) and are armed by count: each armed fault hits that many of the next such requests.
+The proxy counts the ranged GETs and their bytes, so tests can check what reached the server.
+It only ever connects to the upstream address it was given (a loopback Azurite).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Faults:
+    reset_after_bytes: int = 0  # body bytes sent before a connection reset
+    resets: int = 0
+    stall_seconds: float = 0.0  # silence in the middle of the body
+    stalls: int = 0
+    status: int = 503  # answered without asking upstream
+    statuses: int = 0
+    flips: int = 0  # flip one body byte (at flip_offset) of that many responses
+    flip_offset: int = 100
+    list_statuses: int = 0  # non-ranged requests (listing, properties) answered with `status`
+    on_range_get: Callable[[str, int], None] | None = None  # (path, count) before forwarding
+
+
+@dataclass
+class Counters:
+    range_gets: int = 0
+    range_bytes: int = 0  # body bytes of ranged GETs passed to the client
+    requests: int = 0
+    paths: list[str] = field(default_factory=list)
+
+
+def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before the end of the head")
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    return head, rest
+
+
+def _headers(head: bytes) -> tuple[str, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    out = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            out[k.strip().lower()] = v.strip()
+    return lines[0], out
+
+
+def _with_close(head: bytes) -> bytes:
+    lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"connection:")]
+    return b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n"
+
+
+class FaultProxy:
+    """Listens on a free loopback port and forwards to upstream_port on 127.0.0.1."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.faults = Faults()
+        self.counters = Counters()
+        self._lock = threading.Lock()
+        self._server = socket.socket()
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(64)
+        self.port = self._server.getsockname()[1]
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.faults = Faults()
+            self.counters = Counters()
+
+    def _take(self, name: str) -> bool:
+        with self._lock:
+            left = getattr(self.faults, name)
+            if left > 0:
+                setattr(self.faults, name, left - 1)
+                return True
+            return False
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = None
+        try:
+            head, rest = _read_head(client)
+            request_line, headers = _headers(head)
+            length = int(headers.get("content-length", 0))
+            while len(rest) < length:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                rest += chunk
+            method, path = request_line.split(" ")[:2]
+            ranged = method == "GET" and ("range" in headers or "x-ms-range" in headers)
+            with self._lock:
+                self.counters.requests += 1
+                if ranged:
+                    self.counters.range_gets += 1
+                    self.counters.paths.append(path.split("?")[0])
+                count = self.counters.range_gets
+                hook = self.faults.on_range_get
+            if ranged and hook is not None:
+                hook(path.split("?")[0], count)
+            if (ranged and self._take("statuses")) or (not ranged and self._take("list_statuses")):
+                body = (
+                    b'<?xml version="1.0" encoding="utf-8"?><Error><Code>ServerBusy</Code>'
+                    b"<Message>The server is busy.</Message></Error>"
+                )
+                client.sendall(
+                    b"HTTP/1.1 %d Busy\r\nContent-Type: application/xml\r\n"
+                    b"x-ms-error-code: ServerBusy\r\nContent-Length: %d\r\n"
+                    b"Connection: close\r\n\r\n" % (self.faults.status, len(body)) + body
+                )
+                return
+            upstream = socket.create_connection(self.upstream, timeout=30)
+            upstream.sendall(_with_close(head) + rest)
+            resp_head, body = _read_head(upstream)
+            client.sendall(_with_close(resp_head))
+            reset = ranged and self._take("resets")
+            stall = ranged and self._take("stalls")
+            flip = ranged and self._take("flips")
+            sent = 0
+            while True:
+                if body:
+                    if flip and sent <= self.faults.flip_offset < sent + len(body):
+                        i = self.faults.flip_offset - sent
+                        body = body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1 :]
+                        flip = False
+                    if reset and sent + len(body) > self.faults.reset_after_bytes:
+                        client.sendall(body[: max(0, self.faults.reset_after_bytes - sent)])
+                        # SO_LINGER 0: close with a TCP reset, like a dropped connection.
+                        client.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
+                        return
+                    if stall and sent + len(body) > 1000:
+                        client.sendall(body[:1000])
+                        time.sleep(self.faults.stall_seconds)
+                        return
+                    client.sendall(body)
+                    sent += len(body)
+                    if ranged:
+                        with self._lock:
+                            self.counters.range_bytes += len(body)
+                body = upstream.recv(1 << 20)
+                if not body:
+                    return
+        except OSError:
+            return
+        finally:
+            client.close()
+            if upstream is not None:
+                upstream.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._server.close()
