@@ -159,14 +159,14 @@ def test_sas_without_list_permission_is_denied_without_the_signature(
 def test_missing_blob_container_and_shard(published, azurite, container, blob_env):
     with pytest.raises(errors.BlobNotFound, match=r"nothere\.safetensors"):
         blob2gpu.load(f"az://{container}/llama/nothere.safetensors")
-    with pytest.raises(errors.BlobNotFound, match="container 'nosuchcontainer'"):
+    with pytest.raises(errors.BlobNotFound, match=r"container 'nosuchcontainer'"):
         blob2gpu.load("az://nosuchcontainer/llama")
-    with pytest.raises(errors.BlobNotFound, match="no .safetensors blobs"):
+    with pytest.raises(errors.BlobNotFound, match=r"no .safetensors blobs"):
         blob2gpu.load(f"az://{container}/empty-prefix")
     azurite.service().get_container_client(container).delete_blob(
         "llama/model-00003-of-00003.safetensors"
     )
-    with pytest.raises(errors.SourceUnavailable, match="model-00003-of-00003.safetensors"):
+    with pytest.raises(errors.SourceUnavailable, match=r"model-00003-of-00003.safetensors"):
         blob2gpu.load(f"az://{container}/llama")
 
 
@@ -181,7 +181,7 @@ def test_malformed_header_in_blob_releases_everything(
     upload_directory(azurite, container, directory, "bad")
     gc.collect()
     before = _core.live_arena_count()
-    with pytest.raises(errors.InvalidHeader, match="model-00002-of-00003.safetensors"):
+    with pytest.raises(errors.InvalidHeader, match=r"model-00002-of-00003.safetensors"):
         blob2gpu.load(f"az://{container}/bad", device=device, framework="dlpack")
     gc.collect()
     assert _core.live_arena_count() == before
@@ -209,7 +209,7 @@ def test_bad_blob_uris(uri, match, blob_env):
 def test_az_uri_needs_an_account(monkeypatch):
     for var in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(errors.InvalidArgument, match="AZURE_STORAGE_ACCOUNT_NAME"):
+    with pytest.raises(errors.InvalidArgument, match=r"AZURE_STORAGE_ACCOUNT_NAME"):
         blob2gpu.load("az://models/llama")
 
 
@@ -221,7 +221,7 @@ def test_bearer_tokens_never_cross_plain_http_except_to_loopback():
             raise AssertionError
 
     remote = parse_blob_uri("http://storage.example.com/models/llama")
-    with pytest.raises(errors.InvalidArgument, match="plain HTTP"):
+    with pytest.raises(errors.InvalidArgument, match=r"plain HTTP"):
         resolve_credential(remote, Token())
     local = parse_blob_uri("http://127.0.0.1:10000/devstoreaccount1/models/llama")
     assert resolve_credential(local, Token())[1] == "explicit credential"

@@ -88,7 +88,7 @@ class Azurite:
             f"BlobEndpoint={self.endpoint(port)};"
         )
 
-    def service(self):  # noqa: ANN201 - azure type
+    def service(self):
         from azure.storage.blob import BlobServiceClient
 
         return BlobServiceClient.from_connection_string(self.connection_string())

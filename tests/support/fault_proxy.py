@@ -140,27 +140,26 @@ class FaultProxy:
             upstream.sendall(_with_close(head) + rest)
             resp_head, body = _read_head(upstream)
             client.sendall(_with_close(resp_head))
-            reset = ranged and self._take("resets")
-            stall = ranged and self._take("stalls")
-            flip = ranged and self._take("flips")
             sent = 0
             while True:
-                if body:
-                    if flip and sent <= self.faults.flip_offset < sent + len(body):
-                        i = self.faults.flip_offset - sent
+                # A fault is used up only when it fires, so short responses don't swallow it.
+                if body and ranged:
+                    f = self.faults
+                    if sent <= f.flip_offset < sent + len(body) and self._take("flips"):
+                        i = f.flip_offset - sent
                         body = body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1 :]
-                        flip = False
-                    if reset and sent + len(body) > self.faults.reset_after_bytes:
-                        client.sendall(body[: max(0, self.faults.reset_after_bytes - sent)])
+                    if sent + len(body) > f.reset_after_bytes and self._take("resets"):
+                        client.sendall(body[: max(0, f.reset_after_bytes - sent)])
                         # SO_LINGER 0: close with a TCP reset, like a dropped connection.
                         client.setsockopt(
                             socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
                         )
                         return
-                    if stall and sent + len(body) > 1000:
-                        client.sendall(body[:1000])
-                        time.sleep(self.faults.stall_seconds)
+                    if sent + len(body) > 1000 and self._take("stalls"):
+                        client.sendall(body[: max(0, 1000 - sent)])
+                        time.sleep(f.stall_seconds)
                         return
+                if body:
                     client.sendall(body)
                     sent += len(body)
                     if ranged:

@@ -1,0 +1,182 @@
+"""Storage faults between the loader and Azurite (through the fault proxy): resets mid-body,
+stalls past the read timeout and 503 bursts are retried (only the missing bytes) and counted;
+exhausted retries, a blob overwritten mid-load and throttled listings end in typed errors that
+release every allocation."""
+
+from __future__ import annotations
+
+import gc
+
+import blob2gpu
+import pytest
+import torch
+from blob2gpu import _core, errors
+from conftest import as_bytes, random_tensor, reference_bytes, upload_directory
+
+FAST_RETRIES = {"retry_backoff_seconds": 0.01, "retry_backoff_max_seconds": 0.05}
+
+
+@pytest.fixture
+def published(write_checkpoint, azurite, container):
+    directory = write_checkpoint(
+        [
+            {
+                f"s{s}.w{i}": random_tensor(torch.float32, (128, 256), seed=10 * s + i)
+                for i in range(2)
+            }
+            for s in range(3)
+        ]
+    )  # 3 x 256 KiB
+    upload_directory(azurite, container, directory, "m")
+    return directory
+
+
+@pytest.fixture
+def via_proxy(azurite, fault_proxy, monkeypatch):
+    """az:// URIs resolve to the fault proxy in front of Azurite."""
+    monkeypatch.delenv("AZURE_STORAGE_ACCOUNT_NAME", raising=False)
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string(port=fault_proxy.port)
+    )
+    return fault_proxy
+
+
+def expected(directory):
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(reference_bytes(f))
+    return out
+
+
+def load(uri, device, **settings):
+    framework = "torch" if device == "cpu" else "dlpack"
+    settings = {"chunk_bytes": 65536, **FAST_RETRIES, **settings}
+    if device != "cpu":
+        settings.setdefault("staging_slot_bytes", 65536)
+    with blob2gpu.open(uri, device=device, framework=framework, **settings) as checkpoint:
+        tensors = checkpoint.to_dict()
+        report = checkpoint.report
+    return {n: as_bytes(t) for n, t in tensors.items()}, report
+
+
+def test_resets_mid_body_are_retried_from_the_missing_bytes(
+    device, published, container, via_proxy
+):
+    via_proxy.faults.resets = 3
+    via_proxy.faults.reset_after_bytes = 20000
+    got, report = load(f"az://{container}/m", device)
+    assert got == expected(published)
+    assert report.retries >= 3 and sum(s.retries for s in report.shards) >= 3
+    total = sum(f.stat().st_size for f in published.glob("*.safetensors"))
+    # Only the missing bytes were fetched again: at most the bytes cut off by the resets.
+    assert via_proxy.counters.range_bytes <= total + 3 * 65536
+
+
+def test_stall_past_the_read_timeout_is_retried(device, published, container, via_proxy):
+    via_proxy.faults.stalls = 1
+    via_proxy.faults.stall_seconds = 3.0
+    got, report = load(f"az://{container}/m", device, read_timeout_seconds=0.5)
+    assert got == expected(published)
+    assert report.retries >= 1
+
+
+def test_server_busy_bursts_are_retried(device, published, container, via_proxy):
+    via_proxy.faults.statuses = 5
+    via_proxy.faults.status = 503
+    got, report = load(f"az://{container}/m", device)
+    assert got == expected(published)
+    assert report.retries >= 5
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 504, 408])
+def test_every_transient_status_is_retried(published, container, via_proxy, status):
+    via_proxy.faults.statuses = 2
+    via_proxy.faults.status = status
+    got, report = load(f"az://{container}/m", "cpu")
+    assert got == expected(published) and report.retries >= 2
+
+
+def test_throttled_listing_is_retried(published, container, via_proxy):
+    via_proxy.faults.list_statuses = 2
+    got, _ = load(f"az://{container}/m", "cpu")
+    assert got == expected(published)
+
+
+def test_exhausted_retries_fail_typed_and_release_everything(
+    device, published, container, via_proxy, request
+):
+    via_proxy.faults.statuses = 10_000
+    gc.collect()
+    arenas = _core.live_arena_count()
+    if device == "cuda":
+        driver = request.getfixturevalue("fake_driver")
+        device_allocs = driver.live_device_allocations()
+    with pytest.raises(errors.StorageUnavailable, match=r"after 3 attempts") as info:
+        load(f"az://{container}/m", device, retry_max_attempts=3)
+    assert "retry_max_attempts" in str(info.value) and container in str(info.value)
+    del info
+    gc.collect()
+    assert _core.live_arena_count() == arenas
+    if device == "cuda":
+        assert driver.live_device_allocations() == device_allocs
+        assert driver.live_host_allocations() == 0
+
+
+def test_blob_overwritten_during_the_load_is_detected(
+    device, published, azurite, container, via_proxy
+):
+    victim = "m/model-00003-of-00003.safetensors"
+    replacement = (published / "model-00001-of-00003.safetensors").read_bytes()
+
+    def overwrite_once(path, count):
+        if count == 4:
+            azurite.service().get_container_client(container).upload_blob(
+                victim, replacement, overwrite=True
+            )
+
+    via_proxy.faults.on_range_get = overwrite_once
+    gc.collect()
+    arenas = _core.live_arena_count()
+    with pytest.raises(errors.BlobChanged, match="model-00003-of-00003.safetensors") as info:
+        load(f"az://{container}/m", device, prefetch_concurrency=1)
+    assert "load again" in str(info.value)
+    del info
+    gc.collect()
+    assert _core.live_arena_count() == arenas
+
+
+def test_restart_on_blob_change_loads_one_consistent_version(
+    published, azurite, container, via_proxy
+):
+    victim = "m/model-00003-of-00003.safetensors"
+    new_tensors = {"s2.w0": torch.full((128, 256), 7.0), "s2.w1": torch.full((128, 256), 8.0)}
+    from safetensors.torch import save as save_bytes
+
+    replacement = save_bytes(new_tensors)
+
+    def overwrite_once(path, count):
+        if count == 4:
+            azurite.service().get_container_client(container).upload_blob(
+                victim, replacement, overwrite=True
+            )
+
+    via_proxy.faults.on_range_get = overwrite_once
+    got = blob2gpu.load(
+        f"az://{container}/m",
+        on_blob_change="restart",
+        prefetch_concurrency=1,
+        chunk_bytes=65536,
+        **FAST_RETRIES,
+    )
+    assert torch.equal(got["s2.w0"], new_tensors["s2.w0"])
+    assert torch.equal(got["s2.w1"], new_tensors["s2.w1"])
+    assert as_bytes(got["s0.w0"]) == expected(published)["s0.w0"]
+
+
+def test_gets_add_up_to_one_copy_of_the_checkpoint(published, container, via_proxy):
+    load(f"az://{container}/m", "cpu")
+    shards = sorted(published.glob("*.safetensors"))
+    index = (published / "model.safetensors.index.json").stat().st_size
+    assert via_proxy.counters.range_bytes == sum(f.stat().st_size for f in shards) + index
+    weight_gets = [p for p in via_proxy.counters.paths if p.endswith(".safetensors")]
+    assert len(weight_gets) == sum(-(-f.stat().st_size // 65536) for f in shards)
