@@ -5,5 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.13" ninja numpy
-"$PY" -m pip install -q --no-build-isolation .
+"$PY" -m pip install -q --no-build-isolation ".[azure]"
+# The demo serves its checkpoint from a local Azurite when npm can install one; else local files.
+if [ ! -x .azurite/node_modules/.bin/azurite-blob ] && command -v npm >/dev/null; then
+  npm install --no-save --no-audit --no-fund --loglevel=error --prefix .azurite azurite@3.37.0 \
+    || echo "azurite could not be installed: the demo reads local files"
+fi
 exec "$PY" -m blob2gpu demo "$@"

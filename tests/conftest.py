@@ -227,10 +227,7 @@ def container(azurite: Azurite) -> Iterator[str]:
 
 def upload_directory(azurite: Azurite, container: str, directory: Path, prefix: str) -> None:
     """Upload every file of `directory` to `container` under `prefix/`."""
-    client = azurite.service().get_container_client(container)
-    for f in sorted(directory.iterdir()):
-        with f.open("rb") as fh:
-            client.upload_blob(f"{prefix}/{f.name}" if prefix else f.name, fh, overwrite=True)
+    azurite.upload_directory(container, directory, prefix)
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main
 
-    return main(device=args.device, total_mb=args.size_mb)
+    return main(device=args.device, total_mb=args.size_mb, source=args.source)
 
 
 def _cmd_settings(args: argparse.Namespace) -> int:
@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="write a small checkpoint and load it")
     demo.add_argument("--device", default="auto", help="auto (GPU if usable), cpu, cuda, cuda:N")
     demo.add_argument("--size-mb", type=int, default=256)
+    demo.add_argument(
+        "--source",
+        default="auto",
+        choices=("auto", "azurite", "local"),
+        help="serve the checkpoint from a local Azurite (auto: when installed)",
+    )
     demo.set_defaults(run=_cmd_demo)
 
     settings = sub.add_parser("settings", help="print the effective settings and their sources")

@@ -73,30 +73,66 @@ def write_demo_checkpoint(
     return directory
 
 
-def main(device: str = "auto", total_mb: int = 256, directory: str | None = None) -> int:
-    """Write the demo checkpoint, load it, print the summary and phase table. Returns 0."""
+def main(device: str = "auto", total_mb: int = 256, source: str = "auto") -> int:
+    """Write the demo checkpoint, serve it from a local Azurite (or read it from local files when
+    Azurite or azure-storage-blob is missing), load it, print the summary and phase table.
+
+    Returns 0.
+    """
     import blob2gpu
+
+    from .emulator import Azurite, find_azurite
 
     if device == "auto":
         device = "cuda" if _core.driver_info()["available"] else "cpu"
+    if source == "auto":
+        try:
+            import azure.storage.blob  # noqa: F401
+
+            source = "azurite" if find_azurite() else "local"
+        except ImportError:
+            source = "local"
     with tempfile.TemporaryDirectory(prefix="blob2gpu-demo-") as tmp:
-        path = write_demo_checkpoint(Path(directory or tmp), total_mb=total_mb)
-        print(
-            f"demo checkpoint: {path} ({sum(f.stat().st_size for f in path.iterdir()) / 1e6:.0f}"
-            f" MB), loading to {device}"
-        )
-        with blob2gpu.open(str(path), device=device, framework="dlpack") as checkpoint:
-            tensors = checkpoint.to_dict()
-            report = checkpoint.report
-        report.mark_first_token()
-        print(report.summary())
-        print(report.phase_table())
-        if report.staging_slots:
-            print(
-                f"{len(tensors)} tensors; staging ring {report.staging_slots} x "
-                f"{report.staging_slot_bytes >> 20} MiB, pinned={report.pinned}, "
-                f"peak slots in flight={report.peak_slots_in_flight}"
-            )
+        path = write_demo_checkpoint(Path(tmp), total_mb=total_mb)
+        size_mb = sum(f.stat().st_size for f in path.iterdir()) / 1e6
+        shards = len(list(path.glob("*.safetensors")))
+        if source == "azurite":
+            with Azurite() as azurite:
+                azurite.upload_directory("models", path, "demo")
+                uri = f"{azurite.endpoint()}/models/demo"
+                print(
+                    f"demo checkpoint: {size_mb:.0f} MB in {shards} shards, served by Azurite at {uri}"
+                )
+                print(f"loading to {device}")
+                report = _load(blob2gpu, uri, device, credential=azurite.connection_string())
         else:
-            print(f"{len(tensors)} tensors read straight into host memory (no staging)")
+            print(f"demo checkpoint: {size_mb:.0f} MB in {shards} shards at {path} (local files)")
+            print(f"loading to {device}")
+            report = _load(blob2gpu, str(path), device)
+    print(report.summary())
+    print(report.phase_table())
     return 0
+
+
+def _load(blob2gpu, uri: str, device: str, credential: str | None = None):
+    account_key = None
+    if credential is not None:
+        from .sources.azure_blob import parse_connection_string
+
+        cs = parse_connection_string(credential)
+        account_key = {"account_name": cs["AccountName"], "account_key": cs["AccountKey"]}
+    with blob2gpu.open(uri, device=device, framework="dlpack", credential=account_key) as ckpt:
+        tensors = ckpt.to_dict()
+        report = ckpt.report
+    report.mark_first_token()
+    if report.device != "cpu":
+        print(
+            f"{len(tensors)} tensors; staging ring {report.staging_slots} x "
+            f"{report.staging_slot_bytes >> 20} MiB, pinned={report.pinned}, "
+            f"peak slots in flight={report.peak_slots_in_flight}"
+        )
+    else:
+        print(f"{len(tensors)} tensors written straight into host memory (no staging copy)")
+    if report.source == "azure-blob":
+        print(f"{report.requests} ranged GETs, {report.retries} retries")
+    return report

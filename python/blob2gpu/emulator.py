@@ -1,0 +1,125 @@
+"""A local Azurite blob service (the npm package `azurite`), for the demo and the tests: in
+memory, on a free loopback port, with --skipApiVersionCheck (the SDK may be newer)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+ACCOUNT = "devstoreaccount1"
+# Azurite's fixed, publicly documented development key: not a secret.
+ACCOUNT_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+INSTALL_HINT = "npm install --prefix .azurite azurite@3.37.0"
+
+
+def find_azurite(search: tuple[Path, ...] = ()) -> str | None:
+    """The azurite-blob launcher: $AZURITE_BLOB, <dir>/.azurite for each dir in `search` and the
+    current directory, or PATH; None when there is none."""
+    candidates = [os.environ.get("AZURITE_BLOB")]
+    for d in (*search, Path.cwd()):
+        candidates.append(str(d / ".azurite" / "node_modules" / ".bin" / "azurite-blob"))
+    candidates.append(shutil.which("azurite-blob"))
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Azurite:
+    """One Azurite blob service process on 127.0.0.1; stop() ends it (state is in memory)."""
+
+    def __init__(self, launcher: str | None = None, timeout: float = 60.0) -> None:
+        launcher = launcher or find_azurite()
+        if launcher is None:
+            raise FileNotFoundError(f"azurite-blob not found; install it with: {INSTALL_HINT}")
+        self.port = _free_port()
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"azurite-{self.port}-"))
+        self._log = (self._workdir / "azurite.log").open("wb")
+        self._process = subprocess.Popen(
+            [
+                launcher,
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                str(self.port),
+                "--inMemoryPersistence",
+                "--skipApiVersionCheck",
+                "--silent",
+            ],
+            cwd=self._workdir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                out = (self._workdir / "azurite.log").read_text(errors="replace")
+                self.stop()
+                raise RuntimeError(f"azurite exited with {self._process.returncode}: {out}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"azurite did not listen on port {self.port} within {timeout:.0f} s")
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def endpoint(self, port: int | None = None) -> str:
+        """The path-style blob endpoint, e.g. http://127.0.0.1:PORT/devstoreaccount1."""
+        return f"http://127.0.0.1:{port or self.port}/{ACCOUNT}"
+
+    def connection_string(self, port: int | None = None) -> str:
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+            f"BlobEndpoint={self.endpoint(port)};"
+        )
+
+    def service(self):
+        from azure.storage.blob import BlobServiceClient
+
+        return BlobServiceClient.from_connection_string(self.connection_string())
+
+    def upload_directory(self, container: str, directory: Path, prefix: str) -> None:
+        """Upload every file of `directory` under `prefix/` (creating the container if needed)."""
+        client = self.service().get_container_client(container)
+        if not client.exists():
+            client.create_container()
+        for f in sorted(Path(directory).iterdir()):
+            if f.is_file():
+                with f.open("rb") as fh:
+                    client.upload_blob(
+                        f"{prefix}/{f.name}" if prefix else f.name,
+                        fh,
+                        overwrite=True,
+                        max_concurrency=4,
+                    )
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            # In memory, nothing to flush: a graceful stop only waits for idle keep-alive sockets.
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+        self._log.close()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def __enter__(self) -> Azurite:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
