@@ -100,9 +100,8 @@ def main(device: str = "auto", total_mb: int = 256, source: str = "auto") -> int
             with Azurite() as azurite:
                 azurite.upload_directory("models", path, "demo")
                 uri = f"{azurite.endpoint()}/models/demo"
-                print(
-                    f"demo checkpoint: {size_mb:.0f} MB in {shards} shards, served by Azurite at {uri}"
-                )
+                print(f"demo checkpoint: {size_mb:.0f} MB in {shards} shards, served by Azurite")
+                print(f"  at {uri}")
                 print(f"loading to {device}")
                 report = _load(blob2gpu, uri, device, credential=azurite.connection_string())
         else:
