@@ -5,7 +5,9 @@
 
 #include <cstring>
 
+#include "cuda_device.hpp"
 #include "device_arena.hpp"
+#include "host_buffer.hpp"
 #include "dlpack.hpp"
 #include "dtype.hpp"
 #include "errors.hpp"
@@ -13,6 +15,8 @@
 #include "safetensors_header.hpp"
 #include "shim/cuda_driver.hpp"
 #include "tensor_export.hpp"
+
+void register_checksum_bindings(pybind11::module_& m);  // csrc/bindings_checksum.cpp
 
 namespace py = pybind11;
 using namespace blob2gpu;
@@ -80,6 +84,8 @@ py::dict session_stats_dict(const SessionStats& s) {
   d["peak_slots_in_flight"] = s.peak_slots_in_flight;
   d["slot_waits"] = s.slot_waits;
   d["mmap"] = s.mmap;
+  d["host_staging"] = s.host_staging;
+  d["min_free_device_bytes"] = s.min_free_device_bytes;
   py::list shards;
   for (const auto& shard : s.shards) shards.append(shard_stats_dict(shard));
   d["shards"] = shards;
@@ -287,6 +293,28 @@ PYBIND11_MODULE(_core, m) {
     return d;
   });
 
+  m.def(
+      "device_memory",
+      [](int ordinal) {
+        py::gil_scoped_release release;
+        auto ctx = CudaContext::retain(ordinal);
+        auto info = ctx->memory_info();
+        return std::make_tuple(info.first, info.second, ctx->name());
+      },
+      py::arg("ordinal"),
+      "(free bytes, total bytes, name) of GPU `ordinal` (cuMemGetInfo on its primary context). "
+      "Raises CudaDriverUnavailable or InvalidArgument.");
+
+  m.def(
+      "pinned_probe",
+      [](int ordinal, size_t bytes) {
+        py::gil_scoped_release release;
+        auto ctx = CudaContext::retain(ordinal);
+        return static_cast<bool>(HostBuffer::pinned(ctx, bytes));
+      },
+      py::arg("ordinal"), py::arg("bytes"),
+      "Whether `bytes` of host memory can be pinned now (allocated and freed at once).");
+
   m.def("live_arena_count", &DeviceArena::live_count,
         "Arenas (shard and realigned-tensor allocations) alive in this process.");
 
@@ -435,29 +463,35 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "start_local",
           [](LoadPipeline& p, const std::vector<std::string>& paths,
-             const std::vector<std::string>& names, bool mmap) {
+             const std::vector<std::string>& names, bool mmap, bool host_staging) {
             if (paths.size() != names.size()) {
               throw CoreError(ErrorKind::InvalidArgument, "paths and names differ in length");
             }
             std::vector<ShardSource> shards;
             for (size_t i = 0; i < paths.size(); ++i) shards.push_back({paths[i], names[i]});
             py::gil_scoped_release release;
-            return p.start_local(std::move(shards), mmap);
+            SessionOptions options;
+            options.mmap = mmap;
+            options.host_staging = host_staging;
+            return p.start_local(std::move(shards), options);
           },
-          py::arg("paths"), py::arg("names"), py::arg("mmap") = false)
+          py::arg("paths"), py::arg("names"), py::arg("mmap") = false,
+          py::arg("host_staging") = false)
       .def(
           "start_fed",
           [](LoadPipeline& p, const std::vector<std::string>& names,
-             const std::vector<uint64_t>& sizes) {
+             const std::vector<uint64_t>& sizes, bool host_staging) {
             if (names.size() != sizes.size()) {
               throw CoreError(ErrorKind::InvalidArgument, "names and sizes differ in length");
             }
             std::vector<ShardSource> shards;
             for (size_t i = 0; i < names.size(); ++i) shards.push_back({"", names[i], sizes[i]});
             py::gil_scoped_release release;
-            return p.start_fed(std::move(shards));
+            SessionOptions options;
+            options.host_staging = host_staging;
+            return p.start_fed(std::move(shards), options);
           },
-          py::arg("names"), py::arg("sizes"),
+          py::arg("names"), py::arg("sizes"), py::arg("host_staging") = false,
           "Start a load whose byte ranges the caller fetches into landings (acquire/commit).")
       .def("close", &LoadPipeline::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("device", &LoadPipeline::device)
@@ -472,4 +506,6 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("device_name", [](const LoadPipeline& p) {
         return p.context() ? p.context()->name() : std::string("cpu");
       });
+
+  register_checksum_bindings(m);
 }

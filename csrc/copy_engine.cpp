@@ -42,6 +42,13 @@ void CopyEngine::submit(Slot* slot, const std::vector<CopyRange>& ranges) {
   pending_changed_.notify_all();
 }
 
+void CopyEngine::copy_from_host(uint64_t dst, const uint8_t* src, size_t bytes) {
+  if (bytes == 0) return;
+  CUstream stream = streams_[next_stream_.fetch_add(1) % streams_.size()]->handle();
+  check_cuda(cuda_driver().cuMemcpyHtoDAsync(dst, src, bytes, stream),
+             "cuMemcpyHtoDAsync of " + std::to_string(bytes) + " staged bytes");
+}
+
 std::vector<std::shared_ptr<CudaEvent>> CopyEngine::record_fence() {
   std::vector<std::shared_ptr<CudaEvent>> fence;
   for (const auto& stream : streams_) {

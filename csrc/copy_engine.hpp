@@ -36,6 +36,9 @@ class CopyEngine {
   // with the context current. On a driver error nothing is handed over and the caller still owns
   // the slot.
   void submit(Slot* slot, const std::vector<CopyRange>& ranges);
+  // Enqueues one copy from host memory the caller keeps alive until a later fence completes
+  // (host-staging shards). Must be called with the context current.
+  void copy_from_host(uint64_t dst, const uint8_t* src, size_t bytes);
   // One event per stream, recorded now: they complete once everything submitted before completes.
   std::vector<std::shared_ptr<CudaEvent>> record_fence();
   // The first error the reaper saw while waiting on an event (a failed asynchronous copy), or null.

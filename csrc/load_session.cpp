@@ -58,22 +58,28 @@ std::shared_ptr<LoadPipeline> LoadPipeline::create(const std::string& device,
 LoadPipeline::~LoadPipeline() { close(); }
 
 std::shared_ptr<LoadSession> LoadPipeline::start_local(std::vector<ShardSource> shards,
-                                                       bool mmap) {
-  if (mmap && is_cuda()) {
+                                                       SessionOptions options) {
+  if (options.mmap && is_cuda()) {
     throw CoreError(ErrorKind::InvalidArgument,
                     "mmap applies to the cpu target only (device is " + device_ + ")");
   }
-  return start(std::move(shards), mmap, /*fed=*/false);
+  options.fed = false;
+  return start(std::move(shards), options);
 }
 
-std::shared_ptr<LoadSession> LoadPipeline::start_fed(std::vector<ShardSource> shards) {
-  return start(std::move(shards), /*mmap=*/false, /*fed=*/true);
+std::shared_ptr<LoadSession> LoadPipeline::start_fed(std::vector<ShardSource> shards,
+                                                     SessionOptions options) {
+  options.fed = true;
+  options.mmap = false;
+  return start(std::move(shards), options);
 }
 
-std::shared_ptr<LoadSession> LoadPipeline::start(std::vector<ShardSource> shards, bool mmap,
-                                                 bool fed) {
+std::shared_ptr<LoadSession> LoadPipeline::start(std::vector<ShardSource> shards,
+                                                 SessionOptions options) {
+  if (!is_cuda()) options.host_staging = false;  // the cpu target is host memory already
+  const bool fed = options.fed;
   std::shared_ptr<LoadSession> session(
-      new LoadSession(shared_from_this(), std::move(shards), mmap, fed));
+      new LoadSession(shared_from_this(), std::move(shards), options));
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (closed_) throw CoreError(ErrorKind::InvalidArgument, "the loader is closed");
@@ -125,10 +131,11 @@ RingStats LoadPipeline::ring_stats() const {
 // LoadSession
 
 LoadSession::LoadSession(std::shared_ptr<LoadPipeline> pipeline, std::vector<ShardSource> shards,
-                         bool mmap, bool fed)
+                         SessionOptions options)
     : pipeline_(std::move(pipeline)),
-      mmap_(mmap),
-      fed_(fed),
+      mmap_(options.mmap),
+      fed_(options.fed),
+      host_staging_(options.host_staging),
       start_(std::chrono::steady_clock::now()) {
   for (auto& source : shards) {
     auto shard = std::make_unique<Shard>();
@@ -237,6 +244,9 @@ void LoadSession::prepare_shard(size_t index, const uint8_t* json, size_t json_l
   const std::string arena_label = "shard '" + label + "'";
   if (ctx) {
     shard.arena = DeviceArena::on_device(ctx, h.data_bytes, arena_label);
+    if (host_staging_) {
+      shard.staging = DeviceArena::on_host(h.data_bytes, arena_label + " (host staging)");
+    }
   } else if (mmap_) {
     shard.arena = DeviceArena::map_file(shard.file->fd(), file_size, h.data_offset, arena_label);
   } else {
@@ -271,7 +281,7 @@ void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64
                         std::to_string(end) + ") fall outside its data region of " +
                         std::to_string(h.data_bytes) + " bytes");
   }
-  if (pipeline_->ctx_) {
+  if (!lands_on_host()) {
     try {
       std::vector<CopyRange> copies{{shard.arena->address() + begin, slot_offset, bytes}};
       for (const Realigned& r : shard.realigned) {
@@ -288,7 +298,7 @@ void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64
       throw;
     }
   } else if (slot != nullptr) {
-    std::memcpy(shard.arena->host_data() + begin, slot->data() + slot_offset, bytes);
+    std::memcpy(host_destination(shard) + begin, slot->data() + slot_offset, bytes);
     pipeline_->ring_->release(slot);
   }
   if (shard.bytes_landed.fetch_add(bytes) + bytes == h.data_bytes) finish_shard(index);
@@ -299,8 +309,8 @@ void LoadSession::run_chunk(size_t index, uint64_t begin, uint64_t end) {
   const ShardHeader& h = shard.header;
   const uint64_t bytes = end - begin;
   Slot* slot = nullptr;
-  if (!pipeline_->ctx_) {
-    shard.file->read_exact(shard.arena->host_data() + begin, bytes, h.data_offset + begin);
+  if (lands_on_host()) {
+    shard.file->read_exact(host_destination(shard) + begin, bytes, h.data_offset + begin);
   } else {
     slot = pipeline_->ring_->acquire(&cancelled_);
     if (slot == nullptr) return;  // cancelled
@@ -349,9 +359,9 @@ std::optional<Landing> LoadSession::acquire(size_t index, uint64_t file_offset, 
     throw CoreError(ErrorKind::InvalidArgument, "shard '" + shard.source.name +
                                                     "': header bytes requested twice");
   }
-  if (!pipeline_->ctx_ && shard.header_ready) {
-    // cpu target: the socket writes straight into the arena.
-    landing.data = shard.arena->host_data() + (file_offset - shard.header.data_offset);
+  if (lands_on_host() && shard.header_ready) {
+    // cpu target (or host staging): the socket writes straight into host memory.
+    landing.data = host_destination(shard) + (file_offset - shard.header.data_offset);
     return landing;
   }
   if (bytes > pipeline_->settings_.staging_slot_bytes) {
@@ -442,6 +452,10 @@ FeedStatus LoadSession::commit_landing(Landing& landing) {
   return status_of(shard);
 }
 
+uint8_t* LoadSession::host_destination(const Shard& shard) const {
+  return host_staging_ ? shard.staging->host_data() : shard.arena->host_data();
+}
+
 FeedStatus LoadSession::status_of(const Shard& shard) const {
   FeedStatus s;
   s.header_ready = shard.header_ready;
@@ -470,7 +484,22 @@ void LoadSession::finish_shard(size_t index) {
   Shard& shard = *shards_[index];
   const ShardHeader& h = shard.header;
   std::vector<std::shared_ptr<CudaEvent>> fence;
-  if (pipeline_->ctx_) {
+  if (pipeline_->ctx_ && host_staging_) {
+    // The baseline path: the whole shard is in host memory; copy it, then wait for it, so the
+    // staging copy can go.
+    CopyEngine& engine = *pipeline_->engine_;
+    engine.copy_from_host(shard.arena->address(), shard.staging->host_data(), h.data_bytes);
+    for (const Realigned& r : shard.realigned) {
+      const TensorEntry& e = h.tensors[r.tensor];
+      engine.copy_from_host(r.arena->address(), shard.staging->host_data() + e.begin,
+                            e.end - e.begin);
+    }
+    fence = engine.record_fence();
+    for (const auto& event : fence) event->synchronize();
+    shard.arena->set_fence(fence);
+    for (const Realigned& r : shard.realigned) r.arena->set_fence(fence);
+    shard.staging.reset();
+  } else if (pipeline_->ctx_) {
     // Every chunk of this shard is enqueued (bytes_landed counts after submit), so events recorded
     // now on every stream complete only after all of them.
     fence = pipeline_->engine_->record_fence();
@@ -496,6 +525,15 @@ void LoadSession::finish_shard(size_t index) {
     }
     out.tensors.push_back(
         std::make_shared<TensorView>(e.name, e.dtype, e.shape, arena, offset, e.end - e.begin));
+  }
+  if (pipeline_->ctx_) {
+    size_t free_bytes = 0, total = 0;
+    if (cuda_driver().cuMemGetInfo(&free_bytes, &total) == CUDA_SUCCESS) {
+      int64_t seen = min_free_.load();
+      const auto now_free = static_cast<int64_t>(free_bytes);
+      while ((seen < 0 || now_free < seen) && !min_free_.compare_exchange_weak(seen, now_free)) {
+      }
+    }
   }
   // The session no longer needs the arenas: the published views own them now.
   shard.arena.reset();
@@ -601,6 +639,8 @@ SessionStats LoadSession::stats() const {
   s.copy_streams = pipeline_->engine_ ? pipeline_->engine_->stream_count() : 0;
   s.io_threads = pipeline_->settings_.io_threads;
   s.mmap = mmap_;
+  s.host_staging = host_staging_;
+  s.min_free_device_bytes = min_free_.load();
   std::lock_guard<std::mutex> lock(mutex_);
   s.all_published_ns = all_published_ns_;
   for (const auto& shard : shards_) s.shards.push_back(shard->stats);

@@ -41,6 +41,12 @@ struct PipelineSettings {
   bool use_pinned_host_fallback = true;
 };
 
+struct SessionOptions {
+  bool mmap = false;          // cpu target, local files: map instead of reading
+  bool host_staging = false;  // cuda target: whole shard into host memory, then one copy (baseline)
+  bool fed = false;           // a caller fetches the bytes (acquire/commit) instead of io threads
+};
+
 struct ShardSource {
   std::string path;    // local file; empty for a fed shard
   std::string name;    // how errors and reports name it
@@ -91,6 +97,8 @@ struct SessionStats {
   size_t peak_slots_in_flight = 0;  // most slots whose copies were in flight at once
   uint64_t slot_waits = 0;
   bool mmap = false;
+  bool host_staging = false;
+  int64_t min_free_device_bytes = -1;  // lowest free GPU memory seen at a shard's end (-1: none)
   std::vector<ShardStats> shards;
 };
 
@@ -110,9 +118,10 @@ class LoadPipeline : public std::enable_shared_from_this<LoadPipeline> {
   ~LoadPipeline();
 
   // Starts loading the shards in the background and returns at once. One session at a time.
-  std::shared_ptr<LoadSession> start_local(std::vector<ShardSource> shards, bool mmap);
+  std::shared_ptr<LoadSession> start_local(std::vector<ShardSource> shards,
+                                           SessionOptions options);
   // Starts a load whose bytes a caller fetches and commits (see LoadSession::acquire).
-  std::shared_ptr<LoadSession> start_fed(std::vector<ShardSource> shards);
+  std::shared_ptr<LoadSession> start_fed(std::vector<ShardSource> shards, SessionOptions options);
   void close();  // cancels a running session and releases the ring, streams and threads
 
   const std::string& device() const { return device_; }
@@ -125,7 +134,7 @@ class LoadPipeline : public std::enable_shared_from_this<LoadPipeline> {
   friend class LoadSession;
   LoadPipeline() = default;
   void session_ended();
-  std::shared_ptr<LoadSession> start(std::vector<ShardSource> shards, bool mmap, bool fed);
+  std::shared_ptr<LoadSession> start(std::vector<ShardSource> shards, SessionOptions options);
 
   std::string device_;
   PipelineSettings settings_;
@@ -185,13 +194,17 @@ class LoadSession {
     std::atomic<int64_t> first_ns{-1};
     ShardHeader header;
     std::shared_ptr<DeviceArena> arena;
+    std::shared_ptr<DeviceArena> staging;  // host-staging: the whole data region in host memory
     std::vector<Realigned> realigned;
     std::atomic<uint64_t> bytes_landed{0};
     ShardStats stats;
   };
 
-  LoadSession(std::shared_ptr<LoadPipeline> pipeline, std::vector<ShardSource> shards, bool mmap,
-              bool fed);
+  LoadSession(std::shared_ptr<LoadPipeline> pipeline, std::vector<ShardSource> shards,
+              SessionOptions options);
+  // Where host-landing bytes of a shard's data region go: the arena (cpu) or the staging copy.
+  uint8_t* host_destination(const Shard& shard) const;
+  bool lands_on_host() const { return !pipeline_->ctx_ || host_staging_; }
   void begin();
   void prepare_shard(size_t shard, const uint8_t* json, size_t json_len, uint64_t file_size,
                      ShardStats st);
@@ -212,6 +225,8 @@ class LoadSession {
   std::vector<std::unique_ptr<Shard>> shards_;
   bool mmap_;
   bool fed_;
+  bool host_staging_;
+  std::atomic<int64_t> min_free_{-1};
   std::chrono::steady_clock::time_point start_;
   std::atomic<bool> cancelled_{false};
   std::atomic<uint64_t> bytes_read_{0};

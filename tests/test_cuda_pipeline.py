@@ -139,8 +139,8 @@ def test_vram_budget_exceeded_names_shard_and_sizes(fake_driver, write_checkpoin
     device_before = fake_driver.live_device_allocations()
     fake_driver.set_vram_budget(fake_driver.live_device_bytes() + (3 << 20))
     try:
-        with pytest.raises(errors.GPUOutOfMemory) as info:
-            blob2gpu.load(str(directory), device="cuda", framework="dlpack")
+        with pytest.raises(errors.GPUOutOfMemory) as info:  # mid-load: the guardrail is off
+            blob2gpu.load(str(directory), device="cuda", framework="dlpack", check_memory_fit=False)
     finally:
         fake_driver.set_vram_budget(8 << 30)
     # Whichever shard's arena came second is refused.

@@ -1,4 +1,5 @@
-"""Settings: one schema, keyword > environment > default, clear errors, docs generated from it."""
+"""Settings: one schema; keyword > environment > YAML file > default; the case study's keys and
+deployment variables; clear errors naming key, source and valid values; docs generated from it."""
 
 from __future__ import annotations
 
@@ -6,30 +7,70 @@ from pathlib import Path
 
 import blob2gpu
 import pytest
-from blob2gpu.errors import ConfigError, InvalidArgument
-from blob2gpu.settings import SCHEMA, resolve, settings_doc
+import torch
+from blob2gpu.errors import ConfigError, InvalidArgument, ShardCountMismatch
+from blob2gpu.settings import SCHEMA, read_config_file, resolve, settings_doc
 
 DOCS = Path(__file__).parent.parent / "docs" / "settings.md"
+CASE_STUDY_YAML = """\
+model:
+  format: safetensors
+  shard_count: 16
+  direct_gpu_load: true
+startup:
+  readiness_probe_initial_delay_seconds: 20
+  warmup_prompt: "hello"
+storage:
+  prefetch_concurrency: 8
+observability:
+  emit_phase_timings: true
+  emit_gpu_memory_watermark: true
+  emit_first_token_latency: true
+"""
 
 
 def test_defaults():
     s = resolve(environ={})
     assert s.staging_slots == 8 and s.staging_slot_bytes == 32 << 20
     assert s.copy_streams == 2 and s.use_pinned_host_fallback is True
+    assert s.direct_gpu_load is True and s.prefetch_concurrency == 8
     assert set(s.sources.values()) == {"default"}
 
 
-def test_precedence_keyword_over_environment_over_default():
-    env = {"BLOB2GPU_STAGING_SLOTS": "16", "BLOB2GPU_COPY_STREAMS": "4"}
-    s = resolve({"staging_slots": 3}, environ=env)
-    assert s.staging_slots == 3 and s.sources["staging_slots"] == "argument"
-    assert s.copy_streams == 4 and s.sources["copy_streams"] == "env BLOB2GPU_COPY_STREAMS"
+def test_the_case_study_config_file_is_understood(tmp_path):
+    path = tmp_path / "startup.yaml"
+    path.write_text(CASE_STUDY_YAML)
+    s = resolve(environ={}, config_path=path)
+    assert s.shard_count == 16 and s.warmup_prompt == "hello"
+    assert s.readiness_probe_initial_delay_seconds == 20.0
+    assert s.sources["prefetch_concurrency"] == f"config {path}"
 
 
-def test_deployment_variable_and_its_blob2gpu_name():
+def test_precedence_keyword_over_environment_over_file_over_default(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("staging:\n  staging_slots: 12\n  copy_streams: 3\nstorage.chunk_bytes: 1MiB\n")
+    env = {"BLOB2GPU_STAGING_SLOTS": "16", "BLOB2GPU_CONFIG": str(path)}
+    s = resolve({"staging_slots": 5}, environ=env)
+    assert (s.staging_slots, s.sources["staging_slots"]) == (5, "argument")
+    s = resolve(environ=env)
+    assert (s.staging_slots, s.sources["staging_slots"]) == (16, "env BLOB2GPU_STAGING_SLOTS")
+    assert (s.copy_streams, s.sources["copy_streams"]) == (3, f"config {path}")
+    assert s.chunk_bytes == 1 << 20
+    assert s.io_threads == 4 and s.sources["io_threads"] == "default"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("direct-gpu", True), ("host-staging", False), ("HOST-STAGING", False)]
+)
+def test_model_load_strategy_deployment_variable(value, expected):
+    s = resolve(environ={"MODEL_LOAD_STRATEGY": value})
+    assert s.direct_gpu_load is expected
+    assert s.sources["direct_gpu_load"] == "env MODEL_LOAD_STRATEGY"
+
+
+def test_pinned_fallback_deployment_variable_and_its_blob2gpu_name():
     s = resolve(environ={"USE_PINNED_HOST_FALLBACK": "false"})
     assert s.use_pinned_host_fallback is False
-    assert s.sources["use_pinned_host_fallback"] == "env USE_PINNED_HOST_FALLBACK"
     s = resolve(
         environ={"USE_PINNED_HOST_FALLBACK": "false", "BLOB2GPU_USE_PINNED_HOST_FALLBACK": "true"}
     )
@@ -46,12 +87,24 @@ def test_sizes_accept_suffixes(value, expected):
 @pytest.mark.parametrize(
     ("overrides", "environ", "match"),
     [
-        ({"staging_slots": 1}, {}, r"'staging_slots' from argument .* at least 2"),
+        (
+            {"staging_slots": 1},
+            {},
+            r"'staging_slots' \(staging.staging_slots\) from argument .* at "
+            r"least 2",
+        ),
         ({}, {"BLOB2GPU_COPY_STREAMS": "many"}, r"from env BLOB2GPU_COPY_STREAMS .* integer"),
         ({"unsupported_dtype": "ignore"}, {}, r"one of 'raise', 'bytes'"),
         ({}, {"BLOB2GPU_USE_PINNED_HOST_FALLBACK": "maybe"}, r"true or false"),
-        ({"stagingslots": 4}, {}, r"unknown setting 'stagingslots'.*staging_slots"),
+        ({"stagingslots": 4}, {}, r"unknown setting 'stagingslots'.*did you mean 'staging_slots'"),
         ({"io_threads": True}, {}, r"'io_threads'"),
+        ({"gpu_headroom_factor": 0.5}, {}, r"at least 1"),
+        (
+            {},
+            {"MODEL_LOAD_STRATEGY": "teleport"},
+            r"MODEL_LOAD_STRATEGY='teleport' is not one of "
+            r"'direct-gpu', 'host-staging'",
+        ),
     ],
 )
 def test_errors_name_key_source_and_valid_values(overrides, environ, match):
@@ -59,14 +112,40 @@ def test_errors_name_key_source_and_valid_values(overrides, environ, match):
         resolve(overrides, environ=environ)
 
 
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (
+            "storage:\n  prefetch_concurency: 4\n",
+            r"unknown setting 'storage.prefetch_concurency' "
+            r"from config .*did you mean 'storage.prefetch_"
+            r"concurrency'",
+        ),
+        ("model:\n  direct_gpu_load: sometimes\n", r"direct_gpu_load.*from config .*true or false"),
+        ("- a\n- b\n", r"must be a mapping"),
+        ("storage: [unclosed\n", r"not valid YAML"),
+    ],
+)
+def test_config_file_errors_name_the_file_and_key(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        read_config_file(path)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        resolve(environ={"BLOB2GPU_CONFIG": "/nonexistent/blob2gpu.yaml"})
+
+
 def test_pipeline_settings_belong_to_the_loader(write_checkpoint):
-    directory = write_checkpoint([{"w": __import__("torch").ones(2)}])
+    directory = write_checkpoint([{"w": torch.ones(2)}])
     with blob2gpu.Loader() as loader, pytest.raises(InvalidArgument, match="Loader"):
         loader.load(str(directory), staging_slots=4)
 
 
 def test_environment_reaches_the_core(write_checkpoint, monkeypatch):
-    directory = write_checkpoint([{"w": __import__("torch").ones(2)}])
+    directory = write_checkpoint([{"w": torch.ones(2)}])
     monkeypatch.setenv("BLOB2GPU_IO_THREADS", "3")
     with blob2gpu.open(str(directory)) as checkpoint:
         checkpoint.to_dict()
@@ -74,8 +153,26 @@ def test_environment_reaches_the_core(write_checkpoint, monkeypatch):
         assert checkpoint.report.settings["io_threads"] == 3
 
 
+def test_model_source_uri_is_the_default_checkpoint(write_checkpoint, monkeypatch):
+    directory = write_checkpoint([{"w": torch.ones(3)}])
+    monkeypatch.setenv("MODEL_SOURCE_URI", str(directory))
+    assert torch.equal(blob2gpu.load()["w"], torch.ones(3))
+    monkeypatch.delenv("MODEL_SOURCE_URI")
+    with pytest.raises(InvalidArgument, match="MODEL_SOURCE_URI"):
+        blob2gpu.load()
+
+
+def test_shard_count_is_checked(write_checkpoint, tmp_path):
+    directory = write_checkpoint([{"a": torch.ones(1)}, {"b": torch.ones(1)}])
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  shard_count: 3\n")
+    with pytest.raises(ShardCountMismatch, match=r"2 shard\(s\) but model.shard_count is 3"):
+        blob2gpu.load(str(directory), config=str(config))
+    assert len(blob2gpu.load(str(directory), shard_count=2)) == 2
+
+
 def test_docs_list_every_setting_and_are_generated():
     text = DOCS.read_text()
     assert text == settings_doc(), "regenerate: python -m blob2gpu.settings > docs/settings.md"
     for s in SCHEMA:
-        assert f"`{s.env}`" in text
+        assert f"`{s.env}`" in text and f"`{s.key}`" in text

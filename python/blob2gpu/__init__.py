@@ -30,30 +30,42 @@ __all__ = [
 
 
 def load(
-    uri: str, device: str = "cpu", framework: str = "torch", credential: Any = None, **settings: Any
+    uri: str | None = None,
+    device: str = "cpu",
+    framework: str = "torch",
+    credential: Any = None,
+    config: str | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Load every tensor of a checkpoint; returns {name: tensor} of `framework` on `device`.
 
     uri: a .safetensors file, a directory of shards, or a model.safetensors.index.json, local or
-    in Azure Blob Storage (az://CONTAINER/PREFIX, https://ACCOUNT.blob.core.windows.net/...).
-    credential: for Blob URIs, an azure credential object, account key or SAS token.
-    device: 'cpu', 'cuda' or 'cuda:N'. framework: 'torch', 'numpy', 'cupy' or 'dlpack'.
-    settings: see blob2gpu.settings (docs/settings.md). Raises a blob2gpu.errors.Blob2GpuError
-    subclass naming the shard and what to change; on error nothing stays allocated.
+    in Azure Blob Storage (az://CONTAINER/PREFIX, https://ACCOUNT.blob.core.windows.net/...);
+    None takes $MODEL_SOURCE_URI. credential: for Blob URIs, an azure credential object, account
+    key or SAS token. device: 'cpu', 'cuda' or 'cuda:N'. framework: 'torch', 'numpy', 'cupy' or
+    'dlpack'. config: a YAML settings file (else $BLOB2GPU_CONFIG). settings: see
+    blob2gpu.settings (docs/settings.md). Raises a blob2gpu.errors.Blob2GpuError subclass naming
+    the shard and what to change; on error nothing stays allocated.
     """
-    with Loader(**settings) as loader:
+    with Loader(config=config, **settings) as loader:
         return loader.load(uri, device=device, framework=framework, credential=credential)
 
 
 def open(
-    uri: str, device: str = "cpu", framework: str = "torch", credential: Any = None, **settings: Any
+    uri: str | None = None,
+    device: str = "cpu",
+    framework: str = "torch",
+    credential: Any = None,
+    config: str | None = None,
+    **settings: Any,
 ) -> Checkpoint:
     """Start loading and return a Checkpoint (a context manager) at once.
 
-    Iterate it for (name, tensor) in arrival order; ``get(name)``, ``keys()``, ``metadata`` and
-    ``report`` wait for what they need. Closing it releases the staging it used.
+    Iterate it for (name, tensor) in arrival order; ``get(name)``, ``keys()``, ``metadata``,
+    ``progress()`` and ``report`` wait for what they need. Closing it releases the staging it used.
+    Arguments as for load().
     """
-    loader = Loader(**settings)
+    loader = Loader(config=config, **settings)
     try:
         checkpoint = loader.open(uri, device=device, framework=framework, credential=credential)
     except BaseException:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,6 +12,8 @@ from . import _core
 from .errors import InvalidIndex, LoadCancelled
 from .report import LoadReport
 from .sources import ShardPlan
+
+log = logging.getLogger("blob2gpu")
 
 
 class Checkpoint:
@@ -25,8 +28,12 @@ class Checkpoint:
         report: LoadReport,
         on_close: Callable[[], None] | None = None,
         feeder: Any = None,
+        settings: Any = None,
+        pipeline: Any = None,
     ) -> None:
         self._session = session
+        self._settings = settings
+        self._pipeline = pipeline  # for GPU memory readings
         self._feeder = feeder  # fetches a Blob checkpoint's ranges; None for local files
         self._plan = plan
         self._convert = convert
@@ -81,12 +88,23 @@ class Checkpoint:
         report.phases["artifact_fetch_complete"] = published
         report.phases["host_staging_complete"] = published
         report.tensors = len(self._tensors)
+        settings = self._settings
+        if report.gpu_memory_total is not None:
+            if stats["min_free_device_bytes"] >= 0:
+                report.gpu_memory_free_min = stats["min_free_device_bytes"]
+            report.gpu_memory_free_after = self._pipeline.memory_info()[0]
         if self._feeder is not None:
             report.retries = self._feeder.retries
             report.requests = self._feeder.requests
             for shard, retries in zip(report.shards, self._feeder.shard_retries, strict=True):
                 shard.retries = retries
         self._finished = True
+        if settings is None or settings.emit_phase_timings:
+            log.info(
+                "blob2gpu load complete: %s",
+                report.summary(),
+                extra={"blob2gpu_report": report.to_dict()},
+            )
         self._check_weight_map()
         self.close()
 
@@ -160,6 +178,10 @@ class Checkpoint:
     def report(self) -> LoadReport:
         """The LoadReport; complete once the load has finished."""
         return self._report
+
+    def progress(self) -> tuple[int, int]:
+        """(bytes read so far, bytes in the checkpoint): safe to call from another thread."""
+        return int(self._session.stats()["bytes_read"]), self._plan.total_bytes
 
     @property
     def finished(self) -> bool:

@@ -96,6 +96,14 @@ class PinnedMemoryUnavailable(Blob2GpuError, MemoryError):
     """Staging memory could not be pinned and use_pinned_host_fallback is off."""
 
 
+class InsufficientGPUMemory(Blob2GpuError, MemoryError):
+    """Before any download: free GPU memory is below the weights x gpu_headroom_factor."""
+
+
+class InsufficientHostMemory(Blob2GpuError, MemoryError):
+    """Before any download: available host RAM is below the weights x host_headroom_factor."""
+
+
 class GPUOutOfMemory(Blob2GpuError, MemoryError):
     """A device allocation failed during the load; everything the load allocated was released."""
 
@@ -119,6 +127,10 @@ class DTypeNotSupported(Blob2GpuError, TypeError):
 
 class InvalidArgument(Blob2GpuError, ValueError):
     """A caller error: an unknown device, framework or URI form."""
+
+
+class ShardCountMismatch(InvalidArgument):
+    """The checkpoint has a different number of shards than model.shard_count says."""
 
 
 class ConfigError(InvalidArgument):

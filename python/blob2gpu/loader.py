@@ -1,17 +1,22 @@
-"""Loader: keeps the staging ring, core threads and CUDA streams between loads."""
+"""Loader: keeps the staging ring, core threads and CUDA streams between loads, and turns a URI
+into a running load: resolve the source, check the memory fit, start the core session and (for
+Blob Storage) the feeder that fetches its ranges."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 from . import _core
 from .checkpoint import Checkpoint
-from .errors import BlobChanged, InvalidArgument
+from .errors import BlobChanged, InvalidArgument, ShardCountMismatch
 from .frameworks import converter
+from .guardrails import check_memory_fit
 from .report import LoadReport
 from .settings import ResolvedSettings, resolve
-from .sources import resolve as resolve_source
+from .sources import ShardPlan
+from .sources import resolve as resolve_local
 from .sources.azure_blob import is_blob_uri
 
 # Settings fixed when a target's pipeline is built; the others may change per load.
@@ -22,6 +27,7 @@ PIPELINE_SETTINGS = (
     "io_threads",
     "use_pinned_host_fallback",
 )
+SOURCE_URI_ENV = "MODEL_SOURCE_URI"
 
 
 def normalize_device(device: str) -> str:
@@ -36,15 +42,25 @@ def normalize_device(device: str) -> str:
     raise InvalidArgument(f"device '{device}' is not one of 'cpu', 'cuda', 'cuda:N'")
 
 
+def source_uri(uri: str | None) -> str:
+    """`uri`, or $MODEL_SOURCE_URI when it is None; raises InvalidArgument when both are missing."""
+    if uri:
+        return uri
+    if os.environ.get(SOURCE_URI_ENV):
+        return os.environ[SOURCE_URI_ENV]
+    raise InvalidArgument(f"no checkpoint URI given and {SOURCE_URI_ENV} is not set")
+
+
 class Loader:
-    """A reusable loader. Settings given here apply to every load (see blob2gpu.settings).
+    """A reusable loader. Settings given here apply to every load (see blob2gpu.settings);
+    `config` names a YAML settings file (else $BLOB2GPU_CONFIG).
 
     Pinned staging and streams are allocated on the first load to each device and kept until
     close(), so later loads skip that cost.
     """
 
-    def __init__(self, **settings: Any) -> None:
-        self._settings: ResolvedSettings = resolve(settings)
+    def __init__(self, config: str | os.PathLike[str] | None = None, **settings: Any) -> None:
+        self._settings: ResolvedSettings = resolve(settings, config_path=config)
         self._pipelines: dict[str, _core.LoadPipeline] = {}
         self._closed = False
 
@@ -64,7 +80,7 @@ class Loader:
 
     def open(
         self,
-        uri: str,
+        uri: str | None = None,
         device: str = "cpu",
         framework: str = "torch",
         credential: Any = None,
@@ -72,13 +88,15 @@ class Loader:
     ) -> Checkpoint:
         """Start loading `uri` and return a Checkpoint at once (tensors arrive as it is iterated).
 
-        uri: a local file, directory or index, or a Blob URI (az://, https://, path-style http://).
-        credential: for Blob URIs, an azure credential, account key or SAS (without it, see
-        sources.azure_blob.resolve_credential for the environment variables read).
-        Raises SourceUnavailable (BlobNotFound, AccessDenied, ...), InvalidArgument, ConfigError
-        before any weight is read; errors of the load itself (InvalidHeader, GPUOutOfMemory,
-        BlobChanged, StorageUnavailable, ...) surface while iterating.
+        uri: a local file, directory or index, or a Blob URI (az://, https://, path-style http://);
+        None takes $MODEL_SOURCE_URI. credential: for Blob URIs, an azure credential, account key
+        or SAS (else see sources.azure_blob.resolve_credential for the environment it reads).
+        Raises, before any weight is read: SourceUnavailable (BlobNotFound, AccessDenied, ...),
+        InsufficientGPUMemory / InsufficientHostMemory, ShardCountMismatch, InvalidArgument,
+        ConfigError. Errors of the load itself (InvalidHeader, GPUOutOfMemory, BlobChanged,
+        StorageUnavailable, ...) surface while iterating.
         """
+        uri = source_uri(uri)
         device = normalize_device(device)
         bad = [k for k in settings if k in PIPELINE_SETTINGS]
         if bad:
@@ -86,72 +104,73 @@ class Loader:
         effective = self._settings.with_overrides(settings)
         convert = converter(framework, device, effective.unsupported_dtype)
         started_at, clock_start = time.time(), time.perf_counter()
+        container = None
         if is_blob_uri(uri):
-            return self._open_blob(
-                uri, device, framework, convert, effective, credential, started_at, clock_start
-            )
-        plan = resolve_source(uri)
+            from .sources.blob_client import open_container
+
+            container = open_container(uri, effective, credential)
+            plan = container.list_checkpoint().plan
+        else:
+            plan = resolve_local(uri)
+        self._check_plan(plan, effective)
+        host_staging = device != "cpu" and not effective.direct_gpu_load
         pipeline = self._pipeline(device)
+        gpu_memory = check_memory_fit(
+            [s.size for s in plan.shards], device, pipeline, effective, host_staging
+        )
         report = LoadReport(
-            uri=plan.uri,
+            uri=container.display_uri if container else plan.uri,
             device=device,
             framework=framework,
             started_at=started_at,
             settings=dict(effective.values),
-            source="local",
+            source="azure-blob" if container else "local",
+            credential=container.credential_source if container else None,
+            strategy="host-staging" if host_staging else "direct-gpu",
             _clock_start=clock_start,
         )
         report.phases["artifact_fetch_start"] = 0.0
-        session = pipeline.start_local(
-            [s.path for s in plan.shards],
-            [s.name for s in plan.shards],
-            mmap=bool(effective.mmap_local_files and device == "cpu"),
-        )
-        return Checkpoint(session, plan, convert, report)
-
-    def _open_blob(
-        self,
-        uri: str,
-        device: str,
-        framework: str,
-        convert: Any,
-        effective: ResolvedSettings,
-        credential: Any,
-        started_at: float,
-        clock_start: float,
-    ) -> Checkpoint:
-        from .sources.blob_client import open_container
+        if gpu_memory is not None and effective.emit_gpu_memory_watermark:
+            report.gpu_memory_free_before, report.gpu_memory_total = gpu_memory
+        if container is None:
+            session = pipeline.start_local(
+                [s.path for s in plan.shards],
+                [s.name for s in plan.shards],
+                mmap=bool(effective.mmap_local_files and device == "cpu"),
+                host_staging=host_staging,
+            )
+            return Checkpoint(session, plan, convert, report, settings=effective, pipeline=pipeline)
         from .sources.blob_feeder import BlobFeeder
 
-        container = open_container(uri, effective, credential)
-        plan = container.list_checkpoint().plan
-        pipeline = self._pipeline(device)
         slot_bytes = self._settings.staging_slot_bytes
         chunk = effective.chunk_bytes or slot_bytes
-        if device != "cpu":
+        if device != "cpu" and not host_staging:
             chunk = min(chunk, slot_bytes)  # a range lands in one staging slot
-        report = LoadReport(
-            uri=container.display_uri,
-            device=device,
-            framework=framework,
-            started_at=started_at,
-            settings=dict(effective.values),
-            source="azure-blob",
-            credential=container.credential_source,
-            _clock_start=clock_start,
+        session = pipeline.start_fed(
+            [s.name for s in plan.shards], [s.size for s in plan.shards], host_staging=host_staging
         )
-        report.phases["artifact_fetch_start"] = 0.0
-        session = pipeline.start_fed([s.name for s in plan.shards], [s.size for s in plan.shards])
         feeder = BlobFeeder(
             session, plan, container.client, container.retry, effective.prefetch_concurrency, chunk
         )
-        checkpoint = Checkpoint(session, plan, convert, report, feeder=feeder)
+        checkpoint = Checkpoint(
+            session, plan, convert, report, settings=effective, pipeline=pipeline, feeder=feeder
+        )
         feeder.start()
         return checkpoint
 
+    @staticmethod
+    def _check_plan(plan: ShardPlan, settings: ResolvedSettings) -> None:
+        expected = settings.shard_count
+        if expected and len(plan.shards) != expected:
+            raise ShardCountMismatch(
+                f"'{plan.uri}' has {len(plan.shards)} shard(s) but model.shard_count is "
+                f"{expected} (source {settings.sources['shard_count']}); fix the URI or the "
+                "setting"
+            )
+
     def load(
         self,
-        uri: str,
+        uri: str | None = None,
         device: str = "cpu",
         framework: str = "torch",
         credential: Any = None,

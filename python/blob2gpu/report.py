@@ -11,6 +11,9 @@ Phases are seconds since artifact fetch start (the load's start):
 from __future__ import annotations
 
 import json
+import logging
+import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -68,11 +71,14 @@ class LoadReport:
     peak_slots_in_flight: int = 0
     slot_waits: int = 0
     mmap: bool = False
+    strategy: str = "direct-gpu"  # or host-staging (model.direct_gpu_load=false)
     source: str = "local"  # local or azure-blob
     credential: str | None = None  # how the Blob credential was chosen (never its value)
     requests: int = 0  # ranged GETs sent (retries included)
     retries: int = 0  # transient failures retried (ranges and listing calls)
+    gpu_memory_total: int | None = None
     gpu_memory_free_before: int | None = None
+    gpu_memory_free_min: int | None = None  # the watermark: least free memory seen during the load
     gpu_memory_free_after: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     _clock_start: float = field(default=0.0, repr=False)
@@ -82,18 +88,50 @@ class LoadReport:
         """Bytes read per second over the whole load, in GB/s (10^9)."""
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
+    @property
+    def gpu_memory_peak_used(self) -> int | None:
+        """Most GPU memory in use during the load (total minus the watermark), if measured."""
+        if self.gpu_memory_total is None or self.gpu_memory_free_min is None:
+            return None
+        return self.gpu_memory_total - self.gpu_memory_free_min
+
     def mark_first_token(self) -> float:
-        """Record that the model produced its first token now; returns seconds since fetch start."""
+        """Record that the model produced its first token now; returns seconds since fetch start.
+
+        Also feeds the process-wide first-token p50/p95 (first_token_percentiles()) and logs it,
+        unless observability.emit_first_token_latency is off.
+        """
         self.phases["first_token"] = time.perf_counter() - self._clock_start
+        if self.settings.get("emit_first_token_latency", True):
+            _FIRST_TOKENS.record(self.phases["first_token"])
+            logging.getLogger("blob2gpu").info(
+                "blob2gpu first token %.3f s after artifact fetch start (%s)",
+                self.phases["first_token"],
+                self.uri,
+            )
         return self.phases["first_token"]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("_clock_start")
+        d["gpu_memory_peak_used"] = self.gpu_memory_peak_used
         d["shards"] = [dict(asdict(s), fetch_latency=s.fetch_latency) for s in self.shards]
         d["throughput_gbps"] = self.throughput_gbps
         d["shard_count"] = len(self.shards)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoadReport:
+        """A LoadReport from to_dict()'s output (e.g. a report JSON file written by the CLI)."""
+        fields = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
+        kwargs = {k: v for k, v in d.items() if k in fields and k != "shards"}
+        report = cls(**kwargs)
+        shard_fields = set(ShardReport.__dataclass_fields__)
+        report.shards = [
+            ShardReport(**{k: v for k, v in s.items() if k in shard_fields})
+            for s in d.get("shards", [])
+        ]
+        return report
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -145,3 +183,33 @@ class LoadReport:
             )
             for s in stats["shards"]
         ]
+
+
+class _FirstTokenLatencies:
+    """First-token latencies of every load in this process (for p50/p95)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seconds: list[float] = []
+
+    def record(self, seconds: float) -> None:
+        with self._lock:
+            self._seconds.append(seconds)
+
+    def percentiles(self) -> dict[str, float | int | None]:
+        with self._lock:
+            data = sorted(self._seconds)
+        if not data:
+            return {"count": 0, "p50": None, "p95": None}
+        if len(data) == 1:
+            return {"count": 1, "p50": data[0], "p95": data[0]}
+        cuts = statistics.quantiles(data, n=100, method="inclusive")
+        return {"count": len(data), "p50": cuts[49], "p95": cuts[94]}
+
+
+_FIRST_TOKENS = _FirstTokenLatencies()
+
+
+def first_token_percentiles() -> dict[str, float | int | None]:
+    """{'count', 'p50', 'p95'} of first-token latency (seconds) over this process's loads."""
+    return _FIRST_TOKENS.percentiles()

@@ -1,161 +1,290 @@
 """The one schema of blob2gpu's settings: every tunable has one name, one default, one environment
-variable and one line of documentation, here and nowhere else.
+variable, one config-file key and one line of documentation, here and nowhere else.
 
-Precedence, highest first: keyword arguments, environment variables, defaults.
-``python -m blob2gpu.settings`` prints the table that docs/settings.md holds.
+Sources, highest precedence first:
+  1. keyword arguments        blob2gpu.load(uri, prefetch_concurrency=16)
+  2. environment variables    BLOB2GPU_PREFETCH_CONCURRENCY=16, and the deployment variables
+                              MODEL_LOAD_STRATEGY (direct-gpu | host-staging) and
+                              USE_PINNED_HOST_FALLBACK
+  3. a YAML file              --config FILE or BLOB2GPU_CONFIG=FILE, keys by section:
+                              storage: {prefetch_concurrency: 16}
+  4. defaults
+``python -m blob2gpu.settings`` prints docs/settings.md.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
 ENV_PREFIX = "BLOB2GPU_"
+CONFIG_ENV = "BLOB2GPU_CONFIG"
 MiB = 1 << 20
 
 
 @dataclass(frozen=True)
-class Setting:
-    """One tunable: its name, type, default and what it does."""
+class EnvAlias:
+    """A deployment variable that also sets a setting (below the BLOB2GPU_ name in precedence).
+    `values` maps its words to the setting's values; None takes the setting's own syntax."""
 
     name: str
+    values: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One tunable: its section and name, type, default and what it does."""
+
+    section: str
+    name: str
     default: Any
-    doc: str
     type: type
+    doc: str
     choices: tuple[str, ...] = ()
-    minimum: int | None = None
-    maximum: int | None = None
-    env_aliases: tuple[str, ...] = ()  # deployment variables that also set it (lower precedence)
+    minimum: float | None = None
+    maximum: float | None = None
+    aliases: tuple[EnvAlias, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """The config-file key, e.g. 'storage.prefetch_concurrency'."""
+        return f"{self.section}.{self.name}"
 
     @property
     def env(self) -> str:
         return ENV_PREFIX + self.name.upper()
 
 
+S = Setting
 SCHEMA: tuple[Setting, ...] = (
-    Setting(
+    # -- the case study's keys ---------------------------------------------------------------------
+    S("model", "format", "safetensors", str, "Checkpoint format.", choices=("safetensors",)),
+    S(
+        "model",
+        "direct_gpu_load",
+        True,
+        bool,
+        "true: stream through the pinned ring into device memory (direct-gpu). false: read each "
+        "whole shard into host memory, then copy it (host-staging: the baseline, kept to compare).",
+        aliases=(EnvAlias("MODEL_LOAD_STRATEGY", {"direct-gpu": True, "host-staging": False}),),
+    ),
+    S(
+        "model",
+        "shard_count",
+        0,
+        int,
+        "If not 0, the number of shards the checkpoint must have (a deployment check).",
+        minimum=0,
+    ),
+    S(
+        "startup",
+        "readiness_probe_initial_delay_seconds",
+        0.0,
+        float,
+        "Carried for deployment configs (the Kubernetes probe reads it); the loader only "
+      "reports it.",
+    ),
+    S(
+        "startup",
+        "warmup_prompt",
+        "",
+        str,
+        "Prompt a serving integration sends to produce the first token; the loader only "
+      "reports it.",
+    ),
+    S(
+        "observability",
+        "emit_phase_timings",
+        True,
+        bool,
+        "Log the load's phases and throughput (logger 'blob2gpu') when a load completes.",
+    ),
+    S(
+        "observability",
+        "emit_gpu_memory_watermark",
+        True,
+        bool,
+        "Sample free GPU memory at each shard and report the lowest (the watermark) and the after.",
+    ),
+    S(
+        "observability",
+        "emit_first_token_latency",
+        True,
+        bool,
+        "Log each mark_first_token() and keep the process-wide first-token p50/p95.",
+    ),
+    # -- staging and copies -----------------------------------------------------------------------
+    S(
+        "staging",
         "staging_slots",
         8,
-        "Slots in the pinned staging ring; host memory used by a GPU load "
-        "is slots x slot bytes, whatever the checkpoint size.",
         int,
+        "Slots in the pinned staging ring; host memory used by a GPU load is slots x slot bytes, "
+        "whatever the checkpoint size.",
         minimum=2,
         maximum=4096,
     ),
-    Setting(
+    S(
+        "staging",
         "staging_slot_bytes",
         32 * MiB,
-        "Bytes per staging slot, and the size of one read and "
-        "one host-to-device copy. Accepts suffixes: 32MiB, 64M.",
         int,
+        "Bytes per staging slot: one read and one host-to-device copy. Accepts 32MiB, 64M, ...",
         minimum=4096,
         maximum=1 << 34,
     ),
-    Setting(
+    S(
+        "staging",
+        "use_pinned_host_fallback",
+        True,
+        bool,
+        "When pinning the ring is refused, use pageable memory (slower copies, recorded in the "
+        "report) instead of failing.",
+        aliases=(EnvAlias("USE_PINNED_HOST_FALLBACK"),),
+    ),
+    S(
+        "staging",
         "copy_streams",
         2,
-        "CUDA streams that carry host-to-device copies.",
         int,
+        "CUDA streams that carry host-to-device copies.",
         minimum=1,
         maximum=64,
     ),
-    Setting(
+    S(
+        "staging",
         "io_threads",
         4,
-        "Core threads that read shards and fill slots (no GIL).",
         int,
+        "Core threads that read local shards (no GIL).",
         minimum=1,
         maximum=256,
     ),
-    Setting(
-        "use_pinned_host_fallback",
-        True,
-        "When pinning the staging ring is refused, use "
-        "pageable memory (slower copies, recorded in the report) instead of failing.",
+    S(
+        "staging",
+        "mmap_local_files",
+        False,
         bool,
-        env_aliases=("USE_PINNED_HOST_FALLBACK",),
+        "cpu target, local files: map shards copy-on-write instead of reading them (zero-copy; "
+        "pages are read on first touch).",
     ),
-    Setting(
+    # -- storage ----------------------------------------------------------------------------------
+    S(
+        "storage",
         "prefetch_concurrency",
         8,
-        "Concurrent ranged GETs to Blob Storage (threads; bytes go from the socket straight into "
-        "staging).",
         int,
+        "Concurrent ranged GETs to Blob Storage (bytes go from the socket straight into staging).",
         minimum=1,
         maximum=256,
     ),
-    Setting(
+    S(
+        "storage",
         "chunk_bytes",
         0,
-        "Bytes per ranged GET; 0 means staging_slot_bytes. On a GPU it is capped at "
-        "staging_slot_bytes.",
         int,
+        "Bytes per ranged GET; 0 means staging_slot_bytes (and on a GPU it is capped there).",
         minimum=0,
         maximum=1 << 34,
     ),
-    Setting(
+    S(
+        "storage",
         "retry_max_attempts",
         6,
-        "Attempts per range (and per listing call) before a transient storage failure fails the "
-        "load.",
         int,
+        "Attempts per range (and per listing call) before a transient failure fails the load.",
         minimum=1,
         maximum=100,
     ),
-    Setting(
+    S(
+        "storage",
         "retry_backoff_seconds",
         0.25,
-        "First retry's backoff; it doubles each attempt, with jitter.",
         float,
+        "First retry's backoff; it doubles each attempt, with jitter.",
     ),
-    Setting("retry_backoff_max_seconds", 8.0, "Longest backoff between two attempts.", float),
-    Setting(
+    S("storage", "retry_backoff_max_seconds", 8.0, float, "Longest backoff between two attempts."),
+    S(
+        "storage",
         "read_timeout_seconds",
         30.0,
-        "A storage socket silent this long is a transient failure (the range is retried from the "
-        "last byte received).",
         float,
+        "A storage socket silent this long is a transient failure (retried from the last byte).",
     ),
-    Setting(
+    S(
+        "storage",
         "connect_timeout_seconds",
         10.0,
-        "Time allowed to connect to the storage endpoint.",
         float,
+        "Time allowed to connect to the storage endpoint.",
     ),
-    Setting(
+    S(
+        "storage",
         "on_blob_change",
         "fail",
-        "A blob overwritten during a load: 'fail' raises BlobChanged; 'restart' lists again and "
-        "reloads (load() only, up to 3 times). Never a mixed checkpoint.",
         str,
+        "A blob overwritten mid-load: 'fail' raises BlobChanged; 'restart' lists again and reloads "
+        "(load() only, up to 3 times). Never a mixed checkpoint.",
         choices=("fail", "restart"),
     ),
-    Setting(
-        "mmap_local_files",
-        False,
-        "cpu target, local files: map shards copy-on-write instead "
-        "of reading them (zero-copy; pages are read on first touch).",
+    # -- guardrails -------------------------------------------------------------------------------
+    S(
+        "guardrails",
+        "check_memory_fit",
+        True,
         bool,
+        "Before any download, check free GPU memory (or host RAM) against the weights x headroom.",
     ),
-    Setting(
+    S(
+        "guardrails",
+        "gpu_headroom_factor",
+        1.1,
+        float,
+        "Free GPU memory needed, as a multiple of the weight bytes (allocator overhead, buffers).",
+        minimum=1.0,
+        maximum=100.0,
+    ),
+    S(
+        "guardrails",
+        "host_headroom_factor",
+        1.1,
+        float,
+        "Available host RAM needed for the cpu target and host-staging, as a multiple of the "
+        "weight bytes.",
+        minimum=1.0,
+        maximum=100.0,
+    ),
+    # -- export -----------------------------------------------------------------------------------
+    S(
+        "export",
         "unsupported_dtype",
         "raise",
-        "What to do when the framework cannot hold a dtype "
-        "(e.g. F4 in numpy): 'raise' DTypeNotSupported, or return the raw 'bytes' as uint8.",
         str,
+        "When the framework cannot hold a dtype (e.g. F4 in numpy): 'raise' DTypeNotSupported, or "
+        "return the raw 'bytes' as uint8.",
         choices=("raise", "bytes"),
     ),
 )
+del S
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SCHEMA}
+BY_KEY: dict[str, Setting] = {s.key: s for s in SCHEMA}
+assert len(BY_NAME) == len(SCHEMA), "setting names must be unique"
 
-# Environment variables read by the native core itself, documented with the rest.
-CORE_ENVIRONMENT: dict[str, str] = {
-    "BLOB2GPU_CUDA_DRIVER": "Path of the CUDA driver library to load instead of libcuda.so.1.",
+# Environment variables read elsewhere, documented with the rest.
+OTHER_ENVIRONMENT: dict[str, tuple[str, str]] = {
+    CONFIG_ENV: ("(none)", "Path of the YAML config file (same as --config)."),
+    "MODEL_SOURCE_URI": (
+        "(none)",
+        "Checkpoint URI used when load()/open()/`blob2gpu load` get none.",
+    ),
+    "BLOB2GPU_CUDA_DRIVER": ("libcuda.so.1", "CUDA driver library the core loads."),
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -178,19 +307,20 @@ def _valid_values(s: Setting) -> str:
         return "one of " + ", ".join(repr(c) for c in s.choices)
     if s.type is bool:
         return "true or false"
+    low = s.minimum if s.minimum is not None else 0
+    high = f" and at most {s.maximum:g}" if s.maximum is not None else ""
     if s.type is float:
-        return "a number of seconds (0 or more)"
+        return f"a number of at least {low:g}{high}"
     if s.type is int:
-        hi = f" and at most {s.maximum}" if s.maximum is not None else ""
-        return f"an integer of at least {s.minimum}{hi}"
-    return f"a {s.type.__name__}"
+        return f"an integer of at least {low:g}{high}"
+    return "a string"
 
 
 def _coerce(s: Setting, value: Any, source: str) -> Any:
     def bad() -> ConfigError:
         return ConfigError(
-            f"setting '{s.name}' from {source} has the bad value {value!r}: "
-            f"expected {_valid_values(s)}"
+            f"setting '{s.name}' ({s.key}) from {source} has the bad value "
+            f"{value!r}: expected {_valid_values(s)}"
         )
 
     if s.type is bool:
@@ -199,33 +329,30 @@ def _coerce(s: Setting, value: Any, source: str) -> Any:
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise bad()
-    if s.type is int:
+    if s.type in (int, float):
         if isinstance(value, bool):
             raise bad()
         if isinstance(value, str):
             text = value.strip().lower().replace("_", "")
             number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
             suffix = text[len(number) :]
-            if not number.isdigit() or (suffix and suffix not in _SUFFIXES):
+            if suffix and (s.type is float or suffix not in _SUFFIXES):
                 raise bad()
-            value = int(number) * _SUFFIXES.get(suffix, 1)
-        if not isinstance(value, int):
+            try:
+                value = (int(number) if s.type is int else float(number)) * _SUFFIXES.get(suffix, 1)
+            except ValueError:
+                raise bad() from None
+        if s.type is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if s.type is int and not isinstance(value, int):
             raise bad()
-        if (s.minimum is not None and value < s.minimum) or (
-            s.maximum is not None and value > s.maximum
-        ):
+        if not isinstance(value, (int, float)) or value != value or value in (float("inf"),):
+            raise bad()
+        value = s.type(value)
+        low = s.minimum if s.minimum is not None else 0
+        if value < low or (s.maximum is not None and value > s.maximum):
             raise bad()
         return value
-    if s.type is float:
-        if isinstance(value, bool):
-            raise bad()
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise bad() from None
-        if not number >= 0 or number == float("inf"):
-            raise bad()
-        return number
     if not isinstance(value, str):
         raise bad()
     if s.choices and value not in s.choices:
@@ -233,9 +360,17 @@ def _coerce(s: Setting, value: Any, source: str) -> Any:
     return value
 
 
+def _unknown(key: str, source: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(
+        f"unknown setting '{key}' from {source}{hint}; known settings: " + ", ".join(sorted(known))
+    )
+
+
 @dataclass(frozen=True)
 class ResolvedSettings:
-    """Effective values and where each came from ('default', 'env BLOB2GPU_X', 'argument')."""
+    """Effective values and where each came from ('default', 'env X', 'config FILE', 'argument')."""
 
     values: Mapping[str, Any]
     sources: Mapping[str, str]
@@ -250,51 +385,116 @@ class ResolvedSettings:
         """A copy with some settings replaced by keyword arguments (validated)."""
         values, sources = dict(self.values), dict(self.sources)
         for key, value in overrides.items():
-            s = _lookup(key, "argument")
-            values[key] = _coerce(s, value, "argument")
+            if key not in BY_NAME:
+                raise _unknown(key, "argument", list(BY_NAME))
+            values[key] = _coerce(BY_NAME[key], value, "argument")
             sources[key] = "argument"
         return ResolvedSettings(values, sources)
 
+    def as_sections(self) -> dict[str, dict[str, Any]]:
+        """The values nested by section, as a config file writes them."""
+        out: dict[str, dict[str, Any]] = {}
+        for s in SCHEMA:
+            out.setdefault(s.section, {})[s.name] = self.values[s.name]
+        return out
 
-def _lookup(key: str, source: str) -> Setting:
-    if key not in BY_NAME:
-        raise ConfigError(
-            f"unknown setting '{key}' from {source}; known settings: " + ", ".join(sorted(BY_NAME))
-        )
-    return BY_NAME[key]
+
+def _flatten(doc: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping) and full not in BY_KEY:
+            flat.update(_flatten(value, f"{full}."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML config into {setting name: value}. Keys are section.name, nested or dotted.
+
+    Raises ConfigError for an unreadable file, bad YAML, an unknown key or a bad value, naming the
+    file and the key.
+    """
+    source = f"config {path}"
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError("config files need PyYAML: pip install pyyaml") from None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"config file '{path}' must be a mapping of sections to settings")
+    out: dict[str, Any] = {}
+    for key, value in _flatten(doc).items():
+        if key not in BY_KEY:
+            raise _unknown(key, source, list(BY_KEY))
+        s = BY_KEY[key]
+        out[s.name] = _coerce(s, value, source)
+    return out
 
 
 def resolve(
-    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_path: str | os.PathLike[str] | None = None,
 ) -> ResolvedSettings:
-    """Resolve every setting from keyword arguments, then the environment, then defaults.
+    """Resolve every setting: keyword arguments, then environment, then the config file, then
+    defaults. The config file is `config_path`, else $BLOB2GPU_CONFIG, else none.
 
-    Returns a ResolvedSettings. Raises ConfigError for an unknown key or a bad value, naming
-    the key, its source and the valid values.
+    Returns a ResolvedSettings. Raises ConfigError for an unknown key or a bad value, naming the
+    key, its source and the valid values.
     """
     env = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
+    values = {s.name: s.default for s in SCHEMA}
+    sources = dict.fromkeys(values, "default")
+    path = config_path or env.get(CONFIG_ENV)
+    if path:
+        for name, value in read_config_file(path).items():
+            values[name], sources[name] = value, f"config {path}"
     for s in SCHEMA:
-        values[s.name], sources[s.name] = s.default, "default"
-        for var in (*s.env_aliases, s.env):  # the BLOB2GPU_ name wins over a deployment alias
-            if var in env:
-                values[s.name] = _coerce(s, env[var], f"env {var}")
-                sources[s.name] = f"env {var}"
+        for alias in s.aliases:  # deployment variables first: the BLOB2GPU_ name wins
+            if alias.name in env:
+                raw = env[alias.name]
+                if alias.values is not None:
+                    word = raw.strip().lower()
+                    if word not in alias.values:
+                        raise ConfigError(
+                            f"{alias.name}={raw!r} is not one of "
+                            + ", ".join(repr(w) for w in alias.values)
+                        )
+                    values[s.name] = alias.values[word]
+                else:
+                    values[s.name] = _coerce(s, raw, f"env {alias.name}")
+                sources[s.name] = f"env {alias.name}"
+        if s.env in env:
+            values[s.name] = _coerce(s, env[s.env], f"env {s.env}")
+            sources[s.name] = f"env {s.env}"
     return ResolvedSettings(values, sources).with_overrides(dict(overrides or {}))
 
 
 def markdown_table() -> str:
     """The settings reference as a Markdown table (docs/settings.md is generated from it)."""
     lines = [
-        "| setting | environment variable | default | what it does |",
-        "| --- | --- | --- | --- |",
+        "| setting (keyword) | config key | environment | default | what it does |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for s in SCHEMA:
-        env = f"`{s.env}`" + "".join(f", `{a}`" for a in s.env_aliases)
-        lines.append(f"| `{s.name}` | {env} | `{s.default!r}` | {s.doc} |")
-    for var, doc in CORE_ENVIRONMENT.items():
-        lines.append(f"| (core) | `{var}` | `libcuda.so.1` | {doc} |")
+        env = f"`{s.env}`" + "".join(f", `{a.name}`" for a in s.aliases)
+        lines.append(f"| `{s.name}` | `{s.key}` | {env} | `{s.default!r}` | {s.doc} |")
+    lines.append("")
+    lines.append("| other environment variable | default | what it does |")
+    lines.append("| --- | --- | --- |")
+    for var, (default, doc) in OTHER_ENVIRONMENT.items():
+        lines.append(f"| `{var}` | `{default}` | {doc} |")
     return "\n".join(lines) + "\n"
 
 
@@ -304,7 +504,10 @@ def settings_doc() -> str:
         "# Settings\n\nGenerated from `python/blob2gpu/settings.py` by "
         "`python -m blob2gpu.settings > docs/settings.md`; a test keeps them in step.\n\n"
         "Precedence, highest first: keyword arguments (`blob2gpu.load(..., staging_slots=16)`), "
-        "environment variables, defaults.\n\n" + markdown_table()
+        "environment variables, the YAML config file (`--config FILE` or `BLOB2GPU_CONFIG`), "
+        "defaults. In the file, keys go under their section:\n\n"
+        "```yaml\nmodel:\n  direct_gpu_load: true\nstorage:\n  prefetch_concurrency: 8\n"
+        "observability:\n  emit_phase_timings: true\n```\n\n" + markdown_table()
     )
 
 

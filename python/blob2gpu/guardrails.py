@@ -1,0 +1,68 @@
+"""Memory-fit checks made before any byte is downloaded: a model that does not fit with headroom
+fails in milliseconds with both numbers and what to change, not minutes later mid-load."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .errors import InsufficientGPUMemory, InsufficientHostMemory
+
+GB = 1e9
+
+
+def host_available_bytes() -> int:
+    """Host memory available to a new allocation (MemAvailable), in bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= GB / 10 else f"{n / 1e6:.2f} MB"
+
+
+def check_memory_fit(
+    shard_sizes: list[int], device: str, pipeline: Any, settings: Any, host_staging: bool
+) -> tuple[int, int] | None:
+    """Raise InsufficientGPUMemory / InsufficientHostMemory when the weights will not fit.
+
+    Returns (free, total) GPU bytes measured for a cuda target (None on cpu), for the report.
+    """
+    weights = sum(shard_sizes)
+    measured = pipeline.memory_info() if device != "cpu" else None
+    if not settings.check_memory_fit:
+        return measured
+    if device == "cpu" or host_staging:
+        # cpu: every shard stays in host memory. host-staging: each shard passes through host
+        # memory whole; as many at once as there are concurrent readers.
+        if device == "cpu":
+            held = weights
+        else:
+            readers = max(settings.io_threads, settings.prefetch_concurrency)
+            held = sum(sorted(shard_sizes, reverse=True)[:readers])
+        need = held * settings.host_headroom_factor
+        available = host_available_bytes()
+        if available < need:
+            what = "the checkpoint" if device == "cpu" else "host staging of the largest shards"
+            raise InsufficientHostMemory(
+                f"{what} needs {_gb(need)} of host memory ({_gb(held)} x host_headroom_factor "
+                f"{settings.host_headroom_factor:g}) but {_gb(available)} is available; free "
+                "memory, load to a GPU with direct_gpu_load=true, or lower host_headroom_factor"
+            )
+    if measured is not None:
+        free, total = measured
+        need = weights * settings.gpu_headroom_factor
+        if free < need:
+            raise InsufficientGPUMemory(
+                f"{device} has {_gb(free)} free of {_gb(total)} but the checkpoint needs "
+                f"{_gb(need)} ({_gb(weights)} of weights x gpu_headroom_factor "
+                f"{settings.gpu_headroom_factor:g}); free GPU memory (other processes, caches), "
+                "use a larger GPU, quantize or shard the model, or lower gpu_headroom_factor"
+            )
+    return measured
