@@ -86,6 +86,8 @@ py::dict session_stats_dict(const SessionStats& s) {
   d["mmap"] = s.mmap;
   d["host_staging"] = s.host_staging;
   d["min_free_device_bytes"] = s.min_free_device_bytes;
+  d["verified_bytes"] = s.verified_bytes;
+  d["checksum_failures"] = s.checksum_failures;
   py::list shards;
   for (const auto& shard : s.shards) shards.append(shard_stats_dict(shard));
   d["shards"] = shards;
@@ -187,10 +189,27 @@ struct PyLanding {
 };
 
 ErrorKind error_kind_from_name(const std::string& name) {
-  for (int k = 0; k <= static_cast<int>(ErrorKind::LoadCancelled); ++k) {
+  for (int k = 0; k <= static_cast<int>(ErrorKind::LoadCancelled); ++k) {  // LoadCancelled: last
     if (name == error_kind_name(static_cast<ErrorKind>(k))) return static_cast<ErrorKind>(k);
   }
   throw CoreError(ErrorKind::InvalidArgument, "unknown error kind '" + name + "'");
+}
+
+// checksums: None, or a list with, per shard, None or (file size, chunk bytes, [CRC32C...]).
+void attach_checksums(std::vector<ShardSource>& shards, const py::object& checksums) {
+  if (checksums.is_none()) return;
+  auto list = checksums.cast<py::list>();
+  if (list.size() != shards.size()) {
+    throw CoreError(ErrorKind::InvalidArgument, "checksums must have one entry per shard");
+  }
+  for (size_t i = 0; i < shards.size(); ++i) {
+    if (list[i].is_none()) continue;
+    auto entry = list[i].cast<py::tuple>();
+    uint64_t size = entry[0].cast<uint64_t>();
+    if (shards[i].size == 0) shards[i].size = size;
+    shards[i].crc_chunk_bytes = entry[1].cast<uint64_t>();
+    shards[i].crc32c = entry[2].cast<std::vector<uint32_t>>();
+  }
 }
 
 }  // namespace
@@ -463,35 +482,44 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "start_local",
           [](LoadPipeline& p, const std::vector<std::string>& paths,
-             const std::vector<std::string>& names, bool mmap, bool host_staging) {
+             const std::vector<std::string>& names, bool mmap, bool host_staging,
+             const py::object& checksums, bool fail_on_checksum_mismatch) {
             if (paths.size() != names.size()) {
               throw CoreError(ErrorKind::InvalidArgument, "paths and names differ in length");
             }
             std::vector<ShardSource> shards;
             for (size_t i = 0; i < paths.size(); ++i) shards.push_back({paths[i], names[i]});
+            attach_checksums(shards, checksums);
             py::gil_scoped_release release;
             SessionOptions options;
             options.mmap = mmap;
             options.host_staging = host_staging;
+            options.fail_on_checksum_mismatch = fail_on_checksum_mismatch;
             return p.start_local(std::move(shards), options);
           },
           py::arg("paths"), py::arg("names"), py::arg("mmap") = false,
-          py::arg("host_staging") = false)
+          py::arg("host_staging") = false, py::arg("checksums") = py::none(),
+          py::arg("fail_on_checksum_mismatch") = true,
+          "checksums: None, or per shard None or (file size, chunk bytes, [CRC32C per chunk]).")
       .def(
           "start_fed",
           [](LoadPipeline& p, const std::vector<std::string>& names,
-             const std::vector<uint64_t>& sizes, bool host_staging) {
+             const std::vector<uint64_t>& sizes, bool host_staging, const py::object& checksums,
+             bool fail_on_checksum_mismatch) {
             if (names.size() != sizes.size()) {
               throw CoreError(ErrorKind::InvalidArgument, "names and sizes differ in length");
             }
             std::vector<ShardSource> shards;
             for (size_t i = 0; i < names.size(); ++i) shards.push_back({"", names[i], sizes[i]});
+            attach_checksums(shards, checksums);
             py::gil_scoped_release release;
             SessionOptions options;
             options.host_staging = host_staging;
+            options.fail_on_checksum_mismatch = fail_on_checksum_mismatch;
             return p.start_fed(std::move(shards), options);
           },
           py::arg("names"), py::arg("sizes"), py::arg("host_staging") = false,
+          py::arg("checksums") = py::none(), py::arg("fail_on_checksum_mismatch") = true,
           "Start a load whose byte ranges the caller fetches into landings (acquire/commit).")
       .def("close", &LoadPipeline::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("device", &LoadPipeline::device)

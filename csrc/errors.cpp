@@ -35,6 +35,8 @@ const char* error_kind_name(ErrorKind kind) {
       return "PinnedMemoryUnavailable";
     case ErrorKind::GPUOutOfMemory:
       return "GPUOutOfMemory";
+    case ErrorKind::ChecksumMismatch:
+      return "ChecksumMismatch";
     case ErrorKind::HostOutOfMemory:
       return "HostOutOfMemory";
     case ErrorKind::CudaDriverUnavailable:

@@ -29,6 +29,8 @@ enum class ErrorKind {
   HostOutOfMemory,          // a host allocation for a cpu-target arena failed
   CudaDriverUnavailable,    // libcuda could not be loaded or has no device
   CudaError,                // any other driver error
+  // Integrity.
+  ChecksumMismatch,  // bytes differ from the manifest's checksum
   // Export and arguments.
   DTypeNotSupported,  // a consumer cannot take this dtype
   InvalidArgument,    // a caller error (bad setting, bad device string, ...)

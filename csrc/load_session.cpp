@@ -136,12 +136,17 @@ LoadSession::LoadSession(std::shared_ptr<LoadPipeline> pipeline, std::vector<Sha
       mmap_(options.mmap),
       fed_(options.fed),
       host_staging_(options.host_staging),
+      fail_on_checksum_mismatch_(options.fail_on_checksum_mismatch),
       start_(std::chrono::steady_clock::now()) {
   for (auto& source : shards) {
     auto shard = std::make_unique<Shard>();
     shard->stats.name = source.name;
     shard->stats.file_bytes = source.size;
     shard->file_size = source.size;
+    if (!source.crc32c.empty()) {
+      shard->verifier = std::make_unique<ChunkVerifier>(source.name, source.size,
+                                                        source.crc_chunk_bytes, source.crc32c);
+    }
     shard->source = std::move(source);
     shards_.push_back(std::move(shard));
   }
@@ -205,6 +210,11 @@ void LoadSession::run_header(size_t index) {
   const std::string& label = shard.source.name;
   shard.file = std::make_unique<ShardFile>(shard.source.path, label);
   const uint64_t file_size = shard.file->size();
+  if (shard.verifier && file_size != shard.file_size) {
+    throw CoreError(ErrorKind::ChecksumMismatch,
+                    "shard '" + label + "': the file has " + std::to_string(file_size) +
+                        " bytes but the manifest says " + std::to_string(shard.file_size));
+  }
 
   uint8_t length_bytes[kHeaderLengthBytes] = {0};
   size_t have = static_cast<size_t>(std::min<uint64_t>(file_size, kHeaderLengthBytes));
@@ -213,11 +223,16 @@ void LoadSession::run_header(size_t index) {
   std::vector<uint8_t> json(header_len);
   shard.file->read_exact(json.data(), json.size(), kHeaderLengthBytes);
   bytes_read_ += kHeaderLengthBytes + header_len;
+  if (shard.verifier) {
+    verify(shard, 0, length_bytes, kHeaderLengthBytes);
+    verify(shard, kHeaderLengthBytes, json.data(), json.size());
+  }
   prepare_shard(index, json.data(), json.size(), file_size, st);
   const ShardHeader& h = shard.header;
 
   if (mmap_ || h.data_bytes == 0) {
     if (mmap_) bytes_read_ += h.data_bytes;  // mapped: the consumer's first touch reads it
+    if (mmap_ && shard.verifier) verify(shard, h.data_offset, shard.arena->host_data(), h.data_bytes);
     finish_shard(index);
     return;
   }
@@ -310,12 +325,15 @@ void LoadSession::run_chunk(size_t index, uint64_t begin, uint64_t end) {
   const uint64_t bytes = end - begin;
   Slot* slot = nullptr;
   if (lands_on_host()) {
-    shard.file->read_exact(host_destination(shard) + begin, bytes, h.data_offset + begin);
+    uint8_t* dest = host_destination(shard) + begin;
+    shard.file->read_exact(dest, bytes, h.data_offset + begin);
+    if (shard.verifier) verify(shard, h.data_offset + begin, dest, bytes);
   } else {
     slot = pipeline_->ring_->acquire(&cancelled_);
     if (slot == nullptr) return;  // cancelled
     try {
       shard.file->read_exact(slot->data(), bytes, h.data_offset + begin);
+      if (shard.verifier) verify(shard, h.data_offset + begin, slot->data(), bytes);
     } catch (...) {
       pipeline_->ring_->release(slot);
       throw;
@@ -399,6 +417,14 @@ FeedStatus LoadSession::commit_landing(Landing& landing) {
   Slot* slot = landing.slot;
   landing.slot = nullptr;
   bytes_read_ += landing.capacity;
+  if (shard.verifier) {
+    try {
+      verify(shard, landing.file_offset, landing.data, landing.capacity);
+    } catch (...) {
+      if (slot) pipeline_->ring_->release(slot);
+      throw;
+    }
+  }
   if (!shard.header_ready) {
     if (landing.file_offset == 0) {
       const uint8_t* data = landing.data;
@@ -450,6 +476,17 @@ FeedStatus LoadSession::commit_landing(Landing& landing) {
   land_data(landing.shard, slot, 0, landing.file_offset - shard.header.data_offset,
             landing.capacity);
   return status_of(shard);
+}
+
+void LoadSession::verify(Shard& shard, uint64_t file_offset, const uint8_t* data, size_t n) {
+  std::vector<ChecksumFailure> failures = shard.verifier->add(file_offset, data, n);
+  verified_bytes_ += n;
+  if (failures.empty()) return;
+  if (fail_on_checksum_mismatch_) {
+    throw CoreError(ErrorKind::ChecksumMismatch, shard.verifier->describe(failures.front()));
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (const auto& f : failures) checksum_failures_.push_back(shard.verifier->describe(f));
 }
 
 uint8_t* LoadSession::host_destination(const Shard& shard) const {
@@ -641,8 +678,10 @@ SessionStats LoadSession::stats() const {
   s.mmap = mmap_;
   s.host_staging = host_staging_;
   s.min_free_device_bytes = min_free_.load();
+  s.verified_bytes = verified_bytes_.load();
   std::lock_guard<std::mutex> lock(mutex_);
   s.all_published_ns = all_published_ns_;
+  s.checksum_failures = checksum_failures_;
   for (const auto& shard : shards_) s.shards.push_back(shard->stats);
   return s;
 }

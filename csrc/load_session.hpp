@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "chunk_verifier.hpp"
 #include "copy_engine.hpp"
 #include "cuda_device.hpp"
 #include "device_arena.hpp"
@@ -45,12 +46,16 @@ struct SessionOptions {
   bool mmap = false;          // cpu target, local files: map instead of reading
   bool host_staging = false;  // cuda target: whole shard into host memory, then one copy (baseline)
   bool fed = false;           // a caller fetches the bytes (acquire/commit) instead of io threads
+  bool fail_on_checksum_mismatch = true;  // false: the load completes and the stats list them
 };
 
 struct ShardSource {
   std::string path;    // local file; empty for a fed shard
   std::string name;    // how errors and reports name it
   uint64_t size = 0;   // fed shards: the size the source listed
+  // The manifest's CRC32C of each crc_chunk_bytes chunk of the file; empty: not verified.
+  uint64_t crc_chunk_bytes = 0;
+  std::vector<uint32_t> crc32c;
 };
 
 // A place where a feeder writes the bytes [file_offset, file_offset + capacity) of one shard: a
@@ -99,6 +104,8 @@ struct SessionStats {
   bool mmap = false;
   bool host_staging = false;
   int64_t min_free_device_bytes = -1;  // lowest free GPU memory seen at a shard's end (-1: none)
+  uint64_t verified_bytes = 0;         // bytes checked against a manifest
+  std::vector<std::string> checksum_failures;  // mismatches let through (fail_on_... = false)
   std::vector<ShardStats> shards;
 };
 
@@ -196,6 +203,7 @@ class LoadSession {
     std::shared_ptr<DeviceArena> arena;
     std::shared_ptr<DeviceArena> staging;  // host-staging: the whole data region in host memory
     std::vector<Realigned> realigned;
+    std::unique_ptr<ChunkVerifier> verifier;  // null: no manifest for this shard
     std::atomic<uint64_t> bytes_landed{0};
     ShardStats stats;
   };
@@ -214,6 +222,9 @@ class LoadSession {
   FeedStatus commit_landing(Landing& landing);
   FeedStatus status_of(const Shard& shard) const;
   void check_shard_index(size_t shard) const;
+  // Checks landed file bytes against the shard's manifest: throws ChecksumMismatch (or records
+  // it when mismatches are let through).
+  void verify(Shard& shard, uint64_t file_offset, const uint8_t* data, size_t n);
   void post(std::function<void()> task, bool urgent);
   void run_header(size_t shard);
   void run_chunk(size_t shard, uint64_t begin, uint64_t end);
@@ -226,6 +237,9 @@ class LoadSession {
   bool mmap_;
   bool fed_;
   bool host_staging_;
+  bool fail_on_checksum_mismatch_;
+  std::atomic<uint64_t> verified_bytes_{0};
+  std::vector<std::string> checksum_failures_;  // under mutex_
   std::atomic<int64_t> min_free_{-1};
   std::chrono::steady_clock::time_point start_;
   std::atomic<bool> cancelled_{false};

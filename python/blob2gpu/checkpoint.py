@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import _core
+from . import _core, metrics
 from .errors import InvalidIndex, LoadCancelled
 from .report import LoadReport
 from .sources import ShardPlan
@@ -105,6 +105,7 @@ class Checkpoint:
                 report.summary(),
                 extra={"blob2gpu_report": report.to_dict()},
             )
+        metrics.observe_load(report)
         self._check_weight_map()
         self.close()
 

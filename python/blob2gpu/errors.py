@@ -87,6 +87,19 @@ class StorageUnavailable(SourceUnavailable):
     """The storage endpoint kept failing (resets, timeouts, 5xx, throttling) after every retry."""
 
 
+class ChecksumMismatch(Blob2GpuError):
+    """Bytes differ from the manifest's checksum; the message names the shard and byte range.
+    Nothing from the load is returned (unless fail_if_checksum_mismatch is off)."""
+
+
+class InvalidManifest(Blob2GpuError, ValueError):
+    """blob2gpu.manifest.json is malformed, of an unknown version, or disagrees with the shards."""
+
+
+class ManifestMissing(SourceUnavailable):
+    """verify='crc32c' was asked for but the checkpoint has no blob2gpu.manifest.json."""
+
+
 class BlobChanged(Blob2GpuError):
     """A blob was overwritten during the load (its etag changed); nothing mixed is returned."""
 

@@ -10,9 +10,10 @@ from typing import Any
 
 from . import _core
 from .checkpoint import Checkpoint
-from .errors import BlobChanged, InvalidArgument, ShardCountMismatch
+from .errors import BlobChanged, InvalidArgument, ManifestMissing, ShardCountMismatch
 from .frameworks import converter
 from .guardrails import check_memory_fit
+from .manifest import MANIFEST_NAME, core_checksums, read_local_manifest
 from .report import LoadReport
 from .settings import ResolvedSettings, resolve
 from .sources import ShardPlan
@@ -109,10 +110,21 @@ class Loader:
             from .sources.blob_client import open_container
 
             container = open_container(uri, effective, credential)
-            plan = container.list_checkpoint().plan
+            listing = container.list_checkpoint()
+            plan = listing.plan
         else:
             plan = resolve_local(uri)
         self._check_plan(plan, effective)
+        manifest = None
+        if effective.verify != "none":
+            if container is not None:
+                manifest = container.read_manifest(listing)
+            else:
+                manifest = read_local_manifest(os.path.dirname(plan.shards[0].path))
+            if manifest is None and effective.verify == "crc32c":
+                raise ManifestMissing(f"verify='crc32c' but '{plan.uri}' has no {MANIFEST_NAME}: "
+                                      "publish it with `blob2gpu publish` or `blob2gpu manifest`")
+        checksums = core_checksums(manifest, plan.shards)
         host_staging = device != "cpu" and not effective.direct_gpu_load
         pipeline = self._pipeline(device)
         gpu_memory = check_memory_fit(
@@ -127,6 +139,7 @@ class Loader:
             source="azure-blob" if container else "local",
             credential=container.credential_source if container else None,
             strategy="host-staging" if host_staging else "direct-gpu",
+            verification="crc32c" if manifest else ("size+etag" if container else "none"),
             _clock_start=clock_start,
         )
         report.phases["artifact_fetch_start"] = 0.0
@@ -138,6 +151,8 @@ class Loader:
                 [s.name for s in plan.shards],
                 mmap=bool(effective.mmap_local_files and device == "cpu"),
                 host_staging=host_staging,
+                checksums=checksums,
+                fail_on_checksum_mismatch=effective.fail_if_checksum_mismatch,
             )
             return Checkpoint(session, plan, convert, report, settings=effective, pipeline=pipeline)
         from .sources.blob_feeder import BlobFeeder
@@ -147,8 +162,9 @@ class Loader:
         if device != "cpu" and not host_staging:
             chunk = min(chunk, slot_bytes)  # a range lands in one staging slot
         session = pipeline.start_fed(
-            [s.name for s in plan.shards], [s.size for s in plan.shards], host_staging=host_staging
-        )
+            [s.name for s in plan.shards], [s.size for s in plan.shards],
+            host_staging=host_staging, checksums=checksums,
+            fail_on_checksum_mismatch=effective.fail_if_checksum_mismatch)
         feeder = BlobFeeder(
             session, plan, container.client, container.retry, effective.prefetch_concurrency, chunk
         )

@@ -72,6 +72,9 @@ class LoadReport:
     slot_waits: int = 0
     mmap: bool = False
     strategy: str = "direct-gpu"  # or host-staging (model.direct_gpu_load=false)
+    verification: str = "none"  # crc32c (every chunk against the manifest), size+etag, none
+    verified_bytes: int = 0
+    checksum_failures: list[str] = field(default_factory=list)  # let through (fail_if_... off)
     source: str = "local"  # local or azure-blob
     credential: str | None = None  # how the Blob credential was chosen (never its value)
     requests: int = 0  # ranged GETs sent (retries included)
@@ -103,7 +106,10 @@ class LoadReport:
         """
         self.phases["first_token"] = time.perf_counter() - self._clock_start
         if self.settings.get("emit_first_token_latency", True):
+            from . import metrics  # lazy: no import cycle should metrics ever need report
+
             _FIRST_TOKENS.record(self.phases["first_token"])
+            metrics.observe_first_token(self.phases["first_token"])
             logging.getLogger("blob2gpu").info(
                 "blob2gpu first token %.3f s after artifact fetch start (%s)",
                 self.phases["first_token"],
@@ -164,6 +170,8 @@ class LoadReport:
             "peak_slots_in_flight",
             "slot_waits",
             "mmap",
+            "verified_bytes",
+            "checksum_failures",
         ):
             setattr(self, key, stats[key])
 

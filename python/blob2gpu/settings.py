@@ -88,7 +88,7 @@ SCHEMA: tuple[Setting, ...] = (
         0.0,
         float,
         "Carried for deployment configs (the Kubernetes probe reads it); the loader only "
-      "reports it.",
+        "reports it.",
     ),
     S(
         "startup",
@@ -96,7 +96,15 @@ SCHEMA: tuple[Setting, ...] = (
         "",
         str,
         "Prompt a serving integration sends to produce the first token; the loader only "
-      "reports it.",
+        "reports it.",
+    ),
+    S(
+        "startup",
+        "fail_if_checksum_mismatch",
+        True,
+        bool,
+        "A chunk that differs from the manifest fails the load (ChecksumMismatch) and returns no "
+        "tensor; false completes the load and lists the mismatches in the report.",
     ),
     S(
         "observability",
@@ -232,6 +240,17 @@ SCHEMA: tuple[Setting, ...] = (
         "A blob overwritten mid-load: 'fail' raises BlobChanged; 'restart' lists again and reloads "
         "(load() only, up to 3 times). Never a mixed checkpoint.",
         choices=("fail", "restart"),
+    ),
+    # -- integrity ---------------------------------------------------------------------------------
+    S(
+        "integrity",
+        "verify",
+        "auto",
+        str,
+        "auto: check every chunk against blob2gpu.manifest.json when the checkpoint has one (else "
+        "size and etag only, flagged in the report); crc32c: require the manifest; none: no "
+        "checks.",
+        choices=("auto", "crc32c", "none"),
     ),
     # -- guardrails -------------------------------------------------------------------------------
     S(

@@ -32,6 +32,7 @@ from .plan import ShardPlan, ShardRef
 from .redact import redact
 
 INDEX_NAME = "model.safetensors.index.json"
+MANIFEST_NAME = "blob2gpu.manifest.json"
 BLOB_SCHEMES = ("az", "http", "https")
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -261,6 +262,7 @@ class BlobListing:
 
     plan: ShardPlan
     aux_blobs: list[tuple[str, int]]  # (blob name, size) of config, tokenizer, ... files
+    manifest_blob: str | None = None  # blob2gpu.manifest.json beside the shards, if any
 
 
 def list_checkpoint(container_client: Any, location: BlobLocation, retry: Any) -> BlobListing:
@@ -327,13 +329,15 @@ def list_checkpoint(container_client: Any, location: BlobLocation, retry: Any) -
         for n in children
         if n not in weights and not n.endswith(".safetensors")
     ]
+    manifest_name = posixpath.join(directory, MANIFEST_NAME) if directory else MANIFEST_NAME
     plan = ShardPlan(
         uri=f"{location.account_url}/{location.container}/{location.path}",
         shards=tuple(ref(n) for n in shard_names),
         weight_map=weight_map,
         location=location,
     )
-    return BlobListing(plan=plan, aux_blobs=aux)
+    return BlobListing(plan=plan, aux_blobs=aux,
+                       manifest_blob=manifest_name if manifest_name in by_name else None)
 
 
 def _if_match() -> Any:

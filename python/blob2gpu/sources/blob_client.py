@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgument
+from ..manifest import Manifest
 from .azure_blob import (
     BlobListing,
     BlobLocation,
@@ -39,6 +40,15 @@ class BlobContainer:
     def list_checkpoint(self) -> BlobListing:
         """Resolve the URI to its shards (see azure_blob.list_checkpoint)."""
         return list_checkpoint(self.client, self.location, self.retry.run)
+
+    def read_manifest(self, listing: BlobListing) -> Manifest | None:
+        """The checkpoint's blob2gpu.manifest.json, or None when it has none."""
+        name = listing.manifest_blob
+        if name is None:
+            return None
+        data = self.retry.run(lambda: self.client.get_blob_client(name).download_blob().readall(),
+                              f"reading {self.location.describe(name)}", name)
+        return Manifest.from_json(data, self.location.describe(name))
 
     def fetch_aux(self, dest: str | os.PathLike[str]) -> list[Path]:
         """Download the checkpoint's other files (config.json, tokenizer files, ...) to `dest`.

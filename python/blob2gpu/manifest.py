@@ -1,0 +1,167 @@
+"""The integrity manifest, written at publish time beside the shards as blob2gpu.manifest.json:
+per file its size, SHA-256, and the CRC32C of each fixed-size chunk. Loads verify every chunk as
+it lands (in the core, before its copy to the device); the SHA-256 checks whole files (publish,
+cache verify).
+
+    {"format": "blob2gpu-manifest", "version": 1, "chunk_bytes": 4194304,
+     "files": {"model-00001-of-00002.safetensors":
+               {"size": 123, "sha256": "…", "crc32c": [305419896, …]}}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _core
+from .errors import InvalidManifest
+
+MANIFEST_NAME = "blob2gpu.manifest.json"
+FORMAT = "blob2gpu-manifest"
+VERSION = 1
+DEFAULT_CHUNK_BYTES = 4 << 20
+
+
+@dataclass
+class FileEntry:
+    """One file: its size, SHA-256 (hex) and the CRC32C of each chunk."""
+
+    size: int
+    sha256: str
+    crc32c: list[int]
+
+
+@dataclass
+class Manifest:
+    """Checksums of a checkpoint's files, chunked at `chunk_bytes`."""
+
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    files: dict[str, FileEntry] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "chunk_bytes": self.chunk_bytes,
+                "files": {
+                    name: {"size": e.size, "sha256": e.sha256, "crc32c": e.crc32c}
+                    for name, e in sorted(self.files.items())
+                },
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str) -> Manifest:
+        """Parse and validate a manifest; raises InvalidManifest naming `source` and the problem."""
+        try:
+            doc = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InvalidManifest(f"manifest '{source}' is not valid JSON: {e}") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise InvalidManifest(f"'{source}' is not a blob2gpu manifest (format {FORMAT!r})")
+        if doc.get("version") != VERSION:
+            raise InvalidManifest(
+                f"manifest '{source}' has version {doc.get('version')!r}; this "
+                f"blob2gpu reads version {VERSION}: upgrade blob2gpu"
+            )
+        chunk = doc.get("chunk_bytes")
+        files = doc.get("files")
+        if not isinstance(chunk, int) or chunk <= 0 or not isinstance(files, dict):
+            raise InvalidManifest(f"manifest '{source}' lacks chunk_bytes or files")
+        manifest = cls(chunk_bytes=chunk)
+        for name, entry in files.items():
+            try:
+                size, sha, crcs = entry["size"], entry["sha256"], entry["crc32c"]
+                ok = (
+                    isinstance(size, int)
+                    and size >= 0
+                    and isinstance(sha, str)
+                    and len(sha) == 64
+                    and isinstance(crcs, list)
+                    and len(crcs) == -(-size // chunk)
+                    and all(isinstance(c, int) and 0 <= c < 1 << 32 for c in crcs)
+                )
+            except (KeyError, TypeError):
+                ok = False
+            if not ok:
+                raise InvalidManifest(
+                    f"manifest '{source}': the entry of '{name}' is malformed "
+                    "(size, sha256, one crc32c per chunk)"
+                )
+            manifest.files[name] = FileEntry(size, sha, list(crcs))
+        return manifest
+
+    def checksums_for(self, name: str, size: int) -> tuple[int, int, list[int]] | None:
+        """(size, chunk bytes, CRCs) for the core, or None when the manifest lacks `name`.
+        Raises InvalidManifest when the sizes disagree."""
+        entry = self.files.get(name)
+        if entry is None:
+            return None
+        if entry.size != size:
+            raise InvalidManifest(
+                f"'{name}' has {size} bytes but the manifest says {entry.size}: "
+                "the checkpoint changed after it was published"
+            )
+        return (entry.size, self.chunk_bytes, entry.crc32c)
+
+
+def hash_stream(
+    read_into: Callable[[memoryview], int], size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> FileEntry:
+    """Checksum `size` bytes read chunk by chunk with read_into(view) -> bytes read (0 at end).
+    CRC32C and SHA-256 run in the core without the GIL. Raises OSError if the stream ends early."""
+    sha = _core.Sha256()
+    crcs = []
+    buffer = bytearray(chunk_bytes)
+    view = memoryview(buffer)
+    done = 0
+    while done < size:
+        want = min(chunk_bytes, size - done)
+        got = 0
+        while got < want:
+            n = read_into(view[got:want])
+            if not n:
+                raise OSError(f"stream ended after {done + got} of {size} bytes")
+            got += n
+        crcs.append(_core.crc32c(view[:want]))
+        sha.update(view[:want])
+        done += want
+    return FileEntry(size=size, sha256=sha.hexdigest(), crc32c=crcs)
+
+
+def hash_file(path: str | os.PathLike[str], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> FileEntry:
+    """The manifest entry of a local file."""
+    with open(path, "rb", buffering=0) as f:
+        return hash_stream(f.readinto, os.fstat(f.fileno()).st_size, chunk_bytes)
+
+
+def manifest_for_directory(
+    directory: str | os.PathLike[str], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Manifest:
+    """A manifest of every file in `directory` (not recursive; the manifest itself excluded)."""
+    manifest = Manifest(chunk_bytes=chunk_bytes)
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file() and path.name != MANIFEST_NAME:
+            manifest.files[path.name] = hash_file(path, chunk_bytes)
+    return manifest
+
+
+def read_local_manifest(directory: str | os.PathLike[str]) -> Manifest | None:
+    """The manifest beside local shards, or None."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    return Manifest.from_json(path.read_bytes(), str(path))
+
+
+def core_checksums(manifest: Manifest | None, shards: Any) -> list[Any] | None:
+    """The per-shard checksum list start_local/start_fed take, or None without a manifest."""
+    if manifest is None:
+        return None
+    return [manifest.checksums_for(s.name, s.size) for s in shards]

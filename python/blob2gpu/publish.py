@@ -1,0 +1,100 @@
+"""Publishing a checkpoint to Azure Blob Storage with its integrity manifest, and writing the
+manifest of a checkpoint already there."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgument
+from .manifest import (
+    DEFAULT_CHUNK_BYTES,
+    MANIFEST_NAME,
+    Manifest,
+    hash_stream,
+    manifest_for_directory,
+)
+from .settings import resolve
+from .sources.azure_blob import is_blob_uri
+
+
+def _container(uri: str, credential: Any, settings: dict[str, Any]) -> Any:
+    from .sources.blob_client import open_container
+
+    if not is_blob_uri(uri):
+        raise InvalidArgument(f"'{uri}' is not a Blob URI (az://, https://, path-style http://)")
+    return open_container(uri, resolve(settings), credential)
+
+
+def publish(
+    local_dir: str | os.PathLike[str],
+    uri: str,
+    credential: Any = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    **settings: Any,
+) -> Manifest:
+    """Upload every file of `local_dir` under the URI's prefix, then the manifest of them.
+
+    The manifest goes last, so a manifest in storage means its files are all there. Returns the
+    manifest. Raises InvalidArgument, AccessDenied, BlobNotFound (no container) or
+    StorageUnavailable.
+    """
+    directory = Path(local_dir)
+    if not directory.is_dir():
+        raise InvalidArgument(f"'{local_dir}' is not a directory")
+    manifest = manifest_for_directory(directory, chunk_bytes)
+    container = _container(uri, credential, settings)
+    prefix = container.location.path.strip("/")
+    for name in sorted(manifest.files):
+        blob = f"{prefix}/{name}" if prefix else name
+
+        def upload(path: Path = directory / name, blob: str = blob) -> None:
+            with path.open("rb") as f:
+                container.client.upload_blob(blob, f, overwrite=True, max_concurrency=4)
+
+        container.retry.run(upload, f"uploading {container.location.describe(blob)}", blob)
+    manifest_blob = f"{prefix}/{MANIFEST_NAME}" if prefix else MANIFEST_NAME
+    container.retry.run(
+        lambda: container.client.upload_blob(
+            manifest_blob, manifest.to_json().encode(), overwrite=True
+        ),
+        f"uploading {container.location.describe(manifest_blob)}",
+        manifest_blob,
+    )
+    return manifest
+
+
+def write_manifest(
+    uri: str, credential: Any = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, **settings: Any
+) -> Manifest:
+    """Compute the manifest of a checkpoint already in Blob Storage (downloading each file once)
+    and upload it beside the shards. Returns it."""
+    container = _container(uri, credential, settings)
+    listing = container.list_checkpoint()
+    names = [s.path for s in listing.plan.shards] + [
+        n for n, _ in listing.aux_blobs if not n.endswith(MANIFEST_NAME)
+    ]
+    manifest = Manifest(chunk_bytes=chunk_bytes)
+    for name in names:
+
+        def digest(name: str = name) -> Any:
+            downloader = container.client.get_blob_client(name).download_blob(max_concurrency=4)
+
+            def read_into(view: memoryview) -> int:
+                data = downloader.read(len(view))
+                view[: len(data)] = data
+                return len(data)
+
+            return hash_stream(read_into, downloader.size, chunk_bytes)
+
+        entry = container.retry.run(digest, f"reading {container.location.describe(name)}", name)
+        manifest.files[name.rsplit("/", 1)[-1]] = entry
+    directory = os.path.dirname(listing.plan.shards[0].path)
+    blob = f"{directory}/{MANIFEST_NAME}" if directory else MANIFEST_NAME
+    container.retry.run(
+        lambda: container.client.upload_blob(blob, manifest.to_json().encode(), overwrite=True),
+        f"uploading {container.location.describe(blob)}",
+        blob,
+    )
+    return manifest

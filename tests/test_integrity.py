@@ -1,0 +1,216 @@
+"""Integrity end to end: the manifest written at publish time, every chunk checked as it lands
+(local files, Blob, cpu and cuda), a mismatch that fails fast naming shard and byte range and
+returns nothing, or, when asked, a load that completes and lists it."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import blob2gpu
+import pytest
+import torch
+from blob2gpu import _core, errors
+from blob2gpu.manifest import MANIFEST_NAME, Manifest, hash_file, manifest_for_directory
+from blob2gpu.publish import publish, write_manifest
+from conftest import as_bytes, random_tensor, reference_bytes
+from support.azurite import ACCOUNT, ACCOUNT_KEY
+
+
+def expected(directory):
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(reference_bytes(f))
+    return out
+
+
+@pytest.fixture
+def checkpoint(write_checkpoint):
+    return write_checkpoint(
+        [
+            {f"s{s}.w{i}": random_tensor(torch.float32, (128, 200), s * 3 + i) for i in range(3)}
+            for s in range(3)
+        ]
+    )  # 3 x ~300 KB
+
+
+def with_manifest(directory, chunk_bytes=65536):
+    manifest = manifest_for_directory(directory, chunk_bytes)
+    (directory / MANIFEST_NAME).write_text(manifest.to_json())
+    return manifest
+
+
+def flip_byte(path, offset):
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def framework_for(device):
+    return "torch" if device == "cpu" else "dlpack"
+
+
+def test_manifest_entries_match_the_files(checkpoint):
+    import hashlib
+
+    from blob2gpu._core import crc32c
+
+    manifest = with_manifest(checkpoint, chunk_bytes=100_000)
+    shard = checkpoint / "model-00001-of-00003.safetensors"
+    data = shard.read_bytes()
+    entry = manifest.files[shard.name]
+    assert entry.size == len(data) and entry.sha256 == hashlib.sha256(data).hexdigest()
+    assert entry.crc32c == [crc32c(data[i : i + 100_000]) for i in range(0, len(data), 100_000)]
+    again = Manifest.from_json((checkpoint / MANIFEST_NAME).read_text(), "test")
+    assert again.files == manifest.files and again.chunk_bytes == 100_000
+    assert hash_file(shard, 100_000) == entry
+
+
+@pytest.mark.parametrize(
+    ("doc", "match"),
+    [
+        ({"format": "other"}, "not a blob2gpu manifest"),
+        (
+            {"format": "blob2gpu-manifest", "version": 99, "chunk_bytes": 1, "files": {}},
+            "version 99",
+        ),
+        (
+            {
+                "format": "blob2gpu-manifest",
+                "version": 1,
+                "chunk_bytes": 4,
+                "files": {"a": {"size": 9, "sha256": "0" * 64, "crc32c": [1]}},
+            },
+            "entry of 'a'",
+        ),
+    ],
+)
+def test_malformed_manifests(doc, match):
+    with pytest.raises(errors.InvalidManifest, match=match):
+        Manifest.from_json(json.dumps(doc), "m.json")
+
+
+@pytest.mark.parametrize("chunk_bytes", [1000, 65536, 4 << 20])
+def test_loads_verify_every_chunk(device, checkpoint, chunk_bytes):
+    with_manifest(checkpoint, chunk_bytes)
+    settings = {"staging_slot_bytes": 8192} if device != "cpu" else {}
+    with blob2gpu.open(
+        str(checkpoint), device=device, framework=framework_for(device), **settings
+    ) as ckpt:
+        got = {n: as_bytes(t) for n, t in ckpt.to_dict().items()}
+        report = ckpt.report
+    assert got == expected(checkpoint)
+    total = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+    assert report.verification == "crc32c" and report.verified_bytes == total
+
+
+def test_a_corrupted_byte_fails_the_load_and_returns_nothing(device, checkpoint):
+    with_manifest(checkpoint)
+    victim = checkpoint / "model-00002-of-00003.safetensors"
+    flip_byte(victim, 150_000)
+    gc.collect()
+    arenas = _core.live_arena_count()
+    with pytest.raises(errors.ChecksumMismatch) as info:
+        blob2gpu.load(str(checkpoint), device=device, framework=framework_for(device))
+    message = str(info.value)
+    assert "model-00002-of-00003.safetensors" in message
+    assert "bytes [131072, 196608)" in message
+    del info
+    gc.collect()
+    assert _core.live_arena_count() == arenas
+
+
+def test_mismatches_can_be_let_through_and_are_reported(checkpoint):
+    with_manifest(checkpoint)
+    flip_byte(checkpoint / "model-00003-of-00003.safetensors", 70_000)
+    with blob2gpu.open(str(checkpoint), fail_if_checksum_mismatch=False) as ckpt:
+        assert len(ckpt.to_dict()) == 9
+        failures = ckpt.report.checksum_failures
+    assert len(failures) == 1 and "[65536, 131072)" in failures[0]
+
+
+def test_mmap_loads_are_verified_too(checkpoint):
+    with_manifest(checkpoint)
+    flip_byte(checkpoint / "model-00001-of-00003.safetensors", 1000)
+    with pytest.raises(errors.ChecksumMismatch):
+        blob2gpu.load(str(checkpoint), mmap_local_files=True)
+
+
+def test_verify_modes(checkpoint):
+    flip = checkpoint / "model-00001-of-00003.safetensors"
+    with pytest.raises(errors.ManifestMissing, match="blob2gpu publish"):
+        blob2gpu.load(str(checkpoint), verify="crc32c")
+    with blob2gpu.open(str(checkpoint)) as ckpt:  # auto without a manifest: nothing to check
+        ckpt.to_dict()
+        assert ckpt.report.verification == "none"
+    with_manifest(checkpoint)
+    flip_byte(flip, 5000)
+    assert len(blob2gpu.load(str(checkpoint), verify="none")) == 9
+
+
+def test_size_differing_from_the_manifest(checkpoint):
+    with_manifest(checkpoint)
+    victim = checkpoint / "model-00002-of-00003.safetensors"
+    victim.write_bytes(victim.read_bytes() + b"extra")
+    with pytest.raises(errors.InvalidManifest, match="changed after it was published"):
+        blob2gpu.load(str(checkpoint))
+
+
+# --- Blob Storage ----------------------------------------------------------------------------
+
+
+def test_publish_then_load_verified(device, checkpoint, azurite, container, blob_env):
+    manifest = publish(checkpoint, f"az://{container}/llama", chunk_bytes=50_000)
+    assert set(manifest.files) == {f.name for f in checkpoint.iterdir()}
+    framework = framework_for(device)
+    with blob2gpu.open(
+        f"az://{container}/llama", device=device, framework=framework, chunk_bytes=32768
+    ) as ckpt:
+        got = {n: as_bytes(t) for n, t in ckpt.to_dict().items()}
+        assert ckpt.report.verification == "crc32c"
+    assert got == expected(checkpoint)
+
+
+def test_wire_corruption_is_caught(
+    device, checkpoint, azurite, container, fault_proxy, monkeypatch
+):
+    publish(
+        checkpoint,
+        f"{azurite.endpoint()}/{container}/llama",
+        credential={"account_name": ACCOUNT, "account_key": ACCOUNT_KEY},
+    )
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string(port=fault_proxy.port)
+    )
+    fault_proxy.faults.flips = 1
+    fault_proxy.faults.flip_offset = 20_000
+    with pytest.raises(errors.ChecksumMismatch, match="corrupted"):
+        blob2gpu.load(
+            f"az://{container}/llama",
+            device=device,
+            framework=framework_for(device),
+            chunk_bytes=65536,
+        )
+
+
+def test_blob_overwritten_with_same_size_after_publishing(checkpoint, azurite, container, blob_env):
+    publish(checkpoint, f"az://{container}/llama")
+    victim = checkpoint / "model-00002-of-00003.safetensors"
+    flip_byte(victim, 200_000)
+    azurite.service().get_container_client(container).upload_blob(
+        "llama/model-00002-of-00003.safetensors", victim.read_bytes(), overwrite=True
+    )
+    with pytest.raises(errors.ChecksumMismatch, match="model-00002-of-00003.safetensors"):
+        blob2gpu.load(f"az://{container}/llama")
+
+
+def test_manifest_for_a_checkpoint_already_in_blob(checkpoint, azurite, container, blob_env):
+    from conftest import upload_directory
+
+    upload_directory(azurite, container, checkpoint, "plain")
+    manifest = write_manifest(f"az://{container}/plain", chunk_bytes=100_000)
+    local = manifest_for_directory(checkpoint, 100_000)
+    assert manifest.files == local.files
+    with blob2gpu.open(f"az://{container}/plain") as ckpt:
+        ckpt.to_dict()
+        assert ckpt.report.verification == "crc32c"
