@@ -505,12 +505,19 @@ PYBIND11_MODULE(_core, m) {
           "start_fed",
           [](LoadPipeline& p, const std::vector<std::string>& names,
              const std::vector<uint64_t>& sizes, bool host_staging, const py::object& checksums,
-             bool fail_on_checksum_mismatch) {
+             bool fail_on_checksum_mismatch, const py::object& paths) {
             if (names.size() != sizes.size()) {
               throw CoreError(ErrorKind::InvalidArgument, "names and sizes differ in length");
             }
             std::vector<ShardSource> shards;
-            for (size_t i = 0; i < names.size(); ++i) shards.push_back({"", names[i], sizes[i]});
+            std::vector<std::string> local;
+            if (!paths.is_none()) local = paths.cast<std::vector<std::string>>();
+            if (!local.empty() && local.size() != names.size()) {
+              throw CoreError(ErrorKind::InvalidArgument, "paths must have one entry per shard");
+            }
+            for (size_t i = 0; i < names.size(); ++i) {
+              shards.push_back({local.empty() ? std::string() : local[i], names[i], sizes[i]});
+            }
             attach_checksums(shards, checksums);
             py::gil_scoped_release release;
             SessionOptions options;
@@ -520,7 +527,9 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("names"), py::arg("sizes"), py::arg("host_staging") = false,
           py::arg("checksums") = py::none(), py::arg("fail_on_checksum_mismatch") = true,
-          "Start a load whose byte ranges the caller fetches into landings (acquire/commit).")
+          py::arg("paths") = py::none(),
+          "Start a load whose byte ranges the caller fetches into landings (acquire/commit); "
+          "paths: per shard a local file the io threads read instead (a cache hit), or ''.")
       .def("close", &LoadPipeline::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("device", &LoadPipeline::device)
       .def_property_readonly("is_cuda", &LoadPipeline::is_cuda)

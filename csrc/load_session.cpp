@@ -166,9 +166,10 @@ void LoadSession::begin() {
     all_published_ns_ = now_ns();
     return;
   }
-  if (fed_) return;  // the feeder drives the load
+  // Shards with a local path are read by the io threads (in a fed session: cache hits); the
+  // feeder fetches the others.
   for (size_t i = 0; i < shards_.size(); ++i) {
-    post([this, i] { run_header(i); }, /*urgent=*/false);
+    if (!shards_[i]->source.path.empty()) post([this, i] { run_header(i); }, /*urgent=*/false);
   }
 }
 
@@ -350,6 +351,10 @@ std::optional<Landing> LoadSession::acquire(size_t index, uint64_t file_offset, 
   check_shard_index(index);
   Shard& shard = *shards_[index];
   if (cancelled_) return std::nullopt;
+  if (!shard.source.path.empty()) {
+    throw CoreError(ErrorKind::InvalidArgument,
+                    "shard '" + shard.source.name + "' is read from a local file, not fed");
+  }
   if (bytes == 0 || file_offset + bytes > shard.file_size) {
     throw CoreError(ErrorKind::InvalidArgument,
                     "shard '" + shard.source.name + "': range [" + std::to_string(file_offset) +

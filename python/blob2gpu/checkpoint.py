@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _core, metrics
-from .errors import InvalidIndex, LoadCancelled
+from .errors import ChecksumMismatch, InvalidIndex, LoadCancelled
 from .report import LoadReport
 from .sources import ShardPlan
 
@@ -30,8 +30,14 @@ class Checkpoint:
         feeder: Any = None,
         settings: Any = None,
         pipeline: Any = None,
+        cache: Any = None,
+        cache_hits: dict[int, Any] | None = None,
+        cache_writer: Any = None,
     ) -> None:
         self._session = session
+        self._cache = cache  # the NVMe cache tier, when enabled
+        self._cache_hits = cache_hits or {}  # shard index -> CacheEntry read instead of Blob
+        self._cache_writer = cache_writer
         self._settings = settings
         self._pipeline = pipeline  # for GPU memory readings
         self._feeder = feeder  # fetches a Blob checkpoint's ranges; None for local files
@@ -59,6 +65,8 @@ class Checkpoint:
             # caller holds them (a traceback holding this checkpoint must not pin GPU memory).
             self._tensors.clear()
             self.close()
+            if isinstance(error, ChecksumMismatch):
+                self._drop_bad_cache_entries(error)
             source_error = self._feeder.error if self._feeder is not None else None
             if source_error is not None and source_error is not error:
                 raise source_error from None  # the feeder's typed error, not the core's echo
@@ -98,6 +106,8 @@ class Checkpoint:
             report.requests = self._feeder.requests
             for shard, retries in zip(report.shards, self._feeder.shard_retries, strict=True):
                 shard.retries = retries
+            for index in self._cache_hits:
+                report.shards[index].cache_hit = True
         self._finished = True
         if settings is None or settings.emit_phase_timings:
             log.info(
@@ -131,6 +141,13 @@ class Checkpoint:
             raise InvalidIndex(
                 f"index of '{self._plan.uri}' disagrees with its shards: " + "; ".join(detail)
             )
+
+    def _drop_bad_cache_entries(self, error: ChecksumMismatch) -> None:
+        """A cache hit that failed its checks is removed, so the next load refetches it."""
+        for index, entry in self._cache_hits.items():
+            if f"shard '{self._plan.shards[index].name}'" in str(error):
+                self._cache.remove(entry)
+                error.cache_entry_removed = True  # Loader.load() retries once from Blob
 
     def _drain(self) -> None:
         while self._receive_next() is not None:
@@ -197,6 +214,10 @@ class Checkpoint:
             if self._feeder is not None:
                 self._feeder.stop()
             self._session.close()
+            if self._cache_writer is not None:
+                stats = self._cache_writer.close()
+                self._report.cache_written = list(stats.written)
+                self._report.cache_skipped = dict(stats.skipped)
         finally:
             if self._on_close is not None:
                 self._on_close()

@@ -10,7 +10,13 @@ from typing import Any
 
 from . import _core
 from .checkpoint import Checkpoint
-from .errors import BlobChanged, InvalidArgument, ManifestMissing, ShardCountMismatch
+from .errors import (
+    BlobChanged,
+    ChecksumMismatch,
+    InvalidArgument,
+    ManifestMissing,
+    ShardCountMismatch,
+)
 from .frameworks import converter
 from .guardrails import check_memory_fit
 from .manifest import MANIFEST_NAME, core_checksums, read_local_manifest
@@ -19,6 +25,7 @@ from .settings import ResolvedSettings, resolve
 from .sources import ShardPlan
 from .sources import resolve as resolve_local
 from .sources.azure_blob import is_blob_uri
+from .sources.nvme_cache import CacheEntry, CacheWriter, NvmeCache
 
 # Settings fixed when a target's pipeline is built; the others may change per load.
 PIPELINE_SETTINGS = (
@@ -50,6 +57,47 @@ def source_uri(uri: str | None) -> str:
     if os.environ.get(SOURCE_URI_ENV):
         return os.environ[SOURCE_URI_ENV]
     raise InvalidArgument(f"no checkpoint URI given and {SOURCE_URI_ENV} is not set")
+
+
+def use_cache(
+    cache: NvmeCache, location: Any, plan: ShardPlan, manifest: Any, checksums: list[Any] | None
+) -> tuple[list[str], dict[int, CacheEntry], CacheWriter]:
+    """Split a Blob checkpoint into cache hits (read locally) and shards to fetch and write.
+
+    A shard another process on this node is writing is waited for, then read from the cache:
+    the node downloads it once. Returns (local path per shard or '', hits, the writer).
+    """
+    paths = [""] * len(plan.shards)
+    hits: dict[int, CacheEntry] = {}
+    writer = CacheWriter(cache)
+    for i, ref in enumerate(plan.shards):
+        key = cache.key(location.account, location.container, ref.path, ref.etag)
+        identity = {
+            "account": location.account,
+            "container": location.container,
+            "blob": ref.path,
+            "etag": ref.etag,
+            "size": ref.size,
+        }
+        entry = cache.lookup(key, identity)
+        if entry is None:
+            lock = cache.lock(key)
+            if not lock.try_acquire():
+                lock.acquire()  # another process is writing this shard: wait, then read it
+                entry = cache.lookup(key, identity)
+            if entry is None:
+                sha = (
+                    manifest.files[ref.name].sha256
+                    if (manifest is not None and ref.name in manifest.files)
+                    else None
+                )
+                writer.begin(i, ref.name, key, identity, lock, sha)
+            else:
+                lock.release()
+        if entry is not None:
+            paths[i] = str(entry.data_path)
+            hits[i] = entry
+    return paths, hits, writer
 
 
 class Loader:
@@ -122,8 +170,10 @@ class Loader:
             else:
                 manifest = read_local_manifest(os.path.dirname(plan.shards[0].path))
             if manifest is None and effective.verify == "crc32c":
-                raise ManifestMissing(f"verify='crc32c' but '{plan.uri}' has no {MANIFEST_NAME}: "
-                                      "publish it with `blob2gpu publish` or `blob2gpu manifest`")
+                raise ManifestMissing(
+                    f"verify='crc32c' but '{plan.uri}' has no {MANIFEST_NAME}: "
+                    "publish it with `blob2gpu publish` or `blob2gpu manifest`"
+                )
         checksums = core_checksums(manifest, plan.shards)
         host_staging = device != "cpu" and not effective.direct_gpu_load
         pipeline = self._pipeline(device)
@@ -161,15 +211,43 @@ class Loader:
         chunk = effective.chunk_bytes or slot_bytes
         if device != "cpu" and not host_staging:
             chunk = min(chunk, slot_bytes)  # a range lands in one staging slot
+        cache = hits = writer = None
+        paths = None
+        if effective.local_nvme_cache_enabled:
+            cache = NvmeCache(effective.cache_dir or None, effective.cache_max_bytes)
+            paths, hits, writer = use_cache(cache, container.location, plan, manifest, checksums)
+            checksums = checksums or [None] * len(plan.shards)
+            for i, entry in hits.items():  # a hit is checked against what was written
+                checksums[i] = (entry.size, entry.meta["chunk_bytes"], entry.meta["crc32c"])
         session = pipeline.start_fed(
-            [s.name for s in plan.shards], [s.size for s in plan.shards],
-            host_staging=host_staging, checksums=checksums,
-            fail_on_checksum_mismatch=effective.fail_if_checksum_mismatch)
+            [s.name for s in plan.shards],
+            [s.size for s in plan.shards],
+            host_staging=host_staging,
+            checksums=checksums,
+            fail_on_checksum_mismatch=effective.fail_if_checksum_mismatch,
+            paths=paths,
+        )
         feeder = BlobFeeder(
-            session, plan, container.client, container.retry, effective.prefetch_concurrency, chunk
+            session,
+            plan,
+            container.client,
+            container.retry,
+            effective.prefetch_concurrency,
+            chunk,
+            fetch=[i for i in range(len(plan.shards)) if not (hits and i in hits)],
+            cache_writer=writer,
         )
         checkpoint = Checkpoint(
-            session, plan, convert, report, settings=effective, pipeline=pipeline, feeder=feeder
+            session,
+            plan,
+            convert,
+            report,
+            settings=effective,
+            pipeline=pipeline,
+            feeder=feeder,
+            cache=cache,
+            cache_hits=hits,
+            cache_writer=writer,
         )
         feeder.start()
         return checkpoint
@@ -200,6 +278,7 @@ class Loader:
         """
         restart = self._settings.with_overrides(settings).on_blob_change == "restart"
         restarts_left = 3 if restart else 0
+        cache_retried = False
         while True:
             try:
                 with self.open(
@@ -210,6 +289,11 @@ class Loader:
                 if restarts_left == 0:
                     raise
                 restarts_left -= 1
+            except ChecksumMismatch as error:
+                # A corrupted NVMe cache entry was removed: load again, that shard from Blob.
+                if not getattr(error, "cache_entry_removed", False) or cache_retried:
+                    raise
+                cache_retried = True
 
     def close(self) -> None:
         """Release the staging ring, threads and streams. Tensors already loaded stay valid."""

@@ -40,6 +40,7 @@ class ShardReport:
     header_parsed: float | None
     published: float | None
     retries: int = 0  # ranges of this shard fetched again after a transient failure
+    cache_hit: bool = False  # read from the NVMe cache instead of Blob Storage
 
     @property
     def fetch_latency(self) -> float | None:
@@ -75,6 +76,8 @@ class LoadReport:
     verification: str = "none"  # crc32c (every chunk against the manifest), size+etag, none
     verified_bytes: int = 0
     checksum_failures: list[str] = field(default_factory=list)  # let through (fail_if_... off)
+    cache_written: list[str] = field(default_factory=list)  # shards this load put in the cache
+    cache_skipped: dict[str, str] = field(default_factory=dict)  # shard -> why it was not cached
     source: str = "local"  # local or azure-blob
     credential: str | None = None  # how the Blob credential was chosen (never its value)
     requests: int = 0  # ranged GETs sent (retries included)
@@ -90,6 +93,13 @@ class LoadReport:
     def throughput_gbps(self) -> float:
         """Bytes read per second over the whole load, in GB/s (10^9)."""
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """Share of shards read from the NVMe cache (None when the cache is off)."""
+        if not self.settings.get("local_nvme_cache_enabled") or not self.shards:
+            return None
+        return sum(s.cache_hit for s in self.shards) / len(self.shards)
 
     @property
     def gpu_memory_peak_used(self) -> int | None:
@@ -121,6 +131,7 @@ class LoadReport:
         d = asdict(self)
         d.pop("_clock_start")
         d["gpu_memory_peak_used"] = self.gpu_memory_peak_used
+        d["cache_hit_rate"] = self.cache_hit_rate
         d["shards"] = [dict(asdict(s), fetch_latency=s.fetch_latency) for s in self.shards]
         d["throughput_gbps"] = self.throughput_gbps
         d["shard_count"] = len(self.shards)

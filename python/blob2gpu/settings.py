@@ -241,6 +241,30 @@ SCHEMA: tuple[Setting, ...] = (
         "(load() only, up to 3 times). Never a mixed checkpoint.",
         choices=("fail", "restart"),
     ),
+    S(
+        "storage",
+        "local_nvme_cache_enabled",
+        False,
+        bool,
+        "Keep Blob shards on local disk (cache_dir) as they stream, and load later starts from "
+        "there; Blob stays the source of truth.",
+    ),
+    S(
+        "storage",
+        "cache_dir",
+        "",
+        str,
+        "The NVMe cache directory; empty means $XDG_CACHE_HOME/blob2gpu or ~/.cache/blob2gpu.",
+    ),
+    S(
+        "storage",
+        "cache_max_bytes",
+        0,
+        int,
+        "Cap of the cache; least recently used entries are evicted to stay under it. 0: no cap.",
+        minimum=0,
+        maximum=1 << 50,
+    ),
     # -- integrity ---------------------------------------------------------------------------------
     S(
         "integrity",

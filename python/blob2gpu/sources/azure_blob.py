@@ -336,8 +336,9 @@ def list_checkpoint(container_client: Any, location: BlobLocation, retry: Any) -
         weight_map=weight_map,
         location=location,
     )
-    return BlobListing(plan=plan, aux_blobs=aux,
-                       manifest_blob=manifest_name if manifest_name in by_name else None)
+    return BlobListing(
+        plan=plan, aux_blobs=aux, manifest_blob=manifest_name if manifest_name in by_name else None
+    )
 
 
 def _if_match() -> Any:

@@ -46,8 +46,11 @@ class BlobContainer:
         name = listing.manifest_blob
         if name is None:
             return None
-        data = self.retry.run(lambda: self.client.get_blob_client(name).download_blob().readall(),
-                              f"reading {self.location.describe(name)}", name)
+        data = self.retry.run(
+            lambda: self.client.get_blob_client(name).download_blob().readall(),
+            f"reading {self.location.describe(name)}",
+            name,
+        )
         return Manifest.from_json(data, self.location.describe(name))
 
     def fetch_aux(self, dest: str | os.PathLike[str]) -> list[Path]:

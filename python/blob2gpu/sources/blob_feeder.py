@@ -98,8 +98,12 @@ class BlobFeeder:
         retry: RetryPolicy,
         concurrency: int,
         chunk_bytes: int,
+        fetch: list[int] | None = None,
+        cache_writer: Any = None,
     ) -> None:
         self._session = session
+        self._fetch = list(range(len(plan.shards))) if fetch is None else fetch  # not cache hits
+        self._cache_writer = cache_writer  # write-through to the NVMe cache, or None
         self._plan = plan
         self._container = container_client
         self._retry = retry
@@ -121,7 +125,8 @@ class BlobFeeder:
 
     # -- scheduling -------------------------------------------------------------------------------
     def start(self) -> BlobFeeder:
-        for i, ref in enumerate(self._plan.shards):
+        for i in self._fetch:
+            ref = self._plan.shards[i]
             if ref.size < 8:
                 self._fail(
                     HeaderTruncated(
@@ -176,6 +181,8 @@ class BlobFeeder:
             return []  # cancelled
         try:
             self._fetch_into(task.shard, ref, task.start, landing.view)
+            if self._cache_writer is not None:
+                self._cache_writer.offer(task.shard, task.start, landing.view)
         except BaseException:
             self._session.release(landing)
             raise

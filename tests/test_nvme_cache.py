@@ -1,0 +1,209 @@
+"""The NVMe cache tier: write-through while streaming from Blob, later loads from disk, entries
+keyed by etag and published atomically, corrupted/truncated/foreign entries refetched (never
+served), one download per node when processes race, a size cap with LRU eviction, prune."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import blob2gpu
+import pytest
+import torch
+from blob2gpu.sources.nvme_cache import NvmeCache
+from conftest import as_bytes, random_tensor, reference_bytes, upload_directory
+
+
+def expected(directory):
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(reference_bytes(f))
+    return out
+
+
+@pytest.fixture
+def published(write_checkpoint, azurite, container):
+    directory = write_checkpoint(
+        [
+            {f"s{s}.w{i}": random_tensor(torch.float32, (128, 200), s * 3 + i) for i in range(3)}
+            for s in range(3)
+        ]
+    )  # 3 x ~300 KB
+    upload_directory(azurite, container, directory, "m")
+    return directory
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return tmp_path / "nvme"
+
+
+def cached_load(uri, cache_dir, device="cpu", **settings):
+    framework = "torch" if device == "cpu" else "dlpack"
+    with blob2gpu.open(
+        uri,
+        device=device,
+        framework=framework,
+        local_nvme_cache_enabled=True,
+        cache_dir=str(cache_dir),
+        chunk_bytes=65536,
+        **settings,
+    ) as ckpt:
+        got = {n: as_bytes(t) for n, t in ckpt.to_dict().items()}
+        report = ckpt.report
+    ckpt.close()
+    return got, report
+
+
+def test_second_load_is_served_from_the_cache(device, published, container, cache_dir, blob_env):
+    got, first = cached_load(f"az://{container}/m", cache_dir, device)
+    assert got == expected(published)
+    assert first.cache_hit_rate == 0.0 and len(first.cache_written) == 3
+    got, second = cached_load(f"az://{container}/m", cache_dir, device)
+    assert got == expected(published)
+    assert second.cache_hit_rate == 1.0 and second.requests == 0
+    assert len(NvmeCache(cache_dir).entries()) == 3
+
+
+def corrupt_one_entry(cache_dir, how):
+    entry = sorted(NvmeCache(cache_dir).entries(), key=lambda e: e.key)[0]
+    data = bytearray(entry.data_path.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[:-1000]
+    entry.data_path.write_bytes(bytes(data))
+    return entry
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_a_damaged_entry_is_refetched_and_repaired(published, container, cache_dir, blob_env, how):
+    cached_load(f"az://{container}/m", cache_dir)
+    damaged = corrupt_one_entry(cache_dir, how)
+    got = blob2gpu.load(
+        f"az://{container}/m", local_nvme_cache_enabled=True, cache_dir=str(cache_dir)
+    )
+    assert {n: as_bytes(t) for n, t in got.items()} == expected(published)
+    # The entry was rewritten from Blob: the next load is all hits and correct.
+    assert (
+        NvmeCache(cache_dir).verify(
+            next(e for e in NvmeCache(cache_dir).entries() if e.key == damaged.key)
+        )
+        is None
+    )
+    got, report = cached_load(f"az://{container}/m", cache_dir)
+    assert got == expected(published) and report.cache_hit_rate == 1.0
+
+
+def test_a_foreign_entry_is_never_served(published, azurite, container, cache_dir, blob_env):
+    cached_load(f"az://{container}/m", cache_dir)
+    # The blob changes in storage: its etag moves, the old entry no longer matches.
+    victim = published / "model-00001-of-00003.safetensors"
+    replacement = torch.full((128, 200), 3.0)
+    from safetensors.torch import save_file
+
+    save_file({f"s0.w{i}": replacement.clone() for i in range(3)}, str(victim))
+    azurite.service().get_container_client(container).upload_blob(
+        "m/model-00001-of-00003.safetensors", victim.read_bytes(), overwrite=True
+    )
+    got, report = cached_load(f"az://{container}/m", cache_dir)
+    assert got == expected(published)
+    assert [s.cache_hit for s in report.shards] == [False, True, True]
+
+
+def test_the_cache_cap_skips_what_cannot_fit_and_evicts_least_recently_used(
+    published, write_checkpoint, azurite, container, cache_dir, blob_env
+):
+    shard = (published / "model-00001-of-00003.safetensors").stat().st_size
+    got, report = cached_load(f"az://{container}/m", cache_dir, cache_max_bytes=shard // 2)
+    assert got == expected(published)
+    assert report.cache_written == [] and len(report.cache_skipped) == 3
+    assert "exceed cache_max_bytes" in next(iter(report.cache_skipped.values()))
+    # Room for three shards: a second checkpoint pushes the first one out.
+    cap = 3 * shard + 1000
+    cached_load(f"az://{container}/m", cache_dir, cache_max_bytes=cap)
+    other = write_checkpoint(
+        [{f"o{s}": random_tensor(torch.float32, (128, 600), 50 + s)} for s in range(3)],
+        name="other",
+    )
+    upload_directory(azurite, container, other, "o")
+    cached_load(f"az://{container}/o", cache_dir, cache_max_bytes=cap)
+    cache = NvmeCache(cache_dir)
+    assert cache.total_bytes() <= cap
+    assert {e.meta["blob"].split("/")[0] for e in cache.entries()} == {"o"}
+
+
+LOADER = """
+import os, sys, zlib, blob2gpu
+tensors = blob2gpu.load(sys.argv[1], framework="dlpack", local_nvme_cache_enabled=True,
+                        cache_dir=sys.argv[2], chunk_bytes=65536)
+print(sum(zlib.crc32(tensors[n].to_bytes()) for n in sorted(tensors)))
+"""
+
+
+def test_two_processes_download_once(
+    published, azurite, container, cache_dir, fault_proxy, tmp_path
+):
+    env = dict(
+        os.environ, AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port)
+    )
+    script = tmp_path / "loader.py"
+    script.write_text(LOADER)
+    args = [sys.executable, str(script), f"az://{container}/m", str(cache_dir)]
+    procs = [
+        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    assert outs[0][0] == outs[1][0]
+    weights = sum(f.stat().st_size for f in published.glob("*.safetensors"))
+    index = (published / "model.safetensors.index.json").stat().st_size
+    assert fault_proxy.counters.range_bytes == weights + 2 * index  # one copy of the weights
+
+
+def test_kill_9_mid_write_leaves_nothing_trusted(
+    published, azurite, container, cache_dir, fault_proxy, tmp_path, blob_env
+):
+    env = dict(
+        os.environ, AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port)
+    )
+    fault_proxy.faults.stalls = 100  # every range stalls: the loader sits mid-write
+    fault_proxy.faults.stall_seconds = 60
+    script = tmp_path / "loader.py"
+    script.write_text(LOADER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), f"az://{container}/m", str(cache_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not list((cache_dir / "tmp").glob("*.part")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list((cache_dir / "tmp").glob("*.part")), "the loader never started writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    fault_proxy.reset()
+    assert NvmeCache(cache_dir).entries() == []
+    got, report = cached_load(f"az://{container}/m", cache_dir)
+    assert got == expected(published) and report.cache_hit_rate == 0.0
+    assert len(report.cache_written) == 3
+    removed = NvmeCache(cache_dir).prune()
+    assert any(r.endswith(".part") for r in removed)
+    assert not list((cache_dir / "tmp").iterdir())
+
+
+def test_cache_entries_record_what_they_are(published, container, cache_dir, blob_env):
+    cached_load(f"az://{container}/m", cache_dir)
+    cache = NvmeCache(cache_dir)
+    for entry in cache.entries():
+        assert entry.meta["container"] == container and entry.meta["etag"]
+        assert cache.verify(entry) is None
+        meta = json.loads(Path(entry.meta_path).read_text())
+        assert meta["size"] == entry.data_path.stat().st_size
