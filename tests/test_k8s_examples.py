@@ -1,0 +1,47 @@
+"""The Kubernetes example stays true: every variable it sets is one blob2gpu reads, and its config
+file is valid for the settings schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from blob2gpu.settings import OTHER_ENVIRONMENT, SCHEMA, read_config_file
+
+EXAMPLES = Path(__file__).parent.parent / "examples" / "k8s"
+
+
+def documents():
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        yield from (d for d in yaml.safe_load_all(path.read_text()) if d)
+
+
+def known_variables() -> set[str]:
+    names = {s.env for s in SCHEMA} | {a.name for s in SCHEMA for a in s.aliases}
+    return names | set(OTHER_ENVIRONMENT)
+
+
+def test_every_variable_is_one_blob2gpu_reads():
+    found = set()
+    for doc in documents():
+        if doc["kind"] != "Deployment":
+            continue
+        spec = doc["spec"]["template"]["spec"]
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            found |= {e["name"] for e in c.get("env", [])}
+    assert {"MODEL_LOAD_STRATEGY", "MODEL_SOURCE_URI", "USE_PINNED_HOST_FALLBACK"} <= found
+    assert found <= known_variables(), found - known_variables()
+
+
+def test_the_config_map_is_a_valid_settings_file(tmp_path):
+    config = next(d for d in documents() if d["kind"] == "ConfigMap")
+    path = tmp_path / "blob2gpu.yaml"
+    path.write_text(config["data"]["blob2gpu.yaml"])
+    values = read_config_file(path)
+    assert values["local_nvme_cache_enabled"] is True and values["shard_count"] == 16
+
+
+def test_preflight_runs_as_an_init_container():
+    deployment = next(d for d in documents() if d["kind"] == "Deployment")
+    init = deployment["spec"]["template"]["spec"]["initContainers"]
+    assert init[0]["command"][:2] == ["blob2gpu", "preflight"]
