@@ -1,18 +1,28 @@
-"""The command line: `blob2gpu load` prints a summary and writes the report; errors exit 2."""
+"""The command line: `blob2gpu load` shows progress, prints a summary and writes the report;
+`config show` lists every setting and its source; errors exit 2."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
 import torch
-from conftest import random_tensor
+from blob2gpu.settings import SCHEMA
+from conftest import random_tensor, upload_directory
+
+PROGRESS_LINE = r"blob2gpu: [0-9.]+ [kMG]B of [0-9.]+ [kMG]B \(([0-9]+)%\), [0-9.]+ GB/s, ETA .+"
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "blob2gpu", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "blob2gpu", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -46,11 +56,173 @@ def test_errors_are_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2 and "ConfigError" in result.stderr
 
 
-def test_settings_command_shows_sources(monkeypatch):
+def test_config_show_json_sources(monkeypatch, tmp_path):
     monkeypatch.setenv("BLOB2GPU_COPY_STREAMS", "3")
-    result = run("settings", "--json")
+    monkeypatch.delenv("BLOB2GPU_CONFIG", raising=False)
+    config = tmp_path / "blob2gpu.yaml"
+    config.write_text("storage:\n  prefetch_concurrency: 16\nstaging:\n  copy_streams: 5\n")
+    result = run("config", "show", "--config", str(config), "--json")
+    assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["copy_streams"] == {"value": 3, "source": "env BLOB2GPU_COPY_STREAMS"}
+    assert set(doc) == {s.key for s in SCHEMA}
+    assert doc["staging.copy_streams"] == {
+        "name": "copy_streams",
+        "value": 3,  # the environment beats the file
+        "source": "env BLOB2GPU_COPY_STREAMS",
+        "default": 2,
+        "env": "BLOB2GPU_COPY_STREAMS",
+    }
+    assert doc["storage.prefetch_concurrency"]["value"] == 16
+    assert doc["storage.prefetch_concurrency"]["source"] == f"config {config}"
+    assert doc["storage.retry_max_attempts"]["source"] == "default"
+
+
+def test_config_show_table(monkeypatch, tmp_path):
+    config = tmp_path / "blob2gpu.yaml"
+    config.write_text("model:\n  direct_gpu_load: false\n")
+    monkeypatch.setenv("BLOB2GPU_CONFIG", str(config))
+    monkeypatch.setenv("MODEL_LOAD_STRATEGY", "direct-gpu")
+    result = run("config", "show")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"config file: {config} (from BLOB2GPU_CONFIG)"
+    row = next(ln for ln in lines if ln.startswith("model.direct_gpu_load "))
+    assert row.split()[1:] == ["true", "env", "MODEL_LOAD_STRATEGY"]
+    assert len(lines) == 2 + len(SCHEMA)
+    result = run("config", "show", "--config", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2 and "ConfigError" in result.stderr
+
+
+def test_settings_command_is_gone():
+    assert run("settings").returncode == 2  # replaced by `config show`
+
+
+def test_progress_lines_when_not_a_terminal(azurite, container, fault_proxy, write_checkpoint):
+    import time
+
+    directory = write_checkpoint(
+        [{f"s{s}.w": random_tensor(torch.float32, (256, 256), s)} for s in range(2)]
+    )
+    upload_directory(azurite, container, directory, "m")
+    # Slow every ranged GET down so that the load spans several progress intervals.
+    fault_proxy.faults.on_range_get = lambda path, count: time.sleep(0.05)
+    result = run(
+        "load", f"{azurite.endpoint(fault_proxy.port)}/{container}/m",
+        "--set", "chunk_bytes=32768", "--set", "prefetch_concurrency=1",
+        "--progress-interval", "0.2",
+        env={"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string(fault_proxy.port)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr  # plain lines, no bar
+    lines = result.stderr.splitlines()
+    periodic = [ln for ln in lines if re.fullmatch(PROGRESS_LINE, ln)]
+    assert len(periodic) >= 3, result.stderr
+    done = [int(re.fullmatch(PROGRESS_LINE, ln).group(1)) for ln in periodic]
+    assert done == sorted(done) and done[0] < 100
+    assert re.fullmatch(r"blob2gpu: .* read in [0-9.]+ s, [0-9.]+ GB/s", lines[-1])
+    assert "model_load_complete" in result.stdout  # the phase table at the end
+
+
+def test_progress_bar_on_a_terminal(write_checkpoint):
+    import os
+    import pty
+
+    directory = write_checkpoint([{"w": random_tensor(torch.float32, (256, 256))}])
+    master, slave = pty.openpty()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "blob2gpu", "load", str(directory)],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            text=True,
+            timeout=120,
+            env={**os.environ, "TERM": "xterm"},
+        )
+        os.close(slave)
+        slave = -1
+        stderr = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            stderr += chunk
+    finally:
+        if slave != -1:
+            os.close(slave)
+        os.close(master)
+    assert result.returncode == 0
+    text = stderr.decode()
+    assert text.startswith("\r[") and "100%" in text and "GB/s" in text and "ETA" in text
+    assert "#" * 10 in text
+
+
+def test_quiet_prints_nothing(write_checkpoint, tmp_path):
+    directory = write_checkpoint([{"w": random_tensor(torch.float32, (64, 64))}])
+    out = tmp_path / "report.json"
+    result = run("load", str(directory), "--quiet", "--report", str(out))
+    assert result.returncode == 0
+    assert result.stdout == "" and result.stderr == ""
+    assert json.loads(out.read_text())["tensors"] == 1
+
+
+def test_load_defaults_to_model_source_uri(write_checkpoint, tmp_path):
+    directory = write_checkpoint([{"w": random_tensor(torch.float32, (64, 64))}])
+    result = run("load", env={"MODEL_SOURCE_URI": str(directory)})
+    assert result.returncode == 0, result.stderr
+    assert "1 tensors from 1 shard(s)" in result.stdout
+    assert "read in" in result.stderr  # the final progress line
+    result = run("load", env={"MODEL_SOURCE_URI": ""})
+    assert result.returncode == 2 and "MODEL_SOURCE_URI" in result.stderr
+
+
+def test_load_reads_a_config_file(write_checkpoint, tmp_path):
+    directory = write_checkpoint([{"w": random_tensor(torch.float32, (64, 64))}])
+    config = tmp_path / "blob2gpu.yaml"
+    config.write_text("storage:\n  prefetch_concurrency: 3\n")
+    out = tmp_path / "report.json"
+    result = run("load", str(directory), "--config", str(config), "--report", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["settings"]["prefetch_concurrency"] == 3
+    config.write_text("storage:\n  prefetch_concurrenc: 3\n")
+    result = run("load", str(directory), "--config", str(config))
+    assert result.returncode == 2 and "prefetch_concurrency" in result.stderr
+
+
+def test_progress_renders_bar_and_lines():
+    import io
+    import time
+
+    from blob2gpu.progress import LoadProgress
+
+    state = {"done": 0}
+
+    def poll():
+        state["done"] = min(state["done"] + 10**8, 10**9)
+        return state["done"], 10**9
+
+    stream = io.StringIO()
+    with LoadProgress(poll, stream, mode="lines", interval=0.01):
+        time.sleep(0.2)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) >= 3 and all(re.fullmatch(PROGRESS_LINE, ln) for ln in lines[:-1])
+    assert "100%" in lines[-2] or "read in" in lines[-1]
+
+    state["done"] = 0
+    stream = io.StringIO()
+    progress = LoadProgress(poll, stream, mode="bar", interval=0.01)
+    bar = progress.start().bar(5 * 10**8, 10**9, width=80)
+    time.sleep(0.05)
+    progress.stop()
+    assert len(bar) <= 79 and " 50% " in bar and bar.startswith("[") and "ETA" in bar
+    assert stream.getvalue().startswith("\r[") and stream.getvalue().endswith("\n")
+
+    stream = io.StringIO()
+    with LoadProgress(poll, stream, mode="none", interval=0.01):
+        time.sleep(0.05)
+    assert stream.getvalue() == ""
 
 
 def test_demo_runs(tmp_path):

@@ -214,3 +214,23 @@ def test_manifest_for_a_checkpoint_already_in_blob(checkpoint, azurite, containe
     with blob2gpu.open(f"az://{container}/plain") as ckpt:
         ckpt.to_dict()
         assert ckpt.report.verification == "crc32c"
+
+
+def test_publish_and_manifest_commands(checkpoint, azurite, container, blob_env):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "blob2gpu", *args], capture_output=True,
+                              text=True, timeout=120)
+
+    out = run("publish", str(checkpoint), f"az://{container}/cli", "--chunk-bytes", "64KiB")
+    assert out.returncode == 0, out.stderr
+    assert "blob2gpu.manifest.json" in out.stdout
+    client = azurite.service().get_container_client(container)
+    client.delete_blob(f"cli/{MANIFEST_NAME}")
+    out = run("manifest", f"az://{container}/cli")
+    assert out.returncode == 0, out.stderr
+    with blob2gpu.open(f"az://{container}/cli") as ckpt:
+        ckpt.to_dict()
+        assert ckpt.report.verification == "crc32c"

@@ -207,3 +207,22 @@ def test_cache_entries_record_what_they_are(published, container, cache_dir, blo
         assert cache.verify(entry) is None
         meta = json.loads(Path(entry.meta_path).read_text())
         assert meta["size"] == entry.data_path.stat().st_size
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blob2gpu", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cache_commands(published, container, cache_dir, blob_env):
+    cached_load(f"az://{container}/m", cache_dir)
+    listing = run_cli("cache", "ls", "--cache-dir", str(cache_dir))
+    assert listing.returncode == 0 and "3 entries" in listing.stdout
+    assert run_cli("cache", "verify", "--cache-dir", str(cache_dir)).returncode == 0
+    corrupt_one_entry(cache_dir, "flip")
+    bad = run_cli("cache", "verify", "--cache-dir", str(cache_dir), "--quiet")
+    assert bad.returncode == 1 and bad.stdout.startswith("BAD")
+    assert run_cli("cache", "verify", "--cache-dir", str(cache_dir), "--repair").returncode == 0
+    assert len(NvmeCache(cache_dir).entries()) == 2
+    pruned = run_cli("cache", "prune", "--cache-dir", str(cache_dir), "--max-bytes", "1")
+    assert pruned.returncode == 0 and NvmeCache(cache_dir).entries() == []

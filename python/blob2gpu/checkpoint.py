@@ -92,7 +92,7 @@ class Checkpoint:
         report.seconds = report.phases["model_load_complete"]
         stats = self._session.stats()
         report._absorb_core_stats(stats)
-        published = stats["all_published_ns"] / 1e9
+        published = report._session_offset + stats["all_published_ns"] / 1e9
         report.phases["artifact_fetch_complete"] = published
         report.phases["host_staging_complete"] = published
         report.tensors = len(self._tensors)
@@ -115,8 +115,8 @@ class Checkpoint:
                 report.summary(),
                 extra={"blob2gpu_report": report.to_dict()},
             )
-        metrics.observe_load(report)
         self._check_weight_map()
+        metrics.observe_load(report)  # a load that failed its index check is not a load
         self.close()
 
     def _check_weight_map(self) -> None:

@@ -196,6 +196,7 @@ class Loader:
         if gpu_memory is not None and effective.emit_gpu_memory_watermark:
             report.gpu_memory_free_before, report.gpu_memory_total = gpu_memory
         if container is None:
+            report._session_offset = time.perf_counter() - clock_start
             session = pipeline.start_local(
                 [s.path for s in plan.shards],
                 [s.name for s in plan.shards],
@@ -219,6 +220,7 @@ class Loader:
             checksums = checksums or [None] * len(plan.shards)
             for i, entry in hits.items():  # a hit is checked against what was written
                 checksums[i] = (entry.size, entry.meta["chunk_bytes"], entry.meta["crc32c"])
+        report._session_offset = time.perf_counter() - clock_start
         session = pipeline.start_fed(
             [s.name for s in plan.shards],
             [s.size for s in plan.shards],

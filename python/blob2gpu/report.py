@@ -88,6 +88,9 @@ class LoadReport:
     gpu_memory_free_after: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     _clock_start: float = field(default=0.0, repr=False)
+    # Seconds from artifact fetch start (before listing) to the core session's start: the core's
+    # timestamps are relative to the latter.
+    _session_offset: float = field(default=0.0, repr=False)
 
     @property
     def throughput_gbps(self) -> float:
@@ -130,6 +133,7 @@ class LoadReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("_clock_start")
+        d.pop("_session_offset")
         d["gpu_memory_peak_used"] = self.gpu_memory_peak_used
         d["cache_hit_rate"] = self.cache_hit_rate
         d["shards"] = [dict(asdict(s), fetch_latency=s.fetch_latency) for s in self.shards]
@@ -187,7 +191,7 @@ class LoadReport:
             setattr(self, key, stats[key])
 
         def secs(ns: int) -> float | None:
-            return None if ns < 0 else ns / 1e9
+            return None if ns < 0 else self._session_offset + ns / 1e9
 
         self.shards = [
             ShardReport(
