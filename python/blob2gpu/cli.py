@@ -7,6 +7,7 @@
     blob2gpu publish DIR URI       upload a checkpoint and its integrity manifest
     blob2gpu manifest URI          write the manifest of a checkpoint already in Blob
     blob2gpu cache ls|verify|prune the NVMe cache tier
+    blob2gpu bench URI             compare load strategies phase by phase (the case study's table)
     blob2gpu demo                  write a small checkpoint and load it
 
 Errors print one line on stderr and exit 2.
@@ -175,6 +176,21 @@ def _cmd_cache_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import strategy_bench
+
+    settings = dict(kv.split("=", 1) for kv in args.set or [])
+    results = strategy_bench.run(args.uri, args.strategies.split(","), device=args.device,
+                                 repeats=args.repeats, local_dir=args.local_dir,
+                                 drop_caches=args.drop_caches, settings=settings)
+    print(strategy_bench.table(results))
+    if args.json:
+        Path(args.json).write_text(strategy_bench.to_json(results))
+    if args.png:
+        strategy_bench.plot(results, args.png)
+    return 0
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -324,6 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "prune":
             p.add_argument("--max-bytes", type=_byte_count, default=None,
                            help="evict least recently used entries down to this size")
+
+    bench = sub.add_parser("bench", help="compare load strategies phase by phase")
+    bench.add_argument("uri", help="the checkpoint (local or Blob)")
+    bench.add_argument("--strategies", default="image-local,host-staging,direct-gpu",
+                       help="comma-separated: image-local, host-staging, direct-gpu, runai, "
+                            "fastsafetensors (the first is the baseline of the gain)")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--local-dir", help="local copy for the local strategies (else downloaded)")
+    bench.add_argument("--drop-caches", action="store_true", help="drop the page cache (root)")
+    bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="a blob2gpu setting")
+    bench.add_argument("--json", metavar="OUT", help="write every run as JSON")
+    bench.add_argument("--png", metavar="OUT", help="stacked phase bars (needs blob2gpu[plot])")
+    bench.set_defaults(run=_cmd_bench)
 
     demo = sub.add_parser("demo", help="write a small checkpoint and load it")
     demo.add_argument("--device", default="auto", help="auto (GPU if usable), cpu, cuda, cuda:N")
