@@ -124,17 +124,16 @@ void register_checksum_bindings(py::module_& m) {
            "Feed the bytes of a buffer. Returns None; raises TypeError for objects without the "
            "buffer protocol.")
       .def(
-          "digest", [](PySha256& self) {
+          "digest",
+          [](PySha256& self) {
             const Sha256::Digest d = self.digest();
             return py::bytes(reinterpret_cast<const char*>(d.data()), d.size());
           },
           "The 32-byte digest of the bytes fed so far; update() may go on afterwards.")
-      .def("hexdigest", &PySha256::hexdigest,
-           "digest() as 64 lowercase hex digits.")
+      .def("hexdigest", &PySha256::hexdigest, "digest() as 64 lowercase hex digits.")
       .def_property_readonly("hardware", &PySha256::uses_hardware,
                              "Whether this object runs on SHA instructions.")
       .def_property_readonly_static("name", [](py::object) { return "sha256"; })
-      .def_property_readonly_static("digest_size",
-                                    [](py::object) { return Sha256::kDigestBytes; })
+      .def_property_readonly_static("digest_size", [](py::object) { return Sha256::kDigestBytes; })
       .def_property_readonly_static("block_size", [](py::object) { return Sha256::kBlockBytes; });
 }

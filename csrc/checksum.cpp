@@ -4,7 +4,7 @@
 #include <cstring>
 #include <utility>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__x86_64__)
 #define BLOB2GPU_X86_64 1
 #include <cpuid.h>
 #include <immintrin.h>
@@ -12,7 +12,6 @@
 
 #if defined(__aarch64__)
 #define BLOB2GPU_AARCH64 1
-#include <arm_acle.h>
 #if defined(__linux__)
 #include <sys/auxv.h>
 #ifndef HWCAP_CRC32
@@ -135,7 +134,7 @@ inline uint32_t shift_crc(const Crc32cShift& s, uint32_t crc) {
 // The CRC instructions have a latency of about three cycles and a throughput of one per cycle, so
 // a single dependency chain runs at a third of the peak. Three independent streams over adjacent
 // blocks fill the pipeline; their CRCs are joined as crc(A B C) = shift(shift(a) ^ b) ^ c, where
-// shift() moves a CRC past one block of zeros. Long blocks for big buffers, short ones for the rest.
+// shift() moves a CRC past one block of zeros. Long blocks first, then short ones for the tail.
 constexpr size_t kLongBlock = 8192;
 constexpr size_t kShortBlock = 256;
 constexpr Crc32cShift kShiftLong = make_shift(kLongBlock);
@@ -150,9 +149,8 @@ uint32_t crc32c_raw_portable(uint32_t crc, const uint8_t* p, size_t n) {
   // Slicing-by-8: the first of the eight bytes is followed by seven more, hence t[7].
   while (n >= 8) {
     const uint64_t w = load_le64(p) ^ crc;
-    crc = t[7][w & 0xFF] ^ t[6][(w >> 8) & 0xFF] ^ t[5][(w >> 16) & 0xFF] ^
-          t[4][(w >> 24) & 0xFF] ^ t[3][(w >> 32) & 0xFF] ^ t[2][(w >> 40) & 0xFF] ^
-          t[1][(w >> 48) & 0xFF] ^ t[0][w >> 56];
+    crc = t[7][w & 0xFF] ^ t[6][(w >> 8) & 0xFF] ^ t[5][(w >> 16) & 0xFF] ^ t[4][(w >> 24) & 0xFF] ^
+          t[3][(w >> 32) & 0xFF] ^ t[2][(w >> 40) & 0xFF] ^ t[1][(w >> 48) & 0xFF] ^ t[0][w >> 56];
     p += 8;
     n -= 8;
   }
@@ -185,7 +183,7 @@ __attribute__((target("sse4.2"), always_inline)) inline uint64_t sse42_three_way
 }
 
 __attribute__((target("sse4.2"))) uint32_t crc32c_raw_sse42(uint32_t crc, const uint8_t* p,
-                                                             size_t n) {
+                                                            size_t n) {
   while (n > 0 && (reinterpret_cast<uintptr_t>(p) & 7) != 0) {
     crc = _mm_crc32_u8(crc, *p++);
     --n;
@@ -205,6 +203,26 @@ __attribute__((target("sse4.2"))) uint32_t crc32c_raw_sse42(uint32_t crc, const 
 #endif  // BLOB2GPU_X86_64
 
 #if defined(BLOB2GPU_AARCH64)
+// The compilers' builtins rather than <arm_acle.h>, whose __crc32c* older clangs only declare when
+// the whole file is built with +crc.
+BLOB2GPU_TARGET_ARM_CRC __attribute__((always_inline)) inline uint32_t arm_crc32c_u8(uint32_t crc,
+                                                                                     uint8_t v) {
+#if defined(__clang__)
+  return __builtin_arm_crc32cb(crc, v);
+#else
+  return __builtin_aarch64_crc32cb(crc, v);
+#endif
+}
+
+BLOB2GPU_TARGET_ARM_CRC __attribute__((always_inline)) inline uint32_t arm_crc32c_u64(uint32_t crc,
+                                                                                      uint64_t v) {
+#if defined(__clang__)
+  return __builtin_arm_crc32cd(crc, v);
+#else
+  return __builtin_aarch64_crc32cx(crc, v);
+#endif
+}
+
 template <size_t kBlock>
 BLOB2GPU_TARGET_ARM_CRC inline uint32_t armv8_three_way(uint32_t crc, const uint8_t** p, size_t* n,
                                                         const Crc32cShift& shift) {
@@ -215,9 +233,9 @@ BLOB2GPU_TARGET_ARM_CRC inline uint32_t armv8_three_way(uint32_t crc, const uint
     uint32_t c1 = 0;
     uint32_t c2 = 0;
     do {
-      c0 = __crc32cd(c0, load_le64(a));
-      c1 = __crc32cd(c1, load_le64(a + kBlock));
-      c2 = __crc32cd(c2, load_le64(a + 2 * kBlock));
+      c0 = arm_crc32c_u64(c0, load_le64(a));
+      c1 = arm_crc32c_u64(c1, load_le64(a + kBlock));
+      c2 = arm_crc32c_u64(c2, load_le64(a + 2 * kBlock));
       a += 8;
     } while (a < end);
     crc = shift_crc(shift, c0) ^ c1;
@@ -230,17 +248,17 @@ BLOB2GPU_TARGET_ARM_CRC inline uint32_t armv8_three_way(uint32_t crc, const uint
 
 BLOB2GPU_TARGET_ARM_CRC uint32_t crc32c_raw_armv8(uint32_t crc, const uint8_t* p, size_t n) {
   while (n > 0 && (reinterpret_cast<uintptr_t>(p) & 7) != 0) {
-    crc = __crc32cb(crc, *p++);
+    crc = arm_crc32c_u8(crc, *p++);
     --n;
   }
   crc = armv8_three_way<kLongBlock>(crc, &p, &n, kShiftLong);
   crc = armv8_three_way<kShortBlock>(crc, &p, &n, kShiftShort);
   while (n >= 8) {
-    crc = __crc32cd(crc, load_le64(p));
+    crc = arm_crc32c_u64(crc, load_le64(p));
     p += 8;
     n -= 8;
   }
-  while (n-- > 0) crc = __crc32cb(crc, *p++);
+  while (n-- > 0) crc = arm_crc32c_u8(crc, *p++);
   return crc;
 }
 
@@ -284,19 +302,19 @@ constexpr uint32_t kSha256Init[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff
 // Round constants, 4.2.2: the first 32 bits of the fractional parts of the cube roots of the
 // first 64 primes. Aligned so the SHA-NI path can load them four at a time.
 alignas(16) constexpr uint32_t kSha256K[64] = {
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-    0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-    0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-    0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-    0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-    0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-    0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-    0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-    0xc67178f2,
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
 };
 
-inline uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+inline uint32_t rotr(uint32_t x, int n) {
+  return (x >> n) | (x << (32 - n));
+}
 
 void sha256_compress_portable(uint32_t* state, const uint8_t* p, size_t n_blocks) {
   for (; n_blocks > 0; --n_blocks, p += Sha256::kBlockBytes) {
@@ -310,8 +328,8 @@ void sha256_compress_portable(uint32_t* state, const uint8_t* p, size_t n_blocks
     uint32_t a = state[0], b = state[1], c = state[2], d = state[3];
     uint32_t e = state[4], f = state[5], g = state[6], h = state[7];
     for (int i = 0; i < 64; ++i) {
-      const uint32_t t1 = h + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) +
-                          kSha256K[i] + w[i];
+      const uint32_t t1 =
+          h + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + kSha256K[i] + w[i];
       const uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
       h = g;
       g = f;
@@ -338,21 +356,22 @@ void sha256_compress_portable(uint32_t* state, const uint8_t* p, size_t n_blocks
 
 // Four rounds, G = 0..15. sha256rnds2 keeps the state as (A,B,E,F) and (C,D,G,H) and runs two
 // rounds on the low two words of W+K. msg[G % 4] holds W[4G..4G+3]; from G = 4 on, it is
-// computed in place from the four previous groups: W[t] = s1(W[t-2]) + W[t-7] + s0(W[t-15]) + W[t-16].
+// computed in place from the four previous groups: W[t] = s1(W[t-2]) + W[t-7] + s0(W[t-15]) +
+// W[t-16].
 template <int G>
 BLOB2GPU_TARGET_SHA_NI __attribute__((always_inline)) inline void sha_ni_rounds(
     __m128i* msg, __m128i* abef, __m128i* cdgh, const uint8_t* block, __m128i byte_swap) {
   if constexpr (G < 4) {
-    msg[G] = _mm_shuffle_epi8(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * G)), byte_swap);
+    msg[G] = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * G)),
+                              byte_swap);
   } else {
-    const __m128i prev = msg[(G + 3) % 4];  // W[t-4 .. t-1]
+    const __m128i prev = msg[(G + 3) % 4];                              // W[t-4 .. t-1]
     __m128i next = _mm_sha256msg1_epu32(msg[G % 4], msg[(G + 1) % 4]);  // W[t-16] + s0(W[t-15])
     next = _mm_add_epi32(next, _mm_alignr_epi8(prev, msg[(G + 2) % 4], 4));  // + W[t-7]
-    msg[G % 4] = _mm_sha256msg2_epu32(next, prev);                          // + s1(W[t-2])
+    msg[G % 4] = _mm_sha256msg2_epu32(next, prev);                           // + s1(W[t-2])
   }
-  __m128i wk = _mm_add_epi32(
-      msg[G % 4], _mm_load_si128(reinterpret_cast<const __m128i*>(kSha256K + 4 * G)));
+  __m128i wk =
+      _mm_add_epi32(msg[G % 4], _mm_load_si128(reinterpret_cast<const __m128i*>(kSha256K + 4 * G)));
   *cdgh = _mm_sha256rnds2_epu32(*cdgh, *abef, wk);
   wk = _mm_shuffle_epi32(wk, 0x0E);  // the upper two words
   *abef = _mm_sha256rnds2_epu32(*abef, *cdgh, wk);
@@ -373,10 +392,10 @@ BLOB2GPU_TARGET_SHA_NI void sha256_compress_sha_ni(uint32_t* state, const uint8_
   // state[0..7] = A..H  ->  abef = (lanes 3..0) A B E F, cdgh = C D G H.
   __m128i dcba = _mm_loadu_si128(reinterpret_cast<const __m128i*>(state));
   __m128i hgfe = _mm_loadu_si128(reinterpret_cast<const __m128i*>(state + 4));
-  dcba = _mm_shuffle_epi32(dcba, 0xB1);               // C D A B
-  hgfe = _mm_shuffle_epi32(hgfe, 0x1B);               // E F G H
-  __m128i abef = _mm_alignr_epi8(dcba, hgfe, 8);      // A B E F
-  __m128i cdgh = _mm_blend_epi16(hgfe, dcba, 0xF0);   // C D G H
+  dcba = _mm_shuffle_epi32(dcba, 0xB1);              // C D A B
+  hgfe = _mm_shuffle_epi32(hgfe, 0x1B);              // E F G H
+  __m128i abef = _mm_alignr_epi8(dcba, hgfe, 8);     // A B E F
+  __m128i cdgh = _mm_blend_epi16(hgfe, dcba, 0xF0);  // C D G H
   for (; n_blocks > 0; --n_blocks, p += Sha256::kBlockBytes) {
     const __m128i abef_in = abef;
     const __m128i cdgh_in = cdgh;
