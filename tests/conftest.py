@@ -237,3 +237,13 @@ def blob_env(azurite: Azurite, monkeypatch: pytest.MonkeyPatch) -> Azurite:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string())
     return azurite
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on loopback (for a torch.distributed rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -35,6 +35,7 @@ def load(
     framework: str = "torch",
     credential: Any = None,
     config: str | None = None,
+    distributed: bool = False,
     **settings: Any,
 ) -> dict[str, Any]:
     """Load every tensor of a checkpoint; returns {name: tensor} of `framework` on `device`.
@@ -43,10 +44,17 @@ def load(
     in Azure Blob Storage (az://CONTAINER/PREFIX, https://ACCOUNT.blob.core.windows.net/...);
     None takes $MODEL_SOURCE_URI. credential: for Blob URIs, an azure credential object, account
     key or SAS token. device: 'cpu', 'cuda' or 'cuda:N'. framework: 'torch', 'numpy', 'cupy' or
-    'dlpack'. config: a YAML settings file (else $BLOB2GPU_CONFIG). settings: see
+    'dlpack'. config: a YAML settings file (else $BLOB2GPU_CONFIG). distributed: with an
+    initialized torch.distributed group, each rank fetches a disjoint part of the bytes and
+    broadcasts it (blob2gpu.distributed): one copy per group from storage. settings: see
     blob2gpu.settings (docs/settings.md). Raises a blob2gpu.errors.Blob2GpuError subclass naming
     the shard and what to change; on error nothing stays allocated.
     """
+    if distributed:
+        from .distributed import load as load_distributed
+
+        return load_distributed(uri, device, framework, credential,
+                                dict(settings, **({"config": config} if config else {})))
     with Loader(config=config, **settings) as loader:
         return loader.load(uri, device=device, framework=framework, credential=credential)
 

@@ -1,0 +1,73 @@
+"""torch.distributed fan-out over gloo: 2 and 4 CPU processes load from Azurite (through the
+counting proxy); every rank gets the same tensors as a single-process load, and the GETs add up
+to one copy of the checkpoint."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import blob2gpu
+import pytest
+import torch
+from blob2gpu.distributed import byte_owners
+from conftest import random_tensor, upload_directory
+
+RANK_SCRIPT = """
+import os, sys, zlib
+import torch.distributed as dist
+import blob2gpu
+dist.init_process_group("gloo", rank=int(os.environ["RANK"]),
+                        world_size=int(os.environ["WORLD_SIZE"]))
+tensors = blob2gpu.load(sys.argv[1], framework="dlpack", distributed=True, chunk_bytes=65536)
+print(";".join(f"{n}={zlib.crc32(tensors[n].to_bytes())}" for n in sorted(tensors)))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize(("sizes", "world"), [([10, 20, 30], 2), ([5 << 20], 4),
+                                              ([3 << 20, 1, 7 << 20], 3), ([100], 8)])
+def test_every_byte_has_exactly_one_owner(sizes, world):
+    owners = byte_owners(sizes, world)
+    for size, ranges in zip(sizes, owners, strict=True):
+        assert ranges[0][1] == 0 and ranges[-1][2] == size
+        assert all(a[2] == b[1] for a, b in zip(ranges, ranges[1:], strict=False))
+        assert all(0 <= r < world for r, _, _ in ranges)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_fetch_disjoint_parts_and_share_them(world, write_checkpoint, azurite, container,
+                                                   fault_proxy, tmp_path, free_port):
+    # Three shards of uneven size, ~2.5 MiB in all: with MiB-aligned parts some ranks own pieces
+    # of several shards, and with 4 ranks there are fewer shards than ranks.
+    directory = write_checkpoint([
+        {"a": random_tensor(torch.float32, (256, 1024), 1)},
+        {"b": random_tensor(torch.float16, (100, 777), 2), "c": random_tensor(torch.int8, (9,), 3)},
+        {"d": random_tensor(torch.float32, (300, 1024), 4)},
+    ])
+    upload_directory(azurite, container, directory, "m")
+    reference = blob2gpu.load(str(directory), framework="dlpack")
+    import zlib
+
+    expected = ";".join(f"{n}={zlib.crc32(reference[n].to_bytes())}" for n in sorted(reference))
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port),
+               WORLD_SIZE=str(world), GLOO_SOCKET_IFNAME="lo",
+               AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port))
+    procs = [subprocess.Popen([sys.executable, str(script), f"az://{container}/m"],
+                              env=dict(env, RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(world)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert all(o[0].strip() == expected for o in outs)
+    weights = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    index = (directory / "model.safetensors.index.json").stat().st_size
+    assert fault_proxy.counters.range_bytes == weights + world * index  # one copy of the weights
+
+
+def test_needs_a_process_group(write_checkpoint):
+    directory = write_checkpoint([{"w": torch.ones(2)}])
+    with pytest.raises(blob2gpu.errors.InvalidArgument, match="init_process_group"):
+        blob2gpu.load(str(directory), distributed=True)
