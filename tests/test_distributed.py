@@ -4,6 +4,7 @@ to one copy of the checkpoint."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def test_every_byte_has_exactly_one_owner(sizes, world):
     owners = byte_owners(sizes, world)
     for size, ranges in zip(sizes, owners, strict=True):
         assert ranges[0][1] == 0 and ranges[-1][2] == size
-        assert all(a[2] == b[1] for a, b in zip(ranges, ranges[1:], strict=False))
+        assert all(a[2] == b[1] for a, b in itertools.pairwise(ranges))
         assert all(0 <= r < world for r, _, _ in ranges)
 
 
