@@ -127,6 +127,7 @@ def test_mismatches_can_be_let_through_and_are_reported(checkpoint):
         assert len(ckpt.to_dict()) == 9
         failures = ckpt.report.checksum_failures
     assert len(failures) == 1 and "[65536, 131072)" in failures[0]
+    assert [s.checksum for s in ckpt.report.shards] == ["ok", "ok", "mismatch"]
 
 
 def test_mmap_loads_are_verified_too(checkpoint):

@@ -97,6 +97,10 @@ class Checkpoint:
         report.phases["host_staging_complete"] = published
         report.tensors = len(self._tensors)
         settings = self._settings
+        if report.verification == "crc32c":
+            for shard in report.shards:
+                bad = any(f"shard '{shard.name}'" in f for f in report.checksum_failures)
+                shard.checksum = "mismatch" if bad else "ok"
         if report.gpu_memory_total is not None:
             if stats["min_free_device_bytes"] >= 0:
                 report.gpu_memory_free_min = stats["min_free_device_bytes"]

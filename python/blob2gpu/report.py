@@ -41,6 +41,7 @@ class ShardReport:
     published: float | None
     retries: int = 0  # ranges of this shard fetched again after a transient failure
     cache_hit: bool = False  # read from the NVMe cache instead of Blob Storage
+    checksum: str = "unchecked"  # ok / mismatch (every chunk against the manifest) / unchecked
 
     @property
     def fetch_latency(self) -> float | None:
