@@ -8,6 +8,7 @@
     blob2gpu manifest URI          write the manifest of a checkpoint already in Blob
     blob2gpu cache ls|verify|prune the NVMe cache tier
     blob2gpu bench URI             compare load strategies phase by phase (the case study's table)
+    blob2gpu coldstart URI         build a transformers model from Blob, time its first token
     blob2gpu demo                  write a small checkpoint and load it
 
 Errors print one line on stderr and exit 2.
@@ -44,6 +45,19 @@ def _cmd_load(args: argparse.Namespace) -> int:
         print(report.phase_table())
         if args.report:
             print(f"report written to {args.report}")
+    return 0
+
+
+def _cmd_coldstart(args: argparse.Namespace) -> int:
+    from .coldstart import cold_start
+
+    result = cold_start(args.uri, device=args.device, prompt=args.prompt)
+    shown = repr(result.text) if result.text is not None else "(no tokenizer)"
+    print(f"first token: {result.token_id} {shown} after input ids {result.input_ids}")
+    print(f"config, tokenizer and meta model: {result.prepare_seconds:.3f} s before the load; "
+          f"{result.total_seconds:.3f} s in all")
+    print(result.report.summary())
+    print(result.report.phase_table())
     return 0
 
 
@@ -354,6 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="OUT", help="write every run as JSON")
     bench.add_argument("--png", metavar="OUT", help="stacked phase bars (needs blob2gpu[plot])")
     bench.set_defaults(run=_cmd_bench)
+
+    coldstart = sub.add_parser(
+        "coldstart",
+        help="build a checkpoint's transformers model, load it, and time its first token",
+        description="Fetch config.json (and tokenizer) beside the weights, build the model on the "
+        "meta device, load the weights, generate one token; print the phases "
+        "(needs blob2gpu[transformers]).",
+    )
+    coldstart.add_argument("uri", help="a Blob URI or a local checkpoint directory")
+    coldstart.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    coldstart.add_argument("--prompt", default="hello", help="the input, when there is a tokenizer")
+    coldstart.set_defaults(run=_cmd_coldstart)
 
     demo = sub.add_parser("demo", help="write a small checkpoint and load it")
     demo.add_argument("--device", default="auto", help="auto (GPU if usable), cpu, cuda, cuda:N")
