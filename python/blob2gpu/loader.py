@@ -238,6 +238,7 @@ class Loader:
             chunk,
             fetch=[i for i in range(len(plan.shards)) if not (hits and i in hits)],
             cache_writer=writer,
+            first_range_bytes=min(chunk, 1 << 20) if device == "cpu" or host_staging else None,
         )
         checkpoint = Checkpoint(
             session,

@@ -100,10 +100,14 @@ class BlobFeeder:
         chunk_bytes: int,
         fetch: list[int] | None = None,
         cache_writer: Any = None,
+        first_range_bytes: int | None = None,
     ) -> None:
         self._session = session
         self._fetch = list(range(len(plan.shards))) if fetch is None else fetch  # not cache hits
         self._cache_writer = cache_writer  # write-through to the NVMe cache, or None
+        # The first range carries the header; when data lands in host memory it goes through a
+        # staging slot (the arena does not exist yet), so keep it small there.
+        self._first = first_range_bytes or chunk_bytes
         self._plan = plan
         self._container = container_client
         self._retry = retry
@@ -135,7 +139,7 @@ class BlobFeeder:
                     )
                 )
                 return self
-            self._queue.append(RangeTask(i, 0, min(self._chunk, ref.size), first=True))
+            self._queue.append(RangeTask(i, 0, min(self._first, ref.size), first=True))
         for t in self._threads:
             t.start()
         return self
