@@ -140,7 +140,10 @@ def test_misaligned_tensor_gets_its_own_aligned_allocation(device, tmp_path):
         pad=False,
     )
     framework = "torch" if device == "cpu" else "dlpack"
-    with blob2gpu.open(str(file), device=device, framework=framework) as checkpoint:
+    # Read into a fresh arena (not mapped), so the data region starts aligned and only the F32
+    # tensor at offset 3 is misaligned.
+    with blob2gpu.open(str(file), device=device, framework=framework,
+                       mmap_local_files=False) as checkpoint:
         got = checkpoint.to_dict()
         report = checkpoint.report
     assert as_bytes(got["f32"]) == f32 and as_bytes(got["u8"]) == b"\x01\x02\x03"
@@ -179,3 +182,13 @@ def test_checkpoint_api_iterates_in_arrival_order(write_checkpoint):
     # Within a shard, tensors come in file order; shards may interleave in arrival order only.
     by_shard = [[n for n in seen if n.startswith(f"s{s}.")] for s in range(4)]
     assert all(group == sorted(group) for group in by_shard)
+
+
+def test_mapped_tensors_are_aligned_too(tmp_path):
+    f32 = np.arange(4, dtype=np.float32).tobytes()
+    file = raw_safetensors(tmp_path / "odd.safetensors",
+                           [("u8", "U8", [3], b"\x01\x02\x03"), ("f32", "F32", [4], f32)],
+                           pad=False)
+    got = blob2gpu.load(str(file), mmap_local_files=True)
+    assert got["f32"].data_ptr() % 4 == 0
+    assert torch.equal(got["f32"], torch.arange(4, dtype=torch.float32))

@@ -68,7 +68,8 @@ class Checkpoint:
             if isinstance(error, ChecksumMismatch):
                 self._drop_bad_cache_entries(error)
             source_error = self._feeder.error if self._feeder is not None else None
-            if source_error is not None and source_error is not error:
+            if (source_error is not None and source_error is not error
+                    and not isinstance(source_error, LoadCancelled)):
                 raise source_error from None  # the feeder's typed error, not the core's echo
             raise
         if item is None:

@@ -177,10 +177,11 @@ SCHEMA: tuple[Setting, ...] = (
     S(
         "staging",
         "mmap_local_files",
-        False,
+        True,
         bool,
-        "cpu target, local files: map shards copy-on-write instead of reading them (zero-copy; "
-        "pages are read on first touch).",
+        "cpu target, local files: map shards copy-on-write instead of reading them (zero-copy, "
+        "like safetensors; pages are read on first touch, and a manifest still checks every "
+        "chunk). false: read them into fresh memory (the file may change later without effect).",
     ),
     # -- storage ----------------------------------------------------------------------------------
     S(

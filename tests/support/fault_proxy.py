@@ -4,6 +4,10 @@ Every request travels on its own connection (the proxy forces `Connection: close
 hits exactly one request. Faults apply to ranged blob GETs (those with a Range or x-ms-range
 header) and are armed by count: each armed fault hits that many of the next such requests.
 The proxy counts the ranged GETs and their bytes, so tests can check what reached the server.
+A request-rate cap (`faults.max_requests_per_second`) plays Azure's throttling: a token bucket over
+every request, ranged or not, whose burst is one second's worth; a request beyond it is answered
+503 ServerBusy at once, without reaching upstream, and counted in `counters.throttled` (and in
+`counters.requests`, but not in the ranged-GET counters).
 It only ever connects to the upstream address it was given (a loopback Azurite).
 """
 
@@ -29,6 +33,7 @@ class Faults:
     flip_offset: int = 100
     list_statuses: int = 0  # non-ranged requests (listing, properties) answered with `status`
     on_range_get: Callable[[str, int], None] | None = None  # (path, count) before forwarding
+    max_requests_per_second: float = 0.0  # token bucket over all requests, burst = rate; 0: off
 
 
 @dataclass
@@ -36,6 +41,7 @@ class Counters:
     range_gets: int = 0
     range_bytes: int = 0  # body bytes of ranged GETs passed to the client
     requests: int = 0
+    throttled: int = 0  # requests refused by the rate cap (503 ServerBusy, never forwarded)
     paths: list[str] = field(default_factory=list)
 
 
@@ -60,6 +66,42 @@ def _headers(head: bytes) -> tuple[str, dict[str, str]]:
     return lines[0], out
 
 
+_BUSY_BODY = (
+    b'<?xml version="1.0" encoding="utf-8"?><Error><Code>ServerBusy</Code>'
+    b"<Message>The server is busy.</Message></Error>"
+)
+
+
+def _busy_response(status: int) -> bytes:
+    return (
+        b"HTTP/1.1 %d Busy\r\nContent-Type: application/xml\r\n"
+        b"x-ms-error-code: ServerBusy\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % (status, len(_BUSY_BODY)) + _BUSY_BODY
+    )
+
+
+class _TokenBucket:
+    """Requests per second with a burst of one second's worth; refilled continuously."""
+
+    def __init__(self) -> None:
+        self.rate = 0.0
+        self.tokens = 0.0
+        self.stamp = 0.0
+
+    def take(self, rate: float) -> bool:
+        """Whether one more request fits under `rate` now (the caller holds the proxy's lock)."""
+        now = time.monotonic()
+        burst = max(1.0, rate)
+        if rate != self.rate:  # a new cap starts with a full bucket
+            self.rate, self.tokens, self.stamp = rate, burst, now
+        self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
 def _with_close(head: bytes) -> bytes:
     lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"connection:")]
     return b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n"
@@ -73,10 +115,11 @@ class FaultProxy:
         self.faults = Faults()
         self.counters = Counters()
         self._lock = threading.Lock()
+        self._bucket = _TokenBucket()
         self._server = socket.socket()
         self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._server.bind(("127.0.0.1", 0))
-        self._server.listen(64)
+        self._server.listen(512)  # a fleet of loaders connects at once
         self.port = self._server.getsockname()[1]
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -86,6 +129,7 @@ class FaultProxy:
         with self._lock:
             self.faults = Faults()
             self.counters = Counters()
+            self._bucket = _TokenBucket()
 
     def _take(self, name: str) -> bool:
         with self._lock:
@@ -118,6 +162,14 @@ class FaultProxy:
             ranged = method == "GET" and ("range" in headers or "x-ms-range" in headers)
             with self._lock:
                 self.counters.requests += 1
+                rate = self.faults.max_requests_per_second
+                throttled = rate > 0 and not self._bucket.take(rate)
+                if throttled:
+                    self.counters.throttled += 1
+            if throttled:
+                client.sendall(_busy_response(503))
+                return
+            with self._lock:
                 if ranged:
                     self.counters.range_gets += 1
                     self.counters.paths.append(path.split("?")[0])
@@ -126,15 +178,7 @@ class FaultProxy:
             if ranged and hook is not None:
                 hook(path.split("?")[0], count)
             if (ranged and self._take("statuses")) or (not ranged and self._take("list_statuses")):
-                body = (
-                    b'<?xml version="1.0" encoding="utf-8"?><Error><Code>ServerBusy</Code>'
-                    b"<Message>The server is busy.</Message></Error>"
-                )
-                client.sendall(
-                    b"HTTP/1.1 %d Busy\r\nContent-Type: application/xml\r\n"
-                    b"x-ms-error-code: ServerBusy\r\nContent-Length: %d\r\n"
-                    b"Connection: close\r\n\r\n" % (self.faults.status, len(body)) + body
-                )
+                client.sendall(_busy_response(self.faults.status))
                 return
             upstream = socket.create_connection(self.upstream, timeout=30)
             upstream.sendall(_with_close(head) + rest)

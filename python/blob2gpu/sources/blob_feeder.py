@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,20 @@ class RetryPolicy:
         self.stopping = stopping or threading.Event()
         self._lock = threading.Lock()
         self.retries = 0
+        # When the account throttles (429, 503 ServerBusy), every thread of this load backs off
+        # together: a thread whose last request succeeded would otherwise keep the pressure on.
+        self._cooldown_until = 0.0
+
+    def pause_while_throttled(self) -> None:
+        """Wait out a throttling backoff another thread of this load started; raises
+        LoadCancelled if the load stops meanwhile."""
+        while True:
+            with self._lock:
+                remaining = self._cooldown_until - time.monotonic()
+            if remaining <= 0:
+                return
+            if self.stopping.wait(remaining):
+                raise LoadCancelled("the load was cancelled while waiting out throttling")
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number `attempt` (1-based): jittered, capped."""
@@ -59,9 +74,12 @@ class RetryPolicy:
                 f"(last: {type(error).__name__}: {redact(error)[:200]}); raise "
                 "retry_max_attempts or check the storage account's health and throttling"
             ) from None
+        delay = self.delay(attempt)
         with self._lock:
             self.retries += 1
-        if self.stopping.wait(self.delay(attempt)):
+            if getattr(error, "status_code", None) in (429, 503):
+                self._cooldown_until = max(self._cooldown_until, time.monotonic() + delay)
+        if self.stopping.wait(delay):
             raise LoadCancelled("the load was cancelled while waiting to retry")
 
     def run(self, fn: Callable[[], T], what: str, blob: str | None) -> T:
@@ -69,6 +87,7 @@ class RetryPolicy:
         attempt = 0
         while True:
             try:
+                self.pause_while_throttled()
                 return fn()
             except Blob2GpuError:
                 raise
@@ -212,6 +231,9 @@ class BlobFeeder:
             if self._stopping.is_set():
                 raise LoadCancelled("the load was cancelled")
             response = None
+            self._retry.pause_while_throttled()
+            with self._cv:
+                self.requests += 1  # every attempt, answered or not
             try:
                 # The generated operation is the SDK's own GET (auth, headers, logging policies);
                 # with stream=True its body is still in the socket, which readinto() below empties
@@ -221,8 +243,6 @@ class BlobFeeder:
                     modified_access_conditions=ModifiedAccessConditions(if_match=ref.etag),
                     cls=lambda pipeline_response, _body, _headers: pipeline_response,
                 )
-                with self._cv:
-                    self.requests += 1
                 response = pipeline_response.http_response.internal_response
                 self._check_range(ref, response, offset + pos, offset + total)
                 with self._cv:
@@ -283,7 +303,9 @@ class BlobFeeder:
     def _fail(self, error: BaseException) -> None:
         with self._cv:
             first = self.error is None
-            if first:
+            # A thread stopped because another failed must not hide the failure that stopped it.
+            if first or (isinstance(self.error, LoadCancelled)
+                         and not isinstance(error, LoadCancelled)):
                 self.error = error
             self._cv.notify_all()
         if first:

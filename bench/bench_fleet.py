@@ -1,0 +1,477 @@
+#!/usr/bin/env python3
+"""Fleet simulation: a fleet of inference servers cold-starts at once against one storage account
+that throttles, as Azure Blob Storage does (503 ServerBusy beyond its request rate).
+
+Usage:
+    python bench/bench_fleet.py [--nodes 8] [--per-node 2] [--total-mb 256] [--rate-cap 50]
+                                [--no-cap] [--modes cold,cache,fanout] [--json out.json]
+                                [--retry-max-attempts N] [--prefetch-concurrency N]
+
+The run starts its own in-memory Azurite (tests/support/azurite.py) behind the tests' fault proxy
+(tests/support/fault_proxy.py) with a request-rate cap: a token bucket over every request, burst
+one second's worth; beyond it the proxy answers 503 ServerBusy without asking Azurite. It
+publishes a generated checkpoint (random bytes as float16 tensors, `--shards` shards and an
+index), then, for each mode, starts `--nodes` loader processes. Each one imports blob2gpu (and
+torch for fan-out) and loads a one-tensor checkpoint, so that the imports blob2gpu makes on its
+first load (azure-storage-blob, requests: ~1 s alone, several seconds when 8 processes share 2
+cores) stay out of the numbers, says it is ready and waits. When all are ready they are released
+together, and each times its cold start from that moment to the last tensor in memory
+(`framework="dlpack"`, device cpu). Afterwards (untimed) each checksums its tensors; a load that
+raised or returned wrong bytes is a failure.
+
+Modes:
+    cold    every process loads the checkpoint from Blob: storage serves one copy per process.
+    cache   processes are grouped into nodes of `--per-node` sharing one NVMe cache directory
+            (`local_nvme_cache_enabled=True`, a `cache_dir` per node). Wave 1 starts with empty
+            caches: the processes of a node racing for a shard download it once. Wave 2 is the
+            same fleet restarting (a rollout, a crash loop): every shard is a cache hit.
+    fanout  processes are grouped into torch.distributed gloo groups of `--per-node` ranks that
+            load with `distributed=True`: each rank fetches its part of the bytes and broadcasts
+            it, so storage serves one copy per group. Its ranged GETs are the Azure SDK's
+            (download_blob chunks), not `--chunk-mb`.
+
+For each mode (and wave) the table gives: loads that succeeded / failed; p50 and p95 cold start
+in seconds over the successful loads (p95 is the nearest rank: the slowest load when there are
+fewer than 20); copies: bytes of ranged GETs that reached the loaders over the checkpoint's
+bytes; the ranged GETs Azurite served; the requests the cap answered 503; the retries the loaders
+counted (read from the retry policy of the container each load opened, so failed and distributed
+loads, which have no LoadReport, count too); and worst: the most consecutive failures of one
+request (a load fails when it reaches retry_max_attempts, 6 by default).
+
+Defaults are sized for a 2-core machine (Azurite, the proxy and every loader share the cores):
+8 processes, 256 MB in 4 shards, 1 MiB ranges, a 50 requests/s cap; a run takes about two
+minutes. Azurite serves ~140 MB/s here, so 1 MiB ranges offer ~140 requests/s and the cap bites;
+4 MiB ranges stay under it. On bigger machines raise --nodes and --total-mb and keep the
+offered request rate above --rate-cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+MiB = 1 << 20
+CONTAINER = "fleet"
+PREFIX = "model"
+WARMUP_PREFIX = "warmup"
+READY = "@@FLEET_READY"
+RESULT = "@@FLEET_RESULT "
+MODES = ("cold", "cache", "fanout")
+
+
+# --------------------------------------------------------------------------------------------------
+# Child: one loader process
+# --------------------------------------------------------------------------------------------------
+def digest(tensors: dict[str, Any]) -> int:
+    """CRC32 of every tensor's bytes, chained in name order (the parent computes the same)."""
+    crc = 0
+    for name in sorted(tensors):
+        crc = zlib.crc32(tensors[name].to_bytes(), crc)
+    return crc
+
+
+def child(config: dict[str, Any]) -> int:
+    """Load once when released (a line on stdin); print one RESULT line. Returns the exit code."""
+    import blob2gpu
+
+    if config["mode"] == "fanout":
+        import torch.distributed as dist
+    # A one-tensor load first: the Azure SDK, requests and the rest are imported lazily on the
+    # first load (~1 s alone, several when 8 processes share 2 cores), the same in every mode.
+    blob2gpu.load(f"az://{CONTAINER}/{WARMUP_PREFIX}", framework="dlpack")
+    print(READY, flush=True)
+    sys.stdin.readline()
+    started = time.perf_counter()
+    uri = f"az://{CONTAINER}/{PREFIX}"
+    settings = config["settings"]
+    out: dict[str, Any] = {"ok": False, "retries": 0, "requests": None}
+    # Retries are read from the retry policy of the container the load opens, so a failed load
+    # (no LoadReport) and a distributed one (none either) still say how often they retried.
+    from blob2gpu.sources import blob_client, blob_feeder
+
+    opened: list[Any] = []
+    open_container = blob_client.open_container
+
+    def counting_open(*args: Any, **kwargs: Any) -> Any:
+        container = open_container(*args, **kwargs)
+        opened.append(container)
+        return container
+
+    blob_client.open_container = counting_open
+    # The most consecutive failures any one request saw: how close it came to retry_max_attempts.
+    worst = [0]
+    wait_before_retry = blob_feeder.RetryPolicy.wait_before_retry
+
+    def recording_wait(self: Any, attempt: int, *args: Any) -> None:
+        worst[0] = max(worst[0], attempt)
+        wait_before_retry(self, attempt, *args)
+
+    blob_feeder.RetryPolicy.wait_before_retry = recording_wait  # type: ignore[method-assign]
+    try:
+        if config["mode"] == "fanout":
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://127.0.0.1:{config['port']}",
+                rank=config["rank"],
+                world_size=config["world"],
+            )
+            tensors = blob2gpu.load(uri, framework="dlpack", distributed=True, **settings)
+            out["seconds"] = time.perf_counter() - started
+            dist.destroy_process_group()
+        else:
+            with blob2gpu.open(uri, framework="dlpack", **settings) as checkpoint:
+                tensors = checkpoint.to_dict()
+                report = checkpoint.report
+            out["seconds"] = time.perf_counter() - started
+            out["requests"] = report.requests
+        out["digest"] = digest(tensors)
+        out["ok"] = True
+    except Exception as e:  # a failed load is a result, not a crash of the benchmark
+        out["seconds"] = time.perf_counter() - started
+        out["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    out["retries"] = sum(c.retry.retries for c in opened)
+    out["worst_failures"] = worst[0]
+    print(RESULT + json.dumps(out), flush=True)
+    return 0 if out["ok"] else 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Parent: checkpoint, storage, waves, table
+# --------------------------------------------------------------------------------------------------
+def make_checkpoint(directory: Path, total_mb: int, shards: int, seed: int = 7) -> tuple[int, int]:
+    """Write `shards` safetensors files of random float16 tensors (about total_mb MB in all) and
+    an index. Returns (bytes of every file, digest of the tensors)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    per_shard = total_mb * 1_000_000 // shards
+    tensors_per_shard = 4
+    cols = 1024
+    rows = max(1, per_shard // tensors_per_shard // (2 * cols))
+    weight_map: dict[str, str] = {}
+    all_tensors: dict[str, Any] = {}
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        tensors = {}
+        for t in range(tensors_per_shard):
+            name = f"layers.{s * tensors_per_shard + t}.weight"
+            raw = rng.integers(0, 256, size=rows * cols * 2, dtype=np.uint8)
+            tensors[name] = raw.view(np.float16).reshape(rows, cols)
+            weight_map[name] = file
+        save_file(tensors, str(directory / file))
+        all_tensors.update(tensors)
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    crc = 0
+    for name in sorted(all_tensors):
+        crc = zlib.crc32(all_tensors[name].tobytes(), crc)
+    return sum(f.stat().st_size for f in directory.iterdir()), crc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Wave:
+    mode: str
+    wave: int
+    results: list[dict[str, Any]]
+    wall_seconds: float  # release to the last process exit (checksums and teardown included)
+    get_bytes: int
+    range_gets: int
+    requests: int
+    throttled: int
+    checkpoint_bytes: int
+    expected_digest: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> list[dict[str, Any]]:
+        return [r for r in self.results if r.get("ok") and r.get("digest") == self.expected_digest]
+
+    def row(self) -> dict[str, Any]:
+        seconds = sorted(r["seconds"] for r in self.ok)
+        p95 = seconds[max(0, math.ceil(0.95 * len(seconds)) - 1)] if seconds else float("nan")
+        return {
+            "mode": self.mode if self.wave == 1 else f"{self.mode} (wave {self.wave})",
+            "ok/failed": f"{len(self.ok)}/{len(self.results) - len(self.ok)}",
+            "p50 s": f"{statistics.median(seconds):.1f}" if seconds else "-",
+            "p95 s": f"{p95:.1f}" if seconds else "-",
+            "copies": f"{self.get_bytes / self.checkpoint_bytes:.2f}",
+            "GETs": str(self.range_gets),
+            "throttled": str(self.throttled),
+            "retries": str(sum(r.get("retries") or 0 for r in self.results)),
+            "worst": str(max((r.get("worst_failures") or 0 for r in self.results), default=0)),
+        }
+
+
+def run_wave(
+    mode: str,
+    wave: int,
+    configs: list[dict[str, Any]],
+    env: dict[str, str],
+    proxy: Any,
+    cap: float,
+    checkpoint: tuple[int, int],
+    timeout: float,
+) -> Wave:
+    """Start one process per config, release them together once all are ready, collect results."""
+    proxy.reset()  # no cap while the processes warm up
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(c)],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for c in configs
+    ]
+    for p in procs:  # imports and the warm-up load done in every process
+        assert p.stdout is not None and p.stderr is not None
+        if READY not in p.stdout.readline():
+            for other in procs:
+                other.kill()
+            p.wait()
+            raise RuntimeError(f"a loader did not start: {p.stderr.read()[-2000:]}")
+    proxy.reset()
+    proxy.faults.max_requests_per_second = cap
+    started = time.perf_counter()
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    results = []
+    notes = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=max(1.0, started + timeout - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            notes.append(f"pid {p.pid} killed after {timeout:.0f} s")
+        lines = [ln for ln in out.splitlines() if ln.startswith(RESULT)]
+        if lines:
+            results.append(json.loads(lines[-1][len(RESULT) :]))
+        else:
+            results.append({"ok": False, "seconds": 0.0, "error": err.strip()[-300:]})
+    wall = time.perf_counter() - started
+    c = proxy.counters
+    return Wave(
+        mode,
+        wave,
+        results,
+        wall,
+        c.range_bytes,
+        c.range_gets,
+        c.requests,
+        c.throttled,
+        checkpoint[0],
+        checkpoint[1],
+        notes,
+    )
+
+
+def print_table(waves: list[Wave]) -> None:
+    rows = [w.row() for w in waves]
+    cols = list(rows[0])
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in cols}
+    print("| " + " | ".join(k.ljust(widths[k]) for k in cols) + " |")
+    print("| " + " | ".join("-" * widths[k] for k in cols) + " |")
+    for r in rows:
+        print("| " + " | ".join(r[k].ljust(widths[k]) for k in cols) + " |")
+    for w in waves:
+        errors = [r["error"] for r in w.results if r.get("error")]
+        wrong = sum(1 for r in w.results if r.get("ok") and r.get("digest") != w.expected_digest)
+        if errors:  # they differ only in the shard and byte range: show one, without the body
+            first = " ".join(errors[0].split(" (last:")[0].split())[:240]
+            print(f"  {w.mode} wave {w.wave}: {len(errors)} failed, e.g. {first}")
+        if wrong:
+            print(f"  {w.mode} wave {w.wave}: {wrong} loads returned wrong bytes")
+        for n in w.notes:
+            print(f"  {w.mode} wave {w.wave}: {n}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--nodes",
+        "--processes",
+        type=int,
+        default=8,
+        help="loader processes started at once (default 8)",
+    )
+    parser.add_argument(
+        "--per-node",
+        type=int,
+        default=2,
+        help="processes per node: sharing a cache_dir, or one gloo group (2)",
+    )
+    parser.add_argument("--total-mb", type=int, default=256, help="checkpoint size, MB (256)")
+    parser.add_argument("--shards", type=int, default=4, help="checkpoint shards (4)")
+    parser.add_argument(
+        "--chunk-mb",
+        type=float,
+        default=1,
+        help="bytes per ranged GET, MiB (1; fan-out uses the SDK's chunking)",
+    )
+    parser.add_argument(
+        "--rate-cap",
+        type=float,
+        default=50,
+        help="storage requests per second before 503 ServerBusy (50)",
+    )
+    parser.add_argument("--no-cap", action="store_true", help="no request-rate cap")
+    parser.add_argument("--modes", default=",".join(MODES), help="cold,cache,fanout")
+    parser.add_argument(
+        "--prefetch-concurrency",
+        type=int,
+        default=None,
+        help="per process (blob2gpu's default when not given)",
+    )
+    parser.add_argument(
+        "--retry-max-attempts",
+        type=int,
+        default=None,
+        help="per range (blob2gpu's default when not given)",
+    )
+    parser.add_argument("--timeout", type=float, default=300, help="per wave, seconds (300)")
+    parser.add_argument("--json", type=Path, help="write every process's result here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(json.loads(args.child))
+
+    modes = [m for m in args.modes.split(",") if m]
+    if unknown := set(modes) - set(MODES):
+        parser.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
+    if args.per_node < 1 or args.nodes % args.per_node:
+        parser.error("--nodes must be a positive multiple of --per-node")
+    cap = 0.0 if args.no_cap else args.rate_cap
+    settings: dict[str, Any] = {"chunk_bytes": int(args.chunk_mb * MiB)}
+    if args.prefetch_concurrency is not None:
+        settings["prefetch_concurrency"] = args.prefetch_concurrency
+    if args.retry_max_attempts is not None:
+        settings["retry_max_attempts"] = args.retry_max_attempts
+
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    import numpy as np
+    from safetensors.numpy import save_file
+    from support.azurite import Azurite
+    from support.fault_proxy import FaultProxy
+
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="blob2gpu-fleet-"))
+    az = proxy = None
+    try:
+        ckpt_dir = work / "checkpoint"
+        ckpt_dir.mkdir()
+        checkpoint = make_checkpoint(ckpt_dir, args.total_mb, args.shards)
+        az = Azurite()
+        az.service().create_container(CONTAINER)
+        az.upload_directory(CONTAINER, ckpt_dir, PREFIX)
+        warmup_dir = work / "warmup"
+        warmup_dir.mkdir()
+        save_file({"w": np.zeros(16, dtype=np.float16)}, str(warmup_dir / "model.safetensors"))
+        az.upload_directory(CONTAINER, warmup_dir, WARMUP_PREFIX)
+        proxy = FaultProxy(az.port)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BLOB2GPU_", "AZURE_"))}
+        env["AZURE_STORAGE_CONNECTION_STRING"] = az.connection_string(port=proxy.port)
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        print(
+            f"fleet: {args.nodes} processes ({args.nodes // args.per_node} nodes of "
+            f"{args.per_node}), checkpoint {checkpoint[0] / 1e6:.0f} MB in {args.shards} shards, "
+            f"{args.chunk_mb:g} MiB ranges, cap "
+            f"{'off' if not cap else f'{cap:g} requests/s'}, settings {settings}, "
+            f"{os.cpu_count()} cores shared by Azurite, the proxy and the loaders",
+            flush=True,
+        )
+        waves: list[Wave] = []
+        nodes = range(args.nodes // args.per_node)
+        for mode in modes:
+            if mode == "cold":
+                configs = [{"mode": mode, "settings": settings} for _ in range(args.nodes)]
+                waves.append(run_wave(mode, 1, configs, env, proxy, cap, checkpoint, args.timeout))
+            elif mode == "cache":
+                configs = [
+                    {
+                        "mode": mode,
+                        "settings": {
+                            **settings,
+                            "local_nvme_cache_enabled": True,
+                            "cache_dir": str(work / "cache" / f"node{n}"),
+                        },
+                    }
+                    for n in nodes
+                    for _ in range(args.per_node)
+                ]
+                for wave in (1, 2):
+                    waves.append(
+                        run_wave(mode, wave, configs, env, proxy, cap, checkpoint, args.timeout)
+                    )
+            else:
+                ports = [free_port() for _ in nodes]
+                configs = [
+                    {
+                        "mode": mode,
+                        "settings": settings,
+                        "port": ports[n],
+                        "rank": r,
+                        "world": args.per_node,
+                    }
+                    for n in nodes
+                    for r in range(args.per_node)
+                ]
+                waves.append(run_wave(mode, 1, configs, env, proxy, cap, checkpoint, args.timeout))
+            print(f"  {mode}: done at {time.perf_counter() - t_start:.0f} s", flush=True)
+        print()
+        print_table(waves)
+        print(
+            "\ncopies: bytes of ranged GETs served / checkpoint bytes (shards + index); p95 is "
+            "the nearest rank; cold start runs from the common release to the last tensor in "
+            "memory (imports and a warm-up load before it, gloo rendezvous included)."
+        )
+        print(f"whole run: {time.perf_counter() - t_start:.0f} s")
+        if args.json:
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "args": {k: str(v) for k, v in vars(args).items()},
+                        "checkpoint_bytes": checkpoint[0],
+                        "waves": [{**asdict(w), "row": w.row()} for w in waves],
+                    },
+                    indent=1,
+                )
+            )
+        return 0
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        if az is not None:
+            az.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
