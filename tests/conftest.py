@@ -110,6 +110,14 @@ def reference_bytes(path: Path) -> dict[str, bytes]:
     return out
 
 
+def checkpoint_bytes(directory: Path) -> dict[str, bytes]:
+    """Every tensor's reference bytes across the .safetensors files of a directory."""
+    out: dict[str, bytes] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(reference_bytes(f))
+    return out
+
+
 def as_bytes(tensor: object) -> bytes:
     """The bytes of a loaded tensor, whatever framework or device holds it."""
     if hasattr(tensor, "to_bytes"):  # a blob2gpu TensorView (framework='dlpack'), any device

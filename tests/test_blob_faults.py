@@ -11,7 +11,8 @@ import blob2gpu
 import pytest
 import torch
 from blob2gpu import _core, errors
-from conftest import as_bytes, random_tensor, reference_bytes, upload_directory
+from conftest import as_bytes, random_tensor, upload_directory
+from conftest import checkpoint_bytes as expected
 
 FAST_RETRIES = {"retry_backoff_seconds": 0.01, "retry_backoff_max_seconds": 0.05}
 
@@ -39,13 +40,6 @@ def via_proxy(azurite, fault_proxy, monkeypatch):
         "AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string(port=fault_proxy.port)
     )
     return fault_proxy
-
-
-def expected(directory):
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(reference_bytes(f))
-    return out
 
 
 def load(uri, device, **settings):
@@ -182,7 +176,6 @@ def test_gets_add_up_to_one_copy_of_the_checkpoint(published, container, via_pro
     assert len(weight_gets) == sum(-(-f.stat().st_size // 65536) for f in shards)
 
 
-
 FLEET_LOADER = """
 import json, sys, zlib
 import blob2gpu
@@ -212,8 +205,13 @@ def test_request_rate_cap_is_survived_by_backoff(published, container, via_proxy
     script.write_text(FLEET_LOADER)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLOB2GPU_")}
     procs = [
-        subprocess.Popen([sys.executable, str(script), f"az://{container}/m"], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(script), f"az://{container}/m"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(3)
     ]
     outs = [p.communicate(timeout=60) for p in procs]

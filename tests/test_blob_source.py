@@ -13,6 +13,7 @@ import pytest
 import torch
 from blob2gpu import _core, errors
 from conftest import as_bytes, random_tensor, reference_bytes, upload_directory
+from conftest import checkpoint_bytes as expected
 from support.azurite import ACCOUNT, ACCOUNT_KEY
 
 
@@ -25,13 +26,6 @@ def shards(count: int = 3, rows: int = 96):
         | {f"s{s}.norm": random_tensor(torch.float32, (7,), s)}
         for s in range(count)
     ]
-
-
-def expected(directory):
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(reference_bytes(f))
-    return out
 
 
 @pytest.fixture

@@ -12,14 +12,8 @@ import blob2gpu
 import pytest
 import torch
 from blob2gpu import errors
-from conftest import random_tensor, reference_bytes
-
-
-def expected(directory):
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(reference_bytes(f))
-    return out
+from conftest import checkpoint_bytes as expected
+from conftest import random_tensor
 
 
 def shards(count: int, rows: int = 64, cols: int = 256, per_shard: int = 4):

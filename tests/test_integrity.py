@@ -13,15 +13,9 @@ import torch
 from blob2gpu import _core, errors
 from blob2gpu.manifest import MANIFEST_NAME, Manifest, hash_file, manifest_for_directory
 from blob2gpu.publish import publish, write_manifest
-from conftest import as_bytes, random_tensor, reference_bytes
+from conftest import as_bytes, random_tensor
+from conftest import checkpoint_bytes as expected
 from support.azurite import ACCOUNT, ACCOUNT_KEY
-
-
-def expected(directory):
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(reference_bytes(f))
-    return out
 
 
 @pytest.fixture
@@ -222,8 +216,9 @@ def test_publish_and_manifest_commands(checkpoint, azurite, container, blob_env)
     import sys
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "blob2gpu", *args], capture_output=True,
-                              text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "blob2gpu", *args], capture_output=True, text=True, timeout=120
+        )
 
     out = run("publish", str(checkpoint), f"az://{container}/cli", "--chunk-bytes", "64KiB")
     assert out.returncode == 0, out.stderr

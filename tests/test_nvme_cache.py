@@ -16,14 +16,8 @@ import blob2gpu
 import pytest
 import torch
 from blob2gpu.sources.nvme_cache import NvmeCache
-from conftest import as_bytes, random_tensor, reference_bytes, upload_directory
-
-
-def expected(directory):
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(reference_bytes(f))
-    return out
+from conftest import as_bytes, random_tensor, upload_directory
+from conftest import checkpoint_bytes as expected
 
 
 @pytest.fixture
@@ -210,8 +204,9 @@ def test_cache_entries_record_what_they_are(published, container, cache_dir, blo
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "blob2gpu", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "blob2gpu", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cache_commands(published, container, cache_dir, blob_env):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import blob2gpu
 import numpy as np
 import pytest
@@ -17,15 +15,9 @@ from conftest import (
     raw_safetensors,
     reference_bytes,
 )
+from conftest import checkpoint_bytes as expected
 
 SMALL_SLOTS = {"staging_slots": 2, "staging_slot_bytes": 4096}
-
-
-def expected(directory: Path) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(reference_bytes(f))
-    return out
 
 
 def test_every_dtype_is_byte_equal(device, write_checkpoint, tmp_path):
@@ -142,8 +134,9 @@ def test_misaligned_tensor_gets_its_own_aligned_allocation(device, tmp_path):
     framework = "torch" if device == "cpu" else "dlpack"
     # Read into a fresh arena (not mapped), so the data region starts aligned and only the F32
     # tensor at offset 3 is misaligned.
-    with blob2gpu.open(str(file), device=device, framework=framework,
-                       mmap_local_files=False) as checkpoint:
+    with blob2gpu.open(
+        str(file), device=device, framework=framework, mmap_local_files=False
+    ) as checkpoint:
         got = checkpoint.to_dict()
         report = checkpoint.report
     assert as_bytes(got["f32"]) == f32 and as_bytes(got["u8"]) == b"\x01\x02\x03"
@@ -186,9 +179,11 @@ def test_checkpoint_api_iterates_in_arrival_order(write_checkpoint):
 
 def test_mapped_tensors_are_aligned_too(tmp_path):
     f32 = np.arange(4, dtype=np.float32).tobytes()
-    file = raw_safetensors(tmp_path / "odd.safetensors",
-                           [("u8", "U8", [3], b"\x01\x02\x03"), ("f32", "F32", [4], f32)],
-                           pad=False)
+    file = raw_safetensors(
+        tmp_path / "odd.safetensors",
+        [("u8", "U8", [3], b"\x01\x02\x03"), ("f32", "F32", [4], f32)],
+        pad=False,
+    )
     got = blob2gpu.load(str(file), mmap_local_files=True)
     assert got["f32"].data_ptr() % 4 == 0
     assert torch.equal(got["f32"], torch.arange(4, dtype=torch.float32))

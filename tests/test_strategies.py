@@ -7,14 +7,8 @@ from __future__ import annotations
 import blob2gpu
 import pytest
 import torch
-from conftest import as_bytes, random_tensor, reference_bytes, upload_directory
-
-
-def expected(directory):
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(reference_bytes(f))
-    return out
+from conftest import as_bytes, random_tensor, upload_directory
+from conftest import checkpoint_bytes as expected
 
 
 @pytest.fixture
