@@ -326,15 +326,12 @@ void LoadSession::run_chunk(size_t index, uint64_t begin, uint64_t end) {
   const uint64_t bytes = end - begin;
   Slot* slot = nullptr;
   if (lands_on_host()) {
-    uint8_t* dest = host_destination(shard) + begin;
-    shard.file->read_exact(dest, bytes, h.data_offset + begin);
-    if (shard.verifier) verify(shard, h.data_offset + begin, dest, bytes);
+    read_and_verify(shard, host_destination(shard) + begin, h.data_offset + begin, bytes);
   } else {
     slot = pipeline_->ring_->acquire(&cancelled_);
     if (slot == nullptr) return;  // cancelled
     try {
-      shard.file->read_exact(slot->data(), bytes, h.data_offset + begin);
-      if (shard.verifier) verify(shard, h.data_offset + begin, slot->data(), bytes);
+      read_and_verify(shard, slot->data(), h.data_offset + begin, bytes);
     } catch (...) {
       pipeline_->ring_->release(slot);
       throw;
@@ -481,6 +478,22 @@ FeedStatus LoadSession::commit_landing(Landing& landing) {
   land_data(landing.shard, slot, 0, landing.file_offset - shard.header.data_offset,
             landing.capacity);
   return status_of(shard);
+}
+
+void LoadSession::read_and_verify(Shard& shard, uint8_t* dest, uint64_t file_offset,
+                                  size_t bytes) {
+  if (!shard.verifier) {
+    shard.file->read_exact(dest, bytes, file_offset);
+    return;
+  }
+  // Checked piece by piece while each piece is still in the CPU cache: checking a whole slot
+  // after reading it would read it from memory a second time.
+  constexpr size_t kPiece = 1u << 20;
+  for (size_t done = 0; done < bytes; done += kPiece) {
+    const size_t n = std::min(kPiece, bytes - done);
+    shard.file->read_exact(dest + done, n, file_offset + done);
+    verify(shard, file_offset + done, dest + done, n);
+  }
 }
 
 void LoadSession::verify(Shard& shard, uint64_t file_offset, const uint8_t* data, size_t n) {

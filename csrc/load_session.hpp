@@ -225,6 +225,8 @@ class LoadSession {
   // Checks landed file bytes against the shard's manifest: throws ChecksumMismatch (or records
   // it when mismatches are let through).
   void verify(Shard& shard, uint64_t file_offset, const uint8_t* data, size_t n);
+  // pread of a local shard's bytes, verified as they arrive when the shard has a manifest.
+  void read_and_verify(Shard& shard, uint8_t* dest, uint64_t file_offset, size_t bytes);
   void post(std::function<void()> task, bool urgent);
   void run_header(size_t shard);
   void run_chunk(size_t shard, uint64_t begin, uint64_t end);
