@@ -106,7 +106,7 @@ def test_exhausted_retries_fail_typed_and_release_everything(
         driver = request.getfixturevalue("fake_driver")
         device_allocs = driver.live_device_allocations()
     with pytest.raises(errors.StorageUnavailable, match=r"after 3 attempts") as info:
-        load(f"az://{container}/m", device, retry_max_attempts=3)
+        load(f"az://{container}/m", device, retry_max_attempts=3, retry_throttled_seconds=0)
     assert "retry_max_attempts" in str(info.value) and container in str(info.value)
     del info
     gc.collect()

@@ -221,6 +221,14 @@ SCHEMA: tuple[Setting, ...] = (
     S("storage", "retry_backoff_max_seconds", 8.0, float, "Longest backoff between two attempts."),
     S(
         "storage",
+        "retry_throttled_seconds",
+        120.0,
+        float,
+        "A throttled request (429, 503 ServerBusy) keeps retrying past retry_max_attempts until "
+        "it has waited this long: a fleet starting at once is shed, not failed.",
+    ),
+    S(
+        "storage",
         "read_timeout_seconds",
         30.0,
         float,

@@ -117,5 +117,6 @@ def open_container(uri: str, settings: Any, credential: Any = None) -> BlobConta
         settings.retry_max_attempts,
         settings.retry_backoff_seconds,
         settings.retry_backoff_max_seconds,
+        throttled_seconds=settings.retry_throttled_seconds,
     )
     return BlobContainer(location=location, client=client, retry=retry, credential_source=how)

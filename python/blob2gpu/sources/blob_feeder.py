@@ -36,11 +36,13 @@ class RetryPolicy:
         backoff_seconds: float,
         backoff_max_seconds: float,
         stopping: threading.Event | None = None,
+        throttled_seconds: float = 120.0,
     ) -> None:
         self.location = location
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
         self.backoff_max_seconds = backoff_max_seconds
+        self.throttled_seconds = throttled_seconds
         self.stopping = stopping or threading.Event()
         self._lock = threading.Lock()
         self.retries = 0
@@ -65,26 +67,37 @@ class RetryPolicy:
         return ceiling * random.uniform(0.5, 1.0)
 
     def wait_before_retry(
-        self, attempt: int, error: BaseException, what: str, blob: str | None
-    ) -> None:
-        """Count a retry and sleep, or raise StorageUnavailable once attempts are spent."""
-        if attempt >= self.max_attempts:
+        self, attempt: int, error: BaseException, what: str, blob: str | None,
+        throttled_waited: float = 0.0,
+    ) -> float:
+        """Count a retry and sleep; returns the seconds this request has now waited on throttling.
+
+        Raises StorageUnavailable once the attempts are spent, except that a throttled request
+        (429, 503) keeps waiting while its throttling waits stay under retry_throttled_seconds:
+        an account that sheds load is not an account that is down.
+        """
+        throttled = getattr(error, "status_code", None) in (429, 503)
+        if attempt >= self.max_attempts and not (
+                throttled and throttled_waited < self.throttled_seconds):
             raise StorageUnavailable(
                 f"{what}: {self.location.describe(blob)} kept failing after {attempt} attempts "
                 f"(last: {type(error).__name__}: {redact(error)[:200]}); raise "
-                "retry_max_attempts or check the storage account's health and throttling"
+                "retry_max_attempts (or retry_throttled_seconds when throttled) or check the "
+                "storage account's health and throttling"
             ) from None
-        delay = self.delay(attempt)
+        delay = self.delay(min(attempt, 16))
         with self._lock:
             self.retries += 1
-            if getattr(error, "status_code", None) in (429, 503):
+            if throttled:
                 self._cooldown_until = max(self._cooldown_until, time.monotonic() + delay)
         if self.stopping.wait(delay):
             raise LoadCancelled("the load was cancelled while waiting to retry")
+        return throttled_waited + (delay if throttled else 0.0)
 
     def run(self, fn: Callable[[], T], what: str, blob: str | None) -> T:
         """Call fn, retrying transient failures; permanent ones raise a typed error."""
         attempt = 0
+        throttled = 0.0
         while True:
             try:
                 self.pause_while_throttled()
@@ -95,7 +108,7 @@ class RetryPolicy:
                 if not is_transient(e):
                     raise storage_error(e, self.location, blob, what) from None
                 attempt += 1
-                self.wait_before_retry(attempt, e, what, blob)
+                throttled = self.wait_before_retry(attempt, e, what, blob, throttled)
 
 
 @dataclass
@@ -226,6 +239,7 @@ class BlobFeeder:
         total = len(view)
         pos = 0
         attempt = 0
+        throttled = 0.0
         what = f"shard '{ref.name}' bytes {offset}-{offset + total - 1}"
         while pos < total:
             if self._stopping.is_set():
@@ -276,7 +290,7 @@ class BlobFeeder:
                 attempt += 1
                 with self._cv:
                     self.shard_retries[shard] += 1
-                self._retry.wait_before_retry(attempt, e, what, ref.path)
+                throttled = self._retry.wait_before_retry(attempt, e, what, ref.path, throttled)
             finally:
                 if response is not None:
                     response.close()  # a broken body: drop the connection
