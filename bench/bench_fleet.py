@@ -117,9 +117,9 @@ def child(config: dict[str, Any]) -> int:
     worst = [0]
     wait_before_retry = blob_feeder.RetryPolicy.wait_before_retry
 
-    def recording_wait(self: Any, attempt: int, *args: Any) -> None:
+    def recording_wait(self: Any, attempt: int, *args: Any) -> Any:
         worst[0] = max(worst[0], attempt)
-        wait_before_retry(self, attempt, *args)
+        return wait_before_retry(self, attempt, *args)
 
     blob_feeder.RetryPolicy.wait_before_retry = recording_wait  # type: ignore[method-assign]
     try:
