@@ -109,10 +109,13 @@ def _cuda_version(v: int) -> str:
 
 
 def default_cache_dir(settings: ResolvedSettings | None = None) -> Path:
-    """The cache directory: the `cache_dir` setting when the schema has one, else
-    $BLOB2GPU_CACHE_DIR, else ~/.cache/blob2gpu."""
-    configured = settings.values.get("cache_dir") if settings is not None else None
-    return Path(configured or os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "blob2gpu")
+    """The cache directory the loader would use: the `cache_dir` setting (keyword,
+    $BLOB2GPU_CACHE_DIR or config file), else the cache tier's own default."""
+    from .settings import resolve
+    from .sources.nvme_cache import default_cache_dir as cache_tier_default
+
+    configured = (settings if settings is not None else resolve()).cache_dir
+    return Path(configured) if configured else cache_tier_default()
 
 
 class _Run:
