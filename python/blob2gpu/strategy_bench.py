@@ -149,24 +149,16 @@ def _local_copy(uri: str, directory: str | None) -> tuple[Path, tempfile.Tempora
     if not is_blob_uri(uri):
         path = Path(uri.removeprefix("file://"))
         return (path if path.is_dir() else path.parent), None
-    import blob2gpu
+    from .settings import resolve
+    from .sources.blob_client import open_container
 
+    # The same shard files, as an image or a local disk would hold them.
     tmp = tempfile.TemporaryDirectory(prefix="blob2gpu-bench-")
-    from safetensors.torch import save_file
-
-    with blob2gpu.open(uri, device="cpu") as checkpoint:
-        for shard_name, names in _by_shard(checkpoint).items():
-            save_file({n: checkpoint.get(n).contiguous() for n in names},
-                      str(Path(tmp.name) / shard_name))
+    container = open_container(uri, resolve(), None)
+    for ref in container.list_checkpoint().plan.shards:
+        with open(Path(tmp.name) / ref.name, "wb") as f:
+            container.client.get_blob_client(ref.path).download_blob(max_concurrency=4).readinto(f)
     return Path(tmp.name), tmp
-
-
-def _by_shard(checkpoint: Any) -> dict[str, list[str]]:
-    checkpoint.to_dict()
-    out: dict[str, list[str]] = {}
-    for name, shard in checkpoint._shard_of.items():
-        out.setdefault(shard, []).append(name)
-    return out
 
 
 def drop_page_cache() -> None:
