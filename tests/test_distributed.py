@@ -21,7 +21,9 @@ import torch.distributed as dist
 import blob2gpu
 dist.init_process_group("gloo", rank=int(os.environ["RANK"]),
                         world_size=int(os.environ["WORLD_SIZE"]))
-tensors = blob2gpu.load(sys.argv[1], framework="dlpack", distributed=True, chunk_bytes=65536)
+wanted = sys.argv[2].split(",") if len(sys.argv) > 2 else None  # this rank's tensors, else all
+tensors = blob2gpu.load(sys.argv[1], framework="dlpack", distributed=True, chunk_bytes=65536,
+                        tensor_names=wanted)
 print(";".join(f"{n}={zlib.crc32(tensors[n].to_bytes())}" for n in sorted(tensors)))
 dist.destroy_process_group()
 """
@@ -72,3 +74,37 @@ def test_needs_a_process_group(write_checkpoint):
     directory = write_checkpoint([{"w": torch.ones(2)}])
     with pytest.raises(blob2gpu.errors.InvalidArgument, match="init_process_group"):
         blob2gpu.load(str(directory), distributed=True)
+
+
+def test_ranks_with_their_own_tensor_subsets(write_checkpoint, azurite, container, fault_proxy,
+                                             tmp_path, free_port):
+    # Rank 0 wants shard 1's tensor, rank 1 two of shard 2's: shard 3 is fetched by nobody.
+    directory = write_checkpoint([
+        {"a": random_tensor(torch.float32, (256, 1024), 1)},
+        {"b": random_tensor(torch.float16, (100, 777), 2), "c": random_tensor(torch.int8, (9,), 3),
+         "e": random_tensor(torch.int8, (5,), 5)},
+        {"d": random_tensor(torch.float32, (300, 1024), 4)},
+    ])
+    upload_directory(azurite, container, directory, "m")
+    reference = blob2gpu.load(str(directory), framework="dlpack")
+    import zlib
+
+    subsets = [["a"], ["b", "c"]]
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port), WORLD_SIZE="2",
+               GLOO_SOCKET_IFNAME="lo",
+               AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port))
+    procs = [subprocess.Popen([sys.executable, str(script), f"az://{container}/m",
+                               ",".join(subsets[r])], env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    for (out, _), names in zip(outs, subsets, strict=True):
+        assert out.strip() == ";".join(f"{n}={zlib.crc32(reference[n].to_bytes())}"
+                                       for n in names)
+    fetched = sum((directory / f).stat().st_size for f in
+                  ("model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"))
+    index = (directory / "model.safetensors.index.json").stat().st_size
+    assert fault_proxy.counters.range_bytes == fetched + 2 * index  # shard 3: nobody's

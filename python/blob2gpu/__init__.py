@@ -8,6 +8,7 @@ with blob2gpu.open("model/", device="cuda") as checkpoint:   # tensors as shards
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import errors
@@ -36,6 +37,8 @@ def load(
     credential: Any = None,
     config: str | None = None,
     distributed: bool = False,
+    tensor_names: Iterable[str] | None = None,
+    tensor_filter: Callable[[str], bool] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Load every tensor of a checkpoint; returns {name: tensor} of `framework` on `device`.
@@ -46,7 +49,9 @@ def load(
     key or SAS token. device: 'cpu', 'cuda' or 'cuda:N'. framework: 'torch', 'numpy', 'cupy' or
     'dlpack'. config: a YAML settings file (else $BLOB2GPU_CONFIG). distributed: with an
     initialized torch.distributed group, each rank fetches a disjoint part of the bytes and
-    broadcasts it (blob2gpu.distributed): one copy per group from storage. settings: see
+    broadcasts it (blob2gpu.distributed): one copy per group from storage. tensor_names (a
+    list of names) or tensor_filter (name -> bool): load only those tensors, reading only their
+    bytes, e.g. one pipeline stage's layers per rank (blob2gpu.selection). settings: see
     blob2gpu.settings (docs/settings.md). Raises a blob2gpu.errors.Blob2GpuError subclass naming
     the shard and what to change; on error nothing stays allocated.
     """
@@ -54,9 +59,11 @@ def load(
         from .distributed import load as load_distributed
 
         return load_distributed(uri, device, framework, credential,
-                                dict(settings, **({"config": config} if config else {})))
+                                dict(settings, **({"config": config} if config else {})),
+                                tensor_names=tensor_names, tensor_filter=tensor_filter)
     with Loader(config=config, **settings) as loader:
-        return loader.load(uri, device=device, framework=framework, credential=credential)
+        return loader.load(uri, device=device, framework=framework, credential=credential,
+                           tensor_names=tensor_names, tensor_filter=tensor_filter)
 
 
 def open(
@@ -65,6 +72,8 @@ def open(
     framework: str = "torch",
     credential: Any = None,
     config: str | None = None,
+    tensor_names: Iterable[str] | None = None,
+    tensor_filter: Callable[[str], bool] | None = None,
     **settings: Any,
 ) -> Checkpoint:
     """Start loading and return a Checkpoint (a context manager) at once.
@@ -75,7 +84,8 @@ def open(
     """
     loader = Loader(config=config, **settings)
     try:
-        checkpoint = loader.open(uri, device=device, framework=framework, credential=credential)
+        checkpoint = loader.open(uri, device=device, framework=framework, credential=credential,
+                                 tensor_names=tensor_names, tensor_filter=tensor_filter)
     except BaseException:
         loader.close()
         raise

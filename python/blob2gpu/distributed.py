@@ -10,6 +10,7 @@ uneven sizes: the split is by bytes, not by shard.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -70,9 +71,14 @@ class _Into:
 
 
 def load(uri: str | None, device: str, framework: str, credential: Any,
-         loader_settings: dict[str, Any]) -> dict[str, Any]:
+         loader_settings: dict[str, Any], tensor_names: Any = None,
+         tensor_filter: Any = None) -> dict[str, Any]:
     """blob2gpu.load(..., distributed=True): see the module docstring. Needs an initialized
     torch.distributed process group (gloo for cpu tensors; the exchange runs on host memory).
+
+    With a tensor selection (tensor_names / tensor_filter, which may differ per rank) each rank
+    keeps only its tensors; the group fetches the union of what its ranks need (whole shards
+    holding a wanted tensor, one copy per group) and exchanges it as above.
 
     Returns {name: tensor} on every rank. Raises InvalidArgument without a process group, and
     every error of blob2gpu.load (the same on every rank for source and header errors).
@@ -85,6 +91,7 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
     from .loader import Loader, normalize_device, source_uri
     from .manifest import core_checksums, read_local_manifest
     from .report import LoadReport
+    from .selection import read_blob_header, read_local_header, select, selection_from_arguments
     from .sources import resolve as resolve_local
     from .sources.azure_blob import is_blob_uri
 
@@ -92,6 +99,7 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
         raise InvalidArgument("distributed=True needs torch.distributed.init_process_group() "
                               "first (gloo on CPUs, or a group whose backend handles CPU tensors)")
     rank, world = dist.get_rank(), dist.get_world_size()
+    wanted_names, wanted_filter = selection_from_arguments(tensor_names, tensor_filter)
     uri = source_uri(uri)
     device = normalize_device(device)
     import time
@@ -112,21 +120,38 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
             plan = resolve_local(uri)
             manifest = (read_local_manifest(os.path.dirname(plan.shards[0].path))
                         if effective.verify != "none" else None)
+        algorithm = "sha256" if effective.verify == "sha256" else "crc32c"
+        full_plan = plan
+        plan, selection = select(
+            plan, wanted_names, wanted_filter,
+            (lambda ref: read_blob_header(container, ref)) if container else read_local_header)
+        # The group fetches every shard some rank needs, in the full plan's order.
+        needs = [False] * len(full_plan.shards)
+        kept = {s.name for s in plan.shards}
+        for i, s in enumerate(full_plan.shards):
+            needs[i] = s.name in kept
+        group_needs = [None] * world
+        dist.all_gather_object(group_needs, needs)
+        fetched = [s for i, s in enumerate(full_plan.shards) if any(n[i] for n in group_needs)]
+        plan = dataclasses.replace(full_plan, shards=tuple(fetched))
+        wanted = None if selection.everything else sorted(selection.names)
         sizes = [s.size for s in plan.shards]
         owners = byte_owners(sizes, world)
         pipeline = loader._pipeline(device)
         report = LoadReport(uri=plan.uri, device=device, framework=framework,
                             started_at=started_at, settings=dict(effective.values),
                             source="azure-blob" if container else "local",
-                            verification="crc32c" if manifest else "none",
+                            verification=algorithm if manifest else "none",
+                            tensor_selection=None if wanted is None else len(wanted),
                             _clock_start=clock_start)
         report.phases["artifact_fetch_start"] = 0.0
         report._session_offset = time.perf_counter() - clock_start
         session = pipeline.start_fed([s.name for s in plan.shards], sizes,
-                                     checksums=core_checksums(manifest, plan.shards),
-                                     fail_on_checksum_mismatch=effective.fail_if_checksum_mismatch)
+                                     checksums=core_checksums(manifest, plan.shards, algorithm),
+                                     fail_on_checksum_mismatch=effective.fail_if_checksum_mismatch,
+                                     wanted=wanted)
         checkpoint = Checkpoint(session, plan, convert, report, settings=effective,
-                                pipeline=pipeline)
+                                pipeline=pipeline, selection=selection)
         try:
             for index, ref in enumerate(plan.shards):
                 buffer = torch.empty(ref.size, dtype=torch.uint8)
@@ -180,10 +205,12 @@ def _feed(session: Any, index: int, view: memoryview, slot_bytes: int) -> None:
         landing.view[:] = view[have:header_end]
         status = session.commit(landing)
         pos = header_end
-    pos = max(pos, status["data_offset"])
-    while pos < size:
-        n = min(slot_bytes, size - pos)
-        landing = session.acquire(index, pos, n)
-        landing.view[:] = view[pos:pos + n]
-        session.commit(landing)
-        pos += n
+    start = max(pos, status["data_offset"])
+    for begin, end in session.needed_ranges(index):  # this rank's tensors' bytes only
+        pos = max(begin, start)
+        while pos < end:
+            n = min(slot_bytes, end - pos)
+            landing = session.acquire(index, pos, n)
+            landing.view[:] = view[pos:pos + n]
+            session.commit(landing)
+            pos += n

@@ -142,6 +142,10 @@ class InvalidArgument(Blob2GpuError, ValueError):
     """A caller error: an unknown device, framework or URI form."""
 
 
+class TensorNotFound(InvalidArgument):
+    """A tensor asked for by name (tensor_names=) is in no shard of the checkpoint."""
+
+
 class ShardCountMismatch(InvalidArgument):
     """The checkpoint has a different number of shards than model.shard_count says."""
 

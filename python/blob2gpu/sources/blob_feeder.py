@@ -227,7 +227,13 @@ class BlobFeeder:
             # The header is longer than the first range: fetch the rest of it, then the data.
             return [RangeTask(task.shard, status["header_have"], status["data_offset"], first=True)]
         if task.first:
-            return self._ranges(task.shard, max(task.end, status["data_offset"]), ref.size)
+            # The data this load needs (all of it, or a tensor selection's), past the first range.
+            start = max(task.end, status["data_offset"])
+            follow_ups = []
+            for begin, end in self._session.needed_ranges(task.shard):
+                if max(begin, start) < end:
+                    follow_ups += self._ranges(task.shard, max(begin, start), end)
+            return follow_ups
         return []
 
     # -- fetching ---------------------------------------------------------------------------------

@@ -1,0 +1,146 @@
+"""Tensor selections: load only some tensors of a checkpoint (a pipeline stage's layers, one rank's
+experts), reading only their bytes.
+
+A selection is `tensor_names=` (exact names) or `tensor_filter=` (a function of the name). With an
+index (model.safetensors.index.json) the names are known before any byte is read: a missing name
+fails at once and shards holding none of the wanted tensors are skipped whole. Without one, a
+filter needs each shard's header first (one small read per shard, its only extra round trip), and
+names given explicitly are checked once the headers have arrived.
+
+The core then reads only the wanted tensors' bytes (whole manifest chunks when the checkpoint is
+verified, so every byte read is checked) and its arenas hold only them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import _core
+from .errors import InvalidArgument, TensorNotFound
+from .sources import ShardPlan, ShardRef
+
+HEADER_PROBE_BYTES = 64 << 10  # first read of a header; a longer header costs one more read
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The tensors one load hands out; None names means 'every tensor'."""
+
+    names: frozenset[str] | None
+    requested: frozenset[str] = frozenset()  # given by name: each must exist
+
+    @property
+    def everything(self) -> bool:
+        return self.names is None
+
+
+EVERYTHING = Selection(None)
+
+
+def selection_from_arguments(
+    tensor_names: Iterable[str] | None, tensor_filter: Callable[[str], bool] | None
+) -> tuple[frozenset[str] | None, Callable[[str], bool] | None]:
+    """Checks the two arguments; returns (names, filter) with at most one set."""
+    if tensor_names is not None and tensor_filter is not None:
+        raise InvalidArgument("give tensor_names= or tensor_filter=, not both")
+    if tensor_filter is not None and not callable(tensor_filter):
+        raise InvalidArgument("tensor_filter must be a function of the tensor name -> bool")
+    if tensor_names is None:
+        return None, tensor_filter
+    if isinstance(tensor_names, (str, bytes)):
+        raise InvalidArgument("tensor_names takes a list of names, not one string")
+    names = frozenset(tensor_names)
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise InvalidArgument(f"tensor_names must be strings, got {bad[0]!r}")
+    return names, None
+
+
+def select(
+    plan: ShardPlan,
+    tensor_names: frozenset[str] | None,
+    tensor_filter: Callable[[str], bool] | None,
+    read_header: Callable[[ShardRef], dict[str, Any]],
+) -> tuple[ShardPlan, Selection]:
+    """The plan to load (shards without a wanted tensor dropped when the index says so) and the
+    selection. read_header(ref) returns a shard's parsed header (see _core.parse_header); it is
+    called only for a filter on a checkpoint without an index. Raises TensorNotFound for a name
+    the index does not know."""
+    if tensor_names is None and tensor_filter is None:
+        return plan, EVERYTHING
+    weight_map = plan.weight_map
+    if weight_map is None:
+        if tensor_names is not None:
+            return plan, Selection(tensor_names, requested=tensor_names)
+        names = {
+            t["name"]
+            for ref in plan.shards
+            for t in read_header(ref)["tensors"]
+            if tensor_filter(t["name"])  # type: ignore[misc]
+        }
+        return plan, Selection(frozenset(names))
+    if tensor_names is not None:
+        missing = sorted(tensor_names - weight_map.keys())
+        if missing:
+            raise TensorNotFound(
+                f"'{plan.uri}' has no tensor {', '.join(repr(n) for n in missing[:5])}"
+                + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+                + " (checked against its index)"
+            )
+        names = tensor_names
+    else:
+        names = frozenset(n for n in weight_map if tensor_filter(n))  # type: ignore[misc]
+    wanted_shards = {weight_map[n] for n in names}
+    shards = tuple(s for s in plan.shards if s.name in wanted_shards)
+    selection = Selection(names, requested=tensor_names or frozenset())
+    return dataclasses.replace(plan, shards=shards), selection
+
+
+def check_found(selection: Selection, loaded: Iterable[str], uri: str) -> None:
+    """Raises TensorNotFound for names asked for that no shard held."""
+    missing = sorted(selection.requested - set(loaded))
+    if missing:
+        raise TensorNotFound(
+            f"'{uri}' has no tensor {', '.join(repr(n) for n in missing[:5])}"
+            + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        )
+
+
+def read_local_header(ref: ShardRef) -> dict[str, Any]:
+    """The parsed header of a local shard (typed InvalidHeader errors as the core raises them)."""
+    with open(ref.path, "rb") as f:
+        head = f.read(HEADER_PROBE_BYTES)
+        if len(head) >= 8:
+            need = 8 + struct.unpack("<Q", head[:8])[0]
+            if len(head) < need <= ref.size:
+                head += f.read(need - len(head))
+    return _core.parse_header(head, ref.size, ref.name)
+
+
+def read_blob_header(container: Any, ref: ShardRef) -> dict[str, Any]:
+    """The parsed header of a blob shard: one ranged GET pinned to the listed etag, two when the
+    header is longer than HEADER_PROBE_BYTES."""
+    from azure.core import MatchConditions
+
+    blob = container.client.get_blob_client(ref.path)
+
+    def get(offset: int, length: int) -> bytes:
+        def once() -> bytes:
+            return blob.download_blob(
+                offset=offset,
+                length=length,
+                etag=ref.etag,
+                match_condition=MatchConditions.IfNotModified,
+            ).readall()
+
+        return container.retry.run(once, f"shard '{ref.name}' header", ref.path)
+
+    head = get(0, min(HEADER_PROBE_BYTES, ref.size)) if ref.size else b""
+    if len(head) >= 8:
+        need = 8 + struct.unpack("<Q", head[:8])[0]
+        if len(head) < need <= ref.size:
+            head += get(len(head), need - len(head))
+    return _core.parse_header(head, ref.size, ref.name)
