@@ -62,11 +62,20 @@ py::dict shard_stats_dict(const ShardStats& s) {
   d["header_bytes"] = s.header_bytes;
   d["data_bytes"] = s.data_bytes;
   d["tensors"] = s.tensors;
+  d["needed_bytes"] = s.needed_bytes;
   d["realigned_tensors"] = s.realigned_tensors;
   d["start_ns"] = s.start_ns;
   d["header_ns"] = s.header_ns;
   d["published_ns"] = s.published_ns;
   return d;
+}
+
+// None -> every tensor; an iterable of names -> those.
+std::shared_ptr<const std::unordered_set<std::string>> wanted_names(const py::object& wanted) {
+  if (wanted.is_none()) return nullptr;
+  auto names = std::make_shared<std::unordered_set<std::string>>();
+  for (const py::handle& name : wanted) names->insert(name.cast<std::string>());
+  return names;
 }
 
 py::dict session_stats_dict(const SessionStats& s) {
@@ -87,6 +96,7 @@ py::dict session_stats_dict(const SessionStats& s) {
   d["host_staging"] = s.host_staging;
   d["min_free_device_bytes"] = s.min_free_device_bytes;
   d["verified_bytes"] = s.verified_bytes;
+  d["direct_io_bytes"] = s.direct_io_bytes;
   d["checksum_failures"] = s.checksum_failures;
   py::list shards;
   for (const auto& shard : s.shards) shards.append(shard_stats_dict(shard));
@@ -208,7 +218,18 @@ void attach_checksums(std::vector<ShardSource>& shards, const py::object& checks
     uint64_t size = entry[0].cast<uint64_t>();
     if (shards[i].size == 0) shards[i].size = size;
     shards[i].crc_chunk_bytes = entry[1].cast<uint64_t>();
-    shards[i].crc32c = entry[2].cast<std::vector<uint32_t>>();
+    if (!entry[2].is_none()) shards[i].crc32c = entry[2].cast<std::vector<uint32_t>>();
+    if (entry.size() > 3 && !entry[3].is_none()) {
+      for (const py::handle& digest : entry[3]) {
+        std::string raw = digest.cast<std::string>();
+        if (raw.size() != 32) {
+          throw CoreError(ErrorKind::InvalidArgument, "a SHA-256 chunk digest must be 32 bytes");
+        }
+        std::array<uint8_t, 32> d{};
+        std::memcpy(d.data(), raw.data(), 32);
+        shards[i].sha256.push_back(d);
+      }
+    }
   }
 }
 
@@ -463,6 +484,9 @@ PYBIND11_MODULE(_core, m) {
            },
            py::arg("kind"), py::arg("message"),
            "Fail the load with a core error kind; next_shard() raises it.")
+      .def("needed_ranges", &LoadSession::needed_ranges, py::arg("shard"),
+           "[(begin, end)] file byte ranges of the shard's data that this load reads (all of it, "
+           "or a tensor selection's), once commit() reported its header ready.")
       .def("stats", [](const LoadSession& s) { return session_stats_dict(s.stats()); });
 
   py::class_<LoadPipeline, std::shared_ptr<LoadPipeline>>(m, "LoadPipeline")
@@ -483,15 +507,17 @@ PYBIND11_MODULE(_core, m) {
           "start_local",
           [](LoadPipeline& p, const std::vector<std::string>& paths,
              const std::vector<std::string>& names, bool mmap, bool host_staging,
-             const py::object& checksums, bool fail_on_checksum_mismatch) {
+             const py::object& checksums, bool fail_on_checksum_mismatch,
+             const py::object& wanted) {
             if (paths.size() != names.size()) {
               throw CoreError(ErrorKind::InvalidArgument, "paths and names differ in length");
             }
             std::vector<ShardSource> shards;
             for (size_t i = 0; i < paths.size(); ++i) shards.push_back({paths[i], names[i]});
             attach_checksums(shards, checksums);
-            py::gil_scoped_release release;
             SessionOptions options;
+            options.wanted = wanted_names(wanted);
+            py::gil_scoped_release release;
             options.mmap = mmap;
             options.host_staging = host_staging;
             options.fail_on_checksum_mismatch = fail_on_checksum_mismatch;
@@ -499,13 +525,18 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("paths"), py::arg("names"), py::arg("mmap") = false,
           py::arg("host_staging") = false, py::arg("checksums") = py::none(),
-          py::arg("fail_on_checksum_mismatch") = true,
-          "checksums: None, or per shard None or (file size, chunk bytes, [CRC32C per chunk]).")
+          py::arg("fail_on_checksum_mismatch") = true, py::arg("wanted") = py::none(),
+          "checksums: None, or per shard None or (file size, chunk bytes, [CRC32C per chunk] or "
+          "None[, [32-byte SHA-256 digest per chunk]]): with digests, chunks are checked by "
+          "SHA-256. "
+          "wanted: None (every tensor) or the names of the tensors to load (only their bytes "
+          "are read).")
       .def(
           "start_fed",
           [](LoadPipeline& p, const std::vector<std::string>& names,
              const std::vector<uint64_t>& sizes, bool host_staging, const py::object& checksums,
-             bool fail_on_checksum_mismatch, const py::object& paths) {
+             bool fail_on_checksum_mismatch, const py::object& paths, const py::object& wanted,
+             const py::object& content_md5, bool direct_io) {
             if (names.size() != sizes.size()) {
               throw CoreError(ErrorKind::InvalidArgument, "names and sizes differ in length");
             }
@@ -519,16 +550,37 @@ PYBIND11_MODULE(_core, m) {
               shards.push_back({local.empty() ? std::string() : local[i], names[i], sizes[i]});
             }
             attach_checksums(shards, checksums);
-            py::gil_scoped_release release;
+            if (!content_md5.is_none()) {
+              auto digests = content_md5.cast<py::list>();
+              if (digests.size() != shards.size()) {
+                throw CoreError(ErrorKind::InvalidArgument,
+                                "content_md5 must have one entry per shard");
+              }
+              for (size_t i = 0; i < shards.size(); ++i) {
+                if (digests[i].is_none()) continue;
+                std::string raw = digests[i].cast<std::string>();
+                if (raw.size() != Md5::kDigestBytes) {
+                  throw CoreError(ErrorKind::InvalidArgument, "a Content-MD5 must be 16 bytes");
+                }
+                shards[i].content_md5.assign(raw.begin(), raw.end());
+              }
+            }
             SessionOptions options;
+            options.wanted = wanted_names(wanted);
+            py::gil_scoped_release release;
             options.host_staging = host_staging;
             options.fail_on_checksum_mismatch = fail_on_checksum_mismatch;
+            options.direct_io = direct_io;
             return p.start_fed(std::move(shards), options);
           },
           py::arg("names"), py::arg("sizes"), py::arg("host_staging") = false,
           py::arg("checksums") = py::none(), py::arg("fail_on_checksum_mismatch") = true,
-          py::arg("paths") = py::none(),
-          "Start a load whose byte ranges the caller fetches into landings (acquire/commit); "
+          py::arg("paths") = py::none(), py::arg("wanted") = py::none(),
+          py::arg("content_md5") = py::none(), py::arg("direct_io") = false,
+          "direct_io: read the local files (cache hits) with O_DIRECT into staging slots where "
+          "the filesystem allows it. "
+          "content_md5: None, or per shard None or the blob's 16-byte Content-MD5 (checked over "
+          "the whole blob, in order, when no manifest checks it). Start a load whose byte ranges the caller fetches into landings (acquire/commit); "
           "paths: per shard a local file the io threads read instead (a cache hit), or ''.")
       .def("close", &LoadPipeline::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("device", &LoadPipeline::device)

@@ -8,6 +8,7 @@
 #include "checksum.hpp"
 
 namespace py = pybind11;
+using blob2gpu::Md5;
 using blob2gpu::Sha256;
 
 namespace {
@@ -108,6 +109,20 @@ void register_checksum_bindings(py::module_& m) {
         "True when crc32c() runs on CRC instructions (SSE4.2, ARMv8 CRC).");
   m.def("sha256_hardware", &blob2gpu::sha256_hardware_available,
         "True when Sha256 runs on SHA instructions (SHA-NI) unless built with portable=True.");
+
+  m.def(
+      "md5",
+      [](py::handle data) {
+        BufferView view(data);
+        Md5 md5;
+        {
+          py::gil_scoped_release release;
+          md5.update(view.data(), view.size());
+        }
+        const Md5::Digest d = md5.finish();
+        return py::bytes(reinterpret_cast<const char*>(d.data()), d.size());
+      },
+      py::arg("data"), "The 16-byte MD5 of a buffer (the core's, as Content-MD5 checks use it).");
 
   py::class_<PySha256>(m, "Sha256",
                        "Incremental SHA-256 over buffers, like hashlib.sha256; update() reads "

@@ -1,6 +1,7 @@
 #include "checksum.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <utility>
 
@@ -521,6 +522,118 @@ std::string Sha256::hex() const {
     out[2 * i + 1] = kHex[digest[i] & 0xF];
   }
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// MD5 (RFC 1321)
+
+namespace {
+
+struct Md5Tables {
+  uint32_t k[64];
+  Md5Tables() {
+    // k[i] = floor(|sin(i + 1)| * 2^32), as RFC 1321 section 3.4 defines the table.
+    for (int i = 0; i < 64; ++i) {
+      k[i] = static_cast<uint32_t>(std::floor(std::fabs(std::sin(i + 1.0)) * 4294967296.0));
+    }
+  }
+};
+
+const Md5Tables& md5_tables() {
+  static const Md5Tables tables;
+  return tables;
+}
+
+constexpr int kMd5Shift[64] = {7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22,
+                               5, 9,  14, 20, 5, 9,  14, 20, 5, 9,  14, 20, 5, 9,  14, 20,
+                               4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23,
+                               6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21};
+
+inline uint32_t rotl32(uint32_t x, int n) { return (x << n) | (x >> (32 - n)); }
+
+void md5_compress(uint32_t* state, const uint8_t* blocks, size_t n_blocks) {
+  const uint32_t* k = md5_tables().k;
+  for (; n_blocks > 0; --n_blocks, blocks += 64) {
+    uint32_t m[16];
+    for (int i = 0; i < 16; ++i) {
+      const uint8_t* p = blocks + 4 * i;
+      m[i] = uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
+    }
+    uint32_t a = state[0], b = state[1], c = state[2], d = state[3];
+    for (int i = 0; i < 64; ++i) {
+      uint32_t f;
+      int g;
+      if (i < 16) {
+        f = (b & c) | (~b & d);
+        g = i;
+      } else if (i < 32) {
+        f = (d & b) | (~d & c);
+        g = (5 * i + 1) % 16;
+      } else if (i < 48) {
+        f = b ^ c ^ d;
+        g = (3 * i + 5) % 16;
+      } else {
+        f = c ^ (b | ~d);
+        g = (7 * i) % 16;
+      }
+      f += a + k[i] + m[g];
+      a = d;
+      d = c;
+      c = b;
+      b += rotl32(f, kMd5Shift[i]);
+    }
+    state[0] += a;
+    state[1] += b;
+    state[2] += c;
+    state[3] += d;
+  }
+}
+
+}  // namespace
+
+Md5::Md5() : state_{0x67452301u, 0xefcdab89u, 0x98badcfeu, 0x10325476u} {}
+
+void Md5::update(const void* data, size_t n) {
+  if (n == 0) return;
+  auto p = static_cast<const uint8_t*>(data);
+  total_bytes_ += n;
+  if (pending_bytes_ > 0) {
+    const size_t take = std::min(n, size_t{64} - pending_bytes_);
+    std::memcpy(pending_.data() + pending_bytes_, p, take);
+    pending_bytes_ += take;
+    p += take;
+    n -= take;
+    if (pending_bytes_ < 64) return;
+    md5_compress(state_.data(), pending_.data(), 1);
+    pending_bytes_ = 0;
+  }
+  const size_t whole = n / 64;
+  if (whole > 0) {
+    md5_compress(state_.data(), p, whole);
+    p += whole * 64;
+    n -= whole * 64;
+  }
+  if (n > 0) {
+    std::memcpy(pending_.data(), p, n);
+    pending_bytes_ = n;
+  }
+}
+
+Md5::Digest Md5::finish() const {
+  // A 1 bit, zeros up to 56 mod 64 bytes, then the length in bits, little-endian.
+  uint8_t tail[128] = {};
+  std::memcpy(tail, pending_.data(), pending_bytes_);
+  tail[pending_bytes_] = 0x80;
+  const size_t tail_bytes = pending_bytes_ + 1 + 8 <= 64 ? 64 : 128;
+  const uint64_t bits = total_bytes_ * 8;
+  for (int i = 0; i < 8; ++i) tail[tail_bytes - 8 + i] = static_cast<uint8_t>(bits >> (8 * i));
+  std::array<uint32_t, 4> state = state_;
+  md5_compress(state.data(), tail, tail_bytes / 64);
+  Digest digest;
+  for (int i = 0; i < 4; ++i) {
+    for (int j = 0; j < 4; ++j) digest[4 * i + j] = static_cast<uint8_t>(state[i] >> (8 * j));
+  }
+  return digest;
 }
 
 }  // namespace blob2gpu

@@ -56,4 +56,20 @@ class Sha256 {
   uint64_t total_bytes_ = 0;
 };
 
+// MD5 (RFC 1321), for Azure Blob's Content-MD5 property only: not a security check.
+class Md5 {
+ public:
+  static constexpr size_t kDigestBytes = 16;
+  using Digest = std::array<uint8_t, kDigestBytes>;
+  Md5();
+  void update(const void* data, size_t n);
+  Digest finish() const;
+
+ private:
+  std::array<uint32_t, 4> state_;
+  std::array<uint8_t, 64> pending_;
+  size_t pending_bytes_ = 0;
+  uint64_t total_bytes_ = 0;
+};
+
 }  // namespace blob2gpu

@@ -2,32 +2,66 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 
 #include "checksum.hpp"
 #include "errors.hpp"
 
 namespace blob2gpu {
 
+namespace {
+
+std::string hex_crc(uint32_t crc) {
+  char text[16];
+  std::snprintf(text, sizeof(text), "0x%08x", crc);
+  return text;
+}
+
+std::string hex_digest(const ChunkVerifier::Digest& d) {
+  static const char* digits = "0123456789abcdef";
+  std::string out;
+  for (uint8_t b : d) {
+    out += digits[b >> 4];
+    out += digits[b & 15];
+  }
+  return out;
+}
+
+}  // namespace
+
 ChunkVerifier::ChunkVerifier(std::string shard, uint64_t file_size, uint64_t chunk_bytes,
-                             std::vector<uint32_t> expected)
+                             std::vector<uint32_t> expected_crc, std::vector<Digest> expected_sha)
     : shard_(std::move(shard)),
       file_size_(file_size),
       chunk_bytes_(chunk_bytes),
-      expected_(std::move(expected)) {
+      expected_(std::move(expected_crc)),
+      expected_sha_(std::move(expected_sha)) {
   const uint64_t chunks = chunk_bytes_ ? (file_size_ + chunk_bytes_ - 1) / chunk_bytes_ : 0;
-  if (chunk_bytes_ == 0 || chunks != expected_.size()) {
+  const size_t listed = sha256() ? expected_sha_.size() : expected_.size();
+  if (chunk_bytes_ == 0 || chunks != listed) {
     throw CoreError(ErrorKind::InvalidArgument,
-                    "shard '" + shard_ + "': the manifest lists " +
-                        std::to_string(expected_.size()) + " chunk checksums but " +
-                        std::to_string(file_size_) + " bytes in chunks of " +
-                        std::to_string(chunk_bytes_) + " need " + std::to_string(chunks));
+                    "shard '" + shard_ + "': the manifest lists " + std::to_string(listed) +
+                        " chunk checksums but " + std::to_string(file_size_) +
+                        " bytes in chunks of " + std::to_string(chunk_bytes_) + " need " +
+                        std::to_string(chunks));
   }
-  pieces_.resize(chunks);
+  if (sha256()) {
+    buffers_.resize(chunks);
+  } else {
+    pieces_.resize(chunks);
+  }
   covered_.assign(chunks, 0);
 }
 
+ChunkVerifier::~ChunkVerifier() = default;
+
 std::vector<ChecksumFailure> ChunkVerifier::add(uint64_t file_offset, const uint8_t* data,
                                                 size_t n) {
+  return sha256() ? add_sha(file_offset, data, n) : add_crc(file_offset, data, n);
+}
+
+std::vector<ChecksumFailure> ChunkVerifier::add_crc(uint64_t file_offset, const uint8_t* data,
+                                                    size_t n) {
   std::vector<ChecksumFailure> failures;
   uint64_t pos = file_offset;
   const uint64_t end = file_offset + n;
@@ -50,7 +84,7 @@ std::vector<ChecksumFailure> ChunkVerifier::add(uint64_t file_offset, const uint
         whole = crc32c_combine(whole, pieces[i].crc, pieces[i].length);
       }
       if (whole != expected_[chunk]) {
-        failures.push_back({chunk_begin, chunk_end, expected_[chunk], whole});
+        failures.push_back({chunk_begin, chunk_end, hex_crc(expected_[chunk]), hex_crc(whole)});
       }
       std::vector<Piece>().swap(pieces);
       ++chunks_done_;
@@ -60,16 +94,63 @@ std::vector<ChecksumFailure> ChunkVerifier::add(uint64_t file_offset, const uint
   return failures;
 }
 
+void ChunkVerifier::check_sha(uint64_t chunk, const uint8_t* bytes, size_t n,
+                              std::vector<ChecksumFailure>& failures) const {
+  Sha256 sha;
+  sha.update(bytes, n);
+  const Digest actual = sha.finish();
+  if (actual != expected_sha_[chunk]) {
+    const uint64_t begin = chunk * chunk_bytes_;
+    failures.push_back(
+        {begin, begin + n, hex_digest(expected_sha_[chunk]), hex_digest(actual)});
+  }
+}
+
+std::vector<ChecksumFailure> ChunkVerifier::add_sha(uint64_t file_offset, const uint8_t* data,
+                                                    size_t n) {
+  std::vector<ChecksumFailure> failures;
+  uint64_t pos = file_offset;
+  const uint64_t end = file_offset + n;
+  while (pos < end) {
+    const uint64_t chunk = pos / chunk_bytes_;
+    const uint64_t chunk_begin = chunk * chunk_bytes_;
+    const uint64_t chunk_end = std::min(file_size_, chunk_begin + chunk_bytes_);
+    const uint64_t piece_end = std::min(end, chunk_end);
+    const uint8_t* piece = data + (pos - file_offset);
+    if (pos == chunk_begin && piece_end == chunk_end) {
+      check_sha(chunk, piece, chunk_end - chunk_begin, failures);  // whole: hashed in place
+      std::lock_guard<std::mutex> lock(mutex_);
+      covered_[chunk] = chunk_end - chunk_begin;
+      ++chunks_done_;
+    } else {
+      std::unique_ptr<uint8_t[]> whole;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        auto& buffer = buffers_[chunk];
+        if (!buffer) buffer.reset(new uint8_t[chunk_end - chunk_begin]);
+        std::memcpy(buffer.get() + (pos - chunk_begin), piece, piece_end - pos);
+        covered_[chunk] += piece_end - pos;
+        if (covered_[chunk] == chunk_end - chunk_begin) {
+          whole = std::move(buffer);
+          ++chunks_done_;
+        }
+      }
+      if (whole) check_sha(chunk, whole.get(), chunk_end - chunk_begin, failures);
+    }
+    pos = piece_end;
+  }
+  return failures;
+}
+
 bool ChunkVerifier::complete() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return chunks_done_ == expected_.size();
+  return chunks_done_ == covered_.size();
 }
 
 std::string ChunkVerifier::describe(const ChecksumFailure& f) const {
-  char crcs[64];
-  std::snprintf(crcs, sizeof(crcs), "0x%08x but the manifest says 0x%08x", f.actual, f.expected);
   return "shard '" + shard_ + "': bytes [" + std::to_string(f.begin) + ", " +
-         std::to_string(f.end) + ") have CRC32C " + crcs +
+         std::to_string(f.end) + ") have " + (sha256() ? "SHA-256 " : "CRC32C ") + f.actual +
+         " but the manifest says " + f.expected +
          " (corrupted in storage, on the wire or in the cache); nothing from this load was kept";
 }
 

@@ -1,11 +1,17 @@
 // ChunkVerifier: checks a shard's bytes against its manifest as they land, in any order and any
-// range size. Each landed range contributes CRC32C pieces to the fixed-size manifest chunks it
-// overlaps; when a chunk's pieces cover it, they are combined (crc32c_combine) and compared, so a
-// corrupted byte is caught before its slot is copied to the device.
+// range size, chunk by fixed-size chunk, with one of two algorithms:
+//  - CRC32C: each landed range contributes CRC pieces to the chunks it overlaps; when a chunk's
+//    pieces cover it they are combined (crc32c_combine) and compared. No byte is kept.
+//  - SHA-256 (verify='sha256'): a chunk inside one landed range is hashed in place; the parts of
+//    a chunk split across ranges are copied into a chunk buffer, hashed once it is whole, and the
+//    buffer freed. Only chunks cut by range boundaries are copied.
+// Either way a corrupted byte is caught before its slot is copied to the device.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -15,15 +21,19 @@ namespace blob2gpu {
 struct ChecksumFailure {
   uint64_t begin = 0;  // file offsets of the chunk
   uint64_t end = 0;
-  uint32_t expected = 0;
-  uint32_t actual = 0;
+  std::string expected;  // printable: 0x%08x for CRC32C, 64 hex digits for SHA-256
+  std::string actual;
 };
 
 class ChunkVerifier {
  public:
-  // expected[k] is the CRC32C of file bytes [k * chunk_bytes, min((k + 1) * chunk_bytes, size)).
+  using Digest = std::array<uint8_t, 32>;
+  // CRC32C: expected_crc[k] is the CRC32C of file bytes [k * chunk_bytes, min((k + 1) *
+  // chunk_bytes, size)). SHA-256 when expected_sha is given (one digest per chunk; the CRCs are
+  // then not needed).
   ChunkVerifier(std::string shard, uint64_t file_size, uint64_t chunk_bytes,
-                std::vector<uint32_t> expected);
+                std::vector<uint32_t> expected_crc, std::vector<Digest> expected_sha = {});
+  ~ChunkVerifier();
 
   // Accounts for file bytes [file_offset, file_offset + n) at `data`. Returns the failures of the
   // chunks this range completed (empty when they matched). Thread-safe.
@@ -31,6 +41,8 @@ class ChunkVerifier {
   // Every chunk was covered and compared.
   bool complete() const;
   const std::string& shard() const { return shard_; }
+  uint64_t chunk_bytes() const { return chunk_bytes_; }
+  bool sha256() const { return !expected_sha_.empty(); }
   // "shard 'x': bytes [a, b) have CRC32C 0x.. but the manifest says 0x.."
   std::string describe(const ChecksumFailure& f) const;
 
@@ -40,13 +52,20 @@ class ChunkVerifier {
     uint64_t length;
     uint32_t crc;
   };
+  std::vector<ChecksumFailure> add_crc(uint64_t file_offset, const uint8_t* data, size_t n);
+  std::vector<ChecksumFailure> add_sha(uint64_t file_offset, const uint8_t* data, size_t n);
+  void check_sha(uint64_t chunk, const uint8_t* bytes, size_t n,
+                 std::vector<ChecksumFailure>& failures) const;
+
   std::string shard_;
   uint64_t file_size_;
   uint64_t chunk_bytes_;
   std::vector<uint32_t> expected_;
+  std::vector<Digest> expected_sha_;
   mutable std::mutex mutex_;
-  std::vector<std::vector<Piece>> pieces_;  // per chunk, until it is complete
-  std::vector<uint64_t> covered_;           // bytes seen per chunk
+  std::vector<std::vector<Piece>> pieces_;            // CRC: per chunk, until it is complete
+  std::vector<std::unique_ptr<uint8_t[]>> buffers_;   // SHA-256: split chunks being assembled
+  std::vector<uint64_t> covered_;                     // bytes seen per chunk
   size_t chunks_done_ = 0;
 };
 

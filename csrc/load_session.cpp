@@ -137,15 +137,21 @@ LoadSession::LoadSession(std::shared_ptr<LoadPipeline> pipeline, std::vector<Sha
       fed_(options.fed),
       host_staging_(options.host_staging),
       fail_on_checksum_mismatch_(options.fail_on_checksum_mismatch),
+      direct_io_(options.direct_io),
+      wanted_(std::move(options.wanted)),
       start_(std::chrono::steady_clock::now()) {
   for (auto& source : shards) {
     auto shard = std::make_unique<Shard>();
     shard->stats.name = source.name;
     shard->stats.file_bytes = source.size;
     shard->file_size = source.size;
-    if (!source.crc32c.empty()) {
-      shard->verifier = std::make_unique<ChunkVerifier>(source.name, source.size,
-                                                        source.crc_chunk_bytes, source.crc32c);
+    if (!source.crc32c.empty() || !source.sha256.empty()) {
+      shard->verifier = std::make_unique<ChunkVerifier>(
+          source.name, source.size, source.crc_chunk_bytes, source.crc32c, source.sha256);
+    } else if (source.path.empty() && source.content_md5.size() == Md5::kDigestBytes && !wanted_) {
+      Md5::Digest expected;
+      std::copy(source.content_md5.begin(), source.content_md5.end(), expected.begin());
+      shard->md5 = std::make_unique<ContentMd5Verifier>(source.name, source.size, expected);
     }
     shard->source = std::move(source);
     shards_.push_back(std::move(shard));
@@ -231,17 +237,89 @@ void LoadSession::run_header(size_t index) {
   prepare_shard(index, json.data(), json.size(), file_size, st);
   const ShardHeader& h = shard.header;
 
-  if (mmap_ || h.data_bytes == 0) {
-    if (mmap_) bytes_read_ += h.data_bytes;  // mapped: the consumer's first touch reads it
-    if (mmap_ && shard.verifier) verify(shard, h.data_offset, shard.arena->host_data(), h.data_bytes);
+  if (mmap_ || shard.needed_bytes == 0) {
+    if (mmap_) bytes_read_ += shard.needed_bytes;  // mapped: the consumer's first touch reads it
+    if (mmap_ && shard.verifier) {
+      for (const Span& span : shard.spans) {
+        verify(shard, h.data_offset + span.begin, shard.arena->host_data() + span.begin,
+               span.end - span.begin);
+      }
+    }
     finish_shard(index);
     return;
   }
-  const uint64_t chunk = pipeline_->settings_.staging_slot_bytes;
-  for (uint64_t begin = 0; begin < h.data_bytes; begin += chunk) {
-    uint64_t end = std::min(h.data_bytes, begin + chunk);
-    post([this, index, begin, end] { run_chunk(index, begin, end); }, /*urgent=*/true);
+  uint64_t chunk = pipeline_->settings_.staging_slot_bytes;
+  constexpr uint64_t kAlign = ShardFile::kDirectAlign;
+  if (direct_io_ && !lands_on_host() && chunk >= 4 * kAlign && shard.file->open_direct()) {
+    chunk -= 2 * kAlign;  // room to widen each read to aligned ends
   }
+  for (const Span& span : shard.spans) {
+    for (uint64_t begin = span.begin; begin < span.end; begin += chunk) {
+      uint64_t end = std::min(span.end, begin + chunk);
+      post([this, index, begin, end] { run_chunk(index, begin, end); }, /*urgent=*/true);
+    }
+  }
+}
+
+void LoadSession::plan_spans(Shard& shard) const {
+  const ShardHeader& h = shard.header;
+  shard.selected.clear();
+  for (size_t t = 0; t < h.tensors.size(); ++t) {
+    if (!wanted_ || wanted_->count(h.tensors[t].name) != 0) shard.selected.push_back(t);
+  }
+  std::vector<Span> ranges;
+  if (!wanted_) {
+    if (h.data_bytes > 0) ranges.push_back({0, h.data_bytes, 0});
+  } else {
+    // A verified shard is read in whole manifest chunks, so no byte reaches the target unchecked.
+    const uint64_t grid = shard.verifier ? shard.verifier->chunk_bytes() : 0;
+    for (size_t t : shard.selected) {
+      const TensorEntry& e = h.tensors[t];
+      if (e.end == e.begin) continue;
+      uint64_t lo = e.begin, hi = e.end;
+      if (grid > 0) {
+        const uint64_t file_lo = (h.data_offset + lo) / grid * grid;
+        const uint64_t file_hi = (h.data_offset + hi + grid - 1) / grid * grid;
+        lo = file_lo > h.data_offset ? file_lo - h.data_offset : 0;
+        hi = std::min(file_hi - h.data_offset, h.data_bytes);
+      }
+      ranges.push_back({lo, hi, 0});
+    }
+    std::sort(ranges.begin(), ranges.end(),
+              [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  }
+  shard.spans.clear();
+  for (const Span& r : ranges) {
+    if (!shard.spans.empty() && r.begin <= shard.spans.back().end) {
+      shard.spans.back().end = std::max(shard.spans.back().end, r.end);
+    } else {
+      shard.spans.push_back(r);
+    }
+  }
+  constexpr uint64_t kAlign = 256;
+  uint64_t cursor = 0;
+  shard.needed_bytes = 0;
+  for (Span& span : shard.spans) {
+    span.arena_offset =
+        mmap_ ? span.begin : (cursor + kAlign - 1) / kAlign * kAlign + span.begin % kAlign;
+    cursor = span.arena_offset + (span.end - span.begin);
+    shard.needed_bytes += span.end - span.begin;
+  }
+  shard.arena_bytes = mmap_ ? h.data_bytes : cursor;
+  shard.tensor_offset.assign(h.tensors.size(), 0);
+  for (size_t t : shard.selected) {
+    const TensorEntry& e = h.tensors[t];
+    const Span* span = span_at(shard, e.begin);
+    if (span != nullptr) shard.tensor_offset[t] = span->arena_offset + (e.begin - span->begin);
+  }
+}
+
+const LoadSession::Span* LoadSession::span_at(const Shard& shard, uint64_t pos) {
+  auto it = std::upper_bound(shard.spans.begin(), shard.spans.end(), pos,
+                             [](uint64_t p, const Span& s) { return p < s.begin; });
+  if (it == shard.spans.begin()) return nullptr;
+  --it;
+  return pos < it->end ? &*it : nullptr;
 }
 
 void LoadSession::prepare_shard(size_t index, const uint8_t* json, size_t json_len,
@@ -254,23 +332,27 @@ void LoadSession::prepare_shard(size_t index, const uint8_t* json, size_t json_l
   st.file_bytes = file_size;
   st.header_bytes = h.header_bytes;
   st.data_bytes = h.data_bytes;
-  st.tensors = h.tensors.size();
+  plan_spans(shard);
+  st.tensors = shard.selected.size();
+  st.needed_bytes = shard.needed_bytes;
 
   const auto& ctx = pipeline_->ctx_;
   const std::string arena_label = "shard '" + label + "'";
   if (ctx) {
-    shard.arena = DeviceArena::on_device(ctx, h.data_bytes, arena_label);
+    shard.arena = DeviceArena::on_device(ctx, shard.arena_bytes, arena_label);
     if (host_staging_) {
-      shard.staging = DeviceArena::on_host(h.data_bytes, arena_label + " (host staging)");
+      shard.staging = DeviceArena::on_host(shard.arena_bytes, arena_label + " (host staging)");
     }
   } else if (mmap_) {
     shard.arena = DeviceArena::map_file(shard.file->fd(), file_size, h.data_offset, arena_label);
   } else {
-    shard.arena = DeviceArena::on_host(h.data_bytes, arena_label);
+    shard.arena = DeviceArena::on_host(shard.arena_bytes, arena_label);
   }
-  for (size_t t = 0; t < h.tensors.size(); ++t) {
+  for (size_t t : shard.selected) {
     const TensorEntry& e = h.tensors[t];
-    if ((shard.arena->address() + e.begin) % element_alignment(e.dtype) == 0) continue;
+    if ((shard.arena->address() + shard.tensor_offset[t]) % element_alignment(e.dtype) == 0) {
+      continue;
+    }
     const std::string tensor_label = arena_label + " tensor '" + e.name + "' (realigned)";
     shard.realigned.push_back(
         {t, ctx ? DeviceArena::on_device(ctx, e.end - e.begin, tensor_label)
@@ -297,9 +379,24 @@ void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64
                         std::to_string(end) + ") fall outside its data region of " +
                         std::to_string(h.data_bytes) + " bytes");
   }
+  // The parts of the range this load needs (all of it without a tensor selection).
+  std::vector<CopyRange> parts;
+  uint64_t landed = 0;
+  auto it = std::upper_bound(shard.spans.begin(), shard.spans.end(), begin,
+                             [](uint64_t p, const Span& s) { return p < s.begin; });
+  if (it != shard.spans.begin()) --it;
+  for (; it != shard.spans.end() && it->begin < end; ++it) {
+    const uint64_t lo = std::max(it->begin, begin), hi = std::min(it->end, end);
+    if (lo >= hi) continue;
+    parts.push_back({it->arena_offset + (lo - it->begin), slot_offset + (lo - begin), hi - lo});
+    landed += hi - lo;
+  }
   if (!lands_on_host()) {
     try {
-      std::vector<CopyRange> copies{{shard.arena->address() + begin, slot_offset, bytes}};
+      std::vector<CopyRange> copies;
+      for (const CopyRange& p : parts) {
+        copies.push_back({shard.arena->address() + p.dst, p.src_offset, p.bytes});
+      }
       for (const Realigned& r : shard.realigned) {
         const TensorEntry& e = h.tensors[r.tensor];
         uint64_t lo = std::max(e.begin, begin), hi = std::min(e.end, end);
@@ -308,16 +405,24 @@ void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64
               {r.arena->address() + (lo - e.begin), slot_offset + (lo - begin), hi - lo});
         }
       }
-      pipeline_->engine_->submit(slot, copies);
+      if (copies.empty()) {
+        pipeline_->ring_->release(slot);
+      } else {
+        pipeline_->engine_->submit(slot, copies);
+      }
     } catch (...) {
       pipeline_->ring_->release(slot);
       throw;
     }
   } else if (slot != nullptr) {
-    std::memcpy(host_destination(shard) + begin, slot->data() + slot_offset, bytes);
+    for (const CopyRange& p : parts) {
+      std::memcpy(host_destination(shard) + p.dst, slot->data() + p.src_offset, p.bytes);
+    }
     pipeline_->ring_->release(slot);
   }
-  if (shard.bytes_landed.fetch_add(bytes) + bytes == h.data_bytes) finish_shard(index);
+  if (landed > 0 && shard.bytes_landed.fetch_add(landed) + landed == shard.needed_bytes) {
+    finish_shard(index);
+  }
 }
 
 void LoadSession::run_chunk(size_t index, uint64_t begin, uint64_t end) {
@@ -325,20 +430,23 @@ void LoadSession::run_chunk(size_t index, uint64_t begin, uint64_t end) {
   const ShardHeader& h = shard.header;
   const uint64_t bytes = end - begin;
   Slot* slot = nullptr;
+  size_t slot_offset = 0;
   if (lands_on_host()) {
-    read_and_verify(shard, host_destination(shard) + begin, h.data_offset + begin, bytes);
+    const Span* span = span_at(shard, begin);  // run_chunk ranges lie within one span
+    read_and_verify(shard, host_destination(shard) + span->arena_offset + (begin - span->begin),
+                    h.data_offset + begin, bytes);
   } else {
     slot = pipeline_->ring_->acquire(&cancelled_);
     if (slot == nullptr) return;  // cancelled
     try {
-      read_and_verify(shard, slot->data(), h.data_offset + begin, bytes);
+      slot_offset = read_into_slot(shard, slot, h.data_offset + begin, bytes);
     } catch (...) {
       pipeline_->ring_->release(slot);
       throw;
     }
   }
   bytes_read_ += bytes;
-  land_data(index, slot, 0, begin, bytes);
+  land_data(index, slot, slot_offset, begin, bytes);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -380,9 +488,14 @@ std::optional<Landing> LoadSession::acquire(size_t index, uint64_t file_offset, 
                                                     "': header bytes requested twice");
   }
   if (lands_on_host() && shard.header_ready) {
-    // cpu target (or host staging): the socket writes straight into host memory.
-    landing.data = host_destination(shard) + (file_offset - shard.header.data_offset);
-    return landing;
+    // cpu target (or host staging): the socket writes straight into host memory when the range
+    // lies within what this load keeps; other ranges go through a slot.
+    const uint64_t begin = file_offset - shard.header.data_offset;
+    const Span* span = span_at(shard, begin);
+    if (span != nullptr && begin + bytes <= span->end) {
+      landing.data = host_destination(shard) + span->arena_offset + (begin - span->begin);
+      return landing;
+    }
   }
   if (bytes > pipeline_->settings_.staging_slot_bytes) {
     throw CoreError(ErrorKind::InvalidArgument,
@@ -418,14 +531,26 @@ FeedStatus LoadSession::commit_landing(Landing& landing) {
   const std::string& label = shard.source.name;
   Slot* slot = landing.slot;
   landing.slot = nullptr;
+  // Written straight into the arena (not a slot, not the rest of a long header): stays there.
+  const bool in_arena = slot == nullptr && shard.header_ready;
   bytes_read_ += landing.capacity;
-  if (shard.verifier) {
-    try {
-      verify(shard, landing.file_offset, landing.data, landing.capacity);
-    } catch (...) {
-      if (slot) pipeline_->ring_->release(slot);
-      throw;
+  try {
+    if (shard.verifier) verify(shard, landing.file_offset, landing.data, landing.capacity);
+    if (shard.md5) {
+      auto mismatch =
+          shard.md5->add(landing.file_offset, landing.data, landing.capacity, in_arena);
+      verified_bytes_ += landing.capacity;
+      if (mismatch && fail_on_checksum_mismatch_) {
+        throw CoreError(ErrorKind::ChecksumMismatch, *mismatch);
+      }
+      if (mismatch) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        checksum_failures_.push_back(*mismatch);
+      }
     }
+  } catch (...) {
+    if (slot) pipeline_->ring_->release(slot);
+    throw;
   }
   if (!shard.header_ready) {
     if (landing.file_offset == 0) {
@@ -455,7 +580,7 @@ FeedStatus LoadSession::commit_landing(Landing& landing) {
         throw;
       }
       const uint64_t data_in_first = landing.capacity - data_offset;
-      if (shard.header.data_bytes == 0) {
+      if (shard.needed_bytes == 0) {
         if (slot) pipeline_->ring_->release(slot);
         finish_shard(landing.shard);
       } else if (data_in_first > 0) {
@@ -472,12 +597,31 @@ FeedStatus LoadSession::commit_landing(Landing& landing) {
     prepare_shard(landing.shard, shard.header_buf.data() + kHeaderLengthBytes,
                   shard.header_buf.size() - kHeaderLengthBytes, shard.file_size, st);
     std::vector<uint8_t>().swap(shard.header_buf);
-    if (shard.header.data_bytes == 0) finish_shard(landing.shard);
+    if (shard.needed_bytes == 0) finish_shard(landing.shard);
     return status_of(shard);
   }
   land_data(landing.shard, slot, 0, landing.file_offset - shard.header.data_offset,
             landing.capacity);
   return status_of(shard);
+}
+
+size_t LoadSession::read_into_slot(Shard& shard, Slot* slot, uint64_t file_offset,
+                                   size_t bytes) {
+  constexpr uint64_t kAlign = ShardFile::kDirectAlign;
+  if (shard.file->direct() && reinterpret_cast<uintptr_t>(slot->data()) % kAlign == 0) {
+    // The aligned blocks around the range, straight from the drive; the range starts at
+    // file_offset - lo in the slot.
+    const uint64_t lo = file_offset / kAlign * kAlign;
+    const uint64_t hi = (file_offset + bytes + kAlign - 1) / kAlign * kAlign;
+    const size_t skip = file_offset - lo;
+    if (shard.file->read_direct(slot->data(), hi - lo, lo) >= skip + bytes) {
+      if (shard.verifier) verify(shard, file_offset, slot->data() + skip, bytes);
+      direct_io_bytes_ += bytes;
+      return skip;
+    }
+  }
+  read_and_verify(shard, slot->data(), file_offset, bytes);
+  return 0;
 }
 
 void LoadSession::read_and_verify(Shard& shard, uint8_t* dest, uint64_t file_offset,
@@ -535,6 +679,20 @@ void LoadSession::abort(ErrorKind kind, const std::string& message) {
   fail(std::make_exception_ptr(CoreError(kind, message)));
 }
 
+std::vector<std::pair<uint64_t, uint64_t>> LoadSession::needed_ranges(size_t index) const {
+  check_shard_index(index);
+  const Shard& shard = *shards_[index];
+  if (!shard.header_ready) {
+    throw CoreError(ErrorKind::InvalidArgument,
+                    "shard '" + shard.source.name + "': its header has not been read yet");
+  }
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  for (const Span& span : shard.spans) {
+    out.emplace_back(shard.header.data_offset + span.begin, shard.header.data_offset + span.end);
+  }
+  return out;
+}
+
 void LoadSession::finish_shard(size_t index) {
   Shard& shard = *shards_[index];
   const ShardHeader& h = shard.header;
@@ -543,10 +701,11 @@ void LoadSession::finish_shard(size_t index) {
     // The baseline path: the whole shard is in host memory; copy it, then wait for it, so the
     // staging copy can go.
     CopyEngine& engine = *pipeline_->engine_;
-    engine.copy_from_host(shard.arena->address(), shard.staging->host_data(), h.data_bytes);
+    engine.copy_from_host(shard.arena->address(), shard.staging->host_data(), shard.arena_bytes);
     for (const Realigned& r : shard.realigned) {
       const TensorEntry& e = h.tensors[r.tensor];
-      engine.copy_from_host(r.arena->address(), shard.staging->host_data() + e.begin,
+      engine.copy_from_host(r.arena->address(),
+                            shard.staging->host_data() + shard.tensor_offset[r.tensor],
                             e.end - e.begin);
     }
     fence = engine.record_fence();
@@ -563,17 +722,18 @@ void LoadSession::finish_shard(size_t index) {
   } else {
     for (const Realigned& r : shard.realigned) {
       const TensorEntry& e = h.tensors[r.tensor];
-      std::memcpy(r.arena->host_data(), shard.arena->host_data() + e.begin, e.end - e.begin);
+      std::memcpy(r.arena->host_data(), shard.arena->host_data() + shard.tensor_offset[r.tensor],
+                  e.end - e.begin);
     }
   }
   PublishedShard out;
   out.index = index;
   out.metadata = h.metadata;
   size_t next_realigned = 0;
-  for (size_t t = 0; t < h.tensors.size(); ++t) {
+  for (size_t t : shard.selected) {
     const TensorEntry& e = h.tensors[t];
     std::shared_ptr<DeviceArena> arena = shard.arena;
-    uint64_t offset = e.begin;
+    uint64_t offset = shard.tensor_offset[t];
     if (next_realigned < shard.realigned.size() && shard.realigned[next_realigned].tensor == t) {
       arena = shard.realigned[next_realigned++].arena;
       offset = 0;
@@ -697,6 +857,7 @@ SessionStats LoadSession::stats() const {
   s.host_staging = host_staging_;
   s.min_free_device_bytes = min_free_.load();
   s.verified_bytes = verified_bytes_.load();
+  s.direct_io_bytes = direct_io_bytes_.load();
   std::lock_guard<std::mutex> lock(mutex_);
   s.all_published_ns = all_published_ns_;
   s.checksum_failures = checksum_failures_;

@@ -8,6 +8,7 @@
 // mapped when mmap is asked.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -18,10 +19,12 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
 #include "chunk_verifier.hpp"
+#include "content_md5_verifier.hpp"
 #include "copy_engine.hpp"
 #include "cuda_device.hpp"
 #include "device_arena.hpp"
@@ -47,6 +50,13 @@ struct SessionOptions {
   bool host_staging = false;  // cuda target: whole shard into host memory, then one copy (baseline)
   bool fed = false;           // a caller fetches the bytes (acquire/commit) instead of io threads
   bool fail_on_checksum_mismatch = true;  // false: the load completes and the stats list them
+  // Fed sessions: read the local files (NVMe cache hits) with O_DIRECT into staging slots where
+  // the filesystem allows it (cuda targets; the cpu target reads into its arena, buffered).
+  bool direct_io = false;
+  // The tensors to load; null: all of them. Only their bytes are read (rounded out to the
+  // manifest's chunks when the shard is verified, so every byte read is checked) and the arenas
+  // hold only them.
+  std::shared_ptr<const std::unordered_set<std::string>> wanted;
 };
 
 struct ShardSource {
@@ -56,6 +66,11 @@ struct ShardSource {
   // The manifest's CRC32C of each crc_chunk_bytes chunk of the file; empty: not verified.
   uint64_t crc_chunk_bytes = 0;
   std::vector<uint32_t> crc32c;
+  // verify='sha256': the manifest's SHA-256 of each chunk instead (the CRCs are then unused).
+  std::vector<std::array<uint8_t, 32>> sha256;
+  // Fed shards without a manifest: the blob's Content-MD5 (16 bytes; empty: none), checked over
+  // the whole file in order when every byte has been fed (not with a tensor selection).
+  std::vector<uint8_t> content_md5;
 };
 
 // A place where a feeder writes the bytes [file_offset, file_offset + capacity) of one shard: a
@@ -81,7 +96,8 @@ struct ShardStats {
   uint64_t file_bytes = 0;
   uint64_t header_bytes = 0;
   uint64_t data_bytes = 0;
-  size_t tensors = 0;
+  size_t tensors = 0;             // tensors this load hands out (a selection may skip some)
+  uint64_t needed_bytes = 0;      // data bytes this load reads (all of them without a selection)
   size_t realigned_tensors = 0;  // tensors copied into their own aligned allocation
   int64_t start_ns = -1;         // first work on the shard, from the session start
   int64_t header_ns = -1;        // header parsed and arena allocated
@@ -105,6 +121,7 @@ struct SessionStats {
   bool host_staging = false;
   int64_t min_free_device_bytes = -1;  // lowest free GPU memory seen at a shard's end (-1: none)
   uint64_t verified_bytes = 0;         // bytes checked against a manifest
+  uint64_t direct_io_bytes = 0;        // bytes read with O_DIRECT (page cache bypassed)
   std::vector<std::string> checksum_failures;  // mismatches let through (fail_on_... = false)
   std::vector<ShardStats> shards;
 };
@@ -184,12 +201,23 @@ class LoadSession {
   void release(Landing& landing);
   // Fails the load with an error the feeder met; next_shard() rethrows it.
   void abort(ErrorKind kind, const std::string& message);
+  // The file byte ranges [begin, end) of a shard's data that this load needs, in order, once its
+  // header is ready (commit() said so): the whole data region, or a selection's tensors.
+  std::vector<std::pair<uint64_t, uint64_t>> needed_ranges(size_t shard) const;
 
  private:
   friend class LoadPipeline;
   struct Realigned {
     size_t tensor;  // index in header.tensors
     std::shared_ptr<DeviceArena> arena;
+  };
+  // A run of the data region this load needs and where it sits in the arena. Without a selection
+  // there is one span, [0, data_bytes) at offset 0; with one, the spans are packed, each placed at
+  // the same offset modulo 256 as in the file, so tensors keep their alignment.
+  struct Span {
+    uint64_t begin = 0;  // data-region coordinates
+    uint64_t end = 0;
+    uint64_t arena_offset = 0;
   };
   struct Shard {
     ShardSource source;
@@ -203,7 +231,13 @@ class LoadSession {
     std::shared_ptr<DeviceArena> arena;
     std::shared_ptr<DeviceArena> staging;  // host-staging: the whole data region in host memory
     std::vector<Realigned> realigned;
+    std::vector<Span> spans;             // sorted, disjoint
+    std::vector<size_t> selected;        // indices in header.tensors handed out, in file order
+    std::vector<uint64_t> tensor_offset;  // per header tensor: its offset in the arena
+    uint64_t arena_bytes = 0;
+    uint64_t needed_bytes = 0;           // sum of the spans
     std::unique_ptr<ChunkVerifier> verifier;  // null: no manifest for this shard
+    std::unique_ptr<ContentMd5Verifier> md5;  // null: no Content-MD5 to check
     std::atomic<uint64_t> bytes_landed{0};
     ShardStats stats;
   };
@@ -222,11 +256,18 @@ class LoadSession {
   FeedStatus commit_landing(Landing& landing);
   FeedStatus status_of(const Shard& shard) const;
   void check_shard_index(size_t shard) const;
+  // Chooses the tensors and spans of a parsed shard and sizes its arena.
+  void plan_spans(Shard& shard) const;
+  // The span holding data-region byte `pos`, or null.
+  static const Span* span_at(const Shard& shard, uint64_t pos);
   // Checks landed file bytes against the shard's manifest: throws ChecksumMismatch (or records
   // it when mismatches are let through).
   void verify(Shard& shard, uint64_t file_offset, const uint8_t* data, size_t n);
   // pread of a local shard's bytes, verified as they arrive when the shard has a manifest.
   void read_and_verify(Shard& shard, uint8_t* dest, uint64_t file_offset, size_t bytes);
+  // Reads (and verifies) a range of a local shard into a staging slot: with O_DIRECT when the
+  // shard allows it (returns where the range starts in the slot), else buffered (returns 0).
+  size_t read_into_slot(Shard& shard, Slot* slot, uint64_t file_offset, size_t bytes);
   void post(std::function<void()> task, bool urgent);
   void run_header(size_t shard);
   void run_chunk(size_t shard, uint64_t begin, uint64_t end);
@@ -240,6 +281,9 @@ class LoadSession {
   bool fed_;
   bool host_staging_;
   bool fail_on_checksum_mismatch_;
+  bool direct_io_;
+  std::atomic<uint64_t> direct_io_bytes_{0};
+  std::shared_ptr<const std::unordered_set<std::string>> wanted_;
   std::atomic<uint64_t> verified_bytes_{0};
   std::vector<std::string> checksum_failures_;  // under mutex_
   std::atomic<int64_t> min_free_{-1};

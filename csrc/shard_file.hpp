@@ -21,8 +21,20 @@ class ShardFile {
   // the read fails or the file ends early (it changed under the load).
   void read_exact(uint8_t* dst, size_t bytes, uint64_t offset) const;
 
+  // O_DIRECT reads (page cache bypassed: an NVMe cache entry goes from the drive into the
+  // staging slot once). open_direct() says whether the filesystem allows it.
+  static constexpr uint64_t kDirectAlign = 4096;  // offset, length and buffer alignment
+  bool open_direct();
+  bool direct() const { return direct_fd_ >= 0; }
+  // Reads up to `bytes` at `offset` (both multiples of kDirectAlign, dst aligned too) with
+  // O_DIRECT; returns the bytes read (fewer at the end of the file), or 0 when the kernel refused
+  // the request (the caller reads it buffered instead). Throws SourceReadError on I/O errors.
+  size_t read_direct(uint8_t* dst, size_t bytes, uint64_t offset) const;
+
  private:
   int fd_ = -1;
+  int direct_fd_ = -1;
+  std::string path_;
   uint64_t size_ = 0;
   std::string label_;
 };

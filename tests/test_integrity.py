@@ -13,7 +13,7 @@ import torch
 from blob2gpu import _core, errors
 from blob2gpu.manifest import MANIFEST_NAME, Manifest, hash_file, manifest_for_directory
 from blob2gpu.publish import publish, write_manifest
-from conftest import as_bytes, random_tensor
+from conftest import as_bytes, random_tensor, upload_directory
 from conftest import checkpoint_bytes as expected
 from support.azurite import ACCOUNT, ACCOUNT_KEY
 
@@ -124,6 +124,44 @@ def test_mismatches_can_be_let_through_and_are_reported(checkpoint):
     assert [s.checksum for s in ckpt.report.shards] == ["ok", "ok", "mismatch"]
 
 
+@pytest.mark.parametrize("chunk_bytes", [1000, 65536])
+def test_sha256_mode_checks_every_chunk(device, checkpoint, chunk_bytes):
+    # 8 KiB slots and 1000-byte chunks: most chunks are cut by a slot boundary and assembled.
+    with_manifest(checkpoint, chunk_bytes)
+    settings = {"staging_slot_bytes": 8192} if device != "cpu" else {"mmap_local_files": False}
+    with blob2gpu.open(
+        str(checkpoint), device=device, framework=framework_for(device), verify="sha256",
+        **settings,
+    ) as ckpt:
+        got = {n: as_bytes(t) for n, t in ckpt.to_dict().items()}
+        report = ckpt.report
+    assert got == expected(checkpoint)
+    total = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+    assert report.verification == "sha256" and report.verified_bytes == total
+    assert {s.checksum for s in report.shards} == {"ok"}
+
+
+def test_sha256_mode_catches_corruption_and_needs_chunk_digests(device, checkpoint):
+    manifest = with_manifest(checkpoint, 65536)
+    flip_byte(checkpoint / "model-00003-of-00003.safetensors", 70_000)
+    gc.collect()
+    arenas = _core.live_arena_count()
+    with pytest.raises(errors.ChecksumMismatch, match=r"bytes \[65536, 131072\) have SHA-256"):
+        blob2gpu.load(str(checkpoint), device=device, framework=framework_for(device),
+                      verify="sha256")
+    gc.collect()
+    assert _core.live_arena_count() == arenas
+    for entry in manifest.files.values():  # a manifest from before per-chunk digests
+        entry.sha256_chunks = None
+    (checkpoint / MANIFEST_NAME).write_text(manifest.to_json())
+    assert "sha256_chunks" not in (checkpoint / MANIFEST_NAME).read_text()
+    with pytest.raises(errors.InvalidManifest, match="blob2gpu manifest"):
+        blob2gpu.load(str(checkpoint), verify="sha256")
+    (checkpoint / MANIFEST_NAME).unlink()
+    with pytest.raises(errors.ManifestMissing, match="verify='sha256'"):
+        blob2gpu.load(str(checkpoint), verify="sha256")
+
+
 def test_mmap_loads_are_verified_too(checkpoint):
     with_manifest(checkpoint)
     flip_byte(checkpoint / "model-00001-of-00003.safetensors", 1000)
@@ -177,15 +215,17 @@ def test_wire_corruption_is_caught(
     monkeypatch.setenv(
         "AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string(port=fault_proxy.port)
     )
-    fault_proxy.faults.flips = 1
-    fault_proxy.faults.flip_offset = 20_000
-    with pytest.raises(errors.ChecksumMismatch, match="corrupted"):
-        blob2gpu.load(
-            f"az://{container}/llama",
-            device=device,
-            framework=framework_for(device),
-            chunk_bytes=65536,
-        )
+    for verify in ("auto", "sha256"):
+        fault_proxy.faults.flips = 1
+        fault_proxy.faults.flip_offset = 20_000
+        with pytest.raises(errors.ChecksumMismatch, match="corrupted"):
+            blob2gpu.load(
+                f"az://{container}/llama",
+                device=device,
+                framework=framework_for(device),
+                chunk_bytes=65536,
+                verify=verify,
+            )
 
 
 def test_blob_overwritten_with_same_size_after_publishing(checkpoint, azurite, container, blob_env):
@@ -230,3 +270,54 @@ def test_publish_and_manifest_commands(checkpoint, azurite, container, blob_env)
     with blob2gpu.open(f"az://{container}/cli") as ckpt:
         ckpt.to_dict()
         assert ckpt.report.verification == "crc32c"
+
+
+# --- Content-MD5: verify='auto' on a Blob checkpoint without a manifest --------------------------
+
+
+def test_content_md5_is_checked_without_a_manifest(
+    device, checkpoint, azurite, container, fault_proxy, monkeypatch
+):
+    upload_directory(azurite, container, checkpoint, "plain")
+    props = azurite.service().get_blob_client(container, "plain/model-00001-of-00003.safetensors")
+    assert props.get_blob_properties().content_settings.content_md5  # the service computed it
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string(port=fault_proxy.port)
+    )
+    # 16 KiB ranges over 8 connections: ranges land out of order and wait for their turn.
+    settings = {"chunk_bytes": 16384, "staging_slot_bytes": 16384} if device != "cpu" else {
+        "chunk_bytes": 16384}
+    with blob2gpu.open(
+        f"az://{container}/plain", device=device, framework=framework_for(device), **settings
+    ) as ckpt:
+        got = {n: as_bytes(t) for n, t in ckpt.to_dict().items()}
+        report = ckpt.report
+    assert got == expected(checkpoint)
+    assert report.verification == "content-md5" and {s.checksum for s in report.shards} == {"ok"}
+    total = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+    assert report.verified_bytes == total
+
+    fault_proxy.faults.flips = 1
+    fault_proxy.faults.flip_offset = 5000
+    gc.collect()
+    arenas = _core.live_arena_count()
+    with pytest.raises(errors.ChecksumMismatch, match="Content-MD5"):
+        blob2gpu.load(
+            f"az://{container}/plain", device=device, framework=framework_for(device), **settings
+        )
+    gc.collect()
+    assert _core.live_arena_count() == arenas
+
+
+def test_blobs_without_content_md5_are_flagged_size_and_etag(checkpoint, azurite, container,
+                                                              blob_env):
+    from azure.storage.blob import ContentSettings
+
+    upload_directory(azurite, container, checkpoint, "plain")
+    client = azurite.service().get_container_client(container)
+    for blob in client.list_blobs(name_starts_with="plain/"):
+        client.get_blob_client(blob.name).set_http_headers(ContentSettings())  # clears the MD5
+    with blob2gpu.open(f"az://{container}/plain") as ckpt:
+        ckpt.to_dict()
+        assert ckpt.report.verification == "size+etag"
+        assert {s.checksum for s in ckpt.report.shards} == {"unchecked"}

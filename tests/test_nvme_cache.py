@@ -62,6 +62,26 @@ def test_second_load_is_served_from_the_cache(device, published, container, cach
     assert got == expected(published)
     assert second.cache_hit_rate == 1.0 and second.requests == 0
     assert len(NvmeCache(cache_dir).entries()) == 3
+    if device == "cuda":  # hits go from the drive to the staging ring with O_DIRECT (ext4, xfs)
+        assert second.direct_io_bytes > 0
+    else:
+        assert second.direct_io_bytes == 0  # the cpu target reads into its arena, buffered
+
+
+@pytest.mark.parametrize("slot_bytes", [16384, 65536 + 12345])
+def test_direct_io_reads_of_cache_hits_at_any_offset(fake_driver, published, container,
+                                                     cache_dir, blob_env, slot_bytes):
+    # Data regions start at unaligned offsets and slots may be of any size: each read is widened
+    # to aligned blocks around the range.
+    uri = f"az://{container}/m"
+    cached_load(uri, cache_dir)
+    settings = {"staging_slot_bytes": slot_bytes}
+    got, report = cached_load(uri, cache_dir, "cuda", **settings)
+    assert got == expected(published) and report.cache_hit_rate == 1.0
+    data = sum(s.bytes - s.header_bytes - 8 for s in report.shards)
+    assert report.direct_io_bytes == data
+    got, report = cached_load(uri, cache_dir, "cuda", cache_direct_io=False, **settings)
+    assert got == expected(published) and report.direct_io_bytes == 0
 
 
 def corrupt_one_entry(cache_dir, how):

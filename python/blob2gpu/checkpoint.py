@@ -11,6 +11,7 @@ from typing import Any
 from . import _core, metrics
 from .errors import ChecksumMismatch, InvalidIndex, LoadCancelled
 from .report import LoadReport
+from .selection import EVERYTHING, Selection, check_found
 from .sources import ShardPlan
 
 log = logging.getLogger("blob2gpu")
@@ -33,8 +34,10 @@ class Checkpoint:
         cache: Any = None,
         cache_hits: dict[int, Any] | None = None,
         cache_writer: Any = None,
+        selection: Selection = EVERYTHING,
     ) -> None:
         self._session = session
+        self._selection = selection  # the tensors this load hands out
         self._cache = cache  # the NVMe cache tier, when enabled
         self._cache_hits = cache_hits or {}  # shard index -> CacheEntry read instead of Blob
         self._cache_writer = cache_writer
@@ -98,7 +101,7 @@ class Checkpoint:
         report.phases["host_staging_complete"] = published
         report.tensors = len(self._tensors)
         settings = self._settings
-        if report.verification == "crc32c":
+        if report.verification in ("crc32c", "sha256", "content-md5"):
             for shard in report.shards:
                 bad = any(f"shard '{shard.name}'" in f for f in report.checksum_failures)
                 shard.checksum = "mismatch" if bad else "ok"
@@ -127,8 +130,12 @@ class Checkpoint:
     def _check_weight_map(self) -> None:
         weight_map = self._plan.weight_map
         if weight_map is None:
+            check_found(self._selection, self._tensors, self._plan.uri)
             return
-        missing = [n for n in weight_map if n not in self._tensors]
+        wanted = self._selection.names
+        missing = [
+            n for n in weight_map if n not in self._tensors and (wanted is None or n in wanted)
+        ]
         misplaced = [
             n
             for n, shard in weight_map.items()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _core
@@ -21,6 +22,7 @@ from .frameworks import converter
 from .guardrails import check_memory_fit
 from .manifest import MANIFEST_NAME, core_checksums, read_local_manifest
 from .report import LoadReport
+from .selection import read_blob_header, read_local_header, select, selection_from_arguments
 from .settings import ResolvedSettings, resolve
 from .sources import ShardPlan
 from .sources import resolve as resolve_local
@@ -50,6 +52,21 @@ def normalize_device(device: str) -> str:
     raise InvalidArgument(f"device '{device}' is not one of 'cpu', 'cuda', 'cuda:N'")
 
 
+def verification_of(
+    manifest: Any, algorithm: str, container: Any, content_md5: list[bytes | None] | None
+) -> str:
+    """What the load checks, as the report names it: crc32c / sha256 (every chunk against the
+    manifest), content-md5 (every blob against its Content-MD5), size+etag (a Blob checkpoint
+    with neither, or only some blobs with a Content-MD5: flagged), none."""
+    if manifest is not None:
+        return algorithm
+    if container is None:
+        return "none"
+    if content_md5 and all(content_md5):
+        return "content-md5"
+    return "size+etag"
+
+
 def source_uri(uri: str | None) -> str:
     """`uri`, or $MODEL_SOURCE_URI when it is None; raises InvalidArgument when both are missing."""
     if uri:
@@ -60,12 +77,18 @@ def source_uri(uri: str | None) -> str:
 
 
 def use_cache(
-    cache: NvmeCache, location: Any, plan: ShardPlan, manifest: Any, checksums: list[Any] | None
+    cache: NvmeCache,
+    location: Any,
+    plan: ShardPlan,
+    manifest: Any,
+    checksums: list[Any] | None,
+    write: bool = True,
 ) -> tuple[list[str], dict[int, CacheEntry], CacheWriter]:
     """Split a Blob checkpoint into cache hits (read locally) and shards to fetch and write.
 
     A shard another process on this node is writing is waited for, then read from the cache:
-    the node downloads it once. Returns (local path per shard or '', hits, the writer).
+    the node downloads it once. write=False (a load that reads only some tensors, so never a
+    whole shard) only reads hits. Returns (local path per shard or '', hits, the writer).
     """
     paths = [""] * len(plan.shards)
     hits: dict[int, CacheEntry] = {}
@@ -80,7 +103,7 @@ def use_cache(
             "size": ref.size,
         }
         entry = cache.lookup(key, identity)
-        if entry is None:
+        if entry is None and write:
             lock = cache.lock(key)
             if not lock.try_acquire():
                 lock.acquire()  # another process is writing this shard: wait, then read it
@@ -133,6 +156,8 @@ class Loader:
         device: str = "cpu",
         framework: str = "torch",
         credential: Any = None,
+        tensor_names: Iterable[str] | None = None,
+        tensor_filter: Callable[[str], bool] | None = None,
         **settings: Any,
     ) -> Checkpoint:
         """Start loading `uri` and return a Checkpoint at once (tensors arrive as it is iterated).
@@ -140,11 +165,14 @@ class Loader:
         uri: a local file, directory or index, or a Blob URI (az://, https://, path-style http://);
         None takes $MODEL_SOURCE_URI. credential: for Blob URIs, an azure credential, account key
         or SAS (else see sources.azure_blob.resolve_credential for the environment it reads).
-        Raises, before any weight is read: SourceUnavailable (BlobNotFound, AccessDenied, ...),
-        InsufficientGPUMemory / InsufficientHostMemory, ShardCountMismatch, InvalidArgument,
-        ConfigError. Errors of the load itself (InvalidHeader, GPUOutOfMemory, BlobChanged,
-        StorageUnavailable, ...) surface while iterating.
+        tensor_names / tensor_filter: load only these tensors, reading only their bytes (see
+        blob2gpu.selection). Raises, before any weight is read: SourceUnavailable (BlobNotFound,
+        AccessDenied, ...), InsufficientGPUMemory / InsufficientHostMemory, ShardCountMismatch,
+        TensorNotFound (with an index), InvalidArgument, ConfigError. Errors of the load itself
+        (InvalidHeader, GPUOutOfMemory, BlobChanged, StorageUnavailable, TensorNotFound without
+        an index, ...) surface while iterating.
         """
+        wanted_names, wanted_filter = selection_from_arguments(tensor_names, tensor_filter)
         uri = source_uri(uri)
         device = normalize_device(device)
         bad = [k for k in settings if k in PIPELINE_SETTINGS]
@@ -163,20 +191,36 @@ class Loader:
         else:
             plan = resolve_local(uri)
         self._check_plan(plan, effective)
+        plan, selection = select(
+            plan,
+            wanted_names,
+            wanted_filter,
+            (lambda ref: read_blob_header(container, ref)) if container else read_local_header,
+        )
+        wanted = None if selection.everything else sorted(selection.names)
         manifest = None
         if effective.verify != "none":
             if container is not None:
                 manifest = container.read_manifest(listing)
             else:
                 manifest = read_local_manifest(os.path.dirname(plan.shards[0].path))
-            if manifest is None and effective.verify == "crc32c":
+            if manifest is None and effective.verify in ("crc32c", "sha256"):
                 raise ManifestMissing(
-                    f"verify='crc32c' but '{plan.uri}' has no {MANIFEST_NAME}: "
+                    f"verify='{effective.verify}' but '{plan.uri}' has no {MANIFEST_NAME}: "
                     "publish it with `blob2gpu publish` or `blob2gpu manifest`"
                 )
-        checksums = core_checksums(manifest, plan.shards)
+        algorithm = "sha256" if effective.verify == "sha256" else "crc32c"
+        checksums = core_checksums(manifest, plan.shards, algorithm)
+        # verify='auto' without a manifest: each blob's Content-MD5, when it has one and the
+        # load reads the whole blob.
+        content_md5 = None
+        if container is not None and manifest is None and effective.verify == "auto":
+            if wanted is None and any(s.content_md5 for s in plan.shards):
+                content_md5 = [s.content_md5 for s in plan.shards]
         host_staging = device != "cpu" and not effective.direct_gpu_load
         pipeline = self._pipeline(device)
+        # A selection's tensors are known in size only once headers are read: the fit check
+        # takes whole shards (an upper bound).
         gpu_memory = check_memory_fit(
             [s.size for s in plan.shards], device, pipeline, effective, host_staging
         )
@@ -189,7 +233,8 @@ class Loader:
             source="azure-blob" if container else "local",
             credential=container.credential_source if container else None,
             strategy="host-staging" if host_staging else "direct-gpu",
-            verification="crc32c" if manifest else ("size+etag" if container else "none"),
+            verification=verification_of(manifest, algorithm, container, content_md5),
+            tensor_selection=None if selection.everything else len(selection.names),
             _clock_start=clock_start,
         )
         report.phases["artifact_fetch_start"] = 0.0
@@ -204,8 +249,17 @@ class Loader:
                 host_staging=host_staging,
                 checksums=checksums,
                 fail_on_checksum_mismatch=effective.fail_if_checksum_mismatch,
+                wanted=wanted,
             )
-            return Checkpoint(session, plan, convert, report, settings=effective, pipeline=pipeline)
+            return Checkpoint(
+                session,
+                plan,
+                convert,
+                report,
+                settings=effective,
+                pipeline=pipeline,
+                selection=selection,
+            )
         from .sources.blob_feeder import BlobFeeder
 
         slot_bytes = self._settings.staging_slot_bytes
@@ -216,10 +270,13 @@ class Loader:
         paths = None
         if effective.local_nvme_cache_enabled:
             cache = NvmeCache(effective.cache_dir or None, effective.cache_max_bytes)
-            paths, hits, writer = use_cache(cache, container.location, plan, manifest, checksums)
+            paths, hits, writer = use_cache(
+                cache, container.location, plan, manifest, checksums, write=wanted is None
+            )
             checksums = checksums or [None] * len(plan.shards)
             for i, entry in hits.items():  # a hit is checked against what was written
-                checksums[i] = (entry.size, entry.meta["chunk_bytes"], entry.meta["crc32c"])
+                if algorithm == "crc32c" or checksums[i] is None:
+                    checksums[i] = (entry.size, entry.meta["chunk_bytes"], entry.meta["crc32c"])
         report._session_offset = time.perf_counter() - clock_start
         session = pipeline.start_fed(
             [s.name for s in plan.shards],
@@ -228,6 +285,9 @@ class Loader:
             checksums=checksums,
             fail_on_checksum_mismatch=effective.fail_if_checksum_mismatch,
             paths=paths,
+            wanted=wanted,
+            content_md5=content_md5,
+            direct_io=effective.cache_direct_io,
         )
         feeder = BlobFeeder(
             session,
@@ -251,6 +311,7 @@ class Loader:
             cache=cache,
             cache_hits=hits,
             cache_writer=writer,
+            selection=selection,
         )
         feeder.start()
         return checkpoint
@@ -271,6 +332,8 @@ class Loader:
         device: str = "cpu",
         framework: str = "torch",
         credential: Any = None,
+        tensor_names: Iterable[str] | None = None,
+        tensor_filter: Callable[[str], bool] | None = None,
         **settings: Any,
     ) -> dict[str, Any]:
         """Load every tensor of `uri` onto `device`; returns {name: tensor}.
@@ -285,7 +348,13 @@ class Loader:
         while True:
             try:
                 with self.open(
-                    uri, device=device, framework=framework, credential=credential, **settings
+                    uri,
+                    device=device,
+                    framework=framework,
+                    credential=credential,
+                    tensor_names=tensor_names,
+                    tensor_filter=tensor_filter,
+                    **settings,
                 ) as checkpoint:
                     return checkpoint.to_dict()
             except BlobChanged:

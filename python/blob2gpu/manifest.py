@@ -1,11 +1,15 @@
 """The integrity manifest, written at publish time beside the shards as blob2gpu.manifest.json:
-per file its size, SHA-256, and the CRC32C of each fixed-size chunk. Loads verify every chunk as
-it lands (in the core, before its copy to the device); the SHA-256 checks whole files (publish,
-cache verify).
+per file its size, SHA-256, and the CRC32C and SHA-256 of each fixed-size chunk. Loads verify
+every chunk as it lands (in the core, before its copy to the device): by CRC32C (verify='auto' or
+'crc32c'), or by SHA-256 (verify='sha256', for tamper evidence). The whole-file SHA-256 checks
+files at publish time and in `blob2gpu cache verify`.
 
     {"format": "blob2gpu-manifest", "version": 1, "chunk_bytes": 4194304,
      "files": {"model-00001-of-00002.safetensors":
-               {"size": 123, "sha256": "…", "crc32c": [305419896, …]}}}
+               {"size": 123, "sha256": "…", "crc32c": [305419896, …], "sha256_chunks": ["…"]}}}
+
+"sha256_chunks" is optional (manifests written before it existed lack it; verify='sha256' then
+asks for a new one).
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 
 @dataclass
 class FileEntry:
-    """One file: its size, SHA-256 (hex) and the CRC32C of each chunk."""
+    """One file: its size, SHA-256 (hex), and the CRC32C and SHA-256 (hex) of each chunk."""
 
     size: int
     sha256: str
     crc32c: list[int]
+    sha256_chunks: list[str] | None = None
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Manifest:
                 "chunk_bytes": self.chunk_bytes,
                 "files": {
                     name: {"size": e.size, "sha256": e.sha256, "crc32c": e.crc32c}
+                    | ({"sha256_chunks": e.sha256_chunks} if e.sha256_chunks is not None else {})
                     for name, e in sorted(self.files.items())
                 },
             },
@@ -78,6 +84,7 @@ class Manifest:
         for name, entry in files.items():
             try:
                 size, sha, crcs = entry["size"], entry["sha256"], entry["crc32c"]
+                shas = entry.get("sha256_chunks")
                 ok = (
                     isinstance(size, int)
                     and size >= 0
@@ -86,20 +93,32 @@ class Manifest:
                     and isinstance(crcs, list)
                     and len(crcs) == -(-size // chunk)
                     and all(isinstance(c, int) and 0 <= c < 1 << 32 for c in crcs)
+                    and (
+                        shas is None
+                        or (
+                            isinstance(shas, list)
+                            and len(shas) == len(crcs)
+                            and all(_is_hex_digest(d) for d in shas)
+                        )
+                    )
                 )
             except (KeyError, TypeError):
                 ok = False
             if not ok:
                 raise InvalidManifest(
                     f"manifest '{source}': the entry of '{name}' is malformed "
-                    "(size, sha256, one crc32c per chunk)"
+                    "(size, sha256, one crc32c and at most one sha256 per chunk)"
                 )
-            manifest.files[name] = FileEntry(size, sha, list(crcs))
+            manifest.files[name] = FileEntry(
+                size, sha, list(crcs), list(shas) if shas is not None else None
+            )
         return manifest
 
-    def checksums_for(self, name: str, size: int) -> tuple[int, int, list[int]] | None:
-        """(size, chunk bytes, CRCs) for the core, or None when the manifest lacks `name`.
-        Raises InvalidManifest when the sizes disagree."""
+    def checksums_for(self, name: str, size: int, algorithm: str = "crc32c") -> tuple | None:
+        """(size, chunk bytes, CRCs) for the core, or with algorithm='sha256' (size, chunk bytes,
+        None, [32-byte digest per chunk]); None when the manifest lacks `name`. Raises
+        InvalidManifest when the sizes disagree, or when SHA-256 is asked of an entry without
+        chunk digests."""
         entry = self.files.get(name)
         if entry is None:
             return None
@@ -108,7 +127,23 @@ class Manifest:
                 f"'{name}' has {size} bytes but the manifest says {entry.size}: "
                 "the checkpoint changed after it was published"
             )
+        if algorithm == "sha256":
+            if entry.sha256_chunks is None:
+                raise InvalidManifest(
+                    f"verify='sha256' but the manifest entry of '{name}' has no per-chunk SHA-256 "
+                    "(an older manifest): write a new one with `blob2gpu manifest URI`"
+                )
+            digests = [bytes.fromhex(d) for d in entry.sha256_chunks]
+            return (entry.size, self.chunk_bytes, None, digests)
         return (entry.size, self.chunk_bytes, entry.crc32c)
+
+
+def _is_hex_digest(value: Any) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) == 64
+        and all(c in "0123456789abcdef" for c in value)
+    )
 
 
 def hash_stream(
@@ -118,6 +153,7 @@ def hash_stream(
     CRC32C and SHA-256 run in the core without the GIL. Raises OSError if the stream ends early."""
     sha = _core.Sha256()
     crcs = []
+    chunk_shas = []
     buffer = bytearray(chunk_bytes)
     view = memoryview(buffer)
     done = 0
@@ -130,9 +166,12 @@ def hash_stream(
                 raise OSError(f"stream ended after {done + got} of {size} bytes")
             got += n
         crcs.append(_core.crc32c(view[:want]))
+        chunk_sha = _core.Sha256()
+        chunk_sha.update(view[:want])
+        chunk_shas.append(chunk_sha.hexdigest())
         sha.update(view[:want])
         done += want
-    return FileEntry(size=size, sha256=sha.hexdigest(), crc32c=crcs)
+    return FileEntry(size=size, sha256=sha.hexdigest(), crc32c=crcs, sha256_chunks=chunk_shas)
 
 
 def hash_file(path: str | os.PathLike[str], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> FileEntry:
@@ -160,8 +199,11 @@ def read_local_manifest(directory: str | os.PathLike[str]) -> Manifest | None:
     return Manifest.from_json(path.read_bytes(), str(path))
 
 
-def core_checksums(manifest: Manifest | None, shards: Any) -> list[Any] | None:
-    """The per-shard checksum list start_local/start_fed take, or None without a manifest."""
+def core_checksums(
+    manifest: Manifest | None, shards: Any, algorithm: str = "crc32c"
+) -> list[Any] | None:
+    """The per-shard checksum list start_local/start_fed take (chunks checked by `algorithm`:
+    crc32c or sha256), or None without a manifest."""
     if manifest is None:
         return None
-    return [manifest.checksums_for(s.name, s.size) for s in shards]
+    return [manifest.checksums_for(s.name, s.size, algorithm) for s in shards]

@@ -42,6 +42,7 @@ class ShardReport:
     retries: int = 0  # ranges of this shard fetched again after a transient failure
     cache_hit: bool = False  # read from the NVMe cache instead of Blob Storage
     checksum: str = "unchecked"  # ok / mismatch (every chunk against the manifest) / unchecked
+    needed_bytes: int | None = None  # data bytes read: all, or a tensor selection's (+ chunks)
 
     @property
     def fetch_latency(self) -> float | None:
@@ -76,6 +77,8 @@ class LoadReport:
     strategy: str = "direct-gpu"  # or host-staging (model.direct_gpu_load=false)
     verification: str = "none"  # crc32c (every chunk against the manifest), size+etag, none
     verified_bytes: int = 0
+    direct_io_bytes: int = 0  # bytes read with O_DIRECT (NVMe cache hits into the staging ring)
+    tensor_selection: int | None = None  # tensors asked for (tensor_names/tensor_filter); None: all
     checksum_failures: list[str] = field(default_factory=list)  # let through (fail_if_... off)
     cache_written: list[str] = field(default_factory=list)  # shards this load put in the cache
     cache_skipped: dict[str, str] = field(default_factory=dict)  # shard -> why it was not cached
@@ -187,6 +190,7 @@ class LoadReport:
             "slot_waits",
             "mmap",
             "verified_bytes",
+            "direct_io_bytes",
             "checksum_failures",
         ):
             setattr(self, key, stats[key])
@@ -204,6 +208,7 @@ class LoadReport:
                 started=secs(s["start_ns"]),
                 header_parsed=secs(s["header_ns"]),
                 published=secs(s["published_ns"]),
+                needed_bytes=s["needed_bytes"],
             )
             for s in stats["shards"]
         ]

@@ -274,16 +274,26 @@ SCHEMA: tuple[Setting, ...] = (
         minimum=0,
         maximum=1 << 50,
     ),
+    S(
+        "storage",
+        "cache_direct_io",
+        True,
+        bool,
+        "Read cache hits with O_DIRECT straight into the staging ring (GPU targets), bypassing "
+        "the page cache, where the cache's filesystem allows it (else buffered reads).",
+    ),
     # -- integrity ---------------------------------------------------------------------------------
     S(
         "integrity",
         "verify",
         "auto",
         str,
-        "auto: check every chunk against blob2gpu.manifest.json when the checkpoint has one (else "
-        "size and etag only, flagged in the report); crc32c: require the manifest; none: no "
-        "checks.",
-        choices=("auto", "crc32c", "none"),
+        "auto: check every chunk's CRC32C against blob2gpu.manifest.json when the checkpoint has "
+        "one, else each blob against its Content-MD5 when every blob has one, else size and etag "
+        "only (flagged in the report); crc32c: require the manifest; "
+        "sha256: require it and check every chunk's SHA-256 (tamper evidence, ~1 CPU s/GB); "
+        "none: no checks.",
+        choices=("auto", "crc32c", "sha256", "none"),
     ),
     # -- guardrails -------------------------------------------------------------------------------
     S(

@@ -284,7 +284,14 @@ def list_checkpoint(container_client: Any, location: BlobLocation, retry: Any) -
 
     def ref(name: str) -> ShardRef:
         b = by_name[name]
-        return ShardRef(name=posixpath.basename(name), path=name, size=int(b.size), etag=b.etag)
+        md5 = getattr(b.content_settings, "content_md5", None)
+        return ShardRef(
+            name=posixpath.basename(name),
+            path=name,
+            size=int(b.size),
+            etag=b.etag,
+            content_md5=bytes(md5) if md5 and len(md5) == 16 else None,
+        )
 
     weight_map = None
     if path.endswith(".safetensors"):

@@ -14,6 +14,7 @@ class ShardRef:
     path: str  # a local path, or the blob name
     size: int
     etag: str | None = None  # blobs: the etag seen at listing; every range is pinned to it
+    content_md5: bytes | None = None  # blobs: the Content-MD5 property, when the blob has one
 
 
 @dataclass(frozen=True)
