@@ -18,4 +18,5 @@ runtime="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 LD_PRELOAD="$runtime" PYTHONPATH="$pkg" "$PY" -m pytest -q -p no:cacheprovider \
   tests/test_header_validation.py tests/test_round_trip.py tests/test_cuda_pipeline.py \
-  tests/test_failures.py tests/test_integrity.py tests/test_dlpack_export.py "$@"
+  tests/test_failures.py tests/test_integrity.py tests/test_dlpack_export.py \
+  tests/test_selection.py tests/test_checksums.py "$@"

@@ -124,6 +124,17 @@ def test_crc32c_hardware_and_portable_agree_on_random_buffers() -> None:
         assert _core.crc32c(data, seed_crc) == _core.crc32c_portable(data, seed_crc), size
 
 
+def test_crc32c_folding_boundaries_agree_with_the_portable_code() -> None:
+    # The carry-less folding path takes 256-byte steps from 512 bytes on, then 16-byte steps,
+    # then single bytes: every remainder around those edges, from any alignment and seed.
+    data = random_bytes(8 * KiB + 64, seed=9)
+    for size in (*range(496, 530), *range(760, 790), 1024 + 15, 4096 + 255, 8 * KiB):
+        for offset in (0, 1, 13):
+            view = memoryview(data)[offset : offset + size]
+            for seed in (0, 0xFFFFFFFF, 0x12345678):
+                assert _core.crc32c(view, seed) == _core.crc32c_portable(view, seed), (size, seed)
+
+
 def test_crc32c_reports_which_path_runs() -> None:
     assert isinstance(_core.crc32c_hardware(), bool)
     if crc32c_package is not None and hasattr(crc32c_package, "hardware_based"):
