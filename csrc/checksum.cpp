@@ -639,12 +639,23 @@ const Md5Tables& md5_tables() {
   return tables;
 }
 
-constexpr int kMd5Shift[64] = {7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22,
-                               5, 9,  14, 20, 5, 9,  14, 20, 5, 9,  14, 20, 5, 9,  14, 20,
-                               4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23,
-                               6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21};
 
 inline uint32_t rotl32(uint32_t x, int n) { return (x << n) | (x >> (32 - n)); }
+
+// One step of a round: a = b + rotl(a + f(b, c, d) + m[g] + k[i], s), fully unrolled below so
+// the compiler keeps the 64 steps' constants and shifts in the instruction stream.
+#define BLOB2GPU_MD5_STEP(f, a, b, c, d, g, i, s) \
+  a += f(b, c, d) + m[g] + k[i];                   \
+  a = b + rotl32(a, s)
+#define BLOB2GPU_MD5_F(b, c, d) (d ^ (b & (c ^ d)))
+#define BLOB2GPU_MD5_G(b, c, d) (c ^ (d & (b ^ c)))
+#define BLOB2GPU_MD5_H(b, c, d) (b ^ c ^ d)
+#define BLOB2GPU_MD5_I(b, c, d) (c ^ (b | ~d))
+#define BLOB2GPU_MD5_ROUND4(f, i, g0, g1, g2, g3, s0, s1, s2, s3) \
+  BLOB2GPU_MD5_STEP(f, a, b, c, d, g0, i, s0);                      \
+  BLOB2GPU_MD5_STEP(f, d, a, b, c, g1, i + 1, s1);                  \
+  BLOB2GPU_MD5_STEP(f, c, d, a, b, g2, i + 2, s2);                  \
+  BLOB2GPU_MD5_STEP(f, b, c, d, a, g3, i + 3, s3)
 
 void md5_compress(uint32_t* state, const uint8_t* blocks, size_t n_blocks) {
   const uint32_t* k = md5_tables().k;
@@ -655,34 +666,34 @@ void md5_compress(uint32_t* state, const uint8_t* blocks, size_t n_blocks) {
       m[i] = uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
     }
     uint32_t a = state[0], b = state[1], c = state[2], d = state[3];
-    for (int i = 0; i < 64; ++i) {
-      uint32_t f;
-      int g;
-      if (i < 16) {
-        f = (b & c) | (~b & d);
-        g = i;
-      } else if (i < 32) {
-        f = (d & b) | (~d & c);
-        g = (5 * i + 1) % 16;
-      } else if (i < 48) {
-        f = b ^ c ^ d;
-        g = (3 * i + 5) % 16;
-      } else {
-        f = c ^ (b | ~d);
-        g = (7 * i) % 16;
-      }
-      f += a + k[i] + m[g];
-      a = d;
-      d = c;
-      c = b;
-      b += rotl32(f, kMd5Shift[i]);
-    }
+    BLOB2GPU_MD5_ROUND4(BLOB2GPU_MD5_F, 0, 0, 1, 2, 3, 7, 12, 17, 22);
+    BLOB2GPU_MD5_ROUND4(BLOB2GPU_MD5_F, 4, 4, 5, 6, 7, 7, 12, 17, 22);
+    BLOB2GPU_MD5_ROUND4(BLOB2GPU_MD5_F, 8, 8, 9, 10, 11, 7, 12, 17, 22);
+    BLOB2GPU_MD5_ROUND4(BLOB2GPU_MD5_F, 12, 12, 13, 14, 15, 7, 12, 17, 22);
+    BLOB2GPU_MD5_ROUND4(BLOB2GPU_MD5_G, 16, 1, 6, 11, 0, 5, 9, 14, 20);
+    BLOB2GPU_MD5_ROUND4(BLOB2GPU_MD5_G, 20, 5, 10, 15, 4, 5, 9, 14, 20);
+    BLOB2GPU_MD5_ROUND4(BLOB2GPU_MD5_G, 24, 9, 14, 3, 8, 5, 9, 14, 20);
+    BLOB2GPU_MD5_ROUND4(BLOB2GPU_MD5_G, 28, 13, 2, 7, 12, 5, 9, 14, 20);
+    BLOB2GPU_MD5_ROUND4(BLOB2GPU_MD5_H, 32, 5, 8, 11, 14, 4, 11, 16, 23);
+    BLOB2GPU_MD5_ROUND4(BLOB2GPU_MD5_H, 36, 1, 4, 7, 10, 4, 11, 16, 23);
+    BLOB2GPU_MD5_ROUND4(BLOB2GPU_MD5_H, 40, 13, 0, 3, 6, 4, 11, 16, 23);
+    BLOB2GPU_MD5_ROUND4(BLOB2GPU_MD5_H, 44, 9, 12, 15, 2, 4, 11, 16, 23);
+    BLOB2GPU_MD5_ROUND4(BLOB2GPU_MD5_I, 48, 0, 7, 14, 5, 6, 10, 15, 21);
+    BLOB2GPU_MD5_ROUND4(BLOB2GPU_MD5_I, 52, 12, 3, 10, 1, 6, 10, 15, 21);
+    BLOB2GPU_MD5_ROUND4(BLOB2GPU_MD5_I, 56, 8, 15, 6, 13, 6, 10, 15, 21);
+    BLOB2GPU_MD5_ROUND4(BLOB2GPU_MD5_I, 60, 4, 11, 2, 9, 6, 10, 15, 21);
     state[0] += a;
     state[1] += b;
     state[2] += c;
     state[3] += d;
   }
 }
+#undef BLOB2GPU_MD5_ROUND4
+#undef BLOB2GPU_MD5_STEP
+#undef BLOB2GPU_MD5_F
+#undef BLOB2GPU_MD5_G
+#undef BLOB2GPU_MD5_H
+#undef BLOB2GPU_MD5_I
 
 }  // namespace
 
