@@ -49,7 +49,7 @@ std::shared_ptr<DeviceArena> DeviceArena::on_device(std::shared_ptr<CudaContext>
 std::shared_ptr<DeviceArena> DeviceArena::on_host(size_t bytes, const std::string& label) {
   std::shared_ptr<DeviceArena> arena(new DeviceArena());
   try {
-    arena->host_ = HostBuffer::pageable(bytes);
+    arena->host_ = HostBuffer::pageable(bytes, /*prefault=*/true);  // every byte will be written
   } catch (const std::bad_alloc&) {
     throw CoreError(ErrorKind::HostOutOfMemory,
                     label + ": cannot allocate " + mib(bytes) +

@@ -13,9 +13,14 @@ namespace {
 constexpr size_t kPageBytes = 4096;
 constexpr size_t kHugePageBytes = 2u << 20;
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+#ifdef MADV_POPULATE_WRITE
+constexpr int kMadvPopulateWrite = MADV_POPULATE_WRITE;
+#else
+constexpr int kMadvPopulateWrite = 23;  // <linux/mman.h>, Linux 5.14
+#endif
 }  // namespace
 
-HostBuffer HostBuffer::pageable(size_t bytes) {
+HostBuffer HostBuffer::pageable(size_t bytes, bool prefault) {
   HostBuffer b;
   if (bytes >= kHugePageBytes) {
     // Large buffers come straight from the kernel with transparent huge pages asked for: the first
@@ -25,6 +30,10 @@ HostBuffer HostBuffer::pageable(size_t bytes) {
     void* m = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED) throw std::bad_alloc();
     madvise(m, length, MADV_HUGEPAGE);
+    // Faulting huge pages in one by one as a socket or pread fills them costs 0.4-1.2 s/GB here
+    // (compaction stalls per fault); populating them in one call costs about 0.15. Kernels before
+    // 5.14 refuse the advice and the pages fault in lazily as before.
+    if (prefault) madvise(m, length, kMadvPopulateWrite);
     b.data_ = {static_cast<uint8_t*>(m), [length](uint8_t* q) { munmap(q, length); }};
     b.size_ = bytes;
     return b;

@@ -1,6 +1,7 @@
 // Host memory owners. Each says which guarantee it gives:
 //  - pageable: page-aligned (4096) memory; buffers of 2 MiB and more are mapped from the kernel
-//    with transparent huge pages advised. DMA from it is staged by the driver.
+//    with transparent huge pages advised (and, asked, populated up front). DMA from it is staged
+//    by the driver.
 //  - pinned: page-locked through cuMemHostAlloc (portable), so H2D copies from it are true DMA and
 //    can run asynchronously with the host.
 #pragma once
@@ -17,8 +18,10 @@ class CudaContext;
 class HostBuffer {
  public:
   HostBuffer() = default;
-  // Throws std::bad_alloc when the heap refuses.
-  static HostBuffer pageable(size_t bytes);
+  // Throws std::bad_alloc when the heap refuses. prefault: a buffer of 2 MiB or more is
+  // populated at once (huge pages zeroed in one kernel call) instead of faulting page by page
+  // as it is first written: several times cheaper, for memory that will all be written anyway.
+  static HostBuffer pageable(size_t bytes, bool prefault = false);
   // Returns an empty buffer (data() == nullptr) when the driver refuses to pin; the caller decides
   // between falling back and raising, since only it knows the setting.
   static HostBuffer pinned(const std::shared_ptr<CudaContext>& ctx, size_t bytes);

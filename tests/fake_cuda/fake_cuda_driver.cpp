@@ -4,6 +4,7 @@
 // reaches them, device pointers are synthetic addresses that fault if the host dereferences them,
 // and misuse is recorded as a "violation" that tests read through the fake_cuda_* control API.
 // See tests/fake_cuda/README.md.
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -69,10 +70,20 @@ struct FreeDeleter {
 };
 using AlignedBytes = std::unique_ptr<std::byte, FreeDeleter>;
 
-// Host memory with the given alignment; null on failure.
+// Host memory with the given alignment; null on failure. Large blocks are made resident at once
+// (huge pages, populated in one call), as real device memory and page-locked host memory are on
+// allocation: the first copy into them then does not pay the host's page faults, which a GPU
+// never would.
 AlignedBytes allocate_aligned(size_t alignment, size_t bytes) {
   void* p = nullptr;
   if (posix_memalign(&p, alignment, bytes) != 0) return AlignedBytes();
+  constexpr uintptr_t kPage = 4096;
+  if (bytes >= (2u << 20)) {
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kPage - 1) & ~(kPage - 1);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kPage - 1);
+    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+    madvise(reinterpret_cast<void*>(begin), end - begin, 23 /* MADV_POPULATE_WRITE */);
+  }
   return AlignedBytes(static_cast<std::byte*>(p));
 }
 
