@@ -631,8 +631,10 @@ void LoadSession::read_and_verify(Shard& shard, uint8_t* dest, uint64_t file_off
     return;
   }
   // Checked piece by piece while each piece is still in the CPU cache: checking a whole slot
-  // after reading it would read it from memory a second time.
-  constexpr size_t kPiece = 1u << 20;
+  // after reading it would read it from memory a second time. 256 KiB: with 1 MiB pieces the
+  // kernel's copy had already pushed part of each piece out of L2 (+12% load time vs verify=none
+  // on a 1 GB local load here; +0-2% at 256 KiB).
+  constexpr size_t kPiece = 256u << 10;
   for (size_t done = 0; done < bytes; done += kPiece) {
     const size_t n = std::min(kPiece, bytes - done);
     shard.file->read_exact(dest + done, n, file_offset + done);

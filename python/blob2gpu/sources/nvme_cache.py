@@ -262,6 +262,8 @@ class CacheWriter:
 
     The feeder offers each range before committing it; a bounded queue of copies decouples the
     disk from the load: when the disk falls behind or fills up, that shard is simply not cached.
+    A complete shard is published (fsync, read back and hashed, renamed) by a second thread, so
+    the writes of the other shards go on meanwhile.
     """
 
     def __init__(self, cache: NvmeCache, buffer_bytes: int = 256 << 20) -> None:
@@ -273,8 +275,13 @@ class CacheWriter:
         self._queued = 0
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[int, int, bytes] | None] = queue.Queue()
+        self._complete: queue.Queue[_Pending | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="blob2gpu-cache-writer", daemon=True)
+        self._publisher = threading.Thread(
+            target=self._run_publisher, name="blob2gpu-cache-publisher", daemon=True
+        )
         self._thread.start()
+        self._publisher.start()
 
     def begin(
         self,
@@ -307,7 +314,8 @@ class CacheWriter:
             self.stats.skipped[name] = f"cannot write to the cache: {e.strerror}"
             return
         self._pending[index] = _Pending(index, key, identity, lock, fd, tmp_path, expected_sha256)
-        self.cache.reserved += size
+        with self._lock:
+            self.cache.reserved += size
 
     def offer(self, index: int, offset: int, view: memoryview) -> None:
         """Queue a copy of bytes [offset, offset + len(view)) of shard `index` for writing."""
@@ -323,6 +331,16 @@ class CacheWriter:
         self._queue.put((index, offset, bytes(view)))
 
     def _run(self) -> None:
+        try:
+            self._write_queued()
+        finally:
+            self._complete.put(None)
+
+    def _run_publisher(self) -> None:
+        while (p := self._complete.get()) is not None:
+            self._publish(p)
+
+    def _write_queued(self) -> None:
         while (item := self._queue.get()) is not None:
             index, offset, data = item
             p = self._pending.get(index)
@@ -342,7 +360,7 @@ class CacheWriter:
                 continue
             p.written += len(data)
             if p.written == p.identity["size"]:
-                self._publish(p)
+                self._complete.put(p)
 
     def _publish(self, p: _Pending) -> None:
         name = self._names[p.index]
@@ -377,7 +395,8 @@ class CacheWriter:
             finally:
                 os.close(dir_fd)
             self.stats.written.append(name)
-            self.cache.reserved -= p.identity["size"]
+            with self._lock:
+                self.cache.reserved -= p.identity["size"]
         except OSError as e:
             self._abandon(p, f"publishing failed: {e.strerror}")
             return
@@ -387,7 +406,8 @@ class CacheWriter:
 
     def _abandon(self, p: _Pending, why: str) -> None:
         if not p.done or p.fd >= 0:
-            self.cache.reserved -= p.identity["size"]
+            with self._lock:
+                self.cache.reserved -= p.identity["size"]
         p.done = True
         if p.fd >= 0:
             os.close(p.fd)
@@ -403,6 +423,7 @@ class CacheWriter:
         """Finish queued writes, give up shards not complete, release every lock."""
         self._queue.put(None)
         self._thread.join()
+        self._publisher.join()
         for p in self._pending.values():
             if not p.done or p.fd >= 0:
                 self._abandon(p, "the load ended before the shard was complete")
