@@ -21,7 +21,13 @@ export BLOB2GPU_TEST_REAL_GPU=1
 tests="tests/test_round_trip.py tests/test_dlpack_export.py tests/test_failures.py tests/test_leaks.py tests/test_gpu_consumers.py"
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider $tests 2>&1 | tee "$OUT/tests.log" | tail -25
 test_rc=${PIPESTATUS[0]}
-summary=$(grep -E "passed|failed" "$OUT/tests.log" | tail -1)
+# Tensor selections, chunk verification (CRC32C, SHA-256) and the checksum kernels on the real
+# driver; their Azurite cases need npm and azure-storage-blob, which this machine lacks.
+timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_selection.py tests/test_integrity.py \
+  tests/test_checksums.py -k "not blob and not cache and not publish and not wire and not md5" \
+  2>&1 | tee -a "$OUT/tests.log" | tail -5
+[ "${PIPESTATUS[0]}" = 0 ] || test_rc=1
+summary=$(grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | paste -sd "+" -)
 
 echo "== GPU benchmark"
 gb=4; [ "${1:-}" = "--quick" ] && gb=1
