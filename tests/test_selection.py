@@ -85,6 +85,20 @@ def test_a_filter_with_an_index_skips_shards_without_a_wanted_tensor(write_check
     assert [s.name for s in report.shards] == ["model-00003-of-00004.safetensors"]
 
 
+def test_progress_counts_what_the_selection_reads_and_get_refuses_the_rest(write_checkpoint):
+    directory = write_checkpoint(layers(), index=False)
+    reference = expected(directory)
+    with blob2gpu.open(str(directory), tensor_names=["layers.0.norm"],
+                       mmap_local_files=False) as checkpoint:
+        with pytest.raises(KeyError, match="not among the tensors this load selected"):
+            checkpoint.get("layers.1.norm")
+        assert as_bytes(checkpoint.get("layers.0.norm")) == reference["layers.0.norm"]
+        checkpoint.to_dict()
+        done, total = checkpoint.progress()
+        headers = sum(8 + s.header_bytes for s in checkpoint.report.shards)
+        assert done == total == headers + 1024
+
+
 def test_misaligned_tensors_are_realigned_inside_a_selection(device, tmp_path):
     # An odd-sized int8 tensor first: the float32 and float64 after it are misaligned in the file.
     data = {

@@ -179,6 +179,9 @@ class Checkpoint:
 
     def get(self, name: str) -> Any:
         """The tensor named `name`, waiting for its shard if needed. Raises KeyError if absent."""
+        wanted = self._selection.names
+        if wanted is not None and name not in wanted and name not in self._tensors:
+            raise KeyError(f"'{name}' is not among the tensors this load selected")
         while name not in self._tensors:
             if self._receive_next() is None:
                 raise KeyError(f"no tensor '{name}' in '{self._plan.uri}'")
@@ -210,8 +213,17 @@ class Checkpoint:
         return self._report
 
     def progress(self) -> tuple[int, int]:
-        """(bytes read so far, bytes in the checkpoint): safe to call from another thread."""
-        return int(self._session.stats()["bytes_read"]), self._plan.total_bytes
+        """(bytes read so far, bytes the load will read): safe to call from another thread.
+        With a tensor selection the total shrinks as headers reveal what the selection needs."""
+        stats = self._session.stats()
+        done = int(stats["bytes_read"])
+        if self._selection.everything:
+            return done, self._plan.total_bytes
+        total = sum(
+            8 + s["header_bytes"] + s["needed_bytes"] if s["header_ns"] >= 0 else ref.size
+            for s, ref in zip(stats["shards"], self._plan.shards, strict=True)
+        )
+        return min(done, total), total
 
     @property
     def finished(self) -> bool:
