@@ -48,6 +48,19 @@ def test_load_on_cuda_with_settings(fake_driver, write_checkpoint):
     assert "to cuda:0" in result.stdout
 
 
+def test_load_a_selection_by_name_and_glob(write_checkpoint, tmp_path):
+    directory = write_checkpoint(
+        [{f"layers.{s}.w": random_tensor(torch.bfloat16, (128, 32), s) for s in range(3)}]
+    )
+    out = tmp_path / "report.json"
+    result = run("load", str(directory), "--match", "layers.[02].*", "--report", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "2 tensors" in result.stdout and json.loads(out.read_text())["tensor_selection"] == 2
+    result = run("load", str(directory), "--tensor", "layers.1.w", "--tensor", "nope")
+    assert result.returncode == 2
+    assert "TensorNotFound" in result.stderr and "'nope'" in result.stderr
+
+
 def test_errors_are_one_line_and_exit_2(tmp_path):
     result = run("load", str(tmp_path / "missing"))
     assert result.returncode == 2

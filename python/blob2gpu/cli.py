@@ -31,8 +31,25 @@ def _cmd_load(args: argparse.Namespace) -> int:
     from .progress import LoadProgress, choose_mode
 
     settings = dict(kv.split("=", 1) for kv in args.set or [])
+    selection: dict[str, object] = {}
+    if args.tensor:
+        selection["tensor_names"] = args.tensor
+    if args.match:
+        import fnmatch
+
+        patterns = args.match
+
+        def matches(name: str) -> bool:
+            return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+        selection["tensor_filter"] = matches
     with blob2gpu.open(
-        args.uri, device=args.device, framework="dlpack", config=args.config, **settings
+        args.uri,
+        device=args.device,
+        framework="dlpack",
+        config=args.config,
+        **selection,
+        **settings,
     ) as checkpoint:
         mode = choose_mode(sys.stderr, quiet=args.quiet)
         with LoadProgress(checkpoint.progress, sys.stderr, mode, args.progress_interval):
@@ -264,6 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="KEY=VALUE",
         help="a setting for this load (repeatable), e.g. --set staging_slots=16",
+    )
+    load.add_argument(
+        "--tensor",
+        action="append",
+        metavar="NAME",
+        help="load only this tensor (repeatable); only its bytes are read",
+    )
+    load.add_argument(
+        "--match",
+        action="append",
+        metavar="GLOB",
+        help="load only tensors whose name matches (repeatable), e.g. 'model.layers.0.*'",
     )
     load.add_argument("--quiet", action="store_true", help="print nothing (no progress either)")
     load.add_argument(
