@@ -88,7 +88,7 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
 
     from .checkpoint import Checkpoint
     from .frameworks import converter
-    from .loader import Loader, normalize_device, source_uri
+    from .loader import Loader, normalize_device, source_uri, verification_of
     from .manifest import core_checksums, read_local_manifest
     from .report import LoadReport
     from .selection import read_blob_header, read_local_header, select, selection_from_arguments
@@ -135,13 +135,18 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
         fetched = [s for i, s in enumerate(full_plan.shards) if any(n[i] for n in group_needs)]
         plan = dataclasses.replace(full_plan, shards=tuple(fetched))
         wanted = None if selection.everything else sorted(selection.names)
+        content_md5 = None  # as in Loader.open: verify='auto' without a manifest
+        if (container is not None and manifest is None and effective.verify == "auto"
+                and wanted is None and any(s.content_md5 for s in plan.shards)):
+            content_md5 = [s.content_md5 for s in plan.shards]
         sizes = [s.size for s in plan.shards]
         owners = byte_owners(sizes, world)
         pipeline = loader._pipeline(device)
         report = LoadReport(uri=plan.uri, device=device, framework=framework,
                             started_at=started_at, settings=dict(effective.values),
                             source="azure-blob" if container else "local",
-                            verification=algorithm if manifest else "none",
+                            verification=verification_of(manifest, algorithm, container,
+                                                         content_md5),
                             tensor_selection=None if wanted is None else len(wanted),
                             _clock_start=clock_start)
         report.phases["artifact_fetch_start"] = 0.0
@@ -149,7 +154,7 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
         session = pipeline.start_fed([s.name for s in plan.shards], sizes,
                                      checksums=core_checksums(manifest, plan.shards, algorithm),
                                      fail_on_checksum_mismatch=effective.fail_if_checksum_mismatch,
-                                     wanted=wanted)
+                                     wanted=wanted, content_md5=content_md5)
         checkpoint = Checkpoint(session, plan, convert, report, settings=effective,
                                 pipeline=pipeline, selection=selection)
         try:
