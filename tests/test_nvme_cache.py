@@ -241,3 +241,25 @@ def test_cache_commands(published, container, cache_dir, blob_env):
     assert len(NvmeCache(cache_dir).entries()) == 2
     pruned = run_cli("cache", "prune", "--cache-dir", str(cache_dir), "--max-bytes", "1")
     assert pruned.returncode == 0 and NvmeCache(cache_dir).entries() == []
+
+
+def test_bytes_that_reach_the_disk_wrong_are_never_published(
+    published, container, cache_dir, blob_env, monkeypatch
+):
+    # The disk (here: a pwrite that flips a bit) stores something else than what was received:
+    # the read-back check before publishing catches it even without a manifest.
+    from blob2gpu.sources import nvme_cache
+
+    real_pwrite = os.pwrite
+
+    def flipping_pwrite(fd, data, offset):
+        damaged = bytearray(data)
+        damaged[len(damaged) // 2] ^= 0x04
+        return real_pwrite(fd, bytes(damaged), offset)
+
+    monkeypatch.setattr(nvme_cache.os, "pwrite", flipping_pwrite)
+    got, report = cached_load(f"az://{container}/m", cache_dir)
+    assert got == expected(published)  # the load itself never reads the cache file
+    assert not report.cache_written and len(report.cache_skipped) == 3
+    assert all("read back differ" in why for why in report.cache_skipped.values())
+    assert NvmeCache(cache_dir).entries() == []

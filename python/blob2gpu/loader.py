@@ -109,12 +109,16 @@ def use_cache(
                 lock.acquire()  # another process is writing this shard: wait, then read it
                 entry = cache.lookup(key, identity)
             if entry is None:
-                sha = (
-                    manifest.files[ref.name].sha256
-                    if (manifest is not None and ref.name in manifest.files)
-                    else None
+                listed = manifest.files.get(ref.name) if manifest is not None else None
+                writer.begin(
+                    i,
+                    ref.name,
+                    key,
+                    identity,
+                    lock,
+                    listed.sha256 if listed else None,
+                    (manifest.chunk_bytes, listed.crc32c) if listed else None,
                 )
-                writer.begin(i, ref.name, key, identity, lock, sha)
             else:
                 lock.release()
         if entry is not None:

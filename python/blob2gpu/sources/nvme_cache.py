@@ -214,8 +214,9 @@ class NvmeCache:
         return removed
 
 
-def _hash_file(path: Path, chunk_bytes: int) -> dict[str, Any]:
-    sha = _core.Sha256()
+def _hash_file(path: Path, chunk_bytes: int, with_sha256: bool = True) -> dict[str, Any]:
+    """Size, CRC32C per chunk and (with_sha256) SHA-256 of a file, read once."""
+    sha = _core.Sha256() if with_sha256 else None
     crcs = []
     size = 0
     with open(path, "rb", buffering=0) as f:
@@ -231,11 +232,20 @@ def _hash_file(path: Path, chunk_bytes: int) -> dict[str, Any]:
             if not got:
                 break
             crcs.append(_core.crc32c(view[:got]))
-            sha.update(view[:got])
+            if sha is not None:
+                sha.update(view[:got])
             size += got
             if got < chunk_bytes:
                 break
-    return {"size": size, "crc32c": crcs, "sha256": sha.hexdigest()}
+    return {"size": size, "crc32c": crcs, "sha256": sha.hexdigest() if sha is not None else None}
+
+
+def _whole_crc(pieces: list[tuple[int, int, int]]) -> int:
+    """CRC32C of a file from the CRCs of pieces that tile it: (offset, length, crc), any order."""
+    crc = 0
+    for _, length, piece in sorted(pieces):
+        crc = _core.crc32c_combine(crc, piece, length)
+    return crc
 
 
 @dataclass
@@ -247,8 +257,10 @@ class _Pending:
     fd: int
     tmp_path: Path
     expected_sha256: str | None
+    expected_crc32c: tuple[int, list[int]] | None = None  # the manifest's (chunk bytes, CRCs)
     written: int = 0
     done: bool = False
+    pieces: list[tuple[int, int, int]] = field(default_factory=list)  # what was received
 
 
 @dataclass
@@ -291,8 +303,10 @@ class CacheWriter:
         identity: dict[str, Any],
         lock: EntryLock,
         expected_sha256: str | None,
+        expected_crc32c: tuple[int, list[int]] | None = None,
     ) -> None:
-        """Start writing shard `index` (the caller holds its entry lock, now ours)."""
+        """Start writing shard `index` (the caller holds its entry lock, now ours).
+        expected_*: the manifest's SHA-256 and (chunk bytes, CRC32C per chunk) of the file."""
         self._names[index] = name
         size = identity["size"]
         if not self.cache.make_room(size):
@@ -313,7 +327,9 @@ class CacheWriter:
             lock.release()
             self.stats.skipped[name] = f"cannot write to the cache: {e.strerror}"
             return
-        self._pending[index] = _Pending(index, key, identity, lock, fd, tmp_path, expected_sha256)
+        self._pending[index] = _Pending(
+            index, key, identity, lock, fd, tmp_path, expected_sha256, expected_crc32c
+        )
         with self._lock:
             self.cache.reserved += size
 
@@ -358,6 +374,7 @@ class CacheWriter:
             except OSError as e:
                 self._abandon(p, f"write failed: {e.strerror}")
                 continue
+            p.pieces.append((offset, len(data), _core.crc32c(data)))
             p.written += len(data)
             if p.written == p.identity["size"]:
                 self._complete.put(p)
@@ -368,9 +385,20 @@ class CacheWriter:
             os.fsync(p.fd)
             os.close(p.fd)
             p.fd = -1
-            info = _hash_file(p.tmp_path, CHUNK_BYTES)  # what is on disk, not what we meant
-            if info["size"] != p.identity["size"] or (
-                p.expected_sha256 and info["sha256"] != p.expected_sha256
+            # What is on disk, read back, against what was received (CRC32C pieces combined) and
+            # the manifest: its chunk CRCs when they use the cache's chunking, else its SHA-256.
+            crcs_comparable = p.expected_crc32c is not None and p.expected_crc32c[0] == CHUNK_BYTES
+            need_sha = bool(p.expected_sha256) and not crcs_comparable
+            info = _hash_file(p.tmp_path, CHUNK_BYTES, with_sha256=need_sha)
+            on_disk = _whole_crc(
+                [(i * CHUNK_BYTES, min(CHUNK_BYTES, info["size"] - i * CHUNK_BYTES), c)
+                 for i, c in enumerate(info["crc32c"])]
+            )
+            if info["size"] != p.identity["size"] or on_disk != _whole_crc(p.pieces):
+                self._abandon(p, "the bytes read back differ from the bytes received")
+                return
+            if (crcs_comparable and info["crc32c"] != p.expected_crc32c[1]) or (
+                need_sha and info["sha256"] != p.expected_sha256
             ):
                 self._abandon(p, "the bytes written differ from the manifest")
                 return
@@ -379,9 +407,10 @@ class CacheWriter:
                 version=META_VERSION,
                 chunk_bytes=CHUNK_BYTES,
                 crc32c=info["crc32c"],
-                sha256=info["sha256"],
                 created=time.time(),
             )
+            if info["sha256"]:
+                meta["sha256"] = info["sha256"]
             data_path, meta_path = self.cache._paths(p.key)
             meta_tmp = p.tmp_path.with_suffix(".json")
             meta_tmp.write_text(json.dumps(meta))
