@@ -97,7 +97,7 @@ def main() -> int:
     _, crc_cpu, _ = timed(lambda: _core.crc32c(data))
     _, sha_cpu, _ = timed(lambda: _core.Sha256(data).hexdigest())
     _, md5_cpu, _ = timed(lambda: _core.md5(data))
-    print(f"\n{gb:.2f} GB, 4 shards, median of {args.repeats} (local loads: {3 * args.repeats}),"
+    print(f"\n{gb:.2f} GB, 4 shards, median of {args.repeats} (local loads: {3 * args.repeats}), "
           "Azurite in memory, page cache warm")
     print("cache hit rate: " + ", ".join(f"{k} {v}" for k, v in hits.items()))
     print(f"{'contestant':<24}{'GB/s':>8}{'CPU s/GB':>10}")
