@@ -221,3 +221,20 @@ def test_selection_reads_cache_hits_and_writes_no_partial_entries(write_checkpoi
     got, report = load_selected(uri, "cpu", tensor_names=["layers.1.norm"], **cache)
     assert got == {"layers.1.norm": reference["layers.1.norm"]}
     assert report.cache_hit_rate == 1.0 and report.tensors == 1
+
+
+def test_blob_selection_with_headers_longer_than_the_first_range(
+    device, write_checkpoint, azurite, container, blob_env
+):
+    # 200 small tensors: a header of several KiB; 4 KiB ranges (and slots) split it.
+    shard = {f"t{i:03d}": random_tensor(torch.float32, (16 + i % 7,), i) for i in range(200)}
+    directory = write_checkpoint([shard], index=False)
+    upload_directory(azurite, container, directory, "many")
+    reference = expected(directory)
+    wanted = ["t007", "t100", "t199"]
+    settings = {"chunk_bytes": 4096}
+    if device != "cpu":
+        settings["staging_slot_bytes"] = 4096
+    got, report = load_selected(f"az://{container}/many", device, tensor_names=wanted, **settings)
+    assert got == {n: reference[n] for n in wanted}
+    assert report.shards[0].header_bytes > 4096 and report.tensors == 3
