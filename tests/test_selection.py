@@ -238,3 +238,20 @@ def test_blob_selection_with_headers_longer_than_the_first_range(
     got, report = load_selected(f"az://{container}/many", device, tensor_names=wanted, **settings)
     assert got == {n: reference[n] for n in wanted}
     assert report.shards[0].header_bytes > 4096 and report.tensors == 3
+
+
+def test_the_fit_check_sizes_a_selection_not_the_shards_it_touches(fake_driver, write_checkpoint):
+    # Two ~1.4 MB shards; the GPU has 1 MB free: the norms fit, one mlp weight does not.
+    directory = write_checkpoint(layers(count=2, rows=1024), index=False)
+    fake_driver.set_vram_budget(fake_driver.live_device_bytes() + 1_000_000)
+    try:
+        got = blob2gpu.load(str(directory), device="cuda", framework="dlpack",
+                            tensor_filter=lambda n: n.endswith("norm"))
+        assert sorted(got) == ["layers.0.norm", "layers.1.norm"]
+        del got
+        with pytest.raises(errors.InsufficientGPUMemory, match="the selected tensors needs"):
+            blob2gpu.load(str(directory), device="cuda", tensor_names=["layers.0.mlp.w"])
+        with pytest.raises(errors.InsufficientGPUMemory, match="loading the checkpoint needs"):
+            blob2gpu.load(str(directory), device="cuda")
+    finally:
+        fake_driver.set_vram_budget(8 << 30)

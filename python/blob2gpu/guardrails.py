@@ -28,10 +28,16 @@ def _gb(n: float) -> str:
 
 
 def check_memory_fit(
-    shard_sizes: list[int], device: str, pipeline: Any, settings: Any, host_staging: bool
+    shard_sizes: list[int],
+    device: str,
+    pipeline: Any,
+    settings: Any,
+    host_staging: bool,
+    what: str = "the checkpoint",
 ) -> tuple[int, int] | None:
     """Raise InsufficientGPUMemory / InsufficientHostMemory when the weights will not fit.
 
+    shard_sizes: bytes each shard will hold in target memory; what: how messages name them.
     Returns (free, total) GPU bytes measured for a cuda target (None on cpu), for the report.
     """
     weights = sum(shard_sizes)
@@ -49,9 +55,9 @@ def check_memory_fit(
         need = held * settings.host_headroom_factor
         available = host_available_bytes()
         if available < need:
-            what = "the checkpoint" if device == "cpu" else "host staging of the largest shards"
+            holder = f"loading {what}" if device == "cpu" else "host staging of the largest shards"
             raise InsufficientHostMemory(
-                f"{what} needs {_gb(need)} of host memory ({_gb(held)} x host_headroom_factor "
+                f"{holder} needs {_gb(need)} of host memory ({_gb(held)} x host_headroom_factor "
                 f"{settings.host_headroom_factor:g}) but {_gb(available)} is available; free "
                 "memory, load to a GPU with direct_gpu_load=true, or lower host_headroom_factor"
             )
@@ -60,7 +66,7 @@ def check_memory_fit(
         need = weights * settings.gpu_headroom_factor
         if free < need:
             raise InsufficientGPUMemory(
-                f"{device} has {_gb(free)} free of {_gb(total)} but the checkpoint needs "
+                f"{device} has {_gb(free)} free of {_gb(total)} but loading {what} needs "
                 f"{_gb(need)} ({_gb(weights)} of weights x gpu_headroom_factor "
                 f"{settings.gpu_headroom_factor:g}); free GPU memory (other processes, caches), "
                 "use a larger GPU, quantize or shard the model, or lower gpu_headroom_factor"

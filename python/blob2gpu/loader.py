@@ -14,6 +14,8 @@ from .checkpoint import Checkpoint
 from .errors import (
     BlobChanged,
     ChecksumMismatch,
+    InsufficientGPUMemory,
+    InsufficientHostMemory,
     InvalidArgument,
     ManifestMissing,
     ShardCountMismatch,
@@ -22,7 +24,13 @@ from .frameworks import converter
 from .guardrails import check_memory_fit
 from .manifest import MANIFEST_NAME, core_checksums, read_local_manifest
 from .report import LoadReport
-from .selection import read_blob_header, read_local_header, select, selection_from_arguments
+from .selection import (
+    read_blob_header,
+    read_local_header,
+    select,
+    selected_sizes,
+    selection_from_arguments,
+)
 from .settings import ResolvedSettings, resolve
 from .sources import ShardPlan
 from .sources import resolve as resolve_local
@@ -223,11 +231,24 @@ class Loader:
                 content_md5 = [s.content_md5 for s in plan.shards]
         host_staging = device != "cpu" and not effective.direct_gpu_load
         pipeline = self._pipeline(device)
-        # A selection's tensors are known in size only once headers are read: the fit check
-        # takes whole shards (an upper bound).
-        gpu_memory = check_memory_fit(
-            [s.size for s in plan.shards], device, pipeline, effective, host_staging
-        )
+        try:
+            gpu_memory = check_memory_fit(
+                [s.size for s in plan.shards], device, pipeline, effective, host_staging
+            )
+        except (InsufficientGPUMemory, InsufficientHostMemory):
+            if selection.everything:
+                raise
+            # The shards a selection touches do not fit whole: size the selection itself from
+            # the headers (one small read per shard) before deciding.
+            sizes = selected_sizes(
+                plan,
+                selection,
+                (lambda ref: read_blob_header(container, ref)) if container else read_local_header,
+                manifest.chunk_bytes if manifest is not None else 0,
+            )
+            gpu_memory = check_memory_fit(
+                sizes, device, pipeline, effective, host_staging, what="the selected tensors"
+            )
         report = LoadReport(
             uri=container.display_uri if container else plan.uri,
             device=device,

@@ -99,6 +99,27 @@ def select(
     return dataclasses.replace(plan, shards=shards), selection
 
 
+def selected_sizes(
+    plan: ShardPlan,
+    selection: Selection,
+    read_header: Callable[[ShardRef], dict[str, Any]],
+    chunk_bytes: int = 0,
+) -> list[int]:
+    """Bytes each shard of the plan holds for the selection (its tensors, plus the whole manifest
+    chunks around each when verified: an upper bound), from the shards' headers."""
+    sizes = []
+    for ref in plan.shards:
+        header = read_header(ref)
+        sizes.append(
+            sum(
+                t["end"] - t["begin"] + 2 * chunk_bytes
+                for t in header["tensors"]
+                if t["name"] in (selection.names or ())
+            )
+        )
+    return sizes
+
+
 def check_found(selection: Selection, loaded: Iterable[str], uri: str) -> None:
     """Raises TensorNotFound for names asked for that no shard held."""
     missing = sorted(selection.requested - set(loaded))
