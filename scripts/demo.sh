@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # Installs blob2gpu and runs the demo load: a generated sharded checkpoint loaded to the GPU when a
-# CUDA driver is usable, else to the CPU, with the load report printed.
+# CUDA driver is usable, else to the CPU, with the load report printed. `--model llama`: a
+# transformers Llama cold-started to its first token instead (installs torch and transformers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.13" ninja numpy
-"$PY" -m pip install -q --no-build-isolation ".[azure]"
+extras="azure"
+case " $* " in
+  *" --model llama "*|*" --model=llama "*)  # a transformers model: torch first (the CPU build on disk)
+    "$PY" -m pip install -q torch==2.13.0
+    extras="azure,transformers" ;;
+esac
+"$PY" -m pip install -q --no-build-isolation ".[$extras]"
 # The demo serves its checkpoint from a local Azurite when npm can install one; else local files.
 if [ ! -x .azurite/node_modules/.bin/azurite-blob ] && command -v npm >/dev/null; then
   npm install --no-save --no-audit --no-fund --loglevel=error --prefix .azurite azurite@3.37.0 \

@@ -196,3 +196,17 @@ def test_cli_coldstart(tmp_path, container, blob_env):
     for name in PHASES:
         line = next(x for x in result.stdout.splitlines() if x.startswith(name))
         assert not line.rstrip().endswith("-"), line
+
+
+def test_the_llama_demo_cold_starts_to_a_first_token():
+    # `blob2gpu demo --model llama`: a Llama written here, served by Azurite when installed (else
+    # local files), cold-started to its first token with every phase printed.
+    result = subprocess.run(
+        [sys.executable, "-m", "blob2gpu", "demo", "--model", "llama", "--size-mb", "16",
+         "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "a transformers Llama" in result.stdout and "first token " in result.stdout
+    first_token_row = [line for line in result.stdout.splitlines() if line.startswith("first_token")]
+    assert first_token_row and first_token_row[0].split()[-1] != "-"

@@ -81,7 +81,7 @@ def _cmd_coldstart(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main
 
-    return main(device=args.device, total_mb=args.size_mb, source=args.source)
+    return main(device=args.device, total_mb=args.size_mb, source=args.source, model=args.model)
 
 
 def _cmd_preflight(args: argparse.Namespace) -> int:
@@ -413,6 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="write a small checkpoint and load it")
     demo.add_argument("--device", default="auto", help="auto (GPU if usable), cpu, cuda, cuda:N")
     demo.add_argument("--size-mb", type=int, default=256)
+    demo.add_argument(
+        "--model",
+        default="generated",
+        choices=("generated", "llama"),
+        help="generated: shards of random tensors; llama: a transformers Llama, cold-started to "
+        "its first token (needs blob2gpu[transformers])",
+    )
     demo.add_argument(
         "--source",
         default="auto",

@@ -1,7 +1,10 @@
 """The demo load: writes a small sharded checkpoint and loads it, printing the report.
 
 The checkpoint is written here (no download), so the demo runs on any machine; it loads to the
-first GPU when a CUDA driver is usable and to the CPU otherwise.
+first GPU when a CUDA driver is usable and to the CPU otherwise. With model='llama' it is a real
+transformers Llama-architecture model (random weights from a local config, a byte-level tokenizer
+built here), and the demo is a cold start: config and tokenizer fetched, the model built on the
+meta device, the weights loaded into it, one token generated, every phase timed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _core
+from .errors import InvalidArgument
 
 LAYER_SHAPES = {
     "attn.qkv.weight": (3, 1),
@@ -73,12 +77,49 @@ def write_demo_checkpoint(
     return directory
 
 
-def main(device: str = "auto", total_mb: int = 256, source: str = "auto") -> int:
+LLAMA_LAYER_MB = 6.3  # one decoder layer of the demo Llama in bf16
+LLAMA_FIXED_MB = 0.5  # its embedding and output head (a byte-level vocabulary of 256)
+
+
+def write_demo_llama(directory: Path, total_mb: int = 256) -> Path:
+    """A Llama-architecture model of about total_mb MB (bf16, random weights, as many layers as
+    fit) saved by transformers as shards with index, config.json and a byte-level tokenizer.
+    Needs transformers, tokenizers and torch; reaches no hub. Returns the directory."""
+    from .coldstart import _import_transformers
+
+    transformers = _import_transformers()
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    layers = max(1, round((total_mb - LLAMA_FIXED_MB) / LLAMA_LAYER_MB))
+    config = transformers.LlamaConfig(
+        hidden_size=512, intermediate_size=1536, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=4, vocab_size=256,
+        max_position_embeddings=512, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    shard_mb = max(8, total_mb // 8)  # about eight shards
+    model.save_pretrained(directory, safe_serialization=True, max_shard_size=f"{shard_mb}MB")
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(directory)
+    return directory
+
+
+def main(device: str = "auto", total_mb: int = 256, source: str = "auto",
+         model: str = "generated") -> int:
     """Write the demo checkpoint, serve it from a local Azurite (or read it from local files when
     Azurite or azure-storage-blob is missing), load it, print the summary and phase table.
+    model='llama': a transformers Llama instead, cold-started to its first token.
 
-    Returns 0.
+    Returns 0. Raises InvalidArgument for an unknown model, or for 'llama' without transformers.
     """
+    if model not in ("generated", "llama"):
+        raise InvalidArgument(f"demo model '{model}' is not one of 'generated', 'llama'")
     import blob2gpu
 
     from .emulator import Azurite, find_azurite
@@ -93,6 +134,8 @@ def main(device: str = "auto", total_mb: int = 256, source: str = "auto") -> int
         except ImportError:
             source = "local"
     with tempfile.TemporaryDirectory(prefix="blob2gpu-demo-") as tmp:
+        if model == "llama":
+            return _llama_cold_start(Path(tmp), device, total_mb, source)
         path = write_demo_checkpoint(Path(tmp), total_mb=total_mb)
         size_mb = sum(f.stat().st_size for f in path.iterdir()) / 1e6
         shards = len(list(path.glob("*.safetensors")))
@@ -113,13 +156,42 @@ def main(device: str = "auto", total_mb: int = 256, source: str = "auto") -> int
     return 0
 
 
-def _load(blob2gpu, uri: str, device: str, credential: str | None = None):
-    account_key = None
-    if credential is not None:
-        from .sources.azure_blob import parse_connection_string
+def _llama_cold_start(tmp: Path, device: str, total_mb: int, source: str) -> int:
+    from .coldstart import cold_start
+    from .emulator import Azurite
 
-        cs = parse_connection_string(credential)
-        account_key = {"account_name": cs["AccountName"], "account_key": cs["AccountKey"]}
+    path = write_demo_llama(tmp / "llama", total_mb)
+    size_mb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
+    shards = len(list(path.glob("*.safetensors")))
+    print(f"demo model: a transformers Llama, {size_mb:.0f} MB of bf16 weights in {shards} shards")
+    if source == "azurite":
+        with Azurite() as azurite:
+            azurite.upload_directory("models", path, "llama")
+            uri = f"{azurite.endpoint()}/models/llama"
+            print(f"  served by Azurite at {uri}; cold start on {device}")
+            result = cold_start(uri, device=device,
+                                credential=_account_key(azurite.connection_string()))
+    else:
+        print(f"  at {path} (local files); cold start on {device}")
+        result = cold_start(str(path), device=device)
+    shown = repr(result.text) if result.text is not None else ""
+    print(f"first token {result.token_id} {shown} after input ids {result.input_ids}")
+    print(f"config, tokenizer and meta model: {result.prepare_seconds:.3f} s; "
+          f"{result.total_seconds:.3f} s from the call to the first token")
+    print(result.report.summary())
+    print(result.report.phase_table())
+    return 0
+
+
+def _account_key(connection_string: str) -> dict[str, str]:
+    from .sources.azure_blob import parse_connection_string
+
+    cs = parse_connection_string(connection_string)
+    return {"account_name": cs["AccountName"], "account_key": cs["AccountKey"]}
+
+
+def _load(blob2gpu, uri: str, device: str, credential: str | None = None):
+    account_key = _account_key(credential) if credential is not None else None
     with blob2gpu.open(uri, device=device, framework="dlpack", credential=account_key) as ckpt:
         tensors = ckpt.to_dict()
         report = ckpt.report
