@@ -536,7 +536,7 @@ PYBIND11_MODULE(_core, m) {
           [](LoadPipeline& p, const std::vector<std::string>& names,
              const std::vector<uint64_t>& sizes, bool host_staging, const py::object& checksums,
              bool fail_on_checksum_mismatch, const py::object& paths, const py::object& wanted,
-             const py::object& content_md5, bool direct_io) {
+             const py::object& content_md5, bool direct_io, bool mmap) {
             if (names.size() != sizes.size()) {
               throw CoreError(ErrorKind::InvalidArgument, "names and sizes differ in length");
             }
@@ -571,14 +571,16 @@ PYBIND11_MODULE(_core, m) {
             options.host_staging = host_staging;
             options.fail_on_checksum_mismatch = fail_on_checksum_mismatch;
             options.direct_io = direct_io;
+            options.mmap = mmap;
             return p.start_fed(std::move(shards), options);
           },
           py::arg("names"), py::arg("sizes"), py::arg("host_staging") = false,
           py::arg("checksums") = py::none(), py::arg("fail_on_checksum_mismatch") = true,
           py::arg("paths") = py::none(), py::arg("wanted") = py::none(),
           py::arg("content_md5") = py::none(), py::arg("direct_io") = false,
+          py::arg("mmap") = false,
           "direct_io: read the local files (cache hits) with O_DIRECT into staging slots where "
-          "the filesystem allows it. "
+          "the filesystem allows it. mmap: on cpu, map the local files copy-on-write. "
           "content_md5: None, or per shard None or the blob's 16-byte Content-MD5 (checked over "
           "the whole blob, in order, when no manifest checks it). Start a load whose byte ranges the caller fetches into landings (acquire/commit); "
           "paths: per shard a local file the io threads read instead (a cache hit), or ''.")

@@ -70,7 +70,7 @@ std::shared_ptr<LoadSession> LoadPipeline::start_local(std::vector<ShardSource> 
 std::shared_ptr<LoadSession> LoadPipeline::start_fed(std::vector<ShardSource> shards,
                                                      SessionOptions options) {
   options.fed = true;
-  options.mmap = false;
+  if (is_cuda()) options.mmap = false;  // mmap maps the local shards (cache hits) on cpu only
   return start(std::move(shards), options);
 }
 
@@ -237,9 +237,9 @@ void LoadSession::run_header(size_t index) {
   prepare_shard(index, json.data(), json.size(), file_size, st);
   const ShardHeader& h = shard.header;
 
-  if (mmap_ || shard.needed_bytes == 0) {
-    if (mmap_) bytes_read_ += shard.needed_bytes;  // mapped: the consumer's first touch reads it
-    if (mmap_ && shard.verifier) {
+  if (maps(shard) || shard.needed_bytes == 0) {
+    if (maps(shard)) bytes_read_ += shard.needed_bytes;  // mapped: the first touch reads it
+    if (maps(shard) && shard.verifier) {
       for (const Span& span : shard.spans) {
         verify(shard, h.data_offset + span.begin, shard.arena->host_data() + span.begin,
                span.end - span.begin);
@@ -301,11 +301,11 @@ void LoadSession::plan_spans(Shard& shard) const {
   shard.needed_bytes = 0;
   for (Span& span : shard.spans) {
     span.arena_offset =
-        mmap_ ? span.begin : (cursor + kAlign - 1) / kAlign * kAlign + span.begin % kAlign;
+        maps(shard) ? span.begin : (cursor + kAlign - 1) / kAlign * kAlign + span.begin % kAlign;
     cursor = span.arena_offset + (span.end - span.begin);
     shard.needed_bytes += span.end - span.begin;
   }
-  shard.arena_bytes = mmap_ ? h.data_bytes : cursor;
+  shard.arena_bytes = maps(shard) ? h.data_bytes : cursor;
   shard.tensor_offset.assign(h.tensors.size(), 0);
   for (size_t t : shard.selected) {
     const TensorEntry& e = h.tensors[t];
@@ -343,7 +343,7 @@ void LoadSession::prepare_shard(size_t index, const uint8_t* json, size_t json_l
     if (host_staging_) {
       shard.staging = DeviceArena::on_host(shard.arena_bytes, arena_label + " (host staging)");
     }
-  } else if (mmap_) {
+  } else if (maps(shard)) {
     shard.arena = DeviceArena::map_file(shard.file->fd(), file_size, h.data_offset, arena_label);
   } else {
     shard.arena = DeviceArena::on_host(shard.arena_bytes, arena_label);
@@ -855,7 +855,8 @@ SessionStats LoadSession::stats() const {
   s.slot_waits = ring.acquire_waits;
   s.copy_streams = pipeline_->engine_ ? pipeline_->engine_->stream_count() : 0;
   s.io_threads = pipeline_->settings_.io_threads;
-  s.mmap = mmap_;
+  s.mmap = false;
+  for (const auto& shard : shards_) s.mmap = s.mmap || maps(*shard);
   s.host_staging = host_staging_;
   s.min_free_device_bytes = min_free_.load();
   s.verified_bytes = verified_bytes_.load();

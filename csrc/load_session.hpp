@@ -46,7 +46,7 @@ struct PipelineSettings {
 };
 
 struct SessionOptions {
-  bool mmap = false;          // cpu target, local files: map instead of reading
+  bool mmap = false;  // cpu target, local files (in a fed session: cache hits): map, not read
   bool host_staging = false;  // cuda target: whole shard into host memory, then one copy (baseline)
   bool fed = false;           // a caller fetches the bytes (acquire/commit) instead of io threads
   bool fail_on_checksum_mismatch = true;  // false: the load completes and the stats list them
@@ -247,6 +247,8 @@ class LoadSession {
   // Where host-landing bytes of a shard's data region go: the arena (cpu) or the staging copy.
   uint8_t* host_destination(const Shard& shard) const;
   bool lands_on_host() const { return !pipeline_->ctx_ || host_staging_; }
+  // The shard's data is its local file mapped copy-on-write (cpu target, mmap asked, a path).
+  bool maps(const Shard& shard) const { return mmap_ && !shard.source.path.empty(); }
   void begin();
   void prepare_shard(size_t shard, const uint8_t* json, size_t json_len, uint64_t file_size,
                      ShardStats st);

@@ -68,6 +68,21 @@ def test_second_load_is_served_from_the_cache(device, published, container, cach
         assert second.direct_io_bytes == 0  # the cpu target reads into its arena, buffered
 
 
+def test_cpu_cache_hits_are_mapped_not_copied(published, container, cache_dir, blob_env):
+    uri = f"az://{container}/m"
+    cached_load(uri, cache_dir)
+    with blob2gpu.open(uri, local_nvme_cache_enabled=True, cache_dir=str(cache_dir)) as ckpt:
+        tensors = ckpt.to_dict()
+        report = ckpt.report
+        maps = Path("/proc/self/maps").read_text()
+    assert report.cache_hit_rate == 1.0 and report.mmap
+    assert {n: as_bytes(t) for n, t in tensors.items()} == expected(published)
+    for entry in NvmeCache(cache_dir).entries():  # the tensors live in the entries' pages
+        assert str(entry.data_path) in maps
+    got, report = cached_load(uri, cache_dir, mmap_local_files=False)
+    assert got == expected(published) and not report.mmap
+
+
 @pytest.mark.parametrize("slot_bytes", [16384, 65536 + 12345])
 def test_direct_io_reads_of_cache_hits_at_any_offset(fake_driver, published, container,
                                                      cache_dir, blob_env, slot_bytes):

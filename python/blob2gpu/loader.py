@@ -313,6 +313,7 @@ class Loader:
             wanted=wanted,
             content_md5=content_md5,
             direct_io=effective.cache_direct_io,
+            mmap=bool(effective.mmap_local_files and device == "cpu"),
         )
         feeder = BlobFeeder(
             session,

@@ -179,9 +179,10 @@ SCHEMA: tuple[Setting, ...] = (
         "mmap_local_files",
         True,
         bool,
-        "cpu target, local files: map shards copy-on-write instead of reading them (zero-copy, "
-        "like safetensors; pages are read on first touch, and a manifest still checks every "
-        "chunk). false: read them into fresh memory (the file may change later without effect).",
+        "cpu target, local files and NVMe cache hits: map shards copy-on-write instead of reading "
+        "them (zero-copy, like safetensors; pages are read on first touch, and a manifest or the "
+        "cache's checksums still check every chunk). false: read them into fresh memory (the "
+        "file may change later without effect).",
     ),
     # -- storage ----------------------------------------------------------------------------------
     S(
