@@ -255,3 +255,53 @@ def test_the_fit_check_sizes_a_selection_not_the_shards_it_touches(fake_driver, 
             blob2gpu.load(str(directory), device="cuda")
     finally:
         fake_driver.set_vram_budget(8 << 30)
+
+
+# --- property: any checkpoint layout, any subset, any slot size --------------------------------
+from hypothesis import HealthCheck, given  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+DTYPES = {"U8": 1, "F16": 2, "F32": 4, "F64": 8}
+
+
+@st.composite
+def selections(draw):
+    """Tensors of random dtypes and lengths laid end to end (so most are misaligned), a random
+    subset of them, a slot size, a target and an optional manifest chunk size."""
+    count = draw(st.integers(1, 12))
+    entries = []
+    for i in range(count):
+        dtype = draw(st.sampled_from(sorted(DTYPES)))
+        elements = draw(st.integers(0, 3000))
+        data = draw(st.binary(min_size=elements * DTYPES[dtype],
+                              max_size=elements * DTYPES[dtype]))
+        entries.append((f"t{i}", dtype, [elements], data))
+    wanted = draw(st.sets(st.sampled_from([e[0] for e in entries])))
+    slot = draw(st.sampled_from([4096, 5000, 16384, 1 << 20]))
+    target = draw(st.sampled_from(["cpu", "cpu-mmap", "cuda", "cuda-host-staging"]))
+    chunk = draw(st.sampled_from([0, 1000, 4096]))
+    return entries, wanted, slot, target, chunk
+
+
+@hypothesis_settings(deadline=None, database=None, max_examples=100,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                            HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(selections())
+def test_any_selection_of_any_layout_is_byte_exact(fake_driver, tmp_path_factory, case):
+    entries, wanted, slot, target, chunk = case
+    directory = tmp_path_factory.mktemp("layout")
+    path = raw_safetensors(directory / "m.safetensors", entries)
+    if chunk:
+        (directory / MANIFEST_NAME).write_text(manifest_for_directory(directory, chunk).to_json())
+    settings = {
+        "cpu": {"mmap_local_files": False},
+        "cpu-mmap": {"mmap_local_files": True},
+        "cuda": {"staging_slot_bytes": slot},
+        "cuda-host-staging": {"staging_slot_bytes": slot, "direct_gpu_load": False},
+    }[target]
+    device = "cuda" if target.startswith("cuda") else "cpu"
+    got, report = load_selected(path, device, tensor_names=sorted(wanted), **settings)
+    assert got == {name: data for name, _, _, data in entries if name in wanted}
+    if chunk:
+        assert report.verified_bytes >= sum(len(d) for n, _, _, d in entries if n in wanted)
