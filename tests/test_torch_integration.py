@@ -86,3 +86,22 @@ def test_loads_from_blob_storage(reference, azurite, container, blob_env):
     b2t.load_into(fresh, f"az://{container}/tiny", device="cpu")
     ids = torch.tensor([[5, 6]])
     assert torch.equal(fresh(ids), model(ids))
+
+
+def test_a_pipeline_stage_reads_only_its_own_tensors(reference):
+    # A stage holding only the MLP: strict=False turns its names into a tensor selection.
+    model, path = reference
+
+    class Stage(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = TinyLM().mlp
+
+    with torch.device("meta"):
+        stage = Stage()
+    report = b2t.load_into(stage, str(path), device="cpu", strict=False, mmap_local_files=False)
+    assert report.tensors == 4 and report.tensor_selection == 4
+    mlp_bytes = sum(p.numel() * p.element_size() for p in model.mlp.parameters())
+    assert report.bytes - 8 - report.shards[0].header_bytes == mlp_bytes
+    for got, want in zip(stage.mlp.parameters(), model.mlp.parameters(), strict=True):
+        assert torch.equal(got, want)

@@ -41,20 +41,25 @@ def load_into(module: torch.nn.Module, uri: str | None = None, device: str = "cu
     The module may live on the meta device: its tensors are replaced by the loaded ones. `prefix`
     is stripped from checkpoint names; `dtype` casts floating-point tensors. Tied weights (one
     tensor under two names) need the checkpoint to hold only one of the names.
+    With strict=False only the tensors the module has are read (a tensor selection), so a
+    pipeline stage built with some of the layers fetches just those.
     Returns the LoadReport. Raises StateDictMismatch naming missing, unexpected or misshapen
     tensors (all of them, with strict=True; only misshapen ones otherwise), and every error of
     blob2gpu.load.
     """
     from . import open as open_checkpoint
 
+    expected = module.state_dict(keep_vars=True)
+    tied = _tied_names(module)
+    if not strict and "tensor_names" not in settings and "tensor_filter" not in settings:
+        wanted = {prefix + n for n in (*expected, *tied.values())}
+        settings["tensor_filter"] = wanted.__contains__
     with open_checkpoint(uri, device=device, framework="torch", credential=credential,
                          **settings) as checkpoint:
         loaded = checkpoint.to_dict()
         report = checkpoint.report
     if prefix:
         loaded = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
-    expected = module.state_dict(keep_vars=True)
-    tied = _tied_names(module)
     missing = sorted(n for n in expected if n not in loaded
                      and not (n in tied and tied[n] in loaded))
     unexpected = sorted(n for n in loaded if n not in expected)
