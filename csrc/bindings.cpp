@@ -432,6 +432,20 @@ PYBIND11_MODULE(_core, m) {
              return py::make_tuple(shard->index, tensors, metadata);
            },
            "Next (shard index, [TensorView], metadata) in arrival order, or None when done.")
+      .def("take_ready",
+           [](LoadSession& s) {
+             py::list out;
+             for (auto& shard : s.take_ready()) {
+               py::list tensors;
+               for (const auto& t : shard.tensors) tensors.append(t);
+               py::dict metadata;
+               for (const auto& kv : shard.metadata) metadata[py::str(kv.first)] = kv.second;
+               out.append(py::make_tuple(shard.index, tensors, metadata));
+             }
+             return out;
+           },
+           "[(shard index, [TensorView], metadata)] of shards published but not yet returned, "
+           "even after the load failed.")
       .def("wait_landed", &LoadSession::wait_landed, py::call_guard<py::gil_scoped_release>())
       .def("cancel", &LoadSession::cancel, py::call_guard<py::gil_scoped_release>())
       .def("close", &LoadSession::close, py::call_guard<py::gil_scoped_release>())

@@ -784,6 +784,15 @@ std::optional<PublishedShard> LoadSession::next_shard() {
   return std::nullopt;
 }
 
+std::vector<PublishedShard> LoadSession::take_ready() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<PublishedShard> out(std::make_move_iterator(ready_.begin()),
+                                  std::make_move_iterator(ready_.end()));
+  returned_ += out.size();
+  ready_.clear();
+  return out;
+}
+
 void LoadSession::wait_landed() {
   std::vector<std::shared_ptr<CudaEvent>> fences;
   {

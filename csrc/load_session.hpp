@@ -180,6 +180,9 @@ class LoadSession {
   // The next shard whose tensors are ready to hand out, in arrival order; nullopt when all were
   // returned. Blocks; rethrows the load's first error.
   std::optional<PublishedShard> next_shard();
+  // Shards published but not yet returned by next_shard(), even after the load failed (their
+  // bytes are complete): a restarted load may keep them. Does not block.
+  std::vector<PublishedShard> take_ready();
   // Blocks until every byte handed out so far has landed on the device (waits on fence events).
   void wait_landed();
   // Stops the load: pending reads are skipped, in-flight copies drain, unpublished arenas are freed.

@@ -167,6 +167,39 @@ def test_restart_on_blob_change_loads_one_consistent_version(
     assert as_bytes(got["s0.w0"]) == expected(published)["s0.w0"]
 
 
+def test_restart_keeps_the_complete_shards_of_unchanged_blobs(
+    device, published, azurite, container, via_proxy
+):
+    # Shards are fetched in order (one connection); the third blob is overwritten while the
+    # first is read. The restart lists again and fetches only the changed blob: the first two,
+    # complete and unchanged, are kept (their GETs are not repeated).
+    victim = "m/model-00003-of-00003.safetensors"
+    from safetensors.torch import save as save_bytes
+
+    new_tensors = {"s2.w0": torch.full((128, 256), 7.0), "s2.w1": torch.full((128, 256), 8.0)}
+
+    def overwrite_once(path, count):
+        if count == 4:
+            azurite.service().get_container_client(container).upload_blob(
+                victim, save_bytes(new_tensors), overwrite=True
+            )
+
+    via_proxy.faults.on_range_get = overwrite_once
+    framework = "torch" if device == "cpu" else "dlpack"
+    with blob2gpu.Loader(on_blob_change="restart", prefetch_concurrency=1,
+                         chunk_bytes=65536) as loader:
+        got = loader.load(f"az://{container}/m", device=device, framework=framework)
+    reference = expected(published)
+    for name in ("s0.w0", "s0.w1", "s1.w0", "s1.w1"):
+        assert as_bytes(got[name]) == reference[name]
+    for name, tensor in new_tensors.items():
+        assert as_bytes(got[name]) == as_bytes(tensor)
+    gets = [p.rsplit("/", 1)[-1] for p in via_proxy.counters.paths if p.endswith(".safetensors")]
+    first_two = [g for g in gets if g != "model-00003-of-00003.safetensors"]
+    sizes = {f.name: f.stat().st_size for f in published.glob("*.safetensors")}
+    assert len(first_two) == sum(-(-sizes[n] // 65536) for n in set(first_two))  # fetched once
+
+
 def test_gets_add_up_to_one_copy_of_the_checkpoint(published, container, via_proxy):
     load(f"az://{container}/m", "cpu")
     shards = sorted(published.glob("*.safetensors"))

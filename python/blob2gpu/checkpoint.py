@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _core, metrics
-from .errors import ChecksumMismatch, InvalidIndex, LoadCancelled
+from .errors import BlobChanged, ChecksumMismatch, InvalidIndex, LoadCancelled
 from .report import LoadReport
 from .selection import EVERYTHING, Selection, check_found
 from .sources import ShardPlan
@@ -35,6 +35,7 @@ class Checkpoint:
         cache_hits: dict[int, Any] | None = None,
         cache_writer: Any = None,
         selection: Selection = EVERYTHING,
+        preloaded: dict[Any, dict[str, Any]] | None = None,
     ) -> None:
         self._session = session
         self._selection = selection  # the tensors this load hands out
@@ -53,6 +54,15 @@ class Checkpoint:
         self._shard_of: dict[str, str] = {}
         self._finished = False
         self._closed = False
+        # Shards kept from an earlier attempt of this load (same blob, same etag): ShardRef ->
+        # their tensors, already converted.
+        self._preloaded_refs = {ref.name: ref for ref in (preloaded or {})}
+        # Set by a Loader.load that restarts on BlobChanged: the error then carries the complete
+        # shards (otherwise a failed load keeps nothing).
+        self._keep_completed = False
+        for ref, tensors in (preloaded or {}).items():
+            self._tensors.update(tensors)
+            self._shard_of.update(dict.fromkeys(tensors, ref.name))
 
     # -- arrival ----------------------------------------------------------------------------------
     def _receive_next(self) -> list[tuple[str, Any]] | None:
@@ -64,16 +74,23 @@ class Checkpoint:
         try:
             item = self._session.next_shard()
         except BaseException as error:
+            source_error = self._feeder.error if self._feeder is not None else None
+            raised = error
+            if (source_error is not None and source_error is not error
+                    and not isinstance(source_error, LoadCancelled)):
+                raised = source_error  # the feeder's typed error, not the core's echo
+            if isinstance(raised, BlobChanged) and self._keep_completed:
+                # Complete shards of unchanged blobs can be kept by a restarted load
+                # (Loader.load with on_blob_change='restart'), which removes them from the error.
+                raised.completed_shards = self._completed_shards()
             # A failed load keeps nothing: tensors it already handed out live only as long as the
             # caller holds them (a traceback holding this checkpoint must not pin GPU memory).
             self._tensors.clear()
             self.close()
             if isinstance(error, ChecksumMismatch):
                 self._drop_bad_cache_entries(error)
-            source_error = self._feeder.error if self._feeder is not None else None
-            if (source_error is not None and source_error is not error
-                    and not isinstance(source_error, LoadCancelled)):
-                raise source_error from None  # the feeder's typed error, not the core's echo
+            if raised is not error:
+                raise raised from None
             raise
         if item is None:
             self._finish()
@@ -88,6 +105,19 @@ class Checkpoint:
             self._shard_of[view.name] = shard_name
             arrived.append((view.name, tensor))
         return arrived
+
+    def _completed_shards(self) -> dict[tuple[str, str | None], dict[str, Any]]:
+        """{(blob path, etag): {name: tensor}} of the shards whose tensors all arrived, those
+        published but not yet pulled included."""
+        by_shard: dict[str, dict[str, Any]] = {}
+        for name, tensor in self._tensors.items():
+            by_shard.setdefault(self._shard_of[name], {})[name] = tensor
+        for index, views, _ in self._session.take_ready():
+            ref = self._plan.shards[index]
+            by_shard.setdefault(ref.name, {}).update({v.name: self._convert(v) for v in views})
+        refs = {r.name: r for r in self._plan.shards}
+        refs.update(self._preloaded_refs)
+        return {(refs[n].path, refs[n].etag): t for n, t in by_shard.items() if n in refs}
 
     def _finish(self) -> None:
         self._session.wait_landed()

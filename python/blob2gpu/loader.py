@@ -4,6 +4,7 @@ Blob Storage) the feeder that fetches its ranges."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -170,6 +171,7 @@ class Loader:
         credential: Any = None,
         tensor_names: Iterable[str] | None = None,
         tensor_filter: Callable[[str], bool] | None = None,
+        _reuse: dict[tuple[str, str | None], dict[str, Any]] | None = None,
         **settings: Any,
     ) -> Checkpoint:
         """Start loading `uri` and return a Checkpoint at once (tensors arrive as it is iterated).
@@ -210,6 +212,16 @@ class Loader:
             (lambda ref: read_blob_header(container, ref)) if container else read_local_header,
         )
         wanted = None if selection.everything else sorted(selection.names)
+        # A restart after BlobChanged keeps the complete shards whose blob is unchanged: only the
+        # changed ones (and those not complete yet) are fetched again, from the new listing.
+        preloaded = {}
+        if _reuse:
+            for ref in plan.shards:
+                if (ref.path, ref.etag) in _reuse:
+                    preloaded[ref] = _reuse[(ref.path, ref.etag)]
+            plan = dataclasses.replace(
+                plan, shards=tuple(s for s in plan.shards if s not in preloaded)
+            )
         manifest = None
         if effective.verify != "none":
             if container is not None:
@@ -260,6 +272,7 @@ class Loader:
             strategy="host-staging" if host_staging else "direct-gpu",
             verification=verification_of(manifest, algorithm, container, content_md5),
             tensor_selection=None if selection.everything else len(selection.names),
+            reused_shards=[ref.name for ref in preloaded],
             _clock_start=clock_start,
         )
         report.phases["artifact_fetch_start"] = 0.0
@@ -338,7 +351,9 @@ class Loader:
             cache_hits=hits,
             cache_writer=writer,
             selection=selection,
+            preloaded=preloaded,
         )
+        checkpoint._keep_completed = _reuse is not None
         feeder.start()
         return checkpoint
 
@@ -371,6 +386,7 @@ class Loader:
         restart = self._settings.with_overrides(settings).on_blob_change == "restart"
         restarts_left = 3 if restart else 0
         cache_retried = False
+        reuse: dict[tuple[str, str | None], dict[str, Any]] = {}
         while True:
             try:
                 with self.open(
@@ -380,13 +396,17 @@ class Loader:
                     credential=credential,
                     tensor_names=tensor_names,
                     tensor_filter=tensor_filter,
+                    _reuse=reuse if restart else None,
                     **settings,
                 ) as checkpoint:
                     return checkpoint.to_dict()
-            except BlobChanged:
+            except BlobChanged as error:
+                completed = getattr(error, "completed_shards", None) or {}
+                error.completed_shards = {}  # the caller's traceback must not pin them
                 if restarts_left == 0:
                     raise
                 restarts_left -= 1
+                reuse.update(completed)
             except ChecksumMismatch as error:
                 # A corrupted NVMe cache entry was removed: load again, that shard from Blob.
                 if not getattr(error, "cache_entry_removed", False) or cache_retried:

@@ -79,6 +79,7 @@ class LoadReport:
     verified_bytes: int = 0
     direct_io_bytes: int = 0  # bytes read with O_DIRECT (NVMe cache hits into the staging ring)
     tensor_selection: int | None = None  # tensors asked for (tensor_names/tensor_filter); None: all
+    reused_shards: list[str] = field(default_factory=list)  # kept from before a BlobChanged restart
     checksum_failures: list[str] = field(default_factory=list)  # let through (fail_if_... off)
     cache_written: list[str] = field(default_factory=list)  # shards this load put in the cache
     cache_skipped: dict[str, str] = field(default_factory=dict)  # shard -> why it was not cached

@@ -247,8 +247,9 @@ SCHEMA: tuple[Setting, ...] = (
         "on_blob_change",
         "fail",
         str,
-        "A blob overwritten mid-load: 'fail' raises BlobChanged; 'restart' lists again and reloads "
-        "(load() only, up to 3 times). Never a mixed checkpoint.",
+        "A blob overwritten mid-load: 'fail' raises BlobChanged; 'restart' lists again and fetches "
+        "again the changed blobs and the shards not complete yet, keeping complete shards whose "
+        "blob is unchanged (load() only, up to 3 times). Never a mixed checkpoint.",
         choices=("fail", "restart"),
     ),
     S(
