@@ -233,6 +233,9 @@ def test_cache_dir_checks(tmp_path, no_driver):
     write = by_name["cache_write"]
     assert write["status"] in ("ok", "warn") and write["data"]["mb_per_s"] > 0
     assert write["data"]["bytes"] == 64 << 20
+    read = by_name["cache_read"]  # ext4 and xfs take O_DIRECT; tmpfs would not
+    assert read["status"] == "ok" and read["data"]["mb_per_s"] > 0
+    assert read["data"]["direct_io"] == ("O_DIRECT" in read["value"])
 
     existing = tmp_path / "existing"
     existing.mkdir()

@@ -315,6 +315,7 @@ def _check_cache_contents(
     probe = path / f".blob2gpu-preflight-{os.getpid()}"
     try:
         seconds = _write_probe(probe, probe_bytes)
+        read = _read_probe(probe, probe_bytes)
     except OSError as e:
         run.add(
             Check(
@@ -348,9 +349,52 @@ def _check_cache_contents(
     else:
         run.add(Check("cache_write", OK, value, data=data), t)
 
+    t = time.perf_counter()
+    direct, read_seconds = read
+    mbps = probe_bytes / read_seconds / 1e6 if read_seconds > 0 else float("inf")
+    how = "O_DIRECT, page cache bypassed" if direct else "buffered: the filesystem refuses O_DIRECT"
+    data = {"mb_per_s": round(mbps, 1), "direct_io": direct}
+    run.add(Check("cache_read", OK, f"{mbps:,.0f} MB/s ({how})", data=data), t)
+
+
+def _read_probe(probe: Path, nbytes: int) -> tuple[bool, float]:
+    """Read the probe back as cache hits are read (O_DIRECT where the filesystem allows it, see
+    cache_direct_io), then delete it; returns (O_DIRECT worked, seconds)."""
+    import mmap
+
+    buffer = mmap.mmap(-1, 4 * MiB)  # page-aligned, as O_DIRECT wants
+    try:
+        try:
+            fd = os.open(probe, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            direct = hasattr(os, "O_DIRECT")
+        except OSError:
+            fd, direct = os.open(probe, os.O_RDONLY), False
+        started = time.perf_counter()
+        try:
+            done = 0
+            while done < nbytes:
+                try:
+                    n = os.preadv(fd, [buffer], done)
+                except OSError:
+                    if not direct:
+                        raise
+                    os.close(fd)  # O_DIRECT opened but refused the read: buffered instead
+                    fd, direct = os.open(probe, os.O_RDONLY), False
+                    continue
+                if n <= 0:
+                    break
+                done += n
+        finally:
+            os.close(fd)
+        return direct, time.perf_counter() - started
+    finally:
+        buffer.close()
+        probe.unlink(missing_ok=True)
+
 
 def _write_probe(probe: Path, nbytes: int) -> float:
-    """Write `nbytes` to `probe`, fsync it, delete it; returns the seconds the write took."""
+    """Write `nbytes` to `probe` and fsync it; returns the seconds the write took. The caller
+    reads it back (_read_probe), which deletes it; on a failed write it is deleted here."""
     block = os.urandom(min(nbytes, 4 * MiB))
     started = time.perf_counter()
     fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -359,11 +403,12 @@ def _write_probe(probe: Path, nbytes: int) -> float:
         while left > 0:
             left -= os.write(fd, block[: min(left, len(block))])
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
-        elapsed = time.perf_counter() - started
         probe.unlink(missing_ok=True)
-    return elapsed
+        raise
+    os.close(fd)
+    return time.perf_counter() - started
 
 
 # -- storage and the checkpoint -------------------------------------------------------------------
