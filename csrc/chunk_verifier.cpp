@@ -57,41 +57,45 @@ ChunkVerifier::~ChunkVerifier() = default;
 
 std::vector<ChecksumFailure> ChunkVerifier::add(uint64_t file_offset, const uint8_t* data,
                                                 size_t n) {
-  return sha256() ? add_sha(file_offset, data, n) : add_crc(file_offset, data, n);
-}
-
-std::vector<ChecksumFailure> ChunkVerifier::add_crc(uint64_t file_offset, const uint8_t* data,
-                                                    size_t n) {
   std::vector<ChecksumFailure> failures;
-  uint64_t pos = file_offset;
   const uint64_t end = file_offset + n;
-  while (pos < end) {
-    const uint64_t chunk = pos / chunk_bytes_;
-    const uint64_t chunk_begin = chunk * chunk_bytes_;
-    const uint64_t chunk_end = std::min(file_size_, chunk_begin + chunk_bytes_);
-    const uint64_t piece_end = std::min(end, chunk_end);
-    // The CRC itself runs outside the lock: several threads verify their slots at once.
-    const uint32_t crc = crc32c(data + (pos - file_offset), piece_end - pos);
-    std::lock_guard<std::mutex> lock(mutex_);
-    pieces_[chunk].push_back({pos, piece_end - pos, crc});
-    covered_[chunk] += piece_end - pos;
-    if (covered_[chunk] == chunk_end - chunk_begin) {
-      auto& pieces = pieces_[chunk];
-      std::sort(pieces.begin(), pieces.end(),
-                [](const Piece& a, const Piece& b) { return a.offset < b.offset; });
-      uint32_t whole = pieces.front().crc;
-      for (size_t i = 1; i < pieces.size(); ++i) {
-        whole = crc32c_combine(whole, pieces[i].crc, pieces[i].length);
-      }
-      if (whole != expected_[chunk]) {
-        failures.push_back({chunk_begin, chunk_end, hex_crc(expected_[chunk]), hex_crc(whole)});
-      }
-      std::vector<Piece>().swap(pieces);
-      ++chunks_done_;
+  for (uint64_t pos = file_offset; pos < end;) {
+    ChunkPiece piece;
+    piece.chunk = pos / chunk_bytes_;
+    piece.chunk_begin = piece.chunk * chunk_bytes_;
+    piece.chunk_end = std::min(file_size_, piece.chunk_begin + chunk_bytes_);
+    piece.offset = pos;
+    piece.length = std::min(end, piece.chunk_end) - pos;
+    piece.data = data + (pos - file_offset);
+    if (sha256()) {
+      add_sha(piece, failures);
+    } else {
+      add_crc(piece, failures);
     }
-    pos = piece_end;
+    pos += piece.length;
   }
   return failures;
+}
+
+void ChunkVerifier::add_crc(const ChunkPiece& p, std::vector<ChecksumFailure>& failures) {
+  // The CRC itself runs outside the lock: several threads verify their slots at once.
+  const uint32_t crc = crc32c(p.data, p.length);
+  std::lock_guard<std::mutex> lock(mutex_);
+  pieces_[p.chunk].push_back({p.offset, p.length, crc});
+  covered_[p.chunk] += p.length;
+  if (covered_[p.chunk] != p.chunk_end - p.chunk_begin) return;
+  auto& pieces = pieces_[p.chunk];
+  std::sort(pieces.begin(), pieces.end(),
+            [](const Piece& a, const Piece& b) { return a.offset < b.offset; });
+  uint32_t whole = pieces.front().crc;
+  for (size_t i = 1; i < pieces.size(); ++i) {
+    whole = crc32c_combine(whole, pieces[i].crc, pieces[i].length);
+  }
+  if (whole != expected_[p.chunk]) {
+    failures.push_back({p.chunk_begin, p.chunk_end, hex_crc(expected_[p.chunk]), hex_crc(whole)});
+  }
+  std::vector<Piece>().swap(pieces);
+  ++chunks_done_;
 }
 
 void ChunkVerifier::check_sha(uint64_t chunk, const uint8_t* bytes, size_t n,
@@ -106,40 +110,28 @@ void ChunkVerifier::check_sha(uint64_t chunk, const uint8_t* bytes, size_t n,
   }
 }
 
-std::vector<ChecksumFailure> ChunkVerifier::add_sha(uint64_t file_offset, const uint8_t* data,
-                                                    size_t n) {
-  std::vector<ChecksumFailure> failures;
-  uint64_t pos = file_offset;
-  const uint64_t end = file_offset + n;
-  while (pos < end) {
-    const uint64_t chunk = pos / chunk_bytes_;
-    const uint64_t chunk_begin = chunk * chunk_bytes_;
-    const uint64_t chunk_end = std::min(file_size_, chunk_begin + chunk_bytes_);
-    const uint64_t piece_end = std::min(end, chunk_end);
-    const uint8_t* piece = data + (pos - file_offset);
-    if (pos == chunk_begin && piece_end == chunk_end) {
-      check_sha(chunk, piece, chunk_end - chunk_begin, failures);  // whole: hashed in place
-      std::lock_guard<std::mutex> lock(mutex_);
-      covered_[chunk] = chunk_end - chunk_begin;
-      ++chunks_done_;
-    } else {
-      std::unique_ptr<uint8_t[]> whole;
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        auto& buffer = buffers_[chunk];
-        if (!buffer) buffer.reset(new uint8_t[chunk_end - chunk_begin]);
-        std::memcpy(buffer.get() + (pos - chunk_begin), piece, piece_end - pos);
-        covered_[chunk] += piece_end - pos;
-        if (covered_[chunk] == chunk_end - chunk_begin) {
-          whole = std::move(buffer);
-          ++chunks_done_;
-        }
-      }
-      if (whole) check_sha(chunk, whole.get(), chunk_end - chunk_begin, failures);
-    }
-    pos = piece_end;
+void ChunkVerifier::add_sha(const ChunkPiece& p, std::vector<ChecksumFailure>& failures) {
+  const uint64_t chunk_length = p.chunk_end - p.chunk_begin;
+  if (p.length == chunk_length) {
+    check_sha(p.chunk, p.data, chunk_length, failures);  // whole: hashed in place
+    std::lock_guard<std::mutex> lock(mutex_);
+    covered_[p.chunk] = chunk_length;
+    ++chunks_done_;
+    return;
   }
-  return failures;
+  std::unique_ptr<uint8_t[]> whole;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto& buffer = buffers_[p.chunk];
+    if (!buffer) buffer.reset(new uint8_t[chunk_length]);
+    std::memcpy(buffer.get() + (p.offset - p.chunk_begin), p.data, p.length);
+    covered_[p.chunk] += p.length;
+    if (covered_[p.chunk] == chunk_length) {
+      whole = std::move(buffer);
+      ++chunks_done_;
+    }
+  }
+  if (whole) check_sha(p.chunk, whole.get(), chunk_length, failures);
 }
 
 bool ChunkVerifier::complete() const {

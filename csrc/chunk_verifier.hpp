@@ -52,8 +52,17 @@ class ChunkVerifier {
     uint64_t length;
     uint32_t crc;
   };
-  std::vector<ChecksumFailure> add_crc(uint64_t file_offset, const uint8_t* data, size_t n);
-  std::vector<ChecksumFailure> add_sha(uint64_t file_offset, const uint8_t* data, size_t n);
+  // The part of a landed range that falls in one chunk.
+  struct ChunkPiece {
+    uint64_t chunk = 0;
+    uint64_t chunk_begin = 0;  // file offsets of the chunk
+    uint64_t chunk_end = 0;
+    uint64_t offset = 0;  // file offset of the piece
+    uint64_t length = 0;
+    const uint8_t* data = nullptr;
+  };
+  void add_crc(const ChunkPiece& piece, std::vector<ChecksumFailure>& failures);
+  void add_sha(const ChunkPiece& piece, std::vector<ChecksumFailure>& failures);
   void check_sha(uint64_t chunk, const uint8_t* bytes, size_t n,
                  std::vector<ChecksumFailure>& failures) const;
 

@@ -66,15 +66,9 @@ def _cmd_load(args: argparse.Namespace) -> int:
 
 
 def _cmd_coldstart(args: argparse.Namespace) -> int:
-    from .coldstart import cold_start
+    from .coldstart import cold_start, describe
 
-    result = cold_start(args.uri, device=args.device, prompt=args.prompt)
-    shown = repr(result.text) if result.text is not None else "(no tokenizer)"
-    print(f"first token: {result.token_id} {shown} after input ids {result.input_ids}")
-    print(f"config, tokenizer and meta model: {result.prepare_seconds:.3f} s before the load; "
-          f"{result.total_seconds:.3f} s in all")
-    print(result.report.summary())
-    print(result.report.phase_table())
+    print(describe(cold_start(args.uri, device=args.device, prompt=args.prompt)))
     return 0
 
 

@@ -43,6 +43,19 @@ class ColdStart:
     total_seconds: float  # from the call to the first token
 
 
+def describe(result: ColdStart) -> str:
+    """The cold start for people: the first token, the time before and after the load, the
+    load's summary and phase table."""
+    shown = repr(result.text) if result.text is not None else "(no tokenizer)"
+    return "\n".join([
+        f"first token: {result.token_id} {shown} after input ids {result.input_ids}",
+        f"config, tokenizer and meta model: {result.prepare_seconds:.3f} s before the load; "
+        f"{result.total_seconds:.3f} s in all",
+        result.report.summary(),
+        result.report.phase_table(),
+    ])
+
+
 def cold_start(uri: str, device: str = "cpu", dtype: Any = None, prompt: str = "hello",
                credential: Any = None, **settings: Any) -> ColdStart:
     """Build the checkpoint's transformers model and produce its first token, timing each phase.

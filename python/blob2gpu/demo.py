@@ -157,7 +157,7 @@ def main(device: str = "auto", total_mb: int = 256, source: str = "auto",
 
 
 def _llama_cold_start(tmp: Path, device: str, total_mb: int, source: str) -> int:
-    from .coldstart import cold_start
+    from .coldstart import cold_start, describe
     from .emulator import Azurite
 
     path = write_demo_llama(tmp / "llama", total_mb)
@@ -174,12 +174,7 @@ def _llama_cold_start(tmp: Path, device: str, total_mb: int, source: str) -> int
     else:
         print(f"  at {path} (local files); cold start on {device}")
         result = cold_start(str(path), device=device)
-    shown = repr(result.text) if result.text is not None else ""
-    print(f"first token {result.token_id} {shown} after input ids {result.input_ids}")
-    print(f"config, tokenizer and meta model: {result.prepare_seconds:.3f} s; "
-          f"{result.total_seconds:.3f} s from the call to the first token")
-    print(result.report.summary())
-    print(result.report.phase_table())
+    print(describe(result))
     return 0
 
 
