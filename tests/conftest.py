@@ -175,12 +175,18 @@ def fake_driver() -> Iterator[FakeDriver]:
     assert driver.violations() == violations_before, driver.last_violation()
 
 
+def prepare_device(request: pytest.FixtureRequest, device: str) -> str:
+    """Set up `device` for a test: on cuda without a real GPU, the fake driver (and its checks).
+    For tests that parametrize `device` themselves, with target-specific settings."""
+    if device == "cuda" and not REAL_GPU:
+        request.getfixturevalue("fake_driver")
+    return device
+
+
 @pytest.fixture(params=["cpu", "cuda"])
 def device(request: pytest.FixtureRequest) -> str:
     """Each target: the host backend, and the CUDA backend (fake driver in CI, real with a GPU)."""
-    if request.param == "cuda" and not REAL_GPU:
-        request.getfixturevalue("fake_driver")
-    return request.param
+    return prepare_device(request, request.param)
 
 
 def load_bytes(uri: Path | str, device: str, **settings: object) -> dict[str, bytes]:

@@ -13,7 +13,7 @@ import torch
 from blob2gpu import _core, errors
 from blob2gpu.manifest import MANIFEST_NAME, Manifest, hash_file, manifest_for_directory
 from blob2gpu.publish import publish, write_manifest
-from conftest import as_bytes, random_tensor, upload_directory
+from conftest import as_bytes, prepare_device, random_tensor, upload_directory
 from conftest import checkpoint_bytes as expected
 from support.azurite import ACCOUNT, ACCOUNT_KEY
 
@@ -275,12 +275,13 @@ def test_publish_and_manifest_commands(checkpoint, azurite, container, blob_env)
 # --- Content-MD5: verify='auto' on a Blob checkpoint without a manifest --------------------------
 
 
-@pytest.mark.parametrize("strategy", ["direct-gpu", "host-staging"])
+@pytest.mark.parametrize(
+    ("device", "strategy"), [("cpu", "direct"), ("cuda", "direct-gpu"), ("cuda", "host-staging")]
+)
 def test_content_md5_is_checked_without_a_manifest(
-    device, strategy, checkpoint, azurite, container, fault_proxy, monkeypatch
+    request, device, strategy, checkpoint, azurite, container, fault_proxy, monkeypatch
 ):
-    if device == "cpu" and strategy == "host-staging":
-        pytest.skip("host staging is a GPU strategy")
+    prepare_device(request, device)
     upload_directory(azurite, container, checkpoint, "plain")
     props = azurite.service().get_blob_client(container, "plain/model-00001-of-00003.safetensors")
     assert props.get_blob_properties().content_settings.content_md5  # the service computed it

@@ -12,7 +12,7 @@ import pytest
 import torch
 from blob2gpu import _core, errors
 from blob2gpu.manifest import MANIFEST_NAME, manifest_for_directory
-from conftest import as_bytes, random_tensor, raw_safetensors, upload_directory
+from conftest import as_bytes, prepare_device, random_tensor, raw_safetensors, upload_directory
 from conftest import checkpoint_bytes as expected
 
 
@@ -39,26 +39,29 @@ def load_selected(uri, device, **kwargs):
     return got, report
 
 
-STRATEGIES = {
-    "cpu": [{"mmap_local_files": False}, {"mmap_local_files": True}],
-    "cuda": [{}, {"direct_gpu_load": False}, {"staging_slot_bytes": 4096}],
-}
+# Each target's ways of landing bytes: cpu read or mapped; cuda direct, host staging, tiny slots.
+STRATEGIES = [
+    ("cpu", {"mmap_local_files": False}),
+    ("cpu", {"mmap_local_files": True}),
+    ("cuda", {}),
+    ("cuda", {"direct_gpu_load": False}),
+    ("cuda", {"staging_slot_bytes": 4096}),
+]
 
 
-@pytest.mark.parametrize("variant", [0, 1, 2])
-def test_only_the_named_tensors_are_read_and_handed_out(device, write_checkpoint, variant):
-    if variant >= len(STRATEGIES[device]):
-        pytest.skip("no such variant on this target")
+@pytest.mark.parametrize(("device", "strategy"), STRATEGIES)
+def test_only_the_named_tensors_are_read_and_handed_out(request, device, strategy,
+                                                        write_checkpoint):
+    prepare_device(request, device)
     directory = write_checkpoint(layers(), index=False)
     reference = expected(directory)
     wanted = ["layers.1.mlp.w", "layers.3.norm", "layers.3.attn.w"]
-    got, report = load_selected(directory, device, tensor_names=wanted,
-                                **STRATEGIES[device][variant])
+    got, report = load_selected(directory, device, tensor_names=wanted, **strategy)
     assert got == {n: reference[n] for n in wanted}
     assert report.tensor_selection == 3 and report.tensors == 3
     needed = sum(len(reference[n]) for n in wanted)
     assert sum(s.needed_bytes for s in report.shards) == needed
-    if not STRATEGIES[device][variant].get("mmap_local_files"):
+    if not strategy.get("mmap_local_files"):
         headers = sum(8 + s.header_bytes for s in report.shards)
         assert report.bytes == headers + needed  # every shard's header, then only those tensors
 
