@@ -31,7 +31,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -45,17 +44,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-DATA_DIR = BENCH_DIR / ".data"
+from harness import (
+    CHECKSUM_MASK,
+    CONTENDED_FRACTION,
+    DATA_DIR,
+    EXIT_UNAVAILABLE,
+    GB,
+    REPO_ROOT,
+    RESULT_TAG,
+    SEED,
+    Unavailable,
+    blob2gpu_versions,
+    choose_shape,
+    machine_busy_seconds,
+    machine_info,
+    numel,
+    package_version,
+    split_into_shards,
+    wait_for_idle,
+)
 
-GB = 1e9  # throughput in decimal GB/s of blob bytes
 MiB = 1 << 20
-CHECKSUM_MASK = (1 << 64) - 1
-RESULT_TAG = "@@BENCH_RESULT "
-EXIT_UNAVAILABLE = 3
 GENERATOR_VERSION = 1  # bump when the layout or contents change: cached checkpoints are rebuilt
-SEED = 20240611
 CONTAINER = "bench"
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -71,7 +81,6 @@ CEILINGS = ("ceiling", "ceiling-shm")
 BLOB2GPU = ("blob2gpu-cpu", "blob2gpu-cuda-fake")
 # (reference contestant, minimum ratio of blob2gpu's GB/s to it)
 THROUGHPUT_TARGETS = (("ceiling", 0.8), ("sdk-naive", 4.0))
-CONTENDED_FRACTION = 0.2  # foreign CPU seconds per wall second above which a sample is retried
 RSS_SLACK_MB = 150  # cuda-fake: host memory may exceed the staging ring by this much
 DEFAULT_RING_BYTES = 8 * 32 * MiB  # staging_slots x staging_slot_bytes defaults
 
@@ -79,75 +88,6 @@ DEFAULT_RING_BYTES = 8 * 32 * MiB  # staging_slots x staging_slot_bytes defaults
 # --------------------------------------------------------------------------------------------------
 # Checkpoint generation: header and bytes written directly (no safetensors round trip)
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """A Llama-style decoder whose bf16 weights add up to about the requested size."""
-
-    hidden: int
-    intermediate: int
-    kv_dim: int
-    vocab: int
-    layers: int
-
-    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
-        h, i, kv = self.hidden, self.intermediate, self.kv_dim
-        out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, h))]
-        for n in range(self.layers):
-            p = f"model.layers.{n}."
-            out += [
-                (p + "input_layernorm.weight", (h,)),
-                (p + "self_attn.q_proj.weight", (h, h)),
-                (p + "self_attn.k_proj.weight", (kv, h)),
-                (p + "self_attn.v_proj.weight", (kv, h)),
-                (p + "self_attn.o_proj.weight", (h, h)),
-                (p + "post_attention_layernorm.weight", (h,)),
-                (p + "mlp.gate_proj.weight", (i, h)),
-                (p + "mlp.up_proj.weight", (i, h)),
-                (p + "mlp.down_proj.weight", (h, i)),
-            ]
-        out += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
-        return out
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def choose_shape(total_bytes: int, shards: int) -> ModelShape:
-    """Largest hidden size that still gives at least two layers per shard."""
-    vocab = 32000
-    for hidden in (4096, 2048, 1024, 512, 256, 128):
-        intermediate = max(256, round(hidden * 8 / 3 / 256) * 256)
-        kv_dim = hidden // 8
-        per_layer = 2 * (
-            2 * hidden * hidden + 2 * kv_dim * hidden + 3 * intermediate * hidden + 2 * hidden
-        )
-        fixed = 2 * (2 * vocab * hidden + hidden)
-        layers = (total_bytes - fixed) // per_layer
-        if layers >= 2 * shards:
-            return ModelShape(hidden, intermediate, kv_dim, vocab, int(layers))
-    raise SystemExit(f"--total-gb too small for {shards} shards")
-
-
-def split_into_shards(
-    tensors: list[tuple[str, tuple[int, ...]]], shards: int
-) -> list[list[tuple[str, tuple[int, ...]]]]:
-    """Consecutive runs of tensors, each run about total/shards bytes."""
-    sizes = [2 * _numel(s) for _, s in tensors]
-    total = sum(sizes)
-    out: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in range(shards)]
-    cum = 0
-    for (name, shape), size in zip(tensors, sizes, strict=True):
-        out[min(shards - 1, int((cum + size / 2) * shards // total))].append((name, shape))
-        cum += size
-    if any(not s for s in out):
-        raise SystemExit("internal error: an empty shard; use fewer --shards")
-    return out
 
 
 def bytes_checksum(u8: Any) -> int:
@@ -207,7 +147,7 @@ def generate_checkpoint(total_gb: float, shards: int) -> Path:
     gen = torch.Generator().manual_seed(SEED)
     pool = torch.randn(16 * MiB, generator=gen).mul_(0.02).to(torch.bfloat16).view(torch.uint8)
     pool_n = pool.numel()
-    buf = torch.empty(max(2 * _numel(d) for s in layout for _, d in s), dtype=torch.uint8)
+    buf = torch.empty(max(2 * numel(d) for s in layout for _, d in s), dtype=torch.uint8)
 
     weight_map: dict[str, str] = {}
     checksums: dict[str, int] = {}
@@ -218,7 +158,7 @@ def generate_checkpoint(total_gb: float, shards: int) -> Path:
         fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
         entries, pos = [], 0
         for name, dims in shard:
-            n = 2 * _numel(dims)
+            n = 2 * numel(dims)
             entries.append((name, dims, pos, pos + n))
             pos += n
         header = _header_bytes(entries)
@@ -302,17 +242,6 @@ def pin_threads(pid: int, cpus: set[int]) -> None:
             pass  # the thread ended meanwhile
 
 
-def machine_busy_seconds() -> float:
-    """Busy CPU seconds of the whole machine since boot (all cores), from /proc/stat."""
-    try:
-        with open("/proc/stat") as fh:
-            f = [int(x) for x in fh.readline().split()[1:8]]
-    except (OSError, ValueError):
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq = f
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
 def current_rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -345,10 +274,6 @@ def peak_rss_bytes() -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-class Unavailable(Exception):
-    """The contestant cannot run here (missing package or tool)."""
-
-
 @dataclass
 class Target:
     """Where the checkpoint lives in Azurite, as every contestant is told."""
@@ -370,15 +295,6 @@ class Contestant:
     checksum: Callable[[Any], int] | None = tensor_checksum
     versions: dict[str, str] = field(default_factory=dict)
     after_load: Callable[[], dict[str, Any]] = dict  # untimed numbers read right after the load
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "?"
 
 
 def _import_sdk() -> None:
@@ -527,18 +443,10 @@ def make_sdk(t: Target, tuned: bool, concurrency: int, chunk_bytes: int) -> Cont
         return out, {}
 
     versions = {
-        "azure-storage-blob": _version("azure-storage-blob"),
-        "safetensors": _version("safetensors"),
+        "azure-storage-blob": package_version("azure-storage-blob"),
+        "safetensors": package_version("safetensors"),
     }
     return Contestant(load, versions=versions)
-
-
-def _blob2gpu_versions(b2g: Any) -> dict[str, str]:
-    core = getattr(b2g, "_core", None)
-    built = ""
-    if core is not None and getattr(core, "__file__", None):
-        built = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(os.stat(core.__file__).st_mtime))
-    return {"blob2gpu": _version("blob2gpu"), "blob2gpu_core_built": built}
 
 
 def _report_extra(report: Any) -> dict[str, Any]:
@@ -605,7 +513,7 @@ def make_blob2gpu(t: Target, cuda_fake: bool) -> Contestant:
         host = view.to_host()  # DtoH through the fake driver: reads what the copies wrote
         return tensor_checksum(torch.from_dlpack(host))
 
-    versions = _blob2gpu_versions(blob2gpu)
+    versions = blob2gpu_versions(blob2gpu)
     if fake is not None:
         versions["fake_driver"] = os.environ["BLOB2GPU_CUDA_DRIVER"]
     return Contestant(
@@ -800,19 +708,6 @@ def run_process(
     if tail:
         result["stderr_tail"] = tail[-20:]
     return result
-
-
-def wait_for_idle(max_wait_s: float, busy_limit: float = 0.15) -> float:
-    """Wait (at most max_wait_s) until under busy_limit of all cores is busy over half a second;
-    returns the last busy fraction. On a shared 2-core box a neighbour's build decides rankings."""
-    deadline = time.monotonic() + max_wait_s
-    ncpu = os.cpu_count() or 1
-    while True:
-        b0 = machine_busy_seconds()
-        time.sleep(0.5)
-        frac = (machine_busy_seconds() - b0) / (0.5 * ncpu)
-        if frac < busy_limit or time.monotonic() >= deadline:
-            return frac
 
 
 def is_contended(sample: dict[str, Any]) -> bool:
@@ -1019,24 +914,12 @@ def print_table(
     return verdicts
 
 
-def machine_info() -> dict[str, Any]:
-    mem = ""
-    try:
-        with open("/proc/meminfo") as fh:
-            mem = fh.readline().split(":")[1].strip()
-    except OSError:
-        pass
-    return {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "mem_total": mem,
-        "node": subprocess.run(
-            ["node", "--version"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        if shutil.which("node")
-        else "?",
-    }
+def node_version() -> str:
+    """The Node.js that runs Azurite, or '?'."""
+    if not shutil.which("node"):
+        return "?"
+    return subprocess.run(["node", "--version"], capture_output=True, text=True,
+                          check=False).stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1145,7 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 discarded: list[dict[str, Any]] = []
                 for attempt in range(args.retries + 1):
-                    busy = wait_for_idle(args.wait_idle)
+                    busy = wait_for_idle(args.wait_idle, 0.15)
                     p = run_process(name, ckpt, target_file, args, az._process.pid)
                     p["busy_fraction_before"] = busy
                     if p.get("status") != "ok" or not is_contended(p["sample"]):
@@ -1187,7 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
                 "path": str(ckpt),
                 **{k: v for k, v in spec.items() if k not in ("checksums", "shapes")},
             },
-            "machine": machine_info(),
+            "machine": machine_info(node=node_version()),
             "results": results,
             "targets": verdicts,
         }

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -38,19 +37,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-DATA_DIR = BENCH_DIR / ".data"
+from harness import (
+    CHECKSUM_MASK,
+    CONTENDED_FRACTION,
+    DATA_DIR,
+    EXIT_UNAVAILABLE,
+    GB,
+    REPO_ROOT,
+    RESULT_TAG,
+    SEED,
+    Unavailable,
+    blob2gpu_versions,
+    choose_shape,
+    cpu_jiffies,
+    machine_info,
+    package_version,
+    split_into_shards,
+    wait_for_idle,
+)
 
-GB = 1e9  # throughput is reported in decimal GB/s of tensor data
-CHECKSUM_MASK = (1 << 64) - 1
-RESULT_TAG = "@@BENCH_RESULT "
 SETTLE_S = 6.0  # > Linux's 2 s free page reporting delay, with margin
-CONTENDED_FRACTION = 0.2  # foreign CPU seconds per wall second above which a sample is retried
-EXIT_UNAVAILABLE = 3
 # Bump when the generated layout or contents change, so cached checkpoints are rebuilt.
 GENERATOR_VERSION = 1
-SEED = 20240611
 
 BASELINE = "safetensors"
 CONTESTANTS = (
@@ -71,59 +79,6 @@ TARGETS = (("safetensors", 1.0), ("runai", 2.0), ("fastsafetensors", 2.0))
 # --------------------------------------------------------------------------------------------------
 # Checkpoint generation
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """A Llama-style decoder whose bf16 weights add up to about the requested size."""
-
-    hidden: int
-    intermediate: int
-    kv_dim: int
-    vocab: int
-    layers: int
-
-    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
-        h, i, kv = self.hidden, self.intermediate, self.kv_dim
-        out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, h))]
-        for n in range(self.layers):
-            p = f"model.layers.{n}."
-            out += [
-                (p + "input_layernorm.weight", (h,)),
-                (p + "self_attn.q_proj.weight", (h, h)),
-                (p + "self_attn.k_proj.weight", (kv, h)),
-                (p + "self_attn.v_proj.weight", (kv, h)),
-                (p + "self_attn.o_proj.weight", (h, h)),
-                (p + "post_attention_layernorm.weight", (h,)),
-                (p + "mlp.gate_proj.weight", (i, h)),
-                (p + "mlp.up_proj.weight", (i, h)),
-                (p + "mlp.down_proj.weight", (h, i)),
-            ]
-        out += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
-        return out
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def choose_shape(total_bytes: int, shards: int) -> ModelShape:
-    """Largest hidden size that still gives at least two layers per shard."""
-    vocab = 32000
-    for hidden in (4096, 2048, 1024, 512, 256, 128):
-        intermediate = max(256, round(hidden * 8 / 3 / 256) * 256)
-        kv_dim = hidden // 8
-        per_layer = 2 * (
-            2 * hidden * hidden + 2 * kv_dim * hidden + 3 * intermediate * hidden + 2 * hidden
-        )
-        fixed = 2 * (2 * vocab * hidden + hidden)
-        layers = (total_bytes - fixed) // per_layer
-        if layers >= 2 * shards:
-            return ModelShape(hidden, intermediate, kv_dim, vocab, int(layers))
-    raise SystemExit(f"--total-gb too small for {shards} shards")
 
 
 def tensor_checksum(t: Any) -> int:
@@ -162,22 +117,6 @@ def checksum_all(tensors: Mapping[str, Any]) -> int:
         torch.set_num_threads(threads)
 
 
-def _split_into_shards(
-    tensors: list[tuple[str, tuple[int, ...]]], shards: int
-) -> list[list[tuple[str, tuple[int, ...]]]]:
-    sizes = [2 * _numel(s) for _, s in tensors]
-    total = sum(sizes)
-    out: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in range(shards)]
-    cum = 0
-    for (name, shape), size in zip(tensors, sizes, strict=True):
-        k = min(shards - 1, int((cum + size / 2) * shards // total))
-        out[k].append((name, shape))
-        cum += size
-    if any(not s for s in out):
-        raise SystemExit("internal error: an empty shard; use fewer --shards")
-    return out
-
-
 def generate_checkpoint(total_gb: float, shards: int) -> Path:
     """Write (once; cached under bench/.data/) the checkpoint and return its directory."""
     target = DATA_DIR / f"llama-bf16-{total_gb:g}gb-{shards}shards"
@@ -190,7 +129,7 @@ def generate_checkpoint(total_gb: float, shards: int) -> Path:
     from safetensors.torch import save_file
 
     shape = choose_shape(int(total_gb * GB), shards)
-    layout = _split_into_shards(shape.tensors(), shards)
+    layout = split_into_shards(shape.tensors(), shards)
     print(f"generating {target} (hidden={shape.hidden}, layers={shape.layers}) ...", flush=True)
     t0 = time.perf_counter()
     tmp = target.with_name(target.name + ".tmp")
@@ -273,10 +212,6 @@ def warm_page_cache(files: Iterable[str]) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-class Unavailable(Exception):
-    """The contestant cannot run here (not installed, missing prerequisite)."""
-
-
 @dataclass
 class Contestant:
     """Built untimed; load() is timed and returns (tensors, extra, release)."""
@@ -285,15 +220,6 @@ class Contestant:
     touch: bool = True
     teardown: Callable[[], None] = lambda: None
     versions: dict[str, str] = field(default_factory=dict)
-
-
-def _version(module: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(module)
-    except PackageNotFoundError:
-        return "?"
 
 
 def _import(module: str) -> Any:
@@ -317,7 +243,7 @@ def make_safetensors(ckpt: Path, backend: str) -> Contestant:
             out.update(load_file(f, device="cpu", backend=backend))
         return out, {}, lambda: None
 
-    return Contestant(load, versions={"safetensors": _version("safetensors")})
+    return Contestant(load, versions={"safetensors": package_version("safetensors")})
 
 
 def make_runai(ckpt: Path) -> Contestant:
@@ -332,7 +258,8 @@ def make_runai(ckpt: Path) -> Contestant:
         out = dict(streamer.get_tensors())
         return out, {}, lambda: streamer.__exit__(None, None, None)
 
-    return Contestant(load, versions={"runai-model-streamer": _version("runai-model-streamer")})
+    versions = {"runai-model-streamer": package_version("runai-model-streamer")}
+    return Contestant(load, versions=versions)
 
 
 def make_fastsafetensors(ckpt: Path) -> Contestant:
@@ -353,20 +280,11 @@ def make_fastsafetensors(ckpt: Path) -> Contestant:
 
         return out, {}, release
 
-    return Contestant(load, versions={"fastsafetensors": _version("fastsafetensors")})
+    return Contestant(load, versions={"fastsafetensors": package_version("fastsafetensors")})
 
 
 def _import_blob2gpu() -> Any:
     return _import("blob2gpu")
-
-
-def _blob2gpu_versions(b2g: Any) -> dict[str, str]:
-    """Version plus the core's mtime: the package may be reinstalled while a long run goes on."""
-    core = getattr(b2g, "_core", None)
-    built = ""
-    if core is not None and getattr(core, "__file__", None):
-        built = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(os.stat(core.__file__).st_mtime))
-    return {"blob2gpu": _version("blob2gpu"), "blob2gpu_core_built": built}
 
 
 def make_blob2gpu_load(ckpt: Path) -> Contestant:
@@ -376,7 +294,7 @@ def make_blob2gpu_load(ckpt: Path) -> Contestant:
         out = b2g.load(str(ckpt), device="cpu", framework="torch")
         return out, {}, lambda: None
 
-    return Contestant(load, versions=_blob2gpu_versions(b2g))
+    return Contestant(load, versions=blob2gpu_versions(b2g))
 
 
 def make_blob2gpu_load_mmap(ckpt: Path) -> Contestant:
@@ -386,7 +304,7 @@ def make_blob2gpu_load_mmap(ckpt: Path) -> Contestant:
         out = b2g.load(str(ckpt), device="cpu", framework="torch", mmap_local_files=True)
         return out, {}, lambda: None
 
-    return Contestant(load, versions=_blob2gpu_versions(b2g))
+    return Contestant(load, versions=blob2gpu_versions(b2g))
 
 
 def make_blob2gpu_loader(ckpt: Path) -> Contestant:
@@ -401,7 +319,7 @@ def make_blob2gpu_loader(ckpt: Path) -> Contestant:
     return Contestant(
         load,
         teardown=lambda: loader.__exit__(None, None, None),
-        versions=_blob2gpu_versions(b2g),
+        versions=blob2gpu_versions(b2g),
     )
 
 
@@ -431,7 +349,7 @@ def make_blob2gpu_cuda_fake(ckpt: Path) -> Contestant:
     return Contestant(
         load,
         touch=False,
-        versions={**_blob2gpu_versions(b2g), "fake_driver": os.environ["BLOB2GPU_CUDA_DRIVER"]},
+        versions={**blob2gpu_versions(b2g), "fake_driver": os.environ["BLOB2GPU_CUDA_DRIVER"]},
     )
 
 
@@ -457,18 +375,6 @@ def _cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _cpu_jiffies() -> tuple[float, float]:
-    """(busy, steal) CPU seconds of the whole machine since boot, from /proc/stat."""
-    try:
-        with open("/proc/stat") as fh:
-            f = [int(x) for x in fh.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return 0.0, 0.0
-    hz = os.sysconf("SC_CLK_TCK")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = f
-    return (user + nice + system + irq + softirq) / hz, steal / hz
-
-
 def _kernel_thread_cpu() -> float:
     """CPU seconds of all kernel threads: work a load may cause (compaction, page reporting),
     kept apart from other users' processes."""
@@ -490,7 +396,7 @@ def _kernel_thread_cpu() -> float:
 def _machine_counters() -> tuple[float, float, float, int, int]:
     """(machine busy s, machine steal s, kernel threads s, this process's minor faults and
     involuntary switches)."""
-    busy, steal = _cpu_jiffies()
+    busy, steal = cpu_jiffies()
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return busy, steal, _kernel_thread_cpu(), ru.ru_minflt, ru.ru_nivcsw
 
@@ -649,22 +555,6 @@ def run_process(
     return result
 
 
-def wait_for_idle(max_wait_s: float, busy_limit: float = 0.1) -> float:
-    """Wait (at most max_wait_s) until under busy_limit of all cores is busy over half a second.
-
-    Returns the last measured busy fraction. On a shared box other people's builds would otherwise
-    decide the ranking."""
-    deadline = time.monotonic() + max_wait_s
-    ncpu = os.cpu_count() or 1
-    while True:
-        b0, _ = _cpu_jiffies()
-        time.sleep(0.5)
-        b1, _ = _cpu_jiffies()
-        frac = (b1 - b0) / (0.5 * ncpu)
-        if frac < busy_limit or time.monotonic() >= deadline:
-            return frac
-
-
 def _disturbance(p: dict[str, Any]) -> float:
     s = p["samples"][0]
     return s.get("foreign_cpu_s", 0.0) / max(s.get("wall_s", 0.0), 1e-9)
@@ -799,21 +689,6 @@ def print_table(
     return verdicts
 
 
-def machine_info() -> dict[str, Any]:
-    mem = ""
-    try:
-        with open("/proc/meminfo") as fh:
-            mem = fh.readline().split(":")[1].strip()
-    except OSError:
-        pass
-    return {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "mem_total": mem,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -887,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
             for attempt in range(args.retries + 1):
                 if args.memory == "settled":
                     time.sleep(SETTLE_S)
-                busy = wait_for_idle(args.wait_idle)
+                busy = wait_for_idle(args.wait_idle, 0.1)
                 warm_page_cache(files)  # cheap when cached; undoes any eviction by the last run
                 p = run_process(name, ckpt, args.loads_per_process, args.timeout, prefault_bytes)
                 p["busy_fraction_before"] = busy
