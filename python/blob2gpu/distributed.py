@@ -88,10 +88,17 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
 
     from .checkpoint import Checkpoint
     from .frameworks import converter
-    from .loader import Loader, normalize_device, source_uri, verification_of
+    from .loader import (
+        Loader,
+        chunk_algorithm,
+        content_md5_to_check,
+        normalize_device,
+        source_uri,
+        verification_of,
+    )
     from .manifest import core_checksums, read_local_manifest
     from .report import LoadReport
-    from .selection import read_blob_header, read_local_header, select, selection_from_arguments
+    from .selection import header_reader, select, selection_from_arguments
     from .sources import resolve as resolve_local
     from .sources.azure_blob import is_blob_uri
 
@@ -120,11 +127,9 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
             plan = resolve_local(uri)
             manifest = (read_local_manifest(os.path.dirname(plan.shards[0].path))
                         if effective.verify != "none" else None)
-        algorithm = "sha256" if effective.verify == "sha256" else "crc32c"
+        algorithm = chunk_algorithm(effective.verify)
         full_plan = plan
-        plan, selection = select(
-            plan, wanted_names, wanted_filter,
-            (lambda ref: read_blob_header(container, ref)) if container else read_local_header)
+        plan, selection = select(plan, wanted_names, wanted_filter, header_reader(container))
         # The group fetches every shard some rank needs, in the full plan's order.
         needs = [False] * len(full_plan.shards)
         kept = {s.name for s in plan.shards}
@@ -135,10 +140,7 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
         fetched = [s for i, s in enumerate(full_plan.shards) if any(n[i] for n in group_needs)]
         plan = dataclasses.replace(full_plan, shards=tuple(fetched))
         wanted = None if selection.everything else sorted(selection.names)
-        content_md5 = None  # as in Loader.open: verify='auto' without a manifest
-        if (container is not None and manifest is None and effective.verify == "auto"
-                and wanted is None and any(s.content_md5 for s in plan.shards)):
-            content_md5 = [s.content_md5 for s in plan.shards]
+        content_md5 = content_md5_to_check(container, manifest, effective.verify, wanted, plan)
         sizes = [s.size for s in plan.shards]
         owners = byte_owners(sizes, world)
         pipeline = loader._pipeline(device)

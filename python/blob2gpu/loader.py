@@ -25,13 +25,7 @@ from .frameworks import converter
 from .guardrails import check_memory_fit
 from .manifest import MANIFEST_NAME, core_checksums, read_local_manifest
 from .report import LoadReport
-from .selection import (
-    read_blob_header,
-    read_local_header,
-    select,
-    selected_sizes,
-    selection_from_arguments,
-)
+from .selection import header_reader, select, selected_sizes, selection_from_arguments
 from .settings import ResolvedSettings, resolve
 from .sources import ShardPlan
 from .sources import resolve as resolve_local
@@ -59,6 +53,23 @@ def normalize_device(device: str) -> str:
     if device.startswith("cuda:") and device[5:].isdigit():
         return f"cuda:{int(device[5:])}"
     raise InvalidArgument(f"device '{device}' is not one of 'cpu', 'cuda', 'cuda:N'")
+
+
+def chunk_algorithm(verify: str) -> str:
+    """How manifest chunks are checked under the `verify` setting: sha256 or crc32c."""
+    return "sha256" if verify == "sha256" else "crc32c"
+
+
+def content_md5_to_check(
+    container: Any, manifest: Any, verify: str, wanted: list[str] | None, plan: ShardPlan
+) -> list[bytes | None] | None:
+    """verify='auto' on a Blob checkpoint without a manifest: each blob's Content-MD5 (where it
+    has one), for a load that reads whole blobs (no tensor selection); else None."""
+    if container is None or manifest is not None or verify != "auto" or wanted is not None:
+        return None
+    if not any(s.content_md5 for s in plan.shards):
+        return None
+    return [s.content_md5 for s in plan.shards]
 
 
 def verification_of(
@@ -205,12 +216,8 @@ class Loader:
         else:
             plan = resolve_local(uri)
         self._check_plan(plan, effective)
-        plan, selection = select(
-            plan,
-            wanted_names,
-            wanted_filter,
-            (lambda ref: read_blob_header(container, ref)) if container else read_local_header,
-        )
+        read_header = header_reader(container)
+        plan, selection = select(plan, wanted_names, wanted_filter, read_header)
         wanted = None if selection.everything else sorted(selection.names)
         # A restart after BlobChanged keeps the complete shards whose blob is unchanged: only the
         # changed ones (and those not complete yet) are fetched again, from the new listing.
@@ -233,14 +240,9 @@ class Loader:
                     f"verify='{effective.verify}' but '{plan.uri}' has no {MANIFEST_NAME}: "
                     "publish it with `blob2gpu publish` or `blob2gpu manifest`"
                 )
-        algorithm = "sha256" if effective.verify == "sha256" else "crc32c"
+        algorithm = chunk_algorithm(effective.verify)
         checksums = core_checksums(manifest, plan.shards, algorithm)
-        # verify='auto' without a manifest: each blob's Content-MD5, when it has one and the
-        # load reads the whole blob.
-        content_md5 = None
-        if container is not None and manifest is None and effective.verify == "auto":
-            if wanted is None and any(s.content_md5 for s in plan.shards):
-                content_md5 = [s.content_md5 for s in plan.shards]
+        content_md5 = content_md5_to_check(container, manifest, effective.verify, wanted, plan)
         host_staging = device != "cpu" and not effective.direct_gpu_load
         pipeline = self._pipeline(device)
         try:
@@ -253,10 +255,7 @@ class Loader:
             # The shards a selection touches do not fit whole: size the selection itself from
             # the headers (one small read per shard) before deciding.
             sizes = selected_sizes(
-                plan,
-                selection,
-                (lambda ref: read_blob_header(container, ref)) if container else read_local_header,
-                manifest.chunk_bytes if manifest is not None else 0,
+                plan, selection, read_header, manifest.chunk_bytes if manifest is not None else 0
             )
             gpu_memory = check_memory_fit(
                 sizes, device, pipeline, effective, host_staging, what="the selected tensors"

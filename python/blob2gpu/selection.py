@@ -14,6 +14,7 @@ verified, so every byte read is checked) and its arenas hold only them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -128,6 +129,14 @@ def check_found(selection: Selection, loaded: Iterable[str], uri: str) -> None:
             f"'{uri}' has no tensor {', '.join(repr(n) for n in missing[:5])}"
             + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
         )
+
+
+def header_reader(container: Any) -> Callable[[ShardRef], dict[str, Any]]:
+    """A shard-header reader for one load that reads each header once (selecting, then sizing a
+    selection, may both need it): from Blob through `container`, else from local files."""
+    if container is None:
+        return functools.cache(read_local_header)
+    return functools.cache(lambda ref: read_blob_header(container, ref))
 
 
 def read_local_header(ref: ShardRef) -> dict[str, Any]:
