@@ -122,6 +122,8 @@ def test_misaligned_tensors_are_realigned_inside_a_selection(device, tmp_path):
 def test_empty_selection_and_empty_tensors(write_checkpoint):
     directory = write_checkpoint([{"empty": torch.zeros(0), "w": torch.ones(4)}], index=False)
     assert blob2gpu.load(str(directory), tensor_filter=lambda n: False) == {}
+    indexed = write_checkpoint([{"w": torch.ones(4)}], name="indexed")  # every shard skipped
+    assert blob2gpu.load(str(indexed), tensor_filter=lambda n: False, verify="auto") == {}
     got = blob2gpu.load(str(directory), tensor_names=["empty"])
     assert list(got) == ["empty"] and got["empty"].numel() == 0
 

@@ -216,6 +216,7 @@ class Loader:
         else:
             plan = resolve_local(uri)
         self._check_plan(plan, effective)
+        checkpoint_dir = os.path.dirname(plan.shards[0].path) if container is None else None
         read_header = header_reader(container)
         plan, selection = select(plan, wanted_names, wanted_filter, read_header)
         wanted = None if selection.everything else sorted(selection.names)
@@ -234,7 +235,7 @@ class Loader:
             if container is not None:
                 manifest = container.read_manifest(listing)
             else:
-                manifest = read_local_manifest(os.path.dirname(plan.shards[0].path))
+                manifest = read_local_manifest(checkpoint_dir)
             if manifest is None and effective.verify in ("crc32c", "sha256"):
                 raise ManifestMissing(
                     f"verify='{effective.verify}' but '{plan.uri}' has no {MANIFEST_NAME}: "
