@@ -233,6 +233,23 @@ void attach_checksums(std::vector<ShardSource>& shards, const py::object& checks
   }
 }
 
+// content_md5: None, or a list with, per shard, None or the blob's 16-byte Content-MD5.
+void attach_content_md5(std::vector<ShardSource>& shards, const py::object& content_md5) {
+  if (content_md5.is_none()) return;
+  auto digests = content_md5.cast<py::list>();
+  if (digests.size() != shards.size()) {
+    throw CoreError(ErrorKind::InvalidArgument, "content_md5 must have one entry per shard");
+  }
+  for (size_t i = 0; i < shards.size(); ++i) {
+    if (digests[i].is_none()) continue;
+    std::string raw = digests[i].cast<std::string>();
+    if (raw.size() != Md5::kDigestBytes) {
+      throw CoreError(ErrorKind::InvalidArgument, "a Content-MD5 must be 16 bytes");
+    }
+    shards[i].content_md5.assign(raw.begin(), raw.end());
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -564,21 +581,7 @@ PYBIND11_MODULE(_core, m) {
               shards.push_back({local.empty() ? std::string() : local[i], names[i], sizes[i]});
             }
             attach_checksums(shards, checksums);
-            if (!content_md5.is_none()) {
-              auto digests = content_md5.cast<py::list>();
-              if (digests.size() != shards.size()) {
-                throw CoreError(ErrorKind::InvalidArgument,
-                                "content_md5 must have one entry per shard");
-              }
-              for (size_t i = 0; i < shards.size(); ++i) {
-                if (digests[i].is_none()) continue;
-                std::string raw = digests[i].cast<std::string>();
-                if (raw.size() != Md5::kDigestBytes) {
-                  throw CoreError(ErrorKind::InvalidArgument, "a Content-MD5 must be 16 bytes");
-                }
-                shards[i].content_md5.assign(raw.begin(), raw.end());
-              }
-            }
+            attach_content_md5(shards, content_md5);
             SessionOptions options;
             options.wanted = wanted_names(wanted);
             py::gil_scoped_release release;
@@ -593,11 +596,12 @@ PYBIND11_MODULE(_core, m) {
           py::arg("paths") = py::none(), py::arg("wanted") = py::none(),
           py::arg("content_md5") = py::none(), py::arg("direct_io") = false,
           py::arg("mmap") = false,
-          "direct_io: read the local files (cache hits) with O_DIRECT into staging slots where "
-          "the filesystem allows it. mmap: on cpu, map the local files copy-on-write. "
-          "content_md5: None, or per shard None or the blob's 16-byte Content-MD5 (checked over "
-          "the whole blob, in order, when no manifest checks it). Start a load whose byte ranges the caller fetches into landings (acquire/commit); "
-          "paths: per shard a local file the io threads read instead (a cache hit), or ''.")
+          "Start a load whose byte ranges the caller fetches into landings (acquire/commit). "
+          "paths: per shard a local file the io threads read instead (a cache hit), or ''. "
+          "direct_io: read those files with O_DIRECT into staging slots where the filesystem "
+          "allows it. mmap: on cpu, map them copy-on-write. content_md5: None, or per shard None "
+          "or the blob's 16-byte Content-MD5 (checked over the whole blob, in order, when no "
+          "manifest checks it). checksums and wanted: as for start_local.")
       .def("close", &LoadPipeline::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("device", &LoadPipeline::device)
       .def_property_readonly("is_cuda", &LoadPipeline::is_cuda)
