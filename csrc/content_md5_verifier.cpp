@@ -45,7 +45,6 @@ std::optional<std::string> ContentMd5Verifier::add(uint64_t file_offset, const u
       early.copy.reset(new uint8_t[n]);
       std::memcpy(early.copy.get(), data, n);
       early.data = early.copy.get();
-      copied_ += n;
     }
     early_.emplace(file_offset, std::move(early));
     return std::nullopt;
@@ -63,11 +62,6 @@ std::optional<std::string> ContentMd5Verifier::add(uint64_t file_offset, const u
   return "shard '" + shard_ + "': its bytes have MD5 " + base64(actual.data(), actual.size()) +
          " but the blob's Content-MD5 is " + base64(expected_.data(), expected_.size()) +
          " (corrupted in storage or on the wire); nothing from this load was kept";
-}
-
-uint64_t ContentMd5Verifier::copied_bytes() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return copied_;
 }
 
 }  // namespace blob2gpu

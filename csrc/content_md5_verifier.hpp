@@ -28,7 +28,6 @@ class ContentMd5Verifier {
   // and the digest differs; nullopt otherwise. Thread-safe.
   std::optional<std::string> add(uint64_t file_offset, const uint8_t* data, size_t n,
                                  bool stays);
-  uint64_t copied_bytes() const;  // bytes that waited as copies (for tests and reports)
 
  private:
   struct Early {
@@ -39,11 +38,10 @@ class ContentMd5Verifier {
   std::string shard_;
   uint64_t file_size_;
   Md5::Digest expected_;
-  mutable std::mutex mutex_;
+  std::mutex mutex_;
   Md5 md5_;
   uint64_t next_ = 0;  // bytes hashed so far
   std::map<uint64_t, Early> early_;
-  uint64_t copied_ = 0;
 };
 
 }  // namespace blob2gpu
