@@ -46,10 +46,11 @@ std::shared_ptr<DeviceArena> DeviceArena::on_device(std::shared_ptr<CudaContext>
   return arena;
 }
 
-std::shared_ptr<DeviceArena> DeviceArena::on_host(size_t bytes, const std::string& label) {
+std::shared_ptr<DeviceArena> DeviceArena::on_host(size_t bytes, const std::string& label,
+                                                  bool populate) {
   std::shared_ptr<DeviceArena> arena(new DeviceArena());
   try {
-    arena->host_ = HostBuffer::pageable(bytes, /*prefault=*/true);  // every byte will be written
+    arena->host_ = HostBuffer::pageable(bytes, populate);  // every byte will be written
   } catch (const std::bad_alloc&) {
     throw CoreError(ErrorKind::HostOutOfMemory,
                     label + ": cannot allocate " + mib(bytes) +

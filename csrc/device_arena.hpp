@@ -22,8 +22,10 @@ class DeviceArena {
   // the label and the sizes when the driver refuses.
   static std::shared_ptr<DeviceArena> on_device(std::shared_ptr<CudaContext> ctx, size_t bytes,
                                                 const std::string& label);
-  // Page-aligned host memory (target cpu).
-  static std::shared_ptr<DeviceArena> on_host(size_t bytes, const std::string& label);
+  // Page-aligned host memory (target cpu). populate: made resident now; otherwise the writer
+  // populates each range before writing it (HostBuffer::populate_for_write).
+  static std::shared_ptr<DeviceArena> on_host(size_t bytes, const std::string& label,
+                                              bool populate = true);
   // A private copy-on-write mapping of a whole file; the arena starts at data_offset in it.
   static std::shared_ptr<DeviceArena> map_file(int fd, uint64_t file_size, uint64_t data_offset,
                                                const std::string& label);

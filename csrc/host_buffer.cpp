@@ -45,6 +45,13 @@ HostBuffer HostBuffer::pageable(size_t bytes, bool prefault) {
   return b;
 }
 
+void HostBuffer::populate_for_write(uint8_t* p, size_t n) {
+  if (n == 0) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(p) / kPageBytes * kPageBytes;
+  const uintptr_t end = round_up(reinterpret_cast<uintptr_t>(p) + n, kPageBytes);
+  madvise(reinterpret_cast<void*>(begin), end - begin, kMadvPopulateWrite);
+}
+
 HostBuffer HostBuffer::pinned(const std::shared_ptr<CudaContext>& ctx, size_t bytes) {
   HostBuffer b;
   ScopedContext bind(*ctx);

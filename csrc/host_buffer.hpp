@@ -22,6 +22,12 @@ class HostBuffer {
   // populated at once (huge pages zeroed in one kernel call) instead of faulting page by page
   // as it is first written: several times cheaper, for memory that will all be written anyway.
   static HostBuffer pageable(size_t bytes, bool prefault = false);
+  // Makes the pages under [p, p + n) resident for writing in one kernel call (huge pages zeroed
+  // at once) just before a socket or pread fills them, instead of faulting them in one by one
+  // during the copy. Populating a shard's range at a time rather than the whole arena when it is
+  // made keeps that cost spread over the load, beside the network, instead of at the start.
+  // Advisory: kernels before 5.14 refuse it and the pages fault in as they are written.
+  static void populate_for_write(uint8_t* p, size_t n);
   // Returns an empty buffer (data() == nullptr) when the driver refuses to pin; the caller decides
   // between falling back and raising, since only it knows the setting.
   static HostBuffer pinned(const std::shared_ptr<CudaContext>& ctx, size_t bytes);

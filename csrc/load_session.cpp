@@ -341,12 +341,16 @@ void LoadSession::prepare_shard(size_t index, const uint8_t* json, size_t json_l
   if (ctx) {
     shard.arena = DeviceArena::on_device(ctx, shard.arena_bytes, arena_label);
     if (host_staging_) {
-      shard.staging = DeviceArena::on_host(shard.arena_bytes, arena_label + " (host staging)");
+      shard.staging = DeviceArena::on_host(shard.arena_bytes, arena_label + " (host staging)",
+                                           /*populate=*/false);
     }
   } else if (maps(shard)) {
     shard.arena = DeviceArena::map_file(shard.file->fd(), file_size, h.data_offset, arena_label);
   } else {
-    shard.arena = DeviceArena::on_host(shard.arena_bytes, arena_label);
+    // Populated range by range as the bytes arrive (host_landing), not all at once here: making
+    // a whole shard resident takes a fifth of a second per 250 MB where fresh memory is costly,
+    // and here it would hold up the shard's first range.
+    shard.arena = DeviceArena::on_host(shard.arena_bytes, arena_label, /*populate=*/false);
   }
   for (size_t t : shard.selected) {
     const TensorEntry& e = h.tensors[t];
@@ -416,6 +420,7 @@ void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64
     }
   } else if (slot != nullptr) {
     for (const CopyRange& p : parts) {
+      HostBuffer::populate_for_write(host_destination(shard) + p.dst, p.bytes);
       std::memcpy(host_destination(shard) + p.dst, slot->data() + p.src_offset, p.bytes);
     }
     pipeline_->ring_->release(slot);
@@ -433,8 +438,7 @@ void LoadSession::run_chunk(size_t index, uint64_t begin, uint64_t end) {
   size_t slot_offset = 0;
   if (lands_on_host()) {
     const Span* span = span_at(shard, begin);  // run_chunk ranges lie within one span
-    read_and_verify(shard, host_destination(shard) + span->arena_offset + (begin - span->begin),
-                    h.data_offset + begin, bytes);
+    read_and_verify(shard, host_landing(shard, *span, begin, bytes), h.data_offset + begin, bytes);
   } else {
     slot = pipeline_->ring_->acquire(&cancelled_);
     if (slot == nullptr) return;  // cancelled
@@ -493,7 +497,7 @@ std::optional<Landing> LoadSession::acquire(size_t index, uint64_t file_offset, 
     const uint64_t begin = file_offset - shard.header.data_offset;
     const Span* span = span_at(shard, begin);
     if (span != nullptr && begin + bytes <= span->end) {
-      landing.data = host_destination(shard) + span->arena_offset + (begin - span->begin);
+      landing.data = host_landing(shard, *span, begin, bytes);
       return landing;
     }
   }
@@ -651,6 +655,13 @@ void LoadSession::verify(Shard& shard, uint64_t file_offset, const uint8_t* data
   }
   std::lock_guard<std::mutex> lock(mutex_);
   for (const auto& f : failures) checksum_failures_.push_back(shard.verifier->describe(f));
+}
+
+uint8_t* LoadSession::host_landing(const Shard& shard, const Span& span, uint64_t begin,
+                                   size_t bytes) const {
+  uint8_t* dest = host_destination(shard) + span.arena_offset + (begin - span.begin);
+  HostBuffer::populate_for_write(dest, bytes);
+  return dest;
 }
 
 uint8_t* LoadSession::host_destination(const Shard& shard) const {

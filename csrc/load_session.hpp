@@ -249,6 +249,9 @@ class LoadSession {
               SessionOptions options);
   // Where host-landing bytes of a shard's data region go: the arena (cpu) or the staging copy.
   uint8_t* host_destination(const Shard& shard) const;
+  // Where bytes [begin, begin + bytes) of the shard's data (within `span`) land on the host, made
+  // resident for the write that follows.
+  uint8_t* host_landing(const Shard& shard, const Span& span, uint64_t begin, size_t bytes) const;
   bool lands_on_host() const { return !pipeline_->ctx_ || host_staging_; }
   // The shard's data is its local file mapped copy-on-write (cpu target, mmap asked, a path).
   bool maps(const Shard& shard) const { return mmap_ && !shard.source.path.empty(); }

@@ -170,16 +170,19 @@ def test_restart_on_blob_change_loads_one_consistent_version(
 def test_restart_keeps_the_complete_shards_of_unchanged_blobs(
     device, published, azurite, container, via_proxy
 ):
-    # Shards are fetched in order (one connection); the third blob is overwritten while the
-    # first is read. The restart lists again and fetches only the changed blob: the first two,
-    # complete and unchanged, are kept (their GETs are not repeated).
+    # One connection: the three headers are read first, then the shards' data in order; the
+    # third blob is overwritten when the first shard's data starts. The restart lists again and
+    # fetches only the changed blob: the first two, complete and unchanged, are kept (their GETs
+    # are not repeated).
     victim = "m/model-00003-of-00003.safetensors"
     from safetensors.torch import save as save_bytes
 
     new_tensors = {"s2.w0": torch.full((128, 256), 7.0), "s2.w1": torch.full((128, 256), 8.0)}
+    seen: list[str] = []
 
     def overwrite_once(path, count):
-        if count == 4:
+        seen.append(path)
+        if path.endswith("model-00001-of-00003.safetensors") and seen.count(path) == 2:
             azurite.service().get_container_client(container).upload_blob(
                 victim, save_bytes(new_tensors), overwrite=True
             )
@@ -198,6 +201,16 @@ def test_restart_keeps_the_complete_shards_of_unchanged_blobs(
     first_two = [g for g in gets if g != "model-00003-of-00003.safetensors"]
     sizes = {f.name: f.stat().st_size for f in published.glob("*.safetensors")}
     assert len(first_two) == sum(-(-sizes[n] // 65536) for n in set(first_two))  # fetched once
+
+
+def test_every_header_is_read_before_any_data(published, container, via_proxy):
+    # One connection: the shards' first ranges come first, so no shard's header round trip is
+    # left for the end of the load while the other connections sit idle.
+    load(f"az://{container}/m", "cpu", prefetch_concurrency=1)
+    shards = sorted(p.name for p in published.glob("*.safetensors"))
+    gets = [p.rsplit("/", 1)[-1] for p in via_proxy.counters.paths if p.endswith(".safetensors")]
+    assert gets[: len(shards)] == shards
+    assert len(gets) > len(shards)
 
 
 def test_gets_add_up_to_one_copy_of_the_checkpoint(published, container, via_proxy):

@@ -3,7 +3,9 @@ the pipeline's landings (a pinned staging slot, or the cpu arena itself).
 
 Each shard's first range starts at offset 0 and carries the header and the first data, so there is
 no separate header round trip; the shard's other ranges are scheduled once the core has parsed that
-header, ahead of other shards' first ranges. Every range is pinned to the etag seen at listing
+header. First ranges go ahead of data ranges: every shard's header is read (and its arena made) at
+the start, so the load does not end with one late shard's header round trip while the other
+connections sit idle. Every range is pinned to the etag seen at listing
 (If-Match). A transient failure (reset, timeout, 408/429/5xx) retries only the bytes still missing,
 after an exponential backoff with jitter; a permanent one fails the load at once.
 """
@@ -145,7 +147,8 @@ class BlobFeeder:
         self._retry = retry
         self._chunk = chunk_bytes
         self._blobs = [container_client.get_blob_client(s.path) for s in plan.shards]
-        self._queue: deque[RangeTask] = deque()
+        self._headers: deque[RangeTask] = deque()  # first ranges (and rests of long headers)
+        self._queue: deque[RangeTask] = deque()  # data ranges
         self._cv = threading.Condition()
         self._active = 0
         self._stopping = retry.stopping
@@ -171,7 +174,7 @@ class BlobFeeder:
                     )
                 )
                 return self
-            self._queue.append(RangeTask(i, 0, min(self._first, ref.size), first=True))
+            self._headers.append(RangeTask(i, 0, min(self._first, ref.size), first=True))
         for t in self._threads:
             t.start()
         return self
@@ -181,17 +184,19 @@ class BlobFeeder:
             while True:
                 if self._stopping.is_set():
                     return None
-                if self._queue:
+                if self._headers or self._queue:
                     self._active += 1
-                    return self._queue.popleft()
+                    return (self._headers or self._queue).popleft()
                 if self._active == 0:
                     return None  # every range fetched
                 self._cv.wait()
 
     def _done(self, follow_ups: list[RangeTask]) -> None:
         with self._cv:
-            # A shard in progress finishes before other shards start: its arena fills sooner.
-            self._queue.extendleft(reversed(follow_ups))
+            # The rest of a long header goes first; data ranges queue behind the shards whose
+            # headers were read before, so shards complete one after another, in order.
+            self._headers.extendleft(reversed([t for t in follow_ups if t.first]))
+            self._queue.extend(t for t in follow_ups if not t.first)
             self._active -= 1
             self._cv.notify_all()
 
