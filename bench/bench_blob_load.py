@@ -463,6 +463,7 @@ def _report_extra(report: Any) -> dict[str, Any]:
         "staging_slot_bytes",
         "pinned",
         "pinned_fallback",
+        "host_populate_seconds",
         "phases",
     )
     out = {k: d.get(k) for k in keys}
@@ -505,6 +506,7 @@ def make_blob2gpu(t: Target, cuda_fake: bool) -> Contestant:
             "fake_peak_device_bytes": fake.peak_device_bytes(),
             "fake_violations": fake.violations(),
             "fake_max_pending_h2d": fake.max_pending_h2d_copies(),
+            "fake_emulation_cpu_s": fake.emulation_cpu_seconds(),
         }
 
     def device_checksum(view: Any) -> int:
@@ -766,7 +768,47 @@ def summarize(processes: list[dict[str, Any]], file_bytes: int) -> dict[str, Any
             s["peak_rss_over_baseline_mb"] - s["extra"]["fake_peak_device_bytes"] / MiB
             for s in samples
         )
+        out["median"]["fake_emulation_cpu_s_per_gb"] = (
+            med(s["extra"]["fake_emulation_cpu_s"] for s in samples) / gb
+        )
+    if samples[0]["extra"].get("host_populate_seconds") is not None:
+        out["median"]["host_populate_cpu_s_per_gb"] = (
+            med(s["extra"]["host_populate_seconds"] for s in samples) / gb
+        )
     return out
+
+
+def print_host_work(medians: Mapping[str, Mapping[str, float]], cores: int) -> None:
+    """CPU the loaders spend on work the ceiling does not do, and the CPU-bound model without it.
+
+    blob2gpu-cpu makes new memory resident for every byte it lands (the kernel zeroing fresh pages:
+    the report's host_populate_seconds); curl writing to /dev/null does not. The fake driver makes
+    its 'device' memory resident and performs the copies on the CPU, which a GPU does in hardware
+    (fake_cuda_emulation_cpu_seconds). Both are printed, with what the model gives without them as
+    a fraction of the ceiling's model: an estimate, not a measurement.
+    """
+    estimates = []
+    host = medians.get("blob2gpu-cpu")
+    if host is not None and "host_populate_cpu_s_per_gb" in host:
+        populate = host["host_populate_cpu_s_per_gb"]
+        print(f"blob2gpu-cpu making new memory resident (report.host_populate_seconds): "
+              f"{populate:.2f} CPU s/GB of its {host['cpu_s_per_gb']:.2f}")
+        estimates.append(("blob2gpu-cpu less making memory resident", host, populate))
+    fake = medians.get("blob2gpu-cuda-fake")
+    if fake is not None and "fake_emulation_cpu_s_per_gb" in fake:
+        emulation = fake["fake_emulation_cpu_s_per_gb"]
+        print(f"fake driver's emulation of a GPU (resident device memory, copies): "
+              f"{emulation:.2f} CPU s/GB of blob2gpu-cuda-fake's {fake['cpu_s_per_gb']:.2f}")
+        estimates.append(("blob2gpu-cuda less the fake's work", fake, emulation))
+    ceiling = medians.get("ceiling")
+    if not estimates or ceiling is None:
+        return
+    model_ceiling = cores / (ceiling["cpu_s_per_gb"] + ceiling["azurite_cpu_s_per_gb"])
+    parts = []
+    for label, m, extra in estimates:
+        model = cores / (max(0.0, m["cpu_s_per_gb"] - extra) + m["azurite_cpu_s_per_gb"])
+        parts.append(f"{label} {model:.2f} GB/s ({model / model_ceiling:.2f}x)")
+    print("CPU-bound model without that work (x the ceiling's model): " + ", ".join(parts))
 
 
 def _row(cols: list[str], widths: list[int]) -> str:
@@ -879,6 +921,7 @@ def print_table(
                     for n, m in cols
                 )
             )
+            print_host_work(dict(cols), cores)
 
     verdicts: list[dict[str, Any]] = []
     print("\ntargets:")

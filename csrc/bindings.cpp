@@ -97,6 +97,7 @@ py::dict session_stats_dict(const SessionStats& s) {
   d["min_free_device_bytes"] = s.min_free_device_bytes;
   d["verified_bytes"] = s.verified_bytes;
   d["direct_io_bytes"] = s.direct_io_bytes;
+  d["host_populate_seconds"] = s.host_populate_seconds;
   d["checksum_failures"] = s.checksum_failures;
   py::list shards;
   for (const auto& shard : s.shards) shards.append(shard_stats_dict(shard));

@@ -1,5 +1,7 @@
 #include "load_session.hpp"
 
+#include <time.h>
+
 #include <algorithm>
 #include <cstring>
 
@@ -19,6 +21,13 @@ int parse_device(const std::string& device) {
   }
   throw CoreError(ErrorKind::InvalidArgument,
                   "device '" + device + "' is not one of 'cpu', 'cuda', 'cuda:N'");
+}
+
+// CPU time of the calling thread.
+int64_t thread_cpu_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
 }
 
 // Alignment a consumer may assume for an element of this dtype.
@@ -420,7 +429,7 @@ void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64
     }
   } else if (slot != nullptr) {
     for (const CopyRange& p : parts) {
-      HostBuffer::populate_for_write(host_destination(shard) + p.dst, p.bytes);
+      populate_host(host_destination(shard) + p.dst, p.bytes);
       std::memcpy(host_destination(shard) + p.dst, slot->data() + p.src_offset, p.bytes);
     }
     pipeline_->ring_->release(slot);
@@ -660,8 +669,14 @@ void LoadSession::verify(Shard& shard, uint64_t file_offset, const uint8_t* data
 uint8_t* LoadSession::host_landing(const Shard& shard, const Span& span, uint64_t begin,
                                    size_t bytes) const {
   uint8_t* dest = host_destination(shard) + span.arena_offset + (begin - span.begin);
-  HostBuffer::populate_for_write(dest, bytes);
+  populate_host(dest, bytes);
   return dest;
+}
+
+void LoadSession::populate_host(uint8_t* p, size_t n) const {
+  const int64_t start = thread_cpu_ns();
+  HostBuffer::populate_for_write(p, n);
+  populate_cpu_ns_ += static_cast<uint64_t>(thread_cpu_ns() - start);
 }
 
 uint8_t* LoadSession::host_destination(const Shard& shard) const {
@@ -881,6 +896,7 @@ SessionStats LoadSession::stats() const {
   s.min_free_device_bytes = min_free_.load();
   s.verified_bytes = verified_bytes_.load();
   s.direct_io_bytes = direct_io_bytes_.load();
+  s.host_populate_seconds = static_cast<double>(populate_cpu_ns_.load()) / 1e9;
   std::lock_guard<std::mutex> lock(mutex_);
   s.all_published_ns = all_published_ns_;
   s.checksum_failures = checksum_failures_;

@@ -122,6 +122,7 @@ struct SessionStats {
   int64_t min_free_device_bytes = -1;  // lowest free GPU memory seen at a shard's end (-1: none)
   uint64_t verified_bytes = 0;         // bytes checked against a manifest
   uint64_t direct_io_bytes = 0;        // bytes read with O_DIRECT (page cache bypassed)
+  double host_populate_seconds = 0;    // CPU time making new host memory resident for writing
   std::vector<std::string> checksum_failures;  // mismatches let through (fail_on_... = false)
   std::vector<ShardStats> shards;
 };
@@ -252,6 +253,8 @@ class LoadSession {
   // Where bytes [begin, begin + bytes) of the shard's data (within `span`) land on the host, made
   // resident for the write that follows.
   uint8_t* host_landing(const Shard& shard, const Span& span, uint64_t begin, size_t bytes) const;
+  // HostBuffer::populate_for_write, its CPU time counted (stats().host_populate_seconds).
+  void populate_host(uint8_t* p, size_t n) const;
   bool lands_on_host() const { return !pipeline_->ctx_ || host_staging_; }
   // The shard's data is its local file mapped copy-on-write (cpu target, mmap asked, a path).
   bool maps(const Shard& shard) const { return mmap_ && !shard.source.path.empty(); }
@@ -291,6 +294,7 @@ class LoadSession {
   bool fail_on_checksum_mismatch_;
   bool direct_io_;
   std::atomic<uint64_t> direct_io_bytes_{0};
+  mutable std::atomic<uint64_t> populate_cpu_ns_{0};
   std::shared_ptr<const std::unordered_set<std::string>> wanted_;
   std::atomic<uint64_t> verified_bytes_{0};
   std::vector<std::string> checksum_failures_;  // under mutex_

@@ -58,6 +58,29 @@ def test_gpu_memory_watermark(fake_driver, write_checkpoint):
         assert checkpoint.report.gpu_memory_free_min is None
 
 
+def test_host_populate_seconds_counts_making_new_host_memory_resident(
+    fake_driver, write_checkpoint
+):
+    directory = write_checkpoint(
+        [{f"s{s}.w": random_tensor(torch.float32, (1024, 1024), seed=s)} for s in range(2)]
+    )  # 2 x 4 MiB: arenas of whole huge pages
+    with blob2gpu.open(str(directory), device="cpu", mmap_local_files=False) as checkpoint:
+        checkpoint.to_dict()
+        assert checkpoint.report.host_populate_seconds > 0  # read into new memory
+    with blob2gpu.open(str(directory), device="cpu", mmap_local_files=True) as checkpoint:
+        checkpoint.to_dict()
+        assert checkpoint.report.host_populate_seconds == 0  # the files are mapped
+    fake_driver.reset_counters()
+    with blob2gpu.open(str(directory), device="cuda", framework="dlpack") as checkpoint:
+        checkpoint.to_dict()
+        assert checkpoint.report.host_populate_seconds == 0  # lands in the staging ring
+    # What the fake driver did in a GPU's place (resident device memory, the copies) is counted
+    # apart, for the benchmarks to take out.
+    assert fake_driver.emulation_cpu_seconds() > 0
+    fake_driver.reset_counters()
+    assert fake_driver.emulation_cpu_seconds() == 0
+
+
 def test_first_token_percentiles_across_loads(write_checkpoint):
     directory = write_checkpoint([{"w": torch.ones(4)}])
     before = first_token_percentiles()["count"]

@@ -78,6 +78,10 @@ class LoadReport:
     verification: str = "none"  # crc32c (every chunk against the manifest), size+etag, none
     verified_bytes: int = 0
     direct_io_bytes: int = 0  # bytes read with O_DIRECT (NVMe cache hits into the staging ring)
+    # CPU seconds spent making new host memory resident before bytes were written into it (cpu
+    # target, host staging): the kernel zeroing fresh pages, costly in VMs that hand freed memory
+    # back to their host.
+    host_populate_seconds: float = 0.0
     tensor_selection: int | None = None  # tensors asked for (tensor_names/tensor_filter); None: all
     reused_shards: list[str] = field(default_factory=list)  # kept from before a BlobChanged restart
     checksum_failures: list[str] = field(default_factory=list)  # let through (fail_if_... off)
@@ -192,6 +196,7 @@ class LoadReport:
             "mmap",
             "verified_bytes",
             "direct_io_bytes",
+            "host_populate_seconds",
             "checksum_failures",
         ):
             setattr(self, key, stats[key])

@@ -110,6 +110,7 @@ _CONTROL_API: dict[str, tuple[type | None, tuple[type, ...]]] = {
     "h2d_bytes": (ctypes.c_uint64, ()),
     "pageable_h2d_copies": (ctypes.c_uint64, ()),
     "max_pending_h2d_copies": (ctypes.c_int64, ()),
+    "emulation_cpu_seconds": (ctypes.c_double, ()),
     "reset_counters": (None, ()),
     "violations": (ctypes.c_int64, ()),
     "last_violation": (ctypes.c_char_p, ()),
@@ -208,6 +209,12 @@ class FakeDriver:
     def h2d_bytes(self) -> int:
         """Return the bytes of host-to-device copies executed since reset_counters()."""
         return int(self._fn["h2d_bytes"]())
+
+    def emulation_cpu_seconds(self) -> float:
+        """CPU seconds the fake spent on what a GPU does in hardware since reset_counters():
+        making device and page-locked memory resident (and filling device memory), moving copied
+        bytes."""
+        return float(self._fn["emulation_cpu_seconds"]())
 
     def pageable_h2d_copies(self) -> int:
         """Return how many executed host-to-device copies read pageable (not pinned) memory."""

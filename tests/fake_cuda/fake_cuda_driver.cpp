@@ -5,10 +5,12 @@
 // and misuse is recorded as a "violation" that tests read through the fake_cuda_* control API.
 // See tests/fake_cuda/README.md.
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
@@ -86,6 +88,28 @@ AlignedBytes allocate_aligned(size_t alignment, size_t bytes) {
   }
   return AlignedBytes(static_cast<std::byte*>(p));
 }
+
+// CPU time the fake spends doing what a GPU does in hardware (making its memory resident and
+// poisoning it, moving copied bytes): benchmarks subtract it to estimate a real GPU's host cost.
+std::atomic<uint64_t> g_emulation_cpu_ns{0};
+
+uint64_t thread_cpu_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+// Adds the calling thread's CPU time over its lifetime to g_emulation_cpu_ns.
+class EmulationClock {
+ public:
+  EmulationClock() : start_(thread_cpu_ns()) {}
+  ~EmulationClock() { g_emulation_cpu_ns += thread_cpu_ns() - start_; }
+  EmulationClock(const EmulationClock&) = delete;
+  EmulationClock& operator=(const EmulationClock&) = delete;
+
+ private:
+  uint64_t start_;
+};
 
 // Keeps a T alive for the whole process without ever running its destructor: the driver state
 // owns worker threads, and joining them from a global destructor could hang process exit.
@@ -413,6 +437,7 @@ void stream_worker(Stream* stream) {
       lock.unlock();
       if (delay_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
       {
+        EmulationClock clock;
         std::shared_lock<std::shared_mutex> copying(s.copy_mu);
         std::byte* device = op.device_block->memory.get() + op.device_offset;
         if (op.kind == StreamOp::Kind::kCopyHtoD) {
@@ -734,16 +759,31 @@ FAKE_CUDA_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* dptr, size_t bytes) {
         d.next_offset + rounded + kDeviceGuardGap > kDeviceAddressSpan) {
       return CUDA_ERROR_OUT_OF_MEMORY;
     }
-    auto block = std::make_shared<DeviceBlock>();
-    block->memory = allocate_aligned(kDeviceAlignment, bytes);
-    if (!block->memory) return CUDA_ERROR_OUT_OF_MEMORY;
-    std::memset(block->memory.get(), kFreshDeviceByte, bytes);
-    block->address =
+    // The address and the budget are reserved under the lock; the memory is made (and poisoned)
+    // without it, so other threads' driver calls do not wait behind a large allocation, as they
+    // do not on a GPU.
+    const uint64_t address =
         kDeviceAddressBase + static_cast<uint64_t>(device) * kDeviceAddressSpan + d.next_offset;
-    block->size = bytes;
-    block->device = device;
     d.next_offset += rounded + kDeviceGuardGap;
     d.live_bytes += bytes;
+    lock.unlock();
+    std::shared_ptr<DeviceBlock> block;
+    try {
+      EmulationClock clock;
+      block = std::make_shared<DeviceBlock>();
+      block->memory = allocate_aligned(kDeviceAlignment, bytes);
+      if (block->memory) std::memset(block->memory.get(), kFreshDeviceByte, bytes);
+    } catch (const std::bad_alloc&) {
+      block.reset();
+    }
+    lock.lock();
+    if (!block || !block->memory) {
+      d.live_bytes -= bytes;
+      return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    block->address = address;
+    block->size = bytes;
+    block->device = device;
     ++d.live_allocations;
     s.device_blocks.emplace(block->address, block);
     ++s.live_device_allocations;
@@ -798,7 +838,10 @@ FAKE_CUDA_EXPORT CUresult cuMemHostAlloc(void** pp, size_t bytes, unsigned int f
     if (fault_fires(s, &s.host_alloc_fail_after)) return CUDA_ERROR_OUT_OF_MEMORY;
     static const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     auto block = std::make_shared<HostBlock>();
-    block->memory = allocate_aligned(page, bytes);
+    {
+      EmulationClock clock;  // page-locked memory is resident on allocation
+      block->memory = allocate_aligned(page, bytes);
+    }
     if (!block->memory) return CUDA_ERROR_OUT_OF_MEMORY;
     block->size = bytes;
     void* p = block->memory.get();
@@ -1196,6 +1239,10 @@ FAKE_CUDA_EXPORT int64_t fake_cuda_max_pending_h2d_copies(void) {
   return s.max_pending_h2d_copies;
 }
 
+FAKE_CUDA_EXPORT double fake_cuda_emulation_cpu_seconds(void) {
+  return static_cast<double>(g_emulation_cpu_ns.load()) / 1e9;
+}
+
 // Also clears the violation count, so each test can start from zero.
 FAKE_CUDA_EXPORT void fake_cuda_reset_counters(void) {
   DriverState& s = state();
@@ -1204,6 +1251,7 @@ FAKE_CUDA_EXPORT void fake_cuda_reset_counters(void) {
   s.h2d_bytes = 0;
   s.pageable_h2d_copies = 0;
   s.max_pending_h2d_copies = s.pending_h2d_copies;
+  g_emulation_cpu_ns = 0;
   s.violations = 0;
   s.has_last_violation = false;  // the log itself stays, so returned pointers remain valid
 }
