@@ -20,7 +20,7 @@ class HostBuffer {
   HostBuffer() = default;
   // Throws std::bad_alloc when the heap refuses. prefault: a buffer of 2 MiB or more is
   // populated at once (huge pages zeroed in one kernel call) instead of faulting page by page
-  // as it is first written: several times cheaper, for memory that will all be written anyway.
+  // as it is first written, for memory that will all be written anyway.
   static HostBuffer pageable(size_t bytes, bool prefault = false);
   // Makes the pages under [p, p + n) resident for writing in one kernel call (huge pages zeroed
   // at once) just before a socket or pread fills them, instead of faulting them in one by one
