@@ -787,19 +787,22 @@ def print_host_work(medians: Mapping[str, Mapping[str, float]], cores: int) -> N
     (fake_cuda_emulation_cpu_seconds). Both are printed, with what the model gives without them as
     a fraction of the ceiling's model: an estimate, not a measurement.
     """
+    # (row, median key of the work, what the work is, label of the estimate without it)
+    kinds = (
+        ("blob2gpu-cpu", "host_populate_cpu_s_per_gb",
+         "making new memory resident (report.host_populate_seconds)",
+         "blob2gpu-cpu less making memory resident"),
+        ("blob2gpu-cuda-fake", "fake_emulation_cpu_s_per_gb",
+         "the fake driver's emulation of a GPU (resident device memory, copies)",
+         "blob2gpu-cuda less the fake's work"),
+    )
     estimates = []
-    host = medians.get("blob2gpu-cpu")
-    if host is not None and "host_populate_cpu_s_per_gb" in host:
-        populate = host["host_populate_cpu_s_per_gb"]
-        print(f"blob2gpu-cpu making new memory resident (report.host_populate_seconds): "
-              f"{populate:.2f} CPU s/GB of its {host['cpu_s_per_gb']:.2f}")
-        estimates.append(("blob2gpu-cpu less making memory resident", host, populate))
-    fake = medians.get("blob2gpu-cuda-fake")
-    if fake is not None and "fake_emulation_cpu_s_per_gb" in fake:
-        emulation = fake["fake_emulation_cpu_s_per_gb"]
-        print(f"fake driver's emulation of a GPU (resident device memory, copies): "
-              f"{emulation:.2f} CPU s/GB of blob2gpu-cuda-fake's {fake['cpu_s_per_gb']:.2f}")
-        estimates.append(("blob2gpu-cuda less the fake's work", fake, emulation))
+    for row, key, what, label in kinds:
+        m = medians.get(row)
+        if m is None or key not in m:
+            continue
+        print(f"{row}: {what}: {m[key]:.2f} CPU s/GB of its {m['cpu_s_per_gb']:.2f}")
+        estimates.append((label, m, m[key]))
     ceiling = medians.get("ceiling")
     if not estimates or ceiling is None:
         return
