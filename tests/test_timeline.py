@@ -50,6 +50,20 @@ def test_show_prints_the_phase_and_shard_tables(report_file):
         assert line.split()[1] == f"{shard['bytes'] / 1e6:.1f}" and line.split()[2] == "3"
 
 
+def test_show_says_what_making_host_memory_resident_cost(report_file):
+    doc = json.loads(report_file.read_text())
+    doc["host_populate_seconds"] = 0.25
+    report_file.write_text(json.dumps(doc))
+    result = run("report", "show", str(report_file))
+    assert result.returncode == 0, result.stderr
+    assert "0.250 CPU s making new host memory resident" in result.stdout
+    del doc["host_populate_seconds"]  # a report written before the field existed
+    report_file.write_text(json.dumps(doc))
+    result = run("report", "show", str(report_file))
+    assert result.returncode == 0, result.stderr
+    assert "resident" not in result.stdout
+
+
 def test_png_is_produced(report_file, tmp_path):
     out = tmp_path / "timeline.png"
     result = run("report", "show", str(report_file), "--png", str(out))

@@ -83,6 +83,14 @@ def describe(report: LoadReport) -> str:
         report.summary(),
         f"source {report.source}, strategy {report.strategy}, {_staging(report)}, "
         f"{report.requests} request(s), {report.retries} retried",
+    ]
+    if report.host_populate_seconds > 0:
+        # Where this is a large part of the load's seconds, new memory is costly on this host
+        # (a VM handing freed memory back to its hypervisor): a GPU target or mmap avoids it.
+        lines.append(
+            f"{report.host_populate_seconds:.3f} CPU s making new host memory resident"
+        )
+    lines += [
         "",
         report.phase_table(),
         "",
