@@ -164,6 +164,36 @@ def test_missing_blob_container_and_shard(published, azurite, container, blob_en
         blob2gpu.load(f"az://{container}/llama")
 
 
+def test_cuda_setup_overlaps_listing_and_is_released_when_listing_fails(
+    fake_driver, published, container, blob_env
+):
+    # The device's pipeline (context, pinned ring, streams) is made on a thread while the blobs
+    # are listed. A listing that fails leaves it to the Loader: the next load uses it, close()
+    # releases it.
+    host_before = fake_driver.live_host_allocations()
+    with blob2gpu.Loader() as loader:
+        with pytest.raises(errors.BlobNotFound, match="nosuchcontainer"):
+            loader.open("az://nosuchcontainer/llama", device="cuda", framework="dlpack")
+        with loader.open(f"az://{container}/llama", device="cuda", framework="dlpack") as ck:
+            got = {n: v.to_bytes() for n, v in ck.to_dict().items()}
+    assert got == expected(published)
+    assert fake_driver.live_host_allocations() == host_before
+    assert fake_driver.live_streams() == 0
+
+
+def test_a_pipeline_that_cannot_be_made_fails_the_load_that_waited_for_it(
+    fake_driver, published, container, blob_env
+):
+    fake_driver.fail_host_alloc_after(0)  # the staging ring cannot be pinned
+    with blob2gpu.Loader(use_pinned_host_fallback=False) as loader:
+        with pytest.raises(errors.PinnedMemoryUnavailable):
+            loader.open(f"az://{container}/llama", device="cuda", framework="dlpack")
+        fake_driver.reset_faults()
+        got, _ = load_blob_bytes(f"az://{container}/llama", "cuda")  # a fresh Loader
+        with loader.open(f"az://{container}/llama", device="cuda", framework="dlpack") as ck:
+            assert {n: v.to_bytes() for n, v in ck.to_dict().items()} == got  # made again
+
+
 def test_malformed_header_in_blob_releases_everything(
     device, write_checkpoint, azurite, container, blob_env
 ):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -147,32 +148,95 @@ def use_cache(
     return paths, hits, writer
 
 
+class _PipelineMaker:
+    """Makes one LoadPipeline on its own thread (the core releases the GIL while it does)."""
+
+    def __init__(self, device: str, settings: dict[str, Any]) -> None:
+        self.device = device
+        self._pipeline: _core.LoadPipeline | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._make, args=(settings,), name=f"blob2gpu-pipeline-{device}", daemon=True
+        )
+        self._thread.start()
+
+    def _make(self, settings: dict[str, Any]) -> None:
+        try:
+            self._pipeline = _core.LoadPipeline(self.device, **settings)
+        except BaseException as e:  # handed to the load that waits for it
+            self._error = e
+
+    def result(self) -> _core.LoadPipeline:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._pipeline is not None
+        return self._pipeline
+
+
 class Loader:
     """A reusable loader. Settings given here apply to every load (see blob2gpu.settings);
     `config` names a YAML settings file (else $BLOB2GPU_CONFIG).
 
     Pinned staging and streams are allocated on the first load to each device and kept until
-    close(), so later loads skip that cost.
+    close(), so later loads skip that cost. On that first load they are made on a thread while
+    the checkpoint is listed, so CUDA's start-up overlaps the storage round trips.
     """
 
     def __init__(self, config: str | os.PathLike[str] | None = None, **settings: Any) -> None:
         self._settings: ResolvedSettings = resolve(settings, config_path=config)
         self._pipelines: dict[str, _core.LoadPipeline] = {}
+        self._being_made: dict[str, _PipelineMaker] = {}
+        self._pipelines_lock = threading.Lock()
         self._closed = False
 
     @property
     def settings(self) -> ResolvedSettings:
         return self._settings
 
-    def _pipeline(self, device: str) -> _core.LoadPipeline:
-        if self._closed:
-            raise InvalidArgument("this Loader is closed")
-        if device not in self._pipelines:
+    def _start_pipeline(self, device: str) -> None:
+        """Begin making the device's pipeline (CUDA context, pinned staging ring, streams) on a
+        thread, if it does not exist yet, so that it overlaps the storage round trips that come
+        first (listing, index, manifest): on a cold GPU node CUDA's initialisation alone takes
+        hundreds of milliseconds. _pipeline() waits for it."""
+        if device == "cpu":
+            return  # io threads only: nothing worth overlapping
+        with self._pipelines_lock:
+            if self._closed or device in self._pipelines or device in self._being_made:
+                return
             s = self._settings
-            self._pipelines[device] = _core.LoadPipeline(
+            self._being_made[device] = _PipelineMaker(
+                device, {name: s.values[name] for name in PIPELINE_SETTINGS}
+            )
+
+    def _pipeline(self, device: str) -> _core.LoadPipeline:
+        """The device's pipeline, made now or by _start_pipeline; raises what making it raised."""
+        self._start_pipeline(device)  # nothing when it exists or is being made
+        with self._pipelines_lock:
+            if self._closed:
+                raise InvalidArgument("this Loader is closed")
+            if device in self._pipelines:
+                return self._pipelines[device]
+            maker = self._being_made.get(device)
+        if maker is None:  # cpu: made here
+            s = self._settings
+            pipeline = _core.LoadPipeline(
                 device, **{name: s.values[name] for name in PIPELINE_SETTINGS}
             )
-        return self._pipelines[device]
+        else:
+            try:
+                pipeline = maker.result()
+            finally:  # made or failed: the next load asks again
+                with self._pipelines_lock:
+                    if self._being_made.get(device) is maker:
+                        del self._being_made[device]
+        with self._pipelines_lock:
+            kept = None if self._closed else self._pipelines.setdefault(device, pipeline)
+        if kept is not pipeline:  # closed meanwhile, or another load's was kept first
+            pipeline.close()
+        if kept is None:
+            raise InvalidArgument("this Loader is closed")
+        return kept
 
     def open(
         self,
@@ -206,6 +270,7 @@ class Loader:
         effective = self._settings.with_overrides(settings)
         convert = converter(framework, device, effective.unsupported_dtype)
         started_at, clock_start = time.time(), time.perf_counter()
+        self._start_pipeline(device)
         container = None
         if is_blob_uri(uri):
             from .sources.blob_client import open_container
@@ -415,8 +480,15 @@ class Loader:
 
     def close(self) -> None:
         """Release the staging ring, threads and streams. Tensors already loaded stay valid."""
-        self._closed = True
-        pipelines, self._pipelines = self._pipelines, {}
+        with self._pipelines_lock:
+            self._closed = True
+            pipelines, self._pipelines = self._pipelines, {}
+            makers, self._being_made = self._being_made, {}
+        for maker in makers.values():
+            try:
+                pipelines[maker.device] = maker.result()
+            except Exception:
+                pass  # never used: its error belongs to no load
         for pipeline in pipelines.values():
             pipeline.close()
 
