@@ -115,6 +115,7 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
         effective = loader.settings
         convert = converter(framework, device, effective.unsupported_dtype)
         started_at, clock_start = time.time(), time.perf_counter()
+        loader._start_pipeline(device)  # CUDA's start-up beside the listing and the all-gather
         container = listing = None
         if is_blob_uri(uri):
             from .sources.blob_client import open_container
