@@ -195,12 +195,10 @@ class Loader:
         return self._settings
 
     def _start_pipeline(self, device: str) -> None:
-        """Begin making the device's pipeline (CUDA context, pinned staging ring, streams) on a
-        thread, if it does not exist yet, so that it overlaps the storage round trips that come
-        first (listing, index, manifest): on a cold GPU node CUDA's initialisation alone takes
-        hundreds of milliseconds. _pipeline() waits for it."""
-        if device == "cpu":
-            return  # io threads only: nothing worth overlapping
+        """Begin making the device's pipeline (CUDA context, pinned staging ring, streams; io
+        threads on cpu) on a thread, if it does not exist yet, so that it overlaps the storage
+        round trips that come first (listing, index, manifest): on a cold GPU node CUDA's
+        initialisation alone takes hundreds of milliseconds. _pipeline() waits for it."""
         with self._pipelines_lock:
             if self._closed or device in self._pipelines or device in self._being_made:
                 return
@@ -210,26 +208,20 @@ class Loader:
             )
 
     def _pipeline(self, device: str) -> _core.LoadPipeline:
-        """The device's pipeline, made now or by _start_pipeline; raises what making it raised."""
+        """The device's pipeline, made by _start_pipeline; raises what making it raised."""
         self._start_pipeline(device)  # nothing when it exists or is being made
         with self._pipelines_lock:
             if self._closed:
                 raise InvalidArgument("this Loader is closed")
             if device in self._pipelines:
                 return self._pipelines[device]
-            maker = self._being_made.get(device)
-        if maker is None:  # cpu: made here
-            s = self._settings
-            pipeline = _core.LoadPipeline(
-                device, **{name: s.values[name] for name in PIPELINE_SETTINGS}
-            )
-        else:
-            try:
-                pipeline = maker.result()
-            finally:  # made or failed: the next load asks again
-                with self._pipelines_lock:
-                    if self._being_made.get(device) is maker:
-                        del self._being_made[device]
+            maker = self._being_made[device]
+        try:
+            pipeline = maker.result()
+        finally:  # made or failed: the next load asks again
+            with self._pipelines_lock:
+                if self._being_made.get(device) is maker:
+                    del self._being_made[device]
         with self._pipelines_lock:
             kept = None if self._closed else self._pipelines.setdefault(device, pipeline)
         if kept is not pipeline:  # closed meanwhile, or another load's was kept first
@@ -343,67 +335,60 @@ class Loader:
         report.phases["artifact_fetch_start"] = 0.0
         if gpu_memory is not None and effective.emit_gpu_memory_watermark:
             report.gpu_memory_free_before, report.gpu_memory_total = gpu_memory
+        mmap = bool(effective.mmap_local_files and device == "cpu")
+        feeder = cache = hits = writer = None
         if container is None:
             report._session_offset = time.perf_counter() - clock_start
             session = pipeline.start_local(
                 [s.path for s in plan.shards],
                 [s.name for s in plan.shards],
-                mmap=bool(effective.mmap_local_files and device == "cpu"),
+                mmap=mmap,
                 host_staging=host_staging,
                 checksums=checksums,
                 fail_on_checksum_mismatch=effective.fail_if_checksum_mismatch,
                 wanted=wanted,
             )
-            return Checkpoint(
+        else:
+            from .sources.blob_feeder import BlobFeeder
+
+            slot_bytes = self._settings.staging_slot_bytes
+            chunk = effective.chunk_bytes or slot_bytes
+            if device != "cpu" and not host_staging:
+                chunk = min(chunk, slot_bytes)  # a range lands in one staging slot
+            paths = None
+            if effective.local_nvme_cache_enabled:
+                cache = NvmeCache(effective.cache_dir or None, effective.cache_max_bytes)
+                paths, hits, writer = use_cache(
+                    cache, container.location, plan, manifest, checksums, write=wanted is None
+                )
+                checksums = checksums or [None] * len(plan.shards)
+                for i, entry in hits.items():  # a hit is checked against what was written
+                    if algorithm == "crc32c" or checksums[i] is None:
+                        checksums[i] = (entry.size, entry.meta["chunk_bytes"], entry.meta["crc32c"])
+            report._session_offset = time.perf_counter() - clock_start
+            session = pipeline.start_fed(
+                [s.name for s in plan.shards],
+                [s.size for s in plan.shards],
+                host_staging=host_staging,
+                checksums=checksums,
+                fail_on_checksum_mismatch=effective.fail_if_checksum_mismatch,
+                paths=paths,
+                wanted=wanted,
+                content_md5=content_md5,
+                direct_io=effective.cache_direct_io,
+                mmap=mmap,
+            )
+            feeder = BlobFeeder(
                 session,
                 plan,
-                convert,
-                report,
-                settings=effective,
-                pipeline=pipeline,
-                selection=selection,
+                container.client,
+                container.retry,
+                effective.prefetch_concurrency,
+                chunk,
+                fetch=[i for i in range(len(plan.shards)) if not (hits and i in hits)],
+                cache_writer=writer,
+                first_range_bytes=min(chunk, 1 << 20) if device == "cpu" or host_staging else None,
             )
-        from .sources.blob_feeder import BlobFeeder
-
-        slot_bytes = self._settings.staging_slot_bytes
-        chunk = effective.chunk_bytes or slot_bytes
-        if device != "cpu" and not host_staging:
-            chunk = min(chunk, slot_bytes)  # a range lands in one staging slot
-        cache = hits = writer = None
-        paths = None
-        if effective.local_nvme_cache_enabled:
-            cache = NvmeCache(effective.cache_dir or None, effective.cache_max_bytes)
-            paths, hits, writer = use_cache(
-                cache, container.location, plan, manifest, checksums, write=wanted is None
-            )
-            checksums = checksums or [None] * len(plan.shards)
-            for i, entry in hits.items():  # a hit is checked against what was written
-                if algorithm == "crc32c" or checksums[i] is None:
-                    checksums[i] = (entry.size, entry.meta["chunk_bytes"], entry.meta["crc32c"])
-        report._session_offset = time.perf_counter() - clock_start
-        session = pipeline.start_fed(
-            [s.name for s in plan.shards],
-            [s.size for s in plan.shards],
-            host_staging=host_staging,
-            checksums=checksums,
-            fail_on_checksum_mismatch=effective.fail_if_checksum_mismatch,
-            paths=paths,
-            wanted=wanted,
-            content_md5=content_md5,
-            direct_io=effective.cache_direct_io,
-            mmap=bool(effective.mmap_local_files and device == "cpu"),
-        )
-        feeder = BlobFeeder(
-            session,
-            plan,
-            container.client,
-            container.retry,
-            effective.prefetch_concurrency,
-            chunk,
-            fetch=[i for i in range(len(plan.shards)) if not (hits and i in hits)],
-            cache_writer=writer,
-            first_range_bytes=min(chunk, 1 << 20) if device == "cpu" or host_staging else None,
-        )
         checkpoint = Checkpoint(
             session,
             plan,
@@ -419,7 +404,8 @@ class Loader:
             preloaded=preloaded,
         )
         checkpoint._keep_completed = _reuse is not None
-        feeder.start()
+        if feeder is not None:
+            feeder.start()
         return checkpoint
 
     @staticmethod
