@@ -323,12 +323,17 @@ void LoadSession::plan_spans(Shard& shard) const {
   }
 }
 
-const LoadSession::Span* LoadSession::span_at(const Shard& shard, uint64_t pos) {
+std::vector<LoadSession::Span>::const_iterator LoadSession::spans_from(const Shard& shard,
+                                                                     uint64_t pos) {
   auto it = std::upper_bound(shard.spans.begin(), shard.spans.end(), pos,
                              [](uint64_t p, const Span& s) { return p < s.begin; });
-  if (it == shard.spans.begin()) return nullptr;
-  --it;
-  return pos < it->end ? &*it : nullptr;
+  if (it != shard.spans.begin() && std::prev(it)->end > pos) --it;
+  return it;
+}
+
+const LoadSession::Span* LoadSession::span_at(const Shard& shard, uint64_t pos) {
+  auto it = spans_from(shard, pos);
+  return it != shard.spans.end() && it->begin <= pos ? &*it : nullptr;
 }
 
 void LoadSession::prepare_shard(size_t index, const uint8_t* json, size_t json_len,
@@ -395,12 +400,8 @@ void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64
   // The parts of the range this load needs (all of it without a tensor selection).
   std::vector<CopyRange> parts;
   uint64_t landed = 0;
-  auto it = std::upper_bound(shard.spans.begin(), shard.spans.end(), begin,
-                             [](uint64_t p, const Span& s) { return p < s.begin; });
-  if (it != shard.spans.begin()) --it;
-  for (; it != shard.spans.end() && it->begin < end; ++it) {
+  for (auto it = spans_from(shard, begin); it != shard.spans.end() && it->begin < end; ++it) {
     const uint64_t lo = std::max(it->begin, begin), hi = std::min(it->end, end);
-    if (lo >= hi) continue;
     parts.push_back({it->arena_offset + (lo - it->begin), slot_offset + (lo - begin), hi - lo});
     landed += hi - lo;
   }

@@ -269,6 +269,8 @@ class LoadSession {
   void check_shard_index(size_t shard) const;
   // Chooses the tensors and spans of a parsed shard and sizes its arena.
   void plan_spans(Shard& shard) const;
+  // The span holding data-region byte `pos`, else the first span after it (end() when none).
+  static std::vector<Span>::const_iterator spans_from(const Shard& shard, uint64_t pos);
   // The span holding data-region byte `pos`, or null.
   static const Span* span_at(const Shard& shard, uint64_t pos);
   // Checks landed file bytes against the shard's manifest: throws ChecksumMismatch (or records
