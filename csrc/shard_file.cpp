@@ -44,6 +44,13 @@ bool ShardFile::open_direct() {
   return direct_fd_ >= 0;
 }
 
+CoreError ShardFile::read_failed(const char* what, size_t bytes, uint64_t offset) const {
+  return CoreError(ErrorKind::SourceReadError, "shard '" + label_ + "': " + what + " of " +
+                                                   std::to_string(bytes) + " bytes at offset " +
+                                                   std::to_string(offset) +
+                                                   " failed: " + std::strerror(errno));
+}
+
 size_t ShardFile::read_direct(uint8_t* dst, size_t bytes, uint64_t offset) const {
   size_t done = 0;
   while (done < bytes) {
@@ -51,10 +58,7 @@ size_t ShardFile::read_direct(uint8_t* dst, size_t bytes, uint64_t offset) const
     if (n < 0) {
       if (errno == EINTR) continue;
       if (errno == EINVAL) return 0;  // alignment the device does not take: read buffered
-      throw CoreError(ErrorKind::SourceReadError, "shard '" + label_ + "': direct read of " +
-                                                      std::to_string(bytes) + " bytes at offset " +
-                                                      std::to_string(offset + done) +
-                                                      " failed: " + std::strerror(errno));
+      throw read_failed("direct read", bytes, offset + done);
     }
     if (n == 0) break;  // end of file
     done += static_cast<size_t>(n);
@@ -69,10 +73,7 @@ void ShardFile::read_exact(uint8_t* dst, size_t bytes, uint64_t offset) const {
     ssize_t n = ::pread(fd_, dst + done, bytes - done, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
-      throw CoreError(ErrorKind::SourceReadError, "shard '" + label_ + "': read of " +
-                                                      std::to_string(bytes) + " bytes at offset " +
-                                                      std::to_string(offset + done) +
-                                                      " failed: " + std::strerror(errno));
+      throw read_failed("read", bytes, offset + done);
     }
     if (n == 0) {
       throw CoreError(ErrorKind::SourceReadError,

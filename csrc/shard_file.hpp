@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <string>
 
+#include "errors.hpp"
+
 namespace blob2gpu {
 
 class ShardFile {
@@ -32,6 +34,9 @@ class ShardFile {
   size_t read_direct(uint8_t* dst, size_t bytes, uint64_t offset) const;
 
  private:
+  // SourceReadError for a failed pread ("read", "direct read"), with errno's reason.
+  CoreError read_failed(const char* what, size_t bytes, uint64_t offset) const;
+
   int fd_ = -1;
   int direct_fd_ = -1;
   std::string path_;
