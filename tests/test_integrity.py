@@ -84,17 +84,22 @@ def test_malformed_manifests(doc, match):
         Manifest.from_json(json.dumps(doc), "m.json")
 
 
-@pytest.mark.parametrize("chunk_bytes", [1000, 65536, 4 << 20])
-def test_loads_verify_every_chunk(device, checkpoint, chunk_bytes):
-    with_manifest(checkpoint, chunk_bytes)
-    settings = {"staging_slot_bytes": 8192} if device != "cpu" else {}
+def load_checked(checkpoint, device, **settings):
+    """Load with blob2gpu: (each tensor's bytes, the report, the shard files' total bytes)."""
     with blob2gpu.open(
         str(checkpoint), device=device, framework=framework_for(device), **settings
     ) as ckpt:
         got = {n: as_bytes(t) for n, t in ckpt.to_dict().items()}
         report = ckpt.report
+    return got, report, sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1000, 65536, 4 << 20])
+def test_loads_verify_every_chunk(device, checkpoint, chunk_bytes):
+    with_manifest(checkpoint, chunk_bytes)
+    settings = {"staging_slot_bytes": 8192} if device != "cpu" else {}
+    got, report, total = load_checked(checkpoint, device, **settings)
     assert got == expected(checkpoint)
-    total = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
     assert report.verification == "crc32c" and report.verified_bytes == total
 
 
@@ -129,14 +134,8 @@ def test_sha256_mode_checks_every_chunk(device, checkpoint, chunk_bytes):
     # 8 KiB slots and 1000-byte chunks: most chunks are cut by a slot boundary and assembled.
     with_manifest(checkpoint, chunk_bytes)
     settings = {"staging_slot_bytes": 8192} if device != "cpu" else {"mmap_local_files": False}
-    with blob2gpu.open(
-        str(checkpoint), device=device, framework=framework_for(device), verify="sha256",
-        **settings,
-    ) as ckpt:
-        got = {n: as_bytes(t) for n, t in ckpt.to_dict().items()}
-        report = ckpt.report
+    got, report, total = load_checked(checkpoint, device, verify="sha256", **settings)
     assert got == expected(checkpoint)
-    total = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
     assert report.verification == "sha256" and report.verified_bytes == total
     assert {s.checksum for s in report.shards} == {"ok"}
 
