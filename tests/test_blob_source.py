@@ -118,6 +118,24 @@ def test_sas_in_the_url(published, azurite, container, monkeypatch):
     assert "sig=" not in report.to_json() and sas not in report.to_json()
 
 
+def test_names_with_spaces_and_unicode_in_every_uri_form_and_folders_below_are_not_shards(
+    write_checkpoint, azurite, container, blob_env
+):
+    directory = write_checkpoint(shards(2))
+    upload_directory(azurite, container, directory, "my runs/llamä 7b")
+    # Another checkpoint in a folder below, and one beside with the same leading characters.
+    for name, prefix in [("below", "my runs/llamä 7b/step-5"), ("beside", "my runs/llamä 7b-old")]:
+        upload_directory(azurite, container, write_checkpoint(shards(1), name=name), prefix)
+    ref = expected(directory)
+    got, report = load_blob_bytes(f"az://{container}/my runs/llamä 7b", "cpu")
+    assert got == ref and len(report.shards) == 2
+    encoded = f"{azurite.endpoint()}/{container}/my%20runs/llam%C3%A4%207b"
+    got, _ = load_blob_bytes(encoded, "cpu")
+    assert got == ref
+    got, _ = load_blob_bytes(f"{encoded}/model.safetensors.index.json", "cpu")
+    assert got == ref
+
+
 def test_explicit_credential_argument(published, azurite, container, monkeypatch):
     monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
     got = blob2gpu.load(
@@ -267,6 +285,12 @@ def test_bearer_tokens_never_cross_plain_http_except_to_loopback():
             "a.safetensors",
         ),
         ("http://localhost:9/acct/c", "http://localhost:9/acct", "c", ""),
+        (
+            "https://acct.blob.core.windows.net/models/my%20runs/llam%C3%A4?sig=y",
+            "https://acct.blob.core.windows.net",
+            "models",
+            "my runs/llamä",
+        ),
     ],
 )
 def test_uri_forms(uri, account_url, container, path):

@@ -18,7 +18,7 @@ import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from ..errors import (
     AccessDenied,
@@ -128,7 +128,8 @@ def parse_blob_uri(uri: str, environ: Mapping[str, str] | None = None) -> BlobLo
             )
         return BlobLocation(account_url, account, container, path)
     host = parsed.hostname or ""
-    segments = [s for s in parsed.path.split("/")]
+    # URLs carry blob names percent-encoded ('my%20model'); the SDK encodes names itself.
+    segments = [unquote(s) for s in parsed.path.split("/")]
     segments = segments[1:] if segments and segments[0] == "" else segments
     port = f":{parsed.port}" if parsed.port else ""
     if _is_ip_or_localhost(host):  # path-style: /ACCOUNT/CONTAINER/PATH
@@ -251,11 +252,6 @@ def is_transient(error: BaseException) -> bool:
     )
 
 
-def _child_names(names: list[str], directory: str) -> list[str]:
-    prefix = f"{directory}/" if directory else ""
-    return [n for n in names if n.startswith(prefix) and "/" not in n[len(prefix) :]]
-
-
 @dataclass
 class BlobListing:
     """What a Blob URI resolved to: the plan, and the other files beside the weights."""
@@ -276,11 +272,16 @@ def list_checkpoint(container_client: Any, location: BlobLocation, retry: Any) -
     prefix = f"{directory}/" if directory else None
 
     def do_list() -> list[Any]:
-        return list(container_client.list_blobs(name_starts_with=prefix))
+        # One level only: a checkpoint's shards, index and aux files sit side by side, and a
+        # container (or a prefix holding other runs' folders) may hold far more blobs below.
+        from azure.storage.blob import BlobPrefix
+
+        listed = container_client.walk_blobs(name_starts_with=prefix, delimiter="/")
+        return [b for b in listed if not isinstance(b, BlobPrefix)]
 
     blobs = retry(do_list, f"listing {location.describe()}", None)
     by_name = {b.name: b for b in blobs}
-    children = _child_names(list(by_name), directory)
+    children = list(by_name)
 
     def ref(name: str) -> ShardRef:
         b = by_name[name]
