@@ -5,12 +5,15 @@ release every allocation."""
 
 from __future__ import annotations
 
+import email.utils
 import gc
+import time
 
 import blob2gpu
 import pytest
 import torch
 from blob2gpu import _core, errors
+from blob2gpu.timeline import describe
 from conftest import as_bytes, random_tensor, upload_directory
 from conftest import checkpoint_bytes as expected
 
@@ -80,6 +83,56 @@ def test_server_busy_bursts_are_retried(device, published, container, via_proxy)
     got, report = load(f"az://{container}/m", device)
     assert got == expected(published)
     assert report.retries >= 5
+
+
+def test_retry_after_is_honoured_up_to_the_throttling_budget(published, container, via_proxy):
+    via_proxy.faults.statuses = 2
+    via_proxy.faults.retry_after = "1"
+    got, report = load(f"az://{container}/m", "cpu")  # backoff 0.01-0.05 s without the header
+    assert got == expected(published) and report.retries == 2
+    assert 2.0 <= report.retry_wait_seconds < 2.2  # the waits slept, not a wall-clock timing
+    assert "s backing off" in describe(report)
+    via_proxy.reset()
+    via_proxy.faults.statuses = 1
+    via_proxy.faults.retry_after = "3600"  # an hour: capped at retry_throttled_seconds
+    got, report = load(f"az://{container}/m", "cpu", retry_throttled_seconds=0.3)
+    assert got == expected(published) and report.retry_wait_seconds == pytest.approx(0.3)
+
+
+def busy(headers: dict[str, str]) -> Exception:
+    """The SDK's error for a 503 answer carrying `headers`."""
+    from azure.core.exceptions import HttpResponseError
+    from requests.structures import CaseInsensitiveDict
+
+    class Response:
+        status_code, reason = 503, "Busy"
+
+        def text(self):
+            return ""
+
+    response = Response()
+    response.headers = CaseInsensitiveDict(headers)
+    return HttpResponseError(response=response)
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"Retry-After": "7"}, 7.0),
+        ({"x-ms-retry-after-ms": "1500"}, 1.5),
+        ({"retry-after-ms": "250", "Retry-After": "9"}, 0.25),
+        ({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),  # a date in the past
+        ({"Retry-After": "soon"}, 0.0),
+        ({}, 0.0),
+    ],
+)
+def test_retry_after_forms(headers, seconds):
+    from blob2gpu.sources.blob_feeder import retry_after
+
+    assert retry_after(busy(headers)) == seconds
+    assert retry_after(ConnectionResetError()) == 0.0
+    in_30_s = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < retry_after(busy({"Retry-After": in_30_s})) <= 30
 
 
 @pytest.mark.parametrize("status", [429, 500, 502, 504, 408])

@@ -83,6 +83,8 @@ def test_storage_retries_are_counted(
     report = load(f"az://{container}/m", "cpu", chunk_bytes=32768, **FAST_RETRIES)
     assert report.retries == 2
     assert registry.get_sample_value("blob2gpu_storage_retries_total") == 2
+    waited = registry.get_sample_value("blob2gpu_storage_retry_wait_seconds_total")
+    assert waited == pytest.approx(report.retry_wait_seconds) and waited > 0
     labels = {"device": "cpu", "source": "azure-blob", "strategy": "direct-gpu"}
     assert registry.get_sample_value("blob2gpu_loads_total", labels) == 1
 

@@ -141,6 +141,7 @@ class Checkpoint:
             report.gpu_memory_free_after = self._pipeline.memory_info()[0]
         if self._feeder is not None:
             report.retries = self._feeder.retries
+            report.retry_wait_seconds = self._feeder.retry_wait_seconds
             report.requests = self._feeder.requests
             for shard, retries in zip(report.shards, self._feeder.shard_retries, strict=True):
                 shard.retries = retries

@@ -10,6 +10,7 @@ exposes it as it already does (``prometheus_client.start_http_server(9100)``, or
     blob2gpu_load_seconds                          histogram: artifact fetch start -> model loaded
     blob2gpu_load_throughput_gbps                  gauge: the last load's GB/s
     blob2gpu_storage_retries_total                 transient storage failures retried
+    blob2gpu_storage_retry_wait_seconds_total      seconds loads backed off before those retries
     blob2gpu_gpu_memory_peak_used_bytes            gauge: GPU memory in use at the last load's peak
     blob2gpu_first_token_seconds                   histogram: artifact fetch start -> first token
 """
@@ -68,6 +69,11 @@ def _create(reg: Any) -> dict[str, Any]:
             "Transient storage failures retried (ranges and listing calls).",
             registry=reg,
         ),
+        "retry_wait": Counter(
+            "blob2gpu_storage_retry_wait_seconds_total",
+            "Seconds backed off before retries (throttling, Retry-After), summed over threads.",
+            registry=reg,
+        ),
         "gpu_peak": Gauge(
             "blob2gpu_gpu_memory_peak_used_bytes",
             "GPU memory in use at the peak of the last GPU load (total minus the watermark).",
@@ -124,6 +130,7 @@ def observe_load(report: Any) -> None:
         m["throughput"].set(report.throughput_gbps)
         if report.retries:
             m["retries"].inc(report.retries)
+            m["retry_wait"].inc(report.retry_wait_seconds)
         if report.gpu_memory_peak_used is not None:
             m["gpu_peak"].set(report.gpu_memory_peak_used)
     except Exception:

@@ -91,6 +91,7 @@ class LoadReport:
     credential: str | None = None  # how the Blob credential was chosen (never its value)
     requests: int = 0  # ranged GETs sent (retries included)
     retries: int = 0  # transient failures retried (ranges and listing calls)
+    retry_wait_seconds: float = 0.0  # backoff slept before those retries, summed over threads
     gpu_memory_total: int | None = None
     gpu_memory_free_before: int | None = None
     gpu_memory_free_min: int | None = None  # the watermark: least free memory seen during the load

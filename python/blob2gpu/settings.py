@@ -226,7 +226,8 @@ SCHEMA: tuple[Setting, ...] = (
         120.0,
         float,
         "A throttled request (429, 503 ServerBusy) keeps retrying past retry_max_attempts until "
-        "it has waited this long: a fleet starting at once is shed, not failed.",
+        "it has waited this long: a fleet starting at once is shed, not failed. A server's "
+        "Retry-After is honoured up to this long.",
     ),
     S(
         "storage",

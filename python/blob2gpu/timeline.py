@@ -82,7 +82,8 @@ def describe(report: LoadReport) -> str:
         f"{redact(strip_query(report.uri))}",
         report.summary(),
         f"source {report.source}, strategy {report.strategy}, {_staging(report)}, "
-        f"{report.requests} request(s), {report.retries} retried",
+        f"{report.requests} request(s), {report.retries} retried"
+        + (f" ({report.retry_wait_seconds:.2f} s backing off)" if report.retries else ""),
     ]
     if report.host_populate_seconds > 0:
         # Where this is a large part of the load's seconds, new memory is costly on this host

@@ -28,6 +28,7 @@ class Faults:
     stall_seconds: float = 0.0  # silence in the middle of the body
     stalls: int = 0
     status: int = 503  # answered without asking upstream
+    retry_after: str = ""  # a Retry-After header value sent with those answers; "" sends none
     statuses: int = 0
     flips: int = 0  # flip one body byte (at flip_offset) of that many responses
     flip_offset: int = 100
@@ -72,11 +73,12 @@ _BUSY_BODY = (
 )
 
 
-def _busy_response(status: int) -> bytes:
+def _busy_response(status: int, retry_after: str = "") -> bytes:
+    extra = f"Retry-After: {retry_after}\r\n".encode() if retry_after else b""
     return (
         b"HTTP/1.1 %d Busy\r\nContent-Type: application/xml\r\n"
-        b"x-ms-error-code: ServerBusy\r\nContent-Length: %d\r\n"
-        b"Connection: close\r\n\r\n" % (status, len(_BUSY_BODY)) + _BUSY_BODY
+        b"x-ms-error-code: ServerBusy\r\n%sContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % (status, extra, len(_BUSY_BODY)) + _BUSY_BODY
     )
 
 
@@ -178,7 +180,7 @@ class FaultProxy:
             if ranged and hook is not None:
                 hook(path.split("?")[0], count)
             if (ranged and self._take("statuses")) or (not ranged and self._take("list_statuses")):
-                client.sendall(_busy_response(self.faults.status))
+                client.sendall(_busy_response(self.faults.status, self.faults.retry_after))
                 return
             upstream = socket.create_connection(self.upstream, timeout=30)
             upstream.sendall(_with_close(head) + rest)

@@ -12,6 +12,7 @@ after an exponential backoff with jitter; a permanent one fails the load at once
 
 from __future__ import annotations
 
+import email.utils
 import random
 import threading
 import time
@@ -48,6 +49,7 @@ class RetryPolicy:
         self.stopping = stopping or threading.Event()
         self._lock = threading.Lock()
         self.retries = 0
+        self.waited_seconds = 0.0  # backoff slept before retries, summed over threads
         # When the account throttles (429, 503 ServerBusy), every thread of this load backs off
         # together: a thread whose last request succeeded would otherwise keep the pressure on.
         self._cooldown_until = 0.0
@@ -68,6 +70,11 @@ class RetryPolicy:
         ceiling = min(self.backoff_max_seconds, self.backoff_seconds * (2 ** (attempt - 1)))
         return ceiling * random.uniform(0.5, 1.0)
 
+    def backoff(self, attempt: int, error: BaseException) -> float:
+        """The wait before retry number `attempt`: the jittered backoff, or longer when the
+        server said how long to stay away (Retry-After), up to retry_throttled_seconds."""
+        return max(self.delay(min(attempt, 16)), min(retry_after(error), self.throttled_seconds))
+
     def wait_before_retry(
         self, attempt: int, error: BaseException, what: str, blob: str | None,
         throttled_waited: float = 0.0,
@@ -87,9 +94,10 @@ class RetryPolicy:
                 "retry_max_attempts (or retry_throttled_seconds when throttled) or check the "
                 "storage account's health and throttling"
             ) from None
-        delay = self.delay(min(attempt, 16))
+        delay = self.backoff(attempt, error)
         with self._lock:
             self.retries += 1
+            self.waited_seconds += delay
             if throttled:
                 self._cooldown_until = max(self._cooldown_until, time.monotonic() + delay)
         if self.stopping.wait(delay):
@@ -111,6 +119,27 @@ class RetryPolicy:
                     raise storage_error(e, self.location, blob, what) from None
                 attempt += 1
                 throttled = self.wait_before_retry(attempt, e, what, blob, throttled)
+
+
+def retry_after(error: BaseException) -> float:
+    """Seconds the server asked a client to wait (retry-after-ms, x-ms-retry-after-ms or
+    Retry-After in seconds or as an HTTP date) on a failed response; 0 when it did not say."""
+    headers = getattr(getattr(error, "response", None), "headers", None)
+    if not headers:
+        return 0.0
+    try:
+        for name, scale in (("retry-after-ms", 1e-3), ("x-ms-retry-after-ms", 1e-3)):
+            if headers.get(name):
+                return max(0.0, float(headers[name]) * scale)
+        value = headers.get("retry-after")
+        if not value:
+            return 0.0
+        if value.strip().isdigit():
+            return float(value)
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return 0.0  # a header we cannot read is one we did not get
 
 
 @dataclass
@@ -362,3 +391,7 @@ class BlobFeeder:
     @property
     def retries(self) -> int:
         return self._retry.retries
+
+    @property
+    def retry_wait_seconds(self) -> float:
+        return self._retry.waited_seconds
