@@ -229,11 +229,59 @@ def test_malformed_header_in_blob_releases_everything(
     assert _core.live_arena_count() == before
 
 
-def test_fetch_aux_downloads_the_other_files(published, container, blob_env, tmp_path):
+def test_fetch_aux_downloads_the_other_files_not_other_weight_formats(
+    published, azurite, container, blob_env, tmp_path
+):
+    client = azurite.service().get_container_client(container)
+    for name in ("pytorch_model.bin", "consolidated.00.pth", "model.gguf"):
+        client.upload_blob(f"llama/{name}", b"\0" * 4096)
     paths = blob2gpu.fetch_aux(f"az://{container}/llama", str(tmp_path / "aux"))
     names = sorted(p.rsplit("/", 1)[-1] for p in paths)
     assert names == ["config.json", "model.safetensors.index.json", "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "aux").iterdir()) == names  # no temporary files
     assert json.loads((tmp_path / "aux" / "config.json").read_text()) == {"hidden_size": 160}
+
+
+def test_fetch_aux_checks_files_against_the_manifest(
+    published, azurite, container, blob_env, tmp_path
+):
+    from blob2gpu.publish import publish
+
+    uri = f"az://{container}/signed"
+    with pytest.raises(errors.ManifestMissing, match="blob2gpu.manifest.json"):
+        blob2gpu.fetch_aux(uri.replace("signed", "llama"), str(tmp_path / "a"), verify="crc32c")
+    publish(published, uri)
+    paths = blob2gpu.fetch_aux(uri, str(tmp_path / "ok"), verify="crc32c")
+    config = (published / "config.json").read_bytes()
+    assert (tmp_path / "ok" / "config.json").read_bytes() == config
+    assert len(paths) == 4  # with the manifest itself
+    tampered = json.dumps({"hidden_size": 161}).encode()
+    client = azurite.service().get_container_client(container)
+    client.upload_blob("signed/config.json", tampered, overwrite=True)
+    with pytest.raises(errors.ChecksumMismatch, match="config.json.*the manifest says"):
+        blob2gpu.fetch_aux(uri, str(tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "config.json").exists()
+    assert [p.name for p in (tmp_path / "bad").iterdir() if p.name.startswith(".")] == []
+    paths = blob2gpu.fetch_aux(uri, str(tmp_path / "unchecked"), verify="none")
+    assert (tmp_path / "unchecked" / "config.json").read_bytes() == tampered
+
+
+def test_fetch_aux_never_writes_a_file_that_changed_after_listing(
+    published, azurite, container, fault_proxy, monkeypatch, tmp_path
+):
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string(port=fault_proxy.port)
+    )
+    client = azurite.service().get_container_client(container)
+
+    def overwrite_first(path, count):
+        if count == 1:
+            client.upload_blob("llama/config.json", b'{"hidden_size": 1}', overwrite=True)
+
+    fault_proxy.faults.on_range_get = overwrite_first
+    with pytest.raises(errors.BlobChanged, match="config.json.*changed since it was listed"):
+        blob2gpu.fetch_aux(f"az://{container}/llama", str(tmp_path / "aux"))
+    assert list((tmp_path / "aux").iterdir()) == []
 
 
 @pytest.mark.parametrize(

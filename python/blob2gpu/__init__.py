@@ -95,13 +95,16 @@ def open(
 
 def fetch_aux(uri: str, dest: str, credential: Any = None, **settings: Any) -> list[str]:
     """Download the non-weight files beside a Blob checkpoint (config.json, tokenizer files, ...)
-    into the local directory `dest`; returns their paths. Raises BlobNotFound, AccessDenied,
-    StorageUnavailable, or InvalidArgument for a URI that is not a Blob URI."""
+    into the local directory `dest`; returns their paths. Weights in other formats beside the
+    shards (pytorch_model.bin, *.pth, ...) are left out; files the checkpoint's manifest lists are
+    checked against it (setting `verify`). Raises BlobNotFound, AccessDenied, StorageUnavailable,
+    BlobChanged, ChecksumMismatch, or InvalidArgument for a URI that is not a Blob URI."""
     from .settings import resolve
     from .sources.azure_blob import is_blob_uri
     from .sources.blob_client import open_container
 
     if not is_blob_uri(uri):
         raise errors.InvalidArgument(f"fetch_aux needs a Blob URI (az://, https://), not '{uri}'")
-    container = open_container(uri, resolve(settings), credential)
-    return [str(p) for p in container.fetch_aux(dest)]
+    effective = resolve(settings)
+    container = open_container(uri, effective, credential)
+    return [str(p) for p in container.fetch_aux(dest, effective.verify)]

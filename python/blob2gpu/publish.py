@@ -68,12 +68,13 @@ def publish(
 def write_manifest(
     uri: str, credential: Any = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, **settings: Any
 ) -> Manifest:
-    """Compute the manifest of a checkpoint already in Blob Storage (downloading each file once)
-    and upload it beside the shards. Returns it."""
+    """Compute the manifest of a checkpoint already in Blob Storage (downloading each shard and
+    aux file once; weights in other formats beside them are left out) and upload it beside the
+    shards. Returns it."""
     container = _container(uri, credential, settings)
     listing = container.list_checkpoint()
     names = [s.path for s in listing.plan.shards] + [
-        n for n, _ in listing.aux_blobs if not n.endswith(MANIFEST_NAME)
+        a.name for a in listing.aux_blobs if not a.name.endswith(MANIFEST_NAME)
     ]
     manifest = Manifest(chunk_bytes=chunk_bytes)
     for name in names:

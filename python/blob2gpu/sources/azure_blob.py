@@ -252,12 +252,30 @@ def is_transient(error: BaseException) -> bool:
     )
 
 
+# Weights in formats other than safetensors, often published beside them (pytorch_model.bin,
+# consolidated.pth, GGUF and ONNX exports): gigabytes that are neither loaded nor auxiliary.
+OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+def is_other_weight_file(name: str) -> bool:
+    return name.lower().endswith(OTHER_WEIGHT_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class AuxBlob:
+    """A non-weight file beside the shards (config.json, tokenizer files, the index, ...)."""
+
+    name: str  # the blob's full name
+    size: int
+    etag: str
+
+
 @dataclass
 class BlobListing:
     """What a Blob URI resolved to: the plan, and the other files beside the weights."""
 
     plan: ShardPlan
-    aux_blobs: list[tuple[str, int]]  # (blob name, size) of config, tokenizer, ... files
+    aux_blobs: list[AuxBlob]  # config, tokenizer, ... files (other weight formats left out)
     manifest_blob: str | None = None  # blob2gpu.manifest.json beside the shards, if any
 
 
@@ -307,7 +325,7 @@ def list_checkpoint(container_client: Any, location: BlobLocation, retry: Any) -
             raw = retry(
                 lambda: (
                     container_client.get_blob_client(index)
-                    .download_blob(etag=by_name[index].etag, match_condition=_if_match())
+                    .download_blob(etag=by_name[index].etag, match_condition=if_unchanged())
                     .readall()
                 ),
                 f"reading {location.describe(index)}",
@@ -333,9 +351,9 @@ def list_checkpoint(container_client: Any, location: BlobLocation, retry: Any) -
                 )
     weights = set(shard_names)
     aux = [
-        (n, int(by_name[n].size))
+        AuxBlob(n, int(by_name[n].size), by_name[n].etag)
         for n in children
-        if n not in weights and not n.endswith(".safetensors")
+        if n not in weights and not n.endswith(".safetensors") and not is_other_weight_file(n)
     ]
     manifest_name = posixpath.join(directory, MANIFEST_NAME) if directory else MANIFEST_NAME
     plan = ShardPlan(
@@ -349,7 +367,8 @@ def list_checkpoint(container_client: Any, location: BlobLocation, retry: Any) -
     )
 
 
-def _if_match() -> Any:
+def if_unchanged() -> Any:
+    """The SDK's match condition for If-Match on the etag passed beside it."""
     from azure.core import MatchConditions
 
     return MatchConditions.IfNotModified

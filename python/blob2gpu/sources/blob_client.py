@@ -4,6 +4,7 @@ retry is ours to count and to bound)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import tempfile
@@ -11,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidArgument
-from ..manifest import Manifest
+from ..errors import BlobChanged, ChecksumMismatch, InvalidArgument, ManifestMissing
+from ..manifest import MANIFEST_NAME, Manifest
 from .azure_blob import (
+    AuxBlob,
     BlobListing,
     BlobLocation,
+    if_unchanged,
     list_checkpoint,
     parse_blob_uri,
     resolve_credential,
@@ -53,30 +56,75 @@ class BlobContainer:
         )
         return Manifest.from_json(data, self.location.describe(name))
 
-    def fetch_aux(self, dest: str | os.PathLike[str]) -> list[Path]:
-        """Download the checkpoint's other files (config.json, tokenizer files, ...) to `dest`.
+    def fetch_aux(self, dest: str | os.PathLike[str], verify: str = "auto") -> list[Path]:
+        """Download the checkpoint's other files (config.json, tokenizer files, the index, ...)
+        to `dest`; weights in other formats beside the shards (pytorch_model.bin, *.pth, ...)
+        are left out.
 
-        Each file is written to a temporary name and renamed, so `dest` never holds half a file.
-        Returns the written paths. Raises BlobNotFound, AccessDenied or StorageUnavailable.
+        Each file streams to a temporary name, pinned to the etag seen at listing, and is renamed
+        into place, so `dest` never holds half a file or one of a newer version. When the
+        checkpoint's manifest lists a file, its size and SHA-256 are checked before the rename
+        (`verify`: 'none' skips it; 'crc32c' and 'sha256' require the manifest). Returns the
+        written paths. Raises BlobNotFound, AccessDenied, StorageUnavailable, BlobChanged,
+        ChecksumMismatch or ManifestMissing.
         """
         listing = self.list_checkpoint()
+        manifest = None
+        if verify != "none":
+            manifest = self.read_manifest(listing)
+            if manifest is None and verify in ("crc32c", "sha256"):
+                raise ManifestMissing(
+                    f"verify='{verify}' but {self.location.describe()} has no {MANIFEST_NAME} "
+                    f"under '{posixpath.dirname(listing.plan.shards[0].path) or '/'}'"
+                )
         out_dir = Path(dest)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        for name, _size in listing.aux_blobs:
-            target = out_dir / posixpath.basename(name)
-            blob = self.client.get_blob_client(name)
-            data = self.retry.run(
-                lambda b=blob: b.download_blob().readall(),
-                f"downloading {self.location.describe(name)}",
-                name,
+        for aux in listing.aux_blobs:
+            target = out_dir / posixpath.basename(aux.name)
+            entry = manifest.files.get(target.name) if manifest is not None else None
+            tmp, size, sha256 = self.retry.run(
+                lambda aux=aux, target=target: self._download_to_temp(aux, target),
+                f"downloading {self.location.describe(aux.name)}",
+                aux.name,
             )
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{target.name}.")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            if entry is not None and (size, sha256) != (entry.size, entry.sha256):
+                os.unlink(tmp)
+                raise ChecksumMismatch(
+                    f"{self.location.describe(aux.name)}: {size} bytes with SHA-256 {sha256}, "
+                    f"the manifest says {entry.size} bytes with {entry.sha256}; nothing was "
+                    "written for it"
+                )
             os.replace(tmp, target)
             written.append(target)
         return written
+
+    def _download_to_temp(self, aux: AuxBlob, target: Path) -> tuple[str, int, str]:
+        """Stream one aux blob (its listed version) into a temporary file beside `target`;
+        returns (temporary path, bytes, SHA-256 hex). The temporary file is gone if it fails."""
+        from azure.core.exceptions import HttpResponseError
+
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        sha = hashlib.sha256()
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                stream = self.client.get_blob_client(aux.name).download_blob(
+                    etag=aux.etag, match_condition=if_unchanged()
+                )
+                for chunk in stream.chunks():
+                    f.write(chunk)
+                    sha.update(chunk)
+                    size += len(chunk)
+        except BaseException as e:
+            os.unlink(tmp)
+            if isinstance(e, HttpResponseError) and e.status_code == 412:
+                raise BlobChanged(
+                    f"{self.location.describe(aux.name)} changed since it was listed (its etag "
+                    f"is no longer {aux.etag}); nothing was written for it: fetch again"
+                ) from None
+            raise
+        return tmp, size, sha.hexdigest()
 
 
 def open_container(uri: str, settings: Any, credential: Any = None) -> BlobContainer:
