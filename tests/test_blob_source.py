@@ -289,6 +289,9 @@ def test_fetch_aux_never_writes_a_file_that_changed_after_listing(
     [
         ("az:///prefix", "names no container"),
         ("http://127.0.0.1:1/onlyaccount", "ACCOUNT/CONTAINER"),
+        ("https://a.blob.core.windows.net/c/m.safetensors?versionid=2024-01-01", "version"),
+        ("https://a.blob.core.windows.net/c/m.safetensors?snapshot=2024&sig=s", "snapshot"),
+        ("https://a.blob.core.windows.net/c/m?sv=2020&sp=r", "not a SAS token"),
     ],
 )
 def test_bad_blob_uris(uri, match, blob_env):

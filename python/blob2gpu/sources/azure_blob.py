@@ -18,7 +18,7 @@ import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from ..errors import (
     AccessDenied,
@@ -145,7 +145,25 @@ def parse_blob_uri(uri: str, environ: Mapping[str, str] | None = None) -> BlobLo
         account = host.split(".")[0]
         container, rest = segments[0], segments[1:]
         account_url = f"{parsed.scheme}://{host}{port}"
-    return BlobLocation(account_url, account, container, "/".join(rest), parsed.query or None)
+    return BlobLocation(account_url, account, container, "/".join(rest), _sas_of(uri, parsed.query))
+
+
+def _sas_of(uri: str, query: str) -> str | None:
+    """The URI's query, which must be a SAS; a snapshot or version query is refused, not sent."""
+    if not query:
+        return None
+    keys = {k.lower() for k in parse_qs(query, keep_blank_values=True)}
+    if keys & {"snapshot", "versionid"}:
+        raise InvalidArgument(
+            f"'{redact(uri)}' names a blob snapshot or version: blob2gpu loads the current "
+            "blobs; copy that version to its own prefix to load it"
+        )
+    if "sig" not in keys:
+        raise InvalidArgument(
+            f"'{redact(uri)}' has a query that is not a SAS token (no sig=): drop it, or pass "
+            "the whole SAS"
+        )
+    return query
 
 
 def resolve_credential(
