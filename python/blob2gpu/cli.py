@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import Blob2GpuError
+from .errors import Blob2GpuError, LocalWriteError
 
 
 def _cmd_load(args: argparse.Namespace) -> int:
@@ -157,7 +157,10 @@ def _cache(args: argparse.Namespace) -> Any:
     from .sources.nvme_cache import NvmeCache
 
     settings = resolve(config_path=args.config)
-    return NvmeCache(args.cache_dir or settings.cache_dir or None, settings.cache_max_bytes)
+    try:
+        return NvmeCache(args.cache_dir or settings.cache_dir or None, settings.cache_max_bytes)
+    except OSError as e:
+        raise LocalWriteError(f"cannot use the cache directory '{e.filename}': {e.strerror}") from e
 
 
 def _cmd_cache_ls(args: argparse.Namespace) -> int:

@@ -104,6 +104,11 @@ class BlobChanged(Blob2GpuError):
     """A blob was overwritten during the load (its etag changed); nothing mixed is returned."""
 
 
+class LocalWriteError(Blob2GpuError, OSError):
+    """A local file could not be written (disk full, out of inodes, read-only, permissions); the
+    message names the path, and nothing partial is left under the destination name."""
+
+
 # --- memory and devices -----------------------------------------------------------------------
 class PinnedMemoryUnavailable(Blob2GpuError, MemoryError):
     """Staging memory could not be pinned and use_pinned_host_fallback is off."""

@@ -125,7 +125,11 @@ def use_cache(
         }
         entry = cache.lookup(key, identity)
         if entry is None and write:
-            lock = cache.lock(key)
+            try:
+                lock = cache.lock(key)
+            except OSError as e:  # out of inodes, read-only: this shard is just not cached
+                writer.stats.skipped[ref.name] = f"cannot write to the cache: {e.strerror}"
+                continue
             if not lock.try_acquire():
                 lock.acquire()  # another process is writing this shard: wait, then read it
                 entry = cache.lookup(key, identity)
@@ -357,7 +361,12 @@ class Loader:
                 chunk = min(chunk, slot_bytes)  # a range lands in one staging slot
             paths = None
             if effective.local_nvme_cache_enabled:
-                cache = NvmeCache(effective.cache_dir or None, effective.cache_max_bytes)
+                try:
+                    cache = NvmeCache(effective.cache_dir or None, effective.cache_max_bytes)
+                except OSError as e:  # the cache is a shortcut: without it, Blob serves all
+                    why = f"the cache directory is unusable: {e.strerror} ({e.filename})"
+                    report.cache_skipped = {ref.name: why for ref in plan.shards}
+            if cache is not None:
                 paths, hits, writer = use_cache(
                     cache, container.location, plan, manifest, checksums, write=wanted is None
                 )

@@ -1,1 +1,2 @@
-"""Test-only servers: a real Azurite (blob service, in memory) and a fault-injecting HTTP proxy."""
+"""Test-only servers and places: a real Azurite (blob service, in memory), a fault-injecting HTTP
+proxy, and a small real filesystem for full-disk tests."""

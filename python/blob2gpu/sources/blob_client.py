@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BlobChanged, ChecksumMismatch, InvalidArgument, ManifestMissing
+from ..errors import (
+    BlobChanged,
+    ChecksumMismatch,
+    InvalidArgument,
+    LocalWriteError,
+    ManifestMissing,
+)
 from ..manifest import MANIFEST_NAME, Manifest
 from .azure_blob import (
     AuxBlob,
@@ -78,7 +84,10 @@ class BlobContainer:
                     f"under '{posixpath.dirname(listing.plan.shards[0].path) or '/'}'"
                 )
         out_dir = Path(dest)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LocalWriteError(f"cannot create '{out_dir}': {e.strerror}") from None
         written = []
         for aux in listing.aux_blobs:
             target = out_dir / posixpath.basename(aux.name)
@@ -95,27 +104,47 @@ class BlobContainer:
                     f"the manifest says {entry.size} bytes with {entry.sha256}; nothing was "
                     "written for it"
                 )
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError as e:
+                os.unlink(tmp)
+                raise LocalWriteError(f"cannot write '{target}': {e.strerror}") from e
             written.append(target)
         return written
 
     def _download_to_temp(self, aux: AuxBlob, target: Path) -> tuple[str, int, str]:
         """Stream one aux blob (its listed version) into a temporary file beside `target`;
-        returns (temporary path, bytes, SHA-256 hex). The temporary file is gone if it fails."""
+        returns (temporary path, bytes, SHA-256 hex). The temporary file is gone if it fails;
+        a local failure (disk full) is a LocalWriteError, never retried as a storage one."""
         from azure.core.exceptions import HttpResponseError
 
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        except OSError as e:
+            raise LocalWriteError(f"cannot create a file in '{target.parent}': {e.strerror}") from e
         sha = hashlib.sha256()
         size = 0
         try:
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fd, "wb", buffering=0) as f:
                 stream = self.client.get_blob_client(aux.name).download_blob(
                     etag=aux.etag, match_condition=if_unchanged()
                 )
                 for chunk in stream.chunks():
-                    f.write(chunk)
                     sha.update(chunk)
                     size += len(chunk)
+                    try:
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[f.write(view) :]
+                    except OSError as e:
+                        raise LocalWriteError(
+                            f"writing '{target}' failed after {size - len(chunk)} bytes: "
+                            f"{e.strerror}; nothing was written for it"
+                        ) from e
+                try:
+                    os.fsync(f.fileno())  # the rename publishes whole bytes, even across a crash
+                except OSError as e:
+                    raise LocalWriteError(f"writing '{target}' failed: {e.strerror}") from e
         except BaseException as e:
             os.unlink(tmp)
             if isinstance(e, HttpResponseError) and e.status_code == 412:
