@@ -6,6 +6,7 @@ never retrying the storage for a local problem; nothing partial is left anywhere
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 
 import pytest
@@ -119,3 +120,22 @@ def test_cache_commands_name_a_directory_they_cannot_make(tmp_path):
     assert done.returncode == 2
     assert "LocalWriteError" in done.stderr and str(mount / "nvme") in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_load_report_to_a_full_disk_fails_typed_and_leaves_no_partial_file(
+    write_checkpoint, tmp_path
+):
+    directory = write_checkpoint([{"w": random_tensor(torch.float32, (64, 64))}])
+    mount = tmp_path / "small"
+    where = shlex.quote(str(mount))
+    for inodes in (1, None):  # no file can be made; a file, but no room left for the report
+        cli = [sys.executable, "-m", "blob2gpu", "load", str(directory), "--device", "cpu"]
+        cli += ["--quiet", "--report", str(mount / "load.json")]
+        fill = "" if inodes else f"head -c 1M /dev/zero > {where}/filler 2>/dev/null; "
+        script = f"{fill}{shlex.join(cli)}; rc=$?; ls -A {where}; exit $rc"
+        done = run_on_small_filesystem(mount, ["sh", "-c", script], size="64k", inodes=inodes)
+        assert done.returncode == 2, done.stderr
+        assert "LocalWriteError" in done.stderr and str(mount / "load.json") in done.stderr
+        assert "Traceback" not in done.stderr
+        # Nothing left on the disk but the filler: not a half report, not a temporary file.
+        assert done.stdout.split() == ([] if inodes else ["filler"])

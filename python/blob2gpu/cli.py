@@ -17,12 +17,41 @@ Errors print one line on stderr and exit 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import Blob2GpuError, LocalWriteError
+
+
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Turn a failure to write the output file `path` (disk full, no such directory) into a
+    LocalWriteError naming it."""
+    try:
+        yield
+    except Blob2GpuError:
+        raise
+    except OSError as e:
+        raise LocalWriteError(f"cannot write '{path}': {e.strerror or e}") from e
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write an output file whole or not at all (a temporary file renamed over it)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with _writing(path):
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, target)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
 
 def _cmd_load(args: argparse.Namespace) -> int:
@@ -56,7 +85,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
             checkpoint.to_dict()
         report = checkpoint.report
     if args.report:
-        Path(args.report).write_text(report.to_json())
+        _write_text(args.report, report.to_json())
     if not args.quiet:
         print(report.summary())
         print(report.phase_table())
@@ -93,8 +122,6 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    import os
-
     from .settings import CONFIG_ENV, SCHEMA, resolve
 
     resolved = resolve(config_path=args.config)
@@ -129,7 +156,8 @@ def _cmd_report_show(args: argparse.Namespace) -> int:
     report = read_report(args.file)
     print(describe(report))
     if args.png:
-        print(f"timeline written to {render_png(report, args.png)}")
+        with _writing(args.png):
+            print(f"timeline written to {render_png(report, args.png)}")
     return 0
 
 
@@ -213,9 +241,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                  drop_caches=args.drop_caches, settings=settings)
     print(strategy_bench.table(results))
     if args.json:
-        Path(args.json).write_text(strategy_bench.to_json(results))
+        _write_text(args.json, strategy_bench.to_json(results))
     if args.png:
-        strategy_bench.plot(results, args.png)
+        with _writing(args.png):
+            strategy_bench.plot(results, args.png)
     return 0
 
 
