@@ -306,18 +306,19 @@ def test_az_uri_needs_an_account(monkeypatch):
         blob2gpu.load("az://models/llama")
 
 
-def test_bearer_tokens_never_cross_plain_http_except_to_loopback():
+def test_bearer_tokens_never_cross_plain_http():
     from blob2gpu.sources.azure_blob import parse_blob_uri, resolve_credential
 
     class Token:
         def get_token(self, *scopes, **kwargs):  # pragma: no cover - never called
             raise AssertionError
 
-    remote = parse_blob_uri("http://storage.example.com/models/llama")
-    with pytest.raises(errors.InvalidArgument, match=r"plain HTTP"):
-        resolve_credential(remote, Token())
-    local = parse_blob_uri("http://127.0.0.1:10000/devstoreaccount1/models/llama")
-    assert resolve_credential(local, Token())[1] == "explicit credential"
+    for url in ("http://storage.example.com/models/llama",
+                "http://127.0.0.1:10000/devstoreaccount1/models/llama"):
+        with pytest.raises(errors.InvalidArgument, match=r"plain HTTP"):
+            resolve_credential(parse_blob_uri(url), Token())
+    https = parse_blob_uri("https://acct.blob.core.windows.net/models/llama")
+    assert resolve_credential(https, Token())[1] == "explicit credential"
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
 """A local Azurite blob service (the npm package `azurite`), for the demo and the tests: in
-memory, on a free loopback port, with --skipApiVersionCheck (the SDK may be newer)."""
+memory, on a free loopback port, with --skipApiVersionCheck (the SDK may be newer); optionally
+over HTTPS (a certificate and key in PEM files) and accepting OAuth bearer tokens (Azurite's
+basic check: lifetime, issuer and audience, not the signature)."""
 
 from __future__ import annotations
 
@@ -39,13 +41,25 @@ def _free_port() -> int:
 class Azurite:
     """One Azurite blob service process on 127.0.0.1; stop() ends it (state is in memory)."""
 
-    def __init__(self, launcher: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        launcher: str | None = None,
+        timeout: float = 60.0,
+        tls: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
+        oauth: bool = False,
+    ) -> None:
+        """tls: (certificate, key) PEM files to serve HTTPS with; oauth: accept bearer tokens
+        (Azurite takes them over HTTPS only)."""
         launcher = launcher or find_azurite()
         if launcher is None:
             raise FileNotFoundError(f"azurite-blob not found; install it with: {INSTALL_HINT}")
         self.port = _free_port()
+        self.scheme = "https" if tls else "http"
+        self.certificate = str(tls[0]) if tls else None  # self-signed: its own CA bundle
         self._workdir = Path(tempfile.mkdtemp(prefix=f"azurite-{self.port}-"))
         self._log = (self._workdir / "azurite.log").open("wb")
+        options = ["--cert", str(tls[0]), "--key", str(tls[1])] if tls else []
+        options += ["--oauth", "basic"] if oauth else []
         self._process = subprocess.Popen(
             [
                 launcher,
@@ -56,6 +70,7 @@ class Azurite:
                 "--inMemoryPersistence",
                 "--skipApiVersionCheck",
                 "--silent",
+                *options,
             ],
             cwd=self._workdir,
             stdout=self._log,
@@ -82,18 +97,20 @@ class Azurite:
 
     def endpoint(self, port: int | None = None) -> str:
         """The path-style blob endpoint, e.g. http://127.0.0.1:PORT/devstoreaccount1."""
-        return f"http://127.0.0.1:{port or self.port}/{ACCOUNT}"
+        return f"{self.scheme}://127.0.0.1:{port or self.port}/{ACCOUNT}"
 
     def connection_string(self, port: int | None = None) -> str:
         return (
-            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+            f"DefaultEndpointsProtocol={self.scheme};AccountName={ACCOUNT};"
+            f"AccountKey={ACCOUNT_KEY};"
             f"BlobEndpoint={self.endpoint(port)};"
         )
 
     def service(self):
         from azure.storage.blob import BlobServiceClient
 
-        return BlobServiceClient.from_connection_string(self.connection_string())
+        verify = {"connection_verify": self.certificate} if self.certificate else {}
+        return BlobServiceClient.from_connection_string(self.connection_string(), **verify)
 
     def upload_directory(self, container: str, directory: Path, prefix: str) -> None:
         """Upload every file of `directory` under `prefix/` (creating the container if needed)."""

@@ -4,6 +4,7 @@ installs it there)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from blob2gpu import emulator
 from blob2gpu.emulator import ACCOUNT, ACCOUNT_KEY
@@ -14,11 +15,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class Azurite(emulator.Azurite):
-    def __init__(self) -> None:
+    def __init__(self, **options: Any) -> None:
+        """options: emulator.Azurite's (tls, oauth)."""
         launcher = emulator.find_azurite((REPO,))
         if launcher is None:
             raise RuntimeError(
                 "azurite-blob not found: run ./scripts/test.sh (it installs the npm "
                 "package into .azurite/) or set AZURITE_BLOB"
             )
-        super().__init__(launcher)
+        super().__init__(launcher, **options)

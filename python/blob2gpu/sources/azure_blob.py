@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import posixpath
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -55,15 +56,6 @@ class BlobLocation:
 
 def is_blob_uri(uri: str) -> bool:
     return urlparse(uri).scheme in BLOB_SCHEMES
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _is_ip_or_localhost(host: str) -> bool:
@@ -174,7 +166,7 @@ def resolve_credential(
     Order: an explicit credential; a SAS in the URI; AZURE_STORAGE_CONNECTION_STRING's key or SAS;
     AZURE_STORAGE_KEY; AZURE_STORAGE_SAS_TOKEN; azure-identity's DefaultAzureCredential when it is
     installed (workload or managed identity on AKS); anonymous. Raises InvalidArgument when a
-    bearer token would cross plain HTTP to a host other than loopback.
+    bearer token would cross plain HTTP.
     """
     env = os.environ if environ is None else environ
     credential: Any = None
@@ -210,10 +202,10 @@ def resolve_credential(
             credential, how = DefaultAzureCredential(), "DefaultAzureCredential (azure-identity)"
     if hasattr(credential, "get_token"):
         parsed = urlparse(location.account_url)
-        if parsed.scheme != "https" and not _is_loopback(parsed.hostname or ""):
+        if parsed.scheme != "https":  # loopback included: azure-core and Azurite refuse it too
             raise InvalidArgument(
-                f"refusing to send a bearer token over plain HTTP to "
-                f"'{parsed.hostname}': use https (or a loopback emulator)"
+                f"refusing to send a bearer token ({how}) over plain HTTP to "
+                f"'{parsed.hostname}': use an https:// URL (emulators: serve HTTPS)"
             )
     return credential, how
 
@@ -228,6 +220,13 @@ def storage_error(
     status = getattr(error, "status_code", None)
     code = getattr(error, "error_code", None)
     place = location.describe(blob)
+    untrusted = certificate_problem(error)
+    if untrusted is not None:
+        host = urlparse(location.account_url).hostname
+        return SourceUnavailable(
+            f"{what}: the TLS certificate of '{host}' is not trusted ({untrusted}) reaching "
+            f"{place}; install the CA that signed it, or point REQUESTS_CA_BUNDLE at it"
+        )
     detail = f"HTTP {status}" + (f" {code}" if code else "") if status else type(error).__name__
     if status == 404:
         if code == "ContainerNotFound" or blob is None:
@@ -246,6 +245,23 @@ def storage_error(
     return SourceUnavailable(f"{what}: {place} failed ({detail}: {redact(error)[:300]})")
 
 
+def certificate_problem(error: BaseException) -> str | None:
+    """What TLS certificate verification said, when that is why `error` happened (looked for
+    down the chain azure-core -> requests -> urllib3 -> ssl); else None."""
+    seen: set[int] = set()
+    pending: list[Any] = [error]
+    while pending:
+        e = pending.pop()
+        if not isinstance(e, BaseException) or id(e) in seen or len(seen) > 16:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return e.verify_message or str(e)
+        pending += [getattr(e, "inner_exception", None), e.__cause__, e.__context__]
+        pending += [getattr(e, "reason", None), *e.args]
+    return None
+
+
 def is_transient(error: BaseException) -> bool:
     """Whether a failed request may succeed if retried (connection trouble, timeouts, 5xx, 429)."""
     from azure.core.exceptions import (
@@ -257,6 +273,8 @@ def is_transient(error: BaseException) -> bool:
     status = getattr(error, "status_code", None)
     if status is not None:
         return status in TRANSIENT_STATUS
+    if certificate_problem(error) is not None:
+        return False  # a certificate nobody trusts stays untrusted however often it is offered
     return isinstance(
         error,
         (
