@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Azure Blob load benchmark: a sharded bf16 checkpoint in an in-memory Azurite, loaded over HTTP.
+"""Azure Blob load benchmark: a sharded bf16 checkpoint in an in-memory Azurite, loaded over HTTP
+(or HTTPS with --https).
 
 Usage:
     python bench/bench_blob_load.py [--total-gb 2] [--shards 8] [--repeats 3] [--json out.json]
+                                    [--pin] [--https]
 
 The run starts its own Azurite (tests/support/azurite.py, npm package under .azurite/), uploads the
 checkpoint (generated once, cached under bench/.data/) and, in the same run, measures:
@@ -284,6 +286,7 @@ class Target:
     prefix: str
     sas: str
     files: dict[str, int]  # shard file name -> bytes
+    ca_bundle: str = ""  # with --https: the server's self-signed certificate, trusted by all
 
 
 @dataclass
@@ -331,6 +334,7 @@ def make_ceiling(t: Target, parallel: int, range_bytes: int, to_shm: bool) -> Co
                 f'url = "{url}"',
                 f'header = "x-ms-range: bytes={a}-{b}"',
                 'header = "x-ms-version: 2021-08-06"',
+                *([f'cacert = "{t.ca_bundle}"'] if t.ca_bundle else []),
                 f'output = "{shm / f"{i}-{j}" if shm else "/dev/null"}"',
                 'write-out = "%{http_code} %{size_download}\\n"',
             ]
@@ -834,7 +838,8 @@ def print_table(
     print()
     print(
         f"checkpoint: {spec['file_bytes'] / GB:.2f} GB ({spec['tensors']} bf16 tensors, "
-        f"{spec['shards']} shards) in an in-memory Azurite on 127.0.0.1; median of "
+        f"{spec['shards']} shards) in an in-memory Azurite on 127.0.0.1 over "
+        f"{'HTTPS' if args.https else 'HTTP'}; median of "
         f"{args.repeats} fresh processes; "
         + (
             f"Azurite pinned to one CPU, contestants to CPUs {args.loader_cpus}"
@@ -1006,6 +1011,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run Azurite on the first CPU and the contestants on the others, so a loader's CPU"
         " use cannot slow the server down (the ceiling is then one core of Azurite)",
     )
+    ap.add_argument(
+        "--https",
+        action="store_true",
+        help="serve over HTTPS (a self-signed certificate every contestant trusts), as Azure"
+        " does: TLS decryption is then part of every row's CPU",
+    )
     ap.add_argument("--loader-cpus", help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
@@ -1034,8 +1045,15 @@ def main(argv: list[str] | None = None) -> int:
     from support import azurite as az_module  # type: ignore[import-not-found]
 
     t_start = time.perf_counter()
-    az = az_module.Azurite()
     target_dir = Path(tempfile.mkdtemp(prefix="bench-blob-"))
+    tls = None
+    if args.https:
+        from support.tls import self_signed_certificate  # type: ignore[import-not-found]
+
+        tls = self_signed_certificate(target_dir)
+        # Every contestant trusts it the way a user trusts a private CA (curl: cacert).
+        os.environ["REQUESTS_CA_BUNDLE"] = str(tls[0])
+    az = az_module.Azurite(tls=tls)
     try:
         prefix = ckpt.name
         up = upload_checkpoint(az, ckpt, prefix, spec["files"])
@@ -1059,6 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix=prefix,
             sas=make_sas(az_module),
             files=spec["files"],
+            ca_bundle=str(tls[0]) if tls else "",
         )
         # Secrets stay out of argv (visible in ps): the worker reads them from a private file.
         target_file = target_dir / "target.json"

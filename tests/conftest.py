@@ -198,6 +198,17 @@ def load_bytes(uri: Path | str, device: str, **settings: object) -> dict[str, by
     return {name: as_bytes(t) for name, t in tensors.items()}
 
 
+def load_with_report(uri: Path | str, device: str, **settings: object) -> tuple[dict, object]:
+    """Like load_bytes, through blob2gpu.open: (each tensor's bytes, the load report)."""
+    import blob2gpu
+
+    framework = "dlpack" if device != "cpu" else "torch"
+    with blob2gpu.open(str(uri), device=device, framework=framework, **settings) as checkpoint:
+        tensors = checkpoint.to_dict()
+        report = checkpoint.report
+    return {name: as_bytes(t) for name, t in tensors.items()}, report
+
+
 # --- Azure Blob: a real Azurite, and a fault proxy in front of it -----------------------------
 from support.azurite import Azurite  # noqa: E402
 from support.fault_proxy import FaultProxy  # noqa: E402

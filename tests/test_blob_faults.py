@@ -14,7 +14,7 @@ import pytest
 import torch
 from blob2gpu import _core, errors
 from blob2gpu.timeline import describe
-from conftest import as_bytes, random_tensor, upload_directory
+from conftest import as_bytes, load_with_report, random_tensor, upload_directory
 from conftest import checkpoint_bytes as expected
 
 FAST_RETRIES = {"retry_backoff_seconds": 0.01, "retry_backoff_max_seconds": 0.05}
@@ -46,14 +46,10 @@ def via_proxy(azurite, fault_proxy, monkeypatch):
 
 
 def load(uri, device, **settings):
-    framework = "torch" if device == "cpu" else "dlpack"
     settings = {"chunk_bytes": 65536, **FAST_RETRIES, **settings}
     if device != "cpu":
         settings.setdefault("staging_slot_bytes", 65536)
-    with blob2gpu.open(uri, device=device, framework=framework, **settings) as checkpoint:
-        tensors = checkpoint.to_dict()
-        report = checkpoint.report
-    return {n: as_bytes(t) for n, t in tensors.items()}, report
+    return load_with_report(uri, device, **settings)
 
 
 def test_resets_mid_body_are_retried_from_the_missing_bytes(

@@ -9,13 +9,13 @@ import base64
 import json
 import time
 
-import blob2gpu
 import pytest
 import torch
 from azure.core.credentials import AccessToken
 from blob2gpu import errors
-from conftest import as_bytes, random_tensor, upload_directory
 from conftest import checkpoint_bytes as expected
+from conftest import load_with_report as load
+from conftest import random_tensor, upload_directory
 from support.azurite import Azurite
 from support.tls import self_signed_certificate
 
@@ -73,14 +73,6 @@ class StaticToken:
     def get_token(self, *scopes, **kwargs):
         self.scopes += scopes
         return AccessToken(self.token, self.expires_on)
-
-
-def load(uri, device, **kwargs):
-    framework = "torch" if device == "cpu" else "dlpack"
-    with blob2gpu.open(uri, device=device, framework=framework, **kwargs) as checkpoint:
-        tensors = checkpoint.to_dict()
-        report = checkpoint.report
-    return {n: as_bytes(t) for n, t in tensors.items()}, report
 
 
 def test_account_key_over_https(device, published, trusted, monkeypatch):

@@ -12,8 +12,9 @@ import blob2gpu
 import pytest
 import torch
 from blob2gpu import _core, errors
-from conftest import as_bytes, random_tensor, reference_bytes, upload_directory
 from conftest import checkpoint_bytes as expected
+from conftest import load_with_report as load
+from conftest import random_tensor, reference_bytes, upload_directory
 from support.azurite import ACCOUNT, ACCOUNT_KEY
 
 
@@ -38,16 +39,8 @@ def published(write_checkpoint, azurite, container):
     return directory
 
 
-def load_blob_bytes(uri, device, **kwargs):
-    framework = "torch" if device == "cpu" else "dlpack"
-    with blob2gpu.open(uri, device=device, framework=framework, **kwargs) as checkpoint:
-        tensors = checkpoint.to_dict()
-        report = checkpoint.report
-    return {n: as_bytes(t) for n, t in tensors.items()}, report
-
-
 def test_round_trip_prefix_with_index(device, published, container, blob_env):
-    got, report = load_blob_bytes(f"az://{container}/llama", device)
+    got, report = load(f"az://{container}/llama", device)
     assert got == expected(published)
     assert report.source == "azure-blob" and report.tensors == 12 and len(report.shards) == 3
     assert report.credential == "account key from AZURE_STORAGE_CONNECTION_STRING"
@@ -68,7 +61,7 @@ def test_small_ranges_and_headers_longer_than_the_first_range(
     settings = {"chunk_bytes": chunk}
     if device != "cpu":
         settings |= {"staging_slot_bytes": chunk, "staging_slots": 3}
-    got, report = load_blob_bytes(f"az://{container}/m", device, **settings)
+    got, report = load(f"az://{container}/m", device, **settings)
     assert got == expected(directory)
     total = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     assert report.requests >= total // chunk // 2  # many ranges (a long header is one range)
@@ -76,14 +69,14 @@ def test_small_ranges_and_headers_longer_than_the_first_range(
 
 def test_index_uri_single_blob_and_prefix_without_index(published, azurite, container, blob_env):
     ref = expected(published)
-    got, _ = load_blob_bytes(f"az://{container}/llama/model.safetensors.index.json", "cpu")
+    got, _ = load(f"az://{container}/llama/model.safetensors.index.json", "cpu")
     assert got == ref
-    got, _ = load_blob_bytes(f"az://{container}/llama/model-00002-of-00003.safetensors", "cpu")
+    got, _ = load(f"az://{container}/llama/model-00002-of-00003.safetensors", "cpu")
     assert got == reference_bytes(published / "model-00002-of-00003.safetensors")
     azurite.service().get_container_client(container).delete_blob(
         "llama/model.safetensors.index.json"
     )
-    got, _ = load_blob_bytes(f"az://{container}/llama/", "cpu")
+    got, _ = load(f"az://{container}/llama/", "cpu")
     assert got == ref
 
 
@@ -92,7 +85,7 @@ def test_path_style_url_with_account_key_from_environment(
 ):
     monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
     monkeypatch.setenv("AZURE_STORAGE_KEY", ACCOUNT_KEY)
-    got, report = load_blob_bytes(f"{azurite.endpoint()}/{container}/llama", "cpu")
+    got, report = load(f"{azurite.endpoint()}/{container}/llama", "cpu")
     assert got == expected(published)
     assert report.credential == "account key from AZURE_STORAGE_KEY"
 
@@ -112,7 +105,7 @@ def sas_for(container: str, **permissions) -> str:
 def test_sas_in_the_url(published, azurite, container, monkeypatch):
     monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
     sas = sas_for(container)
-    got, report = load_blob_bytes(f"{azurite.endpoint()}/{container}/llama?{sas}", "cpu")
+    got, report = load(f"{azurite.endpoint()}/{container}/llama?{sas}", "cpu")
     assert got == expected(published)
     assert report.credential == "SAS in the URI"
     assert "sig=" not in report.to_json() and sas not in report.to_json()
@@ -127,12 +120,12 @@ def test_names_with_spaces_and_unicode_in_every_uri_form_and_folders_below_are_n
     for name, prefix in [("below", "my runs/llamä 7b/step-5"), ("beside", "my runs/llamä 7b-old")]:
         upload_directory(azurite, container, write_checkpoint(shards(1), name=name), prefix)
     ref = expected(directory)
-    got, report = load_blob_bytes(f"az://{container}/my runs/llamä 7b", "cpu")
+    got, report = load(f"az://{container}/my runs/llamä 7b", "cpu")
     assert got == ref and len(report.shards) == 2
     encoded = f"{azurite.endpoint()}/{container}/my%20runs/llam%C3%A4%207b"
-    got, _ = load_blob_bytes(encoded, "cpu")
+    got, _ = load(encoded, "cpu")
     assert got == ref
-    got, _ = load_blob_bytes(f"{encoded}/model.safetensors.index.json", "cpu")
+    got, _ = load(f"{encoded}/model.safetensors.index.json", "cpu")
     assert got == ref
 
 
@@ -207,7 +200,7 @@ def test_a_pipeline_that_cannot_be_made_fails_the_load_that_waited_for_it(
         with pytest.raises(errors.PinnedMemoryUnavailable):
             loader.open(f"az://{container}/llama", device="cuda", framework="dlpack")
         fake_driver.reset_faults()
-        got, _ = load_blob_bytes(f"az://{container}/llama", "cuda")  # a fresh Loader
+        got, _ = load(f"az://{container}/llama", "cuda")  # a fresh Loader
         with loader.open(f"az://{container}/llama", device="cuda", framework="dlpack") as ck:
             assert {n: v.to_bytes() for n, v in ck.to_dict().items()} == got  # made again
 
