@@ -112,16 +112,20 @@ def test_sas_in_the_url(published, azurite, container, monkeypatch):
 
 
 def test_names_with_spaces_and_unicode_in_every_uri_form_and_folders_below_are_not_shards(
-    write_checkpoint, azurite, container, blob_env
+    write_checkpoint, azurite, container, blob_env, tmp_path
 ):
     directory = write_checkpoint(shards(2))
     upload_directory(azurite, container, directory, "my runs/llamä 7b")
     # Another checkpoint in a folder below, and one beside with the same leading characters.
     for name, prefix in [("below", "my runs/llamä 7b/step-5"), ("beside", "my runs/llamä 7b-old")]:
         upload_directory(azurite, container, write_checkpoint(shards(1), name=name), prefix)
+    # As a hierarchical-namespace account lists a folder: an empty blob named like it.
+    azurite.service().get_container_client(container).upload_blob("my runs/llamä 7b/step-5", b"")
     ref = expected(directory)
     got, report = load(f"az://{container}/my runs/llamä 7b", "cpu")
     assert got == ref and len(report.shards) == 2
+    aux = blob2gpu.fetch_aux(f"az://{container}/my runs/llamä 7b", str(tmp_path / "aux"))
+    assert [p.rsplit("/", 1)[-1] for p in aux] == ["model.safetensors.index.json"]
     encoded = f"{azurite.endpoint()}/{container}/my%20runs/llam%C3%A4%207b"
     got, _ = load(encoded, "cpu")
     assert got == ref

@@ -330,8 +330,13 @@ def list_checkpoint(container_client: Any, location: BlobLocation, retry: Any) -
         # container (or a prefix holding other runs' folders) may hold far more blobs below.
         from azure.storage.blob import BlobPrefix
 
-        listed = container_client.walk_blobs(name_starts_with=prefix, delimiter="/")
-        return [b for b in listed if not isinstance(b, BlobPrefix)]
+        listed = list(container_client.walk_blobs(name_starts_with=prefix, delimiter="/"))
+        folders = {b.name.rstrip("/") for b in listed if isinstance(b, BlobPrefix)}
+        # A hierarchical-namespace account (ADLS Gen2) lists each folder as an empty blob too.
+        return [
+            b for b in listed
+            if not isinstance(b, BlobPrefix) and not (b.size == 0 and b.name in folders)
+        ]
 
     blobs = retry(do_list, f"listing {location.describe()}", None)
     by_name = {b.name: b for b in blobs}
