@@ -191,6 +191,27 @@ def test_load_defaults_to_model_source_uri(write_checkpoint, tmp_path):
     assert result.returncode == 2 and "MODEL_SOURCE_URI" in result.stderr
 
 
+def test_fetch_aux_writes_the_other_files_for_an_init_container(
+    azurite, container, write_checkpoint, tmp_path
+):
+    directory = write_checkpoint([{"w": random_tensor(torch.float32, (64, 64))}])
+    (directory / "config.json").write_text('{"hidden_size": 64}')
+    (directory / "tokenizer.json").write_text("{}")
+    upload_directory(azurite, container, directory, "m")
+    env = {"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string()}
+    result = run("fetch-aux", f"az://{container}/m", str(tmp_path / "a"), env=env)
+    assert result.returncode == 0, result.stderr
+    names = ["config.json", "model.safetensors.index.json", "tokenizer.json"]
+    assert [line.rsplit("/", 1)[-1] for line in result.stdout.split()] == names
+    assert (tmp_path / "a" / "config.json").read_text() == '{"hidden_size": 64}'
+    env["MODEL_SOURCE_URI"] = f"az://{container}/m"
+    result = run("fetch-aux", str(tmp_path / "b"), "--quiet", "--set", "verify=none", env=env)
+    assert result.returncode == 0 and result.stdout == ""
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == names
+    result = run("fetch-aux", str(directory), str(tmp_path / "c"))
+    assert result.returncode == 2 and "InvalidArgument" in result.stderr
+
+
 def test_load_reads_a_config_file(write_checkpoint, tmp_path):
     directory = write_checkpoint([{"w": random_tensor(torch.float32, (64, 64))}])
     config = tmp_path / "blob2gpu.yaml"

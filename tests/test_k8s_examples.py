@@ -45,3 +45,14 @@ def test_preflight_runs_as_an_init_container():
     deployment = next(d for d in documents() if d["kind"] == "Deployment")
     init = deployment["spec"]["template"]["spec"]["initContainers"]
     assert init[0]["command"][:2] == ["blob2gpu", "preflight"]
+
+
+def test_every_blob2gpu_command_is_one_the_cli_accepts():
+    from blob2gpu.cli import build_parser
+
+    deployment = next(d for d in documents() if d["kind"] == "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    commands = [c["command"] for c in spec["initContainers"] + spec["containers"] if "command" in c]
+    assert [c[1] for c in commands] == ["preflight", "fetch-aux"]
+    for command in commands:
+        build_parser().parse_args(command[1:])  # argparse exits on anything it does not accept

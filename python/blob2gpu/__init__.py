@@ -93,18 +93,21 @@ def open(
     return checkpoint
 
 
-def fetch_aux(uri: str, dest: str, credential: Any = None, **settings: Any) -> list[str]:
+def fetch_aux(
+    uri: str, dest: str, credential: Any = None, config: str | None = None, **settings: Any
+) -> list[str]:
     """Download the non-weight files beside a Blob checkpoint (config.json, tokenizer files, ...)
     into the local directory `dest`; returns their paths. Weights in other formats beside the
     shards (pytorch_model.bin, *.pth, ...) are left out; files the checkpoint's manifest lists are
-    checked against it (setting `verify`). Raises BlobNotFound, AccessDenied, StorageUnavailable,
-    BlobChanged, ChecksumMismatch, or InvalidArgument for a URI that is not a Blob URI."""
+    checked against it (setting `verify`). `config`: a YAML settings file, as for load(). Raises
+    BlobNotFound, AccessDenied, StorageUnavailable, BlobChanged, ChecksumMismatch,
+    LocalWriteError, or InvalidArgument for a URI that is not a Blob URI."""
     from .settings import resolve
     from .sources.azure_blob import is_blob_uri
     from .sources.blob_client import open_container
 
     if not is_blob_uri(uri):
         raise errors.InvalidArgument(f"fetch_aux needs a Blob URI (az://, https://), not '{uri}'")
-    effective = resolve(settings)
+    effective = resolve(settings, config_path=config)
     container = open_container(uri, effective, credential)
     return [str(p) for p in container.fetch_aux(dest, effective.verify)]

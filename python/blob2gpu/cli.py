@@ -1,6 +1,7 @@
 """The blob2gpu command line.
 
     blob2gpu load [URI]            load a checkpoint, show progress, print the phase table
+    blob2gpu fetch-aux [URI] DIR   download config, tokenizer and other non-weight files
     blob2gpu preflight             check a node before rollout (exit 1 when a check fails)
     blob2gpu config show           the effective settings and where each came from
     blob2gpu report show FILE      a load report's phases and shards (--png: a timeline picture)
@@ -91,6 +92,18 @@ def _cmd_load(args: argparse.Namespace) -> int:
         print(report.phase_table())
         if args.report:
             print(f"report written to {args.report}")
+    return 0
+
+
+def _cmd_fetch_aux(args: argparse.Namespace) -> int:
+    from . import fetch_aux
+    from .loader import source_uri
+
+    settings = dict(kv.split("=", 1) for kv in args.set or [])
+    paths = fetch_aux(source_uri(args.uri), args.dest, config=args.config, **settings)
+    if not args.quiet:
+        for path in paths:
+            print(path)
     return 0
 
 
@@ -328,6 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between progress updates (default 0.1 for the bar, 2 for plain lines)",
     )
     load.set_defaults(run=_cmd_load)
+
+    aux = sub.add_parser(
+        "fetch-aux",
+        help="download the non-weight files beside a Blob checkpoint (config, tokenizer, ...)",
+        description="Download config.json, tokenizer files, the index and the other non-weight "
+        "files beside a Blob checkpoint into DIR (an init container's emptyDir, say), each "
+        "checked against the manifest when it lists it; prints the written paths.",
+    )
+    aux.add_argument("uri", nargs="?", help="a Blob URI (default: $MODEL_SOURCE_URI)")
+    aux.add_argument("dest", metavar="DIR", help="the local directory to write them to")
+    aux.add_argument("--config", metavar="FILE", help="YAML settings file (else $BLOB2GPU_CONFIG)")
+    aux.add_argument("--set", action="append", metavar="KEY=VALUE", help="a setting (repeatable)")
+    aux.add_argument("--quiet", action="store_true", help="print nothing")
+    aux.set_defaults(run=_cmd_fetch_aux)
 
     preflight = sub.add_parser(
         "preflight",

@@ -123,8 +123,7 @@ def _aux_directory(uri: str, tmp: Path, credential: Any, settings: dict[str, Any
     from .sources.local import resolve_local
 
     if is_blob_uri(uri):
-        aux_settings = {k: v for k, v in settings.items() if k != "config"}
-        fetch_aux(uri, str(tmp), credential=credential, **aux_settings)
+        fetch_aux(uri, str(tmp), credential=credential, **settings)
         return tmp
     location = Path(resolve_local(uri).uri)  # raises SourceUnavailable as blob2gpu.load would
     return location if location.is_dir() else location.parent
