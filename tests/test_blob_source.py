@@ -318,6 +318,20 @@ def test_bearer_tokens_never_cross_plain_http():
     assert resolve_credential(https, Token())[1] == "explicit credential"
 
 
+def test_default_azure_credential_is_made_once_per_process_and_needs_https():
+    from azure.identity import DefaultAzureCredential
+    from blob2gpu.sources.azure_blob import parse_blob_uri, resolve_credential
+
+    https = parse_blob_uri("https://acct.blob.core.windows.net/models/llama")
+    first, how = resolve_credential(https, environ={})
+    second, _ = resolve_credential(https, environ={})
+    assert isinstance(first, DefaultAzureCredential) and first is second
+    assert how == "DefaultAzureCredential (azure-identity)"
+    local = parse_blob_uri("http://127.0.0.1:10000/devstoreaccount1/models/llama")
+    with pytest.raises(errors.InvalidArgument, match=r"DefaultAzureCredential.*plain HTTP"):
+        resolve_credential(local, environ={})
+
+
 @pytest.mark.parametrize(
     ("uri", "account_url", "container", "path"),
     [

@@ -16,6 +16,7 @@ import json
 import os
 import posixpath
 import ssl
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -158,6 +159,26 @@ def _sas_of(uri: str, query: str) -> str | None:
     return query
 
 
+_default_credential: Any = None
+_default_credential_lock = threading.Lock()
+
+
+def default_azure_credential() -> Any:
+    """azure-identity's DefaultAzureCredential, made once per process: Azure's guidance is to
+    reuse credential instances, and a later load then reuses the token the first one acquired
+    (workload identity's token exchange, IMDS) instead of acquiring another. None when
+    azure-identity is not installed."""
+    global _default_credential
+    with _default_credential_lock:
+        if _default_credential is None:
+            try:
+                from azure.identity import DefaultAzureCredential
+            except ImportError:
+                return None
+            _default_credential = DefaultAzureCredential()
+        return _default_credential
+
+
 def resolve_credential(
     location: BlobLocation, explicit: Any = None, environ: Mapping[str, str] | None = None
 ) -> tuple[Any, str]:
@@ -194,12 +215,9 @@ def resolve_credential(
     elif env.get("AZURE_STORAGE_SAS_TOKEN"):
         credential, how = env["AZURE_STORAGE_SAS_TOKEN"].lstrip("?"), "AZURE_STORAGE_SAS_TOKEN"
     else:
-        try:
-            from azure.identity import DefaultAzureCredential
-        except ImportError:
-            pass
-        else:
-            credential, how = DefaultAzureCredential(), "DefaultAzureCredential (azure-identity)"
+        credential = default_azure_credential()
+        if credential is not None:
+            how = "DefaultAzureCredential (azure-identity)"
     if hasattr(credential, "get_token"):
         parsed = urlparse(location.account_url)
         if parsed.scheme != "https":  # loopback included: azure-core and Azurite refuse it too
