@@ -110,3 +110,18 @@ def test_untrusted_certificate_fails_at_once_typed_and_says_how_to_trust_it(
     message = str(info.value)
     assert "not trusted" in message and "self-signed certificate" in message
     assert "kept failing" not in message
+
+
+def test_no_identity_to_be_found_is_access_denied_at_once_naming_the_credential(
+    published, trusted, monkeypatch
+):
+    # Nothing in the environment: DefaultAzureCredential (azure-identity) is the credential, and
+    # on this machine it finds no identity (no workload or managed identity, no Azure CLI).
+    for var in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE",
+                "AZURE_CLIENT_SECRET", "IDENTITY_ENDPOINT", "MSI_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(errors.AccessDenied, match="DefaultAzureCredential") as info:
+        load(f"{trusted.endpoint()}/secure/m", "cpu", retry_backoff_seconds=30)
+    message = str(info.value)
+    assert "secure" in message and "kept failing" not in message
+    assert "AZURE_STORAGE_CONNECTION_STRING" in message  # what else would do

@@ -238,6 +238,17 @@ def storage_error(
     status = getattr(error, "status_code", None)
     code = getattr(error, "error_code", None)
     place = location.describe(blob)
+    from azure.core.exceptions import ClientAuthenticationError
+
+    if status is None and isinstance(error, ClientAuthenticationError):
+        # The credential could not get a token (DefaultAzureCredential found no identity, an
+        # expired client secret): nothing a retry changes. Its first line says which.
+        first_line = redact(error).strip().splitlines()[0][:300]
+        return AccessDenied(
+            f"{what}: no token to reach {place} ({first_line}); give the pod a workload or "
+            "managed identity with 'Storage Blob Data Reader', or set "
+            "AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_KEY or a SAS"
+        )
     untrusted = certificate_problem(error)
     if untrusted is not None:
         host = urlparse(location.account_url).hostname
