@@ -323,6 +323,7 @@ OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gg
 
 
 def is_other_weight_file(name: str) -> bool:
+    """Whether a blob holds weights in a format blob2gpu does not load (by its suffix)."""
     return name.lower().endswith(OTHER_WEIGHT_SUFFIXES)
 
 
