@@ -67,6 +67,11 @@ def test_errors_are_one_line_and_exit_2(tmp_path):
     assert result.stderr.startswith("blob2gpu: SourceUnavailable:")
     result = run("load", str(tmp_path), "--set", "staging_slots=1")
     assert result.returncode == 2 and "ConfigError" in result.stderr
+    for command in ("load", "fetch-aux", "bench"):  # a malformed --set is a usage error
+        args = [command, "az://c/m", str(tmp_path)][: 3 if command == "fetch-aux" else 2]
+        result = run(*args, "--set", "staging_slots")
+        assert result.returncode == 2 and "expected KEY=VALUE" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_config_show_json_sources(monkeypatch, tmp_path):

@@ -60,7 +60,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
 
     from .progress import LoadProgress, choose_mode
 
-    settings = dict(kv.split("=", 1) for kv in args.set or [])
+    settings = dict(args.set or [])
     selection: dict[str, object] = {}
     if args.tensor:
         selection["tensor_names"] = args.tensor
@@ -99,7 +99,7 @@ def _cmd_fetch_aux(args: argparse.Namespace) -> int:
     from . import fetch_aux
     from .loader import source_uri
 
-    settings = dict(kv.split("=", 1) for kv in args.set or [])
+    settings = dict(args.set or [])
     paths = fetch_aux(source_uri(args.uri), args.dest, config=args.config, **settings)
     if not args.quiet:
         for path in paths:
@@ -248,7 +248,7 @@ def _cmd_cache_prune(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import strategy_bench
 
-    settings = dict(kv.split("=", 1) for kv in args.set or [])
+    settings = dict(args.set or [])
     results = strategy_bench.run(args.uri, args.strategies.split(","), device=args.device,
                                  repeats=args.repeats, local_dir=args.local_dir,
                                  drop_caches=args.drop_caches, settings=settings)
@@ -259,6 +259,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         with _writing(args.png):
             strategy_bench.plot(results, args.png)
     return 0
+
+
+def _setting(text: str) -> tuple[str, str]:
+    """One --set KEY=VALUE (the value is checked when the settings are resolved)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not '{text}'")
+    return key.strip(), value
 
 
 def _positive_float(text: str) -> float:
@@ -318,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--set",
         action="append",
+        type=_setting,
         metavar="KEY=VALUE",
         help="a setting for this load (repeatable), e.g. --set staging_slots=16",
     )
@@ -352,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     aux.add_argument("uri", nargs="?", help="a Blob URI (default: $MODEL_SOURCE_URI)")
     aux.add_argument("dest", metavar="DIR", help="the local directory to write them to")
     aux.add_argument("--config", metavar="FILE", help="YAML settings file (else $BLOB2GPU_CONFIG)")
-    aux.add_argument("--set", action="append", metavar="KEY=VALUE", help="a setting (repeatable)")
+    aux.add_argument(
+        "--set", action="append", type=_setting, metavar="KEY=VALUE", help="a setting (repeatable)"
+    )
     aux.add_argument("--quiet", action="store_true", help="print nothing")
     aux.set_defaults(run=_cmd_fetch_aux)
 
@@ -446,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--local-dir", help="local copy for the local strategies (else downloaded)")
     bench.add_argument("--drop-caches", action="store_true", help="drop the page cache (root)")
-    bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="a blob2gpu setting")
+    bench.add_argument(
+        "--set", action="append", type=_setting, metavar="KEY=VALUE", help="a blob2gpu setting"
+    )
     bench.add_argument("--json", metavar="OUT", help="write every run as JSON")
     bench.add_argument("--png", metavar="OUT", help="stacked phase bars (needs blob2gpu[plot])")
     bench.set_defaults(run=_cmd_bench)
