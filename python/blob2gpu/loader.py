@@ -19,12 +19,11 @@ from .errors import (
     InsufficientGPUMemory,
     InsufficientHostMemory,
     InvalidArgument,
-    ManifestMissing,
     ShardCountMismatch,
 )
 from .frameworks import converter
 from .guardrails import check_memory_fit
-from .manifest import MANIFEST_NAME, core_checksums, read_local_manifest
+from .manifest import core_checksums, read_local_manifest, require_manifest
 from .report import LoadReport
 from .selection import header_reader, select, selected_sizes, selection_from_arguments
 from .settings import ResolvedSettings, resolve
@@ -297,11 +296,7 @@ class Loader:
                 manifest = container.read_manifest(listing)
             else:
                 manifest = read_local_manifest(checkpoint_dir)
-            if manifest is None and effective.verify in ("crc32c", "sha256"):
-                raise ManifestMissing(
-                    f"verify='{effective.verify}' but '{plan.uri}' has no {MANIFEST_NAME}: "
-                    "publish it with `blob2gpu publish` or `blob2gpu manifest`"
-                )
+            require_manifest(manifest, effective.verify, f"'{plan.uri}'")
         algorithm = chunk_algorithm(effective.verify)
         checksums = core_checksums(manifest, plan.shards, algorithm)
         content_md5 = content_md5_to_check(container, manifest, effective.verify, wanted, plan)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _core
-from .errors import InvalidManifest
+from .errors import InvalidManifest, ManifestMissing
 
 MANIFEST_NAME = "blob2gpu.manifest.json"
 FORMAT = "blob2gpu-manifest"
@@ -197,6 +197,17 @@ def read_local_manifest(directory: str | os.PathLike[str]) -> Manifest | None:
     if not path.is_file():
         return None
     return Manifest.from_json(path.read_bytes(), str(path))
+
+
+def require_manifest(manifest: Manifest | None, verify: str, where: str) -> Manifest | None:
+    """`manifest` as it is, unless `verify` needs one ('crc32c', 'sha256') and there is none:
+    then ManifestMissing naming `where` and how to publish one."""
+    if manifest is None and verify in ("crc32c", "sha256"):
+        raise ManifestMissing(
+            f"verify='{verify}' but {where} has no {MANIFEST_NAME}: "
+            "publish it with `blob2gpu publish` or `blob2gpu manifest`"
+        )
+    return manifest
 
 
 def core_checksums(

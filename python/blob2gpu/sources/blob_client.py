@@ -17,9 +17,8 @@ from ..errors import (
     ChecksumMismatch,
     InvalidArgument,
     LocalWriteError,
-    ManifestMissing,
 )
-from ..manifest import MANIFEST_NAME, Manifest
+from ..manifest import Manifest, require_manifest
 from .azure_blob import (
     AuxBlob,
     BlobListing,
@@ -77,12 +76,9 @@ class BlobContainer:
         listing = self.list_checkpoint()
         manifest = None
         if verify != "none":
-            manifest = self.read_manifest(listing)
-            if manifest is None and verify in ("crc32c", "sha256"):
-                raise ManifestMissing(
-                    f"verify='{verify}' but {self.location.describe()} has no {MANIFEST_NAME} "
-                    f"under '{posixpath.dirname(listing.plan.shards[0].path) or '/'}'"
-                )
+            directory = posixpath.dirname(listing.plan.shards[0].path) or "/"
+            where = f"'{directory}' in {self.location.describe()}"
+            manifest = require_manifest(self.read_manifest(listing), verify, where)
         out_dir = Path(dest)
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
