@@ -281,6 +281,74 @@ def test_fetch_aux_never_writes_a_file_that_changed_after_listing(
     assert list((tmp_path / "aux").iterdir()) == []
 
 
+def test_archived_shards_are_refused_before_any_memory_is_taken(
+    fake_driver, published, azurite, container, fault_proxy, monkeypatch, tmp_path
+):
+    # A lifecycle policy moved a shard to the Archive tier: the service refuses its bytes for
+    # hours, so the load says so at listing, naming it, with nothing allocated or fetched.
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string(port=fault_proxy.port)
+    )
+    client = azurite.service().get_container_client(container)
+    client.get_blob_client("llama/model-00002-of-00003.safetensors").set_standard_blob_tier(
+        "Archive"
+    )
+    fault_proxy.counters.paths.clear()
+    with pytest.raises(errors.BlobArchived, match=r"'llama/model-00002-of-00003.safetensors'.*"
+                       r"Archive access tier.*rehydrate") as info:
+        blob2gpu.load(f"az://{container}/llama", device="cuda", framework="dlpack")
+    assert "model-00001" not in str(info.value)
+    assert not [p for p in fault_proxy.counters.paths if p.endswith(".safetensors")]
+    assert fake_driver.live_device_allocations() == 0
+    # The other files are still there to fetch; an archived one among them is refused before
+    # anything is written.
+    assert len(blob2gpu.fetch_aux(f"az://{container}/llama", str(tmp_path / "aux"))) == 3
+    client.get_blob_client("llama/tokenizer.json").set_standard_blob_tier("Archive")
+    with pytest.raises(errors.BlobArchived, match=r"'llama/tokenizer.json'"):
+        blob2gpu.fetch_aux(f"az://{container}/llama", str(tmp_path / "aux2"))
+    assert not (tmp_path / "aux2").exists()
+
+
+def test_a_shard_archived_during_the_load_is_a_typed_error_not_a_retry(
+    device, published, azurite, container, fault_proxy, monkeypatch
+):
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string(port=fault_proxy.port)
+    )
+    client = azurite.service().get_container_client(container)
+    victim = "llama/model-00003-of-00003.safetensors"
+
+    def archive_once(path, count):
+        if count == 1:
+            client.get_blob_client(victim).set_standard_blob_tier("Archive")
+
+    fault_proxy.faults.on_range_get = archive_once
+    gc.collect()
+    before = _core.live_arena_count()
+    with pytest.raises(errors.BlobArchived, match=rf"'{victim}'.*Archive access tier") as info:
+        blob2gpu.load(f"az://{container}/llama", device=device, framework="dlpack")
+    # The service's XML error body stays out of the message.
+    assert "<?xml" not in str(info.value) and "Content:" not in str(info.value)
+    assert fault_proxy.counters.paths.count(f"/{ACCOUNT}/{container}/{victim}") == 1
+    gc.collect()
+    assert _core.live_arena_count() == before
+
+
+def test_archived_reason_of_listed_blobs():
+    from azure.storage.blob import BlobProperties
+    from blob2gpu.sources.azure_blob import archived_reason
+
+    blob = BlobProperties()
+    assert archived_reason(blob) is None
+    for tier in ("Hot", "Cool", "Cold"):
+        blob.blob_tier = tier
+        assert archived_reason(blob) is None
+    blob.blob_tier = "Archive"
+    assert archived_reason(blob) == "in the Archive tier"
+    blob.archive_status = "rehydrate-pending-to-hot"  # stays Archive until rehydrated
+    assert archived_reason(blob) == "being rehydrated (rehydrate-pending-to-hot)"
+
+
 @pytest.mark.parametrize(
     ("uri", "match"),
     [

@@ -68,6 +68,19 @@ def test_second_load_is_served_from_the_cache(device, published, container, cach
         assert second.direct_io_bytes == 0  # the cpu target reads into its arena, buffered
 
 
+def test_a_cached_copy_of_an_archived_shard_still_loads(
+    published, azurite, container, cache_dir, blob_env
+):
+    uri = f"az://{container}/m"
+    first, _ = cached_load(uri, cache_dir)
+    blob = azurite.service().get_blob_client(container, "m/model-00002-of-00003.safetensors")
+    blob.set_standard_blob_tier("Archive")  # the tier changes, the etag and bytes do not
+    got, report = cached_load(uri, cache_dir)
+    assert got == first == expected(published) and report.cache_hit_rate == 1.0
+    with pytest.raises(blob2gpu.errors.BlobArchived, match="model-00002-of-00003"):
+        blob2gpu.load(uri)  # without the cache
+
+
 def test_cpu_cache_hits_are_mapped_not_copied(published, container, cache_dir, blob_env):
     uri = f"az://{container}/m"
     cached_load(uri, cache_dir)

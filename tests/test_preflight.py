@@ -161,6 +161,24 @@ def test_missing_container_fails(azurite, blob_env, tmp_path, no_driver):
     assert storage["status"] == "fail" and "nosuchcontainer" in storage["value"]
 
 
+def test_archived_shards_fail_the_checkpoint_check(
+    published, azurite, container, blob_env, tmp_path, no_driver
+):
+    blob = azurite.service().get_blob_client(container, "llama/model-00001-of-00002.safetensors")
+    blob.set_standard_blob_tier("Archive")
+    source = ["--source", f"az://{container}/llama", "--cache-dir", str(tmp_path), "--json"]
+    result = preflight(*source, env=no_driver)
+    assert result.returncode == 1
+    checkpoint = checks(result)["checkpoint"]
+    assert checkpoint["status"] == "fail" and "1 in the Archive tier" in checkpoint["value"]
+    assert checkpoint["data"]["archived"] == ["model-00001-of-00002.safetensors"]
+    assert "rehydrate" in checkpoint["hint"]
+    # With the NVMe cache on, a cached copy may still serve it: a warning, not a failure.
+    result = preflight(*source, env={**no_driver, "BLOB2GPU_LOCAL_NVME_CACHE_ENABLED": "1"})
+    checkpoint = checks(result)["checkpoint"]
+    assert checkpoint["status"] == "warn" and "only from the NVMe cache" in checkpoint["value"]
+
+
 def test_a_model_that_does_not_fit_fails(tmp_path, no_driver):
     result = preflight(
         "--model-bytes", str(10**16), "--cache-dir", str(tmp_path), "--json", env=no_driver

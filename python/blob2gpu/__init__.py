@@ -100,7 +100,7 @@ def fetch_aux(
     into the local directory `dest`; returns their paths. Weights in other formats beside the
     shards (pytorch_model.bin, *.pth, ...) are left out; files the checkpoint's manifest lists are
     checked against it (setting `verify`). `config`: a YAML settings file, as for load(). Raises
-    BlobNotFound, AccessDenied, StorageUnavailable, BlobChanged, ChecksumMismatch,
+    BlobNotFound, AccessDenied, BlobArchived, StorageUnavailable, BlobChanged, ChecksumMismatch,
     LocalWriteError, or InvalidArgument for a URI that is not a Blob URI."""
     from .settings import resolve
     from .sources.azure_blob import is_blob_uri

@@ -348,6 +348,7 @@ class Loader:
                 wanted=wanted,
             )
         else:
+            from .sources.azure_blob import archived_error
             from .sources.blob_feeder import BlobFeeder
 
             slot_bytes = self._settings.staging_slot_bytes
@@ -369,6 +370,12 @@ class Loader:
                 for i, entry in hits.items():  # a hit is checked against what was written
                     if algorithm == "crc32c" or checksums[i] is None:
                         checksums[i] = (entry.size, entry.meta["chunk_bytes"], entry.meta["crc32c"])
+            fetch = [i for i in range(len(plan.shards)) if not (hits and i in hits)]
+            archived = [plan.shards[i].path for i in fetch if plan.shards[i].archived]
+            if archived:  # refused before any memory is taken; a cached copy is still served
+                if writer is not None:
+                    writer.close()
+                raise archived_error(container.location, archived)
             report._session_offset = time.perf_counter() - clock_start
             session = pipeline.start_fed(
                 [s.name for s in plan.shards],
@@ -389,7 +396,7 @@ class Loader:
                 container.retry,
                 effective.prefetch_concurrency,
                 chunk,
-                fetch=[i for i in range(len(plan.shards)) if not (hits and i in hits)],
+                fetch=fetch,
                 cache_writer=writer,
                 first_range_bytes=min(chunk, 1 << 20) if device == "cpu" or host_staging else None,
             )

@@ -443,15 +443,27 @@ def _checkpoint_found(run: _Run, plan: Any, t: float) -> None:
     if run.model_bytes is None:
         run.model_bytes, run.model_bytes_from = plan.total_bytes, "the checkpoint"
     index = "with index" if plan.weight_map is not None else "no index"
-    run.add(
-        Check(
-            "checkpoint",
-            OK,
-            f"{len(plan.shards)} shard(s), {_gb(plan.total_bytes)} ({index})",
-            data={"shards": len(plan.shards), "bytes": plan.total_bytes},
-        ),
-        t,
-    )
+    found = f"{len(plan.shards)} shard(s), {_gb(plan.total_bytes)} ({index})"
+    data = {"shards": len(plan.shards), "bytes": plan.total_bytes}
+    archived = [s.name for s in plan.shards if getattr(s, "archived", None)]
+    if archived:
+        # The service serves no bytes of these for hours; only cached copies can still load.
+        cached = run.settings.local_nvme_cache_enabled
+        run.add(
+            Check(
+                "checkpoint",
+                WARN if cached else FAIL,
+                f"{found}, {len(archived)} in the Archive tier ({', '.join(archived[:3])}"
+                f"{', ...' if len(archived) > 3 else ''})"
+                + ("; they load only from the NVMe cache" if cached else ""),
+                "rehydrate them to Hot or Cool (az storage blob set-tier --tier Hot "
+                "--rehydrate-priority High) or copy the checkpoint to an online tier",
+                data={**data, "archived": archived},
+            ),
+            t,
+        )
+        return
+    run.add(Check("checkpoint", OK, found, data=data), t)
 
 
 _NETWORK_REASONS = (

@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 from ..errors import (
     AccessDenied,
+    BlobArchived,
     BlobNotFound,
     InvalidArgument,
     InvalidIndex,
@@ -256,7 +257,10 @@ def storage_error(
             f"{what}: the TLS certificate of '{host}' is not trusted ({untrusted}) reaching "
             f"{place}; install the CA that signed it, or point REQUESTS_CA_BUNDLE at it"
         )
+    code = code or _header(error, "x-ms-error-code")  # the generated operations leave it there
     detail = f"HTTP {status}" + (f" {code}" if code else "") if status else type(error).__name__
+    if code in ARCHIVE_ERROR_CODES:
+        return archived_error(location, [blob or "?"], what)
     if status == 404:
         if code == "ContainerNotFound" or blob is None:
             return BlobNotFound(f"{what}: {location.describe()} does not exist ({detail})")
@@ -268,10 +272,52 @@ def storage_error(
             "or the identity's 'Storage Blob Data Reader' role"
         )
     if status in TRANSIENT_STATUS or status is None:
-        return StorageUnavailable(
-            f"{what}: {place} is unavailable ({detail}: {redact(error)[:300]})"
-        )
-    return SourceUnavailable(f"{what}: {place} failed ({detail}: {redact(error)[:300]})")
+        return StorageUnavailable(f"{what}: {place} is unavailable ({detail}: {_said(error)})")
+    return SourceUnavailable(f"{what}: {place} failed ({detail}: {_said(error)})")
+
+
+def _header(error: BaseException, name: str) -> str | None:
+    response = getattr(error, "response", None)
+    headers = getattr(response, "headers", None)
+    return headers.get(name) if headers is not None else None
+
+
+def _said(error: BaseException) -> str:
+    """What the service or the transport said, in one short line: the service's message (the
+    HTTP reason Azure sends) rather than the whole XML error body."""
+    reason = getattr(error, "reason", None) if getattr(error, "status_code", None) else None
+    text = redact(reason if isinstance(reason, str) and reason else error)
+    return (text.strip().splitlines() or [""])[0][:300]
+
+
+# The service's codes for reading a blob of the Archive tier, or one still being rehydrated.
+ARCHIVE_ERROR_CODES = ("BlobArchived", "BlobBeingRehydrated")
+
+
+def archived_reason(blob: Any) -> str | None:
+    """Why the service refuses a listed blob's bytes (its access tier), or None when it serves
+    them. A blob being rehydrated stays in the Archive tier until rehydration completes."""
+    if str(getattr(blob, "blob_tier", None) or "").lower() != "archive":
+        return None
+    status = getattr(blob, "archive_status", None)
+    return f"being rehydrated ({status})" if status else "in the Archive tier"
+
+
+def archived_error(
+    location: BlobLocation, blobs: list[str], what: str | None = None
+) -> BlobArchived:
+    """BlobArchived naming `blobs` and what would make them readable."""
+    shown = ", ".join(f"'{b}'" for b in blobs[:8]) + (
+        f" and {len(blobs) - 8} more" if len(blobs) > 8 else ""
+    )
+    return BlobArchived(
+        (f"{what}: " if what else "")
+        + f"{shown} in {location.describe()} {'is' if len(blobs) == 1 else 'are'} in the Archive "
+        "access tier (or still being rehydrated from it), and the service serves no bytes of an "
+        "archived blob; rehydrate to Hot or Cool (az storage blob set-tier --tier Hot "
+        "--rehydrate-priority High; hours) or copy the checkpoint to an online tier, then load "
+        "again"
+    )
 
 
 def certificate_problem(error: BaseException) -> str | None:
@@ -334,6 +380,7 @@ class AuxBlob:
     name: str  # the blob's full name
     size: int
     etag: str
+    archived: str | None = None  # why the service refuses its bytes now (Archive tier)
 
 
 @dataclass
@@ -381,6 +428,7 @@ def list_checkpoint(container_client: Any, location: BlobLocation, retry: Any) -
             size=int(b.size),
             etag=b.etag,
             content_md5=bytes(md5) if md5 and len(md5) == 16 else None,
+            archived=archived_reason(b),
         )
 
     weight_map = None
@@ -422,7 +470,7 @@ def list_checkpoint(container_client: Any, location: BlobLocation, retry: Any) -
                 )
     weights = set(shard_names)
     aux = [
-        AuxBlob(n, int(by_name[n].size), by_name[n].etag)
+        AuxBlob(n, int(by_name[n].size), by_name[n].etag, archived_reason(by_name[n]))
         for n in children
         if n not in weights and not n.endswith(".safetensors") and not is_other_weight_file(n)
     ]

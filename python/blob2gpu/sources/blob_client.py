@@ -23,6 +23,7 @@ from .azure_blob import (
     AuxBlob,
     BlobListing,
     BlobLocation,
+    archived_error,
     if_unchanged,
     list_checkpoint,
     parse_blob_uri,
@@ -70,10 +71,13 @@ class BlobContainer:
         into place, so `dest` never holds half a file or one of a newer version. When the
         checkpoint's manifest lists a file, its size and SHA-256 are checked before the rename
         (`verify`: 'none' skips it; 'crc32c' and 'sha256' require the manifest). Returns the
-        written paths. Raises BlobNotFound, AccessDenied, StorageUnavailable, BlobChanged,
-        ChecksumMismatch or ManifestMissing.
+        written paths. Raises BlobNotFound, AccessDenied, BlobArchived, StorageUnavailable,
+        BlobChanged, ChecksumMismatch or ManifestMissing.
         """
         listing = self.list_checkpoint()
+        archived = [aux.name for aux in listing.aux_blobs if aux.archived]
+        if archived:  # refused before anything is written, not after half the files
+            raise archived_error(self.location, archived, "fetching the checkpoint's files")
         manifest = None
         if verify != "none":
             directory = posixpath.dirname(listing.plan.shards[0].path) or "/"

@@ -15,6 +15,7 @@ class ShardRef:
     size: int
     etag: str | None = None  # blobs: the etag seen at listing; every range is pinned to it
     content_md5: bytes | None = None  # blobs: the Content-MD5 property, when the blob has one
+    archived: str | None = None  # blobs: why the service refuses its bytes now (Archive tier)
 
 
 @dataclass(frozen=True)
