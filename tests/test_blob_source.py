@@ -357,6 +357,9 @@ def test_archived_reason_of_listed_blobs():
         ("https://a.blob.core.windows.net/c/m.safetensors?versionid=2024-01-01", "version"),
         ("https://a.blob.core.windows.net/c/m.safetensors?snapshot=2024&sig=s", "snapshot"),
         ("https://a.blob.core.windows.net/c/m?sv=2020&sp=r", "not a SAS token"),
+        ("abfss://acct.dfs.core.windows.net/llama", "CONTAINER@ACCOUNT"),
+        ("abfss://models@127.0.0.1:10000/llama", "CONTAINER@ACCOUNT"),
+        ("s3://bucket/llama", "not a source blob2gpu reads"),
     ],
 )
 def test_bad_blob_uris(uri, match, blob_env):
@@ -421,6 +424,31 @@ def test_default_azure_credential_is_made_once_per_process_and_needs_https():
             "https://acct.blob.core.windows.net",
             "models",
             "my runs/llamä",
+        ),
+        # Data Lake Storage (hierarchical namespace) names, read through the blob endpoint.
+        (
+            "abfss://models@acct.dfs.core.windows.net/llama/v1/",
+            "https://acct.blob.core.windows.net",
+            "models",
+            "llama/v1",
+        ),
+        (
+            "abfs://models@acct.dfs.core.chinacloudapi.cn/my%20runs/a.safetensors",
+            "https://acct.blob.core.chinacloudapi.cn",
+            "models",
+            "my runs/a.safetensors",
+        ),
+        (
+            "wasbs://models@acct.blob.core.windows.net/llama",
+            "https://acct.blob.core.windows.net",
+            "models",
+            "llama",
+        ),
+        (
+            "https://acct.dfs.core.windows.net/models/llama?sp=r&sig=y",
+            "https://acct.blob.core.windows.net",
+            "models",
+            "llama",
         ),
     ],
 )

@@ -6,6 +6,9 @@ the index itself:
                                        AZURE_STORAGE_ACCOUNT_NAME
     https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX[?SAS]
     http://127.0.0.1:PORT/ACCOUNT/CONTAINER/PREFIX   path-style (emulators, private endpoints)
+    abfss://CONTAINER@ACCOUNT.dfs.core.windows.net/PREFIX   the Hadoop forms (Databricks, Fabric,
+                                       Synapse; also abfs, wasbs, wasb) and https://ACCOUNT.dfs...
+                                       URLs: read through the account's blob endpoint over HTTPS
 The byte ranges themselves are fetched by blob_feeder.py.
 """
 
@@ -36,7 +39,8 @@ from .redact import redact
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "blob2gpu.manifest.json"
-BLOB_SCHEMES = ("az", "http", "https")
+HADOOP_SCHEMES = ("abfss", "abfs", "wasbs", "wasb")
+BLOB_SCHEMES = ("az", "http", "https", *HADOOP_SCHEMES)
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
 
@@ -121,11 +125,25 @@ def parse_blob_uri(uri: str, environ: Mapping[str, str] | None = None) -> BlobLo
                 "AZURE_STORAGE_ACCOUNT_NAME (or AZURE_STORAGE_CONNECTION_STRING)"
             )
         return BlobLocation(account_url, account, container, path)
-    host = parsed.hostname or ""
+    host = _blob_endpoint_host(parsed.hostname or "")
     # URLs carry blob names percent-encoded ('my%20model'); the SDK encodes names itself.
     segments = [unquote(s) for s in parsed.path.split("/")]
     segments = segments[1:] if segments and segments[0] == "" else segments
     port = f":{parsed.port}" if parsed.port else ""
+    if parsed.scheme in HADOOP_SCHEMES:  # CONTAINER@ACCOUNT.dfs.core.windows.net/PATH
+        if not parsed.username or "." not in host or _is_ip_or_localhost(host):
+            raise InvalidArgument(
+                f"'{redact(uri)}' needs the form {parsed.scheme}://CONTAINER@ACCOUNT.dfs."
+                "core.windows.net/PREFIX"
+            )
+        # Always HTTPS: storage accounts require secure transfer, and tokens need it.
+        return BlobLocation(
+            f"https://{host}{port}",
+            host.split(".")[0],
+            unquote(parsed.username),
+            "/".join(s for s in segments if s),
+            _sas_of(uri, parsed.query),
+        )
     if _is_ip_or_localhost(host):  # path-style: /ACCOUNT/CONTAINER/PATH
         if len(segments) < 2 or not segments[0] or not segments[1]:
             raise InvalidArgument(
@@ -140,6 +158,15 @@ def parse_blob_uri(uri: str, environ: Mapping[str, str] | None = None) -> BlobLo
         container, rest = segments[0], segments[1:]
         account_url = f"{parsed.scheme}://{host}{port}"
     return BlobLocation(account_url, account, container, "/".join(rest), _sas_of(uri, parsed.query))
+
+
+def _blob_endpoint_host(host: str) -> str:
+    """The blob endpoint of a storage host: ACCOUNT.dfs.SUFFIX (Data Lake Storage) becomes
+    ACCOUNT.blob.SUFFIX, which serves the same files of a hierarchical-namespace account."""
+    labels = host.split(".")
+    if len(labels) > 2 and labels[1] == "dfs":
+        labels[1] = "blob"
+    return ".".join(labels)
 
 
 def _sas_of(uri: str, query: str) -> str | None:

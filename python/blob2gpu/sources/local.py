@@ -11,17 +11,16 @@ from ..errors import InvalidArgument, InvalidIndex, SourceUnavailable
 from .plan import ShardPlan, ShardRef
 
 INDEX_NAME = "model.safetensors.index.json"
-REMOTE_SCHEMES = ("az", "abfs", "abfss", "http", "https", "wasb", "wasbs")
 
 
 def _local_path(uri: str) -> Path:
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         return Path(unquote(parsed.path))
-    if parsed.scheme in REMOTE_SCHEMES:
+    if len(parsed.scheme) > 1 and uri.startswith(f"{parsed.scheme}://"):  # s3://, gs://, ...
         raise InvalidArgument(
-            f"'{parsed.scheme}://' URIs need the Azure Blob source, which this build does not have "
-            "yet; download the checkpoint and pass a local path"
+            f"'{parsed.scheme}://' is not a source blob2gpu reads: give an Azure Blob URI "
+            "(az://, https://, abfss://) or a local path"
         )
     return Path(uri)
 
