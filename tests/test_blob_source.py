@@ -12,10 +12,11 @@ import blob2gpu
 import pytest
 import torch
 from blob2gpu import _core, errors
+from conftest import as_bytes, random_tensor, reference_bytes, upload_directory
 from conftest import checkpoint_bytes as expected
 from conftest import load_with_report as load
-from conftest import random_tensor, reference_bytes, upload_directory
 from support.azurite import ACCOUNT, ACCOUNT_KEY
+from support.connections import connections_to
 
 
 def shards(count: int = 3, rows: int = 96):
@@ -177,6 +178,31 @@ def test_missing_blob_container_and_shard(published, azurite, container, blob_en
     )
     with pytest.raises(errors.SourceUnavailable, match=r"model-00003-of-00003.safetensors"):
         blob2gpu.load(f"az://{container}/llama")
+
+
+def test_a_loaders_later_loads_reuse_its_connections_and_close_closes_them(
+    published, azurite, container, blob_env, tmp_path
+):
+    uri = f"az://{container}/llama"
+    others = connections_to(azurite.port)  # the fixtures' own clients
+    with blob2gpu.Loader(chunk_bytes=16384) as loader:
+        with loader.open(uri) as ck:
+            first = {n: as_bytes(t) for n, t in ck.to_dict().items()}
+        kept = connections_to(azurite.port) - others
+        assert kept  # idle, ready for the next load
+        with loader.open(uri) as ck:
+            assert {n: as_bytes(t) for n, t in ck.to_dict().items()} == first
+        assert connections_to(azurite.port) - others == kept  # no new connection or handshake
+    assert connections_to(azurite.port) - others == set()
+    # One-shot calls leave no connection behind either, without waiting for the garbage
+    # collector.
+    gc.disable()
+    try:
+        blob2gpu.load(uri)
+        blob2gpu.fetch_aux(uri, str(tmp_path / "aux"))
+        assert connections_to(azurite.port) - others == set()
+    finally:
+        gc.enable()
 
 
 def test_cuda_setup_overlaps_listing_and_is_released_when_listing_fails(

@@ -109,5 +109,5 @@ def fetch_aux(
     if not is_blob_uri(uri):
         raise errors.InvalidArgument(f"fetch_aux needs a Blob URI (az://, https://), not '{uri}'")
     effective = resolve(settings, config_path=config)
-    container = open_container(uri, effective, credential)
-    return [str(p) for p in container.fetch_aux(dest, effective.verify)]
+    with open_container(uri, effective, credential) as container:
+        return [str(p) for p in container.fetch_aux(dest, effective.verify)]

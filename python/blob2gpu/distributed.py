@@ -120,7 +120,7 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
         if is_blob_uri(uri):
             from .sources.blob_client import open_container
 
-            container = open_container(uri, effective, credential)
+            container = open_container(uri, effective, credential, loader._http_sessions())
             listing = container.list_checkpoint()
             plan = listing.plan
             manifest = container.read_manifest(listing) if effective.verify != "none" else None

@@ -183,7 +183,9 @@ class Loader:
 
     Pinned staging and streams are allocated on the first load to each device and kept until
     close(), so later loads skip that cost. On that first load they are made on a thread while
-    the checkpoint is listed, so CUDA's start-up overlaps the storage round trips.
+    the checkpoint is listed, so CUDA's start-up overlaps the storage round trips. Connections
+    to storage are kept too: a later load from the same account skips connecting (and the TLS
+    handshakes).
     """
 
     def __init__(self, config: str | os.PathLike[str] | None = None, **settings: Any) -> None:
@@ -192,6 +194,7 @@ class Loader:
         self._being_made: dict[str, _PipelineMaker] = {}
         self._pipelines_lock = threading.Lock()
         self._closed = False
+        self._http: Any = None  # blob_client.HttpSessions, made by the first Blob load
 
     @property
     def settings(self) -> ResolvedSettings:
@@ -209,6 +212,17 @@ class Loader:
             self._being_made[device] = _PipelineMaker(
                 device, {name: s.values[name] for name in PIPELINE_SETTINGS}
             )
+
+    def _http_sessions(self) -> Any:
+        """The storage connections kept across this Loader's loads (closed by close())."""
+        from .sources.blob_client import HttpSessions
+
+        with self._pipelines_lock:
+            if self._closed:
+                raise InvalidArgument("this Loader is closed")
+            if self._http is None:
+                self._http = HttpSessions()
+            return self._http
 
     def _pipeline(self, device: str) -> _core.LoadPipeline:
         """The device's pipeline, made by _start_pipeline; raises what making it raised."""
@@ -270,7 +284,7 @@ class Loader:
         if is_blob_uri(uri):
             from .sources.blob_client import open_container
 
-            container = open_container(uri, effective, credential)
+            container = open_container(uri, effective, credential, self._http_sessions())
             listing = container.list_checkpoint()
             plan = listing.plan
         else:
@@ -476,7 +490,8 @@ class Loader:
                 cache_retried = True
 
     def close(self) -> None:
-        """Release the staging ring, threads and streams. Tensors already loaded stay valid."""
+        """Release the staging ring, threads, streams and storage connections. Tensors already
+        loaded stay valid."""
         with self._pipelines_lock:
             self._closed = True
             pipelines, self._pipelines = self._pipelines, {}
@@ -488,6 +503,10 @@ class Loader:
                 pass  # never used: its error belongs to no load
         for pipeline in pipelines.values():
             pipeline.close()
+        with self._pipelines_lock:
+            http, self._http = self._http, None
+        if http is not None:
+            http.close()
 
     def __enter__(self) -> Loader:
         return self

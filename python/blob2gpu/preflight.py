@@ -489,8 +489,6 @@ def _network_reason(message: str) -> str:
 
 
 def _check_blob(run: _Run, uri: str) -> None:
-    from .errors import AccessDenied, BlobNotFound
-    from .sources.azure_blob import storage_error
     from .sources.blob_client import open_container
 
     t = time.perf_counter()
@@ -507,6 +505,15 @@ def _check_blob(run: _Run, uri: str) -> None:
     except Blob2GpuError as e:
         run.add(Check("storage", FAIL, str(e), "fix the URI or install blob2gpu[azure]"), t)
         return
+    with container:
+        _probe_storage(run, container, t)
+
+
+def _probe_storage(run: _Run, container: Any, t: float) -> None:
+    """List one blob (reachable? credentials accepted?), then the checkpoint itself."""
+    from .errors import AccessDenied, BlobNotFound
+    from .sources.azure_blob import storage_error
+
     endpoint = container.location.account_url
     raw = ""  # the transport's own words: the mapped error keeps only their first 300 characters
     try:

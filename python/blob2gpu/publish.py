@@ -44,25 +44,25 @@ def publish(
     if not directory.is_dir():
         raise InvalidArgument(f"'{local_dir}' is not a directory")
     manifest = manifest_for_directory(directory, chunk_bytes)
-    container = _container(uri, credential, settings)
-    prefix = container.location.path.strip("/")
-    for name in sorted(manifest.files):
-        blob = f"{prefix}/{name}" if prefix else name
+    with _container(uri, credential, settings) as container:
+        prefix = container.location.path.strip("/")
+        for name in sorted(manifest.files):
+            blob = f"{prefix}/{name}" if prefix else name
 
-        def upload(path: Path = directory / name, blob: str = blob) -> None:
-            with path.open("rb") as f:
-                container.client.upload_blob(blob, f, overwrite=True, max_concurrency=4)
+            def upload(path: Path = directory / name, blob: str = blob) -> None:
+                with path.open("rb") as f:
+                    container.client.upload_blob(blob, f, overwrite=True, max_concurrency=4)
 
-        container.retry.run(upload, f"uploading {container.location.describe(blob)}", blob)
-    manifest_blob = f"{prefix}/{MANIFEST_NAME}" if prefix else MANIFEST_NAME
-    container.retry.run(
-        lambda: container.client.upload_blob(
-            manifest_blob, manifest.to_json().encode(), overwrite=True
-        ),
-        f"uploading {container.location.describe(manifest_blob)}",
-        manifest_blob,
-    )
-    return manifest
+            container.retry.run(upload, f"uploading {container.location.describe(blob)}", blob)
+        manifest_blob = f"{prefix}/{MANIFEST_NAME}" if prefix else MANIFEST_NAME
+        container.retry.run(
+            lambda: container.client.upload_blob(
+                manifest_blob, manifest.to_json().encode(), overwrite=True
+            ),
+            f"uploading {container.location.describe(manifest_blob)}",
+            manifest_blob,
+        )
+        return manifest
 
 
 def write_manifest(
@@ -71,31 +71,32 @@ def write_manifest(
     """Compute the manifest of a checkpoint already in Blob Storage (downloading each shard and
     aux file once; weights in other formats beside them are left out) and upload it beside the
     shards. Returns it."""
-    container = _container(uri, credential, settings)
-    listing = container.list_checkpoint()
-    names = [s.path for s in listing.plan.shards] + [
-        a.name for a in listing.aux_blobs if not a.name.endswith(MANIFEST_NAME)
-    ]
-    manifest = Manifest(chunk_bytes=chunk_bytes)
-    for name in names:
+    with _container(uri, credential, settings) as container:
+        listing = container.list_checkpoint()
+        names = [s.path for s in listing.plan.shards] + [
+            a.name for a in listing.aux_blobs if not a.name.endswith(MANIFEST_NAME)
+        ]
+        manifest = Manifest(chunk_bytes=chunk_bytes)
+        for name in names:
 
-        def digest(name: str = name) -> Any:
-            downloader = container.client.get_blob_client(name).download_blob(max_concurrency=4)
+            def digest(name: str = name) -> Any:
+                downloader = container.client.get_blob_client(name).download_blob(max_concurrency=4)
 
-            def read_into(view: memoryview) -> int:
-                data = downloader.read(len(view))
-                view[: len(data)] = data
-                return len(data)
+                def read_into(view: memoryview) -> int:
+                    data = downloader.read(len(view))
+                    view[: len(data)] = data
+                    return len(data)
 
-            return hash_stream(read_into, downloader.size, chunk_bytes)
+                return hash_stream(read_into, downloader.size, chunk_bytes)
 
-        entry = container.retry.run(digest, f"reading {container.location.describe(name)}", name)
-        manifest.files[name.rsplit("/", 1)[-1]] = entry
-    directory = os.path.dirname(listing.plan.shards[0].path)
-    blob = f"{directory}/{MANIFEST_NAME}" if directory else MANIFEST_NAME
-    container.retry.run(
-        lambda: container.client.upload_blob(blob, manifest.to_json().encode(), overwrite=True),
-        f"uploading {container.location.describe(blob)}",
-        blob,
-    )
-    return manifest
+            where = f"reading {container.location.describe(name)}"
+            entry = container.retry.run(digest, where, name)
+            manifest.files[name.rsplit("/", 1)[-1]] = entry
+        directory = os.path.dirname(listing.plan.shards[0].path)
+        blob = f"{directory}/{MANIFEST_NAME}" if directory else MANIFEST_NAME
+        container.retry.run(
+            lambda: container.client.upload_blob(blob, manifest.to_json().encode(), overwrite=True),
+            f"uploading {container.location.describe(blob)}",
+            blob,
+        )
+        return manifest

@@ -154,10 +154,11 @@ def _local_copy(uri: str, directory: str | None) -> tuple[Path, tempfile.Tempora
 
     # The same shard files, as an image or a local disk would hold them.
     tmp = tempfile.TemporaryDirectory(prefix="blob2gpu-bench-")
-    container = open_container(uri, resolve(), None)
-    for ref in container.list_checkpoint().plan.shards:
-        with open(Path(tmp.name) / ref.name, "wb") as f:
-            container.client.get_blob_client(ref.path).download_blob(max_concurrency=4).readinto(f)
+    with open_container(uri, resolve(), None) as container:
+        for ref in container.list_checkpoint().plan.shards:
+            with open(Path(tmp.name) / ref.name, "wb") as f:
+                blob = container.client.get_blob_client(ref.path)
+                blob.download_blob(max_concurrency=4).readinto(f)
     return Path(tmp.name), tmp
 
 

@@ -8,6 +8,7 @@ import hashlib
 import os
 import posixpath
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,16 @@ class BlobContainer:
     def display_uri(self) -> str:
         loc = self.location
         return f"{loc.account_url}/{loc.container}/{loc.path}"
+
+    def close(self) -> None:
+        """Close the connections, unless they belong to a Loader's HttpSessions."""
+        self.client.close()
+
+    def __enter__(self) -> BlobContainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def list_checkpoint(self) -> BlobListing:
         """Resolve the URI to its shards (see azure_blob.list_checkpoint)."""
@@ -156,10 +167,47 @@ class BlobContainer:
         return tmp, size, sha.hexdigest()
 
 
-def open_container(uri: str, settings: Any, credential: Any = None) -> BlobContainer:
-    """Build the client for a Blob URI. Raises InvalidArgument for a bad URI or a missing extra."""
+class HttpSessions:
+    """HTTP connection pools a Loader keeps across its loads, one per pool size: a later load
+    from the same account reuses the open (TLS) connections instead of connecting and
+    handshaking again. close() closes every connection."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, pool: int) -> Any:
+        """The requests.Session with `pool` connections per host (made on first use)."""
+        with self._lock:
+            if pool not in self._sessions:
+                self._sessions[pool] = _session(pool)
+            return self._sessions[pool]
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.close()
+
+
+def _session(pool: int) -> Any:
+    """A requests.Session keeping up to `pool` connections per host, for 8 hosts (accounts)."""
+    import requests
+
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=pool, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def open_container(
+    uri: str, settings: Any, credential: Any = None, sessions: HttpSessions | None = None
+) -> BlobContainer:
+    """Build the client for a Blob URI; its connections come from `sessions` when given (and
+    stay open there), else from a session of its own. Raises InvalidArgument for a bad URI or a
+    missing extra."""
     try:
-        import requests
         from azure.core.pipeline.transport import RequestsTransport
         from azure.storage.blob import ContainerClient
     except ImportError as e:
@@ -168,14 +216,10 @@ def open_container(uri: str, settings: Any, credential: Any = None) -> BlobConta
         ) from None
     location = parse_blob_uri(uri)
     chosen, how = resolve_credential(location, credential)
-    session = requests.Session()
-    pool = settings.prefetch_concurrency + 4
-    adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=pool, max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
+    pool = settings.prefetch_concurrency + 4  # the feeder's GETs, listing and header reads
     transport = RequestsTransport(
-        session=session,
-        session_owner=True,
+        session=sessions.get(pool) if sessions is not None else _session(pool),
+        session_owner=sessions is None,
         connection_timeout=settings.connect_timeout_seconds,
         read_timeout=settings.read_timeout_seconds,
     )
