@@ -491,7 +491,9 @@ def test_redaction():
 
     text = (
         "GET https://a.blob.core.windows.net/c/b?sv=2020&sig=SECRET%2B&se=2030 "
-        "AccountKey=KEYKEY==; Authorization: Bearer eyJhbGciOi.x.y"
+        "AccountKey=KEYKEY==; Authorization: Bearer eyJhbGciOi.x.y "
+        "via http://user:PROXYPW@proxy:3128 Proxy-Authorization: Basic dXNlcjpQUk9YWVBX"
     )
     out = redact(text)
     assert "SECRET" not in out and "KEYKEY" not in out and "eyJhbGciOi" not in out
+    assert "PROXYPW" not in out and "dXNlcjpQUk9YWVBX" not in out and "@proxy:3128" in out

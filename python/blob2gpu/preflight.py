@@ -467,6 +467,7 @@ def _checkpoint_found(run: _Run, plan: Any, t: float) -> None:
 
 
 _NETWORK_REASONS = (
+    ("unable to connect to proxy", "the proxy (HTTPS_PROXY / HTTP_PROXY) cannot be reached"),
     ("connection refused", "connection refused (nothing listens there)"),
     ("name or service not known", "the host name does not resolve (DNS)"),
     ("temporary failure in name resolution", "the host name does not resolve (DNS)"),
@@ -533,11 +534,16 @@ def _probe_storage(run: _Run, container: Any, t: float) -> None:
             raise storage_error(e, container.location, None, "listing") from None
     except AccessDenied as e:
         advice = str(e).split("; check ", 1)
+        refused = (
+            "the proxy refused its credentials (HTTP 407)"
+            if "(HTTP 407)" in str(e)
+            else f"credentials refused ({container.credential_source})"
+        )
         run.add(
             Check(
                 "storage",
                 FAIL,
-                f"{endpoint}: credentials refused ({container.credential_source})",
+                f"{endpoint}: {refused}",
                 f"check {advice[1]}" if len(advice) == 2 else str(e),
             ),
             t,

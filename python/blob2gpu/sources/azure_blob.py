@@ -277,6 +277,21 @@ def storage_error(
             "managed identity with 'Storage Blob Data Reader', or set "
             "AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_KEY or a SAS"
         )
+    at_proxy = proxy_problem(error)
+    if at_proxy is not None:
+        said, refused = at_proxy
+        proxy = _proxy_for(location.account_url)
+        variables = f"{urlparse(location.account_url).scheme.upper()}_PROXY"
+        if refused:
+            return AccessDenied(
+                f"{what}: the proxy {proxy} refused its credentials (HTTP 407) on the way to "
+                f"{place}; check the user and password in {variables}"
+            )
+        return StorageUnavailable(
+            f"{what}: the proxy {proxy} failed on the way to {place} ({said}); check that it "
+            f"is reachable and allows this host ({variables}), or leave the host out with "
+            "NO_PROXY"
+        )
     untrusted = certificate_problem(error)
     if untrusted is not None:
         host = urlparse(location.account_url).hostname
@@ -313,8 +328,7 @@ def _said(error: BaseException) -> str:
     """What the service or the transport said, in one short line: the service's message (the
     HTTP reason Azure sends) rather than the whole XML error body."""
     reason = getattr(error, "reason", None) if getattr(error, "status_code", None) else None
-    text = redact(reason if isinstance(reason, str) and reason else error)
-    return (text.strip().splitlines() or [""])[0][:300]
+    return _one_line(reason if isinstance(reason, str) and reason else error)
 
 
 # The service's codes for reading a blob of the Archive tier, or one still being rehydrated.
@@ -347,9 +361,8 @@ def archived_error(
     )
 
 
-def certificate_problem(error: BaseException) -> str | None:
-    """What TLS certificate verification said, when that is why `error` happened (looked for
-    down the chain azure-core -> requests -> urllib3 -> ssl); else None."""
+def _causes(error: BaseException) -> Any:
+    """`error` and what caused it, down the chain azure-core -> requests -> urllib3 -> ssl."""
     seen: set[int] = set()
     pending: list[Any] = [error]
     while pending:
@@ -357,11 +370,55 @@ def certificate_problem(error: BaseException) -> str | None:
         if not isinstance(e, BaseException) or id(e) in seen or len(seen) > 16:
             continue
         seen.add(id(e))
-        if isinstance(e, ssl.SSLCertVerificationError):
-            return e.verify_message or str(e)
+        yield e
         pending += [getattr(e, "inner_exception", None), e.__cause__, e.__context__]
         pending += [getattr(e, "reason", None), *e.args]
+
+
+def certificate_problem(error: BaseException) -> str | None:
+    """What TLS certificate verification said, when that is why `error` happened; else None."""
+    for e in _causes(error):
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return e.verify_message or str(e)
     return None
+
+
+def proxy_problem(error: BaseException) -> tuple[str, bool] | None:
+    """(what the HTTP proxy said, whether it refused the proxy credentials: HTTP 407) when the
+    failure happened at the proxy (HTTPS_PROXY / HTTP_PROXY); else None."""
+    if getattr(error, "status_code", None) == 407:  # plain HTTP: the proxy answered itself
+        return "HTTP 407 Proxy Authentication Required", True
+    found = [e for e in _causes(error) if type(e).__name__ == "ProxyError"]  # urllib3, requests
+    if not found:
+        return None
+    # urllib3's carries (what failed, why): 'Unable to connect to proxy', OSError('Tunnel
+    # connection failed: 407 Proxy Authentication Required').
+    detailed = [e for e in found if len(e.args) > 1]
+    e = detailed[0] if detailed else found[0]
+    said = f"{e.args[0]}: {_one_line(e.args[1])}" if detailed else _one_line(e)
+    return said, " 407 " in f" {said} "
+
+
+def failure_reason(error: BaseException, location: BlobLocation) -> str:
+    """Why a request failed, in one line for a message: the proxy's part when it was the proxy."""
+    at_proxy = proxy_problem(error)
+    if at_proxy is not None:
+        variable = f"{urlparse(location.account_url).scheme.upper()}_PROXY"
+        return f"the proxy {_proxy_for(location.account_url)} ({variable}): {at_proxy[0]}"
+    return f"{type(error).__name__}: {_one_line(error)[:200]}"
+
+
+def _one_line(text: object) -> str:
+    return (redact(text).strip().splitlines() or [""])[0][:300]
+
+
+def _proxy_for(account_url: str) -> str:
+    """The proxy the environment names for `account_url`, as host:port (never its password)."""
+    from urllib.request import getproxies
+
+    proxy = getproxies().get(urlparse(account_url).scheme, "")
+    parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    return f"{parsed.hostname}:{parsed.port}" if parsed.port else (parsed.hostname or "?")
 
 
 def is_transient(error: BaseException) -> bool:
@@ -377,6 +434,9 @@ def is_transient(error: BaseException) -> bool:
         return status in TRANSIENT_STATUS
     if certificate_problem(error) is not None:
         return False  # a certificate nobody trusts stays untrusted however often it is offered
+    at_proxy = proxy_problem(error)
+    if at_proxy is not None and at_proxy[1]:
+        return False  # the proxy will refuse the same credentials again
     return isinstance(
         error,
         (

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..errors import Blob2GpuError, BlobChanged, HeaderTruncated, LoadCancelled, StorageUnavailable
-from .azure_blob import BlobLocation, is_transient, storage_error
+from .azure_blob import (
+    BlobLocation,
+    failure_reason,
+    is_transient,
+    proxy_problem,
+    storage_error,
+)
 from .plan import ShardPlan, ShardRef
 from .redact import redact
 
@@ -90,9 +96,13 @@ class RetryPolicy:
                 throttled and throttled_waited < self.throttled_seconds):
             raise StorageUnavailable(
                 f"{what}: {self.location.describe(blob)} kept failing after {attempt} attempts "
-                f"(last: {type(error).__name__}: {redact(error)[:200]}); raise "
-                "retry_max_attempts (or retry_throttled_seconds when throttled) or check the "
-                "storage account's health and throttling"
+                f"(last: {failure_reason(error, self.location)}); raise "
+                "retry_max_attempts (or retry_throttled_seconds when throttled) or check "
+                + (
+                    "the proxy, or leave this host out with NO_PROXY"
+                    if proxy_problem(error)
+                    else "the storage account's health and throttling"
+                )
             ) from None
         delay = self.backoff(attempt, error)
         with self._lock:

@@ -1,5 +1,6 @@
-"""Secrets never leave blob2gpu: SAS signatures, account keys and bearer tokens are cut from any
-text (URLs, SDK messages) before it reaches an error, a log record or a report."""
+"""Secrets never leave blob2gpu: SAS signatures, account keys, bearer tokens and passwords in
+URLs (a proxy's) are cut from any text (URLs, SDK messages) before it reaches an error, a log
+record or a report."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ _PATTERNS = (
         r"\1=REDACTED",
     ),
     (re.compile(r"(?i)(AccountKey|SharedAccessSignature)=[^;\s'\"]*"), r"\1=REDACTED"),
-    (re.compile(r"(?i)(Authorization:?\s*)(Bearer|SharedKey)\s+[^\s'\",]+"), r"\1\2 REDACTED"),
+    (
+        re.compile(r"(?i)(Authorization:?\s*)(Bearer|SharedKey|Basic)\s+[^\s'\",]+"),
+        r"\1\2 REDACTED",
+    ),
+    # user:password@ in a URL (a proxy's, from HTTPS_PROXY).
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"]+@"), r"\1REDACTED@"),
     (re.compile(r"(?i)\bBearer\s+[A-Za-z0-9._~+/=-]{8,}"), "Bearer REDACTED"),
 )
 
