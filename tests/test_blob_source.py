@@ -486,6 +486,31 @@ def test_uri_forms(uri, account_url, container, path):
     assert "sig" not in loc.account_url
 
 
+def test_use_development_storage_connection_string(write_checkpoint, monkeypatch):
+    # The emulator shortcut every Azure SDK accepts: the development account on port 10000.
+    import socket
+
+    from blob2gpu.sources.azure_blob import parse_blob_uri
+    from support.azurite import Azurite
+
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 10000)) == 0:
+            pytest.skip("port 10000 is taken: the shortcut names that port")
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", "UseDevelopmentStorage=true")
+    directory = write_checkpoint(shards(2))
+    with Azurite(port=10000) as server:
+        upload_directory(server, "dev", directory, "m")
+        got, report = load("az://dev/m", "cpu")
+    assert got == expected(directory)
+    assert report.uri == f"http://127.0.0.1:10000/{ACCOUNT}/dev/m"
+    assert report.credential == "account key from AZURE_STORAGE_CONNECTION_STRING"
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING",
+        "UseDevelopmentStorage=true;DevelopmentStorageProxyUri=http://azurite.local",
+    )
+    assert parse_blob_uri("az://dev/m").account_url == f"http://azurite.local:10000/{ACCOUNT}"
+
+
 def test_redaction():
     from blob2gpu.sources.redact import redact
 

@@ -14,11 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ACCOUNT = "devstoreaccount1"
-# Azurite's fixed, publicly documented development key: not a secret.
-ACCOUNT_KEY = (
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-)
+from .sources.azure_blob import DEVELOPMENT_ACCOUNT as ACCOUNT
+from .sources.azure_blob import DEVELOPMENT_ACCOUNT_KEY as ACCOUNT_KEY
+
 INSTALL_HINT = "npm install --prefix .azurite azurite@3.37.0"
 
 
@@ -47,13 +45,14 @@ class Azurite:
         timeout: float = 60.0,
         tls: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
         oauth: bool = False,
+        port: int | None = None,
     ) -> None:
         """tls: (certificate, key) PEM files to serve HTTPS with; oauth: accept bearer tokens
-        (Azurite takes them over HTTPS only)."""
+        (Azurite takes them over HTTPS only); port: where to listen (else a free port)."""
         launcher = launcher or find_azurite()
         if launcher is None:
             raise FileNotFoundError(f"azurite-blob not found; install it with: {INSTALL_HINT}")
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.scheme = "https" if tls else "http"
         self.certificate = str(tls[0]) if tls else None  # self-signed: its own CA bundle
         self._workdir = Path(tempfile.mkdtemp(prefix=f"azurite-{self.port}-"))

@@ -74,13 +74,28 @@ def _is_ip_or_localhost(host: str) -> bool:
         return False
 
 
+# The storage emulators' well-known development account (Azurite, the Azure Storage Emulator):
+# published in Azure's documentation, not a secret.
+DEVELOPMENT_ACCOUNT = "devstoreaccount1"
+DEVELOPMENT_ACCOUNT_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
 def parse_connection_string(text: str) -> dict[str, str]:
-    """The key=value pairs of an Azure Storage connection string."""
+    """The key=value pairs of an Azure Storage connection string; the emulator shortcut
+    'UseDevelopmentStorage=true' (optionally with DevelopmentStorageProxyUri) is expanded to
+    the development account on port 10000, as the SDKs do."""
     out = {}
     for part in text.split(";"):
         if "=" in part:
             key, value = part.split("=", 1)
             out[key.strip()] = value.strip()
+    if out.get("UseDevelopmentStorage", "").lower() == "true":
+        host = out.get("DevelopmentStorageProxyUri", "http://127.0.0.1").rstrip("/")
+        out.setdefault("AccountName", DEVELOPMENT_ACCOUNT)
+        out.setdefault("AccountKey", DEVELOPMENT_ACCOUNT_KEY)
+        out.setdefault("BlobEndpoint", f"{host}:10000/{DEVELOPMENT_ACCOUNT}")
     return out
 
 
