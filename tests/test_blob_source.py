@@ -91,7 +91,7 @@ def test_path_style_url_with_account_key_from_environment(
     assert report.credential == "account key from AZURE_STORAGE_KEY"
 
 
-def sas_for(container: str, **permissions) -> str:
+def sas_for(container: str, protocol: str | None = None, **permissions) -> str:
     from azure.storage.blob import ContainerSasPermissions, generate_container_sas
 
     return generate_container_sas(
@@ -100,6 +100,7 @@ def sas_for(container: str, **permissions) -> str:
         account_key=ACCOUNT_KEY,
         permission=ContainerSasPermissions(**(permissions or {"read": True, "list": True})),
         expiry=datetime.now(timezone.utc) + timedelta(hours=1),
+        protocol=protocol,
     )
 
 
@@ -153,6 +154,8 @@ def test_wrong_key_is_access_denied_without_the_key(published, azurite, containe
     message = str(info.value)
     assert container in message and ACCOUNT in message
     assert wrong not in message and ACCOUNT_KEY not in message
+    # The service's error code as it names it (the SDK hands some over as an enum member).
+    assert "HTTP 403 AuthorizationFailure" in message and "StorageErrorCode" not in message
 
 
 def test_sas_without_list_permission_is_denied_without_the_signature(
@@ -161,9 +164,19 @@ def test_sas_without_list_permission_is_denied_without_the_signature(
     monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
     sas = sas_for(container, read=True)
     signature = dict(p.split("=", 1) for p in sas.split("&"))["sig"]
-    with pytest.raises(errors.AccessDenied) as info:
+    with pytest.raises(errors.AccessDenied, match=r"AuthorizationPermissionMismatch: the "
+                       r"credential lacks a permission\); check that a SAS grants read and list "
+                       r"\(sp=rl\)") as info:
         blob2gpu.load(f"{azurite.endpoint()}/{container}/llama?{sas}")
     assert signature not in str(info.value)
+
+
+def test_an_https_only_sas_over_http_says_to_use_https(published, azurite, container, monkeypatch):
+    monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
+    sas = sas_for(container, protocol="https")
+    with pytest.raises(errors.AccessDenied, match=r"HTTPS only \(spr=https\)\); check the "
+                       r"endpoint: use https://"):
+        blob2gpu.load(f"{azurite.endpoint()}/{container}/llama?{sas}")
 
 
 def test_missing_blob_container_and_shard(published, azurite, container, blob_env):

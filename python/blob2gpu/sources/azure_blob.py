@@ -314,6 +314,7 @@ def storage_error(
             f"{what}: the TLS certificate of '{host}' is not trusted ({untrusted}) reaching "
             f"{place}; install the CA that signed it, or point REQUESTS_CA_BUNDLE at it"
         )
+    code = getattr(code, "value", code)  # the SDK hands some codes over as an enum member
     code = code or _header(error, "x-ms-error-code")  # the generated operations leave it there
     detail = f"HTTP {status}" + (f" {code}" if code else "") if status else type(error).__name__
     if code in ARCHIVE_ERROR_CODES:
@@ -323,14 +324,68 @@ def storage_error(
             return BlobNotFound(f"{what}: {location.describe()} does not exist ({detail})")
         return BlobNotFound(f"{what}: {place} does not exist ({detail})")
     if status in (401, 403):
+        meaning, check = DENIALS.get(code or "", (None, DEFAULT_DENIAL_CHECK))
         return AccessDenied(
-            f"{what}: access to {place} was denied ({detail}); check the "
-            "credential: SAS expiry and permissions (read, list), the account key, "
-            "or the identity's 'Storage Blob Data Reader' role"
+            f"{what}: access to {place} was denied ({detail}"
+            + (f": {meaning}" if meaning else "")
+            + f"); check {check}"
         )
     if status in TRANSIENT_STATUS or status is None:
         return StorageUnavailable(f"{what}: {place} is unavailable ({detail}: {_said(error)})")
     return SourceUnavailable(f"{what}: {place} failed ({detail}: {_said(error)})")
+
+
+DEFAULT_DENIAL_CHECK = (
+    "the credential: SAS expiry and permissions (read, list), the account key, or the "
+    "identity's 'Storage Blob Data Reader' role"
+)
+# What the service's 401/403 error codes mean, and what to check for each.
+DENIALS = {
+    "AuthenticationFailed": (
+        "the signature did not verify",
+        "the account key (or the key the SAS was signed with), the SAS expiry (se=), and this "
+        "node's clock (more than 15 minutes off fails every request)",
+    ),
+    "AuthorizationFailure": (
+        "the account refused this request",
+        "the storage firewall and virtual network rules (do they admit this node or its "
+        "private endpoint?), then the credential",
+    ),
+    "AuthorizationPermissionMismatch": (
+        "the credential lacks a permission",
+        "that a SAS grants read and list (sp=rl), or that the identity has the 'Storage Blob "
+        "Data Reader' role on the account or container",
+    ),
+    "AuthorizationProtocolMismatch": (
+        "the SAS allows HTTPS only (spr=https)",
+        "the endpoint: use https://",
+    ),
+    "AuthorizationSourceIPMismatch": (
+        "the SAS admits other IP addresses (sip=)",
+        "this node's egress IP address against the SAS's range",
+    ),
+    "AuthorizationResourceTypeMismatch": (
+        "the account SAS does not cover containers and blobs",
+        "the SAS's resource types: srt=co",
+    ),
+    "AuthorizationServiceMismatch": (
+        "the account SAS does not cover the blob service",
+        "the SAS's services: ss=b",
+    ),
+    "KeyBasedAuthenticationNotPermitted": (
+        "the account disallows shared key access",
+        "the credential: use Entra ID (a workload or managed identity with 'Storage Blob Data "
+        "Reader') or a user delegation SAS",
+    ),
+    "InvalidAuthenticationInfo": (
+        "the bearer token was refused",
+        "the token's tenant, audience (https://storage.azure.com) and expiry",
+    ),
+    "NoAuthenticationInformation": (
+        "the request carried no credential",
+        "that a credential is configured: the container is not public",
+    ),
+}
 
 
 def _header(error: BaseException, name: str) -> str | None:
