@@ -104,6 +104,16 @@ class _TokenBucket:
         return False
 
 
+def accept_each(server: socket.socket, serve: Callable[[socket.socket], None]) -> None:
+    """Serve each connection `server` accepts on a thread of its own, until it is closed."""
+    while True:
+        try:
+            client, _ = server.accept()
+        except OSError:
+            return
+        threading.Thread(target=serve, args=(client,), daemon=True).start()
+
+
 def _with_close(head: bytes) -> bytes:
     lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"connection:")]
     return b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n"
@@ -123,8 +133,9 @@ class FaultProxy:
         self._server.bind(("127.0.0.1", 0))
         self._server.listen(512)  # a fleet of loaders connects at once
         self.port = self._server.getsockname()[1]
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread = threading.Thread(
+            target=accept_each, args=(self._server, self._serve), daemon=True
+        )
         self._thread.start()
 
     def reset(self) -> None:
@@ -141,13 +152,6 @@ class FaultProxy:
                 return True
             return False
 
-    def _accept(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
         upstream = None
@@ -222,5 +226,4 @@ class FaultProxy:
                 upstream.close()
 
     def stop(self) -> None:
-        self._stopping.set()
         self._server.close()

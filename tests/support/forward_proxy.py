@@ -9,7 +9,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 
-from .fault_proxy import _headers, _read_head, _with_close
+from .fault_proxy import _headers, _read_head, _with_close, accept_each
 
 
 @dataclass
@@ -44,19 +44,11 @@ class ForwardProxy:
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=accept_each, args=(self._server, self._serve), daemon=True).start()
 
     def url(self, user: str | None = None, password: str | None = None) -> str:
         auth = f"{user}:{password}@" if user else ""
         return f"http://{auth}127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
         try:

@@ -349,7 +349,8 @@ DENIALS = {
     "AuthorizationFailure": (
         "the account refused this request",
         "the storage firewall and virtual network rules (do they admit this node or its "
-        "private endpoint?), then the credential",
+        "private endpoint?), then the credential: the account key, or the SAS's signature, "
+        "expiry and permissions",
     ),
     "AuthorizationPermissionMismatch": (
         "the credential lacks a permission",
