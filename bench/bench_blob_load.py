@@ -10,7 +10,8 @@ The run starts its own Azurite (tests/support/azurite.py, npm package under .azu
 checkpoint (generated once, cached under bench/.data/) and, in the same run, measures:
 
     ceiling             8 parallel curl processes, ranged GETs (32 MiB, x-ms-range, SAS) of the same
-                        bytes to /dev/null: what this server can serve
+                        bytes to /dev/null: what this server can serve (where curl is missing:
+                        bench/range_get.c, or bench/range_get.js on node; --ceiling-client)
     ceiling-shm         the same curl run writing each range to a file in /dev/shm (informational):
                         the server's ceiling when the bytes must also land in fresh RAM, as a
                         cpu-target load's must
@@ -21,6 +22,8 @@ checkpoint (generated once, cached under bench/.data/) and, in the same run, mea
     blob2gpu-cpu        blob2gpu.open("az://CONTAINER/PREFIX", device="cpu", framework="torch")
     blob2gpu-cuda-fake  the same with device="cuda", framework="dlpack" over the fake CUDA driver of
                         tests/fake_cuda (the real CUDA code path on host memory)
+    blob2gpu-cuda       with --gpu, instead of cuda-fake: the real driver and GPU (its CUDA
+                        context made before the load, as a serving process has it)
 
 Each contestant runs in a fresh interpreter. A load is timed from before the client is built to the
 last tensor in memory; then (untimed) every tensor's checksum is compared with the one computed at
@@ -45,6 +48,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from harness import (
     CHECKSUM_MASK,
@@ -78,9 +82,10 @@ CONTESTANTS = (
     "sdk-tuned",
     "blob2gpu-cpu",
     "blob2gpu-cuda-fake",
+    "blob2gpu-cuda",
 )
 CEILINGS = ("ceiling", "ceiling-shm")
-BLOB2GPU = ("blob2gpu-cpu", "blob2gpu-cuda-fake")
+BLOB2GPU = ("blob2gpu-cpu", "blob2gpu-cuda-fake", "blob2gpu-cuda")
 # (reference contestant, minimum ratio of blob2gpu's GB/s to it)
 THROUGHPUT_TARGETS = (("ceiling", 0.8), ("sdk-naive", 4.0))
 RSS_SLACK_MB = 150  # cuda-fake: host memory may exceed the staging ring by this much
@@ -311,47 +316,88 @@ def _import_sdk() -> None:
         raise Unavailable(f"azure-storage-blob not importable ({exc})") from exc
 
 
-def make_ceiling(t: Target, parallel: int, range_bytes: int, to_shm: bool) -> Contestant:
+def ceiling_client(choice: str, https: bool) -> tuple[str, list[str]]:
+    """The ceiling's client, (name, command prefix): curl; where it is missing (a GPU host with
+    no network to install it) and choice is 'auto', bench/range_get.c built with the system C
+    compiler (plain HTTP only), else node running bench/range_get.js (node on PATH or beside
+    the Azurite launcher, as in the device bundle)."""
     curl = shutil.which("curl")
-    if curl is None:
+    if choice in ("auto", "curl") and curl is not None:
+        return f"curl {_curl_version(curl)}", [curl, "-s", "-S", "-K"]
+    if choice == "curl":
         raise Unavailable("curl not installed (apt-get update && apt-get install -y curl)")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if choice in ("auto", "c") and cc is not None and not https:
+        built = Path(tempfile.mkdtemp(prefix="bench-range-get-")) / "range_get"
+        source = Path(__file__).resolve().parent / "range_get.c"
+        subprocess.run([cc, "-O2", "-o", str(built), str(source)], check=True)
+        return "bench/range_get.c", [str(built)]
+    if choice == "c":
+        raise Unavailable("range_get.c needs a C compiler and plain HTTP")
+    launcher = os.environ.get("AZURITE_BLOB")
+    beside = Path(launcher).resolve().parent / "node" if launcher else None
+    node = shutil.which("node") or (str(beside) if beside and beside.exists() else None)
+    if node is None:
+        raise Unavailable("no client for the ceiling: neither curl, a C compiler nor node")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
+    script = Path(__file__).resolve().parent / "range_get.js"
+    return f"bench/range_get.js on node {version}", [node, str(script)]
+
+
+def make_ceiling(
+    t: Target, parallel: int, range_bytes: int, to_shm: bool, client: str = "auto"
+) -> Contestant:
+    """`parallel` client processes, each fetching its share of the ranges one after another on
+    one connection, to /dev/null (or to files in /dev/shm with to_shm)."""
+    name, command = ceiling_client(client, t.endpoint.startswith("https:"))
     ranges = [
-        (name, a, min(size, a + range_bytes) - 1)
-        for name, size in t.files.items()
+        (shard, a, min(size, a + range_bytes) - 1)
+        for shard, size in t.files.items()
         for a in range(0, size, range_bytes)
     ]
     groups = [ranges[i::parallel] for i in range(parallel)]
-    workdir = Path(tempfile.mkdtemp(prefix="bench-blob-curl-"))
+    workdir = Path(tempfile.mkdtemp(prefix="bench-blob-ceiling-"))
     shm = Path(tempfile.mkdtemp(prefix="bench-blob-", dir="/dev/shm")) if to_shm else None
-    configs = []
+    endpoint = urlparse(t.endpoint)
+    argvs = []
     for i, group in enumerate(groups):
-        lines = []
-        for j, (name, a, b) in enumerate(group):
-            if j:
-                lines.append("next")
-            url = f"{t.endpoint}/{t.container}/{t.prefix}/{name}?{t.sas}"
-            lines += [
-                f'url = "{url}"',
-                f'header = "x-ms-range: bytes={a}-{b}"',
-                'header = "x-ms-version: 2021-08-06"',
-                *([f'cacert = "{t.ca_bundle}"'] if t.ca_bundle else []),
-                f'output = "{shm / f"{i}-{j}" if shm else "/dev/null"}"',
-                'write-out = "%{http_code} %{size_download}\\n"',
-            ]
-        path = workdir / f"curl-{i}.cfg"
-        path.write_text("\n".join(lines) + "\n")
-        configs.append(path)
+        requests = [
+            (
+                f"{t.endpoint}/{t.container}/{t.prefix}/{shard}?{t.sas}",
+                a,
+                b,
+                str(shm / f"{i}-{j}") if shm else "/dev/null",
+            )
+            for j, (shard, a, b) in enumerate(group)
+        ]
+        if name.startswith("curl"):
+            path = workdir / f"curl-{i}.cfg"
+            path.write_text(_curl_config(requests, t.ca_bundle))
+            argvs.append([*command, str(path)])
+        elif name.endswith("range_get.c"):
+            path = workdir / f"requests-{i}.txt"
+            path.write_text(
+                "".join(f"{urlparse(u).path}?{t.sas} {a} {b} {out}\n" for u, a, b, out in requests)
+            )
+            argvs.append([*command, endpoint.hostname, str(endpoint.port), str(path)])
+        else:
+            path = workdir / f"requests-{i}.json"
+            path.write_text(json.dumps([
+                {
+                    "url": u,
+                    "headers": {"x-ms-range": f"bytes={a}-{b}", "x-ms-version": "2021-08-06"},
+                    "ca": t.ca_bundle,
+                    "output": out,
+                }
+                for u, a, b, out in requests
+            ]))
+            argvs.append([*command, str(path)])
     expected = sum(b - a + 1 for _, a, b in ranges)
 
     def load() -> tuple[Mapping[str, Any], dict[str, Any]]:
         procs = [
-            subprocess.Popen(
-                [curl, "-s", "-S", "-K", str(c)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for c in configs
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for argv in argvs
         ]
         outs = [p.communicate() for p in procs]
         statuses: dict[str, int] = {}
@@ -362,7 +408,7 @@ def make_ceiling(t: Target, parallel: int, range_bytes: int, to_shm: bool) -> Co
                 statuses[code] = statuses.get(code, 0) + 1
                 got += int(float(size))
         errors = [e.strip() for _, e in outs if e.strip()] + [
-            f"curl exit {p.returncode}" for p in procs if p.returncode
+            f"{name} exit {p.returncode}" for p in procs if p.returncode
         ]
         return {}, {
             "requests": len(ranges),
@@ -373,15 +419,31 @@ def make_ceiling(t: Target, parallel: int, range_bytes: int, to_shm: bool) -> Co
         }
 
     def cleanup() -> dict[str, Any]:
-        # Untimed: freeing is not the load. The configs hold the SAS: never leave them behind.
+        # Untimed: freeing is not the load. The request lists hold the SAS: never leave them.
         shutil.rmtree(workdir, ignore_errors=True)
         if shm is not None:
             shutil.rmtree(shm, ignore_errors=True)
         return {}
 
     return Contestant(
-        load, checksum=None, versions={"curl": _curl_version(curl)}, after_load=cleanup
+        load, checksum=None, versions={"ceiling_client": name}, after_load=cleanup
     )
+
+
+def _curl_config(requests: list[tuple[str, int, int, str]], ca_bundle: str) -> str:
+    lines = []
+    for j, (url, a, b, out) in enumerate(requests):
+        if j:
+            lines.append("next")
+        lines += [
+            f'url = "{url}"',
+            f'header = "x-ms-range: bytes={a}-{b}"',
+            'header = "x-ms-version: 2021-08-06"',
+            *([f'cacert = "{ca_bundle}"'] if ca_bundle else []),
+            f'output = "{out}"',
+            'write-out = "%{http_code} %{size_download}\\n"',
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def _curl_version(curl: str) -> str:
@@ -475,9 +537,18 @@ def _report_extra(report: Any) -> dict[str, Any]:
     return out
 
 
-def make_blob2gpu(t: Target, cuda_fake: bool) -> Contestant:
+def make_blob2gpu(t: Target, target: str) -> Contestant:
+    """target: 'cpu', 'cuda-fake' or 'cuda' (a real GPU)."""
     _import_sdk()
     fake = None
+    cuda_fake = target == "cuda-fake"
+    if target == "cuda":
+        try:
+            import torch
+
+            torch.empty(1, device="cuda")  # the primary context, before the baseline RSS
+        except Exception as exc:  # no GPU, or a CPU build of torch
+            raise Unavailable(f"no CUDA device for blob2gpu-cuda ({exc})") from exc
     if cuda_fake:
         build_dir = REPO_ROOT / "tests" / "fake_cuda"
         sys.path.insert(0, str(build_dir))
@@ -495,7 +566,7 @@ def make_blob2gpu(t: Target, cuda_fake: bool) -> Contestant:
         raise Unavailable(f"blob2gpu not importable ({exc})") from exc
 
     uri = f"az://{t.container}/{t.prefix}"
-    device, framework = ("cuda", "dlpack") if cuda_fake else ("cpu", "torch")
+    device, framework = ("cpu", "torch") if target == "cpu" else ("cuda", "dlpack")
 
     def load() -> tuple[Mapping[str, Any], dict[str, Any]]:
         with blob2gpu.open(uri, device=device, framework=framework) as ck:
@@ -516,7 +587,7 @@ def make_blob2gpu(t: Target, cuda_fake: bool) -> Contestant:
     def device_checksum(view: Any) -> int:
         import torch
 
-        host = view.to_host()  # DtoH through the fake driver: reads what the copies wrote
+        host = view.to_host()  # DtoH through the driver: reads what the copies wrote
         return tensor_checksum(torch.from_dlpack(host))
 
     versions = blob2gpu_versions(blob2gpu)
@@ -524,7 +595,7 @@ def make_blob2gpu(t: Target, cuda_fake: bool) -> Contestant:
         versions["fake_driver"] = os.environ["BLOB2GPU_CUDA_DRIVER"]
     return Contestant(
         load,
-        checksum=device_checksum if cuda_fake else tensor_checksum,
+        checksum=tensor_checksum if target == "cpu" else device_checksum,
         versions=versions,
         after_load=after_load,
     )
@@ -564,14 +635,18 @@ def run_worker(name: str, t: Target, spec: dict[str, Any], args: argparse.Namesp
         torch.set_num_threads(1)  # untimed checksums only; keeps torch's spinning threads away
         if name in ("ceiling", "ceiling-shm"):
             contestant = make_ceiling(
-                t, args.curl_parallel, args.chunk_mib * MiB, name == "ceiling-shm"
+                t,
+                args.curl_parallel,
+                args.chunk_mib * MiB,
+                name == "ceiling-shm",
+                args.ceiling_client,
             )
         elif name in ("sdk-naive", "sdk-tuned"):
             contestant = make_sdk(
                 t, name == "sdk-tuned", args.sdk_concurrency, args.chunk_mib * MiB
             )
         else:
-            contestant = make_blob2gpu(t, name == "blob2gpu-cuda-fake")
+            contestant = make_blob2gpu(t, name.removeprefix("blob2gpu-"))
     except Unavailable as exc:
         emit({"status": "unavailable", "reason": str(exc)})
         return EXIT_UNAVAILABLE
@@ -690,6 +765,7 @@ def run_process(
     cmd += ["--ckpt", str(ckpt), "--target-file", str(target_file)]
     cmd += ["--azurite-pid", str(azurite_pid), "--curl-parallel", str(args.curl_parallel)]
     cmd += ["--chunk-mib", str(args.chunk_mib), "--sdk-concurrency", str(args.sdk_concurrency)]
+    cmd += ["--ceiling-client", args.ceiling_client]
     if args.loader_cpus:
         cmd += ["--loader-cpus", args.loader_cpus]
     t0 = time.perf_counter()
@@ -847,6 +923,9 @@ def print_table(
             else f"{os.cpu_count()} cores shared by Azurite and the loader"
         )
     )
+    client = results.get("ceiling", {}).get("versions", {}).get("ceiling_client")
+    if client:
+        print(f"ceiling client: {client}")
     print(_row(headers, widths))
     print(_row(["-" * w for w in widths], widths))
     for name, r in results.items():
@@ -940,7 +1019,7 @@ def print_table(
         print(f"  {what}: {v} ({shown})")
         verdicts.append({"target": what, "value": value, "need": need, "verdict": v})
 
-    for b2g in BLOB2GPU:
+    for b2g in (b for b in BLOB2GPU if b in results):
         mine = gbps(b2g)
         for other, need in THROUGHPUT_TARGETS:
             theirs = gbps(other)
@@ -948,16 +1027,22 @@ def print_table(
             verdict(
                 f"{b2g} >= {need:g}x {other}", ratio, need, None if ratio is None else ratio >= need
             )
-    if fake.get("median"):
-        e = fake["extra"][-1]
+    # Host memory of a GPU load: the fake's 'device' memory is host RAM and is left out.
+    for row, key, what in (
+        ("blob2gpu-cuda-fake", "peak_rss_minus_fake_vram_mb", " (less fake VRAM)"),
+        ("blob2gpu-cuda", "peak_rss_over_baseline_mb", ""),
+    ):
+        r = results.get(row, {})
+        if not r.get("median"):
+            continue
+        e = r["extra"][-1]
         ring = (e.get("staging_slots") or 0) * (
             e.get("staging_slot_bytes") or 0
         ) or DEFAULT_RING_BYTES
         need = ring / MiB + RSS_SLACK_MB
-        have = fake["median"]["peak_rss_minus_fake_vram_mb"]
+        have = r["median"][key]
         verdict(
-            f"blob2gpu-cuda-fake peak RSS over baseline (less fake VRAM) <= ring "
-            f"{ring / MiB:.0f} MB + {RSS_SLACK_MB} MB",
+            f"{row} peak RSS over baseline{what} <= ring {ring / MiB:.0f} MB + {RSS_SLACK_MB} MB",
             have,
             need,
             have <= need,
@@ -997,6 +1082,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--curl-parallel", type=int, default=8, help="curl processes (default 8)")
     ap.add_argument(
+        "--ceiling-client",
+        choices=("auto", "curl", "c", "node"),
+        default="auto",
+        help="the ceiling's client (default auto: curl, or where curl is missing"
+        " bench/range_get.c over HTTP, else bench/range_get.js on node)",
+    )
+    ap.add_argument(
         "--chunk-mib",
         type=int,
         default=32,
@@ -1017,6 +1109,11 @@ def main(argv: list[str] | None = None) -> int:
         help="serve over HTTPS (a self-signed certificate every contestant trusts), as Azure"
         " does: TLS decryption is then part of every row's CPU",
     )
+    ap.add_argument(
+        "--gpu",
+        action="store_true",
+        help="load onto the real GPU (blob2gpu-cuda) instead of the fake driver (on a GPU host)",
+    )
     ap.add_argument("--loader-cpus", help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
@@ -1031,7 +1128,8 @@ def main(argv: list[str] | None = None) -> int:
         t = Target(**json.loads(args.target_file.read_text()))
         return run_worker(args.worker, t, spec, args)
 
-    names = list(CONTESTANTS)
+    # A real GPU's row replaces the fake driver's; without --gpu there is none.
+    names = [n for n in CONTESTANTS if n != ("blob2gpu-cuda-fake" if args.gpu else "blob2gpu-cuda")]
     if args.only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = [n for n in names if n not in CONTESTANTS]

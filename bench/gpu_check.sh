@@ -2,6 +2,11 @@
 # The GPU check: on a machine with an NVIDIA GPU (no network needed), build the extension, run the
 # test suite against the REAL driver, then the GPU load benchmark, and print a short table last.
 # Under 5 minutes on an H100/H200. Usage: bash bench/gpu_check.sh [--quick]
+#
+# bash bench/gpu_check.sh --blob: build, then the Azure Blob benchmark on that host's own cores
+# and its GPU (bench_blob_load.py --gpu: Azurite, curl or its stand-in, the SDK baselines and
+# blob2gpu on cpu and cuda), about 3 minutes. It needs .devbundle/ (bench/device_bundle.sh, run
+# where there is network) carried along: node with a pruned Azurite, and the azure wheels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,6 +20,25 @@ start=$(date +%s)
 "$PY" -m pip install -q --no-build-isolation --no-deps . 2>&1 | grep -v "^WARNING: Running pip" | tail -5
 build_rc=${PIPESTATUS[0]}
 echo "build rc=$build_rc in $(( $(date +%s) - start )) s"
+
+if [ "${1:-}" = "--blob" ]; then
+  echo "== Blob benchmark (Azurite and the loaders on this host's $(nproc) cores, the real GPU)"
+  [ -f .devbundle/azurite-node.tar.xz ] || { echo "no .devbundle: run bench/device_bundle.sh and carry it"; exit 1; }
+  mkdir -p /tmp/blob2gpu-azurite /tmp/blob2gpu-site
+  tar -C /tmp/blob2gpu-azurite -xJf .devbundle/azurite-node.tar.xz || exit 1
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/blob2gpu-site .devbundle/wheels/*.whl 2>&1 | grep -v "^WARNING" | tail -3
+  export PYTHONPATH=/tmp/blob2gpu-site${PYTHONPATH:+:$PYTHONPATH}
+  export AZURITE_BLOB=/tmp/blob2gpu-azurite/azurite-blob
+  timeout 420 "$PY" bench/bench_blob_load.py --gpu --repeats 3 --wait-idle 5 \
+    --json "$OUT/blob.json" 2>&1 | tee "$OUT/blob.log" | tail -40
+  blob_rc=${PIPESTATUS[0]}
+  echo
+  echo "== blob2gpu Blob check"
+  echo "build rc=$build_rc | blob bench rc=$blob_rc"
+  sed -n '/^checkpoint: /,/^whole run/p' "$OUT/blob.log"
+  exit $(( build_rc || blob_rc ))
+fi
 
 echo "== GPU tests (real driver)"
 export BLOB2GPU_TEST_REAL_GPU=1
