@@ -295,16 +295,15 @@ def storage_error(
     at_proxy = proxy_problem(error)
     if at_proxy is not None:
         said, refused = at_proxy
-        proxy = _proxy_for(location.account_url)
-        variables = f"{urlparse(location.account_url).scheme.upper()}_PROXY"
+        proxy, variable = _proxy_of(location.account_url)
         if refused:
             return AccessDenied(
                 f"{what}: the proxy {proxy} refused its credentials (HTTP 407) on the way to "
-                f"{place}; check the user and password in {variables}"
+                f"{place}; check the user and password in {variable}"
             )
         return StorageUnavailable(
             f"{what}: the proxy {proxy} failed on the way to {place} ({said}); check that it "
-            f"is reachable and allows this host ({variables}), or leave the host out with "
+            f"is reachable and allows this host ({variable}), or leave the host out with "
             "NO_PROXY"
         )
     untrusted = certificate_problem(error)
@@ -474,8 +473,8 @@ def failure_reason(error: BaseException, location: BlobLocation) -> str:
     """Why a request failed, in one line for a message: the proxy's part when it was the proxy."""
     at_proxy = proxy_problem(error)
     if at_proxy is not None:
-        variable = f"{urlparse(location.account_url).scheme.upper()}_PROXY"
-        return f"the proxy {_proxy_for(location.account_url)} ({variable}): {at_proxy[0]}"
+        proxy, variable = _proxy_of(location.account_url)
+        return f"the proxy {proxy} ({variable}): {at_proxy[0]}"
     return f"{type(error).__name__}: {_one_line(error)[:200]}"
 
 
@@ -483,13 +482,16 @@ def _one_line(text: object) -> str:
     return (redact(text).strip().splitlines() or [""])[0][:300]
 
 
-def _proxy_for(account_url: str) -> str:
-    """The proxy the environment names for `account_url`, as host:port (never its password)."""
+def _proxy_of(account_url: str) -> tuple[str, str]:
+    """The proxy the environment names for `account_url` as host:port (never its password),
+    and the variable that names it."""
     from urllib.request import getproxies
 
-    proxy = getproxies().get(urlparse(account_url).scheme, "")
+    scheme = urlparse(account_url).scheme
+    proxy = getproxies().get(scheme, "")
     parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
-    return f"{parsed.hostname}:{parsed.port}" if parsed.port else (parsed.hostname or "?")
+    where = f"{parsed.hostname}:{parsed.port}" if parsed.port else (parsed.hostname or "?")
+    return where, f"{scheme.upper()}_PROXY"
 
 
 def is_transient(error: BaseException) -> bool:
