@@ -220,6 +220,27 @@ def test_a_loaders_later_loads_reuse_its_connections_and_close_closes_them(
         gc.enable()
 
 
+def test_kept_connections_the_server_closed_meanwhile_are_replaced_without_retries(
+    published, azurite, container, blob_env
+):
+    # A serving process loads its next model minutes later; the server (Azurite after 5 s idle,
+    # Azure's front ends after minutes) has closed the kept connections by then.
+    import time
+
+    uri = f"az://{container}/llama"
+    with blob2gpu.Loader(chunk_bytes=16384) as loader:
+        with loader.open(uri) as ck:
+            first = {n: as_bytes(t) for n, t in ck.to_dict().items()}
+        kept = connections_to(azurite.port)
+        deadline = time.monotonic() + 30
+        while connections_to(azurite.port) & kept and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not connections_to(azurite.port) & kept  # closed by the server
+        with loader.open(uri) as ck:
+            assert {n: as_bytes(t) for n, t in ck.to_dict().items()} == first
+            assert ck.report.retries == 0
+
+
 def test_cuda_setup_overlaps_listing_and_is_released_when_listing_fails(
     fake_driver, published, container, blob_env
 ):
