@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from datetime import datetime, timedelta, timezone
 
 import blob2gpu
@@ -522,24 +523,42 @@ def test_uri_forms(uri, account_url, container, path):
     assert "sig" not in loc.account_url
 
 
+_DEVELOPMENT_STORAGE_LOAD = """
+import hashlib, json, os, sys
+from pathlib import Path
+import blob2gpu, torch
+from blob2gpu.emulator import Azurite
+with Azurite(port=10000) as server:
+    server.upload_directory("dev", Path(sys.argv[1]), "m")
+    os.environ["AZURE_STORAGE_CONNECTION_STRING"] = "UseDevelopmentStorage=true"
+    with blob2gpu.open("az://dev/m", device="cpu") as ck:
+        got = {n: hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+               for n, t in ck.to_dict().items()}
+        report = ck.report
+print(json.dumps({"got": got, "uri": report.uri, "credential": report.credential}))
+"""
+
+
 def test_use_development_storage_connection_string(write_checkpoint, monkeypatch):
-    # The emulator shortcut every Azure SDK accepts: the development account on port 10000.
-    import socket
+    # The emulator shortcut every Azure SDK accepts: the development account on port 10000. The
+    # load runs in a network namespace of its own, where that port is always free.
+    import hashlib
+    import sys
 
     from blob2gpu.sources.azure_blob import parse_blob_uri
-    from support.azurite import Azurite
+    from support.namespaces import run_in_private_network
 
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", 10000)) == 0:
-            pytest.skip("port 10000 is taken: the shortcut names that port")
-    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", "UseDevelopmentStorage=true")
     directory = write_checkpoint(shards(2))
-    with Azurite(port=10000) as server:
-        upload_directory(server, "dev", directory, "m")
-        got, report = load("az://dev/m", "cpu")
-    assert got == expected(directory)
-    assert report.uri == f"http://127.0.0.1:10000/{ACCOUNT}/dev/m"
-    assert report.credential == "account key from AZURE_STORAGE_CONNECTION_STRING"
+    done = run_in_private_network(
+        [sys.executable, "-c", _DEVELOPMENT_STORAGE_LOAD, str(directory)],
+        env={k: v for k, v in os.environ.items() if k != "AZURE_STORAGE_CONNECTION_STRING"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    want = {n: hashlib.sha256(b).hexdigest() for n, b in expected(directory).items()}
+    assert result["got"] == want
+    assert result["uri"] == f"http://127.0.0.1:10000/{ACCOUNT}/dev/m"
+    assert result["credential"] == "account key from AZURE_STORAGE_CONNECTION_STRING"
     monkeypatch.setenv(
         "AZURE_STORAGE_CONNECTION_STRING",
         "UseDevelopmentStorage=true;DevelopmentStorageProxyUri=http://azurite.local",
