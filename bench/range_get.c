@@ -113,7 +113,11 @@ int main(int argc, char** argv) {
     unsigned long long length = length_text ? strtoull(length_text, NULL, 10) : 0;
     const char* connection = header(head, "Connection");
     int closing = connection && strncasecmp(connection, "close", 5) == 0;
-    int out = strcmp(output, "/dev/null") == 0 ? -1 : open(output, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    int out = -1;  // /dev/null: the body is read and dropped
+    if (strcmp(output, "/dev/null") != 0) {
+      out = open(output, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+      if (out < 0) die(output);
+    }
     size_t early = have - (size_t)(end + 4 - head);
     if (out >= 0) write_all(out, end + 4, early);
     unsigned long long got = early;

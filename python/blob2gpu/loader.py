@@ -384,8 +384,9 @@ class Loader:
                 for i, entry in hits.items():  # a hit is checked against what was written
                     if algorithm == "crc32c" or checksums[i] is None:
                         checksums[i] = (entry.size, entry.meta["chunk_bytes"], entry.meta["crc32c"])
-            fetch = [i for i in range(len(plan.shards)) if not (hits and i in hits)]
-            archived = [plan.shards[i].path for i in fetch if plan.shards[i].archived]
+            fetch = [i for i in range(len(plan.shards)) if i not in (hits or {})]
+            to_fetch = [plan.shards[i] for i in fetch]
+            archived = {s.path: s.archived for s in to_fetch if s.archived}
             if archived:  # refused before any memory is taken; a cached copy is still served
                 if writer is not None:
                     writer.close()

@@ -1,2 +1,3 @@
-"""Test-only servers and places: a real Azurite (blob service, in memory), a fault-injecting HTTP
-proxy, and a small real filesystem for full-disk tests."""
+"""Test-only servers and places: a real Azurite (blob service, in memory, optionally over TLS), a
+fault-injecting HTTP proxy, a forward proxy, private namespaces (a small real filesystem, a
+network of one's own), and this process's open connections."""

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 class Azurite(emulator.Azurite):
     def __init__(self, **options: Any) -> None:
-        """options: emulator.Azurite's (tls, oauth)."""
+        """options: emulator.Azurite's (tls, oauth, port)."""
         launcher = emulator.find_azurite((REPO,))
         if launcher is None:
             raise RuntimeError(

@@ -286,9 +286,8 @@ def storage_error(
     if status is None and isinstance(error, ClientAuthenticationError):
         # The credential could not get a token (DefaultAzureCredential found no identity, an
         # expired client secret): nothing a retry changes. Its first line says which.
-        first_line = redact(error).strip().splitlines()[0][:300]
         return AccessDenied(
-            f"{what}: no token to reach {place} ({first_line}); give the pod a workload or "
+            f"{what}: no token to reach {place} ({_one_line(error)}); give the pod a workload or "
             "managed identity with 'Storage Blob Data Reader', or set "
             "AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_KEY or a SAS"
         )
@@ -314,10 +313,12 @@ def storage_error(
             f"{place}; install the CA that signed it, or point REQUESTS_CA_BUNDLE at it"
         )
     code = getattr(code, "value", code)  # the SDK hands some codes over as an enum member
-    code = code or _header(error, "x-ms-error-code")  # the generated operations leave it there
+    # The generated operations leave the code in the response's header only.
+    code = code or response_header(error, "x-ms-error-code")
     detail = f"HTTP {status}" + (f" {code}" if code else "") if status else type(error).__name__
     if code in ARCHIVE_ERROR_CODES:
-        return archived_error(location, [blob or "?"], what)
+        why = "being rehydrated" if code == "BlobBeingRehydrated" else "in the Archive tier"
+        return archived_error(location, {blob or "?": why}, what)
     if status == 404:
         if code == "ContainerNotFound" or blob is None:
             return BlobNotFound(f"{what}: {location.describe()} does not exist ({detail})")
@@ -388,7 +389,9 @@ DENIALS = {
 }
 
 
-def _header(error: BaseException, name: str) -> str | None:
+def response_header(error: BaseException, name: str) -> str | None:
+    """Header `name` of the HTTP response a failed request got, or None (no response, or no
+    such header)."""
     response = getattr(error, "response", None)
     headers = getattr(response, "headers", None)
     return headers.get(name) if headers is not None else None
@@ -415,19 +418,18 @@ def archived_reason(blob: Any) -> str | None:
 
 
 def archived_error(
-    location: BlobLocation, blobs: list[str], what: str | None = None
+    location: BlobLocation, blobs: Mapping[str, str], what: str | None = None
 ) -> BlobArchived:
-    """BlobArchived naming `blobs` and what would make them readable."""
-    shown = ", ".join(f"'{b}'" for b in blobs[:8]) + (
-        f" and {len(blobs) - 8} more" if len(blobs) > 8 else ""
-    )
+    """BlobArchived naming `blobs` (blob name -> archived_reason) and what would make them
+    readable."""
+    named = [f"'{b}' ({why})" for b, why in blobs.items()]
+    shown = ", ".join(named[:8]) + (f" and {len(named) - 8} more" if len(named) > 8 else "")
     return BlobArchived(
         (f"{what}: " if what else "")
-        + f"{shown} in {location.describe()} {'is' if len(blobs) == 1 else 'are'} in the Archive "
-        "access tier (or still being rehydrated from it), and the service serves no bytes of an "
-        "archived blob; rehydrate to Hot or Cool (az storage blob set-tier --tier Hot "
-        "--rehydrate-priority High; hours) or copy the checkpoint to an online tier, then load "
-        "again"
+        + f"{shown} in {location.describe()}: the service serves no bytes of a blob in the "
+        "Archive access tier until it is rehydrated; rehydrate to Hot or Cool (az storage blob "
+        "set-tier --tier Hot --rehydrate-priority High; hours) or copy the checkpoint to an "
+        "online tier, then load again"
     )
 
 

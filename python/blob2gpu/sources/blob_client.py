@@ -86,7 +86,7 @@ class BlobContainer:
         BlobChanged, ChecksumMismatch or ManifestMissing.
         """
         listing = self.list_checkpoint()
-        archived = [aux.name for aux in listing.aux_blobs if aux.archived]
+        archived = {aux.name: aux.archived for aux in listing.aux_blobs if aux.archived}
         if archived:  # refused before anything is written, not after half the files
             raise archived_error(self.location, archived, "fetching the checkpoint's files")
         manifest = None

@@ -27,6 +27,7 @@ from .azure_blob import (
     failure_reason,
     is_transient,
     proxy_problem,
+    response_header,
     storage_error,
 )
 from .plan import ShardPlan, ShardRef
@@ -134,14 +135,11 @@ class RetryPolicy:
 def retry_after(error: BaseException) -> float:
     """Seconds the server asked a client to wait (retry-after-ms, x-ms-retry-after-ms or
     Retry-After in seconds or as an HTTP date) on a failed response; 0 when it did not say."""
-    headers = getattr(getattr(error, "response", None), "headers", None)
-    if not headers:
-        return 0.0
     try:
-        for name, scale in (("retry-after-ms", 1e-3), ("x-ms-retry-after-ms", 1e-3)):
-            if headers.get(name):
-                return max(0.0, float(headers[name]) * scale)
-        value = headers.get("retry-after")
+        for name in ("retry-after-ms", "x-ms-retry-after-ms"):
+            if milliseconds := response_header(error, name):
+                return max(0.0, float(milliseconds) / 1000)
+        value = response_header(error, "retry-after")
         if not value:
             return 0.0
         if value.strip().isdigit():
