@@ -222,6 +222,17 @@ def azurite() -> Iterator[Azurite]:
 
 
 @pytest.fixture(scope="session")
+def azurite_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    """An Azurite over HTTPS (a self-signed certificate, `.certificate`) that also accepts OAuth
+    bearer tokens."""
+    from support.tls import self_signed_certificate
+
+    server = Azurite(tls=self_signed_certificate(tmp_path_factory.mktemp("tls")), oauth=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def _proxy_server(azurite: Azurite) -> Iterator[FaultProxy]:
     proxy = FaultProxy(azurite.port)
     yield proxy

@@ -16,16 +16,6 @@ from blob2gpu import errors
 from conftest import checkpoint_bytes as expected
 from conftest import load_with_report as load
 from conftest import random_tensor, upload_directory
-from support.azurite import Azurite
-from support.tls import self_signed_certificate
-
-
-@pytest.fixture(scope="module")
-def azurite_tls(tmp_path_factory):
-    cert, key = self_signed_certificate(tmp_path_factory.mktemp("tls"))
-    server = Azurite(tls=(cert, key), oauth=True)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

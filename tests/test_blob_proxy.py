@@ -13,9 +13,7 @@ from blob2gpu import errors
 from conftest import checkpoint_bytes as expected
 from conftest import load_with_report as load
 from conftest import random_tensor, upload_directory
-from support.azurite import Azurite
 from support.forward_proxy import ForwardProxy
-from support.tls import self_signed_certificate
 
 PASSWORD = "pr0xy-Passw0rd"
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")
@@ -37,13 +35,6 @@ def no_proxy_settings(monkeypatch):
 @pytest.fixture
 def proxy():
     server = ForwardProxy("loader", PASSWORD)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def azurite_tls(tmp_path_factory):
-    server = Azurite(tls=self_signed_certificate(tmp_path_factory.mktemp("tls")))
     yield server
     server.stop()
 
