@@ -316,22 +316,22 @@ def _import_sdk() -> None:
         raise Unavailable(f"azure-storage-blob not importable ({exc})") from exc
 
 
-def ceiling_client(choice: str, https: bool) -> tuple[str, list[str]]:
-    """The ceiling's client, (name, command prefix): curl; where it is missing (a GPU host with
-    no network to install it) and choice is 'auto', bench/range_get.c built with the system C
-    compiler (plain HTTP only), else node running bench/range_get.js (node on PATH or beside
-    the Azurite launcher, as in the device bundle)."""
+def ceiling_client(choice: str, https: bool, build_dir: Path) -> tuple[str, str, list[str]]:
+    """The ceiling's client, (kind, what to call it, command prefix): curl; where it is missing
+    (a GPU host with no network to install it) and choice is 'auto', bench/range_get.c built
+    into build_dir with the system C compiler (plain HTTP only), else node running
+    bench/range_get.js (node on PATH or beside the Azurite launcher, as in the device bundle)."""
     curl = shutil.which("curl")
     if choice in ("auto", "curl") and curl is not None:
-        return f"curl {_curl_version(curl)}", [curl, "-s", "-S", "-K"]
+        return "curl", f"curl {_curl_version(curl)}", [curl, "-s", "-S", "-K"]
     if choice == "curl":
         raise Unavailable("curl not installed (apt-get update && apt-get install -y curl)")
     cc = shutil.which("cc") or shutil.which("gcc")
     if choice in ("auto", "c") and cc is not None and not https:
-        built = Path(tempfile.mkdtemp(prefix="bench-range-get-")) / "range_get"
+        built = build_dir / "range_get"
         source = Path(__file__).resolve().parent / "range_get.c"
         subprocess.run([cc, "-O2", "-o", str(built), str(source)], check=True)
-        return "bench/range_get.c", [str(built)]
+        return "c", "bench/range_get.c", [str(built)]
     if choice == "c":
         raise Unavailable("range_get.c needs a C compiler and plain HTTP")
     launcher = os.environ.get("AZURITE_BLOB")
@@ -341,7 +341,7 @@ def ceiling_client(choice: str, https: bool) -> tuple[str, list[str]]:
         raise Unavailable("no client for the ceiling: neither curl, a C compiler nor node")
     version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
     script = Path(__file__).resolve().parent / "range_get.js"
-    return f"bench/range_get.js on node {version}", [node, str(script)]
+    return "node", f"bench/range_get.js on node {version}", [node, str(script)]
 
 
 def make_ceiling(
@@ -349,14 +349,14 @@ def make_ceiling(
 ) -> Contestant:
     """`parallel` client processes, each fetching its share of the ranges one after another on
     one connection, to /dev/null (or to files in /dev/shm with to_shm)."""
-    name, command = ceiling_client(client, t.endpoint.startswith("https:"))
+    workdir = Path(tempfile.mkdtemp(prefix="bench-blob-ceiling-"))
+    kind, name, command = ceiling_client(client, t.endpoint.startswith("https:"), workdir)
     ranges = [
         (shard, a, min(size, a + range_bytes) - 1)
         for shard, size in t.files.items()
         for a in range(0, size, range_bytes)
     ]
     groups = [ranges[i::parallel] for i in range(parallel)]
-    workdir = Path(tempfile.mkdtemp(prefix="bench-blob-ceiling-"))
     shm = Path(tempfile.mkdtemp(prefix="bench-blob-", dir="/dev/shm")) if to_shm else None
     endpoint = urlparse(t.endpoint)
     argvs = []
@@ -370,11 +370,11 @@ def make_ceiling(
             )
             for j, (shard, a, b) in enumerate(group)
         ]
-        if name.startswith("curl"):
+        if kind == "curl":
             path = workdir / f"curl-{i}.cfg"
             path.write_text(_curl_config(requests, t.ca_bundle))
             argvs.append([*command, str(path)])
-        elif name.endswith("range_get.c"):
+        elif kind == "c":
             path = workdir / f"requests-{i}.txt"
             path.write_text(
                 "".join(f"{urlparse(u).path}?{t.sas} {a} {b} {out}\n" for u, a, b, out in requests)
