@@ -62,6 +62,7 @@ from harness import (
     Unavailable,
     blob2gpu_versions,
     choose_shape,
+    fresh_memory_cost,
     machine_busy_seconds,
     machine_info,
     numel,
@@ -858,15 +859,30 @@ def summarize(processes: list[dict[str, Any]], file_bytes: int) -> dict[str, Any
     return out
 
 
-def print_host_work(medians: Mapping[str, Mapping[str, float]], cores: int) -> None:
+def print_host_work(
+    medians: Mapping[str, Mapping[str, float]], cores: int, memory: Mapping[str, Any]
+) -> None:
     """CPU the loaders spend on work the ceiling does not do, and the CPU-bound model without it.
 
     blob2gpu-cpu makes new memory resident for every byte it lands (the kernel zeroing fresh pages:
     the report's host_populate_seconds); curl writing to /dev/null does not. The fake driver makes
     its 'device' memory resident and performs the copies on the CPU, which a GPU does in hardware
     (fake_cuda_emulation_cpu_seconds). Both are printed, with what the model gives without them as
-    a fraction of the ceiling's model: an estimate, not a measurement.
+    a fraction of the ceiling's model: an estimate, not a measurement. `memory` is what new
+    memory costs this machine (harness.fresh_memory_cost), which says how much of that work is
+    the machine's rather than the loader's.
     """
+    if "first_touch_cpu_s_per_gb" in memory:
+        print(
+            "this machine, making new memory resident: "
+            f"{memory['first_touch_cpu_s_per_gb']:.2f} CPU s/GB on first touch, "
+            f"{memory['retouch_cpu_s_per_gb']:.2f} for pages just freed"
+            + (
+                " (the kernel reports free pages to its host: page_reporting)"
+                if memory.get("page_reporting")
+                else ""
+            )
+        )
     # (row, median key of the work, what the work is, label of the estimate without it)
     kinds = (
         ("blob2gpu-cpu", "host_populate_cpu_s_per_gb",
@@ -902,7 +918,10 @@ def _row(cols: list[str], widths: list[int]) -> str:
 
 
 def print_table(
-    results: dict[str, dict[str, Any]], spec: dict[str, Any], args: argparse.Namespace
+    results: dict[str, dict[str, Any]],
+    spec: dict[str, Any],
+    args: argparse.Namespace,
+    memory: Mapping[str, Any],
 ) -> list[dict[str, Any]]:
     def gbps(name: str) -> float | None:
         return results.get(name, {}).get("median", {}).get("gb_per_s")
@@ -1008,7 +1027,7 @@ def print_table(
                     for n, m in cols
                 )
             )
-            print_host_work(dict(cols), cores)
+            print_host_work(dict(cols), cores, memory)
 
     verdicts: list[dict[str, Any]] = []
     print("\ntargets:")
@@ -1224,7 +1243,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(target_dir, ignore_errors=True)
 
     results = {n: summarize(processes[n], spec["file_bytes"]) for n in names}
-    verdicts = print_table(results, spec, args)
+    memory = fresh_memory_cost()  # after the contestants, which it must not disturb
+    verdicts = print_table(results, spec, args, memory)
     print(f"\nwhole run: {time.perf_counter() - t_start:.0f} s (Azurite start and upload included)")
     if args.json:
         payload = {
@@ -1233,7 +1253,7 @@ def main(argv: list[str] | None = None) -> int:
                 "path": str(ckpt),
                 **{k: v for k, v in spec.items() if k not in ("checksums", "shapes")},
             },
-            "machine": machine_info(node=node_version()),
+            "machine": machine_info(node=node_version(), fresh_memory=memory),
             "results": results,
             "targets": verdicts,
         }

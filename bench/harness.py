@@ -147,7 +147,7 @@ def wait_for_idle(max_wait_s: float, busy_limit: float) -> float:
             return frac
 
 
-def machine_info(**extra: str) -> dict[str, Any]:
+def machine_info(**extra: Any) -> dict[str, Any]:
     """Python, platform, CPUs and memory of this machine, plus `extra` facts."""
     mem = ""
     try:
@@ -162,3 +162,54 @@ def machine_info(**extra: str) -> dict[str, Any]:
         "mem_total": mem,
         **extra,
     }
+
+
+# A child that makes `mib` MiB of anonymous memory resident twice (MADV_POPULATE_WRITE, huge pages
+# where the kernel gives them): the first mapping takes pages this guest may have handed back to its
+# host, the second takes the pages the first just freed. Prints CPU seconds per GB for each.
+_FRESH_MEMORY_CHILD = r"""
+import ctypes, mmap, resource, sys
+libc = ctypes.CDLL(None, use_errno=True)
+n = int(sys.argv[1]) << 20
+def populate():
+    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_HUGEPAGE)
+    buf = ctypes.c_char.from_buffer(m)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    if libc.madvise(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(n), 23) != 0:
+        m.write(b"\0" * n)  # no MADV_POPULATE_WRITE (Linux < 5.14): touch every byte
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    del buf
+    m.close()
+    return (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / (n / 1e9)
+print(populate(), populate())
+"""
+
+
+def fresh_memory_cost(mib: int = 512) -> dict[str, Any]:
+    """What making new memory resident costs this machine, in CPU seconds per GB.
+
+    A cpu-target load lands every byte in memory its process never touched; a download to
+    /dev/null does not. In a VM whose kernel reports free pages to its host (virtio-balloon free
+    page reporting: `page_reporting` on the kernel command line), a page the guest freed earlier
+    is given back and the next first touch faults it in from the host again, which can cost
+    several times the kernel's own zeroing. `first_touch` is a fresh mapping, `retouch` a second
+    one right after the first was unmapped (its pages most likely still backed)."""
+    import subprocess
+
+    facts: dict[str, Any] = {}
+    try:
+        with open("/proc/cmdline") as fh:
+            facts["page_reporting"] = "page_reporting" in fh.read()
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _FRESH_MEMORY_CHILD, str(mib)],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout.split()
+        facts["first_touch_cpu_s_per_gb"] = float(out[0])
+        facts["retouch_cpu_s_per_gb"] = float(out[1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        pass
+    return facts
