@@ -1,8 +1,8 @@
 """Azure Blob through a forward HTTP proxy, as corporate networks require (HTTPS_PROXY with a
 CONNECT tunnel, HTTP_PROXY with absolute-form requests, NO_PROXY to bypass it): loads byte-equal
-through it; a proxy that refuses its credentials (407) is AccessDenied at once and one that
-cannot be reached is StorageUnavailable, both naming the proxy and the variable, never its
-password."""
+through it; a proxy that refuses its credentials (407) is ProxyAuthenticationRefused (an
+AccessDenied) at once and one that cannot be reached is StorageUnavailable, both naming the proxy
+and the variable, never its password."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from conftest import checkpoint_bytes as expected
 from conftest import load_with_report as load
 from conftest import random_tensor, upload_directory
 from support.forward_proxy import ForwardProxy
+from support.preflight import checks, preflight
 
 PASSWORD = "pr0xy-Passw0rd"
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")
@@ -79,8 +80,8 @@ def test_a_proxy_refusing_its_credentials_is_access_denied_at_once(
     no_proxy_settings.setenv("REQUESTS_CA_BUNDLE", azurite_tls.certificate)
     no_proxy_settings.setenv("AZURE_STORAGE_CONNECTION_STRING", server.connection_string())
     no_proxy_settings.setenv(variable, proxy.url("loader", "wrong-" + PASSWORD))
-    with pytest.raises(errors.AccessDenied, match=rf"proxy 127.0.0.1:{proxy.port} refused its "
-                       rf"credentials \(HTTP 407\).*{variable}") as info:
+    refused = rf"proxy 127.0.0.1:{proxy.port} refused its credentials \(HTTP 407\).*{variable}"
+    with pytest.raises(errors.ProxyAuthenticationRefused, match=refused) as info:
         blob2gpu.load("az://anything/m", retry_backoff_seconds=30)  # a retry would take 30 s
     assert PASSWORD not in str(info.value) and proxy.log.refused == 1
 
@@ -97,22 +98,15 @@ def test_an_unreachable_proxy_is_storage_unavailable_naming_it(
 
 
 def test_preflight_names_the_proxy(azurite, proxy, free_port, no_proxy_settings, tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
     def storage_check(proxy_url):
-        env = {**os.environ, "HTTP_PROXY": proxy_url,
+        env = {"HTTP_PROXY": proxy_url,
                "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string(),
                "BLOB2GPU_CUDA_DRIVER": "/nonexistent/libcuda.so.1"}
-        result = subprocess.run(
-            [sys.executable, "-m", "blob2gpu", "preflight", "--source", "az://anything/m",
-             "--cache-dir", str(tmp_path), "--json"],
-            capture_output=True, text=True, timeout=120, env=env,
+        result = preflight(
+            "--source", "az://anything/m", "--cache-dir", str(tmp_path), "--json", env=env
         )
         assert result.returncode == 1 and PASSWORD not in result.stdout + result.stderr
-        return {c["name"]: c for c in json.loads(result.stdout)["checks"]}["storage"]
+        return checks(result)["storage"]
 
     refused = storage_check(proxy.url("loader", "wrong"))
     assert refused["status"] == "fail" and "proxy refused its credentials" in refused["value"]

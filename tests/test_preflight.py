@@ -4,33 +4,16 @@ temporary cache directory; a table for people, JSON for machines, exit 1 when a 
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from conftest import random_tensor, upload_directory
 from support.azurite import ACCOUNT, ACCOUNT_KEY
+from support.preflight import checks, preflight
 
 STATUSES = {"ok", "warn", "fail", "skip"}
-
-
-def preflight(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "blob2gpu", "preflight", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def checks(result: subprocess.CompletedProcess) -> dict[str, dict]:
-    doc = json.loads(result.stdout)
-    return {c["name"]: c for c in doc["checks"]}
 
 
 def closed_port() -> int:

@@ -83,6 +83,11 @@ class AccessDenied(SourceUnavailable):
     """The storage account refused the credential (HTTP 401/403); no secret is in the message."""
 
 
+class ProxyAuthenticationRefused(AccessDenied):
+    """The HTTP proxy (HTTPS_PROXY / HTTP_PROXY) refused its credentials (HTTP 407); the message
+    names the proxy and its variable, never the password."""
+
+
 class BlobArchived(SourceUnavailable):
     """A blob to read is in the Archive access tier (or still being rehydrated from it), so the
     service refuses its bytes for hours; the message names every such blob and what to do."""

@@ -512,7 +512,7 @@ def _check_blob(run: _Run, uri: str) -> None:
 
 def _probe_storage(run: _Run, container: Any, t: float) -> None:
     """List one blob (reachable? credentials accepted?), then the checkpoint itself."""
-    from .errors import AccessDenied, BlobNotFound
+    from .errors import AccessDenied, BlobNotFound, ProxyAuthenticationRefused
     from .sources.azure_blob import storage_error
 
     endpoint = container.location.account_url
@@ -536,7 +536,7 @@ def _probe_storage(run: _Run, container: Any, t: float) -> None:
         advice = str(e).split("; check ", 1)
         refused = (
             "the proxy refused its credentials (HTTP 407)"
-            if "(HTTP 407)" in str(e)
+            if isinstance(e, ProxyAuthenticationRefused)
             else f"credentials refused ({container.credential_source})"
         )
         run.add(

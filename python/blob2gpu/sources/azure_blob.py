@@ -31,6 +31,7 @@ from ..errors import (
     BlobNotFound,
     InvalidArgument,
     InvalidIndex,
+    ProxyAuthenticationRefused,
     SourceUnavailable,
     StorageUnavailable,
 )
@@ -296,7 +297,7 @@ def storage_error(
         said, refused = at_proxy
         proxy, variable = _proxy_of(location.account_url)
         if refused:
-            return AccessDenied(
+            return ProxyAuthenticationRefused(
                 f"{what}: the proxy {proxy} refused its credentials (HTTP 407) on the way to "
                 f"{place}; check the user and password in {variable}"
             )
