@@ -18,6 +18,7 @@ import torch
 from blob2gpu.sources.nvme_cache import NvmeCache
 from conftest import as_bytes, random_tensor, upload_directory
 from conftest import checkpoint_bytes as expected
+from support.azurite import ACCOUNT
 
 
 @pytest.fixture
@@ -79,6 +80,43 @@ def test_a_cached_copy_of_an_archived_shard_still_loads(
     assert got == first == expected(published) and report.cache_hit_rate == 1.0
     with pytest.raises(blob2gpu.errors.BlobArchived, match="model-00002-of-00003"):
         blob2gpu.load(uri)  # without the cache
+
+
+def test_an_archived_shard_not_in_the_cache_is_refused_without_waiting_or_writing(
+    published, azurite, container, cache_dir, blob_env
+):
+    # Another process holds the archived shard's entry lock (it was writing it when the blob was
+    # archived): the load must refuse the shard at once, not wait for that writer, and start no
+    # entry of its own for bytes the service will not serve.
+    import threading
+
+    name = "m/model-00002-of-00003.safetensors"
+    blob = azurite.service().get_blob_client(container, name)
+    etag = blob.get_blob_properties().etag.strip('"')  # as listing gives it
+    blob.set_standard_blob_tier("Archive")
+    cache = NvmeCache(cache_dir)
+    writer = cache.lock(NvmeCache.key(ACCOUNT, container, name, etag))
+    writer.acquire()
+    outcome = []
+
+    def load():
+        try:
+            cached_load(f"az://{container}/m", cache_dir)
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    waited = thread.is_alive()  # still waiting for the other writer's lock
+    writer.release()
+    thread.join()
+    assert not waited
+    assert len(outcome) == 1 and isinstance(outcome[0], blob2gpu.errors.BlobArchived)
+    assert "model-00002-of-00003" in str(outcome[0])
+    assert list(cache.tmp_dir.iterdir()) == []
+    # The other shards were neither started: nothing is fetched once a shard is refused.
+    assert cache.entries() == []
 
 
 def test_cpu_cache_hits_are_mapped_not_copied(published, container, cache_dir, blob_env):

@@ -108,7 +108,7 @@ def use_cache(
 
     A shard another process on this node is writing is waited for, then read from the cache:
     the node downloads it once. write=False (a load that reads only some tensors, so never a
-    whole shard) only reads hits. Returns (local path per shard or '', hits, the writer).
+    whole shard) only reads hits, as does an archived shard. Returns (local path per shard or '', hits, the writer).
     """
     paths = [""] * len(plan.shards)
     hits: dict[int, CacheEntry] = {}
@@ -123,7 +123,9 @@ def use_cache(
             "size": ref.size,
         }
         entry = cache.lookup(key, identity)
-        if entry is None and write:
+        # An archived shard is only served from a copy already here: the service refuses its
+        # bytes, so neither write it nor wait for another process writing it (the load refuses it).
+        if entry is None and write and not ref.archived:
             try:
                 lock = cache.lock(key)
             except OSError as e:  # out of inodes, read-only: this shard is just not cached
