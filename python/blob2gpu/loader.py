@@ -108,7 +108,8 @@ def use_cache(
 
     A shard another process on this node is writing is waited for, then read from the cache:
     the node downloads it once. write=False (a load that reads only some tensors, so never a
-    whole shard) only reads hits, as does an archived shard. Returns (local path per shard or '', hits, the writer).
+    whole shard) only reads hits, as does an archived shard. Returns (local path per shard or '',
+    hits, the writer).
     """
     paths = [""] * len(plan.shards)
     hits: dict[int, CacheEntry] = {}
