@@ -51,7 +51,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 from harness import (
-    CHECKSUM_MASK,
     CONTENDED_FRACTION,
     DATA_DIR,
     EXIT_UNAVAILABLE,
@@ -61,6 +60,7 @@ from harness import (
     SEED,
     Unavailable,
     blob2gpu_versions,
+    bytes_checksum,
     choose_shape,
     fresh_memory_cost,
     machine_busy_seconds,
@@ -68,6 +68,7 @@ from harness import (
     numel,
     package_version,
     split_into_shards,
+    tensor_checksum,
     wait_for_idle,
 )
 
@@ -96,31 +97,6 @@ DEFAULT_RING_BYTES = 8 * 32 * MiB  # staging_slots x staging_slot_bytes defaults
 # --------------------------------------------------------------------------------------------------
 # Checkpoint generation: header and bytes written directly (no safetensors round trip)
 # --------------------------------------------------------------------------------------------------
-
-
-def bytes_checksum(u8: Any) -> int:
-    """Wrapping int64 sum of a flat uint8 torch tensor's 8-byte words, plus its tail bytes."""
-    import torch
-
-    n = u8.numel()
-    n8 = n - n % 8
-    s = 0
-    if n8:
-        words = u8[:n8]
-        try:
-            w64 = words.view(torch.int64)
-        except RuntimeError:  # storage offset not a multiple of 8: copy (still a full read)
-            w64 = words.clone().view(torch.int64)
-        s = int(w64.sum())
-    if n > n8:
-        s += int(u8[n8:].sum())
-    return s & CHECKSUM_MASK
-
-
-def tensor_checksum(t: Any) -> int:
-    import torch
-
-    return bytes_checksum(t.detach().contiguous().reshape(-1).view(torch.uint8))
 
 
 def _header_bytes(entries: list[tuple[str, tuple[int, ...], int, int]]) -> bytes:
@@ -357,7 +333,8 @@ def make_ceiling(
         for shard, size in t.files.items()
         for a in range(0, size, range_bytes)
     ]
-    groups = [ranges[i::parallel] for i in range(parallel)]
+    # No process for an empty share (fewer ranges than processes: a small checkpoint).
+    groups = [g for g in (ranges[i::parallel] for i in range(parallel)) if g]
     shm = Path(tempfile.mkdtemp(prefix="bench-blob-", dir="/dev/shm")) if to_shm else None
     endpoint = urlparse(t.endpoint)
     argvs = []

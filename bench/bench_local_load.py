@@ -53,6 +53,7 @@ from harness import (
     machine_info,
     package_version,
     split_into_shards,
+    tensor_checksum,
     wait_for_idle,
 )
 
@@ -79,26 +80,6 @@ TARGETS = (("safetensors", 1.0), ("runai", 2.0), ("fastsafetensors", 2.0))
 # --------------------------------------------------------------------------------------------------
 # Checkpoint generation
 # --------------------------------------------------------------------------------------------------
-
-
-def tensor_checksum(t: Any) -> int:
-    """Wrapping int64 sum of the tensor's bytes (tail bytes added one by one): reads every byte."""
-    import torch
-
-    b = t.detach().reshape(-1).view(torch.uint8)
-    n = b.numel()
-    n8 = n - n % 8
-    s = 0
-    if n8:
-        words = b[:n8]
-        try:
-            w64 = words.view(torch.int64)
-        except RuntimeError:  # storage offset not a multiple of 8: copy (still a full read)
-            w64 = words.clone().view(torch.int64)
-        s = int(w64.sum())
-    if n > n8:
-        s += int(b[n8:].sum())
-    return s & CHECKSUM_MASK
 
 
 def checksum_all(tensors: Mapping[str, Any]) -> int:

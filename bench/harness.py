@@ -1,6 +1,7 @@
 """What the load benchmarks share: the generated Llama-style model's shape and its split into
-shards, the worker protocol's constants, and the machine facts each run records (versions, CPU
-busy time, waiting for an idle machine)."""
+shards, the byte checksum that tells a contestant's right bytes from wrong ones, the worker
+protocol's constants, and the machine facts each run records (versions, CPU busy time, waiting for
+an idle machine, what new memory costs)."""
 
 from __future__ import annotations
 
@@ -145,6 +146,32 @@ def wait_for_idle(max_wait_s: float, busy_limit: float) -> float:
         frac = (machine_busy_seconds() - b0) / (0.5 * ncpu)
         if frac < busy_limit or time.monotonic() >= deadline:
             return frac
+
+
+def bytes_checksum(u8: Any) -> int:
+    """Wrapping int64 sum of a flat uint8 torch tensor's 8-byte words, plus its tail bytes."""
+    import torch
+
+    n = u8.numel()
+    n8 = n - n % 8
+    s = 0
+    if n8:
+        words = u8[:n8]
+        try:
+            w64 = words.view(torch.int64)
+        except RuntimeError:  # storage offset not a multiple of 8: copy (still a full read)
+            w64 = words.clone().view(torch.int64)
+        s = int(w64.sum())
+    if n > n8:
+        s += int(u8[n8:].sum())
+    return s & CHECKSUM_MASK
+
+
+def tensor_checksum(t: Any) -> int:
+    """bytes_checksum of a tensor's bytes in memory order (a full read of every byte)."""
+    import torch
+
+    return bytes_checksum(t.detach().contiguous().reshape(-1).view(torch.uint8))
 
 
 def machine_info(**extra: Any) -> dict[str, Any]:
