@@ -46,6 +46,7 @@ from harness import (
     REPO_ROOT,
     RESULT_TAG,
     SEED,
+    SETTLE_S,
     Unavailable,
     blob2gpu_versions,
     choose_shape,
@@ -57,7 +58,6 @@ from harness import (
     wait_for_idle,
 )
 
-SETTLE_S = 6.0  # > Linux's 2 s free page reporting delay, with margin
 # Bump when the generated layout or contents change, so cached checkpoints are rebuilt.
 GENERATOR_VERSION = 1
 

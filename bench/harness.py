@@ -24,6 +24,7 @@ RESULT_TAG = "@@BENCH_RESULT "  # a worker's result line on stdout
 EXIT_UNAVAILABLE = 3  # a worker's exit status when its contestant cannot run here
 CONTENDED_FRACTION = 0.2  # foreign CPU seconds per wall second above which a sample is retried
 SEED = 20240611
+SETTLE_S = 6.0  # > Linux's 2 s free page reporting delay, with margin
 
 
 class Unavailable(Exception):
@@ -213,7 +214,7 @@ print(populate(), populate())
 """
 
 
-def fresh_memory_cost(mib: int = 512) -> dict[str, Any]:
+def fresh_memory_cost(mib: int = 512, settle_s: float = SETTLE_S) -> dict[str, Any]:
     """What making new memory resident costs this machine, in CPU seconds per GB.
 
     A cpu-target load lands every byte in memory its process never touched; a download to
@@ -221,8 +222,11 @@ def fresh_memory_cost(mib: int = 512) -> dict[str, Any]:
     page reporting: `page_reporting` on the kernel command line), a page the guest freed earlier
     is given back and the next first touch faults it in from the host again, which can cost
     several times the kernel's own zeroing. `first_touch` is a fresh mapping, `retouch` a second
-    one right after the first was unmapped (its pages most likely still backed)."""
+    one right after the first was unmapped (its pages most likely still backed). The probe first
+    waits `settle_s`, so that memory other processes just freed has been reported too."""
     import subprocess
+
+    time.sleep(settle_s)
 
     facts: dict[str, Any] = {}
     try:

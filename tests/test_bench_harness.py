@@ -13,7 +13,7 @@ import harness  # noqa: E402
 
 
 def test_fresh_memory_cost_measures_both_touches():
-    facts = harness.fresh_memory_cost(mib=16)
+    facts = harness.fresh_memory_cost(mib=16, settle_s=0)
     assert facts["first_touch_cpu_s_per_gb"] >= 0
     assert facts["retouch_cpu_s_per_gb"] >= 0
     assert isinstance(facts.get("page_reporting", False), bool)
