@@ -1011,7 +1011,9 @@ def print_table(
 
     def verdict(what: str, value: float | None, need: float, ok: bool | None) -> None:
         v = "n/a" if ok is None else ("PASS" if ok else "FAIL")
-        shown = "-" if value is None else f"{value:.2f}"
+        shown = "-"
+        if value is not None:  # three places where two would show a miss as the target
+            shown = f"{value:.3f}" if round(value, 2) == need else f"{value:.2f}"
         print(f"  {what}: {v} ({shown})")
         verdicts.append({"target": what, "value": value, "need": need, "verdict": v})
 
