@@ -205,7 +205,8 @@ def populate():
     buf = ctypes.c_char.from_buffer(m)
     before = resource.getrusage(resource.RUSAGE_SELF)
     if libc.madvise(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(n), 23) != 0:
-        m.write(b"\0" * n)  # no MADV_POPULATE_WRITE (Linux < 5.14): touch every byte
+        for page in range(0, n, 4096):  # no MADV_POPULATE_WRITE (Linux < 5.14): touch each page
+            m[page] = 0
     after = resource.getrusage(resource.RUSAGE_SELF)
     del buf
     m.close()
@@ -227,7 +228,6 @@ def fresh_memory_cost(mib: int = 512, settle_s: float = SETTLE_S) -> dict[str, A
     import subprocess
 
     time.sleep(settle_s)
-
     facts: dict[str, Any] = {}
     try:
         with open("/proc/cmdline") as fh:
