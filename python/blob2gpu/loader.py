@@ -96,62 +96,73 @@ def source_uri(uri: str | None) -> str:
     raise InvalidArgument(f"no checkpoint URI given and {SOURCE_URI_ENV} is not set")
 
 
-def use_cache(
+def _cache_identity(location: Any, ref: Any) -> tuple[str, dict[str, Any]]:
+    """The cache key of a listed shard, and what its entry must say it holds."""
+    identity = {
+        "account": location.account,
+        "container": location.container,
+        "blob": ref.path,
+        "etag": ref.etag,
+        "size": ref.size,
+    }
+    return NvmeCache.key(location.account, location.container, ref.path, ref.etag), identity
+
+
+def cache_hits(cache: NvmeCache, location: Any, plan: ShardPlan) -> dict[int, CacheEntry]:
+    """The shards of a Blob checkpoint already in the cache, complete and of the listed version
+    (read locally instead of fetched). Takes no lock and writes nothing."""
+    hits = {}
+    for i, ref in enumerate(plan.shards):
+        entry = cache.lookup(*_cache_identity(location, ref))
+        if entry is not None:
+            hits[i] = entry
+    return hits
+
+
+def start_cache_writes(
     cache: NvmeCache,
     location: Any,
     plan: ShardPlan,
     manifest: Any,
-    checksums: list[Any] | None,
+    hits: dict[int, CacheEntry],
     write: bool = True,
-) -> tuple[list[str], dict[int, CacheEntry], CacheWriter]:
-    """Split a Blob checkpoint into cache hits (read locally) and shards to fetch and write.
+) -> CacheWriter:
+    """The writer that puts every shard not in `hits` into the cache as it streams from Blob.
 
-    A shard another process on this node is writing is waited for, then read from the cache:
-    the node downloads it once. write=False (a load that reads only some tensors, so never a
-    whole shard) only reads hits, as does an archived shard. Returns (local path per shard or '',
-    hits, the writer).
+    A shard another process on this node is writing (or wrote since `hits` was looked up) is
+    waited for, then read from the cache (added to `hits`): the node downloads it once.
+    write=False (a load that reads only some tensors, so never a whole shard) writes nothing.
     """
-    paths = [""] * len(plan.shards)
-    hits: dict[int, CacheEntry] = {}
     writer = CacheWriter(cache)
+    if not write:
+        return writer
     for i, ref in enumerate(plan.shards):
-        key = cache.key(location.account, location.container, ref.path, ref.etag)
-        identity = {
-            "account": location.account,
-            "container": location.container,
-            "blob": ref.path,
-            "etag": ref.etag,
-            "size": ref.size,
-        }
-        entry = cache.lookup(key, identity)
-        # An archived shard is only served from a copy already here: the service refuses its
-        # bytes, so neither write it nor wait for another process writing it (the load refuses it).
-        if entry is None and write and not ref.archived:
-            try:
-                lock = cache.lock(key)
-            except OSError as e:  # out of inodes, read-only: this shard is just not cached
-                writer.stats.skipped[ref.name] = f"cannot write to the cache: {e.strerror}"
-                continue
-            if not lock.try_acquire():
-                lock.acquire()  # another process is writing this shard: wait, then read it
-                entry = cache.lookup(key, identity)
-            if entry is None:
-                listed = manifest.files.get(ref.name) if manifest is not None else None
-                writer.begin(
-                    i,
-                    ref.name,
-                    key,
-                    identity,
-                    lock,
-                    listed.sha256 if listed else None,
-                    (manifest.chunk_bytes, listed.crc32c) if listed else None,
-                )
-            else:
-                lock.release()
+        if i in hits:
+            continue
+        key, identity = _cache_identity(location, ref)
+        try:
+            lock = cache.lock(key)
+        except OSError as e:  # out of inodes, read-only: this shard is just not cached
+            writer.stats.skipped[ref.name] = f"cannot write to the cache: {e.strerror}"
+            continue
+        if not lock.try_acquire():
+            lock.acquire()  # another process is writing this shard: wait, then read it
+        entry = cache.lookup(key, identity)  # looked up again under the lock: written meanwhile?
         if entry is not None:
-            paths[i] = str(entry.data_path)
+            lock.release()
             hits[i] = entry
-    return paths, hits, writer
+            continue
+        listed = manifest.files.get(ref.name) if manifest is not None else None
+        writer.begin(
+            i,
+            ref.name,
+            key,
+            identity,
+            lock,
+            listed.sha256 if listed else None,
+            (manifest.chunk_bytes, listed.crc32c) if listed else None,
+        )
+    return writer
 
 
 class _PipelineMaker:
@@ -379,21 +390,25 @@ class Loader:
                 except OSError as e:  # the cache is a shortcut: without it, Blob serves all
                     why = f"the cache directory is unusable: {e.strerror} ({e.filename})"
                     report.cache_skipped = {ref.name: why for ref in plan.shards}
+            count = len(plan.shards)
+            hits = cache_hits(cache, container.location, plan) if cache is not None else {}
+            archived = {
+                ref.path: ref.archived
+                for i, ref in enumerate(plan.shards)
+                if ref.archived and i not in hits
+            }
+            if archived:  # refused before any memory, lock or cache file is taken
+                raise archived_error(container.location, archived)
             if cache is not None:
-                paths, hits, writer = use_cache(
-                    cache, container.location, plan, manifest, checksums, write=wanted is None
+                writer = start_cache_writes(
+                    cache, container.location, plan, manifest, hits, write=wanted is None
                 )
-                checksums = checksums or [None] * len(plan.shards)
+                paths = [str(hits[i].data_path) if i in hits else "" for i in range(count)]
+                checksums = checksums or [None] * count
                 for i, entry in hits.items():  # a hit is checked against what was written
                     if algorithm == "crc32c" or checksums[i] is None:
                         checksums[i] = (entry.size, entry.meta["chunk_bytes"], entry.meta["crc32c"])
-            fetch = [i for i in range(len(plan.shards)) if i not in (hits or {})]
-            to_fetch = [plan.shards[i] for i in fetch]
-            archived = {s.path: s.archived for s in to_fetch if s.archived}
-            if archived:  # refused before any memory is taken; a cached copy is still served
-                if writer is not None:
-                    writer.close()
-                raise archived_error(container.location, archived)
+            fetch = [i for i in range(count) if i not in hits]
             report._session_offset = time.perf_counter() - clock_start
             session = pipeline.start_fed(
                 [s.name for s in plan.shards],
