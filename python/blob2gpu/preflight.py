@@ -445,7 +445,7 @@ def _checkpoint_found(run: _Run, plan: Any, t: float) -> None:
     index = "with index" if plan.weight_map is not None else "no index"
     found = f"{len(plan.shards)} shard(s), {_gb(plan.total_bytes)} ({index})"
     data = {"shards": len(plan.shards), "bytes": plan.total_bytes}
-    archived = [s.name for s in plan.shards if getattr(s, "archived", None)]
+    archived = [s.name for s in plan.shards if s.archived]
     if archived:
         # The service serves no bytes of these for hours; only cached copies can still load.
         cached = run.settings.local_nvme_cache_enabled

@@ -54,14 +54,7 @@ def publish(
                     container.client.upload_blob(blob, f, overwrite=True, max_concurrency=4)
 
             container.retry.run(upload, f"uploading {container.location.describe(blob)}", blob)
-        manifest_blob = f"{prefix}/{MANIFEST_NAME}" if prefix else MANIFEST_NAME
-        container.retry.run(
-            lambda: container.client.upload_blob(
-                manifest_blob, manifest.to_json().encode(), overwrite=True
-            ),
-            f"uploading {container.location.describe(manifest_blob)}",
-            manifest_blob,
-        )
+        _upload_manifest(container, prefix, manifest)
         return manifest
 
 
@@ -92,11 +85,15 @@ def write_manifest(
             where = f"reading {container.location.describe(name)}"
             entry = container.retry.run(digest, where, name)
             manifest.files[name.rsplit("/", 1)[-1]] = entry
-        directory = os.path.dirname(listing.plan.shards[0].path)
-        blob = f"{directory}/{MANIFEST_NAME}" if directory else MANIFEST_NAME
-        container.retry.run(
-            lambda: container.client.upload_blob(blob, manifest.to_json().encode(), overwrite=True),
-            f"uploading {container.location.describe(blob)}",
-            blob,
-        )
+        _upload_manifest(container, os.path.dirname(listing.plan.shards[0].path), manifest)
         return manifest
+
+
+def _upload_manifest(container: Any, directory: str, manifest: Manifest) -> None:
+    """Upload `manifest` as MANIFEST_NAME in the blob folder `directory` ('' for the root)."""
+    blob = f"{directory}/{MANIFEST_NAME}" if directory else MANIFEST_NAME
+    container.retry.run(
+        lambda: container.client.upload_blob(blob, manifest.to_json().encode(), overwrite=True),
+        f"uploading {container.location.describe(blob)}",
+        blob,
+    )
