@@ -611,7 +611,7 @@ def run_worker(name: str, t: Target, spec: dict[str, Any], args: argparse.Namesp
         import torch
 
         torch.set_num_threads(1)  # untimed checksums only; keeps torch's spinning threads away
-        if name in ("ceiling", "ceiling-shm"):
+        if name in CEILINGS:
             contestant = make_ceiling(
                 t,
                 args.curl_parallel,

@@ -152,7 +152,6 @@ class FaultProxy:
                 return True
             return False
 
-
     def _serve(self, client: socket.socket) -> None:
         upstream = None
         try:
