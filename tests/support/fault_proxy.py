@@ -46,7 +46,7 @@ class Counters:
     paths: list[str] = field(default_factory=list)
 
 
-def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
@@ -57,7 +57,7 @@ def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
     return head, rest
 
 
-def _headers(head: bytes) -> tuple[str, dict[str, str]]:
+def parse_head(head: bytes) -> tuple[str, dict[str, str]]:
     lines = head.decode("latin-1").split("\r\n")
     out = {}
     for line in lines[1:]:
@@ -114,7 +114,7 @@ def accept_each(server: socket.socket, serve: Callable[[socket.socket], None]) -
         threading.Thread(target=serve, args=(client,), daemon=True).start()
 
 
-def _with_close(head: bytes) -> bytes:
+def with_close(head: bytes) -> bytes:
     lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"connection:")]
     return b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n"
 
@@ -155,8 +155,8 @@ class FaultProxy:
     def _serve(self, client: socket.socket) -> None:
         upstream = None
         try:
-            head, rest = _read_head(client)
-            request_line, headers = _headers(head)
+            head, rest = read_head(client)
+            request_line, headers = parse_head(head)
             length = int(headers.get("content-length", 0))
             while len(rest) < length:
                 chunk = client.recv(65536)
@@ -186,9 +186,9 @@ class FaultProxy:
                 client.sendall(_busy_response(self.faults.status, self.faults.retry_after))
                 return
             upstream = socket.create_connection(self.upstream, timeout=30)
-            upstream.sendall(_with_close(head) + rest)
-            resp_head, body = _read_head(upstream)
-            client.sendall(_with_close(resp_head))
+            upstream.sendall(with_close(head) + rest)
+            resp_head, body = read_head(upstream)
+            client.sendall(with_close(resp_head))
             sent = 0
             while True:
                 # A fault is used up only when it fires, so short responses don't swallow it.

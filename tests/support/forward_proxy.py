@@ -9,7 +9,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 
-from .fault_proxy import _headers, _read_head, _with_close, accept_each
+from .fault_proxy import accept_each, parse_head, read_head, with_close
 
 
 @dataclass
@@ -52,8 +52,8 @@ class ForwardProxy:
 
     def _serve(self, client: socket.socket) -> None:
         try:
-            head, rest = _read_head(client)
-            request_line, headers = _headers(head)
+            head, rest = read_head(client)
+            request_line, headers = parse_head(head)
             method, target = request_line.split(" ")[:2]
             if self._credentials and headers.get("proxy-authorization") != self._credentials:
                 with self._lock:
@@ -82,7 +82,7 @@ class ForwardProxy:
                 lines[0] = f"{method} /{path} {request_line.rsplit(' ', 1)[1]}".encode()
                 lines = [ln for ln in lines if not ln.lower().startswith(b"proxy-")]
                 # One request per connection: the next may be for another host.
-                upstream.sendall(_with_close(b"\r\n".join(lines)) + rest)
+                upstream.sendall(with_close(b"\r\n".join(lines)) + rest)
             back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
             back.start()
             _pump(client, upstream)
