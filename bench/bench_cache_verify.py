@@ -51,8 +51,8 @@ def main() -> int:
     args = parser.parse_args()
     import blob2gpu
     from blob2gpu import _core
-    from blob2gpu.demo import write_demo_checkpoint
-    from blob2gpu.manifest import MANIFEST_NAME, manifest_for_directory
+    from blob2gpu.integrity.manifest import MANIFEST_NAME, manifest_for_directory
+    from blob2gpu.tools.demo import write_demo_checkpoint
     from safetensors.torch import load_file
     from support.azurite import Azurite
 

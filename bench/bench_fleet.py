@@ -102,7 +102,8 @@ def child(config: dict[str, Any]) -> int:
     out: dict[str, Any] = {"ok": False, "retries": 0, "requests": None}
     # Retries are read from the retry policy of the container the load opens, so a failed load
     # (no LoadReport) and a distributed one (none either) still say how often they retried.
-    from blob2gpu.sources import blob_client, blob_feeder
+    from blob2gpu.sources.azure import container as blob_client
+    from blob2gpu.sources.azure import feeder as blob_feeder
 
     opened: list[Any] = []
     open_container = blob_client.open_container

@@ -13,7 +13,7 @@ import blob2gpu
 import pytest
 import torch
 from blob2gpu import _core, errors
-from blob2gpu.timeline import describe
+from blob2gpu.operations.timeline import describe
 from conftest import as_bytes, load_with_report, random_tensor, upload_directory
 from conftest import checkpoint_bytes as expected
 
@@ -123,7 +123,7 @@ def busy(headers: dict[str, str]) -> Exception:
     ],
 )
 def test_retry_after_forms(headers, seconds):
-    from blob2gpu.sources.blob_feeder import retry_after
+    from blob2gpu.sources.azure.feeder import retry_after
 
     assert retry_after(busy(headers)) == seconds
     assert retry_after(ConnectionResetError()) == 0.0

@@ -305,7 +305,7 @@ def test_fetch_aux_downloads_the_other_files_not_other_weight_formats(
 def test_fetch_aux_checks_files_against_the_manifest(
     published, azurite, container, blob_env, tmp_path
 ):
-    from blob2gpu.publish import publish
+    from blob2gpu.integrity.publish import publish
 
     uri = f"az://{container}/signed"
     with pytest.raises(errors.ManifestMissing, match="blob2gpu.manifest.json"):
@@ -399,7 +399,7 @@ def test_a_shard_archived_during_the_load_is_a_typed_error_not_a_retry(
 
 def test_archived_reason_of_listed_blobs():
     from azure.storage.blob import BlobProperties
-    from blob2gpu.sources.azure_blob import archived_reason
+    from blob2gpu.sources.azure.service import archived_reason
 
     blob = BlobProperties()
     assert archived_reason(blob) is None
@@ -438,7 +438,7 @@ def test_az_uri_needs_an_account(monkeypatch):
 
 
 def test_bearer_tokens_never_cross_plain_http():
-    from blob2gpu.sources.azure_blob import parse_blob_uri, resolve_credential
+    from blob2gpu.sources.azure.service import parse_blob_uri, resolve_credential
 
     class Token:
         def get_token(self, *scopes, **kwargs):  # pragma: no cover - never called
@@ -454,7 +454,7 @@ def test_bearer_tokens_never_cross_plain_http():
 
 def test_default_azure_credential_is_made_once_per_process_and_needs_https():
     from azure.identity import DefaultAzureCredential
-    from blob2gpu.sources.azure_blob import parse_blob_uri, resolve_credential
+    from blob2gpu.sources.azure.service import parse_blob_uri, resolve_credential
 
     https = parse_blob_uri("https://acct.blob.core.windows.net/models/llama")
     first, how = resolve_credential(https, environ={})
@@ -516,7 +516,7 @@ def test_default_azure_credential_is_made_once_per_process_and_needs_https():
     ],
 )
 def test_uri_forms(uri, account_url, container, path):
-    from blob2gpu.sources.azure_blob import parse_blob_uri
+    from blob2gpu.sources.azure.service import parse_blob_uri
 
     loc = parse_blob_uri(uri)
     assert (loc.account_url, loc.container, loc.path) == (account_url, container, path)
@@ -527,7 +527,7 @@ _DEVELOPMENT_STORAGE_LOAD = """
 import hashlib, json, os, sys
 from pathlib import Path
 import blob2gpu, torch
-from blob2gpu.emulator import Azurite
+from blob2gpu.tools.emulator import Azurite
 with Azurite(port=10000) as server:
     server.upload_directory("dev", Path(sys.argv[1]), "m")
     os.environ["AZURE_STORAGE_CONNECTION_STRING"] = "UseDevelopmentStorage=true"
@@ -545,7 +545,7 @@ def test_use_development_storage_connection_string(write_checkpoint, monkeypatch
     import hashlib
     import sys
 
-    from blob2gpu.sources.azure_blob import parse_blob_uri
+    from blob2gpu.sources.azure.service import parse_blob_uri
     from support.namespaces import run_in_private_network
 
     directory = write_checkpoint(shards(2))
@@ -567,7 +567,7 @@ def test_use_development_storage_connection_string(write_checkpoint, monkeypatch
 
 
 def test_redaction():
-    from blob2gpu.sources.redact import redact
+    from blob2gpu.redaction import redact
 
     text = (
         "GET https://a.blob.core.windows.net/c/b?sv=2020&sig=SECRET%2B&se=2030 "

@@ -234,7 +234,7 @@ def test_progress_renders_bar_and_lines():
     import io
     import time
 
-    from blob2gpu.progress import LoadProgress
+    from blob2gpu.operations.progress import LoadProgress
 
     state = {"done": 0}
 

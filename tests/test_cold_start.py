@@ -14,11 +14,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from blob2gpu import coldstart  # noqa: E402
-from blob2gpu.coldstart import DEFAULT_INPUT_IDS, cold_start  # noqa: E402
 from blob2gpu.errors import InvalidArgument  # noqa: E402
-from blob2gpu.publish import publish  # noqa: E402
-from blob2gpu.report import PHASES  # noqa: E402
+from blob2gpu.integrations import coldstart  # noqa: E402
+from blob2gpu.integrations.coldstart import DEFAULT_INPUT_IDS, cold_start  # noqa: E402
+from blob2gpu.integrity.publish import publish  # noqa: E402
+from blob2gpu.operations.report import PHASES  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

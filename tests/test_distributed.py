@@ -12,7 +12,7 @@ import sys
 import blob2gpu
 import pytest
 import torch
-from blob2gpu.distributed import byte_owners
+from blob2gpu.integrations.distributed import byte_owners
 from conftest import random_tensor, upload_directory
 
 RANK_SCRIPT = """

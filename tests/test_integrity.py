@@ -11,8 +11,8 @@ import blob2gpu
 import pytest
 import torch
 from blob2gpu import _core, errors
-from blob2gpu.manifest import MANIFEST_NAME, Manifest, hash_file, manifest_for_directory
-from blob2gpu.publish import publish, write_manifest
+from blob2gpu.integrity.manifest import MANIFEST_NAME, Manifest, hash_file, manifest_for_directory
+from blob2gpu.integrity.publish import publish, write_manifest
 from conftest import as_bytes, prepare_device, random_tensor, upload_directory
 from conftest import checkpoint_bytes as expected
 from support.azurite import ACCOUNT, ACCOUNT_KEY

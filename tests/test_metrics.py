@@ -10,7 +10,7 @@ import sys
 import blob2gpu
 import pytest
 import torch
-from blob2gpu import metrics
+from blob2gpu.operations import metrics
 from conftest import random_tensor, upload_directory
 from prometheus_client import CollectorRegistry
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import blob2gpu
 import pytest
 import torch
-from blob2gpu.sources.nvme_cache import NvmeCache
+from blob2gpu.cache.nvme import NvmeCache
 from conftest import as_bytes, random_tensor, upload_directory
 from conftest import checkpoint_bytes as expected
 from support.azurite import ACCOUNT
@@ -314,7 +314,7 @@ def test_bytes_that_reach_the_disk_wrong_are_never_published(
 ):
     # The disk (here: a pwrite that flips a bit) stores something else than what was received:
     # the read-back check before publishing catches it even without a manifest.
-    from blob2gpu.sources import nvme_cache
+    from blob2gpu.cache import nvme as nvme_cache
 
     real_pwrite = os.pwrite
 

@@ -8,7 +8,7 @@ import logging
 
 import blob2gpu
 import torch
-from blob2gpu.report import LoadReport, first_token_percentiles
+from blob2gpu.operations.report import LoadReport, first_token_percentiles
 from conftest import random_tensor
 
 

@@ -11,7 +11,7 @@ import blob2gpu
 import pytest
 import torch
 from blob2gpu import _core, errors
-from blob2gpu.manifest import MANIFEST_NAME, manifest_for_directory
+from blob2gpu.integrity.manifest import MANIFEST_NAME, manifest_for_directory
 from conftest import as_bytes, prepare_device, random_tensor, raw_safetensors, upload_directory
 from conftest import checkpoint_bytes as expected
 

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 import torch
-from blob2gpu import errors, strategy_bench
+from blob2gpu import errors
+from blob2gpu.tools import strategy_bench
 from conftest import random_tensor, upload_directory
 
 

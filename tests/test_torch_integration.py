@@ -1,9 +1,10 @@
-"""blob2gpu.torch.load_into: a module built on the meta device gets its weights assigned from a
-checkpoint, with strict name and shape checks, dtype casts, prefixes and tied weights."""
+"""blob2gpu.integrations.torch_modules.load_into: a module built on the meta device gets its
+weights assigned from a checkpoint, with strict name and shape checks, dtype casts, prefixes and
+tied weights."""
 
 from __future__ import annotations
 
-import blob2gpu.torch as b2t
+import blob2gpu.integrations.torch_modules as b2t
 import pytest
 import torch
 from safetensors.torch import save_file

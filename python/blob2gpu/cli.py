@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import Blob2GpuError, LocalWriteError
+from blob2gpu.errors import Blob2GpuError, LocalWriteError
 
 
 @contextlib.contextmanager
@@ -57,8 +57,7 @@ def _write_text(path: str, text: str) -> None:
 
 def _cmd_load(args: argparse.Namespace) -> int:
     import blob2gpu
-
-    from .progress import LoadProgress, choose_mode
+    from blob2gpu.operations.progress import LoadProgress, choose_mode
 
     settings = dict(args.set or [])
     selection: dict[str, object] = {}
@@ -96,8 +95,8 @@ def _cmd_load(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch_aux(args: argparse.Namespace) -> int:
-    from . import fetch_aux
-    from .loader import source_uri
+    from blob2gpu.api import fetch_aux
+    from blob2gpu.loading.loader import source_uri
 
     settings = dict(args.set or [])
     paths = fetch_aux(source_uri(args.uri), args.dest, config=args.config, **settings)
@@ -108,20 +107,20 @@ def _cmd_fetch_aux(args: argparse.Namespace) -> int:
 
 
 def _cmd_coldstart(args: argparse.Namespace) -> int:
-    from .coldstart import cold_start, describe
+    from blob2gpu.integrations.coldstart import cold_start, describe
 
     print(describe(cold_start(args.uri, device=args.device, prompt=args.prompt)))
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main
+    from blob2gpu.tools.demo import main
 
     return main(device=args.device, total_mb=args.size_mb, source=args.source, model=args.model)
 
 
 def _cmd_preflight(args: argparse.Namespace) -> int:
-    from .preflight import run_preflight
+    from blob2gpu.operations.preflight import run_preflight
 
     result = run_preflight(
         source=args.source,
@@ -135,7 +134,7 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    from .settings import CONFIG_ENV, SCHEMA, resolve
+    from blob2gpu.settings import CONFIG_ENV, SCHEMA, resolve
 
     resolved = resolve(config_path=args.config)
     config = args.config or os.environ.get(CONFIG_ENV)
@@ -164,7 +163,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_report_show(args: argparse.Namespace) -> int:
-    from .timeline import describe, read_report, render_png
+    from blob2gpu.operations.timeline import describe, read_report, render_png
 
     report = read_report(args.file)
     print(describe(report))
@@ -175,7 +174,7 @@ def _cmd_report_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from .publish import publish
+    from blob2gpu.integrity.publish import publish
 
     manifest = publish(args.local_dir, args.uri, chunk_bytes=args.chunk_bytes)
     total = sum(e.size for e in manifest.files.values())
@@ -186,7 +185,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _cmd_manifest(args: argparse.Namespace) -> int:
-    from .publish import write_manifest
+    from blob2gpu.integrity.publish import write_manifest
 
     manifest = write_manifest(args.uri, chunk_bytes=args.chunk_bytes)
     print(f"wrote blob2gpu.manifest.json for {len(manifest.files)} file(s)")
@@ -194,8 +193,8 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> Any:
-    from .settings import resolve
-    from .sources.nvme_cache import NvmeCache
+    from blob2gpu.cache.nvme import NvmeCache
+    from blob2gpu.settings import resolve
 
     settings = resolve(config_path=args.config)
     try:
@@ -246,7 +245,7 @@ def _cmd_cache_prune(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import strategy_bench
+    from blob2gpu.tools import strategy_bench
 
     settings = dict(args.set or [])
     results = strategy_bench.run(args.uri, args.strategies.split(","), device=args.device,

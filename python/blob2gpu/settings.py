@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from blob2gpu.errors import ConfigError
 
 ENV_PREFIX = "BLOB2GPU_"
 CONFIG_ENV = "BLOB2GPU_CONFIG"

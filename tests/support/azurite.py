@@ -1,4 +1,4 @@
-"""The tests' Azurite: blob2gpu.emulator's, found in the repo's .azurite/ (scripts/test.sh
+"""The tests' Azurite: blob2gpu.tools.emulator's, found in the repo's .azurite/ (scripts/test.sh
 installs it there)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from blob2gpu import emulator
-from blob2gpu.emulator import ACCOUNT, ACCOUNT_KEY
+from blob2gpu.tools import emulator
+from blob2gpu.tools.emulator import ACCOUNT, ACCOUNT_KEY
 
 __all__ = ["ACCOUNT", "ACCOUNT_KEY", "Azurite"]
 

@@ -6,8 +6,8 @@ source module.
 
 from __future__ import annotations
 
-from .local import resolve_local
-from .plan import ShardPlan, ShardRef
+from blob2gpu.sources.local import resolve_local
+from blob2gpu.sources.plan import ShardPlan, ShardRef
 
 __all__ = ["ShardPlan", "ShardRef", "resolve"]
 

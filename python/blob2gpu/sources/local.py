@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from ..errors import InvalidArgument, InvalidIndex, SourceUnavailable
-from .plan import ShardPlan, ShardRef
+from blob2gpu.errors import InvalidArgument, InvalidIndex, SourceUnavailable
+from blob2gpu.sources.plan import ShardPlan, ShardRef
 
 INDEX_NAME = "model.safetensors.index.json"
 

@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _core
-from .checkpoint import Checkpoint
-from .errors import (
+from blob2gpu import _core
+from blob2gpu.cache.nvme import CacheEntry, CacheWriter, NvmeCache
+from blob2gpu.errors import (
     BlobChanged,
     ChecksumMismatch,
     InsufficientGPUMemory,
@@ -21,16 +21,21 @@ from .errors import (
     InvalidArgument,
     ShardCountMismatch,
 )
-from .frameworks import converter
-from .guardrails import check_memory_fit
-from .manifest import core_checksums, read_local_manifest, require_manifest
-from .report import LoadReport
-from .selection import header_reader, select, selected_sizes, selection_from_arguments
-from .settings import ResolvedSettings, resolve
-from .sources import ShardPlan
-from .sources import resolve as resolve_local
-from .sources.azure_blob import is_blob_uri
-from .sources.nvme_cache import CacheEntry, CacheWriter, NvmeCache
+from blob2gpu.integrity.manifest import core_checksums, read_local_manifest, require_manifest
+from blob2gpu.loading.checkpoint import Checkpoint
+from blob2gpu.loading.frameworks import converter
+from blob2gpu.loading.memory_fit import check_memory_fit
+from blob2gpu.loading.selection import (
+    header_reader,
+    select,
+    selected_sizes,
+    selection_from_arguments,
+)
+from blob2gpu.operations.report import LoadReport
+from blob2gpu.settings import ResolvedSettings, resolve
+from blob2gpu.sources import ShardPlan
+from blob2gpu.sources import resolve as resolve_local
+from blob2gpu.sources.azure.service import is_blob_uri
 
 # Settings fixed when a target's pipeline is built; the others may change per load.
 PIPELINE_SETTINGS = (
@@ -229,7 +234,7 @@ class Loader:
 
     def _http_sessions(self) -> Any:
         """The storage connections kept across this Loader's loads (closed by close())."""
-        from .sources.blob_client import HttpSessions
+        from blob2gpu.sources.azure.container import HttpSessions
 
         with self._pipelines_lock:
             if self._closed:
@@ -278,11 +283,11 @@ class Loader:
         None takes $MODEL_SOURCE_URI. credential: for Blob URIs, an azure credential, account key
         or SAS (else see sources.azure_blob.resolve_credential for the environment it reads).
         tensor_names / tensor_filter: load only these tensors, reading only their bytes (see
-        blob2gpu.selection). Raises, before any weight is read: SourceUnavailable (BlobNotFound,
-        AccessDenied, ...), InsufficientGPUMemory / InsufficientHostMemory, ShardCountMismatch,
-        TensorNotFound (with an index), InvalidArgument, ConfigError. Errors of the load itself
-        (InvalidHeader, GPUOutOfMemory, BlobChanged, StorageUnavailable, TensorNotFound without
-        an index, ...) surface while iterating.
+        blob2gpu.loading.selection). Raises, before any weight is read: SourceUnavailable
+        (BlobNotFound, AccessDenied, ...), InsufficientGPUMemory / InsufficientHostMemory,
+        ShardCountMismatch, TensorNotFound (with an index), InvalidArgument, ConfigError. Errors
+        of the load itself (InvalidHeader, GPUOutOfMemory, BlobChanged, StorageUnavailable,
+        TensorNotFound without an index, ...) surface while iterating.
         """
         wanted_names, wanted_filter = selection_from_arguments(tensor_names, tensor_filter)
         uri = source_uri(uri)
@@ -296,7 +301,7 @@ class Loader:
         self._start_pipeline(device)
         container = None
         if is_blob_uri(uri):
-            from .sources.blob_client import open_container
+            from blob2gpu.sources.azure.container import open_container
 
             container = open_container(uri, effective, credential, self._http_sessions())
             listing = container.list_checkpoint()
@@ -376,8 +381,8 @@ class Loader:
                 wanted=wanted,
             )
         else:
-            from .sources.azure_blob import archived_error
-            from .sources.blob_feeder import BlobFeeder
+            from blob2gpu.sources.azure.feeder import BlobFeeder
+            from blob2gpu.sources.azure.service import archived_error
 
             slot_bytes = self._settings.staging_slot_bytes
             chunk = effective.chunk_bytes or slot_bytes

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import _core
+from blob2gpu import _core
 
 CHUNK_BYTES = 4 << 20
 META_VERSION = 1

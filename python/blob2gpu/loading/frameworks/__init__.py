@@ -10,7 +10,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import DTypeNotSupported, InvalidArgument
+from blob2gpu.errors import DTypeNotSupported, InvalidArgument
 
 FRAMEWORKS = ("torch", "numpy", "cupy", "dlpack")
 

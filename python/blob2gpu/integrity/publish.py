@@ -7,20 +7,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgument
-from .manifest import (
+from blob2gpu.errors import InvalidArgument
+from blob2gpu.integrity.manifest import (
     DEFAULT_CHUNK_BYTES,
     MANIFEST_NAME,
     Manifest,
     hash_stream,
     manifest_for_directory,
 )
-from .settings import resolve
-from .sources.azure_blob import is_blob_uri
+from blob2gpu.settings import resolve
+from blob2gpu.sources.azure.service import is_blob_uri
 
 
 def _container(uri: str, credential: Any, settings: dict[str, Any]) -> Any:
-    from .sources.blob_client import open_container
+    from blob2gpu.sources.azure.container import open_container
 
     if not is_blob_uri(uri):
         raise InvalidArgument(f"'{uri}' is not a Blob URI (az://, https://, path-style http://)")

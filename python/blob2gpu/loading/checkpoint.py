@@ -8,11 +8,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import _core, metrics
-from .errors import BlobChanged, ChecksumMismatch, InvalidIndex, LoadCancelled
-from .report import LoadReport
-from .selection import EVERYTHING, Selection, check_found
-from .sources import ShardPlan
+from blob2gpu import _core
+from blob2gpu.errors import BlobChanged, ChecksumMismatch, InvalidIndex, LoadCancelled
+from blob2gpu.loading.selection import EVERYTHING, Selection, check_found
+from blob2gpu.operations import metrics
+from blob2gpu.operations.report import LoadReport
+from blob2gpu.sources import ShardPlan
 
 log = logging.getLogger("blob2gpu")
 

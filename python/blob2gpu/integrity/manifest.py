@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _core
-from .errors import InvalidManifest, ManifestMissing
+from blob2gpu import _core
+from blob2gpu.errors import InvalidManifest, ManifestMissing
 
 MANIFEST_NAME = "blob2gpu.manifest.json"
 FORMAT = "blob2gpu-manifest"

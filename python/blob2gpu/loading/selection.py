@@ -19,9 +19,9 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _core
-from .errors import InvalidArgument, TensorNotFound
-from .sources import ShardPlan, ShardRef
+from blob2gpu import _core
+from blob2gpu.errors import InvalidArgument, TensorNotFound
+from blob2gpu.sources import ShardPlan, ShardRef
 
 HEADER_PROBE_BYTES = 64 << 10  # first read of a header; a longer header costs one more read
 

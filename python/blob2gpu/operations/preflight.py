@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _core
-from .errors import Blob2GpuError, InvalidArgument
-from .guardrails import host_available_bytes
-from .settings import ResolvedSettings, resolve
-from .sources.redact import redact
+from blob2gpu import _core
+from blob2gpu.errors import Blob2GpuError, InvalidArgument
+from blob2gpu.loading.memory_fit import host_available_bytes
+from blob2gpu.redaction import redact
+from blob2gpu.settings import ResolvedSettings, resolve
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 CACHE_DIR_ENV = "BLOB2GPU_CACHE_DIR"
@@ -111,8 +111,8 @@ def _cuda_version(v: int) -> str:
 def default_cache_dir(settings: ResolvedSettings | None = None) -> Path:
     """The cache directory the loader would use: the `cache_dir` setting (keyword,
     $BLOB2GPU_CACHE_DIR or config file), else the cache tier's own default."""
-    from .settings import resolve
-    from .sources.nvme_cache import default_cache_dir as cache_tier_default
+    from blob2gpu.cache.nvme import default_cache_dir as cache_tier_default
+    from blob2gpu.settings import resolve
 
     configured = (settings if settings is not None else resolve()).cache_dir
     return Path(configured) if configured else cache_tier_default()
@@ -417,7 +417,7 @@ def _check_source(run: _Run, source: str | None) -> None:
         t = time.perf_counter()
         run.add(Check("storage", SKIP, "no --source (or MODEL_SOURCE_URI) given"), t)
         return
-    from .sources.azure_blob import is_blob_uri
+    from blob2gpu.sources.azure.service import is_blob_uri
 
     if is_blob_uri(source):
         _check_blob(run, source)
@@ -426,7 +426,7 @@ def _check_source(run: _Run, source: str | None) -> None:
 
 
 def _check_local(run: _Run, source: str) -> None:
-    from .sources import resolve as resolve_local
+    from blob2gpu.sources import resolve as resolve_local
 
     t = time.perf_counter()
     run.add(Check("storage", SKIP, "local source: no storage endpoint"), t)
@@ -490,7 +490,7 @@ def _network_reason(message: str) -> str:
 
 
 def _check_blob(run: _Run, uri: str) -> None:
-    from .sources.blob_client import open_container
+    from blob2gpu.sources.azure.container import open_container
 
     t = time.perf_counter()
     fast = run.settings.with_overrides(
@@ -512,8 +512,8 @@ def _check_blob(run: _Run, uri: str) -> None:
 
 def _probe_storage(run: _Run, container: Any, t: float) -> None:
     """List one blob (reachable? credentials accepted?), then the checkpoint itself."""
-    from .errors import AccessDenied, BlobNotFound, ProxyAuthenticationRefused
-    from .sources.azure_blob import storage_error
+    from blob2gpu.errors import AccessDenied, BlobNotFound, ProxyAuthenticationRefused
+    from blob2gpu.sources.azure.service import storage_error
 
     endpoint = container.location.account_url
     raw = ""  # the transport's own words: the mapped error keeps only their first 300 characters
@@ -656,7 +656,7 @@ def run_preflight(
     cuda a missing driver or GPU fails, otherwise the GPU checks are skipped.
     Raises ConfigError for a bad config file or setting, InvalidArgument for a bad device.
     """
-    from .loader import SOURCE_URI_ENV, normalize_device
+    from blob2gpu.loading.loader import SOURCE_URI_ENV, normalize_device
 
     settings = resolve(config_path=config)
     requested = device.strip().lower()

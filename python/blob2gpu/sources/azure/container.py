@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import (
+from blob2gpu.errors import (
     BlobChanged,
     ChecksumMismatch,
     InvalidArgument,
     LocalWriteError,
 )
-from ..manifest import Manifest, require_manifest
-from .azure_blob import (
+from blob2gpu.integrity.manifest import Manifest, require_manifest
+from blob2gpu.sources.azure.feeder import RetryPolicy
+from blob2gpu.sources.azure.service import (
     AuxBlob,
     BlobListing,
     BlobLocation,
@@ -30,7 +31,6 @@ from .azure_blob import (
     parse_blob_uri,
     resolve_credential,
 )
-from .blob_feeder import RetryPolicy
 
 
 @dataclass

@@ -14,9 +14,9 @@ import json
 import os
 from pathlib import Path
 
-from .errors import InvalidArgument
-from .report import LoadReport
-from .sources.redact import redact, strip_query
+from blob2gpu.errors import InvalidArgument
+from blob2gpu.operations.report import LoadReport
+from blob2gpu.redaction import redact, strip_query
 
 PHASE_MARKERS = (
     ("artifact_fetch_complete", "fetch complete", "#6b6b6b", (0, (1, 2))),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .errors import InsufficientGPUMemory, InsufficientHostMemory
+from blob2gpu.errors import InsufficientGPUMemory, InsufficientHostMemory
 
 GB = 1e9
 

@@ -21,8 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..errors import Blob2GpuError, BlobChanged, HeaderTruncated, LoadCancelled, StorageUnavailable
-from .azure_blob import (
+from blob2gpu.errors import (
+    Blob2GpuError,
+    BlobChanged,
+    HeaderTruncated,
+    LoadCancelled,
+    StorageUnavailable,
+)
+from blob2gpu.redaction import redact
+from blob2gpu.sources.azure.service import (
     BlobLocation,
     failure_reason,
     is_transient,
@@ -30,8 +37,7 @@ from .azure_blob import (
     response_header,
     storage_error,
 )
-from .plan import ShardPlan, ShardRef
-from .redact import redact
+from blob2gpu.sources.plan import ShardPlan, ShardRef
 
 T = TypeVar("T")
 

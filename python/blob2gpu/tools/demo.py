@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _core
-from .errors import InvalidArgument
+from blob2gpu import _core
+from blob2gpu.errors import InvalidArgument
 
 LAYER_SHAPES = {
     "attn.qkv.weight": (3, 1),
@@ -85,7 +85,7 @@ def write_demo_llama(directory: Path, total_mb: int = 256) -> Path:
     """A Llama-architecture model of about total_mb MB (bf16, random weights, as many layers as
     fit) saved by transformers as shards with index, config.json and a byte-level tokenizer.
     Needs transformers, tokenizers and torch; reaches no hub. Returns the directory."""
-    from .coldstart import _import_transformers
+    from blob2gpu.integrations.coldstart import _import_transformers
 
     transformers = _import_transformers()
     import torch
@@ -121,8 +121,7 @@ def main(device: str = "auto", total_mb: int = 256, source: str = "auto",
     if model not in ("generated", "llama"):
         raise InvalidArgument(f"demo model '{model}' is not one of 'generated', 'llama'")
     import blob2gpu
-
-    from .emulator import Azurite, find_azurite
+    from blob2gpu.tools.emulator import Azurite, find_azurite
 
     if device == "auto":
         device = "cuda" if _core.driver_info()["available"] else "cpu"
@@ -157,8 +156,8 @@ def main(device: str = "auto", total_mb: int = 256, source: str = "auto",
 
 
 def _llama_cold_start(tmp: Path, device: str, total_mb: int, source: str) -> int:
-    from .coldstart import cold_start, describe
-    from .emulator import Azurite
+    from blob2gpu.integrations.coldstart import cold_start, describe
+    from blob2gpu.tools.emulator import Azurite
 
     path = write_demo_llama(tmp / "llama", total_mb)
     size_mb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
@@ -179,7 +178,7 @@ def _llama_cold_start(tmp: Path, device: str, total_mb: int, source: str) -> int
 
 
 def _account_key(connection_string: str) -> dict[str, str]:
-    from .sources.azure_blob import parse_connection_string
+    from blob2gpu.sources.azure.service import parse_connection_string
 
     cs = parse_connection_string(connection_string)
     return {"account_name": cs["AccountName"], "account_key": cs["AccountKey"]}

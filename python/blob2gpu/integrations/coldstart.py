@@ -1,7 +1,7 @@
 """Cold start to first token: config and weights from Blob Storage (or a local directory) into a
 transformers model built on the meta device, then one greedy token.
 
-    result = blob2gpu.coldstart.cold_start("az://models/llama/", device="cuda")
+    result = blob2gpu.integrations.coldstart.cold_start("az://models/llama/", device="cuda")
     print(result.text, result.report.phase_table())   # first_token is filled
 
 The model's parameters never exist anywhere but where blob2gpu puts them. Its non-persistent
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgument
-from .report import LoadReport
-from .sources.redact import redact, strip_query
+from blob2gpu.errors import InvalidArgument
+from blob2gpu.operations.report import LoadReport
+from blob2gpu.redaction import redact, strip_query
 
 # Input when the checkpoint ships no tokenizer (taken modulo the vocabulary size).
 DEFAULT_INPUT_IDS = (1, 2, 3, 4)
@@ -73,7 +73,7 @@ def cold_start(uri: str, device: str = "cpu", dtype: Any = None, prompt: str = "
     transformers = _import_transformers()
     import torch
 
-    from .torch import load_into
+    from blob2gpu.integrations.torch_modules import load_into
 
     with tempfile.TemporaryDirectory(prefix="blob2gpu-coldstart-") as tmp:
         directory = _aux_directory(uri, Path(tmp), credential, settings)
@@ -118,9 +118,9 @@ def _import_transformers() -> Any:
 def _aux_directory(uri: str, tmp: Path, credential: Any, settings: dict[str, Any]) -> Path:
     """The local directory holding config.json and tokenizer files: downloaded into `tmp` for a
     Blob URI, the checkpoint's own directory for a local one."""
-    from . import fetch_aux
-    from .sources.azure_blob import is_blob_uri
-    from .sources.local import resolve_local
+    from blob2gpu.api import fetch_aux
+    from blob2gpu.sources.azure.service import is_blob_uri
+    from blob2gpu.sources.local import resolve_local
 
     if is_blob_uri(uri):
         fetch_aux(uri, str(tmp), credential=credential, **settings)
@@ -171,7 +171,7 @@ def _materialize_buffers(model: Any, device: str, rebuild: Any) -> None:
     """
     import torch
 
-    from .torch import StateDictMismatch
+    from blob2gpu.integrations.torch_modules import StateDictMismatch
 
     unwritten = []
     for owner_name, module in model.named_modules():

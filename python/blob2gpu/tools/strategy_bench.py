@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgument
+from blob2gpu.errors import InvalidArgument
 
 STRATEGIES = ("image-local", "host-staging", "direct-gpu", "runai", "fastsafetensors")
 PHASE_COLUMNS = ("fetch_s", "stage_s", "load_s", "ttft_s", "cold_start_s")
@@ -142,15 +142,15 @@ def _run_peer(name: str, directory: Path, device: str) -> dict[str, float]:
 
 def _local_copy(uri: str, directory: str | None) -> tuple[Path, tempfile.TemporaryDirectory | None]:
     """A local directory of the checkpoint for the local strategies (downloaded, untimed)."""
-    from .sources.azure_blob import is_blob_uri
+    from blob2gpu.sources.azure.service import is_blob_uri
 
     if directory:
         return Path(directory), None
     if not is_blob_uri(uri):
         path = Path(uri.removeprefix("file://"))
         return (path if path.is_dir() else path.parent), None
-    from .settings import resolve
-    from .sources.blob_client import open_container
+    from blob2gpu.settings import resolve
+    from blob2gpu.sources.azure.container import open_container
 
     # The same shard files, as an image or a local disk would hold them.
     tmp = tempfile.TemporaryDirectory(prefix="blob2gpu-bench-")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
-from ..errors import (
+from blob2gpu.errors import (
     AccessDenied,
     BlobArchived,
     BlobNotFound,
@@ -35,8 +35,8 @@ from ..errors import (
     SourceUnavailable,
     StorageUnavailable,
 )
-from .plan import ShardPlan, ShardRef
-from .redact import redact
+from blob2gpu.redaction import redact
+from blob2gpu.sources.plan import ShardPlan, ShardRef
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "blob2gpu.manifest.json"

@@ -3,7 +3,7 @@ start allocates each weight once, where it will be used.
 
     with torch.device("meta"):
         model = MyModel(config)
-    report = blob2gpu.torch.load_into(model, "az://models/llama/", device="cuda")
+    report = load_into(model, "az://models/llama/", device="cuda")
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidArgument
-from .report import LoadReport
+from blob2gpu.errors import InvalidArgument
+from blob2gpu.operations.report import LoadReport
 
 
 class StateDictMismatch(InvalidArgument):
@@ -47,7 +47,7 @@ def load_into(module: torch.nn.Module, uri: str | None = None, device: str = "cu
     tensors (all of them, with strict=True; only misshapen ones otherwise), and every error of
     blob2gpu.load.
     """
-    from . import open as open_checkpoint
+    from blob2gpu.api import open as open_checkpoint
 
     expected = module.state_dict(keep_vars=True)
     tied = _tied_names(module)

@@ -14,7 +14,7 @@ import dataclasses
 import os
 from typing import Any
 
-from .errors import InvalidArgument
+from blob2gpu.errors import InvalidArgument
 
 ALIGN = 1 << 20  # rank boundaries fall on MiB boundaries: large, aligned requests
 
@@ -86,9 +86,10 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
     import torch
     import torch.distributed as dist
 
-    from .checkpoint import Checkpoint
-    from .frameworks import converter
-    from .loader import (
+    from blob2gpu.integrity.manifest import core_checksums, read_local_manifest
+    from blob2gpu.loading.checkpoint import Checkpoint
+    from blob2gpu.loading.frameworks import converter
+    from blob2gpu.loading.loader import (
         Loader,
         chunk_algorithm,
         content_md5_to_check,
@@ -96,11 +97,10 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
         source_uri,
         verification_of,
     )
-    from .manifest import core_checksums, read_local_manifest
-    from .report import LoadReport
-    from .selection import header_reader, select, selection_from_arguments
-    from .sources import resolve as resolve_local
-    from .sources.azure_blob import is_blob_uri
+    from blob2gpu.loading.selection import header_reader, select, selection_from_arguments
+    from blob2gpu.operations.report import LoadReport
+    from blob2gpu.sources import resolve as resolve_local
+    from blob2gpu.sources.azure.service import is_blob_uri
 
     if not (dist.is_available() and dist.is_initialized()):
         raise InvalidArgument("distributed=True needs torch.distributed.init_process_group() "
@@ -118,7 +118,7 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
         loader._start_pipeline(device)  # CUDA's start-up beside the listing and the all-gather
         container = listing = None
         if is_blob_uri(uri):
-            from .sources.blob_client import open_container
+            from blob2gpu.sources.azure.container import open_container
 
             container = open_container(uri, effective, credential, loader._http_sessions())
             listing = container.list_checkpoint()

@@ -129,7 +129,9 @@ class LoadReport:
         """
         self.phases["first_token"] = time.perf_counter() - self._clock_start
         if self.settings.get("emit_first_token_latency", True):
-            from . import metrics  # lazy: no import cycle should metrics ever need report
+            from blob2gpu.operations import (
+                metrics,  # lazy: no import cycle should metrics ever need report
+            )
 
             _FIRST_TOKENS.record(self.phases["first_token"])
             metrics.observe_first_token(self.phases["first_token"])

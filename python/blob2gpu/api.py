@@ -1,0 +1,95 @@
+"""The public functions: load a checkpoint whole, open one to stream it, fetch the files beside
+it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from blob2gpu import errors
+from blob2gpu.loading.checkpoint import Checkpoint
+from blob2gpu.loading.loader import Loader
+
+
+def load(
+    uri: str | None = None,
+    device: str = "cpu",
+    framework: str = "torch",
+    credential: Any = None,
+    config: str | None = None,
+    distributed: bool = False,
+    tensor_names: Iterable[str] | None = None,
+    tensor_filter: Callable[[str], bool] | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Load every tensor of a checkpoint; returns {name: tensor} of `framework` on `device`.
+
+    uri: a .safetensors file, a directory of shards, or a model.safetensors.index.json, local or
+    in Azure Blob Storage (az://CONTAINER/PREFIX, https://ACCOUNT.blob.core.windows.net/...);
+    None takes $MODEL_SOURCE_URI. credential: for Blob URIs, an azure credential object, account
+    key or SAS token. device: 'cpu', 'cuda' or 'cuda:N'. framework: 'torch', 'numpy', 'cupy' or
+    'dlpack'. config: a YAML settings file (else $BLOB2GPU_CONFIG). distributed: with an
+    initialized torch.distributed group, each rank fetches a disjoint part of the bytes and
+    broadcasts it (blob2gpu.integrations.distributed): one copy per group from storage.
+    tensor_names (a list of names) or tensor_filter (name -> bool): load only those tensors,
+    reading only their bytes, e.g. one pipeline stage's layers per rank
+    (blob2gpu.loading.selection). settings: see
+    blob2gpu.settings (docs/settings.md). Raises a blob2gpu.errors.Blob2GpuError subclass naming
+    the shard and what to change; on error nothing stays allocated.
+    """
+    if distributed:
+        from blob2gpu.integrations.distributed import load as load_distributed
+
+        return load_distributed(uri, device, framework, credential,
+                                dict(settings, **({"config": config} if config else {})),
+                                tensor_names=tensor_names, tensor_filter=tensor_filter)
+    with Loader(config=config, **settings) as loader:
+        return loader.load(uri, device=device, framework=framework, credential=credential,
+                           tensor_names=tensor_names, tensor_filter=tensor_filter)
+
+
+def open(
+    uri: str | None = None,
+    device: str = "cpu",
+    framework: str = "torch",
+    credential: Any = None,
+    config: str | None = None,
+    tensor_names: Iterable[str] | None = None,
+    tensor_filter: Callable[[str], bool] | None = None,
+    **settings: Any,
+) -> Checkpoint:
+    """Start loading and return a Checkpoint (a context manager) at once.
+
+    Iterate it for (name, tensor) in arrival order; ``get(name)``, ``keys()``, ``metadata``,
+    ``progress()`` and ``report`` wait for what they need. Closing it releases the staging it used.
+    Arguments as for load().
+    """
+    loader = Loader(config=config, **settings)
+    try:
+        checkpoint = loader.open(uri, device=device, framework=framework, credential=credential,
+                                 tensor_names=tensor_names, tensor_filter=tensor_filter)
+    except BaseException:
+        loader.close()
+        raise
+    checkpoint._on_close = loader.close
+    return checkpoint
+
+
+def fetch_aux(
+    uri: str, dest: str, credential: Any = None, config: str | None = None, **settings: Any
+) -> list[str]:
+    """Download the non-weight files beside a Blob checkpoint (config.json, tokenizer files, ...)
+    into the local directory `dest`; returns their paths. Weights in other formats beside the
+    shards (pytorch_model.bin, *.pth, ...) are left out; files the checkpoint's manifest lists are
+    checked against it (setting `verify`). `config`: a YAML settings file, as for load(). Raises
+    BlobNotFound, AccessDenied, BlobArchived, StorageUnavailable, BlobChanged, ChecksumMismatch,
+    LocalWriteError, or InvalidArgument for a URI that is not a Blob URI."""
+    from blob2gpu.settings import resolve
+    from blob2gpu.sources.azure.container import open_container
+    from blob2gpu.sources.azure.service import is_blob_uri
+
+    if not is_blob_uri(uri):
+        raise errors.InvalidArgument(f"fetch_aux needs a Blob URI (az://, https://), not '{uri}'")
+    effective = resolve(settings, config_path=config)
+    with open_container(uri, effective, credential) as container:
+        return [str(p) for p in container.fetch_aux(dest, effective.verify)]

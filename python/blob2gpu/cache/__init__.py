@@ -1,0 +1,1 @@
+"""The node-local NVMe cache tier of Blob shards."""

@@ -1,0 +1,1 @@
+"""What other software calls: torch modules, torch.distributed fan-out, cold starts."""

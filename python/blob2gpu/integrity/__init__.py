@@ -1,0 +1,1 @@
+"""Manifests (per-chunk CRC32C, per-file SHA-256) and publishing checkpoints with them."""

@@ -1,0 +1,1 @@
+"""What happened and what to check: reports, progress, timelines, metrics, preflight."""

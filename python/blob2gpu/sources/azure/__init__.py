@@ -1,0 +1,1 @@
+"""Azure Blob Storage: names, credentials, listing, and the ranged-GET feeder."""
