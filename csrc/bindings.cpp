@@ -67,6 +67,7 @@ py::dict shard_stats_dict(const ShardStats& s) {
   d["start_ns"] = s.start_ns;
   d["header_ns"] = s.header_ns;
   d["published_ns"] = s.published_ns;
+  d["checksum_failures"] = s.checksum_failures;
   return d;
 }
 
@@ -262,7 +263,10 @@ PYBIND11_MODULE(_core, m) {
     } catch (const CoreError& e) {
       py::object errors = py::module_::import("blob2gpu.errors");
       py::object cls = errors.attr(error_kind_name(e.kind()));
-      PyErr_SetString(cls.ptr(), e.what());
+      py::object shard = e.shard().empty() ? py::none() : py::cast(e.shard());
+      py::object offset = e.offset() < 0 ? py::none() : py::cast(e.offset());
+      py::object error = cls(e.what(), py::arg("shard") = shard, py::arg("offset") = offset);
+      PyErr_SetObject(cls.ptr(), error.ptr());
     }
   });
 

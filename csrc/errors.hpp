@@ -2,8 +2,10 @@
 // kind to a class under blob2gpu.errors.Blob2GpuError (see python/blob2gpu/errors.py).
 #pragma once
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace blob2gpu {
 
@@ -39,13 +41,22 @@ enum class ErrorKind {
 
 const char* error_kind_name(ErrorKind kind);
 
+// Besides the message (for people), an error names what code needs: the shard it concerns (empty
+// when none) and the byte offset in that shard (-1 when none). Python reads them as the error's
+// `shard` and `offset` fields.
 class CoreError : public std::runtime_error {
  public:
-  CoreError(ErrorKind kind, const std::string& message) : std::runtime_error(message), kind_(kind) {}
+  CoreError(ErrorKind kind, const std::string& message, std::string shard = {},
+            int64_t offset = -1)
+      : std::runtime_error(message), kind_(kind), shard_(std::move(shard)), offset_(offset) {}
   ErrorKind kind() const { return kind_; }
+  const std::string& shard() const { return shard_; }
+  int64_t offset() const { return offset_; }
 
  private:
   ErrorKind kind_;
+  std::string shard_;
+  int64_t offset_;
 };
 
 }  // namespace blob2gpu

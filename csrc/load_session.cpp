@@ -229,7 +229,8 @@ void LoadSession::run_header(size_t index) {
   if (shard.verifier && file_size != shard.file_size) {
     throw CoreError(ErrorKind::ChecksumMismatch,
                     "shard '" + label + "': the file has " + std::to_string(file_size) +
-                        " bytes but the manifest says " + std::to_string(shard.file_size));
+                        " bytes but the manifest says " + std::to_string(shard.file_size),
+                    label);
   }
 
   uint8_t length_bytes[kHeaderLengthBytes] = {0};
@@ -380,6 +381,7 @@ void LoadSession::prepare_shard(size_t index, const uint8_t* json, size_t json_l
   st.header_ns = now_ns();
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    st.checksum_failures = shard.stats.checksum_failures;  // chunks checked before the header
     shard.stats = st;  // under the lock: stats() may read concurrently
   }
   shard.header_ready = true;
@@ -555,11 +557,12 @@ FeedStatus LoadSession::commit_landing(Landing& landing) {
           shard.md5->add(landing.file_offset, landing.data, landing.capacity, in_arena);
       verified_bytes_ += landing.capacity;
       if (mismatch && fail_on_checksum_mismatch_) {
-        throw CoreError(ErrorKind::ChecksumMismatch, *mismatch);
+        throw CoreError(ErrorKind::ChecksumMismatch, *mismatch, label);
       }
       if (mismatch) {
         std::lock_guard<std::mutex> lock(mutex_);
         checksum_failures_.push_back(*mismatch);
+        ++shard.stats.checksum_failures;
       }
     }
   } catch (...) {
@@ -661,10 +664,12 @@ void LoadSession::verify(Shard& shard, uint64_t file_offset, const uint8_t* data
   verified_bytes_ += n;
   if (failures.empty()) return;
   if (fail_on_checksum_mismatch_) {
-    throw CoreError(ErrorKind::ChecksumMismatch, shard.verifier->describe(failures.front()));
+    throw CoreError(ErrorKind::ChecksumMismatch, shard.verifier->describe(failures.front()),
+                    shard.source.name, static_cast<int64_t>(failures.front().begin));
   }
   std::lock_guard<std::mutex> lock(mutex_);
   for (const auto& f : failures) checksum_failures_.push_back(shard.verifier->describe(f));
+  shard.stats.checksum_failures += failures.size();
 }
 
 uint8_t* LoadSession::host_landing(const Shard& shard, const Span& span, uint64_t begin,

@@ -102,6 +102,7 @@ struct ShardStats {
   int64_t start_ns = -1;         // first work on the shard, from the session start
   int64_t header_ns = -1;        // header parsed and arena allocated
   int64_t published_ns = -1;     // every byte read and enqueued; tensors handed out
+  size_t checksum_failures = 0;  // chunks (or the whole blob) that failed their checksum
 };
 
 struct SessionStats {

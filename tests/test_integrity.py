@@ -114,6 +114,9 @@ def test_a_corrupted_byte_fails_the_load_and_returns_nothing(device, checkpoint)
     message = str(info.value)
     assert "model-00002-of-00003.safetensors" in message
     assert "bytes [131072, 196608)" in message
+    # The same facts as fields, for code: the shard and the chunk's offset.
+    assert info.value.shard == "model-00002-of-00003.safetensors"
+    assert info.value.offset == 131072
     del info
     gc.collect()
     assert _core.live_arena_count() == arenas

@@ -8,9 +8,49 @@ or the setting to change, and never carry credentials.
 
 from __future__ import annotations
 
+import copy
+from typing import Any, TypeVar
+
+_E = TypeVar("_E", bound="Blob2GpuError")
+
 
 class Blob2GpuError(Exception):
-    """Base class of every blob2gpu error."""
+    """Base class of every blob2gpu error.
+
+    Besides its message (for people), every error carries what code needs as fields set by its
+    constructor, None where they do not apply: ``shard`` (the shard's name), ``blob`` (the blob's
+    path in its container), ``offset`` (a byte offset in the shard), ``etag`` (the version the
+    load pinned), ``hint`` (what to check or change, as said at the end of the message). Code
+    reads these fields, never the message.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        shard: str | None = None,
+        blob: str | None = None,
+        offset: int | None = None,
+        etag: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.shard = shard
+        self.blob = blob
+        self.offset = offset
+        self.etag = etag
+        self.hint = hint
+
+    def evolve(self: _E, **fields: Any) -> _E:
+        """A copy of this error (same class and message) with `fields` replaced; raises
+        AttributeError for a field this error does not have."""
+        changed = copy.copy(self)
+        for name, value in fields.items():
+            if not hasattr(self, name):
+                raise AttributeError(f"{type(self).__name__} has no field '{name}'")
+            setattr(changed, name, value)
+        return changed
 
 
 # --- the safetensors header -------------------------------------------------------------------
@@ -99,7 +139,15 @@ class StorageUnavailable(SourceUnavailable):
 
 class ChecksumMismatch(Blob2GpuError):
     """Bytes differ from the manifest's checksum; the message names the shard and byte range.
-    Nothing from the load is returned (unless fail_if_checksum_mismatch is off)."""
+    Nothing from the load is returned (unless fail_if_checksum_mismatch is off).
+
+    ``cache_entry``: the NVMe cache entry the bad bytes came from, which the load removed (so a
+    load again fetches that shard from Blob); None when they did not come from the cache.
+    """
+
+    def __init__(self, message: str = "", *, cache_entry: str | None = None, **fields: Any):
+        super().__init__(message, **fields)
+        self.cache_entry = cache_entry
 
 
 class InvalidManifest(Blob2GpuError, ValueError):
@@ -111,7 +159,21 @@ class ManifestMissing(SourceUnavailable):
 
 
 class BlobChanged(Blob2GpuError):
-    """A blob was overwritten during the load (its etag changed); nothing mixed is returned."""
+    """A blob was overwritten during the load (its etag changed); nothing mixed is returned.
+
+    ``completed_shards``: {(blob path, etag): {name: tensor}} of the shards that had arrived
+    whole, for a load that restarts (on_blob_change='restart') to keep; empty otherwise.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        completed_shards: dict[tuple[str, str | None], dict[str, Any]] | None = None,
+        **fields: Any,
+    ) -> None:
+        super().__init__(message, **fields)
+        self.completed_shards = completed_shards or {}
 
 
 class LocalWriteError(Blob2GpuError, OSError):

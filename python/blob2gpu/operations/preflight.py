@@ -533,7 +533,6 @@ def _probe_storage(run: _Run, container: Any, t: float) -> None:
             raw = redact(e)
             raise storage_error(e, container.location, None, "listing") from None
     except AccessDenied as e:
-        advice = str(e).split("; check ", 1)
         refused = (
             "the proxy refused its credentials (HTTP 407)"
             if isinstance(e, ProxyAuthenticationRefused)
@@ -544,7 +543,7 @@ def _probe_storage(run: _Run, container: Any, t: float) -> None:
                 "storage",
                 FAIL,
                 f"{endpoint}: {refused}",
-                f"check {advice[1]}" if len(advice) == 2 else str(e),
+                e.hint or str(e),
             ),
             t,
         )
@@ -656,7 +655,7 @@ def run_preflight(
     cuda a missing driver or GPU fails, otherwise the GPU checks are skipped.
     Raises ConfigError for a bad config file or setting, InvalidArgument for a bad device.
     """
-    from blob2gpu.loading.loader import SOURCE_URI_ENV, normalize_device
+    from blob2gpu.loading.request import SOURCE_URI_ENV, normalize_device
 
     settings = resolve(config_path=config)
     requested = device.strip().lower()

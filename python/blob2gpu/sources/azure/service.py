@@ -287,19 +287,24 @@ def storage_error(
     if status is None and isinstance(error, ClientAuthenticationError):
         # The credential could not get a token (DefaultAzureCredential found no identity, an
         # expired client secret): nothing a retry changes. Its first line says which.
-        return AccessDenied(
-            f"{what}: no token to reach {place} ({_one_line(error)}); give the pod a workload or "
-            "managed identity with 'Storage Blob Data Reader', or set "
+        hint = (
+            "give the pod a workload or managed identity with 'Storage Blob Data Reader', or set "
             "AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_KEY or a SAS"
+        )
+        return AccessDenied(
+            f"{what}: no token to reach {place} ({_one_line(error)}); {hint}", blob=blob, hint=hint
         )
     at_proxy = proxy_problem(error)
     if at_proxy is not None:
         said, refused = at_proxy
         proxy, variable = _proxy_of(location.account_url)
         if refused:
+            hint = f"check the user and password in {variable}"
             return ProxyAuthenticationRefused(
                 f"{what}: the proxy {proxy} refused its credentials (HTTP 407) on the way to "
-                f"{place}; check the user and password in {variable}"
+                f"{place}; {hint}",
+                blob=blob,
+                hint=hint,
             )
         return StorageUnavailable(
             f"{what}: the proxy {proxy} failed on the way to {place} ({said}); check that it "
@@ -329,7 +334,9 @@ def storage_error(
         return AccessDenied(
             f"{what}: access to {place} was denied ({detail}"
             + (f": {meaning}" if meaning else "")
-            + f"); check {check}"
+            + f"); check {check}",
+            blob=blob,
+            hint=f"check {check}",
         )
     if status in TRANSIENT_STATUS or status is None:
         return StorageUnavailable(f"{what}: {place} is unavailable ({detail}: {_said(error)})")
