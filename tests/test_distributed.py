@@ -5,6 +5,7 @@ to one copy of the checkpoint."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 from blob2gpu.integrations.distributed import byte_owners
 from conftest import random_tensor, upload_directory
+from test_guardrails import sparse_checkpoint
 
 RANK_SCRIPT = """
 import os, sys, zlib
@@ -108,3 +110,39 @@ def test_ranks_with_their_own_tensor_subsets(write_checkpoint, azurite, containe
                   ("model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"))
     index = (directory / "model.safetensors.index.json").stat().st_size
     assert fault_proxy.counters.range_bytes == fetched + 2 * index  # shard 3: nobody's
+
+
+CHECKS_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+import blob2gpu
+dist.init_process_group("gloo", rank=0, world_size=1)
+setting = {sys.argv[2]: json.loads(sys.argv[3])}
+try:
+    blob2gpu.load(sys.argv[1], framework="dlpack", distributed=True, **setting)
+except blob2gpu.Blob2GpuError as e:
+    print(type(e).__name__)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize(("setting", "value", "refused_with"), [
+    ("shard_count", 7, "ShardCountMismatch"),
+    ("check_memory_fit", True, "InsufficientHostMemory"),  # a 4 TiB (sparse) shard
+])
+def test_fan_out_runs_the_checks_of_every_load(setting, value, refused_with, write_checkpoint,
+                                               tmp_path, free_port):
+    # One load sequence: a fan-out load is refused by the same checks as an ordinary one.
+    if refused_with == "InsufficientHostMemory":
+        directory = sparse_checkpoint(tmp_path / "huge.safetensors", 4 << 40)
+    else:
+        directory = write_checkpoint([{"w": torch.ones(4)}, {"v": torch.zeros(3)}])
+    script = tmp_path / "checks.py"
+    script.write_text(CHECKS_SCRIPT)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port),
+               GLOO_SOCKET_IFNAME="lo")
+    done = subprocess.run([sys.executable, str(script), str(directory), setting,
+                           json.dumps(value)],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == refused_with

@@ -71,7 +71,7 @@ def open(
     except BaseException:
         loader.close()
         raise
-    checkpoint._on_close = loader.close
+    checkpoint.call_on_close(loader.close)
     return checkpoint
 
 

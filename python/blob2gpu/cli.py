@@ -96,7 +96,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
 
 def _cmd_fetch_aux(args: argparse.Namespace) -> int:
     from blob2gpu.api import fetch_aux
-    from blob2gpu.loading.loader import source_uri
+    from blob2gpu.loading.request import source_uri
 
     settings = dict(args.set or [])
     paths = fetch_aux(source_uri(args.uri), args.dest, config=args.config, **settings)
@@ -304,14 +304,8 @@ def _byte_count(text: str) -> int:
     return int(value)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="blob2gpu",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_load_command(sub: Any) -> None:
+    """`blob2gpu load`."""
     load = sub.add_parser("load", help="load a checkpoint and print what it took")
     load.add_argument(
         "uri",
@@ -350,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.set_defaults(run=_cmd_load)
 
+
+def _add_fetch_aux_command(sub: Any) -> None:
+    """`blob2gpu fetch-aux`."""
     aux = sub.add_parser(
         "fetch-aux",
         help="download the non-weight files beside a Blob checkpoint (config, tokenizer, ...)",
@@ -366,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     aux.add_argument("--quiet", action="store_true", help="print nothing")
     aux.set_defaults(run=_cmd_fetch_aux)
 
+
+def _add_preflight_command(sub: Any) -> None:
+    """`blob2gpu preflight`."""
     preflight = sub.add_parser(
         "preflight",
         help="check the node: driver, GPUs, pinned memory, cache, storage, model fit",
@@ -396,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     preflight.add_argument("--json", action="store_true", help="JSON for machines")
     preflight.set_defaults(run=_cmd_preflight)
 
+
+def _add_config_command(sub: Any) -> None:
+    """`blob2gpu config`."""
     config = sub.add_parser("config", help="the settings")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     show = config_sub.add_parser(
@@ -405,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="JSON keyed by config key")
     show.set_defaults(run=_cmd_config_show)
 
+
+def _add_report_command(sub: Any) -> None:
+    """`blob2gpu report`."""
     report = sub.add_parser("report", help="read a load report")
     report_sub = report.add_subparsers(dest="report_command", required=True)
     report_show = report_sub.add_parser(
@@ -416,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report_show.set_defaults(run=_cmd_report_show)
 
+
+def _add_publish_command(sub: Any) -> None:
+    """`blob2gpu publish`."""
     publish = sub.add_parser("publish", help="upload a checkpoint and its integrity manifest")
     publish.add_argument("local_dir", help="a local checkpoint directory")
     publish.add_argument("uri", help="where: az://CONTAINER/PREFIX or an https:// Blob URL")
@@ -423,11 +432,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="manifest chunk size (default 4MiB)")
     publish.set_defaults(run=_cmd_publish)
 
+
+def _add_manifest_command(sub: Any) -> None:
+    """`blob2gpu manifest`."""
     manifest = sub.add_parser("manifest", help="write the manifest of a checkpoint in Blob")
     manifest.add_argument("uri", help="the checkpoint's Blob URI")
     manifest.add_argument("--chunk-bytes", type=_byte_count, default=4 << 20)
     manifest.set_defaults(run=_cmd_manifest)
 
+
+def _add_cache_command(sub: Any) -> None:
+    """`blob2gpu cache`."""
     cache = sub.add_parser("cache", help="the NVMe cache tier")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     for name, run, text in (("ls", _cmd_cache_ls, "list entries, most recently used first"),
@@ -447,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-bytes", type=_byte_count, default=None,
                            help="evict least recently used entries down to this size")
 
+
+def _add_bench_command(sub: Any) -> None:
+    """`blob2gpu bench`."""
     bench = sub.add_parser("bench", help="compare load strategies phase by phase")
     bench.add_argument("uri", help="the checkpoint (local or Blob)")
     bench.add_argument("--strategies", default="image-local,host-staging,direct-gpu",
@@ -463,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--png", metavar="OUT", help="stacked phase bars (needs blob2gpu[plot])")
     bench.set_defaults(run=_cmd_bench)
 
+
+def _add_coldstart_command(sub: Any) -> None:
+    """`blob2gpu coldstart`."""
     coldstart = sub.add_parser(
         "coldstart",
         help="build a checkpoint's transformers model, load it, and time its first token",
@@ -475,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     coldstart.add_argument("--prompt", default="hello", help="the input, when there is a tokenizer")
     coldstart.set_defaults(run=_cmd_coldstart)
 
+
+def _add_demo_command(sub: Any) -> None:
+    """`blob2gpu demo`."""
     demo = sub.add_parser("demo", help="write a small checkpoint and load it")
     demo.add_argument("--device", default="auto", help="auto (GPU if usable), cpu, cuda, cuda:N")
     demo.add_argument("--size-mb", type=int, default=256)
@@ -492,8 +516,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the checkpoint from a local Azurite (auto: when installed)",
     )
     demo.set_defaults(run=_cmd_demo)
-    return parser
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blob2gpu",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_load_command(sub)
+    _add_fetch_aux_command(sub)
+    _add_preflight_command(sub)
+    _add_config_command(sub)
+    _add_report_command(sub)
+    _add_publish_command(sub)
+    _add_manifest_command(sub)
+    _add_cache_command(sub)
+    _add_bench_command(sub)
+    _add_coldstart_command(sub)
+    _add_demo_command(sub)
+    return parser
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

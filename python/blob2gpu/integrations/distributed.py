@@ -11,7 +11,6 @@ uneven sizes: the split is by bytes, not by shard.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 from blob2gpu.errors import InvalidArgument
@@ -70,6 +69,77 @@ class _Into:
         return self._pos
 
 
+class GroupFanOut:
+    """The FetchStrategy of a fan-out load: the group reads every shard some rank needs, each
+    rank fetching its part of the bytes (byte_owners) and broadcasting it. The node's NVMe cache
+    is not used: the bytes come from the group, not from this node's storage."""
+
+    uses_node_cache = False
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+        self.exchange: GroupExchange | None = None
+
+    def shards_to_read(self, listed: Any, selected: Any) -> Any:
+        """Every listed shard some rank's selection needs, in listing order (a collective)."""
+        import torch.distributed as dist
+
+        kept = {s.name for s in selected.shards}
+        needs = [s.name in kept for s in listed.shards]
+        group_needs: list[Any] = [None] * self.world
+        dist.all_gather_object(group_needs, needs)
+        shards = [s for i, s in enumerate(listed.shards) if any(n[i] for n in group_needs)]
+        return dataclasses.replace(listed, shards=tuple(shards))
+
+    def start(self, prepared: Any, pipeline: Any) -> tuple[Any, Any]:
+        from blob2gpu.loading.fetch import start_fed_session
+
+        session = start_fed_session(prepared, pipeline)
+        self.exchange = GroupExchange(session, prepared, self.rank, self.world)
+        return session, self.exchange
+
+
+class GroupExchange:
+    """Feeds one session from the group: shard by shard (the same order on every rank), this
+    rank fetches its byte ranges, every range is broadcast from its owner, and the shard's bytes
+    go through the pipeline as a feeder's would. Host memory holds one shard at a time."""
+
+    def __init__(self, session: Any, prepared: Any, rank: int, world: int) -> None:
+        self._session = session
+        self._prepared = prepared
+        self._rank = rank
+        self._owners = byte_owners([s.size for s in prepared.plan.shards], world)
+        self.error: BaseException | None = None
+        self.requests = 0
+        self.retries = 0
+        self.retry_wait_seconds = 0.0
+        self.shard_retries = [0] * len(prepared.plan.shards)
+
+    def start(self) -> GroupExchange:
+        return self  # run() drives the exchange on the caller's thread: collectives in order
+
+    def stop(self) -> None:
+        pass  # nothing runs in the background
+
+    def run(self) -> None:
+        """Exchange and feed every shard; raises what fetching or the pipeline raised."""
+        import torch
+        import torch.distributed as dist
+
+        plan, container = self._prepared.plan, self._prepared.source.container
+        slot_bytes = self._prepared.settings.staging_slot_bytes
+        for index, ref in enumerate(plan.shards):
+            buffer = torch.empty(ref.size, dtype=torch.uint8)
+            view = memoryview(buffer.numpy())
+            for owner, start, end in self._owners[index]:
+                if owner == self._rank:
+                    self.requests += 1
+                    _fetch(container, plan, ref, start, end, view[start:end])
+            for owner, start, end in self._owners[index]:
+                dist.broadcast(buffer[start:end], src=owner)
+            _feed(self._session, index, view, slot_bytes)
+
+
 def load(uri: str | None, device: str, framework: str, credential: Any,
          loader_settings: dict[str, Any], tensor_names: Any = None,
          tensor_filter: Any = None) -> dict[str, Any]:
@@ -78,98 +148,26 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
 
     With a tensor selection (tensor_names / tensor_filter, which may differ per rank) each rank
     keeps only its tensors; the group fetches the union of what its ranks need (whole shards
-    holding a wanted tensor, one copy per group) and exchanges it as above.
+    holding a wanted tensor, one copy per group) and exchanges it as above. Every check of an
+    ordinary load runs (loading.prepare): only who fetches which bytes differs.
 
     Returns {name: tensor} on every rank. Raises InvalidArgument without a process group, and
     every error of blob2gpu.load (the same on every rank for source and header errors).
     """
-    import torch
     import torch.distributed as dist
 
-    from blob2gpu.integrity.manifest import core_checksums, read_local_manifest
-    from blob2gpu.loading.checkpoint import Checkpoint
-    from blob2gpu.loading.frameworks import converter
-    from blob2gpu.loading.loader import (
-        Loader,
-        chunk_algorithm,
-        content_md5_to_check,
-        normalize_device,
-        source_uri,
-        verification_of,
-    )
-    from blob2gpu.loading.selection import header_reader, select, selection_from_arguments
-    from blob2gpu.operations.report import LoadReport
-    from blob2gpu.sources import resolve as resolve_local
-    from blob2gpu.sources.azure.service import is_blob_uri
+    from blob2gpu.loading.loader import Loader
 
     if not (dist.is_available() and dist.is_initialized()):
         raise InvalidArgument("distributed=True needs torch.distributed.init_process_group() "
                               "first (gloo on CPUs, or a group whose backend handles CPU tensors)")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    wanted_names, wanted_filter = selection_from_arguments(tensor_names, tensor_filter)
-    uri = source_uri(uri)
-    device = normalize_device(device)
-    import time
-
+    strategy = GroupFanOut(dist.get_rank(), dist.get_world_size())
     with Loader(**loader_settings) as loader:
-        effective = loader.settings
-        convert = converter(framework, device, effective.unsupported_dtype)
-        started_at, clock_start = time.time(), time.perf_counter()
-        loader._start_pipeline(device)  # CUDA's start-up beside the listing and the all-gather
-        container = listing = None
-        if is_blob_uri(uri):
-            from blob2gpu.sources.azure.container import open_container
-
-            container = open_container(uri, effective, credential, loader._http_sessions())
-            listing = container.list_checkpoint()
-            plan = listing.plan
-            manifest = container.read_manifest(listing) if effective.verify != "none" else None
-        else:
-            plan = resolve_local(uri)
-            manifest = (read_local_manifest(os.path.dirname(plan.shards[0].path))
-                        if effective.verify != "none" else None)
-        algorithm = chunk_algorithm(effective.verify)
-        full_plan = plan
-        plan, selection = select(plan, wanted_names, wanted_filter, header_reader(container))
-        # The group fetches every shard some rank needs, in the full plan's order.
-        needs = [False] * len(full_plan.shards)
-        kept = {s.name for s in plan.shards}
-        for i, s in enumerate(full_plan.shards):
-            needs[i] = s.name in kept
-        group_needs = [None] * world
-        dist.all_gather_object(group_needs, needs)
-        fetched = [s for i, s in enumerate(full_plan.shards) if any(n[i] for n in group_needs)]
-        plan = dataclasses.replace(full_plan, shards=tuple(fetched))
-        wanted = None if selection.everything else sorted(selection.names)
-        content_md5 = content_md5_to_check(container, manifest, effective.verify, wanted, plan)
-        sizes = [s.size for s in plan.shards]
-        owners = byte_owners(sizes, world)
-        pipeline = loader._pipeline(device)
-        report = LoadReport(uri=plan.uri, device=device, framework=framework,
-                            started_at=started_at, settings=dict(effective.values),
-                            source="azure-blob" if container else "local",
-                            verification=verification_of(manifest, algorithm, container,
-                                                         content_md5),
-                            tensor_selection=None if wanted is None else len(wanted),
-                            _clock_start=clock_start)
-        report.phases["artifact_fetch_start"] = 0.0
-        report._session_offset = time.perf_counter() - clock_start
-        session = pipeline.start_fed([s.name for s in plan.shards], sizes,
-                                     checksums=core_checksums(manifest, plan.shards, algorithm),
-                                     fail_on_checksum_mismatch=effective.fail_if_checksum_mismatch,
-                                     wanted=wanted, content_md5=content_md5)
-        checkpoint = Checkpoint(session, plan, convert, report, settings=effective,
-                                pipeline=pipeline, selection=selection)
+        request = loader.request(uri, device, framework, credential, tensor_names, tensor_filter)
+        checkpoint = loader.start(request, strategy)
         try:
-            for index, ref in enumerate(plan.shards):
-                buffer = torch.empty(ref.size, dtype=torch.uint8)
-                view = memoryview(buffer.numpy())
-                for owner, start, end in owners[index]:
-                    if owner == rank:
-                        _fetch(container, plan, ref, start, end, view[start:end])
-                for owner, start, end in owners[index]:
-                    dist.broadcast(buffer[start:end], src=owner)
-                _feed(session, index, view, effective.staging_slot_bytes)
+            assert strategy.exchange is not None
+            strategy.exchange.run()
             return checkpoint.to_dict()
         finally:
             checkpoint.close()

@@ -4,16 +4,17 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blob2gpu import _core
 from blob2gpu.errors import BlobChanged, ChecksumMismatch, InvalidIndex, LoadCancelled
-from blob2gpu.loading.selection import EVERYTHING, Selection, check_found
+from blob2gpu.loading.selection import check_found
 from blob2gpu.operations import metrics
 from blob2gpu.operations.report import LoadReport
-from blob2gpu.sources import ShardPlan
+
+if TYPE_CHECKING:
+    from blob2gpu.loading.prepare import PreparedLoad
 
 log = logging.getLogger("blob2gpu")
 
@@ -24,32 +25,29 @@ class Checkpoint:
 
     def __init__(
         self,
+        prepared: PreparedLoad,
         session: _core.LoadSession,
-        plan: ShardPlan,
         convert: Callable[[Any], Any],
-        report: LoadReport,
-        on_close: Callable[[], None] | None = None,
+        pipeline: Any,
         feeder: Any = None,
-        settings: Any = None,
-        pipeline: Any = None,
-        cache: Any = None,
-        cache_hits: dict[int, Any] | None = None,
-        cache_writer: Any = None,
-        selection: Selection = EVERYTHING,
-        preloaded: dict[Any, dict[str, Any]] | None = None,
+        keep_completed: bool = False,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
+        """A started load: `prepared` by loading.prepare, its core `session` fed by `feeder`
+        (None when the core reads the files itself). keep_completed: a BlobChanged error carries
+        the complete shards (Loader.load with on_blob_change='restart' keeps them)."""
+        self._prepared = prepared
         self._session = session
-        self._selection = selection  # the tensors this load hands out
-        self._cache = cache  # the NVMe cache tier, when enabled
-        self._cache_hits = cache_hits or {}  # shard index -> CacheEntry read instead of Blob
-        self._cache_writer = cache_writer
-        self._settings = settings
+        self._selection = prepared.selection  # the tensors this load hands out
+        self._cache = prepared.cache  # the NVMe cache's part in this load
+        self._settings = prepared.settings
         self._pipeline = pipeline  # for GPU memory readings
-        self._feeder = feeder  # fetches a Blob checkpoint's ranges; None for local files
-        self._plan = plan
+        self._feeder = feeder
+        self._plan = prepared.plan
         self._convert = convert
-        self._report = report
+        self._report = prepared.report
         self._on_close = on_close
+        self._keep_completed = keep_completed
         self._tensors: dict[str, Any] = {}
         self._metadata: dict[str, str] = {}
         self._shard_of: dict[str, str] = {}
@@ -57,11 +55,8 @@ class Checkpoint:
         self._closed = False
         # Shards kept from an earlier attempt of this load (same blob, same etag): ShardRef ->
         # their tensors, already converted.
-        self._preloaded_refs = {ref.name: ref for ref in (preloaded or {})}
-        # Set by a Loader.load that restarts on BlobChanged: the error then carries the complete
-        # shards (otherwise a failed load keeps nothing).
-        self._keep_completed = False
-        for ref, tensors in (preloaded or {}).items():
+        self._preloaded_refs = {ref.name: ref for ref in prepared.preloaded}
+        for ref, tensors in prepared.preloaded.items():
             self._tensors.update(tensors)
             self._shard_of.update(dict.fromkeys(tensors, ref.name))
 
@@ -83,13 +78,13 @@ class Checkpoint:
             if isinstance(raised, BlobChanged) and self._keep_completed:
                 # Complete shards of unchanged blobs can be kept by a restarted load
                 # (Loader.load with on_blob_change='restart'), which removes them from the error.
-                raised.completed_shards = self._completed_shards()
+                raised = raised.evolve(completed_shards=self._completed_shards())
             # A failed load keeps nothing: tensors it already handed out live only as long as the
             # caller holds them (a traceback holding this checkpoint must not pin GPU memory).
             self._tensors.clear()
             self.close()
-            if isinstance(error, ChecksumMismatch):
-                self._drop_bad_cache_entries(error)
+            if isinstance(raised, ChecksumMismatch):
+                raised = self._drop_bad_cache_entry(raised)
             if raised is not error:
                 raise raised from None
             raise
@@ -123,19 +118,18 @@ class Checkpoint:
     def _finish(self) -> None:
         self._session.wait_landed()
         report = self._report
-        report.phases["model_load_complete"] = time.perf_counter() - report._clock_start
+        report.phases["model_load_complete"] = report.elapsed()
         report.seconds = report.phases["model_load_complete"]
         stats = self._session.stats()
-        report._absorb_core_stats(stats)
-        published = report._session_offset + stats["all_published_ns"] / 1e9
+        report.absorb_core_stats(stats)
+        published = report.session_seconds(stats["all_published_ns"])
         report.phases["artifact_fetch_complete"] = published
         report.phases["host_staging_complete"] = published
         report.tensors = len(self._tensors)
         settings = self._settings
         if report.verification in ("crc32c", "sha256", "content-md5"):
-            for shard in report.shards:
-                bad = any(f"shard '{shard.name}'" in f for f in report.checksum_failures)
-                shard.checksum = "mismatch" if bad else "ok"
+            for shard, shard_stats in zip(report.shards, stats["shards"], strict=True):
+                shard.checksum = "mismatch" if shard_stats["checksum_failures"] else "ok"
         if report.gpu_memory_total is not None:
             if stats["min_free_device_bytes"] >= 0:
                 report.gpu_memory_free_min = stats["min_free_device_bytes"]
@@ -146,7 +140,7 @@ class Checkpoint:
             report.requests = self._feeder.requests
             for shard, retries in zip(report.shards, self._feeder.shard_retries, strict=True):
                 shard.retries = retries
-            for index in self._cache_hits:
+            for index in self._cache.hits:
                 report.shards[index].cache_hit = True
         self._finished = True
         if settings is None or settings.emit_phase_timings:
@@ -186,12 +180,15 @@ class Checkpoint:
                 f"index of '{self._plan.uri}' disagrees with its shards: " + "; ".join(detail)
             )
 
-    def _drop_bad_cache_entries(self, error: ChecksumMismatch) -> None:
-        """A cache hit that failed its checks is removed, so the next load refetches it."""
-        for index, entry in self._cache_hits.items():
-            if f"shard '{self._plan.shards[index].name}'" in str(error):
+    def _drop_bad_cache_entry(self, error: ChecksumMismatch) -> ChecksumMismatch:
+        """A cache hit that failed its checks is removed, so the next load refetches it; returns
+        the error naming the removed entry (Loader.load() then retries once from Blob)."""
+        for index, ref in enumerate(self._plan.shards):
+            entry = self._cache.entry_of(index)
+            if entry is not None and ref.name == error.shard:
                 self._cache.remove(entry)
-                error.cache_entry_removed = True  # Loader.load() retries once from Blob
+                return error.evolve(cache_entry=entry.key)
+        return error
 
     def _drain(self) -> None:
         while self._receive_next() is not None:
@@ -257,6 +254,10 @@ class Checkpoint:
         )
         return min(done, total), total
 
+    def call_on_close(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once when this checkpoint closes (after its own resources go)."""
+        self._on_close = callback
+
     @property
     def finished(self) -> bool:
         return self._finished
@@ -270,8 +271,8 @@ class Checkpoint:
             if self._feeder is not None:
                 self._feeder.stop()
             self._session.close()
-            if self._cache_writer is not None:
-                stats = self._cache_writer.close()
+            if self._cache.writer is not None:
+                stats = self._cache.writer.close()
                 self._report.cache_written = list(stats.written)
                 self._report.cache_skipped = dict(stats.skipped)
         finally:

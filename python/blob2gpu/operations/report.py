@@ -127,7 +127,7 @@ class LoadReport:
         Also feeds the process-wide first-token p50/p95 (first_token_percentiles()) and logs it,
         unless observability.emit_first_token_latency is off.
         """
-        self.phases["first_token"] = time.perf_counter() - self._clock_start
+        self.phases["first_token"] = self.elapsed()
         if self.settings.get("emit_first_token_latency", True):
             from blob2gpu.operations import (
                 metrics,  # lazy: no import cycle should metrics ever need report
@@ -184,8 +184,26 @@ class LoadReport:
             rows.append(f"{name:<26}{'-' if t is None else f'{t:.3f}':>10}")
         return "\n".join(rows)
 
-    # -- filled by the Checkpoint -----------------------------------------------------------------
-    def _absorb_core_stats(self, stats: dict[str, Any]) -> None:
+    # -- filled by the load -----------------------------------------------------------------------
+    def start_clock(self, perf_counter_start: float) -> None:
+        """The artifact fetch started at `perf_counter_start` (a time.perf_counter() reading)."""
+        self._clock_start = perf_counter_start
+        self.phases["artifact_fetch_start"] = 0.0
+
+    def elapsed(self) -> float:
+        """Seconds since the artifact fetch start."""
+        return time.perf_counter() - self._clock_start
+
+    def mark_session_start(self) -> None:
+        """The core session starts now: the core's timestamps count from here."""
+        self._session_offset = self.elapsed()
+
+    def session_seconds(self, ns: int) -> float:
+        """A core timestamp (ns from the session start) in seconds from the artifact fetch start."""
+        return self._session_offset + ns / 1e9
+
+    def absorb_core_stats(self, stats: dict[str, Any]) -> None:
+        """Take the core session's final statistics (bytes, staging, per-shard timings)."""
         self.bytes = int(stats["bytes_read"])
         for key in (
             "staging_slots",
@@ -205,7 +223,7 @@ class LoadReport:
             setattr(self, key, stats[key])
 
         def secs(ns: int) -> float | None:
-            return None if ns < 0 else self._session_offset + ns / 1e9
+            return None if ns < 0 else self.session_seconds(ns)
 
         self.shards = [
             ShardReport(

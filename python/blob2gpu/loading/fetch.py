@@ -1,0 +1,89 @@
+"""StorageFetch: the FetchStrategy of an ordinary load. Every byte comes from storage: the core
+reads local files (and NVMe cache hits) itself; a Blob checkpoint's ranges are fetched by a
+BlobFeeder, written through to the node's cache as they land."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blob2gpu.loading.prepare import PreparedLoad
+from blob2gpu.sources import ShardPlan
+
+
+def start_fed_session(prepared: PreparedLoad, pipeline: Any, **options: Any) -> Any:
+    """Start a core session whose bytes a feeder (Python) hands in, for every shard of the
+    prepared load; `options` are passed on (paths of cache hits, direct_io, mmap)."""
+    plan = prepared.plan
+    prepared.report.mark_session_start()
+    return pipeline.start_fed(
+        [s.name for s in plan.shards],
+        [s.size for s in plan.shards],
+        host_staging=prepared.request.host_staging,
+        checksums=prepared.checksums,
+        fail_on_checksum_mismatch=prepared.settings.fail_if_checksum_mismatch,
+        wanted=prepared.wanted,
+        content_md5=prepared.content_md5,
+        **options,
+    )
+
+
+def range_bytes(prepared: PreparedLoad, slot_bytes: int) -> int:
+    """The size of one ranged GET: chunk_bytes, or a staging slot's size; never more than a slot
+    when a range lands in one (a GPU load without host staging)."""
+    chunk = prepared.settings.chunk_bytes or slot_bytes
+    if prepared.request.device != "cpu" and not prepared.request.host_staging:
+        chunk = min(chunk, slot_bytes)
+    return chunk
+
+
+class StorageFetch:
+    """Fetch every byte of the prepared load from its storage (see the module docstring)."""
+
+    uses_node_cache = True
+
+    def __init__(self, slot_bytes: int) -> None:
+        self._slot_bytes = slot_bytes  # the pipeline's staging slot size
+
+    def shards_to_read(self, listed: ShardPlan, selected: ShardPlan) -> ShardPlan:
+        return selected
+
+    def start(self, prepared: PreparedLoad, pipeline: Any) -> tuple[Any, Any]:
+        if not prepared.source.is_blob:
+            prepared.report.mark_session_start()
+            session = pipeline.start_local(
+                [s.path for s in prepared.plan.shards],
+                [s.name for s in prepared.plan.shards],
+                mmap=prepared.mmap,
+                host_staging=prepared.request.host_staging,
+                checksums=prepared.checksums,
+                fail_on_checksum_mismatch=prepared.settings.fail_if_checksum_mismatch,
+                wanted=prepared.wanted,
+            )
+            return session, None
+        return self._start_blob(prepared, pipeline)
+
+    def _start_blob(self, prepared: PreparedLoad, pipeline: Any) -> tuple[Any, Any]:
+        from blob2gpu.sources.azure.feeder import BlobFeeder
+
+        plan, cache, container = prepared.plan, prepared.cache, prepared.source.container
+        session = start_fed_session(
+            prepared,
+            pipeline,
+            paths=cache.paths(len(plan.shards)),
+            direct_io=prepared.settings.cache_direct_io,
+            mmap=prepared.mmap,
+        )
+        chunk = range_bytes(prepared, self._slot_bytes)
+        device, staging = prepared.request.device, prepared.request.host_staging
+        feeder = BlobFeeder(
+            session,
+            plan,
+            container.client,
+            container.retry,
+            prepared.settings.prefetch_concurrency,
+            chunk,
+            fetch=[i for i in range(len(plan.shards)) if i not in cache.hits],
+            cache_writer=cache.writer,
+            first_range_bytes=min(chunk, 1 << 20) if device == "cpu" or staging else None,
+        )
+        return session, feeder

@@ -1,0 +1,92 @@
+"""LoadRequest: what a caller asked for (URI, device, framework, credential, selection, settings),
+checked and put in canonical form before anything is read."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from blob2gpu.errors import InvalidArgument
+from blob2gpu.loading.selection import selection_from_arguments
+from blob2gpu.settings import ResolvedSettings
+
+SOURCE_URI_ENV = "MODEL_SOURCE_URI"
+
+# Settings fixed when a device's pipeline is built; the others may change per load.
+PIPELINE_SETTINGS = (
+    "staging_slots",
+    "staging_slot_bytes",
+    "copy_streams",
+    "io_threads",
+    "use_pinned_host_fallback",
+)
+
+
+def normalize_device(device: str) -> str:
+    """'cpu', 'cuda' or 'cuda:N' -> the canonical form; raises InvalidArgument otherwise."""
+    device = str(device).strip().lower()
+    if device == "cpu":
+        return device
+    if device == "cuda":
+        return "cuda:0"
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return f"cuda:{int(device[5:])}"
+    raise InvalidArgument(f"device '{device}' is not one of 'cpu', 'cuda', 'cuda:N'")
+
+
+def source_uri(uri: str | None) -> str:
+    """`uri`, or $MODEL_SOURCE_URI when it is None; raises InvalidArgument when both are missing."""
+    if uri:
+        return uri
+    if os.environ.get(SOURCE_URI_ENV):
+        return os.environ[SOURCE_URI_ENV]
+    raise InvalidArgument(f"no checkpoint URI given and {SOURCE_URI_ENV} is not set")
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """One load as asked for. `settings` are the effective settings of this load (the Loader's,
+    with the per-load overrides applied)."""
+
+    uri: str
+    device: str
+    framework: str
+    credential: Any
+    settings: ResolvedSettings
+    tensor_names: frozenset[str] | None = None
+    tensor_filter: Callable[[str], bool] | None = None
+
+    @classmethod
+    def make(
+        cls,
+        uri: str | None,
+        device: str,
+        framework: str,
+        credential: Any,
+        settings: ResolvedSettings,
+        overrides: dict[str, Any],
+        tensor_names: Iterable[str] | None = None,
+        tensor_filter: Callable[[str], bool] | None = None,
+    ) -> LoadRequest:
+        """The checked request. Raises InvalidArgument (no URI, unknown device, a selection given
+        twice, a pipeline setting given per load) or ConfigError (a bad setting)."""
+        names, name_filter = selection_from_arguments(tensor_names, tensor_filter)
+        bad = [k for k in overrides if k in PIPELINE_SETTINGS]
+        if bad:
+            raise InvalidArgument(f"{', '.join(bad)} must be given to Loader(...), not per load")
+        return cls(
+            uri=source_uri(uri),
+            device=normalize_device(device),
+            framework=framework,
+            credential=credential,
+            settings=settings.with_overrides(overrides),
+            tensor_names=names,
+            tensor_filter=name_filter,
+        )
+
+    @property
+    def host_staging(self) -> bool:
+        """Whether a GPU load passes each shard through host memory whole (direct_gpu_load off)."""
+        return self.device != "cpu" and not self.settings.direct_gpu_load
