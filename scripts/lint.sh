@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The checks CI runs besides the tests: ruff (lint and format), mypy on the package, clang-format
+# on every C++ file. The tools are pinned, so a new release never fails a build by itself.
+# Usage: scripts/lint.sh [--fix]   (--fix rewrites what ruff and clang-format can fix)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -m pip install -q "ruff==0.17.6" "mypy==2.4.1" "clang-format==23.1.5"
+cxx=$(git ls-files 'csrc/*.cpp' 'csrc/*.hpp' 'csrc/*.h' 'tests/fake_cuda/*.cpp' 'fuzz/*.cpp')
+if [ "${1:-}" = "--fix" ]; then
+  "$PY" -m ruff check --fix python tests bench
+  "$PY" -m ruff format python tests bench
+  clang-format -i $cxx
+fi
+echo "== ruff"
+"$PY" -m ruff check python tests bench
+"$PY" -m ruff format --check python tests bench
+echo "== mypy"
+"$PY" -m mypy
+echo "== clang-format"
+clang-format --dry-run --Werror $cxx
