@@ -102,7 +102,7 @@ def test_first_token_latency_is_observed(registry, checkpoint_dir):
 def test_the_default_registry_is_prometheus_clients(checkpoint_dir):
     code = (
         "import blob2gpu, prometheus_client\n"
-        "from blob2gpu import metrics\n"
+        "from blob2gpu.operations import metrics\n"
         f"blob2gpu.load({str(checkpoint_dir)!r})\n"
         "assert metrics.registry() is prometheus_client.REGISTRY\n"
         "print(prometheus_client.generate_latest().decode())\n"
@@ -120,7 +120,7 @@ def test_without_prometheus_client_metrics_are_no_ops(checkpoint_dir):
     code = (
         "import sys; sys.modules['prometheus_client'] = None\n"
         "import blob2gpu\n"
-        "from blob2gpu import metrics\n"
+        "from blob2gpu.operations import metrics\n"
         f"with blob2gpu.open({str(checkpoint_dir)!r}) as c:\n"
         "    c.to_dict()\n"
         "c.report.mark_first_token()\n"
