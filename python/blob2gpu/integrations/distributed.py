@@ -100,7 +100,7 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
     from blob2gpu.loading.selection import header_reader, select, selection_from_arguments
     from blob2gpu.operations.report import LoadReport
     from blob2gpu.sources import resolve as resolve_local
-    from blob2gpu.sources.azure.service import is_blob_uri
+    from blob2gpu.sources.azure.location import is_blob_uri
 
     if not (dist.is_available() and dist.is_initialized()):
         raise InvalidArgument("distributed=True needs torch.distributed.init_process_group() "

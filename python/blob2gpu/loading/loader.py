@@ -35,7 +35,7 @@ from blob2gpu.operations.report import LoadReport
 from blob2gpu.settings import ResolvedSettings, resolve
 from blob2gpu.sources import ShardPlan
 from blob2gpu.sources import resolve as resolve_local
-from blob2gpu.sources.azure.service import is_blob_uri
+from blob2gpu.sources.azure.location import is_blob_uri
 
 # Settings fixed when a target's pipeline is built; the others may change per load.
 PIPELINE_SETTINGS = (
@@ -381,8 +381,8 @@ class Loader:
                 wanted=wanted,
             )
         else:
+            from blob2gpu.sources.azure.failures import archived_error
             from blob2gpu.sources.azure.feeder import BlobFeeder
-            from blob2gpu.sources.azure.service import archived_error
 
             slot_bytes = self._settings.staging_slot_bytes
             chunk = effective.chunk_bytes or slot_bytes

@@ -20,17 +20,11 @@ from blob2gpu.errors import (
     LocalWriteError,
 )
 from blob2gpu.integrity.manifest import Manifest, require_manifest
-from blob2gpu.sources.azure.feeder import RetryPolicy
-from blob2gpu.sources.azure.service import (
-    AuxBlob,
-    BlobListing,
-    BlobLocation,
-    archived_error,
-    if_unchanged,
-    list_checkpoint,
-    parse_blob_uri,
-    resolve_credential,
-)
+from blob2gpu.sources.azure.credentials import resolve_credential
+from blob2gpu.sources.azure.failures import archived_error
+from blob2gpu.sources.azure.listing import AuxBlob, BlobListing, if_unchanged, list_checkpoint
+from blob2gpu.sources.azure.location import BlobLocation, parse_blob_uri
+from blob2gpu.sources.azure.retry import RetryPolicy
 
 
 @dataclass
@@ -58,8 +52,8 @@ class BlobContainer:
         self.close()
 
     def list_checkpoint(self) -> BlobListing:
-        """Resolve the URI to its shards (see azure_blob.list_checkpoint)."""
-        return list_checkpoint(self.client, self.location, self.retry.run)
+        """Resolve the URI to its shards (see listing.list_checkpoint)."""
+        return list_checkpoint(self.client, self.location, self.retry)
 
     def read_manifest(self, listing: BlobListing) -> Manifest | None:
         """The checkpoint's blob2gpu.manifest.json, or None when it has none."""
