@@ -4,6 +4,7 @@ retry is ours to count and to bound)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import posixpath
@@ -98,7 +99,7 @@ class BlobContainer:
             target = out_dir / posixpath.basename(aux.name)
             entry = manifest.files.get(target.name) if manifest is not None else None
             tmp, size, sha256 = self.retry.run(
-                lambda aux=aux, target=target: self._download_to_temp(aux, target),
+                functools.partial(self._download_to_temp, aux, target),
                 f"downloading {self.location.describe(aux.name)}",
                 aux.name,
             )

@@ -67,8 +67,9 @@ class RangeResponse:
         self._http.close()
 
 
-def open_range(blob: Any, start: int, end: int, etag: str) -> RangeResponse:
-    """Send GET bytes [start, end) of `blob` (an azure.storage.blob.BlobClient), If-Match `etag`.
+def open_range(blob: Any, start: int, end: int, etag: str | None) -> RangeResponse:
+    """Send GET bytes [start, end) of `blob` (an azure.storage.blob.BlobClient), If-Match `etag`
+    (a listed blob always has one).
 
     Returns the response with its body unread: the caller reads it, then release()s or close()s
     it. Raises what the SDK raises: azure.core.exceptions.HttpResponseError with `status_code` for
@@ -165,6 +166,8 @@ def _check_urllib3_body() -> str | None:
 
     raw = urllib3.HTTPResponse(body=io.BytesIO(b"body"), preload_content=False)
     into = bytearray(4)
+    if raw._fp is None:
+        return "no _fp"
     if raw._fp.readinto(memoryview(into)) != 4 or into != b"body":
         return "_fp.readinto() did not fill the buffer"
     return None if callable(getattr(raw, "release_conn", None)) else "no release_conn()"
