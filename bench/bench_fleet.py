@@ -103,7 +103,7 @@ def child(config: dict[str, Any]) -> int:
     # Retries are read from the retry policy of the container the load opens, so a failed load
     # (no LoadReport) and a distributed one (none either) still say how often they retried.
     from blob2gpu.sources.azure import container as blob_client
-    from blob2gpu.sources.azure import feeder as blob_feeder
+    from blob2gpu.sources.azure import retry as blob_retry
 
     opened: list[Any] = []
     open_container = blob_client.open_container
@@ -116,13 +116,13 @@ def child(config: dict[str, Any]) -> int:
     blob_client.open_container = counting_open
     # The most consecutive failures any one request saw: how close it came to retry_max_attempts.
     worst = [0]
-    wait_before_retry = blob_feeder.RetryPolicy.wait_before_retry
+    wait_before_retry = blob_retry.RetryPolicy.wait_before_retry
 
     def recording_wait(self: Any, attempt: int, *args: Any) -> Any:
         worst[0] = max(worst[0], attempt)
         return wait_before_retry(self, attempt, *args)
 
-    blob_feeder.RetryPolicy.wait_before_retry = recording_wait  # type: ignore[method-assign]
+    blob_retry.RetryPolicy.wait_before_retry = recording_wait  # type: ignore[method-assign]
     try:
         if config["mode"] == "fanout":
             dist.init_process_group(

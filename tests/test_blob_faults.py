@@ -123,7 +123,7 @@ def busy(headers: dict[str, str]) -> Exception:
     ],
 )
 def test_retry_after_forms(headers, seconds):
-    from blob2gpu.sources.azure.feeder import retry_after
+    from blob2gpu.sources.azure.retry import retry_after
 
     assert retry_after(busy(headers)) == seconds
     assert retry_after(ConnectionResetError()) == 0.0

@@ -399,7 +399,7 @@ def test_a_shard_archived_during_the_load_is_a_typed_error_not_a_retry(
 
 def test_archived_reason_of_listed_blobs():
     from azure.storage.blob import BlobProperties
-    from blob2gpu.sources.azure.service import archived_reason
+    from blob2gpu.sources.azure.failures import archived_reason
 
     blob = BlobProperties()
     assert archived_reason(blob) is None
@@ -438,7 +438,8 @@ def test_az_uri_needs_an_account(monkeypatch):
 
 
 def test_bearer_tokens_never_cross_plain_http():
-    from blob2gpu.sources.azure.service import parse_blob_uri, resolve_credential
+    from blob2gpu.sources.azure.credentials import resolve_credential
+    from blob2gpu.sources.azure.location import parse_blob_uri
 
     class Token:
         def get_token(self, *scopes, **kwargs):  # pragma: no cover - never called
@@ -454,7 +455,8 @@ def test_bearer_tokens_never_cross_plain_http():
 
 def test_default_azure_credential_is_made_once_per_process_and_needs_https():
     from azure.identity import DefaultAzureCredential
-    from blob2gpu.sources.azure.service import parse_blob_uri, resolve_credential
+    from blob2gpu.sources.azure.credentials import resolve_credential
+    from blob2gpu.sources.azure.location import parse_blob_uri
 
     https = parse_blob_uri("https://acct.blob.core.windows.net/models/llama")
     first, how = resolve_credential(https, environ={})
@@ -516,7 +518,7 @@ def test_default_azure_credential_is_made_once_per_process_and_needs_https():
     ],
 )
 def test_uri_forms(uri, account_url, container, path):
-    from blob2gpu.sources.azure.service import parse_blob_uri
+    from blob2gpu.sources.azure.location import parse_blob_uri
 
     loc = parse_blob_uri(uri)
     assert (loc.account_url, loc.container, loc.path) == (account_url, container, path)
@@ -545,7 +547,7 @@ def test_use_development_storage_connection_string(write_checkpoint, monkeypatch
     import hashlib
     import sys
 
-    from blob2gpu.sources.azure.service import parse_blob_uri
+    from blob2gpu.sources.azure.location import parse_blob_uri
     from support.namespaces import run_in_private_network
 
     directory = write_checkpoint(shards(2))

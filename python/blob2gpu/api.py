@@ -86,7 +86,7 @@ def fetch_aux(
     LocalWriteError, or InvalidArgument for a URI that is not a Blob URI."""
     from blob2gpu.settings import resolve
     from blob2gpu.sources.azure.container import open_container
-    from blob2gpu.sources.azure.service import is_blob_uri
+    from blob2gpu.sources.azure.location import is_blob_uri
 
     if not is_blob_uri(uri):
         raise errors.InvalidArgument(f"fetch_aux needs a Blob URI (az://, https://), not '{uri}'")

@@ -119,7 +119,7 @@ def _aux_directory(uri: str, tmp: Path, credential: Any, settings: dict[str, Any
     """The local directory holding config.json and tokenizer files: downloaded into `tmp` for a
     Blob URI, the checkpoint's own directory for a local one."""
     from blob2gpu.api import fetch_aux
-    from blob2gpu.sources.azure.service import is_blob_uri
+    from blob2gpu.sources.azure.location import is_blob_uri
     from blob2gpu.sources.local import resolve_local
 
     if is_blob_uri(uri):

@@ -42,33 +42,6 @@ def byte_owners(sizes: list[int], world: int) -> list[list[tuple[int, int, int]]
     return owners
 
 
-class _Into:
-    """A write-only stream over a memoryview (for the SDK's readinto)."""
-
-    def __init__(self, view: memoryview) -> None:
-        self._view = view
-        self._pos = 0
-
-    def write(self, data: bytes) -> int:
-        n = len(data)
-        self._view[self._pos:self._pos + n] = data
-        self._pos += n
-        return n
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True  # the SDK's parallel download seeks to each chunk's place
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self._pos = offset if whence == 0 else self._pos + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-
 class GroupFanOut:
     """The FetchStrategy of a fan-out load: the group reads every shard some rank needs, each
     rank fetching its part of the bytes (byte_owners) and broadcasting it. The node's NVMe cache
@@ -109,11 +82,26 @@ class GroupExchange:
         self._prepared = prepared
         self._rank = rank
         self._owners = byte_owners([s.size for s in prepared.plan.shards], world)
+        self._reader = _range_reader(prepared.source)
+        container = prepared.source.container
+        self._retry = container.retry if container is not None else None  # the load's policy
         self.error: BaseException | None = None
-        self.requests = 0
-        self.retries = 0
-        self.retry_wait_seconds = 0.0
-        self.shard_retries = [0] * len(prepared.plan.shards)
+
+    @property
+    def requests(self) -> int:
+        return self._reader.requests
+
+    @property
+    def shard_retries(self) -> list[int]:
+        return [self._reader.retries_of(ref.path) for ref in self._prepared.plan.shards]
+
+    @property
+    def retries(self) -> int:
+        return self._retry.retries if self._retry is not None else 0
+
+    @property
+    def retry_wait_seconds(self) -> float:
+        return self._retry.waited_seconds if self._retry is not None else 0.0
 
     def start(self) -> GroupExchange:
         return self  # run() drives the exchange on the caller's thread: collectives in order
@@ -126,18 +114,30 @@ class GroupExchange:
         import torch
         import torch.distributed as dist
 
-        plan, container = self._prepared.plan, self._prepared.source.container
+        plan = self._prepared.plan
         slot_bytes = self._prepared.settings.staging_slot_bytes
         for index, ref in enumerate(plan.shards):
             buffer = torch.empty(ref.size, dtype=torch.uint8)
             view = memoryview(buffer.numpy())
             for owner, start, end in self._owners[index]:
                 if owner == self._rank:
-                    self.requests += 1
-                    _fetch(container, plan, ref, start, end, view[start:end])
+                    self._reader.read_into(ref, start, view[start:end])
             for owner, start, end in self._owners[index]:
                 dist.broadcast(buffer[start:end], src=owner)
             _feed(self._session, index, view, slot_bytes)
+
+
+def _range_reader(source: Any) -> Any:
+    """What fetches this rank's ranges: the same ranged GETs (etag pinning, retries) as every
+    Blob load, or reads of the local files."""
+    if source.container is None:
+        from blob2gpu.sources.local import LocalRangeReader
+
+        return LocalRangeReader()
+    from blob2gpu.sources.azure.range_reader import BlobRangeReader
+
+    container = source.container
+    return BlobRangeReader(container.client, container.location, container.retry)
 
 
 def load(uri: str | None, device: str, framework: str, credential: Any,
@@ -171,30 +171,6 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
             return checkpoint.to_dict()
         finally:
             checkpoint.close()
-
-
-def _fetch(container: Any, plan: Any, ref: Any, start: int, end: int, view: memoryview) -> None:
-    if container is None:
-        with open(ref.path, "rb", buffering=0) as f:
-            f.seek(start)
-            done = 0
-            while done < end - start:
-                n = f.readinto(view[done:])
-                if not n:
-                    raise OSError(f"shard '{ref.name}' ended at {start + done}")
-                done += n
-        return
-    from azure.core import MatchConditions
-
-    blob = container.client.get_blob_client(ref.path)
-
-    def get() -> None:
-        downloader = blob.download_blob(offset=start, length=end - start, etag=ref.etag,
-                                        match_condition=MatchConditions.IfNotModified,
-                                        max_concurrency=4)
-        downloader.readinto(_Into(view))
-
-    container.retry.run(get, f"shard '{ref.name}' bytes {start}-{end - 1}", ref.path)
 
 
 def _feed(session: Any, index: int, view: memoryview, slot_bytes: int) -> None:

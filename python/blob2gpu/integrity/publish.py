@@ -16,7 +16,7 @@ from blob2gpu.integrity.manifest import (
     manifest_for_directory,
 )
 from blob2gpu.settings import resolve
-from blob2gpu.sources.azure.service import is_blob_uri
+from blob2gpu.sources.azure.location import is_blob_uri
 
 
 def _container(uri: str, credential: Any, settings: dict[str, Any]) -> Any:

@@ -87,7 +87,7 @@ class Loader:
 
         uri: a local file, directory or index, or a Blob URI (az://, https://, path-style http://);
         None takes $MODEL_SOURCE_URI. credential: for Blob URIs, an azure credential, account key
-        or SAS (else see sources.azure.service.resolve_credential for the environment it reads).
+        or SAS (else see sources.azure.credentials.resolve_credential for the environment it reads).
         tensor_names / tensor_filter: load only these tensors, reading only their bytes (see
         blob2gpu.loading.selection). Raises, before any weight is read: SourceUnavailable
         (BlobNotFound, AccessDenied, ...), InsufficientGPUMemory / InsufficientHostMemory,

@@ -31,7 +31,8 @@ from blob2gpu.operations.report import LoadReport
 from blob2gpu.settings import ResolvedSettings
 from blob2gpu.sources import ShardPlan, ShardRef
 from blob2gpu.sources import resolve as resolve_local
-from blob2gpu.sources.azure.service import archived_error, is_blob_uri
+from blob2gpu.sources.azure.failures import archived_error
+from blob2gpu.sources.azure.location import is_blob_uri
 
 # {(blob path, etag): {name: tensor}}: complete shards an earlier attempt of a load keeps.
 Reusable = dict[tuple[str, str | None], dict[str, Any]]

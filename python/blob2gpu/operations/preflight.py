@@ -417,7 +417,7 @@ def _check_source(run: _Run, source: str | None) -> None:
         t = time.perf_counter()
         run.add(Check("storage", SKIP, "no --source (or MODEL_SOURCE_URI) given"), t)
         return
-    from blob2gpu.sources.azure.service import is_blob_uri
+    from blob2gpu.sources.azure.location import is_blob_uri
 
     if is_blob_uri(source):
         _check_blob(run, source)
@@ -513,7 +513,7 @@ def _check_blob(run: _Run, uri: str) -> None:
 def _probe_storage(run: _Run, container: Any, t: float) -> None:
     """List one blob (reachable? credentials accepted?), then the checkpoint itself."""
     from blob2gpu.errors import AccessDenied, BlobNotFound, ProxyAuthenticationRefused
-    from blob2gpu.sources.azure.service import storage_error
+    from blob2gpu.sources.azure.failures import storage_error
 
     endpoint = container.location.account_url
     raw = ""  # the transport's own words: the mapped error keeps only their first 300 characters

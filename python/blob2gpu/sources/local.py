@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from blob2gpu.errors import InvalidArgument, InvalidIndex, SourceUnavailable
+from blob2gpu.errors import InvalidArgument, InvalidIndex, SourceReadError, SourceUnavailable
 from blob2gpu.sources.plan import ShardPlan, ShardRef
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -81,3 +81,36 @@ def resolve_local(uri: str) -> ShardPlan:
     if not path.exists():
         raise SourceUnavailable(f"checkpoint '{uri}' does not exist")
     return ShardPlan(uri=str(path), shards=(_ref(path),))
+
+
+class LocalRangeReader:
+    """Reads byte ranges of local shards into memory the caller owns (the counterpart of
+    sources.azure.range_reader.BlobRangeReader, for loads whose bytes Python hands the core)."""
+
+    requests = 0  # no request is sent
+
+    def retries_of(self, path: str) -> int:
+        return 0  # a local read is not retried
+
+    def read_into(self, ref: ShardRef, offset: int, view: memoryview) -> None:
+        """Fill `view` with bytes [offset, offset + len(view)) of the file `ref` names; raises
+        SourceUnavailable when it cannot be opened, SourceReadError when it ends early."""
+        try:
+            f = open(ref.path, "rb", buffering=0)
+        except OSError as e:
+            raise SourceUnavailable(
+                f"shard '{ref.name}': cannot open {ref.path}: {e.strerror}", shard=ref.name
+            ) from None
+        with f:
+            f.seek(offset)
+            done = 0
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise SourceReadError(
+                        f"shard '{ref.name}' ended at byte {offset + done} of {ref.path}, "
+                        f"{ref.size} were listed: the file changed during the load",
+                        shard=ref.name,
+                        offset=offset + done,
+                    )
+                done += n

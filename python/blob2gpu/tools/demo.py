@@ -178,7 +178,7 @@ def _llama_cold_start(tmp: Path, device: str, total_mb: int, source: str) -> int
 
 
 def _account_key(connection_string: str) -> dict[str, str]:
-    from blob2gpu.sources.azure.service import parse_connection_string
+    from blob2gpu.sources.azure.location import parse_connection_string
 
     cs = parse_connection_string(connection_string)
     return {"account_name": cs["AccountName"], "account_key": cs["AccountKey"]}

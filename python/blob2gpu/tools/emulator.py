@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from blob2gpu.sources.azure.service import DEVELOPMENT_ACCOUNT as ACCOUNT
-from blob2gpu.sources.azure.service import DEVELOPMENT_ACCOUNT_KEY as ACCOUNT_KEY
+from blob2gpu.sources.azure.location import DEVELOPMENT_ACCOUNT as ACCOUNT
+from blob2gpu.sources.azure.location import DEVELOPMENT_ACCOUNT_KEY as ACCOUNT_KEY
 
 INSTALL_HINT = "npm install --prefix .azurite azurite@3.37.0"
 

@@ -142,7 +142,7 @@ def _run_peer(name: str, directory: Path, device: str) -> dict[str, float]:
 
 def _local_copy(uri: str, directory: str | None) -> tuple[Path, tempfile.TemporaryDirectory | None]:
     """A local directory of the checkpoint for the local strategies (downloaded, untimed)."""
-    from blob2gpu.sources.azure.service import is_blob_uri
+    from blob2gpu.sources.azure.location import is_blob_uri
 
     if directory:
         return Path(directory), None

@@ -4,6 +4,7 @@ retry is ours to count and to bound)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import posixpath
@@ -20,17 +21,11 @@ from blob2gpu.errors import (
     LocalWriteError,
 )
 from blob2gpu.integrity.manifest import Manifest, require_manifest
-from blob2gpu.sources.azure.feeder import RetryPolicy
-from blob2gpu.sources.azure.service import (
-    AuxBlob,
-    BlobListing,
-    BlobLocation,
-    archived_error,
-    if_unchanged,
-    list_checkpoint,
-    parse_blob_uri,
-    resolve_credential,
-)
+from blob2gpu.sources.azure.credentials import resolve_credential
+from blob2gpu.sources.azure.failures import archived_error
+from blob2gpu.sources.azure.listing import AuxBlob, BlobListing, if_unchanged, list_checkpoint
+from blob2gpu.sources.azure.location import BlobLocation, parse_blob_uri
+from blob2gpu.sources.azure.retry import RetryPolicy
 
 
 @dataclass
@@ -58,8 +53,8 @@ class BlobContainer:
         self.close()
 
     def list_checkpoint(self) -> BlobListing:
-        """Resolve the URI to its shards (see azure_blob.list_checkpoint)."""
-        return list_checkpoint(self.client, self.location, self.retry.run)
+        """Resolve the URI to its shards (see listing.list_checkpoint)."""
+        return list_checkpoint(self.client, self.location, self.retry)
 
     def read_manifest(self, listing: BlobListing) -> Manifest | None:
         """The checkpoint's blob2gpu.manifest.json, or None when it has none."""
@@ -104,7 +99,7 @@ class BlobContainer:
             target = out_dir / posixpath.basename(aux.name)
             entry = manifest.files.get(target.name) if manifest is not None else None
             tmp, size, sha256 = self.retry.run(
-                lambda aux=aux, target=target: self._download_to_temp(aux, target),
+                functools.partial(self._download_to_temp, aux, target),
                 f"downloading {self.location.describe(aux.name)}",
                 aux.name,
             )

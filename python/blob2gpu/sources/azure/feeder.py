@@ -5,155 +5,22 @@ Each shard's first range starts at offset 0 and carries the header and the first
 no separate header round trip; the shard's other ranges are scheduled once the core has parsed that
 header. First ranges go ahead of data ranges: every shard's header is read (and its arena made) at
 the start, so the load does not end with one late shard's header round trip while the other
-connections sit idle. Every range is pinned to the etag seen at listing
-(If-Match). A transient failure (reset, timeout, 408/429/5xx) retries only the bytes still missing,
-after an exponential backoff with jitter; a permanent one fails the load at once.
+connections sit idle. Each range is read by a BlobRangeReader: pinned to the etag seen at listing,
+retried from the missing bytes on a transient failure (range_reader.py, retry.py).
 """
 
 from __future__ import annotations
 
-import email.utils
-import random
 import threading
-import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from blob2gpu.errors import (
-    Blob2GpuError,
-    BlobChanged,
-    HeaderTruncated,
-    LoadCancelled,
-    StorageUnavailable,
-)
+from blob2gpu.errors import HeaderTruncated, LoadCancelled
 from blob2gpu.redaction import redact
-from blob2gpu.sources.azure.service import (
-    BlobLocation,
-    failure_reason,
-    is_transient,
-    proxy_problem,
-    response_header,
-    storage_error,
-)
-from blob2gpu.sources.plan import ShardPlan, ShardRef
-
-T = TypeVar("T")
-
-
-class RetryPolicy:
-    """Exponential backoff with jitter for transient storage failures; counts what it retried."""
-
-    def __init__(
-        self,
-        location: BlobLocation,
-        max_attempts: int,
-        backoff_seconds: float,
-        backoff_max_seconds: float,
-        stopping: threading.Event | None = None,
-        throttled_seconds: float = 120.0,
-    ) -> None:
-        self.location = location
-        self.max_attempts = max_attempts
-        self.backoff_seconds = backoff_seconds
-        self.backoff_max_seconds = backoff_max_seconds
-        self.throttled_seconds = throttled_seconds
-        self.stopping = stopping or threading.Event()
-        self._lock = threading.Lock()
-        self.retries = 0
-        self.waited_seconds = 0.0  # backoff slept before retries, summed over threads
-        # When the account throttles (429, 503 ServerBusy), every thread of this load backs off
-        # together: a thread whose last request succeeded would otherwise keep the pressure on.
-        self._cooldown_until = 0.0
-
-    def pause_while_throttled(self) -> None:
-        """Wait out a throttling backoff another thread of this load started; raises
-        LoadCancelled if the load stops meanwhile."""
-        while True:
-            with self._lock:
-                remaining = self._cooldown_until - time.monotonic()
-            if remaining <= 0:
-                return
-            if self.stopping.wait(remaining):
-                raise LoadCancelled("the load was cancelled while waiting out throttling")
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait before retry number `attempt` (1-based): jittered, capped."""
-        ceiling = min(self.backoff_max_seconds, self.backoff_seconds * (2 ** (attempt - 1)))
-        return ceiling * random.uniform(0.5, 1.0)
-
-    def backoff(self, attempt: int, error: BaseException) -> float:
-        """The wait before retry number `attempt`: the jittered backoff, or longer when the
-        server said how long to stay away (Retry-After), up to retry_throttled_seconds."""
-        return max(self.delay(min(attempt, 16)), min(retry_after(error), self.throttled_seconds))
-
-    def wait_before_retry(
-        self, attempt: int, error: BaseException, what: str, blob: str | None,
-        throttled_waited: float = 0.0,
-    ) -> float:
-        """Count a retry and sleep; returns the seconds this request has now waited on throttling.
-
-        Raises StorageUnavailable once the attempts are spent, except that a throttled request
-        (429, 503) keeps waiting while its throttling waits stay under retry_throttled_seconds:
-        an account that sheds load is not an account that is down.
-        """
-        throttled = getattr(error, "status_code", None) in (429, 503)
-        if attempt >= self.max_attempts and not (
-                throttled and throttled_waited < self.throttled_seconds):
-            raise StorageUnavailable(
-                f"{what}: {self.location.describe(blob)} kept failing after {attempt} attempts "
-                f"(last: {failure_reason(error, self.location)}); raise "
-                "retry_max_attempts (or retry_throttled_seconds when throttled) or check "
-                + (
-                    "the proxy, or leave this host out with NO_PROXY"
-                    if proxy_problem(error)
-                    else "the storage account's health and throttling"
-                )
-            ) from None
-        delay = self.backoff(attempt, error)
-        with self._lock:
-            self.retries += 1
-            self.waited_seconds += delay
-            if throttled:
-                self._cooldown_until = max(self._cooldown_until, time.monotonic() + delay)
-        if self.stopping.wait(delay):
-            raise LoadCancelled("the load was cancelled while waiting to retry")
-        return throttled_waited + (delay if throttled else 0.0)
-
-    def run(self, fn: Callable[[], T], what: str, blob: str | None) -> T:
-        """Call fn, retrying transient failures; permanent ones raise a typed error."""
-        attempt = 0
-        throttled = 0.0
-        while True:
-            try:
-                self.pause_while_throttled()
-                return fn()
-            except Blob2GpuError:
-                raise
-            except Exception as e:
-                if not is_transient(e):
-                    raise storage_error(e, self.location, blob, what) from None
-                attempt += 1
-                throttled = self.wait_before_retry(attempt, e, what, blob, throttled)
-
-
-def retry_after(error: BaseException) -> float:
-    """Seconds the server asked a client to wait (retry-after-ms, x-ms-retry-after-ms or
-    Retry-After in seconds or as an HTTP date) on a failed response; 0 when it did not say."""
-    try:
-        for name in ("retry-after-ms", "x-ms-retry-after-ms"):
-            if milliseconds := response_header(error, name):
-                return max(0.0, float(milliseconds) / 1000)
-        value = response_header(error, "retry-after")
-        if not value:
-            return 0.0
-        if value.strip().isdigit():
-            return float(value)
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time())
-    except (TypeError, ValueError, OverflowError):
-        return 0.0  # a header we cannot read is one we did not get
+from blob2gpu.sources.azure.range_reader import BlobRangeReader
+from blob2gpu.sources.azure.retry import RetryPolicy
+from blob2gpu.sources.plan import ShardPlan
 
 
 @dataclass
@@ -186,10 +53,9 @@ class BlobFeeder:
         # staging slot (the arena does not exist yet), so keep it small there.
         self._first = first_range_bytes or chunk_bytes
         self._plan = plan
-        self._container = container_client
         self._retry = retry
         self._chunk = chunk_bytes
-        self._blobs = [container_client.get_blob_client(s.path) for s in plan.shards]
+        self._reader = BlobRangeReader(container_client, plan.location, retry, retry.stopping)
         self._headers: deque[RangeTask] = deque()  # first ranges (and rests of long headers)
         self._queue: deque[RangeTask] = deque()  # data ranges
         self._cv = threading.Condition()
@@ -199,11 +65,7 @@ class BlobFeeder:
             threading.Thread(target=self._worker, name=f"blob2gpu-feeder-{i}", daemon=True)
             for i in range(concurrency)
         ]
-        self._open_responses: set[Any] = set()
         self.error: BaseException | None = None
-        self.shard_retries = [0] * len(plan.shards)
-        self.requests = 0
-        self.bytes_fetched = 0
 
     # -- scheduling -------------------------------------------------------------------------------
     def start(self) -> BlobFeeder:
@@ -264,7 +126,7 @@ class BlobFeeder:
         if landing is None:
             return []  # cancelled
         try:
-            self._fetch_into(task.shard, ref, task.start, landing.view)
+            self._reader.read_into(ref, task.start, landing.view)
             if self._cache_writer is not None:
                 self._cache_writer.offer(task.shard, task.start, landing.view)
         except BaseException:
@@ -283,89 +145,6 @@ class BlobFeeder:
                     follow_ups += self._ranges(task.shard, max(begin, start), end)
             return follow_ups
         return []
-
-    # -- fetching ---------------------------------------------------------------------------------
-    def _fetch_into(self, shard: int, ref: ShardRef, offset: int, view: memoryview) -> None:
-        """Fill `view` with bytes [offset, offset + len(view)) of the blob, retrying what failed."""
-        from azure.storage.blob._generated.models import ModifiedAccessConditions
-
-        blob = self._blobs[shard]
-        total = len(view)
-        pos = 0
-        attempt = 0
-        throttled = 0.0
-        what = f"shard '{ref.name}' bytes {offset}-{offset + total - 1}"
-        while pos < total:
-            if self._stopping.is_set():
-                raise LoadCancelled("the load was cancelled")
-            response = None
-            self._retry.pause_while_throttled()
-            with self._cv:
-                self.requests += 1  # every attempt, answered or not
-            try:
-                # The generated operation is the SDK's own GET (auth, headers, logging policies);
-                # with stream=True its body is still in the socket, which readinto() below empties
-                # into the landing with no intermediate bytes objects.
-                pipeline_response = blob._client.blob.download(
-                    range=f"bytes={offset + pos}-{offset + total - 1}",
-                    modified_access_conditions=ModifiedAccessConditions(if_match=ref.etag),
-                    cls=lambda pipeline_response, _body, _headers: pipeline_response,
-                )
-                response = pipeline_response.http_response.internal_response
-                self._check_range(ref, response, offset + pos, offset + total)
-                with self._cv:
-                    self._open_responses.add(response)
-                body = response.raw._fp  # http.client.HTTPResponse: readinto() fills our memory
-                while pos < total:
-                    n = body.readinto(view[pos:])
-                    if not n:
-                        raise ConnectionResetError(
-                            f"connection closed after {pos} of {total} bytes"
-                        )
-                    pos += n
-                    with self._cv:
-                        self.bytes_fetched += n
-                response.raw.release_conn()  # keep-alive: back to the pool
-                response = None
-            except Blob2GpuError:
-                raise
-            except Exception as e:
-                if self._stopping.is_set():
-                    raise LoadCancelled("the load was cancelled") from None
-                status = getattr(e, "status_code", None)
-                if status in (412, 416):
-                    raise BlobChanged(
-                        f"shard '{ref.name}': {self._plan.location.describe(ref.path)} changed "
-                        f"during the load (HTTP {status}: its etag is no longer {ref.etag}); "
-                        "nothing from it was kept: load again"
-                    ) from None
-                if not is_transient(e):
-                    raise storage_error(e, self._plan.location, ref.path, what) from None
-                attempt += 1
-                with self._cv:
-                    self.shard_retries[shard] += 1
-                throttled = self._retry.wait_before_retry(attempt, e, what, ref.path, throttled)
-            finally:
-                if response is not None:
-                    response.close()  # a broken body: drop the connection
-                    with self._cv:
-                        self._open_responses.discard(response)
-                else:
-                    with self._cv:
-                        self._open_responses = {
-                            r for r in self._open_responses if not getattr(r.raw, "closed", False)
-                        }
-
-    def _check_range(self, ref: ShardRef, response: Any, start: int, end: int) -> None:
-        length = int(response.headers.get("Content-Length", -1))
-        total = response.headers.get("Content-Range", "").rsplit("/", 1)[-1]
-        if length != end - start or (total.isdigit() and int(total) != ref.size):
-            response.close()
-            raise BlobChanged(
-                f"shard '{ref.name}': {self._plan.location.describe(ref.path)} changed during "
-                f"the load (expected {ref.size} bytes, the server reports "
-                f"{total or '?'}); load again"
-            )
 
     # -- ending -----------------------------------------------------------------------------------
     def _fail(self, error: BaseException) -> None:
@@ -392,20 +171,27 @@ class BlobFeeder:
         self._stopping.set()
         with self._cv:
             self._cv.notify_all()
-            responses = list(self._open_responses)
-        for r in responses:
-            try:
-                r.close()
-            except Exception:
-                pass
+        self._reader.interrupt()
         for t in self._threads:
             if t.is_alive():
                 t.join()
 
     @property
+    def requests(self) -> int:
+        """GET attempts made, answered or not."""
+        return self._reader.requests
+
+    @property
+    def shard_retries(self) -> list[int]:
+        """Retries of each shard's ranges, in the plan's order."""
+        return [self._reader.retries_of(ref.path) for ref in self._plan.shards]
+
+    @property
     def retries(self) -> int:
+        """Retries of the load's every request (listing included)."""
         return self._retry.retries
 
     @property
     def retry_wait_seconds(self) -> float:
+        """Seconds slept backing off before those retries, summed over threads."""
         return self._retry.waited_seconds

@@ -1,0 +1,284 @@
+"""What a failed storage request means: the SDK's exceptions mapped to blob2gpu's typed errors
+(naming the place, never a secret), whether a retry may help, what the service's denial codes
+mean, and the proxy, certificate and Archive-tier problems behind a failure."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlparse
+
+from blob2gpu.errors import (
+    AccessDenied,
+    BlobArchived,
+    BlobNotFound,
+    ProxyAuthenticationRefused,
+    SourceUnavailable,
+    StorageUnavailable,
+)
+from blob2gpu.redaction import redact
+from blob2gpu.sources.azure.location import BlobLocation
+
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+def storage_error(
+    error: BaseException, location: BlobLocation, blob: str | None = None, what: str = "request"
+) -> Exception:
+    """Map an azure-core/storage exception to a blob2gpu error naming the place, without secrets.
+
+    Transient failures come back as StorageUnavailable; callers that retry test is_transient first.
+    """
+    status = getattr(error, "status_code", None)
+    code = getattr(error, "error_code", None)
+    place = location.describe(blob)
+    from azure.core.exceptions import ClientAuthenticationError
+
+    if status is None and isinstance(error, ClientAuthenticationError):
+        # The credential could not get a token (DefaultAzureCredential found no identity, an
+        # expired client secret): nothing a retry changes. Its first line says which.
+        hint = (
+            "give the pod a workload or managed identity with 'Storage Blob Data Reader', or set "
+            "AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_KEY or a SAS"
+        )
+        return AccessDenied(
+            f"{what}: no token to reach {place} ({_one_line(error)}); {hint}", blob=blob, hint=hint
+        )
+    at_proxy = proxy_problem(error)
+    if at_proxy is not None:
+        said, refused = at_proxy
+        proxy, variable = _proxy_of(location.account_url)
+        if refused:
+            hint = f"check the user and password in {variable}"
+            return ProxyAuthenticationRefused(
+                f"{what}: the proxy {proxy} refused its credentials (HTTP 407) on the way to "
+                f"{place}; {hint}",
+                blob=blob,
+                hint=hint,
+            )
+        return StorageUnavailable(
+            f"{what}: the proxy {proxy} failed on the way to {place} ({said}); check that it "
+            f"is reachable and allows this host ({variable}), or leave the host out with "
+            "NO_PROXY"
+        )
+    untrusted = certificate_problem(error)
+    if untrusted is not None:
+        host = urlparse(location.account_url).hostname
+        return SourceUnavailable(
+            f"{what}: the TLS certificate of '{host}' is not trusted ({untrusted}) reaching "
+            f"{place}; install the CA that signed it, or point REQUESTS_CA_BUNDLE at it"
+        )
+    code = getattr(code, "value", code)  # the SDK hands some codes over as an enum member
+    # The generated operations leave the code in the response's header only.
+    code = code or response_header(error, "x-ms-error-code")
+    detail = f"HTTP {status}" + (f" {code}" if code else "") if status else type(error).__name__
+    if code in ARCHIVE_ERROR_CODES:
+        why = "being rehydrated" if code == "BlobBeingRehydrated" else "in the Archive tier"
+        return archived_error(location, {blob or "?": why}, what)
+    if status == 404:
+        if code == "ContainerNotFound" or blob is None:
+            return BlobNotFound(f"{what}: {location.describe()} does not exist ({detail})")
+        return BlobNotFound(f"{what}: {place} does not exist ({detail})")
+    if status in (401, 403):
+        meaning, check = DENIALS.get(code or "", (None, DEFAULT_DENIAL_CHECK))
+        return AccessDenied(
+            f"{what}: access to {place} was denied ({detail}"
+            + (f": {meaning}" if meaning else "")
+            + f"); check {check}",
+            blob=blob,
+            hint=f"check {check}",
+        )
+    if status in TRANSIENT_STATUS or status is None:
+        return StorageUnavailable(f"{what}: {place} is unavailable ({detail}: {_said(error)})")
+    return SourceUnavailable(f"{what}: {place} failed ({detail}: {_said(error)})")
+
+
+DEFAULT_DENIAL_CHECK = (
+    "the credential: SAS expiry and permissions (read, list), the account key, or the "
+    "identity's 'Storage Blob Data Reader' role"
+)
+# What the service's 401/403 error codes mean, and what to check for each.
+DENIALS = {
+    "AuthenticationFailed": (
+        "the signature did not verify",
+        "the account key (or the key the SAS was signed with), the SAS expiry (se=), and this "
+        "node's clock (more than 15 minutes off fails every request)",
+    ),
+    "AuthorizationFailure": (
+        "the account refused this request",
+        "the storage firewall and virtual network rules (do they admit this node or its "
+        "private endpoint?), then the credential: the account key, or the SAS's signature, "
+        "expiry and permissions",
+    ),
+    "AuthorizationPermissionMismatch": (
+        "the credential lacks a permission",
+        "that a SAS grants read and list (sp=rl), or that the identity has the 'Storage Blob "
+        "Data Reader' role on the account or container",
+    ),
+    "AuthorizationProtocolMismatch": (
+        "the SAS allows HTTPS only (spr=https)",
+        "the endpoint: use https://",
+    ),
+    "AuthorizationSourceIPMismatch": (
+        "the SAS admits other IP addresses (sip=)",
+        "this node's egress IP address against the SAS's range",
+    ),
+    "AuthorizationResourceTypeMismatch": (
+        "the account SAS does not cover containers and blobs",
+        "the SAS's resource types: srt=co",
+    ),
+    "AuthorizationServiceMismatch": (
+        "the account SAS does not cover the blob service",
+        "the SAS's services: ss=b",
+    ),
+    "KeyBasedAuthenticationNotPermitted": (
+        "the account disallows shared key access",
+        "the credential: use Entra ID (a workload or managed identity with 'Storage Blob Data "
+        "Reader') or a user delegation SAS",
+    ),
+    "InvalidAuthenticationInfo": (
+        "the bearer token was refused",
+        "the token's tenant, audience (https://storage.azure.com) and expiry",
+    ),
+    "NoAuthenticationInformation": (
+        "the request carried no credential",
+        "that a credential is configured: the container is not public",
+    ),
+}
+
+
+def response_header(error: BaseException, name: str) -> str | None:
+    """Header `name` of the HTTP response a failed request got, or None (no response, or no
+    such header)."""
+    response = getattr(error, "response", None)
+    headers = getattr(response, "headers", None)
+    return headers.get(name) if headers is not None else None
+
+
+def _said(error: BaseException) -> str:
+    """What the service or the transport said, in one short line: the service's message (the
+    HTTP reason Azure sends) rather than the whole XML error body."""
+    reason = getattr(error, "reason", None) if getattr(error, "status_code", None) else None
+    return _one_line(reason if isinstance(reason, str) and reason else error)
+
+
+# The service's codes for reading a blob of the Archive tier, or one still being rehydrated.
+ARCHIVE_ERROR_CODES = ("BlobArchived", "BlobBeingRehydrated")
+
+
+def archived_reason(blob: Any) -> str | None:
+    """Why the service refuses a listed blob's bytes (its access tier), or None when it serves
+    them. A blob being rehydrated stays in the Archive tier until rehydration completes."""
+    if str(getattr(blob, "blob_tier", None) or "").lower() != "archive":
+        return None
+    status = getattr(blob, "archive_status", None)
+    return f"being rehydrated ({status})" if status else "in the Archive tier"
+
+
+def archived_error(
+    location: BlobLocation, blobs: Mapping[str, str], what: str | None = None
+) -> BlobArchived:
+    """BlobArchived naming `blobs` (blob name -> archived_reason) and what would make them
+    readable."""
+    named = [f"'{b}' ({why})" for b, why in blobs.items()]
+    shown = ", ".join(named[:8]) + (f" and {len(named) - 8} more" if len(named) > 8 else "")
+    return BlobArchived(
+        (f"{what}: " if what else "")
+        + f"{shown} in {location.describe()}: the service serves no bytes of a blob in the "
+        "Archive access tier until it is rehydrated; rehydrate to Hot or Cool (az storage blob "
+        "set-tier --tier Hot --rehydrate-priority High; hours) or copy the checkpoint to an "
+        "online tier, then load again"
+    )
+
+
+def _causes(error: BaseException) -> Any:
+    """`error` and what caused it, down the chain azure-core -> requests -> urllib3 -> ssl."""
+    seen: set[int] = set()
+    pending: list[Any] = [error]
+    while pending:
+        e = pending.pop()
+        if not isinstance(e, BaseException) or id(e) in seen or len(seen) > 16:
+            continue
+        seen.add(id(e))
+        yield e
+        pending += [getattr(e, "inner_exception", None), e.__cause__, e.__context__]
+        pending += [getattr(e, "reason", None), *e.args]
+
+
+def certificate_problem(error: BaseException) -> str | None:
+    """What TLS certificate verification said, when that is why `error` happened; else None."""
+    for e in _causes(error):
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return e.verify_message or str(e)
+    return None
+
+
+def proxy_problem(error: BaseException) -> tuple[str, bool] | None:
+    """(what the HTTP proxy said, whether it refused the proxy credentials: HTTP 407) when the
+    failure happened at the proxy (HTTPS_PROXY / HTTP_PROXY); else None."""
+    if getattr(error, "status_code", None) == 407:  # plain HTTP: the proxy answered itself
+        return "HTTP 407 Proxy Authentication Required", True
+    found = [e for e in _causes(error) if type(e).__name__ == "ProxyError"]  # urllib3, requests
+    if not found:
+        return None
+    # urllib3's carries (what failed, why): 'Unable to connect to proxy', OSError('Tunnel
+    # connection failed: 407 Proxy Authentication Required').
+    detailed = [e for e in found if len(e.args) > 1]
+    e = detailed[0] if detailed else found[0]
+    said = f"{e.args[0]}: {_one_line(e.args[1])}" if detailed else _one_line(e)
+    return said, " 407 " in f" {said} "
+
+
+def failure_reason(error: BaseException, location: BlobLocation) -> str:
+    """Why a request failed, in one line for a message: the proxy's part when it was the proxy."""
+    at_proxy = proxy_problem(error)
+    if at_proxy is not None:
+        proxy, variable = _proxy_of(location.account_url)
+        return f"the proxy {proxy} ({variable}): {at_proxy[0]}"
+    return f"{type(error).__name__}: {_one_line(error)[:200]}"
+
+
+def _one_line(text: object) -> str:
+    return (redact(text).strip().splitlines() or [""])[0][:300]
+
+
+def _proxy_of(account_url: str) -> tuple[str, str]:
+    """The proxy the environment names for `account_url` as host:port (never its password),
+    and the variable that names it."""
+    from urllib.request import getproxies
+
+    scheme = urlparse(account_url).scheme
+    proxy = getproxies().get(scheme, "")
+    parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    where = f"{parsed.hostname}:{parsed.port}" if parsed.port else (parsed.hostname or "?")
+    return where, f"{scheme.upper()}_PROXY"
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed request may succeed if retried (connection trouble, timeouts, 5xx, 429)."""
+    from azure.core.exceptions import (
+        IncompleteReadError,
+        ServiceRequestError,
+        ServiceResponseError,
+    )
+
+    status = getattr(error, "status_code", None)
+    if status is not None:
+        return status in TRANSIENT_STATUS
+    if certificate_problem(error) is not None:
+        return False  # a certificate nobody trusts stays untrusted however often it is offered
+    at_proxy = proxy_problem(error)
+    if at_proxy is not None and at_proxy[1]:
+        return False  # the proxy will refuse the same credentials again
+    return isinstance(
+        error,
+        (
+            ServiceRequestError,
+            ServiceResponseError,
+            IncompleteReadError,
+            ConnectionError,
+            TimeoutError,
+            OSError,
+        ),
+    )

@@ -1,0 +1,141 @@
+"""RetryPolicy: how blob2gpu retries a storage request that failed transiently (reset, timeout,
+408/429/5xx): exponential backoff with jitter, the server's Retry-After honoured up to a budget,
+every thread of a load backing off together while the account throttles, and a count of what was
+retried. Every request to storage goes through one: the ranged GETs (range_reader.py), the
+listing, and the reads of the index, manifest and other files (listing.py, container.py). The SDK's
+own retries are off (container.py), so each retry is ours to count and to bound."""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from blob2gpu.errors import Blob2GpuError, LoadCancelled, StorageUnavailable
+from blob2gpu.sources.azure.failures import (
+    failure_reason,
+    is_transient,
+    proxy_problem,
+    response_header,
+    storage_error,
+)
+from blob2gpu.sources.azure.location import BlobLocation
+
+T = TypeVar("T")
+
+
+class RetryPolicy:
+    """Exponential backoff with jitter for transient storage failures; counts what it retried."""
+
+    def __init__(
+        self,
+        location: BlobLocation,
+        max_attempts: int,
+        backoff_seconds: float,
+        backoff_max_seconds: float,
+        stopping: threading.Event | None = None,
+        throttled_seconds: float = 120.0,
+    ) -> None:
+        self.location = location
+        self.max_attempts = max_attempts
+        self.backoff_seconds = backoff_seconds
+        self.backoff_max_seconds = backoff_max_seconds
+        self.throttled_seconds = throttled_seconds
+        self.stopping = stopping or threading.Event()
+        self._lock = threading.Lock()
+        self.retries = 0
+        self.waited_seconds = 0.0  # backoff slept before retries, summed over threads
+        # When the account throttles (429, 503 ServerBusy), every thread of this load backs off
+        # together: a thread whose last request succeeded would otherwise keep the pressure on.
+        self._cooldown_until = 0.0
+
+    def pause_while_throttled(self) -> None:
+        """Wait out a throttling backoff another thread of this load started; raises
+        LoadCancelled if the load stops meanwhile."""
+        while True:
+            with self._lock:
+                remaining = self._cooldown_until - time.monotonic()
+            if remaining <= 0:
+                return
+            if self.stopping.wait(remaining):
+                raise LoadCancelled("the load was cancelled while waiting out throttling")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number `attempt` (1-based): jittered, capped."""
+        ceiling = min(self.backoff_max_seconds, self.backoff_seconds * (2 ** (attempt - 1)))
+        return ceiling * random.uniform(0.5, 1.0)
+
+    def backoff(self, attempt: int, error: BaseException) -> float:
+        """The wait before retry number `attempt`: the jittered backoff, or longer when the
+        server said how long to stay away (Retry-After), up to retry_throttled_seconds."""
+        return max(self.delay(min(attempt, 16)), min(retry_after(error), self.throttled_seconds))
+
+    def wait_before_retry(
+        self, attempt: int, error: BaseException, what: str, blob: str | None,
+        throttled_waited: float = 0.0,
+    ) -> float:
+        """Count a retry and sleep; returns the seconds this request has now waited on throttling.
+
+        Raises StorageUnavailable once the attempts are spent, except that a throttled request
+        (429, 503) keeps waiting while its throttling waits stay under retry_throttled_seconds:
+        an account that sheds load is not an account that is down.
+        """
+        throttled = getattr(error, "status_code", None) in (429, 503)
+        if attempt >= self.max_attempts and not (
+                throttled and throttled_waited < self.throttled_seconds):
+            raise StorageUnavailable(
+                f"{what}: {self.location.describe(blob)} kept failing after {attempt} attempts "
+                f"(last: {failure_reason(error, self.location)}); raise "
+                "retry_max_attempts (or retry_throttled_seconds when throttled) or check "
+                + (
+                    "the proxy, or leave this host out with NO_PROXY"
+                    if proxy_problem(error)
+                    else "the storage account's health and throttling"
+                )
+            ) from None
+        delay = self.backoff(attempt, error)
+        with self._lock:
+            self.retries += 1
+            self.waited_seconds += delay
+            if throttled:
+                self._cooldown_until = max(self._cooldown_until, time.monotonic() + delay)
+        if self.stopping.wait(delay):
+            raise LoadCancelled("the load was cancelled while waiting to retry")
+        return throttled_waited + (delay if throttled else 0.0)
+
+    def run(self, fn: Callable[[], T], what: str, blob: str | None) -> T:
+        """Call fn, retrying transient failures; permanent ones raise a typed error."""
+        attempt = 0
+        throttled = 0.0
+        while True:
+            try:
+                self.pause_while_throttled()
+                return fn()
+            except Blob2GpuError:
+                raise
+            except Exception as e:
+                if not is_transient(e):
+                    raise storage_error(e, self.location, blob, what) from None
+                attempt += 1
+                throttled = self.wait_before_retry(attempt, e, what, blob, throttled)
+
+
+def retry_after(error: BaseException) -> float:
+    """Seconds the server asked a client to wait (retry-after-ms, x-ms-retry-after-ms or
+    Retry-After in seconds or as an HTTP date) on a failed response; 0 when it did not say."""
+    try:
+        for name in ("retry-after-ms", "x-ms-retry-after-ms"):
+            if milliseconds := response_header(error, name):
+                return max(0.0, float(milliseconds) / 1000)
+        value = response_header(error, "retry-after")
+        if not value:
+            return 0.0
+        if value.strip().isdigit():
+            return float(value)
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return 0.0  # a header we cannot read is one we did not get

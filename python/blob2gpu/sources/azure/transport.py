@@ -1,0 +1,173 @@
+"""The one adapter to azure-storage-blob's internals: a ranged GET whose body is left in the socket,
+so the caller reads it straight into its own memory (a pinned staging slot, or the cpu arena)
+with no Python `bytes` in between.
+
+Why internals at all: the SDK's public download (`BlobClient.download_blob`) hands a body over as
+`bytes` chunks and its `readinto()` copies each chunk again; at checkpoint sizes those copies cost
+as much host memory bandwidth as the network delivers. What this module relies on, and why:
+
+- `BlobClient._client.blob.download(range=, modified_access_conditions=, cls=)`: the SDK's
+  generated Get Blob operation, sent through the client's own pipeline (credential, API version,
+  request id, logging, and the transport open_container configured). It sends with stream=True,
+  and a `cls` that returns the PipelineResponse keeps anything from reading the body.
+  (`_client`: a private attribute of BlobClient.)
+- `azure.storage.blob._generated.models.ModifiedAccessConditions(if_match=)`: how that operation
+  takes If-Match, which pins every range to the etag seen at listing. (`_generated`: a private
+  module.)
+- `PipelineResponse.http_response.internal_response`: the requests.Response that azure-core's
+  RequestsTransport wraps.
+- `requests.Response.raw._fp`: urllib3's HTTPResponse keeps the http.client.HTTPResponse in `_fp`,
+  whose `readinto()` fills the caller's memoryview from the socket (urllib3's own `readinto()`
+  reads into a new `bytes` first). `raw.release_conn()` returns a connection whose body was read
+  to its end to the pool. (`_fp`: a private attribute of urllib3.)
+
+tests/test_azure_transport_contract.py runs missing_internals() and a real ranged GET against the
+oldest and the newest azure-storage-blob that pyproject.toml admits; when an SDK release drops one
+of these, it names the release and what is gone. No other module of blob2gpu names an SDK private.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import re
+from collections.abc import Callable
+from typing import Any
+
+
+class RangeResponse:
+    """The answer to one ranged GET, its body still in the socket.
+
+    One thread reads it; another may call close() to break a read that is blocked.
+    """
+
+    def __init__(self, http_response: Any) -> None:
+        self._http = http_response  # requests.Response
+        self._body = http_response.raw._fp  # http.client.HTTPResponse
+        self.status: int = http_response.status_code
+
+    def header(self, name: str) -> str | None:
+        """The response header `name` (case-insensitive), or None when the answer has none."""
+        return self._http.headers.get(name)
+
+    def readinto(self, view: memoryview) -> int:
+        """Read the next body bytes into the start of `view`; returns how many were read (0 when
+        the body, or the connection, ended). Raises OSError (or http.client's errors) when the
+        connection fails or times out."""
+        return self._body.readinto(view)
+
+    def release(self) -> None:
+        """Hand the connection back to the pool for the next request (keep-alive). Only for a body
+        read to its end."""
+        self._http.raw.release_conn()
+
+    def close(self) -> None:
+        """Drop the connection: a body not read to its end cannot carry another request. Safe to
+        call from another thread, and more than once."""
+        self._http.close()
+
+
+def open_range(blob: Any, start: int, end: int, etag: str | None) -> RangeResponse:
+    """Send GET bytes [start, end) of `blob` (an azure.storage.blob.BlobClient), If-Match `etag`
+    (a listed blob always has one).
+
+    Returns the response with its body unread: the caller reads it, then release()s or close()s
+    it. Raises what the SDK raises: azure.core.exceptions.HttpResponseError with `status_code` for
+    an answer other than 200/206 (412 when the blob's etag is no longer `etag`, 416 when the range
+    starts past its end), ServiceRequestError or ServiceResponseError when no answer came.
+    """
+    from azure.storage.blob._generated.models import ModifiedAccessConditions
+
+    pipeline_response = blob._client.blob.download(
+        range=f"bytes={start}-{end - 1}",
+        modified_access_conditions=ModifiedAccessConditions(if_match=etag),
+        cls=_keep_pipeline_response,
+    )
+    return RangeResponse(pipeline_response.http_response.internal_response)
+
+
+def _keep_pipeline_response(pipeline_response: Any, _body: Any, _headers: Any) -> Any:
+    return pipeline_response
+
+
+def missing_internals() -> list[str]:
+    """What open_range and RangeResponse rely on that the installed azure-storage-blob,
+    azure-core, requests or urllib3 lacks: one line per missing piece, naming it; empty when all
+    of it is there. Sends no request."""
+    checks: list[tuple[str, Callable[[], object]]] = [
+        ("azure.storage.blob._generated.models.ModifiedAccessConditions(if_match=...)",
+         _check_access_conditions),
+        ("BlobClient._client.blob.download(range=, modified_access_conditions=, cls=)",
+         _check_download_operation),
+        ("azure.core RequestsTransportResponse.internal_response (the requests.Response)",
+         _check_internal_response),
+        ("urllib3 HTTPResponse._fp.readinto() and release_conn()", _check_urllib3_body),
+    ]
+    missing = []
+    for what, check in checks:
+        try:
+            problem = check()
+        except Exception as e:  # whatever broke, the message names the piece
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
+            missing.append(f"{what}: {problem}")
+    return missing
+
+
+def installed_versions() -> str:
+    """The installed versions of the packages this module relies on, for messages."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for package in ("azure-storage-blob", "azure-core", "requests", "urllib3"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            found.append(f"{package} (not installed)")
+    return ", ".join(found)
+
+
+def _check_access_conditions() -> str | None:
+    from azure.storage.blob._generated.models import ModifiedAccessConditions
+
+    conditions = ModifiedAccessConditions(if_match='"0x1"')
+    return None if conditions.if_match == '"0x1"' else "if_match is not kept"
+
+
+def _check_download_operation() -> str | None:
+    from azure.storage.blob import BlobClient
+
+    blob = BlobClient("https://account.blob.core.windows.net", "container", "blob")
+    download = blob._client.blob.download
+    parameters = inspect.signature(download).parameters
+    lacking = [p for p in ("range", "modified_access_conditions") if p not in parameters]
+    if lacking:
+        return f"no parameter {', '.join(lacking)}"
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return "takes no **kwargs, so no cls="
+    # A `cls` hook is what keeps the deserializer from touching the body (the generated code
+    # pops it from kwargs); a real GET (the contract test's) checks the body is still unread.
+    if not re.search(r"pop\(\s*[\"']cls[\"']", inspect.getsource(download)):
+        return "no longer takes cls= (the hook that returns the pipeline response)"
+    return None
+
+
+def _check_internal_response() -> str | None:
+    import requests
+    from azure.core.pipeline.transport import HttpRequest, RequestsTransportResponse
+
+    answer = requests.Response()
+    wrapped = RequestsTransportResponse(HttpRequest("GET", "https://account/"), answer)
+    return None if wrapped.internal_response is answer else "holds another object"
+
+
+def _check_urllib3_body() -> str | None:
+    import urllib3
+
+    raw = urllib3.HTTPResponse(body=io.BytesIO(b"body"), preload_content=False)
+    into = bytearray(4)
+    if raw._fp is None:
+        return "no _fp"
+    if raw._fp.readinto(memoryview(into)) != 4 or into != b"body":
+        return "_fp.readinto() did not fill the buffer"
+    return None if callable(getattr(raw, "release_conn", None)) else "no release_conn()"
