@@ -98,6 +98,7 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
         verification_of,
     )
     from blob2gpu.loading.selection import header_reader, select, selection_from_arguments
+    from blob2gpu.loading.shard_sources import shard_sources
     from blob2gpu.operations.report import LoadReport
     from blob2gpu.sources import resolve as resolve_local
     from blob2gpu.sources.azure.service import is_blob_uri
@@ -154,10 +155,10 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
                             _clock_start=clock_start)
         report.phases["artifact_fetch_start"] = 0.0
         report._session_offset = time.perf_counter() - clock_start
-        session = pipeline.start_fed([s.name for s in plan.shards], sizes,
-                                     checksums=core_checksums(manifest, plan.shards, algorithm),
+        checksums = core_checksums(manifest, plan.shards, algorithm)
+        session = pipeline.start_fed(shard_sources(plan.shards, checksums, content_md5=content_md5),
                                      fail_on_checksum_mismatch=effective.fail_if_checksum_mismatch,
-                                     wanted=wanted, content_md5=content_md5)
+                                     wanted=wanted)
         checkpoint = Checkpoint(session, plan, convert, report, settings=effective,
                                 pipeline=pipeline, selection=selection)
         try:
@@ -207,13 +208,13 @@ def _feed(session: Any, index: int, view: memoryview, slot_bytes: int) -> None:
     landing.view[:] = view[:first]
     status = session.commit(landing)
     pos = first
-    if not status["header_ready"]:
-        have, header_end = status["header_have"], status["data_offset"]
+    if not status.header_ready:
+        have, header_end = status.header_have, status.data_offset
         landing = session.acquire(index, have, header_end - have)
         landing.view[:] = view[have:header_end]
         status = session.commit(landing)
         pos = header_end
-    start = max(pos, status["data_offset"])
+    start = max(pos, status.data_offset)
     for begin, end in session.needed_ranges(index):  # this rank's tensors' bytes only
         pos = max(begin, start)
         while pos < end:

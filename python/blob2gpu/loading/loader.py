@@ -31,6 +31,7 @@ from blob2gpu.loading.selection import (
     selected_sizes,
     selection_from_arguments,
 )
+from blob2gpu.loading.shard_sources import shard_sources
 from blob2gpu.operations.report import LoadReport
 from blob2gpu.settings import ResolvedSettings, resolve
 from blob2gpu.sources import ShardPlan
@@ -372,11 +373,9 @@ class Loader:
         if container is None:
             report._session_offset = time.perf_counter() - clock_start
             session = pipeline.start_local(
-                [s.path for s in plan.shards],
-                [s.name for s in plan.shards],
+                shard_sources(plan.shards, checksums, paths=[s.path for s in plan.shards]),
                 mmap=mmap,
                 host_staging=host_staging,
-                checksums=checksums,
                 fail_on_checksum_mismatch=effective.fail_if_checksum_mismatch,
                 wanted=wanted,
             )
@@ -412,18 +411,16 @@ class Loader:
                 checksums = checksums or [None] * count
                 for i, entry in hits.items():  # a hit is checked against what was written
                     if algorithm == "crc32c" or checksums[i] is None:
-                        checksums[i] = (entry.size, entry.meta["chunk_bytes"], entry.meta["crc32c"])
+                        checksums[i] = _core.ChunkChecksums(
+                            entry.meta["chunk_bytes"], crc32c=entry.meta["crc32c"]
+                        )
             fetch = [i for i in range(count) if i not in hits]
             report._session_offset = time.perf_counter() - clock_start
             session = pipeline.start_fed(
-                [s.name for s in plan.shards],
-                [s.size for s in plan.shards],
+                shard_sources(plan.shards, checksums, paths=paths, content_md5=content_md5),
                 host_staging=host_staging,
-                checksums=checksums,
                 fail_on_checksum_mismatch=effective.fail_if_checksum_mismatch,
-                paths=paths,
                 wanted=wanted,
-                content_md5=content_md5,
                 direct_io=effective.cache_direct_io,
                 mmap=mmap,
             )

@@ -16,7 +16,10 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from blob2gpu._core import SessionStats
 
 PHASES = (
     "artifact_fetch_start",
@@ -185,8 +188,8 @@ class LoadReport:
         return "\n".join(rows)
 
     # -- filled by the Checkpoint -----------------------------------------------------------------
-    def _absorb_core_stats(self, stats: dict[str, Any]) -> None:
-        self.bytes = int(stats["bytes_read"])
+    def _absorb_core_stats(self, stats: SessionStats) -> None:
+        self.bytes = stats.bytes_read
         for key in (
             "staging_slots",
             "staging_slot_bytes",
@@ -202,24 +205,24 @@ class LoadReport:
             "host_populate_seconds",
             "checksum_failures",
         ):
-            setattr(self, key, stats[key])
+            setattr(self, key, getattr(stats, key))
 
         def secs(ns: int) -> float | None:
             return None if ns < 0 else self._session_offset + ns / 1e9
 
         self.shards = [
             ShardReport(
-                name=s["name"],
-                bytes=s["file_bytes"],
-                header_bytes=s["header_bytes"],
-                tensors=s["tensors"],
-                realigned_tensors=s["realigned_tensors"],
-                started=secs(s["start_ns"]),
-                header_parsed=secs(s["header_ns"]),
-                published=secs(s["published_ns"]),
-                needed_bytes=s["needed_bytes"],
+                name=s.name,
+                bytes=s.file_bytes,
+                header_bytes=s.header_bytes,
+                tensors=s.tensors,
+                realigned_tensors=s.realigned_tensors,
+                started=secs(s.start_ns),
+                header_parsed=secs(s.header_ns),
+                published=secs(s.published_ns),
+                needed_bytes=s.needed_bytes,
             )
-            for s in stats["shards"]
+            for s in stats.shards
         ]
 
 
