@@ -67,10 +67,11 @@ py::bytes as_bytes(const uint8_t* data, size_t n) {
 }  // namespace
 
 void register_struct_bindings(py::module_& m) {
-  py::class_<ChunkChecksums>(m, "ChunkChecksums",
-                             "A shard's expected checksums, one per chunk_bytes chunk of the file "
-                             "(the last one shorter): CRC32Cs, or SHA-256 digests (verify='sha256', "
-                             "then checked instead of the CRCs).")
+  py::class_<ChunkChecksums>(
+      m, "ChunkChecksums",
+      "A shard's expected checksums, one per chunk_bytes chunk of the file "
+      "(the last one shorter): CRC32Cs, or SHA-256 digests (verify='sha256', "
+      "then checked instead of the CRCs).")
       .def(py::init(&make_chunk_checksums), py::arg("chunk_bytes"), py::kw_only(),
            py::arg("crc32c") = py::none(), py::arg("sha256") = py::none(),
            "Without digests nothing is checked. Raises InvalidArgument for chunk_bytes 0 or a "
