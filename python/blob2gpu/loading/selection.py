@@ -159,12 +159,13 @@ def read_blob_header(container: Any, ref: ShardRef) -> _core.ParsedHeader:
 
     def get(offset: int, length: int) -> bytes:
         def once() -> bytes:
-            return blob.download_blob(
+            data: bytes = blob.download_blob(
                 offset=offset,
                 length=length,
                 etag=ref.etag,
                 match_condition=MatchConditions.IfNotModified,
             ).readall()
+            return data
 
         return cast(bytes, container.retry.run(once, f"shard '{ref.name}' header", ref.path))
 

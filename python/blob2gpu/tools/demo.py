@@ -192,7 +192,7 @@ def _load(blob2gpu: Any, uri: str, device: str, credential: str | None = None) -
     account_key = _account_key(credential) if credential is not None else None
     with blob2gpu.open(uri, device=device, framework="dlpack", credential=account_key) as ckpt:
         tensors = ckpt.to_dict()
-        report = ckpt.report
+        report: LoadReport = ckpt.report
     report.mark_first_token()
     if report.device != "cpu":
         print(
