@@ -3,8 +3,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <cstring>
-
 #include "cuda_device.hpp"
 #include "device_arena.hpp"
 #include "host_buffer.hpp"
@@ -17,6 +15,7 @@
 #include "tensor_export.hpp"
 
 void register_checksum_bindings(pybind11::module_& m);  // csrc/bindings_checksum.cpp
+void register_struct_bindings(pybind11::module_& m);    // csrc/bindings_structs.cpp
 
 namespace py = pybind11;
 using namespace blob2gpu;
@@ -55,55 +54,12 @@ void legacy_capsule_destructor(PyObject* capsule) {
   throw py::error_already_set();
 }
 
-py::dict shard_stats_dict(const ShardStats& s) {
-  py::dict d;
-  d["name"] = s.name;
-  d["file_bytes"] = s.file_bytes;
-  d["header_bytes"] = s.header_bytes;
-  d["data_bytes"] = s.data_bytes;
-  d["tensors"] = s.tensors;
-  d["needed_bytes"] = s.needed_bytes;
-  d["realigned_tensors"] = s.realigned_tensors;
-  d["start_ns"] = s.start_ns;
-  d["header_ns"] = s.header_ns;
-  d["published_ns"] = s.published_ns;
-  d["checksum_failures"] = s.checksum_failures;
-  return d;
-}
-
 // None -> every tensor; an iterable of names -> those.
 std::shared_ptr<const std::unordered_set<std::string>> wanted_names(const py::object& wanted) {
   if (wanted.is_none()) return nullptr;
   auto names = std::make_shared<std::unordered_set<std::string>>();
   for (const py::handle& name : wanted) names->insert(name.cast<std::string>());
   return names;
-}
-
-py::dict session_stats_dict(const SessionStats& s) {
-  py::dict d;
-  d["device"] = s.device;
-  d["bytes_read"] = s.bytes_read;
-  d["elapsed_ns"] = s.elapsed_ns;
-  d["all_published_ns"] = s.all_published_ns;
-  d["pinned"] = s.pinned;
-  d["pinned_fallback"] = s.pinned_fallback;
-  d["staging_slots"] = s.staging_slots;
-  d["staging_slot_bytes"] = s.staging_slot_bytes;
-  d["copy_streams"] = s.copy_streams;
-  d["io_threads"] = s.io_threads;
-  d["peak_slots_in_flight"] = s.peak_slots_in_flight;
-  d["slot_waits"] = s.slot_waits;
-  d["mmap"] = s.mmap;
-  d["host_staging"] = s.host_staging;
-  d["min_free_device_bytes"] = s.min_free_device_bytes;
-  d["verified_bytes"] = s.verified_bytes;
-  d["direct_io_bytes"] = s.direct_io_bytes;
-  d["host_populate_seconds"] = s.host_populate_seconds;
-  d["checksum_failures"] = s.checksum_failures;
-  py::list shards;
-  for (const auto& shard : s.shards) shards.append(shard_stats_dict(shard));
-  d["shards"] = shards;
-  return d;
 }
 
 // Resolves the DLPack `stream` argument for a CUDA producer (Python array API semantics).
@@ -205,51 +161,6 @@ ErrorKind error_kind_from_name(const std::string& name) {
     if (name == error_kind_name(static_cast<ErrorKind>(k))) return static_cast<ErrorKind>(k);
   }
   throw CoreError(ErrorKind::InvalidArgument, "unknown error kind '" + name + "'");
-}
-
-// checksums: None, or a list with, per shard, None or (file size, chunk bytes, [CRC32C...]).
-void attach_checksums(std::vector<ShardSource>& shards, const py::object& checksums) {
-  if (checksums.is_none()) return;
-  auto list = checksums.cast<py::list>();
-  if (list.size() != shards.size()) {
-    throw CoreError(ErrorKind::InvalidArgument, "checksums must have one entry per shard");
-  }
-  for (size_t i = 0; i < shards.size(); ++i) {
-    if (list[i].is_none()) continue;
-    auto entry = list[i].cast<py::tuple>();
-    uint64_t size = entry[0].cast<uint64_t>();
-    if (shards[i].size == 0) shards[i].size = size;
-    shards[i].crc_chunk_bytes = entry[1].cast<uint64_t>();
-    if (!entry[2].is_none()) shards[i].crc32c = entry[2].cast<std::vector<uint32_t>>();
-    if (entry.size() > 3 && !entry[3].is_none()) {
-      for (const py::handle& digest : entry[3]) {
-        std::string raw = digest.cast<std::string>();
-        if (raw.size() != 32) {
-          throw CoreError(ErrorKind::InvalidArgument, "a SHA-256 chunk digest must be 32 bytes");
-        }
-        std::array<uint8_t, 32> d{};
-        std::memcpy(d.data(), raw.data(), 32);
-        shards[i].sha256.push_back(d);
-      }
-    }
-  }
-}
-
-// content_md5: None, or a list with, per shard, None or the blob's 16-byte Content-MD5.
-void attach_content_md5(std::vector<ShardSource>& shards, const py::object& content_md5) {
-  if (content_md5.is_none()) return;
-  auto digests = content_md5.cast<py::list>();
-  if (digests.size() != shards.size()) {
-    throw CoreError(ErrorKind::InvalidArgument, "content_md5 must have one entry per shard");
-  }
-  for (size_t i = 0; i < shards.size(); ++i) {
-    if (digests[i].is_none()) continue;
-    std::string raw = digests[i].cast<std::string>();
-    if (raw.size() != Md5::kDigestBytes) {
-      throw CoreError(ErrorKind::InvalidArgument, "a Content-MD5 must be 16 bytes");
-    }
-    shards[i].content_md5.assign(raw.begin(), raw.end());
-  }
 }
 
 }  // namespace
@@ -439,35 +350,12 @@ PYBIND11_MODULE(_core, m) {
           "A writable memoryview of the landing's bytes; valid until commit() or release().");
 
   py::class_<LoadSession, std::shared_ptr<LoadSession>>(m, "LoadSession")
-      .def("next_shard",
-           [](LoadSession& s) -> py::object {
-             std::optional<PublishedShard> shard;
-             {
-               py::gil_scoped_release release;
-               shard = s.next_shard();
-             }
-             if (!shard) return py::none();
-             py::list tensors;
-             for (const auto& t : shard->tensors) tensors.append(t);
-             py::dict metadata;
-             for (const auto& kv : shard->metadata) metadata[py::str(kv.first)] = kv.second;
-             return py::make_tuple(shard->index, tensors, metadata);
-           },
-           "Next (shard index, [TensorView], metadata) in arrival order, or None when done.")
-      .def("take_ready",
-           [](LoadSession& s) {
-             py::list out;
-             for (auto& shard : s.take_ready()) {
-               py::list tensors;
-               for (const auto& t : shard.tensors) tensors.append(t);
-               py::dict metadata;
-               for (const auto& kv : shard.metadata) metadata[py::str(kv.first)] = kv.second;
-               out.append(py::make_tuple(shard.index, tensors, metadata));
-             }
-             return out;
-           },
-           "[(shard index, [TensorView], metadata)] of shards published but not yet returned, "
-           "even after the load failed.")
+      .def("next_shard", &LoadSession::next_shard, py::call_guard<py::gil_scoped_release>(),
+           "The next PublishedShard in arrival order, or None when every shard was returned. "
+           "Blocks; raises the load's first error.")
+      .def("take_ready", &LoadSession::take_ready,
+           "The PublishedShards published but not yet returned by next_shard(), even after the "
+           "load failed.")
       .def("wait_landed", &LoadSession::wait_landed, py::call_guard<py::gil_scoped_release>())
       .def("cancel", &LoadSession::cancel, py::call_guard<py::gil_scoped_release>())
       .def("close", &LoadSession::close, py::call_guard<py::gil_scoped_release>())
@@ -495,25 +383,20 @@ PYBIND11_MODULE(_core, m) {
           [](LoadSession& s, PyLanding& l) {
             l.check_open();
             l.open = false;
-            FeedStatus status;
-            {
-              py::gil_scoped_release release;
-              status = s.commit(l.landing);
-            }
-            py::dict d;
-            d["header_ready"] = status.header_ready;
-            d["data_offset"] = status.data_offset;
-            d["header_have"] = status.header_have;
-            return d;
+            py::gil_scoped_release release;
+            return s.commit(l.landing);
           },
-          "Hand a filled landing to the pipeline; returns {header_ready, data_offset, "
-          "header_have}. Raises the load's typed error for a bad header.")
-      .def("release",
-           [](LoadSession& s, PyLanding& l) {
-             if (!l.open) return;
-             l.open = false;
-             s.release(l.landing);
-           })
+          py::arg("landing"),
+          "Hand a filled landing to the pipeline; returns its shard's FeedStatus. Raises the "
+          "load's typed error for a bad header.")
+      .def(
+          "release",
+          [](LoadSession& s, PyLanding& l) {
+            if (!l.open) return;
+            l.open = false;
+            s.release(l.landing);
+          },
+          py::arg("landing"), "Give an unfilled landing back (the feeder gave up on it).")
       .def("abort",
            [](LoadSession& s, const std::string& kind, const std::string& message) {
              s.abort(error_kind_from_name(kind), message);
@@ -523,7 +406,7 @@ PYBIND11_MODULE(_core, m) {
       .def("needed_ranges", &LoadSession::needed_ranges, py::arg("shard"),
            "[(begin, end)] file byte ranges of the shard's data that this load reads (all of it, "
            "or a tensor selection's), once commit() reported its header ready.")
-      .def("stats", [](const LoadSession& s) { return session_stats_dict(s.stats()); });
+      .def("stats", &LoadSession::stats, "The load's SessionStats so far.");
 
   py::class_<LoadPipeline, std::shared_ptr<LoadPipeline>>(m, "LoadPipeline")
       .def(py::init([](const std::string& device, size_t staging_slots, size_t staging_slot_bytes,
@@ -541,16 +424,14 @@ PYBIND11_MODULE(_core, m) {
            py::arg("copy_streams"), py::arg("io_threads"), py::arg("use_pinned_host_fallback"))
       .def(
           "start_local",
-          [](LoadPipeline& p, const std::vector<std::string>& paths,
-             const std::vector<std::string>& names, bool mmap, bool host_staging,
-             const py::object& checksums, bool fail_on_checksum_mismatch,
-             const py::object& wanted) {
-            if (paths.size() != names.size()) {
-              throw CoreError(ErrorKind::InvalidArgument, "paths and names differ in length");
+          [](LoadPipeline& p, std::vector<ShardSource> shards, bool mmap, bool host_staging,
+             bool fail_on_checksum_mismatch, const py::object& wanted) {
+            for (const auto& shard : shards) {
+              if (shard.path.empty()) {
+                throw CoreError(ErrorKind::InvalidArgument,
+                                "shard '" + shard.name + "' has no path to read");
+              }
             }
-            std::vector<ShardSource> shards;
-            for (size_t i = 0; i < paths.size(); ++i) shards.push_back({paths[i], names[i]});
-            attach_checksums(shards, checksums);
             SessionOptions options;
             options.wanted = wanted_names(wanted);
             py::gil_scoped_release release;
@@ -559,34 +440,16 @@ PYBIND11_MODULE(_core, m) {
             options.fail_on_checksum_mismatch = fail_on_checksum_mismatch;
             return p.start_local(std::move(shards), options);
           },
-          py::arg("paths"), py::arg("names"), py::arg("mmap") = false,
-          py::arg("host_staging") = false, py::arg("checksums") = py::none(),
-          py::arg("fail_on_checksum_mismatch") = true, py::arg("wanted") = py::none(),
-          "checksums: None, or per shard None or (file size, chunk bytes, [CRC32C per chunk] or "
-          "None[, [32-byte SHA-256 digest per chunk]]): with digests, chunks are checked by "
-          "SHA-256. "
+          py::arg("shards"), py::kw_only(), py::arg("mmap") = false,
+          py::arg("host_staging") = false, py::arg("fail_on_checksum_mismatch") = true,
+          py::arg("wanted") = py::none(),
+          "Start a load of local files (every ShardSource has a path) read by the io threads. "
           "wanted: None (every tensor) or the names of the tensors to load (only their bytes "
           "are read).")
       .def(
           "start_fed",
-          [](LoadPipeline& p, const std::vector<std::string>& names,
-             const std::vector<uint64_t>& sizes, bool host_staging, const py::object& checksums,
-             bool fail_on_checksum_mismatch, const py::object& paths, const py::object& wanted,
-             const py::object& content_md5, bool direct_io, bool mmap) {
-            if (names.size() != sizes.size()) {
-              throw CoreError(ErrorKind::InvalidArgument, "names and sizes differ in length");
-            }
-            std::vector<ShardSource> shards;
-            std::vector<std::string> local;
-            if (!paths.is_none()) local = paths.cast<std::vector<std::string>>();
-            if (!local.empty() && local.size() != names.size()) {
-              throw CoreError(ErrorKind::InvalidArgument, "paths must have one entry per shard");
-            }
-            for (size_t i = 0; i < names.size(); ++i) {
-              shards.push_back({local.empty() ? std::string() : local[i], names[i], sizes[i]});
-            }
-            attach_checksums(shards, checksums);
-            attach_content_md5(shards, content_md5);
+          [](LoadPipeline& p, std::vector<ShardSource> shards, bool host_staging,
+             bool fail_on_checksum_mismatch, const py::object& wanted, bool direct_io, bool mmap) {
             SessionOptions options;
             options.wanted = wanted_names(wanted);
             py::gil_scoped_release release;
@@ -596,17 +459,13 @@ PYBIND11_MODULE(_core, m) {
             options.mmap = mmap;
             return p.start_fed(std::move(shards), options);
           },
-          py::arg("names"), py::arg("sizes"), py::arg("host_staging") = false,
-          py::arg("checksums") = py::none(), py::arg("fail_on_checksum_mismatch") = true,
-          py::arg("paths") = py::none(), py::arg("wanted") = py::none(),
-          py::arg("content_md5") = py::none(), py::arg("direct_io") = false,
-          py::arg("mmap") = false,
-          "Start a load whose byte ranges the caller fetches into landings (acquire/commit). "
-          "paths: per shard a local file the io threads read instead (a cache hit), or ''. "
+          py::arg("shards"), py::kw_only(), py::arg("host_staging") = false,
+          py::arg("fail_on_checksum_mismatch") = true, py::arg("wanted") = py::none(),
+          py::arg("direct_io") = false, py::arg("mmap") = false,
+          "Start a load whose byte ranges the caller fetches into landings (acquire/commit); a "
+          "ShardSource with a path is a local file the io threads read instead (a cache hit). "
           "direct_io: read those files with O_DIRECT into staging slots where the filesystem "
-          "allows it. mmap: on cpu, map them copy-on-write. content_md5: None, or per shard None "
-          "or the blob's 16-byte Content-MD5 (checked over the whole blob, in order, when no "
-          "manifest checks it). checksums and wanted: as for start_local.")
+          "allows it. mmap: on cpu, map them copy-on-write. wanted: as for start_local.")
       .def("close", &LoadPipeline::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("device", &LoadPipeline::device)
       .def_property_readonly("is_cuda", &LoadPipeline::is_cuda)
@@ -621,5 +480,6 @@ PYBIND11_MODULE(_core, m) {
         return p.context() ? p.context()->name() : std::string("cpu");
       });
 
+  register_struct_bindings(m);
   register_checksum_bindings(m);
 }

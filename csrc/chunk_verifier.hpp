@@ -18,6 +18,16 @@
 
 namespace blob2gpu {
 
+// A shard's expected checksums, from its manifest (or its cache entry): one per chunk_bytes chunk
+// of the file, the last chunk shorter. SHA-256 digests when given (verify='sha256'), else CRC32Cs.
+struct ChunkChecksums {
+  uint64_t chunk_bytes = 0;
+  std::vector<uint32_t> crc32c;
+  std::vector<std::array<uint8_t, 32>> sha256;
+
+  bool empty() const { return crc32c.empty() && sha256.empty(); }
+};
+
 struct ChecksumFailure {
   uint64_t begin = 0;  // file offsets of the chunk
   uint64_t end = 0;

@@ -154,9 +154,10 @@ LoadSession::LoadSession(std::shared_ptr<LoadPipeline> pipeline, std::vector<Sha
     shard->stats.name = source.name;
     shard->stats.file_bytes = source.size;
     shard->file_size = source.size;
-    if (!source.crc32c.empty() || !source.sha256.empty()) {
-      shard->verifier = std::make_unique<ChunkVerifier>(
-          source.name, source.size, source.crc_chunk_bytes, source.crc32c, source.sha256);
+    if (!source.checksums.empty()) {
+      const ChunkChecksums& sums = source.checksums;
+      shard->verifier = std::make_unique<ChunkVerifier>(source.name, source.size, sums.chunk_bytes,
+                                                        sums.crc32c, sums.sha256);
     } else if (source.path.empty() && source.content_md5.size() == Md5::kDigestBytes && !wanted_) {
       Md5::Digest expected;
       std::copy(source.content_md5.begin(), source.content_md5.end(), expected.begin());

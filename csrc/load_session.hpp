@@ -63,11 +63,7 @@ struct ShardSource {
   std::string path;    // local file; empty for a fed shard
   std::string name;    // how errors and reports name it
   uint64_t size = 0;   // fed shards: the size the source listed
-  // The manifest's CRC32C of each crc_chunk_bytes chunk of the file; empty: not verified.
-  uint64_t crc_chunk_bytes = 0;
-  std::vector<uint32_t> crc32c;
-  // verify='sha256': the manifest's SHA-256 of each chunk instead (the CRCs are then unused).
-  std::vector<std::array<uint8_t, 32>> sha256;
+  ChunkChecksums checksums;  // empty: not verified
   // Fed shards without a manifest: the blob's Content-MD5 (16 bytes; empty: none), checked over
   // the whole file in order when every byte has been fed (not with a tensor selection).
   std::vector<uint8_t> content_md5;

@@ -22,7 +22,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
     from blob2gpu.operations.progress import LoadProgress, choose_mode
 
     settings = dict(args.set or [])
-    selection: dict[str, object] = {}
+    selection: dict[str, Any] = {}
     if args.tensor:
         selection["tensor_names"] = args.tensor
     if args.match:
@@ -541,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        run: Callable[[argparse.Namespace], int] = args.run
+        return run(args)
     except Blob2GpuError as e:
         print(f"blob2gpu: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

@@ -387,6 +387,7 @@ class CacheWriter:
             p.fd = -1
             # What is on disk, read back, against what was received (CRC32C pieces combined) and
             # the manifest: its chunk CRCs when they use the cache's chunking, else its SHA-256.
+            expected_crcs = p.expected_crc32c[1] if p.expected_crc32c is not None else None
             crcs_comparable = p.expected_crc32c is not None and p.expected_crc32c[0] == CHUNK_BYTES
             need_sha = bool(p.expected_sha256) and not crcs_comparable
             info = _hash_file(p.tmp_path, CHUNK_BYTES, with_sha256=need_sha)
@@ -397,7 +398,7 @@ class CacheWriter:
             if info["size"] != p.identity["size"] or on_disk != _whole_crc(p.pieces):
                 self._abandon(p, "the bytes read back differ from the bytes received")
                 return
-            if (crcs_comparable and info["crc32c"] != p.expected_crc32c[1]) or (
+            if (crcs_comparable and info["crc32c"] != expected_crcs) or (
                 need_sha and info["sha256"] != p.expected_sha256
             ):
                 self._abandon(p, "the bytes written differ from the manifest")

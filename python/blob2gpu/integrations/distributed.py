@@ -181,13 +181,13 @@ def _feed(session: Any, index: int, view: memoryview, slot_bytes: int) -> None:
     landing.view[:] = view[:first]
     status = session.commit(landing)
     pos = first
-    if not status["header_ready"]:
-        have, header_end = status["header_have"], status["data_offset"]
+    if not status.header_ready:
+        have, header_end = status.header_have, status.data_offset
         landing = session.acquire(index, have, header_end - have)
         landing.view[:] = view[have:header_end]
         status = session.commit(landing)
         pos = header_end
-    start = max(pos, status["data_offset"])
+    start = max(pos, status.data_offset)
     for begin, end in session.needed_ranges(index):  # this rank's tensors' bytes only
         pos = max(begin, start)
         while pos < end:

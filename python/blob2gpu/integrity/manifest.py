@@ -114,11 +114,13 @@ class Manifest:
             )
         return manifest
 
-    def checksums_for(self, name: str, size: int, algorithm: str = "crc32c") -> tuple | None:
-        """(size, chunk bytes, CRCs) for the core, or with algorithm='sha256' (size, chunk bytes,
-        None, [32-byte digest per chunk]); None when the manifest lacks `name`. Raises
-        InvalidManifest when the sizes disagree, or when SHA-256 is asked of an entry without
-        chunk digests."""
+    def checksums_for(
+        self, name: str, size: int, algorithm: str = "crc32c"
+    ) -> _core.ChunkChecksums | None:
+        """The chunk checksums the core checks `name` against: its CRCs, or with
+        algorithm='sha256' its per-chunk SHA-256 digests; None when the manifest lacks `name`.
+        Raises InvalidManifest when the sizes disagree, or when SHA-256 is asked of an entry
+        without chunk digests."""
         entry = self.files.get(name)
         if entry is None:
             return None
@@ -134,8 +136,8 @@ class Manifest:
                     "(an older manifest): write a new one with `blob2gpu manifest URI`"
                 )
             digests = [bytes.fromhex(d) for d in entry.sha256_chunks]
-            return (entry.size, self.chunk_bytes, None, digests)
-        return (entry.size, self.chunk_bytes, entry.crc32c)
+            return _core.ChunkChecksums(self.chunk_bytes, sha256=digests)
+        return _core.ChunkChecksums(self.chunk_bytes, crc32c=entry.crc32c)
 
 
 def _is_hex_digest(value: Any) -> bool:
@@ -212,9 +214,9 @@ def require_manifest(manifest: Manifest | None, verify: str, where: str) -> Mani
 
 def core_checksums(
     manifest: Manifest | None, shards: Any, algorithm: str = "crc32c"
-) -> list[Any] | None:
-    """The per-shard checksum list start_local/start_fed take (chunks checked by `algorithm`:
-    crc32c or sha256), or None without a manifest."""
+) -> list[_core.ChunkChecksums | None] | None:
+    """Per shard, the chunk checksums the core checks it against (by `algorithm`: crc32c or
+    sha256; None for a shard the manifest lacks), or None without a manifest."""
     if manifest is None:
         return None
     return [manifest.checksums_for(s.name, s.size, algorithm) for s in shards]

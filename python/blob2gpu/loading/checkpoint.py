@@ -91,11 +91,10 @@ class Checkpoint:
         if item is None:
             self._finish()
             return None
-        index, views, metadata = item
-        shard_name = self._plan.shards[index].name
-        self._metadata.update(metadata)
+        shard_name = self._plan.shards[item.index].name
+        self._metadata.update(item.metadata)
         arrived = []
-        for view in views:
+        for view in item.tensors:
             tensor = self._convert(view)
             self._tensors[view.name] = tensor
             self._shard_of[view.name] = shard_name
@@ -108,9 +107,10 @@ class Checkpoint:
         by_shard: dict[str, dict[str, Any]] = {}
         for name, tensor in self._tensors.items():
             by_shard.setdefault(self._shard_of[name], {})[name] = tensor
-        for index, views, _ in self._session.take_ready():
-            ref = self._plan.shards[index]
-            by_shard.setdefault(ref.name, {}).update({v.name: self._convert(v) for v in views})
+        for shard in self._session.take_ready():
+            ref = self._plan.shards[shard.index]
+            tensors = {v.name: self._convert(v) for v in shard.tensors}
+            by_shard.setdefault(ref.name, {}).update(tensors)
         refs = {r.name: r for r in self._plan.shards}
         refs.update(self._preloaded_refs)
         return {(refs[n].path, refs[n].etag): t for n, t in by_shard.items() if n in refs}
@@ -122,17 +122,17 @@ class Checkpoint:
         report.seconds = report.phases["model_load_complete"]
         stats = self._session.stats()
         report.absorb_core_stats(stats)
-        published = report.session_seconds(stats["all_published_ns"])
+        published = report.session_seconds(stats.all_published_ns)
         report.phases["artifact_fetch_complete"] = published
         report.phases["host_staging_complete"] = published
         report.tensors = len(self._tensors)
         settings = self._settings
         if report.verification in ("crc32c", "sha256", "content-md5"):
-            for shard, shard_stats in zip(report.shards, stats["shards"], strict=True):
-                shard.checksum = "mismatch" if shard_stats["checksum_failures"] else "ok"
+            for shard, shard_stats in zip(report.shards, stats.shards, strict=True):
+                shard.checksum = "mismatch" if shard_stats.checksum_failures else "ok"
         if report.gpu_memory_total is not None:
-            if stats["min_free_device_bytes"] >= 0:
-                report.gpu_memory_free_min = stats["min_free_device_bytes"]
+            if stats.min_free_device_bytes >= 0:
+                report.gpu_memory_free_min = stats.min_free_device_bytes
             report.gpu_memory_free_after = self._pipeline.memory_info()[0]
         if self._feeder is not None:
             report.retries = self._feeder.retries
@@ -245,12 +245,12 @@ class Checkpoint:
         """(bytes read so far, bytes the load will read): safe to call from another thread.
         With a tensor selection the total shrinks as headers reveal what the selection needs."""
         stats = self._session.stats()
-        done = int(stats["bytes_read"])
+        done = stats.bytes_read
         if self._selection.everything:
             return done, self._plan.total_bytes
         total = sum(
-            8 + s["header_bytes"] + s["needed_bytes"] if s["header_ns"] >= 0 else ref.size
-            for s, ref in zip(stats["shards"], self._plan.shards, strict=True)
+            8 + s.header_bytes + s.needed_bytes if s.header_ns >= 0 else ref.size
+            for s, ref in zip(stats.shards, self._plan.shards, strict=True)
         )
         return min(done, total), total
 

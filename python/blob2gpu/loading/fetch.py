@@ -7,22 +7,23 @@ from __future__ import annotations
 from typing import Any
 
 from blob2gpu.loading.prepare import PreparedLoad
+from blob2gpu.loading.shard_sources import shard_sources
 from blob2gpu.sources import ShardPlan
 
 
-def start_fed_session(prepared: PreparedLoad, pipeline: Any, **options: Any) -> Any:
+def start_fed_session(
+    prepared: PreparedLoad, pipeline: Any, paths: list[str] | None = None, **options: Any
+) -> Any:
     """Start a core session whose bytes a feeder (Python) hands in, for every shard of the
-    prepared load; `options` are passed on (paths of cache hits, direct_io, mmap)."""
+    prepared load; paths: per shard, the local file (a cache hit) the core reads instead;
+    `options` are passed on (direct_io, mmap)."""
     plan = prepared.plan
     prepared.report.mark_session_start()
     return pipeline.start_fed(
-        [s.name for s in plan.shards],
-        [s.size for s in plan.shards],
+        shard_sources(plan.shards, prepared.checksums, paths, prepared.content_md5),
         host_staging=prepared.request.host_staging,
-        checksums=prepared.checksums,
         fail_on_checksum_mismatch=prepared.settings.fail_if_checksum_mismatch,
         wanted=prepared.wanted,
-        content_md5=prepared.content_md5,
         **options,
     )
 
@@ -50,12 +51,11 @@ class StorageFetch:
     def start(self, prepared: PreparedLoad, pipeline: Any) -> tuple[Any, Any]:
         if not prepared.source.is_blob:
             prepared.report.mark_session_start()
+            shards = prepared.plan.shards
             session = pipeline.start_local(
-                [s.path for s in prepared.plan.shards],
-                [s.name for s in prepared.plan.shards],
+                shard_sources(shards, prepared.checksums, paths=[s.path for s in shards]),
                 mmap=prepared.mmap,
                 host_staging=prepared.request.host_staging,
-                checksums=prepared.checksums,
                 fail_on_checksum_mismatch=prepared.settings.fail_if_checksum_mismatch,
                 wanted=prepared.wanted,
             )

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from blob2gpu import _core
 from blob2gpu.errors import InsufficientGPUMemory, InsufficientHostMemory, ShardCountMismatch
 from blob2gpu.integrity.manifest import (
     Manifest,
@@ -231,7 +232,9 @@ def checksums_with_cache_hits(prepared: PreparedLoad, algorithm: str) -> list[An
     checksums = list(prepared.checksums or [None] * len(prepared.plan.shards))
     for i, entry in hits.items():
         if algorithm == "crc32c" or checksums[i] is None:
-            checksums[i] = (entry.size, entry.meta["chunk_bytes"], entry.meta["crc32c"])
+            checksums[i] = _core.ChunkChecksums(
+                entry.meta["chunk_bytes"], crc32c=entry.meta["crc32c"]
+            )
     return checksums
 
 

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import struct
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from blob2gpu import _core
 from blob2gpu.errors import InvalidArgument, TensorNotFound
@@ -64,7 +64,7 @@ def select(
     plan: ShardPlan,
     tensor_names: frozenset[str] | None,
     tensor_filter: Callable[[str], bool] | None,
-    read_header: Callable[[ShardRef], dict[str, Any]],
+    read_header: Callable[[ShardRef], _core.ParsedHeader],
 ) -> tuple[ShardPlan, Selection]:
     """The plan to load (shards without a wanted tensor dropped when the index says so) and the
     selection. read_header(ref) returns a shard's parsed header (see _core.parse_header); it is
@@ -76,13 +76,13 @@ def select(
     if weight_map is None:
         if tensor_names is not None:
             return plan, Selection(tensor_names, requested=tensor_names)
-        names = {
+        found = {
             t["name"]
             for ref in plan.shards
             for t in read_header(ref)["tensors"]
             if tensor_filter(t["name"])  # type: ignore[misc]
         }
-        return plan, Selection(frozenset(names))
+        return plan, Selection(frozenset(found))
     if tensor_names is not None:
         missing = sorted(tensor_names - weight_map.keys())
         if missing:
@@ -103,7 +103,7 @@ def select(
 def selected_sizes(
     plan: ShardPlan,
     selection: Selection,
-    read_header: Callable[[ShardRef], dict[str, Any]],
+    read_header: Callable[[ShardRef], _core.ParsedHeader],
     chunk_bytes: int = 0,
 ) -> list[int]:
     """Bytes each shard of the plan holds for the selection (its tensors, plus the whole manifest
@@ -131,7 +131,7 @@ def check_found(selection: Selection, loaded: Iterable[str], uri: str) -> None:
         )
 
 
-def header_reader(container: Any) -> Callable[[ShardRef], dict[str, Any]]:
+def header_reader(container: Any) -> Callable[[ShardRef], _core.ParsedHeader]:
     """A shard-header reader for one load that reads each header once (selecting, then sizing a
     selection, may both need it): from Blob through `container`, else from local files."""
     if container is None:
@@ -139,7 +139,7 @@ def header_reader(container: Any) -> Callable[[ShardRef], dict[str, Any]]:
     return functools.cache(lambda ref: read_blob_header(container, ref))
 
 
-def read_local_header(ref: ShardRef) -> dict[str, Any]:
+def read_local_header(ref: ShardRef) -> _core.ParsedHeader:
     """The parsed header of a local shard (typed InvalidHeader errors as the core raises them)."""
     with open(ref.path, "rb") as f:
         head = f.read(HEADER_PROBE_BYTES)
@@ -150,7 +150,7 @@ def read_local_header(ref: ShardRef) -> dict[str, Any]:
     return _core.parse_header(head, ref.size, ref.name)
 
 
-def read_blob_header(container: Any, ref: ShardRef) -> dict[str, Any]:
+def read_blob_header(container: Any, ref: ShardRef) -> _core.ParsedHeader:
     """The parsed header of a blob shard: one ranged GET pinned to the listed etag, two when the
     header is longer than HEADER_PROBE_BYTES."""
     from azure.core import MatchConditions
@@ -159,14 +159,15 @@ def read_blob_header(container: Any, ref: ShardRef) -> dict[str, Any]:
 
     def get(offset: int, length: int) -> bytes:
         def once() -> bytes:
-            return blob.download_blob(
+            data: bytes = blob.download_blob(
                 offset=offset,
                 length=length,
                 etag=ref.etag,
                 match_condition=MatchConditions.IfNotModified,
             ).readall()
+            return data
 
-        return container.retry.run(once, f"shard '{ref.name}' header", ref.path)
+        return cast(bytes, container.retry.run(once, f"shard '{ref.name}' header", ref.path))
 
     head = get(0, min(HEADER_PROBE_BYTES, ref.size)) if ref.size else b""
     if len(head) >= 8:

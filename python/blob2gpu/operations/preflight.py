@@ -125,7 +125,7 @@ class _Run:
         self.device = device  # 'auto', 'cpu' or 'cuda:N'
         self.settings = settings
         self.checks: list[Check] = []
-        self.driver: dict[str, Any] = {}
+        self.driver: _core.DriverInfo = {"available": False}
         self.model_bytes: int | None = None
         self.model_bytes_from = ""
 
@@ -331,7 +331,7 @@ def _check_cache_contents(
 
     t = time.perf_counter()
     usage = shutil.disk_usage(path)
-    data = {"free_bytes": usage.free, "total_bytes": usage.total}
+    data: dict[str, Any] = {"free_bytes": usage.free, "total_bytes": usage.total}
     value = f"{_gb(usage.free)} free of {_gb(usage.total)}"
     if run.model_bytes is not None and usage.free < run.model_bytes:
         hint = f"the cache cannot hold the model ({_gb(run.model_bytes)}): use a larger disk"

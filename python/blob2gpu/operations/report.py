@@ -16,7 +16,10 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from blob2gpu._core import SessionStats
 
 PHASES = (
     "artifact_fetch_start",
@@ -202,9 +205,9 @@ class LoadReport:
         """A core timestamp (ns from the session start) in seconds from the artifact fetch start."""
         return self._session_offset + ns / 1e9
 
-    def absorb_core_stats(self, stats: dict[str, Any]) -> None:
+    def absorb_core_stats(self, stats: SessionStats) -> None:
         """Take the core session's final statistics (bytes, staging, per-shard timings)."""
-        self.bytes = int(stats["bytes_read"])
+        self.bytes = stats.bytes_read
         for key in (
             "staging_slots",
             "staging_slot_bytes",
@@ -220,24 +223,24 @@ class LoadReport:
             "host_populate_seconds",
             "checksum_failures",
         ):
-            setattr(self, key, stats[key])
+            setattr(self, key, getattr(stats, key))
 
         def secs(ns: int) -> float | None:
             return None if ns < 0 else self.session_seconds(ns)
 
         self.shards = [
             ShardReport(
-                name=s["name"],
-                bytes=s["file_bytes"],
-                header_bytes=s["header_bytes"],
-                tensors=s["tensors"],
-                realigned_tensors=s["realigned_tensors"],
-                started=secs(s["start_ns"]),
-                header_parsed=secs(s["header_ns"]),
-                published=secs(s["published_ns"]),
-                needed_bytes=s["needed_bytes"],
+                name=s.name,
+                bytes=s.file_bytes,
+                header_bytes=s.header_bytes,
+                tensors=s.tensors,
+                realigned_tensors=s.realigned_tensors,
+                started=secs(s.start_ns),
+                header_parsed=secs(s.header_ns),
+                published=secs(s.published_ns),
+                needed_bytes=s.needed_bytes,
             )
-            for s in stats["shards"]
+            for s in stats.shards
         ]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from blob2gpu.errors import InvalidArgument
 from blob2gpu.operations.report import LoadReport
@@ -143,7 +144,7 @@ def render_png(report: LoadReport, path: str | os.PathLike[str]) -> Path:
                 ax.barh(
                     row, s.published - header_end, left=header_end, height=0.6, color=DATA_COLOR
                 )
-        handles = [
+        handles: list[Any] = [
             Patch(color=HEADER_COLOR, label="header (read + parsed)"),
             Patch(color=DATA_COLOR, label="data (fetch, verify, copy, publish)"),
         ]

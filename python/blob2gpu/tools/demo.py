@@ -13,11 +13,15 @@ import json
 import struct
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from blob2gpu import _core
 from blob2gpu.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from blob2gpu.operations.report import LoadReport
 
 LAYER_SHAPES = {
     "attn.qkv.weight": (3, 1),
@@ -184,11 +188,11 @@ def _account_key(connection_string: str) -> dict[str, str]:
     return {"account_name": cs["AccountName"], "account_key": cs["AccountKey"]}
 
 
-def _load(blob2gpu, uri: str, device: str, credential: str | None = None):
+def _load(blob2gpu: Any, uri: str, device: str, credential: str | None = None) -> LoadReport:
     account_key = _account_key(credential) if credential is not None else None
     with blob2gpu.open(uri, device=device, framework="dlpack", credential=account_key) as ckpt:
         tensors = ckpt.to_dict()
-        report = ckpt.report
+        report: LoadReport = ckpt.report
     report.mark_first_token()
     if report.device != "cpu":
         print(

@@ -13,9 +13,13 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from blob2gpu.sources.azure.location import DEVELOPMENT_ACCOUNT as ACCOUNT
 from blob2gpu.sources.azure.location import DEVELOPMENT_ACCOUNT_KEY as ACCOUNT_KEY
+
+if TYPE_CHECKING:
+    from azure.storage.blob import BlobServiceClient
 
 INSTALL_HINT = "npm install --prefix .azurite azurite@3.37.0"
 
@@ -33,7 +37,8 @@ def find_azurite(search: tuple[Path, ...] = ()) -> str | None:
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class Azurite:
@@ -105,10 +110,10 @@ class Azurite:
             f"BlobEndpoint={self.endpoint(port)};"
         )
 
-    def service(self):
+    def service(self) -> BlobServiceClient:
         from azure.storage.blob import BlobServiceClient
 
-        verify = {"connection_verify": self.certificate} if self.certificate else {}
+        verify: dict[str, Any] = {"connection_verify": self.certificate} if self.certificate else {}
         return BlobServiceClient.from_connection_string(self.connection_string(), **verify)
 
     def upload_directory(self, container: str, directory: Path, prefix: str) -> None:

@@ -140,7 +140,9 @@ def _run_peer(name: str, directory: Path, device: str) -> dict[str, float]:
     return _phases(0.0, loaded, loaded, first)
 
 
-def _local_copy(uri: str, directory: str | None) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+def _local_copy(
+    uri: str, directory: str | None
+) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
     """A local directory of the checkpoint for the local strategies (downloaded, untimed)."""
     from blob2gpu.sources.azure.location import is_blob_uri
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils.dlpack import from_dlpack
 
 
 def convert(view: Any) -> torch.Tensor:
     """Return a torch.Tensor sharing the view's memory (no copy)."""
-    return torch.from_dlpack(view)
+    return from_dlpack(view)

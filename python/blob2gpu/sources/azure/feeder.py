@@ -133,12 +133,12 @@ class BlobFeeder:
             self._session.release(landing)
             raise
         status = self._session.commit(landing)
-        if not status["header_ready"]:
+        if not status.header_ready:
             # The header is longer than the first range: fetch the rest of it, then the data.
-            return [RangeTask(task.shard, status["header_have"], status["data_offset"], first=True)]
+            return [RangeTask(task.shard, status.header_have, status.data_offset, first=True)]
         if task.first:
             # The data this load needs (all of it, or a tensor selection's), past the first range.
-            start = max(task.end, status["data_offset"])
+            start = max(task.end, status.data_offset)
             follow_ups = []
             for begin, end in self._session.needed_ranges(task.shard):
                 if max(begin, start) < end:
