@@ -77,7 +77,7 @@ from harness.machine import (
     node_version,
     package_version,
 )
-from harness.rounds import Rounds, fold
+from harness.rounds import Rounds, add_round_arguments, chosen_contestants, fold
 from harness.tables import (
     format_row,
     median_of,
@@ -518,12 +518,10 @@ def run_worker(name: str, t: Target, spec: dict[str, Any], args: argparse.Namesp
 
 def summarize(processes: list[dict[str, Any]], file_bytes: int) -> dict[str, Any]:
     """Returns one contestant's row: its status and the medians of its kept processes."""
-    folded = fold(processes)
-    out: dict[str, Any] = {"processes": processes, "status": folded.status}
-    out["reason"] = folded.reason
-    if not folded.kept:
+    out, kept = fold(processes)
+    if not kept:
         return out
-    samples = [p["sample"] for p in folded.kept]
+    samples = [p["sample"] for p in kept]
     gb = file_bytes / GB
     med = statistics.median
 
@@ -532,7 +530,7 @@ def summarize(processes: list[dict[str, Any]], file_bytes: int) -> dict[str, Any
 
     wall = m("wall_s")
     out.update(
-        versions=folded.kept[0]["versions"],
+        versions=kept[0]["versions"],
         median={
             "gb_per_s": gb / wall,
             "wall_s": wall,
@@ -862,18 +860,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     ap.add_argument("--json", type=Path, help="write every number to this file")
     ap.add_argument("--only", help="comma-separated contestants (default: all)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per process (default 900)")
-    ap.add_argument(
-        "--wait-idle",
-        type=float,
-        default=20,
-        help="before each process, wait up to this many seconds for the machine to go idle",
-    )
-    ap.add_argument(
-        "--retries",
-        type=int,
-        default=2,
-        help="reruns of a process whose load other processes' CPU use disturbed (default 2)",
-    )
+    add_round_arguments(ap)
     ap.add_argument("--curl-parallel", type=int, default=8, help="curl processes (default 8)")
     ap.add_argument(
         "--ceiling-client",
@@ -925,12 +912,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args.worker, t, read_spec(args.ckpt), args)
 
     # A real GPU's row replaces the fake driver's; without --gpu there is none.
-    names = [n for n in CONTESTANTS if n != ("blob2gpu-cuda-fake" if args.gpu else "blob2gpu-cuda")]
-    if args.only:
-        names = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = [n for n in names if n not in CONTESTANTS]
-        if unknown:
-            ap.error(f"unknown contestants {unknown}; choose from {', '.join(CONTESTANTS)}")
+    default = [
+        n for n in CONTESTANTS if n != ("blob2gpu-cuda-fake" if args.gpu else "blob2gpu-cuda")
+    ]
+    names = chosen_contestants(ap, args.only, default, CONTESTANTS)
 
     ckpt = llama_checkpoint(args.total_gb, args.shards)
     spec = read_spec(ckpt)

@@ -60,7 +60,7 @@ from harness.isolation import (
     worker_command,
 )
 from harness.machine import blob2gpu_versions, machine_info, package_version, prefault
-from harness.rounds import Rounds, fold
+from harness.rounds import Rounds, add_round_arguments, chosen_contestants, fold
 from harness.tables import (
     format_row,
     median_of,
@@ -309,12 +309,9 @@ def run_worker(name: str, ckpt: Path, loads: int, prefault_bytes: int) -> int:
 
 def summarize(processes: list[dict[str, Any]], data_bytes: int) -> dict[str, Any]:
     """Returns one contestant's row: its status and the medians of its kept processes."""
-    folded = fold(processes)
-    out: dict[str, Any] = {"processes": processes, "status": folded.status}
-    out["reason"] = folded.reason
-    if not folded.kept:
+    out, ok = fold(processes)
+    if not ok:
         return out
-    ok = folded.kept
     gb = data_bytes / GB
     cold = [p["samples"][0] for p in ok]
     warm = [s for p in ok for s in p["samples"][1:]]
@@ -454,18 +451,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     ap.add_argument("--json", type=Path, help="write every number to this file")
     ap.add_argument("--only", help="comma-separated contestants to run (default: all)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per process (default 600)")
-    ap.add_argument(
-        "--wait-idle",
-        type=float,
-        default=20,
-        help="before each process, wait up to this many seconds for the machine to go idle",
-    )
-    ap.add_argument(
-        "--retries",
-        type=int,
-        default=2,
-        help="reruns of a process whose load other processes' CPU use disturbed (default 2)",
-    )
+    add_round_arguments(ap)
     ap.add_argument(
         "--memory",
         choices=("settled", "prefaulted"),
@@ -485,12 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return run_worker(args.worker, args.ckpt, args.loads_per_process, args.prefault_bytes)
 
-    names = list(CONTESTANTS)
-    if args.only:
-        names = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = [n for n in names if n not in FACTORIES]
-        if unknown:
-            ap.error(f"unknown contestants {unknown}; choose from {', '.join(CONTESTANTS)}")
+    names = chosen_contestants(ap, args.only, list(CONTESTANTS), CONTESTANTS)
 
     ckpt = llama_checkpoint(args.total_gb, args.shards)
     spec = read_spec(ckpt)

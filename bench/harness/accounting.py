@@ -206,16 +206,22 @@ class Stopwatch:
         )
         end = Counters(wall, *fast, *self._slow())
         a, b = self._start, end
-        s0, s1, c0, c1 = a.self_usage, b.self_usage, a.children_usage, b.children_usage
+
+        def own(field: str) -> float:
+            return getattr(b.self_usage, field) - getattr(a.self_usage, field)
+
+        def kids(field: str) -> float:
+            return getattr(b.children_usage, field) - getattr(a.children_usage, field)
+
         return Spent(
             wall_s=b.wall - a.wall,
-            user_s=s1.ru_utime - s0.ru_utime,
-            sys_s=s1.ru_stime - s0.ru_stime,
-            children_user_s=c1.ru_utime - c0.ru_utime,
-            children_sys_s=c1.ru_stime - c0.ru_stime,
-            minor_faults=s1.ru_minflt - s0.ru_minflt,
-            children_minor_faults=c1.ru_minflt - c0.ru_minflt,
-            involuntary_switches=s1.ru_nivcsw - s0.ru_nivcsw,
+            user_s=own("ru_utime"),
+            sys_s=own("ru_stime"),
+            children_user_s=kids("ru_utime"),
+            children_sys_s=kids("ru_stime"),
+            minor_faults=int(own("ru_minflt")),
+            children_minor_faults=int(kids("ru_minflt")),
+            involuntary_switches=int(own("ru_nivcsw")),
             machine_busy_s=b.machine_busy - a.machine_busy,
             machine_steal_s=b.machine_steal - a.machine_steal,
             kernel_threads_s=b.kernel_threads - a.kernel_threads,

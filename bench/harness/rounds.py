@@ -9,8 +9,9 @@ disturbed samples are left out of the medians when undisturbed ones exist.
 
 from __future__ import annotations
 
+import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,24 +76,17 @@ class Rounds:
         return processes
 
 
-@dataclass
-class Folded:
-    """A row's processes folded: its status and notes, and the good processes its medians are
-    taken over (none unless status is 'ok')."""
-
-    status: str
-    reason: str
-    kept: list[Process]
-
-
-def fold(processes: list[Process]) -> Folded:
-    """Returns the row of one contestant's processes (see the module's docstring)."""
+def fold(processes: list[Process]) -> tuple[dict[str, Any], list[Process]]:
+    """Returns (the start of one contestant's row: its processes, status and reason; the good
+    processes its medians are taken over, none unless the status is 'ok'), as the module's
+    docstring says."""
     ok = [p for p in processes if p.get("status") == "ok"]
     not_ok = [p for p in processes if p.get("status") != "ok"]
     wrong = [p for p in not_ok if p.get("status") == "wrong"]
     if wrong or not ok:
         first = (wrong or not_ok)[0]
-        return Folded(first.get("status", "failed"), first.get("reason", ""), [])
+        status, reason = first.get("status", "failed"), first.get("reason", "")
+        return {"processes": processes, "status": status, "reason": reason}, []
     notes = []
     if not_ok:
         notes.append(f"{len(not_ok)} process(es) failed: {not_ok[0].get('reason', '')}")
@@ -104,4 +98,34 @@ def fold(processes: list[Process]) -> Folded:
     elif busy:
         notes.append(f"{busy} contended sample(s) of {len(ok)} left out")
         ok = [p for p in ok if not p.get("contended")]
-    return Folded("ok", "; ".join(notes), ok)
+    return {"processes": processes, "status": "ok", "reason": "; ".join(notes)}, ok
+
+
+def add_round_arguments(ap: argparse.ArgumentParser) -> None:
+    """Adds --wait-idle and --retries, which every round-robin benchmark takes."""
+    ap.add_argument(
+        "--wait-idle",
+        type=float,
+        default=20,
+        help="before each process, wait up to this many seconds for the machine to go idle",
+    )
+    ap.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="reruns of a process whose load other processes' CPU use disturbed (default 2)",
+    )
+
+
+def chosen_contestants(
+    ap: argparse.ArgumentParser, only: str | None, default: list[str], known: Sequence[str]
+) -> list[str]:
+    """Returns the contestants `--only` names (comma-separated), or `default` without it; exits
+    through ap.error when it names one not in `known`."""
+    if not only:
+        return default
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        ap.error(f"unknown contestants {unknown}; choose from {', '.join(known)}")
+    return names
