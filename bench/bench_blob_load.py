@@ -33,50 +33,62 @@ generation time, so a loader that returns wrong bytes is reported `wrong` instea
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
-import resource
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from harness import (
-    CONTENDED_FRACTION,
-    DATA_DIR,
-    EXIT_UNAVAILABLE,
-    GB,
-    REPO_ROOT,
-    RESULT_TAG,
-    SEED,
-    Unavailable,
-    blob2gpu_versions,
-    bytes_checksum,
-    choose_shape,
-    fresh_memory_cost,
-    machine_busy_seconds,
-    machine_info,
-    numel,
-    package_version,
-    split_into_shards,
-    tensor_checksum,
+from harness import GB, MiB
+from harness.accounting import (
+    Stopwatch,
+    current_rss_bytes,
+    group_cpu_and_rss,
+    peak_rss_bytes,
+    pin_threads,
+    reset_peak_rss,
     wait_for_idle,
 )
+from harness.checkpoints import INDEX_NAME, llama_checkpoint, mismatches, read_spec, spec_summary
+from harness.checksums import tensor_checksum
+from harness.fake_cuda import use_fake_driver
+from harness.isolation import (
+    Unavailable,
+    emit,
+    emit_unavailable,
+    import_or_unavailable,
+    run_in_fresh_process,
+    worker_command,
+)
+from harness.machine import (
+    blob2gpu_versions,
+    fresh_memory_cost,
+    machine_info,
+    node_version,
+    package_version,
+)
+from harness.rounds import Rounds, add_round_arguments, chosen_contestants, fold
+from harness.tables import (
+    format_row,
+    median_of,
+    print_header,
+    print_status_row,
+    ratio,
+    verdict,
+    write_run_json,
+)
 
-MiB = 1 << 20
-GENERATOR_VERSION = 1  # bump when the layout or contents change: cached checkpoints are rebuilt
 CONTAINER = "bench"
-INDEX_NAME = "model.safetensors.index.json"
-
 CONTESTANTS = (
     "ceiling",
     "ceiling-shm",
@@ -95,166 +107,7 @@ DEFAULT_RING_BYTES = 8 * 32 * MiB  # staging_slots x staging_slot_bytes defaults
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoint generation: header and bytes written directly (no safetensors round trip)
-# --------------------------------------------------------------------------------------------------
-
-
-def _header_bytes(entries: list[tuple[str, tuple[int, ...], int, int]]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    for name, dims, a, b in entries:
-        header[name] = {"dtype": "BF16", "shape": list(dims), "data_offsets": [a, b]}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return raw + b" " * (-len(raw) % 8)  # the data region starts 8-aligned
-
-
-def generate_checkpoint(total_gb: float, shards: int) -> Path:
-    """Write (once; cached under bench/.data/) the checkpoint; returns its directory.
-
-    Tensor bytes are tiled from a 32 MiB pool of N(0, 0.02) bf16 values at a tensor-dependent
-    offset and streamed to the file: no per-element Python, no whole-shard state dict."""
-    target = DATA_DIR / f"blob-llama-bf16-{total_gb:g}gb-{shards}shards"
-    spec_path = target / "bench_spec.json"
-    if spec_path.exists():
-        spec = json.loads(spec_path.read_text())
-        if spec.get("generator_version") == GENERATOR_VERSION:
-            return target
-    import torch
-
-    shape = choose_shape(int(total_gb * GB), shards)
-    layout = split_into_shards(shape.tensors(), shards)
-    print(f"generating {target} (hidden={shape.hidden}, layers={shape.layers}) ...", flush=True)
-    t0 = time.perf_counter()
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
-    gen = torch.Generator().manual_seed(SEED)
-    pool = torch.randn(16 * MiB, generator=gen).mul_(0.02).to(torch.bfloat16).view(torch.uint8)
-    pool_n = pool.numel()
-    buf = torch.empty(max(2 * numel(d) for s in layout for _, d in s), dtype=torch.uint8)
-
-    weight_map: dict[str, str] = {}
-    checksums: dict[str, int] = {}
-    shapes: dict[str, list[int]] = {}
-    data_bytes = 0
-    index = 0
-    for k, shard in enumerate(layout):
-        fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        entries, pos = [], 0
-        for name, dims in shard:
-            n = 2 * numel(dims)
-            entries.append((name, dims, pos, pos + n))
-            pos += n
-        header = _header_bytes(entries)
-        with open(tmp / fname, "wb") as fh:
-            fh.write(struct.pack("<Q", len(header)))
-            fh.write(header)
-            for name, dims, a, b in entries:
-                n = b - a
-                out = buf[:n]
-                off = (index * 7919 * 2) % pool_n  # even: bf16 values stay whole
-                filled = 0
-                while filled < n:
-                    take = min(n - filled, pool_n - off)
-                    out[filled : filled + take].copy_(pool[off : off + take])
-                    filled += take
-                    off = 0
-                checksums[name] = bytes_checksum(out)
-                shapes[name] = list(dims)
-                weight_map[name] = fname
-                fh.write(memoryview(out.numpy()))
-                data_bytes += n
-                index += 1
-    index_json = {"metadata": {"total_size": data_bytes}, "weight_map": weight_map}
-    (tmp / INDEX_NAME).write_text(json.dumps(index_json, indent=2))
-    files = {p.name: p.stat().st_size for p in sorted(tmp.glob("*.safetensors"))}
-    spec = {
-        "generator_version": GENERATOR_VERSION,
-        "seed": SEED,
-        "shape": shape.__dict__,
-        "shards": shards,
-        "files": files,
-        "file_bytes": sum(files.values()),
-        "data_bytes": data_bytes,
-        "tensors": len(weight_map),
-        "shapes": shapes,
-        "checksums": checksums,
-    }
-    (tmp / "bench_spec.json").write_text(json.dumps(spec))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    print(
-        f"  wrote {spec['file_bytes'] / GB:.2f} GB in {time.perf_counter() - t0:.1f} s", flush=True
-    )
-    return target
-
-
-# --------------------------------------------------------------------------------------------------
-# Process accounting from /proc
-# --------------------------------------------------------------------------------------------------
-
-
-def group_cpu_and_rss(pgid: int) -> tuple[float, int]:
-    """(user+system CPU seconds, RSS bytes) of every live process in process group `pgid`
-    (Azurite runs in its own session, so its group is the server and anything it forked)."""
-    hz = os.sysconf("SC_CLK_TCK")
-    page = os.sysconf("SC_PAGE_SIZE")
-    cpu, rss = 0.0, 0
-    if pgid <= 0:
-        return cpu, rss
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                rest = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # rest[0] is field 3 (state): pgrp is field 5, utime 14, stime 15, rss 24.
-        if int(rest[2]) == pgid:
-            cpu += (int(rest[11]) + int(rest[12])) / hz
-            rss += int(rest[21]) * page
-    return cpu, rss
-
-
-def pin_threads(pid: int, cpus: set[int]) -> None:
-    """Set the CPU affinity of every thread of `pid` (threads it starts later inherit it)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except OSError:
-            pass  # the thread ended meanwhile
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark to its current RSS; False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    """VmHWM (what ru_maxrss reports for this process), in bytes."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-# --------------------------------------------------------------------------------------------------
-# Worker side: one contestant, one load, in a fresh interpreter
+# The contestants, each built untimed in its own fresh interpreter
 # --------------------------------------------------------------------------------------------------
 
 
@@ -284,13 +137,8 @@ class Contestant:
 
 def _import_sdk() -> None:
     """The SDK and its transport, imported untimed for every contestant that uses them."""
-    import importlib
-
-    try:
-        for module in ("azure.core.pipeline.transport", "azure.storage.blob", "requests"):
-            importlib.import_module(module)
-    except ImportError as exc:
-        raise Unavailable(f"azure-storage-blob not importable ({exc})") from exc
+    for module in ("azure.core.pipeline.transport", "azure.storage.blob", "requests"):
+        import_or_unavailable(module, "azure-storage-blob")
 
 
 def ceiling_client(choice: str, https: bool, build_dir: Path) -> tuple[str, str, list[str]]:
@@ -321,6 +169,36 @@ def ceiling_client(choice: str, https: bool, build_dir: Path) -> tuple[str, str,
     return "node", f"bench/range_get.js on node {version}", [node, str(script)]
 
 
+def _client_argv(
+    kind: str, command: list[str], path: Path, requests: list[tuple[str, int, int, str]], t: Target
+) -> list[str]:
+    """Writes one ceiling process's requests (url, first byte, last byte, output) to `path` in its
+    client's format; returns that process's command line."""
+    if kind == "curl":
+        path.write_text(_curl_config(requests, t.ca_bundle))
+        return [*command, str(path)]
+    if kind == "c":
+        path.write_text(
+            "".join(f"{urlparse(u).path}?{t.sas} {a} {b} {out}\n" for u, a, b, out in requests)
+        )
+        endpoint = urlparse(t.endpoint)
+        return [*command, str(endpoint.hostname), str(endpoint.port), str(path)]
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "url": u,
+                    "headers": {"x-ms-range": f"bytes={a}-{b}", "x-ms-version": "2021-08-06"},
+                    "ca": t.ca_bundle,
+                    "output": out,
+                }
+                for u, a, b, out in requests
+            ]
+        )
+    )
+    return [*command, str(path)]
+
+
 def make_ceiling(
     t: Target, parallel: int, range_bytes: int, to_shm: bool, client: str = "auto"
 ) -> Contestant:
@@ -336,7 +214,6 @@ def make_ceiling(
     # No process for an empty share (fewer ranges than processes: a small checkpoint).
     groups = [g for g in (ranges[i::parallel] for i in range(parallel)) if g]
     shm = Path(tempfile.mkdtemp(prefix="bench-blob-", dir="/dev/shm")) if to_shm else None
-    endpoint = urlparse(t.endpoint)
     argvs = []
     for i, group in enumerate(groups):
         requests = [
@@ -348,28 +225,8 @@ def make_ceiling(
             )
             for j, (shard, a, b) in enumerate(group)
         ]
-        if kind == "curl":
-            path = workdir / f"curl-{i}.cfg"
-            path.write_text(_curl_config(requests, t.ca_bundle))
-            argvs.append([*command, str(path)])
-        elif kind == "c":
-            path = workdir / f"requests-{i}.txt"
-            path.write_text(
-                "".join(f"{urlparse(u).path}?{t.sas} {a} {b} {out}\n" for u, a, b, out in requests)
-            )
-            argvs.append([*command, endpoint.hostname, str(endpoint.port), str(path)])
-        else:
-            path = workdir / f"requests-{i}.json"
-            path.write_text(json.dumps([
-                {
-                    "url": u,
-                    "headers": {"x-ms-range": f"bytes={a}-{b}", "x-ms-version": "2021-08-06"},
-                    "ca": t.ca_bundle,
-                    "output": out,
-                }
-                for u, a, b, out in requests
-            ]))
-            argvs.append([*command, str(path)])
+        suffix = {"curl": "cfg", "c": "txt"}.get(kind, "json")
+        argvs.append(_client_argv(kind, command, workdir / f"requests-{i}.{suffix}", requests, t))
     expected = sum(b - a + 1 for _, a, b in ranges)
 
     def load() -> tuple[Mapping[str, Any], dict[str, Any]]:
@@ -403,9 +260,7 @@ def make_ceiling(
             shutil.rmtree(shm, ignore_errors=True)
         return {}
 
-    return Contestant(
-        load, checksum=None, versions={"ceiling_client": name}, after_load=cleanup
-    )
+    return Contestant(load, checksum=None, versions={"ceiling_client": name}, after_load=cleanup)
 
 
 def _curl_config(requests: list[tuple[str, int, int, str]], ca_bundle: str) -> str:
@@ -519,7 +374,6 @@ def make_blob2gpu(t: Target, target: str) -> Contestant:
     """target: 'cpu', 'cuda-fake' or 'cuda' (a real GPU)."""
     _import_sdk()
     fake = None
-    cuda_fake = target == "cuda-fake"
     if target == "cuda":
         try:
             import torch
@@ -527,22 +381,10 @@ def make_blob2gpu(t: Target, target: str) -> Contestant:
             torch.empty(1, device="cuda")  # the primary context, before the baseline RSS
         except Exception as exc:  # no GPU, or a CPU build of torch
             raise Unavailable(f"no CUDA device for blob2gpu-cuda ({exc})") from exc
-    if cuda_fake:
-        build_dir = REPO_ROOT / "tests" / "fake_cuda"
-        sys.path.insert(0, str(build_dir))
-        try:
-            from build import FakeDriver, build_fake_driver  # type: ignore[import-not-found]
-        except ImportError as exc:
-            raise Unavailable(f"cannot import build_fake_driver from {build_dir} ({exc})") from exc
-        # The driver path must be set before blob2gpu is imported.
-        os.environ["BLOB2GPU_CUDA_DRIVER"] = str(build_fake_driver())
-        fake = FakeDriver(os.environ["BLOB2GPU_CUDA_DRIVER"])
+    if target == "cuda-fake":
+        fake = use_fake_driver()
         fake.set_vram_budget(max(8 << 30, 2 * sum(t.files.values())))
-    try:
-        import blob2gpu
-    except ImportError as exc:
-        raise Unavailable(f"blob2gpu not importable ({exc})") from exc
-
+    blob2gpu = import_or_unavailable("blob2gpu")
     uri = f"az://{t.container}/{t.prefix}"
     device, framework = ("cpu", "torch") if target == "cpu" else ("cuda", "dlpack")
 
@@ -579,110 +421,83 @@ def make_blob2gpu(t: Target, target: str) -> Contestant:
     )
 
 
-def verify(spec: dict[str, Any], tensors: Mapping[str, Any], checksum: Callable[[Any], int]) -> str:
-    """'' when every tensor is present with its generated shape and checksum, else what is wrong."""
-    expected = spec["checksums"]
-    if set(tensors) != set(expected):
-        missing = sorted(set(expected) - set(tensors))[:3]
-        extra = sorted(set(tensors) - set(expected))[:3]
-        return (
-            f"got {len(tensors)} tensors, expected {len(expected)} "
-            f"(missing {missing}, extra {extra})"
+def make_contestant(name: str, t: Target, args: argparse.Namespace) -> Contestant:
+    """Returns the contestant `name`, built untimed; raises Unavailable."""
+    if name in CEILINGS:
+        return make_ceiling(
+            t, args.curl_parallel, args.chunk_mib * MiB, name == "ceiling-shm", args.ceiling_client
         )
-    bad = []
-    for name, t in tensors.items():
-        shape = list(getattr(t, "shape", []))
-        if shape != spec["shapes"][name]:
-            bad.append(f"{name}: shape {shape} != {spec['shapes'][name]}")
-        elif checksum(t) != expected[name]:
-            bad.append(f"{name}: checksum differs")
-        if len(bad) >= 3:
-            break
-    return "; ".join(bad)
+    if name in ("sdk-naive", "sdk-tuned"):
+        return make_sdk(t, name == "sdk-tuned", args.sdk_concurrency, args.chunk_mib * MiB)
+    return make_blob2gpu(t, name.removeprefix("blob2gpu-"))
 
 
-def run_worker(name: str, t: Target, spec: dict[str, Any], args: argparse.Namespace) -> int:
-    import gc
+# --------------------------------------------------------------------------------------------------
+# Worker side: one contestant, one load, in a fresh interpreter
+# --------------------------------------------------------------------------------------------------
 
-    def emit(payload: dict[str, Any]) -> None:
-        print(RESULT_TAG + json.dumps(payload), flush=True)
 
-    try:
-        import torch
-
-        torch.set_num_threads(1)  # untimed checksums only; keeps torch's spinning threads away
-        if name in CEILINGS:
-            contestant = make_ceiling(
-                t,
-                args.curl_parallel,
-                args.chunk_mib * MiB,
-                name == "ceiling-shm",
-                args.ceiling_client,
-            )
-        elif name in ("sdk-naive", "sdk-tuned"):
-            contestant = make_sdk(
-                t, name == "sdk-tuned", args.sdk_concurrency, args.chunk_mib * MiB
-            )
-        else:
-            contestant = make_blob2gpu(t, name.removeprefix("blob2gpu-"))
-    except Unavailable as exc:
-        emit({"status": "unavailable", "reason": str(exc)})
-        return EXIT_UNAVAILABLE
-
+def timed_load(
+    contestant: Contestant, azurite_pid: int
+) -> tuple[Mapping[str, Any], dict[str, Any]]:
+    """Loads once; returns (the tensors, the sample: time, CPU of the loader, its children and
+    Azurite, RSS over the baseline before the load). Raises what the load raises."""
     gc.collect()
     baseline_rss = current_rss_bytes()
     hwm_reset = reset_peak_rss()
     if not hwm_reset:
-        baseline_rss = max(baseline_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    az0 = group_cpu_and_rss(args.azurite_pid)
-    busy0 = machine_busy_seconds()
-    kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
-    try:
-        tensors, extra = contestant.load()
-    except Exception as exc:
-        contestant.after_load()  # releases what it holds (the curl rows' SAS-bearing configs)
-        emit({"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500]})
-        return 1
-    t1 = time.perf_counter()
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy1 = machine_busy_seconds()
-    az1 = group_cpu_and_rss(args.azurite_pid)
+        baseline_rss = max(baseline_rss, peak_rss_bytes())
+    watch = Stopwatch(pgid=azurite_pid)
+    watch.start()
+    tensors, extra = contestant.load()
+    spent = watch.stop()
     peak = peak_rss_bytes()
     extra.update(contestant.after_load())
-
-    wall = t1 - t0
-    cpu_self = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    cpu_children = (kids1.ru_utime - kids0.ru_utime) + (kids1.ru_stime - kids0.ru_stime)
-    cpu_azurite = az1[0] - az0[0]
     sample = {
-        "wall_s": wall,
-        "cpu_s": cpu_self + cpu_children,  # children: the curl processes of `ceiling`
-        "cpu_user_s": (ru1.ru_utime - ru0.ru_utime) + (kids1.ru_utime - kids0.ru_utime),
-        "cpu_sys_s": (ru1.ru_stime - ru0.ru_stime) + (kids1.ru_stime - kids0.ru_stime),
-        "minor_faults": (ru1.ru_minflt - ru0.ru_minflt) + (kids1.ru_minflt - kids0.ru_minflt),
-        "cpu_self_s": cpu_self,
-        "cpu_children_s": cpu_children,
-        "azurite_cpu_s": cpu_azurite,
-        "azurite_rss_mb": az1[1] / MiB,
-        "machine_busy_s": busy1 - busy0,
+        "wall_s": spent.wall_s,
+        "cpu_s": spent.cpu_s + spent.children_cpu_s,  # children: the curl processes of `ceiling`
+        "cpu_user_s": spent.user_s + spent.children_user_s,
+        "cpu_sys_s": spent.sys_s + spent.children_sys_s,
+        "minor_faults": spent.minor_faults + spent.children_minor_faults,
+        "cpu_self_s": spent.cpu_s,
+        "cpu_children_s": spent.children_cpu_s,
+        "azurite_cpu_s": spent.group_cpu_s,
+        "azurite_rss_mb": spent.group_rss_bytes / MiB,
+        "machine_busy_s": spent.machine_busy_s,
         # CPU other processes (other engineers' builds, tests) burnt while this load ran.
-        "foreign_cpu_s": max(0.0, (busy1 - busy0) - cpu_self - cpu_children - cpu_azurite),
+        "foreign_cpu_s": spent.foreign_cpu_s,
         "baseline_rss_mb": baseline_rss / MiB,
         "peak_rss_over_baseline_mb": (peak - baseline_rss) / MiB,
         "peak_rss_method": "VmHWM reset before the load" if hwm_reset else "ru_maxrss",
         "tensors": len(tensors),
         "extra": extra,
     }
+    return tensors, sample
+
+
+def run_worker(name: str, t: Target, spec: dict[str, Any], args: argparse.Namespace) -> int:
+    """Loads the checkpoint once in this fresh process; prints one result line."""
+    try:
+        import torch
+
+        torch.set_num_threads(1)  # untimed checksums only; keeps torch's spinning threads away
+        contestant = make_contestant(name, t, args)
+    except Unavailable as exc:
+        return emit_unavailable(exc)
+    try:
+        tensors, sample = timed_load(contestant, args.azurite_pid)
+    except Exception as exc:
+        contestant.after_load()  # releases what it holds (the curl rows' SAS-bearing configs)
+        emit({"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500]})
+        return 1
+    extra = sample["extra"]
     if contestant.checksum is None:
         ok = not extra.get("errors") and extra.get("bytes") == extra.get("expected_bytes")
         ok = ok and set(extra.get("statuses", {})) == {"206"}
         reason = "" if ok else f"curl: {extra}"
     else:
         tv = time.perf_counter()
-        reason = verify(spec, tensors, contestant.checksum)
+        reason = mismatches(spec, tensors, contestant.checksum)
         sample["verify_s"] = time.perf_counter() - tv
     del tensors
     emit(
@@ -697,102 +512,16 @@ def run_worker(name: str, t: Target, spec: dict[str, Any], args: argparse.Namesp
 
 
 # --------------------------------------------------------------------------------------------------
-# Parent side: Azurite, upload, processes, the table
+# Parent side: Azurite, rounds of processes, the table
 # --------------------------------------------------------------------------------------------------
 
 
-def upload_checkpoint(az: Any, ckpt: Path, prefix: str, files: Iterable[str]) -> float:
-    """Create the container and upload the shards and the index under `prefix`; returns seconds."""
-    service = az.service()
-    container = service.get_container_client(CONTAINER)
-    if not container.exists():
-        container.create_container()
-    t0 = time.perf_counter()
-    for fname in [*files, INDEX_NAME]:
-        path = ckpt / fname
-        with open(path, "rb") as fh:
-            container.upload_blob(
-                f"{prefix}/{fname}",
-                fh,
-                length=path.stat().st_size,
-                overwrite=True,
-                max_concurrency=4,
-            )
-    return time.perf_counter() - t0
-
-
-def make_sas(az_module: Any) -> str:
-    from datetime import datetime, timedelta, timezone
-
-    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
-
-    return generate_container_sas(
-        az_module.ACCOUNT,
-        CONTAINER,
-        account_key=az_module.ACCOUNT_KEY,
-        permission=ContainerSasPermissions(read=True),
-        expiry=datetime.now(timezone.utc) + timedelta(hours=12),
-    )
-
-
-def run_process(
-    name: str, ckpt: Path, target_file: Path, args: argparse.Namespace, azurite_pid: int
-) -> dict[str, Any]:
-    """One fresh interpreter running one contestant; returns its result or why there is none."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
-    cmd += ["--ckpt", str(ckpt), "--target-file", str(target_file)]
-    cmd += ["--azurite-pid", str(azurite_pid), "--curl-parallel", str(args.curl_parallel)]
-    cmd += ["--chunk-mib", str(args.chunk_mib), "--sdk-concurrency", str(args.sdk_concurrency)]
-    cmd += ["--ceiling-client", args.ceiling_client]
-    if args.loader_cpus:
-        cmd += ["--loader-cpus", args.loader_cpus]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=args.timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "reason": f"timed out after {args.timeout:.0f} s"}
-    result: dict[str, Any] | None = None
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            result = json.loads(line[len(RESULT_TAG) :])
-    tail = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip()]
-    if result is None:
-        return {
-            "status": "failed",
-            "reason": f"exit {proc.returncode}: {tail[-1] if tail else 'no output'}",
-            "stderr_tail": tail[-20:],
-        }
-    result["process_wall_s"] = time.perf_counter() - t0
-    if tail:
-        result["stderr_tail"] = tail[-20:]
-    return result
-
-
-def is_contended(sample: dict[str, Any]) -> bool:
-    """True when other processes burnt more than CONTENDED_FRACTION of a core during the load."""
-    return sample["foreign_cpu_s"] > CONTENDED_FRACTION * sample["wall_s"]
-
-
 def summarize(processes: list[dict[str, Any]], file_bytes: int) -> dict[str, Any]:
-    ok = [p for p in processes if p.get("status") == "ok"]
-    out: dict[str, Any] = {"processes": processes}
-    not_ok = [p for p in processes if p.get("status") != "ok"]
-    wrong = [p for p in not_ok if p.get("status") == "wrong"]
-    if wrong or not ok:
-        first = (wrong or not_ok)[0]
-        out.update(status=first.get("status", "failed"), reason=first.get("reason", ""))
+    """Returns one contestant's row: its status and the medians of its kept processes."""
+    out, kept = fold(processes)
+    if not kept:
         return out
-    notes = []
-    if not_ok:
-        notes.append(f"{len(not_ok)} process(es) failed: {not_ok[0].get('reason', '')}")
-    if len({json.dumps(p.get("versions"), sort_keys=True) for p in ok}) > 1:
-        notes.append("blob2gpu reinstalled during the run")
-    samples = [p["sample"] for p in ok]
-    contended = [s for s in samples if is_contended(s)]
-    if contended:
-        notes.append(f"{len(contended)}/{len(samples)} samples contended by other processes")
+    samples = [p["sample"] for p in kept]
     gb = file_bytes / GB
     med = statistics.median
 
@@ -801,9 +530,7 @@ def summarize(processes: list[dict[str, Any]], file_bytes: int) -> dict[str, Any
 
     wall = m("wall_s")
     out.update(
-        status="ok",
-        reason="; ".join(notes),
-        versions=ok[0]["versions"],
+        versions=kept[0]["versions"],
         median={
             "gb_per_s": gb / wall,
             "wall_s": wall,
@@ -846,8 +573,8 @@ def print_host_work(
     its 'device' memory resident and performs the copies on the CPU, which a GPU does in hardware
     (fake_cuda_emulation_cpu_seconds). Both are printed, with what the model gives without them as
     a fraction of the ceiling's model: an estimate, not a measurement. `memory` is what new
-    memory costs this machine (harness.fresh_memory_cost), which says how much of that work is
-    the machine's rather than the loader's.
+    memory costs this machine (harness.machine.fresh_memory_cost), which says how much of that
+    work is the machine's rather than the loader's.
     """
     if "first_touch_cpu_s_per_gb" in memory:
         print(
@@ -862,12 +589,18 @@ def print_host_work(
         )
     # (row, median key of the work, what the work is, label of the estimate without it)
     kinds = (
-        ("blob2gpu-cpu", "host_populate_cpu_s_per_gb",
-         "making new memory resident (report.host_populate_seconds)",
-         "blob2gpu-cpu less making memory resident"),
-        ("blob2gpu-cuda-fake", "fake_emulation_cpu_s_per_gb",
-         "the fake driver's emulation of a GPU (resident device memory, copies)",
-         "blob2gpu-cuda less the fake's work"),
+        (
+            "blob2gpu-cpu",
+            "host_populate_cpu_s_per_gb",
+            "making new memory resident (report.host_populate_seconds)",
+            "blob2gpu-cpu less making memory resident",
+        ),
+        (
+            "blob2gpu-cuda-fake",
+            "fake_emulation_cpu_s_per_gb",
+            "the fake driver's emulation of a GPU (resident device memory, copies)",
+            "blob2gpu-cuda less the fake's work",
+        ),
     )
     estimates = []
     for row, key, what, label in kinds:
@@ -887,23 +620,11 @@ def print_host_work(
     print("CPU-bound model without that work (x the ceiling's model): " + ", ".join(parts))
 
 
-def _row(cols: list[str], widths: list[int]) -> str:
-    return "  ".join(
-        c.ljust(w) if i == 0 else c.rjust(w)
-        for i, (c, w) in enumerate(zip(cols, widths, strict=True))
-    )
-
-
-def print_table(
-    results: dict[str, dict[str, Any]],
-    spec: dict[str, Any],
-    args: argparse.Namespace,
-    memory: Mapping[str, Any],
-) -> list[dict[str, Any]]:
-    def gbps(name: str) -> float | None:
-        return results.get(name, {}).get("median", {}).get("gb_per_s")
-
-    ceiling, naive = gbps("ceiling"), gbps("sdk-naive")
+def print_rows(
+    results: dict[str, dict[str, Any]], spec: dict[str, Any], args: argparse.Namespace
+) -> None:
+    """Prints the run's conditions and one row per contestant."""
+    ceiling, naive = median_of(results, "ceiling"), median_of(results, "sdk-naive")
     headers = ["contestant", "GB/s", "x ceiling", "x sdk-naive", "CPU s/GB", "peak RSS MB"]
     headers += ["azurite cores", "requests/retries"]
     widths = [19, 6, 9, 11, 8, 11, 13, 16]
@@ -922,12 +643,11 @@ def print_table(
     client = results.get("ceiling", {}).get("versions", {}).get("ceiling_client")
     if client:
         print(f"ceiling client: {client}")
-    print(_row(headers, widths))
-    print(_row(["-" * w for w in widths], widths))
+    print_header(headers, widths)
     for name, r in results.items():
         med = r.get("median")
         if not med:
-            print(f"{name.ljust(widths[0])}  {r.get('status', 'failed')}: {r.get('reason', '')}")
+            print_status_row(name, r, widths[0])
             continue
         g = med["gb_per_s"]
         rss = "-" if name in CEILINGS else f"{med['peak_rss_over_baseline_mb']:.0f}"
@@ -937,80 +657,89 @@ def print_table(
         reqs = f"{extra.get('requests', '-')}/{extra.get('retries', '-')}"
         if name.startswith("sdk"):
             reqs = "-"
+        x_ceiling, x_naive = ratio(g, ceiling), ratio(g, naive)
         cols = [
             name,
             f"{g:.2f}",
-            f"{g / ceiling:.2f}x" if ceiling else "-",
-            f"{g / naive:.1f}x" if naive else "-",
+            f"{x_ceiling:.2f}x" if x_ceiling else "-",
+            f"{x_naive:.1f}x" if x_naive else "-",
             f"{med['cpu_s_per_gb']:.2f}",
             rss,
             f"{med['azurite_cores']:.2f}",
             reqs,
         ]
-        line = _row(cols, widths)
-        if r.get("reason"):
-            line += f"  ({r['reason']})"
-        print(line)
+        print(format_row(cols, widths) + (f"  ({r['reason']})" if r.get("reason") else ""))
     print(
         "peak RSS MB: process high-water mark minus its RSS right before the load (imports done)."
     )
-    fake = results.get("blob2gpu-cuda-fake", {})
-    if fake.get("median"):
-        raw = fake["median"]["peak_rss_over_baseline_mb"]
-        vram = statistics.median(e["fake_peak_device_bytes"] for e in fake["extra"]) / MiB
-        print(
-            f"* blob2gpu-cuda-fake: {raw:.0f} MB over baseline, of which {vram:.0f} MB is the fake "
-            "driver's 'device' memory (host RAM); the column shows the rest"
-        )
-        slots = sorted({str(e.get("peak_slots_in_flight")) for e in fake["extra"]})
-        viol = sum(e.get("fake_violations", 0) for e in fake["extra"])
-        pending = max(e.get("fake_max_pending_h2d", 0) for e in fake["extra"])
-        print(
-            f"  peak_slots_in_flight: {', '.join(slots)}; fake driver violations: {viol}; "
-            f"max pending H2D copies: {pending}"
-        )
-    cols = [(n, r["median"]) for n, r in results.items() if r.get("median")]
-    if cols:
-        print(
-            "Azurite CPU s/GB: "
-            + ", ".join(f"{n} {m['azurite_cpu_s_per_gb']:.2f}" for n, m in cols)
-        )
-        print(
-            "loader cores (process CPU / wall): "
-            + ", ".join(f"{n} {m['loader_cores']:.2f}" for n, m in cols)
-        )
-        print(
-            "loader CPU s/GB user + sys: "
-            + ", ".join(
-                f"{n} {m['cpu_user_s_per_gb']:.2f} + {m['cpu_sys_s_per_gb']:.2f}" for n, m in cols
-            )
-        )
-        # Loader and Azurite share the cores: when both are CPU-bound, GB/s ~ cores / (CPU s/GB).
-        cores = os.cpu_count() or 1
-        if args.loader_cpus:  # pinned: each side is capped by its own cores
-            n = len(args.loader_cpus.split(","))
-            print(
-                f"CPU-bound model, min(1 / Azurite, {n} / loader CPU s/GB): "
-                + ", ".join(
-                    f"{name} {min(1 / m['azurite_cpu_s_per_gb'], n / m['cpu_s_per_gb']):.2f} GB/s"
-                    for name, m in cols
-                )
-            )
-        else:
-            print(
-                f"CPU-bound model, {cores} cores / (loader + Azurite CPU s/GB): "
-                + ", ".join(
-                    f"{n} {cores / (m['cpu_s_per_gb'] + m['azurite_cpu_s_per_gb']):.2f} GB/s"
-                    for n, m in cols
-                )
-            )
-            print_host_work(dict(cols), cores, memory)
 
+
+def print_fake_driver(fake: dict[str, Any]) -> None:
+    """Prints how much of the fake-driver row's RSS is its 'device' memory, and its counters."""
+    if not fake.get("median"):
+        return
+    raw = fake["median"]["peak_rss_over_baseline_mb"]
+    vram = statistics.median(e["fake_peak_device_bytes"] for e in fake["extra"]) / MiB
+    print(
+        f"* blob2gpu-cuda-fake: {raw:.0f} MB over baseline, of which {vram:.0f} MB is the fake "
+        "driver's 'device' memory (host RAM); the column shows the rest"
+    )
+    slots = sorted({str(e.get("peak_slots_in_flight")) for e in fake["extra"]})
+    viol = sum(e.get("fake_violations", 0) for e in fake["extra"])
+    pending = max(e.get("fake_max_pending_h2d", 0) for e in fake["extra"])
+    print(
+        f"  peak_slots_in_flight: {', '.join(slots)}; fake driver violations: {viol}; "
+        f"max pending H2D copies: {pending}"
+    )
+
+
+def print_cpu(
+    results: dict[str, dict[str, Any]], args: argparse.Namespace, memory: Mapping[str, Any]
+) -> None:
+    """Prints Azurite's and the loaders' CPU per row and the CPU-bound model of GB/s."""
+    cols = [(n, r["median"]) for n, r in results.items() if r.get("median")]
+    if not cols:
+        return
+    print("Azurite CPU s/GB: " + ", ".join(f"{n} {m['azurite_cpu_s_per_gb']:.2f}" for n, m in cols))
+    print(
+        "loader cores (process CPU / wall): "
+        + ", ".join(f"{n} {m['loader_cores']:.2f}" for n, m in cols)
+    )
+    print(
+        "loader CPU s/GB user + sys: "
+        + ", ".join(
+            f"{n} {m['cpu_user_s_per_gb']:.2f} + {m['cpu_sys_s_per_gb']:.2f}" for n, m in cols
+        )
+    )
+    # Loader and Azurite share the cores: when both are CPU-bound, GB/s ~ cores / (CPU s/GB).
+    cores = os.cpu_count() or 1
+    if args.loader_cpus:  # pinned: each side is capped by its own cores
+        n = len(args.loader_cpus.split(","))
+        print(
+            f"CPU-bound model, min(1 / Azurite, {n} / loader CPU s/GB): "
+            + ", ".join(
+                f"{name} {min(1 / m['azurite_cpu_s_per_gb'], n / m['cpu_s_per_gb']):.2f} GB/s"
+                for name, m in cols
+            )
+        )
+        return
+    print(
+        f"CPU-bound model, {cores} cores / (loader + Azurite CPU s/GB): "
+        + ", ".join(
+            f"{n} {cores / (m['cpu_s_per_gb'] + m['azurite_cpu_s_per_gb']):.2f} GB/s"
+            for n, m in cols
+        )
+    )
+    print_host_work(dict(cols), cores, memory)
+
+
+def print_targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Prints blob2gpu's throughput and host-memory targets; returns the verdicts."""
     verdicts: list[dict[str, Any]] = []
     print("\ntargets:")
 
-    def verdict(what: str, value: float | None, need: float, ok: bool | None) -> None:
-        v = "n/a" if ok is None else ("PASS" if ok else "FAIL")
+    def show(what: str, value: float | None, need: float, ok: bool | None) -> None:
+        v = verdict(ok)
         shown = "-"
         if value is not None:  # three places where two would show a miss as the target
             shown = f"{value:.3f}" if round(value, 2) == need else f"{value:.2f}"
@@ -1018,13 +747,9 @@ def print_table(
         verdicts.append({"target": what, "value": value, "need": need, "verdict": v})
 
     for b2g in (b for b in BLOB2GPU if b in results):
-        mine = gbps(b2g)
         for other, need in THROUGHPUT_TARGETS:
-            theirs = gbps(other)
-            ratio = mine / theirs if mine and theirs else None
-            verdict(
-                f"{b2g} >= {need:g}x {other}", ratio, need, None if ratio is None else ratio >= need
-            )
+            r = ratio(median_of(results, b2g), median_of(results, other))
+            show(f"{b2g} >= {need:g}x {other}", r, need, None if r is None else r >= need)
     # Host memory of a GPU load: the fake's 'device' memory is host RAM and is left out.
     for row, key, what in (
         ("blob2gpu-cuda-fake", "peak_rss_minus_fake_vram_mb", " (less fake VRAM)"),
@@ -1034,12 +759,11 @@ def print_table(
         if not r.get("median"):
             continue
         e = r["extra"][-1]
-        ring = (e.get("staging_slots") or 0) * (
-            e.get("staging_slot_bytes") or 0
-        ) or DEFAULT_RING_BYTES
+        ring = (e.get("staging_slots") or 0) * (e.get("staging_slot_bytes") or 0)
+        ring = ring or DEFAULT_RING_BYTES
         need = ring / MiB + RSS_SLACK_MB
         have = r["median"][key]
-        verdict(
+        show(
             f"{row} peak RSS over baseline{what} <= ring {ring / MiB:.0f} MB + {RSS_SLACK_MB} MB",
             have,
             need,
@@ -1048,15 +772,85 @@ def print_table(
     return verdicts
 
 
-def node_version() -> str:
-    """The Node.js that runs Azurite, or '?'."""
-    if not shutil.which("node"):
-        return "?"
-    return subprocess.run(["node", "--version"], capture_output=True, text=True,
-                          check=False).stdout.strip()
+def run_contestants(
+    args: argparse.Namespace, names: list[str], ckpt: Path, target_file: Path, azurite_pid: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Runs the rounds of fresh processes; returns every contestant's processes by name."""
+    file_bytes = read_spec(ckpt)["file_bytes"]
+    cmd_tail = ["--ckpt", str(ckpt), "--target-file", str(target_file)]
+    cmd_tail += ["--azurite-pid", str(azurite_pid), "--curl-parallel", str(args.curl_parallel)]
+    cmd_tail += ["--chunk-mib", str(args.chunk_mib), "--sdk-concurrency", str(args.sdk_concurrency)]
+    cmd_tail += ["--ceiling-client", args.ceiling_client]
+    if args.loader_cpus:
+        cmd_tail += ["--loader-cpus", args.loader_cpus]
+
+    def attempt(name: str) -> dict[str, Any]:
+        busy = wait_for_idle(args.wait_idle, 0.15)
+        cmd = worker_command(str(Path(__file__).resolve()), name, *cmd_tail)
+        p, _ = run_in_fresh_process(cmd, args.timeout)
+        p["busy_fraction_before"] = busy
+        return p
+
+    def progress(prefix: str, p: dict[str, Any]) -> None:
+        s = p["sample"]
+        print(
+            f"{prefix}{file_bytes / GB / s['wall_s']:.2f} GB/s"
+            f" ({s['wall_s']:.2f} s, loader CPU {s['cpu_s']:.1f} s, azurite CPU "
+            f"{s['azurite_cpu_s']:.1f} s, others {s['foreign_cpu_s']:.1f} s)",
+            flush=True,
+        )
+
+    rounds = Rounds(attempt, lambda p: p["sample"], progress, args.repeats, args.retries)
+    return rounds.run(names)
 
 
-def main(argv: list[str] | None = None) -> int:
+def serve_and_run(
+    args: argparse.Namespace, ap: argparse.ArgumentParser, names: list[str], ckpt: Path
+) -> dict[str, list[dict[str, Any]]]:
+    """Starts Azurite, uploads the checkpoint, runs the contestants against it; returns every
+    contestant's processes by name."""
+    from harness import azurite
+
+    spec = read_spec(ckpt)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-blob-"))
+    az, ca_bundle = azurite.start(workdir if args.https else None)
+    try:
+        up = azurite.upload(az, CONTAINER, ckpt, ckpt.name)
+        if args.pin:
+            cpus = sorted(os.sched_getaffinity(0))
+            if len(cpus) < 2:
+                ap.error("--pin needs at least 2 CPUs")
+            pin_threads(az.pid, {cpus[0]})
+            args.loader_cpus = ",".join(str(c) for c in cpus[1:])
+            print(f"pinned: Azurite on CPU {cpus[0]}, contestants on CPUs {args.loader_cpus}")
+        _, az_rss = group_cpu_and_rss(az.pid)
+        print(
+            f"azurite on port {az.port} (pid {az.pid}); uploaded "
+            f"{spec['file_bytes'] / GB:.2f} GB in {up:.1f} s; azurite RSS {az_rss / MiB:.0f} MB",
+            flush=True,
+        )
+        target = Target(
+            connection_string=az.connection_string(),
+            endpoint=az.endpoint(),
+            container=CONTAINER,
+            prefix=ckpt.name,
+            sas=azurite.container_sas(CONTAINER),
+            files=spec["files"],
+            ca_bundle=ca_bundle,
+        )
+        # Secrets stay out of argv (visible in ps): the worker reads them from a private file.
+        target_file = workdir / "target.json"
+        target_file.write_text(json.dumps(target.__dict__))
+        target_file.chmod(0o600)
+        os.environ["AZURE_STORAGE_CONNECTION_STRING"] = target.connection_string
+        return run_contestants(args, names, ckpt, target_file, az.pid)
+    finally:
+        az.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Returns the parser and the parsed command line."""
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -1066,18 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write every number to this file")
     ap.add_argument("--only", help="comma-separated contestants (default: all)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per process (default 900)")
-    ap.add_argument(
-        "--wait-idle",
-        type=float,
-        default=20,
-        help="before each process, wait up to this many seconds for the machine to go idle",
-    )
-    ap.add_argument(
-        "--retries",
-        type=int,
-        default=2,
-        help="reruns of a process whose load other processes' CPU use disturbed (default 2)",
-    )
+    add_round_arguments(ap)
     ap.add_argument("--curl-parallel", type=int, default=8, help="curl processes (default 8)")
     ap.add_argument(
         "--ceiling-client",
@@ -1117,127 +900,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--target-file", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--azurite-pid", type=int, default=0, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap, ap.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    ap, args = parse_args(argv)
     if args.loader_cpus:  # before any import starts a thread: they all inherit it
         os.sched_setaffinity(0, {int(c) for c in args.loader_cpus.split(",")})
     if args.worker:
-        spec = json.loads((args.ckpt / "bench_spec.json").read_text())
         t = Target(**json.loads(args.target_file.read_text()))
-        return run_worker(args.worker, t, spec, args)
+        return run_worker(args.worker, t, read_spec(args.ckpt), args)
 
     # A real GPU's row replaces the fake driver's; without --gpu there is none.
-    names = [n for n in CONTESTANTS if n != ("blob2gpu-cuda-fake" if args.gpu else "blob2gpu-cuda")]
-    if args.only:
-        names = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = [n for n in names if n not in CONTESTANTS]
-        if unknown:
-            ap.error(f"unknown contestants {unknown}; choose from {', '.join(CONTESTANTS)}")
+    default = [
+        n for n in CONTESTANTS if n != ("blob2gpu-cuda-fake" if args.gpu else "blob2gpu-cuda")
+    ]
+    names = chosen_contestants(ap, args.only, default, CONTESTANTS)
 
-    ckpt = generate_checkpoint(args.total_gb, args.shards)
-    spec = json.loads((ckpt / "bench_spec.json").read_text())
-
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from support import azurite as az_module  # type: ignore[import-not-found]
-
+    ckpt = llama_checkpoint(args.total_gb, args.shards)
+    spec = read_spec(ckpt)
     t_start = time.perf_counter()
-    target_dir = Path(tempfile.mkdtemp(prefix="bench-blob-"))
-    tls = None
-    if args.https:
-        from support.tls import self_signed_certificate  # type: ignore[import-not-found]
-
-        tls = self_signed_certificate(target_dir)
-        # Every contestant trusts it the way a user trusts a private CA (curl: cacert).
-        os.environ["REQUESTS_CA_BUNDLE"] = str(tls[0])
-    az = az_module.Azurite(tls=tls)
-    try:
-        prefix = ckpt.name
-        up = upload_checkpoint(az, ckpt, prefix, spec["files"])
-        if args.pin:
-            cpus = sorted(os.sched_getaffinity(0))
-            if len(cpus) < 2:
-                ap.error("--pin needs at least 2 CPUs")
-            pin_threads(az._process.pid, {cpus[0]})
-            args.loader_cpus = ",".join(str(c) for c in cpus[1:])
-            print(f"pinned: Azurite on CPU {cpus[0]}, contestants on CPUs {args.loader_cpus}")
-        _, az_rss = group_cpu_and_rss(az._process.pid)
-        print(
-            f"azurite on port {az.port} (pid {az._process.pid}); uploaded "
-            f"{spec['file_bytes'] / GB:.2f} GB in {up:.1f} s; azurite RSS {az_rss / MiB:.0f} MB",
-            flush=True,
-        )
-        target = Target(
-            connection_string=az.connection_string(),
-            endpoint=az.endpoint(),
-            container=CONTAINER,
-            prefix=prefix,
-            sas=make_sas(az_module),
-            files=spec["files"],
-            ca_bundle=str(tls[0]) if tls else "",
-        )
-        # Secrets stay out of argv (visible in ps): the worker reads them from a private file.
-        target_file = target_dir / "target.json"
-        target_file.write_text(json.dumps(target.__dict__))
-        target_file.chmod(0o600)
-        os.environ["AZURE_STORAGE_CONNECTION_STRING"] = target.connection_string
-
-        processes: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-        for r in range(args.repeats):
-            for name in names:  # round-robin: slow drift hits every contestant alike
-                done = processes[name]
-                if done and done[-1].get("status") in ("unavailable", "wrong"):
-                    continue
-                discarded: list[dict[str, Any]] = []
-                for attempt in range(args.retries + 1):
-                    busy = wait_for_idle(args.wait_idle, 0.15)
-                    p = run_process(name, ckpt, target_file, args, az._process.pid)
-                    p["busy_fraction_before"] = busy
-                    if p.get("status") != "ok" or not is_contended(p["sample"]):
-                        break
-                    if attempt < args.retries:
-                        discarded.append(p)
-                        print(
-                            f"  {name}: other processes used "
-                            f"{p['sample']['foreign_cpu_s']:.1f} CPU s during the load; retrying",
-                            flush=True,
-                        )
-                p["discarded_attempts"] = discarded
-                done.append(p)
-                if p.get("status") == "ok":
-                    s = p["sample"]
-                    gbps = spec["file_bytes"] / GB / s["wall_s"]
-                    print(
-                        f"[{r + 1}/{args.repeats}] {name}: {gbps:.2f} GB/s"
-                        f" ({s['wall_s']:.2f} s, loader CPU {s['cpu_s']:.1f} s, azurite CPU "
-                        f"{s['azurite_cpu_s']:.1f} s, others {s['foreign_cpu_s']:.1f} s)",
-                        flush=True,
-                    )
-                else:
-                    print(
-                        f"[{r + 1}/{args.repeats}] {name}: {p['status']}: {p.get('reason', '')}",
-                        flush=True,
-                    )
-    finally:
-        az.stop()
-        shutil.rmtree(target_dir, ignore_errors=True)
-
+    processes = serve_and_run(args, ap, names, ckpt)
     results = {n: summarize(processes[n], spec["file_bytes"]) for n in names}
     memory = fresh_memory_cost()  # after the contestants, which it must not disturb
-    verdicts = print_table(results, spec, args, memory)
+    print_rows(results, spec, args)
+    print_fake_driver(results.get("blob2gpu-cuda-fake", {}))
+    print_cpu(results, args, memory)
+    verdicts = print_targets(results)
     print(f"\nwhole run: {time.perf_counter() - t_start:.0f} s (Azurite start and upload included)")
     if args.json:
-        payload = {
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "checkpoint": {
-                "path": str(ckpt),
-                **{k: v for k, v in spec.items() if k not in ("checksums", "shapes")},
-            },
-            "machine": machine_info(node=node_version(), fresh_memory=memory),
-            "results": results,
-            "targets": verdicts,
-        }
-        args.json.write_text(json.dumps(payload, indent=2))
-        print(f"wrote {args.json}")
+        write_run_json(
+            args.json,
+            args,
+            checkpoint={"path": str(ckpt), **spec_summary(spec)},
+            machine=machine_info(node=node_version(), fresh_memory=memory),
+            results=results,
+            targets=verdicts,
+        )
     return 0
 
 

@@ -58,14 +58,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-MiB = 1 << 20
+from harness import MiB
+from harness.checkpoints import crc_digest, random_checkpoint
+from harness.tables import print_markdown, write_run_json
+
 CONTAINER = "fleet"
 PREFIX = "model"
 WARMUP_PREFIX = "warmup"
@@ -77,31 +77,13 @@ MODES = ("cold", "cache", "fanout")
 # --------------------------------------------------------------------------------------------------
 # Child: one loader process
 # --------------------------------------------------------------------------------------------------
-def digest(tensors: dict[str, Any]) -> int:
-    """CRC32 of every tensor's bytes, chained in name order (the parent computes the same)."""
-    crc = 0
-    for name in sorted(tensors):
-        crc = zlib.crc32(tensors[name].to_bytes(), crc)
-    return crc
+def record_retries() -> tuple[list[Any], list[int]]:
+    """Wraps blob2gpu's container opening and retry waits in this process; returns (the containers
+    opened, whose retry policies count the retries; a one-element list holding the most
+    consecutive failures any one request saw: how close it came to retry_max_attempts).
 
-
-def child(config: dict[str, Any]) -> int:
-    """Load once when released (a line on stdin); print one RESULT line. Returns the exit code."""
-    import blob2gpu
-
-    if config["mode"] == "fanout":
-        import torch.distributed as dist
-    # A one-tensor load first: the Azure SDK, requests and the rest are imported lazily on the
-    # first load (~1 s alone, several when 8 processes share 2 cores), the same in every mode.
-    blob2gpu.load(f"az://{CONTAINER}/{WARMUP_PREFIX}", framework="dlpack")
-    print(READY, flush=True)
-    sys.stdin.readline()
-    started = time.perf_counter()
-    uri = f"az://{CONTAINER}/{PREFIX}"
-    settings = config["settings"]
-    out: dict[str, Any] = {"ok": False, "retries": 0, "requests": None}
-    # Retries are read from the retry policy of the container the load opens, so a failed load
-    # (no LoadReport) and a distributed one (none either) still say how often they retried.
+    Retries are read from the retry policy of the container the load opens, so a failed load (no
+    LoadReport) and a distributed one (none either) still say how often they retried."""
     from blob2gpu.sources.azure import container as blob_client
     from blob2gpu.sources.azure import retry as blob_retry
 
@@ -114,7 +96,6 @@ def child(config: dict[str, Any]) -> int:
         return container
 
     blob_client.open_container = counting_open
-    # The most consecutive failures any one request saw: how close it came to retry_max_attempts.
     worst = [0]
     wait_before_retry = blob_retry.RetryPolicy.wait_before_retry
 
@@ -123,24 +104,54 @@ def child(config: dict[str, Any]) -> int:
         return wait_before_retry(self, attempt, *args)
 
     blob_retry.RetryPolicy.wait_before_retry = recording_wait  # type: ignore[method-assign]
+    return opened, worst
+
+
+def load(config: dict[str, Any], out: dict[str, Any], started: float) -> dict[str, Any]:
+    """Loads the checkpoint as `config` says, noting seconds (and requests) in `out`; returns the
+    tensors. Raises what the load raises."""
+    import blob2gpu
+
+    uri = f"az://{CONTAINER}/{PREFIX}"
+    settings = config["settings"]
+    if config["mode"] == "fanout":
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{config['port']}",
+            rank=config["rank"],
+            world_size=config["world"],
+        )
+        tensors = blob2gpu.load(uri, framework="dlpack", distributed=True, **settings)
+        out["seconds"] = time.perf_counter() - started
+        dist.destroy_process_group()
+        return tensors
+    with blob2gpu.open(uri, framework="dlpack", **settings) as checkpoint:
+        tensors = checkpoint.to_dict()
+        report = checkpoint.report
+    out["seconds"] = time.perf_counter() - started
+    out["requests"] = report.requests
+    return tensors
+
+
+def child(config: dict[str, Any]) -> int:
+    """Load once when released (a line on stdin); print one RESULT line. Returns the exit code."""
+    import blob2gpu
+
+    if config["mode"] == "fanout":
+        import torch.distributed  # noqa: F401  (imported before the release, like the rest)
+    # A one-tensor load first: the Azure SDK, requests and the rest are imported lazily on the
+    # first load (~1 s alone, several when 8 processes share 2 cores), the same in every mode.
+    blob2gpu.load(f"az://{CONTAINER}/{WARMUP_PREFIX}", framework="dlpack")
+    print(READY, flush=True)
+    sys.stdin.readline()
+    started = time.perf_counter()
+    out: dict[str, Any] = {"ok": False, "retries": 0, "requests": None}
+    opened, worst = record_retries()
     try:
-        if config["mode"] == "fanout":
-            dist.init_process_group(
-                "gloo",
-                init_method=f"tcp://127.0.0.1:{config['port']}",
-                rank=config["rank"],
-                world_size=config["world"],
-            )
-            tensors = blob2gpu.load(uri, framework="dlpack", distributed=True, **settings)
-            out["seconds"] = time.perf_counter() - started
-            dist.destroy_process_group()
-        else:
-            with blob2gpu.open(uri, framework="dlpack", **settings) as checkpoint:
-                tensors = checkpoint.to_dict()
-                report = checkpoint.report
-            out["seconds"] = time.perf_counter() - started
-            out["requests"] = report.requests
-        out["digest"] = digest(tensors)
+        tensors = load(config, out, started)
+        out["digest"] = crc_digest((name, t.to_bytes()) for name, t in tensors.items())
         out["ok"] = True
     except Exception as e:  # a failed load is a result, not a crash of the benchmark
         out["seconds"] = time.perf_counter() - started
@@ -152,40 +163,8 @@ def child(config: dict[str, Any]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Parent: checkpoint, storage, waves, table
+# Parent: storage, waves, table
 # --------------------------------------------------------------------------------------------------
-def make_checkpoint(directory: Path, total_mb: int, shards: int, seed: int = 7) -> tuple[int, int]:
-    """Write `shards` safetensors files of random float16 tensors (about total_mb MB in all) and
-    an index. Returns (bytes of every file, digest of the tensors)."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(seed)
-    per_shard = total_mb * 1_000_000 // shards
-    tensors_per_shard = 4
-    cols = 1024
-    rows = max(1, per_shard // tensors_per_shard // (2 * cols))
-    weight_map: dict[str, str] = {}
-    all_tensors: dict[str, Any] = {}
-    for s in range(shards):
-        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        tensors = {}
-        for t in range(tensors_per_shard):
-            name = f"layers.{s * tensors_per_shard + t}.weight"
-            raw = rng.integers(0, 256, size=rows * cols * 2, dtype=np.uint8)
-            tensors[name] = raw.view(np.float16).reshape(rows, cols)
-            weight_map[name] = file
-        save_file(tensors, str(directory / file))
-        all_tensors.update(tensors)
-    (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
-    crc = 0
-    for name in sorted(all_tensors):
-        crc = zlib.crc32(all_tensors[name].tobytes(), crc)
-    return sum(f.stat().st_size for f in directory.iterdir()), crc
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -226,18 +205,9 @@ class Wave:
         }
 
 
-def run_wave(
-    mode: str,
-    wave: int,
-    configs: list[dict[str, Any]],
-    env: dict[str, str],
-    proxy: Any,
-    cap: float,
-    checkpoint: tuple[int, int],
-    timeout: float,
-) -> Wave:
-    """Start one process per config, release them together once all are ready, collect results."""
-    proxy.reset()  # no cap while the processes warm up
+def start_loaders(configs: list[dict[str, Any]], env: dict[str, str]) -> list[subprocess.Popen]:
+    """Returns one loader process per config, each past its imports and warm-up load; raises
+    RuntimeError (the others killed) when one does not get there."""
     procs = [
         subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(c)],
@@ -249,20 +219,20 @@ def run_wave(
         )
         for c in configs
     ]
-    for p in procs:  # imports and the warm-up load done in every process
+    for p in procs:
         assert p.stdout is not None and p.stderr is not None
         if READY not in p.stdout.readline():
             for other in procs:
                 other.kill()
             p.wait()
             raise RuntimeError(f"a loader did not start: {p.stderr.read()[-2000:]}")
-    proxy.reset()
-    proxy.faults.max_requests_per_second = cap
-    started = time.perf_counter()
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write("go\n")
-        p.stdin.flush()
+    return procs
+
+
+def collect(
+    procs: list[subprocess.Popen], started: float, timeout: float
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Returns every loader's result (a failure where it printed none) and notes on kills."""
     results = []
     notes = []
     for p in procs:
@@ -277,6 +247,30 @@ def run_wave(
             results.append(json.loads(lines[-1][len(RESULT) :]))
         else:
             results.append({"ok": False, "seconds": 0.0, "error": err.strip()[-300:]})
+    return results, notes
+
+
+def run_wave(
+    mode: str,
+    wave: int,
+    configs: list[dict[str, Any]],
+    env: dict[str, str],
+    proxy: Any,
+    cap: float,
+    checkpoint: tuple[int, int],
+    timeout: float,
+) -> Wave:
+    """Start one process per config, release them together once all are ready, collect results."""
+    proxy.reset()  # no cap while the processes warm up
+    procs = start_loaders(configs, env)
+    proxy.reset()
+    proxy.faults.max_requests_per_second = cap
+    started = time.perf_counter()
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    results, notes = collect(procs, started, timeout)
     wall = time.perf_counter() - started
     c = proxy.counters
     return Wave(
@@ -295,13 +289,7 @@ def run_wave(
 
 
 def print_table(waves: list[Wave]) -> None:
-    rows = [w.row() for w in waves]
-    cols = list(rows[0])
-    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in cols}
-    print("| " + " | ".join(k.ljust(widths[k]) for k in cols) + " |")
-    print("| " + " | ".join("-" * widths[k] for k in cols) + " |")
-    for r in rows:
-        print("| " + " | ".join(r[k].ljust(widths[k]) for k in cols) + " |")
+    print_markdown([w.row() for w in waves])
     for w in waves:
         errors = [r["error"] for r in w.results if r.get("error")]
         wrong = sum(1 for r in w.results if r.get("ok") and r.get("digest") != w.expected_digest)
@@ -314,7 +302,38 @@ def print_table(waves: list[Wave]) -> None:
             print(f"  {w.mode} wave {w.wave}: {n}")
 
 
-def main() -> int:
+def wave_configs(
+    mode: str, args: argparse.Namespace, settings: dict[str, Any], work: Path
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """Returns (the waves to run, one config per loader process) of one mode."""
+    nodes = range(args.nodes // args.per_node)
+    if mode == "cold":
+        return [1], [{"mode": mode, "settings": settings} for _ in range(args.nodes)]
+    if mode == "cache":
+        configs = [
+            {
+                "mode": mode,
+                "settings": {
+                    **settings,
+                    "local_nvme_cache_enabled": True,
+                    "cache_dir": str(work / "cache" / f"node{n}"),
+                },
+            }
+            for n in nodes
+            for _ in range(args.per_node)
+        ]
+        return [1, 2], configs
+    ports = [free_port() for _ in nodes]
+    configs = [
+        {"mode": mode, "settings": settings, "port": ports[n], "rank": r, "world": args.per_node}
+        for n in nodes
+        for r in range(args.per_node)
+    ]
+    return [1], configs
+
+
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Returns the parser and the parsed command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--nodes",
@@ -360,7 +379,39 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300, help="per wave, seconds (300)")
     parser.add_argument("--json", type=Path, help="write every process's result here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser, parser.parse_args()
+
+
+def serve(work: Path, args: argparse.Namespace) -> tuple[Any, Any, dict[str, str], tuple[int, int]]:
+    """Writes and uploads the checkpoint and the warm-up one, starts the fault proxy in front of
+    Azurite; returns (Azurite, the proxy, the loaders' environment, (checkpoint bytes, digest))."""
+    import numpy as np
+    from harness import azurite
+    from safetensors.numpy import save_file
+    from support.fault_proxy import FaultProxy  # type: ignore[import-not-found]
+
+    ckpt_dir = work / "checkpoint"
+    ckpt_dir.mkdir()
+    checkpoint = random_checkpoint(ckpt_dir, args.total_mb, args.shards)
+    az, _ = azurite.start()
+    try:
+        az.upload_directory(CONTAINER, ckpt_dir, PREFIX)
+        warmup_dir = work / "warmup"
+        warmup_dir.mkdir()
+        save_file({"w": np.zeros(16, dtype=np.float16)}, str(warmup_dir / "model.safetensors"))
+        az.upload_directory(CONTAINER, warmup_dir, WARMUP_PREFIX)
+        proxy = FaultProxy(az.port)
+    except BaseException:
+        az.stop()
+        raise
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BLOB2GPU_", "AZURE_"))}
+    env["AZURE_STORAGE_CONNECTION_STRING"] = az.connection_string(port=proxy.port)
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return az, proxy, env, checkpoint
+
+
+def main() -> int:
+    parser, args = parse_args()
     if args.child:
         return child(json.loads(args.child))
 
@@ -376,30 +427,14 @@ def main() -> int:
     if args.retry_max_attempts is not None:
         settings["retry_max_attempts"] = args.retry_max_attempts
 
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    import numpy as np
-    from safetensors.numpy import save_file
-    from support.azurite import Azurite
-    from support.fault_proxy import FaultProxy
-
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="blob2gpu-fleet-"))
-    az = proxy = None
     try:
-        ckpt_dir = work / "checkpoint"
-        ckpt_dir.mkdir()
-        checkpoint = make_checkpoint(ckpt_dir, args.total_mb, args.shards)
-        az = Azurite()
-        az.service().create_container(CONTAINER)
-        az.upload_directory(CONTAINER, ckpt_dir, PREFIX)
-        warmup_dir = work / "warmup"
-        warmup_dir.mkdir()
-        save_file({"w": np.zeros(16, dtype=np.float16)}, str(warmup_dir / "model.safetensors"))
-        az.upload_directory(CONTAINER, warmup_dir, WARMUP_PREFIX)
-        proxy = FaultProxy(az.port)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("BLOB2GPU_", "AZURE_"))}
-        env["AZURE_STORAGE_CONNECTION_STRING"] = az.connection_string(port=proxy.port)
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        az, proxy, env, checkpoint = serve(work, args)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    try:
         print(
             f"fleet: {args.nodes} processes ({args.nodes // args.per_node} nodes of "
             f"{args.per_node}), checkpoint {checkpoint[0] / 1e6:.0f} MB in {args.shards} shards, "
@@ -409,42 +444,12 @@ def main() -> int:
             flush=True,
         )
         waves: list[Wave] = []
-        nodes = range(args.nodes // args.per_node)
         for mode in modes:
-            if mode == "cold":
-                configs = [{"mode": mode, "settings": settings} for _ in range(args.nodes)]
-                waves.append(run_wave(mode, 1, configs, env, proxy, cap, checkpoint, args.timeout))
-            elif mode == "cache":
-                configs = [
-                    {
-                        "mode": mode,
-                        "settings": {
-                            **settings,
-                            "local_nvme_cache_enabled": True,
-                            "cache_dir": str(work / "cache" / f"node{n}"),
-                        },
-                    }
-                    for n in nodes
-                    for _ in range(args.per_node)
-                ]
-                for wave in (1, 2):
-                    waves.append(
-                        run_wave(mode, wave, configs, env, proxy, cap, checkpoint, args.timeout)
-                    )
-            else:
-                ports = [free_port() for _ in nodes]
-                configs = [
-                    {
-                        "mode": mode,
-                        "settings": settings,
-                        "port": ports[n],
-                        "rank": r,
-                        "world": args.per_node,
-                    }
-                    for n in nodes
-                    for r in range(args.per_node)
-                ]
-                waves.append(run_wave(mode, 1, configs, env, proxy, cap, checkpoint, args.timeout))
+            numbers, configs = wave_configs(mode, args, settings, work)
+            for wave in numbers:
+                waves.append(
+                    run_wave(mode, wave, configs, env, proxy, cap, checkpoint, args.timeout)
+                )
             print(f"  {mode}: done at {time.perf_counter() - t_start:.0f} s", flush=True)
         print()
         print_table(waves)
@@ -455,22 +460,16 @@ def main() -> int:
         )
         print(f"whole run: {time.perf_counter() - t_start:.0f} s")
         if args.json:
-            args.json.write_text(
-                json.dumps(
-                    {
-                        "args": {k: str(v) for k, v in vars(args).items()},
-                        "checkpoint_bytes": checkpoint[0],
-                        "waves": [{**asdict(w), "row": w.row()} for w in waves],
-                    },
-                    indent=1,
-                )
+            write_run_json(
+                args.json,
+                args,
+                checkpoint_bytes=checkpoint[0],
+                waves=[{**asdict(w), "row": w.row()} for w in waves],
             )
         return 0
     finally:
-        if proxy is not None:
-            proxy.stop()
-        if az is not None:
-            az.stop()
+        proxy.stop()
+        az.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

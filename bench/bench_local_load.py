@@ -24,42 +24,52 @@ so a loader that returns wrong bytes fails instead of winning.
 from __future__ import annotations
 
 import argparse
-import json
+import gc
 import os
-import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import (
-    CHECKSUM_MASK,
-    CONTENDED_FRACTION,
-    DATA_DIR,
-    EXIT_UNAVAILABLE,
-    GB,
-    REPO_ROOT,
-    RESULT_TAG,
-    SEED,
-    SETTLE_S,
-    Unavailable,
-    blob2gpu_versions,
-    choose_shape,
-    cpu_jiffies,
-    machine_info,
-    package_version,
-    split_into_shards,
-    tensor_checksum,
+from harness import GB, SETTLE_S
+from harness.accounting import (
+    Stopwatch,
+    current_rss_bytes,
+    peak_rss_bytes,
+    reset_peak_rss,
     wait_for_idle,
 )
-
-# Bump when the generated layout or contents change, so cached checkpoints are rebuilt.
-GENERATOR_VERSION = 1
+from harness.checkpoints import (
+    llama_checkpoint,
+    read_spec,
+    shard_files,
+    spec_summary,
+    warm_page_cache,
+)
+from harness.checksums import checksum_all
+from harness.fake_cuda import use_fake_driver
+from harness.isolation import (
+    Unavailable,
+    emit,
+    emit_unavailable,
+    import_or_unavailable,
+    run_in_fresh_process,
+    worker_command,
+)
+from harness.machine import blob2gpu_versions, machine_info, package_version, prefault
+from harness.rounds import Rounds, add_round_arguments, chosen_contestants, fold
+from harness.tables import (
+    format_row,
+    median_of,
+    print_header,
+    print_status_row,
+    ratio,
+    verdict,
+    write_run_json,
+)
 
 BASELINE = "safetensors"
 CONTESTANTS = (
@@ -78,118 +88,7 @@ TARGETS = (("safetensors", 1.0), ("runai", 2.0), ("fastsafetensors", 2.0))
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoint generation
-# --------------------------------------------------------------------------------------------------
-
-
-def checksum_all(tensors: Mapping[str, Any]) -> int:
-    """The materializing touch, on one thread: torch's two-thread reduction spin-waits for a
-    descheduled partner, so on a shared box a neighbour's build would be billed to the loader."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        total = 0
-        for t in tensors.values():
-            total = (total + tensor_checksum(t)) & CHECKSUM_MASK
-        return total
-    finally:
-        torch.set_num_threads(threads)
-
-
-def generate_checkpoint(total_gb: float, shards: int) -> Path:
-    """Write (once; cached under bench/.data/) the checkpoint and return its directory."""
-    target = DATA_DIR / f"llama-bf16-{total_gb:g}gb-{shards}shards"
-    spec_path = target / "bench_spec.json"
-    if spec_path.exists():
-        spec = json.loads(spec_path.read_text())
-        if spec.get("generator_version") == GENERATOR_VERSION:
-            return target
-    import torch
-    from safetensors.torch import save_file
-
-    shape = choose_shape(int(total_gb * GB), shards)
-    layout = split_into_shards(shape.tensors(), shards)
-    print(f"generating {target} (hidden={shape.hidden}, layers={shape.layers}) ...", flush=True)
-    t0 = time.perf_counter()
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
-    # Realistic-looking weights (N(0, 0.02) in bf16) without per-element Python: every tensor is
-    # tiled from one random pool, starting at a tensor-dependent offset so tensors differ.
-    gen = torch.Generator().manual_seed(SEED)
-    pool_n = 1 << 22
-    pool = torch.randn(pool_n, generator=gen).mul_(0.02).to(torch.bfloat16)
-
-    weight_map: dict[str, str] = {}
-    checksum = 0
-    data_bytes = 0
-    index = 0
-    for k, shard in enumerate(layout):
-        fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        state: dict[str, Any] = {}
-        for name, dims in shard:
-            t = torch.empty(dims, dtype=torch.bfloat16)
-            flat = t.view(-1)
-            n = flat.numel()
-            off = (index * 7919 + 13) % pool_n
-            pos = 0
-            while pos < n:
-                take = min(n - pos, pool_n - off)
-                flat[pos : pos + take].copy_(pool[off : off + take])
-                pos += take
-                off = 0
-            if name.endswith("norm.weight"):
-                t.add_(1.0)
-            state[name] = t
-            weight_map[name] = fname
-            data_bytes += t.numel() * t.element_size()
-            index += 1
-        checksum = (checksum + checksum_all(state)) & CHECKSUM_MASK
-        save_file(state, str(tmp / fname), metadata={"format": "pt"})
-        del state
-
-    index_json = {"metadata": {"total_size": data_bytes}, "weight_map": weight_map}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
-    spec = {
-        "generator_version": GENERATOR_VERSION,
-        "seed": SEED,
-        "shape": shape.__dict__,
-        "shards": shards,
-        "tensors": len(weight_map),
-        "data_bytes": data_bytes,
-        "file_bytes": sum(p.stat().st_size for p in tmp.glob("*.safetensors")),
-        "checksum": checksum,
-    }
-    (tmp / "bench_spec.json").write_text(json.dumps(spec, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    print(
-        f"  wrote {spec['file_bytes'] / GB:.2f} GB in {time.perf_counter() - t0:.1f} s", flush=True
-    )
-    return target
-
-
-def shard_files(ckpt: Path) -> list[str]:
-    return sorted(str(p) for p in ckpt.glob("*.safetensors"))
-
-
-def warm_page_cache(files: Iterable[str]) -> float:
-    """Read every file once so every contestant starts from the same (cached) state."""
-    t0 = time.perf_counter()
-    buf = bytearray(16 << 20)
-    view = memoryview(buf)
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(view):
-                pass
-    return time.perf_counter() - t0
-
-
-# --------------------------------------------------------------------------------------------------
-# Worker side: one contestant, several repeats, in a fresh interpreter
+# The contestants, each built untimed in its own fresh interpreter
 # --------------------------------------------------------------------------------------------------
 
 
@@ -203,17 +102,8 @@ class Contestant:
     versions: dict[str, str] = field(default_factory=dict)
 
 
-def _import(module: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise Unavailable(f"{module} not importable ({exc})") from exc
-
-
 def make_safetensors(ckpt: Path, backend: str) -> Contestant:
-    _import("safetensors")
+    import_or_unavailable("safetensors")
     from safetensors.torch import load_file
 
     files = shard_files(ckpt)
@@ -228,7 +118,7 @@ def make_safetensors(ckpt: Path, backend: str) -> Contestant:
 
 
 def make_runai(ckpt: Path) -> Contestant:
-    rms = _import("runai_model_streamer")
+    rms = import_or_unavailable("runai_model_streamer")
     files = shard_files(ckpt)
 
     def load() -> tuple[Mapping[str, Any], dict[str, Any], Callable[[], None]]:
@@ -244,7 +134,7 @@ def make_runai(ckpt: Path) -> Contestant:
 
 
 def make_fastsafetensors(ckpt: Path) -> Contestant:
-    fst = _import("fastsafetensors")
+    fst = import_or_unavailable("fastsafetensors")
     files = shard_files(ckpt)
 
     def load() -> tuple[Mapping[str, Any], dict[str, Any], Callable[[], None]]:
@@ -264,12 +154,8 @@ def make_fastsafetensors(ckpt: Path) -> Contestant:
     return Contestant(load, versions={"fastsafetensors": package_version("fastsafetensors")})
 
 
-def _import_blob2gpu() -> Any:
-    return _import("blob2gpu")
-
-
 def make_blob2gpu_load(ckpt: Path) -> Contestant:
-    b2g = _import_blob2gpu()
+    b2g = import_or_unavailable("blob2gpu")
 
     def load() -> tuple[Mapping[str, Any], dict[str, Any], Callable[[], None]]:
         out = b2g.load(str(ckpt), device="cpu", framework="torch")
@@ -279,7 +165,7 @@ def make_blob2gpu_load(ckpt: Path) -> Contestant:
 
 
 def make_blob2gpu_load_mmap(ckpt: Path) -> Contestant:
-    b2g = _import_blob2gpu()
+    b2g = import_or_unavailable("blob2gpu")
 
     def load() -> tuple[Mapping[str, Any], dict[str, Any], Callable[[], None]]:
         out = b2g.load(str(ckpt), device="cpu", framework="torch", mmap_local_files=True)
@@ -289,7 +175,7 @@ def make_blob2gpu_load_mmap(ckpt: Path) -> Contestant:
 
 
 def make_blob2gpu_loader(ckpt: Path) -> Contestant:
-    b2g = _import_blob2gpu()
+    b2g = import_or_unavailable("blob2gpu")
     loader = b2g.Loader()
     loader.__enter__()
 
@@ -305,19 +191,8 @@ def make_blob2gpu_loader(ckpt: Path) -> Contestant:
 
 
 def make_blob2gpu_cuda_fake(ckpt: Path) -> Contestant:
-    build_py = REPO_ROOT / "tests" / "fake_cuda" / "build.py"
-    if not build_py.exists():
-        raise Unavailable(
-            f"{build_py.relative_to(REPO_ROOT)} does not exist (fake CUDA driver not written yet)"
-        )
-    # The driver path must be set before blob2gpu is imported.
-    sys.path.insert(0, str(build_py.parent))
-    try:
-        from build import build_fake_driver  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise Unavailable(f"cannot import build_fake_driver from {build_py} ({exc})") from exc
-    os.environ["BLOB2GPU_CUDA_DRIVER"] = str(build_fake_driver())
-    b2g = _import_blob2gpu()
+    use_fake_driver()
+    b2g = import_or_unavailable("blob2gpu")
 
     def load() -> tuple[Mapping[str, Any], dict[str, Any], Callable[[], None]]:
         with b2g.open(str(ckpt), device="cuda", framework="dlpack") as ckpt_handle:
@@ -346,128 +221,61 @@ FACTORIES: dict[str, Callable[[Path], Contestant]] = {
 }
 
 
-def _current_rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+# --------------------------------------------------------------------------------------------------
+# Worker side: one contestant, several loads, in a fresh interpreter
+# --------------------------------------------------------------------------------------------------
 
 
-def _cpu_seconds() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
-    return ru.ru_utime + ru.ru_stime
-
-
-def _kernel_thread_cpu() -> float:
-    """CPU seconds of all kernel threads: work a load may cause (compaction, page reporting),
-    kept apart from other users' processes."""
-    total = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        f = stat[stat.rindex(")") + 2 :].split()
-        if pid == "2" or f[1] == "2":  # kthreadd and its children
-            total += int(f[11]) + int(f[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def _machine_counters() -> tuple[float, float, float, int, int]:
-    """(machine busy s, machine steal s, kernel threads s, this process's minor faults and
-    involuntary switches)."""
-    busy, steal = cpu_jiffies()
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return busy, steal, _kernel_thread_cpu(), ru.ru_minflt, ru.ru_nivcsw
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def prefault(nbytes: int) -> None:
-    """Touch and free nbytes of anonymous memory, so the load that follows gets pages the host
-    already backs. On a VM with free page reporting (Firecracker, ...) memory freed two seconds
-    ago is back with the host, and touching it again costs several times more."""
-    if nbytes <= 0:
-        return
-    import torch
-
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    buf[::4096] = 1
-    del buf
+def timed_load(contestant: Contestant) -> tuple[dict[str, Any], Callable[[], None]]:
+    """Loads once and reads every byte (unless the contestant has no host tensors); returns the
+    sample and the release of what the load holds."""
+    gc.collect()
+    watch = Stopwatch(kernel_threads=True)
+    t0 = watch.start()
+    tensors, extra, release = contestant.load()
+    t_load = time.perf_counter()
+    checksum = checksum_all(tensors) if contestant.touch else None
+    spent = watch.stop()
+    sample = {
+        "wall_s": spent.wall_s,
+        "load_s": t_load - t0,
+        "cpu_s": spent.cpu_s,
+        "tensors": len(tensors) if contestant.touch else tensors["__count__"],
+        "checksum": checksum,
+        "rss_after_load_mb": current_rss_bytes() / 2**20,
+        # Diagnostics for noisy samples: CPU burnt by other users' processes (a shared
+        # box compiling next door), kernel threads, a busy host (steal), page faults.
+        "foreign_cpu_s": spent.foreign_cpu_s,
+        "kernel_threads_cpu_s": spent.kernel_threads_s,
+        "machine_steal_s": spent.machine_steal_s,
+        "minor_faults": spent.minor_faults,
+        "involuntary_switches": spent.involuntary_switches,
+        "extra": extra,
+    }
+    del tensors
+    return sample, release
 
 
 def run_worker(name: str, ckpt: Path, loads: int, prefault_bytes: int) -> int:
-    """Load the checkpoint `loads` times in this fresh process; print one tagged JSON line."""
-    import gc
-
-    def emit(payload: dict[str, Any]) -> None:
-        print(RESULT_TAG + json.dumps(payload), flush=True)
-
-    spec = json.loads((ckpt / "bench_spec.json").read_text())
+    """Loads the checkpoint `loads` times in this fresh process; prints one result line."""
+    spec = read_spec(ckpt)
     try:
         import torch  # every contestant hands out torch (or dlpack) tensors; import untimed
 
         contestant = FACTORIES[name](ckpt)
     except Unavailable as exc:
-        emit({"status": "unavailable", "reason": str(exc)})
-        return EXIT_UNAVAILABLE
+        return emit_unavailable(exc)
     prefault(prefault_bytes)
-    rss_after_setup = _current_rss_bytes()
-    hwm_reset = _reset_peak_rss()  # so the untimed prefault does not count as the load's peak
+    rss_after_setup = current_rss_bytes()
+    reset_peak_rss()  # so the untimed prefault does not count as the load's peak
 
     samples: list[dict[str, Any]] = []
     peak_rss_first_load = 0.0
     for i in range(loads):
-        gc.collect()
-        m0 = _machine_counters()
-        cpu0, t0 = _cpu_seconds(), time.perf_counter()
-        tensors, extra, release = contestant.load()
-        t_load = time.perf_counter()
-        checksum = checksum_all(tensors) if contestant.touch else None
-        t1, cpu1 = time.perf_counter(), _cpu_seconds()
-        m1 = _machine_counters()
-        count = len(tensors) if contestant.touch else tensors["__count__"]
-        samples.append(
-            {
-                "wall_s": t1 - t0,
-                "load_s": t_load - t0,
-                "cpu_s": cpu1 - cpu0,
-                "tensors": count,
-                "checksum": checksum,
-                "rss_after_load_mb": _current_rss_bytes() / 2**20,
-                # Diagnostics for noisy samples: CPU burnt by other users' processes (a shared
-                # box compiling next door), kernel threads, a busy host (steal), page faults.
-                "foreign_cpu_s": max(0.0, (m1[0] - m0[0]) - (cpu1 - cpu0) - (m1[2] - m0[2])),
-                "kernel_threads_cpu_s": m1[2] - m0[2],
-                "machine_steal_s": m1[1] - m0[1],
-                "minor_faults": m1[3] - m0[3],
-                "involuntary_switches": m1[4] - m0[4],
-                "extra": extra,
-            }
-        )
+        sample, release = timed_load(contestant)
+        samples.append(sample)
         if i == 0:
-            peak = _peak_rss_bytes() if hwm_reset else 0
-            if not peak:
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            peak_rss_first_load = peak / 2**20
-        del tensors
+            peak_rss_first_load = peak_rss_bytes() / 2**20
         release()
         gc.collect()
     contestant.teardown()
@@ -488,87 +296,22 @@ def run_worker(name: str, ckpt: Path, loads: int, prefault_bytes: int) -> int:
             "versions": {"torch": torch.__version__, **contestant.versions},
             "rss_after_setup_mb": rss_after_setup / 2**20,
             "peak_rss_first_load_mb": peak_rss_first_load,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_bytes() / 2**20,
         }
     )
     return 0
 
 
 # --------------------------------------------------------------------------------------------------
-# Parent side: orchestration and the table
+# Parent side: rounds of processes and the table
 # --------------------------------------------------------------------------------------------------
 
 
-def run_process(
-    name: str, ckpt: Path, loads: int, timeout_s: float, prefault_bytes: int
-) -> dict[str, Any]:
-    """One fresh interpreter running one contestant; returns its result or why there is none."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--ckpt", str(ckpt)]
-    cmd += ["--loads-per-process", str(loads), "--prefault-bytes", str(prefault_bytes)]
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "reason": f"timed out after {timeout_s:.0f} s"}
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result: dict[str, Any] | None = None
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            result = json.loads(line[len(RESULT_TAG) :])
-    tail = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip()]
-    if result is None:
-        why = tail[-1] if tail else "no output"
-        return {
-            "status": "failed",
-            "reason": f"exit {proc.returncode}: {why}",
-            "stderr_tail": tail[-20:],
-        }
-    # Whole-process numbers (imports included), as the parent sees the child: a cross-check.
-    result["process"] = {
-        "wall_s": time.perf_counter() - t0,
-        "cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime),
-        "exit_code": proc.returncode,
-    }
-    if tail:
-        result["stderr_tail"] = tail[-20:]
-    result["fake_cuda_violations"] = sum(1 for ln in tail if "[fake_cuda] violation" in ln)
-    return result
-
-
-def _disturbance(p: dict[str, Any]) -> float:
-    s = p["samples"][0]
-    return s.get("foreign_cpu_s", 0.0) / max(s.get("wall_s", 0.0), 1e-9)
-
-
-def contended(p: dict[str, Any]) -> bool:
-    """True when other processes burnt more than a fifth of a core during the cold load."""
-    s = (p.get("samples") or [{}])[0]
-    return s.get("foreign_cpu_s", 0.0) > CONTENDED_FRACTION * s.get("wall_s", 0.0)
-
-
 def summarize(processes: list[dict[str, Any]], data_bytes: int) -> dict[str, Any]:
-    """Fold the per-process results of one contestant into its status and medians."""
-    ok = [p for p in processes if p.get("status") == "ok"]
-    out: dict[str, Any] = {"processes": processes}
-    not_ok = [p for p in processes if p.get("status") != "ok"]
-    wrong = [p for p in not_ok if p.get("status") == "wrong"]
-    if wrong or not ok:
-        first = (wrong or not_ok)[0]
-        out.update(status=first.get("status", "failed"), reason=first.get("reason", ""))
+    """Returns one contestant's row: its status and the medians of its kept processes."""
+    out, ok = fold(processes)
+    if not ok:
         return out
-    notes = []
-    if not_ok:
-        notes.append(f"{len(not_ok)} process(es) failed: {not_ok[0].get('reason', '')}")
-    if len({json.dumps(p.get("versions"), sort_keys=True) for p in ok}) > 1:
-        notes.append("package changed during the run")
-    busy = sum(1 for p in ok if p.get("contended"))
-    if busy == len(ok):
-        notes.append(f"all {busy} samples contended by other processes")
-    elif busy:
-        notes.append(f"{busy} contended sample(s) of {len(ok)} left out")
-        ok = [p for p in ok if not p.get("contended")]
-    out.update(status="ok", reason="; ".join(notes))
     gb = data_bytes / GB
     cold = [p["samples"][0] for p in ok]
     warm = [s for p in ok for s in p["samples"][1:]]
@@ -587,26 +330,13 @@ def summarize(processes: list[dict[str, Any]], data_bytes: int) -> dict[str, Any
     return out
 
 
-def _fmt_row(cols: list[str], widths: list[int]) -> str:
-    return "  ".join(
-        c.ljust(w) if i == 0 else c.rjust(w)
-        for i, (c, w) in enumerate(zip(cols, widths, strict=True))
-    )
-
-
 def print_table(
     results: dict[str, dict[str, Any]], spec: dict[str, Any], repeats: int, memory: str
-) -> list[dict[str, Any]]:
-    base = results.get(BASELINE, {}).get("median", {}).get("gb_per_s")
-    headers = [
-        "contestant",
-        "GB/s",
-        "vs safetensors",
-        "CPU s/GB",
-        "peak RSS MB",
-        "load-only GB/s",
-        "warm GB/s",
-    ]
+) -> None:
+    """Prints one row per contestant (GB/s, the ratio to the baseline, CPU, RSS, warm)."""
+    base = median_of(results, BASELINE)
+    headers = ["contestant", "GB/s", "vs safetensors", "CPU s/GB", "peak RSS MB"]
+    headers += ["load-only GB/s", "warm GB/s"]
     widths = [20, 7, 14, 9, 11, 14, 9]
     print()
     print(
@@ -616,29 +346,32 @@ def print_table(
     print(
         "GB/s: first load in a fresh process, every byte read; warm: a reload in the same process"
     )
-    print(_fmt_row(headers, widths))
-    print(_fmt_row(["-" * w for w in widths], widths))
+    print_header(headers, widths)
     import_rss = []
     for name, r in results.items():
         med = r.get("median")
         if not med:
-            label = "unavailable" if r.get("status") == "unavailable" else r.get("status", "failed")
-            print(f"{name.ljust(widths[0])}  {label}: {r.get('reason', '')}")
+            print_status_row(name, r, widths[0])
             continue
         import_rss.append(r["import_rss_mb"])
-        ratio = f"{med['gb_per_s'] / base:.2f}x" if base else "n/a"
+        shown = ratio(med["gb_per_s"], base)
         warm = f"{med['warm_gb_per_s']:.2f}" if med["warm_gb_per_s"] else "-"
         note = "  (load only, fake device)" if name == "blob2gpu-cuda-fake" else ""
         if r.get("reason"):
             note += f"  ({r['reason']})"
-        cols = [name, f"{med['gb_per_s']:.2f}", ratio, f"{med['cpu_s_per_gb']:.2f}"]
-        cols += [f"{r['peak_rss_mb']:.0f}", f"{med['load_only_gb_per_s']:.2f}", warm]
-        print(_fmt_row(cols, widths) + note)
+        cols = [name, f"{med['gb_per_s']:.2f}", f"{shown:.2f}x" if shown else "n/a"]
+        cols += [f"{med['cpu_s_per_gb']:.2f}", f"{r['peak_rss_mb']:.0f}"]
+        cols += [f"{med['load_only_gb_per_s']:.2f}", warm]
+        print(format_row(cols, widths) + note)
     if import_rss:
         print(
             f"(peak RSS includes ~{statistics.median(import_rss):.0f} MB of interpreter + imports)"
         )
-    fake = results.get("blob2gpu-cuda-fake", {})
+    print_fake_driver(results.get("blob2gpu-cuda-fake", {}))
+
+
+def print_fake_driver(fake: dict[str, Any]) -> None:
+    """Prints the fake-driver row's slots in flight per load and its violation lines."""
     reports = [
         s.get("extra", {}).get("report")
         for p in fake.get("processes", [])
@@ -654,23 +387,53 @@ def print_table(
             f"blob2gpu-cuda-fake: {violations} fake driver violation line(s) on stderr (see --json)"
         )
 
+
+def print_targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Prints each blob2gpu cpu row against each target; returns the verdicts."""
     verdicts: list[dict[str, Any]] = []
     print("\ntargets:")
     for b2g in BLOB2GPU_CPU:
-        mine = results.get(b2g, {}).get("median", {}).get("gb_per_s")
         for other, need in TARGETS:
-            theirs = results.get(other, {}).get("median", {}).get("gb_per_s")
-            ratio = mine / theirs if mine is not None and theirs is not None else None
-            verdict = "n/a" if ratio is None else ("PASS" if ratio >= need else "FAIL")
-            shown = f"{ratio:.2f}x" if ratio is not None else "-"
-            print(f"  {b2g} >= {need:.1f}x {other}: {verdict} ({shown})")
+            r = ratio(median_of(results, b2g), median_of(results, other))
+            v = verdict(None if r is None else r >= need)
+            shown = f"{r:.2f}x" if r is not None else "-"
+            print(f"  {b2g} >= {need:.1f}x {other}: {v} ({shown})")
             verdicts.append(
-                {"contestant": b2g, "vs": other, "need": need, "ratio": ratio, "verdict": verdict}
+                {"contestant": b2g, "vs": other, "need": need, "ratio": r, "verdict": v}
             )
     return verdicts
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_contestants(args: argparse.Namespace, names: list[str], ckpt: Path) -> dict[str, Any]:
+    """Runs the rounds of fresh processes; returns every contestant's processes by name."""
+    spec = read_spec(ckpt)
+    files = shard_files(ckpt)
+    prefault_bytes = int(spec["file_bytes"] * 1.25) if args.memory == "prefaulted" else 0
+    cmd_tail = ["--ckpt", str(ckpt), "--loads-per-process", str(args.loads_per_process)]
+    cmd_tail += ["--prefault-bytes", str(prefault_bytes)]
+
+    def attempt(name: str) -> dict[str, Any]:
+        if args.memory == "settled":
+            time.sleep(SETTLE_S)
+        busy = wait_for_idle(args.wait_idle, 0.1)
+        warm_page_cache(files)  # cheap when cached; undoes any eviction by the last run
+        cmd = worker_command(str(Path(__file__).resolve()), name, *cmd_tail)
+        p, stderr = run_in_fresh_process(cmd, args.timeout)
+        if "process" in p:
+            p["fake_cuda_violations"] = sum(1 for ln in stderr if "[fake_cuda] violation" in ln)
+        p["busy_fraction_before"] = busy
+        return p
+
+    def progress(prefix: str, p: dict[str, Any]) -> None:
+        gbps = spec["data_bytes"] / GB / p["samples"][0]["wall_s"]
+        print(f"{prefix}{gbps:.2f} GB/s{'  (contended)' if p['contended'] else ''}", flush=True)
+
+    rounds = Rounds(attempt, lambda p: p["samples"][0], progress, args.repeats, args.retries)
+    return rounds.run(names)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Returns the parser and the parsed command line."""
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -688,18 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write every number to this file")
     ap.add_argument("--only", help="comma-separated contestants to run (default: all)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per process (default 600)")
-    ap.add_argument(
-        "--wait-idle",
-        type=float,
-        default=20,
-        help="before each process, wait up to this many seconds for the machine to go idle",
-    )
-    ap.add_argument(
-        "--retries",
-        type=int,
-        default=2,
-        help="reruns of a process whose load other processes' CPU use disturbed (default 2)",
-    )
+    add_round_arguments(ap)
     ap.add_argument(
         "--memory",
         choices=("settled", "prefaulted"),
@@ -711,76 +463,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--prefault-bytes", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap, ap.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    ap, args = parse_args(argv)
     if args.worker:
         return run_worker(args.worker, args.ckpt, args.loads_per_process, args.prefault_bytes)
 
-    names = list(CONTESTANTS)
-    if args.only:
-        names = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = [n for n in names if n not in FACTORIES]
-        if unknown:
-            ap.error(f"unknown contestants {unknown}; choose from {', '.join(CONTESTANTS)}")
+    names = chosen_contestants(ap, args.only, list(CONTESTANTS), CONTESTANTS)
 
-    ckpt = generate_checkpoint(args.total_gb, args.shards)
-    spec = json.loads((ckpt / "bench_spec.json").read_text())
-    files = shard_files(ckpt)
+    ckpt = llama_checkpoint(args.total_gb, args.shards)
+    spec = read_spec(ckpt)
     print(
-        f"warming page cache: {warm_page_cache(files):.2f} s for {spec['file_bytes'] / GB:.2f} GB",
+        f"warming page cache: {warm_page_cache(shard_files(ckpt)):.2f} s for "
+        f"{spec['file_bytes'] / GB:.2f} GB",
         flush=True,
     )
-
-    prefault_bytes = int(spec["file_bytes"] * 1.25) if args.memory == "prefaulted" else 0
-    # Round-robin: repeat r runs every contestant once, so slow drift hits all of them alike.
-    processes: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    for r in range(args.repeats):
-        for name in names:
-            done = processes[name]
-            if done and done[-1].get("status") in ("unavailable", "wrong"):
-                continue  # no point in repeating it
-            discarded: list[dict[str, Any]] = []
-            for attempt in range(args.retries + 1):
-                if args.memory == "settled":
-                    time.sleep(SETTLE_S)
-                busy = wait_for_idle(args.wait_idle, 0.1)
-                warm_page_cache(files)  # cheap when cached; undoes any eviction by the last run
-                p = run_process(name, ckpt, args.loads_per_process, args.timeout, prefault_bytes)
-                p["busy_fraction_before"] = busy
-                p["contended"] = p.get("status") == "ok" and contended(p)
-                if not p["contended"]:
-                    break
-                discarded.append(p)
-                if attempt == args.retries:  # every attempt disturbed: keep the least disturbed
-                    p = min(discarded, key=_disturbance)
-                    discarded.remove(p)
-                    break
-                foreign = p["samples"][0]["foreign_cpu_s"]
-                print(f"  {name}: other processes used {foreign:.2f} CPU s; retrying", flush=True)
-            p["discarded_attempts"] = discarded
-            done.append(p)
-            if p.get("status") == "ok":
-                gbps = spec["data_bytes"] / GB / p["samples"][0]["wall_s"]
-                flag = "  (contended)" if p["contended"] else ""
-                print(f"[{r + 1}/{args.repeats}] {name}: {gbps:.2f} GB/s{flag}", flush=True)
-            else:
-                print(
-                    f"[{r + 1}/{args.repeats}] {name}: {p['status']}: {p.get('reason', '')}",
-                    flush=True,
-                )
+    processes = run_contestants(args, names, ckpt)
     results = {n: summarize(processes[n], spec["data_bytes"]) for n in names}
-
-    verdicts = print_table(results, spec, args.repeats, args.memory)
+    print_table(results, spec, args.repeats, args.memory)
+    verdicts = print_targets(results)
     if args.json:
-        payload = {
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "checkpoint": {"path": str(ckpt), **spec},
-            "machine": machine_info(),
-            "results": results,
-            "targets": verdicts,
-        }
-        args.json.write_text(json.dumps(payload, indent=2))
-        print(f"\nwrote {args.json}")
+        write_run_json(
+            args.json,
+            args,
+            checkpoint={"path": str(ckpt), **spec_summary(spec)},
+            machine=machine_info(),
+            results=results,
+            targets=verdicts,
+        )
     return 0
 
 

@@ -9,11 +9,11 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import bench_blob_load  # noqa: E402
-import harness  # noqa: E402
+from harness.machine import fresh_memory_cost  # noqa: E402
 
 
 def test_fresh_memory_cost_measures_both_touches():
-    facts = harness.fresh_memory_cost(mib=16, settle_s=0)
+    facts = fresh_memory_cost(mib=16, settle_s=0)
     assert facts["first_touch_cpu_s_per_gb"] >= 0
     assert facts["retouch_cpu_s_per_gb"] >= 0
     assert isinstance(facts.get("page_reporting", False), bool)
