@@ -30,7 +30,10 @@ FAKE_DIR = Path(__file__).parent / "fake_cuda"
 
 def shards(count: int, per_shard: int = 3):
     return [
-        {f"s{s}.w{i}": random_tensor(torch.float16, (64, 128), s * 10 + i) for i in range(per_shard)}
+        {
+            f"s{s}.w{i}": random_tensor(torch.float16, (64, 128), s * 10 + i)
+            for i in range(per_shard)
+        }
         for s in range(count)
     ]
 
@@ -104,7 +107,10 @@ def test_busy_wait_fake_flags_a_wait_on_an_event_without_blocking_sync(fake_driv
         d.check(d.cuStreamCreate(ctypes.byref(stream), 1))
         d.check(d.cuMemAlloc_v2(ctypes.byref(dptr), 4096))
         fake_driver.set_copy_delay_us(100_000)  # the copy is still queued when the wait starts
-        for flags, spins in ((CU_EVENT_DISABLE_TIMING, True), (CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC, False)):
+        for flags, spins in (
+            (CU_EVENT_DISABLE_TIMING, True),
+            (CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC, False),
+        ):
             before = fake_driver.violations()
             event = ctypes.c_void_p()
             d.check(d.cuEventCreate(ctypes.byref(event), flags))
@@ -195,8 +201,9 @@ def test_current_device_is_the_device_of_the_threads_current_context(two_gpus, w
     assert _core.current_device() == -1 and normalize_device("cuda") == "cuda:0"
 
 
-def test_current_device_is_torchs_once_torch_has_initialized_cuda(two_gpus, write_checkpoint,
-                                                                  monkeypatch):
+def test_current_device_is_torchs_once_torch_has_initialized_cuda(
+    two_gpus, write_checkpoint, monkeypatch
+):
     # This torch has no CUDA; pretend it has, with torch.cuda.set_device(1) done.
     directory = write_checkpoint(shards(1))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -338,8 +345,9 @@ def test_pinned_errors_other_than_out_of_memory_raise(fake_driver, write_checkpo
         _core.pinned_probe(0, 1 << 20)
 
 
-def test_pinned_refusal_message_names_what_the_driver_said_not_ulimit(fake_driver,
-                                                                      write_checkpoint):
+def test_pinned_refusal_message_names_what_the_driver_said_not_ulimit(
+    fake_driver, write_checkpoint
+):
     directory = write_checkpoint(shards(1))
     fake_driver.fail_host_alloc_after(0)
     with pytest.raises(errors.PinnedMemoryUnavailable) as info:
