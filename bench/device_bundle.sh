@@ -1,20 +1,41 @@
 #!/usr/bin/env bash
-# Packs .devbundle/ (git-ignored): what `bash bench/gpu_check.sh --blob` needs on a GPU host that
-# has no network, no Node.js and no azure-storage-blob, to run the Blob benchmark there
-# (bench_blob_load.py --gpu: Azurite and the loader on that host's own cores, the real GPU):
+# Packs .devbundle/ (git-ignored): what bench/gpu_check.sh needs on a GPU host that has no network:
+#   tools/               the build and test tools gpu_check.sh installs into its venv when the host
+#                        lacks them (pytest, hypothesis, safetensors, numpy, scikit-build-core,
+#                        pybind11, ninja, cmake and what they need; torch is the host's), for
+#                        CPython $PY_VERSIONS (default 3.12) on x86-64 (about 50 MB)
+#   and, for `bash bench/gpu_check.sh --blob` (when .azurite/ and node are here):
 #   azurite-node.tar.xz  this machine's node binary and Azurite (.azurite/) pruned to the files it
 #                        loads while the Blob tests run (HTTP, HTTPS, OAuth, SAS, faults), with a
 #                        launcher, azurite-blob, that runs it on that node (about 25 MB)
 #   wheels/              azure-storage-blob and what it needs that the GPU host lacks (about 6 MB)
-# Run it here once (about 3 minutes), then name .devbundle in the device run's carry.
+# Run it here once (about 3 minutes), then name in the device run's carry (64 MiB at most in all)
+# .devbundle/tools for the GPU check, or .devbundle/wheels and .devbundle/azurite-node.tar.xz for
+# --blob.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=.devbundle
-[ -x .azurite/node_modules/.bin/azurite-blob ] || { echo "no .azurite: run .ci/run or scripts/test.sh first" >&2; exit 1; }
-node=$(command -v node) || { echo "no node on PATH" >&2; exit 1; }
+PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 rm -rf "$OUT"
-mkdir -p "$OUT/wheels"
+mkdir -p "$OUT/wheels" "$OUT/tools"
+
+echo "== wheels for gpu_check.sh's build and tests (tools/)"
+for version in ${PY_VERSIONS:-3.12}; do
+  # shellcheck disable=SC2086
+  "$PY" -m pip download -q --only-binary=:all: --python-version "$version" --implementation cp \
+    $PLATFORMS -d "$OUT/tools" pytest hypothesis safetensors numpy "scikit-build-core>=0.10" \
+    "pybind11>=2.13" ninja cmake 2>&1 | grep -v "^WARNING" || true
+done
+ls "$OUT/tools" | sed -e 's/-[0-9].*//' | sort -u | paste -sd " " -
+
+if [ ! -x .azurite/node_modules/.bin/azurite-blob ] || ! command -v node >/dev/null; then
+  echo "no .azurite or node here (run .ci/run or scripts/test.sh first): no Blob bundle, so"
+  echo "gpu_check.sh --blob will not run; the GPU check itself will"
+  du -sh "$OUT"/*
+  exit 0
+fi
+node=$(command -v node)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -63,8 +84,7 @@ echo "== wheels for Python 3.12 on x86-64"
 versions=$("$PY" -m pip list --format=freeze 2>/dev/null | grep -iE "^(azure-storage-blob|azure-core|isodate|cryptography|cffi|pycparser)==")
 # shellcheck disable=SC2086
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d "$OUT/wheels" $versions 2>&1 | grep -v "^WARNING" || true
+  $PLATFORMS -d "$OUT/wheels" $versions 2>&1 | grep -v "^WARNING" || true
 
 echo "== checking the launcher on its own node"
 "$work/azurite/azurite-blob" --version

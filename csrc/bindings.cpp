@@ -12,6 +12,7 @@
 #include "load_session.hpp"
 #include "safetensors_header.hpp"
 #include "shim/cuda_driver.hpp"
+#include "teardown_failures.hpp"
 #include "tensor_export.hpp"
 
 void register_checksum_bindings(pybind11::module_& m);  // csrc/bindings_checksum.cpp
@@ -270,7 +271,7 @@ PYBIND11_MODULE(_core, m) {
       "device_memory",
       [](int ordinal) {
         py::gil_scoped_release release;
-        auto ctx = CudaContext::retain(ordinal);
+        auto ctx = CudaContext::probe(ordinal);
         auto info = ctx->memory_info();
         return std::make_tuple(info.first, info.second, ctx->name());
       },
@@ -282,11 +283,21 @@ PYBIND11_MODULE(_core, m) {
       "pinned_probe",
       [](int ordinal, size_t bytes) {
         py::gil_scoped_release release;
-        auto ctx = CudaContext::retain(ordinal);
+        auto ctx = CudaContext::probe(ordinal);
         return static_cast<bool>(HostBuffer::pinned(ctx, bytes));
       },
       py::arg("ordinal"), py::arg("bytes"),
-      "Whether `bytes` of host memory can be pinned now (allocated and freed at once).");
+      "Whether `bytes` of host memory can be pinned now (allocated with cuMemHostAlloc and freed "
+      "at once): False when the driver has no memory left to page-lock; raises CudaError for "
+      "any other driver error.");
+
+  m.def("current_device", &current_device_ordinal,
+        "Ordinal of the GPU whose CUDA context is current on the calling thread, or -1 when none "
+        "is (or no driver loads). Never raises.");
+
+  m.def("teardown_failures", &teardown_failures,
+        "Driver calls that failed while blob2gpu objects were torn down (destructors, DLPack "
+        "deleters, exit) in this process: counted, the first printed to stderr, never raised.");
 
   m.def("live_arena_count", &DeviceArena::live_count,
         "Arenas (shard and realigned-tensor allocations) alive in this process.");

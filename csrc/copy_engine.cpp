@@ -65,7 +65,16 @@ std::exception_ptr CopyEngine::async_error() const {
 }
 
 void CopyEngine::reap() {
-  ScopedContext bind(*ctx_);
+  // An exception must not leave a thread function (std::terminate): a context that cannot be bound
+  // (a driver shutting down) fails every wait below instead, and slots are still handed back so
+  // the producers and close() are never left waiting.
+  std::unique_ptr<ScopedContext> bind;
+  std::exception_ptr bind_error;
+  try {
+    bind = std::make_unique<ScopedContext>(*ctx_);
+  } catch (...) {
+    bind_error = std::current_exception();
+  }
   for (;;) {
     Slot* slot = nullptr;
     {
@@ -75,6 +84,7 @@ void CopyEngine::reap() {
       slot = pending_.front();
     }
     try {
+      if (bind_error) std::rethrow_exception(bind_error);
       slot_events_[slot->index]->synchronize();
     } catch (...) {
       std::lock_guard<std::mutex> lock(mutex_);

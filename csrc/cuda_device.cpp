@@ -1,12 +1,48 @@
 #include "cuda_device.hpp"
 
+#include <mutex>
 #include <utility>
+#include <vector>
 
 #include "errors.hpp"
+#include "teardown_failures.hpp"
 
 namespace blob2gpu {
 
-std::shared_ptr<CudaContext> CudaContext::retain(int ordinal) {
+namespace {
+
+// Keeps a T for the whole process without ever running its destructor (see primary_contexts()).
+template <typename T>
+class ProcessLifetime {
+ public:
+  ProcessLifetime() { ::new (static_cast<void*>(storage_)) T(); }
+  T& get() { return *std::launder(reinterpret_cast<T*>(storage_)); }
+
+ private:
+  alignas(T) unsigned char storage_[sizeof(T)];
+};
+
+// One retained primary context per device, for the life of the process. Releasing the last retain
+// makes the driver destroy the context, and the next load rebuilds it (hundreds of ms, more without
+// persistence mode), so a retain per load tore the context down after every load whose tensors
+// were dropped, in any process where no framework held it. The retain is deliberately never
+// released, not even at exit: static destructors run after the driver may have started its own
+// shutdown (CUDA_ERROR_DEINITIALIZED) and while tensors a consumer still holds live in the context,
+// and the driver reclaims every context of a process when it ends. For the same reason the
+// registry itself is never destroyed: a daemon thread may still look a context up during exit.
+struct PrimaryContexts {
+  std::mutex mutex;
+  std::vector<std::shared_ptr<CudaContext>> by_ordinal;  // null until first used
+};
+
+PrimaryContexts& primary_contexts() {
+  static ProcessLifetime<PrimaryContexts> registry;
+  return registry.get();
+}
+
+}  // namespace
+
+std::shared_ptr<CudaContext> CudaContext::retain(int ordinal, bool release_on_destroy) {
   const CudaDriver& d = cuda_driver();
   int count = 0;
   check_cuda(d.cuDeviceGetCount(&count), "cuDeviceGetCount");
@@ -28,20 +64,80 @@ std::shared_ptr<CudaContext> CudaContext::retain(int ordinal) {
   check_cuda(d.cuDeviceTotalMem(&total, device), "cuDeviceTotalMem");
   CUcontext ctx = nullptr;
   check_cuda(d.cuDevicePrimaryCtxRetain(&ctx, device), "cuDevicePrimaryCtxRetain");
-  return std::shared_ptr<CudaContext>(new CudaContext(ordinal, device, ctx, name, total));
+  return std::shared_ptr<CudaContext>(
+      new CudaContext(ordinal, device, ctx, name, total, release_on_destroy));
+}
+
+std::shared_ptr<CudaContext> CudaContext::primary(int ordinal) {
+  PrimaryContexts& registry = primary_contexts();
+  std::lock_guard<std::mutex> lock(registry.mutex);
+  if (ordinal >= 0 && static_cast<size_t>(ordinal) < registry.by_ordinal.size() &&
+      registry.by_ordinal[ordinal]) {
+    return registry.by_ordinal[ordinal];
+  }
+  auto ctx = retain(ordinal, /*release_on_destroy=*/false);  // validates the ordinal
+  if (registry.by_ordinal.size() <= static_cast<size_t>(ordinal)) {
+    registry.by_ordinal.resize(ordinal + 1);
+  }
+  registry.by_ordinal[ordinal] = ctx;
+  return ctx;
+}
+
+std::shared_ptr<CudaContext> CudaContext::probe(int ordinal) {
+  {
+    PrimaryContexts& registry = primary_contexts();
+    std::lock_guard<std::mutex> lock(registry.mutex);
+    if (ordinal >= 0 && static_cast<size_t>(ordinal) < registry.by_ordinal.size() &&
+        registry.by_ordinal[ordinal]) {
+      return registry.by_ordinal[ordinal];
+    }
+  }
+  return retain(ordinal, /*release_on_destroy=*/true);
 }
 
 CudaContext::CudaContext(int ordinal, CUdevice device, CUcontext ctx, std::string name,
-                         size_t total)
-    : ordinal_(ordinal), device_(device), ctx_(ctx), name_(std::move(name)), total_bytes_(total) {}
+                         size_t total, bool release_on_destroy)
+    : ordinal_(ordinal),
+      device_(device),
+      ctx_(ctx),
+      name_(std::move(name)),
+      total_bytes_(total),
+      release_on_destroy_(release_on_destroy) {}
 
-CudaContext::~CudaContext() { cuda_driver().cuDevicePrimaryCtxRelease(device_); }
+CudaContext::~CudaContext() {
+  if (!release_on_destroy_ || cuda_driver_inherited_by_fork()) return;
+  if (const CudaDriver* d = cuda_driver_if_loaded()) {
+    check_teardown(d->cuDevicePrimaryCtxRelease(device_), "cuDevicePrimaryCtxRelease");
+  }
+}
 
 std::pair<size_t, size_t> CudaContext::memory_info() const {
   ScopedContext bind(*this);
   size_t free_bytes = 0, total = 0;
   check_cuda(cuda_driver().cuMemGetInfo(&free_bytes, &total), "cuMemGetInfo");
   return {free_bytes, total};
+}
+
+int current_device_ordinal() noexcept {
+  try {
+    const CudaDriver& d = cuda_driver();
+    CUcontext ctx = nullptr;
+    if (d.cuCtxGetCurrent(&ctx) != CUDA_SUCCESS || ctx == nullptr) return -1;
+    CUdevice device = 0;
+    if (d.cuCtxGetDevice(&device) != CUDA_SUCCESS) return -1;
+    // A CUdevice is a handle, not promised to be the ordinal: find the ordinal that names it.
+    int count = 0;
+    if (d.cuDeviceGetCount(&count) != CUDA_SUCCESS) return -1;
+    for (int ordinal = 0; ordinal < count; ++ordinal) {
+      CUdevice candidate = 0;
+      if (d.cuDeviceGet(&candidate, ordinal) == CUDA_SUCCESS && candidate == device) {
+        return ordinal;
+      }
+    }
+    return -1;
+  } catch (...) {
+    return -1;  // no driver: the caller's default applies, and the load reports the driver
+  }
 }
 
 ScopedContext::ScopedContext(const CudaContext& ctx) {
@@ -51,10 +147,33 @@ ScopedContext::ScopedContext(const CudaContext& ctx) {
     check_cuda(d.cuCtxSetCurrent(ctx.handle()), "cuCtxSetCurrent");
     changed_ = true;
   }
+  bound_ = true;
+}
+
+ScopedContext::ScopedContext(const CudaContext& ctx, std::nothrow_t) noexcept {
+  const CudaDriver* d = cuda_driver_if_loaded();
+  if (d == nullptr || cuda_driver_inherited_by_fork()) return;
+  CUresult rc = d->cuCtxGetCurrent(&previous_);
+  if (rc != CUDA_SUCCESS) {
+    note_teardown_failure("cuCtxGetCurrent", rc);
+    return;
+  }
+  if (previous_ != ctx.handle()) {
+    rc = d->cuCtxSetCurrent(ctx.handle());
+    if (rc != CUDA_SUCCESS) {
+      note_teardown_failure("cuCtxSetCurrent", rc);
+      return;
+    }
+    changed_ = true;
+  }
+  bound_ = true;
 }
 
 ScopedContext::~ScopedContext() {
-  if (changed_) cuda_driver().cuCtxSetCurrent(previous_);
+  if (!changed_) return;
+  if (const CudaDriver* d = cuda_driver_if_loaded()) {
+    check_teardown(d->cuCtxSetCurrent(previous_), "cuCtxSetCurrent (restoring the caller's)");
+  }
 }
 
 CudaStream::CudaStream(std::shared_ptr<CudaContext> ctx) : ctx_(std::move(ctx)) {
@@ -63,18 +182,22 @@ CudaStream::CudaStream(std::shared_ptr<CudaContext> ctx) : ctx_(std::move(ctx)) 
 }
 
 CudaStream::~CudaStream() {
-  ScopedContext bind(*ctx_);
-  cuda_driver().cuStreamDestroy(stream_);
+  ScopedContext bind(*ctx_, std::nothrow);
+  if (bind.bound()) {
+    check_teardown(cuda_driver_if_loaded()->cuStreamDestroy(stream_), "cuStreamDestroy");
+  }
 }
 
 CudaEvent::CudaEvent(std::shared_ptr<CudaContext> ctx) : ctx_(std::move(ctx)) {
   ScopedContext bind(*ctx_);
-  check_cuda(cuda_driver().cuEventCreate(&event_, CU_EVENT_DISABLE_TIMING), "cuEventCreate");
+  check_cuda(cuda_driver().cuEventCreate(&event_, kCudaEventFlags), "cuEventCreate");
 }
 
 CudaEvent::~CudaEvent() {
-  ScopedContext bind(*ctx_);
-  cuda_driver().cuEventDestroy(event_);
+  ScopedContext bind(*ctx_, std::nothrow);
+  if (bind.bound()) {
+    check_teardown(cuda_driver_if_loaded()->cuEventDestroy(event_), "cuEventDestroy");
+  }
 }
 
 void CudaEvent::record(CUstream stream) {
@@ -92,6 +215,12 @@ bool CudaEvent::is_complete() const {
 void CudaEvent::synchronize() const {
   ScopedContext bind(*ctx_);
   check_cuda(cuda_driver().cuEventSynchronize(event_), "cuEventSynchronize");
+}
+
+void CudaEvent::synchronize_for_teardown() const noexcept {
+  if (const CudaDriver* d = cuda_driver_if_loaded()) {
+    check_teardown(d->cuEventSynchronize(event_), "cuEventSynchronize");
+  }
 }
 
 void CudaEvent::make_stream_wait(CUstream stream) const {

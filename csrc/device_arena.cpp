@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "errors.hpp"
+#include "teardown_failures.hpp"
 
 namespace blob2gpu {
 
@@ -81,15 +82,14 @@ std::shared_ptr<DeviceArena> DeviceArena::map_file(int fd, uint64_t file_size,
 
 DeviceArena::~DeviceArena() {
   if (ctx_) {
-    // A copy still in flight must not land in freed (and maybe reused) memory.
-    for (const auto& event : fence_) {
-      try {
-        event->synchronize();
-      } catch (...) {
-      }
+    // Teardown form: this runs from the DLPack deleter and at interpreter exit, where a throw is
+    // std::terminate. When the context cannot be bound the memory is left to the driver.
+    ScopedContext bind(*ctx_, std::nothrow);
+    if (bind.bound()) {
+      // A copy still in flight must not land in freed (and maybe reused) memory.
+      for (const auto& event : fence_) event->synchronize_for_teardown();
+      check_teardown(cuda_driver_if_loaded()->cuMemFree(address_), "cuMemFree");
     }
-    ScopedContext bind(*ctx_);
-    cuda_driver().cuMemFree(address_);
   }
   if (mapping_ != nullptr) munmap(mapping_, mapping_bytes_);
   g_live_arenas--;

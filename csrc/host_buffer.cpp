@@ -6,6 +6,7 @@
 #include <new>
 
 #include "cuda_device.hpp"
+#include "teardown_failures.hpp"
 
 namespace blob2gpu {
 
@@ -57,14 +58,20 @@ HostBuffer HostBuffer::pinned(const std::shared_ptr<CudaContext>& ctx, size_t by
   HostBuffer b;
   ScopedContext bind(*ctx);
   void* p = nullptr;
-  if (cuda_driver().cuMemHostAlloc(&p, bytes, CU_MEMHOSTALLOC_PORTABLE) != CUDA_SUCCESS ||
-      p == nullptr) {
-    return b;
-  }
-  // The deleter keeps the context alive: pinned memory must be freed before its context goes.
+  CUresult rc = cuda_driver().cuMemHostAlloc(&p, bytes, CU_MEMHOSTALLOC_PORTABLE);
+  // Only "no memory left to page-lock" is a refusal the caller may answer by falling back to
+  // pageable memory. Any other error (no valid context, a sticky error, a forked child) would
+  // fail the pageable load too, or hide a broken driver behind a slow load: it is raised.
+  if (rc == CUDA_ERROR_OUT_OF_MEMORY) return b;
+  if (rc == CUDA_SUCCESS && p == nullptr) return b;
+  check_cuda(rc, "cuMemHostAlloc of " + std::to_string(bytes) + " bytes of pinned staging memory");
+  // The deleter keeps the context alive: pinned memory must be freed before its context goes. It
+  // runs in destructors, so it uses the teardown form and never throws.
   b.data_ = {static_cast<uint8_t*>(p), [ctx](uint8_t* q) {
-               ScopedContext bind_for_free(*ctx);
-               cuda_driver().cuMemFreeHost(q);
+               ScopedContext bind_for_free(*ctx, std::nothrow);
+               if (bind_for_free.bound()) {
+                 check_teardown(cuda_driver_if_loaded()->cuMemFreeHost(q), "cuMemFreeHost");
+               }
              }};
   b.size_ = bytes;
   b.pinned_ = true;

@@ -28,8 +28,9 @@ class HostBuffer {
   // made keeps that cost spread over the load, beside the network, instead of at the start.
   // Advisory: kernels before 5.14 refuse it and the pages fault in as they are written.
   static void populate_for_write(uint8_t* p, size_t n);
-  // Returns an empty buffer (data() == nullptr) when the driver refuses to pin; the caller decides
-  // between falling back and raising, since only it knows the setting.
+  // Returns an empty buffer (data() == nullptr) when the driver has no memory left to pin
+  // (CUDA_ERROR_OUT_OF_MEMORY); the caller decides between falling back and raising, since only it
+  // knows the setting. Throws CudaError naming the driver error for any other failure.
   static HostBuffer pinned(const std::shared_ptr<CudaContext>& ctx, size_t bytes);
 
   uint8_t* data() const { return data_.get(); }

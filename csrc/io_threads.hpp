@@ -23,7 +23,12 @@ class IoThreads {
     for (size_t i = 0; i < threads; ++i) {
       workers_.emplace_back([this, ctx] {
         std::unique_ptr<ScopedContext> bind;
-        if (ctx) bind = std::make_unique<ScopedContext>(*ctx);
+        try {
+          if (ctx) bind = std::make_unique<ScopedContext>(*ctx);
+        } catch (...) {
+          // Nothing may leave a thread function. Unbound, the tasks' own driver calls fail and
+          // each task reports its error to its load.
+        }
         run();
       });
     }

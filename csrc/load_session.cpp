@@ -1,6 +1,7 @@
 #include "load_session.hpp"
 
 #include <time.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -14,7 +15,12 @@ namespace {
 // Parses "cpu", "cuda", "cuda:N"; returns -1 for cpu.
 int parse_device(const std::string& device) {
   if (device == "cpu") return -1;
-  if (device == "cuda") return 0;
+  if (device == "cuda") {
+    // The caller's current device, as torch means it: the Python layer resolves torch's own notion
+    // first; here it is the device of the thread's current context, else cuda:0.
+    const int current = current_device_ordinal();
+    return current >= 0 ? current : 0;
+  }
   if (device.rfind("cuda:", 0) == 0 && device.size() > 5 &&
       device.find_first_not_of("0123456789", 5) == std::string::npos && device.size() < 12) {
     return std::stoi(device.substr(5));
@@ -50,8 +56,9 @@ std::shared_ptr<LoadPipeline> LoadPipeline::create(const std::string& device,
   }
   std::shared_ptr<LoadPipeline> p(new LoadPipeline());
   p->settings_ = settings;
+  p->owner_pid_ = getpid();
   if (ordinal >= 0) {
-    p->ctx_ = CudaContext::retain(ordinal);
+    p->ctx_ = CudaContext::primary(ordinal);
     p->device_ = "cuda:" + std::to_string(ordinal);
     p->ring_ = std::make_unique<StagingRing>(p->ctx_, settings.staging_slots,
                                              settings.staging_slot_bytes,
@@ -115,7 +122,19 @@ void LoadPipeline::session_ended() {
   active_ = nullptr;
 }
 
+bool LoadPipeline::forked_away() const { return getpid() != owner_pid_; }
+
 void LoadPipeline::close() {
+  if (forked_away()) {
+    // A forked child (a DataLoader worker, say) closing what it inherited: the threads and the
+    // driver objects are the parent's. Joining threads that do not exist here would wait forever,
+    // and a lock a parent thread held at fork() is never released, so the pipeline's parts are
+    // deliberately leaked without touching either; the child's exit reclaims them.
+    static_cast<void>(threads_.release());
+    static_cast<void>(engine_.release());
+    static_cast<void>(ring_.release());
+    return;
+  }
   LoadSession* active = nullptr;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -852,6 +871,8 @@ void LoadSession::cancel() {
 }
 
 void LoadSession::close() {
+  // In a forked child nothing may wait for the parent's threads (see LoadPipeline::close).
+  if (pipeline_->forked_away()) return;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (closed_) return;

@@ -8,6 +8,8 @@
 // mapped when mmap is asked.
 #pragma once
 
+#include <sys/types.h>
+
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -134,7 +136,8 @@ class LoadSession;
 
 class LoadPipeline : public std::enable_shared_from_this<LoadPipeline> {
  public:
-  // device: "cpu", "cuda" or "cuda:N". Allocates the ring (pinned on CUDA) and starts the threads.
+  // device: "cpu", "cuda" or "cuda:N"; "cuda" is the device of the calling thread's current
+  // context (cuda:0 when none is current). Allocates the ring (pinned on CUDA), starts the threads.
   static std::shared_ptr<LoadPipeline> create(const std::string& device,
                                               const PipelineSettings& settings);
   ~LoadPipeline();
@@ -158,8 +161,13 @@ class LoadPipeline : public std::enable_shared_from_this<LoadPipeline> {
   void session_ended();
   std::shared_ptr<LoadSession> start(std::vector<ShardSource> shards, SessionOptions options);
 
+  // Whether this process is a fork of the one that built the pipeline: its threads were the
+  // parent's and do not exist here, so nothing may wait for or join them.
+  bool forked_away() const;
+
   std::string device_;
   PipelineSettings settings_;
+  pid_t owner_pid_ = 0;  // the process that built the pipeline (and started its threads)
   std::shared_ptr<CudaContext> ctx_;
   std::unique_ptr<StagingRing> ring_;
   std::unique_ptr<CopyEngine> engine_;

@@ -51,13 +51,30 @@ CoreError ShardFile::read_failed(const char* what, size_t bytes, uint64_t offset
                                                    " failed: " + std::strerror(errno));
 }
 
+bool ShardFile::direct_refusal(int error) {
+  switch (error) {
+    case EINVAL:  // an alignment the device or filesystem does not take
+    case EFAULT:  // the kernel could not pin the destination for DMA (memory the GPU driver
+                  // mapped itself may be such memory: cuMemHostAlloc slots, unverified on a GPU)
+    case EOPNOTSUPP:  // the filesystem takes O_DIRECT at open() but not for this read
+      return true;
+    default:
+      return false;  // EIO and the rest: a buffered read would not fare better; raised
+  }
+}
+
 size_t ShardFile::read_direct(uint8_t* dst, size_t bytes, uint64_t offset) const {
   size_t done = 0;
   while (done < bytes) {
     ssize_t n = ::pread(direct_fd_, dst + done, bytes - done, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
-      if (errno == EINVAL) return 0;  // alignment the device does not take: read buffered
+      if (direct_refusal(errno)) {
+        // Not an I/O error: O_DIRECT cannot serve this file or this buffer. The caller reads the
+        // range buffered, and so does every later read of the file (no failing call per slot).
+        direct_refused_ = true;
+        return 0;
+      }
       throw read_failed("direct read", bytes, offset + done);
     }
     if (n == 0) break;  // end of file

@@ -23,13 +23,18 @@ StagingRing::StagingRing(const std::shared_ptr<CudaContext>& ctx, size_t slots,
     slot->index = i;
     if (ctx) slot->buffer = HostBuffer::pinned(ctx, slot_bytes);
     if (!slot->buffer) {
+      // HostBuffer::pinned came back empty only for CUDA_ERROR_OUT_OF_MEMORY (other errors raise).
+      // Not `ulimit -l`: as far as is known NVIDIA's driver page-locks cuMemHostAlloc memory in its
+      // kernel module without RLIMIT_MEMLOCK (torch pins under Docker's 64 KiB default); to be
+      // verified on the first real GPU (bench/gpu_check.sh prints `ulimit -l` beside the result).
       if (ctx && !allow_pageable_fallback) {
         throw CoreError(ErrorKind::PinnedMemoryUnavailable,
                         "cannot pin " + std::to_string(slots) + " x " + std::to_string(slot_bytes) +
-                            " bytes of staging memory (slot " + std::to_string(i) +
-                            " refused; check `ulimit -l` and the container's memlock limit, "
-                            "lower staging_slots / staging_slot_bytes, or set "
-                            "use_pinned_host_fallback=true)");
+                            " bytes of staging memory: slot " + std::to_string(i) +
+                            " found the driver with no memory left to page-lock (cuMemHostAlloc: "
+                            "CUDA_ERROR_OUT_OF_MEMORY); lower staging_slots / "
+                            "staging_slot_bytes, leave more host memory free (a container's "
+                            "memory limit counts), or set use_pinned_host_fallback=true");
       }
       if (ctx) {
         stats_.pinned = false;

@@ -16,8 +16,10 @@ struct ExportContext {
   std::vector<int64_t> shape;
 };
 
+// Called by the consumer, often from C++ (torch), where an exception cannot be caught: dropping
+// the arena runs its teardown-form destructor, which never throws.
 template <typename Managed>
-void delete_export(Managed* self) {
+void delete_export(Managed* self) noexcept {
   std::unique_ptr<ExportContext<Managed>> owner(
       static_cast<ExportContext<Managed>*>(self->manager_ctx));
 }
@@ -86,7 +88,11 @@ std::shared_ptr<TensorView> TensorView::to_host() const {
     const CudaDriver& d = cuda_driver();
     check_cuda(d.cuMemcpyDtoHAsync(host->host_data(), address(), nbytes_, stream.handle()),
                "tensor '" + name_ + "': cuMemcpyDtoHAsync");
-    check_cuda(d.cuStreamSynchronize(stream.handle()), "tensor '" + name_ + "': copy to host");
+    // Waited on through a blocking-sync event, not cuStreamSynchronize, which spins the thread
+    // under the primary context's default scheduling.
+    CudaEvent copied(ctx);
+    copied.record(stream.handle());
+    copied.synchronize();
   }
   return std::make_shared<TensorView>(name_, dtype_, shape_, std::move(host), 0, nbytes_);
 }

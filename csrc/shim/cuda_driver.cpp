@@ -1,6 +1,7 @@
 #include "shim/cuda_driver.hpp"
 
 #include <dlfcn.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <mutex>
@@ -14,6 +15,7 @@ std::once_flag g_load_once;
 CudaDriver g_driver;
 std::string g_load_error;  // empty when loaded
 bool g_loaded = false;
+pid_t g_load_pid = 0;  // the process that loaded (and cuInit'ed) the driver
 
 template <typename Fn>
 bool resolve(void* lib, const char* symbol, Fn* slot, std::string* missing) {
@@ -51,6 +53,7 @@ void load_driver() {
             resolve(lib, "cuDevicePrimaryCtxRelease_v2", &d.cuDevicePrimaryCtxRelease, &missing) &&
             resolve(lib, "cuCtxSetCurrent", &d.cuCtxSetCurrent, &missing) &&
             resolve(lib, "cuCtxGetCurrent", &d.cuCtxGetCurrent, &missing) &&
+            resolve(lib, "cuCtxGetDevice", &d.cuCtxGetDevice, &missing) &&
             resolve(lib, "cuMemGetInfo_v2", &d.cuMemGetInfo, &missing) &&
             resolve(lib, "cuMemAlloc_v2", &d.cuMemAlloc, &missing) &&
             resolve(lib, "cuMemFree_v2", &d.cuMemFree, &missing) &&
@@ -85,6 +88,7 @@ void load_driver() {
   }
   d.cuDriverGetVersion(&d.version);
   g_driver = d;
+  g_load_pid = getpid();
   g_loaded = true;
 }
 
@@ -98,6 +102,10 @@ const CudaDriver& cuda_driver() {
 
 bool cuda_driver_loaded() { return g_loaded; }
 
+const CudaDriver* cuda_driver_if_loaded() noexcept { return g_loaded ? &g_driver : nullptr; }
+
+bool cuda_driver_inherited_by_fork() noexcept { return g_loaded && getpid() != g_load_pid; }
+
 void check_cuda(CUresult result, const std::string& what) {
   if (result == CUDA_SUCCESS) return;
   const char* name = nullptr;
@@ -108,6 +116,11 @@ void check_cuda(CUresult result, const std::string& what) {
   }
   std::string message = what + ": " + (name ? name : "CUresult " + std::to_string(result));
   if (text) message += std::string(" (") + text + ")";
+  if (cuda_driver_inherited_by_fork()) {
+    message +=
+        "; this process was forked from one that had initialized CUDA, and CUDA cannot be used "
+        "in a forked child: start workers with the 'spawn' method, or load in the parent";
+  }
   throw CoreError(result == CUDA_ERROR_OUT_OF_MEMORY ? ErrorKind::GPUOutOfMemory
                                                      : ErrorKind::CudaError,
                   message);

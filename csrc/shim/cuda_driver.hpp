@@ -25,6 +25,7 @@ struct CudaDriver {
   PFN_cuDevicePrimaryCtxRelease_v2 cuDevicePrimaryCtxRelease = nullptr;
   PFN_cuCtxSetCurrent cuCtxSetCurrent = nullptr;
   PFN_cuCtxGetCurrent cuCtxGetCurrent = nullptr;
+  PFN_cuCtxGetDevice cuCtxGetDevice = nullptr;
   PFN_cuMemGetInfo_v2 cuMemGetInfo = nullptr;
   PFN_cuMemAlloc_v2 cuMemAlloc = nullptr;
   PFN_cuMemFree_v2 cuMemFree = nullptr;
@@ -52,8 +53,18 @@ const CudaDriver& cuda_driver();
 // Whether a driver was loaded successfully (never throws, never loads).
 bool cuda_driver_loaded();
 
+// The loaded driver, or null when none was loaded; never loads, never throws. For destructors and
+// deleters, which must not throw (see ScopedContext's teardown form).
+const CudaDriver* cuda_driver_if_loaded() noexcept;
+
+// Whether this process is a fork of the one that loaded the driver. CUDA does not survive fork():
+// in the child every driver call fails (CUDA_ERROR_NOT_INITIALIZED), and the contexts, memory and
+// streams it inherited belong to the parent, so teardown code skips them instead of failing.
+bool cuda_driver_inherited_by_fork() noexcept;
+
 // Throws CoreError for a failed driver call: GPUOutOfMemory for CUDA_ERROR_OUT_OF_MEMORY, CudaError
-// otherwise; the message is "<what>: <CUDA_ERROR_NAME> (<description>)".
+// otherwise; the message is "<what>: <CUDA_ERROR_NAME> (<description>)", plus what to do when the
+// call failed because the process is a forked child.
 void check_cuda(CUresult result, const std::string& what);
 
 }  // namespace blob2gpu

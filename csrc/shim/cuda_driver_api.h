@@ -23,13 +23,18 @@ enum {
   CUDA_SUCCESS = 0,
   CUDA_ERROR_INVALID_VALUE = 1,
   CUDA_ERROR_OUT_OF_MEMORY = 2,
-  CUDA_ERROR_NOT_INITIALIZED = 3,
+  CUDA_ERROR_NOT_INITIALIZED = 3, /* also what a forked child gets once its parent used CUDA */
+  CUDA_ERROR_DEINITIALIZED = 4,   /* the driver is shutting down (process exit) */
   CUDA_ERROR_NO_DEVICE = 100,
   CUDA_ERROR_INVALID_DEVICE = 101,
   CUDA_ERROR_INVALID_CONTEXT = 201,
+  CUDA_ERROR_OPERATING_SYSTEM = 304,
   CUDA_ERROR_INVALID_HANDLE = 400,
   CUDA_ERROR_NOT_READY = 600,
   CUDA_ERROR_ILLEGAL_ADDRESS = 700,
+  CUDA_ERROR_CONTEXT_IS_DESTROYED = 709,
+  CUDA_ERROR_LAUNCH_FAILED = 719,
+  CUDA_ERROR_NOT_PERMITTED = 800,
   CUDA_ERROR_NOT_SUPPORTED = 801,
   CUDA_ERROR_UNKNOWN = 999
 };
@@ -52,6 +57,7 @@ typedef CUresult (*PFN_cuDevicePrimaryCtxRetain)(CUcontext* ctx, CUdevice device
 typedef CUresult (*PFN_cuDevicePrimaryCtxRelease_v2)(CUdevice device);
 typedef CUresult (*PFN_cuCtxSetCurrent)(CUcontext ctx);
 typedef CUresult (*PFN_cuCtxGetCurrent)(CUcontext* ctx);
+typedef CUresult (*PFN_cuCtxGetDevice)(CUdevice* device);
 typedef CUresult (*PFN_cuMemGetInfo_v2)(size_t* free_bytes, size_t* total_bytes);
 typedef CUresult (*PFN_cuMemAlloc_v2)(CUdeviceptr* dptr, size_t bytes);
 typedef CUresult (*PFN_cuMemFree_v2)(CUdeviceptr dptr);

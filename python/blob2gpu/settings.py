@@ -152,8 +152,9 @@ SCHEMA: tuple[Setting, ...] = (
         "use_pinned_host_fallback",
         True,
         bool,
-        "When pinning the ring is refused, use pageable memory (slower copies, recorded in the "
-        "report) instead of failing.",
+        "When the driver has no memory left to pin the ring (out of memory), use pageable memory "
+        "(slower copies, recorded in the report) instead of failing; other driver errors always "
+        "fail the load.",
         aliases=(EnvAlias("USE_PINNED_HOST_FALLBACK"),),
     ),
     S(

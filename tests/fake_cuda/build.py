@@ -115,6 +115,11 @@ _CONTROL_API: dict[str, tuple[type | None, tuple[type, ...]]] = {
     "violations": (ctypes.c_int64, ()),
     "last_violation": (ctypes.c_char_p, ()),
     "read_device": (ctypes.c_int, (ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64)),
+    "set_host_alloc_error": (None, (ctypes.c_int,)),
+    "set_deinitialized": (None, (ctypes.c_int,)),
+    "set_fail_in_forked_child": (None, (ctypes.c_int,)),
+    "context_activations": (ctypes.c_int64, ()),
+    "primary_context_refcount": (ctypes.c_int64, (ctypes.c_int,)),
 }
 
 
@@ -164,6 +169,40 @@ class FakeDriver:
         """
         self._fn["fail_device_alloc_after"](n)
 
+    def set_host_alloc_error(self, code: int) -> None:
+        """The CUresult the host-alloc switch fails cuMemHostAlloc with (default 2, out of memory;
+        back to it on reset_faults())."""
+        self._fn["set_host_alloc_error"](code)
+
+    def set_deinitialized(self, on: bool) -> None:
+        """Every driver call returns CUDA_ERROR_DEINITIALIZED (4), as while the driver shuts down
+        at process exit; the control API keeps working."""
+        self._fn["set_deinitialized"](1 if on else 0)
+
+    def set_fail_in_forked_child(self, on: bool) -> None:
+        """In a child forked after this, every driver call returns CUDA_ERROR_NOT_INITIALIZED (3),
+        as the real driver answers a fork of a process that had initialized CUDA."""
+        self._fn["set_fail_in_forked_child"](1 if on else 0)
+
+    def make_current(self, device: int) -> None:
+        """Retain device's primary context and make it current on the calling thread, through the
+        driver entry points, as a framework (torch.cuda.set_device, CuPy) does."""
+        ctx = ctypes.c_void_p()
+        code = self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), ctypes.c_int(device))
+        if code != 0:
+            raise FakeDriverError(f"cuDevicePrimaryCtxRetain({device})", code)
+        code = self._lib.cuCtxSetCurrent(ctx)
+        if code != 0:
+            raise FakeDriverError("cuCtxSetCurrent", code)
+
+    def clear_current(self, device: int) -> None:
+        """Undo make_current(device): no context current on the calling thread, the retain
+        released."""
+        self._lib.cuCtxSetCurrent(ctypes.c_void_p())
+        code = self._lib.cuDevicePrimaryCtxRelease_v2(ctypes.c_int(device))
+        if code != 0:
+            raise FakeDriverError(f"cuDevicePrimaryCtxRelease_v2({device})", code)
+
     def set_sticky_faults(self, sticky: bool) -> None:
         """Make a fired fault switch fail every later call too, until reset_faults()."""
         self._fn["set_sticky_faults"](1 if sticky else 0)
@@ -200,6 +239,16 @@ class FakeDriver:
     def live_events(self) -> int:
         """Return the number of cuEventCreate events not yet destroyed."""
         return int(self._fn["live_events"]())
+
+    # Contexts.
+    def context_activations(self) -> int:
+        """Return the primary context activations so far, all devices: retains that found the
+        context inactive (its retain count going from 0 to 1). Not reset by reset_counters()."""
+        return int(self._fn["context_activations"]())
+
+    def primary_context_refcount(self, device: int) -> int:
+        """Return the retain count of device's primary context (0: inactive)."""
+        return int(self._fn["primary_context_refcount"](device))
 
     # Copy counters.
     def h2d_copies(self) -> int:

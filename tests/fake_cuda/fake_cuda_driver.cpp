@@ -4,6 +4,7 @@
 // reaches them, device pointers are synthetic addresses that fault if the host dereferences them,
 // and misuse is recorded as a "violation" that tests read through the fake_cuda_* control API.
 // See tests/fake_cuda/README.md.
+#include <pthread.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -170,12 +171,14 @@ struct Stream {
 struct Event {
   uint64_t id = 0;
   int device = 0;
+  unsigned flags = 0;  // cuEventCreate's: without CU_EVENT_BLOCKING_SYNC a wait spins a core
   std::shared_ptr<Stream> stream;  // null until first recorded: a never-recorded event is complete
   uint64_t position = 0;           // complete once stream->completed reaches this
 };
 
 struct Device {
   int64_t primary_refcount = 0;
+  int64_t activations = 0;   // primary context retains that found it inactive (refcount 0 -> 1)
   uint64_t next_offset = 0;  // bump pointer inside this device's address span
   uint64_t live_bytes = 0;
   int64_t live_allocations = 0;
@@ -196,6 +199,7 @@ struct DriverState {
   uint64_t vram_budget = kDefaultVramBudget;
   uint64_t copy_delay_us = 0;
   int64_t host_alloc_fail_after = -1;
+  CUresult host_alloc_error = CUDA_ERROR_OUT_OF_MEMORY;  // what the host-alloc switch returns
   int64_t device_alloc_fail_after = -1;
   bool sticky_faults = false;
 
@@ -250,9 +254,27 @@ void record_violation(DriverState& s, const Lock&, std::string message) {
   s.has_last_violation = true;
 }
 
-// Runs an API body, turning exceptions into driver error codes: nothing may unwind into C callers.
+// Whole-driver failure modes, checked before any lock is taken (in a forked child a lock may be
+// held by a stream worker that did not survive the fork): 0 when calls run normally, otherwise the
+// error every driver call returns. fake_cuda_set_deinitialized sets CUDA_ERROR_DEINITIALIZED (a
+// driver shutting down); a fork, with fake_cuda_set_fail_in_forked_child on, sets
+// CUDA_ERROR_NOT_INITIALIZED in the child, as the real driver answers a child of a process that
+// had initialized CUDA.
+std::atomic<int> g_failing_with{0};
+std::atomic<bool> g_fail_in_forked_child{false};
+
+void on_fork_child() {
+  if (g_fail_in_forked_child.load()) g_failing_with = CUDA_ERROR_NOT_INITIALIZED;
+}
+
+const bool g_atfork_registered = [] {
+  pthread_atfork(nullptr, nullptr, &on_fork_child);
+  return true;
+}();
+
+// Runs a body, turning exceptions into driver error codes: nothing may unwind into C callers.
 template <typename F>
-CUresult guarded(F&& body) noexcept {
+CUresult caught(F&& body) noexcept {
   try {
     return body();
   } catch (const std::bad_alloc&) {
@@ -260,6 +282,13 @@ CUresult guarded(F&& body) noexcept {
   } catch (...) {
     return CUDA_ERROR_UNKNOWN;
   }
+}
+
+// An API entry point's body: the whole-driver failure modes first, then the body, caught.
+template <typename F>
+CUresult guarded(F&& body) noexcept {
+  if (const int failing = g_failing_with.load(); failing != 0) return failing;
+  return caught(std::forward<F>(body));
 }
 
 bool is_tagged(uint64_t handle, uint64_t tag) {
@@ -523,6 +552,16 @@ const char* error_name(CUresult error) {
       return "CUDA_ERROR_OUT_OF_MEMORY";
     case CUDA_ERROR_NOT_INITIALIZED:
       return "CUDA_ERROR_NOT_INITIALIZED";
+    case CUDA_ERROR_DEINITIALIZED:
+      return "CUDA_ERROR_DEINITIALIZED";
+    case CUDA_ERROR_OPERATING_SYSTEM:
+      return "CUDA_ERROR_OPERATING_SYSTEM";
+    case CUDA_ERROR_CONTEXT_IS_DESTROYED:
+      return "CUDA_ERROR_CONTEXT_IS_DESTROYED";
+    case CUDA_ERROR_LAUNCH_FAILED:
+      return "CUDA_ERROR_LAUNCH_FAILED";
+    case CUDA_ERROR_NOT_PERMITTED:
+      return "CUDA_ERROR_NOT_PERMITTED";
     case CUDA_ERROR_NO_DEVICE:
       return "CUDA_ERROR_NO_DEVICE";
     case CUDA_ERROR_INVALID_DEVICE:
@@ -555,6 +594,16 @@ const char* error_string(CUresult error) {
       return "out of memory";
     case CUDA_ERROR_NOT_INITIALIZED:
       return "initialization error";
+    case CUDA_ERROR_DEINITIALIZED:
+      return "driver shutting down";
+    case CUDA_ERROR_OPERATING_SYSTEM:
+      return "OS call failed or operation not supported on this OS";
+    case CUDA_ERROR_CONTEXT_IS_DESTROYED:
+      return "context is destroyed";
+    case CUDA_ERROR_LAUNCH_FAILED:
+      return "unspecified launch failure";
+    case CUDA_ERROR_NOT_PERMITTED:
+      return "operation not permitted";
     case CUDA_ERROR_NO_DEVICE:
       return "no CUDA-capable device is detected";
     case CUDA_ERROR_INVALID_DEVICE:
@@ -665,7 +714,7 @@ FAKE_CUDA_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice devi
     if (!s.initialized) return CUDA_ERROR_NOT_INITIALIZED;
     if (ctx == nullptr) return CUDA_ERROR_INVALID_VALUE;
     if (device < 0 || device >= s.device_count) return CUDA_ERROR_INVALID_DEVICE;
-    ++s.devices[device].primary_refcount;
+    if (s.devices[device].primary_refcount++ == 0) ++s.devices[device].activations;
     *ctx = context_handle(device);
     return CUDA_SUCCESS;
   });
@@ -725,6 +774,19 @@ FAKE_CUDA_EXPORT CUresult cuCtxGetCurrent(CUcontext* ctx) {
     if (!s.initialized) return CUDA_ERROR_NOT_INITIALIZED;
     if (ctx == nullptr) return CUDA_ERROR_INVALID_VALUE;
     *ctx = reinterpret_cast<CUcontext>(static_cast<uintptr_t>(t_current_context));
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuCtxGetDevice(CUdevice* device) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    if (device == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    CUresult error;
+    const int current = current_device(s, lock, &error);
+    if (current < 0) return error;
+    *device = current;
     return CUDA_SUCCESS;
   });
 }
@@ -835,7 +897,7 @@ FAKE_CUDA_EXPORT CUresult cuMemHostAlloc(void** pp, size_t bytes, unsigned int f
     CUresult error;
     if (current_device(s, lock, &error) < 0) return error;
     if (pp == nullptr || bytes == 0 || (flags & ~0x7u) != 0) return CUDA_ERROR_INVALID_VALUE;
-    if (fault_fires(s, &s.host_alloc_fail_after)) return CUDA_ERROR_OUT_OF_MEMORY;
+    if (fault_fires(s, &s.host_alloc_fail_after)) return s.host_alloc_error;
     static const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     auto block = std::make_shared<HostBlock>();
     {
@@ -961,6 +1023,13 @@ FAKE_CUDA_EXPORT CUresult cuStreamSynchronize(CUstream handle) {
       return r;
     }
     const uint64_t target = stream->enqueued;
+    if (stream->completed < target) {
+      // Under the primary context's default scheduling (CU_CTX_SCHED_AUTO: spin while the
+      // process has fewer active contexts than cores) the real driver spins the waiting thread.
+      record_violation(s, lock,
+                       "busy_wait: cuStreamSynchronize had to wait, spinning a CPU core on a real "
+                       "GPU; wait on an event created with CU_EVENT_BLOCKING_SYNC instead");
+    }
     s.progress.wait(lock, [&] { return stream->completed >= target; });
     return CUDA_SUCCESS;
   });
@@ -1012,6 +1081,7 @@ FAKE_CUDA_EXPORT CUresult cuEventCreate(CUevent* event, unsigned int flags) {
     auto created = std::make_shared<Event>();
     created->id = s.next_event_id++;
     created->device = device;
+    created->flags = flags;
     s.events.emplace(created->id, created);
     ++s.live_events;
     ++s.devices[device].live_events;
@@ -1101,6 +1171,14 @@ FAKE_CUDA_EXPORT CUresult cuEventSynchronize(CUevent handle) {
     // Bound to the position at call time, so a concurrent re-record does not extend the wait.
     std::shared_ptr<Stream> stream = event->stream;
     const uint64_t position = event->position;
+    if (stream && stream->completed < position && (event->flags & CU_EVENT_BLOCKING_SYNC) == 0) {
+      // The real driver spins the calling thread until such an event completes.
+      record_violation(s, lock,
+                       "busy_wait: cuEventSynchronize had to wait on event " +
+                           hex(kEventTag | event->id) +
+                           ", created without CU_EVENT_BLOCKING_SYNC: on a real GPU the thread "
+                           "spins a CPU core until the event completes");
+    }
     if (stream) s.progress.wait(lock, [&] { return stream->completed >= position; });
     return CUDA_SUCCESS;
   });
@@ -1125,9 +1203,47 @@ FAKE_CUDA_EXPORT void fake_cuda_reset_faults(void) {
   DriverState& s = state();
   Lock lock(s.mu);
   s.host_alloc_fail_after = -1;
+  s.host_alloc_error = CUDA_ERROR_OUT_OF_MEMORY;
   s.device_alloc_fail_after = -1;
   s.sticky_faults = false;
   s.copy_delay_us = 0;
+}
+
+// The CUresult the host-alloc switch (fake_cuda_fail_host_alloc_after) fails cuMemHostAlloc with;
+// CUDA_ERROR_OUT_OF_MEMORY until reset_faults.
+FAKE_CUDA_EXPORT void fake_cuda_set_host_alloc_error(int code) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  s.host_alloc_error = code;
+}
+
+// On: every driver call returns CUDA_ERROR_DEINITIALIZED, as during the driver's own shutdown.
+// The control API keeps working. No lock: the switch is read before any is taken.
+FAKE_CUDA_EXPORT void fake_cuda_set_deinitialized(int on) {
+  g_failing_with = on ? CUDA_ERROR_DEINITIALIZED : 0;
+}
+
+// On: in a child forked after this call, every driver call returns CUDA_ERROR_NOT_INITIALIZED, as
+// the real driver answers a process forked from one that had initialized CUDA.
+FAKE_CUDA_EXPORT void fake_cuda_set_fail_in_forked_child(int on) {
+  g_fail_in_forked_child = on != 0;
+}
+
+// Primary context activations so far, all devices: retains that found the context inactive.
+FAKE_CUDA_EXPORT int64_t fake_cuda_context_activations(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  int64_t total = 0;
+  for (const Device& d : s.devices) total += d.activations;
+  return total;
+}
+
+// The retain count of a device's primary context (0 when inactive), or -1 for no such device.
+FAKE_CUDA_EXPORT int64_t fake_cuda_primary_context_refcount(int device) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  if (device < 0 || device >= kMaxDevices) return -1;
+  return s.devices[device].primary_refcount;
 }
 
 FAKE_CUDA_EXPORT void fake_cuda_set_device_count(int n) {
@@ -1272,7 +1388,7 @@ FAKE_CUDA_EXPORT const char* fake_cuda_last_violation(void) {
 // Synchronous debug read of device memory: no context needed; waits only for copies already
 // moving bytes, not for queued ones.
 FAKE_CUDA_EXPORT int fake_cuda_read_device(uint64_t dptr, void* dst, uint64_t bytes) {
-  return guarded([&]() -> CUresult {
+  return caught([&]() -> CUresult {
     DriverState& s = state();
     Lock lock(s.mu);
     if (bytes == 0) return CUDA_SUCCESS;

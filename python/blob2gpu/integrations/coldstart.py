@@ -280,8 +280,8 @@ def _parameters_on_meta() -> Iterator[None]:
             self._parameters[name] = type(param)(param.to("meta"), param.requires_grad)
 
     with _build_lock:
-        torch.nn.Module.register_parameter = register_on_meta
+        torch.nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
         try:
             yield
         finally:
-            torch.nn.Module.register_parameter = register
+            torch.nn.Module.register_parameter = register  # type: ignore[method-assign]

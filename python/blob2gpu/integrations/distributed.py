@@ -89,7 +89,7 @@ class GroupExchange:
 
     @property
     def requests(self) -> int:
-        return self._reader.requests
+        return int(self._reader.requests)
 
     @property
     def shard_retries(self) -> list[int]:
@@ -114,17 +114,19 @@ class GroupExchange:
         import torch
         import torch.distributed as dist
 
+        from blob2gpu.sources.feeding import feed_from_memory
+
         plan = self._prepared.plan
         slot_bytes = self._prepared.settings.staging_slot_bytes
         for index, ref in enumerate(plan.shards):
             buffer = torch.empty(ref.size, dtype=torch.uint8)
-            view = memoryview(buffer.numpy())
+            view = buffer.numpy().data  # the tensor's bytes, as a memoryview
             for owner, start, end in self._owners[index]:
                 if owner == self._rank:
                     self._reader.read_into(ref, start, view[start:end])
             for owner, start, end in self._owners[index]:
                 dist.broadcast(buffer[start:end], src=owner)
-            _feed(self._session, index, view, slot_bytes)
+            feed_from_memory(self._session, index, view, slot_bytes)
 
 
 def _range_reader(source: Any) -> Any:
@@ -157,13 +159,15 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
     import torch.distributed as dist
 
     from blob2gpu.loading.loader import Loader
+    from blob2gpu.loading.request import LoadRequest
 
     if not (dist.is_available() and dist.is_initialized()):
         raise InvalidArgument("distributed=True needs torch.distributed.init_process_group() "
                               "first (gloo on CPUs, or a group whose backend handles CPU tensors)")
     strategy = GroupFanOut(dist.get_rank(), dist.get_world_size())
     with Loader(**loader_settings) as loader:
-        request = loader.request(uri, device, framework, credential, tensor_names, tensor_filter)
+        request = LoadRequest.make(uri, device, framework, credential, loader.settings, {},
+                                   tensor_names, tensor_filter)
         checkpoint = loader.start(request, strategy)
         try:
             assert strategy.exchange is not None
@@ -171,28 +175,3 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
             return checkpoint.to_dict()
         finally:
             checkpoint.close()
-
-
-def _feed(session: Any, index: int, view: memoryview, slot_bytes: int) -> None:
-    """Push one shard's bytes, held in host memory, through the pipeline (as a feeder would)."""
-    size = len(view)
-    first = min(slot_bytes, size)
-    landing = session.acquire(index, 0, first)
-    landing.view[:] = view[:first]
-    status = session.commit(landing)
-    pos = first
-    if not status.header_ready:
-        have, header_end = status.header_have, status.data_offset
-        landing = session.acquire(index, have, header_end - have)
-        landing.view[:] = view[have:header_end]
-        status = session.commit(landing)
-        pos = header_end
-    start = max(pos, status.data_offset)
-    for begin, end in session.needed_ranges(index):  # this rank's tensors' bytes only
-        pos = max(begin, start)
-        while pos < end:
-            n = min(slot_bytes, end - pos)
-            landing = session.acquire(index, pos, n)
-            landing.view[:] = view[pos:pos + n]
-            session.commit(landing)
-            pos += n

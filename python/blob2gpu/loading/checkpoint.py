@@ -118,8 +118,7 @@ class Checkpoint:
     def _finish(self) -> None:
         self._session.wait_landed()
         report = self._report
-        report.phases["model_load_complete"] = report.elapsed()
-        report.seconds = report.phases["model_load_complete"]
+        report.seconds = report.phases["model_load_complete"] = report.elapsed()
         stats = self._session.stats()
         report.absorb_core_stats(stats)
         published = report.session_seconds(stats.all_published_ns)

@@ -57,22 +57,6 @@ class Loader:
                 self._http = HttpSessions()
             return self._http
 
-    def request(
-        self,
-        uri: str | None = None,
-        device: str = "cpu",
-        framework: str = "torch",
-        credential: Any = None,
-        tensor_names: Iterable[str] | None = None,
-        tensor_filter: Callable[[str], bool] | None = None,
-        **settings: Any,
-    ) -> LoadRequest:
-        """A checked LoadRequest under this Loader's settings (arguments as for open())."""
-        return LoadRequest.make(
-            uri, device, framework, credential, self._settings, settings, tensor_names,
-            tensor_filter,
-        )
-
     def open(
         self,
         uri: str | None = None,
@@ -95,8 +79,9 @@ class Loader:
         of the load itself (InvalidHeader, GPUOutOfMemory, BlobChanged, StorageUnavailable,
         TensorNotFound without an index, ...) surface while iterating.
         """
-        request = self.request(
-            uri, device, framework, credential, tensor_names, tensor_filter, **settings
+        request = LoadRequest.make(
+            uri, device, framework, credential, self._settings, settings, tensor_names,
+            tensor_filter,
         )
         return self.start(request)
 
@@ -146,8 +131,9 @@ class Loader:
         shard read from a damaged NVMe cache entry (removed by the load) is fetched again from
         Blob once.
         """
-        request = self.request(
-            uri, device, framework, credential, tensor_names, tensor_filter, **settings
+        request = LoadRequest.make(
+            uri, device, framework, credential, self._settings, settings, tensor_names,
+            tensor_filter,
         )
         restart = request.settings.on_blob_change == "restart"
         restarts_left = RESTARTS_ON_BLOB_CHANGE if restart else 0

@@ -131,7 +131,7 @@ def read_manifest(request: LoadRequest, source: ResolvedSource, plan: ShardPlan)
     if verify == "none":
         return None
     if source.is_blob:
-        manifest = source.container.read_manifest(source.listing)
+        manifest: Manifest | None = source.container.read_manifest(source.listing)
     else:
         manifest = read_local_manifest(os.path.dirname(source.plan.shards[0].path))
     require_manifest(manifest, verify, f"'{plan.uri}'")
@@ -181,7 +181,7 @@ def split_reusable(
 
 def check_fit(
     request: LoadRequest, pipeline: Any, plan: ShardPlan, selection: Selection,
-    read_header: Callable[[ShardRef], dict[str, Any]], manifest: Manifest | None,
+    read_header: Callable[[ShardRef], _core.ParsedHeader], manifest: Manifest | None,
 ) -> tuple[int, int] | None:
     """Raises InsufficientGPUMemory / InsufficientHostMemory when the weights will not fit;
     returns (free, total) GPU bytes measured (None on cpu). A selection whose shards do not fit

@@ -4,10 +4,12 @@ checked and put in canonical form before anything is read."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from blob2gpu import _core
 from blob2gpu.errors import InvalidArgument
 from blob2gpu.loading.selection import selection_from_arguments
 from blob2gpu.settings import ResolvedSettings
@@ -24,13 +26,31 @@ PIPELINE_SETTINGS = (
 )
 
 
+def current_cuda_device() -> int:
+    """The caller's current GPU, what device='cuda' means (as in torch): torch's current device
+    when torch is imported and has initialized CUDA, else the device of the CUDA context current on
+    this thread (CuPy, a framework, the driver API), else 0. Never raises."""
+    torch = sys.modules.get("torch")
+    cuda = getattr(torch, "cuda", None)
+    try:
+        # Not asked of a torch that has not initialized CUDA: answering would initialize it (a
+        # context, seconds) just to say 0, and torch.cuda.set_device() initializes it anyway.
+        if cuda is not None and cuda.is_available() and cuda.is_initialized():
+            return int(cuda.current_device())
+    except Exception:  # a broken torch CUDA setup: fall back to the driver's notion
+        pass
+    current = _core.current_device()
+    return current if current >= 0 else 0
+
+
 def normalize_device(device: str) -> str:
-    """'cpu', 'cuda' or 'cuda:N' -> the canonical form; raises InvalidArgument otherwise."""
+    """'cpu', 'cuda' or 'cuda:N' -> the canonical form ('cuda' is the caller's current device,
+    see current_cuda_device); raises InvalidArgument otherwise."""
     device = str(device).strip().lower()
     if device == "cpu":
         return device
     if device == "cuda":
-        return "cuda:0"
+        return f"cuda:{current_cuda_device()}"
     if device.startswith("cuda:") and device[5:].isdigit():
         return f"cuda:{int(device[5:])}"
     raise InvalidArgument(f"device '{device}' is not one of 'cpu', 'cuda', 'cuda:N'")

@@ -227,6 +227,11 @@ def _check_gpus(run: _Run) -> None:
 
 
 def _check_pinned(run: _Run) -> None:
+    """Pins the whole staging ring once (cuMemHostAlloc, freed at once) on the target GPU: what a
+    load's ring will ask of the driver. `ulimit -l` is reported, not judged: as far as is known
+    NVIDIA's driver page-locks cuMemHostAlloc memory without RLIMIT_MEMLOCK (torch pins under
+    Docker's 64 KiB default). To be verified on the first real GPU: bench/gpu_check.sh prints
+    `ulimit -l` beside whether pinning the ring succeeded."""
     t = time.perf_counter()
     s = run.settings
     ring = s.staging_slots * s.staging_slot_bytes
@@ -248,33 +253,34 @@ def _check_pinned(run: _Run) -> None:
         )
         return
     try:
+        # False: the driver had no memory left to page-lock; other driver errors raise.
         pinned = bool(_core.pinned_probe(run.ordinal, ring))
     except Blob2GpuError as e:
         pinned, error = False, str(e)
     else:
         error = ""
     data = {"ring_bytes": ring, "pinned": pinned, "memlock_bytes": None if unlimited else soft}
-    low_memlock = not unlimited and soft < ring
     if pinned:
         status, hint = OK, ""
-        value = f"{ring_text} pinned; ulimit -l {memlock}"
+        value = f"{ring_text} pinned (cuMemHostAlloc of the whole ring); ulimit -l {memlock}"
     else:
-        fallback = s.use_pinned_host_fallback
+        fallback = s.use_pinned_host_fallback and not error  # only out of memory falls back
         status = WARN if fallback or not run.wants_gpu else FAIL
         value = f"{ring_text} could not be pinned; ulimit -l {memlock}" + (
-            f" ({error})" if error else ""
+            f" ({error})" if error else " (cuMemHostAlloc: out of memory)"
         )
-        memlock_hint = (
-            "raise ulimit -l (docker --ulimit memlock=-1; in Kubernetes, the runtime's memlock) or "
-            if low_memlock
-            else ""
-        )
-        outcome = (
-            "loads fall back to pageable memory (slower copies)"
-            if fallback
-            else "use_pinned_host_fallback is off, so loads will fail"
-        )
-        hint = f"{memlock_hint}lower staging_slots / staging_slot_bytes; {outcome}"
+        if error:
+            hint = "the driver refused with an error other than out of memory, so loads will fail"
+        else:
+            outcome = (
+                "loads fall back to pageable memory (slower copies)"
+                if fallback
+                else "use_pinned_host_fallback is off, so loads will fail"
+            )
+            hint = (
+                "the driver had no host memory left to page-lock: lower staging_slots / "
+                f"staging_slot_bytes or leave more host memory free; {outcome}"
+            )
     run.add(Check("pinned_memory", status, value, hint, data=data), t)
 
 

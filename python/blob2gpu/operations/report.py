@@ -130,20 +130,20 @@ class LoadReport:
         Also feeds the process-wide first-token p50/p95 (first_token_percentiles()) and logs it,
         unless observability.emit_first_token_latency is off.
         """
-        self.phases["first_token"] = self.elapsed()
+        first_token = self.phases["first_token"] = self.elapsed()
         if self.settings.get("emit_first_token_latency", True):
             from blob2gpu.operations import (
                 metrics,  # lazy: no import cycle should metrics ever need report
             )
 
-            _FIRST_TOKENS.record(self.phases["first_token"])
-            metrics.observe_first_token(self.phases["first_token"])
+            _FIRST_TOKENS.record(first_token)
+            metrics.observe_first_token(first_token)
             logging.getLogger("blob2gpu").info(
                 "blob2gpu first token %.3f s after artifact fetch start (%s)",
-                self.phases["first_token"],
+                first_token,
                 self.uri,
             )
-        return self.phases["first_token"]
+        return first_token
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -77,7 +77,7 @@ def _run_blob2gpu(uri: str, device: str, direct: bool,
     if framework == "torch":
         _first_use(tensors, device)
     report.mark_first_token()
-    p = report.phases
+    p = {name: seconds or 0.0 for name, seconds in report.phases.items()}  # all set by now
     return _phases(p["artifact_fetch_complete"], p["host_staging_complete"],
                    p["model_load_complete"], p["first_token"])
 
@@ -201,8 +201,10 @@ def run(uri: str, strategies: list[str], device: str = "cpu", repeats: int = 3,
                     drop_page_cache()
                 try:
                     if s == "image-local":
+                        assert local is not None  # made above for the local strategies
                         result.runs.append(_run_image_local(local, device))
                     elif s in ("runai", "fastsafetensors"):
+                        assert local is not None
                         result.runs.append(_run_peer(s, local, device))
                     else:
                         result.runs.append(_run_blob2gpu(uri, device, s == "direct-gpu",
@@ -228,7 +230,7 @@ def table(results: list[StrategyResult]) -> str:
         if not r.runs:
             lines.append(f"{r.strategy:<16}unavailable: {r.unavailable}")
             continue
-        total = r.median("cold_start_s")
+        total = r.median("cold_start_s") or 0.0
         gain = (base - total) / base * 100 if base else 0.0
         cells = "".join(f"{r.median(c):>14.3f}" for c in PHASE_COLUMNS)
         lines.append(f"{r.strategy:<16}{cells}{gain:>8.1f}%")

@@ -13,22 +13,14 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 from blob2gpu.errors import HeaderTruncated, LoadCancelled
 from blob2gpu.redaction import redact
 from blob2gpu.sources.azure.range_reader import BlobRangeReader
 from blob2gpu.sources.azure.retry import RetryPolicy
+from blob2gpu.sources.feeding import RangeTask, feed_range
 from blob2gpu.sources.plan import ShardPlan
-
-
-@dataclass
-class RangeTask:
-    shard: int
-    start: int
-    end: int
-    first: bool = False  # carries the header: schedules the shard's remaining ranges
 
 
 class BlobFeeder:
@@ -105,11 +97,6 @@ class BlobFeeder:
             self._active -= 1
             self._cv.notify_all()
 
-    def _ranges(self, shard: int, start: int, end: int) -> list[RangeTask]:
-        return [
-            RangeTask(shard, a, min(end, a + self._chunk)) for a in range(start, end, self._chunk)
-        ]
-
     def _worker(self) -> None:
         while (task := self._next()) is not None:
             follow_ups: list[RangeTask] = []
@@ -122,29 +109,13 @@ class BlobFeeder:
 
     def _run(self, task: RangeTask) -> list[RangeTask]:
         ref = self._plan.shards[task.shard]
-        landing = self._session.acquire(task.shard, task.start, task.end - task.start)
-        if landing is None:
-            return []  # cancelled
-        try:
-            self._reader.read_into(ref, task.start, landing.view)
+
+        def fill(view: memoryview) -> None:
+            self._reader.read_into(ref, task.start, view)
             if self._cache_writer is not None:
-                self._cache_writer.offer(task.shard, task.start, landing.view)
-        except BaseException:
-            self._session.release(landing)
-            raise
-        status = self._session.commit(landing)
-        if not status.header_ready:
-            # The header is longer than the first range: fetch the rest of it, then the data.
-            return [RangeTask(task.shard, status.header_have, status.data_offset, first=True)]
-        if task.first:
-            # The data this load needs (all of it, or a tensor selection's), past the first range.
-            start = max(task.end, status.data_offset)
-            follow_ups = []
-            for begin, end in self._session.needed_ranges(task.shard):
-                if max(begin, start) < end:
-                    follow_ups += self._ranges(task.shard, max(begin, start), end)
-            return follow_ups
-        return []
+                self._cache_writer.offer(task.shard, task.start, view)
+
+        return feed_range(self._session, task, fill, self._chunk) or []  # None: cancelled
 
     # -- ending -----------------------------------------------------------------------------------
     def _fail(self, error: BaseException) -> None:

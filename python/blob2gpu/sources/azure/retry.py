@@ -66,7 +66,7 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number `attempt` (1-based): jittered, capped."""
         ceiling = min(self.backoff_max_seconds, self.backoff_seconds * (2 ** (attempt - 1)))
-        return ceiling * random.uniform(0.5, 1.0)
+        return float(ceiling * random.uniform(0.5, 1.0))
 
     def backoff(self, attempt: int, error: BaseException) -> float:
         """The wait before retry number `attempt`: the jittered backoff, or longer when the

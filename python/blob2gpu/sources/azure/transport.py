@@ -48,13 +48,14 @@ class RangeResponse:
 
     def header(self, name: str) -> str | None:
         """The response header `name` (case-insensitive), or None when the answer has none."""
-        return self._http.headers.get(name)
+        value = self._http.headers.get(name)
+        return None if value is None else str(value)
 
     def readinto(self, view: memoryview) -> int:
         """Read the next body bytes into the start of `view`; returns how many were read (0 when
         the body, or the connection, ended). Raises OSError (or http.client's errors) when the
         connection fails or times out."""
-        return self._body.readinto(view)
+        return int(self._body.readinto(view))
 
     def release(self) -> None:
         """Hand the connection back to the pool for the next request (keep-alive). Only for a body
