@@ -20,9 +20,14 @@ MiB = 1 << 20
 
 
 def header_with(tensors: int) -> bytes:
-    header = {f"model.layers.{i}.mlp.weight": {"dtype": "BF16", "shape": [64, 64],
-                                                "data_offsets": [i * 8192, (i + 1) * 8192]}
-              for i in range(tensors)}
+    header = {
+        f"model.layers.{i}.mlp.weight": {
+            "dtype": "BF16",
+            "shape": [64, 64],
+            "data_offsets": [i * 8192, (i + 1) * 8192],
+        }
+        for i in range(tensors)
+    }
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
     return struct.pack("<Q", len(blob)) + blob
@@ -43,8 +48,10 @@ def shard_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("micro")
     rng = np.random.default_rng(0)
     for s in range(2):
-        save_file({f"s{s}.w{i}": rng.integers(0, 255, 16 * MiB, dtype=np.uint8)
-                   for i in range(4)}, str(directory / f"model-{s}.safetensors"))
+        save_file(
+            {f"s{s}.w{i}": rng.integers(0, 255, 16 * MiB, dtype=np.uint8) for i in range(4)},
+            str(directory / f"model-{s}.safetensors"),
+        )
     for f in directory.iterdir():
         f.read_bytes()  # page cache warm
     return directory

@@ -5,10 +5,10 @@
 
 #include "cuda_device.hpp"
 #include "device_arena.hpp"
-#include "host_buffer.hpp"
 #include "dlpack.hpp"
 #include "dtype.hpp"
 #include "errors.hpp"
+#include "host_buffer.hpp"
 #include "load_session.hpp"
 #include "safetensors_header.hpp"
 #include "shim/cuda_driver.hpp"
@@ -74,12 +74,16 @@ bool cuda_stream_from_arg(const py::object& stream, CUstream* out) {
   long long value = stream.cast<long long>();
   if (value == -1) return false;
   if (value == 0) {
-    buffer_error("__dlpack__: stream=0 is ambiguous for CUDA; pass 1 (legacy default stream), "
-                 "2 (per-thread default stream) or a stream handle");
+    buffer_error(
+        "__dlpack__: stream=0 is ambiguous for CUDA; pass 1 (legacy default stream), "
+        "2 (per-thread default stream) or a stream handle");
   }
-  if (value == 1) *out = BLOB2GPU_CU_STREAM_LEGACY;
-  else if (value == 2) *out = BLOB2GPU_CU_STREAM_PER_THREAD;
-  else *out = reinterpret_cast<CUstream>(static_cast<uintptr_t>(value));
+  if (value == 1)
+    *out = BLOB2GPU_CU_STREAM_LEGACY;
+  else if (value == 2)
+    *out = BLOB2GPU_CU_STREAM_PER_THREAD;
+  else
+    *out = reinterpret_cast<CUstream>(static_cast<uintptr_t>(value));
   return true;
 }
 
@@ -118,7 +122,8 @@ py::capsule tensor_dlpack(const std::shared_ptr<TensorView>& self, py::object st
     auto target = dl_device.cast<py::tuple>();
     int type = target[0].cast<int>(), id = target[1].cast<int>();
     if (type != own.first || id != own.second) {
-      if (type != kDLCPU) buffer_error("__dlpack__: can only export to this tensor's device or cpu");
+      if (type != kDLCPU)
+        buffer_error("__dlpack__: can only export to this tensor's device or cpu");
       if (forbid_copy) buffer_error("__dlpack__: exporting to cpu needs a copy, and copy=False");
       want_copy = true;
     }
@@ -131,10 +136,11 @@ py::capsule tensor_dlpack(const std::shared_ptr<TensorView>& self, py::object st
     }
   }
   if (want_copy) {
-    if (own.first == kDLCUDA && (dl_device.is_none() ||
-                                 dl_device.cast<py::tuple>()[0].cast<int>() == kDLCUDA)) {
-      buffer_error("__dlpack__: copy=True on the same CUDA device is not supported; copy in the "
-                   "consumer instead");
+    if (own.first == kDLCUDA &&
+        (dl_device.is_none() || dl_device.cast<py::tuple>()[0].cast<int>() == kDLCUDA)) {
+      buffer_error(
+          "__dlpack__: copy=True on the same CUDA device is not supported; copy in the "
+          "consumer instead");
     }
     if (!versioned) buffer_error("__dlpack__: a copy needs a DLPack 1.0+ consumer (max_version)");
     py::gil_scoped_release release;
@@ -193,10 +199,10 @@ PYBIND11_MODULE(_core, m) {
           py::gil_scoped_release release;
           uint64_t n = read_header_length(p, bytes.size(), size, shard);
           if (bytes.size() < kHeaderLengthBytes + n) {
-            throw CoreError(ErrorKind::HeaderTruncated,
-                            "shard '" + shard + "': only " + std::to_string(bytes.size()) +
-                                " bytes given, the header needs " +
-                                std::to_string(kHeaderLengthBytes + n));
+            throw CoreError(ErrorKind::HeaderTruncated, "shard '" + shard + "': only " +
+                                                            std::to_string(bytes.size()) +
+                                                            " bytes given, the header needs " +
+                                                            std::to_string(kHeaderLengthBytes + n));
           }
           h = parse_header(p + kHeaderLengthBytes, n, size, shard);
         }
@@ -304,8 +310,8 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<TensorView, std::shared_ptr<TensorView>>(m, "TensorView")
       .def_property_readonly("name", &TensorView::name)
-      .def_property_readonly("dtype",
-                             [](const TensorView& t) { return std::string(dtype_info(t.dtype()).name); })
+      .def_property_readonly(
+          "dtype", [](const TensorView& t) { return std::string(dtype_info(t.dtype()).name); })
       .def_property_readonly("shape",
                              [](const TensorView& t) { return py::tuple(py::cast(t.shape())); })
       .def_property_readonly("nbytes", &TensorView::nbytes)
@@ -316,7 +322,10 @@ PYBIND11_MODULE(_core, m) {
                                return d.first == kDLCUDA ? "cuda:" + std::to_string(d.second)
                                                          : std::string("cpu");
                              })
-      .def("__dlpack_device__", [](const TensorView& t) { return py::make_tuple(t.dlpack_device().first, t.dlpack_device().second); })
+      .def("__dlpack_device__",
+           [](const TensorView& t) {
+             return py::make_tuple(t.dlpack_device().first, t.dlpack_device().second);
+           })
       .def("__dlpack__", &tensor_dlpack, py::kw_only(), py::arg("stream") = py::none(),
            py::arg("max_version") = py::none(), py::arg("dl_device") = py::none(),
            py::arg("copy") = py::none())
@@ -408,12 +417,13 @@ PYBIND11_MODULE(_core, m) {
             s.release(l.landing);
           },
           py::arg("landing"), "Give an unfilled landing back (the feeder gave up on it).")
-      .def("abort",
-           [](LoadSession& s, const std::string& kind, const std::string& message) {
-             s.abort(error_kind_from_name(kind), message);
-           },
-           py::arg("kind"), py::arg("message"),
-           "Fail the load with a core error kind; next_shard() raises it.")
+      .def(
+          "abort",
+          [](LoadSession& s, const std::string& kind, const std::string& message) {
+            s.abort(error_kind_from_name(kind), message);
+          },
+          py::arg("kind"), py::arg("message"),
+          "Fail the load with a core error kind; next_shard() raises it.")
       .def("needed_ranges", &LoadSession::needed_ranges, py::arg("shard"),
            "[(begin, end)] file byte ranges of the shard's data that this load reads (all of it, "
            "or a tensor selection's), once commit() reported its header ready.")
@@ -480,13 +490,14 @@ PYBIND11_MODULE(_core, m) {
       .def("close", &LoadPipeline::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("device", &LoadPipeline::device)
       .def_property_readonly("is_cuda", &LoadPipeline::is_cuda)
-      .def("memory_info",
-           [](const LoadPipeline& p) -> py::object {
-             if (!p.context()) return py::none();
-             auto info = p.context()->memory_info();
-             return py::make_tuple(info.first, info.second);
-           },
-           "(free, total) bytes of the target GPU, or None on cpu.")
+      .def(
+          "memory_info",
+          [](const LoadPipeline& p) -> py::object {
+            if (!p.context()) return py::none();
+            auto info = p.context()->memory_info();
+            return py::make_tuple(info.first, info.second);
+          },
+          "(free, total) bytes of the target GPU, or None on cpu.")
       .def_property_readonly("device_name", [](const LoadPipeline& p) {
         return p.context() ? p.context()->name() : std::string("cpu");
       });

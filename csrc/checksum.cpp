@@ -243,12 +243,11 @@ constexpr size_t kFoldMinBytes = 512;  // below this the three-way CRC instructi
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-#define BLOB2GPU_TARGET_VPCLMUL \
-  __attribute__((target("avx512f,avx512vl,vpclmulqdq,pclmul,sse4.2")))
+#define BLOB2GPU_TARGET_VPCLMUL __attribute__((target("avx512f,avx512vl,vpclmulqdq,pclmul,sse4.2")))
 
 BLOB2GPU_TARGET_VPCLMUL inline __m128i fold_128(__m128i x, FoldFactors k, __m128i next) {
-  const __m128i factors = _mm_set_epi64x(static_cast<long long>(k.high),
-                                         static_cast<long long>(k.low));
+  const __m128i factors =
+      _mm_set_epi64x(static_cast<long long>(k.high), static_cast<long long>(k.low));
   return _mm_ternarylogic_epi64(_mm_clmulepi64_si128(x, factors, 0x00),
                                 _mm_clmulepi64_si128(x, factors, 0x11), next, 0x96);
 }
@@ -649,22 +648,23 @@ const Md5Tables& md5_tables() {
   return tables;
 }
 
-
-inline uint32_t rotl32(uint32_t x, int n) { return (x << n) | (x >> (32 - n)); }
+inline uint32_t rotl32(uint32_t x, int n) {
+  return (x << n) | (x >> (32 - n));
+}
 
 // One step of a round: a = b + rotl(a + f(b, c, d) + m[g] + k[i], s), fully unrolled below so
 // the compiler keeps the 64 steps' constants and shifts in the instruction stream.
 #define BLOB2GPU_MD5_STEP(f, a, b, c, d, g, i, s) \
-  a += f(b, c, d) + m[g] + k[i];                   \
+  a += f(b, c, d) + m[g] + k[i];                  \
   a = b + rotl32(a, s)
 #define BLOB2GPU_MD5_F(b, c, d) (d ^ (b & (c ^ d)))
 #define BLOB2GPU_MD5_G(b, c, d) (c ^ (d & (b ^ c)))
 #define BLOB2GPU_MD5_H(b, c, d) (b ^ c ^ d)
 #define BLOB2GPU_MD5_I(b, c, d) (c ^ (b | ~d))
 #define BLOB2GPU_MD5_ROUND4(f, i, g0, g1, g2, g3, s0, s1, s2, s3) \
-  BLOB2GPU_MD5_STEP(f, a, b, c, d, g0, i, s0);                      \
-  BLOB2GPU_MD5_STEP(f, d, a, b, c, g1, i + 1, s1);                  \
-  BLOB2GPU_MD5_STEP(f, c, d, a, b, g2, i + 2, s2);                  \
+  BLOB2GPU_MD5_STEP(f, a, b, c, d, g0, i, s0);                    \
+  BLOB2GPU_MD5_STEP(f, d, a, b, c, g1, i + 1, s1);                \
+  BLOB2GPU_MD5_STEP(f, c, d, a, b, g2, i + 2, s2);                \
   BLOB2GPU_MD5_STEP(f, b, c, d, a, g3, i + 3, s3)
 
 void md5_compress(uint32_t* state, const uint8_t* blocks, size_t n_blocks) {

@@ -105,8 +105,7 @@ void ChunkVerifier::check_sha(uint64_t chunk, const uint8_t* bytes, size_t n,
   const Digest actual = sha.finish();
   if (actual != expected_sha_[chunk]) {
     const uint64_t begin = chunk * chunk_bytes_;
-    failures.push_back(
-        {begin, begin + n, hex_digest(expected_sha_[chunk]), hex_digest(actual)});
+    failures.push_back({begin, begin + n, hex_digest(expected_sha_[chunk]), hex_digest(actual)});
   }
 }
 

@@ -82,9 +82,9 @@ class ChunkVerifier {
   std::vector<uint32_t> expected_;
   std::vector<Digest> expected_sha_;
   mutable std::mutex mutex_;
-  std::vector<std::vector<Piece>> pieces_;            // CRC: per chunk, until it is complete
-  std::vector<std::unique_ptr<uint8_t[]>> buffers_;   // SHA-256: split chunks being assembled
-  std::vector<uint64_t> covered_;                     // bytes seen per chunk
+  std::vector<std::vector<Piece>> pieces_;           // CRC: per chunk, until it is complete
+  std::vector<std::unique_ptr<uint8_t[]>> buffers_;  // SHA-256: split chunks being assembled
+  std::vector<uint64_t> covered_;                    // bytes seen per chunk
   size_t chunks_done_ = 0;
 };
 

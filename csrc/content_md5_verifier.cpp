@@ -9,8 +9,7 @@ namespace blob2gpu {
 namespace {
 
 std::string base64(const uint8_t* data, size_t n) {
-  static const char* alphabet =
-      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  static const char* alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
   std::string out;
   for (size_t i = 0; i < n; i += 3) {
     uint32_t v = uint32_t(data[i]) << 16;
@@ -26,8 +25,7 @@ std::string base64(const uint8_t* data, size_t n) {
 
 }  // namespace
 
-ContentMd5Verifier::ContentMd5Verifier(std::string shard, uint64_t file_size,
-                                       Md5::Digest expected)
+ContentMd5Verifier::ContentMd5Verifier(std::string shard, uint64_t file_size, Md5::Digest expected)
     : shard_(std::move(shard)), file_size_(file_size), expected_(expected) {}
 
 std::optional<std::string> ContentMd5Verifier::add(uint64_t file_offset, const uint8_t* data,
@@ -35,9 +33,8 @@ std::optional<std::string> ContentMd5Verifier::add(uint64_t file_offset, const u
   std::lock_guard<std::mutex> lock(mutex_);
   if (n == 0 || next_ == file_size_) return std::nullopt;
   if (file_offset < next_ || early_.count(file_offset) != 0) {
-    throw CoreError(ErrorKind::InvalidArgument,
-                    "shard '" + shard_ + "': bytes at " + std::to_string(file_offset) +
-                        " landed twice");
+    throw CoreError(ErrorKind::InvalidArgument, "shard '" + shard_ + "': bytes at " +
+                                                    std::to_string(file_offset) + " landed twice");
   }
   if (file_offset > next_) {
     Early early{data, n, nullptr};

@@ -26,8 +26,7 @@ class ContentMd5Verifier {
   // File bytes [file_offset, file_offset + n) at `data`; `stays`: they remain valid at `data`
   // until the shard is finished. Returns the mismatch message once the last byte has been hashed
   // and the digest differs; nullopt otherwise. Thread-safe.
-  std::optional<std::string> add(uint64_t file_offset, const uint8_t* data, size_t n,
-                                 bool stays);
+  std::optional<std::string> add(uint64_t file_offset, const uint8_t* data, size_t n, bool stays);
 
  private:
   struct Early {

@@ -53,8 +53,8 @@ std::shared_ptr<CudaContext> CudaContext::retain(int ordinal, bool release_on_de
   if (ordinal < 0 || ordinal >= count) {
     throw CoreError(ErrorKind::InvalidArgument,
                     "device cuda:" + std::to_string(ordinal) + " does not exist: this host has " +
-                        std::to_string(count) + " GPU(s), cuda:0 to cuda:" +
-                        std::to_string(count - 1));
+                        std::to_string(count) +
+                        " GPU(s), cuda:0 to cuda:" + std::to_string(count - 1));
   }
   CUdevice device = 0;
   check_cuda(d.cuDeviceGet(&device, ordinal), "cuDeviceGet");

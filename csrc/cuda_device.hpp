@@ -105,7 +105,8 @@ class CudaEvent {
   // The teardown form of synchronize: the caller has bound the context (ScopedContext's teardown
   // form); a failure is counted, never thrown.
   void synchronize_for_teardown() const noexcept;
-  // Makes `stream` wait for this event on the device (cuStreamWaitEvent), without blocking the host.
+  // Makes `stream` wait for this event on the device (cuStreamWaitEvent), without blocking the
+  // host.
   void make_stream_wait(CUstream stream) const;
 
  private:

@@ -21,12 +21,16 @@ std::string mib(size_t bytes) {
 }
 }  // namespace
 
-int64_t DeviceArena::live_count() { return g_live_arenas.load(); }
+int64_t DeviceArena::live_count() {
+  return g_live_arenas.load();
+}
 
-DeviceArena::DeviceArena() { g_live_arenas++; }
+DeviceArena::DeviceArena() {
+  g_live_arenas++;
+}
 
-std::shared_ptr<DeviceArena> DeviceArena::on_device(std::shared_ptr<CudaContext> ctx,
-                                                    size_t bytes, const std::string& label) {
+std::shared_ptr<DeviceArena> DeviceArena::on_device(std::shared_ptr<CudaContext> ctx, size_t bytes,
+                                                    const std::string& label) {
   std::shared_ptr<DeviceArena> arena(new DeviceArena());
   ScopedContext bind(*ctx);
   CUdeviceptr ptr = 0;
@@ -36,8 +40,9 @@ std::shared_ptr<DeviceArena> DeviceArena::on_device(std::shared_ptr<CudaContext>
     size_t free_bytes = 0, total = 0;
     cuda_driver().cuMemGetInfo(&free_bytes, &total);
     throw CoreError(ErrorKind::GPUOutOfMemory,
-                    label + ": cuda:" + std::to_string(ctx->ordinal()) + " is out of memory (asked " +
-                        mib(request) + ", " + mib(free_bytes) + " free of " + mib(total) +
+                    label + ": cuda:" + std::to_string(ctx->ordinal()) +
+                        " is out of memory (asked " + mib(request) + ", " + mib(free_bytes) +
+                        " free of " + mib(total) +
                         "); free GPU memory, use a larger GPU, or load fewer tensors");
   }
   check_cuda(rc, label + ": cuMemAlloc of " + mib(request));
@@ -62,16 +67,14 @@ std::shared_ptr<DeviceArena> DeviceArena::on_host(size_t bytes, const std::strin
   return arena;
 }
 
-std::shared_ptr<DeviceArena> DeviceArena::map_file(int fd, uint64_t file_size,
-                                                   uint64_t data_offset,
+std::shared_ptr<DeviceArena> DeviceArena::map_file(int fd, uint64_t file_size, uint64_t data_offset,
                                                    const std::string& label) {
   std::shared_ptr<DeviceArena> arena(new DeviceArena());
   // Private and writable: consumers may write into tensors without touching the file, and the
   // file's later changes are not our tensors' (pages are copied on first write).
   void* p = mmap(nullptr, file_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
   if (p == MAP_FAILED) {
-    throw CoreError(ErrorKind::SourceReadError,
-                    label + ": mmap failed: " + std::strerror(errno));
+    throw CoreError(ErrorKind::SourceReadError, label + ": mmap failed: " + std::strerror(errno));
   }
   arena->mapping_ = p;
   arena->mapping_bytes_ = file_size;

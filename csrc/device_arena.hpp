@@ -54,8 +54,8 @@ class DeviceArena {
   std::shared_ptr<CudaContext> ctx_;  // null for host arenas
   uint64_t address_ = 0;
   size_t size_ = 0;
-  HostBuffer host_;            // host arenas
-  void* mapping_ = nullptr;    // mapped-file arenas
+  HostBuffer host_;          // host arenas
+  void* mapping_ = nullptr;  // mapped-file arenas
   size_t mapping_bytes_ = 0;
   std::vector<std::shared_ptr<CudaEvent>> fence_;
 };

@@ -46,8 +46,7 @@ const char* error_kind_name(ErrorKind kind);
 // `shard` and `offset` fields.
 class CoreError : public std::runtime_error {
  public:
-  CoreError(ErrorKind kind, const std::string& message, std::string shard = {},
-            int64_t offset = -1)
+  CoreError(ErrorKind kind, const std::string& message, std::string shard = {}, int64_t offset = -1)
       : std::runtime_error(message), kind_(kind), shard_(std::move(shard)), offset_(offset) {}
   ErrorKind kind() const { return kind_; }
   const std::string& shard() const { return shard_; }

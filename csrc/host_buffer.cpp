@@ -13,7 +13,9 @@ namespace blob2gpu {
 namespace {
 constexpr size_t kPageBytes = 4096;
 constexpr size_t kHugePageBytes = 2u << 20;
-size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+size_t round_up(size_t n, size_t to) {
+  return (n + to - 1) / to * to;
+}
 #ifdef MADV_POPULATE_WRITE
 constexpr int kMadvPopulateWrite = MADV_POPULATE_WRITE;
 #else

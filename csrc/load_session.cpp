@@ -60,9 +60,9 @@ std::shared_ptr<LoadPipeline> LoadPipeline::create(const std::string& device,
   if (ordinal >= 0) {
     p->ctx_ = CudaContext::primary(ordinal);
     p->device_ = "cuda:" + std::to_string(ordinal);
-    p->ring_ = std::make_unique<StagingRing>(p->ctx_, settings.staging_slots,
-                                             settings.staging_slot_bytes,
-                                             settings.use_pinned_host_fallback);
+    p->ring_ =
+        std::make_unique<StagingRing>(p->ctx_, settings.staging_slots, settings.staging_slot_bytes,
+                                      settings.use_pinned_host_fallback);
     p->engine_ = std::make_unique<CopyEngine>(p->ctx_, *p->ring_, settings.copy_streams);
   } else {
     p->device_ = "cpu";
@@ -71,7 +71,9 @@ std::shared_ptr<LoadPipeline> LoadPipeline::create(const std::string& device,
   return p;
 }
 
-LoadPipeline::~LoadPipeline() { close(); }
+LoadPipeline::~LoadPipeline() {
+  close();
+}
 
 std::shared_ptr<LoadSession> LoadPipeline::start_local(std::vector<ShardSource> shards,
                                                        SessionOptions options) {
@@ -122,7 +124,9 @@ void LoadPipeline::session_ended() {
   active_ = nullptr;
 }
 
-bool LoadPipeline::forked_away() const { return getpid() != owner_pid_; }
+bool LoadPipeline::forked_away() const {
+  return getpid() != owner_pid_;
+}
 
 void LoadPipeline::close() {
   if (forked_away()) {
@@ -187,7 +191,9 @@ LoadSession::LoadSession(std::shared_ptr<LoadPipeline> pipeline, std::vector<Sha
   }
 }
 
-LoadSession::~LoadSession() { close(); }
+LoadSession::~LoadSession() {
+  close();
+}
 
 int64_t LoadSession::now_ns() const {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() -
@@ -345,7 +351,7 @@ void LoadSession::plan_spans(Shard& shard) const {
 }
 
 std::vector<LoadSession::Span>::const_iterator LoadSession::spans_from(const Shard& shard,
-                                                                     uint64_t pos) {
+                                                                       uint64_t pos) {
   auto it = std::upper_bound(shard.spans.begin(), shard.spans.end(), pos,
                              [](uint64_t p, const Span& s) { return p < s.begin; });
   if (it != shard.spans.begin() && std::prev(it)->end > pos) --it;
@@ -393,9 +399,8 @@ void LoadSession::prepare_shard(size_t index, const uint8_t* json, size_t json_l
       continue;
     }
     const std::string tensor_label = arena_label + " tensor '" + e.name + "' (realigned)";
-    shard.realigned.push_back(
-        {t, ctx ? DeviceArena::on_device(ctx, e.end - e.begin, tensor_label)
-                : DeviceArena::on_host(e.end - e.begin, tensor_label)});
+    shard.realigned.push_back({t, ctx ? DeviceArena::on_device(ctx, e.end - e.begin, tensor_label)
+                                      : DeviceArena::on_host(e.end - e.begin, tensor_label)});
   }
   st.realigned_tensors = shard.realigned.size();
   st.header_ns = now_ns();
@@ -520,8 +525,8 @@ std::optional<Landing> LoadSession::acquire(size_t index, uint64_t file_offset, 
                           std::to_string(file_offset) + " requested before its header was read");
     }
   } else if (file_offset < shard.header.data_offset) {
-    throw CoreError(ErrorKind::InvalidArgument, "shard '" + shard.source.name +
-                                                    "': header bytes requested twice");
+    throw CoreError(ErrorKind::InvalidArgument,
+                    "shard '" + shard.source.name + "': header bytes requested twice");
   }
   if (lands_on_host() && shard.header_ready) {
     // cpu target (or host staging): the socket writes straight into host memory when the range
@@ -573,8 +578,7 @@ FeedStatus LoadSession::commit_landing(Landing& landing) {
   try {
     if (shard.verifier) verify(shard, landing.file_offset, landing.data, landing.capacity);
     if (shard.md5) {
-      auto mismatch =
-          shard.md5->add(landing.file_offset, landing.data, landing.capacity, in_arena);
+      auto mismatch = shard.md5->add(landing.file_offset, landing.data, landing.capacity, in_arena);
       verified_bytes_ += landing.capacity;
       if (mismatch && fail_on_checksum_mismatch_) {
         throw CoreError(ErrorKind::ChecksumMismatch, *mismatch, label);
@@ -642,8 +646,7 @@ FeedStatus LoadSession::commit_landing(Landing& landing) {
   return status_of(shard);
 }
 
-size_t LoadSession::read_into_slot(Shard& shard, Slot* slot, uint64_t file_offset,
-                                   size_t bytes) {
+size_t LoadSession::read_into_slot(Shard& shard, Slot* slot, uint64_t file_offset, size_t bytes) {
   constexpr uint64_t kAlign = ShardFile::kDirectAlign;
   if (shard.file->direct() && reinterpret_cast<uintptr_t>(slot->data()) % kAlign == 0) {
     // The aligned blocks around the range, straight from the drive; the range starts at
@@ -661,8 +664,7 @@ size_t LoadSession::read_into_slot(Shard& shard, Slot* slot, uint64_t file_offse
   return 0;
 }
 
-void LoadSession::read_and_verify(Shard& shard, uint8_t* dest, uint64_t file_offset,
-                                  size_t bytes) {
+void LoadSession::read_and_verify(Shard& shard, uint8_t* dest, uint64_t file_offset, size_t bytes) {
   if (!shard.verifier) {
     shard.file->read_exact(dest, bytes, file_offset);
     return;
@@ -820,9 +822,8 @@ void LoadSession::finish_shard(size_t index) {
 
 std::optional<PublishedShard> LoadSession::next_shard() {
   std::unique_lock<std::mutex> lock(mutex_);
-  changed_.wait(lock, [this] {
-    return error_ || !ready_.empty() || returned_ == shards_.size() || closed_;
-  });
+  changed_.wait(
+      lock, [this] { return error_ || !ready_.empty() || returned_ == shards_.size() || closed_; });
   if (error_) std::rethrow_exception(error_);
   if (!ready_.empty()) {
     PublishedShard out = std::move(ready_.front());

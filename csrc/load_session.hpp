@@ -62,9 +62,9 @@ struct SessionOptions {
 };
 
 struct ShardSource {
-  std::string path;    // local file; empty for a fed shard
-  std::string name;    // how errors and reports name it
-  uint64_t size = 0;   // fed shards: the size the source listed
+  std::string path;          // local file; empty for a fed shard
+  std::string name;          // how errors and reports name it
+  uint64_t size = 0;         // fed shards: the size the source listed
   ChunkChecksums checksums;  // empty: not verified
   // Fed shards without a manifest: the blob's Content-MD5 (16 bytes; empty: none), checked over
   // the whole file in order when every byte has been fed (not with a tensor selection).
@@ -94,8 +94,8 @@ struct ShardStats {
   uint64_t file_bytes = 0;
   uint64_t header_bytes = 0;
   uint64_t data_bytes = 0;
-  size_t tensors = 0;             // tensors this load hands out (a selection may skip some)
-  uint64_t needed_bytes = 0;      // data bytes this load reads (all of them without a selection)
+  size_t tensors = 0;            // tensors this load hands out (a selection may skip some)
+  uint64_t needed_bytes = 0;     // data bytes this load reads (all of them without a selection)
   size_t realigned_tensors = 0;  // tensors copied into their own aligned allocation
   int64_t start_ns = -1;         // first work on the shard, from the session start
   int64_t header_ns = -1;        // header parsed and arena allocated
@@ -143,8 +143,7 @@ class LoadPipeline : public std::enable_shared_from_this<LoadPipeline> {
   ~LoadPipeline();
 
   // Starts loading the shards in the background and returns at once. One session at a time.
-  std::shared_ptr<LoadSession> start_local(std::vector<ShardSource> shards,
-                                           SessionOptions options);
+  std::shared_ptr<LoadSession> start_local(std::vector<ShardSource> shards, SessionOptions options);
   // Starts a load whose bytes a caller fetches and commits (see LoadSession::acquire).
   std::shared_ptr<LoadSession> start_fed(std::vector<ShardSource> shards, SessionOptions options);
   void close();  // cancels a running session and releases the ring, streams and threads
@@ -191,7 +190,8 @@ class LoadSession {
   std::vector<PublishedShard> take_ready();
   // Blocks until every byte handed out so far has landed on the device (waits on fence events).
   void wait_landed();
-  // Stops the load: pending reads are skipped, in-flight copies drain, unpublished arenas are freed.
+  // Stops the load: pending reads are skipped, in-flight copies drain, unpublished arenas are
+  // freed.
   void cancel();
   // cancel() and wait until no task of this session runs; idempotent.
   void close();
@@ -240,11 +240,11 @@ class LoadSession {
     std::shared_ptr<DeviceArena> arena;
     std::shared_ptr<DeviceArena> staging;  // host-staging: the whole data region in host memory
     std::vector<Realigned> realigned;
-    std::vector<Span> spans;             // sorted, disjoint
-    std::vector<size_t> selected;        // indices in header.tensors handed out, in file order
+    std::vector<Span> spans;              // sorted, disjoint
+    std::vector<size_t> selected;         // indices in header.tensors handed out, in file order
     std::vector<uint64_t> tensor_offset;  // per header tensor: its offset in the arena
     uint64_t arena_bytes = 0;
-    uint64_t needed_bytes = 0;           // sum of the spans
+    uint64_t needed_bytes = 0;                // sum of the spans
     std::unique_ptr<ChunkVerifier> verifier;  // null: no manifest for this shard
     std::unique_ptr<ContentMd5Verifier> md5;  // null: no Content-MD5 to check
     std::atomic<uint64_t> bytes_landed{0};

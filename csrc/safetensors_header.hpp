@@ -25,9 +25,9 @@ struct TensorEntry {
 };
 
 struct ShardHeader {
-  uint64_t header_bytes = 0;  // N, the JSON length
-  uint64_t data_offset = 0;   // 8 + N: where the data region starts in the file
-  uint64_t data_bytes = 0;    // size of the data region
+  uint64_t header_bytes = 0;         // N, the JSON length
+  uint64_t data_offset = 0;          // 8 + N: where the data region starts in the file
+  uint64_t data_bytes = 0;           // size of the data region
   std::vector<TensorEntry> tensors;  // sorted by begin (file order)
   std::vector<std::pair<std::string, std::string>> metadata;  // __metadata__, in file order
 };

@@ -18,7 +18,7 @@ ShardFile::ShardFile(const std::string& path, const std::string& label)
     throw CoreError(ErrorKind::SourceUnavailable,
                     "shard '" + label + "': cannot open '" + path + "': " + std::strerror(errno));
   }
-  struct stat st {};
+  struct stat st{};
   if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
     int err = errno;
     ::close(fd_);

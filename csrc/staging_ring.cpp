@@ -4,8 +4,8 @@
 
 namespace blob2gpu {
 
-StagingRing::StagingRing(const std::shared_ptr<CudaContext>& ctx, size_t slots,
-                         size_t slot_bytes, bool allow_pageable_fallback) {
+StagingRing::StagingRing(const std::shared_ptr<CudaContext>& ctx, size_t slots, size_t slot_bytes,
+                         bool allow_pageable_fallback) {
   if (slots < 2) {
     // Invariant: a slot's DMA overlaps the next slot's fill, which needs two.
     throw CoreError(ErrorKind::InvalidArgument,
@@ -83,7 +83,9 @@ void StagingRing::release(Slot* slot) {
 }
 
 void StagingRing::wake_all() {
-  { std::lock_guard<std::mutex> lock(mutex_); }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+  }
   changed_.notify_all();
 }
 

@@ -23,6 +23,8 @@ void note_teardown_failure(const char* call, CUresult result) noexcept {
                call, name ? name : "CUresult", static_cast<int>(result));
 }
 
-uint64_t teardown_failures() noexcept { return g_failures.load(); }
+uint64_t teardown_failures() noexcept {
+  return g_failures.load();
+}
 
 }  // namespace blob2gpu

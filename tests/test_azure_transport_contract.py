@@ -44,10 +44,22 @@ def oldest_sdk() -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
     try:
         pip = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-input",
-             "--disable-pip-version-check", "--no-warn-conflicts", "--target", str(staging),
-             f"azure-storage-blob=={release}"],
-            capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-input",
+                "--disable-pip-version-check",
+                "--no-warn-conflicts",
+                "--target",
+                str(staging),
+                f"azure-storage-blob=={release}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert pip.returncode == 0, (
             f"pip could not install azure-storage-blob=={release} (the lowest pyproject.toml "

@@ -26,7 +26,10 @@ def blob(azurite, container):
     data = os.urandom(300_000)
     azurite.service().get_blob_client(container, "m/shard.safetensors").upload_blob(data)
     sas = generate_blob_sas(
-        ACCOUNT, container, "m/shard.safetensors", account_key=ACCOUNT_KEY,
+        ACCOUNT,
+        container,
+        "m/shard.safetensors",
+        account_key=ACCOUNT_KEY,
         permission=BlobSasPermissions(read=True),
         expiry=datetime.now(timezone.utc) + timedelta(hours=1),
     )
@@ -47,13 +50,18 @@ def test_range_get_c(blob, tmp_path):
     subprocess.run([cc, "-O2", "-o", str(program), str(BENCH / "range_get.c")], check=True)
     parsed = urlparse(url)
     requests = tmp_path / "requests.txt"
-    requests.write_text("".join(
-        f"{parsed.path}?{parsed.query} {a} {b} {tmp_path / f'part{i}'}\n"
-        for i, (a, b) in enumerate(RANGES)
-    ))
+    requests.write_text(
+        "".join(
+            f"{parsed.path}?{parsed.query} {a} {b} {tmp_path / f'part{i}'}\n"
+            for i, (a, b) in enumerate(RANGES)
+        )
+    )
     out = subprocess.run(
         [str(program), parsed.hostname, str(parsed.port), str(requests)],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout
     check(out, tmp_path, data)
 
@@ -63,13 +71,24 @@ def test_range_get_js(blob, tmp_path):
     assert node, "no node on PATH: Azurite runs on it"
     url, data = blob
     requests = tmp_path / "requests.json"
-    requests.write_text(json.dumps([
-        {"url": url, "headers": {"x-ms-range": f"bytes={a}-{b}", "x-ms-version": "2021-08-06"},
-         "ca": "", "output": str(tmp_path / f"part{i}")}
-        for i, (a, b) in enumerate(RANGES)
-    ]))
+    requests.write_text(
+        json.dumps(
+            [
+                {
+                    "url": url,
+                    "headers": {"x-ms-range": f"bytes={a}-{b}", "x-ms-version": "2021-08-06"},
+                    "ca": "",
+                    "output": str(tmp_path / f"part{i}"),
+                }
+                for i, (a, b) in enumerate(RANGES)
+            ]
+        )
+    )
     out = subprocess.run(
         [node, str(BENCH / "range_get.js"), str(requests)],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout
     check(out, tmp_path, data)

@@ -238,8 +238,9 @@ def test_restart_keeps_the_complete_shards_of_unchanged_blobs(
 
     via_proxy.faults.on_range_get = overwrite_once
     framework = "torch" if device == "cpu" else "dlpack"
-    with blob2gpu.Loader(on_blob_change="restart", prefetch_concurrency=1,
-                         chunk_bytes=65536) as loader:
+    with blob2gpu.Loader(
+        on_blob_change="restart", prefetch_concurrency=1, chunk_bytes=65536
+    ) as loader:
         got = loader.load(f"az://{container}/m", device=device, framework=framework)
     reference = expected(published)
     for name in ("s0.w0", "s0.w1", "s1.w0", "s1.w1"):

@@ -24,8 +24,9 @@ def published(azurite_tls, tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("ckpt")
     for s in range(2):
-        tensors = {f"s{s}.w{i}": random_tensor(torch.bfloat16, (64, 96), 3 * s + i)
-                   for i in range(3)}
+        tensors = {
+            f"s{s}.w{i}": random_tensor(torch.bfloat16, (64, 96), 3 * s + i) for i in range(3)
+        }
         save_file(tensors, str(directory / f"model-{s + 1:05d}-of-00002.safetensors"))
     upload_directory(azurite_tls, "secure", directory, "m")
     return directory
@@ -77,8 +78,9 @@ def test_bearer_token_over_https(device, published, trusted):
     got, report = load(f"{trusted.endpoint()}/secure/m", device, credential=credential)
     assert got == expected(published)
     assert report.credential == "explicit credential"
-    assert credential.scopes and all(s.startswith("https://storage.azure.com") for s in
-                                     credential.scopes)
+    assert credential.scopes and all(
+        s.startswith("https://storage.azure.com") for s in credential.scopes
+    )
     assert credential.token not in report.to_json()
 
 
@@ -107,8 +109,14 @@ def test_no_identity_to_be_found_is_access_denied_at_once_naming_the_credential(
 ):
     # Nothing in the environment: DefaultAzureCredential (azure-identity) is the credential, and
     # on this machine it finds no identity (no workload or managed identity, no Azure CLI).
-    for var in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE",
-                "AZURE_CLIENT_SECRET", "IDENTITY_ENDPOINT", "MSI_ENDPOINT"):
+    for var in (
+        "AZURE_CLIENT_ID",
+        "AZURE_TENANT_ID",
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "AZURE_CLIENT_SECRET",
+        "IDENTITY_ENDPOINT",
+        "MSI_ENDPOINT",
+    ):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(errors.AccessDenied, match="DefaultAzureCredential") as info:
         load(f"{trusted.endpoint()}/secure/m", "cpu", retry_backoff_seconds=30)

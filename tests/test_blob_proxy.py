@@ -21,8 +21,10 @@ PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")
 
 
 def shards():
-    return [{f"s{s}.w{i}": random_tensor(torch.bfloat16, (64, 96), 3 * s + i) for i in range(3)}
-            for s in range(2)]
+    return [
+        {f"s{s}.w{i}": random_tensor(torch.bfloat16, (64, 96), 3 * s + i) for i in range(3)}
+        for s in range(2)
+    ]
 
 
 @pytest.fixture
@@ -58,8 +60,9 @@ def test_http_through_the_proxy_and_no_proxy_around_it(
     assert len(proxy.log.requests) == seen
 
 
-def test_https_through_a_connect_tunnel(device, azurite_tls, tmp_path, proxy, no_proxy_settings,
-                                         write_checkpoint):
+def test_https_through_a_connect_tunnel(
+    device, azurite_tls, tmp_path, proxy, no_proxy_settings, write_checkpoint
+):
     directory = write_checkpoint(shards())
     upload_directory(azurite_tls, "tunnelled", directory, "m")
     no_proxy_settings.setenv("REQUESTS_CA_BUNDLE", azurite_tls.certificate)
@@ -91,17 +94,22 @@ def test_an_unreachable_proxy_is_storage_unavailable_naming_it(
 ):
     no_proxy_settings.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string())
     no_proxy_settings.setenv("HTTP_PROXY", f"http://loader:{PASSWORD}@127.0.0.1:{free_port}")
-    with pytest.raises(errors.StorageUnavailable, match=rf"the proxy 127.0.0.1:{free_port} "
-                       r"\(HTTP_PROXY\): Unable to connect.*NO_PROXY") as info:
+    with pytest.raises(
+        errors.StorageUnavailable,
+        match=rf"the proxy 127.0.0.1:{free_port} "
+        r"\(HTTP_PROXY\): Unable to connect.*NO_PROXY",
+    ) as info:
         blob2gpu.load("az://anything/m", retry_max_attempts=2, retry_backoff_seconds=0.01)
     assert PASSWORD not in str(info.value)
 
 
 def test_preflight_names_the_proxy(azurite, proxy, free_port, no_proxy_settings, tmp_path):
     def storage_check(proxy_url):
-        env = {"HTTP_PROXY": proxy_url,
-               "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string(),
-               "BLOB2GPU_CUDA_DRIVER": "/nonexistent/libcuda.so.1"}
+        env = {
+            "HTTP_PROXY": proxy_url,
+            "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string(),
+            "BLOB2GPU_CUDA_DRIVER": "/nonexistent/libcuda.so.1",
+        }
         result = preflight(
             "--source", "az://anything/m", "--cache-dir", str(tmp_path), "--json", env=env
         )

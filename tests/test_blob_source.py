@@ -165,9 +165,12 @@ def test_sas_without_list_permission_is_denied_without_the_signature(
     monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
     sas = sas_for(container, read=True)
     signature = dict(p.split("=", 1) for p in sas.split("&"))["sig"]
-    with pytest.raises(errors.AccessDenied, match=r"AuthorizationPermissionMismatch: the "
-                       r"credential lacks a permission\); check that a SAS grants read and list "
-                       r"\(sp=rl\)") as info:
+    with pytest.raises(
+        errors.AccessDenied,
+        match=r"AuthorizationPermissionMismatch: the "
+        r"credential lacks a permission\); check that a SAS grants read and list "
+        r"\(sp=rl\)",
+    ) as info:
         blob2gpu.load(f"{azurite.endpoint()}/{container}/llama?{sas}")
     assert signature not in str(info.value)
 
@@ -175,8 +178,11 @@ def test_sas_without_list_permission_is_denied_without_the_signature(
 def test_an_https_only_sas_over_http_says_to_use_https(published, azurite, container, monkeypatch):
     monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
     sas = sas_for(container, protocol="https")
-    with pytest.raises(errors.AccessDenied, match=r"HTTPS only \(spr=https\)\); check the "
-                       r"endpoint: use https://"):
+    with pytest.raises(
+        errors.AccessDenied,
+        match=r"HTTPS only \(spr=https\)\); check the "
+        r"endpoint: use https://",
+    ):
         blob2gpu.load(f"{azurite.endpoint()}/{container}/llama?{sas}")
 
 
@@ -357,8 +363,11 @@ def test_archived_shards_are_refused_before_any_memory_is_taken(
         "Archive"
     )
     fault_proxy.counters.paths.clear()
-    with pytest.raises(errors.BlobArchived, match=r"'llama/model-00002-of-00003.safetensors'.*"
-                       r"Archive access tier.*rehydrate") as info:
+    with pytest.raises(
+        errors.BlobArchived,
+        match=r"'llama/model-00002-of-00003.safetensors'.*"
+        r"Archive access tier.*rehydrate",
+    ) as info:
         blob2gpu.load(f"az://{container}/llama", device="cuda", framework="dlpack")
     assert "model-00001" not in str(info.value)
     assert not [p for p in fault_proxy.counters.paths if p.endswith(".safetensors")]
@@ -445,8 +454,10 @@ def test_bearer_tokens_never_cross_plain_http():
         def get_token(self, *scopes, **kwargs):  # pragma: no cover - never called
             raise AssertionError
 
-    for url in ("http://storage.example.com/models/llama",
-                "http://127.0.0.1:10000/devstoreaccount1/models/llama"):
+    for url in (
+        "http://storage.example.com/models/llama",
+        "http://127.0.0.1:10000/devstoreaccount1/models/llama",
+    ):
         with pytest.raises(errors.InvalidArgument, match=r"plain HTTP"):
             resolve_credential(parse_blob_uri(url), Token())
     https = parse_blob_uri("https://acct.blob.core.windows.net/models/llama")

@@ -43,8 +43,13 @@ def save_llama(directory: Path, tied: bool, tokenizer: bool) -> torch.nn.Module:
     """A small random Llama saved as several shards + index + config.json; returns the model."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
         tie_word_embeddings=tied,
     )
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -64,8 +69,13 @@ def expected_token(model: torch.nn.Module, input_ids: list[int]) -> int:
     """The original model's greedy next token, through transformers' own generate()."""
     ids = torch.tensor([input_ids])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=1,
+            do_sample=False,
+            pad_token_id=0,
+        )
     return int(out[0, -1])
 
 
@@ -186,7 +196,9 @@ def test_cli_coldstart(tmp_path, container, blob_env):
     publish(tmp_path / "llama", uri)
     result = subprocess.run(
         [sys.executable, "-m", "blob2gpu", "coldstart", uri, "--prompt", "hi there"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr
@@ -202,9 +214,22 @@ def test_the_llama_demo_cold_starts_to_a_first_token():
     # `blob2gpu demo --model llama`: a Llama written here, served by Azurite when installed (else
     # local files), cold-started to its first token with every phase printed.
     result = subprocess.run(
-        [sys.executable, "-m", "blob2gpu", "demo", "--model", "llama", "--size-mb", "16",
-         "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent,
+        [
+            sys.executable,
+            "-m",
+            "blob2gpu",
+            "demo",
+            "--model",
+            "llama",
+            "--size-mb",
+            "16",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "a transformers Llama" in result.stdout and "first token: " in result.stdout

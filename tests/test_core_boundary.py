@@ -34,9 +34,7 @@ def stub_functions() -> dict[str, ast.FunctionDef]:
 
 def stub_classes() -> dict[str, ast.ClassDef]:
     return {
-        n.name: n
-        for n in stub_tree().body
-        if isinstance(n, ast.ClassDef) and not is_typed_dict(n)
+        n.name: n for n in stub_tree().body if isinstance(n, ast.ClassDef) and not is_typed_dict(n)
     }
 
 
@@ -49,8 +47,9 @@ def stub_parameters(node: ast.FunctionDef) -> list[tuple[str, bool]]:
     out = [(a.arg, d) for a, d in zip(positional, defaults, strict=True)]
     if args.kwonlyargs:
         out.append(("*", False))
-        out += [(a.arg, d is not None) for a, d in zip(args.kwonlyargs, args.kw_defaults,
-                                                        strict=True)]
+        out += [
+            (a.arg, d is not None) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True)
+        ]
     return [p for p in out if p[0] != "self"]
 
 
@@ -103,8 +102,10 @@ def core_kind(cls: type, name: str) -> str:
     attribute = inspect.getattr_static(cls, name)
     if isinstance(attribute, property):
         # def_property_readonly_static: a property of the class itself, read on the class.
-        return "class attribute" if type(attribute).__name__ == "pybind11_static_property" else (
-            "property"
+        return (
+            "class attribute"
+            if type(attribute).__name__ == "pybind11_static_property"
+            else ("property")
         )
     return "method" if callable(attribute) else "class attribute"
 
@@ -132,8 +133,9 @@ def test_every_name_the_stub_declares_exists_with_the_same_kind() -> None:
 
 
 def test_typed_dicts_in_the_stub_are_stub_only_names() -> None:
-    typed_dicts = [n.name for n in stub_tree().body if isinstance(n, ast.ClassDef)
-                   and is_typed_dict(n)]
+    typed_dicts = [
+        n.name for n in stub_tree().body if isinstance(n, ast.ClassDef) and is_typed_dict(n)
+    ]
     assert typed_dicts, "the stub describes parse_header()'s result as a TypedDict"
     assert core_public_names() & set(typed_dicts) == set()
 
@@ -168,7 +170,8 @@ def test_class_members_match(name: str) -> None:
 )
 def test_method_parameters_match(cls: str, method: str) -> None:
     node = next(
-        item for item in stub_classes()[cls].body
+        item
+        for item in stub_classes()[cls].body
         if isinstance(item, ast.FunctionDef) and item.name == method
     )
     built = inspect.getattr_static(getattr(_core, cls), method)
@@ -177,8 +180,9 @@ def test_method_parameters_match(cls: str, method: str) -> None:
 
 def test_a_shard_source_keeps_what_it_was_given() -> None:
     sums = _core.ChunkChecksums(4096, crc32c=[1, 2])
-    source = _core.ShardSource("a.safetensors", size=5000, path="/x", checksums=sums,
-                               content_md5=bytes(range(16)))
+    source = _core.ShardSource(
+        "a.safetensors", size=5000, path="/x", checksums=sums, content_md5=bytes(range(16))
+    )
     assert (source.name, source.size, source.path) == ("a.safetensors", 5000, "/x")
     assert source.checksums is not None and source.checksums.crc32c == [1, 2]
     assert source.checksums.chunk_bytes == 4096 and source.checksums.sha256 == []

@@ -369,9 +369,7 @@ def test_direct_io_reads_land_in_pinned_slots_on_cuda(request, write_checkpoint)
         pytest.skip(f"{directory} is on a filesystem without O_DIRECT (tmpfs?)")
     pipeline = _core.LoadPipeline("cuda:0", 4, 1 << 16, 2, 2, False)
     try:
-        sources = [
-            _core.ShardSource(f.name, size=f.stat().st_size, path=str(f)) for f in files
-        ]
+        sources = [_core.ShardSource(f.name, size=f.stat().st_size, path=str(f)) for f in files]
         session = pipeline.start_fed(sources, direct_io=True)
         got = {}
         while (shard := session.next_shard()) is not None:

@@ -31,8 +31,9 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize(("sizes", "world"), [([10, 20, 30], 2), ([5 << 20], 4),
-                                              ([3 << 20, 1, 7 << 20], 3), ([100], 8)])
+@pytest.mark.parametrize(
+    ("sizes", "world"), [([10, 20, 30], 2), ([5 << 20], 4), ([3 << 20, 1, 7 << 20], 3), ([100], 8)]
+)
 def test_every_byte_has_exactly_one_owner(sizes, world):
     owners = byte_owners(sizes, world)
     for size, ranges in zip(sizes, owners, strict=True):
@@ -42,15 +43,21 @@ def test_every_byte_has_exactly_one_owner(sizes, world):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_ranks_fetch_disjoint_parts_and_share_them(world, write_checkpoint, azurite, container,
-                                                   fault_proxy, tmp_path, free_port):
+def test_ranks_fetch_disjoint_parts_and_share_them(
+    world, write_checkpoint, azurite, container, fault_proxy, tmp_path, free_port
+):
     # Three shards of uneven size, ~2.5 MiB in all: with MiB-aligned parts some ranks own pieces
     # of several shards, and with 4 ranks there are fewer shards than ranks.
-    directory = write_checkpoint([
-        {"a": random_tensor(torch.float32, (256, 1024), 1)},
-        {"b": random_tensor(torch.float16, (100, 777), 2), "c": random_tensor(torch.int8, (9,), 3)},
-        {"d": random_tensor(torch.float32, (300, 1024), 4)},
-    ])
+    directory = write_checkpoint(
+        [
+            {"a": random_tensor(torch.float32, (256, 1024), 1)},
+            {
+                "b": random_tensor(torch.float16, (100, 777), 2),
+                "c": random_tensor(torch.int8, (9,), 3),
+            },
+            {"d": random_tensor(torch.float32, (300, 1024), 4)},
+        ]
+    )
     upload_directory(azurite, container, directory, "m")
     reference = blob2gpu.load(str(directory), framework="dlpack")
     import zlib
@@ -58,12 +65,24 @@ def test_ranks_fetch_disjoint_parts_and_share_them(world, write_checkpoint, azur
     expected = ";".join(f"{n}={zlib.crc32(reference[n].to_bytes())}" for n in sorted(reference))
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port),
-               WORLD_SIZE=str(world), GLOO_SOCKET_IFNAME="lo",
-               AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port))
-    procs = [subprocess.Popen([sys.executable, str(script), f"az://{container}/m"],
-                              env=dict(env, RANK=str(r)), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(world)]
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port),
+        WORLD_SIZE=str(world),
+        GLOO_SOCKET_IFNAME="lo",
+        AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port),
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), f"az://{container}/m"],
+            env=dict(env, RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
     outs = [p.communicate(timeout=180) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert all(o[0].strip() == expected for o in outs)
@@ -78,15 +97,21 @@ def test_needs_a_process_group(write_checkpoint):
         blob2gpu.load(str(directory), distributed=True)
 
 
-def test_ranks_with_their_own_tensor_subsets(write_checkpoint, azurite, container, fault_proxy,
-                                             tmp_path, free_port):
+def test_ranks_with_their_own_tensor_subsets(
+    write_checkpoint, azurite, container, fault_proxy, tmp_path, free_port
+):
     # Rank 0 wants shard 1's tensor, rank 1 two of shard 2's: shard 3 is fetched by nobody.
-    directory = write_checkpoint([
-        {"a": random_tensor(torch.float32, (256, 1024), 1)},
-        {"b": random_tensor(torch.float16, (100, 777), 2), "c": random_tensor(torch.int8, (9,), 3),
-         "e": random_tensor(torch.int8, (5,), 5)},
-        {"d": random_tensor(torch.float32, (300, 1024), 4)},
-    ])
+    directory = write_checkpoint(
+        [
+            {"a": random_tensor(torch.float32, (256, 1024), 1)},
+            {
+                "b": random_tensor(torch.float16, (100, 777), 2),
+                "c": random_tensor(torch.int8, (9,), 3),
+                "e": random_tensor(torch.int8, (5,), 5),
+            },
+            {"d": random_tensor(torch.float32, (300, 1024), 4)},
+        ]
+    )
     upload_directory(azurite, container, directory, "m")
     reference = blob2gpu.load(str(directory), framework="dlpack")
     import zlib
@@ -94,20 +119,32 @@ def test_ranks_with_their_own_tensor_subsets(write_checkpoint, azurite, containe
     subsets = [["a"], ["b", "c"]]
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port), WORLD_SIZE="2",
-               GLOO_SOCKET_IFNAME="lo",
-               AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port))
-    procs = [subprocess.Popen([sys.executable, str(script), f"az://{container}/m",
-                               ",".join(subsets[r])], env=dict(env, RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port),
+        WORLD_SIZE="2",
+        GLOO_SOCKET_IFNAME="lo",
+        AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port),
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), f"az://{container}/m", ",".join(subsets[r])],
+            env=dict(env, RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=180) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     for (out, _), names in zip(outs, subsets, strict=True):
-        assert out.strip() == ";".join(f"{n}={zlib.crc32(reference[n].to_bytes())}"
-                                       for n in names)
-    fetched = sum((directory / f).stat().st_size for f in
-                  ("model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"))
+        assert out.strip() == ";".join(f"{n}={zlib.crc32(reference[n].to_bytes())}" for n in names)
+    fetched = sum(
+        (directory / f).stat().st_size
+        for f in ("model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors")
+    )
     index = (directory / "model.safetensors.index.json").stat().st_size
     assert fault_proxy.counters.range_bytes == fetched + 2 * index  # shard 3: nobody's
 
@@ -126,12 +163,16 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize(("setting", "value", "refused_with"), [
-    ("shard_count", 7, "ShardCountMismatch"),
-    ("check_memory_fit", True, "InsufficientHostMemory"),  # a 4 TiB (sparse) shard
-])
-def test_fan_out_runs_the_checks_of_every_load(setting, value, refused_with, write_checkpoint,
-                                               tmp_path, free_port):
+@pytest.mark.parametrize(
+    ("setting", "value", "refused_with"),
+    [
+        ("shard_count", 7, "ShardCountMismatch"),
+        ("check_memory_fit", True, "InsufficientHostMemory"),  # a 4 TiB (sparse) shard
+    ],
+)
+def test_fan_out_runs_the_checks_of_every_load(
+    setting, value, refused_with, write_checkpoint, tmp_path, free_port
+):
     # One load sequence: a fan-out load is refused by the same checks as an ordinary one.
     if refused_with == "InsufficientHostMemory":
         directory = sparse_checkpoint(tmp_path / "huge.safetensors", 4 << 40)
@@ -139,10 +180,16 @@ def test_fan_out_runs_the_checks_of_every_load(setting, value, refused_with, wri
         directory = write_checkpoint([{"w": torch.ones(4)}, {"v": torch.zeros(3)}])
     script = tmp_path / "checks.py"
     script.write_text(CHECKS_SCRIPT)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port),
-               GLOO_SOCKET_IFNAME="lo")
-    done = subprocess.run([sys.executable, str(script), str(directory), setting,
-                           json.dumps(value)],
-                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    env = dict(
+        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port), GLOO_SOCKET_IFNAME="lo"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), str(directory), setting, json.dumps(value)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == refused_with

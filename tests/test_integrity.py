@@ -149,8 +149,9 @@ def test_sha256_mode_catches_corruption_and_needs_chunk_digests(device, checkpoi
     gc.collect()
     arenas = _core.live_arena_count()
     with pytest.raises(errors.ChecksumMismatch, match=r"bytes \[65536, 131072\) have SHA-256"):
-        blob2gpu.load(str(checkpoint), device=device, framework=framework_for(device),
-                      verify="sha256")
+        blob2gpu.load(
+            str(checkpoint), device=device, framework=framework_for(device), verify="sha256"
+        )
     gc.collect()
     assert _core.live_arena_count() == arenas
     for entry in manifest.files.values():  # a manifest from before per-chunk digests
@@ -292,8 +293,11 @@ def test_content_md5_is_checked_without_a_manifest(
     )
     # 16 KiB ranges over 8 connections: ranges land out of order and wait for their turn (in
     # the arena on cpu and with host staging, as copies of the staging slots on direct-gpu).
-    settings = {"chunk_bytes": 16384, "staging_slot_bytes": 16384} if device != "cpu" else {
-        "chunk_bytes": 16384}
+    settings = (
+        {"chunk_bytes": 16384, "staging_slot_bytes": 16384}
+        if device != "cpu"
+        else {"chunk_bytes": 16384}
+    )
     if device != "cpu" and strategy == "host-staging":
         settings["direct_gpu_load"] = False
     with blob2gpu.open(
@@ -318,8 +322,9 @@ def test_content_md5_is_checked_without_a_manifest(
     assert _core.live_arena_count() == arenas
 
 
-def test_blobs_without_content_md5_are_flagged_size_and_etag(checkpoint, azurite, container,
-                                                              blob_env):
+def test_blobs_without_content_md5_are_flagged_size_and_etag(
+    checkpoint, azurite, container, blob_env
+):
     from azure.storage.blob import ContentSettings
 
     upload_directory(azurite, container, checkpoint, "plain")

@@ -135,8 +135,9 @@ def test_cpu_cache_hits_are_mapped_not_copied(published, container, cache_dir, b
 
 
 @pytest.mark.parametrize("slot_bytes", [16384, 65536 + 12345])
-def test_direct_io_reads_of_cache_hits_at_any_offset(fake_driver, published, container,
-                                                     cache_dir, blob_env, slot_bytes):
+def test_direct_io_reads_of_cache_hits_at_any_offset(
+    fake_driver, published, container, cache_dir, blob_env, slot_bytes
+):
     # Data regions start at unaligned offsets and slots may be of any size: each read is widened
     # to aligned blocks around the range.
     uri = f"az://{container}/m"

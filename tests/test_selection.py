@@ -50,8 +50,9 @@ STRATEGIES = [
 
 
 @pytest.mark.parametrize(("device", "strategy"), STRATEGIES)
-def test_only_the_named_tensors_are_read_and_handed_out(request, device, strategy,
-                                                        write_checkpoint):
+def test_only_the_named_tensors_are_read_and_handed_out(
+    request, device, strategy, write_checkpoint
+):
     prepare_device(request, device)
     directory = write_checkpoint(layers(), index=False)
     reference = expected(directory)
@@ -71,8 +72,12 @@ def test_device_memory_holds_only_the_selection(fake_driver, write_checkpoint):
     full = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     gc.collect()
     base = fake_driver.live_device_bytes()
-    tensors = blob2gpu.load(str(directory), device="cuda", framework="dlpack",
-                            tensor_filter=lambda n: n.endswith("norm"))
+    tensors = blob2gpu.load(
+        str(directory),
+        device="cuda",
+        framework="dlpack",
+        tensor_filter=lambda n: n.endswith("norm"),
+    )
     assert sorted(tensors) == ["layers.0.norm", "layers.1.norm"]
     held = fake_driver.live_device_bytes() - base
     assert held <= 2 * (1024 + 256) < full // 100  # two norms (and alignment), not two shards
@@ -91,8 +96,9 @@ def test_a_filter_with_an_index_skips_shards_without_a_wanted_tensor(write_check
 def test_progress_counts_what_the_selection_reads_and_get_refuses_the_rest(write_checkpoint):
     directory = write_checkpoint(layers(), index=False)
     reference = expected(directory)
-    with blob2gpu.open(str(directory), tensor_names=["layers.0.norm"],
-                       mmap_local_files=False) as checkpoint:
+    with blob2gpu.open(
+        str(directory), tensor_names=["layers.0.norm"], mmap_local_files=False
+    ) as checkpoint:
         with pytest.raises(KeyError, match="not among the tensors this load selected"):
             checkpoint.get("layers.1.norm")
         assert as_bytes(checkpoint.get("layers.0.norm")) == reference["layers.0.norm"]
@@ -110,10 +116,15 @@ def test_misaligned_tensors_are_realigned_inside_a_selection(device, tmp_path):
         "skip": bytes(1000),
         "f64": struct.pack("<3d", 1.5, -2.0, 3.25),
     }
-    path = raw_safetensors(tmp_path / "odd.safetensors", [
-        ("bytes", "I8", [5], data["bytes"]), ("f32", "F32", [6], data["f32"]),
-        ("skip", "U8", [1000], data["skip"]), ("f64", "F64", [3], data["f64"]),
-    ])
+    path = raw_safetensors(
+        tmp_path / "odd.safetensors",
+        [
+            ("bytes", "I8", [5], data["bytes"]),
+            ("f32", "F32", [6], data["f32"]),
+            ("skip", "U8", [1000], data["skip"]),
+            ("f64", "F64", [3], data["f64"]),
+        ],
+    )
     got, report = load_selected(path, device, tensor_names=["f32", "f64"])
     assert got == {"f32": data["f32"], "f64": data["f64"]}
     assert report.shards[0].needed_bytes == len(data["f32"]) + len(data["f64"])
@@ -163,7 +174,7 @@ def test_corruption_outside_the_selection_is_not_read_inside_it_fails(device, wr
     directory = write_checkpoint(layers(count=1, rows=256), index=False)
     (directory / MANIFEST_NAME).write_text(manifest_for_directory(directory, 16384).to_json())
     path = next(directory.glob("*.safetensors"))
-    header = _core.parse_header(path.read_bytes()[:1 << 16], path.stat().st_size, path.name)
+    header = _core.parse_header(path.read_bytes()[: 1 << 16], path.stat().st_size, path.name)
     spans = {t["name"]: (t["begin"], t["end"]) for t in header["tensors"]}
     raw = bytearray(path.read_bytes())
     begin, end = spans["layers.0.mlp.w"]
@@ -175,20 +186,25 @@ def test_corruption_outside_the_selection_is_not_read_inside_it_fails(device, wr
         load_selected(directory, device, tensor_names=["layers.0.mlp.w"])
 
 
-def test_blob_selection_fetches_only_the_wanted_bytes(device, write_checkpoint, azurite,
-                                                      container, fault_proxy, monkeypatch):
+def test_blob_selection_fetches_only_the_wanted_bytes(
+    device, write_checkpoint, azurite, container, fault_proxy, monkeypatch
+):
     directory = write_checkpoint(layers(rows=256))
     upload_directory(azurite, container, directory, "m")
-    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING",
-                       azurite.connection_string(port=fault_proxy.port))
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string(port=fault_proxy.port)
+    )
     reference = expected(directory)
     weights = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     wanted = ["layers.0.norm", "layers.2.mlp.w"]
-    got, report = load_selected(f"az://{container}/m", device, tensor_names=wanted,
-                                chunk_bytes=65536, verify="none")
+    got, report = load_selected(
+        f"az://{container}/m", device, tensor_names=wanted, chunk_bytes=65536, verify="none"
+    )
     assert got == {n: reference[n] for n in wanted}
-    assert [s.name for s in report.shards] == ["model-00001-of-00004.safetensors",
-                                               "model-00003-of-00004.safetensors"]
+    assert [s.name for s in report.shards] == [
+        "model-00001-of-00004.safetensors",
+        "model-00003-of-00004.safetensors",
+    ]
     # Two first ranges (<= 1 MiB each, capped by the shard) and the mlp weight's remainder.
     assert fault_proxy.counters.range_bytes < weights // 2
     fault_proxy.reset()
@@ -197,23 +213,30 @@ def test_blob_selection_fetches_only_the_wanted_bytes(device, write_checkpoint, 
     assert fault_proxy.counters.range_gets <= 1  # the index itself
 
 
-def test_blob_filter_without_an_index_reads_headers_first(write_checkpoint, azurite, container,
-                                                          fault_proxy, monkeypatch):
+def test_blob_filter_without_an_index_reads_headers_first(
+    write_checkpoint, azurite, container, fault_proxy, monkeypatch
+):
     directory = write_checkpoint([layers(count=1, rows=1024)[0]], index=False)
     upload_directory(azurite, container, directory, "one")
-    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING",
-                       azurite.connection_string(port=fault_proxy.port))
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string(port=fault_proxy.port)
+    )
     reference = expected(directory)
     size = next(directory.glob("*.safetensors")).stat().st_size
-    got, _ = load_selected(f"az://{container}/one", "cpu",
-                                tensor_filter=lambda n: n.endswith("attn.w"), chunk_bytes=65536,
-                                staging_slot_bytes=65536)
+    got, _ = load_selected(
+        f"az://{container}/one",
+        "cpu",
+        tensor_filter=lambda n: n.endswith("attn.w"),
+        chunk_bytes=65536,
+        staging_slot_bytes=65536,
+    )
     assert got == {"layers.0.attn.w": reference["layers.0.attn.w"]}
     assert fault_proxy.counters.range_bytes < size * 0.6  # attn.w is a third of the shard
 
 
-def test_selection_reads_cache_hits_and_writes_no_partial_entries(write_checkpoint, azurite,
-                                                                  container, blob_env, tmp_path):
+def test_selection_reads_cache_hits_and_writes_no_partial_entries(
+    write_checkpoint, azurite, container, blob_env, tmp_path
+):
     directory = write_checkpoint(layers(count=2))
     upload_directory(azurite, container, directory, "m")
     reference = expected(directory)
@@ -250,8 +273,12 @@ def test_the_fit_check_sizes_a_selection_not_the_shards_it_touches(fake_driver, 
     directory = write_checkpoint(layers(count=2, rows=1024), index=False)
     fake_driver.set_vram_budget(fake_driver.live_device_bytes() + 1_000_000)
     try:
-        got = blob2gpu.load(str(directory), device="cuda", framework="dlpack",
-                            tensor_filter=lambda n: n.endswith("norm"))
+        got = blob2gpu.load(
+            str(directory),
+            device="cuda",
+            framework="dlpack",
+            tensor_filter=lambda n: n.endswith("norm"),
+        )
         assert sorted(got) == ["layers.0.norm", "layers.1.norm"]
         del got
         with pytest.raises(errors.InsufficientGPUMemory, match="the selected tensors needs"):
@@ -279,8 +306,7 @@ def selections(draw):
     for i in range(count):
         dtype = draw(st.sampled_from(sorted(DTYPES)))
         elements = draw(st.integers(0, 3000))
-        data = draw(st.binary(min_size=elements * DTYPES[dtype],
-                              max_size=elements * DTYPES[dtype]))
+        data = draw(st.binary(min_size=elements * DTYPES[dtype], max_size=elements * DTYPES[dtype]))
         entries.append((f"t{i}", dtype, [elements], data))
     wanted = draw(st.sets(st.sampled_from([e[0] for e in entries])))
     slot = draw(st.sampled_from([4096, 5000, 16384, 1 << 20]))
@@ -289,9 +315,16 @@ def selections(draw):
     return entries, wanted, slot, target, chunk
 
 
-@hypothesis_settings(deadline=None, database=None, max_examples=100,
-                     suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                            HealthCheck.too_slow, HealthCheck.data_too_large])
+@hypothesis_settings(
+    deadline=None,
+    database=None,
+    max_examples=100,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
 @given(selections())
 def test_any_selection_of_any_layout_is_byte_exact(fake_driver, tmp_path_factory, case):
     entries, wanted, slot, target, chunk = case

@@ -16,34 +16,46 @@ from conftest import random_tensor, upload_directory
 
 @pytest.fixture
 def checkpoint(write_checkpoint):
-    return write_checkpoint([{f"s{s}.w": random_tensor(torch.float16, (256, 256), s)}
-                             for s in range(3)])
+    return write_checkpoint(
+        [{f"s{s}.w": random_tensor(torch.float16, (256, 256), s)} for s in range(3)]
+    )
 
 
 def test_every_strategy_reports_ordered_phases(checkpoint):
-    results = strategy_bench.run(str(checkpoint), ["image-local", "host-staging", "direct-gpu"],
-                                 repeats=2)
+    results = strategy_bench.run(
+        str(checkpoint), ["image-local", "host-staging", "direct-gpu"], repeats=2
+    )
     for r in results:
         assert len(r.runs) == 2, r.unavailable
         for run in r.runs:
             assert all(run[c] >= 0 for c in strategy_bench.PHASE_COLUMNS)
-            assert abs(run["fetch_s"] + run["stage_s"] + run["load_s"] + run["ttft_s"]
-                       - run["cold_start_s"]) < 1e-9
+            assert (
+                abs(
+                    run["fetch_s"]
+                    + run["stage_s"]
+                    + run["load_s"]
+                    + run["ttft_s"]
+                    - run["cold_start_s"]
+                )
+                < 1e-9
+            )
     text = strategy_bench.table(results)
     assert text.splitlines()[1].startswith("image-local") and text.count("%") == 3
 
 
 def test_from_blob_on_the_fake_gpu(fake_driver, checkpoint, azurite, container, blob_env):
     upload_directory(azurite, container, checkpoint, "m")
-    results = strategy_bench.run(f"az://{container}/m", ["image-local", "direct-gpu"],
-                                 device="cuda", repeats=1)
+    results = strategy_bench.run(
+        f"az://{container}/m", ["image-local", "direct-gpu"], device="cuda", repeats=1
+    )
     assert [len(r.runs) for r in results] == [1, 1]
     assert results[1].runs[0]["fetch_s"] > 0
 
 
 def test_peers_that_are_missing_are_reported(checkpoint):
-    results = strategy_bench.run(str(checkpoint), ["direct-gpu", "runai", "fastsafetensors"],
-                                 repeats=1)
+    results = strategy_bench.run(
+        str(checkpoint), ["direct-gpu", "runai", "fastsafetensors"], repeats=1
+    )
     for r in results[1:]:
         assert r.runs or r.unavailable  # ran here, or says why not
 
@@ -55,9 +67,24 @@ def test_unknown_strategy():
 
 def test_command_writes_table_json_and_png(checkpoint, tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    run = subprocess.run([sys.executable, "-m", "blob2gpu", "bench", str(checkpoint),
-                          "--repeats", "1", "--json", str(out), "--png", str(png)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blob2gpu",
+            "bench",
+            str(checkpoint),
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+            "--png",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert "direct-gpu" in run.stdout and "cold_start_s" in run.stdout
     doc = json.loads(out.read_text())

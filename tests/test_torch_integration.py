@@ -14,8 +14,11 @@ class TinyLM(torch.nn.Module):
     def __init__(self, vocab: int = 50, hidden: int = 16) -> None:
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, hidden)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(hidden, 4 * hidden), torch.nn.GELU(),
-                                       torch.nn.Linear(4 * hidden, hidden))
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(hidden, 4 * hidden),
+            torch.nn.GELU(),
+            torch.nn.Linear(4 * hidden, hidden),
+        )
         self.norm = torch.nn.LayerNorm(hidden)
         self.head = torch.nn.Linear(hidden, vocab, bias=False)
         self.head.weight = self.embed.weight  # tied

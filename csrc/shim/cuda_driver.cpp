@@ -81,8 +81,9 @@ void load_driver() {
   if (rc != CUDA_SUCCESS) {
     const char* name = nullptr;
     d.cuGetErrorName(rc, &name);
-    g_load_error = "cuInit failed for the CUDA driver '" + path + "': " +
-                   (name ? name : std::to_string(rc)) + " (no usable GPU, or the driver and "
+    g_load_error = "cuInit failed for the CUDA driver '" + path +
+                   "': " + (name ? name : std::to_string(rc)) +
+                   " (no usable GPU, or the driver and "
                    "kernel module disagree; nvidia-smi tells more)";
     return;
   }
@@ -100,11 +101,17 @@ const CudaDriver& cuda_driver() {
   return g_driver;
 }
 
-bool cuda_driver_loaded() { return g_loaded; }
+bool cuda_driver_loaded() {
+  return g_loaded;
+}
 
-const CudaDriver* cuda_driver_if_loaded() noexcept { return g_loaded ? &g_driver : nullptr; }
+const CudaDriver* cuda_driver_if_loaded() noexcept {
+  return g_loaded ? &g_driver : nullptr;
+}
 
-bool cuda_driver_inherited_by_fork() noexcept { return g_loaded && getpid() != g_load_pid; }
+bool cuda_driver_inherited_by_fork() noexcept {
+  return g_loaded && getpid() != g_load_pid;
+}
 
 void check_cuda(CUresult result, const std::string& what) {
   if (result == CUDA_SUCCESS) return;
@@ -121,9 +128,9 @@ void check_cuda(CUresult result, const std::string& what) {
         "; this process was forked from one that had initialized CUDA, and CUDA cannot be used "
         "in a forked child: start workers with the 'spawn' method, or load in the parent";
   }
-  throw CoreError(result == CUDA_ERROR_OUT_OF_MEMORY ? ErrorKind::GPUOutOfMemory
-                                                     : ErrorKind::CudaError,
-                  message);
+  throw CoreError(
+      result == CUDA_ERROR_OUT_OF_MEMORY ? ErrorKind::GPUOutOfMemory : ErrorKind::CudaError,
+      message);
 }
 
 }  // namespace blob2gpu

@@ -1,5 +1,6 @@
 // The CUDA driver, loaded at run time. This is the only place that calls dlopen/dlsym: the rest of
-// the core calls through the table returned by cuda_driver(), so one wheel serves CPU and GPU hosts.
+// the core calls through the table returned by cuda_driver(), so one wheel serves CPU and GPU
+// hosts.
 #pragma once
 
 #include <string>

@@ -40,12 +40,24 @@ def load(
     if distributed:
         from blob2gpu.integrations.distributed import load as load_distributed
 
-        return load_distributed(uri, device, framework, credential,
-                                dict(settings, **({"config": config} if config else {})),
-                                tensor_names=tensor_names, tensor_filter=tensor_filter)
+        return load_distributed(
+            uri,
+            device,
+            framework,
+            credential,
+            dict(settings, **({"config": config} if config else {})),
+            tensor_names=tensor_names,
+            tensor_filter=tensor_filter,
+        )
     with Loader(config=config, **settings) as loader:
-        return loader.load(uri, device=device, framework=framework, credential=credential,
-                           tensor_names=tensor_names, tensor_filter=tensor_filter)
+        return loader.load(
+            uri,
+            device=device,
+            framework=framework,
+            credential=credential,
+            tensor_names=tensor_names,
+            tensor_filter=tensor_filter,
+        )
 
 
 def open(
@@ -66,8 +78,14 @@ def open(
     """
     loader = Loader(config=config, **settings)
     try:
-        checkpoint = loader.open(uri, device=device, framework=framework, credential=credential,
-                                 tensor_names=tensor_names, tensor_filter=tensor_filter)
+        checkpoint = loader.open(
+            uri,
+            device=device,
+            framework=framework,
+            credential=credential,
+            tensor_names=tensor_names,
+            tensor_filter=tensor_filter,
+        )
     except BaseException:
         loader.close()
         raise

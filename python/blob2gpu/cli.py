@@ -178,9 +178,11 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
     manifest = publish(args.local_dir, args.uri, chunk_bytes=args.chunk_bytes)
     total = sum(e.size for e in manifest.files.values())
-    print(f"published {len(manifest.files)} file(s), {total / 1e9:.3f} GB, and "
-          f"blob2gpu.manifest.json (CRC32C per {args.chunk_bytes >> 20} MiB chunk, SHA-256 per "
-          "file)")
+    print(
+        f"published {len(manifest.files)} file(s), {total / 1e9:.3f} GB, and "
+        f"blob2gpu.manifest.json (CRC32C per {args.chunk_bytes >> 20} MiB chunk, SHA-256 per "
+        "file)"
+    )
     return 0
 
 
@@ -207,15 +209,20 @@ def _cmd_cache_ls(args: argparse.Namespace) -> int:
     cache = _cache(args)
     entries = sorted(cache.entries(), key=lambda e: e.last_used, reverse=True)
     if args.json:
-        print(json.dumps([dict(e.meta, key=e.key, last_used=e.last_used) for e in entries],
-                         indent=2))
+        print(
+            json.dumps([dict(e.meta, key=e.key, last_used=e.last_used) for e in entries], indent=2)
+        )
         return 0
-    print(f"{cache.root}: {len(entries)} entries, {cache.total_bytes() / 1e9:.3f} GB"
-          + (f" (cap {cache.max_bytes / 1e9:.3f} GB)" if cache.max_bytes else ""))
+    print(
+        f"{cache.root}: {len(entries)} entries, {cache.total_bytes() / 1e9:.3f} GB"
+        + (f" (cap {cache.max_bytes / 1e9:.3f} GB)" if cache.max_bytes else "")
+    )
     for e in entries:
         m = e.meta
-        print(f"  {e.key}  {m.get('size', 0) / 1e6:10.1f} MB  {m.get('account')}/"
-              f"{m.get('container')}/{m.get('blob')}  etag {m.get('etag')}")
+        print(
+            f"  {e.key}  {m.get('size', 0) / 1e6:10.1f} MB  {m.get('account')}/"
+            f"{m.get('container')}/{m.get('blob')}  etag {m.get('etag')}"
+        )
     return 0
 
 
@@ -226,8 +233,10 @@ def _cmd_cache_verify(args: argparse.Namespace) -> int:
         problem = cache.verify(e)
         if problem is not None:
             bad += 1
-            print(f"BAD  {e.key} {e.meta.get('blob')}: {problem}"
-                  + ("; removed" if args.repair else ""))
+            print(
+                f"BAD  {e.key} {e.meta.get('blob')}: {problem}"
+                + ("; removed" if args.repair else "")
+            )
             if args.repair:
                 cache.remove(e)
         elif not args.quiet:
@@ -248,9 +257,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from blob2gpu.tools import strategy_bench
 
     settings = dict(args.set or [])
-    results = strategy_bench.run(args.uri, args.strategies.split(","), device=args.device,
-                                 repeats=args.repeats, local_dir=args.local_dir,
-                                 drop_caches=args.drop_caches, settings=settings)
+    results = strategy_bench.run(
+        args.uri,
+        args.strategies.split(","),
+        device=args.device,
+        repeats=args.repeats,
+        local_dir=args.local_dir,
+        drop_caches=args.drop_caches,
+        settings=settings,
+    )
     print(strategy_bench.table(results))
     if args.json:
         _write_text(args.json, strategy_bench.to_json(results))
@@ -428,8 +443,12 @@ def _add_publish_command(sub: Any) -> None:
     publish = sub.add_parser("publish", help="upload a checkpoint and its integrity manifest")
     publish.add_argument("local_dir", help="a local checkpoint directory")
     publish.add_argument("uri", help="where: az://CONTAINER/PREFIX or an https:// Blob URL")
-    publish.add_argument("--chunk-bytes", type=_byte_count, default=4 << 20,
-                         help="manifest chunk size (default 4MiB)")
+    publish.add_argument(
+        "--chunk-bytes",
+        type=_byte_count,
+        default=4 << 20,
+        help="manifest chunk size (default 4MiB)",
+    )
     publish.set_defaults(run=_cmd_publish)
 
 
@@ -445,10 +464,11 @@ def _add_cache_command(sub: Any) -> None:
     """`blob2gpu cache`."""
     cache = sub.add_parser("cache", help="the NVMe cache tier")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
-    for name, run, text in (("ls", _cmd_cache_ls, "list entries, most recently used first"),
-                            ("verify", _cmd_cache_verify, "re-read every entry and check it"),
-                            ("prune", _cmd_cache_prune,
-                             "remove abandoned temporary files and evict to the cap")):
+    for name, run, text in (
+        ("ls", _cmd_cache_ls, "list entries, most recently used first"),
+        ("verify", _cmd_cache_verify, "re-read every entry and check it"),
+        ("prune", _cmd_cache_prune, "remove abandoned temporary files and evict to the cap"),
+    ):
         p = cache_sub.add_parser(name, help=text)
         p.add_argument("--cache-dir", help="the cache directory (else the cache_dir setting)")
         p.add_argument("--config", metavar="FILE", help="YAML settings file")
@@ -459,17 +479,24 @@ def _add_cache_command(sub: Any) -> None:
             p.add_argument("--repair", action="store_true", help="remove bad entries")
             p.add_argument("--quiet", action="store_true", help="print only bad entries")
         if name == "prune":
-            p.add_argument("--max-bytes", type=_byte_count, default=None,
-                           help="evict least recently used entries down to this size")
+            p.add_argument(
+                "--max-bytes",
+                type=_byte_count,
+                default=None,
+                help="evict least recently used entries down to this size",
+            )
 
 
 def _add_bench_command(sub: Any) -> None:
     """`blob2gpu bench`."""
     bench = sub.add_parser("bench", help="compare load strategies phase by phase")
     bench.add_argument("uri", help="the checkpoint (local or Blob)")
-    bench.add_argument("--strategies", default="image-local,host-staging,direct-gpu",
-                       help="comma-separated: image-local, host-staging, direct-gpu, runai, "
-                            "fastsafetensors (the first is the baseline of the gain)")
+    bench.add_argument(
+        "--strategies",
+        default="image-local,host-staging,direct-gpu",
+        help="comma-separated: image-local, host-staging, direct-gpu, runai, "
+        "fastsafetensors (the first is the baseline of the gain)",
+    )
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--local-dir", help="local copy for the local strategies (else downloaded)")
@@ -537,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_coldstart_command(sub)
     _add_demo_command(sub)
     return parser
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

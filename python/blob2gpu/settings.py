@@ -352,8 +352,10 @@ OTHER_ENVIRONMENT: dict[str, tuple[str, str]] = {
     ),
     "BLOB2GPU_CUDA_DRIVER": ("libcuda.so.1", "CUDA driver library the core loads."),
     "AZURE_STORAGE_CONNECTION_STRING": ("(none)", "Account (and key or SAS) for az:// URIs."),
-    "AZURE_STORAGE_ACCOUNT_NAME": ("(none)", "Account for az:// URIs (credential from "
-                                             "AZURE_STORAGE_KEY, a SAS, or an Entra identity)."),
+    "AZURE_STORAGE_ACCOUNT_NAME": (
+        "(none)",
+        "Account for az:// URIs (credential from AZURE_STORAGE_KEY, a SAS, or an Entra identity).",
+    ),
     "AZURE_STORAGE_KEY": ("(none)", "Account key for Blob URIs."),
     "AZURE_STORAGE_SAS_TOKEN": ("(none)", "SAS token for Blob URIs."),
 }

@@ -392,8 +392,10 @@ class CacheWriter:
             need_sha = bool(p.expected_sha256) and not crcs_comparable
             info = _hash_file(p.tmp_path, CHUNK_BYTES, with_sha256=need_sha)
             on_disk = _whole_crc(
-                [(i * CHUNK_BYTES, min(CHUNK_BYTES, info["size"] - i * CHUNK_BYTES), c)
-                 for i, c in enumerate(info["crc32c"])]
+                [
+                    (i * CHUNK_BYTES, min(CHUNK_BYTES, info["size"] - i * CHUNK_BYTES), c)
+                    for i, c in enumerate(info["crc32c"])
+                ]
             )
             if info["size"] != p.identity["size"] or on_disk != _whole_crc(p.pieces):
                 self._abandon(p, "the bytes read back differ from the bytes received")

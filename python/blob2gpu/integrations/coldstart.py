@@ -47,17 +47,25 @@ def describe(result: ColdStart) -> str:
     """The cold start for people: the first token, the time before and after the load, the
     load's summary and phase table."""
     shown = repr(result.text) if result.text is not None else "(no tokenizer)"
-    return "\n".join([
-        f"first token: {result.token_id} {shown} after input ids {result.input_ids}",
-        f"config, tokenizer and meta model: {result.prepare_seconds:.3f} s before the load; "
-        f"{result.total_seconds:.3f} s in all",
-        result.report.summary(),
-        result.report.phase_table(),
-    ])
+    return "\n".join(
+        [
+            f"first token: {result.token_id} {shown} after input ids {result.input_ids}",
+            f"config, tokenizer and meta model: {result.prepare_seconds:.3f} s before the load; "
+            f"{result.total_seconds:.3f} s in all",
+            result.report.summary(),
+            result.report.phase_table(),
+        ]
+    )
 
 
-def cold_start(uri: str, device: str = "cpu", dtype: Any = None, prompt: str = "hello",
-               credential: Any = None, **settings: Any) -> ColdStart:
+def cold_start(
+    uri: str,
+    device: str = "cpu",
+    dtype: Any = None,
+    prompt: str = "hello",
+    credential: Any = None,
+    **settings: Any,
+) -> ColdStart:
     """Build the checkpoint's transformers model and produce its first token, timing each phase.
 
     uri: a Blob URI (config.json and tokenizer files are fetched from beside the weights with
@@ -82,8 +90,7 @@ def cold_start(uri: str, device: str = "cpu", dtype: Any = None, prompt: str = "
     model = _build(transformers, config, dtype, meta=True)
     prepare_seconds = time.perf_counter() - started
 
-    report = load_into(model, uri, device=device, dtype=dtype, credential=credential,
-                       **settings)
+    report = load_into(model, uri, device=device, dtype=dtype, credential=credential, **settings)
     _materialize_buffers(model, device, lambda: _build(transformers, config, dtype, meta=False))
     model.eval()
 
@@ -100,9 +107,15 @@ def cold_start(uri: str, device: str = "cpu", dtype: Any = None, prompt: str = "
         token_id = int(logits[0, -1].argmax())  # int() waits for the device: a real token
     report.mark_first_token()
     text = tokenizer.decode([token_id]) if tokenizer is not None else None
-    return ColdStart(model=model, input_ids=input_ids, token_id=token_id, text=text,
-                     report=report, prepare_seconds=prepare_seconds,
-                     total_seconds=time.perf_counter() - started)
+    return ColdStart(
+        model=model,
+        input_ids=input_ids,
+        token_id=token_id,
+        text=text,
+        report=report,
+        prepare_seconds=prepare_seconds,
+        total_seconds=time.perf_counter() - started,
+    )
 
 
 def _import_transformers() -> Any:
@@ -132,13 +145,17 @@ def _aux_directory(uri: str, tmp: Path, credential: Any, settings: dict[str, Any
 def _read_config(transformers: Any, directory: Path, uri: str) -> Any:
     where = redact(strip_query(uri))
     if not (directory / "config.json").is_file():
-        raise InvalidArgument(f"no config.json beside the weights of '{where}': publish the "
-                              "model directory with its config (blob2gpu publish DIR URI)")
+        raise InvalidArgument(
+            f"no config.json beside the weights of '{where}': publish the "
+            "model directory with its config (blob2gpu publish DIR URI)"
+        )
     try:
         return transformers.AutoConfig.from_pretrained(str(directory))
     except (ValueError, KeyError, OSError) as e:
-        raise InvalidArgument(f"config.json of '{where}' is not usable by transformers "
-                              f"{transformers.__version__}: {e}") from None
+        raise InvalidArgument(
+            f"config.json of '{where}' is not usable by transformers "
+            f"{transformers.__version__}: {e}"
+        ) from None
 
 
 def _read_tokenizer(transformers: Any, directory: Path) -> Any:
@@ -188,16 +205,21 @@ def _materialize_buffers(model: Any, device: str, rebuild: Any) -> None:
         if initializer is not None:
             with torch.no_grad(), _loaded_tensors_hidden(module, keep=set(names)):
                 initializer(module)
-        unwritten += [(module, n, prefix + n) for n in names
-                      if module._buffers[n] is fresh[n] and _still_filled(fresh[n])]
+        unwritten += [
+            (module, n, prefix + n)
+            for n in names
+            if module._buffers[n] is fresh[n] and _still_filled(fresh[n])
+        ]
     if not unwritten:
         return
     shadow = dict(rebuild().named_buffers())
     for module, name, full_name in unwritten:
         value = shadow.get(full_name)
         if value is None or value.is_meta:
-            raise InvalidArgument(f"buffer '{full_name}' of {type(model).__name__} is neither in "
-                                  "the checkpoint nor computed by the model's code")
+            raise InvalidArgument(
+                f"buffer '{full_name}' of {type(model).__name__} is neither in "
+                "the checkpoint nor computed by the model's code"
+            )
         module._buffers[name] = value.to(device)
 
 
@@ -224,8 +246,11 @@ def _loaded_tensors_hidden(module: Any, keep: set[str]) -> Iterator[None]:
                 continue
             saved.append((table, name, tensor))
             stand_in = torch.empty_like(tensor, device="meta")
-            table[name] = (torch.nn.Parameter(stand_in, tensor.requires_grad)
-                           if isinstance(tensor, torch.nn.Parameter) else stand_in)
+            table[name] = (
+                torch.nn.Parameter(stand_in, tensor.requires_grad)
+                if isinstance(tensor, torch.nn.Parameter)
+                else stand_in
+            )
     try:
         yield
     finally:

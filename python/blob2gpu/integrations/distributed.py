@@ -142,9 +142,15 @@ def _range_reader(source: Any) -> Any:
     return BlobRangeReader(container.client, container.location, container.retry)
 
 
-def load(uri: str | None, device: str, framework: str, credential: Any,
-         loader_settings: dict[str, Any], tensor_names: Any = None,
-         tensor_filter: Any = None) -> dict[str, Any]:
+def load(
+    uri: str | None,
+    device: str,
+    framework: str,
+    credential: Any,
+    loader_settings: dict[str, Any],
+    tensor_names: Any = None,
+    tensor_filter: Any = None,
+) -> dict[str, Any]:
     """blob2gpu.load(..., distributed=True): see the module docstring. Needs an initialized
     torch.distributed process group (gloo for cpu tensors; the exchange runs on host memory).
 
@@ -162,12 +168,15 @@ def load(uri: str | None, device: str, framework: str, credential: Any,
     from blob2gpu.loading.request import LoadRequest
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise InvalidArgument("distributed=True needs torch.distributed.init_process_group() "
-                              "first (gloo on CPUs, or a group whose backend handles CPU tensors)")
+        raise InvalidArgument(
+            "distributed=True needs torch.distributed.init_process_group() "
+            "first (gloo on CPUs, or a group whose backend handles CPU tensors)"
+        )
     strategy = GroupFanOut(dist.get_rank(), dist.get_world_size())
     with Loader(**loader_settings) as loader:
-        request = LoadRequest.make(uri, device, framework, credential, loader.settings, {},
-                                   tensor_names, tensor_filter)
+        request = LoadRequest.make(
+            uri, device, framework, credential, loader.settings, {}, tensor_names, tensor_filter
+        )
         checkpoint = loader.start(request, strategy)
         try:
             assert strategy.exchange is not None

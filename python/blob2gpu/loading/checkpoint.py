@@ -72,8 +72,11 @@ class Checkpoint:
         except BaseException as error:
             source_error = self._feeder.error if self._feeder is not None else None
             raised = error
-            if (source_error is not None and source_error is not error
-                    and not isinstance(source_error, LoadCancelled)):
+            if (
+                source_error is not None
+                and source_error is not error
+                and not isinstance(source_error, LoadCancelled)
+            ):
                 raised = source_error  # the feeder's typed error, not the core's echo
             if isinstance(raised, BlobChanged) and self._keep_completed:
                 # Complete shards of unchanged blobs can be kept by a restarted load

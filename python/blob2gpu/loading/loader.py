@@ -80,7 +80,13 @@ class Loader:
         TensorNotFound without an index, ...) surface while iterating.
         """
         request = LoadRequest.make(
-            uri, device, framework, credential, self._settings, settings, tensor_names,
+            uri,
+            device,
+            framework,
+            credential,
+            self._settings,
+            settings,
+            tensor_names,
             tensor_filter,
         )
         return self.start(request)
@@ -132,7 +138,13 @@ class Loader:
         Blob once.
         """
         request = LoadRequest.make(
-            uri, device, framework, credential, self._settings, settings, tensor_names,
+            uri,
+            device,
+            framework,
+            credential,
+            self._settings,
+            settings,
+            tensor_names,
             tensor_filter,
         )
         restart = request.settings.on_blob_change == "restart"

@@ -139,7 +139,10 @@ def read_manifest(request: LoadRequest, source: ResolvedSource, plan: ShardPlan)
 
 
 def content_md5_to_check(
-    source: ResolvedSource, manifest: Manifest | None, verify: str, plan: ShardPlan,
+    source: ResolvedSource,
+    manifest: Manifest | None,
+    verify: str,
+    plan: ShardPlan,
     selection: Selection,
 ) -> list[bytes | None] | None:
     """verify='auto' on a Blob checkpoint without a manifest: each blob's Content-MD5 (where it
@@ -152,7 +155,9 @@ def content_md5_to_check(
 
 
 def verification_of(
-    manifest: Manifest | None, algorithm: str, source: ResolvedSource,
+    manifest: Manifest | None,
+    algorithm: str,
+    source: ResolvedSource,
     content_md5: list[bytes | None] | None,
 ) -> str:
     """What the load checks, as the report names it: crc32c / sha256 (every chunk against the
@@ -180,8 +185,12 @@ def split_reusable(
 
 
 def check_fit(
-    request: LoadRequest, pipeline: Any, plan: ShardPlan, selection: Selection,
-    read_header: Callable[[ShardRef], _core.ParsedHeader], manifest: Manifest | None,
+    request: LoadRequest,
+    pipeline: Any,
+    plan: ShardPlan,
+    selection: Selection,
+    read_header: Callable[[ShardRef], _core.ParsedHeader],
+    manifest: Manifest | None,
 ) -> tuple[int, int] | None:
     """Raises InsufficientGPUMemory / InsufficientHostMemory when the weights will not fit;
     returns (free, total) GPU bytes measured (None on cpu). A selection whose shards do not fit

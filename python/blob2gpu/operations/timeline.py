@@ -89,9 +89,7 @@ def describe(report: LoadReport) -> str:
     if report.host_populate_seconds > 0:
         # Where this is a large part of the load's seconds, new memory is costly on this host
         # (a VM handing freed memory back to its hypervisor): a GPU target or mmap avoids it.
-        lines.append(
-            f"{report.host_populate_seconds:.3f} CPU s making new host memory resident"
-        )
+        lines.append(f"{report.host_populate_seconds:.3f} CPU s making new host memory resident")
     lines += [
         "",
         report.phase_table(),

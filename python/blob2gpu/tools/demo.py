@@ -97,9 +97,14 @@ def write_demo_llama(directory: Path, total_mb: int = 256) -> Path:
 
     layers = max(1, round((total_mb - LLAMA_FIXED_MB) / LLAMA_LAYER_MB))
     config = transformers.LlamaConfig(
-        hidden_size=512, intermediate_size=1536, num_hidden_layers=layers,
-        num_attention_heads=8, num_key_value_heads=4, vocab_size=256,
-        max_position_embeddings=512, tie_word_embeddings=False,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=256,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
@@ -114,8 +119,9 @@ def write_demo_llama(directory: Path, total_mb: int = 256) -> Path:
     return directory
 
 
-def main(device: str = "auto", total_mb: int = 256, source: str = "auto",
-         model: str = "generated") -> int:
+def main(
+    device: str = "auto", total_mb: int = 256, source: str = "auto", model: str = "generated"
+) -> int:
     """Write the demo checkpoint, serve it from a local Azurite (or read it from local files when
     Azurite or azure-storage-blob is missing), load it, print the summary and phase table.
     model='llama': a transformers Llama instead, cold-started to its first token.
@@ -172,8 +178,9 @@ def _llama_cold_start(tmp: Path, device: str, total_mb: int, source: str) -> int
             azurite.upload_directory("models", path, "llama")
             uri = f"{azurite.endpoint()}/models/llama"
             print(f"  served by Azurite at {uri}; cold start on {device}")
-            result = cold_start(uri, device=device,
-                                credential=_account_key(azurite.connection_string()))
+            result = cold_start(
+                uri, device=device, credential=_account_key(azurite.connection_string())
+            )
     else:
         print(f"  at {path} (local files); cold start on {device}")
         result = cold_start(str(path), device=device)

@@ -53,33 +53,47 @@ def _sync(device: str) -> None:
 def _first_use(tensors: dict[str, Any], device: str) -> None:
     import torch
 
-    largest = max((t for t in tensors.values() if isinstance(t, torch.Tensor)),
-                  key=lambda t: t.numel(), default=None)
+    largest = max(
+        (t for t in tensors.values() if isinstance(t, torch.Tensor)),
+        key=lambda t: t.numel(),
+        default=None,
+    )
     if largest is not None and largest.numel():
         (largest.float() if largest.is_floating_point() else largest.long()).sum().item()
     _sync(device)
 
 
 def _phases(fetch: float, staged: float, loaded: float, first: float) -> dict[str, float]:
-    return {"fetch_s": fetch, "stage_s": staged - fetch, "load_s": loaded - staged,
-            "ttft_s": first - loaded, "cold_start_s": first}
+    return {
+        "fetch_s": fetch,
+        "stage_s": staged - fetch,
+        "load_s": loaded - staged,
+        "ttft_s": first - loaded,
+        "cold_start_s": first,
+    }
 
 
-def _run_blob2gpu(uri: str, device: str, direct: bool,
-                  settings: dict[str, Any]) -> dict[str, float]:
+def _run_blob2gpu(
+    uri: str, device: str, direct: bool, settings: dict[str, Any]
+) -> dict[str, float]:
     import blob2gpu
 
     framework = "torch" if device == "cpu" or _torch_has_cuda() else "dlpack"
-    with blob2gpu.open(uri, device=device, framework=framework, direct_gpu_load=direct,
-                       **settings) as checkpoint:
+    with blob2gpu.open(
+        uri, device=device, framework=framework, direct_gpu_load=direct, **settings
+    ) as checkpoint:
         tensors = checkpoint.to_dict()
         report = checkpoint.report
     if framework == "torch":
         _first_use(tensors, device)
     report.mark_first_token()
     p = {name: seconds or 0.0 for name, seconds in report.phases.items()}  # all set by now
-    return _phases(p["artifact_fetch_complete"], p["host_staging_complete"],
-                   p["model_load_complete"], p["first_token"])
+    return _phases(
+        p["artifact_fetch_complete"],
+        p["host_staging_complete"],
+        p["model_load_complete"],
+        p["first_token"],
+    )
 
 
 def _torch_has_cuda() -> bool:
@@ -172,20 +186,28 @@ def drop_page_cache() -> None:
             f.write("1\n")
     except OSError as e:
         raise InvalidArgument(
-            f"--drop-caches needs root and a writable /proc/sys/vm: {e}") from None
+            f"--drop-caches needs root and a writable /proc/sys/vm: {e}"
+        ) from None
 
 
-def run(uri: str, strategies: list[str], device: str = "cpu", repeats: int = 3,
-        local_dir: str | None = None, drop_caches: bool = False,
-        settings: dict[str, Any] | None = None) -> list[StrategyResult]:
+def run(
+    uri: str,
+    strategies: list[str],
+    device: str = "cpu",
+    repeats: int = 3,
+    local_dir: str | None = None,
+    drop_caches: bool = False,
+    settings: dict[str, Any] | None = None,
+) -> list[StrategyResult]:
     """Run every strategy `repeats` times, interleaved so drift hits them all alike.
 
     Returns one StrategyResult per strategy. Raises InvalidArgument for an unknown strategy.
     """
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
-        raise InvalidArgument(f"unknown strategy {', '.join(unknown)}; known: "
-                              + ", ".join(STRATEGIES))
+        raise InvalidArgument(
+            f"unknown strategy {', '.join(unknown)}; known: " + ", ".join(STRATEGIES)
+        )
     settings = settings or {}
     results = {s: StrategyResult(s) for s in strategies}
     local, tmp = (None, None)
@@ -207,8 +229,7 @@ def run(uri: str, strategies: list[str], device: str = "cpu", repeats: int = 3,
                         assert local is not None
                         result.runs.append(_run_peer(s, local, device))
                     else:
-                        result.runs.append(_run_blob2gpu(uri, device, s == "direct-gpu",
-                                                         settings))
+                        result.runs.append(_run_blob2gpu(uri, device, s == "direct-gpu", settings))
                 except ImportError as e:
                     result.unavailable = f"not installed ({e.name})"
                 except Exception as e:  # a peer that cannot run here is reported, not fatal
@@ -238,8 +259,10 @@ def table(results: list[StrategyResult]) -> str:
 
 
 def to_json(results: list[StrategyResult]) -> str:
-    return json.dumps([dict(asdict(r), medians={c: r.median(c) for c in PHASE_COLUMNS})
-                       for r in results], indent=2)
+    return json.dumps(
+        [dict(asdict(r), medians={c: r.median(c) for c in PHASE_COLUMNS}) for r in results],
+        indent=2,
+    )
 
 
 def plot(results: list[StrategyResult], path: str | os.PathLike[str]) -> None:
@@ -253,8 +276,9 @@ def plot(results: list[StrategyResult], path: str | os.PathLike[str]) -> None:
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(ran)))
     for i, r in enumerate(ran):
         left = 0.0
-        for column, color in zip(PHASE_COLUMNS[:4], ("#4c72b0", "#dd8452", "#55a868", "#c44e52"),
-                                 strict=True):
+        for column, color in zip(
+            PHASE_COLUMNS[:4], ("#4c72b0", "#dd8452", "#55a868", "#c44e52"), strict=True
+        ):
             width = r.median(column) or 0.0
             ax.barh(i, width, left=left, color=color, label=column if i == 0 else None)
             left += width

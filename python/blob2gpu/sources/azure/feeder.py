@@ -122,8 +122,9 @@ class BlobFeeder:
         with self._cv:
             first = self.error is None
             # A thread stopped because another failed must not hide the failure that stopped it.
-            if first or (isinstance(self.error, LoadCancelled)
-                         and not isinstance(error, LoadCancelled)):
+            if first or (
+                isinstance(self.error, LoadCancelled) and not isinstance(error, LoadCancelled)
+            ):
                 self.error = error
             self._cv.notify_all()
         if first:

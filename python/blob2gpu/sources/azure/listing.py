@@ -117,7 +117,8 @@ def _list_level(container_client: Any, prefix: str | None) -> list[Any]:
     folders = {b.name.rstrip("/") for b in listed if isinstance(b, BlobPrefix)}
     # A hierarchical-namespace account (ADLS Gen2) lists each folder as an empty blob too.
     return [
-        b for b in listed
+        b
+        for b in listed
         if not isinstance(b, BlobPrefix) and not (b.size == 0 and b.name in folders)
     ]
 

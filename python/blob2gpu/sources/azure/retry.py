@@ -74,7 +74,11 @@ class RetryPolicy:
         return max(self.delay(min(attempt, 16)), min(retry_after(error), self.throttled_seconds))
 
     def wait_before_retry(
-        self, attempt: int, error: BaseException, what: str, blob: str | None,
+        self,
+        attempt: int,
+        error: BaseException,
+        what: str,
+        blob: str | None,
         throttled_waited: float = 0.0,
     ) -> float:
         """Count a retry and sleep; returns the seconds this request has now waited on throttling.
@@ -85,7 +89,8 @@ class RetryPolicy:
         """
         throttled = getattr(error, "status_code", None) in (429, 503)
         if attempt >= self.max_attempts and not (
-                throttled and throttled_waited < self.throttled_seconds):
+            throttled and throttled_waited < self.throttled_seconds
+        ):
             raise StorageUnavailable(
                 f"{what}: {self.location.describe(blob)} kept failing after {attempt} attempts "
                 f"(last: {failure_reason(error, self.location)}); raise "

@@ -96,12 +96,18 @@ def missing_internals() -> list[str]:
     azure-core, requests or urllib3 lacks: one line per missing piece, naming it; empty when all
     of it is there. Sends no request."""
     checks: list[tuple[str, Callable[[], object]]] = [
-        ("azure.storage.blob._generated.models.ModifiedAccessConditions(if_match=...)",
-         _check_access_conditions),
-        ("BlobClient._client.blob.download(range=, modified_access_conditions=, cls=)",
-         _check_download_operation),
-        ("azure.core RequestsTransportResponse.internal_response (the requests.Response)",
-         _check_internal_response),
+        (
+            "azure.storage.blob._generated.models.ModifiedAccessConditions(if_match=...)",
+            _check_access_conditions,
+        ),
+        (
+            "BlobClient._client.blob.download(range=, modified_access_conditions=, cls=)",
+            _check_download_operation,
+        ),
+        (
+            "azure.core RequestsTransportResponse.internal_response (the requests.Response)",
+            _check_internal_response,
+        ),
         ("urllib3 HTTPResponse._fp.readinto() and release_conn()", _check_urllib3_body),
     ]
     missing = []
