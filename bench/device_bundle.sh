@@ -50,8 +50,8 @@ process.on("exit", dump);
 JS
 mkdir "$work/trace"
 NODE_OPTIONS="--require $work/hook.js" AZURITE_TRACE_DIR="$work/trace" \
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_blob_source.py tests/test_blob_https.py \
-  tests/test_blob_faults.py tests/test_blob_proxy.py | tail -1
+  "$PY" -m pytest -q -p no:cacheprovider tests/integration/test_blob_source.py tests/integration/test_blob_https.py \
+  tests/integration/test_blob_faults.py tests/integration/test_blob_proxy.py | tail -1
 
 echo "== pruned Azurite and node"
 "$PY" - "$work/trace" "$work/azurite" <<'PYTHON'

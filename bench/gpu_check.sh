@@ -132,8 +132,8 @@ export BLOB2GPU_TEST_REAL_GPU=1
 # On the repo's disk, not a tmpfs /tmp: the O_DIRECT case needs a filesystem that takes O_DIRECT.
 basetemp=$PWD/.gpu-check-tmp
 rm -rf "$basetemp"
-tests="tests/test_round_trip.py tests/test_dlpack_export.py tests/test_failures.py tests/test_leaks.py
-  tests/test_gpu_consumers.py tests/test_cuda_hardware_rules.py"
+tests="tests/integration/test_round_trip.py tests/integration/test_dlpack_export.py tests/integration/test_failures.py tests/fake_driver/test_leaks.py
+  tests/fake_driver/test_gpu_consumers.py tests/fake_driver/test_cuda_hardware_rules.py"
 # shellcheck disable=SC2086
 timeout "$(cap 130)" "$PY" -m pytest -q -p no:cacheprovider --basetemp "$basetemp" $tests 2>&1 |
   tee "$OUT/tests.log" | tail -25
@@ -141,13 +141,13 @@ test_rc=${PIPESTATUS[0]}
 # Tensor selections, chunk verification (CRC32C, SHA-256) and the checksum kernels on the real
 # driver; their Azurite cases need npm and azure-storage-blob, which this machine lacks.
 timeout "$(cap 60)" "$PY" -m pytest -q -p no:cacheprovider --basetemp "$basetemp-2" \
-  tests/test_selection.py tests/test_integrity.py tests/test_checksums.py \
+  tests/integration/test_selection.py tests/integration/test_integrity.py tests/unit/test_checksums.py \
   -k "not blob and not cache and not publish and not wire and not md5" \
   2>&1 | tee -a "$OUT/tests.log" | tail -5
 [ "${PIPESTATUS[0]}" = 0 ] || test_rc=1
 summary=$(grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | paste -sd "+" -)
 direct=$(timeout "$(cap 40)" "$PY" -m pytest -q -p no:cacheprovider --basetemp "$basetemp-3" -rs \
-  tests/test_cuda_hardware_rules.py -k direct_io 2>&1 | grep -E "passed|failed|SKIPPED" | tail -1)
+  tests/fake_driver/test_cuda_hardware_rules.py -k direct_io 2>&1 | grep -E "passed|failed|SKIPPED" | tail -1)
 rm -rf "$basetemp" "$basetemp-2" "$basetemp-3"
 
 echo "== GPU benchmark"

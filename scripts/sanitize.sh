@@ -17,6 +17,6 @@ runtime="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
 # Python itself is not instrumented: leak reports would be its own; stop on any real finding.
 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 LD_PRELOAD="$runtime" PYTHONPATH="$pkg" "$PY" -m pytest -q -p no:cacheprovider \
-  tests/test_header_validation.py tests/test_round_trip.py tests/test_cuda_pipeline.py \
-  tests/test_failures.py tests/test_integrity.py tests/test_dlpack_export.py \
-  tests/test_selection.py tests/test_checksums.py "$@"
+  tests/unit/test_header_validation.py tests/integration/test_round_trip.py tests/fake_driver/test_cuda_pipeline.py \
+  tests/integration/test_failures.py tests/integration/test_integrity.py tests/integration/test_dlpack_export.py \
+  tests/integration/test_selection.py tests/unit/test_checksums.py "$@"

@@ -50,6 +50,19 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 RAW_DTYPE_BITS = {"F8_E8M0": 8, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4}
 
 
+def sparse_checkpoint(path, data_bytes: int):
+    """A valid shard whose one U8 tensor is `data_bytes` long, written as a sparse file: its size
+    is real for every reader, but it takes no disk."""
+    header = json.dumps(
+        {"huge": {"dtype": "U8", "shape": [data_bytes], "data_offsets": [0, data_bytes]}}
+    ).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + data_bytes)
+    return path
+
+
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     """Random bytes reinterpreted as `dtype` (every bit pattern, so byte equality is meaningful)."""
     itemsize = torch.empty((), dtype=dtype).element_size()

@@ -25,7 +25,7 @@ from conftest import checkpoint_bytes as expected
 CUDA_ERROR_OUT_OF_MEMORY = 2
 CU_EVENT_BLOCKING_SYNC = 0x1
 CU_EVENT_DISABLE_TIMING = 0x2
-FAKE_DIR = Path(__file__).parent / "fake_cuda"
+FAKE_DIR = Path(__file__).resolve().parents[1] / "fake_cuda"
 
 
 def shards(count: int, per_shard: int = 3):

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import pytest
 from support.azurite import ACCOUNT, ACCOUNT_KEY
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 RANGES = [(0, 99), (100, 65_635), (65_636, 299_999)]
 
 

@@ -229,7 +229,7 @@ def test_the_llama_demo_cold_starts_to_a_first_token():
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "a transformers Llama" in result.stdout and "first token: " in result.stdout

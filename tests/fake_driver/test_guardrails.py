@@ -4,27 +4,11 @@ to change, with nothing read and nothing allocated."""
 
 from __future__ import annotations
 
-import json
-import struct
-
 import blob2gpu
 import pytest
 import torch
 from blob2gpu import _core, errors
-from conftest import random_tensor, upload_directory
-
-
-def sparse_checkpoint(path, data_bytes: int):
-    """A valid shard whose one U8 tensor is `data_bytes` long, written as a sparse file: its size
-    is real for every reader, but it takes no disk."""
-    header = json.dumps(
-        {"huge": {"dtype": "U8", "shape": [data_bytes], "data_offsets": [0, data_bytes]}}
-    ).encode()
-    header += b" " * (-len(header) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header)) + header)
-        f.truncate(8 + len(header) + data_bytes)
-    return path
+from conftest import random_tensor, sparse_checkpoint, upload_directory
 
 
 def test_checkpoint_larger_than_host_memory_fails_before_reading(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from blob2gpu.settings import OTHER_ENVIRONMENT, SCHEMA, read_config_file
 
-EXAMPLES = Path(__file__).parent.parent / "examples" / "k8s"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "k8s"
 
 
 def documents():

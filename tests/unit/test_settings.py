@@ -11,7 +11,7 @@ import torch
 from blob2gpu.errors import ConfigError, InvalidArgument, ShardCountMismatch
 from blob2gpu.settings import SCHEMA, read_config_file, resolve, settings_doc
 
-DOCS = Path(__file__).parent.parent / "docs" / "settings.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
 CASE_STUDY_YAML = """\
 model:
   format: safetensors

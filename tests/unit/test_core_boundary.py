@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from blob2gpu import _core, errors
 
-STUB = Path(__file__).resolve().parents[1] / "python" / "blob2gpu" / "_core.pyi"
+STUB = Path(__file__).resolve().parents[2] / "python" / "blob2gpu" / "_core.pyi"
 # Dunders the stub declares because callers use them; the rest come from object or pybind11.
 DUNDERS = {"__init__", "__dlpack__", "__dlpack_device__"}
 

@@ -14,8 +14,7 @@ import blob2gpu
 import pytest
 import torch
 from blob2gpu.integrations.distributed import byte_owners
-from conftest import random_tensor, upload_directory
-from test_guardrails import sparse_checkpoint
+from conftest import random_tensor, sparse_checkpoint, upload_directory
 
 RANK_SCRIPT = """
 import os, sys, zlib
