@@ -1,0 +1,261 @@
+"""What each command of the blob2gpu command line does (cmd_NAME, given its parsed arguments;
+returns the exit code)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from blob2gpu.errors import Blob2GpuError, LocalWriteError
+
+
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Turn a failure to write the output file `path` (disk full, no such directory) into a
+    LocalWriteError naming it."""
+    try:
+        yield
+    except Blob2GpuError:
+        raise
+    except OSError as e:
+        raise LocalWriteError(f"cannot write '{path}': {e.strerror or e}") from e
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write an output file whole or not at all (a temporary file renamed over it)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with _writing(path):
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, target)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    import blob2gpu
+    from blob2gpu.operations.progress import LoadProgress, choose_mode
+
+    settings = dict(args.set or [])
+    selection: dict[str, Any] = {}
+    if args.tensor:
+        selection["tensor_names"] = args.tensor
+    if args.match:
+        import fnmatch
+
+        patterns = args.match
+
+        def matches(name: str) -> bool:
+            return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+        selection["tensor_filter"] = matches
+    with blob2gpu.open(
+        args.uri,
+        device=args.device,
+        framework="dlpack",
+        config=args.config,
+        **selection,
+        **settings,
+    ) as checkpoint:
+        mode = choose_mode(sys.stderr, quiet=args.quiet)
+        with LoadProgress(checkpoint.progress, sys.stderr, mode, args.progress_interval):
+            checkpoint.to_dict()
+        report = checkpoint.report
+    if args.report:
+        _write_text(args.report, report.to_json())
+    if not args.quiet:
+        print(report.summary())
+        print(report.phase_table())
+        if args.report:
+            print(f"report written to {args.report}")
+    return 0
+
+
+def cmd_fetch_aux(args: argparse.Namespace) -> int:
+    from blob2gpu.api import fetch_aux
+    from blob2gpu.loading.request import source_uri
+
+    settings = dict(args.set or [])
+    paths = fetch_aux(source_uri(args.uri), args.dest, config=args.config, **settings)
+    if not args.quiet:
+        for path in paths:
+            print(path)
+    return 0
+
+
+def cmd_coldstart(args: argparse.Namespace) -> int:
+    from blob2gpu.integrations.coldstart import cold_start, describe
+
+    print(describe(cold_start(args.uri, device=args.device, prompt=args.prompt)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from blob2gpu.tools.demo import main
+
+    return main(device=args.device, total_mb=args.size_mb, source=args.source, model=args.model)
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from blob2gpu.operations.preflight import run_preflight
+
+    result = run_preflight(
+        source=args.source,
+        model_bytes=args.model_bytes,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        config=args.config,
+    )
+    print(result.to_json() if args.json else result.table())
+    return result.exit_code
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from blob2gpu.settings import CONFIG_ENV, SCHEMA, resolve
+
+    resolved = resolve(config_path=args.config)
+    config = args.config or os.environ.get(CONFIG_ENV)
+    if args.json:
+        doc = {
+            s.key: {
+                "name": s.name,
+                "value": resolved.values[s.name],
+                "source": resolved.sources[s.name],
+                "default": s.default,
+                "env": s.env,
+            }
+            for s in SCHEMA
+        }
+        print(json.dumps(doc, indent=2))
+        return 0
+    where = "--config" if args.config else CONFIG_ENV
+    print(f"config file: {config} (from {where})" if config else "config file: none")
+    key_w = max(len(s.key) for s in SCHEMA)
+    values = {s.name: json.dumps(resolved.values[s.name]) for s in SCHEMA}
+    value_w = max(len(v) for v in values.values())
+    print(f"{'setting':<{key_w}}  {'value':<{value_w}}  source")
+    for s in SCHEMA:
+        print(f"{s.key:<{key_w}}  {values[s.name]:<{value_w}}  {resolved.sources[s.name]}")
+    return 0
+
+
+def cmd_report_show(args: argparse.Namespace) -> int:
+    from blob2gpu.operations.timeline import describe, read_report, render_png
+
+    report = read_report(args.file)
+    print(describe(report))
+    if args.png:
+        with _writing(args.png):
+            print(f"timeline written to {render_png(report, args.png)}")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from blob2gpu.integrity.publish import publish
+
+    manifest = publish(args.local_dir, args.uri, chunk_bytes=args.chunk_bytes)
+    total = sum(e.size for e in manifest.files.values())
+    print(
+        f"published {len(manifest.files)} file(s), {total / 1e9:.3f} GB, and "
+        f"blob2gpu.manifest.json (CRC32C per {args.chunk_bytes >> 20} MiB chunk, SHA-256 per "
+        "file)"
+    )
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from blob2gpu.integrity.publish import write_manifest
+
+    manifest = write_manifest(args.uri, chunk_bytes=args.chunk_bytes)
+    print(f"wrote blob2gpu.manifest.json for {len(manifest.files)} file(s)")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> Any:
+    from blob2gpu.cache.nvme import NvmeCache
+    from blob2gpu.settings import resolve
+
+    settings = resolve(config_path=args.config)
+    try:
+        return NvmeCache(args.cache_dir or settings.cache_dir or None, settings.cache_max_bytes)
+    except OSError as e:
+        raise LocalWriteError(f"cannot use the cache directory '{e.filename}': {e.strerror}") from e
+
+
+def cmd_cache_ls(args: argparse.Namespace) -> int:
+    cache = _cache(args)
+    entries = sorted(cache.entries(), key=lambda e: e.last_used, reverse=True)
+    if args.json:
+        print(
+            json.dumps([dict(e.meta, key=e.key, last_used=e.last_used) for e in entries], indent=2)
+        )
+        return 0
+    print(
+        f"{cache.root}: {len(entries)} entries, {cache.total_bytes() / 1e9:.3f} GB"
+        + (f" (cap {cache.max_bytes / 1e9:.3f} GB)" if cache.max_bytes else "")
+    )
+    for e in entries:
+        m = e.meta
+        print(
+            f"  {e.key}  {m.get('size', 0) / 1e6:10.1f} MB  {m.get('account')}/"
+            f"{m.get('container')}/{m.get('blob')}  etag {m.get('etag')}"
+        )
+    return 0
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    cache = _cache(args)
+    bad = 0
+    for e in cache.entries():
+        problem = cache.verify(e)
+        if problem is not None:
+            bad += 1
+            print(
+                f"BAD  {e.key} {e.meta.get('blob')}: {problem}"
+                + ("; removed" if args.repair else "")
+            )
+            if args.repair:
+                cache.remove(e)
+        elif not args.quiet:
+            print(f"ok   {e.key} {e.meta.get('blob')}")
+    return 1 if bad and not args.repair else 0
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> int:
+    cache = _cache(args)
+    removed = cache.prune(max_bytes=args.max_bytes)
+    for r in removed:
+        print(f"removed {r}")
+    print(f"{cache.root}: {cache.total_bytes() / 1e9:.3f} GB in {len(cache.entries())} entries")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from blob2gpu.tools import strategy_bench
+
+    settings = dict(args.set or [])
+    results = strategy_bench.run(
+        args.uri,
+        args.strategies.split(","),
+        device=args.device,
+        repeats=args.repeats,
+        local_dir=args.local_dir,
+        drop_caches=args.drop_caches,
+        settings=settings,
+    )
+    print(strategy_bench.table(results))
+    if args.json:
+        _write_text(args.json, strategy_bench.to_json(results))
+    if args.png:
+        with _writing(args.png):
+            strategy_bench.plot(results, args.png)
+    return 0

@@ -1,0 +1,23 @@
+"""main(): parse the command line, run the command, map blob2gpu's errors to exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from blob2gpu.cli.arguments import build_parser
+from blob2gpu.errors import Blob2GpuError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run: Callable[[argparse.Namespace], int] = args.run
+        return run(args)
+    except Blob2GpuError as e:
+        print(f"blob2gpu: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `blob2gpu config show | head`
+        sys.stderr.close()
+        return 0
