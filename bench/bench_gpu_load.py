@@ -23,40 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-
-GB = 1e9
-
-
-def write_checkpoint(directory: Path, total_gb: float, shards: int) -> Path:
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    marker = directory / f"done-{total_gb}-{shards}"
-    if marker.exists():
-        return directory
-    per_shard = int(total_gb * GB / shards)
-    hidden = 4096
-    rows = max(1, per_shard // (hidden * 2) // 4)
-    weight_map = {}
-    for s in range(shards):
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        tensors = {
-            f"layers.{s}.w{i}": torch.randn(rows, hidden).to(torch.bfloat16) for i in range(4)
-        }
-        tensors[f"layers.{s}.norm"] = torch.ones(hidden, dtype=torch.bfloat16)
-        save_file(tensors, str(directory / name))
-        weight_map.update(dict.fromkeys(tensors, name))
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    marker.touch()
-    return directory
-
-
-def files_of(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.safetensors"))
-
-
-def warm(directory: Path) -> int:
-    return sum(len(f.read_bytes()) for f in files_of(directory))
+from harness import GB
+from harness.checkpoints import llama_checkpoint, shard_files, warm_page_cache
 
 
 def run_h2d_ceiling(directory: Path, total: int) -> float:
@@ -74,8 +42,8 @@ def run_safetensors(directory: Path) -> float:
 
     t = time.perf_counter()
     out = {}
-    for f in files_of(directory):
-        out.update(load_file(str(f), device="cuda:0"))
+    for f in shard_files(directory):
+        out.update(load_file(f, device="cuda:0"))
     torch.cuda.synchronize()
     return time.perf_counter() - t
 
@@ -101,7 +69,6 @@ def main() -> int:
     parser.add_argument("--total-gb", type=float, default=4.0)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dir", default=str(Path(__file__).parent / ".data" / "gpu"))
     parser.add_argument("--json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -109,8 +76,10 @@ def main() -> int:
         return 3
     import blob2gpu
 
-    directory = write_checkpoint(Path(args.dir), args.total_gb, args.shards)
-    total = warm(directory)
+    directory = llama_checkpoint(args.total_gb, args.shards)  # cached under bench/.data/
+    files = shard_files(directory)
+    warm_page_cache(files)
+    total = sum(Path(f).stat().st_size for f in files)
     torch.zeros(1, device="cuda:0")  # create the context outside the timings
     results: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
