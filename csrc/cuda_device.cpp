@@ -68,13 +68,18 @@ std::shared_ptr<CudaContext> CudaContext::retain(int ordinal, bool release_on_de
       new CudaContext(ordinal, device, ctx, name, total, release_on_destroy));
 }
 
+namespace {
+// The process's retained context of `ordinal`, or null; the caller holds the registry's mutex.
+std::shared_ptr<CudaContext> retained_primary(const PrimaryContexts& registry, int ordinal) {
+  if (ordinal < 0 || static_cast<size_t>(ordinal) >= registry.by_ordinal.size()) return nullptr;
+  return registry.by_ordinal[ordinal];
+}
+}  // namespace
+
 std::shared_ptr<CudaContext> CudaContext::primary(int ordinal) {
   PrimaryContexts& registry = primary_contexts();
   std::lock_guard<std::mutex> lock(registry.mutex);
-  if (ordinal >= 0 && static_cast<size_t>(ordinal) < registry.by_ordinal.size() &&
-      registry.by_ordinal[ordinal]) {
-    return registry.by_ordinal[ordinal];
-  }
+  if (auto kept = retained_primary(registry, ordinal)) return kept;
   auto ctx = retain(ordinal, /*release_on_destroy=*/false);  // validates the ordinal
   if (registry.by_ordinal.size() <= static_cast<size_t>(ordinal)) {
     registry.by_ordinal.resize(ordinal + 1);
@@ -87,10 +92,7 @@ std::shared_ptr<CudaContext> CudaContext::probe(int ordinal) {
   {
     PrimaryContexts& registry = primary_contexts();
     std::lock_guard<std::mutex> lock(registry.mutex);
-    if (ordinal >= 0 && static_cast<size_t>(ordinal) < registry.by_ordinal.size() &&
-        registry.by_ordinal[ordinal]) {
-      return registry.by_ordinal[ordinal];
-    }
+    if (auto kept = retained_primary(registry, ordinal)) return kept;
   }
   return retain(ordinal, /*release_on_destroy=*/true);
 }

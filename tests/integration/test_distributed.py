@@ -30,6 +30,13 @@ dist.destroy_process_group()
 """
 
 
+def gloo_env(port: int, **extra: str) -> dict[str, str]:
+    """The environment of a rank process: this one's, plus a gloo rendezvous on loopback."""
+    return dict(
+        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", **extra
+    )
+
+
 @pytest.mark.parametrize(
     ("sizes", "world"), [([10, 20, 30], 2), ([5 << 20], 4), ([3 << 20, 1, 7 << 20], 3), ([100], 8)]
 )
@@ -64,12 +71,9 @@ def test_ranks_fetch_disjoint_parts_and_share_them(
     expected = ";".join(f"{n}={zlib.crc32(reference[n].to_bytes())}" for n in sorted(reference))
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    env = dict(
-        os.environ,
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port),
+    env = gloo_env(
+        free_port,
         WORLD_SIZE=str(world),
-        GLOO_SOCKET_IFNAME="lo",
         AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port),
     )
     procs = [
@@ -118,12 +122,9 @@ def test_ranks_with_their_own_tensor_subsets(
     subsets = [["a"], ["b", "c"]]
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    env = dict(
-        os.environ,
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port),
+    env = gloo_env(
+        free_port,
         WORLD_SIZE="2",
-        GLOO_SOCKET_IFNAME="lo",
         AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port),
     )
     procs = [
@@ -179,9 +180,7 @@ def test_fan_out_runs_the_checks_of_every_load(
         directory = write_checkpoint([{"w": torch.ones(4)}, {"v": torch.zeros(3)}])
     script = tmp_path / "checks.py"
     script.write_text(CHECKS_SCRIPT)
-    env = dict(
-        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port), GLOO_SOCKET_IFNAME="lo"
-    )
+    env = gloo_env(free_port)
     done = subprocess.run(
         [sys.executable, str(script), str(directory), setting, json.dumps(value)],
         env=env,
