@@ -111,7 +111,11 @@ class Loader:
             reuse,
         )
         pipeline = self._pipelines.get(request.device)
-        session, feeder = strategy.start(prepared, pipeline)
+        try:
+            session, feeder = strategy.start(prepared, pipeline)
+        except BaseException:
+            prepared.abandon()
+            raise
         checkpoint = Checkpoint(
             prepared, session, convert, pipeline, feeder=feeder, keep_completed=reuse is not None
         )

@@ -96,6 +96,12 @@ class PreparedLoad:
     def mmap(self) -> bool:
         return bool(self.settings.mmap_local_files and self.request.device == "cpu")
 
+    def abandon(self) -> None:
+        """Release what preparing took (the cache entries' locks) for a load that will not
+        start; a started load's Checkpoint releases them instead."""
+        if self.cache.writer is not None:
+            self.cache.writer.close()
+
 
 def chunk_algorithm(verify: str) -> str:
     """How manifest chunks are checked under the `verify` setting: sha256 or crc32c."""

@@ -1,0 +1,103 @@
+"""One load sequence: every way of loading goes through loading.prepare, and a new way of fetching
+is a FetchStrategy given to Loader.start: it gets a prepared load (every check already run) and
+only decides who fetches which bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import blob2gpu
+import pytest
+import torch
+from blob2gpu.cache.nvme import NvmeCache
+from blob2gpu.loading.fetch import start_fed_session
+from blob2gpu.loading.request import LoadRequest
+from blob2gpu.sources.feeding import feed_from_memory
+from conftest import as_bytes, random_tensor, sparse_checkpoint, upload_directory
+from conftest import checkpoint_bytes as expected
+
+
+class FromMemory:
+    """A strategy of the test's own: every shard read whole into host memory by Python, then fed
+    to the core through the one feeding protocol (as the fan-out does with a group's bytes)."""
+
+    uses_node_cache = False
+
+    def __init__(self) -> None:
+        self.prepared: Any = None
+
+    def shards_to_read(self, listed: Any, selected: Any) -> Any:
+        return selected
+
+    def start(self, prepared: Any, pipeline: Any) -> tuple[Any, Any]:
+        self.prepared = prepared
+        session = start_fed_session(prepared, pipeline)
+        for index, ref in enumerate(prepared.plan.shards):
+            data = memoryview(Path(ref.path).read_bytes())
+            feed_from_memory(session, index, data, chunk=4096)
+        return session, None
+
+
+class Refused:
+    """A strategy whose start fails, after the load was prepared."""
+
+    uses_node_cache = True
+
+    def shards_to_read(self, listed: Any, selected: Any) -> Any:
+        return selected
+
+    def start(self, prepared: Any, pipeline: Any) -> tuple[Any, Any]:
+        raise RuntimeError("the strategy could not start")
+
+
+def request(loader: blob2gpu.Loader, uri: str, **settings: Any) -> LoadRequest:
+    return LoadRequest.make(uri, "cpu", "torch", None, loader.settings, settings)
+
+
+def test_a_strategy_of_its_own_loads_through_the_one_sequence(write_checkpoint):
+    directory = write_checkpoint(
+        [{f"s{s}.w": random_tensor(torch.float32, (64, 100), s)} for s in range(3)]
+    )
+    strategy = FromMemory()
+    with blob2gpu.Loader() as loader:
+        with loader.start(request(loader, str(directory)), strategy) as checkpoint:
+            got = {n: as_bytes(t) for n, t in checkpoint.to_dict().items()}
+            report = checkpoint.report
+    assert got == expected(directory)
+    assert report.tensors == 3 and report.phases["model_load_complete"] is not None
+    assert [s.name for s in strategy.prepared.plan.shards] == [
+        p.name for p in sorted(directory.glob("*.safetensors"))
+    ]
+
+
+def test_a_strategy_gets_a_load_the_checks_already_refused(tmp_path):
+    # The memory-fit check runs before any strategy starts: a 4 TiB (sparse) shard never
+    # reaches it.
+    shard = sparse_checkpoint(tmp_path / "huge.safetensors", 4 << 40)
+    strategy = FromMemory()
+    with blob2gpu.Loader() as loader, pytest.raises(blob2gpu.errors.InsufficientHostMemory):
+        loader.start(request(loader, str(shard)), strategy)
+    assert strategy.prepared is None
+
+
+def test_a_load_that_cannot_start_releases_its_cache_locks(
+    write_checkpoint, azurite, container, blob_env, tmp_path
+):
+    directory = write_checkpoint([{"w": random_tensor(torch.float32, (32, 32), 1)}])
+    upload_directory(azurite, container, directory, "m")
+    cache_dir = tmp_path / "nvme"
+    uri = f"az://{container}/m"
+    settings = {"local_nvme_cache_enabled": True, "cache_dir": str(cache_dir)}
+    with blob2gpu.Loader(**settings) as loader:
+        with pytest.raises(RuntimeError, match="could not start"):
+            loader.start(request(loader, uri), Refused())
+    locks = list((cache_dir / "locks").glob("*.lock"))
+    assert locks  # preparing took the shard's entry lock ...
+    cache = NvmeCache(str(cache_dir))
+    for path in locks:  # ... and gave it back
+        lock = cache.lock(path.stem)
+        assert lock.try_acquire()
+        lock.release()
+    got = blob2gpu.load(uri, **settings)
+    assert {n: as_bytes(t) for n, t in got.items()} == expected(directory)
