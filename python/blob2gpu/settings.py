@@ -286,6 +286,36 @@ SCHEMA: tuple[Setting, ...] = (
         "Read cache hits with O_DIRECT straight into the staging ring (GPU targets), bypassing "
         "the page cache, where the cache's filesystem allows it (else buffered reads).",
     ),
+    S(
+        "storage",
+        "cache_write_queue_bytes",
+        256 * MiB,
+        int,
+        "Bytes of a load's write-through copies queued for the cache disk; a shard that would "
+        "overflow it is not written during the load (the load never waits for the disk) and is "
+        "left to the cache fill.",
+        minimum=0,
+        maximum=1 << 40,
+    ),
+    S(
+        "storage",
+        "cache_fill",
+        True,
+        bool,
+        "After a load returns, fetch from Blob what the cache still lacks of it (shards the "
+        "write-through writer skipped), in the background, one shard at a time: one load leaves "
+        "the cache complete. false: only the write-through writes.",
+    ),
+    S(
+        "storage",
+        "cache_fill_bytes_per_second",
+        200_000_000,
+        int,
+        "Most bytes per second the cache fill (and `blob2gpu cache warm`) fetches, so it does "
+        "not crowd the serving process's network and disk. 0: no bound. Accepts 200MB, 1GB, ...",
+        minimum=0,
+        maximum=1 << 40,
+    ),
     # -- integrity ---------------------------------------------------------------------------------
     S(
         "integrity",

@@ -227,7 +227,13 @@ def plan_cache(prepared: PreparedLoad, use_cache: bool) -> CachePlan:
     if cache.cache is not None:
         whole_shards = prepared.selection.everything
         cache.writer = start_cache_writes(
-            cache.cache, location, plan, prepared.manifest, cache.hits, write=whole_shards
+            cache.cache,
+            location,
+            plan,
+            prepared.manifest,
+            cache.hits,
+            write=whole_shards,
+            queue_bytes=settings.cache_write_queue_bytes,
         )
     return cache
 
