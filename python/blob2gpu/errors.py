@@ -220,7 +220,24 @@ class InvalidArgument(Blob2GpuError, ValueError):
 
 
 class TensorNotFound(InvalidArgument):
-    """A tensor asked for by name (tensor_names=) is in no shard of the checkpoint."""
+    """A tensor asked for by name (tensor_names=) is in no shard of the checkpoint, or a glob
+    (`blob2gpu load --match`) matches no tensor of it.
+
+    ``names``: the names no shard holds; ``patterns``: the globs that matched nothing (each
+    empty when not the cause).
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        names: tuple[str, ...] = (),
+        patterns: tuple[str, ...] = (),
+        **fields: Any,
+    ) -> None:
+        super().__init__(message, **fields)
+        self.names = names
+        self.patterns = patterns
 
 
 class ShardCountMismatch(InvalidArgument):

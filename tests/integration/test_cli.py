@@ -61,6 +61,50 @@ def test_load_a_selection_by_name_and_glob(write_checkpoint, tmp_path):
     assert "TensorNotFound" in result.stderr and "'nope'" in result.stderr
 
 
+def test_tensor_and_match_together_load_the_union(write_checkpoint, tmp_path):
+    directory = write_checkpoint(
+        [{f"layers.{s}.w": random_tensor(torch.bfloat16, (128, 32), s) for s in range(4)}]
+    )
+    out = tmp_path / "report.json"
+    result = run(
+        "load",
+        str(directory),
+        "--tensor",
+        "layers.3.w",
+        "--match",
+        "layers.[01].*",
+        "--report",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 tensors" in result.stdout and json.loads(out.read_text())["tensor_selection"] == 3
+    # Each part is still checked: a name no shard holds, a glob that matches nothing.
+    result = run("load", str(directory), "--tensor", "nope", "--match", "layers.0.*")
+    assert result.returncode == 2 and "TensorNotFound" in result.stderr
+    assert "'nope'" in result.stderr and "tensor_names" not in result.stderr
+
+
+def test_a_glob_matching_nothing_fails_naming_it(write_checkpoint, tmp_path):
+    import blob2gpu
+    from blob2gpu.errors import TensorNotFound
+    from blob2gpu.loading.selection import TensorMatch
+
+    directory = write_checkpoint(
+        [{f"layers.{s}.w": random_tensor(torch.bfloat16, (128, 32), s)} for s in range(2)]
+    )  # with an index
+    for checkpoint in (directory, directory / "model-00001-of-00002.safetensors"):
+        result = run("load", str(checkpoint), "--match", "layer.*", "--match", "layers.0.*")
+        assert result.returncode == 2, result.stderr
+        assert "TensorNotFound" in result.stderr and "no tensor matching 'layer.*'" in result.stderr
+        assert "layers.0.*" not in result.stderr
+    try:
+        blob2gpu.load(str(directory), tensor_filter=TensorMatch(patterns=("x*",)))
+    except TensorNotFound as e:
+        assert e.patterns == ("x*",) and e.names == ()
+    else:
+        raise AssertionError("a glob that matches nothing loaded")
+
+
 def test_errors_are_one_line_and_exit_2(tmp_path):
     result = run("load", str(tmp_path / "missing"))
     assert result.returncode == 2

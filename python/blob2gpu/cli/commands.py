@@ -47,17 +47,13 @@ def cmd_load(args: argparse.Namespace) -> int:
 
     settings = dict(args.set or [])
     selection: dict[str, Any] = {}
-    if args.tensor:
+    if args.match:  # with --tensor: the union; each name must exist, each glob match
+        from blob2gpu.loading.selection import TensorMatch
+
+        names = frozenset(args.tensor or ())
+        selection["tensor_filter"] = TensorMatch(names, tuple(args.match))
+    elif args.tensor:
         selection["tensor_names"] = args.tensor
-    if args.match:
-        import fnmatch
-
-        patterns = args.match
-
-        def matches(name: str) -> bool:
-            return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-        selection["tensor_filter"] = matches
     with blob2gpu.open(
         args.uri,
         device=args.device,
