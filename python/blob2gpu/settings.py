@@ -381,6 +381,7 @@ OTHER_ENVIRONMENT: dict[str, tuple[str, str]] = {
         "Checkpoint URI used when load()/open()/`blob2gpu load` get none.",
     ),
     "BLOB2GPU_CUDA_DRIVER": ("libcuda.so.1", "CUDA driver library the core loads."),
+    "BLOB2GPU_TEST_REAL_GPU": ("(none)", "Tests only: 1 runs the GPU tests on a real GPU."),
     "AZURE_STORAGE_CONNECTION_STRING": ("(none)", "Account (and key or SAS) for az:// URIs."),
     "AZURE_STORAGE_ACCOUNT_NAME": (
         "(none)",
@@ -545,6 +546,21 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
+def _check_environment_names(env: Mapping[str, str]) -> None:
+    """Raises ConfigError for a BLOB2GPU_ variable that names no setting and nothing else that
+    blob2gpu reads (OTHER_ENVIRONMENT), naming the closest known one: a misspelt variable is
+    not silently ignored."""
+    known = [s.env for s in SCHEMA] + [v for v in OTHER_ENVIRONMENT if v.startswith(ENV_PREFIX)]
+    for name in env:
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown environment variable '{name}'{hint}: blob2gpu reads no such "
+                "variable; unset it, or see docs/settings.md for the known ones"
+            )
+
+
 def resolve(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -557,6 +573,7 @@ def resolve(
     key, its source and the valid values.
     """
     env = os.environ if environ is None else environ
+    _check_environment_names(env)
     values = {s.name: s.default for s in SCHEMA}
     sources = dict.fromkeys(values, "default")
     path = config_path or env.get(CONFIG_ENV)

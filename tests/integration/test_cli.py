@@ -312,3 +312,14 @@ def test_demo_runs(tmp_path):
     result = run("demo", "--device", "cpu", "--size-mb", "8")
     assert result.returncode == 0, result.stderr
     assert "tensors" in result.stdout and "GB/s" in result.stdout
+
+
+def test_config_show_takes_set_and_reports_unknown_variables(monkeypatch):
+    monkeypatch.delenv("BLOB2GPU_CONFIG", raising=False)
+    result = run("config", "show", "--json", "--set", "staging_slots=16")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)["staging.staging_slots"]
+    assert (doc["value"], doc["source"]) == (16, "argument")
+    bad = run("config", "show", env={"BLOB2GPU_PREFETCH_CONCURENCY": "4"})
+    assert bad.returncode == 2 and "ConfigError" in bad.stderr
+    assert "'BLOB2GPU_PREFETCH_CONCURRENCY'" in bad.stderr and "Traceback" not in bad.stderr

@@ -176,6 +176,13 @@ def _add_config_command(sub: Any) -> None:
     )
     show.add_argument("--config", metavar="FILE", help="YAML settings file (else $BLOB2GPU_CONFIG)")
     show.add_argument("--json", action="store_true", help="JSON keyed by config key")
+    show.add_argument(
+        "--set",
+        action="append",
+        type=_setting,
+        metavar="KEY=VALUE",
+        help="a setting, as `load --set` gives it (repeatable): shown with source 'argument'",
+    )
     show.set_defaults(run=cmd_config_show)
 
 

@@ -148,7 +148,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 def cmd_config_show(args: argparse.Namespace) -> int:
     from blob2gpu.settings import CONFIG_ENV, SCHEMA, resolve
 
-    resolved = resolve(config_path=args.config)
+    resolved = resolve(dict(args.set or []), config_path=args.config)
     config = args.config or os.environ.get(CONFIG_ENV)
     if args.json:
         doc = {

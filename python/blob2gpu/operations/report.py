@@ -77,7 +77,7 @@ class LoadReport:
     peak_slots_in_flight: int = 0
     slot_waits: int = 0
     mmap: bool = False
-    strategy: str = "direct-gpu"  # or host-staging (model.direct_gpu_load=false)
+    strategy: str = "direct-gpu"  # host-staging (model.direct_gpu_load=false), cpu (a cpu target)
     verification: str = "none"  # crc32c (every chunk against the manifest), size+etag, none
     verified_bytes: int = 0
     direct_io_bytes: int = 0  # bytes read with O_DIRECT (NVMe cache hits into the staging ring)

@@ -68,6 +68,8 @@ def shard_table(report: LoadReport) -> str:
 
 
 def _staging(report: LoadReport) -> str:
+    if report.device == "cpu":
+        return "straight into host memory (mapped)" if report.mmap else "straight into host memory"
     if not report.staging_slots:
         return "no staging ring"
     pinned = "pinned" if report.pinned else "pageable"
