@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from blob2gpu.settings import SCHEMA
@@ -312,6 +314,40 @@ def test_demo_runs(tmp_path):
     result = run("demo", "--device", "cpu", "--size-mb", "8")
     assert result.returncode == 0, result.stderr
     assert "tensors" in result.stdout and "GB/s" in result.stdout
+    # A weights-only load generates no token: its first_token phase stays empty.
+    first_token = next(ln for ln in result.stdout.splitlines() if ln.startswith("first_token"))
+    assert first_token.split()[-1] == "-"
+
+
+def demo_in(directory, path, *args):
+    env = {k: v for k, v in os.environ.items() if k != "AZURITE_BLOB"}
+    env["PATH"] = path
+    return subprocess.run(
+        [sys.executable, "-m", "blob2gpu", "demo", "--device", "cpu", "--size-mb", "8", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=directory,
+        env=env,
+    )
+
+
+def test_demo_finds_azurite_on_path_and_says_so_when_there_is_none(tmp_path):
+    launcher = Path(__file__).resolve().parents[2] / ".azurite/node_modules/.bin/azurite-blob"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "azurite-blob").symlink_to(launcher)
+    node = shutil.which("node")
+    assert node is not None
+    path = os.pathsep.join([str(bin_dir), os.path.dirname(node), "/usr/bin", "/bin"])
+    found = demo_in(tmp_path, path)  # no ./.azurite here: PATH has it
+    assert found.returncode == 0, found.stderr
+    assert "served by Azurite" in found.stdout
+    no_azurite = os.pathsep.join([os.path.dirname(node), "/usr/bin", "/bin"])
+    missing = demo_in(tmp_path, no_azurite, "--source", "azurite")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    assert "azurite-blob was found neither" in missing.stderr and "--source local" in missing.stderr
 
 
 def test_config_show_takes_set_and_reports_unknown_variables(monkeypatch):
@@ -323,3 +359,24 @@ def test_config_show_takes_set_and_reports_unknown_variables(monkeypatch):
     bad = run("config", "show", env={"BLOB2GPU_PREFETCH_CONCURENCY": "4"})
     assert bad.returncode == 2 and "ConfigError" in bad.stderr
     assert "'BLOB2GPU_PREFETCH_CONCURRENCY'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_hints_speak_command_line_syntax_on_the_command_line(tmp_path):
+    import blob2gpu
+    from blob2gpu.errors import InsufficientHostMemory
+    from conftest import sparse_checkpoint
+
+    directory = tmp_path / "big.safetensors"  # 4 GB of weights that take no disk (sparse)
+    sparse_checkpoint(directory, 4 << 30)
+    with_cli = run("load", str(directory), "--set", "host_headroom_factor=100")
+    assert with_cli.returncode == 2 and "InsufficientHostMemory" in with_cli.stderr
+    assert (
+        "--device cuda" in with_cli.stderr and "--set host_headroom_factor=1.0" in with_cli.stderr
+    )
+    try:  # the Python API names its own arguments
+        blob2gpu.load(str(directory), host_headroom_factor=100)
+    except InsufficientHostMemory as e:
+        assert "device='cuda'" in str(e) and "host_headroom_factor=1.0" in str(e)
+        assert "--set" not in str(e)
+    else:
+        raise AssertionError("400 GB fit in host memory")
