@@ -219,6 +219,10 @@ def test_cli_load_waits_for_the_fill_unless_told_not_to(
 
     written = json.loads(report.read_text())
     assert sorted(written["cache_filled"]) == SHARDS
+    shown = run_cli("report", "show", str(report))
+    assert "NVMe cache: 0 of 3 shard(s) hit, 0 written during the load, 3 left to the fill" in (
+        shown.stdout
+    )
     other = tmp_path / "other"
     quick = run_cli("load", uri, *cli_settings(other, 100_000), "--no-wait-cache-fill")
     assert quick.returncode == 0, quick.stderr

@@ -116,6 +116,10 @@ class CacheFill:
             self._done.set()
 
     def _fill_all(self, stopping: threading.Event) -> None:
+        if stopping.is_set():  # submitted at exit: nothing is fetched
+            for shard in self.shards:
+                self._record(shard.name, "the process exited before the fill reached it")
+            return
         try:
             reader = self._open_reader(stopping)
         except Exception as e:  # no connection: nothing is filled, the cache stays as it was
