@@ -34,7 +34,7 @@ StagingRing::StagingRing(const std::shared_ptr<CudaContext>& ctx, size_t slots, 
                             " found the driver with no memory left to page-lock (cuMemHostAlloc: "
                             "CUDA_ERROR_OUT_OF_MEMORY); lower staging_slots / "
                             "staging_slot_bytes, leave more host memory free (a container's "
-                            "memory limit counts), or set use_pinned_host_fallback=true");
+                            "memory limit counts)");
       }
       if (ctx) {
         stats_.pinned = false;

@@ -5,17 +5,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+step() { echo "==> $*" >&2; }  # what the silent minutes are spent on, one line per step
+step "installing the build tools (scikit-build-core, pybind11, ninja) and numpy"
 "$PY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.13" ninja numpy
 extras="azure"
 case " $* " in
   *" --model llama "*|*" --model=llama "*)  # a transformers model: torch first (the CPU build on disk)
+    step "installing torch 2.13.0 (the build pip's index offers: CPU, or CUDA and its nvidia wheels)"
     "$PY" -m pip install -q torch==2.13.0
     extras="azure,transformers" ;;
 esac
+step "building and installing blob2gpu[$extras] (compiles the C++ core: a minute or two)"
 "$PY" -m pip install -q --no-build-isolation ".[$extras]"
 # The demo serves its checkpoint from a local Azurite when npm can install one; else local files.
 if [ ! -x .azurite/node_modules/.bin/azurite-blob ] && command -v npm >/dev/null; then
+  step "installing Azurite (npm) into .azurite/"
   npm install --no-save --no-audit --no-fund --loglevel=error --prefix .azurite azurite@3.37.0 \
     || echo "azurite could not be installed: the demo reads local files"
 fi
+step "running: blob2gpu demo $*"
 exec "$PY" -m blob2gpu demo "$@"

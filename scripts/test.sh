@@ -5,11 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+step() { echo "==> $*" >&2; }  # what the silent minutes are spent on, one line per step
+step "installing torch 2.13.0 (the build pip's index offers: CPU, or CUDA and its nvidia wheels)"
 "$PY" -m pip install -q "torch==2.13.0"
+step "installing the build tools (scikit-build-core, pybind11, ninja)"
 "$PY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.13" ninja
+step "building and installing blob2gpu[test] (compiles the C++ core: a minute or two)"
 "$PY" -m pip install -q --no-build-isolation ".[test]"
 # The tests talk to a real Azurite (npm), installed into .azurite/ once.
 if [ ! -x .azurite/node_modules/.bin/azurite-blob ]; then
+  step "installing Azurite (npm) into .azurite/"
   npm install --no-save --no-audit --no-fund --loglevel=error --prefix .azurite azurite@3.37.0
 fi
+step "running the tests"
 exec "$PY" -m pytest -q "$@"

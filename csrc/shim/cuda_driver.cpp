@@ -36,8 +36,7 @@ void load_driver() {
   if (lib == nullptr) {
     const char* why = dlerror();
     g_load_error = "cannot load the CUDA driver '" + path + "': " + (why ? why : "unknown error") +
-                   " (is an NVIDIA driver installed? set " + kCudaDriverEnv +
-                   " to its path, or use device='cpu')";
+                   " (is an NVIDIA driver installed? set " + kCudaDriverEnv + " to its path)";
     return;
   }
   CudaDriver d;

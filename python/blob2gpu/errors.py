@@ -183,7 +183,17 @@ class LocalWriteError(Blob2GpuError, OSError):
 
 # --- memory and devices -----------------------------------------------------------------------
 class PinnedMemoryUnavailable(Blob2GpuError, MemoryError):
-    """Staging memory could not be pinned and use_pinned_host_fallback is off."""
+    """Staging memory could not be pinned and use_pinned_host_fallback is off; ``hint`` says how
+    to turn it on (in the caller's syntax: blob2gpu.phrasing)."""
+
+    def __init__(self, message: str = "", **fields: Any) -> None:
+        from blob2gpu import phrasing
+
+        hint = (
+            fields.pop("hint", None) or f"or {phrasing.setting('use_pinned_host_fallback', True)}"
+        )
+        said = message if hint in message else (f"{message}, {hint}" if message else hint)
+        super().__init__(said, hint=hint, **fields)
 
 
 class InsufficientGPUMemory(Blob2GpuError, MemoryError):
@@ -203,7 +213,15 @@ class HostOutOfMemory(Blob2GpuError, MemoryError):
 
 
 class CudaDriverUnavailable(Blob2GpuError, RuntimeError):
-    """No usable CUDA driver or GPU (set BLOB2GPU_CUDA_DRIVER, or use device='cpu')."""
+    """No usable CUDA driver or GPU (set BLOB2GPU_CUDA_DRIVER, or load to the CPU); ``hint``
+    says how to load to the CPU (in the caller's syntax: blob2gpu.phrasing)."""
+
+    def __init__(self, message: str = "", **fields: Any) -> None:
+        from blob2gpu import phrasing
+
+        hint = fields.pop("hint", None) or f"or load to the CPU: {phrasing.device('cpu')}"
+        said = message if hint in message else (f"{message}; {hint}" if message else hint)
+        super().__init__(said, hint=hint, **fields)
 
 
 class CudaError(Blob2GpuError, RuntimeError):
@@ -220,7 +238,24 @@ class InvalidArgument(Blob2GpuError, ValueError):
 
 
 class TensorNotFound(InvalidArgument):
-    """A tensor asked for by name (tensor_names=) is in no shard of the checkpoint."""
+    """A tensor asked for by name (tensor_names=) is in no shard of the checkpoint, or a glob
+    (`blob2gpu load --match`) matches no tensor of it.
+
+    ``names``: the names no shard holds; ``patterns``: the globs that matched nothing (each
+    empty when not the cause).
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        names: tuple[str, ...] = (),
+        patterns: tuple[str, ...] = (),
+        **fields: Any,
+    ) -> None:
+        super().__init__(message, **fields)
+        self.names = names
+        self.patterns = patterns
 
 
 class ShardCountMismatch(InvalidArgument):

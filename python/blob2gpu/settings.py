@@ -286,6 +286,36 @@ SCHEMA: tuple[Setting, ...] = (
         "Read cache hits with O_DIRECT straight into the staging ring (GPU targets), bypassing "
         "the page cache, where the cache's filesystem allows it (else buffered reads).",
     ),
+    S(
+        "storage",
+        "cache_write_queue_bytes",
+        256 * MiB,
+        int,
+        "Bytes of a load's write-through copies queued for the cache disk; a shard that would "
+        "overflow it is not written during the load (the load never waits for the disk) and is "
+        "left to the cache fill.",
+        minimum=0,
+        maximum=1 << 40,
+    ),
+    S(
+        "storage",
+        "cache_fill",
+        True,
+        bool,
+        "After a load returns, fetch from Blob what the cache still lacks of it (shards the "
+        "write-through writer skipped), in the background, one shard at a time: one load leaves "
+        "the cache complete. false: only the write-through writes.",
+    ),
+    S(
+        "storage",
+        "cache_fill_bytes_per_second",
+        200_000_000,
+        int,
+        "Most bytes per second the cache fill (and `blob2gpu cache warm`) fetches, so it does "
+        "not crowd the serving process's network and disk. 0: no bound. Accepts 200MB, 1GB, ...",
+        minimum=0,
+        maximum=1 << 40,
+    ),
     # -- integrity ---------------------------------------------------------------------------------
     S(
         "integrity",
@@ -351,6 +381,7 @@ OTHER_ENVIRONMENT: dict[str, tuple[str, str]] = {
         "Checkpoint URI used when load()/open()/`blob2gpu load` get none.",
     ),
     "BLOB2GPU_CUDA_DRIVER": ("libcuda.so.1", "CUDA driver library the core loads."),
+    "BLOB2GPU_TEST_REAL_GPU": ("(none)", "Tests only: 1 runs the GPU tests on a real GPU."),
     "AZURE_STORAGE_CONNECTION_STRING": ("(none)", "Account (and key or SAS) for az:// URIs."),
     "AZURE_STORAGE_ACCOUNT_NAME": (
         "(none)",
@@ -515,6 +546,21 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
+def _check_environment_names(env: Mapping[str, str]) -> None:
+    """Raises ConfigError for a BLOB2GPU_ variable that names no setting and nothing else that
+    blob2gpu reads (OTHER_ENVIRONMENT), naming the closest known one: a misspelt variable is
+    not silently ignored."""
+    known = [s.env for s in SCHEMA] + [v for v in OTHER_ENVIRONMENT if v.startswith(ENV_PREFIX)]
+    for name in env:
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown environment variable '{name}'{hint}: blob2gpu reads no such "
+                "variable; unset it, or see docs/settings.md for the known ones"
+            )
+
+
 def resolve(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -527,6 +573,7 @@ def resolve(
     key, its source and the valid values.
     """
     env = os.environ if environ is None else environ
+    _check_environment_names(env)
     values = {s.name: s.default for s in SCHEMA}
     sources = dict.fromkeys(values, "default")
     path = config_path or env.get(CONFIG_ENV)

@@ -187,6 +187,15 @@ def test_missing_driver_is_a_typed_error(write_checkpoint, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "no-such-libcuda.so" in run.stdout and "device='cpu'" in run.stdout
+    # The command line says the same in its own syntax.
+    cli = subprocess.run(
+        [sys.executable, "-m", "blob2gpu", "load", str(directory), "--device", "cuda"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2 and "CudaDriverUnavailable" in cli.stderr
+    assert "--device cpu" in cli.stderr and "device='cpu'" not in cli.stderr
 
 
 def test_reused_loader_keeps_its_ring(fake_driver, write_checkpoint):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from blob2gpu.settings import SCHEMA
@@ -59,6 +61,50 @@ def test_load_a_selection_by_name_and_glob(write_checkpoint, tmp_path):
     result = run("load", str(directory), "--tensor", "layers.1.w", "--tensor", "nope")
     assert result.returncode == 2
     assert "TensorNotFound" in result.stderr and "'nope'" in result.stderr
+
+
+def test_tensor_and_match_together_load_the_union(write_checkpoint, tmp_path):
+    directory = write_checkpoint(
+        [{f"layers.{s}.w": random_tensor(torch.bfloat16, (128, 32), s) for s in range(4)}]
+    )
+    out = tmp_path / "report.json"
+    result = run(
+        "load",
+        str(directory),
+        "--tensor",
+        "layers.3.w",
+        "--match",
+        "layers.[01].*",
+        "--report",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 tensors" in result.stdout and json.loads(out.read_text())["tensor_selection"] == 3
+    # Each part is still checked: a name no shard holds, a glob that matches nothing.
+    result = run("load", str(directory), "--tensor", "nope", "--match", "layers.0.*")
+    assert result.returncode == 2 and "TensorNotFound" in result.stderr
+    assert "'nope'" in result.stderr and "tensor_names" not in result.stderr
+
+
+def test_a_glob_matching_nothing_fails_naming_it(write_checkpoint, tmp_path):
+    import blob2gpu
+    from blob2gpu.errors import TensorNotFound
+    from blob2gpu.loading.selection import TensorMatch
+
+    directory = write_checkpoint(
+        [{f"layers.{s}.w": random_tensor(torch.bfloat16, (128, 32), s)} for s in range(2)]
+    )  # with an index
+    for checkpoint in (directory, directory / "model-00001-of-00002.safetensors"):
+        result = run("load", str(checkpoint), "--match", "layer.*", "--match", "layers.0.*")
+        assert result.returncode == 2, result.stderr
+        assert "TensorNotFound" in result.stderr and "no tensor matching 'layer.*'" in result.stderr
+        assert "layers.0.*" not in result.stderr
+    try:
+        blob2gpu.load(str(directory), tensor_filter=TensorMatch(patterns=("x*",)))
+    except TensorNotFound as e:
+        assert e.patterns == ("x*",) and e.names == ()
+    else:
+        raise AssertionError("a glob that matches nothing loaded")
 
 
 def test_errors_are_one_line_and_exit_2(tmp_path):
@@ -268,3 +314,69 @@ def test_demo_runs(tmp_path):
     result = run("demo", "--device", "cpu", "--size-mb", "8")
     assert result.returncode == 0, result.stderr
     assert "tensors" in result.stdout and "GB/s" in result.stdout
+    # A weights-only load generates no token: its first_token phase stays empty.
+    first_token = next(ln for ln in result.stdout.splitlines() if ln.startswith("first_token"))
+    assert first_token.split()[-1] == "-"
+
+
+def demo_in(directory, path, *args):
+    env = {k: v for k, v in os.environ.items() if k != "AZURITE_BLOB"}
+    env["PATH"] = path
+    return subprocess.run(
+        [sys.executable, "-m", "blob2gpu", "demo", "--device", "cpu", "--size-mb", "8", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=directory,
+        env=env,
+    )
+
+
+def test_demo_finds_azurite_on_path_and_says_so_when_there_is_none(tmp_path):
+    launcher = Path(__file__).resolve().parents[2] / ".azurite/node_modules/.bin/azurite-blob"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "azurite-blob").symlink_to(launcher)
+    node = shutil.which("node")
+    assert node is not None
+    path = os.pathsep.join([str(bin_dir), os.path.dirname(node), "/usr/bin", "/bin"])
+    found = demo_in(tmp_path, path)  # no ./.azurite here: PATH has it
+    assert found.returncode == 0, found.stderr
+    assert "served by Azurite" in found.stdout
+    no_azurite = os.pathsep.join([os.path.dirname(node), "/usr/bin", "/bin"])
+    missing = demo_in(tmp_path, no_azurite, "--source", "azurite")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    assert "azurite-blob was found neither" in missing.stderr and "--source local" in missing.stderr
+
+
+def test_config_show_takes_set_and_reports_unknown_variables(monkeypatch):
+    monkeypatch.delenv("BLOB2GPU_CONFIG", raising=False)
+    result = run("config", "show", "--json", "--set", "staging_slots=16")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)["staging.staging_slots"]
+    assert (doc["value"], doc["source"]) == (16, "argument")
+    bad = run("config", "show", env={"BLOB2GPU_PREFETCH_CONCURENCY": "4"})
+    assert bad.returncode == 2 and "ConfigError" in bad.stderr
+    assert "'BLOB2GPU_PREFETCH_CONCURRENCY'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_hints_speak_command_line_syntax_on_the_command_line(tmp_path):
+    import blob2gpu
+    from blob2gpu.errors import InsufficientHostMemory
+    from conftest import sparse_checkpoint
+
+    directory = tmp_path / "big.safetensors"  # 4 GB of weights that take no disk (sparse)
+    sparse_checkpoint(directory, 4 << 30)
+    with_cli = run("load", str(directory), "--set", "host_headroom_factor=100")
+    assert with_cli.returncode == 2 and "InsufficientHostMemory" in with_cli.stderr
+    assert (
+        "--device cuda" in with_cli.stderr and "--set host_headroom_factor=1.0" in with_cli.stderr
+    )
+    try:  # the Python API names its own arguments
+        blob2gpu.load(str(directory), host_headroom_factor=100)
+    except InsufficientHostMemory as e:
+        assert "device='cuda'" in str(e) and "host_headroom_factor=1.0" in str(e)
+        assert "--set" not in str(e)
+    else:
+        raise AssertionError("400 GB fit in host memory")

@@ -233,5 +233,6 @@ def test_the_llama_demo_cold_starts_to_a_first_token():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "a transformers Llama" in result.stdout and "first token: " in result.stdout
+    assert "the token is random" in result.stdout
     first_token_row = [ln for ln in result.stdout.splitlines() if ln.startswith("first_token")]
     assert first_token_row and first_token_row[0].split()[-1] != "-"

@@ -139,3 +139,45 @@ def test_closing_an_unfinished_load(device, write_checkpoint):
         checkpoint.get("s2.w")
     gc.collect()
     assert _core.live_arena_count() == before
+
+
+def test_a_directory_of_other_weight_formats_says_how_to_convert(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\0" * 64)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(errors.SourceUnavailable) as info:
+        blob2gpu.load(str(tmp_path))
+    message = str(info.value)
+    assert "pytorch_model.bin" in message and "does not read" in message
+    assert "safe_serialization=True" in message and "config.json" not in message
+
+
+def test_a_blob_prefix_of_other_weight_formats_says_how_to_convert(azurite, container, blob_env):
+    client = azurite.service().get_container_client(container)
+    client.upload_blob("m/consolidated.00.pth", b"\0" * 64)
+    with pytest.raises(errors.BlobNotFound, match=r"consolidated.00.pth.*does not read"):
+        blob2gpu.load(f"az://{container}/m")
+
+
+def test_connection_refused_names_the_endpoint_without_retry_advice(monkeypatch, free_port):
+    from blob2gpu.tools.emulator import ACCOUNT, ACCOUNT_KEY
+
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING",
+        f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+        f"BlobEndpoint=http://127.0.0.1:{free_port}/{ACCOUNT};",
+    )
+    with pytest.raises(errors.StorageUnavailable) as info:
+        blob2gpu.load("az://models/m", retry_max_attempts=2, retry_backoff_seconds=0.01)
+    message = str(info.value)
+    assert f"connection refused: nothing listens at 127.0.0.1:{free_port}" in message
+    assert "retry_max_attempts" not in message and "throttl" not in message
+    assert info.value.hint is not None and "endpoint" in info.value.hint
+    assert "NewConnectionError" not in message  # the cause, said in words, not cut mid-word
+
+
+def test_long_storage_messages_are_cut_at_a_word():
+    from blob2gpu.sources.azure.failures import _one_line
+
+    text = "word " * 100
+    cut = _one_line(text)
+    assert len(cut) <= 304 and cut.endswith(" ...") and "wor ..." not in cut

@@ -275,6 +275,47 @@ def test_publish_and_manifest_commands(checkpoint, azurite, container, blob_env)
         assert ckpt.report.verification == "crc32c"
 
 
+def test_publish_creates_a_missing_container(checkpoint, azurite, blob_env):
+    import subprocess
+    import sys
+
+    name = "fresh-publish"
+    out = subprocess.run(
+        [sys.executable, "-m", "blob2gpu", "publish", str(checkpoint), f"az://{name}/m"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        assert out.returncode == 0, out.stderr
+        got = blob2gpu.load(f"az://{name}/m", verify="crc32c")
+        assert {n: as_bytes(t) for n, t in got.items()} == expected(checkpoint)
+    finally:
+        azurite.service().delete_container(name)
+
+
+def test_publish_without_the_right_to_create_the_container_says_what_to_do(
+    checkpoint, azurite, blob_env
+):
+    from datetime import datetime, timedelta, timezone
+
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    # A container SAS may write blobs but never create (or inspect) its container.
+    sas = generate_container_sas(
+        ACCOUNT,
+        "not-there",
+        ACCOUNT_KEY,
+        permission=ContainerSasPermissions(read=True, write=True, list=True, create=True),
+        expiry=datetime.now(timezone.utc) + timedelta(hours=1),
+    )
+    with pytest.raises(errors.SourceUnavailable) as info:
+        publish(checkpoint, f"{azurite.endpoint()}/not-there/m?{sas}")
+    assert "'not-there'" in str(info.value) and info.value.hint is not None
+    assert "create container 'not-there' first" in info.value.hint
+    assert not azurite.service().get_container_client("not-there").exists()
+
+
 # --- Content-MD5: verify='auto' on a Blob checkpoint without a manifest --------------------------
 
 

@@ -304,8 +304,10 @@ def test_cache_commands(published, container, cache_dir, blob_env):
     corrupt_one_entry(cache_dir, "flip")
     bad = run_cli("cache", "verify", "--cache-dir", str(cache_dir), "--quiet")
     assert bad.returncode == 1 and bad.stdout.startswith("BAD")
-    assert run_cli("cache", "verify", "--cache-dir", str(cache_dir), "--repair").returncode == 0
-    assert len(NvmeCache(cache_dir).entries()) == 2
+    repaired = run_cli("cache", "verify", "--cache-dir", str(cache_dir), "--repair")
+    assert repaired.returncode == 0 and "fetched again" in repaired.stdout
+    cache = NvmeCache(cache_dir)  # the damaged entry was fetched again from Blob
+    assert len(cache.entries()) == 3 and all(cache.verify(e) is None for e in cache.entries())
     pruned = run_cli("cache", "prune", "--cache-dir", str(cache_dir), "--max-bytes", "1")
     assert pruned.returncode == 0 and NvmeCache(cache_dir).entries() == []
 

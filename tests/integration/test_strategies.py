@@ -51,4 +51,8 @@ def test_host_staging_from_blob(fake_driver, checkpoint, azurite, container, blo
 def test_host_staging_is_ignored_on_the_cpu(checkpoint):
     with blob2gpu.open(str(checkpoint), direct_gpu_load=False) as ckpt:
         assert len(ckpt.to_dict()) == 9
-        assert ckpt.report.strategy == "direct-gpu"  # cpu memory is the destination already
+        assert ckpt.report.strategy == "cpu"  # cpu memory is the destination already
+    from blob2gpu.operations.timeline import describe
+
+    shown = describe(ckpt.report)
+    assert "strategy cpu, straight into host memory" in shown and "staging," not in shown

@@ -176,3 +176,10 @@ def test_docs_list_every_setting_and_are_generated():
     assert text == settings_doc(), "regenerate: python -m blob2gpu.settings > docs/settings.md"
     for s in SCHEMA:
         assert f"`{s.env}`" in text and f"`{s.key}`" in text
+
+
+def test_an_unknown_blob2gpu_variable_is_an_error_naming_the_closest(write_checkpoint):
+    with pytest.raises(ConfigError, match=r"'BLOB2GPU_STAGING_SLOT'.*'BLOB2GPU_STAGING_SLOTS'"):
+        resolve(environ={"BLOB2GPU_STAGING_SLOT": "16"})
+    # What blob2gpu reads besides the settings is known too.
+    resolve(environ={"BLOB2GPU_CUDA_DRIVER": "libcuda.so.1", "BLOB2GPU_TEST_REAL_GPU": "1"})

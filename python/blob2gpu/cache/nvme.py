@@ -248,19 +248,157 @@ def _whole_crc(pieces: list[tuple[int, int, int]]) -> int:
     return crc
 
 
+class EntryRefused(Exception):
+    """A shard the cache will not take now (no room under the cap, the disk refuses the file);
+    `why` says so for the report."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+class EntryWrite:
+    """One cache entry being written, by whoever holds its entry lock (the write-through writer
+    of a load, or the fill after it): a file in tmp/ written at any offset, then published by
+    publish() (fsync, read back and checked, data then metadata renamed into entries/), or
+    removed by abandon(). Either releases the lock; nothing here is trusted before publication.
+    """
+
+    def __init__(
+        self,
+        cache: NvmeCache,
+        key: str,
+        identity: dict[str, Any],
+        lock: EntryLock,
+        expected_sha256: str | None = None,
+        expected_crc32c: tuple[int, list[int]] | None = None,
+    ) -> None:
+        """Take the lock over (released on refusal) and make the temporary file, its whole size
+        allocated now. expected_*: the manifest's SHA-256 and (chunk bytes, CRC32C per chunk).
+        Raises EntryRefused."""
+        self.cache = cache
+        self.key = key
+        self.identity = identity
+        self.size = int(identity["size"])
+        self.lock = lock
+        self.expected_sha256 = expected_sha256
+        self.expected_crc32c = expected_crc32c
+        self.written = 0
+        self.finished = False  # published or abandoned
+        self._pieces: list[tuple[int, int, int]] = []  # (offset, length, CRC32C) received
+        self._fd = -1
+        self.tmp_path = cache.tmp_dir / f"{key}.{os.getpid()}.{threading.get_ident()}.part"
+        if not cache.make_room(self.size):
+            lock.release()
+            raise EntryRefused(f"{self.size} bytes exceed cache_max_bytes {cache.max_bytes}")
+        try:
+            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, self.size)  # no space: find out now, not mid-shard
+            except OSError:
+                os.close(fd)
+                raise
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self.tmp_path.unlink()
+            lock.release()
+            raise EntryRefused(f"cannot write to the cache: {e.strerror}") from None
+        self._fd = fd
+        with _reserved_lock:
+            cache.reserved += self.size
+
+    @property
+    def complete(self) -> bool:
+        return self.written == self.size
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Write bytes [offset, offset + len(data)) of the shard; raises OSError."""
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+        self._pieces.append((offset, len(view), _core.crc32c(view)))
+        self.written += len(view)
+
+    def publish(self) -> str | None:
+        """Check what is on disk and publish it as the entry; None when published, else why not
+        (the file is then removed). Releases the lock either way."""
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            # What is on disk, read back, against what was received (CRC32C pieces combined) and
+            # the manifest: its chunk CRCs when they use the cache's chunking, else its SHA-256.
+            expected = self.expected_crc32c
+            crcs_comparable = expected is not None and expected[0] == CHUNK_BYTES
+            need_sha = bool(self.expected_sha256) and not crcs_comparable
+            info = _hash_file(self.tmp_path, CHUNK_BYTES, with_sha256=need_sha)
+            on_disk = _whole_crc(
+                [
+                    (i * CHUNK_BYTES, min(CHUNK_BYTES, info["size"] - i * CHUNK_BYTES), c)
+                    for i, c in enumerate(info["crc32c"])
+                ]
+            )
+            if info["size"] != self.size or on_disk != _whole_crc(self._pieces):
+                return self.abandon("the bytes read back differ from the bytes received")
+            if (crcs_comparable and expected is not None and info["crc32c"] != expected[1]) or (
+                need_sha and info["sha256"] != self.expected_sha256
+            ):
+                return self.abandon("the bytes written differ from the manifest")
+            meta = dict(
+                self.identity,
+                version=META_VERSION,
+                chunk_bytes=CHUNK_BYTES,
+                crc32c=info["crc32c"],
+                created=time.time(),
+            )
+            if info["sha256"]:
+                meta["sha256"] = info["sha256"]
+            data_path, meta_path = self.cache._paths(self.key)
+            meta_tmp = self.tmp_path.with_suffix(".json")
+            meta_tmp.write_text(json.dumps(meta))
+            with open(meta_tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp_path, data_path)
+            os.replace(meta_tmp, meta_path)  # published: the metadata goes last
+            dir_fd = os.open(self.cache.entries_dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            return self.abandon(f"publishing failed: {e.strerror}")
+        self._finish()
+        return None
+
+    def abandon(self, why: str) -> str:
+        """Remove what was written and release the lock; returns `why`."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        with contextlib.suppress(OSError):
+            self.tmp_path.unlink()
+        with contextlib.suppress(OSError):
+            self.tmp_path.with_suffix(".json").unlink()
+        self._finish()
+        return why
+
+    def _finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            with _reserved_lock:
+                self.cache.reserved -= self.size
+            self.lock.release()
+
+
+_reserved_lock = threading.Lock()  # NvmeCache.reserved is shared by a load's writer and the fill
+
+
 @dataclass
 class _Pending:
     index: int
-    key: str
-    identity: dict[str, Any]
-    lock: EntryLock
-    fd: int
-    tmp_path: Path
-    expected_sha256: str | None
-    expected_crc32c: tuple[int, list[int]] | None = None  # the manifest's (chunk bytes, CRCs)
-    written: int = 0
-    done: bool = False
-    pieces: list[tuple[int, int, int]] = field(default_factory=list)  # what was received
+    entry: EntryWrite
+    done: bool = False  # given up or complete: nothing more is queued for it
 
 
 @dataclass
@@ -272,18 +410,19 @@ class WriterStats:
 class CacheWriter:
     """Writes shards to the cache in the background while they stream from Blob (write-through).
 
-    The feeder offers each range before committing it; a bounded queue of copies decouples the
-    disk from the load: when the disk falls behind or fills up, that shard is simply not cached.
-    A complete shard is published (fsync, read back and hashed, renamed) by a second thread, so
-    the writes of the other shards go on meanwhile.
+    The feeder offers each range before committing it; a bounded queue of copies
+    (`queue_bytes`) decouples the disk from the load: when the disk falls behind or fills up,
+    that shard is not cached now (the fill after the load fetches it: cache/fill.py). A
+    complete shard is published (EntryWrite.publish) by a second thread, so the writes of the
+    other shards go on meanwhile.
     """
 
-    def __init__(self, cache: NvmeCache, buffer_bytes: int = 256 << 20) -> None:
+    def __init__(self, cache: NvmeCache, queue_bytes: int = 256 << 20) -> None:
         self.cache = cache
         self.stats = WriterStats()
         self._pending: dict[int, _Pending] = {}
         self._names: dict[int, str] = {}
-        self._budget = buffer_bytes
+        self._budget = queue_bytes
         self._queued = 0
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[int, int, bytes] | None] = queue.Queue()
@@ -308,30 +447,12 @@ class CacheWriter:
         """Start writing shard `index` (the caller holds its entry lock, now ours).
         expected_*: the manifest's SHA-256 and (chunk bytes, CRC32C per chunk) of the file."""
         self._names[index] = name
-        size = identity["size"]
-        if not self.cache.make_room(size):
-            lock.release()
-            self.stats.skipped[name] = f"{size} bytes exceed cache_max_bytes {self.cache.max_bytes}"
-            return
-        tmp_path = self.cache.tmp_dir / f"{key}.{os.getpid()}.{threading.get_ident()}.part"
         try:
-            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                os.posix_fallocate(fd, 0, size)  # no space: find out now, not mid-shard
-            except OSError:
-                os.close(fd)
-                raise
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp_path.unlink()
-            lock.release()
-            self.stats.skipped[name] = f"cannot write to the cache: {e.strerror}"
+            entry = EntryWrite(self.cache, key, identity, lock, expected_sha256, expected_crc32c)
+        except EntryRefused as e:
+            self.stats.skipped[name] = e.why
             return
-        self._pending[index] = _Pending(
-            index, key, identity, lock, fd, tmp_path, expected_sha256, expected_crc32c
-        )
-        with self._lock:
-            self.cache.reserved += size
+        self._pending[index] = _Pending(index, entry)
 
     def offer(self, index: int, offset: int, view: memoryview) -> None:
         """Queue a copy of bytes [offset, offset + len(view)) of shard `index` for writing."""
@@ -354,7 +475,12 @@ class CacheWriter:
 
     def _run_publisher(self) -> None:
         while (p := self._complete.get()) is not None:
-            self._publish(p)
+            why = p.entry.publish()
+            p.done = True
+            if why is None:
+                self.stats.written.append(self._names[p.index])
+            else:
+                self._skip(p, why)
 
     def _write_queued(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -367,88 +493,23 @@ class CacheWriter:
                 continue
             with self._lock:
                 self._queued -= len(data)
-            if p.fd < 0:
+            if p.entry.finished:
                 continue
             try:
-                os.pwrite(p.fd, data, offset)
+                p.entry.write(offset, data)
             except OSError as e:
                 self._abandon(p, f"write failed: {e.strerror}")
                 continue
-            p.pieces.append((offset, len(data), _core.crc32c(data)))
-            p.written += len(data)
-            if p.written == p.identity["size"]:
+            if p.entry.complete:
                 self._complete.put(p)
 
-    def _publish(self, p: _Pending) -> None:
-        name = self._names[p.index]
-        try:
-            os.fsync(p.fd)
-            os.close(p.fd)
-            p.fd = -1
-            # What is on disk, read back, against what was received (CRC32C pieces combined) and
-            # the manifest: its chunk CRCs when they use the cache's chunking, else its SHA-256.
-            expected_crcs = p.expected_crc32c[1] if p.expected_crc32c is not None else None
-            crcs_comparable = p.expected_crc32c is not None and p.expected_crc32c[0] == CHUNK_BYTES
-            need_sha = bool(p.expected_sha256) and not crcs_comparable
-            info = _hash_file(p.tmp_path, CHUNK_BYTES, with_sha256=need_sha)
-            on_disk = _whole_crc(
-                [
-                    (i * CHUNK_BYTES, min(CHUNK_BYTES, info["size"] - i * CHUNK_BYTES), c)
-                    for i, c in enumerate(info["crc32c"])
-                ]
-            )
-            if info["size"] != p.identity["size"] or on_disk != _whole_crc(p.pieces):
-                self._abandon(p, "the bytes read back differ from the bytes received")
-                return
-            if (crcs_comparable and info["crc32c"] != expected_crcs) or (
-                need_sha and info["sha256"] != p.expected_sha256
-            ):
-                self._abandon(p, "the bytes written differ from the manifest")
-                return
-            meta = dict(
-                p.identity,
-                version=META_VERSION,
-                chunk_bytes=CHUNK_BYTES,
-                crc32c=info["crc32c"],
-                created=time.time(),
-            )
-            if info["sha256"]:
-                meta["sha256"] = info["sha256"]
-            data_path, meta_path = self.cache._paths(p.key)
-            meta_tmp = p.tmp_path.with_suffix(".json")
-            meta_tmp.write_text(json.dumps(meta))
-            with open(meta_tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(p.tmp_path, data_path)
-            os.replace(meta_tmp, meta_path)  # published: the metadata goes last
-            dir_fd = os.open(self.cache.entries_dir, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-            self.stats.written.append(name)
-            with self._lock:
-                self.cache.reserved -= p.identity["size"]
-        except OSError as e:
-            self._abandon(p, f"publishing failed: {e.strerror}")
-            return
-        finally:
-            p.done = True
-        p.lock.release()
-
     def _abandon(self, p: _Pending, why: str) -> None:
-        if not p.done or p.fd >= 0:
-            with self._lock:
-                self.cache.reserved -= p.identity["size"]
         p.done = True
-        if p.fd >= 0:
-            os.close(p.fd)
-            p.fd = -1
-        with contextlib.suppress(OSError):
-            p.tmp_path.unlink()
-        with contextlib.suppress(OSError):
-            p.tmp_path.with_suffix(".json").unlink()
-        p.lock.release()
+        if not p.entry.finished:
+            p.entry.abandon(why)
+        self._skip(p, why)
+
+    def _skip(self, p: _Pending, why: str) -> None:
         self.stats.skipped.setdefault(self._names[p.index], why)
 
     def close(self) -> WriterStats:
@@ -457,6 +518,6 @@ class CacheWriter:
         self._thread.join()
         self._publisher.join()
         for p in self._pending.values():
-            if not p.done or p.fd >= 0:
+            if not p.entry.finished:
                 self._abandon(p, "the load ended before the shard was complete")
         return self.stats

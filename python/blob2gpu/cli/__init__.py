@@ -8,6 +8,7 @@
     blob2gpu publish DIR URI       upload a checkpoint and its integrity manifest
     blob2gpu manifest URI          write the manifest of a checkpoint already in Blob
     blob2gpu cache ls|verify|prune the NVMe cache tier
+    blob2gpu cache warm URI        fill the NVMe cache with a checkpoint without loading it
     blob2gpu bench URI             compare load strategies phase by phase (the case study's table)
     blob2gpu coldstart URI         build a transformers model from Blob, time its first token
     blob2gpu demo                  write a small checkpoint and load it

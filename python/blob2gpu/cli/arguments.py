@@ -10,6 +10,7 @@ from blob2gpu.cli.commands import (
     cmd_cache_ls,
     cmd_cache_prune,
     cmd_cache_verify,
+    cmd_cache_warm,
     cmd_coldstart,
     cmd_config_show,
     cmd_demo,
@@ -99,6 +100,13 @@ def _add_load_command(sub: Any) -> None:
     )
     load.add_argument("--quiet", action="store_true", help="print nothing (no progress either)")
     load.add_argument(
+        "--no-wait-cache-fill",
+        dest="wait_cache_fill",
+        action="store_false",
+        help="with the NVMe cache on, exit without waiting for the background fill of the "
+        "shards the load could not write to the cache (it stops at exit)",
+    )
+    load.add_argument(
         "--progress-interval",
         type=_positive_float,
         metavar="SECONDS",
@@ -168,6 +176,13 @@ def _add_config_command(sub: Any) -> None:
     )
     show.add_argument("--config", metavar="FILE", help="YAML settings file (else $BLOB2GPU_CONFIG)")
     show.add_argument("--json", action="store_true", help="JSON keyed by config key")
+    show.add_argument(
+        "--set",
+        action="append",
+        type=_setting,
+        metavar="KEY=VALUE",
+        help="a setting, as `load --set` gives it (repeatable): shown with source 'argument'",
+    )
     show.set_defaults(run=cmd_config_show)
 
 
@@ -223,7 +238,11 @@ def _add_cache_command(sub: Any) -> None:
         if name == "ls":
             p.add_argument("--json", action="store_true")
         if name == "verify":
-            p.add_argument("--repair", action="store_true", help="remove bad entries")
+            p.add_argument(
+                "--repair",
+                action="store_true",
+                help="remove bad entries and fetch their blobs again (the same version)",
+            )
             p.add_argument("--quiet", action="store_true", help="print only bad entries")
         if name == "prune":
             p.add_argument(
@@ -232,6 +251,22 @@ def _add_cache_command(sub: Any) -> None:
                 default=None,
                 help="evict least recently used entries down to this size",
             )
+    warm = cache_sub.add_parser(
+        "warm",
+        help="fill the cache with a Blob checkpoint's shards without loading them",
+        description="Fetch the shards of a Blob checkpoint that the node's cache lacks into it "
+        "(for a DaemonSet or a node-prep job before pods land), one shard at a time at most "
+        "cache_fill_bytes_per_second (--set cache_fill_bytes_per_second=0: no bound), with a "
+        "progress bar; exit 1 when a shard could not be written.",
+    )
+    warm.add_argument("uri", nargs="?", help="a Blob URI (default: $MODEL_SOURCE_URI)")
+    warm.add_argument("--cache-dir", help="the cache directory (else the cache_dir setting)")
+    warm.add_argument("--config", metavar="FILE", help="YAML settings file")
+    warm.add_argument(
+        "--set", action="append", type=_setting, metavar="KEY=VALUE", help="a setting (repeatable)"
+    )
+    warm.add_argument("--quiet", action="store_true", help="print only the result")
+    warm.set_defaults(run=cmd_cache_warm)
 
 
 def _add_bench_command(sub: Any) -> None:

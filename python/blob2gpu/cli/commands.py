@@ -47,17 +47,13 @@ def cmd_load(args: argparse.Namespace) -> int:
 
     settings = dict(args.set or [])
     selection: dict[str, Any] = {}
-    if args.tensor:
+    if args.match:  # with --tensor: the union; each name must exist, each glob match
+        from blob2gpu.loading.selection import TensorMatch
+
+        names = frozenset(args.tensor or ())
+        selection["tensor_filter"] = TensorMatch(names, tuple(args.match))
+    elif args.tensor:
         selection["tensor_names"] = args.tensor
-    if args.match:
-        import fnmatch
-
-        patterns = args.match
-
-        def matches(name: str) -> bool:
-            return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-        selection["tensor_filter"] = matches
     with blob2gpu.open(
         args.uri,
         device=args.device,
@@ -70,14 +66,44 @@ def cmd_load(args: argparse.Namespace) -> int:
         with LoadProgress(checkpoint.progress, sys.stderr, mode, args.progress_interval):
             checkpoint.to_dict()
         report = checkpoint.report
+    fill = checkpoint.cache_fill
+    if fill is not None and args.wait_cache_fill:
+        _wait_for_fill(fill, "cache fill", args.quiet, args.progress_interval)
     if args.report:
         _write_text(args.report, report.to_json())
     if not args.quiet:
         print(report.summary())
         print(report.phase_table())
+        if report.cache_written or report.cache_fill_pending:
+            print(_cache_line(report, fill is not None and args.wait_cache_fill))
         if args.report:
             print(f"report written to {args.report}")
     return 0
+
+
+def _cache_line(report: Any, waited: bool) -> str:
+    """What the load wrote to the node's cache and what it left to the fill."""
+    line = f"NVMe cache: {len(report.cache_written)} shard(s) written during the load"
+    if not report.cache_fill_pending:
+        return line
+    line += f", {len(report.cache_fill_pending)} left to the fill"
+    if not waited:
+        return line + " (not waited for: it stopped when this command exited)"
+    line += f": {len(report.cache_filled)} written"
+    if report.cache_fill_skipped:
+        name, why = next(iter(report.cache_fill_skipped.items()))
+        line += f", {len(report.cache_fill_skipped)} not ('{name}': {why})"
+    return line
+
+
+def _wait_for_fill(fill: Any, label: str, quiet: bool, interval: float | None) -> Any:
+    """Wait for a cache fill, drawing its progress like a load's; returns its result."""
+    from blob2gpu.operations.progress import LoadProgress, choose_mode
+
+    mode = choose_mode(sys.stderr, quiet=quiet)
+    with LoadProgress(fill.progress, sys.stderr, mode, interval, label=label):
+        result = fill.wait()
+    return result
 
 
 def cmd_fetch_aux(args: argparse.Namespace) -> int:
@@ -122,7 +148,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 def cmd_config_show(args: argparse.Namespace) -> int:
     from blob2gpu.settings import CONFIG_ENV, SCHEMA, resolve
 
-    resolved = resolve(config_path=args.config)
+    resolved = resolve(dict(args.set or []), config_path=args.config)
     config = args.config or os.environ.get(CONFIG_ENV)
     if args.json:
         doc = {
@@ -184,7 +210,7 @@ def _cache(args: argparse.Namespace) -> Any:
     from blob2gpu.cache.nvme import NvmeCache
     from blob2gpu.settings import resolve
 
-    settings = resolve(config_path=args.config)
+    settings = resolve(dict(getattr(args, "set", None) or []), config_path=args.config)
     try:
         return NvmeCache(args.cache_dir or settings.cache_dir or None, settings.cache_max_bytes)
     except OSError as e:
@@ -213,21 +239,56 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_verify(args: argparse.Namespace) -> int:
+    from blob2gpu.loading.cache_warm import refetch_entry
+    from blob2gpu.settings import resolve
+
     cache = _cache(args)
+    settings = resolve(config_path=args.config) if args.repair else None
     bad = 0
     for e in cache.entries():
         problem = cache.verify(e)
-        if problem is not None:
-            bad += 1
-            print(
-                f"BAD  {e.key} {e.meta.get('blob')}: {problem}"
-                + ("; removed" if args.repair else "")
-            )
-            if args.repair:
-                cache.remove(e)
-        elif not args.quiet:
-            print(f"ok   {e.key} {e.meta.get('blob')}")
+        if problem is None:
+            if not args.quiet:
+                print(f"ok   {e.key} {e.meta.get('blob')}")
+            continue
+        bad += 1
+        if not args.repair:
+            print(f"BAD  {e.key} {e.meta.get('blob')}: {problem}")
+            continue
+        assert settings is not None
+        fill, why_not = refetch_entry(cache, e, settings)
+        result = fill.wait() if fill is not None else None
+        if result is not None and result.written:
+            why_not = None
+        elif result is not None:
+            why_not = next(iter(result.skipped.values()), "the fill ended early")
+        print(
+            f"BAD  {e.key} {e.meta.get('blob')}: {problem}; "
+            + ("fetched again" if why_not is None else f"removed (not fetched again: {why_not})")
+        )
     return 1 if bad and not args.repair else 0
+
+
+def cmd_cache_warm(args: argparse.Namespace) -> int:
+    from blob2gpu.loading.cache_warm import warm_cache
+    from blob2gpu.loading.request import source_uri
+    from blob2gpu.settings import resolve
+
+    settings = resolve(dict(args.set or []), config_path=args.config)
+    cache = _cache(args)
+    fill, cached = warm_cache(cache, source_uri(args.uri), settings)
+    total = len(fill.shards) + cached
+    if not fill.shards:
+        print(f"{cache.root}: all {total} shard(s) already cached")
+        return 0
+    result = _wait_for_fill(fill, "cache warm", args.quiet, None)
+    print(
+        f"{cache.root}: {len(result.written)} shard(s) written, {cached} already cached, "
+        f"{len(result.skipped)} not written"
+    )
+    for name, why in result.skipped.items():
+        print(f"  not written: {name}: {why}")
+    return 1 if result.skipped else 0
 
 
 def cmd_cache_prune(args: argparse.Namespace) -> int:

@@ -11,6 +11,9 @@ from blob2gpu.errors import Blob2GpuError
 
 
 def main(argv: list[str] | None = None) -> int:
+    from blob2gpu import phrasing
+
+    phrasing.use_command_line()  # hints say --device cpu, --set KEY=VALUE
     args = build_parser().parse_args(argv)
     try:
         run: Callable[[argparse.Namespace], int] = args.run

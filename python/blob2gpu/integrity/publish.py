@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from blob2gpu.errors import InvalidArgument
+from blob2gpu.errors import BlobNotFound, InvalidArgument
 from blob2gpu.integrity.manifest import (
     DEFAULT_CHUNK_BYTES,
     MANIFEST_NAME,
@@ -34,17 +34,19 @@ def publish(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     **settings: Any,
 ) -> Manifest:
-    """Upload every file of `local_dir` under the URI's prefix, then the manifest of them.
+    """Upload every file of `local_dir` under the URI's prefix, then the manifest of them; a
+    container that does not exist is created first.
 
     The manifest goes last, so a manifest in storage means its files are all there. Returns the
-    manifest. Raises InvalidArgument, AccessDenied, BlobNotFound (no container) or
-    StorageUnavailable.
+    manifest. Raises InvalidArgument, AccessDenied (also when the container is missing and may
+    not be created: its hint says what to do) or StorageUnavailable.
     """
     directory = Path(local_dir)
     if not directory.is_dir():
         raise InvalidArgument(f"'{local_dir}' is not a directory")
     manifest = manifest_for_directory(directory, chunk_bytes)
     with _container(uri, credential, settings) as container:
+        container.create_if_missing()
         prefix = container.location.path.strip("/")
         for name in sorted(manifest.files):
             blob = f"{prefix}/{name}" if prefix else name
@@ -53,7 +55,14 @@ def publish(
                 with path.open("rb") as f:
                     container.client.upload_blob(blob, f, overwrite=True, max_concurrency=4)
 
-            container.retry.run(upload, f"uploading {container.location.describe(blob)}", blob)
+            try:
+                container.retry.run(upload, f"uploading {container.location.describe(blob)}", blob)
+            except BlobNotFound as e:  # the container is missing, and we may not see or make it
+                hint = (
+                    f"create container '{container.location.container}' first (az storage "
+                    "container create), or use a credential that may create it"
+                )
+                raise BlobNotFound(f"{e}; {hint}", blob=blob, hint=hint) from None
         _upload_manifest(container, prefix, manifest)
         return manifest
 

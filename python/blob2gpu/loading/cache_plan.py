@@ -1,11 +1,15 @@
 """How one Blob load uses the node's NVMe cache: which shards it reads from the cache (hits), which
-it writes through as they stream from Blob, and which it refuses because their blob is archived."""
+it writes through as they stream from Blob, which it refuses because their blob is archived, and
+what the fill after it fetches (the shards the write-through writer could not keep)."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from blob2gpu.cache.fill import CacheFill, FillShard, submit_fill
 from blob2gpu.cache.nvme import CacheEntry, CacheWriter, NvmeCache
 from blob2gpu.settings import ResolvedSettings
 from blob2gpu.sources import ShardPlan, ShardRef
@@ -41,14 +45,16 @@ def start_cache_writes(
     manifest: Any,
     hits: dict[int, CacheEntry],
     write: bool = True,
+    queue_bytes: int = 256 << 20,
 ) -> CacheWriter:
     """The writer that puts every shard not in `hits` into the cache as it streams from Blob.
 
     A shard another process on this node is writing (or wrote since `hits` was looked up) is
     waited for, then read from the cache (added to `hits`): the node downloads it once.
     write=False (a load that reads only some tensors, so never a whole shard) writes nothing.
+    queue_bytes: the writer's queue (cache_write_queue_bytes).
     """
-    writer = CacheWriter(cache)
+    writer = CacheWriter(cache, queue_bytes)
     if not write:
         return writer
     for i, ref in enumerate(plan.shards):
@@ -116,3 +122,69 @@ def open_cache(settings: ResolvedSettings, plan: ShardPlan) -> CachePlan:
     except OSError as e:
         why = f"the cache directory is unusable: {e.strerror} ({e.filename})"
         return CachePlan(skipped={ref.name: why for ref in plan.shards})
+
+
+def shards_to_fill(
+    cache: NvmeCache, location: Any, plan: ShardPlan, manifest: Any
+) -> list[FillShard]:
+    """The shards of `plan` the cache lacks (no complete entry of the listed version), with what
+    the fill checks them against (the manifest's checksums)."""
+    missing = []
+    for ref in plan.shards:
+        key, identity = cache_identity(location, ref)
+        if cache.lookup(key, identity) is not None:
+            continue
+        listed = manifest.files.get(ref.name) if manifest is not None else None
+        missing.append(
+            FillShard(
+                ref.name,
+                key,
+                identity,
+                ref,
+                listed.sha256 if listed else None,
+                (manifest.chunk_bytes, listed.crc32c) if listed else None,
+            )
+        )
+    return missing
+
+
+class _FillReader:
+    """A BlobRangeReader over a container client of the fill's own (the load's connections close
+    with its Loader; the fill outlives it)."""
+
+    def __init__(self, uri: str, settings: ResolvedSettings, credential: Any, stopping: Any):
+        from blob2gpu.sources.azure.container import open_container
+        from blob2gpu.sources.azure.range_reader import BlobRangeReader
+
+        self._container = open_container(uri, settings, credential)
+        self._container.retry.stopping = stopping  # retry waits end at exit too
+        retry = self._container.retry
+        self._reader = BlobRangeReader(self._container.client, self._container.location, retry)
+
+    def read_into(self, ref: Any, offset: int, view: memoryview) -> None:
+        self._reader.read_into(ref, offset, view)
+
+    def interrupt(self) -> None:
+        self._reader.interrupt()
+
+    def close(self) -> None:
+        self._container.close()
+
+
+def start_fill(
+    cache: NvmeCache,
+    shards: list[FillShard],
+    uri: str,
+    settings: ResolvedSettings,
+    credential: Any = None,
+    on_shard: Callable[[str, str | None], None] | None = None,
+) -> CacheFill:
+    """Queue the fill of `shards` (from the Blob checkpoint `uri`, with `credential`) on the
+    process's fill thread, at most settings.cache_fill_bytes_per_second; returns the job.
+    on_shard(name, why_not): called as each shard is published (why_not None) or not."""
+
+    def open_reader(stopping: threading.Event) -> _FillReader:
+        return _FillReader(uri, settings, credential, stopping)
+
+    job = CacheFill(cache, shards, open_reader, settings.cache_fill_bytes_per_second, on_shard)
+    return submit_fill(job)

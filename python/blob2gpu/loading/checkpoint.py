@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from blob2gpu import _core
+from blob2gpu.cache.fill import CacheFill, FillResult
 from blob2gpu.errors import BlobChanged, ChecksumMismatch, InvalidIndex, LoadCancelled
 from blob2gpu.loading.selection import check_found
 from blob2gpu.operations import metrics
@@ -32,10 +33,12 @@ class Checkpoint:
         feeder: Any = None,
         keep_completed: bool = False,
         on_close: Callable[[], None] | None = None,
+        fills: list[CacheFill] | None = None,
     ) -> None:
         """A started load: `prepared` by loading.prepare, its core `session` fed by `feeder`
         (None when the core reads the files itself). keep_completed: a BlobChanged error carries
-        the complete shards (Loader.load with on_blob_change='restart' keeps them)."""
+        the complete shards (Loader.load with on_blob_change='restart' keeps them). fills: the
+        list (its Loader's) that the cache fill this load starts is added to."""
         self._prepared = prepared
         self._session = session
         self._selection = prepared.selection  # the tensors this load hands out
@@ -53,6 +56,8 @@ class Checkpoint:
         self._shard_of: dict[str, str] = {}
         self._finished = False
         self._closed = False
+        self._fill: CacheFill | None = None
+        self._fills = fills
         # Shards kept from an earlier attempt of this load (same blob, same etag): ShardRef ->
         # their tensors, already converted.
         self._preloaded_refs = {ref.name: ref for ref in prepared.preloaded}
@@ -277,9 +282,53 @@ class Checkpoint:
                 stats = self._cache.writer.close()
                 self._report.cache_written = list(stats.written)
                 self._report.cache_skipped = dict(stats.skipped)
+                if self._finished:
+                    self._start_cache_fill()
         finally:
             if self._on_close is not None:
                 self._on_close()
+
+    def _start_cache_fill(self) -> None:
+        """After a whole load: queue the fetch of what the node's cache still lacks of it (the
+        shards the write-through writer skipped) on the background fill (cache/fill.py)."""
+        from blob2gpu.loading.cache_plan import shards_to_fill, start_fill
+
+        cache, settings = self._cache.cache, self._settings
+        if cache is None or not settings.cache_fill or not self._selection.everything:
+            return
+        prepared = self._prepared
+        location = prepared.source.container.location
+        shards = shards_to_fill(cache, location, self._plan, prepared.manifest)
+        if not shards:
+            return
+        report = self._report
+        report.cache_fill_pending = [s.name for s in shards]
+
+        def on_shard(name: str, why_not: str | None) -> None:
+            if why_not is None:
+                report.cache_filled.append(name)
+            else:
+                report.cache_fill_skipped[name] = why_not
+
+        request = prepared.request
+        self._fill = start_fill(cache, shards, request.uri, settings, request.credential, on_shard)
+        if self._fills is not None:
+            self._fills.append(self._fill)
+
+    @property
+    def cache_fill(self) -> CacheFill | None:
+        """The background fill of the node's cache this load started (None when the cache held
+        or wrote every shard, or is off); its progress() is (bytes, total)."""
+        return self._fill
+
+    def wait_for_cache_fill(self, timeout: float | None = None) -> FillResult:
+        """Wait until the cache fill this load started has ended (at most `timeout` seconds);
+        returns what it wrote and skipped (`finished` False when the timeout passed first). The
+        report's cache_filled / cache_fill_skipped say the same. Returns an empty, finished
+        result when there is no fill."""
+        if self._fill is None:
+            return FillResult(finished=True)
+        return self._fill.wait(timeout)
 
     def __enter__(self) -> Checkpoint:
         return self

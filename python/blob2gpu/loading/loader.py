@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from blob2gpu.cache.fill import CacheFill, FillResult
 from blob2gpu.errors import BlobChanged, ChecksumMismatch, InvalidArgument
 from blob2gpu.loading.checkpoint import Checkpoint
 from blob2gpu.loading.fetch import StorageFetch
@@ -40,6 +41,7 @@ class Loader:
         self._lock = threading.Lock()
         self._closed = False
         self._http: Any = None  # sources.azure.container.HttpSessions, made by the first Blob load
+        self._fills: list[CacheFill] = []  # the cache fills this Loader's loads started
 
     @property
     def settings(self) -> ResolvedSettings:
@@ -117,7 +119,13 @@ class Loader:
             prepared.abandon()
             raise
         checkpoint = Checkpoint(
-            prepared, session, convert, pipeline, feeder=feeder, keep_completed=reuse is not None
+            prepared,
+            session,
+            convert,
+            pipeline,
+            feeder=feeder,
+            keep_completed=reuse is not None,
+            fills=self._fills,
         )
         if feeder is not None:
             feeder.start()
@@ -171,9 +179,26 @@ class Loader:
                     raise
                 cache_retried = True
 
+    def wait_for_cache_fill(self, timeout: float | None = None) -> FillResult:
+        """Wait until the background fills of the node's cache that this Loader's loads started
+        have ended (at most `timeout` seconds in all); returns what they wrote and skipped
+        (`finished` False when the timeout passed first). Works after close() too: the fills
+        use connections of their own."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        merged = FillResult(finished=True)
+        for fill in list(self._fills):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            result = fill.wait(left)
+            merged.written += result.written
+            merged.skipped.update(result.skipped)
+            merged.finished = merged.finished and fill.done and result.finished
+        return merged
+
     def close(self) -> None:
         """Release the staging ring, threads, streams and storage connections. Tensors already
-        loaded stay valid."""
+        loaded stay valid; a cache fill goes on in the background (wait_for_cache_fill)."""
         with self._lock:
             self._closed = True
             http, self._http = self._http, None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from blob2gpu import phrasing
 from blob2gpu.errors import InsufficientGPUMemory, InsufficientHostMemory
 
 GB = 1e9
@@ -59,7 +60,8 @@ def check_memory_fit(
             raise InsufficientHostMemory(
                 f"{holder} needs {_gb(need)} of host memory ({_gb(held)} x host_headroom_factor "
                 f"{settings.host_headroom_factor:g}) but {_gb(available)} is available; free "
-                "memory, load to a GPU with direct_gpu_load=true, or lower host_headroom_factor"
+                f"memory, load to a GPU ({phrasing.device('cuda')}), or lower "
+                f"host_headroom_factor ({phrasing.setting('host_headroom_factor', 1.0)})"
             )
     if measured is not None:
         free, total = measured
@@ -69,6 +71,7 @@ def check_memory_fit(
                 f"{device} has {_gb(free)} free of {_gb(total)} but loading {what} needs "
                 f"{_gb(need)} ({_gb(weights)} of weights x gpu_headroom_factor "
                 f"{settings.gpu_headroom_factor:g}); free GPU memory (other processes, caches), "
-                "use a larger GPU, quantize or shard the model, or lower gpu_headroom_factor"
+                "use a larger GPU, quantize or shard the model, or lower gpu_headroom_factor "
+                f"({phrasing.setting('gpu_headroom_factor', 1.0)})"
             )
     return measured

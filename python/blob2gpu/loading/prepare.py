@@ -233,7 +233,13 @@ def plan_cache(prepared: PreparedLoad, use_cache: bool) -> CachePlan:
     if cache.cache is not None:
         whole_shards = prepared.selection.everything
         cache.writer = start_cache_writes(
-            cache.cache, location, plan, prepared.manifest, cache.hits, write=whole_shards
+            cache.cache,
+            location,
+            plan,
+            prepared.manifest,
+            cache.hits,
+            write=whole_shards,
+            queue_bytes=settings.cache_write_queue_bytes,
         )
     return cache
 
@@ -253,6 +259,15 @@ def checksums_with_cache_hits(prepared: PreparedLoad, algorithm: str) -> list[An
     return checksums
 
 
+def load_strategy(request: LoadRequest) -> str:
+    """How the bytes reach their target, as reports and metrics name it: cpu (straight into host
+    memory, or mapped), direct-gpu (through the pinned ring to the device), host-staging (whole
+    shards in host memory, then copied)."""
+    if request.device == "cpu":
+        return "cpu"
+    return "host-staging" if request.host_staging else "direct-gpu"
+
+
 def new_report(
     request: LoadRequest, source: ResolvedSource, started_at: float, **fields: Any
 ) -> LoadReport:
@@ -266,7 +281,7 @@ def new_report(
         settings=dict(request.settings.values),
         source="azure-blob" if container else "local",
         credential=container.credential_source if container else None,
-        strategy="host-staging" if request.host_staging else "direct-gpu",
+        strategy=load_strategy(request),
         **fields,
     )
     return report

@@ -14,6 +14,7 @@ verified, so every byte read is checked) and its arenas hold only them.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import struct
 from collections.abc import Callable, Iterable
@@ -39,6 +40,40 @@ class Selection:
 
 
 EVERYTHING = Selection(None)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMatch:
+    """A tensor_filter selecting the union of exact `names` and names matching any glob of
+    `patterns` (fnmatch, case-sensitive): what `blob2gpu load --tensor N --match G` asks for.
+    select() checks it before any weight is read: every name must exist and every glob must
+    match some tensor, else TensorNotFound naming them."""
+
+    names: frozenset[str] = frozenset()
+    patterns: tuple[str, ...] = ()
+
+    def __call__(self, name: str) -> bool:
+        return name in self.names or any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+
+    def check(self, every_name: Iterable[str], uri: str) -> None:
+        """Raises TensorNotFound for names not in `every_name` and globs matching none of it."""
+        every = set(every_name)
+        missing = tuple(sorted(self.names - every))
+        unmatched = tuple(
+            p for p in self.patterns if not any(fnmatch.fnmatchcase(n, p) for n in every)
+        )
+        if not missing and not unmatched:
+            return
+        said = []
+        if missing:
+            said.append("no tensor " + ", ".join(repr(n) for n in missing[:5]))
+        if unmatched:
+            said.append("no tensor matching " + ", ".join(repr(p) for p in unmatched))
+        raise TensorNotFound(
+            f"'{uri}' has " + " and ".join(said),
+            names=missing,
+            patterns=unmatched,
+        )
 
 
 def selection_from_arguments(
@@ -76,12 +111,10 @@ def select(
     if weight_map is None:
         if tensor_names is not None:
             return plan, Selection(tensor_names, requested=tensor_names)
-        found = {
-            t["name"]
-            for ref in plan.shards
-            for t in read_header(ref)["tensors"]
-            if tensor_filter(t["name"])  # type: ignore[misc]
-        }
+        every = [t["name"] for ref in plan.shards for t in read_header(ref)["tensors"]]
+        if isinstance(tensor_filter, TensorMatch):
+            tensor_filter.check(every, plan.uri)
+        found = {name for name in every if tensor_filter(name)}  # type: ignore[misc]
         return plan, Selection(frozenset(found))
     if tensor_names is not None:
         missing = sorted(tensor_names - weight_map.keys())
@@ -93,6 +126,8 @@ def select(
             )
         names = tensor_names
     else:
+        if isinstance(tensor_filter, TensorMatch):
+            tensor_filter.check(weight_map, plan.uri)
         names = frozenset(n for n in weight_map if tensor_filter(n))  # type: ignore[misc]
     wanted_shards = {weight_map[n] for n in names}
     shards = tuple(s for s in plan.shards if s.name in wanted_shards)

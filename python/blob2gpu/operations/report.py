@@ -77,7 +77,7 @@ class LoadReport:
     peak_slots_in_flight: int = 0
     slot_waits: int = 0
     mmap: bool = False
-    strategy: str = "direct-gpu"  # or host-staging (model.direct_gpu_load=false)
+    strategy: str = "direct-gpu"  # host-staging (model.direct_gpu_load=false), cpu (a cpu target)
     verification: str = "none"  # crc32c (every chunk against the manifest), size+etag, none
     verified_bytes: int = 0
     direct_io_bytes: int = 0  # bytes read with O_DIRECT (NVMe cache hits into the staging ring)
@@ -89,7 +89,12 @@ class LoadReport:
     reused_shards: list[str] = field(default_factory=list)  # kept from before a BlobChanged restart
     checksum_failures: list[str] = field(default_factory=list)  # let through (fail_if_... off)
     cache_written: list[str] = field(default_factory=list)  # shards this load put in the cache
-    cache_skipped: dict[str, str] = field(default_factory=dict)  # shard -> why it was not cached
+    cache_skipped: dict[str, str] = field(default_factory=dict)  # shard -> why not during the load
+    # Shards the background fill fetches after the load (those the cache still lacked), and, as
+    # the fill goes on, those it published and those it did not (shard -> why).
+    cache_fill_pending: list[str] = field(default_factory=list)
+    cache_filled: list[str] = field(default_factory=list)
+    cache_fill_skipped: dict[str, str] = field(default_factory=dict)
     source: str = "local"  # local or azure-blob
     credential: str | None = None  # how the Blob credential was chosen (never its value)
     requests: int = 0  # ranged GETs sent (retries included)

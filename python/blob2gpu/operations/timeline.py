@@ -68,6 +68,8 @@ def shard_table(report: LoadReport) -> str:
 
 
 def _staging(report: LoadReport) -> str:
+    if report.device == "cpu":
+        return "straight into host memory (mapped)" if report.mmap else "straight into host memory"
     if not report.staging_slots:
         return "no staging ring"
     pinned = "pinned" if report.pinned else "pageable"
@@ -90,6 +92,8 @@ def describe(report: LoadReport) -> str:
         # Where this is a large part of the load's seconds, new memory is costly on this host
         # (a VM handing freed memory back to its hypervisor): a GPU target or mmap avoids it.
         lines.append(f"{report.host_populate_seconds:.3f} CPU s making new host memory resident")
+    if report.cache_hit_rate is not None:
+        lines.append(_cache_line(report))
     lines += [
         "",
         report.phase_table(),
@@ -97,6 +101,21 @@ def describe(report: LoadReport) -> str:
         shard_table(report),
     ]
     return "\n".join(lines)
+
+
+def _cache_line(report: LoadReport) -> str:
+    """The NVMe cache's part: hits, shards written during the load, and the fill after it."""
+    hits = sum(s.cache_hit for s in report.shards)
+    line = (
+        f"NVMe cache: {hits} of {len(report.shards)} shard(s) hit, "
+        f"{len(report.cache_written)} written during the load"
+    )
+    if report.cache_fill_pending:
+        line += (
+            f", {len(report.cache_fill_pending)} left to the fill "
+            f"({len(report.cache_filled)} written by it when the report was saved)"
+        )
+    return line
 
 
 def _size(n: float) -> str:

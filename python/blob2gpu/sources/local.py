@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from blob2gpu.errors import InvalidArgument, InvalidIndex, SourceReadError, SourceUnavailable
-from blob2gpu.sources.plan import ShardPlan, ShardRef
+from blob2gpu.sources.plan import ShardPlan, ShardRef, unread_weights_note
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -74,7 +74,10 @@ def resolve_local(uri: str) -> ShardPlan:
             return _from_index(index)
         shards = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and p.is_file())
         if not shards:
-            raise SourceUnavailable(f"no .safetensors files and no {INDEX_NAME} in '{path}'")
+            raise SourceUnavailable(
+                f"no .safetensors files and no {INDEX_NAME} in '{path}'"
+                + unread_weights_note(p.name for p in path.iterdir())
+            )
         return ShardPlan(uri=str(path), shards=tuple(_ref(p) for p in shards))
     if path.name.endswith(".index.json"):
         return _from_index(path)

@@ -2,8 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+# Weights in formats other than safetensors, often published beside them (pytorch_model.bin,
+# consolidated.pth, GGUF and ONNX exports): gigabytes that are neither loaded nor auxiliary.
+OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+def is_other_weight_file(name: str) -> bool:
+    """Whether a file holds weights in a format blob2gpu does not load (by its suffix)."""
+    return name.lower().endswith(OTHER_WEIGHT_SUFFIXES)
+
+
+def unread_weights_note(names: Iterable[str]) -> str:
+    """For the error of a checkpoint without safetensors: which of `names` are weights in
+    another format, that blob2gpu does not read them, and how to convert them ('' if none)."""
+    others = sorted(n for n in names if is_other_weight_file(n))
+    if not others:
+        return ""
+    shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    return (
+        f"; it holds {shown}, a format blob2gpu does not read (only safetensors): convert it "
+        "first, e.g. with transformers: model.save_pretrained(DIR, safe_serialization=True), "
+        "or torch.load the state dict and write it with safetensors.torch.save_file"
+    )
 
 
 @dataclass(frozen=True)

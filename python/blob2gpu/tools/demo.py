@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from blob2gpu import _core
-from blob2gpu.errors import InvalidArgument
+from blob2gpu.errors import InvalidArgument, SourceUnavailable
 
 if TYPE_CHECKING:
     from blob2gpu.operations.report import LoadReport
@@ -131,17 +131,14 @@ def main(
     if model not in ("generated", "llama"):
         raise InvalidArgument(f"demo model '{model}' is not one of 'generated', 'llama'")
     import blob2gpu
-    from blob2gpu.tools.emulator import Azurite, find_azurite
+    from blob2gpu.tools.emulator import Azurite
 
     if device == "auto":
         device = "cuda" if _core.driver_info()["available"] else "cpu"
     if source == "auto":
-        try:
-            import azure.storage.blob  # noqa: F401
-
-            source = "azurite" if find_azurite() else "local"
-        except ImportError:
-            source = "local"
+        source = "azurite" if _azurite_missing() is None else "local"
+    elif source == "azurite" and (missing := _azurite_missing()) is not None:
+        raise SourceUnavailable(f"--source azurite: {missing}; or run with --source local")
     with tempfile.TemporaryDirectory(prefix="blob2gpu-demo-") as tmp:
         if model == "llama":
             return _llama_cold_start(Path(tmp), device, total_mb, source)
@@ -165,6 +162,22 @@ def main(
     return 0
 
 
+def _azurite_missing() -> str | None:
+    """What the Azurite source lacks (the azurite-blob launcher, azure-storage-blob), or None."""
+    from blob2gpu.tools.emulator import INSTALL_HINT, find_azurite
+
+    try:
+        import azure.storage.blob  # noqa: F401
+    except ImportError:
+        return "azure-storage-blob is not installed (pip install 'blob2gpu[azure]')"
+    if find_azurite() is None:
+        return (
+            "azurite-blob was found neither in $AZURITE_BLOB, ./.azurite nor on PATH; install "
+            f"it with: {INSTALL_HINT} (or npm install -g azurite)"
+        )
+    return None
+
+
 def _llama_cold_start(tmp: Path, device: str, total_mb: int, source: str) -> int:
     from blob2gpu.integrations.coldstart import cold_start, describe
     from blob2gpu.tools.emulator import Azurite
@@ -185,6 +198,7 @@ def _llama_cold_start(tmp: Path, device: str, total_mb: int, source: str) -> int
         print(f"  at {path} (local files); cold start on {device}")
         result = cold_start(str(path), device=device)
     print(describe(result))
+    print("(the token is random: so are the demo model's weights)")
     return 0
 
 
@@ -200,7 +214,6 @@ def _load(blob2gpu: Any, uri: str, device: str, credential: str | None = None) -
     with blob2gpu.open(uri, device=device, framework="dlpack", credential=account_key) as ckpt:
         tensors = ckpt.to_dict()
         report: LoadReport = ckpt.report
-    report.mark_first_token()
     if report.device != "cpu":
         print(
             f"{len(tensors)} tensors; staging ring {report.staging_slots} x "

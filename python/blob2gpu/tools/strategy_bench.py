@@ -86,13 +86,13 @@ def _run_blob2gpu(
         report = checkpoint.report
     if framework == "torch":
         _first_use(tensors, device)
-    report.mark_first_token()
-    p = {name: seconds or 0.0 for name, seconds in report.phases.items()}  # all set by now
+    first_use = report.elapsed()  # weights touched; no token is generated, none is reported
+    p = {name: seconds or 0.0 for name, seconds in report.phases.items()}
     return _phases(
         p["artifact_fetch_complete"],
         p["host_staging_complete"],
         p["model_load_complete"],
-        p["first_token"],
+        first_use,
     )
 
 

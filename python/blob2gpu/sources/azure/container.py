@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from blob2gpu.errors import (
+    AccessDenied,
     BlobChanged,
     ChecksumMismatch,
     InvalidArgument,
@@ -51,6 +52,41 @@ class BlobContainer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def create_if_missing(self) -> bool:
+        """Create the container when it does not exist (publishing into a new one); returns
+        whether it was created. A credential that may not read the container's properties is
+        taken to publish into an existing one. Raises AccessDenied (hint: create it or grant
+        the permission) when the service refuses to create it."""
+        from azure.core.exceptions import ResourceExistsError
+
+        what = f"checking {self.location.describe()}"
+        try:
+            if self.retry.run(self.client.exists, what, None):
+                return False
+        except AccessDenied:
+            return False  # e.g. a SAS that may write blobs only: the upload will say more
+
+        def create() -> bool:
+            try:
+                self.client.create_container()
+            except ResourceExistsError:
+                return False  # created meanwhile (another publisher)
+            return True
+
+        try:
+            return self.retry.run(create, f"creating {self.location.describe()}", None)
+        except AccessDenied as e:
+            hint = (
+                f"create container '{self.location.container}' first (az storage container "
+                "create), or grant this credential the right to create it (a SAS with "
+                "srt=c and sp=c, or the 'Storage Blob Data Contributor' role)"
+            )
+            raise AccessDenied(
+                f"{self.location.describe()} does not exist and this credential may not "
+                f"create it ({e}); {hint}",
+                hint=hint,
+            ) from None
 
     def list_checkpoint(self) -> BlobListing:
         """Resolve the URI to its shards (see listing.list_checkpoint)."""

@@ -231,16 +231,77 @@ def proxy_problem(error: BaseException) -> tuple[str, bool] | None:
 
 
 def failure_reason(error: BaseException, location: BlobLocation) -> str:
-    """Why a request failed, in one line for a message: the proxy's part when it was the proxy."""
+    """Why a request failed, in one line for a message: the proxy's part when it was the proxy,
+    what the connection met when it never got an answer (refused, a name that does not resolve,
+    no answer in time), else the exception's first line."""
     at_proxy = proxy_problem(error)
     if at_proxy is not None:
         proxy, variable = _proxy_of(location.account_url)
         return f"the proxy {proxy} ({variable}): {at_proxy[0]}"
-    return f"{type(error).__name__}: {_one_line(error)[:200]}"
+    unreached = connection_problem(error, location)
+    if unreached is not None:
+        return unreached[0]
+    return f"{type(error).__name__}: {_one_line(error)}"
 
 
-def _one_line(text: object) -> str:
-    return (redact(text).strip().splitlines() or [""])[0][:300]
+def connection_problem(error: BaseException, location: BlobLocation) -> tuple[str, str] | None:
+    """(what happened, what to check) when the request never reached a server: the endpoint
+    refused the connection (nothing listens there), its name does not resolve, or it did not
+    answer the connection in time; None otherwise. Decided by the exception types down the
+    cause chain (ConnectionRefusedError, socket.gaierror, urllib3's ConnectTimeoutError)."""
+    import socket
+
+    parsed = urlparse(location.account_url)
+    host = parsed.hostname or "?"
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    endpoint = f"{host}:{port}"
+    for e in _causes(error):
+        if isinstance(e, ConnectionRefusedError):
+            return (
+                f"connection refused: nothing listens at {endpoint}",
+                f"check the endpoint ({location.account_url}, from the URI or the connection "
+                "string) and that the storage service (or emulator) runs there",
+            )
+        if isinstance(e, socket.gaierror):
+            return (
+                f"the name '{host}' does not resolve",
+                "check the account name in the URI or connection string, and this node's DNS "
+                "(a private endpoint needs its privatelink zone)",
+            )
+        if type(e).__name__ == "ConnectTimeoutError":  # urllib3: no answer to the connection
+            return (
+                f"no answer from {endpoint} within connect_timeout_seconds",
+                "check the network path to the account (firewall, private endpoint, proxy)",
+            )
+    return None
+
+
+def retry_advice(error: BaseException, location: BlobLocation) -> str:
+    """What to do once retries of `error` are spent: retry settings only for throttling and
+    5xx (the service may answer later), else what fits the cause."""
+    status = getattr(error, "status_code", None)
+    if status in (429, 503):
+        return (
+            "the account is throttling or busy: raise retry_throttled_seconds (or "
+            "retry_max_attempts), or spread the load (fewer nodes starting at once)"
+        )
+    if status in TRANSIENT_STATUS:
+        return "raise retry_max_attempts, or check the storage account's health"
+    if proxy_problem(error):
+        return "check the proxy, or leave this host out with NO_PROXY"
+    unreached = connection_problem(error, location)
+    if unreached is not None:
+        return unreached[1]
+    return "check the network path to the account (resets and read timeouts: read_timeout_seconds)"
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    """The first line of `text`, without secrets, cut at a word boundary when over `limit`."""
+    line = (redact(text).strip().splitlines() or [""])[0]
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(")
+    return cut + " ..."
 
 
 def _proxy_of(account_url: str) -> tuple[str, str]:

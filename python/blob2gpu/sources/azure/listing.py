@@ -12,23 +12,18 @@ from typing import TYPE_CHECKING, Any
 from blob2gpu.errors import BlobNotFound, InvalidIndex, SourceUnavailable
 from blob2gpu.sources.azure.failures import archived_reason
 from blob2gpu.sources.azure.location import BlobLocation
-from blob2gpu.sources.plan import ShardPlan, ShardRef
+from blob2gpu.sources.plan import (
+    ShardPlan,
+    ShardRef,
+    is_other_weight_file,
+    unread_weights_note,
+)
 
 if TYPE_CHECKING:
     from blob2gpu.sources.azure.retry import RetryPolicy
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "blob2gpu.manifest.json"
-
-
-# Weights in formats other than safetensors, often published beside them (pytorch_model.bin,
-# consolidated.pth, GGUF and ONNX exports): gigabytes that are neither loaded nor auxiliary.
-OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-
-
-def is_other_weight_file(name: str) -> bool:
-    """Whether a blob holds weights in a format blob2gpu does not load (by its suffix)."""
-    return name.lower().endswith(OTHER_WEIGHT_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -87,6 +82,7 @@ def list_checkpoint(
                 raise BlobNotFound(
                     f"no .safetensors blobs and no {INDEX_NAME} under "
                     f"'{directory or '/'}' in {location.describe()}"
+                    + unread_weights_note(posixpath.basename(n) for n in by_name)
                 )
     weights = set(shard_names)
     aux = [

@@ -18,8 +18,8 @@ from blob2gpu.errors import Blob2GpuError, LoadCancelled, StorageUnavailable
 from blob2gpu.sources.azure.failures import (
     failure_reason,
     is_transient,
-    proxy_problem,
     response_header,
+    retry_advice,
     storage_error,
 )
 from blob2gpu.sources.azure.location import BlobLocation
@@ -91,15 +91,12 @@ class RetryPolicy:
         if attempt >= self.max_attempts and not (
             throttled and throttled_waited < self.throttled_seconds
         ):
+            hint = retry_advice(error, self.location)
             raise StorageUnavailable(
                 f"{what}: {self.location.describe(blob)} kept failing after {attempt} attempts "
-                f"(last: {failure_reason(error, self.location)}); raise "
-                "retry_max_attempts (or retry_throttled_seconds when throttled) or check "
-                + (
-                    "the proxy, or leave this host out with NO_PROXY"
-                    if proxy_problem(error)
-                    else "the storage account's health and throttling"
-                )
+                f"(last: {failure_reason(error, self.location)}); {hint}",
+                blob=blob,
+                hint=hint,
             ) from None
         delay = self.backoff(attempt, error)
         with self._lock:

@@ -1,0 +1,30 @@
+"""How messages and hints spell what to change: Python syntax for the API (``device='cpu'``,
+``staging_slots=16``), command-line syntax for ``blob2gpu`` (``--device cpu``,
+``--set staging_slots=16``). This is the one place that decides: the command line switches the
+process to its voice once (cli/entry.py), and every message that names an argument or a setting
+asks here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_command_line = False
+
+
+def use_command_line() -> None:
+    """Spell advice as the command line takes it, for the rest of this process."""
+    global _command_line
+    _command_line = True
+
+
+def device(name: str) -> str:
+    """How to ask for device `name`: device='cpu' or --device cpu."""
+    return f"--device {name}" if _command_line else f"device='{name}'"
+
+
+def setting(name: str, value: Any) -> str:
+    """How to give setting `name` the value `value`: name=value or --set name=value."""
+    if _command_line:
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        return f"--set {name}={text}"
+    return f"{name}={value!r}"
