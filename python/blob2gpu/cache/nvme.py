@@ -104,13 +104,14 @@ class NvmeCache:
     def lock(self, key: str) -> EntryLock:
         return EntryLock(self.locks_dir / f"{key}.lock")
 
-    def _paths(self, key: str) -> tuple[Path, Path]:
+    def entry_paths(self, key: str) -> tuple[Path, Path]:
+        """Where entry `key`'s bytes and its metadata are published (whether or not they are)."""
         return self.entries_dir / f"{key}.bin", self.entries_dir / f"{key}.json"
 
     def lookup(self, key: str, identity: dict[str, Any]) -> CacheEntry | None:
         """The entry for `key` if it is complete and is what `identity` says (account, container,
         blob, etag, size); a truncated or foreign entry is removed. Touches the entry for LRU."""
-        data_path, meta_path = self._paths(key)
+        data_path, meta_path = self.entry_paths(key)
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
@@ -354,7 +355,7 @@ class EntryWrite:
             )
             if info["sha256"]:
                 meta["sha256"] = info["sha256"]
-            data_path, meta_path = self.cache._paths(self.key)
+            data_path, meta_path = self.cache.entry_paths(self.key)
             meta_tmp = self.tmp_path.with_suffix(".json")
             meta_tmp.write_text(json.dumps(meta))
             with open(meta_tmp, "rb") as f:
