@@ -160,8 +160,12 @@ uint32_t crc32c_raw_portable(uint32_t crc, const uint8_t* p, size_t n) {
 }
 
 #if defined(BLOB2GPU_X86_64)
+// "crc32" as well as "sse4.2": newer clang (zig's, which builds the wheels) lists the CRC32
+// instructions as a feature of their own.
+#define BLOB2GPU_TARGET_SSE42 "sse4.2,crc32"
+
 template <size_t kBlock>
-__attribute__((target("sse4.2"), always_inline)) inline uint64_t sse42_three_way(
+__attribute__((target(BLOB2GPU_TARGET_SSE42), always_inline)) inline uint64_t sse42_three_way(
     uint64_t crc, const uint8_t** p, size_t* n, const Crc32cShift& shift) {
   while (*n >= 3 * kBlock) {
     const uint8_t* a = *p;
@@ -183,8 +187,9 @@ __attribute__((target("sse4.2"), always_inline)) inline uint64_t sse42_three_way
   return crc;
 }
 
-__attribute__((target("sse4.2"))) uint32_t crc32c_raw_sse42(uint32_t crc, const uint8_t* p,
-                                                            size_t n) {
+__attribute__((target(BLOB2GPU_TARGET_SSE42))) uint32_t crc32c_raw_sse42(uint32_t crc,
+                                                                         const uint8_t* p,
+                                                                         size_t n) {
   while (n > 0 && (reinterpret_cast<uintptr_t>(p) & 7) != 0) {
     crc = _mm_crc32_u8(crc, *p++);
     --n;
@@ -243,7 +248,8 @@ constexpr size_t kFoldMinBytes = 512;  // below this the three-way CRC instructi
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-#define BLOB2GPU_TARGET_VPCLMUL __attribute__((target("avx512f,avx512vl,vpclmulqdq,pclmul,sse4.2")))
+#define BLOB2GPU_TARGET_VPCLMUL \
+  __attribute__((target("avx512f,avx512vl,vpclmulqdq,pclmul," BLOB2GPU_TARGET_SSE42)))
 
 BLOB2GPU_TARGET_VPCLMUL inline __m128i fold_128(__m128i x, FoldFactors k, __m128i next) {
   const __m128i factors =

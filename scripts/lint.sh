@@ -10,13 +10,13 @@ PY=${PYTHON:-python3}
 clang_format="$("$PY" -c 'import clang_format, os; print(os.path.join(os.path.dirname(clang_format.__file__), "data", "bin", "clang-format"))')"
 cxx=$(git ls-files 'csrc/*.cpp' 'csrc/*.hpp' 'csrc/*.h' 'tests/fake_cuda/*.cpp' 'fuzz/*.cpp')
 if [ "${1:-}" = "--fix" ]; then
-  "$PY" -m ruff check --fix python tests bench
-  "$PY" -m ruff format python tests bench
+  "$PY" -m ruff check --fix python tests bench scripts
+  "$PY" -m ruff format python tests bench scripts
   "$clang_format" -i $cxx
 fi
 echo "== ruff"
-"$PY" -m ruff check python tests bench
-"$PY" -m ruff format --check python tests bench
+"$PY" -m ruff check python tests bench scripts
+"$PY" -m ruff format --check python tests bench scripts
 echo "== mypy"
 "$PY" -m mypy
 echo "== clang-format"

@@ -7,18 +7,19 @@ with blob2gpu.open("model/", device="cuda") as checkpoint:   # tensors as shards
 """
 
 from blob2gpu import errors
+from blob2gpu._version import __version__
 from blob2gpu.api import fetch_aux, load, open
 from blob2gpu.errors import Blob2GpuError
 from blob2gpu.loading.checkpoint import Checkpoint
 from blob2gpu.loading.loader import Loader
 from blob2gpu.operations.report import LoadReport
 
-__version__ = "0.1.0"
 __all__ = [
     "Blob2GpuError",
     "Checkpoint",
     "LoadReport",
     "Loader",
+    "__version__",
     "errors",
     "fetch_aux",
     "load",

@@ -297,3 +297,9 @@ class FakeDriver:
         if code != 0:
             raise FakeDriverError(f"fake_cuda_read_device({dptr:#x}, {nbytes})", code)
         return buf.raw
+
+
+if __name__ == "__main__":
+    # `python tests/fake_cuda/build.py`: build (or find) the library and print its path, for a
+    # run that has no compiler itself (scripts/wheel_smoke.sh, cibuildwheel's test step).
+    print(build_fake_driver())

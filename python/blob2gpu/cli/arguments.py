@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from blob2gpu._version import __version__
 from blob2gpu.cli.commands import (
     cmd_bench,
     cmd_cache_ls,
@@ -336,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=cli.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"blob2gpu {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_load_command(sub)
     _add_fetch_aux_command(sub)
