@@ -62,10 +62,13 @@ class VllmLoadOptions:
                 f"'distributed' in --model-loader-extra-config must be true or false, "
                 f"not {distributed!r}"
             )
-        settings = {key: value for key, value in values.items()}
+        settings = dict(values)
         # Checked now, in the process that parsed the option; each worker resolves them again
         # with its own environment.
-        resolve(settings, config_path=options.get("config"))
+        try:
+            resolve(settings, config_path=options.get("config"))
+        except ConfigError as error:
+            raise ConfigError(f"--model-loader-extra-config: {error.message}") from None
         return cls(
             source=options.get("source"),
             config=options.get("config"),
