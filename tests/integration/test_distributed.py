@@ -191,3 +191,68 @@ def test_fan_out_runs_the_checks_of_every_load(
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == refused_with
+
+
+SUBGROUP_SCRIPT = """
+import os, sys, zlib
+import torch.distributed as dist
+from blob2gpu.integrations.distributed import GroupFanOut
+from blob2gpu.loading.loader import Loader
+from blob2gpu.loading.request import LoadRequest
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=3)
+group = dist.new_group([1, 2], backend="gloo")  # as a serving engine's tensor-parallel group
+if rank > 0:
+    with Loader(chunk_bytes=65536) as loader:
+        request = LoadRequest.make(sys.argv[1], "cpu", "dlpack", None, loader.settings, {})
+        strategy = GroupFanOut(dist.get_rank(group), dist.get_world_size(group), group)
+        with loader.start(request, strategy) as checkpoint:
+            tensors = dict(checkpoint.stream())  # consumed while the group still exchanges
+    print(";".join(f"{n}={zlib.crc32(tensors[n].to_bytes())}" for n in sorted(tensors)))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_fan_out_over_a_subgroup_streams_to_its_consumer(
+    write_checkpoint, azurite, container, fault_proxy, tmp_path, free_port
+):
+    # The group a serving engine hands its loader (vLLM's tensor-parallel group) is a gloo
+    # subgroup of a larger world: its ranks 0 and 1 are the world's 1 and 2.
+    directory = write_checkpoint(
+        [
+            {"a": random_tensor(torch.float32, (256, 1024), 1)},
+            {"b": random_tensor(torch.float16, (100, 777), 2)},
+            {"d": random_tensor(torch.float32, (300, 1024), 4)},
+        ]
+    )
+    upload_directory(azurite, container, directory, "m")
+    reference = blob2gpu.load(str(directory), framework="dlpack")
+    import zlib
+
+    expected = ";".join(f"{n}={zlib.crc32(reference[n].to_bytes())}" for n in sorted(reference))
+    script = tmp_path / "subgroup.py"
+    script.write_text(SUBGROUP_SCRIPT)
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port),
+        GLOO_SOCKET_IFNAME="lo",
+        AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port),
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), f"az://{container}/m"],
+            env=dict(env, RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(3)
+    ]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert [o[0].strip() for o in outs[1:]] == [expected, expected]
+    weights = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    index = (directory / "model.safetensors.index.json").stat().st_size
+    assert fault_proxy.counters.range_bytes == weights + 2 * index  # one copy for the group

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import blob2gpu
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from conftest import (
     random_tensor,
     raw_safetensors,
     reference_bytes,
+    upload_directory,
 )
 from conftest import checkpoint_bytes as expected
 
@@ -175,6 +179,28 @@ def test_checkpoint_api_iterates_in_arrival_order(write_checkpoint):
     # Within a shard, tensors come in file order; shards may interleave in arrival order only.
     by_shard = [[n for n in seen if n.startswith(f"s{s}.")] for s in range(4)]
     assert all(group == sorted(group) for group in by_shard)
+
+
+def test_streaming_hands_tensors_out_without_keeping_them(write_checkpoint, blob_env, container):
+    # A serving engine copies each tensor into its own parameters: the checkpoint must not hold
+    # a second copy of the weights, and the index checks still run at the end.
+    directory = write_checkpoint(
+        [{f"s{s}.t{i}": torch.full((4,), float(s * 10 + i)) for i in range(3)} for s in range(3)]
+    )
+    upload_directory(blob_env, container, directory, "m")
+    for uri in (str(directory), f"az://{container}/m"):
+        with blob2gpu.open(uri) as checkpoint:
+            values, handed_out = {}, []
+            for name, tensor in checkpoint.stream():
+                values[name] = tensor[0].item()
+                handed_out.append(weakref.ref(tensor))
+            del tensor
+            gc.collect()
+            assert [ref() for ref in handed_out] == [None] * 9  # none kept behind the consumer
+            assert checkpoint.finished and checkpoint.report.tensors == 9
+            with pytest.raises(blob2gpu.errors.InvalidArgument, match="streamed"):
+                checkpoint.keys()
+        assert values == {f"s{s}.t{i}": float(s * 10 + i) for s in range(3) for i in range(3)}
 
 
 def test_mapped_tensors_are_aligned_too(tmp_path):

@@ -56,3 +56,20 @@ def test_every_blob2gpu_command_is_one_the_cli_accepts():
     assert [c[1] for c in commands] == ["preflight", "fetch-aux"]
     for command in commands:
         build_parser().parse_args(command[1:])  # argparse exits on anything it does not accept
+
+
+def test_the_vllm_deployment_serves_with_the_blob2gpu_load_format():
+    import json
+
+    from blob2gpu.cli import build_parser
+    from blob2gpu.integrations.vllm.options import VllmLoadOptions
+
+    deployment = next(d for d in documents() if d["metadata"]["name"] == "vllm-blob2gpu")
+    spec = deployment["spec"]["template"]["spec"]
+    fetch = spec["initContainers"][0]["command"]
+    build_parser().parse_args(fetch[1:])
+    serve = spec["containers"][0]["command"]
+    assert serve[:3] == ["vllm", "serve", fetch[-1]]  # the directory the init container filled
+    assert serve[serve.index("--load-format") + 1] == "blob2gpu"
+    extra = json.loads(serve[serve.index("--model-loader-extra-config") + 1])
+    assert VllmLoadOptions.from_extra_config(extra).settings["local_nvme_cache_enabled"] is True

@@ -11,11 +11,14 @@ uneven sizes: the split is by bytes, not by shard.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any
 
-from blob2gpu.errors import InvalidArgument
+from blob2gpu.errors import InvalidArgument, LoadCancelled
+from blob2gpu.redaction import redact
 
 ALIGN = 1 << 20  # rank boundaries fall on MiB boundaries: large, aligned requests
+STOP_WAIT_SECONDS = 30.0  # how long closing a fan-out load waits for its exchange thread
 
 
 def byte_owners(sizes: list[int], world: int) -> list[list[tuple[int, int, int]]]:
@@ -45,12 +48,15 @@ def byte_owners(sizes: list[int], world: int) -> list[list[tuple[int, int, int]]
 class GroupFanOut:
     """The FetchStrategy of a fan-out load: the group reads every shard some rank needs, each
     rank fetching its part of the bytes (byte_owners) and broadcasting it. The node's NVMe cache
-    is not used: the bytes come from the group, not from this node's storage."""
+    is not used: the bytes come from the group, not from this node's storage.
+
+    rank, world: this process's rank in `group` and the group's size; group: the process group
+    (None: the default group), e.g. a serving engine's tensor-parallel group."""
 
     uses_node_cache = False
 
-    def __init__(self, rank: int, world: int) -> None:
-        self.rank, self.world = rank, world
+    def __init__(self, rank: int, world: int, group: Any = None) -> None:
+        self.rank, self.world, self.group = rank, world, group
         self.exchange: GroupExchange | None = None
 
     def shards_to_read(self, listed: Any, selected: Any) -> Any:
@@ -60,7 +66,7 @@ class GroupFanOut:
         kept = {s.name for s in selected.shards}
         needs = [s.name in kept for s in listed.shards]
         group_needs: list[Any] = [None] * self.world
-        dist.all_gather_object(group_needs, needs)
+        dist.all_gather_object(group_needs, needs, group=self.group)
         shards = [s for i, s in enumerate(listed.shards) if any(n[i] for n in group_needs)]
         return dataclasses.replace(listed, shards=tuple(shards))
 
@@ -68,19 +74,25 @@ class GroupFanOut:
         from blob2gpu.loading.fetch import start_fed_session
 
         session = start_fed_session(prepared, pipeline)
-        self.exchange = GroupExchange(session, prepared, self.rank, self.world)
+        self.exchange = GroupExchange(session, prepared, self.rank, self.world, self.group)
         return session, self.exchange
 
 
 class GroupExchange:
     """Feeds one session from the group: shard by shard (the same order on every rank), this
     rank fetches its byte ranges, every range is broadcast from its owner, and the shard's bytes
-    go through the pipeline as a feeder's would. Host memory holds one shard at a time."""
+    go through the pipeline as a feeder's would. Host memory holds one shard at a time.
 
-    def __init__(self, session: Any, prepared: Any, rank: int, world: int) -> None:
+    start() runs the exchange on a thread of its own, so the caller consumes shard k (iterating
+    the Checkpoint) while shard k+1 is exchanged; the group's collectives run on that thread
+    only, in the same order on every rank."""
+
+    def __init__(self, session: Any, prepared: Any, rank: int, world: int, group: Any = None):
         self._session = session
         self._prepared = prepared
         self._rank = rank
+        self._group = group
+        self._thread: threading.Thread | None = None
         self._owners = byte_owners([s.size for s in prepared.plan.shards], world)
         self._reader = _range_reader(prepared.source)
         container = prepared.source.container
@@ -104,10 +116,30 @@ class GroupExchange:
         return self._retry.waited_seconds if self._retry is not None else 0.0
 
     def start(self) -> GroupExchange:
-        return self  # run() drives the exchange on the caller's thread: collectives in order
+        self._thread = threading.Thread(target=self._run_or_abort, name="blob2gpu-fan-out")
+        self._thread.daemon = True  # a peer that died mid-broadcast must not hold up exit
+        self._thread.start()
+        return self
 
     def stop(self) -> None:
-        pass  # nothing runs in the background
+        """Cancel the session (a feed waiting for staging returns) and wait for the thread; one
+        blocked in a collective whose peer is gone is left to the group's timeout."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._session.cancel()
+            thread.join(timeout=STOP_WAIT_SECONDS)
+
+    def _run_or_abort(self) -> None:
+        try:
+            self.run()
+        except BaseException as error:
+            # The consumer (Checkpoint) raises this typed error instead of the core's echo.
+            self.error = error
+            kind = "LoadCancelled" if isinstance(error, LoadCancelled) else "SourceReadError"
+            try:
+                self._session.abort(kind, redact(error))
+            except Exception:
+                pass
 
     def run(self) -> None:
         """Exchange and feed every shard; raises what fetching or the pipeline raised."""
@@ -125,7 +157,10 @@ class GroupExchange:
                 if owner == self._rank:
                     self._reader.read_into(ref, start, view[start:end])
             for owner, start, end in self._owners[index]:
-                dist.broadcast(buffer[start:end], src=owner)
+                if self._group is None:
+                    dist.broadcast(buffer[start:end], src=owner)
+                else:
+                    dist.broadcast(buffer[start:end], group=self._group, group_src=owner)
             feed_from_memory(self._session, index, view, slot_bytes)
 
 
@@ -177,10 +212,5 @@ def load(
         request = LoadRequest.make(
             uri, device, framework, credential, loader.settings, {}, tensor_names, tensor_filter
         )
-        checkpoint = loader.start(request, strategy)
-        try:
-            assert strategy.exchange is not None
-            strategy.exchange.run()
+        with loader.start(request, strategy) as checkpoint:
             return checkpoint.to_dict()
-        finally:
-            checkpoint.close()

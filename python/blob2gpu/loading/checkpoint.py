@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 from blob2gpu import _core
 from blob2gpu.cache.fill import CacheFill, FillResult
-from blob2gpu.errors import BlobChanged, ChecksumMismatch, InvalidIndex, LoadCancelled
+from blob2gpu.errors import (
+    BlobChanged,
+    ChecksumMismatch,
+    InvalidArgument,
+    InvalidIndex,
+    LoadCancelled,
+)
 from blob2gpu.loading.selection import check_found
 from blob2gpu.operations import metrics
 from blob2gpu.operations.report import LoadReport
@@ -58,6 +64,7 @@ class Checkpoint:
         self._closed = False
         self._fill: CacheFill | None = None
         self._fills = fills
+        self._keep_tensors = True  # stream() hands tensors out without keeping them
         # Shards kept from an earlier attempt of this load (same blob, same etag): ShardRef ->
         # their tensors, already converted.
         self._preloaded_refs = {ref.name: ref for ref in prepared.preloaded}
@@ -104,7 +111,8 @@ class Checkpoint:
         arrived = []
         for view in item.tensors:
             tensor = self._convert(view)
-            self._tensors[view.name] = tensor
+            if self._keep_tensors:
+                self._tensors[view.name] = tensor
             self._shard_of[view.name] = shard_name
             arrived.append((view.name, tensor))
         return arrived
@@ -132,7 +140,7 @@ class Checkpoint:
         published = report.session_seconds(stats.all_published_ns)
         report.phases["artifact_fetch_complete"] = published
         report.phases["host_staging_complete"] = published
-        report.tensors = len(self._tensors)
+        report.tensors = len(self._shard_of)
         settings = self._settings
         if report.verification in ("crc32c", "sha256", "content-md5"):
             for shard, shard_stats in zip(report.shards, stats.shards, strict=True):
@@ -163,11 +171,11 @@ class Checkpoint:
     def _check_weight_map(self) -> None:
         weight_map = self._plan.weight_map
         if weight_map is None:
-            check_found(self._selection, self._tensors, self._plan.uri)
+            check_found(self._selection, self._shard_of, self._plan.uri)
             return
         wanted = self._selection.names
         missing = [
-            n for n in weight_map if n not in self._tensors and (wanted is None or n in wanted)
+            n for n in weight_map if n not in self._shard_of and (wanted is None or n in wanted)
         ]
         misplaced = [
             n
@@ -198,13 +206,31 @@ class Checkpoint:
         return error
 
     def _drain(self) -> None:
+        self._require_kept()
         while self._receive_next() is not None:
             pass
+
+    def _require_kept(self) -> None:
+        if not self._keep_tensors:
+            raise InvalidArgument("this checkpoint was streamed: its tensors were not kept")
 
     # -- public API -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         """Yield (name, tensor): those already arrived, then the rest in arrival order."""
         yield from list(self._tensors.items())
+        while (arrived := self._receive_next()) is not None:
+            yield from arrived
+
+    def stream(self) -> Iterator[tuple[str, Any]]:
+        """Yield (name, tensor) in arrival order without keeping them: each tensor (and the shard
+        memory behind it) lives only as long as the consumer holds it, so a consumer that copies
+        each tensor into its own storage (a serving engine's model.load_weights) never holds a
+        second full copy of the weights. The index checks of a full iteration run at the end;
+        get(), keys() and to_dict() then raise InvalidArgument."""
+        self._keep_tensors = False
+        tensors, self._tensors = self._tensors, {}  # tensors kept by an earlier attempt
+        yield from tensors.items()
+        del tensors
         while (arrived := self._receive_next()) is not None:
             yield from arrived
 
@@ -215,6 +241,7 @@ class Checkpoint:
 
     def get(self, name: str) -> Any:
         """The tensor named `name`, waiting for its shard if needed. Raises KeyError if absent."""
+        self._require_kept()
         wanted = self._selection.names
         if wanted is not None and name not in wanted and name not in self._tensors:
             raise KeyError(f"'{name}' is not among the tensors this load selected")

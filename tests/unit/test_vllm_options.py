@@ -1,0 +1,71 @@
+"""The vLLM integration without vLLM: its options (--model-loader-extra-config) are checked by the
+settings schema, and importing it imports nothing of vLLM."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from blob2gpu.errors import ConfigError
+from blob2gpu.integrations.vllm.options import VllmLoadOptions
+
+
+def test_source_and_settings_are_read_and_checked():
+    options = VllmLoadOptions.from_extra_config(
+        {"source": "az://models/llama/", "verify": "crc32c", "prefetch_concurrency": "16"}
+    )
+    assert options.source == "az://models/llama/"
+    assert options.settings == {"verify": "crc32c", "prefetch_concurrency": "16"}
+    assert options.distributed is True and options.report_path is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"prefetch_concurency": 4}, "did you mean 'prefetch_concurrency'"),
+        ({"verify": "md5"}, r"extra-config: setting 'verify' .* bad value 'md5'"),
+        ({"source": 3}, "'source' in --model-loader-extra-config must be a non-empty string"),
+        ({"distributed": "yes"}, "'distributed' in --model-loader-extra-config must be true"),
+        ([1, 2], "must be a JSON object"),
+    ],
+)
+def test_bad_options_are_config_errors(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        VllmLoadOptions.from_extra_config(extra)
+
+
+def test_the_source_falls_back_to_the_environment_then_the_model_directory(monkeypatch):
+    options = VllmLoadOptions.from_extra_config(None)
+    monkeypatch.delenv("MODEL_SOURCE_URI", raising=False)
+    assert options.uri("/srv/llama") == "/srv/llama"
+    monkeypatch.setenv("MODEL_SOURCE_URI", "az://models/llama")
+    assert options.uri("/srv/llama") == "az://models/llama"
+    given = VllmLoadOptions.from_extra_config({"source": "az://other/m"})
+    assert given.uri("/srv/llama") == "az://other/m"
+
+
+def test_each_worker_writes_its_own_report():
+    one = VllmLoadOptions.from_extra_config({"report_path": "/r/load.json"})
+    assert one.report_file(0, 1) == "/r/load.json"
+    assert one.report_file(1, 2) == "/r/load.json.rank1"
+    ranked = VllmLoadOptions.from_extra_config({"report_path": "/r/load-{rank}.json"})
+    assert ranked.report_file(1, 2) == "/r/load-1.json"
+    assert VllmLoadOptions.from_extra_config({}).report_file(0, 1) is None
+
+
+def test_importing_the_plugin_imports_neither_vllm_nor_torch():
+    code = (
+        "import sys, blob2gpu, blob2gpu.integrations.vllm as p, blob2gpu.integrations.vllm.options;"
+        "assert callable(p.register);"
+        "print(sorted(m for m in ('vllm', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_entry_point_names_register():
+    from importlib.metadata import entry_points
+
+    (plugin,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "blob2gpu"]
+    assert plugin.value == "blob2gpu.integrations.vllm:register"
