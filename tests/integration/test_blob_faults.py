@@ -81,6 +81,38 @@ def test_server_busy_bursts_are_retried(device, published, container, via_proxy)
     assert report.retries >= 5
 
 
+def test_throttling_lowers_concurrency_and_grows_ranges(published, container, via_proxy):
+    # The first ranged GETs are answered 503 ServerBusy: the load halves its concurrency and
+    # doubles its 64 KiB ranges (up to the staging slot), so each shard's other 192 KiB come in
+    # fewer, larger ranges; the report says so.
+    armed = []
+
+    def throttle_shards(path, count):
+        if path.endswith(".safetensors") and not armed:  # not the index's reads
+            armed.append(count)
+            via_proxy.faults.statuses = 6
+
+    via_proxy.faults.on_range_get = throttle_shards
+    got, report = load(f"az://{container}/m", "cpu")
+    assert got == expected(published)
+    assert report.throttled >= 1 and report.throttle_decreases >= 1
+    assert report.concurrency_lowest is not None and report.concurrency_lowest <= 4
+    assert report.concurrency_settled is not None and report.concurrency_settled <= 8
+    assert report.range_bytes_settled is not None and report.range_bytes_settled >= 131072
+    answered = report.requests - report.throttled
+    assert answered < 3 * 4  # 4 ranges of 64 KiB per shard without throttling
+    assert "throttled answer(s)" in describe(report)
+    assert blob2gpu.LoadReport.from_dict(report.to_dict()).throttled == report.throttled
+
+
+def test_unthrottled_load_keeps_its_concurrency_and_ranges(published, container, via_proxy):
+    _, report = load(f"az://{container}/m", "cpu", prefetch_concurrency=3)
+    assert (report.throttled, report.throttle_decreases) == (0, 0)
+    assert (report.concurrency_lowest, report.concurrency_settled) == (3, 3)
+    assert report.range_bytes_settled == 65536
+    assert "throttled" not in describe(report)
+
+
 def test_retry_after_is_honoured_up_to_the_throttling_budget(published, container, via_proxy):
     via_proxy.faults.statuses = 2
     via_proxy.faults.retry_after = "1"
@@ -280,7 +312,8 @@ with blob2gpu.open(sys.argv[1], framework="dlpack", chunk_bytes=32768,
     tensors = checkpoint.to_dict()
     report = checkpoint.report
 print(json.dumps({"crc": {n: zlib.crc32(tensors[n].to_bytes()) for n in sorted(tensors)},
-                  "retries": report.retries, "requests": report.requests}))
+                  "retries": report.retries, "requests": report.requests,
+                  "throttled": report.throttled, "range": report.range_bytes_settled}))
 """
 
 
@@ -318,4 +351,9 @@ def test_request_rate_cap_is_survived_by_backoff(published, container, via_proxy
     assert via_proxy.counters.throttled > 0
     # Every refused request was retried, and counted, by the loader that sent it.
     assert sum(r["retries"] for r in results) == via_proxy.counters.throttled
-    assert all(r["requests"] >= 3 * 9 for r in results)  # 3 shards, 9 ranges each at least
+    # Throttled, a load grows its 32 KiB ranges (the ranges still queued are joined): its
+    # answered GETs are never more than 3 shards x 9.
+    for r in results:
+        assert 3 <= r["requests"] - r["throttled"] <= 3 * 9
+        if r["throttled"]:
+            assert r["range"] > 32768

@@ -85,5 +85,6 @@ class StorageFetch:
             fetch=[i for i in range(len(plan.shards)) if i not in cache.hits],
             cache_writer=cache.writer,
             first_range_bytes=min(chunk, 1 << 20) if device == "cpu" or staging else None,
+            max_range_bytes=max(chunk, self._slot_bytes),
         )
         return session, feeder

@@ -15,6 +15,7 @@ from blob2gpu.errors import Blob2GpuError, BlobChanged, LoadCancelled
 from blob2gpu.sources.azure.failures import is_transient, storage_error
 from blob2gpu.sources.azure.location import BlobLocation
 from blob2gpu.sources.azure.retry import RetryPolicy
+from blob2gpu.sources.azure.throttle import ThrottleControl
 from blob2gpu.sources.azure.transport import RangeResponse, open_range
 from blob2gpu.sources.plan import ShardRef
 
@@ -34,12 +35,15 @@ class BlobRangeReader:
         location: BlobLocation,
         retry: RetryPolicy,
         stopping: threading.Event | None = None,
+        throttle: ThrottleControl | None = None,
     ) -> None:
         """container_client: an azure.storage.blob.ContainerClient; stopping: set to cancel the
-        reads (defaults to the retry policy's)."""
+        reads (defaults to the retry policy's); throttle: told of every answer and every
+        throttled one (429, 503), to adapt the load's concurrency and range size."""
         self._container = container_client
         self.location = location
         self.retry = retry
+        self.throttle = throttle
         self._stopping = retry.stopping if stopping is None else stopping
         self._lock = threading.Lock()
         self._blobs: dict[str, Any] = {}  # blob path -> BlobClient
@@ -74,10 +78,15 @@ class BlobRangeReader:
             self.retry.pause_while_throttled()
             with self._lock:
                 self.requests += 1
+            epoch = self.throttle.epoch() if self.throttle is not None else 0
             pos, error = self._attempt(blob, ref, offset, view, pos)
             if error is None:
+                if self.throttle is not None:
+                    self.throttle.answered()
                 continue
             self._raise_unless_transient(error, ref, what)
+            if self.throttle is not None and getattr(error, "status_code", None) in (429, 503):
+                self.throttle.throttled(epoch)
             attempt += 1
             with self._lock:
                 self._retries[ref.path] = self._retries.get(ref.path, 0) + 1
