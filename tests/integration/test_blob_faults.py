@@ -357,3 +357,52 @@ def test_request_rate_cap_is_survived_by_backoff(published, container, via_proxy
         assert 3 <= r["requests"] - r["throttled"] <= 3 * 9
         if r["throttled"]:
             assert r["range"] > 32768
+
+
+def test_egress_cap_is_shared_by_loaders_that_back_off(published, container, via_proxy, tmp_path):
+    # Two loaders (8 concurrent 32 KiB ranges each) against an account whose egress is capped
+    # at 512 KiB/s with a 64 KiB burst, about 1.5 MiB to serve: beyond the cap the account
+    # answers 503 ServerBusy "Egress is over the account limit." with a Retry-After and serves
+    # nothing. Both loads succeed with the right bytes, and after the first 503s the loaders
+    # offer fewer requests: they wait out the Retry-After, halve their concurrency and grow
+    # their ranges.
+    import json
+    import os
+    import subprocess
+    import sys
+    import zlib
+
+    via_proxy.faults.egress_bytes_per_second = 512 * 1024
+    via_proxy.faults.egress_burst_bytes = 64 * 1024
+    script = tmp_path / "loader.py"
+    script.write_text(FLEET_LOADER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLOB2GPU_")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), f"az://{container}/m"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(err[-1500:] for _, err in outs)
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    want = {n: zlib.crc32(b) for n, b in expected(published).items()}
+    assert all(r["crc"] == want for r in results)
+    counters = via_proxy.counters
+    assert counters.egress_throttled > 0 and counters.throttled == counters.egress_throttled
+    assert sum(r["throttled"] for r in results) > 0
+    assert any(r["range"] > 32768 for r in results)
+    ranged = sorted(r for r in counters.ranged if r[1].endswith(".safetensors"))
+    first_busy = next(t for t, _, _, status in ranged if status == 503)
+    # Honouring the Retry-After (1 s or more) the first 503s carried, in the second after them
+    # the loaders offer at most what they had in flight (2 x 8) and what the cap serves meanwhile
+    # (512 KiB at 32 KiB or more a range); backoff alone (0.25 s, doubling) would have sent
+    # each of the 16 ranges about three times.
+    offered = sum(1 for t, _, _, _ in ranged if first_busy < t < first_busy + 0.9)
+    assert offered <= 2 * 8 + 16
+    # Ranges still to ask for are asked in larger pieces once throttled.
+    assert max(asked for _, _, asked, _ in ranged) > 32768
