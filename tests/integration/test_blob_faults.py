@@ -307,13 +307,15 @@ def test_gets_add_up_to_one_copy_of_the_checkpoint(published, container, via_pro
 FLEET_LOADER = """
 import json, sys, zlib
 import blob2gpu
+settings = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
 with blob2gpu.open(sys.argv[1], framework="dlpack", chunk_bytes=32768,
-                   retry_max_attempts=10) as checkpoint:
+                   retry_max_attempts=10, **settings) as checkpoint:
     tensors = checkpoint.to_dict()
     report = checkpoint.report
 print(json.dumps({"crc": {n: zlib.crc32(tensors[n].to_bytes()) for n in sorted(tensors)},
                   "retries": report.retries, "requests": report.requests,
-                  "throttled": report.throttled, "range": report.range_bytes_settled}))
+                  "throttled": report.throttled, "range": report.range_bytes_settled,
+                  "node_decreases": report.throttle_node_decreases}))
 """
 
 
@@ -359,33 +361,44 @@ def test_request_rate_cap_is_survived_by_backoff(published, container, via_proxy
             assert r["range"] > 32768
 
 
-def test_egress_cap_is_shared_by_loaders_that_back_off(published, container, via_proxy, tmp_path):
+@pytest.mark.parametrize("node_cache", [False, True], ids=["apart", "one-node"])
+def test_egress_cap_is_shared_by_loaders_that_back_off(
+    published, azurite, container, via_proxy, tmp_path, node_cache
+):
     # Two loaders (8 concurrent 32 KiB ranges each) against an account whose egress is capped
     # at 512 KiB/s with a 64 KiB burst, about 1.5 MiB to serve: beyond the cap the account
     # answers 503 ServerBusy "Egress is over the account limit." with a Retry-After and serves
     # nothing. Both loads succeed with the right bytes, and after the first 503s the loaders
     # offer fewer requests: they wait out the Retry-After, halve their concurrency and grow
-    # their ranges.
+    # their ranges. Sharing a cache directory (one node; two checkpoints, or the second would
+    # wait for the first's cache entries), they share one budget: a decrease one of them
+    # makes, the other makes too.
     import json
     import os
     import subprocess
     import sys
     import zlib
 
+    upload_directory(azurite, container, published, "m2")
     via_proxy.faults.egress_bytes_per_second = 512 * 1024
     via_proxy.faults.egress_burst_bytes = 64 * 1024
     script = tmp_path / "loader.py"
     script.write_text(FLEET_LOADER)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLOB2GPU_")}
+    settings = (
+        {"local_nvme_cache_enabled": True, "cache_dir": str(tmp_path / "cache")}
+        if node_cache
+        else {}
+    )
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), f"az://{container}/m"],
+            [sys.executable, str(script), f"az://{container}/{prefix}", json.dumps(settings)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(2)
+        for prefix in ("m", "m2")
     ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(err[-1500:] for _, err in outs)
@@ -396,6 +409,10 @@ def test_egress_cap_is_shared_by_loaders_that_back_off(published, container, via
     assert counters.egress_throttled > 0 and counters.throttled == counters.egress_throttled
     assert sum(r["throttled"] for r in results) > 0
     assert any(r["range"] > 32768 for r in results)
+    if node_cache:
+        assert sum(r["node_decreases"] for r in results) >= 1
+    else:
+        assert all(r["node_decreases"] == 0 for r in results)
     ranged = sorted(r for r in counters.ranged if r[1].endswith(".safetensors"))
     first_busy = next(t for t, _, _, status in ranged if status == 503)
     # Honouring the Retry-After (1 s or more) the first 503s carried, in the second after them

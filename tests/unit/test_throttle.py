@@ -4,8 +4,10 @@ to the concurrency, and the user's settings bound both."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
-from blob2gpu.sources.azure.throttle import ThrottleControl
+from blob2gpu.sources.azure.throttle import NodeThrottle, ThrottleControl
 
 KiB = 1 << 10
 
@@ -83,3 +85,51 @@ def test_a_start_larger_than_the_maximum_is_kept_and_not_grown():
     control = ThrottleControl(ceiling=2, range_bytes=8 * KiB, max_range_bytes=4 * KiB)
     control.throttled(control.epoch())
     assert control.range_bytes == 8 * KiB
+
+
+def test_loads_on_one_node_share_one_budget(tmp_path):
+    # Two loads on one node (two processes in practice: the state is a file in the cache's
+    # locks directory). One is throttled with a Retry-After: the other makes the same decrease
+    # before its next request, and stays away as long.
+    a = ThrottleControl(8, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path))
+    b = ThrottleControl(8, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path))
+    assert b.node_wait() == 0.0
+    assert a.throttled(a.epoch(), retry_after=30.0)
+    assert a.concurrency == 4
+    assert b.concurrency == 8  # until it next sends
+    b.epoch()
+    assert (b.concurrency, b.range_bytes) == (4, 128 * KiB)
+    assert 25.0 < b.node_wait() <= 30.0
+    b.epoch()
+    assert b.concurrency == 4  # one published decrease is made once
+    a.epoch()
+    assert a.concurrency == 4  # its own is not made twice
+    assert b.stats().node_decreases == 1 and b.stats().decreases == 1
+    assert a.stats().node_decreases == 0
+    # A load starting soon after makes one decrease, not one per decrease published before.
+    a.throttled(a.epoch())
+    c = ThrottleControl(8, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path))
+    c.epoch()
+    assert c.concurrency == 4 and c.stats().node_decreases == 1
+
+
+def test_a_load_starting_long_after_the_last_decrease_starts_whole(tmp_path, monkeypatch):
+    node = NodeThrottle(tmp_path)
+    node.publish(1.0)
+    import blob2gpu.sources.azure.throttle as throttle
+
+    later = time.time() + throttle.NODE_RECENT_SECONDS + 1
+    monkeypatch.setattr(throttle.time, "time", lambda: later)
+    c = ThrottleControl(8, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path))
+    c.epoch()
+    assert c.concurrency == 8 and c.node_wait() == 0.0
+
+
+def test_an_unreadable_node_state_is_no_state(tmp_path):
+    (tmp_path / NodeThrottle.FILE).write_bytes(b"not a state")
+    node = NodeThrottle(tmp_path)
+    assert (node.generation(), node.wait_left()) == (0, 0.0)
+    assert node.publish(0.0) == 1  # rewritten whole
+    missing = NodeThrottle(tmp_path / "absent")
+    assert missing.publish(1.0) == 0  # cannot be written: the load adapts alone
+    assert missing.wait_left() == 0.0

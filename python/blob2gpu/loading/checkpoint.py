@@ -148,6 +148,7 @@ class Checkpoint:
             if (throttle := self._feeder.throttle_stats) is not None:
                 report.throttled = throttle.throttled
                 report.throttle_decreases = throttle.decreases
+                report.throttle_node_decreases = throttle.node_decreases
                 report.concurrency_lowest = throttle.min_concurrency
                 report.concurrency_settled = throttle.concurrency
                 report.range_bytes_settled = throttle.range_bytes

@@ -106,6 +106,7 @@ class LoadReport:
     # settled at (None: not a Blob load fetched by this process's feeder).
     throttled: int = 0
     throttle_decreases: int = 0
+    throttle_node_decreases: int = 0  # of those, because another load on the node was throttled
     concurrency_lowest: int | None = None
     concurrency_settled: int | None = None
     range_bytes_settled: int | None = None

@@ -88,10 +88,16 @@ def describe(report: LoadReport) -> str:
         f"{report.requests} request(s), {report.retries} retried"
         + (f" ({report.retry_wait_seconds:.2f} s backing off)" if report.retries else ""),
     ]
-    if report.throttled:
+    if report.throttled or report.throttle_decreases:
         lines.append(
             f"{report.throttled} throttled answer(s): concurrency halved "
-            f"{report.throttle_decreases} time(s), down to {report.concurrency_lowest}, settled "
+            f"{report.throttle_decreases} time(s)"
+            + (
+                f" ({report.throttle_node_decreases} for another load on the node)"
+                if report.throttle_node_decreases
+                else ""
+            )
+            + f", down to {report.concurrency_lowest}, settled "
             f"at {report.concurrency_settled}; ranges settled at "
             f"{(report.range_bytes_settled or 0) / (1 << 10):.0f} KiB"
         )

@@ -23,7 +23,7 @@ from blob2gpu.errors import HeaderTruncated, LoadCancelled
 from blob2gpu.redaction import redact
 from blob2gpu.sources.azure.range_reader import BlobRangeReader
 from blob2gpu.sources.azure.retry import RetryPolicy
-from blob2gpu.sources.azure.throttle import ThrottleControl, ThrottleStats
+from blob2gpu.sources.azure.throttle import NodeThrottle, ThrottleControl, ThrottleStats
 from blob2gpu.sources.feeding import RangeTask, feed_range
 from blob2gpu.sources.plan import ShardPlan
 
@@ -43,9 +43,11 @@ class BlobFeeder:
         cache_writer: Any = None,
         first_range_bytes: int | None = None,
         max_range_bytes: int | None = None,
+        node: NodeThrottle | None = None,
     ) -> None:
         """concurrency: threads, the ceiling of ranges in flight; chunk_bytes: the range size to
-        start with, which throttling may grow up to max_range_bytes (default: chunk_bytes)."""
+        start with, which throttling may grow up to max_range_bytes (default: chunk_bytes);
+        node: the throttling budget shared with the node's other loads, or None."""
         self._session = session
         self._fetch = list(range(len(plan.shards))) if fetch is None else fetch  # not cache hits
         self._cache_writer = cache_writer  # write-through to the NVMe cache, or None
@@ -54,7 +56,9 @@ class BlobFeeder:
         self._first = first_range_bytes or chunk_bytes
         self._plan = plan
         self._retry = retry
-        self._throttle = ThrottleControl(concurrency, chunk_bytes, max_range_bytes or chunk_bytes)
+        self._throttle = ThrottleControl(
+            concurrency, chunk_bytes, max_range_bytes or chunk_bytes, node
+        )
         self._reader = BlobRangeReader(
             container_client, plan.location, retry, retry.stopping, self._throttle
         )

@@ -14,7 +14,7 @@ from typing import Any
 from blob2gpu.errors import Blob2GpuError, BlobChanged, LoadCancelled
 from blob2gpu.sources.azure.failures import is_transient, storage_error
 from blob2gpu.sources.azure.location import BlobLocation
-from blob2gpu.sources.azure.retry import RetryPolicy
+from blob2gpu.sources.azure.retry import RetryPolicy, retry_after
 from blob2gpu.sources.azure.throttle import ThrottleControl
 from blob2gpu.sources.azure.transport import RangeResponse, open_range
 from blob2gpu.sources.plan import ShardRef
@@ -76,6 +76,10 @@ class BlobRangeReader:
             if self._stopping.is_set():
                 raise LoadCancelled("the load was cancelled")
             self.retry.pause_while_throttled()
+            if self.throttle is not None and (wait := self.throttle.node_wait()) > 0:
+                # Another load on this node was told to stay away (its Retry-After).
+                if self._stopping.wait(min(wait, self.retry.throttled_seconds)):
+                    raise LoadCancelled("the load was cancelled while waiting out throttling")
             with self._lock:
                 self.requests += 1
             epoch = self.throttle.epoch() if self.throttle is not None else 0
@@ -86,7 +90,8 @@ class BlobRangeReader:
                 continue
             self._raise_unless_transient(error, ref, what)
             if self.throttle is not None and getattr(error, "status_code", None) in (429, 503):
-                self.throttle.throttled(epoch)
+                asked = min(retry_after(error), self.retry.throttled_seconds)
+                self.throttle.throttled(epoch, asked)
             attempt += 1
             with self._lock:
                 self._retries[ref.path] = self._retries.get(ref.path, 0) + 1

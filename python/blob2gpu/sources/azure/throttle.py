@@ -11,12 +11,26 @@ Additive increase, multiplicative decrease, on two knobs:
 One burst of throttled answers is one decrease: a throttled answer to a request sent before the
 last decrease says nothing new (the epoch each request carries tells). How long to stay away
 (Retry-After, backoff) is the RetryPolicy's; this only sets how much to send once back.
+
+Processes on one node share one budget through the node's cache directory (NodeThrottle, a small
+file next to the cache's locks): a decrease is published there, and every other load on the node
+makes the same decrease when it next sends a request, and stays away as long as the server told
+the throttled one to (Retry-After); a load that starts within NODE_RECENT_SECONDS of a published
+decrease starts halved. Nothing is held in that file that a crashed process could
+leak: it says when the node was last throttled and until when to wait.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import struct
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
+
+NODE_RECENT_SECONDS = 10.0  # a load starting this soon after a decrease on its node starts halved
 
 
 @dataclass(frozen=True)
@@ -28,12 +42,20 @@ class ThrottleStats:
     concurrency: int  # the concurrency limit it settled at
     range_bytes: int  # the range size it settled at
     min_concurrency: int  # the lowest concurrency limit it went down to
+    node_decreases: int = 0  # of those, made because another load on the node was throttled
 
 
 class ThrottleControl:
     """AIMD concurrency and range size for the ranged GETs of one load (see the module)."""
 
-    def __init__(self, ceiling: int, range_bytes: int, max_range_bytes: int) -> None:
+    def __init__(
+        self,
+        ceiling: int,
+        range_bytes: int,
+        max_range_bytes: int,
+        node: NodeThrottle | None = None,
+    ) -> None:
+        """node: the budget shared with the other loads on this node, or None."""
         if ceiling < 1:
             raise ValueError(f"concurrency ceiling must be at least 1, not {ceiling}")
         if range_bytes < 1:
@@ -48,6 +70,12 @@ class ThrottleControl:
         self._throttled = 0
         self._decreases = 0
         self._lowest = ceiling
+        self._node = node
+        self._node_seen = node.generation() if node is not None else 0
+        self._node_decreases = 0
+        if node is not None and node.since_publish() < NODE_RECENT_SECONDS:
+            self._node_decreases += 1  # the node is being throttled: start halved
+            self._decrease()
 
     @property
     def concurrency(self) -> int:
@@ -62,24 +90,43 @@ class ThrottleControl:
             return self._range
 
     def epoch(self) -> int:
-        """Take before sending a request; hand it back with its answer."""
+        """Take before sending a request; hand it back with its answer. Makes the decrease
+        another load on the node published since."""
+        node = self._node.generation() if self._node is not None else 0
         with self._lock:
+            if node > self._node_seen:
+                self._node_seen = node
+                self._node_decreases += 1
+                self._decrease()
             return self._epoch
 
-    def throttled(self, epoch: int) -> bool:
-        """A request sent at `epoch` was throttled; returns whether this decreased the limits
-        (the first throttled answer since the last decrease does)."""
+    def node_wait(self) -> float:
+        """Seconds to stay away still because a load on this node was told to (0: none)."""
+        return self._node.wait_left() if self._node is not None else 0.0
+
+    def throttled(self, epoch: int, retry_after: float = 0.0) -> bool:
+        """A request sent at `epoch` was throttled (the server asked for `retry_after` seconds
+        away); returns whether this decreased the limits (the first throttled answer since the
+        last decrease does), which is then published to the node."""
         with self._lock:
             self._throttled += 1
             if epoch != self._epoch:
                 return False
-            self._epoch += 1
-            self._decreases += 1
-            self._successes = 0
-            self._limit = max(1, self._limit // 2)
-            self._lowest = min(self._lowest, self._limit)
-            self._range = min(self.max_range_bytes, self._range * 2)
-            return True
+            self._decrease()
+        if self._node is not None:
+            published = self._node.publish(retry_after)
+            with self._lock:
+                self._node_seen = max(self._node_seen, published)
+        return True
+
+    def _decrease(self) -> None:
+        """Halve the concurrency, double the ranges (the caller holds the lock)."""
+        self._epoch += 1
+        self._decreases += 1
+        self._successes = 0
+        self._limit = max(1, self._limit // 2)
+        self._lowest = min(self._lowest, self._limit)
+        self._range = min(self.max_range_bytes, self._range * 2)
 
     def answered(self) -> bool:
         """A request was answered; returns whether this raised the concurrency limit (after a
@@ -97,5 +144,68 @@ class ThrottleControl:
     def stats(self) -> ThrottleStats:
         with self._lock:
             return ThrottleStats(
-                self._throttled, self._decreases, self._limit, self._range, self._lowest
+                self._throttled,
+                self._decreases,
+                self._limit,
+                self._range,
+                self._lowest,
+                self._node_decreases,
             )
+
+
+class NodeThrottle:
+    """The throttling state the loads of one node share: a 24-byte file (a generation, bumped
+    at each published decrease, the unix time until which to stay away, and that of the last
+    publication), read before each request and written under an exclusive flock."""
+
+    FILE = "throttle.state"
+    _FORMAT = "<qdd"
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.path = Path(directory) / self.FILE
+
+    def _read(self) -> tuple[int, float, float]:
+        try:
+            data = self.path.read_bytes()
+        except OSError:
+            return 0, 0.0, 0.0
+        if len(data) != struct.calcsize(self._FORMAT):
+            return 0, 0.0, 0.0  # not written yet, or by something else: no state
+        generation, until, stamp = struct.unpack(self._FORMAT, data)
+        return int(generation), float(until), float(stamp)
+
+    def since_publish(self) -> float:
+        """Seconds since a load on this node last published a decrease (inf: never)."""
+        stamp = self._read()[2]
+        return time.time() - stamp if stamp else float("inf")
+
+    def generation(self) -> int:
+        """Decreases published on this node so far."""
+        return self._read()[0]
+
+    def wait_left(self) -> float:
+        """Seconds until the node's loads may send again."""
+        return max(0.0, self._read()[1] - time.time())
+
+    def publish(self, retry_after: float) -> int:
+        """Publish one decrease, and that the node stays away `retry_after` seconds from now;
+        returns the new generation. A node state that cannot be written is no shared state:
+        the load adapts alone (returns 0)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return 0
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            generation, until, _ = self._read()
+            generation += 1
+            now = time.time()
+            until = max(until, now + retry_after)
+            data = struct.pack(self._FORMAT, generation, until, now)
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+            return generation
+        except OSError:
+            return 0
+        finally:
+            os.close(fd)  # closing releases the flock
