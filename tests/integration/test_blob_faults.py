@@ -118,7 +118,8 @@ def test_retry_after_is_honoured_up_to_the_throttling_budget(published, containe
     via_proxy.faults.retry_after = "1"
     got, report = load(f"az://{container}/m", "cpu")  # backoff 0.01-0.05 s without the header
     assert got == expected(published) and report.retries == 2
-    assert 2.0 <= report.retry_wait_seconds < 2.2  # the waits slept, not a wall-clock timing
+    # The waits slept (not a wall-clock timing): 1 s each, spread by up to a quarter more.
+    assert 2.0 <= report.retry_wait_seconds <= 2.5
     assert "s backing off" in describe(report)
     via_proxy.reset()
     via_proxy.faults.statuses = 1

@@ -133,3 +133,22 @@ def test_an_unreadable_node_state_is_no_state(tmp_path):
     missing = NodeThrottle(tmp_path / "absent")
     assert missing.publish(1.0) == 0  # cannot be written: the load adapts alone
     assert missing.wait_left() == 0.0
+
+
+def test_requests_in_flight_never_pass_the_limit():
+    import threading
+
+    control = ThrottleControl(ceiling=4, range_bytes=1, max_range_bytes=1)
+    stopping = threading.Event()
+    assert all(control.acquire(stopping) for _ in range(4))
+    control.throttled(control.epoch())  # limit 2, 4 in flight: none more until 2 are back
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(control.acquire(stopping)))
+    waiter.start()
+    control.release()
+    control.release()
+    control.release()  # 1 in flight: the waiter's turn
+    waiter.join(timeout=10)
+    assert got == [True]  # 2 in flight now, at the limit
+    stopping.set()
+    assert control.acquire(stopping) is False  # a stopped load stops waiting

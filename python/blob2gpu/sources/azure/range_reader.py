@@ -82,8 +82,16 @@ class BlobRangeReader:
                     raise LoadCancelled("the load was cancelled while waiting out throttling")
             with self._lock:
                 self.requests += 1
-            epoch = self.throttle.epoch() if self.throttle is not None else 0
-            pos, error = self._attempt(blob, ref, offset, view, pos)
+            epoch = 0
+            if self.throttle is not None:
+                if not self.throttle.acquire(self._stopping):
+                    raise LoadCancelled("the load was cancelled")
+                epoch = self.throttle.epoch()
+            try:
+                pos, error = self._attempt(blob, ref, offset, view, pos)
+            finally:
+                if self.throttle is not None:
+                    self.throttle.release()
             if error is None:
                 if self.throttle is not None:
                     self.throttle.answered()

@@ -60,7 +60,7 @@ class ThrottleControl:
             raise ValueError(f"concurrency ceiling must be at least 1, not {ceiling}")
         if range_bytes < 1:
             raise ValueError(f"range size must be at least 1 byte, not {range_bytes}")
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self.ceiling = ceiling
         self.max_range_bytes = max(range_bytes, max_range_bytes)
         self._limit = ceiling
@@ -70,6 +70,7 @@ class ThrottleControl:
         self._throttled = 0
         self._decreases = 0
         self._lowest = ceiling
+        self._in_flight = 0  # requests between acquire() and release()
         self._node = node
         self._node_seen = node.generation() if node is not None else 0
         self._node_decreases = 0
@@ -88,6 +89,23 @@ class ThrottleControl:
         """Bytes a ranged GET should ask for now."""
         with self._lock:
             return self._range
+
+    def acquire(self, stopping: threading.Event) -> bool:
+        """Wait until one more request may be in flight (retries included: a range throttled
+        waits its turn like a new one); False if `stopping` was set meanwhile."""
+        with self._lock:
+            while self._in_flight >= self._limit:
+                if stopping.is_set():
+                    return False
+                self._lock.wait(0.05)
+            self._in_flight += 1
+            return True
+
+    def release(self) -> None:
+        """A request acquire() let through has its answer."""
+        with self._lock:
+            self._in_flight -= 1
+            self._lock.notify_all()
 
     def epoch(self) -> int:
         """Take before sending a request; hand it back with its answer. Makes the decrease
@@ -139,6 +157,7 @@ class ThrottleControl:
                 return False
             self._successes = 0
             self._limit += 1
+            self._lock.notify_all()
             return True
 
     def stats(self) -> ThrottleStats:
