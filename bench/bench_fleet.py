@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
 """Fleet simulation: a fleet of inference servers cold-starts at once against one storage account
-that throttles, as Azure Blob Storage does (503 ServerBusy beyond its request rate).
+that throttles, as Azure Blob Storage does (503 ServerBusy beyond its request rate or its egress).
 
 Usage:
     python bench/bench_fleet.py [--nodes 8] [--per-node 2] [--total-mb 256] [--rate-cap 50]
                                 [--no-cap] [--modes cold,cache,fanout] [--json out.json]
                                 [--retry-max-attempts N] [--prefetch-concurrency N]
+                                [--egress-mbps 400] [--egress-burst-mb N]
 
 The run starts its own in-memory Azurite (tests/support/azurite.py) behind the tests' fault proxy
 (tests/support/fault_proxy.py) with a request-rate cap: a token bucket over every request, burst
-one second's worth; beyond it the proxy answers 503 ServerBusy without asking Azurite. It
+one second's worth; beyond it the proxy answers 503 ServerBusy without asking Azurite. With
+`--egress-mbps` it also caps the account's egress (megabits per second over every connection, as
+Azure states its limits, with a burst of `--egress-burst-mb`, one second's worth by default):
+beyond it, 503 ServerBusy "Egress is over the account limit." with a Retry-After. It
 publishes a generated checkpoint (random bytes as float16 tensors, `--shards` shards and an
 index), then, for each mode, starts `--nodes` loader processes. Each one imports blob2gpu (and
 torch for fan-out) and loads a one-tensor checkpoint, so that the imports blob2gpu makes on its
@@ -36,7 +40,12 @@ fewer than 20); copies: bytes of ranged GETs that reached the loaders over the c
 bytes; the ranged GETs Azurite served; the requests the cap answered 503; the retries the loaders
 counted (read from the retry policy of the container each load opened, so failed and distributed
 loads, which have no LoadReport, count too); and worst: the most consecutive failures of one
-request (a load fails when it reaches retry_max_attempts, 6 by default).
+request (a load fails when it reaches retry_max_attempts, 6 by default). With an egress cap,
+bound: the seconds the cap implies for the bytes the account must serve (one copy of the
+checkpoint per process cold, per node with the cache's first wave or fan-out, none in the
+cache's second wave) at the capped rate, next to p50 and p95; throttled % is the throttled
+requests over the ranged GETs served; settled: the median concurrency and range size the loads
+settled at (their LoadReport; not for fan-out).
 
 Defaults are sized for a 2-core machine (Azurite, the proxy and every loader share the cores):
 8 processes, 256 MB in 4 shards, 1 MiB ranges, a 50 requests/s cap; a run takes about two
@@ -132,6 +141,9 @@ def load(config: dict[str, Any], out: dict[str, Any], started: float) -> dict[st
         report = checkpoint.report
     out["seconds"] = time.perf_counter() - started
     out["requests"] = report.requests
+    out["throttled"] = report.throttled
+    out["concurrency_settled"] = report.concurrency_settled
+    out["range_bytes_settled"] = report.range_bytes_settled
     return tensors
 
 
@@ -183,6 +195,8 @@ class Wave:
     throttled: int
     checkpoint_bytes: int
     expected_digest: int
+    copies_needed: float = 0.0  # copies of the checkpoint the account must serve
+    egress_bytes_per_second: float = 0.0  # the egress cap; 0: off
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -192,7 +206,7 @@ class Wave:
     def row(self) -> dict[str, Any]:
         seconds = sorted(r["seconds"] for r in self.ok)
         p95 = seconds[max(0, math.ceil(0.95 * len(seconds)) - 1)] if seconds else float("nan")
-        return {
+        row = {
             "mode": self.mode if self.wave == 1 else f"{self.mode} (wave {self.wave})",
             "ok/failed": f"{len(self.ok)}/{len(self.results) - len(self.ok)}",
             "p50 s": f"{statistics.median(seconds):.1f}" if seconds else "-",
@@ -203,6 +217,18 @@ class Wave:
             "retries": str(sum(r.get("retries") or 0 for r in self.results)),
             "worst": str(max((r.get("worst_failures") or 0 for r in self.results), default=0)),
         }
+        if self.egress_bytes_per_second:
+            bound = self.copies_needed * self.checkpoint_bytes / self.egress_bytes_per_second
+            head = list(row.items())[:4]  # mode, ok/failed, p50, p95: the bound next to them
+            row = {**dict(head), "bound s": f"{bound:.1f}", **row}
+            row["throttled %"] = f"{100 * self.throttled / max(1, self.range_gets):.0f}"
+        settled = [r for r in self.ok if r.get("concurrency_settled") is not None]
+        row["settled"] = "-"  # fan-out, and loads that fetched nothing from Blob
+        if settled:
+            c = statistics.median(r["concurrency_settled"] for r in settled)
+            b = statistics.median(r["range_bytes_settled"] for r in settled)
+            row["settled"] = f"{c:g} x {b / MiB:g} MiB"
+        return row
 
 
 def start_loaders(configs: list[dict[str, Any]], env: dict[str, str]) -> list[subprocess.Popen]:
@@ -259,12 +285,15 @@ def run_wave(
     cap: float,
     checkpoint: tuple[int, int],
     timeout: float,
+    egress: tuple[float, int] = (0.0, 0),
+    copies_needed: float = 0.0,
 ) -> Wave:
     """Start one process per config, release them together once all are ready, collect results."""
     proxy.reset()  # no cap while the processes warm up
     procs = start_loaders(configs, env)
     proxy.reset()
     proxy.faults.max_requests_per_second = cap
+    proxy.faults.egress_bytes_per_second, proxy.faults.egress_burst_bytes = egress
     started = time.perf_counter()
     for p in procs:
         assert p.stdin is not None
@@ -284,6 +313,8 @@ def run_wave(
         c.throttled,
         checkpoint[0],
         checkpoint[1],
+        copies_needed,
+        egress[0],
         notes,
     )
 
@@ -332,6 +363,16 @@ def wave_configs(
     return [1], configs
 
 
+def copies_needed(mode: str, wave: int, args: argparse.Namespace) -> float:
+    """Copies of the checkpoint the account must serve in one wave of `mode`: one per process
+    cold, one per node with the cache (its first wave; none in the second) or fan-out."""
+    if mode == "cold":
+        return float(args.nodes)
+    if mode == "cache" and wave > 1:
+        return 0.0
+    return float(args.nodes // args.per_node)
+
+
 def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     """Returns the parser and the parsed command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -363,6 +404,18 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
         help="storage requests per second before 503 ServerBusy (50)",
     )
     parser.add_argument("--no-cap", action="store_true", help="no request-rate cap")
+    parser.add_argument(
+        "--egress-mbps",
+        type=float,
+        default=0,
+        help="the account's egress cap, megabits per second (0: none)",
+    )
+    parser.add_argument(
+        "--egress-burst-mb",
+        type=float,
+        default=0,
+        help="the egress cap's burst, MB (0: one second's worth)",
+    )
     parser.add_argument("--modes", default=",".join(MODES), help="cold,cache,fanout")
     parser.add_argument(
         "--prefetch-concurrency",
@@ -421,6 +474,9 @@ def main() -> int:
     if args.per_node < 1 or args.nodes % args.per_node:
         parser.error("--nodes must be a positive multiple of --per-node")
     cap = 0.0 if args.no_cap else args.rate_cap
+    if args.egress_mbps < 0 or args.egress_burst_mb < 0:
+        parser.error("--egress-mbps and --egress-burst-mb must not be negative")
+    egress = (args.egress_mbps * 1e6 / 8, int(args.egress_burst_mb * 1e6))
     settings: dict[str, Any] = {"chunk_bytes": int(args.chunk_mb * MiB)}
     if args.prefetch_concurrency is not None:
         settings["prefetch_concurrency"] = args.prefetch_concurrency
@@ -439,7 +495,8 @@ def main() -> int:
             f"fleet: {args.nodes} processes ({args.nodes // args.per_node} nodes of "
             f"{args.per_node}), checkpoint {checkpoint[0] / 1e6:.0f} MB in {args.shards} shards, "
             f"{args.chunk_mb:g} MiB ranges, cap "
-            f"{'off' if not cap else f'{cap:g} requests/s'}, settings {settings}, "
+            f"{'off' if not cap else f'{cap:g} requests/s'}, egress cap "
+            f"{f'{args.egress_mbps:g} Mb/s' if args.egress_mbps else 'off'}, settings {settings}, "
             f"{os.cpu_count()} cores shared by Azurite, the proxy and the loaders",
             flush=True,
         )
@@ -447,8 +504,20 @@ def main() -> int:
         for mode in modes:
             numbers, configs = wave_configs(mode, args, settings, work)
             for wave in numbers:
+                copies = copies_needed(mode, wave, args)
                 waves.append(
-                    run_wave(mode, wave, configs, env, proxy, cap, checkpoint, args.timeout)
+                    run_wave(
+                        mode,
+                        wave,
+                        configs,
+                        env,
+                        proxy,
+                        cap,
+                        checkpoint,
+                        args.timeout,
+                        egress,
+                        copies,
+                    )
                 )
             print(f"  {mode}: done at {time.perf_counter() - t_start:.0f} s", flush=True)
         print()

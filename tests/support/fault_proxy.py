@@ -8,11 +8,20 @@ A request-rate cap (`faults.max_requests_per_second`) plays Azure's throttling: 
 every request, ranged or not, whose burst is one second's worth; a request beyond it is answered
 503 ServerBusy at once, without reaching upstream, and counted in `counters.throttled` (and in
 `counters.requests`, but not in the ranged-GET counters).
+An egress cap (`faults.egress_bytes_per_second`, burst `faults.egress_burst_bytes`) plays the
+account's egress limit: a bucket of bytes over every connection, drawn as response bodies are
+sent (it may go into debt: answers already admitted are served whole); a request that arrives
+while it is empty is answered 503 ServerBusy "Egress is over the account limit." with a
+Retry-After (seconds until the bucket refills), nothing served, and counted in
+`counters.throttled` and `counters.egress_throttled`. Every ranged GET, served or refused, is
+logged in `counters.ranged` as (monotonic time, path, bytes asked, 503 if a cap refused it or
+200).
 It only ever connects to the upstream address it was given (a loopback Azurite).
 """
 
 from __future__ import annotations
 
+import math
 import socket
 import struct
 import threading
@@ -35,6 +44,8 @@ class Faults:
     list_statuses: int = 0  # non-ranged requests (listing, properties) answered with `status`
     on_range_get: Callable[[str, int], None] | None = None  # (path, count) before forwarding
     max_requests_per_second: float = 0.0  # token bucket over all requests, burst = rate; 0: off
+    egress_bytes_per_second: float = 0.0  # bytes served per second over all connections; 0: off
+    egress_burst_bytes: int = 0  # the egress bucket's size; 0: one second's worth
 
 
 @dataclass
@@ -42,7 +53,9 @@ class Counters:
     range_gets: int = 0
     range_bytes: int = 0  # body bytes of ranged GETs passed to the client
     requests: int = 0
-    throttled: int = 0  # requests refused by the rate cap (503 ServerBusy, never forwarded)
+    throttled: int = 0  # requests refused by a cap (503 ServerBusy, never forwarded)
+    egress_throttled: int = 0  # of those, refused by the egress cap
+    ranged: list[tuple[float, str, int, int]] = field(default_factory=list)  # see the module
     paths: list[str] = field(default_factory=list)
 
 
@@ -67,19 +80,56 @@ def parse_head(head: bytes) -> tuple[str, dict[str, str]]:
     return lines[0], out
 
 
-_BUSY_BODY = (
-    b'<?xml version="1.0" encoding="utf-8"?><Error><Code>ServerBusy</Code>'
-    b"<Message>The server is busy.</Message></Error>"
-)
+SERVER_BUSY = "The server is busy."
+EGRESS_BUSY = "Egress is over the account limit."
 
 
-def _busy_response(status: int, retry_after: str = "") -> bytes:
+def _busy_response(status: int, retry_after: str = "", message: str = SERVER_BUSY) -> bytes:
     extra = f"Retry-After: {retry_after}\r\n".encode() if retry_after else b""
+    body = (
+        b'<?xml version="1.0" encoding="utf-8"?><Error><Code>ServerBusy</Code>'
+        b"<Message>%s</Message></Error>" % message.encode()
+    )
     return (
         b"HTTP/1.1 %d Busy\r\nContent-Type: application/xml\r\n"
         b"x-ms-error-code: ServerBusy\r\n%sContent-Length: %d\r\n"
-        b"Connection: close\r\n\r\n" % (status, extra, len(_BUSY_BODY)) + _BUSY_BODY
+        b"Connection: close\r\n\r\n" % (status, extra, len(body)) + body
     )
+
+
+def asked_bytes(headers: dict[str, str]) -> int:
+    """Bytes a ranged GET asks for (its x-ms-range or Range header, bytes=a-b); 0 if open."""
+    value = headers.get("x-ms-range") or headers.get("range") or ""
+    first, _, last = value.removeprefix("bytes=").partition("-")
+    if not (first.isdigit() and last.isdigit()):
+        return 0
+    return int(last) - int(first) + 1
+
+
+class _EgressBucket:
+    """Bytes per second with a burst; drawn as bodies are sent, so it may go into debt."""
+
+    def __init__(self) -> None:
+        self.rate = 0.0
+        self.burst = 0.0
+        self.tokens = 0.0
+        self.stamp = 0.0
+
+    def _refill(self, rate: float, burst: float) -> None:
+        now = time.monotonic()
+        if (rate, burst) != (self.rate, self.burst):  # a new cap starts with a full bucket
+            self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
+        self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
+        self.stamp = now
+
+    def admit(self, rate: float, burst: float) -> float:
+        """0 when a request may be served now, else seconds until the bucket has bytes again
+        (the caller holds the proxy's lock)."""
+        self._refill(rate, burst)
+        return 0.0 if self.tokens > 0 else (1.0 - self.tokens) / rate
+
+    def draw(self, n: int) -> None:
+        self.tokens -= n
 
 
 class _TokenBucket:
@@ -128,6 +178,7 @@ class FaultProxy:
         self.counters = Counters()
         self._lock = threading.Lock()
         self._bucket = _TokenBucket()
+        self._egress = _EgressBucket()
         self._server = socket.socket()
         self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._server.bind(("127.0.0.1", 0))
@@ -143,6 +194,7 @@ class FaultProxy:
             self.faults = Faults()
             self.counters = Counters()
             self._bucket = _TokenBucket()
+            self._egress = _EgressBucket()
 
     def _take(self, name: str) -> bool:
         with self._lock:
@@ -165,14 +217,28 @@ class FaultProxy:
                 rest += chunk
             method, path = request_line.split(" ")[:2]
             ranged = method == "GET" and ("range" in headers or "x-ms-range" in headers)
+            asked = asked_bytes(headers) if ranged else 0
             with self._lock:
                 self.counters.requests += 1
                 rate = self.faults.max_requests_per_second
                 throttled = rate > 0 and not self._bucket.take(rate)
-                if throttled:
+                egress = self.faults.egress_bytes_per_second
+                wait = 0.0
+                if egress > 0 and not throttled:
+                    burst = self.faults.egress_burst_bytes or egress
+                    wait = self._egress.admit(egress, burst)
+                if throttled or wait:
                     self.counters.throttled += 1
+                    self.counters.egress_throttled += bool(wait)
+                if ranged:
+                    status = 503 if throttled or wait else 200
+                    entry = (time.monotonic(), path.split("?")[0], asked, status)
+                    self.counters.ranged.append(entry)
             if throttled:
                 client.sendall(_busy_response(503))
+                return
+            if wait:
+                client.sendall(_busy_response(503, str(max(1, math.ceil(wait))), EGRESS_BUSY))
                 return
             with self._lock:
                 if ranged:
@@ -211,8 +277,9 @@ class FaultProxy:
                 if body:
                     client.sendall(body)
                     sent += len(body)
-                    if ranged:
-                        with self._lock:
+                    with self._lock:
+                        self._egress.draw(len(body))
+                        if ranged:
                             self.counters.range_bytes += len(body)
                 body = upstream.recv(1 << 20)
                 if not body:

@@ -112,6 +112,10 @@ class GroupExchange:
         return self._retry.retries if self._retry is not None else 0
 
     @property
+    def throttle_stats(self) -> None:
+        return None  # one range per rank and shard, in order: nothing to adapt
+
+    @property
     def retry_wait_seconds(self) -> float:
         return self._retry.waited_seconds if self._retry is not None else 0.0
 

@@ -153,6 +153,13 @@ class Checkpoint:
             report.retries = self._feeder.retries
             report.retry_wait_seconds = self._feeder.retry_wait_seconds
             report.requests = self._feeder.requests
+            if (throttle := self._feeder.throttle_stats) is not None:
+                report.throttled = throttle.throttled
+                report.throttle_decreases = throttle.decreases
+                report.throttle_node_decreases = throttle.node_decreases
+                report.concurrency_lowest = throttle.min_concurrency
+                report.concurrency_settled = throttle.concurrency
+                report.range_bytes_settled = throttle.range_bytes
             for shard, retries in zip(report.shards, self._feeder.shard_retries, strict=True):
                 shard.retries = retries
             for index in self._cache.hits:

@@ -64,6 +64,7 @@ class StorageFetch:
 
     def _start_blob(self, prepared: PreparedLoad, pipeline: Any) -> tuple[Any, Any]:
         from blob2gpu.sources.azure.feeder import BlobFeeder
+        from blob2gpu.sources.azure.throttle import NodeThrottle
 
         plan, cache, container = prepared.plan, prepared.cache, prepared.source.container
         session = start_fed_session(
@@ -85,5 +86,8 @@ class StorageFetch:
             fetch=[i for i in range(len(plan.shards)) if i not in cache.hits],
             cache_writer=cache.writer,
             first_range_bytes=min(chunk, 1 << 20) if device == "cpu" or staging else None,
+            max_range_bytes=max(chunk, self._slot_bytes),
+            # The node's loads share one throttling budget, next to the cache's locks.
+            node=NodeThrottle(cache.cache.locks_dir) if cache.cache is not None else None,
         )
         return session, feeder

@@ -100,6 +100,16 @@ class LoadReport:
     requests: int = 0  # ranged GETs sent (retries included)
     retries: int = 0  # transient failures retried (ranges and listing calls)
     retry_wait_seconds: float = 0.0  # backoff slept before those retries, summed over threads
+    # The account throttling (429, 503 ServerBusy) and how the load adapted (sources/azure/
+    # throttle.py): throttled answers to ranged GETs, times it halved its concurrency and grew
+    # its ranges, the lowest concurrency it went to, and the concurrency and range size it
+    # settled at (None: not a Blob load fetched by this process's feeder).
+    throttled: int = 0
+    throttle_decreases: int = 0
+    throttle_node_decreases: int = 0  # of those, because another load on the node was throttled
+    concurrency_lowest: int | None = None
+    concurrency_settled: int | None = None
+    range_bytes_settled: int | None = None
     gpu_memory_total: int | None = None
     gpu_memory_free_before: int | None = None
     gpu_memory_free_min: int | None = None  # the watermark: least free memory seen during the load

@@ -88,6 +88,19 @@ def describe(report: LoadReport) -> str:
         f"{report.requests} request(s), {report.retries} retried"
         + (f" ({report.retry_wait_seconds:.2f} s backing off)" if report.retries else ""),
     ]
+    if report.throttled or report.throttle_decreases:
+        lines.append(
+            f"{report.throttled} throttled answer(s): concurrency halved "
+            f"{report.throttle_decreases} time(s)"
+            + (
+                f" ({report.throttle_node_decreases} for another load on the node)"
+                if report.throttle_node_decreases
+                else ""
+            )
+            + f", down to {report.concurrency_lowest}, settled "
+            f"at {report.concurrency_settled}; ranges settled at "
+            f"{(report.range_bytes_settled or 0) / (1 << 10):.0f} KiB"
+        )
     if report.host_populate_seconds > 0:
         # Where this is a large part of the load's seconds, new memory is costly on this host
         # (a VM handing freed memory back to its hypervisor): a GPU target or mmap avoids it.

@@ -7,6 +7,10 @@ header. First ranges go ahead of data ranges: every shard's header is read (and 
 the start, so the load does not end with one late shard's header round trip while the other
 connections sit idle. Each range is read by a BlobRangeReader: pinned to the etag seen at listing,
 retried from the missing bytes on a transient failure (range_reader.py, retry.py).
+
+When the account throttles, a ThrottleControl (throttle.py) lowers how many ranges are in flight
+(the threads are the ceiling, prefetch_concurrency) and grows the ranges: queued data ranges of a
+shard that follow one another are taken together, up to the control's range size.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from blob2gpu.errors import HeaderTruncated, LoadCancelled
 from blob2gpu.redaction import redact
 from blob2gpu.sources.azure.range_reader import BlobRangeReader
 from blob2gpu.sources.azure.retry import RetryPolicy
+from blob2gpu.sources.azure.throttle import NodeThrottle, ThrottleControl, ThrottleStats
 from blob2gpu.sources.feeding import RangeTask, feed_range
 from blob2gpu.sources.plan import ShardPlan
 
@@ -37,7 +42,12 @@ class BlobFeeder:
         fetch: list[int] | None = None,
         cache_writer: Any = None,
         first_range_bytes: int | None = None,
+        max_range_bytes: int | None = None,
+        node: NodeThrottle | None = None,
     ) -> None:
+        """concurrency: threads, the ceiling of ranges in flight; chunk_bytes: the range size to
+        start with, which throttling may grow up to max_range_bytes (default: chunk_bytes);
+        node: the throttling budget shared with the node's other loads, or None."""
         self._session = session
         self._fetch = list(range(len(plan.shards))) if fetch is None else fetch  # not cache hits
         self._cache_writer = cache_writer  # write-through to the NVMe cache, or None
@@ -46,8 +56,12 @@ class BlobFeeder:
         self._first = first_range_bytes or chunk_bytes
         self._plan = plan
         self._retry = retry
-        self._chunk = chunk_bytes
-        self._reader = BlobRangeReader(container_client, plan.location, retry, retry.stopping)
+        self._throttle = ThrottleControl(
+            concurrency, chunk_bytes, max_range_bytes or chunk_bytes, node
+        )
+        self._reader = BlobRangeReader(
+            container_client, plan.location, retry, retry.stopping, self._throttle
+        )
         self._headers: deque[RangeTask] = deque()  # first ranges (and rests of long headers)
         self._queue: deque[RangeTask] = deque()  # data ranges
         self._cv = threading.Condition()
@@ -81,12 +95,29 @@ class BlobFeeder:
             while True:
                 if self._stopping.is_set():
                     return None
-                if self._headers or self._queue:
+                if (self._headers or self._queue) and self._active < self._throttle.concurrency:
                     self._active += 1
-                    return (self._headers or self._queue).popleft()
+                    if self._headers:
+                        return self._headers.popleft()
+                    return self._take_data()
                 if self._active == 0:
                     return None  # every range fetched
                 self._cv.wait()
+
+    def _take_data(self) -> RangeTask:
+        """The next data range, joined with the queued ranges that continue it, up to the
+        control's range size (the caller holds the lock)."""
+        task = self._queue.popleft()
+        limit = self._throttle.range_bytes
+        while self._queue:
+            after = self._queue[0]
+            if after.shard != task.shard or after.start != task.end:
+                break
+            if after.end - task.start > limit:
+                break
+            self._queue.popleft()
+            task = RangeTask(task.shard, task.start, after.end)
+        return task
 
     def _done(self, follow_ups: list[RangeTask]) -> None:
         with self._cv:
@@ -115,7 +146,8 @@ class BlobFeeder:
             if self._cache_writer is not None:
                 self._cache_writer.offer(task.shard, task.start, view)
 
-        return feed_range(self._session, task, fill, self._chunk) or []  # None: cancelled
+        chunk = self._throttle.range_bytes
+        return feed_range(self._session, task, fill, chunk) or []  # None: cancelled
 
     # -- ending -----------------------------------------------------------------------------------
     def _fail(self, error: BaseException) -> None:
@@ -157,6 +189,11 @@ class BlobFeeder:
     def shard_retries(self) -> list[int]:
         """Retries of each shard's ranges, in the plan's order."""
         return [self._reader.retries_of(ref.path) for ref in self._plan.shards]
+
+    @property
+    def throttle_stats(self) -> ThrottleStats:
+        """Throttled answers, and the concurrency and range size the load settled at."""
+        return self._throttle.stats()
 
     @property
     def retries(self) -> int:

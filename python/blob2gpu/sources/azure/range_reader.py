@@ -14,7 +14,8 @@ from typing import Any
 from blob2gpu.errors import Blob2GpuError, BlobChanged, LoadCancelled
 from blob2gpu.sources.azure.failures import is_transient, storage_error
 from blob2gpu.sources.azure.location import BlobLocation
-from blob2gpu.sources.azure.retry import RetryPolicy
+from blob2gpu.sources.azure.retry import RetryPolicy, retry_after
+from blob2gpu.sources.azure.throttle import ThrottleControl
 from blob2gpu.sources.azure.transport import RangeResponse, open_range
 from blob2gpu.sources.plan import ShardRef
 
@@ -34,12 +35,15 @@ class BlobRangeReader:
         location: BlobLocation,
         retry: RetryPolicy,
         stopping: threading.Event | None = None,
+        throttle: ThrottleControl | None = None,
     ) -> None:
         """container_client: an azure.storage.blob.ContainerClient; stopping: set to cancel the
-        reads (defaults to the retry policy's)."""
+        reads (defaults to the retry policy's); throttle: told of every answer and every
+        throttled one (429, 503), to adapt the load's concurrency and range size."""
         self._container = container_client
         self.location = location
         self.retry = retry
+        self.throttle = throttle
         self._stopping = retry.stopping if stopping is None else stopping
         self._lock = threading.Lock()
         self._blobs: dict[str, Any] = {}  # blob path -> BlobClient
@@ -72,12 +76,30 @@ class BlobRangeReader:
             if self._stopping.is_set():
                 raise LoadCancelled("the load was cancelled")
             self.retry.pause_while_throttled()
+            if self.throttle is not None and (wait := self.throttle.node_wait()) > 0:
+                # Another load on this node was told to stay away (its Retry-After).
+                if self._stopping.wait(min(wait, self.retry.throttled_seconds)):
+                    raise LoadCancelled("the load was cancelled while waiting out throttling")
             with self._lock:
                 self.requests += 1
-            pos, error = self._attempt(blob, ref, offset, view, pos)
+            epoch = 0
+            if self.throttle is not None:
+                if not self.throttle.acquire(self._stopping):
+                    raise LoadCancelled("the load was cancelled")
+                epoch = self.throttle.epoch()
+            try:
+                pos, error = self._attempt(blob, ref, offset, view, pos)
+            finally:
+                if self.throttle is not None:
+                    self.throttle.release()
             if error is None:
+                if self.throttle is not None:
+                    self.throttle.answered()
                 continue
             self._raise_unless_transient(error, ref, what)
+            if self.throttle is not None and getattr(error, "status_code", None) in (429, 503):
+                asked = min(retry_after(error), self.retry.throttled_seconds)
+                self.throttle.throttled(epoch, asked)
             attempt += 1
             with self._lock:
                 self._retries[ref.path] = self._retries.get(ref.path, 0) + 1

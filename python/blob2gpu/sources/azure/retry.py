@@ -70,8 +70,11 @@ class RetryPolicy:
 
     def backoff(self, attempt: int, error: BaseException) -> float:
         """The wait before retry number `attempt`: the jittered backoff, or longer when the
-        server said how long to stay away (Retry-After), up to retry_throttled_seconds."""
-        return max(self.delay(min(attempt, 16)), min(retry_after(error), self.throttled_seconds))
+        server said how long to stay away (Retry-After, spread over up to a quarter more, so
+        the loaders it told at once do not all come back at once), up to
+        retry_throttled_seconds."""
+        asked = retry_after(error) * random.uniform(1.0, 1.25)
+        return max(self.delay(min(attempt, 16)), min(asked, self.throttled_seconds))
 
     def wait_before_retry(
         self,
