@@ -296,3 +296,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def published(write_checkpoint, azurite, container):
+    """Three shards of ~300 KB uploaded to Azurite under 'm' of `container`; their directory."""
+    directory = write_checkpoint(
+        [
+            {f"s{s}.w{i}": random_tensor(torch.float32, (128, 200), s * 3 + i) for i in range(3)}
+            for s in range(3)
+        ]
+    )
+    upload_directory(azurite, container, directory, "m")
+    return directory
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    """Where a test's NVMe cache lives (created by the cache on first use)."""
+    return tmp_path / "nvme"

@@ -14,29 +14,11 @@ import time
 
 import blob2gpu
 import pytest
-import torch
 from blob2gpu.cache.nvme import NvmeCache
-from conftest import as_bytes, random_tensor, upload_directory
+from conftest import as_bytes
 from conftest import checkpoint_bytes as expected
 
 SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
-
-
-@pytest.fixture
-def published(write_checkpoint, azurite, container):
-    directory = write_checkpoint(
-        [
-            {f"s{s}.w{i}": random_tensor(torch.float32, (128, 200), s * 3 + i) for i in range(3)}
-            for s in range(3)
-        ]
-    )  # 3 x ~300 KB
-    upload_directory(azurite, container, directory, "m")
-    return directory
-
-
-@pytest.fixture
-def cache_dir(tmp_path):
-    return tmp_path / "nvme"
 
 
 def settings_for(cache_dir, **more):

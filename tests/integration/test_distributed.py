@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 
 import blob2gpu
 import pytest
@@ -28,6 +29,11 @@ tensors = blob2gpu.load(sys.argv[1], framework="dlpack", distributed=True, chunk
 print(";".join(f"{n}={zlib.crc32(tensors[n].to_bytes())}" for n in sorted(tensors)))
 dist.destroy_process_group()
 """
+
+
+def crc_line(tensors: dict) -> str:
+    """What a rank script prints for `tensors`: name=CRC32 of its bytes, in name order."""
+    return ";".join(f"{n}={zlib.crc32(tensors[n].to_bytes())}" for n in sorted(tensors))
 
 
 def gloo_env(port: int, **extra: str) -> dict[str, str]:
@@ -65,10 +71,7 @@ def test_ranks_fetch_disjoint_parts_and_share_them(
         ]
     )
     upload_directory(azurite, container, directory, "m")
-    reference = blob2gpu.load(str(directory), framework="dlpack")
-    import zlib
-
-    expected = ";".join(f"{n}={zlib.crc32(reference[n].to_bytes())}" for n in sorted(reference))
+    expected = crc_line(blob2gpu.load(str(directory), framework="dlpack"))
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     env = gloo_env(
@@ -117,8 +120,6 @@ def test_ranks_with_their_own_tensor_subsets(
     )
     upload_directory(azurite, container, directory, "m")
     reference = blob2gpu.load(str(directory), framework="dlpack")
-    import zlib
-
     subsets = [["a"], ["b", "c"]]
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
@@ -140,7 +141,7 @@ def test_ranks_with_their_own_tensor_subsets(
     outs = [p.communicate(timeout=180) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     for (out, _), names in zip(outs, subsets, strict=True):
-        assert out.strip() == ";".join(f"{n}={zlib.crc32(reference[n].to_bytes())}" for n in names)
+        assert out.strip() == crc_line({n: reference[n] for n in names})
     fetched = sum(
         (directory / f).stat().st_size
         for f in ("model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors")
@@ -227,17 +228,11 @@ def test_fan_out_over_a_subgroup_streams_to_its_consumer(
         ]
     )
     upload_directory(azurite, container, directory, "m")
-    reference = blob2gpu.load(str(directory), framework="dlpack")
-    import zlib
-
-    expected = ";".join(f"{n}={zlib.crc32(reference[n].to_bytes())}" for n in sorted(reference))
+    expected = crc_line(blob2gpu.load(str(directory), framework="dlpack"))
     script = tmp_path / "subgroup.py"
     script.write_text(SUBGROUP_SCRIPT)
-    env = dict(
-        os.environ,
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port),
-        GLOO_SOCKET_IFNAME="lo",
+    env = gloo_env(
+        free_port,
         AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port),
     )
     procs = [

@@ -21,23 +21,6 @@ from conftest import checkpoint_bytes as expected
 from support.azurite import ACCOUNT
 
 
-@pytest.fixture
-def published(write_checkpoint, azurite, container):
-    directory = write_checkpoint(
-        [
-            {f"s{s}.w{i}": random_tensor(torch.float32, (128, 200), s * 3 + i) for i in range(3)}
-            for s in range(3)
-        ]
-    )  # 3 x ~300 KB
-    upload_directory(azurite, container, directory, "m")
-    return directory
-
-
-@pytest.fixture
-def cache_dir(tmp_path):
-    return tmp_path / "nvme"
-
-
 def cached_load(uri, cache_dir, device="cpu", **settings):
     framework = "torch" if device == "cpu" else "dlpack"
     with blob2gpu.open(
