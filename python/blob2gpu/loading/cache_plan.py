@@ -27,6 +27,16 @@ def cache_identity(location: Any, ref: ShardRef) -> tuple[str, dict[str, Any]]:
     return NvmeCache.key(location.account, location.container, ref.path, ref.etag), identity
 
 
+def manifest_checks(manifest: Any, ref: ShardRef) -> tuple[Any, Any]:
+    """What a cache entry of shard `ref` is checked against before it is published: the
+    manifest's SHA-256 of the file and its (chunk_bytes, CRC32C list); (None, None) when the
+    manifest does not list the shard or there is none."""
+    listed = manifest.files.get(ref.name) if manifest is not None else None
+    if listed is None:
+        return None, None
+    return listed.sha256, (manifest.chunk_bytes, listed.crc32c)
+
+
 def cache_hits(cache: NvmeCache, location: Any, plan: ShardPlan) -> dict[int, CacheEntry]:
     """The shards of a Blob checkpoint already in the cache, complete and of the listed version
     (read locally instead of fetched). Takes no lock and writes nothing."""
@@ -73,16 +83,7 @@ def start_cache_writes(
             lock.release()
             hits[i] = entry
             continue
-        listed = manifest.files.get(ref.name) if manifest is not None else None
-        writer.begin(
-            i,
-            ref.name,
-            key,
-            identity,
-            lock,
-            listed.sha256 if listed else None,
-            (manifest.chunk_bytes, listed.crc32c) if listed else None,
-        )
+        writer.begin(i, ref.name, key, identity, lock, *manifest_checks(manifest, ref))
     return writer
 
 
@@ -134,17 +135,7 @@ def shards_to_fill(
         key, identity = cache_identity(location, ref)
         if cache.lookup(key, identity) is not None:
             continue
-        listed = manifest.files.get(ref.name) if manifest is not None else None
-        missing.append(
-            FillShard(
-                ref.name,
-                key,
-                identity,
-                ref,
-                listed.sha256 if listed else None,
-                (manifest.chunk_bytes, listed.crc32c) if listed else None,
-            )
-        )
+        missing.append(FillShard(ref.name, key, identity, ref, *manifest_checks(manifest, ref)))
     return missing
 
 
