@@ -356,6 +356,16 @@ SCHEMA: tuple[Setting, ...] = (
         minimum=1.0,
         maximum=100.0,
     ),
+    S(
+        "guardrails",
+        "host_memory_limit_bytes",
+        0,
+        int,
+        "Host RAM the memory-fit check may count on when less than the machine has available "
+        "(e.g. a container's memory limit, which /proc/meminfo does not show). 0: no limit.",
+        minimum=0,
+        maximum=1 << 50,
+    ),
     # -- export -----------------------------------------------------------------------------------
     S(
         "export",
