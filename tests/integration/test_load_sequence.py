@@ -81,6 +81,17 @@ def test_a_strategy_gets_a_load_the_checks_already_refused(tmp_path):
     assert strategy.prepared is None
 
 
+def test_the_fit_check_counts_on_no_more_than_the_host_memory_limit(write_checkpoint):
+    # A container's memory limit is not in /proc/meminfo: host_memory_limit_bytes tells the check.
+    directory = write_checkpoint([{"w": random_tensor(torch.float32, (256, 256), 1)}])
+    with pytest.raises(blob2gpu.errors.InsufficientHostMemory) as info:
+        blob2gpu.load(str(directory), host_memory_limit_bytes=65536)
+    assert "but host_memory_limit_bytes allows 0.07 MB" in str(info.value)
+    assert "raise host_memory_limit_bytes" in str(info.value)
+    got = blob2gpu.load(str(directory), host_memory_limit_bytes="1MiB")  # 256 KiB x 1.1 fits
+    assert list(got) == ["w"]
+
+
 def test_a_load_that_cannot_start_releases_its_cache_locks(
     write_checkpoint, azurite, container, blob_env, tmp_path
 ):

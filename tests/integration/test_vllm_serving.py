@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ import pytest
 if os.environ.get("BLOB2GPU_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed here (scripts/test_vllm.sh has it)")
 
+from support.fault_proxy import FaultProxy
 from support.tiny_models import write_tiny_model
 
 ENGINE_SCRIPT = Path(__file__).resolve().parents[1] / "support" / "vllm_engine.py"
@@ -103,6 +105,7 @@ def serving(models, azurite, blob_env, tmp_path_factory):
     for arch, directory in models.items():
         publish(directory, f"az://serving/{arch}", blob_env)
     work = tmp_path_factory.mktemp("vllm-serving")
+    (work / "prometheus").mkdir()
     aux = work / "qwen2-aux"
     subprocess.run(
         [sys.executable, "-m", "blob2gpu", "fetch-aux", "az://serving/qwen2", str(aux)],
@@ -139,7 +142,10 @@ def serving(models, azurite, blob_env, tmp_path_factory):
             "env": {"MODEL_SOURCE_URI": "az://serving/qwen2"},
         },
     ]
-    output, outcomes = run_engines(cases, blob_env)
+    # prometheus_client's multiprocess mode, as `vllm serve --api-server-count 2` sets it up (or a
+    # user, for one API server): every vLLM process writes its metrics there.
+    env = dict(blob_env, PROMETHEUS_MULTIPROC_DIR=str(work / "prometheus"))
+    output, outcomes = run_engines(cases, env)
     return output, outcomes, reports
 
 
@@ -178,13 +184,39 @@ def test_each_worker_logs_its_load_report(serving):
         assert re.search(r"blob2gpu load \(worker 0, .*\): .* 6 shard", case_output(output, name))
 
 
+def test_worker_load_metrics_are_in_vllms_metrics_registry(serving, monkeypatch):
+    # The registry vLLM's API server serves at /metrics in multiprocess mode
+    # (vllm/entrypoints/serve/instrumentator/metrics.py: get_prometheus_registry()), read from
+    # the directory the engines' processes wrote: the three loads of the workers are there.
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+    _, _, reports = serving
+    written = [json.loads(path.read_text()) for path in reports.values()]
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(reports["qwen2"].parent / "prometheus"))
+    text = generate_latest(get_prometheus_registry()).decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    loads = {labels: v for (name, labels), v in samples.items() if name == "blob2gpu_loads_total"}
+    assert sum(loads.values()) == 3, loads  # llama cold, llama warm, qwen2; not the defaults
+    assert all(dict(labels)["device"] == "cpu" for labels in loads)
+    assert samples[("blob2gpu_load_seconds_count", ())] == 3
+    assert samples[("blob2gpu_load_bytes_total", ())] == sum(r["bytes"] for r in written)
+    assert samples[("blob2gpu_load_throughput_gbps", ())] > 0
+
+
 @pytest.fixture(scope="module")
 def refused(models, azurite, blob_env):
     """Starts that must fail: a shard corrupted after publishing, a shard deleted, a wrong
-    account key. Returns (output, outcomes)."""
+    account key, a blob overwritten mid-load, a model over the host memory limit, a bad extra
+    config. Returns (output, outcomes, {name: the fault proxy of that case})."""
     service = azurite.service()
     service.create_container("refused")
-    for prefix in ("corrupted", "deleted"):
+    for prefix in ("corrupted", "deleted", "changed"):
         publish(models["llama"], f"az://refused/{prefix}", blob_env)
     client = service.get_container_client("refused")
     shard = "model-00003-of-00006.safetensors"
@@ -193,38 +225,109 @@ def refused(models, azurite, blob_env):
     client.upload_blob(f"corrupted/{shard}", bytes(data), overwrite=True)
     client.delete_blob(f"deleted/{shard}")
     wrong_key = azurite.connection_string().replace("AccountKey=", "AccountKey=AAAA")
+    proxies = {name: FaultProxy(azurite.port) for name in ("changed", "bad-extra")}
+    # One GET at a time (prefetch_concurrency 1): the six headers, then the shards' data in
+    # order. When the first shard's data is asked for, the last shard is overwritten (with the
+    # fifth's bytes); every GET waits for that, so what follows sees only the new version.
+    seen: list[str] = []
+    overwrite = threading.Lock()
+
+    def overwrite_last_shard_mid_load(path: str, count: int) -> None:
+        with overwrite:
+            seen.append(path)
+            if path.endswith("model-00001-of-00006.safetensors") and seen.count(path) == 2:
+                fifth = client.download_blob("changed/model-00005-of-00006.safetensors")
+                client.upload_blob(
+                    "changed/model-00006-of-00006.safetensors", fifth.readall(), overwrite=True
+                )
+
+    proxies["changed"].faults.on_range_get = overwrite_last_shard_mid_load
     llama = str(models["llama"])
+    blob = {"load_format": "blob2gpu", "model": llama}
     cases = [
-        {
-            "name": name,
-            "model": llama,
-            "load_format": "blob2gpu",
-            "extra": {"source": f"az://refused/{prefix}"},
-            "env": env,
-        }
+        dict(blob, name=name, extra={"source": f"az://refused/{prefix}"}, env=env)
         for name, prefix, env in (
             ("corrupted", "corrupted", {}),
             ("deleted", "deleted", {}),
             ("wrong-key", "corrupted", {"AZURE_STORAGE_CONNECTION_STRING": wrong_key}),
         )
     ]
-    return run_engines(cases, blob_env)
+    via = {
+        name: {"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string(port=proxy.port)}
+        for name, proxy in proxies.items()
+    }
+    cases += [
+        dict(
+            blob,
+            name="changed",
+            extra={
+                "source": "az://refused/changed",
+                "prefetch_concurrency": 1,
+                "chunk_bytes": 65536,
+            },
+            env=via["changed"],
+        ),
+        # The CPU build's device is host memory, which cannot be exhausted on purpose here:
+        # the memory-fit check refuses against a limit (a container's) smaller than the model.
+        dict(blob, name="does-not-fit", extra={"host_memory_limit_bytes": "1MiB"}),
+        dict(
+            blob,
+            name="bad-extra",
+            extra={
+                "source": "az://refused/changed",
+                "prefetch_concurency": 4,
+                "chunk_bytes": "large",
+            },
+            env=via["bad-extra"],
+        ),
+    ]
+    try:
+        output, outcomes = run_engines(cases, blob_env)
+    finally:
+        for proxy in proxies.values():
+            proxy.stop()
+    return output, outcomes, proxies
 
 
 @pytest.mark.parametrize(
     ("case", "error", "names"),
     [
-        ("corrupted", "ChecksumMismatch", "model-00003-of-00006.safetensors"),
-        ("deleted", "SourceUnavailable", "model-00003-of-00006.safetensors"),
-        ("wrong-key", "AccessDenied", "refused"),
+        ("corrupted", "ChecksumMismatch", ["model-00003-of-00006.safetensors"]),
+        ("deleted", "SourceUnavailable", ["model-00003-of-00006.safetensors"]),
+        ("wrong-key", "AccessDenied", ["refused"]),
+        ("changed", "BlobChanged", ["model-00006-of-00006.safetensors", "load again"]),
+        ("does-not-fit", "InsufficientHostMemory", ["host_memory_limit_bytes allows 1.05 MB"]),
+        (
+            "bad-extra",
+            "ConfigError",
+            ["'prefetch_concurency' from argument (did you mean", "'chunk_bytes'", "'large'"],
+        ),
     ],
 )
 def test_engine_refuses_to_start(refused, case, error, names):
-    output, outcomes = refused
+    output, outcomes, _ = refused
     assert str(outcomes[case]).startswith("FAILED"), outcomes[case]
     text = case_output(output, case)
     assert f"blob2gpu.errors.{error}" in text, text[-4000:]
-    assert names in text
+    for name in names:
+        assert name in text, (name, text[-4000:])
+    assert "blob2gpu load (worker" not in text  # no load completed
+
+
+def test_blob_changed_mid_load_stops_after_the_first_shards_were_handed_over(refused):
+    # The overwrite came after the first shard's data was asked for: the model had weights of
+    # the old version when the change was found, and the engine still did not start.
+    _, _, proxies = refused
+    gets = [p.rsplit("/", 1)[-1] for p in proxies["changed"].counters.paths]
+    paths = [p for p in gets if p.endswith(".safetensors")]  # not the index
+    first_data = paths.index("model-00001-of-00006.safetensors", 1)
+    assert paths[:6] == [f"model-0000{i}-of-00006.safetensors" for i in range(1, 7)]
+    assert "model-00006-of-00006.safetensors" in paths[first_data + 1 :]
+
+
+def test_a_bad_extra_config_stops_the_start_before_any_request(refused):
+    _, _, proxies = refused
+    assert proxies["bad-extra"].counters.requests == 0
 
 
 def test_tensor_parallel_workers_share_one_copy_from_blob(serving, models, blob_env, tmp_path):

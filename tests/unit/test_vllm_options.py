@@ -35,6 +35,16 @@ def test_bad_options_are_config_errors(extra, message):
         VllmLoadOptions.from_extra_config(extra)
 
 
+def test_every_bad_key_is_named_in_one_error():
+    extra = {"verify": "crc32c", "prefetch_concurency": 4, "io_threads": "many"}
+    with pytest.raises(ConfigError) as info:
+        VllmLoadOptions.from_extra_config(extra)
+    message = str(info.value)
+    assert message.startswith("--model-loader-extra-config: unknown setting 'prefetch_concurency'")
+    assert "setting 'io_threads'" in message and "bad value 'many'" in message
+    assert "'verify'" not in message  # a good key is not a problem
+
+
 def test_the_source_falls_back_to_the_environment_then_the_model_directory(monkeypatch):
     options = VllmLoadOptions.from_extra_config(None)
     monkeypatch.delenv("MODEL_SOURCE_URI", raising=False)

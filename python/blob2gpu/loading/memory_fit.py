@@ -55,13 +55,20 @@ def check_memory_fit(
             held = sum(sorted(shard_sizes, reverse=True)[:readers])
         need = held * settings.host_headroom_factor
         available = host_available_bytes()
+        limit = settings.host_memory_limit_bytes
+        limited = 0 < limit < available  # a container's limit, which MemAvailable does not show
+        if limited:
+            available = limit
         if available < need:
             holder = f"loading {what}" if device == "cpu" else "host staging of the largest shards"
+            has = f"host_memory_limit_bytes allows {_gb(limit)}" if limited else "is available"
+            raise_limit = "raise host_memory_limit_bytes if it may use more, " if limited else ""
             raise InsufficientHostMemory(
                 f"{holder} needs {_gb(need)} of host memory ({_gb(held)} x host_headroom_factor "
-                f"{settings.host_headroom_factor:g}) but {_gb(available)} is available; free "
-                f"memory, load to a GPU ({phrasing.device('cuda')}), or lower "
-                f"host_headroom_factor ({phrasing.setting('host_headroom_factor', 1.0)})"
+                f"{settings.host_headroom_factor:g}) but "
+                + (has if limited else f"{_gb(available)} {has}")
+                + f"; free memory, load to a GPU ({phrasing.device('cuda')}), {raise_limit}or "
+                f"lower host_headroom_factor ({phrasing.setting('host_headroom_factor', 1.0)})"
             )
     if measured is not None:
         free, total = measured

@@ -5,6 +5,11 @@ prometheus_client's default REGISTRY unless ``use_registry()`` picked another. T
 exposes it as it already does (``prometheus_client.start_http_server(9100)``, or its framework's
 /metrics route). Without prometheus_client installed every function here is a no-op.
 
+In prometheus_client's multiprocess mode ($PROMETHEUS_MULTIPROC_DIR set before the processes
+start) the values of every process land in that directory, and a server that exposes it (vLLM's
+API server does) shows the loads of its worker processes too; the gauges then show the value of
+the process that set them last ('mostrecent').
+
     blob2gpu_loads_total{device,source,strategy}   loads completed
     blob2gpu_load_bytes_total                      bytes read by those loads
     blob2gpu_load_seconds                          histogram: artifact fetch start -> model loaded
@@ -63,6 +68,7 @@ def _create(reg: Any) -> dict[str, Any]:
             "blob2gpu_load_throughput_gbps",
             "Throughput of the last completed load, GB/s (10^9 bytes).",
             registry=reg,
+            multiprocess_mode="mostrecent",
         ),
         "retries": Counter(
             "blob2gpu_storage_retries_total",
@@ -78,6 +84,7 @@ def _create(reg: Any) -> dict[str, Any]:
             "blob2gpu_gpu_memory_peak_used_bytes",
             "GPU memory in use at the peak of the last GPU load (total minus the watermark).",
             registry=reg,
+            multiprocess_mode="mostrecent",
         ),
         "first_token": Histogram(
             "blob2gpu_first_token_seconds",

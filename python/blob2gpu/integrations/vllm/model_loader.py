@@ -10,8 +10,10 @@ parallelism the workers of a group share one copy of a Blob checkpoint (the fan-
 tensor-parallel group). Any blob2gpu error stops the worker, and so the engine's start, with the
 typed error: a failed start, never a wrong model.
 
-vLLM exposes no hook to a model loader for the first generated token, so LoadReport's
-mark_first_token() is not wired here (time to first token is in vLLM's own metrics).
+LoadReport's mark_first_token() is not wired: vLLM (0.32) reports first tokens only to stat
+loggers in the API server process, and the load runs in a worker process (README, "Serving with
+vLLM"). The load's metrics (operations/metrics.py) reach vLLM's /metrics in prometheus_client's
+multiprocess mode ($PROMETHEUS_MULTIPROC_DIR).
 """
 
 from __future__ import annotations

@@ -63,12 +63,7 @@ class VllmLoadOptions:
                 f"not {distributed!r}"
             )
         settings = dict(values)
-        # Checked now, in the process that parsed the option; each worker resolves them again
-        # with its own environment.
-        try:
-            resolve(settings, config_path=options.get("config"))
-        except ConfigError as error:
-            raise ConfigError(f"--model-loader-extra-config: {error.message}") from None
+        check_settings(settings, options.get("config"))
         return cls(
             source=options.get("source"),
             config=options.get("config"),
@@ -92,3 +87,22 @@ class VllmLoadOptions:
         if "{rank}" in path:
             return path.replace("{rank}", str(rank))
         return f"{path}.rank{rank}" if world > 1 else path
+
+
+def check_settings(settings: Mapping[str, Any], config_path: str | None) -> None:
+    """Raises one ConfigError naming every bad key of `settings` (unknown, or a bad value: the
+    schema's message for each), so a start that fails on the extra config says all there is to
+    fix. Checked in the process that reads the option, before anything is fetched; each worker
+    resolves them again with its own environment."""
+    try:
+        base = resolve({}, config_path=config_path)
+    except ConfigError as error:  # the environment or the config file, not the extra config
+        raise ConfigError(f"--model-loader-extra-config: {error.message}") from None
+    problems = []
+    for key, value in settings.items():
+        try:
+            base.with_overrides({key: value})
+        except ConfigError as error:
+            problems.append(error.message)
+    if problems:
+        raise ConfigError("--model-loader-extra-config: " + "; ".join(problems))
