@@ -361,8 +361,9 @@ SCHEMA: tuple[Setting, ...] = (
         "host_memory_limit_bytes",
         0,
         int,
-        "Host RAM the memory-fit check may count on when less than the machine has available "
-        "(e.g. a container's memory limit, which /proc/meminfo does not show). 0: no limit.",
+        "Host RAM the memory-fit check may count on, when less than what is available (the "
+        "machine's MemAvailable, bounded by this process's cgroup memory limit, which is read "
+        "on its own): room kept for others in the same pod. 0: no limit of its own.",
         minimum=0,
         maximum=1 << 50,
     ),

@@ -82,7 +82,8 @@ def test_a_strategy_gets_a_load_the_checks_already_refused(tmp_path):
 
 
 def test_the_fit_check_counts_on_no_more_than_the_host_memory_limit(write_checkpoint):
-    # A container's memory limit is not in /proc/meminfo: host_memory_limit_bytes tells the check.
+    # host_memory_limit_bytes keeps room for the rest of a pod below what the machine and the
+    # process's cgroup leave.
     directory = write_checkpoint([{"w": random_tensor(torch.float32, (256, 256), 1)}])
     with pytest.raises(blob2gpu.errors.InsufficientHostMemory) as info:
         blob2gpu.load(str(directory), host_memory_limit_bytes=65536)
@@ -90,6 +91,31 @@ def test_the_fit_check_counts_on_no_more_than_the_host_memory_limit(write_checkp
     assert "raise host_memory_limit_bytes" in str(info.value)
     got = blob2gpu.load(str(directory), host_memory_limit_bytes="1MiB")  # 256 KiB x 1.1 fits
     assert list(got) == ["w"]
+
+
+def test_the_fit_check_counts_on_the_room_under_the_process_s_cgroup_limit(
+    write_checkpoint, tmp_path, monkeypatch
+):
+    # A pod's memory limit is not in /proc/meminfo: the check reads it from the process's cgroup
+    # (here a cgroup v2 tree laid out in a directory, as the kernel shows it).
+    from blob2gpu.loading import host_memory
+
+    pod = tmp_path / "cgroup" / "kubepods" / "pod1"
+    pod.mkdir(parents=True)
+    (pod / "memory.max").write_text("1048576\n")
+    (pod / "memory.current").write_text("983040\n")
+    (pod / "memory.stat").write_text("anon 917504\ninactive_file 65536\n")
+    (tmp_path / "self-cgroup").write_text("0::/kubepods/pod1\n")
+    monkeypatch.setattr(host_memory, "CGROUP_ROOT", tmp_path / "cgroup")
+    monkeypatch.setattr(host_memory, "PROC_CGROUP", tmp_path / "self-cgroup")
+    directory = write_checkpoint([{"w": random_tensor(torch.float32, (256, 256), 1)}])
+    with pytest.raises(blob2gpu.errors.InsufficientHostMemory) as info:
+        blob2gpu.load(str(directory))  # 256 KiB x 1.1 against 128 KiB left of the 1 MiB limit
+    assert "but 0.13 MB is left under this process's memory limit (1.05 MB, " in str(info.value)
+    assert str(pod / "memory.max") in str(info.value)
+    assert "raise the container's memory limit" in str(info.value)
+    (pod / "memory.current").write_text("131072\n")  # 960 KiB left: it fits
+    assert list(blob2gpu.load(str(directory))) == ["w"]
 
 
 def test_a_load_that_cannot_start_releases_its_cache_locks(

@@ -3,25 +3,13 @@ fails in milliseconds with both numbers and what to change, not minutes later mi
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from blob2gpu import phrasing
 from blob2gpu.errors import InsufficientGPUMemory, InsufficientHostMemory
+from blob2gpu.loading.host_memory import host_memory
 
 GB = 1e9
-
-
-def host_available_bytes() -> int:
-    """Host memory available to a new allocation (MemAvailable), in bytes."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _gb(n: float) -> str:
@@ -54,21 +42,27 @@ def check_memory_fit(
             readers = max(settings.io_threads, settings.prefetch_concurrency)
             held = sum(sorted(shard_sizes, reverse=True)[:readers])
         need = held * settings.host_headroom_factor
-        available = host_available_bytes()
+        host = host_memory()
         limit = settings.host_memory_limit_bytes
-        limited = 0 < limit < available  # a container's limit, which MemAvailable does not show
-        if limited:
-            available = limit
+        if 0 < limit < host.available:
+            available, has = limit, f"host_memory_limit_bytes allows {_gb(limit)}"
+            advice = "raise host_memory_limit_bytes if it may use more, "
+        elif host.limit:
+            available = host.available
+            has = (
+                f"{_gb(available)} is left under this process's memory limit "
+                f"({_gb(host.limit)}, {host.where})"
+            )
+            advice = "raise the container's memory limit, "
+        else:
+            available, has, advice = host.available, f"{_gb(host.available)} is available", ""
         if available < need:
             holder = f"loading {what}" if device == "cpu" else "host staging of the largest shards"
-            has = f"host_memory_limit_bytes allows {_gb(limit)}" if limited else "is available"
-            raise_limit = "raise host_memory_limit_bytes if it may use more, " if limited else ""
             raise InsufficientHostMemory(
                 f"{holder} needs {_gb(need)} of host memory ({_gb(held)} x host_headroom_factor "
-                f"{settings.host_headroom_factor:g}) but "
-                + (has if limited else f"{_gb(available)} {has}")
-                + f"; free memory, load to a GPU ({phrasing.device('cuda')}), {raise_limit}or "
-                f"lower host_headroom_factor ({phrasing.setting('host_headroom_factor', 1.0)})"
+                f"{settings.host_headroom_factor:g}) but {has}; free memory, load to a GPU "
+                f"({phrasing.device('cuda')}), {advice}or lower host_headroom_factor "
+                f"({phrasing.setting('host_headroom_factor', 1.0)})"
             )
     if measured is not None:
         free, total = measured

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from blob2gpu import _core
 from blob2gpu.errors import Blob2GpuError, InvalidArgument
-from blob2gpu.loading.memory_fit import host_available_bytes
+from blob2gpu.loading.host_memory import host_memory
 from blob2gpu.operations.preflight.cache import CACHE_PROBE_BYTES, check_cache, default_cache_dir
 from blob2gpu.operations.preflight.node import check_driver, check_gpus, check_pinned
 from blob2gpu.operations.preflight.result import (
@@ -48,9 +48,15 @@ def check_fit(run: PreflightRun) -> None:
         remedy = "free GPU memory, use a larger GPU, quantize or shard the model"
     else:
         target = "cpu"
-        free = host_available_bytes()
-        factor, where, knob = s.host_headroom_factor, "host RAM available", "host_headroom_factor"
+        host = host_memory()
+        free, where = host.available, "host RAM available"
         remedy = "free host memory or use a larger node"
+        if 0 < s.host_memory_limit_bytes < free:
+            free, where = s.host_memory_limit_bytes, "host RAM allowed by host_memory_limit_bytes"
+        elif host.limit:
+            where = f"host RAM left under the memory limit ({gb(host.limit)}, {host.where})"
+            remedy = "raise the container's memory limit"
+        factor, knob = s.host_headroom_factor, "host_headroom_factor"
     need = need_bytes * factor
     data = {
         "model_bytes": need_bytes,

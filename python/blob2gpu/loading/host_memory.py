@@ -1,0 +1,120 @@
+"""How much host memory a new allocation may take: the machine's MemAvailable, bounded by the
+memory limit of the process's control group (a Kubernetes pod's or a container's), which
+/proc/meminfo does not show. A pod that passes the fit check on the node's free memory and is
+then killed by its own limit mid-load is the failure this exists for."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+# A cgroup v1 "no limit" is a page-rounded 2**63 - 1; anything this large is no limit.
+_UNLIMITED = 1 << 62
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """available: bytes a new allocation may take. limit: the control group's memory limit in
+    bytes when it is what bounds `available` (0 when the machine's free memory does); where: the
+    file that limit was read from, for messages."""
+
+    available: int
+    limit: int = 0
+    where: str = ""
+
+
+def host_memory(cgroup_root: Path | None = None, proc_cgroup: Path | None = None) -> HostMemory:
+    """The host memory a new allocation may take now: the smaller of MemAvailable and the room
+    left under the process's cgroup limit (v2 memory.max, or v1 memory.limit_in_bytes, less the
+    group's working set: usage less its inactive file cache, which the kernel reclaims first)."""
+    machine = _mem_available()
+    group = _cgroup_room(cgroup_root or CGROUP_ROOT, proc_cgroup or PROC_CGROUP)
+    if group is not None and group[0] < machine:
+        room, limit, where = group
+        return HostMemory(room, limit, where)
+    return HostMemory(machine)
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cgroup_room(root: Path, proc_cgroup: Path) -> tuple[int, int, str] | None:
+    """(room left, limit, limit's file) of the innermost limited group the process is in, or None
+    when no group limits it or the files cannot be read (not Linux, no cgroupfs mounted)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hierarchy, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if hierarchy == "0" and controllers == "":
+            found = _room_in(root, path, "memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            found = _room_in(
+                root / "memory",
+                path,
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+                "total_inactive_file",
+            )
+        else:
+            continue
+        if found is not None:
+            return found
+    return None
+
+
+def _room_in(
+    base: Path, path: str, limit_file: str, usage_file: str, inactive_key: str
+) -> tuple[int, int, str] | None:
+    """The least room under any limited group from the process's own up to the hierarchy's
+    root (a parent's limit binds its children too; inside a container the group's own path is
+    often not mounted, and the mounted root is the container's group)."""
+    relative = Path(path.lstrip("/"))
+    tightest: tuple[int, int, str] | None = None
+    for directory in [base / relative, *(base / p for p in relative.parents)]:
+        limit = _read_int(directory / limit_file)
+        if limit is None or limit >= _UNLIMITED:
+            continue
+        usage = _read_int(directory / usage_file) or 0
+        inactive = _stat_value(directory / "memory.stat", inactive_key)
+        room = max(limit - max(usage - inactive, 0), 0)
+        if tightest is None or room < tightest[0]:
+            tightest = (room, limit, str(directory / limit_file))
+    return tightest
+
+
+def _read_int(file: Path) -> int | None:
+    try:
+        text = file.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return _UNLIMITED
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _stat_value(file: Path, key: str) -> int:
+    try:
+        for line in file.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
