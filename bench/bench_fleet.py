@@ -25,14 +25,16 @@ raised or returned wrong bytes is a failure.
 
 Modes:
     cold    every process loads the checkpoint from Blob: storage serves one copy per process.
+            Processes are grouped into nodes of `--per-node` all the same: each node's loads
+            share a cache_dir (the cache off), where they share their throttling budget.
     cache   processes are grouped into nodes of `--per-node` sharing one NVMe cache directory
             (`local_nvme_cache_enabled=True`, a `cache_dir` per node). Wave 1 starts with empty
             caches: the processes of a node racing for a shard download it once. Wave 2 is the
             same fleet restarting (a rollout, a crash loop): every shard is a cache hit.
     fanout  processes are grouped into torch.distributed gloo groups of `--per-node` ranks that
             load with `distributed=True`: each rank fetches its part of the bytes and broadcasts
-            it, so storage serves one copy per group. Its ranged GETs are the Azure SDK's
-            (download_blob chunks), not `--chunk-mb`.
+            it, so storage serves one copy per group. Its ranged GETs are `--chunk-mb` ranges
+            under the same throttling control as an ordinary load's.
 
 For each mode (and wave) the table gives: loads that succeeded / failed; p50 and p95 cold start
 in seconds over the successful loads (p95 is the nearest rank: the slowest load when there are
@@ -45,7 +47,7 @@ bound: the seconds the cap implies for the bytes the account must serve (one cop
 checkpoint per process cold, per node with the cache's first wave or fan-out, none in the
 cache's second wave) at the capped rate, next to p50 and p95; throttled % is the throttled
 requests over the ranged GETs served; settled: the median concurrency and range size the loads
-settled at (their LoadReport; not for fan-out).
+settled at (their LoadReport; for fan-out, each rank's throttling control).
 
 Defaults are sized for a 2-core machine (Azurite, the proxy and every loader share the cores):
 8 processes, 256 MB in 4 shards, 1 MiB ranges, a 50 requests/s cap; a run takes about two
@@ -116,6 +118,21 @@ def record_retries() -> tuple[list[Any], list[int]]:
     return opened, worst
 
 
+def record_throttles() -> list[Any]:
+    """Wraps blob2gpu's throttling control in this process; returns the controls made."""
+    from blob2gpu.sources.azure import throttle
+
+    made: list[Any] = []
+    init = throttle.ThrottleControl.__init__
+
+    def recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    throttle.ThrottleControl.__init__ = recording_init  # type: ignore[method-assign]
+    return made
+
+
 def load(config: dict[str, Any], out: dict[str, Any], started: float) -> dict[str, Any]:
     """Loads the checkpoint as `config` says, noting seconds (and requests) in `out`; returns the
     tensors. Raises what the load raises."""
@@ -132,9 +149,15 @@ def load(config: dict[str, Any], out: dict[str, Any], started: float) -> dict[st
             rank=config["rank"],
             world_size=config["world"],
         )
+        controls = record_throttles()
         tensors = blob2gpu.load(uri, framework="dlpack", distributed=True, **settings)
         out["seconds"] = time.perf_counter() - started
         dist.destroy_process_group()
+        if controls:  # a fan-out load has no LoadReport: its rank's throttling control tells
+            stats = controls[-1].stats()
+            out["throttled"] = stats.throttled
+            out["concurrency_settled"] = stats.concurrency
+            out["range_bytes_settled"] = stats.range_bytes
         return tensors
     with blob2gpu.open(uri, framework="dlpack", **settings) as checkpoint:
         tensors = checkpoint.to_dict()
@@ -223,7 +246,7 @@ class Wave:
             row = {**dict(head), "bound s": f"{bound:.1f}", **row}
             row["throttled %"] = f"{100 * self.throttled / max(1, self.range_gets):.0f}"
         settled = [r for r in self.ok if r.get("concurrency_settled") is not None]
-        row["settled"] = "-"  # fan-out, and loads that fetched nothing from Blob
+        row["settled"] = "-"  # loads that fetched nothing from Blob
         if settled:
             c = statistics.median(r["concurrency_settled"] for r in settled)
             b = statistics.median(r["range_bytes_settled"] for r in settled)
@@ -338,8 +361,16 @@ def wave_configs(
 ) -> tuple[list[int], list[dict[str, Any]]]:
     """Returns (the waves to run, one config per loader process) of one mode."""
     nodes = range(args.nodes // args.per_node)
+    # Each node has a cache directory of its own, where its loads share their throttling budget
+    # even with the cache off (as on a real node, whose processes share cache_dir).
+    node_settings = [{**settings, "cache_dir": str(work / mode / f"node{n}")} for n in nodes]
     if mode == "cold":
-        return [1], [{"mode": mode, "settings": settings} for _ in range(args.nodes)]
+        configs = [
+            {"mode": mode, "settings": node_settings[n]}
+            for n in nodes
+            for _ in range(args.per_node)
+        ]
+        return [1], configs
     if mode == "cache":
         configs = [
             {
@@ -356,7 +387,13 @@ def wave_configs(
         return [1, 2], configs
     ports = [free_port() for _ in nodes]
     configs = [
-        {"mode": mode, "settings": settings, "port": ports[n], "rank": r, "world": args.per_node}
+        {
+            "mode": mode,
+            "settings": node_settings[n],
+            "port": ports[n],
+            "rank": r,
+            "world": args.per_node,
+        }
         for n in nodes
         for r in range(args.per_node)
     ]
@@ -395,7 +432,7 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
         "--chunk-mb",
         type=float,
         default=1,
-        help="bytes per ranged GET, MiB (1; fan-out uses the SDK's chunking)",
+        help="bytes per ranged GET, MiB (1; the size throttling starts from)",
     )
     parser.add_argument(
         "--rate-cap",

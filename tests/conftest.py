@@ -315,3 +315,14 @@ def published(write_checkpoint, azurite, container):
 def cache_dir(tmp_path):
     """Where a test's NVMe cache lives (created by the cache on first use)."""
     return tmp_path / "nvme"
+
+
+@pytest.fixture(autouse=True)
+def node_cache_home(tmp_path, monkeypatch):
+    """Each test's own default cache directory ($XDG_CACHE_HOME/blob2gpu), inherited by the
+    loaders it starts: Blob loads keep their node's throttling state there even with the cache
+    off (sources/azure/throttle.py), and one test's throttling must not slow the next (nor
+    another checkout's tests on this machine)."""
+    home = tmp_path / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    return home

@@ -191,7 +191,8 @@ SCHEMA: tuple[Setting, ...] = (
         "prefetch_concurrency",
         8,
         int,
-        "Concurrent ranged GETs to Blob Storage (bytes go from the socket straight into staging).",
+        "Most concurrent ranged GETs to Blob Storage (bytes go from the socket straight into "
+        "staging); a load opens with 2 and grows to it, and lowers it while throttled.",
         minimum=1,
         maximum=256,
     ),

@@ -82,9 +82,10 @@ def test_server_busy_bursts_are_retried(device, published, container, via_proxy)
 
 
 def test_throttling_lowers_concurrency_and_grows_ranges(published, container, via_proxy):
-    # The first ranged GETs are answered 503 ServerBusy: the load halves its concurrency and
-    # doubles its 64 KiB ranges (up to the staging slot), so each shard's other 192 KiB come in
-    # fewer, larger ranges; the report says so.
+    # The first ranged GETs are answered 503 ServerBusy: the load goes back to one request in
+    # flight (and slow-starts up to half its limit) and grows its 64 KiB ranges (up to the
+    # staging slot), so each shard's other 192 KiB come in fewer, larger ranges; the report
+    # says so.
     armed = []
 
     def throttle_shards(path, count):
@@ -105,10 +106,13 @@ def test_throttling_lowers_concurrency_and_grows_ranges(published, container, vi
     assert blob2gpu.LoadReport.from_dict(report.to_dict()).throttled == report.throttled
 
 
-def test_unthrottled_load_keeps_its_concurrency_and_ranges(published, container, via_proxy):
+def test_unthrottled_load_slow_starts_to_its_ceiling_and_keeps_its_ranges(
+    published, container, via_proxy
+):
     _, report = load(f"az://{container}/m", "cpu", prefetch_concurrency=3)
     assert (report.throttled, report.throttle_decreases) == (0, 0)
-    assert (report.concurrency_lowest, report.concurrency_settled) == (3, 3)
+    # It opens with 2 requests in flight and, answered, goes up to prefetch_concurrency.
+    assert (report.concurrency_lowest, report.concurrency_settled) == (2, 3)
     assert report.range_bytes_settled == 65536
     assert "throttled" not in describe(report)
 
@@ -362,18 +366,23 @@ def test_request_rate_cap_is_survived_by_backoff(published, container, via_proxy
             assert r["range"] > 32768
 
 
-@pytest.mark.parametrize("node_cache", [False, True], ids=["apart", "one-node"])
+@pytest.mark.parametrize(
+    ("node_cache", "one_node"),
+    [(False, False), (False, True), (True, True)],
+    ids=["apart", "one-node", "one-node-cache"],
+)
 def test_egress_cap_is_shared_by_loaders_that_back_off(
-    published, azurite, container, via_proxy, tmp_path, node_cache
+    published, azurite, container, via_proxy, tmp_path, node_cache, one_node
 ):
     # Two loaders (8 concurrent 32 KiB ranges each) against an account whose egress is capped
     # at 512 KiB/s with a 64 KiB burst, about 1.5 MiB to serve: beyond the cap the account
     # answers 503 ServerBusy "Egress is over the account limit." with a Retry-After and serves
     # nothing. Both loads succeed with the right bytes, and after the first 503s the loaders
-    # offer fewer requests: they wait out the Retry-After, halve their concurrency and grow
-    # their ranges. Sharing a cache directory (one node; two checkpoints, or the second would
-    # wait for the first's cache entries), they share one budget: a decrease one of them
-    # makes, the other makes too.
+    # offer fewer requests: they wait out the Retry-After and go back to one request in flight
+    # (ranges are not grown: the egress is bytes, not requests). Sharing a cache directory (one
+    # node; two checkpoints, or the second would wait for the first's cache entries; with the
+    # cache on or off), they share one budget: a decrease one of them makes, the other makes
+    # too; apart (a cache directory each: two nodes), neither sees the other's.
     import json
     import os
     import subprocess
@@ -386,14 +395,19 @@ def test_egress_cap_is_shared_by_loaders_that_back_off(
     script = tmp_path / "loader.py"
     script.write_text(FLEET_LOADER)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLOB2GPU_")}
-    settings = (
-        {"local_nvme_cache_enabled": True, "cache_dir": str(tmp_path / "cache")}
-        if node_cache
-        else {}
-    )
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), f"az://{container}/{prefix}", json.dumps(settings)],
+            [
+                sys.executable,
+                str(script),
+                f"az://{container}/{prefix}",
+                json.dumps(
+                    {
+                        "local_nvme_cache_enabled": node_cache,
+                        "cache_dir": str(tmp_path / ("node" if one_node else f"node-{prefix}")),
+                    }
+                ),
+            ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -409,8 +423,8 @@ def test_egress_cap_is_shared_by_loaders_that_back_off(
     counters = via_proxy.counters
     assert counters.egress_throttled > 0 and counters.throttled == counters.egress_throttled
     assert sum(r["throttled"] for r in results) > 0
-    assert any(r["range"] > 32768 for r in results)
-    if node_cache:
+    assert all(r["range"] == 32768 for r in results)  # egress-throttled: ranges not grown
+    if one_node:
         assert sum(r["node_decreases"] for r in results) >= 1
     else:
         assert all(r["node_decreases"] == 0 for r in results)
@@ -422,5 +436,4 @@ def test_egress_cap_is_shared_by_loaders_that_back_off(
     # each of the 16 ranges about three times.
     offered = sum(1 for t, _, _, _ in ranged if first_busy < t < first_busy + 0.9)
     assert offered <= 2 * 8 + 16
-    # Ranges still to ask for are asked in larger pieces once throttled.
-    assert max(asked for _, _, asked, _ in ranged) > 32768
+    assert max(asked for _, _, asked, _ in ranged) == 32768

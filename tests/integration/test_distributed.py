@@ -251,3 +251,54 @@ def test_fan_out_over_a_subgroup_streams_to_its_consumer(
     weights = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     index = (directory / "model.safetensors.index.json").stat().st_size
     assert fault_proxy.counters.range_bytes == weights + 2 * index  # one copy for the group
+
+
+def test_fan_out_gets_are_throttled_like_a_loads(
+    write_checkpoint, azurite, container, fault_proxy, tmp_path, free_port
+):
+    # The account answers 4 of the ranks' first ranged GETs 503 ServerBusy (request rate): the
+    # rank that got them backs off and asks for the rest of its part in larger ranges than its
+    # 64 KiB chunk_bytes, as an ordinary load does (the same throttling control), and both ranks
+    # still end with every tensor.
+    directory = write_checkpoint(
+        [
+            {"a": random_tensor(torch.float32, (512, 1024), 1)},
+            {"b": random_tensor(torch.int8, (9,), 2)},
+        ]
+    )
+    upload_directory(azurite, container, directory, "m")
+    expected = crc_line(blob2gpu.load(str(directory), framework="dlpack"))
+    armed = []
+
+    def throttle_weights(path, count):
+        if path.endswith(".safetensors") and not armed:
+            armed.append(count)
+            fault_proxy.faults.statuses = 4
+
+    fault_proxy.faults.on_range_get = throttle_weights
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    env = gloo_env(
+        free_port,
+        WORLD_SIZE="2",
+        AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port),
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), f"az://{container}/m"],
+            env=dict(env, RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert all(o[0].strip() == expected for o in outs)
+    assert fault_proxy.faults.statuses == 0  # all 4 were answered
+    gets = [(p, n) for _, p, n, _ in fault_proxy.counters.ranged if p.endswith(".safetensors")]
+    big = max({p for p, _ in gets}, key=lambda path: sum(n for p, n in gets if p == path))
+    asked = [n for p, n in gets if p == big]  # the 2 MiB shard's GETs
+    assert 65536 in asked  # chunk_bytes ranges, not one GET per rank's part
+    assert max(asked) > 65536  # grown past chunk_bytes once throttled

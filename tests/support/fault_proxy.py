@@ -6,16 +6,17 @@ header) and are armed by count: each armed fault hits that many of the next such
 The proxy counts the ranged GETs and their bytes, so tests can check what reached the server.
 A request-rate cap (`faults.max_requests_per_second`) plays Azure's throttling: a token bucket over
 every request, ranged or not, whose burst is one second's worth; a request beyond it is answered
-503 ServerBusy at once, without reaching upstream, and counted in `counters.throttled` (and in
-`counters.requests`, but not in the ranged-GET counters).
+503 ServerBusy "Operations per second is over the account limit." at once, without reaching
+upstream, and counted in `counters.throttled` (and in `counters.requests`, but not in the
+ranged-GET counters).
 An egress cap (`faults.egress_bytes_per_second`, burst `faults.egress_burst_bytes`) plays the
 account's egress limit: a bucket of bytes over every connection, drawn as response bodies are
 sent (it may go into debt: answers already admitted are served whole); a request that arrives
 while it is empty is answered 503 ServerBusy "Egress is over the account limit." with a
 Retry-After (seconds until the bucket refills), nothing served, and counted in
-`counters.throttled` and `counters.egress_throttled`. Every ranged GET, served or refused, is
-logged in `counters.ranged` as (monotonic time, path, bytes asked, 503 if a cap refused it or
-200).
+`counters.throttled` and `counters.egress_throttled`. As Azure does, a cap's 503 carries its
+message as the HTTP reason too. Every ranged GET, served or refused, is logged in
+`counters.ranged` as (monotonic time, path, bytes asked, 503 if a cap refused it or 200).
 It only ever connects to the upstream address it was given (a loopback Azurite).
 """
 
@@ -81,6 +82,7 @@ def parse_head(head: bytes) -> tuple[str, dict[str, str]]:
 
 
 SERVER_BUSY = "The server is busy."
+RATE_BUSY = "Operations per second is over the account limit."
 EGRESS_BUSY = "Egress is over the account limit."
 
 
@@ -91,9 +93,9 @@ def _busy_response(status: int, retry_after: str = "", message: str = SERVER_BUS
         b"<Message>%s</Message></Error>" % message.encode()
     )
     return (
-        b"HTTP/1.1 %d Busy\r\nContent-Type: application/xml\r\n"
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/xml\r\n"
         b"x-ms-error-code: ServerBusy\r\n%sContent-Length: %d\r\n"
-        b"Connection: close\r\n\r\n" % (status, extra, len(body)) + body
+        b"Connection: close\r\n\r\n" % (status, message.encode(), extra, len(body)) + body
     )
 
 
@@ -235,7 +237,7 @@ class FaultProxy:
                     entry = (time.monotonic(), path.split("?")[0], asked, status)
                     self.counters.ranged.append(entry)
             if throttled:
-                client.sendall(_busy_response(503))
+                client.sendall(_busy_response(503, message=RATE_BUSY))
                 return
             if wait:
                 client.sendall(_busy_response(503, str(max(1, math.ceil(wait))), EGRESS_BUSY))

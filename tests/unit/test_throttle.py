@@ -1,28 +1,86 @@
-"""ThrottleControl on scripted sequences of throttled answers (429, 503) and successes: one burst
-is one multiplicative decrease (concurrency halved, ranges doubled), a round of answers adds one
-to the concurrency, and the user's settings bound both."""
+"""ThrottleControl on scripted sequences of throttled answers (429, 503) and successes: a load
+starts below its ceiling and doubles its concurrency per round of unthrottled answers (the slow
+start); one burst of 503s is one decrease (back to one request in flight, a slow start up to half
+the limit it had, then one more per round; ranges grown on request-rate throttling only), the
+loads of one node share what they learned, and the user's settings bound both knobs."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
-from blob2gpu.sources.azure.throttle import NodeThrottle, ThrottleControl
+from blob2gpu.sources.azure import throttle
+from blob2gpu.sources.azure.failures import throttled_by_bandwidth
+from blob2gpu.sources.azure.throttle import (
+    RANGE_GROWTH,
+    SLOW_START_CONCURRENCY,
+    NodeThrottle,
+    ThrottleControl,
+)
 
 KiB = 1 << 10
 
 
+def at_ceiling(control: ThrottleControl) -> ThrottleControl:
+    """The control after unthrottled answers took it to its ceiling."""
+    while control.answered():
+        pass
+    assert control.concurrency == control.ceiling
+    return control
+
+
+def test_a_load_starts_below_its_ceiling_and_doubles_per_round_while_unthrottled():
+    control = ThrottleControl(ceiling=16, range_bytes=64 * KiB, max_range_bytes=64 * KiB)
+    assert control.concurrency == SLOW_START_CONCURRENCY == 2
+    trace = [control.concurrency]
+    for _ in range(20):
+        control.answered()
+        trace.append(control.concurrency)
+    # One more per answer: a round of 2 answers makes 4, the next 4 make 8, the next 8 make 16.
+    assert (trace[2], trace[6], trace[14]) == (4, 8, 16)
+    assert max(trace) == 16  # prefetch_concurrency is a ceiling, never passed
+    assert control.stats().decreases == 0 and control.stats().min_concurrency == 2
+
+
+@pytest.mark.parametrize("ceiling", [1, 2])
+def test_a_ceiling_at_or_below_the_start_is_where_a_load_starts(ceiling):
+    control = ThrottleControl(ceiling=ceiling, range_bytes=1, max_range_bytes=1)
+    assert control.concurrency == ceiling
+    assert not control.answered()
+
+
 def test_a_burst_of_503s_is_one_decrease():
-    control = ThrottleControl(ceiling=8, range_bytes=256 * KiB, max_range_bytes=4096 * KiB)
-    epoch = control.epoch()  # 8 requests sent together, all throttled
+    control = at_ceiling(ThrottleControl(8, 256 * KiB, 4096 * KiB))
+    epoch = control.epoch()  # 8 requests sent together, all throttled (request rate)
     decreased = [control.throttled(epoch) for _ in range(8)]
     assert decreased == [True] + [False] * 7
-    assert (control.concurrency, control.range_bytes) == (4, 512 * KiB)
+    assert (control.concurrency, control.range_bytes) == (1, RANGE_GROWTH * 256 * KiB)
     stats = control.stats()
-    assert (stats.throttled, stats.decreases, stats.min_concurrency) == (8, 1, 4)
+    assert (stats.throttled, stats.decreases, stats.min_concurrency) == (8, 1, 1)
 
 
-def test_each_new_burst_halves_again_down_to_one_and_ranges_stop_at_the_slot():
+def test_after_a_throttle_a_slow_start_up_to_half_then_one_more_per_round():
+    control = at_ceiling(ThrottleControl(8, 64 * KiB, 64 * KiB))
+    control.throttled(control.epoch())
+    assert control.concurrency == 1
+    script = [control.answered() for _ in range(3 + 4 + 5 + 6 + 7 + 20)]
+    trace = [i for i, up in enumerate(script) if up]
+    # One answer each to 2, 3 and 4 (half of 8); then a round as long as the limit: 4 answers
+    # to 5, 5 more to 6, ...
+    assert trace == [0, 1, 2, 6, 11, 17, 24]
+    assert control.concurrency == 8 and control.stats().concurrency == 8
+
+
+def test_egress_throttling_lowers_concurrency_and_leaves_ranges():
+    control = at_ceiling(ThrottleControl(8, 1024 * KiB, 8192 * KiB))
+    assert control.throttled(control.epoch(), retry_after=1.0, by_rate=False)
+    assert (control.concurrency, control.range_bytes) == (1, 1024 * KiB)
+    assert control.throttled(control.epoch())  # then by request rate: ranges grow
+    assert control.range_bytes == RANGE_GROWTH * 1024 * KiB
+
+
+def test_each_new_burst_decreases_again_and_ranges_stop_at_the_slot():
     control = ThrottleControl(ceiling=8, range_bytes=1024 * KiB, max_range_bytes=4096 * KiB)
     for _ in range(5):
         control.throttled(control.epoch())
@@ -31,45 +89,34 @@ def test_each_new_burst_halves_again_down_to_one_and_ranges_stop_at_the_slot():
     assert control.stats().decreases == 5
 
 
-def test_answers_raise_concurrency_by_one_per_round_up_to_the_ceiling():
-    control = ThrottleControl(ceiling=8, range_bytes=64 * KiB, max_range_bytes=64 * KiB)
-    control.throttled(control.epoch())
-    control.throttled(control.epoch())
-    assert control.concurrency == 2
-    script = [control.answered() for _ in range(2 + 3 + 4 + 5 + 6 + 7 + 20)]
-    # A round is as many answers as the limit: 2 answers raise it to 3, 3 more to 4, ...
-    raised = [i for i, up in enumerate(script) if up]
-    assert raised == [1, 4, 8, 13, 19, 26]
-    assert control.concurrency == 8  # prefetch_concurrency is a ceiling, never passed
-    assert control.range_bytes == 64 * KiB  # ranges grown by throttling stay grown
-    assert control.stats().concurrency == 8
-    assert control.stats().min_concurrency == 2
-
-
 def test_a_scripted_mix_of_503s_and_successes():
     control = ThrottleControl(ceiling=16, range_bytes=1024 * KiB, max_range_bytes=8192 * KiB)
     trace = []
-    for answer in "TTTT" + "S" * 8 + "T" + "S" * 20:
+    for answer in "S" * 6 + "TTT" + "S" * 8 + "T" + "S" * 12:
         if answer == "T":
             control.throttled(control.epoch())
         else:
             control.answered()
         trace.append((control.concurrency, control.range_bytes // KiB))
-    # A burst of 4 throttled answers to requests each sent after the last decrease: 4 decreases.
-    assert trace[3] == (1, 8192)
-    assert trace[4] == (2, 8192)  # one answer: a round at a limit of 1
-    assert trace[11] == (4, 8192)  # 2 answers to 3, 3 more to 4, then 2 of the next round
-    assert trace[12] == (2, 8192)  # throttled again: halved
-    assert trace[-1] == (7, 8192)  # 20 answers: rounds of 2, 3, 4, 5 and 6
-    assert control.stats().throttled == 5
+    assert trace[5] == (8, 1024)  # the slow start: 2 + 6 answers
+    # Three throttled answers, each to a request sent after the last decrease: three decreases,
+    # each growing the ranges; the first leaves half of 8 to come back to quickly, the others
+    # (at a limit of 1) leave 1.
+    assert trace[8] == (1, 8192)
+    assert trace[9] == (2, 8192)  # threshold 1: a round of one answer
+    assert trace[16] == (4, 8192)  # 2 answers to 3, 3 more to 4, then 3 of the next round
+    assert trace[17] == (1, 8192)  # throttled again
+    # A slow start to 2 (half of 4), then rounds of 2, 3 and 4 answers: 10, and 2 of the next.
+    assert trace[-1] == (5, 8192)
+    assert control.stats().throttled == 4
 
 
 def test_stale_throttled_answers_do_not_decrease_again():
-    control = ThrottleControl(ceiling=8, range_bytes=1, max_range_bytes=1)
+    control = at_ceiling(ThrottleControl(ceiling=8, range_bytes=1, max_range_bytes=1))
     before = control.epoch()
     assert control.throttled(control.epoch())
     assert not control.throttled(before)  # sent before the decrease
-    assert control.concurrency == 4
+    assert control.stats().decreases == 1
 
 
 @pytest.mark.parametrize(
@@ -78,7 +125,7 @@ def test_stale_throttled_answers_do_not_decrease_again():
 )
 def test_bad_limits_are_refused(ceiling, range_bytes, message):
     with pytest.raises(ValueError, match=message):
-        ThrottleControl(ceiling=ceiling, range_bytes=range_bytes, max_range_bytes=1 << 20)
+        ThrottleControl(ceiling, range_bytes, range_bytes)
 
 
 def test_a_start_larger_than_the_maximum_is_kept_and_not_grown():
@@ -88,67 +135,109 @@ def test_a_start_larger_than_the_maximum_is_kept_and_not_grown():
 
 
 def test_loads_on_one_node_share_one_budget(tmp_path):
-    # Two loads on one node (two processes in practice: the state is a file in the cache's
-    # locks directory). One is throttled with a Retry-After: the other makes the same decrease
+    # Two loads on one node (two processes in practice: the state is a file in the cache
+    # directory's locks). One is throttled with a Retry-After: the other makes the same decrease
     # before its next request, and stays away as long.
-    a = ThrottleControl(8, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path))
-    b = ThrottleControl(8, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path))
+    a = at_ceiling(ThrottleControl(8, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path)))
+    b = at_ceiling(ThrottleControl(8, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path)))
     assert b.node_wait() == 0.0
     assert a.throttled(a.epoch(), retry_after=30.0)
-    assert a.concurrency == 4
+    assert a.concurrency == 1
     assert b.concurrency == 8  # until it next sends
     b.epoch()
-    assert (b.concurrency, b.range_bytes) == (4, 128 * KiB)
+    assert (b.concurrency, b.range_bytes) == (1, RANGE_GROWTH * 64 * KiB)
     assert 25.0 < b.node_wait() <= 30.0
     b.epoch()
-    assert b.concurrency == 4  # one published decrease is made once
+    assert b.stats().decreases == 1  # one published decrease is made once
     a.epoch()
-    assert a.concurrency == 4  # its own is not made twice
-    assert b.stats().node_decreases == 1 and b.stats().decreases == 1
+    assert a.stats().decreases == 1  # its own is not made twice
+    assert b.stats().node_decreases == 1
     assert a.stats().node_decreases == 0
-    # A load starting soon after makes one decrease, not one per decrease published before.
-    a.throttled(a.epoch())
-    c = ThrottleControl(8, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path))
+
+
+def test_a_load_starting_after_the_nodes_decrease_starts_where_the_node_came_to(tmp_path):
+    a = at_ceiling(ThrottleControl(16, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path)))
+    a.throttled(a.epoch())  # published: half of 16, and ranges of 4 x 64 KiB
+    c = ThrottleControl(16, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path))
+    assert (c.concurrency, c.range_bytes) == (1, RANGE_GROWTH * 64 * KiB)
     c.epoch()
-    assert c.concurrency == 4 and c.stats().node_decreases == 1
+    assert c.stats().decreases == 0  # what was published before it started is where it starts
+    trace = []
+    while c.concurrency < 16:
+        c.answered()
+        trace.append(c.concurrency)
+    # A slow start up to the node's 8, then one more per round of answers.
+    assert trace[:9] == [2, 3, 4, 5, 6, 7, 8, 8, 8]
 
 
-def test_a_load_starting_long_after_the_last_decrease_starts_whole(tmp_path, monkeypatch):
-    node = NodeThrottle(tmp_path)
-    node.publish(1.0)
-    import blob2gpu.sources.azure.throttle as throttle
-
-    later = time.time() + throttle.NODE_RECENT_SECONDS + 1
+def test_a_load_on_another_node_or_long_after_slow_starts_from_the_start(tmp_path, monkeypatch):
+    a = ThrottleControl(8, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path / "node1"))
+    (tmp_path / "node1").mkdir()
+    a.throttled(a.epoch(), by_rate=True)
+    other = ThrottleControl(8, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path / "node2"))
+    assert (other.concurrency, other.range_bytes) == (SLOW_START_CONCURRENCY, 64 * KiB)
+    later = time.time() + throttle.NODE_MEMORY_SECONDS + 1
     monkeypatch.setattr(throttle.time, "time", lambda: later)
-    c = ThrottleControl(8, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path))
-    c.epoch()
-    assert c.concurrency == 8 and c.node_wait() == 0.0
+    c = ThrottleControl(8, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path / "node1"))
+    assert (c.concurrency, c.range_bytes) == (SLOW_START_CONCURRENCY, 64 * KiB)
+    assert c.node_wait() == 0.0
 
 
 def test_an_unreadable_node_state_is_no_state(tmp_path):
     (tmp_path / NodeThrottle.FILE).write_bytes(b"not a state")
     node = NodeThrottle(tmp_path)
-    assert (node.generation(), node.wait_left()) == (0, 0.0)
-    assert node.publish(0.0) == 1  # rewritten whole
+    assert (node.state().generation, node.wait_left()) == (0, 0.0)
+    assert node.publish(0.0, 4, 1024) == 1  # rewritten whole
+    assert (node.state().concurrency, node.state().range_bytes) == (4, 1024)
     missing = NodeThrottle(tmp_path / "absent")
     assert missing.publish(1.0) == 0  # cannot be written: the load adapts alone
     assert missing.wait_left() == 0.0
 
 
 def test_requests_in_flight_never_pass_the_limit():
-    import threading
-
-    control = ThrottleControl(ceiling=4, range_bytes=1, max_range_bytes=1)
+    control = at_ceiling(ThrottleControl(ceiling=4, range_bytes=1, max_range_bytes=1))
     stopping = threading.Event()
     assert all(control.acquire(stopping) for _ in range(4))
-    control.throttled(control.epoch())  # limit 2, 4 in flight: none more until 2 are back
+    control.throttled(control.epoch())  # limit 1, 4 in flight: none more until 3 are back
     got = []
     waiter = threading.Thread(target=lambda: got.append(control.acquire(stopping)))
     waiter.start()
     control.release()
     control.release()
-    control.release()  # 1 in flight: the waiter's turn
+    assert got == []
+    control.release()
+    control.release()  # none in flight: the waiter's turn
     waiter.join(timeout=10)
-    assert got == [True]  # 2 in flight now, at the limit
+    assert got == [True]
     stopping.set()
     assert control.acquire(stopping) is False  # a stopped load stops waiting
+
+
+def test_a_request_waits_for_the_decrease_its_node_published(tmp_path):
+    a = at_ceiling(ThrottleControl(4, 1, 1, NodeThrottle(tmp_path)))
+    b = at_ceiling(ThrottleControl(4, 1, 1, NodeThrottle(tmp_path)))
+    stopping = threading.Event()
+    assert b.acquire(stopping)  # one in flight
+    a.throttled(a.epoch())
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(b.acquire(stopping)))
+    waiter.start()
+    waiter.join(timeout=0.5)
+    assert got == []  # b's limit is 1 now, before its next request goes
+    b.release()
+    waiter.join(timeout=10)
+    assert got == [True]
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}\nErrorCode:ServerBusy")
+        self.status_code = 503
+        self.reason = reason
+
+
+def test_egress_and_request_rate_throttling_are_told_apart():
+    assert throttled_by_bandwidth(_Refused("Egress is over the account limit."))
+    assert throttled_by_bandwidth(_Refused("Ingress is over the account limit."))
+    assert not throttled_by_bandwidth(_Refused("Operations per second is over the account limit."))
+    assert not throttled_by_bandwidth(_Refused("The server is busy."))

@@ -94,7 +94,8 @@ class GroupExchange:
         self._group = group
         self._thread: threading.Thread | None = None
         self._owners = byte_owners([s.size for s in prepared.plan.shards], world)
-        self._reader = _range_reader(prepared.source)
+        self._throttle = _throttle(prepared)
+        self._reader = _range_reader(prepared.source, self._throttle)
         container = prepared.source.container
         self._retry = container.retry if container is not None else None  # the load's policy
         self.error: BaseException | None = None
@@ -112,8 +113,10 @@ class GroupExchange:
         return self._retry.retries if self._retry is not None else 0
 
     @property
-    def throttle_stats(self) -> None:
-        return None  # one range per rank and shard, in order: nothing to adapt
+    def throttle_stats(self) -> Any:
+        """Throttled answers, and the concurrency and range size this rank settled at (None for
+        local files)."""
+        return self._throttle.stats() if self._throttle is not None else None
 
     @property
     def retry_wait_seconds(self) -> float:
@@ -157,9 +160,8 @@ class GroupExchange:
         for index, ref in enumerate(plan.shards):
             buffer = torch.empty(ref.size, dtype=torch.uint8)
             view = buffer.numpy().data  # the tensor's bytes, as a memoryview
-            for owner, start, end in self._owners[index]:
-                if owner == self._rank:
-                    self._reader.read_into(ref, start, view[start:end])
+            mine = [(start, end) for rank, start, end in self._owners[index] if rank == self._rank]
+            self._fetch(ref, view, mine)
             for owner, start, end in self._owners[index]:
                 if self._group is None:
                     dist.broadcast(buffer[start:end], src=owner)
@@ -167,10 +169,66 @@ class GroupExchange:
                     dist.broadcast(buffer[start:end], group=self._group, group_src=owner)
             feed_from_memory(self._session, index, view, slot_bytes)
 
+    def _fetch(self, ref: Any, view: memoryview, parts: list[tuple[int, int]]) -> None:
+        """Read this rank's byte ranges `parts` of shard `ref` into `view`: from Blob, in ranges
+        of the throttle's size with as many in flight as it allows (prefetch_concurrency at
+        most), as an ordinary load's feeder does; from local files, one read each."""
+        if self._throttle is None:
+            for start, end in parts:
+                self._reader.read_into(ref, start, view[start:end])
+            return
+        pending = list(reversed(parts))
+        lock = threading.Lock()
+        failed: list[BaseException] = []
 
-def _range_reader(source: Any) -> Any:
-    """What fetches this rank's ranges: the same ranged GETs (etag pinning, retries) as every
-    Blob load, or reads of the local files."""
+        def next_piece() -> tuple[int, int] | None:
+            with lock:
+                if failed or not pending:
+                    return None
+                start, end = pending.pop()
+                cut = min(end, start + self._throttle.range_bytes)
+                if cut < end:
+                    pending.append((cut, end))
+                return start, cut
+
+        def worker() -> None:
+            while (piece := next_piece()) is not None:
+                try:
+                    self._reader.read_into(ref, piece[0], view[piece[0] : piece[1]])
+                except BaseException as error:
+                    with lock:
+                        failed.append(error)
+
+        threads = [
+            threading.Thread(target=worker, name=f"blob2gpu-fan-out-get-{i}", daemon=True)
+            for i in range(self._throttle.ceiling)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if failed:
+            raise failed[0]
+
+
+def _throttle(prepared: Any) -> Any:
+    """The throttling control of a Blob fan-out's ranged GETs (as an ordinary load's: a slow
+    start under prefetch_concurrency, ranges from chunk_bytes up to the staging slot, the
+    node's budget shared), or None for local files."""
+    if prepared.source.container is None:
+        return None
+    from blob2gpu.loading.fetch import node_budget, range_bytes
+    from blob2gpu.sources.azure.throttle import ThrottleControl
+
+    slot = prepared.settings.staging_slot_bytes
+    chunk = range_bytes(prepared, slot)
+    ceiling = prepared.settings.prefetch_concurrency
+    return ThrottleControl(ceiling, chunk, max(chunk, slot), node_budget(prepared))
+
+
+def _range_reader(source: Any, throttle: Any) -> Any:
+    """What fetches this rank's ranges: the same ranged GETs (etag pinning, retries, the
+    throttle) as every Blob load, or reads of the local files."""
     if source.container is None:
         from blob2gpu.sources.local import LocalRangeReader
 
@@ -178,7 +236,7 @@ def _range_reader(source: Any) -> Any:
     from blob2gpu.sources.azure.range_reader import BlobRangeReader
 
     container = source.container
-    return BlobRangeReader(container.client, container.location, container.retry)
+    return BlobRangeReader(container.client, container.location, container.retry, None, throttle)
 
 
 def load(

@@ -4,6 +4,7 @@ BlobFeeder, written through to the node's cache as they land."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from blob2gpu.loading.prepare import PreparedLoad
@@ -37,6 +38,26 @@ def range_bytes(prepared: PreparedLoad, slot_bytes: int) -> int:
     return chunk
 
 
+def node_budget(prepared: PreparedLoad) -> Any:
+    """The throttling budget this load shares with the other loads on its node (NodeThrottle):
+    a file in the locks directory of the node's cache directory (cache_dir, or its default),
+    whether or not this load uses the cache. None when that directory cannot be made (a
+    read-only home): the load then adapts alone."""
+    from blob2gpu.cache.nvme import default_cache_dir
+    from blob2gpu.sources.azure.throttle import NodeThrottle
+
+    cache = prepared.cache.cache
+    locks = cache.locks_dir if cache is not None else None
+    if locks is None:
+        configured = prepared.settings.cache_dir
+        locks = (Path(configured) if configured else default_cache_dir()) / "locks"
+        try:
+            locks.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return None
+    return NodeThrottle(locks)
+
+
 class StorageFetch:
     """Fetch every byte of the prepared load from its storage (see the module docstring)."""
 
@@ -64,7 +85,6 @@ class StorageFetch:
 
     def _start_blob(self, prepared: PreparedLoad, pipeline: Any) -> tuple[Any, Any]:
         from blob2gpu.sources.azure.feeder import BlobFeeder
-        from blob2gpu.sources.azure.throttle import NodeThrottle
 
         plan, cache, container = prepared.plan, prepared.cache, prepared.source.container
         session = start_fed_session(
@@ -88,6 +108,6 @@ class StorageFetch:
             first_range_bytes=min(chunk, 1 << 20) if device == "cpu" or staging else None,
             max_range_bytes=max(chunk, self._slot_bytes),
             # The node's loads share one throttling budget, next to the cache's locks.
-            node=NodeThrottle(cache.cache.locks_dir) if cache.cache is not None else None,
+            node=node_budget(prepared),
         )
         return session, feeder

@@ -101,9 +101,10 @@ class LoadReport:
     retries: int = 0  # transient failures retried (ranges and listing calls)
     retry_wait_seconds: float = 0.0  # backoff slept before those retries, summed over threads
     # The account throttling (429, 503 ServerBusy) and how the load adapted (sources/azure/
-    # throttle.py): throttled answers to ranged GETs, times it halved its concurrency and grew
-    # its ranges, the lowest concurrency it went to, and the concurrency and range size it
-    # settled at (None: not a Blob load fetched by this process's feeder).
+    # throttle.py): throttled answers to ranged GETs, times it lowered its concurrency (and grew
+    # its ranges, on request-rate throttling), the lowest concurrency it went to, and the
+    # concurrency and range size it settled at (None: not a Blob load fetched by this process's
+    # feeder).
     throttled: int = 0
     throttle_decreases: int = 0
     throttle_node_decreases: int = 0  # of those, because another load on the node was throttled

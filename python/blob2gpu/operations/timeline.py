@@ -90,7 +90,7 @@ def describe(report: LoadReport) -> str:
     ]
     if report.throttled or report.throttle_decreases:
         lines.append(
-            f"{report.throttled} throttled answer(s): concurrency halved "
+            f"{report.throttled} throttled answer(s): concurrency lowered "
             f"{report.throttle_decreases} time(s)"
             + (
                 f" ({report.throttle_node_decreases} for another load on the node)"

@@ -156,6 +156,20 @@ def response_header(error: BaseException, name: str) -> str | None:
     return headers.get(name) if headers is not None else None
 
 
+# What Azure says (the HTTP reason and the error body's message) when an account's bandwidth, not
+# its request rate, is over its limit: 503 ServerBusy "Egress is over the account limit." (or
+# "Ingress ..."); over the request rate it says "Operations per second is over the account limit."
+BANDWIDTH_THROTTLING = ("egress is over the account limit", "ingress is over the account limit")
+
+
+def throttled_by_bandwidth(error: BaseException) -> bool:
+    """Whether a throttled answer (429, 503) was for the account's bytes per second, not its
+    requests per second: larger ranges do not help then."""
+    reason = getattr(error, "reason", None)
+    said = f"{reason if isinstance(reason, str) else ''} {error}".lower()
+    return any(text in said for text in BANDWIDTH_THROTTLING)
+
+
 def _said(error: BaseException) -> str:
     """What the service or the transport said, in one short line: the service's message (the
     HTTP reason Azure sends) rather than the whole XML error body."""
