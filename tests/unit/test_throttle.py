@@ -241,3 +241,25 @@ def test_egress_and_request_rate_throttling_are_told_apart():
     assert throttled_by_bandwidth(_Refused("Ingress is over the account limit."))
     assert not throttled_by_bandwidth(_Refused("Operations per second is over the account limit."))
     assert not throttled_by_bandwidth(_Refused("The server is busy."))
+
+
+def test_a_load_never_takes_its_own_published_decrease_for_another_load_s(tmp_path):
+    # While one thread publishes this load's decrease, another thread of the same load looks at
+    # the node's state: it must not count the new generation as another load's decrease (and
+    # decrease a second time).
+    looked: list[threading.Thread] = []
+
+    class LookingWhilePublishing(NodeThrottle):
+        def publish(self, retry_after: float, concurrency: int = 0, range_bytes: int = 0) -> int:
+            generation = super().publish(retry_after, concurrency, range_bytes)
+            other = threading.Thread(target=control.epoch)  # another GET about to be sent
+            other.start()
+            other.join(timeout=0.5)  # blocked until the publishing thread is done, when correct
+            looked.append(other)
+            return generation
+
+    control = at_ceiling(ThrottleControl(8, 64 * KiB, 1024 * KiB, LookingWhilePublishing(tmp_path)))
+    assert control.throttled(control.epoch(), 1.0, by_rate=False)
+    looked[0].join()
+    stats = control.stats()
+    assert (stats.decreases, stats.node_decreases) == (1, 0)

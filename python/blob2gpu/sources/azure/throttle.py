@@ -174,10 +174,10 @@ class ThrottleControl:
             if epoch != self._epoch:
                 return False
             self._decrease(grow_range=by_rate)
-            limit, size = self._threshold, self._range
-        if self._node is not None:
-            published = self._node.publish(retry_after, limit, size)
-            with self._lock:
+            if self._node is not None:
+                # Published under the lock: another thread of this load that read the new
+                # generation in between would take this load's own decrease for another load's.
+                published = self._node.publish(retry_after, self._threshold, self._range)
                 self._node_seen = max(self._node_seen, published)
         return True
 
