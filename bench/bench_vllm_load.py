@@ -404,13 +404,15 @@ def table_rows(
     for name, row in results.items():
         seconds = medians.get(name)
         ceiling = medians.get(CEILING_OF.get(CONTESTANTS[name][1], ""))
+        in_vllm = CONTESTANTS[name][0] not in OUTSIDE_VLLM
         rows.append(
             {
                 "contestant": name,
-                "where": "outside vLLM" if CONTESTANTS[name][0] in OUTSIDE_VLLM else "vLLM",
+                "where": ("vLLM" if in_vllm else "outside vLLM")
+                + (" (HTTPS)" if CONTESTANTS[name][1] == "tls" else ""),
                 "s (median)": f"{seconds:.2f}" if seconds else row.get("reason", ""),
                 "GB/s": f"{size_mb / 1e3 / seconds:.2f}" if seconds else "",
-                "x default": f"{default / seconds:.2f}" if seconds and default else "",
+                "x default": f"{default / seconds:.2f}" if seconds and default and in_vllm else "",
                 "x ceiling": f"{ceiling / seconds:.2f}" if seconds and ceiling else "",
             }
         )
