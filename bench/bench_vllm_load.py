@@ -176,6 +176,7 @@ def worker(name: str, model: str, blob_uri: str) -> int:
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
     timings: list[float] = []
+    affinity: list[int] = []
     original = BaseModelLoader.load_model
 
     def load_model(loader: Any, *args: Any, **kwargs: Any) -> Any:
@@ -183,6 +184,9 @@ def worker(name: str, model: str, blob_uri: str) -> int:
         inner = type(loader).load_weights
 
         def timed(model: Any, model_config: Any) -> None:
+            # The CPUs the loading thread may run on (vLLM's CPU build binds its OpenMP threads,
+            # and threads a loader starts inherit the binding of the thread that starts them).
+            affinity.extend(sorted(os.sched_getaffinity(0)))
             start = time.perf_counter()
             inner(loader, model, model_config)
             if torch.cuda.is_available():
@@ -217,7 +221,13 @@ def worker(name: str, model: str, blob_uri: str) -> int:
     )
     del llm
     weight_bytes = sum(weight_files(model).values())
-    result: dict[str, Any] = {"status": "ok", "load_s": timings[-1], "bytes": weight_bytes}
+    result: dict[str, Any] = {
+        "status": "ok",
+        "load_s": timings[-1],
+        "bytes": weight_bytes,
+        "cpus": affinity,
+        "machine_cpus": os.cpu_count(),
+    }
     if report_file.exists():
         result["report"] = report_numbers(json.loads(report_file.read_text()))
     shutil.rmtree(report_file.parent, ignore_errors=True)
@@ -387,6 +397,8 @@ def run_rounds(
                 row.setdefault("busy_before", []).append(round(busy, 2))
                 if "report" in result:
                     row["reports"].append(result["report"])
+                if "cpus" in result:
+                    row["cpus"] = f"{result['cpus']} of {result['machine_cpus']}"
             else:
                 row["reason"] = f"{result['status']}: {result.get('reason', '')}"
                 row["stderr_tail"] = result.get("stderr_tail", [])
