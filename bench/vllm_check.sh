@@ -21,9 +21,10 @@ MB=${VLLM_CHECK_MB:-1000}
 TIMEOUT=${VLLM_CHECK_TIMEOUT:-150}
 OUT=${OUT:-/tmp/blob2gpu-gpu-check}
 mkdir -p "$OUT"
+START=$(date +%s)
 
 # What PYTHON's vLLM is: "cuda <version>", "cpu <version>" or "skip <why>".
-probe=$(timeout 90 "$PY" - 2>&1 <<'PY' | tail -1
+probe=$(timeout "$(( TIMEOUT < 90 ? TIMEOUT : 90 ))" "$PY" - 2>&1 <<'PY' | tail -1
 import importlib.metadata as md
 import importlib.util
 import sys
@@ -57,18 +58,20 @@ case "$kind" in
       exit 0
     fi ;;
   skip) echo "vLLM comparison: skipped: $what"; exit 0 ;;
-  *) echo "vLLM comparison: skipped: probing vLLM failed (${probe:-no output})"; exit 0 ;;
+  *) echo "vLLM comparison: skipped: probing vLLM failed (${probe:-no answer within $(( TIMEOUT < 90 ? TIMEOUT : 90 )) s})"; exit 0 ;;
 esac
 
+left=$(( TIMEOUT - ($(date +%s) - START) ))
+(( left >= 20 )) || { echo "vLLM comparison: skipped: probing vLLM took all but ${left} s of ${TIMEOUT} s"; exit 0; }
 only="default-local blob2gpu-local"
 "$PY" -c "import runai_model_streamer" 2>/dev/null && only="$only runai-local"
-echo "vLLM comparison ($what): $only, ${MB} MB, 1 repeat, at most ${TIMEOUT} s"
+echo "vLLM comparison ($what): $only, ${MB} MB, 1 repeat, at most ${left} s"
 # shellcheck disable=SC2086
-timeout "$TIMEOUT" "$PY" bench/bench_vllm_load.py --total-mb "$MB" --repeats 1 --wait-idle 0 \
-  --timeout "$TIMEOUT" --only $only --json "$OUT/vllm.json" >"$OUT/vllm.log" 2>&1
+timeout "$left" "$PY" bench/bench_vllm_load.py --total-mb "$MB" --repeats 1 --wait-idle 0 \
+  --timeout "$left" --only $only --json "$OUT/vllm.json" >"$OUT/vllm.log" 2>&1
 rc=$?
 if [ "$rc" = 124 ]; then
-  echo "vLLM comparison: timed out after ${TIMEOUT} s (log: $OUT/vllm.log)"
+  echo "vLLM comparison: timed out after ${left} s (log: $OUT/vllm.log)"
   tail -5 "$OUT/vllm.log"
   exit 1
 fi
