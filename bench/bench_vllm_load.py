@@ -5,7 +5,8 @@ HTTPS), as ratios; and, outside vLLM, what the emulator itself serves here (the 
 ranged GETs to /dev/null) and what blob2gpu fetches from it alone, so that the Blob rows read as
 fractions of the emulator's ceiling on this machine.
 
-    <vLLM env>/bin/python bench/bench_vllm_load.py [--total-mb 300] [--repeats 2] [--json out.json]
+    <vLLM env>/bin/python bench/bench_vllm_load.py [--total-mb 300] [--repeats 2] [--only ...]
+        [--wait-idle 30] [--timeout 900] [--json out.json]
 
 Needs vLLM (scripts/test_vllm.sh makes the environment; its CPU build loads to the CPU, and on a
 machine with vLLM's CUDA build the same run loads to the GPU). The checkpoint is a transformers
@@ -13,7 +14,12 @@ Llama with random bf16 weights (blob2gpu.tools.demo.write_demo_llama), written o
 bench/.data/. Each contestant runs in a fresh interpreter with vLLM's engine in that process (no
 engine or worker processes: the loader's code path is the same, and its time is measured around
 BaseModelLoader.load_weights). The page cache is warmed before local-file rows (a node's second
-start); Blob rows read through Azurite on loopback.
+start); Blob rows read through Azurite on loopback: `blob` is an HTTP Azurite (as blob2gpu's
+tests), `tls` a second one over HTTPS on the production-style host devstoreaccount1.blob.localhost,
+because runai-model-streamer's native Azure client only builds https://<account>.<suffix> URLs and
+trusts only its compiled-in CA file: its worker runs in a private mount namespace (unshare -m, root)
+where that file also holds the emulator's self-signed certificate (see runai_blob_wrapper). With
+local rows only (bench/vllm_check.sh on a GPU host) no emulator is started.
 """
 
 from __future__ import annotations
