@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with an NVIDIA GPU (no network needed), build the extension, run the
 # test suite against the REAL driver (with the O_DIRECT cuda case), check pinning the staging ring
-# (and whether `ulimit -l` matters to it), run the GPU load benchmark, and print a short table last.
-# Within 5 minutes on an H100/H200.
+# (and whether `ulimit -l` matters to it), run the GPU load benchmark, compare vLLM's weight
+# loading (default loader vs blob2gpu, local files; bench/vllm_check.sh) where vLLM's CUDA build is
+# importable and the budget has time left, and print a short table last. Within 5 minutes on an
+# H100/H200.
 #
 #   bash bench/gpu_check.sh [--quick]    the check (--quick: a 1 GB benchmark instead of 4 GB)
 #   bash bench/gpu_check.sh --check-only only say, in one line, what this host lacks
 #   bash bench/gpu_check.sh --blob       build, then the Azure Blob benchmark on that host's cores
 #                                        and its GPU (bench_blob_load.py --gpu), about 3 minutes
+#   bash bench/gpu_check.sh --vllm       build, then only the vLLM comparison (1 GB, one repeat,
+#                                        at most VLLM_CHECK_TIMEOUT s, default 150)
 #
 # What it needs: python3 (3.10+), a C++ compiler, cmake, make or ninja, and the Python packages
 # pybind11, scikit-build-core, pytest, numpy, safetensors, hypothesis and torch (a CUDA build). It
 # checks them first. The host has no network: what is missing is installed from .devbundle/tools
 # (bench/device_bundle.sh, run where there is network, then carried along) when it is there;
 # otherwise one line says what is missing. Everything is installed into a venv that sees the
-# system's packages (torch), so a PEP 668 "externally managed" Python is never written to.
+# system's packages (torch, and vLLM where the host has it: its CUDA build is several GB and is not
+# bundled), so a PEP 668 "externally managed" Python is never written to.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-}
@@ -118,6 +123,12 @@ if [ "$MODE" = "--blob" ]; then
   exit $(( build_rc || blob_rc ))
 fi
 
+if [ "$MODE" = "--vllm" ]; then
+  echo "== vLLM: default loader vs blob2gpu, local files"
+  OUT=$OUT bash bench/vllm_check.sh "$PY"
+  exit $?
+fi
+
 # From here every step runs and the table says how each went.
 set +e
 echo "== pinning the staging ring (does RLIMIT_MEMLOCK apply to cuMemHostAlloc?)"
@@ -157,10 +168,22 @@ timeout "$(cap 120)" "$PY" bench/bench_gpu_load.py --total-gb "$gb" --repeats 3 
   --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -12
 bench_rc=${PIPESTATUS[0]}
 
+echo "== vLLM: default loader vs blob2gpu, local files"
+# Its own timeout, within what is left of the budget; skipped (one line) when under a minute is left.
+if (( $(left) >= 60 )); then
+  VLLM_CHECK_TIMEOUT=$(cap 150) OUT=$OUT bash bench/vllm_check.sh "$PY" | tee "$OUT/vllm-check.log"
+  vllm_rc=${PIPESTATUS[0]}
+else
+  echo "vLLM comparison: skipped: $(left) s left of the ${BUDGET_S} s budget (bash bench/gpu_check.sh --vllm runs it alone)" |
+    tee "$OUT/vllm-check.log"
+  vllm_rc=0
+fi
+
 echo
 echo "== blob2gpu GPU check ($(( $(date +%s) - START )) s)"
-echo "build rc=$build_rc | tests rc=$test_rc ($summary) | bench rc=$bench_rc"
+echo "build rc=$build_rc | tests rc=$test_rc ($summary) | bench rc=$bench_rc | vllm rc=$vllm_rc"
 echo "O_DIRECT into pinned slots (cuda): ${direct:-not run}"
 echo "pinning a 256 MiB ring: ulimit -l $memlock: $pin_now | ulimit -l 64: $pin_64k"
 sed -n '/GB, /,$p' "$OUT/bench.log"
-exit $(( test_rc || bench_rc ))
+grep -E "^vLLM comparison|^\| |^blob2gpu local" "$OUT/vllm-check.log"
+exit $(( test_rc || bench_rc || vllm_rc ))

@@ -18,16 +18,17 @@ from support.azurite import ACCOUNT, ACCOUNT_KEY, Azurite  # type: ignore[import
 __all__ = ["Azurite", "container_sas", "start", "upload"]
 
 
-def start(tls_dir: Path | None = None) -> tuple[Azurite, str]:
+def start(tls_dir: Path | None = None, tls_names: tuple[str, ...] = ()) -> tuple[Azurite, str]:
     """Returns a started in-memory Azurite and its CA bundle ('' over HTTP).
 
-    With `tls_dir` it serves HTTPS with a self-signed certificate written there, which this
-    process and its children trust as a user trusts a private CA (REQUESTS_CA_BUNDLE)."""
+    With `tls_dir` it serves HTTPS with a self-signed certificate written there (valid for
+    127.0.0.1, localhost and `tls_names`), which this process and its children trust as a user
+    trusts a private CA (REQUESTS_CA_BUNDLE)."""
     if tls_dir is None:
         return Azurite(), ""
     from support.tls import self_signed_certificate  # type: ignore[import-not-found]
 
-    tls = self_signed_certificate(tls_dir)
+    tls = self_signed_certificate(tls_dir, tls_names)
     os.environ["REQUESTS_CA_BUNDLE"] = str(tls[0])
     return Azurite(tls=tls), str(tls[0])
 

@@ -48,8 +48,11 @@ def worker_command(script: str, name: str, *args: str) -> list[str]:
     return [sys.executable, script, "--worker", name, *args]
 
 
-def run_in_fresh_process(cmd: list[str], timeout_s: float) -> tuple[dict[str, Any], list[str]]:
-    """Runs one worker; returns (its result, its non-empty stderr lines).
+def run_in_fresh_process(
+    cmd: list[str], timeout_s: float, env: dict[str, str] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """Runs one worker (with `env`, else this process's environment); returns (its result, its
+    non-empty stderr lines).
 
     The result is the worker's emitted payload plus `process` (wall and CPU seconds of the whole
     process as the parent sees it, imports included: a cross-check; its exit code) and
@@ -57,7 +60,9 @@ def run_in_fresh_process(cmd: list[str], timeout_s: float) -> tuple[dict[str, An
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout_s, check=False, env=env
+        )
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"timed out after {timeout_s:.0f} s"}, []
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -7,9 +7,12 @@ import ipaddress
 from pathlib import Path
 
 
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+def self_signed_certificate(
+    directory: Path, extra_names: tuple[str, ...] = ()
+) -> tuple[Path, Path]:
     """Write cert.pem and key.pem (EC P-256, valid for a day) into `directory`; returns both.
-    The certificate is its own CA: point REQUESTS_CA_BUNDLE at it to trust it."""
+    The certificate is its own CA: point REQUESTS_CA_BUNDLE at it to trust it. `extra_names`:
+    more DNS names it is valid for (e.g. a production-style devstoreaccount1.blob.localhost)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,7 +31,11 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [
+                    x509.DNSName("localhost"),
+                    *(x509.DNSName(n) for n in extra_names),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
             ),
             critical=False,
         )
