@@ -272,10 +272,9 @@ def test_local_source_and_model_source_uri(write_checkpoint, tmp_path, no_driver
     assert result.returncode == 1 and checks(result)["checkpoint"]["status"] == "fail"
 
 
-def test_model_fit_counts_on_the_room_under_the_pod_s_memory_limit(
-    tmp_path, no_driver, monkeypatch
-):
-    # In-process: the cgroup v2 tree is laid out in a directory, as the kernel shows it.
+def test_model_fit_counts_on_the_room_under_the_pod_s_memory_limit(tmp_path, monkeypatch):
+    # In-process (the driver this process loaded, if any, is left as it is: the check is on the
+    # cpu): the cgroup v2 tree is laid out in a directory, as the kernel shows it.
     from blob2gpu.loading import host_memory
     from blob2gpu.operations.preflight import run_preflight
 
@@ -286,10 +285,17 @@ def test_model_fit_counts_on_the_room_under_the_pod_s_memory_limit(
     (tmp_path / "self-cgroup").write_text("0::/pod\n")
     monkeypatch.setattr(host_memory, "CGROUP_ROOT", tmp_path / "cgroup")
     monkeypatch.setattr(host_memory, "PROC_CGROUP", tmp_path / "self-cgroup")
-    for name, value in no_driver.items():
-        monkeypatch.setenv(name, value)
     result = run_preflight(model_bytes=1 << 30, device="cpu", cache_dir=tmp_path / "cache")
     fit = next(c for c in result.checks if c.name == "model_fit")
     assert fit.status == "fail" and fit.data["free_bytes"] == 1 << 30  # 1 GiB x 1.1 > 1 GiB
-    assert f"left under the memory limit (2.15 GB, {pod / 'memory.max'})" in fit.value
+    assert f"left under this process's memory limit (2.15 GB, {pod / 'memory.max'})" in fit.value
     assert "raise the container's memory limit" in fit.hint
+    # host_memory_limit_bytes below what the group leaves binds instead, and says so.
+    monkeypatch.setenv("BLOB2GPU_HOST_MEMORY_LIMIT_BYTES", "512MiB")
+    result = run_preflight(model_bytes=1 << 20, device="cpu", cache_dir=tmp_path / "cache")
+    fit = next(c for c in result.checks if c.name == "model_fit")
+    assert fit.status == "ok" and fit.data["free_bytes"] == 512 << 20
+    assert "host_memory_limit_bytes allows 0.54 GB" in fit.value
+    result = run_preflight(model_bytes=1 << 29, device="cpu", cache_dir=tmp_path / "cache")
+    fit = next(c for c in result.checks if c.name == "model_fit")
+    assert fit.status == "fail" and "raise host_memory_limit_bytes" in fit.hint

@@ -68,7 +68,12 @@ def test_the_vllm_deployment_serves_with_the_blob2gpu_load_format():
     spec = deployment["spec"]["template"]["spec"]
     fetch = spec["initContainers"][0]["command"]
     build_parser().parse_args(fetch[1:])
-    serve = spec["containers"][0]["command"]
+    container = spec["containers"][0]
+    # The command empties the metrics directory, then runs the arguments.
+    assert container["command"][:2] == ["sh", "-c"] and 'exec "$@"' in container["command"][2]
+    assert "PROMETHEUS_MULTIPROC_DIR" in container["command"][2]
+    assert {"name": "PROMETHEUS_MULTIPROC_DIR", "value": "/prometheus"} in container["env"]
+    serve = container["args"]
     assert serve[:3] == ["vllm", "serve", fetch[-1]]  # the directory the init container filled
     assert serve[serve.index("--load-format") + 1] == "blob2gpu"
     extra = json.loads(serve[serve.index("--model-loader-extra-config") + 1])

@@ -25,8 +25,8 @@ def test_source_and_settings_are_read_and_checked():
     [
         ({"prefetch_concurency": 4}, "did you mean 'prefetch_concurrency'"),
         ({"verify": "md5"}, r"extra-config: setting 'verify' .* bad value 'md5'"),
-        ({"source": 3}, "'source' in --model-loader-extra-config must be a non-empty string"),
-        ({"distributed": "yes"}, "'distributed' in --model-loader-extra-config must be true"),
+        ({"source": 3}, "extra-config: 'source' must be a non-empty string"),
+        ({"distributed": "yes"}, "extra-config: 'distributed' must be true"),
         ([1, 2], "must be a JSON object"),
     ],
 )
@@ -43,6 +43,19 @@ def test_every_bad_key_is_named_in_one_error():
     assert message.startswith("--model-loader-extra-config: unknown setting 'prefetch_concurency'")
     assert "setting 'io_threads'" in message and "bad value 'many'" in message
     assert "'verify'" not in message  # a good key is not a problem
+    # The plugin's own keys are named in the same error.
+    with pytest.raises(ConfigError) as info:
+        VllmLoadOptions.from_extra_config({"source": "", "distributed": 1, "io_threads": "x"})
+    assert "'source' must be" in str(info.value) and "'distributed' must be" in str(info.value)
+    assert "setting 'io_threads'" in str(info.value)
+
+
+def test_a_bad_environment_variable_is_not_blamed_on_the_extra_config(monkeypatch):
+    monkeypatch.setenv("BLOB2GPU_IO_THREADS", "many")
+    with pytest.raises(ConfigError) as info:
+        VllmLoadOptions.from_extra_config({"verify": "crc32c"})
+    assert "BLOB2GPU_IO_THREADS" in str(info.value)
+    assert "extra-config" not in str(info.value)
 
 
 def test_the_source_falls_back_to_the_environment_then_the_model_directory(monkeypatch):

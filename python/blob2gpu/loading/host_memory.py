@@ -39,6 +39,44 @@ def host_memory(cgroup_root: Path | None = None, proc_cgroup: Path | None = None
     return HostMemory(machine)
 
 
+@dataclass(frozen=True)
+class HostBudget:
+    """The host memory a load may count on. available: bytes; bound: what sets it, as a clause
+    for messages ("1.20 GB is available"); remedy: what gives it more."""
+
+    available: int
+    bound: str
+    remedy: str
+
+
+def host_budget(limit_setting: int) -> HostBudget:
+    """The host memory a load may count on: host_memory(), lowered to `limit_setting`
+    (host_memory_limit_bytes) when that is set and smaller; for the fit check and preflight."""
+    host = host_memory()
+    if 0 < limit_setting < host.available:
+        return HostBudget(
+            limit_setting,
+            f"host_memory_limit_bytes allows {_gb(limit_setting)}",
+            "raise host_memory_limit_bytes if it may use more",
+        )
+    if host.limit:
+        return HostBudget(
+            host.available,
+            f"{_gb(host.available)} is left under this process's memory limit "
+            f"({_gb(host.limit)}, {host.where})",
+            "raise the container's memory limit",
+        )
+    return HostBudget(
+        host.available,
+        f"{_gb(host.available)} is available",
+        "free host memory or use a larger node",
+    )
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
 def _mem_available() -> int:
     try:
         with open("/proc/meminfo") as f:

@@ -7,7 +7,7 @@ from typing import Any
 
 from blob2gpu import phrasing
 from blob2gpu.errors import InsufficientGPUMemory, InsufficientHostMemory
-from blob2gpu.loading.host_memory import host_memory
+from blob2gpu.loading.host_memory import host_budget
 
 GB = 1e9
 
@@ -42,26 +42,13 @@ def check_memory_fit(
             readers = max(settings.io_threads, settings.prefetch_concurrency)
             held = sum(sorted(shard_sizes, reverse=True)[:readers])
         need = held * settings.host_headroom_factor
-        host = host_memory()
-        limit = settings.host_memory_limit_bytes
-        if 0 < limit < host.available:
-            available, has = limit, f"host_memory_limit_bytes allows {_gb(limit)}"
-            advice = "raise host_memory_limit_bytes if it may use more, "
-        elif host.limit:
-            available = host.available
-            has = (
-                f"{_gb(available)} is left under this process's memory limit "
-                f"({_gb(host.limit)}, {host.where})"
-            )
-            advice = "raise the container's memory limit, "
-        else:
-            available, has, advice = host.available, f"{_gb(host.available)} is available", ""
-        if available < need:
+        budget = host_budget(settings.host_memory_limit_bytes)
+        if budget.available < need:
             holder = f"loading {what}" if device == "cpu" else "host staging of the largest shards"
             raise InsufficientHostMemory(
                 f"{holder} needs {_gb(need)} of host memory ({_gb(held)} x host_headroom_factor "
-                f"{settings.host_headroom_factor:g}) but {has}; free memory, load to a GPU "
-                f"({phrasing.device('cuda')}), {advice}or lower host_headroom_factor "
+                f"{settings.host_headroom_factor:g}) but {budget.bound}; {budget.remedy}, load to "
+                f"a GPU ({phrasing.device('cuda')}), or lower host_headroom_factor "
                 f"({phrasing.setting('host_headroom_factor', 1.0)})"
             )
     if measured is not None:

@@ -49,24 +49,22 @@ class VllmLoadOptions:
             )
         values = dict(extra)
         options = {key: values.pop(key) for key in OPTION_KEYS if key in values}
+        problems = []
         for key in ("source", "config", "report_path"):
             value = options.get(key)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ConfigError(
-                    f"'{key}' in --model-loader-extra-config must be a non-empty string, "
-                    f"not {value!r}"
-                )
+                problems.append(f"'{key}' must be a non-empty string, not {value!r}")
         distributed = options.get("distributed", True)
         if not isinstance(distributed, bool):
-            raise ConfigError(
-                f"'distributed' in --model-loader-extra-config must be true or false, "
-                f"not {distributed!r}"
-            )
+            problems.append(f"'distributed' must be true or false, not {distributed!r}")
         settings = dict(values)
-        check_settings(settings, options.get("config"))
+        config = options.get("config") if isinstance(options.get("config"), str) else None
+        problems += settings_problems(settings, config or None)
+        if problems:
+            raise ConfigError("--model-loader-extra-config: " + "; ".join(problems))
         return cls(
             source=options.get("source"),
-            config=options.get("config"),
+            config=config or None,
             report_path=options.get("report_path"),
             distributed=distributed,
             settings=settings,
@@ -89,20 +87,17 @@ class VllmLoadOptions:
         return f"{path}.rank{rank}" if world > 1 else path
 
 
-def check_settings(settings: Mapping[str, Any], config_path: str | None) -> None:
-    """Raises one ConfigError naming every bad key of `settings` (unknown, or a bad value: the
-    schema's message for each), so a start that fails on the extra config says all there is to
-    fix. Checked in the process that reads the option, before anything is fetched; each worker
-    resolves them again with its own environment."""
-    try:
-        base = resolve({}, config_path=config_path)
-    except ConfigError as error:  # the environment or the config file, not the extra config
-        raise ConfigError(f"--model-loader-extra-config: {error.message}") from None
+def settings_problems(settings: Mapping[str, Any], config_path: str | None) -> list[str]:
+    """What is wrong with each bad key of `settings` (unknown, or a bad value: the schema's
+    message for each), so that a start that fails on the extra config says all there is to fix.
+    Checked in the process that reads the option, before anything is fetched; each worker
+    resolves them again with its own environment. Raises ConfigError, unchanged, for a bad
+    environment variable or config file (which name themselves: not the extra config's)."""
+    base = resolve({}, config_path=config_path)
     problems = []
     for key, value in settings.items():
         try:
             base.with_overrides({key: value})
         except ConfigError as error:
             problems.append(error.message)
-    if problems:
-        raise ConfigError("--model-loader-extra-config: " + "; ".join(problems))
+    return problems

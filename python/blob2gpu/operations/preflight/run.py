@@ -8,7 +8,7 @@ from pathlib import Path
 
 from blob2gpu import _core
 from blob2gpu.errors import Blob2GpuError, InvalidArgument
-from blob2gpu.loading.host_memory import host_memory
+from blob2gpu.loading.host_memory import host_budget
 from blob2gpu.operations.preflight.cache import CACHE_PROBE_BYTES, check_cache, default_cache_dir
 from blob2gpu.operations.preflight.node import check_driver, check_gpus, check_pinned
 from blob2gpu.operations.preflight.result import (
@@ -44,18 +44,13 @@ def check_fit(run: PreflightRun) -> None:
         except Blob2GpuError as e:
             run.add(Check("model_fit", FAIL, f"{target}: {e}", "check nvidia-smi"), t)
             return
-        factor, where, knob = s.gpu_headroom_factor, f"free on {target}", "gpu_headroom_factor"
+        factor, knob = s.gpu_headroom_factor, "gpu_headroom_factor"
+        where = f"{gb(free)} free on {target}"
         remedy = "free GPU memory, use a larger GPU, quantize or shard the model"
     else:
         target = "cpu"
-        host = host_memory()
-        free, where = host.available, "host RAM available"
-        remedy = "free host memory or use a larger node"
-        if 0 < s.host_memory_limit_bytes < free:
-            free, where = s.host_memory_limit_bytes, "host RAM allowed by host_memory_limit_bytes"
-        elif host.limit:
-            where = f"host RAM left under the memory limit ({gb(host.limit)}, {host.where})"
-            remedy = "raise the container's memory limit"
+        budget = host_budget(s.host_memory_limit_bytes)
+        free, where, remedy = budget.available, f"host RAM: {budget.bound}", budget.remedy
         factor, knob = s.host_headroom_factor, "host_headroom_factor"
     need = need_bytes * factor
     data = {
@@ -66,10 +61,8 @@ def check_fit(run: PreflightRun) -> None:
         "free_bytes": free,
         "target": target,
     }
-    value = (
-        f"{gb(need)} needed ({gb(need_bytes)} from {run.model_bytes_from} x {factor:g}), "
-        f"{gb(free)} {where}"
-    )
+    counted = f"{gb(need_bytes)} from {run.model_bytes_from} x {factor:g}"
+    value = f"{gb(need)} needed ({counted}), {where}"
     if free < need:
         run.add(Check("model_fit", FAIL, value, f"{remedy}, or lower {knob}", data=data), t)
     else:
