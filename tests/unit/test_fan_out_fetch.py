@@ -34,24 +34,39 @@ class _Container:
         return object()
 
 
+class _Policy(RetryPolicy):
+    """The load's retry policy, saying when a retry's wait begins."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiting = threading.Event()
+
+    def wait_before_retry(self, *args, **kwargs) -> float:
+        self.waiting.set()
+        return super().wait_before_retry(*args, **kwargs)
+
+
 def test_a_failed_fetch_thread_stops_one_waiting_out_throttling(monkeypatch):
     location = BlobLocation("https://acct.blob.core.windows.net", "acct", "c", "m")
     # A Retry-After of an hour, honoured up to retry_throttled_seconds (10 minutes): the wait
     # the other thread's failure must cut short.
-    retry = RetryPolicy(location, 6, 0.01, 0.05, throttled_seconds=600.0)
+    retry = _Policy(location, 6, 0.01, 0.05, throttled_seconds=600.0)
     throttle = ThrottleControl(ceiling=2, range_bytes=64 * KiB, max_range_bytes=64 * KiB)
     exchange = GroupExchange.__new__(GroupExchange)
     exchange._throttle = throttle
     exchange._reader = BlobRangeReader(_Container(), location, retry, None, throttle)
-    waiting = threading.Event()
+    second_sent = threading.Event()
     asked: list[int] = []
 
     def open_range(blob, start, end, etag):
         asked.append(start)
-        if start == 0:  # the first range: throttled, its thread waits out the Retry-After
-            waiting.set()
+        if start == 0:
+            # The first range is throttled once the second is sent (so that one is not held by
+            # the load's throttling wait before it is): its thread waits out the Retry-After.
+            second_sent.wait(30)
             raise _Busy(3600)
-        waiting.wait(30)  # fail once the other thread has its 503 (and is about to wait)
+        second_sent.set()
+        retry.waiting.wait(30)  # the other thread is in its wait: now this one fails
         raise BlobChanged("shard 'a': the blob changed during the load")
 
     monkeypatch.setattr(range_reader, "open_range", open_range)
