@@ -50,7 +50,8 @@ load that starts within
 NODE_MEMORY_SECONDS of a published decrease starts with the published ranges and one request in
 flight, and slow-starts only up to the published concurrency: the node already knows where the
 account throttles. Nothing is held in that file that a crashed process could leak: it says when
-the node was last throttled, until when to wait, and at what concurrency and range size.
+the node was last throttled, until when to wait, at what concurrency and range size, and
+whether for egress or request rate (which pace the others cut).
 """
 
 from __future__ import annotations
@@ -321,10 +322,10 @@ class ThrottleControl:
             self._decrease(grow_range=by_rate)
             kind = REQUEST_RATE if by_rate else EGRESS
             self._pace(kind)
-            limit, size = self._threshold, self._range
-        if self._node is not None:
-            published = self._node.publish(retry_after, limit, size, kind)
-            with self._lock:
+            if self._node is not None:
+                # Published under the lock: another thread of this load that reads the node's
+                # state meanwhile must not take this load's own decrease for a node partner's.
+                published = self._node.publish(retry_after, self._threshold, self._range, kind)
                 self._node_seen = max(self._node_seen, published)
         return True
 
