@@ -133,6 +133,13 @@ def record_throttles() -> list[Any]:
     return made
 
 
+def note_pace(out: dict[str, Any], stats: Any) -> None:
+    """The pace a throttled load settled at (bytes/s, requests/s; None: not paced)."""
+    out["pace_bytes_per_second"] = stats.pace_bytes_per_second
+    out["pace_requests_per_second"] = stats.pace_requests_per_second
+    out["decreases"] = stats.decreases
+
+
 def load(config: dict[str, Any], out: dict[str, Any], started: float) -> dict[str, Any]:
     """Loads the checkpoint as `config` says, noting seconds (and requests) in `out`; returns the
     tensors. Raises what the load raises."""
@@ -158,11 +165,15 @@ def load(config: dict[str, Any], out: dict[str, Any], started: float) -> dict[st
             out["throttled"] = stats.throttled
             out["concurrency_settled"] = stats.concurrency
             out["range_bytes_settled"] = stats.range_bytes
+            note_pace(out, stats)
         return tensors
+    controls = record_throttles()
     with blob2gpu.open(uri, framework="dlpack", **settings) as checkpoint:
         tensors = checkpoint.to_dict()
         report = checkpoint.report
     out["seconds"] = time.perf_counter() - started
+    if controls:
+        note_pace(out, controls[-1].stats())
     out["requests"] = report.requests
     out["throttled"] = report.throttled
     out["concurrency_settled"] = report.concurrency_settled
@@ -221,6 +232,9 @@ class Wave:
     copies_needed: float = 0.0  # copies of the checkpoint the account must serve
     egress_bytes_per_second: float = 0.0  # the egress cap; 0: off
     notes: list[str] = field(default_factory=list)
+    # Every ranged GET the proxy saw, served or refused: (seconds after the release, blob, bytes
+    # asked, 200 or 503), for the JSON: when the throttled ones came.
+    ranged: list[tuple[float, str, int, int]] = field(default_factory=list)
 
     @property
     def ok(self) -> list[dict[str, Any]]:
@@ -318,6 +332,7 @@ def run_wave(
     proxy.faults.max_requests_per_second = cap
     proxy.faults.egress_bytes_per_second, proxy.faults.egress_burst_bytes = egress
     started = time.perf_counter()
+    released = time.monotonic()  # the proxy's clock
     for p in procs:
         assert p.stdin is not None
         p.stdin.write("go\n")
@@ -339,6 +354,7 @@ def run_wave(
         copies_needed,
         egress[0],
         notes,
+        [(round(t - released, 4), path, asked, status) for t, path, asked, status in c.ranged],
     )
 
 

@@ -320,7 +320,8 @@ with blob2gpu.open(sys.argv[1], framework="dlpack", chunk_bytes=32768,
 print(json.dumps({"crc": {n: zlib.crc32(tensors[n].to_bytes()) for n in sorted(tensors)},
                   "retries": report.retries, "requests": report.requests,
                   "throttled": report.throttled, "range": report.range_bytes_settled,
-                  "node_decreases": report.throttle_node_decreases}))
+                  "node_decreases": report.throttle_node_decreases,
+                  "pace": report.pace_bytes_per_second}))
 """
 
 
@@ -424,6 +425,8 @@ def test_egress_cap_is_shared_by_loaders_that_back_off(
     assert counters.egress_throttled > 0 and counters.throttled == counters.egress_throttled
     assert sum(r["throttled"] for r in results) > 0
     assert all(r["range"] == 32768 for r in results)  # egress-throttled: ranges not grown
+    # A load throttled after answers came is paced in bytes per second from then on.
+    assert any(r["pace"] is not None and r["pace"] > 0 for r in results)
     if one_node:
         assert sum(r["node_decreases"] for r in results) >= 1
     else:

@@ -250,8 +250,10 @@ def test_a_load_never_takes_its_own_published_decrease_for_another_load_s(tmp_pa
     looked: list[threading.Thread] = []
 
     class LookingWhilePublishing(NodeThrottle):
-        def publish(self, retry_after: float, concurrency: int = 0, range_bytes: int = 0) -> int:
-            generation = super().publish(retry_after, concurrency, range_bytes)
+        def publish(
+            self, retry_after: float, concurrency: int = 0, range_bytes: int = 0, kind: int = 0
+        ) -> int:
+            generation = super().publish(retry_after, concurrency, range_bytes, kind)
             other = threading.Thread(target=control.epoch)  # another GET about to be sent
             other.start()
             other.join(timeout=0.5)  # blocked until the publishing thread is done, when correct
@@ -263,3 +265,145 @@ def test_a_load_never_takes_its_own_published_decrease_for_another_load_s(tmp_pa
     looked[0].join()
     stats = control.stats()
     assert (stats.decreases, stats.node_decreases) == (1, 0)
+
+
+# -- pacing: a throttled load's requests keep to a rate (scripted clock; no timings) -------------
+MiB = 1 << 20
+
+
+class Clock:
+    """A scripted clock for the pacing: seconds, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def goes_now(control: ThrottleControl, size: int) -> bool:
+    """Whether a request of `size` bytes would be sent at once (not held for its pace): with the
+    stop already set, acquire() returns False instead of waiting. A request let go is answered
+    with nothing (it is booked with the pacers, as a sent one is)."""
+    stopped = threading.Event()
+    stopped.set()
+    if not control.acquire(stopped, size):
+        return False
+    control.release()
+    return True
+
+
+def served(control: ThrottleControl, clock: Clock, answers: int, size: int, seconds: float) -> None:
+    """`answers` requests of `size` bytes, one after another, over `seconds` of the clock (use
+    fractions a float holds exactly)."""
+    for _ in range(answers):
+        assert control.acquire(threading.Event(), size)
+        clock.now += seconds / answers
+        control.release()
+        control.answered(size)
+
+
+def test_an_unthrottled_load_is_never_paced():
+    clock = Clock()
+    control = ThrottleControl(8, MiB, 32 * MiB, clock=clock)
+    served(control, clock, 256, MiB, 2.0)  # 128 MiB/s, as fast as the account answers
+    assert all(goes_now(control, MiB) for _ in range(50))  # 50 at one instant: none held
+    stats = control.stats()
+    assert (stats.pace_bytes_per_second, stats.pace_requests_per_second) == (None, None)
+
+
+def test_egress_throttling_paces_bytes_from_what_was_served():
+    clock = Clock()
+    control = ThrottleControl(8, MiB, 32 * MiB, clock=clock)
+    served(control, clock, 16, MiB, 2.0)  # 8 MiB/s over the last second
+    control.throttled(control.epoch(), retry_after=1.0, by_rate=False)
+    pace = throttle.PACE_DECREASE * 8 * MiB
+    assert control.stats().pace_bytes_per_second == pytest.approx(pace)
+    assert control.stats().pace_requests_per_second is None  # egress paces bytes only
+    # A request waits for its bytes' time: 1 MiB goes, the next one only 1 MiB / pace later.
+    assert goes_now(control, MiB)
+    assert not goes_now(control, MiB)
+    clock.now += 2 * MiB / pace + 1e-6  # the time of both booked above
+    assert goes_now(control, MiB)
+
+
+def test_the_pace_is_cut_once_per_burst_and_raised_per_interval_without_one():
+    clock = Clock()
+    control = ThrottleControl(8, MiB, 32 * MiB, clock=clock)
+    served(control, clock, 8, MiB, 1.0)
+    control.throttled(control.epoch(), by_rate=False)
+    start = throttle.PACE_DECREASE * 8 * MiB
+    clock.now += 0.5  # another 503 within the interval: the same burst, no second cut
+    assert control.throttled(control.epoch(), by_rate=False)  # (a concurrency decrease)
+    assert control.stats().pace_bytes_per_second == pytest.approx(start)
+    clock.now += 0.6  # a new burst: cut again
+    control.throttled(control.epoch(), by_rate=False)
+    cut = start * throttle.PACE_DECREASE
+    assert control.stats().pace_bytes_per_second == pytest.approx(cut)
+    clock.now += 3.5  # three whole intervals unthrottled: three steps of 2 ranges' bytes
+    step = throttle.PACE_STEP_REQUESTS * MiB / throttle.PACE_INTERVAL_SECONDS
+    assert control.stats().pace_bytes_per_second == pytest.approx(cut + 3 * step)
+    for _ in range(12):  # cut after cut: never under one step
+        clock.now += 1.0
+        control.throttled(control.epoch(), by_rate=False)
+    assert control.stats().pace_bytes_per_second == pytest.approx(step)
+
+
+def test_request_rate_throttling_paces_requests_and_grows_ranges_when_held():
+    clock = Clock()
+    control = ThrottleControl(8, MiB, 64 * MiB, clock=clock)
+    served(control, clock, 32, MiB, 1.0)  # 32 requests in the second before the 503
+    control.throttled(control.epoch())  # request rate: ranges grow, requests are paced
+    assert control.range_bytes == RANGE_GROWTH * MiB
+    assert control.stats().pace_requests_per_second == pytest.approx(32 * throttle.PACE_DECREASE)
+    assert control.stats().pace_bytes_per_second is None
+    assert goes_now(control, MiB)
+    assert not goes_now(control, MiB)  # held: the next ranges carry more bytes
+    assert control.range_bytes == RANGE_GROWTH**2 * MiB
+    assert not goes_now(control, MiB)
+    assert control.range_bytes == 64 * MiB  # up to the staging slot, not past it
+
+
+def test_the_concurrency_is_not_raised_while_the_pace_holds_requests():
+    clock = Clock()
+    control = at_ceiling(ThrottleControl(4, MiB, MiB, clock=clock))
+    served(control, clock, 8, MiB, 1.0)
+    control.throttled(control.epoch(), by_rate=False)
+    assert control.concurrency == 1
+    assert goes_now(control, MiB)
+    assert not goes_now(control, MiB)  # held by the pace
+    assert not control.answered(MiB)  # the pace, not the concurrency, is what holds it back
+    clock.now += 10.0
+    assert goes_now(control, MiB)  # not held: answers raise the concurrency again
+    assert control.answered(MiB) and control.concurrency == 2
+
+
+def test_a_throttle_before_any_answer_lowers_concurrency_only():
+    clock = Clock()
+    control = ThrottleControl(8, MiB, MiB, clock=clock)
+    assert control.acquire(threading.Event(), MiB)
+    control.release()
+    control.throttled(control.epoch(), by_rate=False)  # nothing measured: nothing to pace from
+    assert control.concurrency == 1
+    assert control.stats().pace_bytes_per_second is None
+    assert goes_now(control, MiB) and goes_now(control, MiB)
+
+
+def test_a_node_partners_throttle_cuts_a_pace_but_starts_none(tmp_path):
+    clock = Clock()
+    a = ThrottleControl(8, MiB, MiB, NodeThrottle(tmp_path), clock=clock)
+    b = ThrottleControl(8, MiB, MiB, NodeThrottle(tmp_path), clock=clock)
+    served(a, clock, 8, MiB, 1.0)
+    a.throttled(a.epoch(), by_rate=False)
+    # b follows the node's decrease before its first request: concurrency, not a pace (it had
+    # measured nothing yet)
+    served(b, clock, 8, MiB, 1.0)
+    assert b.stats().node_decreases == 1 and b.stats().pace_bytes_per_second is None
+    b.throttled(b.epoch(), by_rate=False)  # its own 503: paced from what it was served
+    b_pace = b.stats().pace_bytes_per_second
+    assert b_pace is not None
+    clock.now += 1.5
+    a_pace = a.stats().pace_bytes_per_second
+    a.epoch()  # b's decrease, published: a cuts the pace it has (a new burst for a)
+    assert a.stats().pace_bytes_per_second == pytest.approx(a_pace * throttle.PACE_DECREASE)
+    assert NodeThrottle(tmp_path).state().kind == throttle.EGRESS

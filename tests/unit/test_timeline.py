@@ -64,6 +64,27 @@ def test_show_says_what_making_host_memory_resident_cost(report_file):
     assert "resident" not in result.stdout
 
 
+def test_show_says_how_a_throttled_load_adapted_and_its_pace(report_file):
+    doc = json.loads(report_file.read_text())
+    doc.update(
+        throttled=5,
+        throttle_decreases=2,
+        concurrency_lowest=1,
+        concurrency_settled=3,
+        range_bytes_settled=1 << 20,
+        pace_bytes_per_second=6.5e6,
+    )
+    report_file.write_text(json.dumps(doc))
+    result = run("report", "show", str(report_file))
+    assert result.returncode == 0, result.stderr
+    assert "5 throttled answer(s): concurrency lowered 2 time(s)" in result.stdout
+    assert "ranges settled at 1024 KiB; paced at 6.5 MB/s" in result.stdout
+    doc.update(pace_bytes_per_second=None, pace_requests_per_second=12.0)
+    report_file.write_text(json.dumps(doc))
+    result = run("report", "show", str(report_file))
+    assert "paced at 12.0 requests/s" in result.stdout and "MB/s;" not in result.stdout
+
+
 def test_png_is_produced(report_file, tmp_path):
     out = tmp_path / "timeline.png"
     result = run("report", "show", str(report_file), "--png", str(out))

@@ -198,6 +198,10 @@ class GroupExchange:
                 except BaseException as error:
                     with lock:
                         failed.append(error)
+                    # The load has failed: a thread waiting out throttling (up to
+                    # retry_throttled_seconds) or its pace stops now, as a feeder's threads do
+                    # (its first failure sets the load's stop), not when its wait is over.
+                    self._reader.stop()
 
         threads = [
             threading.Thread(target=worker, name=f"blob2gpu-fan-out-get-{i}", daemon=True)

@@ -160,6 +160,8 @@ class Checkpoint:
                 report.concurrency_lowest = throttle.min_concurrency
                 report.concurrency_settled = throttle.concurrency
                 report.range_bytes_settled = throttle.range_bytes
+                report.pace_bytes_per_second = throttle.pace_bytes_per_second
+                report.pace_requests_per_second = throttle.pace_requests_per_second
             for shard, retries in zip(report.shards, self._feeder.shard_retries, strict=True):
                 shard.retries = retries
             for index in self._cache.hits:

@@ -111,6 +111,10 @@ class LoadReport:
     concurrency_lowest: int | None = None
     concurrency_settled: int | None = None
     range_bytes_settled: int | None = None
+    # Once throttled, the pace it kept to at the end (bytes/s for egress throttling, requests/s
+    # for request-rate throttling; None: never paced for that).
+    pace_bytes_per_second: float | None = None
+    pace_requests_per_second: float | None = None
     gpu_memory_total: int | None = None
     gpu_memory_free_before: int | None = None
     gpu_memory_free_min: int | None = None  # the watermark: least free memory seen during the load

@@ -99,7 +99,7 @@ def describe(report: LoadReport) -> str:
             )
             + f", down to {report.concurrency_lowest}, settled "
             f"at {report.concurrency_settled}; ranges settled at "
-            f"{(report.range_bytes_settled or 0) / (1 << 10):.0f} KiB"
+            f"{(report.range_bytes_settled or 0) / (1 << 10):.0f} KiB" + _pace(report)
         )
     if report.host_populate_seconds > 0:
         # Where this is a large part of the load's seconds, new memory is costly on this host
@@ -205,3 +205,13 @@ def render_png(report: LoadReport, path: str | os.PathLike[str]) -> Path:
     finally:
         plt.close(fig)
     return out
+
+
+def _pace(report: LoadReport) -> str:
+    """The pace a throttled load kept to at the end, if it was paced."""
+    paces = []
+    if report.pace_bytes_per_second is not None:
+        paces.append(f"{report.pace_bytes_per_second / 1e6:.1f} MB/s")
+    if report.pace_requests_per_second is not None:
+        paces.append(f"{report.pace_requests_per_second:.1f} requests/s")
+    return f"; paced at {' and '.join(paces)}" if paces else ""

@@ -84,9 +84,11 @@ class BlobRangeReader:
                 self.requests += 1
             epoch = 0
             if self.throttle is not None:
-                if not self.throttle.acquire(self._stopping):
+                # Waits for a place in flight and, once the load is paced, for its pace.
+                if not self.throttle.acquire(self._stopping, total - pos):
                     raise LoadCancelled("the load was cancelled")
                 epoch = self.throttle.epoch()
+            start = pos
             try:
                 pos, error = self._attempt(blob, ref, offset, view, pos)
             finally:
@@ -94,7 +96,7 @@ class BlobRangeReader:
                     self.throttle.release()
             if error is None:
                 if self.throttle is not None:
-                    self.throttle.answered()
+                    self.throttle.answered(pos - start)
                 continue
             self._raise_unless_transient(error, ref, what)
             if self.throttle is not None and getattr(error, "status_code", None) in (429, 503):
@@ -107,6 +109,12 @@ class BlobRangeReader:
             with self._lock:
                 self._retries[ref.path] = self._retries.get(ref.path, 0) + 1
             throttled = self.retry.wait_before_retry(attempt, error, what, ref.path, throttled)
+
+    def stop(self) -> None:
+        """Cancel the reads: every wait (throttling, backoff, pace) ends and every read in flight
+        breaks; each ends as LoadCancelled."""
+        self._stopping.set()
+        self.interrupt()
 
     def interrupt(self) -> None:
         """Break the reads in flight (their connections are closed): a thread blocked on a slow

@@ -20,6 +20,27 @@ One burst of throttled answers is one decrease: a throttled answer to a request 
 last decrease says nothing new (the epoch each request carries tells). How long to stay away
 (Retry-After, backoff) is the RetryPolicy's; this only sets how much to send once back.
 
+Once throttled, a load is also paced by rate (Pacer), not only by concurrency: even one request
+in flight per load can offer an account several times its egress, and a load with many in flight
+has them all refused when the account turns it away. Throttled by egress, a load's requests wait
+for bytes-per-second tokens (a request costs the bytes it asks for); by request rate, for
+requests-per-second tokens (one each). Additive increase and multiplicative decrease on that rate:
+- the first throttle of a kind starts its pacer at PACE_DECREASE of what the account actually
+  served the load over the PACE_INTERVAL_SECONDS before the 503 (or since the load's first
+  request, if younger): a measured rate, not a setting;
+- each later throttle of that kind cuts it by PACE_DECREASE again, once per burst (throttled
+  answers within PACE_INTERVAL_SECONDS of a cut are that burst's, as a node's are);
+- each PACE_INTERVAL_SECONDS without a cut raises it by PACE_STEP_REQUESTS requests' worth (the
+  load's range's bytes, or requests), which is also the least pace: the same step for every load
+  of a fleet, so loads cut at different rates converge on equal shares.
+A request waits for its pace before it is sent (a stopped load stops waiting). While requests
+wait for their pace, the concurrency is not raised (the pace holds the load back, and more in
+flight would be more refused at the next throttle), and waiting for request-rate tokens grows
+the ranges by RANGE_GROWTH (requests are what the account is short of). A load never throttled
+is not paced, nor one throttled before anything was answered (it measured nothing: concurrency
+alone then); a load whose node partner was throttled cuts the pace it has, but starts none from
+that (it may have just started, or been waiting).
+
 Processes on one node share one budget through the node's cache directory (cache_dir, or its
 default, whether or not the cache is on; NodeThrottle, a small file in its locks/): a decrease is
 published there with the concurrency and range size it came to, every other load on the node
@@ -29,22 +50,40 @@ load that starts within
 NODE_MEMORY_SECONDS of a published decrease starts with the published ranges and one request in
 flight, and slow-starts only up to the published concurrency: the node already knows where the
 account throttles. Nothing is held in that file that a crashed process could leak: it says when
-the node was last throttled, until when to wait, and at what concurrency and range size.
+the node was last throttled, until when to wait, at what concurrency and range size, and
+whether for egress or request rate (which pace the others cut).
 """
 
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import struct
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 SLOW_START_CONCURRENCY = 2  # ranged GETs in flight a load opens with (the ceiling if lower)
 NODE_MEMORY_SECONDS = 30.0  # a load starting this soon after a decrease on its node starts there
 RANGE_GROWTH = 4  # throttled by request rate, a load's ranges grow this many times (to the slot)
+# Pacing (see the module); constants, not settings: a user has nothing to know to set them.
+# Accounts state and enforce their limits per second (Azure's scalability targets; the fault
+# proxy's buckets hold a second's worth), so a second is the window a served rate is measured
+# over, a burst of throttling lasts, and an increase waits for.
+PACE_INTERVAL_SECONDS = 1.0
+# The cut per throttle. Not a half: a burst of throttling hits most loads of a fleet at once (the
+# account refuses whoever asks while it is over), so the fleet's cuts add up; 0.7 left the
+# benchmark's fleet near the cap (egress p95 at the bound), 0.5 under it (bench/README.md).
+PACE_DECREASE = 0.7
+# The additive increase per interval, in requests' worth (a load's range, or one request): one
+# made the benchmark's fleet take ~10 s to grow back to the cap after the first cut.
+PACE_STEP_REQUESTS = 2
+
+EGRESS, REQUEST_RATE = 1, 2  # the kinds of throttling (NodeState.kind)
 
 
 @dataclass(frozen=True)
@@ -57,6 +96,8 @@ class ThrottleStats:
     range_bytes: int  # the range size it settled at
     min_concurrency: int  # the lowest concurrency limit it went down to
     node_decreases: int = 0  # of those, made because another load on the node was throttled
+    pace_bytes_per_second: float | None = None  # the egress pace it settled at (None: unpaced)
+    pace_requests_per_second: float | None = None  # the request-rate pace (None: unpaced)
 
 
 @dataclass(frozen=True)
@@ -68,6 +109,54 @@ class NodeState:
     stamp: float = 0.0  # unix time of the last publication (0: never)
     concurrency: int = 0  # the concurrency the last decrease came to
     range_bytes: int = 0  # and the range size
+    kind: int = 0  # what the last decrease was for: EGRESS, REQUEST_RATE (0: not said)
+
+
+class Pacer:
+    """A rate in units (bytes, or requests) per second that a throttled load's requests keep to:
+    a virtual clock, each request sent at the earliest when the ones before it have had their
+    units' time (a bucket of one request: what a load did not use is not saved up for a burst).
+    Cut multiplicatively, raised additively per interval without a cut (see the module). Not
+    thread-safe: ThrottleControl holds its lock around every call."""
+
+    def __init__(self, served: float, unit: float, now: float) -> None:
+        """served: units per second the account served the load before its first throttle;
+        unit: the units of one request (its range's bytes, or one request)."""
+        # The raise per interval, and the least rate: PACE_STEP_REQUESTS requests' units. The
+        # same for every load of a fleet (they share their settings), whatever each measured,
+        # so loads cut at different rates converge on equal shares (as TCP's one segment per
+        # round trip does) rather than keep their differences.
+        self.step = PACE_STEP_REQUESTS * unit / PACE_INTERVAL_SECONDS
+        self.rate = served
+        self._next = now  # when the next request may go
+        self._raised = now  # the start of the interval being counted towards a raise
+        self._cut = -math.inf  # when it was last cut
+        self.cut(now)
+
+    def cut(self, now: float) -> bool:
+        """A throttle: PACE_DECREASE of the rate (never under one step); the next raise is an
+        interval away. Within an interval of the last cut it is the same burst of throttling
+        (this load's and its node's loads' 503s, the answers to what was sent before the cut
+        took effect): no second cut (returns False)."""
+        if now - self._cut < PACE_INTERVAL_SECONDS:
+            return False
+        self.rate = max(self.step, self.rate * PACE_DECREASE)
+        self._raised = self._cut = now
+        return True
+
+    def raise_for(self, now: float) -> None:
+        """Add one step per whole interval since the last cut or raise."""
+        intervals = int((now - self._raised) // PACE_INTERVAL_SECONDS)
+        if intervals > 0:
+            self.rate += intervals * self.step
+            self._raised += intervals * PACE_INTERVAL_SECONDS
+
+    def reserve(self, cost: float, now: float) -> float:
+        """Book a request costing `cost` units; returns the seconds it waits before it is sent."""
+        self.raise_for(now)
+        start = max(now, self._next)
+        self._next = start + cost / self.rate
+        return start - now
 
 
 class ThrottleControl:
@@ -80,8 +169,10 @@ class ThrottleControl:
         range_bytes: int,
         max_range_bytes: int,
         node: NodeThrottle | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """node: the budget shared with the other loads on this node, or None."""
+        """node: the budget shared with the other loads on this node, or None; clock: seconds,
+        for the pacing (tests script it)."""
         if ceiling < 1:
             raise ValueError(f"concurrency ceiling must be at least 1, not {ceiling}")
         if range_bytes < 1:
@@ -98,6 +189,11 @@ class ThrottleControl:
         self._decreases = 0
         self._in_flight = 0  # requests between acquire() and release()
         self._node = node
+        self._clock = clock
+        self._pacers: dict[int, Pacer] = {}  # by kind (EGRESS, REQUEST_RATE), once throttled
+        self._served: deque[tuple[float, int]] = deque()  # (when, bytes) of recent answers
+        self._first_sent: float | None = None
+        self._pace_bound = False  # whether the last request waited for its pace
         state = node.state() if node is not None else NodeState()
         self._node_seen = state.generation
         self._node_decreases = 0
@@ -121,9 +217,10 @@ class ThrottleControl:
         with self._lock:
             return self._range
 
-    def acquire(self, stopping: threading.Event) -> bool:
-        """Wait until one more request may be in flight (retries included: a range throttled
-        waits its turn like a new one); False if `stopping` was set meanwhile. Makes the
+    def acquire(self, stopping: threading.Event, size: int = 0) -> bool:
+        """Wait until one more request, for `size` bytes, may be in flight (retries included: a
+        range throttled waits its turn like a new one) and, once the load is paced, until its
+        pace lets it go; False if `stopping` was set meanwhile (then nothing is held). Makes the
         decrease another load on the node published since first: a request is not let through
         under a limit the node has already lowered."""
         self._follow_node()
@@ -133,7 +230,52 @@ class ThrottleControl:
                     return False
                 self._lock.wait(0.05)
             self._in_flight += 1
-            return True
+            wait = self._reserve(size)
+        if wait > 0 and stopping.wait(wait):
+            self.release()
+            return False
+        return True
+
+    def _reserve(self, size: int) -> float:
+        """Book a request of `size` bytes with the load's pacers; the seconds it waits (the
+        caller holds the lock)."""
+        now = self._clock()
+        if self._first_sent is None:
+            self._first_sent = now
+        wait = 0.0
+        if (pacer := self._pacers.get(EGRESS)) is not None:
+            wait = max(wait, pacer.reserve(max(1, size), now))
+        if (pacer := self._pacers.get(REQUEST_RATE)) is not None:
+            held = pacer.reserve(1, now)
+            if held > 0:
+                # Requests are what the account is short of: the next ones carry more bytes.
+                self._range = min(self.max_range_bytes, self._range * RANGE_GROWTH)
+            wait = max(wait, held)
+        self._pace_bound = wait > 0
+        return wait
+
+    def _pace(self, kind: int) -> None:
+        """A decrease for throttling of `kind`: cut its pacer, or start one from what the account
+        served this load over the last PACE_INTERVAL_SECONDS (nothing served: no pacer yet; the
+        caller holds the lock)."""
+        now = self._clock()
+        if (pacer := self._pacers.get(kind)) is not None:
+            pacer.cut(now)
+            return
+        self._forget_served(now)
+        if not self._served or self._first_sent is None:
+            return
+        # Over the interval, or the time since the load's first request if it is younger.
+        window = max(min(PACE_INTERVAL_SECONDS, now - self._first_sent), 1e-3)
+        if kind == EGRESS:
+            served, unit = sum(n for _, n in self._served), self._range
+        else:
+            served, unit = len(self._served), 1
+        self._pacers[kind] = Pacer(served / window, unit, now)
+
+    def _forget_served(self, now: float) -> None:
+        while self._served and self._served[0][0] <= now - PACE_INTERVAL_SECONDS:
+            self._served.popleft()
 
     def release(self) -> None:
         """A request acquire() let through has its answer."""
@@ -158,6 +300,10 @@ class ThrottleControl:
                 self._node_seen = state.generation
                 self._node_decreases += 1
                 self._decrease(grow_range=False)
+                if state.kind and (pacer := self._pacers.get(state.kind)) is not None:
+                    # A pace this load has is cut with its node's; one it has not is not started
+                    # from what it measured (it may just have started, or been waiting).
+                    pacer.cut(self._clock())
                 self._range = max(self._range, min(self.max_range_bytes, state.range_bytes))
 
     def node_wait(self) -> float:
@@ -174,10 +320,12 @@ class ThrottleControl:
             if epoch != self._epoch:
                 return False
             self._decrease(grow_range=by_rate)
+            kind = REQUEST_RATE if by_rate else EGRESS
+            self._pace(kind)
             if self._node is not None:
-                # Published under the lock: another thread of this load that read the new
-                # generation in between would take this load's own decrease for another load's.
-                published = self._node.publish(retry_after, self._threshold, self._range)
+                # Published under the lock: another thread of this load that reads the node's
+                # state meanwhile must not take this load's own decrease for a node partner's.
+                published = self._node.publish(retry_after, self._threshold, self._range, kind)
                 self._node_seen = max(self._node_seen, published)
         return True
 
@@ -195,11 +343,17 @@ class ThrottleControl:
         if grow_range:
             self._range = min(self.max_range_bytes, self._range * RANGE_GROWTH)
 
-    def answered(self) -> bool:
-        """A request was answered; returns whether this raised the concurrency limit (in the
-        slow start each answer does; after it, a round of answers as long as the limit)."""
+    def answered(self, size: int = 0) -> bool:
+        """A request was answered with `size` bytes; returns whether this raised the concurrency
+        limit (in the slow start each answer does; after it, a round of answers as long as the
+        limit)."""
         with self._lock:
-            if self._limit >= self.ceiling:
+            now = self._clock()
+            self._served.append((now, size))
+            self._forget_served(now)
+            if self._limit >= self.ceiling or self._pace_bound:
+                # The pace, not the concurrency, holds the requests back: more in flight would
+                # only be more requests out (and refused) when the account next throttles.
                 return False
             self._successes += 1
             if self._limit >= self._threshold and self._successes < self._limit:
@@ -218,17 +372,25 @@ class ThrottleControl:
                 self._range,
                 self._lowest,
                 self._node_decreases,
+                self._pace_rate(EGRESS),
+                self._pace_rate(REQUEST_RATE),
             )
+
+    def _pace_rate(self, kind: int) -> float | None:
+        if (pacer := self._pacers.get(kind)) is None:
+            return None
+        pacer.raise_for(self._clock())
+        return pacer.rate
 
 
 class NodeThrottle:
-    """The throttling state the loads of one node share: a 40-byte file (NodeState: a
+    """The throttling state the loads of one node share: a 48-byte file (NodeState: a
     generation, bumped at each published decrease, the unix time until which to stay away, that
-    of the last publication, and the concurrency and range size that decrease came to), read
-    before each request and written under an exclusive flock."""
+    of the last publication, the concurrency and range size that decrease came to, and what it
+    was for), read before each request and written under an exclusive flock."""
 
     FILE = "throttle.state"
-    _FORMAT = "<qddqq"
+    _FORMAT = "<qddqqq"
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.path = Path(directory) / self.FILE
@@ -241,16 +403,21 @@ class NodeThrottle:
             return NodeState()
         if len(data) != struct.calcsize(self._FORMAT):
             return NodeState()  # not written yet, or by something else: no state
-        generation, until, stamp, concurrency, range_bytes = struct.unpack(self._FORMAT, data)
-        return NodeState(int(generation), float(until), float(stamp), concurrency, range_bytes)
+        generation, until, stamp, concurrency, range_bytes, kind = struct.unpack(self._FORMAT, data)
+        return NodeState(
+            int(generation), float(until), float(stamp), concurrency, range_bytes, kind
+        )
 
     def wait_left(self) -> float:
         """Seconds until the node's loads may send again."""
         return max(0.0, self.state().until - time.time())
 
-    def publish(self, retry_after: float, concurrency: int = 0, range_bytes: int = 0) -> int:
-        """Publish one decrease (to `concurrency` and `range_bytes`), and that the node stays
-        away `retry_after` seconds from now; returns the new generation. A node state that
+    def publish(
+        self, retry_after: float, concurrency: int = 0, range_bytes: int = 0, kind: int = 0
+    ) -> int:
+        """Publish one decrease (to `concurrency` and `range_bytes`, for throttling of `kind`:
+        the node's other loads pace themselves for it too), and that the node stays away
+        `retry_after` seconds from now; returns the new generation. A node state that
         cannot be written is no shared state: the load adapts alone (returns 0)."""
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -267,6 +434,7 @@ class NodeThrottle:
                 now,
                 concurrency,
                 range_bytes,
+                kind,
             )
             os.pwrite(fd, data, 0)
             os.ftruncate(fd, len(data))
