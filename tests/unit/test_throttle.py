@@ -326,6 +326,40 @@ def test_egress_and_request_rate_throttling_are_told_apart():
     assert throttled_by_bandwidth(_Refused("Ingress is over the account limit."))
     assert not throttled_by_bandwidth(_Refused("Operations per second is over the account limit."))
     assert not throttled_by_bandwidth(_Refused("The server is busy."))
+    assert not throttled_by_bandwidth(_Refused("Not the egress is over the account limit."))
+    refused = _Refused("Egress is over the account limit.")
+    refused.status_code = 429  # only a 503 is ever egress throttling
+    assert not throttled_by_bandwidth(refused)
+
+
+def _http_error(reason: str, message: str, code: str = "ServerBusy") -> Exception:
+    """What the SDK raises for a 503 (azure-core's HttpResponseError, with the storage error body
+    deserialized into its model), built from a requests response."""
+    import requests
+    from azure.core.exceptions import HttpResponseError
+    from azure.core.pipeline.transport import HttpRequest, RequestsTransportResponse
+    from azure.storage.blob._generated.models import StorageError
+
+    raw = requests.Response()
+    raw.status_code, raw.reason = 503, reason
+    raw.headers.update({"x-ms-error-code": code, "Content-Type": "application/xml"})
+    raw._content = (
+        f"<?xml version='1.0' encoding='utf-8'?><Error><Code>{code}</Code>"
+        f"<Message>{message}</Message></Error>"
+    ).encode()
+    response = RequestsTransportResponse(HttpRequest("GET", "https://a.blob/c/b"), raw)
+    return HttpResponseError(response=response, model=StorageError(message=message))
+
+
+def test_egress_throttling_is_told_from_the_sdk_s_own_error():
+    egress = "Egress is over the account limit."
+    assert throttled_by_bandwidth(_http_error(egress, egress))
+    assert throttled_by_bandwidth(_http_error("Service Unavailable", egress))  # the body says
+    rate = "Operations per second is over the account limit."
+    assert not throttled_by_bandwidth(_http_error(rate, rate))
+    assert not throttled_by_bandwidth(_http_error("Service Unavailable", "The server is busy."))
+    # Another error code with the same text is not ServerBusy throttling.
+    assert not throttled_by_bandwidth(_http_error(egress, egress, code="InternalError"))
 
 
 def test_a_load_never_takes_its_own_published_decrease_for_another_load_s(tmp_path):
