@@ -244,6 +244,30 @@ def test_a_node_state_rewritten_with_a_lower_generation_is_news(tmp_path, monkey
     assert a.stats().node_decreases == 4
 
 
+def test_a_read_older_than_the_load_s_own_publication_is_no_news(tmp_path, monkeypatch):
+    # A thread reads the node's state, another thread of the load publishes its own decrease,
+    # then the first compares what it read: an older generation, but no news.
+    class Stale(NodeThrottle):
+        stale: throttle.NodeState | None = None
+
+        def state(self) -> throttle.NodeState:
+            if self.stale is not None:
+                state, self.stale = self.stale, None
+                return state
+            return super().state()
+
+    node = Stale(tmp_path)
+    control = at_ceiling(ThrottleControl(8, 1, 1, node))
+    NodeThrottle(tmp_path).publish(0.0, 4, 1)
+    control.epoch()  # the partner's decrease, made
+    node.stale = node.state()
+    later = time.time() + 2 * throttle.PACE_INTERVAL_SECONDS
+    monkeypatch.setattr(throttle.time, "time", lambda: later)
+    assert control.throttled(control.epoch())  # its own, published: generation 2
+    control.epoch()  # reads generation 1
+    assert (control.stats().decreases, control.stats().node_decreases) == (2, 1)
+
+
 def test_the_node_state_file_names_its_format_version():
     # Another version's file (throttle.state, of another layout) is not this one's.
     assert NodeThrottle.FILE == "throttle.v2.state"

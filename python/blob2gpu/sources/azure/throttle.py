@@ -200,6 +200,7 @@ class ThrottleControl:
         self._pace_bound = False  # whether the last request waited for its pace
         state = node.state() if node is not None else NodeState()
         self._node_seen = state.generation
+        self._node_stamp = state.stamp  # of the last publication this load knows of
         self._node_decreases = 0
         self._decreased_at = -math.inf  # unix time of this load's last decrease
         if state.stamp and time.time() - state.stamp < NODE_MEMORY_SECONDS:
@@ -311,12 +312,12 @@ class ThrottleControl:
             return NodeState()
         state = self._node.state()
         with self._lock:
-            # Any other generation is news: a lower one means the file was reset (it could not be
-            # read) and written again since; none (0) is only resynced.
-            if state.generation != self._node_seen:
-                self._node_seen = state.generation
-                if not state.generation:
-                    return state
+            # Any other generation published later than what this load knows is news: a lower one
+            # means the file was reset (it could not be read) and written again since. One not
+            # later is a read that raced this load's own publication (another thread's), or no
+            # state (0): nothing new.
+            if state.generation != self._node_seen and state.stamp > self._node_stamp:
+                self._node_seen, self._node_stamp = state.generation, state.stamp
                 self._range = max(self._range, min(self.max_range_bytes, state.range_bytes))
                 if abs(state.stamp - self._decreased_at) < PACE_INTERVAL_SECONDS:
                     # Published in the burst this load has already decreased for (by a load that
@@ -352,7 +353,7 @@ class ThrottleControl:
                 # state meanwhile must not take this load's own decrease for a node partner's.
                 published = self._node.publish(retry_after, self._threshold, self._range, kind)
                 if published:
-                    self._node_seen = published
+                    self._node_seen, self._node_stamp = published, time.time()
         return True
 
     def _decrease(self, grow_range: bool) -> None:
