@@ -192,7 +192,8 @@ SCHEMA: tuple[Setting, ...] = (
         8,
         int,
         "Most concurrent ranged GETs to Blob Storage (bytes go from the socket straight into "
-        "staging); a load opens with 2 and grows to it, and lowers it while throttled.",
+        "staging): a ceiling; a load opens below it, grows to it while unthrottled, and lowers "
+        "it while throttled.",
         minimum=1,
         maximum=256,
     ),
@@ -268,7 +269,9 @@ SCHEMA: tuple[Setting, ...] = (
         "cache_dir",
         "",
         str,
-        "The NVMe cache directory; empty means $XDG_CACHE_HOME/blob2gpu or ~/.cache/blob2gpu.",
+        "The NVMe cache directory; empty means $XDG_CACHE_HOME/blob2gpu or ~/.cache/blob2gpu. "
+        "It also holds the node's Blob throttling state (locks/throttle*.state), even with the "
+        "cache off: pods share one throttling budget only when it is a shared hostPath.",
     ),
     S(
         "storage",

@@ -183,6 +183,115 @@ def test_a_load_on_another_node_or_long_after_slow_starts_from_the_start(tmp_pat
     assert c.node_wait() == 0.0
 
 
+def test_one_burst_on_a_node_is_one_decrease_per_load(tmp_path):
+    # Four loads at 64 in flight are each refused once in one burst, each before it looks at the
+    # node: each decreases for its own 503 and publishes it; the others' publications of the same
+    # burst, seen later, are not decreases again.
+    loads = [at_ceiling(ThrottleControl(64, 1, 1, NodeThrottle(tmp_path))) for _ in range(4)]
+    epochs = [load.epoch() for load in loads]
+    for load, epoch in zip(loads, epochs, strict=True):
+        assert load.throttled(epoch, retry_after=0.0, by_rate=False)
+    for load in loads:
+        load.epoch()
+        assert (load.stats().decreases, load.stats().node_decreases) == (1, 0)
+    # The threshold is half of 64 each: a slow start from one request back up to 32.
+    for load in loads:
+        while load.concurrency < 32:
+            assert load.answered()
+        assert not load.answered()  # 32: one more per round from here
+
+
+def test_a_partners_decrease_in_a_later_burst_is_made(tmp_path, monkeypatch):
+    a = at_ceiling(ThrottleControl(64, 1, 1, NodeThrottle(tmp_path)))
+    b = at_ceiling(ThrottleControl(64, 1, 1, NodeThrottle(tmp_path)))
+    a.throttled(a.epoch())
+    b.epoch()  # a's decrease, made by b
+    later = time.time() + 2 * throttle.PACE_INTERVAL_SECONDS
+    monkeypatch.setattr(throttle.time, "time", lambda: later)
+    b.throttled(b.epoch())  # a new burst, b's own
+    a.epoch()
+    assert (a.stats().decreases, a.stats().node_decreases) == (2, 1)
+    assert (b.stats().decreases, b.stats().node_decreases) == (2, 1)
+
+
+def test_a_node_state_rewritten_with_a_lower_generation_is_news(tmp_path, monkeypatch):
+    a = at_ceiling(ThrottleControl(64, 1, 1, NodeThrottle(tmp_path)))
+    for _ in range(3):
+        NodeThrottle(tmp_path).publish(0.0, 8, 1)
+    a.epoch()  # generation 3, followed
+    assert a.stats().node_decreases == 1
+    # The file becomes unreadable (a reader sees no state: resynced, no decrease), then is
+    # written again from generation 1, later: a decrease the load must make.
+    (tmp_path / NodeThrottle.FILE).write_bytes(b"garbage")
+    a.epoch()
+    assert a.stats().node_decreases == 1
+    later = time.time() + 2 * throttle.PACE_INTERVAL_SECONDS
+    monkeypatch.setattr(throttle.time, "time", lambda: later)
+    assert NodeThrottle(tmp_path).publish(0.0, 8, 1) == 1
+    a.epoch()
+    assert a.stats().node_decreases == 2
+    # Written again with a lower generation, never unreadable in between: news too.
+    (tmp_path / NodeThrottle.FILE).unlink()
+    later += 2 * throttle.PACE_INTERVAL_SECONDS
+    for _ in range(3):
+        NodeThrottle(tmp_path).publish(0.0, 8, 1)
+    a.epoch()
+    assert a.stats().node_decreases == 3
+    (tmp_path / NodeThrottle.FILE).write_bytes(b"")
+    later += 2 * throttle.PACE_INTERVAL_SECONDS
+    NodeThrottle(tmp_path).publish(0.0, 8, 1)  # generation 1 < 3, unseen in between
+    a.epoch()
+    assert a.stats().node_decreases == 4
+
+
+def test_a_read_older_than_the_load_s_own_publication_is_no_news(tmp_path, monkeypatch):
+    # A thread reads the node's state, another thread of the load publishes its own decrease,
+    # then the first compares what it read: an older generation, but no news.
+    class Stale(NodeThrottle):
+        stale: throttle.NodeState | None = None
+
+        def state(self) -> throttle.NodeState:
+            if self.stale is not None:
+                state, self.stale = self.stale, None
+                return state
+            return super().state()
+
+    node = Stale(tmp_path)
+    control = at_ceiling(ThrottleControl(8, 1, 1, node))
+    NodeThrottle(tmp_path).publish(0.0, 4, 1)
+    control.epoch()  # the partner's decrease, made
+    node.stale = node.state()
+    later = time.time() + 2 * throttle.PACE_INTERVAL_SECONDS
+    monkeypatch.setattr(throttle.time, "time", lambda: later)
+    assert control.throttled(control.epoch())  # its own, published: generation 2
+    control.epoch()  # reads generation 1
+    assert (control.stats().decreases, control.stats().node_decreases) == (2, 1)
+
+
+def test_the_node_state_file_names_its_format_version():
+    # Another version's file (throttle.state, of another layout) is not this one's.
+    assert NodeThrottle.FILE == "throttle.v2.state"
+
+
+def test_a_request_reads_the_node_state_once(tmp_path):
+    reads = []
+
+    class Counted(NodeThrottle):
+        def state(self):
+            reads.append(1)
+            return super().state()
+
+    control = at_ceiling(ThrottleControl(8, 1, 1, Counted(tmp_path)))
+    stopping = threading.Event()
+    reads.clear()
+    # What BlobRangeReader does per request when nothing makes it wait.
+    assert control.node_wait() == 0.0
+    assert control.acquire(stopping, 1, follow=False)
+    control.epoch(follow=False)
+    assert len(reads) == 1
+    control.release()
+
+
 def test_an_unreadable_node_state_is_no_state(tmp_path):
     (tmp_path / NodeThrottle.FILE).write_bytes(b"not a state")
     node = NodeThrottle(tmp_path)
@@ -241,6 +350,40 @@ def test_egress_and_request_rate_throttling_are_told_apart():
     assert throttled_by_bandwidth(_Refused("Ingress is over the account limit."))
     assert not throttled_by_bandwidth(_Refused("Operations per second is over the account limit."))
     assert not throttled_by_bandwidth(_Refused("The server is busy."))
+    assert not throttled_by_bandwidth(_Refused("Not the egress is over the account limit."))
+    refused = _Refused("Egress is over the account limit.")
+    refused.status_code = 429  # only a 503 is ever egress throttling
+    assert not throttled_by_bandwidth(refused)
+
+
+def _http_error(reason: str, message: str, code: str = "ServerBusy") -> Exception:
+    """What the SDK raises for a 503 (azure-core's HttpResponseError, with the storage error body
+    deserialized into its model), built from a requests response."""
+    import requests
+    from azure.core.exceptions import HttpResponseError
+    from azure.core.pipeline.transport import HttpRequest, RequestsTransportResponse
+    from azure.storage.blob._generated.models import StorageError
+
+    raw = requests.Response()
+    raw.status_code, raw.reason = 503, reason
+    raw.headers.update({"x-ms-error-code": code, "Content-Type": "application/xml"})
+    raw._content = (
+        f"<?xml version='1.0' encoding='utf-8'?><Error><Code>{code}</Code>"
+        f"<Message>{message}</Message></Error>"
+    ).encode()
+    response = RequestsTransportResponse(HttpRequest("GET", "https://a.blob/c/b"), raw)
+    return HttpResponseError(response=response, model=StorageError(message=message))
+
+
+def test_egress_throttling_is_told_from_the_sdk_s_own_error():
+    egress = "Egress is over the account limit."
+    assert throttled_by_bandwidth(_http_error(egress, egress))
+    assert throttled_by_bandwidth(_http_error("Service Unavailable", egress))  # the body says
+    rate = "Operations per second is over the account limit."
+    assert not throttled_by_bandwidth(_http_error(rate, rate))
+    assert not throttled_by_bandwidth(_http_error("Service Unavailable", "The server is busy."))
+    # Another error code with the same text is not ServerBusy throttling.
+    assert not throttled_by_bandwidth(_http_error(egress, egress, code="InternalError"))
 
 
 def test_a_load_never_takes_its_own_published_decrease_for_another_load_s(tmp_path):
@@ -389,7 +532,7 @@ def test_a_throttle_before_any_answer_lowers_concurrency_only():
     assert goes_now(control, MiB) and goes_now(control, MiB)
 
 
-def test_a_node_partners_throttle_cuts_a_pace_but_starts_none(tmp_path):
+def test_a_node_partners_throttle_cuts_a_pace_but_starts_none(tmp_path, monkeypatch):
     clock = Clock()
     a = ThrottleControl(8, MiB, MiB, NodeThrottle(tmp_path), clock=clock)
     b = ThrottleControl(8, MiB, MiB, NodeThrottle(tmp_path), clock=clock)
@@ -399,6 +542,8 @@ def test_a_node_partners_throttle_cuts_a_pace_but_starts_none(tmp_path):
     # measured nothing yet)
     served(b, clock, 8, MiB, 1.0)
     assert b.stats().node_decreases == 1 and b.stats().pace_bytes_per_second is None
+    later = time.time() + 1.5  # b's 503 comes in a later burst than a's (not as a's partner)
+    monkeypatch.setattr(throttle.time, "time", lambda: later)
     b.throttled(b.epoch(), by_rate=False)  # its own 503: paced from what it was served
     b_pace = b.stats().pace_bytes_per_second
     assert b_pace is not None

@@ -31,7 +31,11 @@ META_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "blob2gpu"
+    """$XDG_CACHE_HOME/blob2gpu, or ~/.cache/blob2gpu; the home is looked up only without
+    XDG_CACHE_HOME. Raises RuntimeError (Path.home()'s) when there is neither: no HOME and a uid
+    without a passwd entry, as in some containers."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "blob2gpu"
 
 
 @dataclass

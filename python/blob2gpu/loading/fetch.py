@@ -42,7 +42,7 @@ def node_budget(prepared: PreparedLoad) -> Any:
     """The throttling budget this load shares with the other loads on its node (NodeThrottle):
     a file in the locks directory of the node's cache directory (cache_dir, or its default),
     whether or not this load uses the cache. None when that directory cannot be made (a
-    read-only home): the load then adapts alone."""
+    read-only home) or there is no default (no home): the load then adapts alone."""
     from blob2gpu.cache.nvme import default_cache_dir
     from blob2gpu.sources.azure.throttle import NodeThrottle
 
@@ -50,10 +50,10 @@ def node_budget(prepared: PreparedLoad) -> Any:
     locks = cache.locks_dir if cache is not None else None
     if locks is None:
         configured = prepared.settings.cache_dir
-        locks = (Path(configured) if configured else default_cache_dir()) / "locks"
         try:
+            locks = (Path(configured) if configured else default_cache_dir()) / "locks"
             locks.mkdir(parents=True, exist_ok=True)
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: Path.home() found no home
             return None
     return NodeThrottle(locks)
 

@@ -156,18 +156,35 @@ def response_header(error: BaseException, name: str) -> str | None:
     return headers.get(name) if headers is not None else None
 
 
-# What Azure says (the HTTP reason and the error body's message) when an account's bandwidth, not
-# its request rate, is over its limit: 503 ServerBusy "Egress is over the account limit." (or
-# "Ingress ..."); over the request rate it says "Operations per second is over the account limit."
-BANDWIDTH_THROTTLING = ("egress is over the account limit", "ingress is over the account limit")
+# What Azure says when an account's bandwidth, not its request rate, is over its limit: 503 with
+# x-ms-error-code ServerBusy, and "Egress is over the account limit." (or "Ingress ...") as the
+# HTTP reason and the error body's message; over the request rate, the same code with "Operations
+# per second is over the account limit." (its documented texts).
+BANDWIDTH_THROTTLING = ("Egress is over the account limit.", "Ingress is over the account limit.")
 
 
 def throttled_by_bandwidth(error: BaseException) -> bool:
-    """Whether a throttled answer (429, 503) was for the account's bytes per second, not its
-    requests per second: larger ranges do not help then."""
-    reason = getattr(error, "reason", None)
-    said = f"{reason if isinstance(reason, str) else ''} {error}".lower()
-    return any(text in said for text in BANDWIDTH_THROTTLING)
+    """Whether a throttled answer was for the account's bytes per second, not its requests per
+    second: larger ranges do not help then.
+
+    The one place that reads what the service said rather than a code: Azure answers ServerBusy
+    to both kinds, so its message is the only signal. Read as narrowly as it can be: a 503 whose
+    error code (x-ms-error-code, when the error exposes it) is ServerBusy and whose HTTP reason,
+    body message (the SDK's model) or message's first line starts with a documented text. Any
+    other answer (429, another code, a text unknown or changed) is request-rate throttling: the
+    safe default (ranges grow, a pace of requests rather than bytes)."""
+    if getattr(error, "status_code", None) != 503:
+        return False
+    code = response_header(error, "x-ms-error-code") or getattr(error, "error_code", None)
+    if code is not None and str(getattr(code, "value", code)) != "ServerBusy":
+        return False
+    message = getattr(error, "message", None)
+    said = (
+        getattr(error, "reason", None),
+        getattr(getattr(error, "model", None), "message", None),
+        message.split("\n", 1)[0] if isinstance(message, str) else None,
+    )
+    return any(isinstance(s, str) and s.strip().startswith(BANDWIDTH_THROTTLING) for s in said)
 
 
 def _said(error: BaseException) -> str:

@@ -9,8 +9,9 @@ connections sit idle. Each range is read by a BlobRangeReader: pinned to the eta
 retried from the missing bytes on a transient failure (range_reader.py, retry.py).
 
 When the account throttles, a ThrottleControl (throttle.py) lowers how many ranges are in flight
-(the threads are the ceiling, prefetch_concurrency) and grows the ranges: queued data ranges of a
-shard that follow one another are taken together, up to the control's range size.
+(the threads are the ceiling, prefetch_concurrency) and, on request-rate throttling only (not on
+egress), grows the ranges: queued data ranges of a shard that follow one another are taken
+together, up to the control's range size.
 """
 
 from __future__ import annotations

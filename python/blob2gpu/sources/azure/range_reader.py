@@ -76,7 +76,10 @@ class BlobRangeReader:
             if self._stopping.is_set():
                 raise LoadCancelled("the load was cancelled")
             self.retry.pause_while_throttled()
-            if self.throttle is not None and (wait := self.throttle.node_wait()) > 0:
+            # The node's throttling state is read once per request here (its decreases made),
+            # again by acquire() only after a wait.
+            wait = self.throttle.node_wait() if self.throttle is not None else 0.0
+            if wait > 0:
                 # Another load on this node was told to stay away (its Retry-After).
                 if self._stopping.wait(min(wait, self.retry.throttled_seconds)):
                     raise LoadCancelled("the load was cancelled while waiting out throttling")
@@ -85,9 +88,9 @@ class BlobRangeReader:
             epoch = 0
             if self.throttle is not None:
                 # Waits for a place in flight and, once the load is paced, for its pace.
-                if not self.throttle.acquire(self._stopping, total - pos):
+                if not self.throttle.acquire(self._stopping, total - pos, follow=wait > 0):
                     raise LoadCancelled("the load was cancelled")
-                epoch = self.throttle.epoch()
+                epoch = self.throttle.epoch(follow=False)
             start = pos
             try:
                 pos, error = self._attempt(blob, ref, offset, view, pos)

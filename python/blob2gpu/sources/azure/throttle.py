@@ -17,7 +17,9 @@ A slow start, then additive increase and multiplicative decrease, on two knobs:
   larger bursts. It is not shrunk again: a larger range costs nothing when the account is not
   throttling.
 One burst of throttled answers is one decrease: a throttled answer to a request sent before the
-last decrease says nothing new (the epoch each request carries tells). How long to stay away
+last decrease says nothing new (the epoch each request carries tells), nor does a node partner's
+decrease published within PACE_INTERVAL_SECONDS of this load's last one (the same burst: every
+load that was refused publishes it). How long to stay away
 (Retry-After, backoff) is the RetryPolicy's; this only sets how much to send once back.
 
 Once throttled, a load is also paced by rate (Pacer), not only by concurrency: even one request
@@ -42,16 +44,18 @@ alone then); a load whose node partner was throttled cuts the pace it has, but s
 that (it may have just started, or been waiting).
 
 Processes on one node share one budget through the node's cache directory (cache_dir, or its
-default, whether or not the cache is on; NodeThrottle, a small file in its locks/): a decrease is
-published there with the concurrency and range size it came to, every other load on the node
-makes the same decrease when it next sends a request (before it lets that request go) and stays
-away as long as the server told the throttled one to (Retry-After, or its first backoff), and a
-load that starts within
-NODE_MEMORY_SECONDS of a published decrease starts with the published ranges and one request in
-flight, and slow-starts only up to the published concurrency: the node already knows where the
-account throttles. Nothing is held in that file that a crashed process could leak: it says when
-the node was last throttled, until when to wait, at what concurrency and range size, and
-whether for egress or request rate (which pace the others cut).
+default, whether or not the cache is on; NodeThrottle, a small file in its locks/ named with the
+format's version, so that two versions of blob2gpu on one node during a rolling upgrade keep
+apart rather than misread each other's): a decrease is published there with the concurrency and
+range size it came to, every other load on the node makes the same decrease when it next sends a
+request (before it lets that request go; the file is read once per request, again only after a
+wait) and stays away as long as the server told the throttled one to (Retry-After, or its first
+backoff), and a load that starts within NODE_MEMORY_SECONDS of a published decrease starts with
+the published ranges and one request in flight, and slow-starts only up to the published
+concurrency: the node already knows where the account throttles. Nothing is held in that file
+that a crashed process could leak: it says when the node was last throttled, until when to wait,
+at what concurrency and range size, and whether for egress or request rate (which pace the
+others cut).
 """
 
 from __future__ import annotations
@@ -196,7 +200,9 @@ class ThrottleControl:
         self._pace_bound = False  # whether the last request waited for its pace
         state = node.state() if node is not None else NodeState()
         self._node_seen = state.generation
+        self._node_stamp = state.stamp  # of the last publication this load knows of
         self._node_decreases = 0
+        self._decreased_at = -math.inf  # unix time of this load's last decrease
         if state.stamp and time.time() - state.stamp < NODE_MEMORY_SECONDS:
             # The node's loads were throttled lately: start from one request, slow-start up to
             # the concurrency they came to, with their ranges.
@@ -217,23 +223,31 @@ class ThrottleControl:
         with self._lock:
             return self._range
 
-    def acquire(self, stopping: threading.Event, size: int = 0) -> bool:
+    def acquire(self, stopping: threading.Event, size: int = 0, follow: bool = True) -> bool:
         """Wait until one more request, for `size` bytes, may be in flight (retries included: a
         range throttled waits its turn like a new one) and, once the load is paced, until its
         pace lets it go; False if `stopping` was set meanwhile (then nothing is held). Makes the
-        decrease another load on the node published since first: a request is not let through
-        under a limit the node has already lowered."""
-        self._follow_node()
+        decrease another load on the node published since first (follow=False: the caller just
+        did, with node_wait) and again after waiting: a request is not let through under a limit
+        the node has already lowered."""
+        if follow:
+            self._follow_node()
+        waited = False
         with self._lock:
             while self._in_flight >= self._limit:
                 if stopping.is_set():
                     return False
+                waited = True
                 self._lock.wait(0.05)
             self._in_flight += 1
             wait = self._reserve(size)
-        if wait > 0 and stopping.wait(wait):
-            self.release()
-            return False
+        if wait > 0:
+            if stopping.wait(wait):
+                self.release()
+                return False
+            waited = True
+        if waited:
+            self._follow_node()
         return True
 
     def _reserve(self, size: int) -> float:
@@ -283,32 +297,44 @@ class ThrottleControl:
             self._in_flight -= 1
             self._lock.notify_all()
 
-    def epoch(self) -> int:
+    def epoch(self, follow: bool = True) -> int:
         """Take before sending a request; hand it back with its answer. Makes the decrease
-        another load on the node published since."""
-        self._follow_node()
+        another load on the node published since (follow=False: acquire() just did)."""
+        if follow:
+            self._follow_node()
         with self._lock:
             return self._epoch
 
-    def _follow_node(self) -> None:
-        """Make the decrease another load on the node published since this one last looked."""
+    def _follow_node(self) -> NodeState:
+        """Make the decrease another load on the node published since this one last looked;
+        returns the node's state (read once)."""
         if self._node is None:
-            return
+            return NodeState()
         state = self._node.state()
         with self._lock:
-            if state.generation > self._node_seen:
-                self._node_seen = state.generation
+            # Any other generation published later than what this load knows is news: a lower one
+            # means the file was reset (it could not be read) and written again since. One not
+            # later is a read that raced this load's own publication (another thread's), or no
+            # state (0): nothing new.
+            if state.generation != self._node_seen and state.stamp > self._node_stamp:
+                self._node_seen, self._node_stamp = state.generation, state.stamp
+                self._range = max(self._range, min(self.max_range_bytes, state.range_bytes))
+                if abs(state.stamp - self._decreased_at) < PACE_INTERVAL_SECONDS:
+                    # Published in the burst this load has already decreased for (by a load that
+                    # was refused with it, before it looked): the same burst, one decrease.
+                    return state
                 self._node_decreases += 1
                 self._decrease(grow_range=False)
                 if state.kind and (pacer := self._pacers.get(state.kind)) is not None:
                     # A pace this load has is cut with its node's; one it has not is not started
                     # from what it measured (it may just have started, or been waiting).
                     pacer.cut(self._clock())
-                self._range = max(self._range, min(self.max_range_bytes, state.range_bytes))
+        return state
 
     def node_wait(self) -> float:
-        """Seconds to stay away still because a load on this node was told to (0: none)."""
-        return self._node.wait_left() if self._node is not None else 0.0
+        """Seconds to stay away still because a load on this node was told to (0: none); makes
+        the decrease another load on the node published since (one read of its state)."""
+        return max(0.0, self._follow_node().until - time.time())
 
     def throttled(self, epoch: int, retry_after: float = 0.0, by_rate: bool = True) -> bool:
         """A request sent at `epoch` was throttled (the server asked for `retry_after` seconds
@@ -326,15 +352,17 @@ class ThrottleControl:
                 # Published under the lock: another thread of this load that reads the node's
                 # state meanwhile must not take this load's own decrease for a node partner's.
                 published = self._node.publish(retry_after, self._threshold, self._range, kind)
-                self._node_seen = max(self._node_seen, published)
+                if published:
+                    self._node_seen, self._node_stamp = published, time.time()
         return True
 
     def _decrease(self, grow_range: bool) -> None:
         """Halve the concurrency the load may grow back to quickly, go back to one request in
         flight (the requests the throttled ones left to retry then come back one round at a
-        time, not all at once), and double the ranges if `grow_range` (the caller holds the
-        lock)."""
+        time, not all at once), and multiply the ranges by RANGE_GROWTH if `grow_range` (the
+        caller holds the lock)."""
         self._epoch += 1
+        self._decreased_at = time.time()
         self._decreases += 1
         self._successes = 0
         self._threshold = max(1, self._limit // 2)
@@ -389,7 +417,9 @@ class NodeThrottle:
     of the last publication, the concurrency and range size that decrease came to, and what it
     was for), read before each request and written under an exclusive flock."""
 
-    FILE = "throttle.state"
+    # The format's version is in the name: a version of blob2gpu that writes another format (a
+    # rolling upgrade sharing a hostPath cache_dir) uses another file rather than reset this one.
+    FILE = "throttle.v2.state"
     _FORMAT = "<qddqqq"
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:

@@ -1,0 +1,52 @@
+"""node_budget: where a Blob load's node throttling state lives, and that a node without a usable
+cache directory (a read-only one, or no home at all) leaves the load to adapt alone rather than
+fail it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from blob2gpu.cache import nvme
+from blob2gpu.loading.fetch import node_budget
+from blob2gpu.sources.azure.throttle import NodeThrottle
+
+
+def _prepared(cache_dir: str | None) -> SimpleNamespace:
+    """The parts of a PreparedLoad node_budget reads, with the cache off."""
+    return SimpleNamespace(
+        cache=SimpleNamespace(cache=None), settings=SimpleNamespace(cache_dir=cache_dir)
+    )
+
+
+def _no_home() -> Path:
+    raise RuntimeError("Could not determine home directory.")
+
+
+def test_the_node_state_is_in_the_default_cache_dir_with_the_cache_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(Path, "home", _no_home)  # not looked up when XDG_CACHE_HOME says
+    node = node_budget(_prepared(None))
+    assert isinstance(node, NodeThrottle)
+    assert node.path.parent == tmp_path / "blob2gpu" / "locks"
+
+
+def test_no_home_and_no_cache_dir_means_the_load_adapts_alone(monkeypatch):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(Path, "home", _no_home)
+    with pytest.raises(RuntimeError):
+        nvme.default_cache_dir()
+    assert node_budget(_prepared(None)) is None
+
+
+def test_a_configured_cache_dir_needs_no_home(tmp_path, monkeypatch):
+    monkeypatch.setattr(Path, "home", _no_home)
+    node = node_budget(_prepared(str(tmp_path / "cache")))
+    assert isinstance(node, NodeThrottle) and node.path.parent == tmp_path / "cache" / "locks"
+
+
+def test_a_cache_dir_that_cannot_be_made_means_the_load_adapts_alone(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    assert node_budget(_prepared(str(tmp_path / "file" / "cache"))) is None
