@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from blob2gpu.cache import nvme
+from blob2gpu.errors import ConfigError
 from blob2gpu.loading.fetch import node_budget
 from blob2gpu.sources.azure.throttle import NodeThrottle
 
@@ -36,7 +37,7 @@ def test_no_home_and_no_cache_dir_means_the_load_adapts_alone(monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.delenv("HOME", raising=False)
     monkeypatch.setattr(Path, "home", _no_home)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ConfigError, match="set cache_dir"):
         nvme.default_cache_dir()
     assert node_budget(_prepared(None)) is None
 
@@ -50,3 +51,12 @@ def test_a_configured_cache_dir_needs_no_home(tmp_path, monkeypatch):
 def test_a_cache_dir_that_cannot_be_made_means_the_load_adapts_alone(tmp_path):
     (tmp_path / "file").write_bytes(b"")
     assert node_budget(_prepared(str(tmp_path / "file" / "cache"))) is None
+
+
+def test_the_cache_on_without_a_home_is_a_config_error_naming_the_fix(monkeypatch):
+    # Not Path.home()'s untyped RuntimeError from deep inside the load.
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(Path, "home", _no_home)
+    with pytest.raises(ConfigError, match=r"set cache_dir \(BLOB2GPU_CACHE_DIR\)"):
+        nvme.NvmeCache(None)

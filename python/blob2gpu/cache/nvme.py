@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from blob2gpu import _core
+from blob2gpu.errors import ConfigError
 
 CHUNK_BYTES = 4 << 20
 META_VERSION = 1
@@ -32,10 +33,19 @@ META_VERSION = 1
 
 def default_cache_dir() -> Path:
     """$XDG_CACHE_HOME/blob2gpu, or ~/.cache/blob2gpu; the home is looked up only without
-    XDG_CACHE_HOME. Raises RuntimeError (Path.home()'s) when there is neither: no HOME and a uid
-    without a passwd entry, as in some containers."""
+    XDG_CACHE_HOME. Raises ConfigError when there is neither: no HOME and a uid without a
+    passwd entry, as in some containers."""
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "blob2gpu"
+    if xdg:
+        return Path(xdg) / "blob2gpu"
+    try:
+        home = Path.home()
+    except RuntimeError:  # no HOME, and no passwd entry for this uid
+        raise ConfigError(
+            "this process has no home directory (no HOME, no passwd entry for its uid), so the "
+            "cache directory has no default: set cache_dir (BLOB2GPU_CACHE_DIR) or XDG_CACHE_HOME"
+        ) from None
+    return home / ".cache" / "blob2gpu"
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from blob2gpu.errors import ConfigError
 from blob2gpu.loading.prepare import PreparedLoad
 from blob2gpu.loading.shard_sources import shard_sources
 from blob2gpu.sources import ShardPlan
@@ -53,7 +54,7 @@ def node_budget(prepared: PreparedLoad) -> Any:
         try:
             locks = (Path(configured) if configured else default_cache_dir()) / "locks"
             locks.mkdir(parents=True, exist_ok=True)
-        except (OSError, RuntimeError):  # RuntimeError: Path.home() found no home
+        except (OSError, ConfigError):  # ConfigError: no home, so no default directory
             return None
     return NodeThrottle(locks)
 
