@@ -43,6 +43,24 @@ def gloo_env(port: int, **extra: str) -> dict[str, str]:
     )
 
 
+def run_ranks(script, env: dict[str, str], world: int, *args_of_rank: list[str]) -> list[str]:
+    """Run `script` as ranks 0..world-1 (`env` plus RANK; rank r gets args_of_rank[r], or the
+    first list for all) and return their stdouts, stripped, once every rank exited 0."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), *args_of_rank[r if len(args_of_rank) > 1 else 0]],
+            env=dict(env, RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    return [o[0].strip() for o in outs]
+
+
 @pytest.mark.parametrize(
     ("sizes", "world"), [([10, 20, 30], 2), ([5 << 20], 4), ([3 << 20, 1, 7 << 20], 3), ([100], 8)]
 )
@@ -79,19 +97,8 @@ def test_ranks_fetch_disjoint_parts_and_share_them(
         WORLD_SIZE=str(world),
         AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port),
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), f"az://{container}/m"],
-            env=dict(env, RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    outs = [p.communicate(timeout=180) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    assert all(o[0].strip() == expected for o in outs)
+    outs = run_ranks(script, env, world, [f"az://{container}/m"])
+    assert all(out == expected for out in outs)
     weights = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     index = (directory / "model.safetensors.index.json").stat().st_size
     assert fault_proxy.counters.range_bytes == weights + world * index  # one copy of the weights
@@ -128,20 +135,9 @@ def test_ranks_with_their_own_tensor_subsets(
         WORLD_SIZE="2",
         AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port),
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), f"az://{container}/m", ",".join(subsets[r])],
-            env=dict(env, RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    outs = [p.communicate(timeout=180) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    for (out, _), names in zip(outs, subsets, strict=True):
-        assert out.strip() == crc_line({n: reference[n] for n in names})
+    outs = run_ranks(script, env, 2, *([f"az://{container}/m", ",".join(n)] for n in subsets))
+    for out, names in zip(outs, subsets, strict=True):
+        assert out == crc_line({n: reference[n] for n in names})
     fetched = sum(
         (directory / f).stat().st_size
         for f in ("model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors")
@@ -235,19 +231,8 @@ def test_fan_out_over_a_subgroup_streams_to_its_consumer(
         free_port,
         AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port),
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), f"az://{container}/m"],
-            env=dict(env, RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(3)
-    ]
-    outs = [p.communicate(timeout=180) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    assert [o[0].strip() for o in outs[1:]] == [expected, expected]
+    outs = run_ranks(script, env, 3, [f"az://{container}/m"])
+    assert outs[1:] == [expected, expected]
     weights = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     index = (directory / "model.safetensors.index.json").stat().st_size
     assert fault_proxy.counters.range_bytes == weights + 2 * index  # one copy for the group
@@ -283,19 +268,8 @@ def test_fan_out_gets_are_throttled_like_a_loads(
         WORLD_SIZE="2",
         AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port),
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), f"az://{container}/m"],
-            env=dict(env, RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    outs = [p.communicate(timeout=180) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    assert all(o[0].strip() == expected for o in outs)
+    outs = run_ranks(script, env, 2, [f"az://{container}/m"])
+    assert all(out == expected for out in outs)
     assert fault_proxy.faults.statuses == 0  # all 4 were answered
     gets = [(p, n) for _, p, n, _ in fault_proxy.counters.ranged if p.endswith(".safetensors")]
     big = max({p for p, _ in gets}, key=lambda path: sum(n for p, n in gets if p == path))
