@@ -56,24 +56,25 @@ def host_budget(limit_setting: int) -> HostBudget:
     if 0 < limit_setting < host.available:
         return HostBudget(
             limit_setting,
-            f"host_memory_limit_bytes allows {_gb(limit_setting)}",
+            f"host_memory_limit_bytes allows {memory_size(limit_setting)}",
             "raise host_memory_limit_bytes if it may use more",
         )
     if host.limit:
         return HostBudget(
             host.available,
-            f"{_gb(host.available)} is left under this process's memory limit "
-            f"({_gb(host.limit)}, {host.where})",
+            f"{memory_size(host.available)} is left under this process's memory limit "
+            f"({memory_size(host.limit)}, {host.where})",
             "raise the container's memory limit",
         )
     return HostBudget(
         host.available,
-        f"{_gb(host.available)} is available",
+        f"{memory_size(host.available)} is available",
         "free host memory or use a larger node",
     )
 
 
-def _gb(n: float) -> str:
+def memory_size(n: float) -> str:
+    """`n` bytes as the memory messages write them: GB from 0.1 GB, else MB, two decimals."""
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 

@@ -7,13 +7,7 @@ from typing import Any
 
 from blob2gpu import phrasing
 from blob2gpu.errors import InsufficientGPUMemory, InsufficientHostMemory
-from blob2gpu.loading.host_memory import host_budget
-
-GB = 1e9
-
-
-def _gb(n: float) -> str:
-    return f"{n / GB:.2f} GB" if n >= GB / 10 else f"{n / 1e6:.2f} MB"
+from blob2gpu.loading.host_memory import host_budget, memory_size
 
 
 def check_memory_fit(
@@ -46,20 +40,20 @@ def check_memory_fit(
         if budget.available < need:
             holder = f"loading {what}" if device == "cpu" else "host staging of the largest shards"
             raise InsufficientHostMemory(
-                f"{holder} needs {_gb(need)} of host memory ({_gb(held)} x host_headroom_factor "
-                f"{settings.host_headroom_factor:g}) but {budget.bound}; {budget.remedy}, load to "
-                f"a GPU ({phrasing.device('cuda')}), or lower host_headroom_factor "
-                f"({phrasing.setting('host_headroom_factor', 1.0)})"
+                f"{holder} needs {memory_size(need)} of host memory ({memory_size(held)} x "
+                f"host_headroom_factor {settings.host_headroom_factor:g}) but {budget.bound}; "
+                f"{budget.remedy}, load to a GPU ({phrasing.device('cuda')}), or lower "
+                f"host_headroom_factor ({phrasing.setting('host_headroom_factor', 1.0)})"
             )
     if measured is not None:
         free, total = measured
         need = weights * settings.gpu_headroom_factor
         if free < need:
             raise InsufficientGPUMemory(
-                f"{device} has {_gb(free)} free of {_gb(total)} but loading {what} needs "
-                f"{_gb(need)} ({_gb(weights)} of weights x gpu_headroom_factor "
-                f"{settings.gpu_headroom_factor:g}); free GPU memory (other processes, caches), "
-                "use a larger GPU, quantize or shard the model, or lower gpu_headroom_factor "
-                f"({phrasing.setting('gpu_headroom_factor', 1.0)})"
+                f"{device} has {memory_size(free)} free of {memory_size(total)} but loading "
+                f"{what} needs {memory_size(need)} ({memory_size(weights)} of weights x "
+                f"gpu_headroom_factor {settings.gpu_headroom_factor:g}); free GPU memory (other "
+                "processes, caches), use a larger GPU, quantize or shard the model, or lower "
+                f"gpu_headroom_factor ({phrasing.setting('gpu_headroom_factor', 1.0)})"
             )
     return measured
