@@ -43,9 +43,19 @@ def gloo_env(port: int, **extra: str) -> dict[str, str]:
     )
 
 
-def run_ranks(script, env: dict[str, str], world: int, *args_of_rank: list[str]) -> list[str]:
-    """Run `script` as ranks 0..world-1 (`env` plus RANK; rank r gets args_of_rank[r], or the
-    first list for all) and return their stdouts, stripped, once every rank exited 0."""
+def proxied_env(port: int, azurite, fault_proxy, **extra: str) -> dict[str, str]:
+    """gloo_env, with the rank processes' Blob requests going to Azurite through the proxy."""
+    connection = azurite.connection_string(port=fault_proxy.port)
+    return gloo_env(port, AZURE_STORAGE_CONNECTION_STRING=connection, **extra)
+
+
+def run_ranks(
+    tmp_path, text: str, env: dict[str, str], world: int, *args_of_rank: list[str]
+) -> list[str]:
+    """Run the script `text` as ranks 0..world-1 (`env` plus RANK; rank r gets args_of_rank[r],
+    or the first list for all) and return their stdouts, stripped, once every rank exited 0."""
+    script = tmp_path / "rank.py"
+    script.write_text(text)
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), *args_of_rank[r if len(args_of_rank) > 1 else 0]],
@@ -90,14 +100,8 @@ def test_ranks_fetch_disjoint_parts_and_share_them(
     )
     upload_directory(azurite, container, directory, "m")
     expected = crc_line(blob2gpu.load(str(directory), framework="dlpack"))
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
-    env = gloo_env(
-        free_port,
-        WORLD_SIZE=str(world),
-        AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port),
-    )
-    outs = run_ranks(script, env, world, [f"az://{container}/m"])
+    env = proxied_env(free_port, azurite, fault_proxy, WORLD_SIZE=str(world))
+    outs = run_ranks(tmp_path, RANK_SCRIPT, env, world, [f"az://{container}/m"])
     assert all(out == expected for out in outs)
     weights = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     index = (directory / "model.safetensors.index.json").stat().st_size
@@ -128,14 +132,10 @@ def test_ranks_with_their_own_tensor_subsets(
     upload_directory(azurite, container, directory, "m")
     reference = blob2gpu.load(str(directory), framework="dlpack")
     subsets = [["a"], ["b", "c"]]
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
-    env = gloo_env(
-        free_port,
-        WORLD_SIZE="2",
-        AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port),
+    env = proxied_env(free_port, azurite, fault_proxy, WORLD_SIZE="2")
+    outs = run_ranks(
+        tmp_path, RANK_SCRIPT, env, 2, *([f"az://{container}/m", ",".join(n)] for n in subsets)
     )
-    outs = run_ranks(script, env, 2, *([f"az://{container}/m", ",".join(n)] for n in subsets))
     for out, names in zip(outs, subsets, strict=True):
         assert out == crc_line({n: reference[n] for n in names})
     fetched = sum(
@@ -225,13 +225,8 @@ def test_fan_out_over_a_subgroup_streams_to_its_consumer(
     )
     upload_directory(azurite, container, directory, "m")
     expected = crc_line(blob2gpu.load(str(directory), framework="dlpack"))
-    script = tmp_path / "subgroup.py"
-    script.write_text(SUBGROUP_SCRIPT)
-    env = gloo_env(
-        free_port,
-        AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port),
-    )
-    outs = run_ranks(script, env, 3, [f"az://{container}/m"])
+    env = proxied_env(free_port, azurite, fault_proxy)
+    outs = run_ranks(tmp_path, SUBGROUP_SCRIPT, env, 3, [f"az://{container}/m"])
     assert outs[1:] == [expected, expected]
     weights = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     index = (directory / "model.safetensors.index.json").stat().st_size
@@ -261,14 +256,8 @@ def test_fan_out_gets_are_throttled_like_a_loads(
             fault_proxy.faults.statuses = 4
 
     fault_proxy.faults.on_range_get = throttle_weights
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
-    env = gloo_env(
-        free_port,
-        WORLD_SIZE="2",
-        AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string(port=fault_proxy.port),
-    )
-    outs = run_ranks(script, env, 2, [f"az://{container}/m"])
+    env = proxied_env(free_port, azurite, fault_proxy, WORLD_SIZE="2")
+    outs = run_ranks(tmp_path, RANK_SCRIPT, env, 2, [f"az://{container}/m"])
     assert all(out == expected for out in outs)
     assert fault_proxy.faults.statuses == 0  # all 4 were answered
     gets = [(p, n) for _, p, n, _ in fault_proxy.counters.ranged if p.endswith(".safetensors")]
