@@ -220,7 +220,9 @@ SCHEMA: tuple[Setting, ...] = (
         "retry_backoff_seconds",
         0.25,
         float,
-        "First retry's backoff; it doubles each attempt, with jitter.",
+        "First retry's backoff; it doubles each attempt, with jitter. A throttled answer "
+        "(429, 503 ServerBusy) without a Retry-After waits at least half a second, up to one: "
+        "an account enforces its limits per second.",
     ),
     S("storage", "retry_backoff_max_seconds", 8.0, float, "Longest backoff between two attempts."),
     S(
@@ -230,7 +232,8 @@ SCHEMA: tuple[Setting, ...] = (
         float,
         "A throttled request (429, 503 ServerBusy) keeps retrying past retry_max_attempts until "
         "it has waited this long: a fleet starting at once is shed, not failed. A server's "
-        "Retry-After is honoured up to this long.",
+        "Retry-After, and the wait of a throttled answer without one, are honoured up to this "
+        "long.",
     ),
     S(
         "storage",

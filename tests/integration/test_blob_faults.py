@@ -120,7 +120,7 @@ def test_unthrottled_load_slow_starts_to_its_ceiling_and_keeps_its_ranges(
 def test_retry_after_is_honoured_up_to_the_throttling_budget(published, container, via_proxy):
     via_proxy.faults.statuses = 2
     via_proxy.faults.retry_after = "1"
-    got, report = load(f"az://{container}/m", "cpu")  # backoff 0.01-0.05 s without the header
+    got, report = load(f"az://{container}/m", "cpu")  # 0.5-1 s each without the header
     assert got == expected(published) and report.retries == 2
     # The waits slept (not a wall-clock timing): 1 s each, spread by up to a quarter more.
     assert 2.0 <= report.retry_wait_seconds <= 2.5
@@ -166,6 +166,43 @@ def test_retry_after_forms(headers, seconds):
     assert retry_after(ConnectionResetError()) == 0.0
     in_30_s = email.utils.formatdate(time.time() + 30, usegmt=True)
     assert 25 < retry_after(busy({"Retry-After": in_30_s})) <= 30
+
+
+def test_a_throttled_answer_stays_away_as_asked_or_for_the_second_half_of_the_window():
+    from blob2gpu.sources.azure.location import BlobLocation
+    from blob2gpu.sources.azure.retry import RetryPolicy
+
+    where = BlobLocation("http://127.0.0.1:1/acct", "acct", "c", "m")
+    policy = RetryPolicy(where, 6, 0.01, 0.05, throttled_seconds=30.0)
+    for _ in range(50):
+        assert 7.0 <= policy.stay_away(busy({"Retry-After": "7"})) <= 8.75
+        # No Retry-After: the account's limits are per second; spread over its second half.
+        assert 0.5 <= policy.stay_away(busy({})) <= 1.0
+        assert 0.5 <= policy.backoff(1, busy({})) <= 1.0  # not the 0.005-0.01 s backoff
+    assert policy.stay_away(ConnectionResetError()) == 0.0
+    assert policy.backoff(1, ConnectionResetError()) <= 0.01
+    short = RetryPolicy(where, 6, 0.01, 0.05, throttled_seconds=0.2)  # the budget caps both
+    assert short.stay_away(busy({})) <= 0.2 and short.stay_away(busy({"Retry-After": "7"})) == 0.2
+
+
+def test_a_throttled_load_s_node_partners_stay_away_as_long_as_it_does(
+    published, container, via_proxy, tmp_path
+):
+    from blob2gpu.sources.azure.throttle import NodeThrottle
+
+    armed = []
+
+    def throttle_a_shard(path, count):
+        if path.endswith(".safetensors") and not armed:
+            armed.append(count)
+            via_proxy.faults.statuses = 1  # one 503 ServerBusy, no Retry-After
+
+    via_proxy.faults.on_range_get = throttle_a_shard
+    got, report = load(f"az://{container}/m", "cpu", cache_dir=str(tmp_path))
+    assert got == expected(published) and report.throttled == 1
+    state = NodeThrottle(tmp_path / "locks").state()
+    assert 0.5 <= state.until - state.stamp <= 1.0  # not just this load's first backoff
+    assert 0.5 <= report.retry_wait_seconds <= 1.0
 
 
 @pytest.mark.parametrize("status", [429, 500, 502, 504, 408])

@@ -1,8 +1,9 @@
 """ThrottleControl on scripted sequences of throttled answers (429, 503) and successes: a load
-starts below its ceiling and doubles its concurrency per round of unthrottled answers (the slow
-start); one burst of 503s is one decrease (back to one request in flight, a slow start up to half
-the limit it had, then one more per round; ranges grown on request-rate throttling only), the
-loads of one node share what they learned, and the user's settings bound both knobs."""
+starts below its ceiling and doubles its concurrency per round of unthrottled answers up to half
+of it, then adds one per round (a limited slow start); one burst of 503s is one decrease (back to
+one request in flight, a slow start up to half the limit it had, then one more per round; ranges
+grown on request-rate throttling only), the loads of one node share what they learned, and the
+user's settings bound both knobs."""
 
 from __future__ import annotations
 
@@ -24,21 +25,25 @@ KiB = 1 << 10
 
 def at_ceiling(control: ThrottleControl) -> ThrottleControl:
     """The control after unthrottled answers took it to its ceiling."""
-    while control.answered():
-        pass
+    for _ in range(100 * control.ceiling):
+        if control.concurrency == control.ceiling:
+            break
+        control.answered()
     assert control.concurrency == control.ceiling
     return control
 
 
-def test_a_load_starts_below_its_ceiling_and_doubles_per_round_while_unthrottled():
+def test_a_load_starts_below_its_ceiling_doubles_to_half_of_it_then_adds_one_per_round():
     control = ThrottleControl(ceiling=16, range_bytes=64 * KiB, max_range_bytes=64 * KiB)
     assert control.concurrency == SLOW_START_CONCURRENCY == 2
     trace = [control.concurrency]
-    for _ in range(20):
+    for _ in range(200):
         control.answered()
         trace.append(control.concurrency)
-    # One more per answer: a round of 2 answers makes 4, the next 4 make 8, the next 8 make 16.
-    assert (trace[2], trace[6], trace[14]) == (4, 8, 16)
+    # One more per answer up to half the ceiling: a round of 2 answers makes 4, the next 4 make
+    # 8; then one more per round of answers as long as the limit: 8 more make 9, 9 more 10, ...
+    assert (trace[2], trace[6], trace[14], trace[23]) == (4, 8, 9, 10)
+    assert trace.index(16) == 6 + sum(range(8, 16))
     assert max(trace) == 16  # prefetch_concurrency is a ceiling, never passed
     assert control.stats().decreases == 0 and control.stats().min_concurrency == 2
 
@@ -206,7 +211,7 @@ def test_a_partners_decrease_in_a_later_burst_is_made(tmp_path, monkeypatch):
     b = at_ceiling(ThrottleControl(64, 1, 1, NodeThrottle(tmp_path)))
     a.throttled(a.epoch())
     b.epoch()  # a's decrease, made by b
-    later = time.time() + 2 * throttle.PACE_INTERVAL_SECONDS
+    later = time.time() + 2 * throttle.ACCOUNT_WINDOW_SECONDS
     monkeypatch.setattr(throttle.time, "time", lambda: later)
     b.throttled(b.epoch())  # a new burst, b's own
     a.epoch()
@@ -225,20 +230,20 @@ def test_a_node_state_rewritten_with_a_lower_generation_is_news(tmp_path, monkey
     (tmp_path / NodeThrottle.FILE).write_bytes(b"garbage")
     a.epoch()
     assert a.stats().node_decreases == 1
-    later = time.time() + 2 * throttle.PACE_INTERVAL_SECONDS
+    later = time.time() + 2 * throttle.ACCOUNT_WINDOW_SECONDS
     monkeypatch.setattr(throttle.time, "time", lambda: later)
     assert NodeThrottle(tmp_path).publish(0.0, 8, 1) == 1
     a.epoch()
     assert a.stats().node_decreases == 2
     # Written again with a lower generation, never unreadable in between: news too.
     (tmp_path / NodeThrottle.FILE).unlink()
-    later += 2 * throttle.PACE_INTERVAL_SECONDS
+    later += 2 * throttle.ACCOUNT_WINDOW_SECONDS
     for _ in range(3):
         NodeThrottle(tmp_path).publish(0.0, 8, 1)
     a.epoch()
     assert a.stats().node_decreases == 3
     (tmp_path / NodeThrottle.FILE).write_bytes(b"")
-    later += 2 * throttle.PACE_INTERVAL_SECONDS
+    later += 2 * throttle.ACCOUNT_WINDOW_SECONDS
     NodeThrottle(tmp_path).publish(0.0, 8, 1)  # generation 1 < 3, unseen in between
     a.epoch()
     assert a.stats().node_decreases == 4
@@ -261,7 +266,7 @@ def test_a_read_older_than_the_load_s_own_publication_is_no_news(tmp_path, monke
     NodeThrottle(tmp_path).publish(0.0, 4, 1)
     control.epoch()  # the partner's decrease, made
     node.stale = node.state()
-    later = time.time() + 2 * throttle.PACE_INTERVAL_SECONDS
+    later = time.time() + 2 * throttle.ACCOUNT_WINDOW_SECONDS
     monkeypatch.setattr(throttle.time, "time", lambda: later)
     assert control.throttled(control.epoch())  # its own, published: generation 2
     control.epoch()  # reads generation 1
@@ -484,7 +489,7 @@ def test_the_pace_is_cut_once_per_burst_and_raised_per_interval_without_one():
     cut = start * throttle.PACE_DECREASE
     assert control.stats().pace_bytes_per_second == pytest.approx(cut)
     clock.now += 3.5  # three whole intervals unthrottled: three steps of 2 ranges' bytes
-    step = throttle.PACE_STEP_REQUESTS * MiB / throttle.PACE_INTERVAL_SECONDS
+    step = throttle.PACE_STEP_REQUESTS * MiB / throttle.ACCOUNT_WINDOW_SECONDS
     assert control.stats().pace_bytes_per_second == pytest.approx(cut + 3 * step)
     for _ in range(12):  # cut after cut: never under one step
         clock.now += 1.0
@@ -505,6 +510,21 @@ def test_request_rate_throttling_paces_requests_and_grows_ranges_when_held():
     assert control.range_bytes == RANGE_GROWTH**2 * MiB
     assert not goes_now(control, MiB)
     assert control.range_bytes == 64 * MiB  # up to the staging slot, not past it
+
+
+def test_a_young_load_s_first_pace_is_what_it_was_served_per_whole_window():
+    # Throttled a quarter of a second into the load, after 8 answers: the account served it 8
+    # requests in its window, not 32 per second (what it served at the opening was mostly the
+    # account's burst allowance, which every load of a fleet drew on at once).
+    clock = Clock()
+    control = ThrottleControl(8, MiB, 64 * MiB, clock=clock)
+    served(control, clock, 8, MiB, 0.25)
+    control.throttled(control.epoch())
+    assert control.stats().pace_requests_per_second == pytest.approx(8 * throttle.PACE_DECREASE)
+    egress = ThrottleControl(8, MiB, 64 * MiB, clock=clock)
+    served(egress, clock, 8, MiB, 0.25)
+    egress.throttled(egress.epoch(), by_rate=False)
+    assert egress.stats().pace_bytes_per_second == pytest.approx(8 * MiB * throttle.PACE_DECREASE)
 
 
 def test_the_concurrency_is_not_raised_while_the_pace_holds_requests():

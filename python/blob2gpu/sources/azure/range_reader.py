@@ -14,7 +14,7 @@ from typing import Any
 from blob2gpu.errors import Blob2GpuError, BlobChanged, LoadCancelled
 from blob2gpu.sources.azure.failures import is_transient, storage_error, throttled_by_bandwidth
 from blob2gpu.sources.azure.location import BlobLocation
-from blob2gpu.sources.azure.retry import RetryPolicy, retry_after
+from blob2gpu.sources.azure.retry import RetryPolicy
 from blob2gpu.sources.azure.throttle import ThrottleControl
 from blob2gpu.sources.azure.transport import RangeResponse, open_range
 from blob2gpu.sources.plan import ShardRef
@@ -103,11 +103,10 @@ class BlobRangeReader:
                 continue
             self._raise_unless_transient(error, ref, what)
             if self.throttle is not None and getattr(error, "status_code", None) in (429, 503):
-                # The node's other loads stay away as long as the server asked, or, when it did
-                # not say, about as long as this load's first backoff.
-                asked = min(retry_after(error), self.retry.throttled_seconds)
-                asked = asked or self.retry.delay(1)
-                self.throttle.throttled(epoch, asked, by_rate=not throttled_by_bandwidth(error))
+                # The node's other loads stay away as long as throttling keeps this one away.
+                self.throttle.throttled(
+                    epoch, self.retry.stay_away(error), by_rate=not throttled_by_bandwidth(error)
+                )
             attempt += 1
             with self._lock:
                 self._retries[ref.path] = self._retries.get(ref.path, 0) + 1

@@ -4,9 +4,12 @@ without talking to the other loaders on that account.
 A slow start, then additive increase and multiplicative decrease, on two knobs:
 - concurrency (ranged GETs in flight): a load starts at SLOW_START_CONCURRENCY (or, when its node's
   loads were throttled lately, at one, see below) and, while no answer is throttled, adds one per
-  answer: it doubles each round of answers, up to the user's prefetch_concurrency, which is a
-  ceiling, never exceeded. A fleet released at once thus opens with a few requests per load, not
-  with every thread of every process. Once throttled, the load goes back to one request in
+  answer up to half the user's prefetch_concurrency (it doubles each round of answers), then one
+  per round of answers up to prefetch_concurrency, which is a ceiling, never exceeded. A fleet
+  released at once thus opens with a few requests per load, not with every thread of every
+  process, and meets an account's limit with about half its threads in flight, not all of them:
+  what each load has sent before its first 503 comes back is refused with it (a limited slow
+  start, as in RFC 3742). Once throttled, the load goes back to one request in
   flight (the ranges the throttled requests left come back one round at a time, not all at
   once when the wait is over), slow-starts up to half the limit it had, and from there adds one
   per round of answers (as many successes as the current limit) without throttling;
@@ -18,7 +21,7 @@ A slow start, then additive increase and multiplicative decrease, on two knobs:
   throttling.
 One burst of throttled answers is one decrease: a throttled answer to a request sent before the
 last decrease says nothing new (the epoch each request carries tells), nor does a node partner's
-decrease published within PACE_INTERVAL_SECONDS of this load's last one (the same burst: every
+decrease published within ACCOUNT_WINDOW_SECONDS of this load's last one (the same burst: every
 load that was refused publishes it). How long to stay away
 (Retry-After, backoff) is the RetryPolicy's; this only sets how much to send once back.
 
@@ -28,11 +31,14 @@ has them all refused when the account turns it away. Throttled by egress, a load
 for bytes-per-second tokens (a request costs the bytes it asks for); by request rate, for
 requests-per-second tokens (one each). Additive increase and multiplicative decrease on that rate:
 - the first throttle of a kind starts its pacer at PACE_DECREASE of what the account actually
-  served the load over the PACE_INTERVAL_SECONDS before the 503 (or since the load's first
-  request, if younger): a measured rate, not a setting;
+  served the load over the ACCOUNT_WINDOW_SECONDS before the 503, divided by the whole window
+  even when the load is younger: a measured rate, not a setting. An account serves its burst
+  allowance (a window's worth) at once to whoever asks first; counted as a rate over a young
+  load's fraction of a second, it made a fleet's first paces add up to several times the
+  account's rate, and the next second's requests were refused again;
 - each later throttle of that kind cuts it by PACE_DECREASE again, once per burst (throttled
-  answers within PACE_INTERVAL_SECONDS of a cut are that burst's, as a node's are);
-- each PACE_INTERVAL_SECONDS without a cut raises it by PACE_STEP_REQUESTS requests' worth (the
+  answers within ACCOUNT_WINDOW_SECONDS of a cut are that burst's, as a node's are);
+- each ACCOUNT_WINDOW_SECONDS without a cut raises it by PACE_STEP_REQUESTS requests' worth (the
   load's range's bytes, or requests), which is also the least pace: the same step for every load
   of a fleet, so loads cut at different rates converge on equal shares.
 A request waits for its pace before it is sent (a stopped load stops waiting). While requests
@@ -77,8 +83,9 @@ RANGE_GROWTH = 4  # throttled by request rate, a load's ranges grow this many ti
 # Pacing (see the module); constants, not settings: a user has nothing to know to set them.
 # Accounts state and enforce their limits per second (Azure's scalability targets; the fault
 # proxy's buckets hold a second's worth), so a second is the window a served rate is measured
-# over, a burst of throttling lasts, and an increase waits for.
-PACE_INTERVAL_SECONDS = 1.0
+# over, a burst of throttling lasts, an increase waits for, and a throttled request the server
+# named no Retry-After for stays away (most of it: retry.py).
+ACCOUNT_WINDOW_SECONDS = 1.0
 # The cut per throttle. Not a half: a burst of throttling hits most loads of a fleet at once (the
 # account refuses whoever asks while it is over), so the fleet's cuts add up; 0.7 left the
 # benchmark's fleet near the cap (egress p95 at the bound), 0.5 under it (bench/README.md).
@@ -130,7 +137,7 @@ class Pacer:
         # same for every load of a fleet (they share their settings), whatever each measured,
         # so loads cut at different rates converge on equal shares (as TCP's one segment per
         # round trip does) rather than keep their differences.
-        self.step = PACE_STEP_REQUESTS * unit / PACE_INTERVAL_SECONDS
+        self.step = PACE_STEP_REQUESTS * unit / ACCOUNT_WINDOW_SECONDS
         self.rate = served
         self._next = now  # when the next request may go
         self._raised = now  # the start of the interval being counted towards a raise
@@ -142,7 +149,7 @@ class Pacer:
         interval away. Within an interval of the last cut it is the same burst of throttling
         (this load's and its node's loads' 503s, the answers to what was sent before the cut
         took effect): no second cut (returns False)."""
-        if now - self._cut < PACE_INTERVAL_SECONDS:
+        if now - self._cut < ACCOUNT_WINDOW_SECONDS:
             return False
         self.rate = max(self.step, self.rate * PACE_DECREASE)
         self._raised = self._cut = now
@@ -150,10 +157,10 @@ class Pacer:
 
     def raise_for(self, now: float) -> None:
         """Add one step per whole interval since the last cut or raise."""
-        intervals = int((now - self._raised) // PACE_INTERVAL_SECONDS)
+        intervals = int((now - self._raised) // ACCOUNT_WINDOW_SECONDS)
         if intervals > 0:
             self.rate += intervals * self.step
-            self._raised += intervals * PACE_INTERVAL_SECONDS
+            self._raised += intervals * ACCOUNT_WINDOW_SECONDS
 
     def reserve(self, cost: float, now: float) -> float:
         """Book a request costing `cost` units; returns the seconds it waits before it is sent."""
@@ -185,7 +192,8 @@ class ThrottleControl:
         self.ceiling = ceiling
         self.max_range_bytes = max(range_bytes, max_range_bytes)
         self._limit = min(ceiling, SLOW_START_CONCURRENCY)
-        self._threshold = ceiling  # the slow start (+1 per answer) runs up to this limit
+        # The slow start (+1 per answer) runs up to this limit: half the ceiling at first.
+        self._threshold = max(self._limit, ceiling // 2)
         self._range = range_bytes
         self._epoch = 0  # bumped at each decrease
         self._successes = 0  # answers since the limit last changed
@@ -196,7 +204,6 @@ class ThrottleControl:
         self._clock = clock
         self._pacers: dict[int, Pacer] = {}  # by kind (EGRESS, REQUEST_RATE), once throttled
         self._served: deque[tuple[float, int]] = deque()  # (when, bytes) of recent answers
-        self._first_sent: float | None = None
         self._pace_bound = False  # whether the last request waited for its pace
         state = node.state() if node is not None else NodeState()
         self._node_seen = state.generation
@@ -254,8 +261,6 @@ class ThrottleControl:
         """Book a request of `size` bytes with the load's pacers; the seconds it waits (the
         caller holds the lock)."""
         now = self._clock()
-        if self._first_sent is None:
-            self._first_sent = now
         wait = 0.0
         if (pacer := self._pacers.get(EGRESS)) is not None:
             wait = max(wait, pacer.reserve(max(1, size), now))
@@ -270,17 +275,16 @@ class ThrottleControl:
 
     def _pace(self, kind: int) -> None:
         """A decrease for throttling of `kind`: cut its pacer, or start one from what the account
-        served this load over the last PACE_INTERVAL_SECONDS (nothing served: no pacer yet; the
-        caller holds the lock)."""
+        served this load over the last ACCOUNT_WINDOW_SECONDS, per window (nothing served: no
+        pacer yet; the caller holds the lock)."""
         now = self._clock()
         if (pacer := self._pacers.get(kind)) is not None:
             pacer.cut(now)
             return
         self._forget_served(now)
-        if not self._served or self._first_sent is None:
+        if not self._served:
             return
-        # Over the interval, or the time since the load's first request if it is younger.
-        window = max(min(PACE_INTERVAL_SECONDS, now - self._first_sent), 1e-3)
+        window = ACCOUNT_WINDOW_SECONDS  # a younger load's too: see the module
         if kind == EGRESS:
             served, unit = sum(n for _, n in self._served), self._range
         else:
@@ -288,7 +292,7 @@ class ThrottleControl:
         self._pacers[kind] = Pacer(served / window, unit, now)
 
     def _forget_served(self, now: float) -> None:
-        while self._served and self._served[0][0] <= now - PACE_INTERVAL_SECONDS:
+        while self._served and self._served[0][0] <= now - ACCOUNT_WINDOW_SECONDS:
             self._served.popleft()
 
     def release(self) -> None:
@@ -319,7 +323,7 @@ class ThrottleControl:
             if state.generation != self._node_seen and state.stamp > self._node_stamp:
                 self._node_seen, self._node_stamp = state.generation, state.stamp
                 self._range = max(self._range, min(self.max_range_bytes, state.range_bytes))
-                if abs(state.stamp - self._decreased_at) < PACE_INTERVAL_SECONDS:
+                if abs(state.stamp - self._decreased_at) < ACCOUNT_WINDOW_SECONDS:
                     # Published in the burst this load has already decreased for (by a load that
                     # was refused with it, before it looked): the same burst, one decrease.
                     return state
