@@ -179,6 +179,8 @@ def test_a_throttled_answer_stays_away_as_asked_or_for_the_second_half_of_the_wi
         # No Retry-After: the account's limits are per second; spread over its second half.
         assert 0.5 <= policy.stay_away(busy({})) <= 1.0
         assert 0.5 <= policy.backoff(1, busy({})) <= 1.0  # not the 0.005-0.01 s backoff
+    assert policy.stay_away(busy({"Retry-After": "7"}), spread=False) == 7.0  # what the node
+    assert 0.5 <= policy.stay_away(busy({}), spread=False) <= 1.0  # partners are told
     assert policy.stay_away(ConnectionResetError()) == 0.0
     assert policy.backoff(1, ConnectionResetError()) <= 0.01
     short = RetryPolicy(where, 6, 0.01, 0.05, throttled_seconds=0.2)  # the budget caps both

@@ -512,19 +512,21 @@ def test_request_rate_throttling_paces_requests_and_grows_ranges_when_held():
     assert control.range_bytes == 64 * MiB  # up to the staging slot, not past it
 
 
-def test_a_young_load_s_first_pace_is_what_it_was_served_per_whole_window():
-    # Throttled a quarter of a second into the load, after 8 answers: the account served it 8
-    # requests in its window, not 32 per second (what it served at the opening was mostly the
-    # account's burst allowance, which every load of a fleet drew on at once).
+def test_a_young_load_s_first_request_pace_counts_the_whole_window_its_bytes_pace_its_age():
+    # Throttled a quarter of a second into the load, after 8 answers of 1 MiB. By request rate:
+    # the account served it 8 requests in its window, not 32 per second (what it served at the
+    # opening was mostly the burst allowance every load of a fleet drew on at once). By egress:
+    # 32 MiB/s, its rate since its first request (a bytes pace set low costs the load bytes).
     clock = Clock()
-    control = ThrottleControl(8, MiB, 64 * MiB, clock=clock)
-    served(control, clock, 8, MiB, 0.25)
-    control.throttled(control.epoch())
-    assert control.stats().pace_requests_per_second == pytest.approx(8 * throttle.PACE_DECREASE)
-    egress = ThrottleControl(8, MiB, 64 * MiB, clock=clock)
-    served(egress, clock, 8, MiB, 0.25)
-    egress.throttled(egress.epoch(), by_rate=False)
-    assert egress.stats().pace_bytes_per_second == pytest.approx(8 * MiB * throttle.PACE_DECREASE)
+    by_rate = ThrottleControl(8, MiB, 64 * MiB, clock=clock)
+    served(by_rate, clock, 8, MiB, 0.25)
+    by_rate.throttled(by_rate.epoch())
+    assert by_rate.stats().pace_requests_per_second == pytest.approx(8 * throttle.PACE_DECREASE)
+    by_egress = ThrottleControl(8, MiB, 64 * MiB, clock=clock)
+    served(by_egress, clock, 8, MiB, 0.25)
+    by_egress.throttled(by_egress.epoch(), by_rate=False)
+    pace = by_egress.stats().pace_bytes_per_second
+    assert pace == pytest.approx(32 * MiB * throttle.PACE_DECREASE)
 
 
 def test_the_concurrency_is_not_raised_while_the_pace_holds_requests():

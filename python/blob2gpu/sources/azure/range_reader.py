@@ -103,10 +103,11 @@ class BlobRangeReader:
                 continue
             self._raise_unless_transient(error, ref, what)
             if self.throttle is not None and getattr(error, "status_code", None) in (429, 503):
-                # The node's other loads stay away as long as throttling keeps this one away.
-                self.throttle.throttled(
-                    epoch, self.retry.stay_away(error), by_rate=not throttled_by_bandwidth(error)
-                )
+                # The node's other loads stay away as long as the server asked (not spread: each
+                # load sends again once its own wait is over) or, when it named no wait, as long
+                # as throttling keeps this one away.
+                asked = self.retry.stay_away(error, spread=False)
+                self.throttle.throttled(epoch, asked, by_rate=not throttled_by_bandwidth(error))
             attempt += 1
             with self._lock:
                 self._retries[ref.path] = self._retries.get(ref.path, 0) + 1

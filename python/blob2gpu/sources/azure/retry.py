@@ -74,17 +74,18 @@ class RetryPolicy:
         server said, or throttling implies, a longer one (stay_away)."""
         return max(self.delay(min(attempt, 16)), self.stay_away(error))
 
-    def stay_away(self, error: BaseException) -> float:
-        """How long `error` keeps a request away, at least: what the server asked (Retry-After,
-        spread over up to a quarter more, so the loaders it told at once do not all come back at
-        once); for a throttled answer (429, 503) that names no wait, the second half of the
+    def stay_away(self, error: BaseException, spread: bool = True) -> float:
+        """How long `error` keeps a request away, at least: what the server asked (Retry-After;
+        spread: over up to a quarter more, so the loaders it told at once do not all come back
+        at once); for a throttled answer (429, 503) that names no wait, the second half of the
         account's window, spread over it; either up to retry_throttled_seconds. An account
         enforces its limits per second, and a request sent again within the second it was
         refused in is refused again (a fleet coming back after a first backoff of a fraction of
         a second was refused once more). 0 for any other failure."""
         asked = retry_after(error)
         if asked:
-            return min(asked * random.uniform(1.0, 1.25), self.throttled_seconds)
+            spread_by = random.uniform(1.0, 1.25) if spread else 1.0
+            return min(asked * spread_by, self.throttled_seconds)
         if getattr(error, "status_code", None) in (429, 503):
             return min(ACCOUNT_WINDOW_SECONDS * random.uniform(0.5, 1.0), self.throttled_seconds)
         return 0.0

@@ -31,11 +31,14 @@ has them all refused when the account turns it away. Throttled by egress, a load
 for bytes-per-second tokens (a request costs the bytes it asks for); by request rate, for
 requests-per-second tokens (one each). Additive increase and multiplicative decrease on that rate:
 - the first throttle of a kind starts its pacer at PACE_DECREASE of what the account actually
-  served the load over the ACCOUNT_WINDOW_SECONDS before the 503, divided by the whole window
-  even when the load is younger: a measured rate, not a setting. An account serves its burst
-  allowance (a window's worth) at once to whoever asks first; counted as a rate over a young
-  load's fraction of a second, it made a fleet's first paces add up to several times the
-  account's rate, and the next second's requests were refused again;
+  served the load over the ACCOUNT_WINDOW_SECONDS before the 503: a measured rate, not a
+  setting. For egress, a load younger than that counts the time since its first request; for
+  request rate, the whole window all the same. An account serves its burst allowance (a
+  window's worth) at once to whoever asks first: counted over a young load's fraction of a
+  second, it made a fleet's first request paces add up to several times the account's rate, and
+  its next second's requests were refused again. A request pace set low costs a load little
+  (held requests grow the ranges, and the same bytes come in fewer requests); a bytes pace set
+  low costs it bytes, and a fan-out's ranks, idle while they broadcast, measured little;
 - each later throttle of that kind cuts it by PACE_DECREASE again, once per burst (throttled
   answers within ACCOUNT_WINDOW_SECONDS of a cut are that burst's, as a node's are);
 - each ACCOUNT_WINDOW_SECONDS without a cut raises it by PACE_STEP_REQUESTS requests' worth (the
@@ -204,6 +207,7 @@ class ThrottleControl:
         self._clock = clock
         self._pacers: dict[int, Pacer] = {}  # by kind (EGRESS, REQUEST_RATE), once throttled
         self._served: deque[tuple[float, int]] = deque()  # (when, bytes) of recent answers
+        self._first_sent: float | None = None
         self._pace_bound = False  # whether the last request waited for its pace
         state = node.state() if node is not None else NodeState()
         self._node_seen = state.generation
@@ -261,6 +265,8 @@ class ThrottleControl:
         """Book a request of `size` bytes with the load's pacers; the seconds it waits (the
         caller holds the lock)."""
         now = self._clock()
+        if self._first_sent is None:
+            self._first_sent = now
         wait = 0.0
         if (pacer := self._pacers.get(EGRESS)) is not None:
             wait = max(wait, pacer.reserve(max(1, size), now))
@@ -275,21 +281,23 @@ class ThrottleControl:
 
     def _pace(self, kind: int) -> None:
         """A decrease for throttling of `kind`: cut its pacer, or start one from what the account
-        served this load over the last ACCOUNT_WINDOW_SECONDS, per window (nothing served: no
-        pacer yet; the caller holds the lock)."""
+        served this load over the last ACCOUNT_WINDOW_SECONDS (nothing served: no pacer yet; the
+        caller holds the lock)."""
         now = self._clock()
         if (pacer := self._pacers.get(kind)) is not None:
             pacer.cut(now)
             return
         self._forget_served(now)
-        if not self._served:
+        if not self._served or self._first_sent is None:
             return
-        window = ACCOUNT_WINDOW_SECONDS  # a younger load's too: see the module
         if kind == EGRESS:
-            served, unit = sum(n for _, n in self._served), self._range
+            # Over the interval, or the time since the load's first request if it is younger.
+            window = max(min(ACCOUNT_WINDOW_SECONDS, now - self._first_sent), 1e-3)
+            served, unit = sum(n for _, n in self._served) / window, self._range
         else:
-            served, unit = len(self._served), 1
-        self._pacers[kind] = Pacer(served / window, unit, now)
+            # Over the whole interval, even for a younger load: see the module.
+            served, unit = len(self._served) / ACCOUNT_WINDOW_SECONDS, 1
+        self._pacers[kind] = Pacer(served, unit, now)
 
     def _forget_served(self, now: float) -> None:
         while self._served and self._served[0][0] <= now - ACCOUNT_WINDOW_SECONDS:
