@@ -1,9 +1,10 @@
 """RetryPolicy: how blob2gpu retries a storage request that failed transiently (reset, timeout,
-408/429/5xx): exponential backoff with jitter, the server's Retry-After honoured up to a budget,
-every thread of a load backing off together while the account throttles, and a count of what was
-retried. Every request to storage goes through one: the ranged GETs (range_reader.py), the
-listing, and the reads of the index, manifest and other files (listing.py, container.py). The SDK's
-own retries are off (container.py), so each retry is ours to count and to bound."""
+408/429/5xx): exponential backoff with jitter, the server's Retry-After honoured up to a budget
+(a throttled answer without one waits out most of the account's one-second window), every thread
+of a load backing off together while the account throttles, and a count of what was retried.
+Every request to storage goes through one: the ranged GETs (range_reader.py), the listing, and
+the reads of the index, manifest and other files (listing.py, container.py). The SDK's own
+retries are off (container.py), so each retry is ours to count and to bound."""
 
 from __future__ import annotations
 
