@@ -220,9 +220,9 @@ SCHEMA: tuple[Setting, ...] = (
         "retry_backoff_seconds",
         0.25,
         float,
-        "First retry's backoff; it doubles each attempt, with jitter. A throttled answer "
-        "(429, 503 ServerBusy) without a Retry-After waits at least half a second, up to one: "
-        "an account enforces its limits per second.",
+        "First retry's backoff; it doubles each attempt, with jitter. A 429 or 503 without a "
+        "Retry-After waits at least 0.5-1 s (up to retry_throttled_seconds), or this backoff "
+        "if longer: an account enforces its limits per second.",
     ),
     S("storage", "retry_backoff_max_seconds", 8.0, float, "Longest backoff between two attempts."),
     S(

@@ -48,6 +48,28 @@ def test_a_load_starts_below_its_ceiling_doubles_to_half_of_it_then_adds_one_per
     assert control.stats().decreases == 0 and control.stats().min_concurrency == 2
 
 
+@pytest.mark.parametrize(
+    ("ceiling", "doubled_to", "at_ceiling_after"),
+    [
+        (3, 2, 2),
+        (4, 2, 2 + 3),
+        (5, 2, 2 + 3 + 4),
+        (6, 3, 1 + 3 + 4 + 5),
+        (9, 4, 2 + 4 + 5 + 6 + 7 + 8),
+    ],
+)
+def test_small_and_odd_ceilings_double_to_half_then_add_one_per_round(
+    ceiling, doubled_to, at_ceiling_after
+):
+    control = ThrottleControl(ceiling, range_bytes=1, max_range_bytes=1)
+    trace = [control.concurrency]
+    for _ in range(100):
+        control.answered()
+        trace.append(control.concurrency)
+    assert trace[max(0, doubled_to - SLOW_START_CONCURRENCY)] == doubled_to  # +1 per answer
+    assert trace.index(ceiling) == at_ceiling_after and max(trace) == ceiling
+
+
 @pytest.mark.parametrize("ceiling", [1, 2])
 def test_a_ceiling_at_or_below_the_start_is_where_a_load_starts(ceiling):
     control = ThrottleControl(ceiling=ceiling, range_bytes=1, max_range_bytes=1)

@@ -102,16 +102,18 @@ class BlobRangeReader:
                     self.throttle.answered(pos - start)
                 continue
             self._raise_unless_transient(error, ref, what)
+            stay = None
             if self.throttle is not None and getattr(error, "status_code", None) in (429, 503):
-                # The node's other loads stay away as long as the server asked (not spread: each
-                # load sends again once its own wait is over) or, when it named no wait, as long
-                # as throttling keeps this one away.
-                asked = self.retry.stay_away(error, spread=False)
-                self.throttle.throttled(epoch, asked, by_rate=not throttled_by_bandwidth(error))
+                # One draw: this load stays away at least that long, its node's other loads as
+                # long.
+                stay = self.retry.stay_away(error)
+                self.throttle.throttled(epoch, stay, by_rate=not throttled_by_bandwidth(error))
             attempt += 1
             with self._lock:
                 self._retries[ref.path] = self._retries.get(ref.path, 0) + 1
-            throttled = self.retry.wait_before_retry(attempt, error, what, ref.path, throttled)
+            throttled = self.retry.wait_before_retry(
+                attempt, error, what, ref.path, throttled, stay
+            )
 
     def stop(self) -> None:
         """Cancel the reads: every wait (throttling, backoff, pace) ends and every read in flight

@@ -70,23 +70,24 @@ class RetryPolicy:
         ceiling = min(self.backoff_max_seconds, self.backoff_seconds * (2 ** (attempt - 1)))
         return float(ceiling * random.uniform(0.5, 1.0))
 
-    def backoff(self, attempt: int, error: BaseException) -> float:
+    def backoff(self, attempt: int, error: BaseException, stay: float | None = None) -> float:
         """The wait before retry number `attempt`: the jittered backoff, or longer when the
-        server said, or throttling implies, a longer one (stay_away)."""
-        return max(self.delay(min(attempt, 16)), self.stay_away(error))
+        server said, or throttling implies, a longer one (`stay`, drawn by stay_away if not
+        given)."""
+        return max(self.delay(min(attempt, 16)), self.stay_away(error) if stay is None else stay)
 
-    def stay_away(self, error: BaseException, spread: bool = True) -> float:
-        """How long `error` keeps a request away, at least: what the server asked (Retry-After;
-        spread: over up to a quarter more, so the loaders it told at once do not all come back
-        at once); for a throttled answer (429, 503) that names no wait, the second half of the
-        account's window, spread over it; either up to retry_throttled_seconds. An account
-        enforces its limits per second, and a request sent again within the second it was
-        refused in is refused again (a fleet coming back after a first backoff of a fraction of
-        a second was refused once more). 0 for any other failure."""
+    def stay_away(self, error: BaseException) -> float:
+        """How long `error` keeps a request away, at least (a draw: the caller that tells others
+        to stay away as long draws once): what the server asked (Retry-After, spread over up to
+        a quarter more, so the loaders it told at once do not all come back at once); for a
+        throttled answer (429, 503) that names no wait, the second half of the account's
+        window, spread over it; either up to retry_throttled_seconds. An account enforces its
+        limits per second, and a request sent again within the second it was refused in is
+        refused again (a fleet coming back after a first backoff of a fraction of a second was
+        refused once more). 0 for any other failure."""
         asked = retry_after(error)
         if asked:
-            spread_by = random.uniform(1.0, 1.25) if spread else 1.0
-            return min(asked * spread_by, self.throttled_seconds)
+            return min(asked * random.uniform(1.0, 1.25), self.throttled_seconds)
         if getattr(error, "status_code", None) in (429, 503):
             return min(ACCOUNT_WINDOW_SECONDS * random.uniform(0.5, 1.0), self.throttled_seconds)
         return 0.0
@@ -98,8 +99,10 @@ class RetryPolicy:
         what: str,
         blob: str | None,
         throttled_waited: float = 0.0,
+        stay: float | None = None,
     ) -> float:
-        """Count a retry and sleep; returns the seconds this request has now waited on throttling.
+        """Count a retry and sleep (backoff(); `stay`: the stay_away() the caller drew and told
+        others); returns the seconds this request has now waited on throttling.
 
         Raises StorageUnavailable once the attempts are spent, except that a throttled request
         (429, 503) keeps waiting while its throttling waits stay under retry_throttled_seconds:
@@ -116,7 +119,7 @@ class RetryPolicy:
                 blob=blob,
                 hint=hint,
             ) from None
-        delay = self.backoff(attempt, error)
+        delay = self.backoff(attempt, error, stay)
         with self._lock:
             self.retries += 1
             self.waited_seconds += delay

@@ -8,8 +8,8 @@ A slow start, then additive increase and multiplicative decrease, on two knobs:
   per round of answers up to prefetch_concurrency, which is a ceiling, never exceeded. A fleet
   released at once thus opens with a few requests per load, not with every thread of every
   process, and meets an account's limit with about half its threads in flight, not all of them:
-  what each load has sent before its first 503 comes back is refused with it (a limited slow
-  start, as in RFC 3742). Once throttled, the load goes back to one request in
+  what each load has sent before its first 503 comes back is refused with it (a slow start
+  whose first threshold is half the ceiling). Once throttled, the load goes back to one request in
   flight (the ranges the throttled requests left come back one round at a time, not all at
   once when the wait is over), slow-starts up to half the limit it had, and from there adds one
   per round of answers (as many successes as the current limit) without throttling;
@@ -54,17 +54,16 @@ that (it may have just started, or been waiting).
 
 Processes on one node share one budget through the node's cache directory (cache_dir, or its
 default, whether or not the cache is on; NodeThrottle, a small file in its locks/ named with the
-format's version, so that two versions of blob2gpu on one node during a rolling upgrade keep
-apart rather than misread each other's): a decrease is published there with the concurrency and
-range size it came to, every other load on the node makes the same decrease when it next sends a
-request (before it lets that request go; the file is read once per request, again only after a
-wait) and stays away as long as the server told the throttled one to (Retry-After, or its first
-backoff), and a load that starts within NODE_MEMORY_SECONDS of a published decrease starts with
+format's version, so that two versions of blob2gpu on one node during a rolling upgrade keep apart
+rather than misread each other's): a decrease is published there with the concurrency and range
+size it came to, every other load on the node makes the same decrease when it next sends a request
+(before it lets that request go; the file is read once per request, again only after a wait) and
+stays away as long as the throttled one does (RetryPolicy.stay_away: Retry-After, or 0.5-1 s
+without one), and a load that starts within NODE_MEMORY_SECONDS of a published decrease starts with
 the published ranges and one request in flight, and slow-starts only up to the published
-concurrency: the node already knows where the account throttles. Nothing is held in that file
-that a crashed process could leak: it says when the node was last throttled, until when to wait,
-at what concurrency and range size, and whether for egress or request rate (which pace the
-others cut).
+concurrency: the node already knows where the account throttles. Nothing is held in that file that
+a crashed process could leak: it says when the node was last throttled, until when to wait, at what
+concurrency and range size, and whether for egress or request rate (which pace the others cut).
 """
 
 from __future__ import annotations
@@ -218,7 +217,7 @@ class ThrottleControl:
             # The node's loads were throttled lately: start from one request, slow-start up to
             # the concurrency they came to, with their ranges.
             self._limit = 1
-            self._threshold = max(1, min(ceiling, state.concurrency or ceiling))
+            self._threshold = max(1, min(ceiling, state.concurrency or ceiling // 2))
             self._range = max(self._range, min(self.max_range_bytes, state.range_bytes))
         self._lowest = self._limit
 
