@@ -163,6 +163,12 @@ def response_header(error: BaseException, name: str) -> str | None:
 BANDWIDTH_THROTTLING = ("Egress is over the account limit.", "Ingress is over the account limit.")
 
 
+def is_throttled(error: BaseException) -> bool:
+    """Whether `error` is the account shedding load (429, 503 ServerBusy): a request to send
+    again later, more patiently than another transient failure."""
+    return getattr(error, "status_code", None) in (429, 503)
+
+
 def throttled_by_bandwidth(error: BaseException) -> bool:
     """Whether a throttled answer was for the account's bytes per second, not its requests per
     second: larger ranges do not help then.
@@ -311,7 +317,7 @@ def retry_advice(error: BaseException, location: BlobLocation) -> str:
     """What to do once retries of `error` are spent: retry settings only for throttling and
     5xx (the service may answer later), else what fits the cause."""
     status = getattr(error, "status_code", None)
-    if status in (429, 503):
+    if is_throttled(error):
         return (
             "the account is throttling or busy: raise retry_throttled_seconds (or "
             "retry_max_attempts), or spread the load (fewer nodes starting at once)"

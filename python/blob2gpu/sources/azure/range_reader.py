@@ -12,7 +12,12 @@ import threading
 from typing import Any
 
 from blob2gpu.errors import Blob2GpuError, BlobChanged, LoadCancelled
-from blob2gpu.sources.azure.failures import is_transient, storage_error, throttled_by_bandwidth
+from blob2gpu.sources.azure.failures import (
+    is_throttled,
+    is_transient,
+    storage_error,
+    throttled_by_bandwidth,
+)
 from blob2gpu.sources.azure.location import BlobLocation
 from blob2gpu.sources.azure.retry import RetryPolicy
 from blob2gpu.sources.azure.throttle import ThrottleControl
@@ -103,7 +108,7 @@ class BlobRangeReader:
                 continue
             self._raise_unless_transient(error, ref, what)
             stay = None
-            if self.throttle is not None and getattr(error, "status_code", None) in (429, 503):
+            if self.throttle is not None and is_throttled(error):
                 # One draw: this load stays away at least that long, its node's other loads as
                 # long.
                 stay = self.retry.stay_away(error)

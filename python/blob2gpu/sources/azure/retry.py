@@ -18,6 +18,7 @@ from typing import TypeVar
 from blob2gpu.errors import Blob2GpuError, LoadCancelled, StorageUnavailable
 from blob2gpu.sources.azure.failures import (
     failure_reason,
+    is_throttled,
     is_transient,
     response_header,
     retry_advice,
@@ -88,7 +89,7 @@ class RetryPolicy:
         asked = retry_after(error)
         if asked:
             return min(asked * random.uniform(1.0, 1.25), self.throttled_seconds)
-        if getattr(error, "status_code", None) in (429, 503):
+        if is_throttled(error):
             return min(ACCOUNT_WINDOW_SECONDS * random.uniform(0.5, 1.0), self.throttled_seconds)
         return 0.0
 
@@ -108,7 +109,7 @@ class RetryPolicy:
         (429, 503) keeps waiting while its throttling waits stay under retry_throttled_seconds:
         an account that sheds load is not an account that is down.
         """
-        throttled = getattr(error, "status_code", None) in (429, 503)
+        throttled = is_throttled(error)
         if attempt >= self.max_attempts and not (
             throttled and throttled_waited < self.throttled_seconds
         ):
