@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from blob2gpu.settings import SCHEMA
 from conftest import random_tensor, upload_directory
@@ -317,6 +318,47 @@ def test_demo_runs(tmp_path):
     # A weights-only load generates no token: its first_token phase stays empty.
     first_token = next(ln for ln in result.stdout.splitlines() if ln.startswith("first_token"))
     assert first_token.split()[-1] == "-"
+
+
+@pytest.mark.parametrize("size_mb", [8, 24])
+def test_demo_writes_the_size_asked_for(size_mb):
+    result = run("demo", "--device", "cpu", "--source", "local", "--size-mb", str(size_mb))
+    assert result.returncode == 0, result.stderr
+    written = re.search(r"demo checkpoint: ([0-9]+) MB in 4 shards", result.stdout)
+    assert written is not None, result.stdout
+    assert abs(int(written.group(1)) - size_mb) <= size_mb * 0.1
+    assert run("demo", "--size-mb", "0").returncode == 2  # argparse: must be at least 1
+
+
+def test_load_says_one_speed_in_its_last_progress_line_and_its_summary(write_checkpoint):
+    directory = write_checkpoint(
+        [{f"s{s}.w": random_tensor(torch.float32, (256, 256), s)} for s in range(3)]
+    )
+    result = run("load", str(directory))  # stderr is a pipe: plain lines
+    assert result.returncode == 0, result.stderr
+    summary = re.search(r"GB in ([0-9.]+) s = ([0-9.]+) GB/s", result.stdout)
+    last = re.fullmatch(r"blob2gpu: .* read in ([0-9.]+) s, ([0-9.]+) GB/s", result.stderr.strip())
+    assert summary is not None and last is not None, result.stdout + result.stderr
+    assert last.groups() == summary.groups()
+
+
+def test_every_option_and_command_has_a_help_text():
+    import argparse
+
+    from blob2gpu.cli import build_parser
+
+    def undocumented(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helped = {a.dest for a in action._choices_actions if a.help}
+                for name, sub in action.choices.items():
+                    if name not in helped:
+                        yield f"{path} {name}"
+                    yield from undocumented(sub, f"{path} {name}")
+            elif not action.help:
+                yield f"{path} {'/'.join(action.option_strings) or action.dest}"
+
+    assert list(undocumented(build_parser(), "blob2gpu")) == []
 
 
 def demo_in(directory, path, *args):

@@ -32,6 +32,16 @@ def _setting(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -219,7 +229,12 @@ def _add_manifest_command(sub: Any) -> None:
     """`blob2gpu manifest`."""
     manifest = sub.add_parser("manifest", help="write the manifest of a checkpoint in Blob")
     manifest.add_argument("uri", help="the checkpoint's Blob URI")
-    manifest.add_argument("--chunk-bytes", type=_byte_count, default=4 << 20)
+    manifest.add_argument(
+        "--chunk-bytes",
+        type=_byte_count,
+        default=4 << 20,
+        help="manifest chunk size: one CRC32C and SHA-256 per chunk (default 4MiB)",
+    )
     manifest.set_defaults(run=cmd_manifest)
 
 
@@ -237,7 +252,7 @@ def _add_cache_command(sub: Any) -> None:
         p.add_argument("--config", metavar="FILE", help="YAML settings file")
         p.set_defaults(run=run)
         if name == "ls":
-            p.add_argument("--json", action="store_true")
+            p.add_argument("--json", action="store_true", help="JSON for machines")
         if name == "verify":
             p.add_argument(
                 "--repair",
@@ -280,8 +295,13 @@ def _add_bench_command(sub: Any) -> None:
         help="comma-separated: image-local, host-staging, direct-gpu, runai, "
         "fastsafetensors (the first is the baseline of the gain)",
     )
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    bench.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=3,
+        help="runs of each strategy, interleaved; the table shows the median (default 3)",
+    )
     bench.add_argument("--local-dir", help="local copy for the local strategies (else downloaded)")
     bench.add_argument("--drop-caches", action="store_true", help="drop the page cache (root)")
     bench.add_argument(
@@ -311,7 +331,13 @@ def _add_demo_command(sub: Any) -> None:
     """`blob2gpu demo`."""
     demo = sub.add_parser("demo", help="write a small checkpoint and load it")
     demo.add_argument("--device", default="auto", help="auto (GPU if usable), cpu, cuda, cuda:N")
-    demo.add_argument("--size-mb", type=int, default=256)
+    demo.add_argument(
+        "--size-mb",
+        type=_positive_int,
+        default=256,
+        metavar="MB",
+        help="about how many MB of weights the demo checkpoint holds (default 256)",
+    )
     demo.add_argument(
         "--model",
         default="generated",
