@@ -422,3 +422,58 @@ def test_hints_speak_command_line_syntax_on_the_command_line(tmp_path):
         assert "--set" not in str(e)
     else:
         raise AssertionError("400 GB fit in host memory")
+
+
+def start_emulator(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    from blob2gpu.tools.emulator import find_azurite
+    from support.azurite import REPO
+
+    launcher = find_azurite((REPO,))
+    assert launcher is not None
+    return subprocess.Popen(
+        [sys.executable, "-m", "blob2gpu", "emulator", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "AZURITE_BLOB": launcher, **(env or {})},
+    )
+
+
+def test_emulator_runs_until_interrupted_and_says_the_connection_string(write_checkpoint, tmp_path):
+    import signal
+    import socket
+
+    directory = write_checkpoint([{"w": random_tensor(torch.float32, (64, 64))}])
+    for first in (True, False):  # --location keeps the blobs across a restart
+        process = start_emulator("--port", "0", "--location", str(tmp_path / "blobs"))
+        said = ""
+        while "Ctrl-C stops it." not in said and (line := process.stdout.readline()):
+            said += line
+        found = re.search(r"export AZURE_STORAGE_CONNECTION_STRING='([^']+)'", said)
+        assert found is not None, said + process.stderr.read()
+        env = {"AZURE_STORAGE_CONNECTION_STRING": found.group(1)}
+        port = int(re.search(r"127\.0\.0\.1:([0-9]+)/", said).group(1))
+        if first:
+            published = run("publish", str(directory), "az://models/m", env=env)
+            assert published.returncode == 0, published.stderr
+        loaded = run("load", "az://models/m", env=env)
+        assert loaded.returncode == 0 and "1 tensors" in loaded.stdout, loaded.stderr
+        process.send_signal(signal.SIGINT if first else signal.SIGTERM)  # Ctrl-C, a stop
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0 and "Azurite stopped." in out, err
+        with socket.socket() as s:  # Azurite went with it
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_emulator_on_a_port_in_use_says_so_in_one_line():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = start_emulator("--port", str(port))
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and f"port {port} on 127.0.0.1 is in use" in err
+    assert "--port 0" in err

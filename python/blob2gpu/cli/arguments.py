@@ -15,6 +15,7 @@ from blob2gpu.cli.commands import (
     cmd_coldstart,
     cmd_config_show,
     cmd_demo,
+    cmd_emulator,
     cmd_fetch_aux,
     cmd_load,
     cmd_manifest,
@@ -354,6 +355,39 @@ def _add_demo_command(sub: Any) -> None:
     demo.set_defaults(run=cmd_demo)
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {text}")
+    return value
+
+
+def _add_emulator_command(sub: Any) -> None:
+    """`blob2gpu emulator`."""
+    emulator = sub.add_parser(
+        "emulator",
+        help="run a local Azurite blob service until Ctrl-C, printing its connection string",
+        description="Start Azurite's blob service (npm package azurite; found in $AZURITE_BLOB, "
+        "./.azurite or on PATH) on 127.0.0.1, print the AZURE_STORAGE_CONNECTION_STRING to use "
+        "from another shell, and run until interrupted (Ctrl-C or SIGTERM stop it).",
+    )
+    emulator.add_argument(
+        "--port",
+        type=_port,
+        default=10000,
+        help="where to listen (default 10000, Azurite's own; 0: a free port, printed)",
+    )
+    emulator.add_argument(
+        "--location",
+        metavar="DIR",
+        help="keep the blobs in DIR across restarts (default: in memory, gone when it stops)",
+    )
+    emulator.set_defaults(run=cmd_emulator)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The blob2gpu command line's parser; each command's `run` default is its cmd_ function."""
     from blob2gpu import cli  # its docstring is the usage text
@@ -376,4 +410,5 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_command(sub)
     _add_coldstart_command(sub)
     _add_demo_command(sub)
+    _add_emulator_command(sub)
     return parser

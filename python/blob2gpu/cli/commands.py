@@ -136,6 +136,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return main(device=args.device, total_mb=args.size_mb, source=args.source, model=args.model)
 
 
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from blob2gpu.tools.emulator import serve
+
+    return serve(port=args.port, location=args.location)
+
+
 def cmd_preflight(args: argparse.Namespace) -> int:
     from blob2gpu.operations.preflight import run_preflight
 

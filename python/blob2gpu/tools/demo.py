@@ -179,18 +179,13 @@ def main(
 
 def _azurite_missing() -> str | None:
     """What the Azurite source lacks (the azurite-blob launcher, azure-storage-blob), or None."""
-    from blob2gpu.tools.emulator import INSTALL_HINT, find_azurite
+    from blob2gpu.tools.emulator import missing
 
     try:
         import azure.storage.blob  # noqa: F401
     except ImportError:
         return "azure-storage-blob is not installed (pip install 'blob2gpu[azure]')"
-    if find_azurite() is None:
-        return (
-            "azurite-blob was found neither in $AZURITE_BLOB, ./.azurite nor on PATH; install "
-            f"it with: {INSTALL_HINT} (or npm install -g azurite)"
-        )
-    return None
+    return missing()
 
 
 def _llama_cold_start(tmp: Path, device: str, total_mb: int, source: str) -> int:
