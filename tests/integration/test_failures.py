@@ -281,3 +281,12 @@ def test_sas_expiry_forms():
         assert not sas_expired(future, now), future
     assert sas_expired("2025-06-01T12:30:00+01:00", now)
     assert not sas_expired("next tuesday", now) and not sas_expired("2025-13-01", now)
+
+
+def test_a_framework_not_installed_names_its_extra(write_checkpoint):
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("cupy is installed here")
+    with pytest.raises(errors.InvalidArgument, match=r"pip install 'blob2gpu\[cupy\]'"):
+        blob2gpu.load(str(three_shards(write_checkpoint)), framework="cupy")

@@ -76,3 +76,23 @@ def test_installing_outside_a_virtualenv_says_how_to_make_one_and_goes_on(stand_
     assert "pip install" in log.read_text()  # it went on
     inside = run_script(bin_dir, script, STAND_IN_VENV="1")
     assert inside.returncode == 0 and "note: " not in inside.stderr
+
+
+def test_the_readme_first_screen_says_how_to_install_run_and_test():
+    readme = (ROOT / "README.md").read_text()
+    first_screen = "\n".join(readme.splitlines()[:40])
+    for command in ('pip install "blob2gpu[azure]"', "./scripts/demo.sh ", "./scripts/test.sh "):
+        assert command in first_screen, command
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "\n./scripts/test.sh\n" in ci  # CI runs the README's test command as written
+
+
+def test_every_extra_is_named_in_the_readme():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    readme = (ROOT / "README.md").read_text()
+    unnamed = [e for e in extras if e not in ("test", "dev") and f"blob2gpu[{e}]" not in readme]
+    assert unnamed == []
