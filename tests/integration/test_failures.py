@@ -232,6 +232,19 @@ def test_an_account_key_that_is_not_base64_is_named_as_such(
     assert info.value.hint is not None and "copy the key again" in info.value.hint
 
 
+def test_an_sdk_key_credential_that_cannot_sign_is_named_as_such(published, azurite, container):
+    from azure.core.credentials import AzureNamedKeyCredential
+    from blob2gpu.tools.emulator import ACCOUNT
+
+    # Handed over in the SDK's own object, the key is first used when the SDK signs a request.
+    credential = AzureNamedKeyCredential(ACCOUNT, "Eby8vdM02xNOcq")
+    with pytest.raises(errors.MalformedCredential) as info:
+        blob2gpu.load(f"{azurite.endpoint()}/{container}/m", credential=credential)
+    message = str(info.value)
+    assert "could not be signed with the account key: it is malformed" in message
+    assert "Eby8vdM02xNOcq" not in message and "no token" not in message
+
+
 def test_an_account_key_with_a_trailing_newline_still_loads(published, azurite, container):
     from blob2gpu.tools.emulator import ACCOUNT, ACCOUNT_KEY
 
