@@ -7,6 +7,8 @@
 namespace blob2gpu {
 namespace {
 
+constexpr size_t kTlsReadBufferBytes = 256 * 1024;
+
 bool is_ip_literal(const std::string& host) {
   unsigned char buf[16];
   return inet_pton(AF_INET, host.c_str(), buf) == 1 || inet_pton(AF_INET6, host.c_str(), buf) == 1;
@@ -24,9 +26,12 @@ TlsContext::TlsContext(const std::string& ca_file) : ssl_(openssl()) {
   ssl_.SSL_CTX_set_verify(ctx_, BLOB2GPU_SSL_VERIFY_PEER, nullptr);
   ssl_.SSL_CTX_ctrl(ctx_, BLOB2GPU_SSL_CTRL_SET_MIN_PROTO_VERSION, BLOB2GPU_TLS1_2_VERSION,
                     nullptr);
-  ssl_.SSL_CTX_ctrl(
-      ctx_, BLOB2GPU_SSL_CTRL_MODE,
-      BLOB2GPU_SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | BLOB2GPU_SSL_MODE_RELEASE_BUFFERS, nullptr);
+  ssl_.SSL_CTX_ctrl(ctx_, BLOB2GPU_SSL_CTRL_MODE, BLOB2GPU_SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER,
+                    nullptr);
+  // Read ahead into a buffer of many records: one read() from the socket brings several 16 KiB
+  // records, where OpenSSL's default reads each record's header and body with a call each.
+  ssl_.SSL_CTX_ctrl(ctx_, BLOB2GPU_SSL_CTRL_SET_READ_AHEAD, 1, nullptr);
+  ssl_.SSL_CTX_set_default_read_buffer_len(ctx_, kTlsReadBufferBytes);
   int loaded = ca_file.empty() ? ssl_.SSL_CTX_set_default_verify_paths(ctx_)
                                : ssl_.SSL_CTX_load_verify_locations(ctx_, ca_file.c_str(), nullptr);
   if (loaded != 1) {

@@ -72,6 +72,8 @@ void load_openssl() {
       resolve(lib, "SSL_CTX_load_verify_locations", &s.SSL_CTX_load_verify_locations, &missing) &&
       resolve(lib, "SSL_CTX_set_verify", &s.SSL_CTX_set_verify, &missing) &&
       resolve(lib, "SSL_CTX_ctrl", &s.SSL_CTX_ctrl, &missing) &&
+      resolve(lib, "SSL_CTX_set_default_read_buffer_len", &s.SSL_CTX_set_default_read_buffer_len,
+              &missing) &&
       resolve(lib, "SSL_new", &s.SSL_new, &missing) &&
       resolve(lib, "SSL_free", &s.SSL_free, &missing) &&
       resolve(lib, "SSL_set_fd", &s.SSL_set_fd, &missing) &&

@@ -28,6 +28,7 @@ struct OpenSsl {
   PFN_SSL_CTX_load_verify_locations SSL_CTX_load_verify_locations = nullptr;
   PFN_SSL_CTX_set_verify SSL_CTX_set_verify = nullptr;
   PFN_SSL_CTX_ctrl SSL_CTX_ctrl = nullptr;
+  PFN_SSL_CTX_set_default_read_buffer_len SSL_CTX_set_default_read_buffer_len = nullptr;
   PFN_SSL_new SSL_new = nullptr;
   PFN_SSL_free SSL_free = nullptr;
   PFN_SSL_set_fd SSL_set_fd = nullptr;

@@ -31,14 +31,13 @@ enum {
   BLOB2GPU_X509_V_OK = 0,
   /* SSL_ctrl / SSL_CTX_ctrl commands behind the headers' macros. */
   BLOB2GPU_SSL_CTRL_MODE = 33,                   /* SSL_CTX_set_mode */
+  BLOB2GPU_SSL_CTRL_SET_READ_AHEAD = 41,         /* SSL_CTX_set_read_ahead */
   BLOB2GPU_SSL_CTRL_SET_TLSEXT_HOSTNAME = 55,    /* SSL_set_tlsext_host_name (SNI) */
   BLOB2GPU_SSL_CTRL_SET_MIN_PROTO_VERSION = 123, /* SSL_CTX_set_min_proto_version */
   BLOB2GPU_TLSEXT_NAMETYPE_host_name = 0,
   BLOB2GPU_TLS1_2_VERSION = 0x0303,
   /* SSL_write may be retried with another buffer address holding the same bytes. */
   BLOB2GPU_SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER = 0x2,
-  /* Idle pooled connections give their read and write buffers back. */
-  BLOB2GPU_SSL_MODE_RELEASE_BUFFERS = 0x10,
   /* X509_VERIFY_PARAM_set_hostflags: "*.example.com" only, never "a*.example.com". */
   BLOB2GPU_X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS = 0x4
 };
@@ -52,6 +51,7 @@ typedef int (*PFN_SSL_CTX_load_verify_locations)(SSL_CTX* ctx, const char* ca_fi
                                                  const char* ca_path);
 typedef void (*PFN_SSL_CTX_set_verify)(SSL_CTX* ctx, int mode, SSL_verify_cb callback);
 typedef long (*PFN_SSL_CTX_ctrl)(SSL_CTX* ctx, int cmd, long larg, void* parg);
+typedef void (*PFN_SSL_CTX_set_default_read_buffer_len)(SSL_CTX* ctx, size_t len);
 typedef SSL* (*PFN_SSL_new)(SSL_CTX* ctx);
 typedef void (*PFN_SSL_free)(SSL* ssl);
 typedef int (*PFN_SSL_set_fd)(SSL* ssl, int fd);
