@@ -98,7 +98,7 @@ def read_native(args: argparse.Namespace, view: memoryview) -> dict[str, Any]:
 
     location = parse_blob_uri(f"{args.endpoint}/{CONTAINER}/{BLOB}")
     endpoint = range_endpoint(location)
-    client = _core.RangeClient(**endpoint.client_options(), pool_size=args.concurrency)  # type: ignore[arg-type]
+    client = _core.RangeClient(**endpoint.client_options(), pool_size=args.concurrency)
     key = {"account_name": ACCOUNT, "account_key": ACCOUNT_KEY}
     signer = RangeRequestSigner(location, key, endpoint.base_path)
 

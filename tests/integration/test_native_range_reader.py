@@ -78,7 +78,7 @@ def open_client(
     env = {"REQUESTS_CA_BUNDLE": server.certificate} if server.certificate and trusted else {}
     endpoint = range_endpoint(location(server, port), env)
     kwargs = {**endpoint.client_options(), "read_timeout": 30.0, **options}
-    return _core.RangeClient(**kwargs), endpoint  # type: ignore[arg-type]
+    return _core.RangeClient(**kwargs), endpoint
 
 
 def signed(server: Azurite, credential: object, endpoint: RangeEndpoint) -> RangeRequestSigner:
@@ -349,7 +349,7 @@ def test_https_through_a_connect_tunnel_with_proxy_credentials(
     }
     endpoint = range_endpoint(location(azurite_tls), env)
     assert (endpoint.proxy_host, endpoint.proxy_port) == ("127.0.0.1", forward_proxy.port)
-    client = _core.RangeClient(**endpoint.client_options())  # type: ignore[arg-type]
+    client = _core.RangeClient(**endpoint.client_options())
     signer = signed(azurite_tls, KEY, endpoint)
     for start in (0, 70_000):
         result, buffer = get(client, signer, start, start + 65536, etag)
@@ -367,7 +367,7 @@ def test_a_proxy_refusing_its_credentials_is_proxy_refused_407(
         "HTTPS_PROXY": forward_proxy.url("u", "wrong"),
     }
     endpoint = range_endpoint(location(azurite_tls), env)
-    client = _core.RangeClient(**endpoint.client_options())  # type: ignore[arg-type]
+    client = _core.RangeClient(**endpoint.client_options())
     result, _ = get(client, signed(azurite_tls, KEY, endpoint), 0, 10, etag)
     assert (result.failure, result.status) == (F.PROXY_REFUSED, 407)
     assert forward_proxy.log.refused == 1 and "wrong" not in result.detail
@@ -377,7 +377,7 @@ def test_http_through_the_proxy_and_no_proxy_around_it(azurite, blob_http, forwa
     data, etag = blob_http
     env = {"HTTP_PROXY": forward_proxy.url("u", "p%40ss")}
     endpoint = range_endpoint(location(azurite), env)
-    client = _core.RangeClient(**endpoint.client_options())  # type: ignore[arg-type]
+    client = _core.RangeClient(**endpoint.client_options())
     result, buffer = get(client, signed(azurite, KEY, endpoint), 10, 5000, etag)
     assert result.ok and bytes(buffer) == data[10:5000]
     assert len(forward_proxy.log.requests) == 1
