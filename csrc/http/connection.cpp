@@ -169,10 +169,10 @@ void Connection::handshake(const TlsContext& tls, const std::string& host) {
     broken_ = true;
     long verify = api_->SSL_get_verify_result(ssl_.get());
     if (verify != BLOB2GPU_X509_V_OK) {
-      throw TransportError(FetchFailure::TlsVerify,
-                           "the TLS certificate of '" + host + "' is not trusted (" +
-                               api_->X509_verify_cert_error_string(verify) +
-                               "): certificate verify failed");
+      // What Python's ssl module calls the verify message: the caller knows the host.
+      throw TransportError(
+          FetchFailure::TlsVerify,
+          std::string("certificate verify failed: ") + api_->X509_verify_cert_error_string(verify));
     }
     throw TransportError(FetchFailure::TlsHandshake,
                          "the TLS handshake with '" + host + "' failed: " + error);

@@ -20,12 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 from blob2gpu import _core, errors
+from blob2gpu.sources.azure import failures
 from blob2gpu.sources.azure.location import BlobLocation, parse_blob_uri
 from blob2gpu.sources.azure.native_requests import (
     RangeEndpoint,
+    RangeHttpError,
+    RangeMismatch,
     RangeRequestSigner,
     range_endpoint,
+    range_failure,
 )
+from blob2gpu.sources.azure.retry import retry_after
 from blob2gpu.sources.feeding import RangeTask, feed_range
 from conftest import random_tensor, reference_bytes
 from support.azurite import ACCOUNT, ACCOUNT_KEY, Azurite
@@ -554,6 +559,73 @@ def test_requests_that_cannot_be_sent_are_refused_before_connecting():
     with pytest.raises(BufferError):
         client.get_into("/b", [], b"read-only")
     assert client.connections_opened == 0
+
+
+# -- what the control plane makes of a result (sources/azure/failures.py, by type) ---------------
+def test_error_statuses_classify_as_the_sdks_do(azurite, blob_http):
+    _, etag = blob_http
+    client, endpoint = open_client(azurite)
+    where = location(azurite)
+    result, _ = get(client, signed(azurite, KEY, endpoint), 0, 10, etag)
+    assert range_failure(result) is None
+    result, _ = get(client, signed(azurite, KEY, endpoint), 0, 10, None, blob="dir/none.bin")
+    error = range_failure(result)
+    assert isinstance(error, RangeHttpError) and not failures.is_transient(error)
+    assert isinstance(failures.storage_error(error, where, "dir/none.bin"), errors.BlobNotFound)
+    wrong = {"account_name": ACCOUNT, "account_key": "AAAA" + ACCOUNT_KEY[4:]}
+    error = range_failure(get(client, signed(azurite, wrong, endpoint), 0, 10, etag)[0])
+    denied = failures.storage_error(error, where, BLOB)
+    assert isinstance(denied, errors.AccessDenied) and "AuthorizationFailure" in str(denied)
+    error = range_failure(get(client, signed(azurite, KEY, endpoint), 0, 10, '"0x1"')[0])
+    assert isinstance(error, RangeHttpError) and error.status_code == 412
+
+
+def test_an_egress_503_is_throttling_by_bandwidth_with_its_retry_after():
+    busy = {"x-ms-error-code": "ServerBusy", "Retry-After": "2", "Content-Length": "0"}
+    with _ScriptedServer([_answer("503 Egress is over the account limit.", busy)]) as server:
+        client = _core.RangeClient("127.0.0.1", server.port, read_timeout=5.0)
+        error = range_failure(client.get_into("/b", [], bytearray(4), first_byte=10))
+    assert error is not None and failures.is_transient(error) and failures.is_throttled(error)
+    assert failures.throttled_by_bandwidth(error) and retry_after(error) == 2.0
+
+
+def test_an_untrusted_certificate_is_source_unavailable_at_once(azurite_tls, blob_https):
+    _, etag = blob_https
+    client, endpoint = open_client(azurite_tls, trusted=False)
+    error = range_failure(get(client, signed(azurite_tls, KEY, endpoint), 0, 10, etag)[0])
+    assert error is not None and not failures.is_transient(error)
+    mapped = failures.storage_error(error, location(azurite_tls), BLOB)
+    assert type(mapped) is errors.SourceUnavailable
+    assert "self-signed certificate" in str(mapped) and "REQUESTS_CA_BUNDLE" in str(mapped)
+
+
+def test_connection_failures_are_transient_and_say_what_happened(free_port):
+    client = _core.RangeClient("127.0.0.1", free_port)
+    error = range_failure(client.get_into("/x", [], bytearray(1)))
+    assert isinstance(error, ConnectionRefusedError) and failures.is_transient(error)
+    where = BlobLocation(f"http://127.0.0.1:{free_port}/{ACCOUNT}", ACCOUNT, CONTAINER, BLOB)
+    assert failures.failure_reason(error, where).startswith("connection refused")
+    with _ScriptedServer([_answer("206 OK", PARTIAL, b"ab")], close_after=True) as server:
+        client = _core.RangeClient("127.0.0.1", server.port, read_timeout=5.0)
+        error = range_failure(client.get_into("/b", [], bytearray(4), first_byte=10))
+    assert isinstance(error, ConnectionResetError) and failures.is_transient(error)
+    with _ScriptedServer([_answer("206 OK", {**PARTIAL, "Content-Range": "bytes 0-3/9"})]) as s:
+        client = _core.RangeClient("127.0.0.1", s.port, read_timeout=5.0)
+        error = range_failure(client.get_into("/b", [], bytearray(4), first_byte=10))
+    assert isinstance(error, RangeMismatch) and error.total_size == 9
+
+
+def test_a_proxy_refusing_credentials_is_proxy_authentication_refused(
+    azurite_tls, blob_https, forward_proxy
+):
+    _, etag = blob_https
+    env = {"REQUESTS_CA_BUNDLE": azurite_tls.certificate, "HTTPS_PROXY": forward_proxy.url()}
+    endpoint = range_endpoint(location(azurite_tls), env)
+    client = _core.RangeClient(**endpoint.client_options())
+    error = range_failure(get(client, signed(azurite_tls, KEY, endpoint), 0, 10, etag)[0])
+    assert error is not None and not failures.is_transient(error)
+    mapped = failures.storage_error(error, location(azurite_tls), BLOB)
+    assert isinstance(mapped, errors.ProxyAuthenticationRefused)
 
 
 # -- TLS test helpers ---------------------------------------------------------------------------

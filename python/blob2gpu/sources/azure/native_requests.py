@@ -1,9 +1,13 @@
 """What the core's range reader (blob2gpu._core.RangeClient) is told: where to connect (the
 account's endpoint, the forward proxy, the CA bundle to trust) and, for each ranged GET, its
-signed target and headers. Python decides, C++ moves: the environment (HTTPS_PROXY, NO_PROXY,
-REQUESTS_CA_BUNDLE) and the credential are read here, the request is signed here (Shared Key,
-SAS or bearer token, as Azure's REST reference describes it), and the core only sends it and
-reads the body into the caller's memory.
+signed target and headers; and what its answers mean to the control plane. Python decides, C++
+moves: the environment (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE) and the credential are read
+here, the request is signed here (Shared Key, SAS or bearer token, as Azure's REST reference
+describes it), the core only sends it and reads the body into the caller's memory, and
+range_failure() turns a RangeResult that is not the bytes into an exception of the types
+failures.py and retry.py already classify (status_code, x-ms-error-code, Retry-After; the
+standard library's connection errors), so retries, throttling and error messages stay one
+policy whichever reader fetched.
 
 Nothing here is wired into a load yet: the feeder still reads through azure-storage-blob
 (transport.py). tests/integration/test_native_range_reader.py drives the two halves together
@@ -16,6 +20,8 @@ import base64
 import hashlib
 import hmac
 import os
+import socket
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,6 +29,7 @@ from email.utils import formatdate
 from typing import Any
 from urllib.parse import quote, unquote, urlparse
 
+from blob2gpu import _core
 from blob2gpu.errors import InvalidArgument
 from blob2gpu.sources.azure.location import BlobLocation
 
@@ -231,3 +238,90 @@ class RangeRequestSigner:
             access = self._token_credential.get_token(STORAGE_SCOPE)
             token = self._token = (str(access.token), float(access.expires_on))
         return token[0]
+
+
+# -- what an answer that is not the bytes means ------------------------------------------------
+class _Headers(dict[str, str]):
+    """A response's headers, read case-insensitively (as azure-core's are)."""
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return super().get(name.lower(), default)
+
+
+class _Response:
+    def __init__(self, headers: list[tuple[str, str]]) -> None:
+        self.headers = _Headers((name.lower(), value) for name, value in reversed(headers))
+
+
+class RangeHttpError(Exception):
+    """The server answered a ranged GET with a status other than 2xx: the fields failures.py
+    reads from azure-core's HttpResponseError (status_code, error_code, reason, response
+    headers), none from a message."""
+
+    def __init__(self, result: _core.RangeResult) -> None:
+        super().__init__(f"HTTP {result.status} {result.reason}".rstrip())
+        self.status_code = result.status
+        self.reason = result.reason
+        self.message = result.reason  # the service's message: Azure sends it as the reason
+        self.error_code = result.header("x-ms-error-code")
+        self.response = _Response(result.headers)
+
+
+class RangeMismatch(Exception):
+    """A 2xx answer whose body is not the range asked for (another size, another range): the
+    blob changed since it was listed. `total_size`: its size now, or -1 when it did not say."""
+
+    def __init__(self, result: _core.RangeResult) -> None:
+        super().__init__(result.detail)
+        self.total_size = result.total_size
+
+
+class ConnectTimeoutError(TimeoutError):
+    """No TCP connection within connect_timeout_seconds (the name failures.connection_problem
+    knows, as urllib3's)."""
+
+
+class ProxyError(OSError):
+    """The forward proxy failed or refused the tunnel: (what failed, why), as urllib3's
+    ProxyError carries them (failures.proxy_problem reads both); status_code 407 when it refused
+    the proxy credentials."""
+
+    status_code: int | None = None
+
+
+def range_failure(result: _core.RangeResult) -> Exception | None:
+    """None when `result` is the whole range (result.ok); else the exception it amounts to, of
+    the types sources.azure.failures classifies: RangeHttpError for an error status (412 when
+    the etag no longer matches), RangeMismatch, ssl.SSLCertVerificationError, ProxyError
+    (status_code 407 when the proxy refused its credentials), ConnectionRefusedError,
+    socket.gaierror, ConnectTimeoutError, TimeoutError, ConnectionResetError, ConnectionError
+    (a malformed answer), ConnectionAbortedError (the client was closed)."""
+    F = _core.FetchFailure
+    failure, detail = result.failure, result.detail
+    if failure == F.NONE:
+        if result.ok:
+            return None
+        return RangeHttpError(result)
+    if failure == F.RANGE_MISMATCH:
+        return RangeMismatch(result)
+    if failure == F.TLS_VERIFY:
+        error = ssl.SSLCertVerificationError(1, detail)
+        error.verify_message = detail
+        return error
+    if failure == F.PROXY_REFUSED:
+        proxy = ProxyError("Unable to connect to proxy", OSError(detail))
+        if result.status == 407:
+            proxy.status_code = 407
+        return proxy
+    simple: dict[_core.FetchFailure, type[Exception]] = {
+        F.CONNECT_REFUSED: ConnectionRefusedError,
+        F.DNS: socket.gaierror,
+        F.CONNECT_TIMEOUT: ConnectTimeoutError,
+        F.CONNECT_FAILED: ConnectionError,
+        F.TLS_HANDSHAKE: ssl.SSLError,
+        F.TIMEOUT: TimeoutError,
+        F.RESET: ConnectionResetError,
+        F.MALFORMED: ConnectionError,
+        F.CANCELLED: ConnectionAbortedError,
+    }
+    return simple.get(failure, ConnectionError)(detail)
