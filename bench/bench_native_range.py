@@ -1,10 +1,16 @@
 #!/usr/bin/env python3
 """The native range reader (blob2gpu._core.RangeClient) against the Python feeder's path and curl:
-one large blob in an in-memory Azurite, read over HTTP and HTTPS into one preallocated buffer by
-`--concurrency` ranged GETs at a time, in an idle process and with one busy Python thread.
+one large blob read into one preallocated buffer by `--concurrency` ranged GETs at a time, in an
+idle process and with one busy Python thread, from three servers (`--schemes`):
+
+    http, https     an in-memory Azurite (the tests' emulator; HTTPS with a private CA)
+    fast-http,      harness/range_server.py: the kernel sends the bodies (sendfile), or OpenSSL
+    fast-https      encrypts each range in one call; far past Azurite's ceiling, so the
+                    clients' own costs show
 
 Usage:
     python bench/bench_native_range.py [--size-mib 1024] [--range-mib 32] [--concurrency 8]
+                                       [--schemes http,https,fast-http,fast-https]
                                        [--only native,python-feeder,curl] [--json out.json]
 
 Contestants, each in a fresh interpreter, each reading every byte of the blob (`--range-mib`
@@ -19,7 +25,8 @@ ranges, `--concurrency` in flight):
     curl            one curl process, --parallel, the same ranges to /dev/null with a SAS: the
                     ceiling bench_blob_load.py uses (its CPU is the curl process's)
 
-Each runs idle, then with a Python thread spinning (`while True: x += 1`) beside the reads: the
+Each is timed from making its client to the last byte (its modules imported before). Each runs
+idle, then with a Python thread spinning (`while True: x += 1`) beside the reads: the
 native reader should not slow down; the Python path waits for the GIL on every read. The buffer
 is allocated and touched before the clock starts (page faults are not counted), the bytes are
 checked with CRC32C after it stops. CPU s/GB is the reading process's CPU (curl's for curl) less
@@ -30,6 +37,7 @@ takes a core from Azurite and the readers: compare rows of one run, not runs of 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -40,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,12 +206,31 @@ class BusyThread:
         self._thread.join()
 
 
+# What each contestant imports, imported before the clock starts: the timing is the reading,
+# from making the client to the last byte, not the interpreter loading modules.
+IMPORTS = {
+    "native": ["blob2gpu.sources.azure.native_requests", "harness.azurite"],
+    "python-feeder": [
+        "blob2gpu.sources.azure.container",
+        "blob2gpu.sources.azure.range_reader",
+        "azure.storage.blob",
+        "azure.storage.blob._generated.models",
+        "azure.core.pipeline.transport",
+        "requests",
+        "harness.azurite",
+    ],
+    "curl": [],
+}
+
+
 def run_worker(args: argparse.Namespace) -> int:
-    import contextlib
+    import importlib
 
     import numpy as np
     from blob2gpu import _core
 
+    for module in IMPORTS[args.worker]:
+        importlib.import_module(module)
     try:
         buffer = np.empty(args.size, dtype=np.uint8)
         buffer.fill(0x5A)  # every page made resident now: no page faults in the timing
@@ -260,13 +288,66 @@ def publish(server: Any, size: int) -> tuple[str, int]:
     return etag, _core.crc32c(memoryview(data))
 
 
+@contextlib.contextmanager
+def serving(scheme: str, size: int) -> Iterator[tuple[str, str, int, str, str]]:
+    """The blob served over `scheme` (http, https: Azurite; fast-http, fast-https:
+    harness/range_server.py, far past Azurite's ceiling): (endpoint, etag, CRC32C, a read SAS,
+    CA bundle)."""
+    if scheme in ("fast-http", "fast-https"):
+        import numpy as np
+        from blob2gpu import _core
+        from harness.range_server import ETAG
+
+        data = np.random.default_rng(20240611).integers(0, 256, size=size, dtype=np.uint8)
+        tls: list[str] = []
+        ca = ""
+        if scheme == "fast-https":
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+            from support.tls import self_signed_certificate  # type: ignore[import-not-found]
+
+            cert, key = self_signed_certificate(Path(tempfile.mkdtemp(prefix="bench-native-")))
+            tls, ca = [str(cert), str(key)], str(cert)
+            os.environ["REQUESTS_CA_BUNDLE"] = ca
+        with tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="bench-native-") as f:
+            f.write(memoryview(data))
+            f.flush()
+            script = Path(__file__).parent / "harness" / "range_server.py"
+            server = subprocess.Popen(
+                [sys.executable, str(script), f.name, *tls], stdout=subprocess.PIPE, text=True
+            )
+            try:
+                assert server.stdout is not None
+                port = int(server.stdout.readline().split()[1])
+                endpoint = f"{scheme.removeprefix('fast-')}://127.0.0.1:{port}/devstoreaccount1"
+                yield endpoint, ETAG, _core.crc32c(data), "sv=x", ca
+            finally:
+                server.kill()
+                server.wait()
+                os.environ.pop("REQUESTS_CA_BUNDLE", None)
+        return
+    from harness import azurite
+
+    tls_dir = Path(tempfile.mkdtemp(prefix="bench-native-tls-")) if scheme == "https" else None
+    server, ca = azurite.start(tls_dir)
+    try:
+        t0 = time.perf_counter()
+        etag, crc = publish(server, size)
+        print(
+            f"{scheme}: uploaded {size // MiB} MiB in {time.perf_counter() - t0:.0f} s", flush=True
+        )
+        yield server.endpoint(), etag, crc, azurite.container_sas(CONTAINER), ca
+    finally:
+        server.stop()
+        os.environ.pop("REQUESTS_CA_BUNDLE", None)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--range-mib", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--only", default=",".join(CONTESTANTS))
-    p.add_argument("--schemes", default="http,https")
+    p.add_argument("--schemes", default="http,https,fast-http,fast-https")
     p.add_argument("--json", type=Path)
     # worker arguments
     p.add_argument("--worker", choices=CONTESTANTS)
@@ -286,21 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return run_worker(args)
-    from harness import azurite
-
     rows: list[dict[str, Any]] = []
     contestants = [c for c in args.only.split(",") if c]
     for scheme in args.schemes.split(","):
-        tls_dir = Path(tempfile.mkdtemp(prefix="bench-native-tls-")) if scheme == "https" else None
-        server, ca = azurite.start(tls_dir)
-        try:
-            t0 = time.perf_counter()
-            etag, crc = publish(server, args.size)
-            print(
-                f"{scheme}: uploaded {args.size_mib} MiB in {time.perf_counter() - t0:.0f} s",
-                flush=True,
-            )
-            sas = azurite.container_sas(CONTAINER)
+        with serving(scheme, args.size) as (endpoint, etag, crc, sas, ca):
             for busy in (False, True):
                 for name in contestants:
                     cmd = worker_command(
@@ -309,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"--size-mib={args.size_mib}",
                         f"--range-mib={args.range_mib}",
                         f"--concurrency={args.concurrency}",
-                        f"--endpoint={server.endpoint()}",
+                        f"--endpoint={endpoint}",
                         f"--etag={etag}",
                         f"--sas={sas}",
                         f"--ca={ca}",
@@ -322,9 +392,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(describe(row), flush=True)
                     if result.get("status") != "ok" and stderr:
                         print("   " + "\n   ".join(stderr[-5:]))
-        finally:
-            server.stop()
-            os.environ.pop("REQUESTS_CA_BUNDLE", None)
     print_table(rows, args.size)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
