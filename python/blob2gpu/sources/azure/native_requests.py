@@ -70,11 +70,12 @@ def range_endpoint(
     location: BlobLocation, environ: Mapping[str, str] | None = None
 ) -> RangeEndpoint:
     """The endpoint of `location`'s account as the core's range reader reaches it, decided the
-    way requests decides for the SDK's path: HTTPS_PROXY / HTTP_PROXY unless NO_PROXY names the
-    host (a proxy's user:password becomes a Basic Proxy-Authorization), and the CA bundle from
-    REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE (else OpenSSL's default locations, which honour
-    SSL_CERT_FILE and SSL_CERT_DIR). Raises InvalidArgument for an account URL or proxy that
-    cannot be used."""
+    way requests decides for the SDK's path: HTTPS_PROXY / HTTP_PROXY (or ALL_PROXY) unless
+    NO_PROXY names the host (a proxy's user:password becomes a Basic Proxy-Authorization), and
+    the CA bundle from REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, else OpenSSL's default locations,
+    which honour SSL_CERT_FILE and SSL_CERT_DIR (where requests would take certifi's bundle:
+    both hold the roots Azure's certificates chain to). Raises InvalidArgument for an account
+    URL or proxy that cannot be used."""
     env = os.environ if environ is None else environ
     parsed = urlparse(location.account_url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -104,7 +105,7 @@ def _proxy_for(
     from requests.utils import should_bypass_proxies
 
     proxies = _environment_proxies(env)
-    proxy = proxies.get(scheme)
+    proxy = proxies.get(scheme) or proxies.get("all")  # ALL_PROXY: requests falls back to it
     # requests' own NO_PROXY rule (suffixes, host:port, CIDR ranges, '*'): what the SDK path
     # obeys today.
     if not proxy or should_bypass_proxies(f"{scheme}://{host}:{port}/", proxies.get("no", "")):
