@@ -30,8 +30,12 @@ idle, then with a Python thread spinning (`while True: x += 1`) beside the reads
 native reader should not slow down; the Python path waits for the GIL on every read. The buffer
 is allocated and touched before the clock starts (page faults are not counted), the bytes are
 checked with CRC32C after it stops. CPU s/GB is the reading process's CPU (curl's for curl) less
-the busy thread's own; Azurite's CPU is not counted. On this 2-core machine the busy thread also
-takes a core from Azurite and the readers: compare rows of one run, not runs of two machines.
+the busy thread's own; Azurite's CPU is not counted. GIL returns/GB counts, in an untimed second
+read of the first ranges, how often the reading threads come back from a blocking C call (each
+time taking the GIL again): a socket or TLS read for the Python path, one get_into() per range
+for the native reader; it does not depend on the machine's load as times do. On this 2-core
+machine the busy thread also takes a core from the server and the readers: compare rows of one
+run, not runs of two machines.
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import queue
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,6 +120,8 @@ def read_native(args: argparse.Namespace, view: memoryview) -> dict[str, Any]:
     def read(start: int, end: int) -> None:
         target, headers = signer.range_get(BLOB, start, end, args.etag)
         result = client.get_into(target, headers, view[start:end], first_byte=start)
+        with NATIVE_CALLS_LOCK:
+            NATIVE_CALLS[0] += 1
         if not result.ok:
             raise RuntimeError(f"{result.failure.name} HTTP {result.status}: {result.detail}")
 
@@ -223,6 +231,43 @@ IMPORTS = {
 }
 
 
+# The blocking C calls a reader thread makes and returns from: each releases the GIL and takes it
+# back (socket recv_into over HTTP, the ssl module's read over HTTPS; counted by a profile hook)
+# and RangeClient.get_into (a pybind11 method, which profile hooks do not see: counted by
+# read_native).
+BLOCKING_CALLS = {"recv_into", "read"}
+NATIVE_CALLS = [0]
+NATIVE_CALLS_LOCK = threading.Lock()
+
+
+def returns_per_gb(args: argparse.Namespace, view: memoryview) -> float:
+    """Untimed: read the first 8 ranges again, counting the reader threads' returns from
+    blocking C calls (the GIL taken back each time), per GB read."""
+    count = 0
+    lock = threading.Lock()
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal count
+        if event == "c_return" and getattr(arg, "__name__", "") in BLOCKING_CALLS:
+            owner = type(getattr(arg, "__self__", None)).__name__
+            if owner in ("socket", "_SSLSocket"):
+                with lock:
+                    count += 1
+
+    part = argparse.Namespace(**vars(args))
+    part.size = min(args.size, 8 * args.range_bytes)
+    if args.worker == "native":
+        NATIVE_CALLS[0] = 0
+        read_native(part, view)
+        return NATIVE_CALLS[0] / (part.size / GB)
+    threading.setprofile(profile)
+    try:
+        read_python_feeder(part, view)
+    finally:
+        threading.setprofile(None)  # type: ignore[arg-type]
+    return count / (part.size / GB)
+
+
 def run_worker(args: argparse.Namespace) -> int:
     import importlib
 
@@ -250,6 +295,7 @@ def run_worker(args: argparse.Namespace) -> int:
         children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     except Unavailable as e:
         return emit_unavailable(e)
+    returns = 0.0 if args.worker == "curl" or args.busy else returns_per_gb(args, view)
     busy_cpu = busy.cpu_s if isinstance(busy, BusyThread) else 0.0
     if args.worker == "curl":
         cpu = (children1.ru_utime - children0.ru_utime) + (children1.ru_stime - children0.ru_stime)
@@ -265,6 +311,7 @@ def run_worker(args: argparse.Namespace) -> int:
             "wall_s": wall,
             "cpu_s": max(0.0, cpu - busy_cpu),
             "busy_loops": busy.loops if isinstance(busy, BusyThread) else 0,
+            "gil_returns_per_gb": returns,
             **extra,
         }
     )
@@ -346,6 +393,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--range-mib", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=1, help="runs of each row; medians shown")
     p.add_argument("--only", default=",".join(CONTESTANTS))
     p.add_argument("--schemes", default="http,https,fast-http,fast-https")
     p.add_argument("--json", type=Path)
@@ -371,27 +419,27 @@ def main(argv: list[str] | None = None) -> int:
     contestants = [c for c in args.only.split(",") if c]
     for scheme in args.schemes.split(","):
         with serving(scheme, args.size) as (endpoint, etag, crc, sas, ca):
-            for busy in (False, True):
-                for name in contestants:
-                    cmd = worker_command(
-                        __file__,
-                        name,
-                        f"--size-mib={args.size_mib}",
-                        f"--range-mib={args.range_mib}",
-                        f"--concurrency={args.concurrency}",
-                        f"--endpoint={endpoint}",
-                        f"--etag={etag}",
-                        f"--sas={sas}",
-                        f"--ca={ca}",
-                        f"--crc={crc}",
-                        *(["--busy"] if busy else []),
-                    )
-                    result, stderr = run_in_fresh_process(cmd, timeout_s=900)
-                    row = {"scheme": scheme, "contestant": name, "busy": busy, **result}
-                    rows.append(row)
-                    print(describe(row), flush=True)
-                    if result.get("status") != "ok" and stderr:
-                        print("   " + "\n   ".join(stderr[-5:]))
+            # Round-robin: a disturbance of the machine spreads over every row.
+            for _, busy, name in itertools.product(range(args.repeats), (False, True), contestants):
+                cmd = worker_command(
+                    __file__,
+                    name,
+                    f"--size-mib={args.size_mib}",
+                    f"--range-mib={args.range_mib}",
+                    f"--concurrency={args.concurrency}",
+                    f"--endpoint={endpoint}",
+                    f"--etag={etag}",
+                    f"--sas={sas}",
+                    f"--ca={ca}",
+                    f"--crc={crc}",
+                    *(["--busy"] if busy else []),
+                )
+                result, stderr = run_in_fresh_process(cmd, timeout_s=900)
+                row = {"scheme": scheme, "contestant": name, "busy": busy, **result}
+                rows.append(row)
+                print(describe(row), flush=True)
+                if result.get("status") != "ok" and stderr:
+                    print("   " + "\n   ".join(stderr[-5:]))
     print_table(rows, args.size)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
@@ -409,10 +457,21 @@ def print_table(rows: list[dict[str, Any]], size: int) -> None:
     gb = size / GB
     print()
     print(
-        f"{'scheme':6} {'contestant':14} {'idle GB/s':>9} {'CPU s/GB':>8}   "
-        f"{'busy GB/s':>9} {'CPU s/GB':>8}   {'busy/idle time':>14}"
+        f"{'scheme':10} {'contestant':14} {'idle GB/s':>9} {'CPU s/GB':>8}   "
+        f"{'busy GB/s':>9} {'CPU s/GB':>8}   {'busy/idle time':>14}   {'GIL returns/GB':>14}"
     )
-    index = {(r["scheme"], r["contestant"], r["busy"]): r for r in rows}
+    runs: dict[tuple[str, str, bool], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            runs.setdefault((r["scheme"], r["contestant"], r["busy"]), []).append(r)
+    index = {
+        key: {
+            "status": "ok",
+            **{f: statistics.median(r[f] for r in rs) for f in ("wall_s", "cpu_s")},
+            "gil_returns_per_gb": rs[0].get("gil_returns_per_gb"),
+        }
+        for key, rs in runs.items()
+    }
     for scheme, name in dict.fromkeys((r["scheme"], r["contestant"]) for r in rows):
         idle, busy = index.get((scheme, name, False)), index.get((scheme, name, True))
 
@@ -426,7 +485,9 @@ def print_table(rows: list[dict[str, Any]], size: int) -> None:
             if idle and busy and idle.get("status") == busy.get("status") == "ok"
             else f"{'-':>14}"
         )
-        print(f"{scheme:6} {name:14} {cells(idle)}   {cells(busy)}   {ratio}")
+        returns = idle.get("gil_returns_per_gb") if idle and name != "curl" else None
+        gil = f"{returns:14,.0f}" if returns is not None else f"{'-':>14}"
+        print(f"{scheme:10} {name:14} {cells(idle)}   {cells(busy)}   {ratio}   {gil}")
 
 
 if __name__ == "__main__":
