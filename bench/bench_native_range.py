@@ -125,7 +125,7 @@ def read_native(args: argparse.Namespace, view: memoryview) -> dict[str, Any]:
         if not result.ok:
             raise RuntimeError(f"{result.failure.name} HTTP {result.status}: {result.detail}")
 
-    run_threads(args.concurrency, ranges(args.size, args.range_bytes), read)
+    run_threads(args.concurrency, ranges(args.read_size, args.range_bytes), read)
     return {"connections": client.connections_opened, "tls": client.tls_library}
 
 
@@ -143,7 +143,7 @@ def read_python_feeder(args: argparse.Namespace, view: memoryview) -> dict[str, 
     ref = ShardRef(BLOB, BLOB, args.size, args.etag)
     run_threads(
         args.concurrency,
-        ranges(args.size, args.range_bytes),
+        ranges(args.read_size, args.range_bytes),
         lambda start, end: reader.read_into(ref, start, view[start:end]),
     )
     container.close()
@@ -255,17 +255,17 @@ def returns_per_gb(args: argparse.Namespace, view: memoryview) -> float:
                     count += 1
 
     part = argparse.Namespace(**vars(args))
-    part.size = min(args.size, 8 * args.range_bytes)
+    part.read_size = min(args.size, 8 * args.range_bytes)  # the blob is still args.size
     if args.worker == "native":
         NATIVE_CALLS[0] = 0
         read_native(part, view)
-        return NATIVE_CALLS[0] / (part.size / GB)
+        return NATIVE_CALLS[0] / (part.read_size / GB)
     threading.setprofile(profile)
     try:
         read_python_feeder(part, view)
     finally:
         threading.setprofile(None)  # type: ignore[arg-type]
-    return count / (part.size / GB)
+    return count / (part.read_size / GB)
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -407,6 +407,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--busy", action="store_true")
     args = p.parse_args(argv)
     args.size = args.size_mib * MiB
+    args.read_size = args.size  # bytes read from the start of the blob
     args.range_bytes = args.range_mib * MiB
     return args
 
