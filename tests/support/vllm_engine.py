@@ -6,9 +6,12 @@
 
 CASES_JSON: a list of {"name", "model", "load_format", "extra" (the model loader extra config),
 "prompts" (lists of token ids), "max_tokens", "tensor_parallel_size", "env" (variables set for
-this engine)}. For each case it prints ``== CASE <name>``, vLLM's own output, then one line
-``== RESULT <name> {"tokens": [[...], ...]}`` or ``== FAILED <name> <exception type>``. The
-engine runs on the CPU with eager execution, no tokenizer and a 1 GiB KV cache.
+this engine), "forge_cache" ({"dir": an NVMe cache directory, "entries": N}: before the engine
+starts, the first N entries by key get other weights and records recomputed to match them, as
+whoever can write the directory could do)}. For each case it prints ``== CASE <name>``, vLLM's
+own output, then one line ``== RESULT <name> {"tokens": [[...], ...]}`` or
+``== FAILED <name> <exception type>``. The engine runs on the CPU with eager execution, no
+tokenizer and a 1 GiB KV cache.
 """
 
 from __future__ import annotations
@@ -47,12 +50,38 @@ def run_case(case: dict) -> list[list[int]]:
         gc.collect()
 
 
+def forge_cache_entries(directory: str, count: int) -> None:
+    """Replace the weights of the first `count` entries of the cache in `directory` (by key) and
+    recompute their records to match."""
+    import hashlib
+    import struct
+    from pathlib import Path
+
+    from blob2gpu import _core
+
+    records = sorted(Path(directory, "entries").glob("*.json"))[:count]
+    for meta_path in records:
+        data_path = meta_path.with_suffix(".bin")
+        data = data_path.read_bytes()
+        start = 8 + struct.unpack("<Q", data[:8])[0]
+        data = data[:start] + b"\x41" * (len(data) - start)
+        data_path.write_bytes(data)
+        record = json.loads(meta_path.read_text())
+        chunk = record["chunk_bytes"]
+        record["crc32c"] = [_core.crc32c(data[i : i + chunk]) for i in range(0, len(data), chunk)]
+        if "sha256" in record:
+            record["sha256"] = hashlib.sha256(data).hexdigest()
+        meta_path.write_text(json.dumps(record))
+
+
 def main(cases: list[dict]) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     for case in cases:
         saved = {k: os.environ.get(k) for k in case.get("env", {})}
         os.environ.update(case.get("env", {}))
         print(f"== CASE {case['name']}", flush=True)
+        if "forge_cache" in case:
+            forge_cache_entries(case["forge_cache"]["dir"], case["forge_cache"]["entries"])
         try:
             tokens = run_case(case)
         except Exception as error:
