@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from blob2gpu import _core
 from blob2gpu.cache.fill import CacheFill, FillResult
@@ -117,7 +117,7 @@ class Checkpoint:
         self._done.add(shard_name)
         return arrived
 
-    def _fail(self, error: BaseException) -> None:
+    def _fail(self, error: BaseException) -> NoReturn:
         """Fail the load with `error` (next_shard's), the feeder's typed error preferred."""
         source_error = self._feeder.error if self._feeder is not None else None
         raised = error
@@ -187,7 +187,7 @@ class Checkpoint:
         )
         rest = tuple(ref for ref in self._plan.shards if ref.name not in self._done)
         try:
-            prepared = continue_load(self._prepared, rest, name)
+            prepared = continue_load(self._prepared, rest, frozenset(self._repaired))
             try:
                 session, feeder = self._restart(prepared)
             except BaseException:

@@ -294,12 +294,12 @@ def checksums_with_cache_hits(prepared: PreparedLoad) -> list[Any] | None:
 
 
 def continue_load(
-    prepared: PreparedLoad, shards: tuple[ShardRef, ...], refetch: str
+    prepared: PreparedLoad, shards: tuple[ShardRef, ...], refetch: frozenset[str]
 ) -> PreparedLoad:
-    """The rest of a load (`shards`, those not yet handed out) after the cache entry of shard
-    `refetch` failed its check: the same request, source, manifest and selection, the cache
-    planned again (that shard fetched from Blob and written through). Raises what plan_cache
-    raises."""
+    """The rest of a load (`shards`, those not yet handed out) after the cache entries of the
+    shards in `refetch` failed their checks: the same request, source, manifest and selection,
+    the cache planned again (those shards fetched from Blob and written through). Raises what
+    plan_cache raises."""
     plan = dataclasses.replace(prepared.plan, shards=shards)
     verify = prepared.settings.verify
     rest = dataclasses.replace(
@@ -312,7 +312,7 @@ def continue_load(
         cache=CachePlan(),
         preloaded={},
     )
-    rest.cache = plan_cache(rest, True, frozenset({refetch}))
+    rest.cache = plan_cache(rest, True, refetch)
     rest.checksums = checksums_with_cache_hits(rest)
     return rest
 
