@@ -287,8 +287,7 @@ class LoadSession {
   void check_md5(Shard& shard, uint64_t file_offset, const uint8_t* data, size_t n, bool stays);
   // pread of a local shard's bytes, verified as they arrive when the shard has a manifest (or a
   // Content-MD5: `stays` as for check_md5).
-  void read_and_verify(Shard& shard, uint8_t* dest, uint64_t file_offset, size_t bytes,
-                       bool stays);
+  void read_and_verify(Shard& shard, uint8_t* dest, uint64_t file_offset, size_t bytes, bool stays);
   // Reads (and verifies) a range of a local shard into a staging slot: with O_DIRECT when the
   // shard allows it (returns where the range starts in the slot), else buffered (returns 0).
   size_t read_into_slot(Shard& shard, Slot* slot, uint64_t file_offset, size_t bytes);

@@ -49,10 +49,10 @@ bool ShardFile::open_direct() {
 }
 
 CoreError ShardFile::read_failed(const char* what, size_t bytes, uint64_t offset) const {
-  return CoreError(ErrorKind::SourceReadError, "shard '" + label_ + "': " + what + " of " +
-                                                   std::to_string(bytes) + " bytes at offset " +
-                                                   std::to_string(offset) +
-                                                   " failed: " + std::strerror(errno),
+  return CoreError(ErrorKind::SourceReadError,
+                   "shard '" + label_ + "': " + what + " of " + std::to_string(bytes) +
+                       " bytes at offset " + std::to_string(offset) +
+                       " failed: " + std::strerror(errno),
                    label_, static_cast<int64_t>(offset));
 }
 
