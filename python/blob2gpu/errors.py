@@ -260,6 +260,13 @@ class TensorNotFound(InvalidArgument):
         self.patterns = patterns
 
 
+class MalformedCredential(InvalidArgument):
+    """A credential that cannot be used as given, found before any request: an account key
+    that is not base64 (cut short or mangled when copied). The message names where it came
+    from (AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_KEY, the credential argument), never
+    its value."""
+
+
 class ShardCountMismatch(InvalidArgument):
     """The checkpoint has a different number of shards than model.shard_count says."""
 

@@ -34,48 +34,7 @@ if os.environ.get("BLOB2GPU_REQUIRE_VLLM") != "1":
 
 from support.fault_proxy import FaultProxy
 from support.tiny_models import write_tiny_model
-
-ENGINE_SCRIPT = Path(__file__).resolve().parents[1] / "support" / "vllm_engine.py"
-PROMPTS = [[1, 2, 3, 4], [100, 7, 42], [511, 0, 255, 19, 8]]
-ENGINE_RUN_TIMEOUT = 1500  # seconds for one run of the engine script (several engine starts)
-
-
-def run_engines(cases: list[dict], env: dict[str, str]) -> tuple[str, dict[str, object]]:
-    """Run the engine script over `cases`; returns (its whole output, {case name: tokens, or the
-    failure line})."""
-    for case in cases:
-        case.setdefault("prompts", PROMPTS)
-    result = subprocess.run(
-        [sys.executable, str(ENGINE_SCRIPT), json.dumps(cases)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=ENGINE_RUN_TIMEOUT,
-    )
-    output = result.stdout
-    assert result.returncode == 0, output[-5000:]
-    outcomes: dict[str, object] = {}
-    for line in output.splitlines():
-        if m := re.match(r"== RESULT (\S+) (.*)$", line):
-            outcomes[m.group(1)] = json.loads(m.group(2))["tokens"]
-        elif m := re.match(r"== FAILED (\S+) (.*)$", line):
-            outcomes[m.group(1)] = f"FAILED {m.group(2)}"
-    return output, outcomes
-
-
-def case_output(output: str, name: str) -> str:
-    """The part of the engine script's output that belongs to case `name`."""
-    start = output.index(f"== CASE {name}\n")
-    end = output.find("== CASE ", start + 1)
-    return output[start : end if end >= 0 else len(output)]
-
-
-def publish(directory: Path, uri: str, env: dict[str, str]) -> None:
-    """`blob2gpu publish DIRECTORY URI`, as a user publishes a checkpoint."""
-    subprocess.run(
-        [sys.executable, "-m", "blob2gpu", "publish", str(directory), uri], env=env, check=True
-    )
+from support.vllm_engine import PROMPTS, case_output, publish, run_engines
 
 
 @pytest.fixture(scope="module")

@@ -63,9 +63,14 @@ def cmd_load(args: argparse.Namespace) -> int:
         **settings,
     ) as checkpoint:
         mode = choose_mode(sys.stderr, quiet=args.quiet)
-        with LoadProgress(checkpoint.progress, sys.stderr, mode, args.progress_interval):
-            checkpoint.to_dict()
         report = checkpoint.report
+        # One clock for the bar and the summary: the report's, from the load's start (listing
+        # and checks included) to its last tensor.
+        with LoadProgress(
+            checkpoint.progress, sys.stderr, mode, args.progress_interval, elapsed=report.elapsed
+        ) as progress:
+            checkpoint.to_dict()
+            progress.finish(report.bytes, report.seconds)
     fill = checkpoint.cache_fill
     if fill is not None and args.wait_cache_fill:
         _wait_for_fill(fill, "cache fill", args.quiet, args.progress_interval)
@@ -131,6 +136,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from blob2gpu.tools.demo import main
 
     return main(device=args.device, total_mb=args.size_mb, source=args.source, model=args.model)
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from blob2gpu.tools.emulator import serve
+
+    return serve(port=args.port, location=args.location)
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
