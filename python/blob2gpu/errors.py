@@ -141,8 +141,10 @@ class ChecksumMismatch(Blob2GpuError):
     """Bytes differ from the manifest's checksum; the message names the shard and byte range.
     Nothing from the load is returned (unless fail_if_checksum_mismatch is off).
 
-    ``cache_entry``: the NVMe cache entry the bad bytes came from, which the load removed (so a
-    load again fetches that shard from Blob); None when they did not come from the cache.
+    ``cache_entry``: the NVMe cache entry of the shard when the load found that entry damaged
+    and the shard's fetch from Blob failed its check too (the entry's data was removed; `blob2gpu
+    cache verify --repair` fetches it again); None otherwise. A damaged entry alone is no error:
+    the load fetches the shard again from Blob.
     """
 
     def __init__(self, message: str = "", *, cache_entry: str | None = None, **fields: Any):

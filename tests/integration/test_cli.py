@@ -477,3 +477,24 @@ def test_emulator_on_a_port_in_use_says_so_in_one_line():
     assert process.returncode == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and f"port {port} on 127.0.0.1 is in use" in err
     assert "--port 0" in err
+
+
+def test_load_fetches_a_damaged_cache_entry_again(
+    published, azurite, container, cache_dir, blob_env, tmp_path
+):
+    from blob2gpu.cache.nvme import NvmeCache
+
+    uri = f"az://{container}/m"
+    cache = ["--set", "local_nvme_cache_enabled=true", "--set", f"cache_dir={cache_dir}"]
+    assert run("load", uri, *cache).returncode == 0
+    for entry in sorted(NvmeCache(cache_dir).entries(), key=lambda e: e.key)[:2]:
+        data = bytearray(entry.data_path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        entry.data_path.write_bytes(bytes(data))
+    out = tmp_path / "report.json"
+    result = run("load", uri, *cache, "--report", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("failed its check") == 2 and "fetched again" in result.stdout
+    report = json.loads(out.read_text())
+    assert len(report["cache_repaired"]) == 2 and report["shard_count"] == 3
+    assert sum(s["cache_hit"] for s in report["shards"]) == 1

@@ -8,10 +8,12 @@ run_engines().
 CASES_JSON: a list of {"name", "model", "load_format", "extra" (the model loader extra config),
 "prompts" (lists of token ids; default PROMPTS), "max_tokens", "tensor_parallel_size",
 "engine_args" (more of vLLM's engine arguments, e.g. enable_expert_parallel), "generate" (default
-true), "digests" (default false), "env" (variables set for this engine)}. For each case it prints
-``== CASE <name>``, vLLM's own output, with "digests" one line ``== DIGESTS <name> [...]`` (per
-worker, {parameter name: SHA-256 of its bytes} after loading), then one line
-``== RESULT <name> {"tokens": [[...], ...]}`` (null without "generate") or
+true), "digests" (default false), "env" (variables set for this engine), "forge_cache" ({"dir": an
+NVMe cache directory, "entries": N}: before the engine starts, the first N entries by key get
+other weights and records recomputed to match them, as whoever can write the directory could
+do)}. For each case it prints ``== CASE <name>``, vLLM's own output, with "digests" one line
+``== DIGESTS <name> [...]`` (per worker, {parameter name: SHA-256 of its bytes} after loading),
+then one line ``== RESULT <name> {"tokens": [[...], ...]}`` (null without "generate") or
 ``== FAILED <name> <exception type>``. The engine runs on the CPU with eager execution, no
 tokenizer and a 1 GiB KV cache.
 """
@@ -66,6 +68,29 @@ def run_case(case: dict) -> list[list[int]] | None:
         gc.collect()
 
 
+def forge_cache_entries(directory: str, count: int) -> None:
+    """Replace the weights of the first `count` entries of the cache in `directory` (by key) and
+    recompute their records to match."""
+    import hashlib
+    import struct
+
+    from blob2gpu import _core
+
+    records = sorted(Path(directory, "entries").glob("*.json"))[:count]
+    for meta_path in records:
+        data_path = meta_path.with_suffix(".bin")
+        data = data_path.read_bytes()
+        start = 8 + struct.unpack("<Q", data[:8])[0]
+        data = data[:start] + b"\x41" * (len(data) - start)
+        data_path.write_bytes(data)
+        record = json.loads(meta_path.read_text())
+        chunk = record["chunk_bytes"]
+        record["crc32c"] = [_core.crc32c(data[i : i + chunk]) for i in range(0, len(data), chunk)]
+        if "sha256" in record:
+            record["sha256"] = hashlib.sha256(data).hexdigest()
+        meta_path.write_text(json.dumps(record))
+
+
 def parameter_digests(worker: Any) -> dict[str, str]:
     """{name: SHA-256 of its bytes} of each parameter of `worker`'s model (run in the worker by
     vLLM's collective_rpc; needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 to be sent there)."""
@@ -86,6 +111,8 @@ def main(cases: list[dict]) -> int:
         saved = {k: os.environ.get(k) for k in case.get("env", {})}
         os.environ.update(case.get("env", {}))
         print(f"== CASE {case['name']}", flush=True)
+        if "forge_cache" in case:
+            forge_cache_entries(case["forge_cache"]["dir"], case["forge_cache"]["entries"])
         try:
             tokens = run_case(case)
         except Exception as error:

@@ -245,7 +245,7 @@ def _add_cache_command(sub: Any) -> None:
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     for name, run, text in (
         ("ls", cmd_cache_ls, "list entries, most recently used first"),
-        ("verify", cmd_cache_verify, "re-read every entry and check it"),
+        ("verify", cmd_cache_verify, "re-read every entry and check it against its record"),
         ("prune", cmd_cache_prune, "remove abandoned temporary files and evict to the cap"),
     ):
         p = cache_sub.add_parser(name, help=text)
@@ -272,7 +272,9 @@ def _add_cache_command(sub: Any) -> None:
         "warm",
         help="fill the cache with a Blob checkpoint's shards without loading them",
         description="Fetch the shards of a Blob checkpoint that the node's cache lacks into it "
-        "(for a DaemonSet or a node-prep job before pods land), one shard at a time at most "
+        "(for a DaemonSet or a node-prep job before pods land), after reading those it holds "
+        "through and checking them against Blob (the manifest, else each blob's Content-MD5: a "
+        "damaged one is fetched again), one shard at a time at most "
         "cache_fill_bytes_per_second (--set cache_fill_bytes_per_second=0: no bound), with a "
         "progress bar; exit 1 when a shard could not be written.",
     )
