@@ -136,7 +136,7 @@ def assert_clean_exit(run: subprocess.CompletedProcess[str]) -> None:
 def teardown_note(stderr: str) -> str:
     """What the core said about teardown (the first failed driver call is printed once)."""
     found = re.search(r"failed during teardown: (CUDA_ERROR_\w+)", stderr)
-    return f"teardown saw {found.group(1)}" if found else "no teardown failure printed"
+    return f"{found.group(1)} printed" if found else "no failure printed"
 
 
 def compiler() -> str:
@@ -150,14 +150,17 @@ def driver_file(name: str) -> str:
     """The file of the driver `name` (a path, or a library name the loader finds)."""
     if "/" in name:
         return os.path.realpath(name)
+    stem = name.split(".so")[0] + ".so"  # libcuda.so.1: the mapped file is libcuda.so.<version>
     probe = subprocess.run(
         [
             sys.executable,
             "-c",
             "import ctypes, sys; ctypes.CDLL(sys.argv[1]); "
             "print('\\n'.join(line.split()[-1] for line in open('/proc/self/maps') "
-            "if len(line.split()) >= 6 and 'libcuda' in line.split()[-1]))",
+            "if len(line.split()) >= 6 and line.split()[-1].rsplit('/', 1)[-1]"
+            ".startswith(sys.argv[2])))",
             name,
+            stem,
         ],
         capture_output=True,
         text=True,
