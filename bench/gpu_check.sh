@@ -34,7 +34,7 @@
 #   BUNDLE    the bundle (default .devbundle)
 #   BUDGET_S  the whole run, build included (default 290)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 MODE=${1:-}
 BUDGET_S=${BUDGET_S:-290}
 START=$(date +%s)
@@ -311,8 +311,8 @@ elif (($(left) < 60)); then
   blob="Blob to GPU: skipped: $(left) s left of the ${BUDGET_S} s budget (bash bench/gpu_check.sh --blob runs it alone)"
 else
   # The fake driver's rehearsal: its own row, a tenth of a GB.
-  blob_args=(--gpu --only ceiling,blob2gpu-cuda --total-gb 1)
-  ((fake)) && blob_args=(--only ceiling,blob2gpu-cuda-fake --total-gb 0.1)
+  blob_args=(--gpu --only "ceiling,blob2gpu-cuda" --total-gb 1)
+  ((fake)) && blob_args=(--only "ceiling,blob2gpu-cuda-fake" --total-gb 0.1)
   timeout "$(cap 100)" "$PY" bench/bench_blob_load.py "${blob_args[@]}" --shards 4 --repeats 1 \
     --wait-idle 0 --retries 0 --timeout "$(cap 90)" --json "$OUT/blob.json" >"$WORK/blob.log" 2>&1
   blob_rc=$?

@@ -36,6 +36,7 @@ CACHE=$HOME/.cache/blob2gpu-ci
 pyver=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 key() { printf '%s' "$*" | sha256sum | cut -c1-10; }
 
+# shellcheck disable=SC2086 # the words, whatever the line breaks between them
 image_env=$CACHE/gpu-image-py$pyver-torch-$TORCH_VERSION-$(key $IMAGE_PACKAGES)
 if [ ! -f "$image_env/.complete" ]; then
   echo "== the GPU image's python3, a virtualenv: $image_env (once per pinned set)"
@@ -124,9 +125,9 @@ for row in "^build rc=0" "^Azure: " "^O_DIRECT into pinned slots" "^pinning a 25
   }
 done
 if ((WITHOUT_BUNDLE)); then
-  grep -qE "^Azure: skipped: " "$table" && grep -qE "^Blob to GPU: skipped: " "$table" || {
+  if ! grep -qE "^Azure: skipped: " "$table" || ! grep -qE "^Blob to GPU: skipped: " "$table"; then
     echo "rehearse_gpu_check: without the bundle, the Azure and Blob rows do not say they skipped"
     exit 1
-  }
+  fi
 fi
 ls "$work/out"
