@@ -5,7 +5,8 @@
 #   - its python3 (a virtualenv holding torch's CUDA build and the build and test tools): a
 #     virtualenv made with `python3 -m venv`, which sees none of this machine's packages, holding
 #     torch 2.13.0 (the CPU build here) and what else the image has that the check uses; made once
-#     per pinned set and kept in ~/.cache/blob2gpu-ci/
+#     per list of packages and kept in ~/.cache/blob2gpu-ci/ (this machine's CPython, whose
+#     version the bundle's wheels then match; the GPU image's is 3.12)
 #   - the bundle the call carries (bench/device_bundle.sh), made for that python's version, kept
 #     in ~/.cache/blob2gpu-ci/ per version of the bundle script and of Azurite
 #   - libcuda: the fake CUDA driver of tests/fake_cuda (BLOB2GPU_CUDA_DRIVER)
@@ -39,7 +40,7 @@ key() { printf '%s' "$*" | sha256sum | cut -c1-10; }
 # shellcheck disable=SC2086 # the words, whatever the line breaks between them
 image_env=$CACHE/gpu-image-py$pyver-torch-$TORCH_VERSION-$(key $IMAGE_PACKAGES)
 if [ ! -f "$image_env/.complete" ]; then
-  echo "== the GPU image's python3, a virtualenv: $image_env (once per pinned set)"
+  echo "== the GPU image's python3, a virtualenv: $image_env (once per list of packages)"
   rm -rf "$image_env"
   "$PY" -m venv "$image_env"
   "$image_env/bin/python" -m pip install -q "torch==$TORCH_VERSION" 2>&1 | { grep -v "^WARNING" || true; }
