@@ -232,7 +232,7 @@ export BLOB2GPU_TEST_REAL_GPU=1
 # On the repo's disk, not a tmpfs /tmp: the O_DIRECT case needs a filesystem that takes O_DIRECT.
 basetemp=$PWD/.gpu-check-tmp
 rm -rf "$basetemp" "$basetemp"-*
-pytest=("$PY" -m pytest -q -p no:cacheprovider -rs)
+pytest=("$PY" -m pytest -q -p no:cacheprovider -rs -o junit_family=xunit1)  # per-test properties
 # Round trips, DLPack export, failures, leaks, consumers, the fake's CUDA rules that also hold on a
 # GPU (O_DIRECT into pinned slots), tensor selections, chunk verification (CRC32C, SHA-256) and
 # the checksum kernels, on the real driver; their Azurite cases where the bundle brought Azurite.
