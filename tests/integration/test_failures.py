@@ -107,6 +107,7 @@ def test_bad_arguments(write_checkpoint, kwargs, error, match):
         blob2gpu.load(str(directory), **kwargs)
 
 
+@pytest.mark.azure
 def test_remote_uri_without_blob_source_says_so():
     with pytest.raises(errors.InvalidArgument, match=r"az://"):
         blob2gpu.load("az://models/llama")
@@ -158,6 +159,7 @@ def test_a_blob_prefix_of_other_weight_formats_says_how_to_convert(azurite, cont
         blob2gpu.load(f"az://{container}/m")
 
 
+@pytest.mark.azure
 def test_connection_refused_names_the_endpoint_without_retry_advice(monkeypatch, free_port):
     from blob2gpu.tools.emulator import ACCOUNT, ACCOUNT_KEY
 
