@@ -7,8 +7,12 @@ user's settings bound both knobs."""
 
 from __future__ import annotations
 
+import math
+import os
+import struct
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from blob2gpu.sources.azure import throttle
@@ -596,3 +600,142 @@ def test_a_node_partners_throttle_cuts_a_pace_but_starts_none(tmp_path, monkeypa
     a.epoch()  # b's decrease, published: a cuts the pace it has (a new burst for a)
     assert a.stats().pace_bytes_per_second == pytest.approx(a_pace * throttle.PACE_DECREASE)
     assert NodeThrottle(tmp_path).state().kind == throttle.EGRESS
+
+
+# -- the node's state is input: whoever can write the directory can write it --------------------
+def record(generation=1, wait=10.0, ahead=0.0, concurrency=4, range_bytes=1024, kind=0) -> bytes:
+    """A throttle.v2.state record as a loader writes it (published now, staying away 10 s),
+    with fields replaced (wait: the seconds from its stamp to its until; ahead: its stamp's
+    seconds past now)."""
+    stamp = time.time() + ahead
+    return struct.pack("<qddqqq", generation, stamp + wait, stamp, concurrency, range_bytes, kind)
+
+
+def untouched(tmp_path) -> int:
+    """The concurrency a load of ceiling 8 starts at on a node whose state nobody wrote."""
+    return ThrottleControl(8, 1, 1, NodeThrottle(tmp_path / "untouched")).concurrency
+
+
+def finishes(fn, *args):
+    """fn(*args), run on a thread that must end (a hang guard, not a timing): its result."""
+    result = []
+    worker = threading.Thread(target=lambda: result.append(fn(*args)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), f"{fn.__name__} hangs"
+    return result[0]
+
+
+def test_a_record_a_loader_writes_is_read(tmp_path):
+    (tmp_path / NodeThrottle.FILE).write_bytes(record(generation=3, concurrency=4))
+    state = NodeThrottle(tmp_path).state()
+    assert (state.generation, state.concurrency, state.range_bytes) == (3, 4, 1024)
+    assert 5.0 < NodeThrottle(tmp_path).wait_left() <= 10.0
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"wait": 1e9},  # a wait no loader asks for: past retry_throttled_seconds
+        {"wait": 121.0},
+        {"ahead": 3600.0},  # published in the future
+        {"wait": math.inf},
+        {"wait": math.nan},
+        {"ahead": math.nan},
+        {"ahead": -math.inf},
+        {"generation": (1 << 63) - 1},  # struct.error on the next publication, before
+        {"generation": -5},
+        {"concurrency": 100_000},  # past prefetch_concurrency's limit
+        {"concurrency": -1},
+        {"range_bytes": 1 << 40},  # past the largest range (chunk_bytes, staging_slot_bytes)
+        {"range_bytes": -1},
+        {"kind": 9},
+    ],
+    ids=lambda f: "-".join(f"{k}={v!r}" for k, v in f.items()),
+)
+def test_a_record_no_loader_could_write_is_ignored_then_overwritten(tmp_path, fields):
+    (tmp_path / NodeThrottle.FILE).write_bytes(record(**fields))
+    node = NodeThrottle(tmp_path)
+    assert node.state() == throttle.NodeState() and node.wait_left() == 0.0
+    # A load on that node neither waits nor starts otherwise than on an untouched node.
+    control = ThrottleControl(8, 1, 1, NodeThrottle(tmp_path))
+    assert control.concurrency == untouched(tmp_path) and control.node_wait() == 0.0
+    # The next decrease writes a record of its own over it.
+    assert node.publish(2.0, 4, 1024) == 1
+    state = node.state()
+    assert (state.generation, state.concurrency, state.range_bytes) == (1, 4, 1024)
+    assert 0.0 < node.wait_left() <= 2.0
+
+
+def test_a_wait_is_bounded_by_the_load_s_retry_throttled_seconds(tmp_path):
+    (tmp_path / NodeThrottle.FILE).write_bytes(record(wait=60.0))
+    assert NodeThrottle(tmp_path).wait_left() > 50.0  # within the default 120 s
+    assert NodeThrottle(tmp_path, max_wait_seconds=30.0).wait_left() == 0.0
+    # A publication asks for no more than that either, and never keeps a forged wait.
+    node = NodeThrottle(tmp_path, max_wait_seconds=30.0)
+    node.publish(1e9)
+    assert 25.0 < node.wait_left() <= 30.0
+
+
+def test_publishing_keeps_the_longest_wait_only_while_a_loader_could_have_asked_it(tmp_path):
+    node = NodeThrottle(tmp_path)
+    node.publish(60.0)
+    node.publish(1.0)
+    assert node.wait_left() > 50.0  # the longer wait of the node's loads holds
+    (tmp_path / NodeThrottle.FILE).write_bytes(record(wait=1e6))
+    node.publish(1.0)
+    assert node.wait_left() <= 1.0  # a forged one does not stick
+
+
+def test_a_fifo_at_the_state_path_is_no_state_and_is_replaced(tmp_path):
+    os.mkfifo(tmp_path / NodeThrottle.FILE)  # opened for reading, a FIFO blocks without a writer
+    node = NodeThrottle(tmp_path)
+    assert finishes(node.state) == throttle.NodeState()
+    assert finishes(ThrottleControl, 8, 1, 1, node).concurrency == untouched(tmp_path)
+    assert finishes(node.publish, 1.0, 4, 1024) == 1
+    assert (tmp_path / NodeThrottle.FILE).is_file() and node.state().concurrency == 4
+
+
+def test_a_symlink_at_the_state_path_is_never_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(record(generation=7))  # even a valid record is not read through a link
+    path = tmp_path / "locks" / NodeThrottle.FILE
+    path.parent.mkdir()
+    path.symlink_to(victim)
+    node = NodeThrottle(path.parent)
+    assert node.state() == throttle.NodeState()
+    before = victim.read_bytes()
+    assert node.publish(1.0, 4, 1024) == 1
+    assert victim.read_bytes() == before  # unchanged
+    assert not path.is_symlink() and node.state().generation == 1
+
+
+def test_a_link_to_dev_zero_and_a_huge_file_are_read_bounded(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / NodeThrottle.FILE
+    path.symlink_to("/dev/zero")
+    node = NodeThrottle(tmp_path)
+    assert finishes(node.state) == throttle.NodeState()
+    assert Path("/dev/zero").is_char_device()  # (publish replaces the link, not the device)
+    assert node.publish(1.0) == 1 and not path.is_symlink()
+    path.unlink()
+    with open(path, "wb") as f:
+        f.truncate(256 << 20)  # sparse: 256 MiB read whole on every request, before
+    tracemalloc.start()
+    try:
+        assert node.state() == throttle.NodeState()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert node.publish(1.0, 4, 1024) == 1 and path.stat().st_size == 48
+
+
+def test_a_hard_link_at_the_state_path_is_replaced_not_written(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"the loader's own file")
+    (tmp_path / "locks").mkdir()
+    os.link(victim, tmp_path / "locks" / NodeThrottle.FILE)
+    assert NodeThrottle(tmp_path / "locks").publish(1.0, 4, 1024) == 1
+    assert victim.read_bytes() == b"the loader's own file"
