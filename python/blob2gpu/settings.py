@@ -192,8 +192,8 @@ SCHEMA: tuple[Setting, ...] = (
         8,
         int,
         "Most concurrent ranged GETs to Blob Storage (bytes go from the socket straight into "
-        "staging): a ceiling; a load opens below it, grows to it while unthrottled, and lowers "
-        "it while throttled.",
+        "staging): a ceiling; a load opens at it (at one, growing back to it, when a load on its "
+        "node was throttled in the last 30 s) and lowers it while throttled.",
         minimum=1,
         maximum=256,
     ),

@@ -1,18 +1,20 @@
 """ThrottleControl: how one load adapts to a storage account that sheds load (429, 503 ServerBusy)
 without talking to the other loaders on that account.
 
-A slow start, then additive increase and multiplicative decrease, on two knobs:
-- concurrency (ranged GETs in flight): a load starts at SLOW_START_CONCURRENCY (or, when its node's
-  loads were throttled lately, at one, see below) and, while no answer is throttled, adds one per
-  answer up to half the user's prefetch_concurrency (it doubles each round of answers), then one
-  per round of answers up to prefetch_concurrency, which is a ceiling, never exceeded. A fleet
-  released at once thus opens with a few requests per load, not with every thread of every
-  process, and meets an account's limit with about half its threads in flight, not all of them:
-  what each load has sent before its first 503 comes back is refused with it (a slow start
-  whose first threshold is half the ceiling). Once throttled, the load goes back to one request in
-  flight (the ranges the throttled requests left come back one round at a time, not all at
-  once when the wait is over), slow-starts up to half the limit it had, and from there adds one
-  per round of answers (as many successes as the current limit) without throttling;
+Additive increase and multiplicative decrease on two knobs, with a slow start only where the
+node has reason for one:
+- concurrency (ranged GETs in flight): a load starts at the user's prefetch_concurrency, a
+  ceiling never exceeded, unless its node's loads were throttled within NODE_MEMORY_SECONDS (the
+  node's memory window, see below): the account was near its limit moments ago, so the load
+  starts from one request in flight and slow-starts (one more per answer: it doubles each round
+  of answers) up to the concurrency the node's last decrease came to, then adds one per round
+  of answers. A node that has seen no throttling has no reason to start slowly (a slow start
+  cost an unthrottled load 10-20% of its throughput); a fleet released at once meets an
+  account's limit with every load at its ceiling, and the first burst of 503s sets each one
+  back to one request in flight and tells its node. Once throttled, the load goes back to one
+  request in flight (the ranges the throttled requests left come back one round at a time, not
+  all at once when the wait is over), slow-starts up to half the limit it had, and from there
+  adds one per round of answers (as many successes as the current limit) without throttling;
 - range size: multiplied by RANGE_GROWTH on throttling by request rate (429, 503 ServerBusy
   "Operations per second ..."), up to the largest a landing takes (the staging slot size), from
   the user's chunk_bytes: the same bytes in fewer requests. Throttling by bytes (503 "Egress is
@@ -90,8 +92,10 @@ from pathlib import Path
 
 from blob2gpu.settings import BY_NAME
 
-SLOW_START_CONCURRENCY = 2  # ranged GETs in flight a load opens with (the ceiling if lower)
-NODE_MEMORY_SECONDS = 30.0  # a load starting this soon after a decrease on its node starts there
+# The node's memory window: a load starting this soon after a decrease published on its node
+# starts where the node came to (one request, slow-starting); later, or never throttled, at its
+# ceiling.
+NODE_MEMORY_SECONDS = 30.0
 # What a record of the node's state may hold (NodeThrottle): the settings' limits on
 # prefetch_concurrency and the range size (chunk_bytes, staging_slot_bytes), and a wait of
 # retry_throttled_seconds (its default; a load passes its own).
@@ -192,8 +196,8 @@ class Pacer:
 
 
 class ThrottleControl:
-    """Slow start, then AIMD, of the concurrency and range size of one load's ranged GETs (see
-    the module)."""
+    """AIMD (after a slow start only on a node throttled lately) of the concurrency and range
+    size of one load's ranged GETs (see the module)."""
 
     def __init__(
         self,
@@ -212,9 +216,8 @@ class ThrottleControl:
         self._lock = threading.Condition()
         self.ceiling = ceiling
         self.max_range_bytes = max(range_bytes, max_range_bytes)
-        self._limit = min(ceiling, SLOW_START_CONCURRENCY)
-        # The slow start (+1 per answer) runs up to this limit: half the ceiling at first.
-        self._threshold = max(self._limit, ceiling // 2)
+        self._limit = ceiling  # no slow start unless the node says (below)
+        self._threshold = ceiling  # the slow start (+1 per answer) runs up to this limit
         self._range = range_bytes
         self._epoch = 0  # bumped at each decrease
         self._successes = 0  # answers since the limit last changed
