@@ -148,23 +148,23 @@ def _probe_storage(run: PreflightRun, container: Any, t: float) -> None:
 
     endpoint = container.location.account_url
     raw = ""  # the transport's own words: the mapped error keeps only their first 300 characters
+    failure: Blob2GpuError | None = None
     try:
-        try:
-            first = next(
-                iter(
-                    container.client.list_blobs(
-                        name_starts_with=container.location.path or None, results_per_page=1
-                    )
-                ),
-                None,
-            )
-        except Blob2GpuError:
-            raise
-        except Exception as e:  # the SDK's and the transport's errors, mapped to ours
-            raw = redact(e)
-            raise storage_error(e, container.location, None, "listing") from None
+        first = next(
+            iter(
+                container.client.list_blobs(
+                    name_starts_with=container.location.path or None, results_per_page=1
+                )
+            ),
+            None,
+        )
     except Blob2GpuError as e:
-        run.add(_storage_failure(e, container, raw), t)
+        failure = e
+    except Exception as e:  # the SDK's and the transport's errors, mapped to ours
+        raw = redact(e)
+        failure = storage_error(e, container.location, None, "listing")
+    if failure is not None:
+        run.add(_storage_failure(failure, container, raw), t)
         return
     ms = (time.perf_counter() - t) * 1000
     data = {"endpoint": endpoint, "credential": container.credential_source, "ms": round(ms, 1)}

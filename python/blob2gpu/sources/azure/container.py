@@ -22,6 +22,7 @@ from blob2gpu.errors import (
     LocalWriteError,
 )
 from blob2gpu.integrity.manifest import Manifest, require_manifest
+from blob2gpu.redaction import install_log_redaction
 from blob2gpu.sources.azure.credentials import resolve_credential
 from blob2gpu.sources.azure.failures import archived_error
 from blob2gpu.sources.azure.listing import AuxBlob, BlobListing, if_unchanged, list_checkpoint
@@ -245,6 +246,7 @@ def open_container(
         raise InvalidArgument(
             f"Blob URIs need azure-storage-blob: pip install 'blob2gpu[azure]' ({e})"
         ) from None
+    install_log_redaction()  # before the HTTP stack logs its first request
     location = parse_blob_uri(uri)
     chosen, how = resolve_credential(location, credential)
     pool = settings.prefetch_concurrency + 4  # the feeder's GETs, listing and header reads
