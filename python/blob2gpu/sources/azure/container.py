@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blob2gpu.documents import MANIFEST_MAX_BYTES
 from blob2gpu.errors import (
     AccessDenied,
     BlobChanged,
     ChecksumMismatch,
     InvalidArgument,
+    InvalidManifest,
     LocalWriteError,
 )
 from blob2gpu.integrity.manifest import Manifest, require_manifest
@@ -94,10 +96,16 @@ class BlobContainer:
         return list_checkpoint(self.client, self.location, self.retry)
 
     def read_manifest(self, listing: BlobListing) -> Manifest | None:
-        """The checkpoint's blob2gpu.manifest.json, or None when it has none."""
+        """The checkpoint's blob2gpu.manifest.json, or None when it has none. Raises
+        InvalidManifest for a malformed one, or one larger than a manifest holds (unread)."""
         name = listing.manifest_blob
         if name is None:
             return None
+        if listing.manifest_bytes > MANIFEST_MAX_BYTES:  # refused before it is read
+            raise InvalidManifest(
+                f"manifest {self.location.describe(name)} is {listing.manifest_bytes} bytes, more "
+                f"than a manifest holds ({MANIFEST_MAX_BYTES >> 20} MiB): it is not one"
+            )
         data = self.retry.run(
             lambda: self.client.get_blob_client(name).download_blob().readall(),
             f"reading {self.location.describe(name)}",
