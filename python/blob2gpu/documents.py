@@ -1,6 +1,6 @@
 """JSON and YAML documents blob2gpu reads from files a user names (config files, the vLLM extra
-config's `config`, a local model.safetensors.index.json, a manifest) or from Blob (an index, a
-manifest): input that may be anything, read bounded.
+config's `config`, a local model.safetensors.index.json, a manifest, a report to show) or from
+Blob (an index, a manifest): input that may be anything, read bounded.
 
 - A file is read only when it is a regular file (symlinks are followed: a Kubernetes ConfigMap
   mounts its files through them), never more than its cap: a FIFO, /dev/zero or a directory is
@@ -34,6 +34,7 @@ MiB = 1 << 20
 CONFIG_MAX_BYTES = 1 * MiB
 INDEX_MAX_BYTES = 64 * MiB
 MANIFEST_MAX_BYTES = 256 * MiB
+REPORT_MAX_BYTES = 64 * MiB  # a LoadReport as JSON: a few hundred bytes per shard
 # Arrays and objects within one another: an index nests 2, a manifest 4, a config file 2.
 MAX_DEPTH = 64
 CLIP_CHARS = 80  # the most of a value or name from a document a message shows
