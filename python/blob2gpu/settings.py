@@ -6,7 +6,7 @@ Sources, highest precedence first:
   2. environment variables    BLOB2GPU_PREFETCH_CONCURRENCY=16, and the deployment variables
                               MODEL_LOAD_STRATEGY (direct-gpu | host-staging) and
                               USE_PINNED_HOST_FALLBACK
-  3. a YAML file              --config FILE or BLOB2GPU_CONFIG=FILE, keys by section:
+  3. a YAML or JSON file      --config FILE or BLOB2GPU_CONFIG=FILE, keys by section:
                               storage: {prefetch_concurrency: 16}
   4. defaults
 ``python -m blob2gpu.settings`` prints docs/settings.md.
@@ -16,11 +16,19 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from blob2gpu.documents import (
+    CONFIG_MAX_BYTES,
+    clip,
+    clipped_repr,
+    parse_json,
+    parse_yaml,
+    read_regular_file,
+)
 from blob2gpu.errors import ConfigError
 
 ENV_PREFIX = "BLOB2GPU_"
@@ -192,8 +200,8 @@ SCHEMA: tuple[Setting, ...] = (
         8,
         int,
         "Most concurrent ranged GETs to Blob Storage (bytes go from the socket straight into "
-        "staging): a ceiling; a load opens below it, grows to it while unthrottled, and lowers "
-        "it while throttled.",
+        "staging): a ceiling; a load opens at it (at one, growing back to it, when a load on its "
+        "node was throttled in the last 30 s) and lowers it while throttled.",
         minimum=1,
         maximum=256,
     ),
@@ -393,7 +401,7 @@ assert len(BY_NAME) == len(SCHEMA), "setting names must be unique"
 
 # Environment variables read elsewhere, documented with the rest.
 OTHER_ENVIRONMENT: dict[str, tuple[str, str]] = {
-    CONFIG_ENV: ("(none)", "Path of the YAML config file (same as --config)."),
+    CONFIG_ENV: ("(none)", "Path of the YAML (or JSON: *.json) config file (same as --config)."),
     "MODEL_SOURCE_URI": (
         "(none)",
         "Checkpoint URI used when load()/open()/`blob2gpu load` get none.",
@@ -455,7 +463,7 @@ def _coerce(s: Setting, value: Any, source: str) -> Any:
     def bad() -> ConfigError:
         return ConfigError(
             f"setting '{s.name}' ({s.key}) from {source} has the bad value "
-            f"{value!r}: expected {_valid_values(s)}"
+            f"{clipped_repr(value)}: expected {_valid_values(s)}"
         )
 
     if s.type is bool:
@@ -495,12 +503,21 @@ def _coerce(s: Setting, value: Any, source: str) -> Any:
     return value
 
 
-def _unknown(key: str, source: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(
-        f"unknown setting '{key}' from {source}{hint}; known settings: " + ", ".join(sorted(known))
-    )
+_SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+
+
+def _unknown(key: object, source: str, known: list[str]) -> ConfigError:
+    """ConfigError for a key that names no setting. A key that could be a setting's name is
+    shown (clipped); any other (a line of a file that is no config file: /etc/shadow's
+    'root:*:...') is not: what a file holds is not echoed."""
+    text = str(key)
+    if _SETTING_NAME.fullmatch(text):
+        close = difflib.get_close_matches(text, known, n=1) if len(text) <= 200 else []
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        said = f"unknown setting '{clip(text)}' from {source}{hint}"
+    else:
+        said = f"unknown setting from {source}: a key that is no setting name (not shown)"
+    return ConfigError(said + "; known settings: " + ", ".join(sorted(known)))
 
 
 @dataclass(frozen=True)
@@ -534,40 +551,50 @@ class ResolvedSettings:
         return out
 
 
-def _flatten(doc: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+SECTIONS = frozenset(s.section for s in SCHEMA)
+
+
+def _flatten(doc: Mapping[Any, Any]) -> dict[str, Any]:
+    """{section.name: value} of a config document: keys nested under their section or dotted.
+    Only a section's mapping is entered (a document's other mappings are unknown keys, however
+    deep or aliased they are)."""
     flat: dict[str, Any] = {}
     for key, value in doc.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, Mapping) and full not in BY_KEY:
-            flat.update(_flatten(value, f"{full}."))
+        if isinstance(value, Mapping) and key in SECTIONS:
+            for name, inner in value.items():
+                flat[f"{key}.{name}"] = inner
         else:
-            flat[full] = value
+            flat[str(key)] = value
     return flat
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML config into {setting name: value}. Keys are section.name, nested or dotted.
+    """Read a YAML or JSON (a name ending in .json) config into {setting name: value}. Keys are
+    section.name, nested or dotted.
 
-    Raises ConfigError for an unreadable file, bad YAML, an unknown key or a bad value, naming the
-    file and the key.
+    Raises ConfigError for a file that is not a regular file or is larger than
+    documents.CONFIG_MAX_BYTES, an unreadable one, bad YAML or JSON, an unknown key or a bad
+    value, naming the file and the key; nothing else of the file is quoted.
     """
     source = f"config {path}"
-    try:
-        import yaml
-    except ImportError:
-        raise ConfigError("config files need PyYAML: pip install pyyaml") from None
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    where = f"config file '{clip(path, 200)}'"
+    data = read_regular_file(path, CONFIG_MAX_BYTES, ConfigError, "config file")
+    if str(path).endswith(".json"):
+        doc = parse_json(data, ConfigError, where)
+    else:
+        try:
+            import yaml  # noqa: F401
+        except ImportError:
+            raise ConfigError("YAML config files need PyYAML: pip install pyyaml") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{where} is not UTF-8 text (byte {e.start} is not)") from None
+        doc = parse_yaml(text, ConfigError, where)
     if doc is None:
         return {}
     if not isinstance(doc, Mapping):
-        raise ConfigError(f"config file '{path}' must be a mapping of sections to settings")
+        raise ConfigError(f"{where} must be a mapping of sections to settings")
     out: dict[str, Any] = {}
     for key, value in _flatten(doc).items():
         if key not in BY_KEY:
@@ -587,7 +614,7 @@ def _check_environment_names(env: Mapping[str, str]) -> None:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
-                f"unknown environment variable '{name}'{hint}: blob2gpu reads no such "
+                f"unknown environment variable '{clip(name)}'{hint}: blob2gpu reads no such "
                 "variable; unset it, or see docs/settings.md for the known ones"
             )
 
@@ -619,7 +646,7 @@ def resolve(
                     word = raw.strip().lower()
                     if word not in alias.values:
                         raise ConfigError(
-                            f"{alias.name}={raw!r} is not one of "
+                            f"{alias.name}={clipped_repr(raw)} is not one of "
                             + ", ".join(repr(w) for w in alias.values)
                         )
                     values[s.name] = alias.values[word]
@@ -655,8 +682,8 @@ def settings_doc() -> str:
         "# Settings\n\nGenerated from `python/blob2gpu/settings.py` by "
         "`python -m blob2gpu.settings > docs/settings.md`; a test keeps them in step.\n\n"
         "Precedence, highest first: keyword arguments (`blob2gpu.load(..., staging_slots=16)`), "
-        "environment variables, the YAML config file (`--config FILE` or `BLOB2GPU_CONFIG`), "
-        "defaults. In the file, keys go under their section:\n\n"
+        "environment variables, the YAML or JSON config file (`--config FILE` or "
+        "`BLOB2GPU_CONFIG`), defaults. In the file, keys go under their section:\n\n"
         "```yaml\nmodel:\n  direct_gpu_load: true\nstorage:\n  prefetch_concurrency: 8\n"
         "observability:\n  emit_phase_timings: true\n```\n\n" + markdown_table()
     )

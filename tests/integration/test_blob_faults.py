@@ -106,15 +106,31 @@ def test_throttling_lowers_concurrency_and_grows_ranges(published, container, vi
     assert blob2gpu.LoadReport.from_dict(report.to_dict()).throttled == report.throttled
 
 
-def test_unthrottled_load_slow_starts_to_its_ceiling_and_keeps_its_ranges(
+def test_unthrottled_load_starts_at_its_ceiling_and_keeps_its_ranges(
     published, container, via_proxy
 ):
     _, report = load(f"az://{container}/m", "cpu", prefetch_concurrency=3)
     assert (report.throttled, report.throttle_decreases) == (0, 0)
-    # It opens with 2 requests in flight and, answered, goes up to prefetch_concurrency.
-    assert (report.concurrency_lowest, report.concurrency_settled) == (2, 3)
+    # Its node has seen no throttling: no reason to start slowly.
+    assert (report.concurrency_lowest, report.concurrency_settled) == (3, 3)
     assert report.range_bytes_settled == 65536
     assert "throttled" not in describe(report)
+
+
+def test_a_load_on_a_node_throttled_lately_slow_starts_to_its_ceiling(
+    published, container, via_proxy, node_cache_home
+):
+    from blob2gpu.sources.azure.throttle import NodeThrottle
+
+    # Another load on this node (the default cache_dir's locks) was throttled just now, down to
+    # 2 requests in flight, and asked for no wait.
+    locks = node_cache_home / "blob2gpu" / "locks"
+    locks.mkdir(parents=True)
+    assert NodeThrottle(locks).publish(0.0, 2, 65536) == 1
+    _, report = load(f"az://{container}/m", "cpu", prefetch_concurrency=3)
+    assert (report.throttled, report.throttle_decreases) == (0, 0)
+    # It opens with 1 request in flight and, answered, goes up to prefetch_concurrency.
+    assert (report.concurrency_lowest, report.concurrency_settled) == (1, 3)
 
 
 def test_retry_after_is_honoured_up_to_the_throttling_budget(published, container, via_proxy):

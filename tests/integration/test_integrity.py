@@ -316,6 +316,49 @@ def test_publish_without_the_right_to_create_the_container_says_what_to_do(
     assert not azurite.service().get_container_client("not-there").exists()
 
 
+def test_publish_refuses_a_folder_without_safetensors_and_uploads_nothing(
+    tmp_path, azurite, container, blob_env
+):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "not-a-checkpoint"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"\0" * 64)
+    with pytest.raises(errors.SourceUnavailable, match="no .safetensors files"):
+        publish(folder, f"az://{container}/m")
+    out = subprocess.run(
+        [sys.executable, "-m", "blob2gpu", "publish", str(folder), f"az://{container}/m"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and "no .safetensors files" in out.stderr
+    assert "published" not in out.stdout
+    assert list(azurite.service().get_container_client(container).list_blobs()) == []
+
+
+@pytest.mark.parametrize(
+    ("keep", "error"),
+    [
+        (lambda raw: raw[:-1], errors.InvalidOffsets),  # the data's last byte missing
+        (lambda raw: raw[:-100_000], errors.InvalidOffsets),
+        (lambda raw: raw[:20], errors.HeaderTruncated),  # the header cut short
+    ],
+    ids=["last-byte", "100-KB", "header"],
+)
+def test_publish_refuses_a_truncated_shard_and_uploads_nothing(
+    checkpoint, azurite, container, blob_env, keep, error
+):
+    shard = checkpoint / "model-00002-of-00003.safetensors"
+    shard.write_bytes(keep(shard.read_bytes()))
+    with pytest.raises(error) as info:
+        publish(checkpoint, f"az://{container}/m")
+    assert info.value.shard == shard.name and "nothing was uploaded" in str(info.value)
+    assert list(azurite.service().get_container_client(container).list_blobs()) == []
+
+
 # --- Content-MD5: verify='auto' on a Blob checkpoint without a manifest --------------------------
 
 

@@ -162,6 +162,23 @@ def test_archived_shards_fail_the_checkpoint_check(
     assert checkpoint["status"] == "warn" and "only from the NVMe cache" in checkpoint["value"]
 
 
+def test_a_truncated_checkpoint_fails_the_checkpoint_check(
+    published, azurite, container, blob_env, tmp_path, no_driver
+):
+    # Its listing looks fine: only the shard's header, read and set against its size, tells.
+    shard = published / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    upload_directory(azurite, container, published, "cut")
+    for source in (f"az://{container}/cut", str(published)):
+        result = preflight(
+            "--source", source, "--cache-dir", str(tmp_path), "--json", env=no_driver
+        )
+        assert result.returncode == 1, result.stdout + result.stderr
+        checkpoint = checks(result)["checkpoint"]
+        assert checkpoint["status"] == "fail" and "not whole" in checkpoint["value"]
+        assert shard.name in checkpoint["value"] and "publish" in checkpoint["hint"]
+
+
 def test_a_model_that_does_not_fit_fails(tmp_path, no_driver):
     result = preflight(
         "--model-bytes", str(10**16), "--cache-dir", str(tmp_path), "--json", env=no_driver

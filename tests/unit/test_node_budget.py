@@ -14,10 +14,13 @@ from blob2gpu.loading.fetch import node_budget
 from blob2gpu.sources.azure.throttle import NodeThrottle
 
 
-def _prepared(cache_dir: str | None) -> SimpleNamespace:
+def _prepared(cache_dir: str | None, retry_throttled_seconds: float = 120.0) -> SimpleNamespace:
     """The parts of a PreparedLoad node_budget reads, with the cache off."""
     return SimpleNamespace(
-        cache=SimpleNamespace(cache=None), settings=SimpleNamespace(cache_dir=cache_dir)
+        cache=SimpleNamespace(cache=None),
+        settings=SimpleNamespace(
+            cache_dir=cache_dir, retry_throttled_seconds=retry_throttled_seconds
+        ),
     )
 
 
@@ -46,6 +49,14 @@ def test_a_configured_cache_dir_needs_no_home(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "home", _no_home)
     node = node_budget(_prepared(str(tmp_path / "cache")))
     assert isinstance(node, NodeThrottle) and node.path.parent == tmp_path / "cache" / "locks"
+
+
+def test_the_node_s_waits_are_bounded_by_the_load_s_retry_throttled_seconds(tmp_path):
+    # A wait further ahead than the load could be asked to stay away was not written by a loader.
+    node = node_budget(_prepared(str(tmp_path), retry_throttled_seconds=5.0))
+    assert isinstance(node, NodeThrottle) and node.max_wait_seconds == 5.0
+    NodeThrottle(tmp_path / "locks").publish(60.0)
+    assert node.wait_left() == 0.0
 
 
 def test_a_cache_dir_that_cannot_be_made_means_the_load_adapts_alone(tmp_path):

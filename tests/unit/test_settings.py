@@ -183,3 +183,115 @@ def test_an_unknown_blob2gpu_variable_is_an_error_naming_the_closest(write_check
         resolve(environ={"BLOB2GPU_STAGING_SLOT": "16"})
     # What blob2gpu reads besides the settings is known too.
     resolve(environ={"BLOB2GPU_CUDA_DRIVER": "libcuda.so.1", "BLOB2GPU_TEST_REAL_GPU": "1"})
+
+
+# -- a config file is a file the user names: anything may be there ------------------------------
+SHADOW = "root:*:19700:0:99999:7:::\ndaemon:*:19700:0:99999:7:::\n"
+
+
+def refused_at_once(fn, *args):
+    """The ConfigError fn(*args) raises, on a thread that must end (a hang guard, not a timing)."""
+    import threading
+
+    raised: list[BaseException] = []
+
+    def run():
+        try:
+            fn(*args)
+        except BaseException as e:  # the test inspects whatever it was
+            raised.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), f"{fn.__name__} hangs"
+    assert raised and isinstance(raised[0], ConfigError), raised
+    return raised[0]
+
+
+def test_a_file_that_is_no_config_file_is_not_echoed(tmp_path):
+    # /etc/shadow's lines are YAML keys ('root:*:19700:0:99999:7::': None): not shown.
+    path = tmp_path / "shadow"
+    path.write_text(SHADOW)
+    with pytest.raises(ConfigError, match="a key that is no setting name") as info:
+        read_config_file(path)
+    assert "root:" not in str(info.value) and "19700" not in str(info.value)
+    # A key that could be a setting's name is still named (clipped).
+    path.write_text(f"storage:\n  {'x' * 500}: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown setting 'storage\.xxx") as info:
+        read_config_file(path)
+    assert "x" * 100 not in str(info.value)
+
+
+def test_a_yaml_error_says_where_without_quoting_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("storage:\n  password: hunter2-secret\n  prefetch_concurrency: [4\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: .* at line \d+, column \d+") as info:
+        read_config_file(path)
+    assert "hunter2" not in str(info.value) and "password" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
+def test_a_config_path_that_is_no_regular_file_is_refused_at_once(tmp_path, kind):
+    import os
+
+    path = tmp_path / "blob2gpu.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)  # opened for reading, it would wait for a writer
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")  # read whole, it never ends
+    else:
+        path.mkdir()
+    error = refused_at_once(read_config_file, path)
+    assert "not a regular file" in str(error)
+    error = refused_at_once(resolve, None, {"BLOB2GPU_CONFIG": str(path)})
+    assert "not a regular file" in str(error)
+
+
+def test_a_huge_config_file_or_value_makes_no_huge_message(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("storage:\n  prefetch_concurrency: " + "7" * (50 << 20) + "x\n")
+    with pytest.raises(ConfigError, match="larger than 1 MiB") as info:
+        read_config_file(path)
+    assert len(str(info.value)) < 500
+    # Below the cap, a long bad value is clipped in the message.
+    path.write_text("storage:\n  prefetch_concurrency: " + "7" * 500_000 + "x\n")
+    with pytest.raises(ConfigError, match="bad value") as info:
+        read_config_file(path)
+    assert len(str(info.value)) < 500
+    with pytest.raises(ConfigError, match="bad value") as info:
+        resolve({"verify": "v" * (50 << 20)})
+    assert len(str(info.value)) < 500
+
+
+# Each mapping holds the one before twice: 2**40 leaves, were they all visited.
+ALIASES = "l{0}: &l{0} {{p: *l{1}, q: *l{1}}}\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("deep.json", "[" * 100_000),
+        ("deep.yaml", "[" * 100_000),
+        ("deep-block.yaml", "- " * 50_000 + "x\n"),
+        (
+            "aliases.yaml",
+            "a: &l0 {x: 1, y: 1}\n" + "".join(ALIASES.format(i, i - 1) for i in range(1, 40)),
+        ),
+    ],
+    ids=["json", "yaml-flow", "yaml-block", "yaml-aliases"],
+)
+def test_a_deep_or_self_multiplying_config_is_a_config_error(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    error = refused_at_once(read_config_file, path)
+    assert len(str(error)) < 2000
+
+
+def test_a_json_config_file_is_read(tmp_path):
+    path = tmp_path / "blob2gpu.json"
+    path.write_text('{"storage": {"prefetch_concurrency": 3}, "integrity.verify": "crc32c"}')
+    assert read_config_file(path) == {"prefetch_concurrency": 3, "verify": "crc32c"}
+    path.write_text('{"storage": {"prefetch_concurrency": 3,}}')
+    with pytest.raises(ConfigError, match=r"not valid JSON: .* at line 1, column"):
+        read_config_file(path)

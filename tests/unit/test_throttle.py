@@ -1,24 +1,24 @@
 """ThrottleControl on scripted sequences of throttled answers (429, 503) and successes: a load
-starts below its ceiling and doubles its concurrency per round of unthrottled answers up to half
-of it, then adds one per round (a limited slow start); one burst of 503s is one decrease (back to
-one request in flight, a slow start up to half the limit it had, then one more per round; ranges
-grown on request-rate throttling only), the loads of one node share what they learned, and the
-user's settings bound both knobs."""
+starts at its ceiling unless its node was throttled lately, when it starts at one request and
+doubles its concurrency per round of unthrottled answers up to where the node came to, then adds
+one per round (a limited slow start); one burst of 503s is one decrease (back to one request in
+flight, a slow start up to half the limit it had, then one more per round; ranges grown on
+request-rate throttling only), the loads of one node share what they learned, and the user's
+settings bound both knobs."""
 
 from __future__ import annotations
 
+import math
+import os
+import struct
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from blob2gpu.sources.azure import throttle
 from blob2gpu.sources.azure.failures import throttled_by_bandwidth
-from blob2gpu.sources.azure.throttle import (
-    RANGE_GROWTH,
-    SLOW_START_CONCURRENCY,
-    NodeThrottle,
-    ThrottleControl,
-)
+from blob2gpu.sources.azure.throttle import RANGE_GROWTH, NodeThrottle, ThrottleControl
 
 KiB = 1 << 10
 
@@ -33,45 +33,65 @@ def at_ceiling(control: ThrottleControl) -> ThrottleControl:
     return control
 
 
-def test_a_load_starts_below_its_ceiling_doubles_to_half_of_it_then_adds_one_per_round():
-    control = ThrottleControl(ceiling=16, range_bytes=64 * KiB, max_range_bytes=64 * KiB)
-    assert control.concurrency == SLOW_START_CONCURRENCY == 2
+def throttled_node(directory, concurrency: int, range_bytes: int = 1) -> NodeThrottle:
+    """A node whose loads were throttled just now, down to `concurrency`."""
+    node = NodeThrottle(directory)
+    assert node.publish(0.0, concurrency, range_bytes) == 1
+    return node
+
+
+def test_a_load_on_a_node_never_throttled_starts_at_its_ceiling(tmp_path):
+    # No reason to start slowly: the node has seen no throttling (or the load has no node).
+    for node in (NodeThrottle(tmp_path), None):
+        control = ThrottleControl(
+            ceiling=16, range_bytes=64 * KiB, max_range_bytes=64 * KiB, node=node
+        )
+        assert control.concurrency == 16 and not control.answered()
+        assert control.stats().min_concurrency == 16
+
+
+def test_a_load_on_a_node_throttled_lately_doubles_to_where_it_came_then_one_per_round(tmp_path):
+    node = throttled_node(tmp_path, 8)
+    control = ThrottleControl(ceiling=16, range_bytes=64 * KiB, max_range_bytes=64 * KiB, node=node)
+    assert control.concurrency == 1
     trace = [control.concurrency]
     for _ in range(200):
         control.answered()
         trace.append(control.concurrency)
-    # One more per answer up to half the ceiling: a round of 2 answers makes 4, the next 4 make
-    # 8; then one more per round of answers as long as the limit: 8 more make 9, 9 more 10, ...
-    assert (trace[2], trace[6], trace[14], trace[23]) == (4, 8, 9, 10)
-    assert trace.index(16) == 6 + sum(range(8, 16))
+    # One more per answer up to the node's 8: a round of 1 answer makes 2, the next 2 make 4, the
+    # next 4 make 8; then one more per round of answers as long as the limit: 8 more make 9, ...
+    assert (trace[1], trace[3], trace[7], trace[15], trace[24]) == (2, 4, 8, 9, 10)
+    assert trace.index(16) == 7 + sum(range(8, 16))
     assert max(trace) == 16  # prefetch_concurrency is a ceiling, never passed
-    assert control.stats().decreases == 0 and control.stats().min_concurrency == 2
+    assert control.stats().decreases == 0 and control.stats().min_concurrency == 1
 
 
 @pytest.mark.parametrize(
-    ("ceiling", "doubled_to", "at_ceiling_after"),
+    ("ceiling", "at_ceiling_after"),
     [
-        (3, 2, 2),
-        (4, 2, 2 + 3),
-        (5, 2, 2 + 3 + 4),
-        (6, 3, 1 + 3 + 4 + 5),
-        (9, 4, 2 + 4 + 5 + 6 + 7 + 8),
+        (3, 1 + 2),
+        (4, 1 + 2 + 3),
+        (5, 1 + 2 + 3 + 4),
+        (6, 2 + 3 + 4 + 5),
+        (9, 3 + 4 + 5 + 6 + 7 + 8),
     ],
 )
 def test_small_and_odd_ceilings_double_to_half_then_add_one_per_round(
-    ceiling, doubled_to, at_ceiling_after
+    tmp_path, ceiling, at_ceiling_after
 ):
-    control = ThrottleControl(ceiling, range_bytes=1, max_range_bytes=1)
+    # The node came to half the ceiling (what a load at its ceiling publishes when throttled).
+    half = max(1, ceiling // 2)
+    control = ThrottleControl(ceiling, 1, 1, throttled_node(tmp_path, half))
     trace = [control.concurrency]
     for _ in range(100):
         control.answered()
         trace.append(control.concurrency)
-    assert trace[max(0, doubled_to - SLOW_START_CONCURRENCY)] == doubled_to  # +1 per answer
+    assert trace[half - 1] == half  # +1 per answer from one request
     assert trace.index(ceiling) == at_ceiling_after and max(trace) == ceiling
 
 
 @pytest.mark.parametrize("ceiling", [1, 2])
-def test_a_ceiling_at_or_below_the_start_is_where_a_load_starts(ceiling):
+def test_a_load_at_its_ceiling_goes_no_higher(ceiling):
     control = ThrottleControl(ceiling=ceiling, range_bytes=1, max_range_bytes=1)
     assert control.concurrency == ceiling
     assert not control.answered()
@@ -125,7 +145,7 @@ def test_a_scripted_mix_of_503s_and_successes():
         else:
             control.answered()
         trace.append((control.concurrency, control.range_bytes // KiB))
-    assert trace[5] == (8, 1024)  # the slow start: 2 + 6 answers
+    assert trace[5] == (16, 1024)  # no slow start on a node never throttled
     # Three throttled answers, each to a request sent after the last decrease: three decreases,
     # each growing the ranges; the first leaves half of 8 to come back to quickly, the others
     # (at a limit of 1) leave 1.
@@ -197,16 +217,17 @@ def test_a_load_starting_after_the_nodes_decrease_starts_where_the_node_came_to(
     assert trace[:9] == [2, 3, 4, 5, 6, 7, 8, 8, 8]
 
 
-def test_a_load_on_another_node_or_long_after_slow_starts_from_the_start(tmp_path, monkeypatch):
+def test_a_load_on_another_node_or_long_after_starts_at_its_ceiling(tmp_path, monkeypatch):
     a = ThrottleControl(8, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path / "node1"))
     (tmp_path / "node1").mkdir()
     a.throttled(a.epoch(), by_rate=True)
     other = ThrottleControl(8, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path / "node2"))
-    assert (other.concurrency, other.range_bytes) == (SLOW_START_CONCURRENCY, 64 * KiB)
+    assert (other.concurrency, other.range_bytes) == (8, 64 * KiB)
+    # The node's memory window: a decrease older than NODE_MEMORY_SECONDS is no reason.
     later = time.time() + throttle.NODE_MEMORY_SECONDS + 1
     monkeypatch.setattr(throttle.time, "time", lambda: later)
     c = ThrottleControl(8, 64 * KiB, 1024 * KiB, NodeThrottle(tmp_path / "node1"))
-    assert (c.concurrency, c.range_bytes) == (SLOW_START_CONCURRENCY, 64 * KiB)
+    assert (c.concurrency, c.range_bytes) == (8, 64 * KiB)
     assert c.node_wait() == 0.0
 
 
@@ -596,3 +617,142 @@ def test_a_node_partners_throttle_cuts_a_pace_but_starts_none(tmp_path, monkeypa
     a.epoch()  # b's decrease, published: a cuts the pace it has (a new burst for a)
     assert a.stats().pace_bytes_per_second == pytest.approx(a_pace * throttle.PACE_DECREASE)
     assert NodeThrottle(tmp_path).state().kind == throttle.EGRESS
+
+
+# -- the node's state is input: whoever can write the directory can write it --------------------
+def record(generation=1, wait=10.0, ahead=0.0, concurrency=4, range_bytes=1024, kind=0) -> bytes:
+    """A throttle.v2.state record as a loader writes it (published now, staying away 10 s),
+    with fields replaced (wait: the seconds from its stamp to its until; ahead: its stamp's
+    seconds past now)."""
+    stamp = time.time() + ahead
+    return struct.pack("<qddqqq", generation, stamp + wait, stamp, concurrency, range_bytes, kind)
+
+
+def untouched(tmp_path) -> int:
+    """The concurrency a load of ceiling 8 starts at on a node whose state nobody wrote."""
+    return ThrottleControl(8, 1, 1, NodeThrottle(tmp_path / "untouched")).concurrency
+
+
+def finishes(fn, *args):
+    """fn(*args), run on a thread that must end (a hang guard, not a timing): its result."""
+    result = []
+    worker = threading.Thread(target=lambda: result.append(fn(*args)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), f"{fn.__name__} hangs"
+    return result[0]
+
+
+def test_a_record_a_loader_writes_is_read(tmp_path):
+    (tmp_path / NodeThrottle.FILE).write_bytes(record(generation=3, concurrency=4))
+    state = NodeThrottle(tmp_path).state()
+    assert (state.generation, state.concurrency, state.range_bytes) == (3, 4, 1024)
+    assert 5.0 < NodeThrottle(tmp_path).wait_left() <= 10.0
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"wait": 1e9},  # a wait no loader asks for: past retry_throttled_seconds
+        {"wait": 121.0},
+        {"ahead": 3600.0},  # published in the future
+        {"wait": math.inf},
+        {"wait": math.nan},
+        {"ahead": math.nan},
+        {"ahead": -math.inf},
+        {"generation": (1 << 63) - 1},  # struct.error on the next publication, before
+        {"generation": -5},
+        {"concurrency": 100_000},  # past prefetch_concurrency's limit
+        {"concurrency": -1},
+        {"range_bytes": 1 << 40},  # past the largest range (chunk_bytes, staging_slot_bytes)
+        {"range_bytes": -1},
+        {"kind": 9},
+    ],
+    ids=lambda f: "-".join(f"{k}={v!r}" for k, v in f.items()),
+)
+def test_a_record_no_loader_could_write_is_ignored_then_overwritten(tmp_path, fields):
+    (tmp_path / NodeThrottle.FILE).write_bytes(record(**fields))
+    node = NodeThrottle(tmp_path)
+    assert node.state() == throttle.NodeState() and node.wait_left() == 0.0
+    # A load on that node neither waits nor starts otherwise than on an untouched node.
+    control = ThrottleControl(8, 1, 1, NodeThrottle(tmp_path))
+    assert control.concurrency == untouched(tmp_path) and control.node_wait() == 0.0
+    # The next decrease writes a record of its own over it.
+    assert node.publish(2.0, 4, 1024) == 1
+    state = node.state()
+    assert (state.generation, state.concurrency, state.range_bytes) == (1, 4, 1024)
+    assert 0.0 < node.wait_left() <= 2.0
+
+
+def test_a_wait_is_bounded_by_the_load_s_retry_throttled_seconds(tmp_path):
+    (tmp_path / NodeThrottle.FILE).write_bytes(record(wait=60.0))
+    assert NodeThrottle(tmp_path).wait_left() > 50.0  # within the default 120 s
+    assert NodeThrottle(tmp_path, max_wait_seconds=30.0).wait_left() == 0.0
+    # A publication asks for no more than that either, and never keeps a forged wait.
+    node = NodeThrottle(tmp_path, max_wait_seconds=30.0)
+    node.publish(1e9)
+    assert 25.0 < node.wait_left() <= 30.0
+
+
+def test_publishing_keeps_the_longest_wait_only_while_a_loader_could_have_asked_it(tmp_path):
+    node = NodeThrottle(tmp_path)
+    node.publish(60.0)
+    node.publish(1.0)
+    assert node.wait_left() > 50.0  # the longer wait of the node's loads holds
+    (tmp_path / NodeThrottle.FILE).write_bytes(record(wait=1e6))
+    node.publish(1.0)
+    assert node.wait_left() <= 1.0  # a forged one does not stick
+
+
+def test_a_fifo_at_the_state_path_is_no_state_and_is_replaced(tmp_path):
+    os.mkfifo(tmp_path / NodeThrottle.FILE)  # opened for reading, a FIFO blocks without a writer
+    node = NodeThrottle(tmp_path)
+    assert finishes(node.state) == throttle.NodeState()
+    assert finishes(ThrottleControl, 8, 1, 1, node).concurrency == untouched(tmp_path)
+    assert finishes(node.publish, 1.0, 4, 1024) == 1
+    assert (tmp_path / NodeThrottle.FILE).is_file() and node.state().concurrency == 4
+
+
+def test_a_symlink_at_the_state_path_is_never_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(record(generation=7))  # even a valid record is not read through a link
+    path = tmp_path / "locks" / NodeThrottle.FILE
+    path.parent.mkdir()
+    path.symlink_to(victim)
+    node = NodeThrottle(path.parent)
+    assert node.state() == throttle.NodeState()
+    before = victim.read_bytes()
+    assert node.publish(1.0, 4, 1024) == 1
+    assert victim.read_bytes() == before  # unchanged
+    assert not path.is_symlink() and node.state().generation == 1
+
+
+def test_a_link_to_dev_zero_and_a_huge_file_are_read_bounded(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / NodeThrottle.FILE
+    path.symlink_to("/dev/zero")
+    node = NodeThrottle(tmp_path)
+    assert finishes(node.state) == throttle.NodeState()
+    assert Path("/dev/zero").is_char_device()  # (publish replaces the link, not the device)
+    assert node.publish(1.0) == 1 and not path.is_symlink()
+    path.unlink()
+    with open(path, "wb") as f:
+        f.truncate(256 << 20)  # sparse: 256 MiB read whole on every request, before
+    tracemalloc.start()
+    try:
+        assert node.state() == throttle.NodeState()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert node.publish(1.0, 4, 1024) == 1 and path.stat().st_size == 48
+
+
+def test_a_hard_link_at_the_state_path_is_replaced_not_written(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"the loader's own file")
+    (tmp_path / "locks").mkdir()
+    os.link(victim, tmp_path / "locks" / NodeThrottle.FILE)
+    assert NodeThrottle(tmp_path / "locks").publish(1.0, 4, 1024) == 1
+    assert victim.read_bytes() == b"the loader's own file"

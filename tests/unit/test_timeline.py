@@ -139,3 +139,16 @@ def test_png_without_matplotlib_says_what_to_install(report_file, tmp_path):
     assert result.returncode == 2 and "blob2gpu[plot]" in result.stderr
     assert "model_load_complete" in result.stdout  # the tables still print
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_report_path_that_is_no_report_file_fails_at_once_quoting_nothing(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)  # read, it would wait for a writer forever
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)  # RecursionError in the JSON parser, before
+    for path in (fifo, deep, "/dev/zero"):
+        result = run("report", "show", str(path))
+        assert result.returncode == 2 and result.stderr.startswith("blob2gpu: InvalidArgument:")
+        assert len(result.stderr) < 500

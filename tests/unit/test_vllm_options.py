@@ -92,3 +92,31 @@ def test_the_entry_point_names_register():
 
     (plugin,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "blob2gpu"]
     assert plugin.value == "blob2gpu.integrations.vllm:register"
+
+
+def test_the_config_key_reads_no_file_into_its_error(tmp_path):
+    # Any file the engine's user may name: its content never reaches the engine's log.
+    import os
+
+    shadow = tmp_path / "shadow"
+    shadow.write_text("root:*:19700:0:99999:7:::\ndaemon:*:19700:0:99999:7:::\n")
+    with pytest.raises(ConfigError) as info:
+        VllmLoadOptions.from_extra_config({"config": str(shadow)})
+    assert "root:" not in str(info.value) and "19700" not in str(info.value)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # a read would wait for a writer forever
+    with pytest.raises(ConfigError, match="not a regular file"):
+        VllmLoadOptions.from_extra_config({"config": str(fifo)})
+    with pytest.raises(ConfigError, match="not a regular file"):
+        VllmLoadOptions.from_extra_config({"config": "/dev/zero"})
+
+
+def test_a_huge_value_in_the_extra_config_makes_no_huge_message():
+    huge = "A" * (50 << 20)
+    for extra in ({"prefetch_concurrency": huge}, {"source": [huge]}, {"distributed": huge}):
+        with pytest.raises(ConfigError) as info:
+            VllmLoadOptions.from_extra_config(extra)
+        assert len(str(info.value)) < 2000
+    with pytest.raises(ConfigError, match="unknown setting") as info:
+        VllmLoadOptions.from_extra_config({huge: 1})
+    assert len(str(info.value)) < 2000

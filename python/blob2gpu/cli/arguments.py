@@ -89,7 +89,9 @@ def _add_load_command(sub: Any) -> None:
         "(default: $MODEL_SOURCE_URI)",
     )
     load.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    load.add_argument("--config", metavar="FILE", help="YAML settings file (else $BLOB2GPU_CONFIG)")
+    load.add_argument(
+        "--config", metavar="FILE", help="YAML or JSON settings file (else $BLOB2GPU_CONFIG)"
+    )
     load.add_argument("--report", help="write the LoadReport as JSON to this file")
     load.add_argument(
         "--set",
@@ -138,7 +140,9 @@ def _add_fetch_aux_command(sub: Any) -> None:
     )
     aux.add_argument("uri", nargs="?", help="a Blob URI (default: $MODEL_SOURCE_URI)")
     aux.add_argument("dest", metavar="DIR", help="the local directory to write them to")
-    aux.add_argument("--config", metavar="FILE", help="YAML settings file (else $BLOB2GPU_CONFIG)")
+    aux.add_argument(
+        "--config", metavar="FILE", help="YAML or JSON settings file (else $BLOB2GPU_CONFIG)"
+    )
     aux.add_argument(
         "--set", action="append", type=_setting, metavar="KEY=VALUE", help="a setting (repeatable)"
     )
@@ -174,7 +178,7 @@ def _add_preflight_command(sub: Any) -> None:
         metavar="DIR",
         help="cache directory to check (default: $BLOB2GPU_CACHE_DIR or ~/.cache/blob2gpu)",
     )
-    preflight.add_argument("--config", metavar="FILE", help="YAML settings file")
+    preflight.add_argument("--config", metavar="FILE", help="YAML or JSON settings file")
     preflight.add_argument("--json", action="store_true", help="JSON for machines")
     preflight.set_defaults(run=cmd_preflight)
 
@@ -186,7 +190,9 @@ def _add_config_command(sub: Any) -> None:
     show = config_sub.add_parser(
         "show", help="every setting, its effective value and where it came from"
     )
-    show.add_argument("--config", metavar="FILE", help="YAML settings file (else $BLOB2GPU_CONFIG)")
+    show.add_argument(
+        "--config", metavar="FILE", help="YAML or JSON settings file (else $BLOB2GPU_CONFIG)"
+    )
     show.add_argument("--json", action="store_true", help="JSON keyed by config key")
     show.add_argument(
         "--set",
@@ -250,7 +256,7 @@ def _add_cache_command(sub: Any) -> None:
     ):
         p = cache_sub.add_parser(name, help=text)
         p.add_argument("--cache-dir", help="the cache directory (else the cache_dir setting)")
-        p.add_argument("--config", metavar="FILE", help="YAML settings file")
+        p.add_argument("--config", metavar="FILE", help="YAML or JSON settings file")
         p.set_defaults(run=run)
         if name == "ls":
             p.add_argument("--json", action="store_true", help="JSON for machines")
@@ -280,7 +286,7 @@ def _add_cache_command(sub: Any) -> None:
     )
     warm.add_argument("uri", nargs="?", help="a Blob URI (default: $MODEL_SOURCE_URI)")
     warm.add_argument("--cache-dir", help="the cache directory (else the cache_dir setting)")
-    warm.add_argument("--config", metavar="FILE", help="YAML settings file")
+    warm.add_argument("--config", metavar="FILE", help="YAML or JSON settings file")
     warm.add_argument(
         "--set", action="append", type=_setting, metavar="KEY=VALUE", help="a setting (repeatable)"
     )

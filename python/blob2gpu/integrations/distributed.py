@@ -216,9 +216,9 @@ class GroupExchange:
 
 
 def _throttle(prepared: Any) -> Any:
-    """The throttling control of a Blob fan-out's ranged GETs (as an ordinary load's: a slow
-    start under prefetch_concurrency, ranges from chunk_bytes up to the staging slot, the
-    node's budget shared), or None for local files."""
+    """The throttling control of a Blob fan-out's ranged GETs (as an ordinary load's: up to
+    prefetch_concurrency, a slow start only on a node throttled lately, ranges from chunk_bytes
+    up to the staging slot, the node's budget shared), or None for local files."""
     if prepared.source.container is None:
         return None
     from blob2gpu.loading.fetch import node_budget, range_bytes

@@ -22,6 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from blob2gpu import _core
+from blob2gpu.documents import (
+    MANIFEST_MAX_BYTES,
+    clip,
+    clipped_repr,
+    parse_json,
+    read_regular_file,
+)
 from blob2gpu.errors import InvalidManifest, ManifestMissing
 
 MANIFEST_NAME = "blob2gpu.manifest.json"
@@ -64,16 +71,14 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str) -> Manifest:
-        """Parse and validate a manifest; raises InvalidManifest naming `source` and the problem."""
-        try:
-            doc = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InvalidManifest(f"manifest '{source}' is not valid JSON: {e}") from None
+        """Parse and validate a manifest; raises InvalidManifest naming `source` and the problem
+        (a document nesting more than documents.MAX_DEPTH deep is not one)."""
+        doc = parse_json(text, InvalidManifest, f"manifest '{source}'")
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise InvalidManifest(f"'{source}' is not a blob2gpu manifest (format {FORMAT!r})")
         if doc.get("version") != VERSION:
             raise InvalidManifest(
-                f"manifest '{source}' has version {doc.get('version')!r}; this "
+                f"manifest '{source}' has version {clipped_repr(doc.get('version'))}; this "
                 f"blob2gpu reads version {VERSION}: upgrade blob2gpu"
             )
         chunk = doc.get("chunk_bytes")
@@ -106,7 +111,7 @@ class Manifest:
                 ok = False
             if not ok:
                 raise InvalidManifest(
-                    f"manifest '{source}': the entry of '{name}' is malformed "
+                    f"manifest '{source}': the entry of '{clip(name)}' is malformed "
                     "(size, sha256, one crc32c and at most one sha256 per chunk)"
                 )
             manifest.files[name] = FileEntry(
@@ -192,11 +197,14 @@ def manifest_for_directory(
 
 
 def read_local_manifest(directory: str | os.PathLike[str]) -> Manifest | None:
-    """The manifest beside local shards, or None."""
+    """The manifest beside local shards, or None when there is none. Raises InvalidManifest
+    for one that is no regular file (a FIFO, a device), larger than documents.MANIFEST_MAX_BYTES,
+    unreadable or malformed."""
     path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    return Manifest.from_json(path.read_bytes(), str(path))
+    data = read_regular_file(path, MANIFEST_MAX_BYTES, InvalidManifest, "manifest")
+    return Manifest.from_json(data, str(path))
 
 
 def require_manifest(manifest: Manifest | None, verify: str, where: str) -> Manifest | None:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from blob2gpu.errors import BlobNotFound, InvalidArgument
+from blob2gpu.errors import BlobNotFound, InvalidArgument, InvalidHeader
 from blob2gpu.integrity.manifest import (
     DEFAULT_CHUNK_BYTES,
     MANIFEST_NAME,
@@ -15,8 +15,11 @@ from blob2gpu.integrity.manifest import (
     hash_stream,
     manifest_for_directory,
 )
+from blob2gpu.loading.selection import read_local_header
 from blob2gpu.settings import resolve
+from blob2gpu.sources import ShardRef
 from blob2gpu.sources.azure.location import is_blob_uri
+from blob2gpu.sources.local import resolve_local
 
 
 def _container(uri: str, credential: Any, settings: dict[str, Any]) -> Any:
@@ -37,13 +40,16 @@ def publish(
     """Upload every file of `local_dir` under the URI's prefix, then the manifest of them; a
     container that does not exist is created first.
 
-    The manifest goes last, so a manifest in storage means its files are all there. Returns the
-    manifest. Raises InvalidArgument, AccessDenied (also when the container is missing and may
-    not be created: its hint says what to do) or StorageUnavailable.
+    Nothing is uploaded unless the folder holds a whole safetensors checkpoint
+    (check_checkpoint). The manifest goes last, so a manifest in storage means its files are all
+    there. Returns the manifest. Raises InvalidArgument, SourceUnavailable or an InvalidHeader
+    (check_checkpoint), AccessDenied (also when the container is missing and may not be created:
+    its hint says what to do) or StorageUnavailable.
     """
     directory = Path(local_dir)
     if not directory.is_dir():
         raise InvalidArgument(f"'{local_dir}' is not a directory")
+    check_checkpoint(directory)
     manifest = manifest_for_directory(directory, chunk_bytes)
     with _container(uri, credential, settings) as container:
         container.create_if_missing()
@@ -65,6 +71,34 @@ def publish(
                 raise BlobNotFound(f"{e}; {hint}", blob=blob, hint=hint) from None
         _upload_manifest(container, prefix, manifest)
         return manifest
+
+
+def check_checkpoint(directory: Path) -> None:
+    """Check that `directory` holds a whole safetensors checkpoint before anything of it is
+    uploaded: at least one shard (and, with an index, every shard it names), and each
+    *.safetensors file's header valid and its length exactly the 8-byte prefix, the header and
+    the data its offsets cover (the core's parser). Raises SourceUnavailable (no shards, a shard
+    the index names is missing) or the InvalidHeader kind of a bad shard (HeaderTruncated,
+    InvalidOffsets for a truncated one, ...), naming it."""
+    plan = resolve_local(str(directory))  # no shards, or an index naming a missing one: raises
+    names = {ref.name for ref in plan.shards}
+    shards = [
+        ShardRef(name=p.name, path=str(p), size=p.stat().st_size)
+        for p in sorted(directory.iterdir())
+        if p.name.endswith(".safetensors") and p.is_file() and p.name not in names
+    ]
+    for ref in (*plan.shards, *shards):
+        try:
+            read_local_header(ref)
+        except InvalidHeader as e:
+            failure = e
+        else:
+            continue
+        raise type(failure)(
+            f"not publishing '{directory}': {failure.message}; nothing was uploaded",
+            shard=failure.shard or ref.name,
+            offset=failure.offset,
+        )
 
 
 def write_manifest(

@@ -42,9 +42,10 @@ def range_bytes(prepared: PreparedLoad, slot_bytes: int) -> int:
 def node_budget(prepared: PreparedLoad) -> Any:
     """The throttling budget this load shares with the other loads on its node (NodeThrottle):
     a file in the locks directory of the node's cache directory (cache_dir, or its default),
-    whether or not this load uses the cache. None when that directory cannot be made (a
-    read-only home), there is no default (no home), or another user could write it (its owner
-    or mode, as the cache checks them): the load then adapts alone."""
+    whether or not this load uses the cache; a record asking for a longer wait than the load's
+    retry_throttled_seconds is no state (it was not written by a loader). None when that
+    directory cannot be made (a read-only home), there is no default (no home), or another user
+    could write it (its owner or mode, as the cache checks them): the load then adapts alone."""
     from blob2gpu.cache.directory import LOCKS, CacheDirectory, default_cache_dir
     from blob2gpu.sources.azure.throttle import NodeThrottle
 
@@ -58,7 +59,7 @@ def node_budget(prepared: PreparedLoad) -> Any:
             return None
         locks = directory.path(LOCKS)
         directory.close()
-    return NodeThrottle(locks)
+    return NodeThrottle(locks, max_wait_seconds=prepared.settings.retry_throttled_seconds)
 
 
 class StorageFetch:

@@ -10,11 +10,11 @@ the first token.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from blob2gpu.documents import REPORT_MAX_BYTES, clip, parse_json, read_regular_file
 from blob2gpu.errors import InvalidArgument
 from blob2gpu.operations.report import LoadReport
 from blob2gpu.redaction import redact, strip_query
@@ -31,20 +31,18 @@ HEADER_COLOR, DATA_COLOR = "#ff7f0e", "#1f77b4"
 def read_report(path: str | os.PathLike[str]) -> LoadReport:
     """The LoadReport in a JSON file (``blob2gpu load --report``, ``report.to_json()``).
 
-    Raises InvalidArgument when the file cannot be read or is not a report.
+    Raises InvalidArgument when the file cannot be read, is no regular file (a FIFO, a device),
+    is larger than documents.REPORT_MAX_BYTES, or is not a report; the message quotes nothing of
+    it beyond a clipped name.
     """
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise InvalidArgument(f"cannot read report '{path}': {e.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidArgument(f"report '{path}' is not JSON: {e}") from None
+    data = read_regular_file(path, REPORT_MAX_BYTES, InvalidArgument, "report")
+    doc = parse_json(data, InvalidArgument, f"report '{clip(path, 200)}'")
     if not isinstance(doc, dict) or not {"uri", "device", "framework", "started_at"} <= set(doc):
         raise InvalidArgument(f"'{path}' is not a blob2gpu load report (no uri/device/...)")
     try:
         return LoadReport.from_dict(doc)
-    except TypeError as e:
-        raise InvalidArgument(f"'{path}' is not a blob2gpu load report: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise InvalidArgument(f"'{path}' is not a blob2gpu load report: {clip(e, 200)}") from None
 
 
 def _t(value: float | None) -> str:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from blob2gpu.documents import INDEX_MAX_BYTES, clip, parse_json, read_regular_file
 from blob2gpu.errors import InvalidArgument, InvalidIndex, SourceReadError, SourceUnavailable
 from blob2gpu.sources.plan import ShardPlan, ShardRef, unread_weights_note
 
@@ -35,13 +35,18 @@ def _ref(path: Path) -> ShardRef:
     return ShardRef(name=path.name, path=str(path), size=size)
 
 
-def _from_index(index_path: Path) -> ShardPlan:
+def _is_file(path: Path) -> bool:
+    """Whether `path` is a regular file (after symlinks); False for a name the system refuses
+    (too long: an index may name anything)."""
     try:
-        doc = json.loads(index_path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SourceUnavailable(f"cannot read index '{index_path}': {e.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidIndex(f"index '{index_path.name}' is not valid JSON: {e}") from None
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _from_index(index_path: Path) -> ShardPlan:
+    raw = read_regular_file(index_path, INDEX_MAX_BYTES, InvalidIndex, "index", SourceUnavailable)
+    doc = parse_json(raw, InvalidIndex, f"index '{clip(index_path.name)}'")
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -56,9 +61,9 @@ def _from_index(index_path: Path) -> ShardPlan:
     refs = []
     for name in sorted(files):
         shard_path = index_path.parent / name
-        if os.sep in name or name.startswith(".") or not shard_path.is_file():
+        if os.sep in name or name.startswith(".") or not _is_file(shard_path):
             raise SourceUnavailable(
-                f"index '{index_path.name}' names shard '{name}', which is not in "
+                f"index '{index_path.name}' names shard '{clip(name)}', which is not in "
                 f"'{index_path.parent}'"
             )
         refs.append(_ref(shard_path))

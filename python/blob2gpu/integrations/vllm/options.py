@@ -3,7 +3,8 @@
     {"source": "az://models/llama/", "verify": "crc32c", "local_nvme_cache_enabled": true}
 
 `source` is the checkpoint's URI (else $MODEL_SOURCE_URI, else the model directory vLLM was given:
-its own safetensors files, read through blob2gpu). `config` names a blob2gpu YAML settings file,
+its own safetensors files, read through blob2gpu). `config` names a blob2gpu settings file (YAML,
+or JSON; a regular file of at most 1 MiB, of which no content is echoed in an error),
 `report_path` where each worker writes its LoadReport as JSON, `distributed` (default true)
 whether tensor-parallel workers share one copy of a Blob checkpoint (the fan-out). Every other
 key is a blob2gpu setting (blob2gpu.settings), checked by its schema: an unknown key or a bad
@@ -17,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from blob2gpu.documents import clipped_repr
 from blob2gpu.errors import ConfigError
 from blob2gpu.loading.request import SOURCE_URI_ENV
 from blob2gpu.settings import resolve
@@ -53,10 +55,10 @@ class VllmLoadOptions:
         for key in ("source", "config", "report_path"):
             value = options.get(key)
             if value is not None and (not isinstance(value, str) or not value):
-                problems.append(f"'{key}' must be a non-empty string, not {value!r}")
+                problems.append(f"'{key}' must be a non-empty string, not {clipped_repr(value)}")
         distributed = options.get("distributed", True)
         if not isinstance(distributed, bool):
-            problems.append(f"'distributed' must be true or false, not {distributed!r}")
+            problems.append(f"'distributed' must be true or false, not {clipped_repr(distributed)}")
         settings = dict(values)
         config = options.get("config") if isinstance(options.get("config"), str) else None
         problems += settings_problems(settings, config or None)

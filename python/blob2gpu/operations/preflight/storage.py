@@ -1,9 +1,12 @@
 """The checkpoint's checks: found locally, or the storage endpoint reachable with the credentials,
-and the checkpoint listed."""
+and the checkpoint listed; each shard's header read (one small ranged GET from Blob) and its size
+checked against it, so a truncated checkpoint fails here rather than in the load."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from blob2gpu.errors import Blob2GpuError
@@ -45,10 +48,37 @@ def _check_local(run: PreflightRun, source: str) -> None:
     except Blob2GpuError as e:
         run.add(Check("checkpoint", FAIL, str(e), "check the path and that the node mounts it"), t)
         return
-    checkpoint_found(run, plan, t)
+    from blob2gpu.loading.selection import read_local_header
+
+    checkpoint_found(run, plan, t, read_local_header)
 
 
-def checkpoint_found(run: PreflightRun, plan: Any, t: float) -> None:
+def _bad_shard(plan: Any, read_header: Callable[[Any], Any], parallel: int) -> str | None:
+    """What is wrong with the first shard of `plan` whose header cannot be read or parsed, or
+    whose size is not the one its header implies (a truncated upload); None when all are whole.
+    Each header is one small read (a ranged GET from Blob), `parallel` at a time; shards in the
+    Archive tier are left out (they serve no bytes)."""
+    shards = [s for s in plan.shards if not s.archived]
+
+    def problem(ref: Any) -> str | None:
+        try:
+            read_header(ref)
+        except Blob2GpuError as e:
+            return str(e)
+        except OSError as e:  # a local shard that cannot be opened
+            return f"shard '{ref.name}': {e.strerror}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(shards)))) as pool:
+        return next((p for p in pool.map(problem, shards) if p is not None), None)
+
+
+def checkpoint_found(
+    run: PreflightRun, plan: Any, t: float, read_header: Callable[[Any], Any] | None = None
+) -> None:
+    """Add the checkpoint check of a resolved `plan`: its shards and size, failed for shards in
+    the Archive tier and, with `read_header`, for a shard whose header is bad or whose size is
+    not what its header says."""
     if run.model_bytes is None:
         run.model_bytes, run.model_bytes_from = plan.total_bytes, "the checkpoint"
     index = "with index" if plan.weight_map is not None else "no index"
@@ -72,7 +102,20 @@ def checkpoint_found(run: PreflightRun, plan: Any, t: float) -> None:
             t,
         )
         return
-    run.add(Check("checkpoint", OK, found, data=data), t)
+    bad = _bad_shard(plan, read_header, run.settings.prefetch_concurrency) if read_header else None
+    if bad is not None:
+        run.add(
+            Check(
+                "checkpoint",
+                FAIL,
+                f"{found}, not whole: {bad}",
+                "publish the checkpoint again (`blob2gpu publish` checks every shard first)",
+                data=data,
+            ),
+            t,
+        )
+        return
+    run.add(Check("checkpoint", OK, f"{found}, headers read", data=data), t)
 
 
 _NETWORK_REASONS = (
@@ -150,23 +193,23 @@ def _probe_storage(run: PreflightRun, container: Any, t: float) -> None:
 
     endpoint = container.location.account_url
     raw = ""  # the transport's own words: the mapped error keeps only their first 300 characters
+    failure: Blob2GpuError | None = None
     try:
-        try:
-            first = next(
-                iter(
-                    container.client.list_blobs(
-                        name_starts_with=container.location.path or None, results_per_page=1
-                    )
-                ),
-                None,
-            )
-        except Blob2GpuError:
-            raise
-        except Exception as e:  # the SDK's and the transport's errors, mapped to ours
-            raw = redact(e)
-            raise storage_error(e, container.location, None, "listing") from None
+        first = next(
+            iter(
+                container.client.list_blobs(
+                    name_starts_with=container.location.path or None, results_per_page=1
+                )
+            ),
+            None,
+        )
     except Blob2GpuError as e:
-        run.add(_storage_failure(e, container, raw), t)
+        failure = e
+    except Exception as e:  # the SDK's and the transport's errors, mapped to ours
+        raw = redact(e)
+        failure = storage_error(e, container.location, None, "listing")
+    if failure is not None:
+        run.add(_storage_failure(failure, container, raw), t)
         return
     ms = (time.perf_counter() - t) * 1000
     data = {"endpoint": endpoint, "credential": container.credential_source, "ms": round(ms, 1)}
@@ -197,4 +240,6 @@ def _probe_storage(run: PreflightRun, container: Any, t: float) -> None:
     except Blob2GpuError as e:
         run.add(Check("checkpoint", FAIL, str(e), "fix the URI or publish the checkpoint"), t)
         return
-    checkpoint_found(run, plan, t)
+    from blob2gpu.loading.selection import read_blob_header
+
+    checkpoint_found(run, plan, t, lambda ref: read_blob_header(container, ref))

@@ -15,14 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blob2gpu.documents import MANIFEST_MAX_BYTES
 from blob2gpu.errors import (
     AccessDenied,
     BlobChanged,
     ChecksumMismatch,
     InvalidArgument,
+    InvalidManifest,
     LocalWriteError,
 )
 from blob2gpu.integrity.manifest import Manifest, require_manifest
+from blob2gpu.redaction import install_log_redaction
 from blob2gpu.sources.azure.credentials import resolve_credential, sas_expiry
 from blob2gpu.sources.azure.failures import archived_error
 from blob2gpu.sources.azure.listing import AuxBlob, BlobListing, if_unchanged, list_checkpoint
@@ -94,10 +97,16 @@ class BlobContainer:
         return list_checkpoint(self.client, self.location, self.retry)
 
     def read_manifest(self, listing: BlobListing) -> Manifest | None:
-        """The checkpoint's blob2gpu.manifest.json, or None when it has none."""
+        """The checkpoint's blob2gpu.manifest.json, or None when it has none. Raises
+        InvalidManifest for a malformed one, or one larger than a manifest holds (unread)."""
         name = listing.manifest_blob
         if name is None:
             return None
+        if listing.manifest_bytes > MANIFEST_MAX_BYTES:  # refused before it is read
+            raise InvalidManifest(
+                f"manifest {self.location.describe(name)} is {listing.manifest_bytes} bytes, more "
+                f"than a manifest holds ({MANIFEST_MAX_BYTES >> 20} MiB): it is not one"
+            )
         data = self.retry.run(
             lambda: self.client.get_blob_client(name).download_blob().readall(),
             f"reading {self.location.describe(name)}",
@@ -246,6 +255,7 @@ def open_container(
         raise InvalidArgument(
             f"Blob URIs need azure-storage-blob: pip install 'blob2gpu[azure]' ({e})"
         ) from None
+    install_log_redaction()  # before the HTTP stack logs its first request
     location = parse_blob_uri(uri)
     chosen, how = resolve_credential(location, credential)
     sas = location.sas or (chosen if isinstance(chosen, str) else None)

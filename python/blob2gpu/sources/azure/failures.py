@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 from blob2gpu.errors import (
     AccessDenied,
+    Blob2GpuError,
     BlobArchived,
     BlobNotFound,
     MalformedCredential,
@@ -27,7 +28,7 @@ TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
 def storage_error(
     error: BaseException, location: BlobLocation, blob: str | None = None, what: str = "request"
-) -> Exception:
+) -> Blob2GpuError:
     """Map an azure-core/storage exception to a blob2gpu error naming the place, without secrets.
 
     Transient failures come back as StorageUnavailable; callers that retry test is_transient first.

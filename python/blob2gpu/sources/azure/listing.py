@@ -4,11 +4,11 @@ them (config, tokenizer, the manifest)."""
 
 from __future__ import annotations
 
-import json
 import posixpath
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from blob2gpu.documents import INDEX_MAX_BYTES, clip, parse_json
 from blob2gpu.errors import BlobNotFound, InvalidIndex, SourceUnavailable
 from blob2gpu.sources.azure.failures import archived_reason
 from blob2gpu.sources.azure.location import BlobLocation
@@ -43,6 +43,7 @@ class BlobListing:
     plan: ShardPlan
     aux_blobs: list[AuxBlob]  # config, tokenizer, ... files (other weight formats left out)
     manifest_blob: str | None = None  # blob2gpu.manifest.json beside the shards, if any
+    manifest_bytes: int = 0  # its size as listed
 
 
 def list_checkpoint(
@@ -97,8 +98,12 @@ def list_checkpoint(
         weight_map=weight_map,
         location=location,
     )
+    manifest = by_name.get(manifest_name)
     return BlobListing(
-        plan=plan, aux_blobs=aux, manifest_blob=manifest_name if manifest_name in by_name else None
+        plan=plan,
+        aux_blobs=aux,
+        manifest_blob=manifest_name if manifest is not None else None,
+        manifest_bytes=int(manifest.size) if manifest is not None else 0,
     )
 
 
@@ -136,7 +141,13 @@ def _read_index(
     container_client: Any, location: BlobLocation, retry: RetryPolicy, index: Any
 ) -> dict[str, str]:
     """The weight map of the listed index blob `index`, read at its listed version. Raises
-    InvalidIndex, or the typed storage error `retry` raises for a failed read."""
+    InvalidIndex (also for one larger than documents.INDEX_MAX_BYTES, before it is read), or the
+    typed storage error `retry` raises for a failed read."""
+    if int(index.size) > INDEX_MAX_BYTES:
+        raise InvalidIndex(
+            f"index '{clip(index.name)}' is {int(index.size)} bytes, more than an index holds "
+            f"({INDEX_MAX_BYTES >> 20} MiB): it is not one"
+        )
     raw = retry.run(
         lambda: (
             container_client.get_blob_client(index.name)
@@ -163,7 +174,7 @@ def _indexed_shards(
         name = posixpath.join(directory, f) if directory else f
         if name not in by_name:
             raise SourceUnavailable(
-                f"index '{index}' names shard '{f}', which is not in "
+                f"index '{index}' names shard '{clip(f)}', which is not in "
                 f"{location.describe()} under '{directory or '/'}'"
             )
         shard_names.append(name)
@@ -178,10 +189,7 @@ def if_unchanged() -> Any:
 
 
 def _parse_index(raw: bytes, name: str) -> dict[str, str]:
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidIndex(f"index '{name}' is not valid JSON: {e}") from None
+    doc = parse_json(raw, InvalidIndex, f"index '{clip(name)}'")
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and "/" not in v and not v.startswith(".")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from blob2gpu.errors import Blob2GpuError, LoadCancelled, StorageUnavailable
+from blob2gpu.redaction import detached
 from blob2gpu.sources.azure.failures import (
     failure_reason,
     is_throttled,
@@ -131,20 +132,23 @@ class RetryPolicy:
         return throttled_waited + (delay if throttled else 0.0)
 
     def run(self, fn: Callable[[], T], what: str, blob: str | None) -> T:
-        """Call fn, retrying transient failures; permanent ones raise a typed error."""
+        """Call fn, retrying transient failures; permanent ones raise a typed error, which
+        carries no exception chained to it (detached: the SDK's holds the request's URL)."""
         attempt = 0
         throttled = 0.0
         while True:
+            self.pause_while_throttled()
             try:
-                self.pause_while_throttled()
                 return fn()
-            except Blob2GpuError:
-                raise
             except Exception as e:
-                if not is_transient(e):
-                    raise storage_error(e, self.location, blob, what) from None
-                attempt += 1
-                throttled = self.wait_before_retry(attempt, e, what, blob, throttled)
+                error = e
+            # Out of the except block: what is raised from here chains nothing.
+            if isinstance(error, Blob2GpuError):
+                raise detached(error)
+            if not is_transient(error):
+                raise storage_error(error, self.location, blob, what)
+            attempt += 1
+            throttled = self.wait_before_retry(attempt, error, what, blob, throttled)
 
 
 def retry_after(error: BaseException) -> float:

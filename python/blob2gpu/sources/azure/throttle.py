@@ -1,18 +1,20 @@
 """ThrottleControl: how one load adapts to a storage account that sheds load (429, 503 ServerBusy)
 without talking to the other loaders on that account.
 
-A slow start, then additive increase and multiplicative decrease, on two knobs:
-- concurrency (ranged GETs in flight): a load starts at SLOW_START_CONCURRENCY (or, when its node's
-  loads were throttled lately, at one, see below) and, while no answer is throttled, adds one per
-  answer up to half the user's prefetch_concurrency (it doubles each round of answers), then one
-  per round of answers up to prefetch_concurrency, which is a ceiling, never exceeded. A fleet
-  released at once thus opens with a few requests per load, not with every thread of every
-  process, and meets an account's limit with about half its threads in flight, not all of them:
-  what each load has sent before its first 503 comes back is refused with it (a slow start
-  whose first threshold is half the ceiling). Once throttled, the load goes back to one request in
-  flight (the ranges the throttled requests left come back one round at a time, not all at
-  once when the wait is over), slow-starts up to half the limit it had, and from there adds one
-  per round of answers (as many successes as the current limit) without throttling;
+Additive increase and multiplicative decrease on two knobs, with a slow start only where the
+node has reason for one:
+- concurrency (ranged GETs in flight): a load starts at the user's prefetch_concurrency, a
+  ceiling never exceeded, unless its node's loads were throttled within NODE_MEMORY_SECONDS (the
+  node's memory window, see below): the account was near its limit moments ago, so the load
+  starts from one request in flight and slow-starts (one more per answer: it doubles each round
+  of answers) up to the concurrency the node's last decrease came to, then adds one per round
+  of answers. A node that has seen no throttling has no reason to start slowly (a slow start
+  cost an unthrottled load 10-20% of its throughput); a fleet released at once meets an
+  account's limit with every load at its ceiling, and the first burst of 503s sets each one
+  back to one request in flight and tells its node. Once throttled, the load goes back to one
+  request in flight (the ranges the throttled requests left come back one round at a time, not
+  all at once when the wait is over), slow-starts up to half the limit it had, and from there
+  adds one per round of answers (as many successes as the current limit) without throttling;
 - range size: multiplied by RANGE_GROWTH on throttling by request rate (429, 503 ServerBusy
   "Operations per second ..."), up to the largest a landing takes (the staging slot size), from
   the user's chunk_bytes: the same bytes in fewer requests. Throttling by bytes (503 "Egress is
@@ -64,13 +66,22 @@ the published ranges and one request in flight, and slow-starts only up to the p
 concurrency: the node already knows where the account throttles. Nothing is held in that file that
 a crashed process could leak: it says when the node was last throttled, until when to wait, at what
 concurrency and range size, and whether for egress or request rate (which pace the others cut).
+
+Whoever can write that directory can write the file, so it is input, not state: read as one
+bounded record of a regular file (never through a symlink, never more than a record's bytes, a
+FIFO or device never waited on), and a record no loader could have written (a wait further ahead
+than retry_throttled_seconds, a stamp in the future, a concurrency or range size outside the
+settings' limits, a generation out of range, a NaN) is no state: ignored, and overwritten whole
+by the next decrease. A forged wait thus holds a node's loads no longer than a real one could.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import math
 import os
+import stat
 import struct
 import threading
 import time
@@ -79,8 +90,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-SLOW_START_CONCURRENCY = 2  # ranged GETs in flight a load opens with (the ceiling if lower)
-NODE_MEMORY_SECONDS = 30.0  # a load starting this soon after a decrease on its node starts there
+from blob2gpu.settings import BY_NAME
+
+# The node's memory window: a load starting this soon after a decrease published on its node
+# starts where the node came to (one request, slow-starting); later, or never throttled, at its
+# ceiling.
+NODE_MEMORY_SECONDS = 30.0
+# What a record of the node's state may hold (NodeThrottle): the settings' limits on
+# prefetch_concurrency and the range size (chunk_bytes, staging_slot_bytes), and a wait of
+# retry_throttled_seconds (its default; a load passes its own).
+DEFAULT_MAX_WAIT_SECONDS = float(BY_NAME["retry_throttled_seconds"].default)
+MAX_CONCURRENCY = int(BY_NAME["prefetch_concurrency"].maximum or 0)
+MAX_RANGE_BYTES = int(
+    max(BY_NAME["chunk_bytes"].maximum or 0, BY_NAME["staging_slot_bytes"].maximum or 0)
+)
 RANGE_GROWTH = 4  # throttled by request rate, a load's ranges grow this many times (to the slot)
 # Pacing (see the module); constants, not settings: a user has nothing to know to set them.
 # Accounts state and enforce their limits per second (Azure's scalability targets; the fault
@@ -173,8 +196,8 @@ class Pacer:
 
 
 class ThrottleControl:
-    """Slow start, then AIMD, of the concurrency and range size of one load's ranged GETs (see
-    the module)."""
+    """AIMD (after a slow start only on a node throttled lately) of the concurrency and range
+    size of one load's ranged GETs (see the module)."""
 
     def __init__(
         self,
@@ -193,9 +216,8 @@ class ThrottleControl:
         self._lock = threading.Condition()
         self.ceiling = ceiling
         self.max_range_bytes = max(range_bytes, max_range_bytes)
-        self._limit = min(ceiling, SLOW_START_CONCURRENCY)
-        # The slow start (+1 per answer) runs up to this limit: half the ceiling at first.
-        self._threshold = max(self._limit, ceiling // 2)
+        self._limit = ceiling  # no slow start unless the node says (below)
+        self._threshold = ceiling  # the slow start (+1 per answer) runs up to this limit
         self._range = range_bytes
         self._epoch = 0  # bumped at each decrease
         self._successes = 0  # answers since the limit last changed
@@ -426,28 +448,76 @@ class NodeThrottle:
     """The throttling state the loads of one node share: a 48-byte file (NodeState: a
     generation, bumped at each published decrease, the unix time until which to stay away, that
     of the last publication, the concurrency and range size that decrease came to, and what it
-    was for), read before each request and written under an exclusive flock."""
+    was for), read before each request and written under an exclusive flock. What it reads is
+    checked (see the module): a record that fails is no state."""
 
     # The format's version is in the name: a version of blob2gpu that writes another format (a
     # rolling upgrade sharing a hostPath cache_dir) uses another file rather than reset this one.
     FILE = "throttle.v2.state"
     _FORMAT = "<qddqqq"
+    _SIZE = struct.calcsize(_FORMAT)
+    # Generations are counted from 1, one per published decrease: a few per second at most, so
+    # 2**48 is never reached, and one past it still packs.
+    MAX_GENERATION = 1 << 48
+    # Clocks of one node's processes are one clock; a publication stamped later than this ahead
+    # of a reader's now was not written by a loader.
+    CLOCK_SLACK_SECONDS = 5.0
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS,
+        max_concurrency: int = MAX_CONCURRENCY,
+        max_range_bytes: int = MAX_RANGE_BYTES,
+    ) -> None:
+        """max_wait_seconds: the longest a loader asks its node to stay away
+        (retry_throttled_seconds); max_concurrency and max_range_bytes: the most a decrease can
+        come to (the settings' limits). A record beyond any of them is no state."""
         self.path = Path(directory) / self.FILE
+        self.max_wait_seconds = max_wait_seconds
+        self.max_concurrency = max_concurrency
+        self.max_range_bytes = max_range_bytes
 
     def state(self) -> NodeState:
-        """What the node's loads published (all zero: nothing, or a state that cannot be read)."""
+        """What the node's loads published (all zero: nothing, or a record that cannot be read
+        or that no loader could have written)."""
+        return self._checked(self._read(self.path)) or NodeState()
+
+    @classmethod
+    def _read(cls, path: Path) -> bytes | None:
+        """At most one record and a byte of the regular file at `path` (None: no such file, a
+        symlink, a FIFO, a device, unreadable); never blocks on what it opens."""
         try:
-            data = self.path.read_bytes()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            return NodeState()
-        if len(data) != struct.calcsize(self._FORMAT):
-            return NodeState()  # not written yet, or by something else: no state
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            return os.pread(fd, cls._SIZE + 1, 0)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def _checked(self, data: bytes | None) -> NodeState | None:
+        """The record `data` holds, or None when it is not one a loader could have written."""
+        if data is None or len(data) != self._SIZE:
+            return None  # not written yet, or by something else
         generation, until, stamp, concurrency, range_bytes, kind = struct.unpack(self._FORMAT, data)
-        return NodeState(
-            int(generation), float(until), float(stamp), concurrency, range_bytes, kind
-        )
+        now = time.time()
+        if not (
+            0 < generation <= self.MAX_GENERATION
+            and math.isfinite(until)
+            and math.isfinite(stamp)
+            and 0 < stamp <= now + self.CLOCK_SLACK_SECONDS
+            and 0 <= until <= stamp + self.max_wait_seconds
+            and 0 <= concurrency <= self.max_concurrency
+            and 0 <= range_bytes <= self.max_range_bytes
+            and kind in (0, EGRESS, REQUEST_RATE)
+        ):
+            return None
+        return NodeState(generation, until, stamp, concurrency, range_bytes, kind)
 
     def wait_left(self) -> float:
         """Seconds until the node's loads may send again."""
@@ -458,29 +528,68 @@ class NodeThrottle:
     ) -> int:
         """Publish one decrease (to `concurrency` and `range_bytes`, for throttling of `kind`:
         the node's other loads pace themselves for it too), and that the node stays away
-        `retry_after` seconds from now; returns the new generation. A node state that
-        cannot be written is no shared state: the load adapts alone (returns 0)."""
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:
+        `retry_after` seconds from now (up to max_wait_seconds); returns the new generation. A
+        record that is no state (see state()) is overwritten whole; a path that is no regular
+        file of one link (a symlink, a FIFO, a hard link to another file) is replaced, never
+        written through. A node state that cannot be written is no shared state: the load adapts
+        alone (returns 0)."""
+        fd = self._open_for_update()
+        if fd is None:
             return 0
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            old = self.state()
+            old = self._checked(os.pread(fd, self._SIZE + 1, 0)) or NodeState()
             now = time.time()
+            wait = min(max(0.0, retry_after), self.max_wait_seconds)
+            generation = old.generation + 1
             data = struct.pack(
                 self._FORMAT,
-                old.generation + 1,
-                max(old.until, now + retry_after),
+                generation,
+                min(max(old.until, now + wait), now + self.max_wait_seconds),
                 now,
-                concurrency,
-                range_bytes,
+                max(0, min(concurrency, self.max_concurrency)),
+                max(0, min(range_bytes, self.max_range_bytes)),
                 kind,
             )
             os.pwrite(fd, data, 0)
             os.ftruncate(fd, len(data))
-            return old.generation + 1
+            return generation
         except OSError:
             return 0
         finally:
             os.close(fd)  # closing releases the flock
+
+    def _open_for_update(self) -> int | None:
+        """A descriptor of the state file, a regular file with one link, opened for reading and
+        writing without following a symlink or blocking; what else stands at its path is
+        removed (a symlink itself, not what it points to) and a new file made in its place.
+        None when that cannot be done."""
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd: int | None
+        for _ in range(3):  # another load may replace the same path meanwhile
+            try:
+                fd = os.open(self.path, flags | os.O_CREAT, 0o644)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                if e.errno != errno.ELOOP:  # ELOOP: a symlink there; anything else: give up
+                    return None
+                fd = None
+            if fd is not None:
+                try:
+                    info = os.fstat(fd)
+                except OSError:
+                    os.close(fd)
+                    return None
+                if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+                    return fd
+                os.close(fd)
+            try:
+                os.unlink(self.path)  # the link or special file itself, never its target
+                fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                continue  # another load made it first: open that one
+            except OSError:
+                return None
+            return fd
+        return None
