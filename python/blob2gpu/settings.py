@@ -259,6 +259,16 @@ SCHEMA: tuple[Setting, ...] = (
     ),
     S(
         "storage",
+        "native_http",
+        True,
+        bool,
+        "Read the ranges of a Blob load with the core's HTTP/1.1 reader (TLS from the process's "
+        "OpenSSL) straight into memory, without the GIL. false: through azure-storage-blob on "
+        "Python threads (to debug, or where the process has no libssl). Listing and small files "
+        "always use azure-storage-blob.",
+    ),
+    S(
+        "storage",
         "on_blob_change",
         "fail",
         str,

@@ -239,8 +239,7 @@ def _range_reader(source: Any, throttle: Any) -> Any:
         return LocalRangeReader()
     from blob2gpu.sources.azure.range_reader import BlobRangeReader
 
-    container = source.container
-    return BlobRangeReader(container.client, container.location, container.retry, None, throttle)
+    return BlobRangeReader(source.container, None, throttle)
 
 
 def load(

@@ -259,8 +259,7 @@ class _FillReader:
 
         self._container = open_container(uri, settings, credential)
         self._container.retry.stopping = stopping  # retry waits end at exit too
-        retry = self._container.retry
-        self._reader = BlobRangeReader(self._container.client, self._container.location, retry)
+        self._reader = BlobRangeReader(self._container)
 
     def read_into(self, ref: Any, offset: int, view: memoryview) -> None:
         self._reader.read_into(ref, offset, view)

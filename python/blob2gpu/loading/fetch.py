@@ -107,7 +107,7 @@ class StorageFetch:
         feeder = BlobFeeder(
             session,
             plan,
-            container.client,
+            container,
             container.retry,
             prepared.settings.prefetch_concurrency,
             chunk,

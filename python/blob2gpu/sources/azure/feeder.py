@@ -1,5 +1,6 @@
-"""BlobFeeder: concurrent ranged GETs from Azure Blob Storage, written by the socket straight into
-the pipeline's landings (a pinned staging slot, or the cpu arena itself).
+"""BlobFeeder: concurrent ranged GETs from Azure Blob Storage, written straight into the
+pipeline's landings (a pinned staging slot, or the cpu arena itself): by the core's range reader
+without the GIL (native_http, the default), or by the socket through azure-storage-blob.
 
 Each shard's first range starts at offset 0 and carries the header and the first data, so there is
 no separate header round trip; the shard's other ranges are scheduled once the core has parsed that
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blob2gpu.errors import HeaderTruncated, LoadCancelled
 from blob2gpu.redaction import redact
@@ -28,6 +29,9 @@ from blob2gpu.sources.azure.throttle import NodeThrottle, ThrottleControl, Throt
 from blob2gpu.sources.feeding import RangeTask, feed_range
 from blob2gpu.sources.plan import ShardPlan
 
+if TYPE_CHECKING:
+    from blob2gpu.sources.azure.container import BlobContainer
+
 
 class BlobFeeder:
     """Feeds one fed LoadSession from Blob Storage with `concurrency` threads."""
@@ -36,7 +40,7 @@ class BlobFeeder:
         self,
         session: Any,
         plan: ShardPlan,
-        container_client: Any,
+        container: BlobContainer,
         retry: RetryPolicy,
         concurrency: int,
         chunk_bytes: int,
@@ -46,9 +50,10 @@ class BlobFeeder:
         max_range_bytes: int | None = None,
         node: NodeThrottle | None = None,
     ) -> None:
-        """concurrency: threads, the ceiling of ranges in flight; chunk_bytes: the range size to
-        start with, which throttling may grow up to max_range_bytes (default: chunk_bytes);
-        node: the throttling budget shared with the node's other loads, or None."""
+        """container: the load's (its retry policy is `retry`); concurrency: threads, the
+        ceiling of ranges in flight; chunk_bytes: the range size to start with, which throttling
+        may grow up to max_range_bytes (default: chunk_bytes); node: the throttling budget
+        shared with the node's other loads, or None."""
         self._session = session
         self._fetch = list(range(len(plan.shards))) if fetch is None else fetch  # not cache hits
         self._cache_writer = cache_writer  # write-through to the NVMe cache, or None
@@ -60,9 +65,7 @@ class BlobFeeder:
         self._throttle = ThrottleControl(
             concurrency, chunk_bytes, max_range_bytes or chunk_bytes, node
         )
-        self._reader = BlobRangeReader(
-            container_client, plan.location, retry, retry.stopping, self._throttle
-        )
+        self._reader = BlobRangeReader(container, retry.stopping, self._throttle)
         self._headers: deque[RangeTask] = deque()  # first ranges (and rests of long headers)
         self._queue: deque[RangeTask] = deque()  # data ranges
         self._cv = threading.Condition()
@@ -170,7 +173,8 @@ class BlobFeeder:
                 pass
 
     def stop(self) -> None:
-        """Stop fetching: cancel waits, break open responses, and join the threads."""
+        """Stop fetching: cancel waits, break open responses, and join the threads; the reader's
+        connections kept alive go back for the next load."""
         if any(t.is_alive() for t in self._threads):
             self._session.cancel()  # wakes threads waiting for a staging slot
         self._stopping.set()
@@ -180,6 +184,7 @@ class BlobFeeder:
         for t in self._threads:
             if t.is_alive():
                 t.join()
+        self._reader.close()
 
     @property
     def requests(self) -> int:
