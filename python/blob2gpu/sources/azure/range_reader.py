@@ -198,10 +198,12 @@ class BlobRangeReader:
         try:
             # The GIL is released for the whole exchange: connecting, TLS, the body.
             result = client.get_into(target, headers, view[pos:], first_byte=start)
-        finally:
+        except BaseException:
             with self._lock:
                 self._in_flight -= 1
+            raise
         with self._lock:
+            self._in_flight -= 1
             self.bytes_read += result.bytes_received
         error = range_failure(result)
         # As urllib3 logs the SDK's requests (the target's SAS is redacted by the log filter).
