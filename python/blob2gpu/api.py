@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from blob2gpu import errors
 from blob2gpu.loading.checkpoint import Checkpoint
 from blob2gpu.loading.loader import Loader
 
@@ -103,11 +102,10 @@ def fetch_aux(
     BlobNotFound, AccessDenied, BlobArchived, StorageUnavailable, BlobChanged, ChecksumMismatch,
     LocalWriteError, or InvalidArgument for a URI that is not a Blob URI."""
     from blob2gpu.settings import resolve
-    from blob2gpu.sources.azure.container import open_container
-    from blob2gpu.sources.azure.location import is_blob_uri
+    from blob2gpu.sources import open_source
 
-    if not is_blob_uri(uri):
-        raise errors.InvalidArgument(f"fetch_aux needs a Blob URI (az://, https://), not '{uri}'")
-    effective = resolve(settings, config_path=config)
-    with open_container(uri, effective, credential) as container:
-        return [str(p) for p in container.fetch_aux(dest, effective.verify)]
+    source = open_source(uri, resolve(settings, config_path=config), credential)
+    try:
+        return [str(p) for p in source.fetch_aux(dest)]
+    finally:
+        source.close()

@@ -11,9 +11,8 @@ import blob2gpu
 import pytest
 import torch
 from blob2gpu.cache.nvme import NvmeCache
-from blob2gpu.loading.fetch import start_fed_session
 from blob2gpu.loading.request import LoadRequest
-from blob2gpu.sources.feeding import feed_from_memory
+from blob2gpu.sources.feeding import Fetch, feed_from_memory
 from conftest import as_bytes, random_tensor, sparse_checkpoint, upload_directory
 from conftest import checkpoint_bytes as expected
 
@@ -30,13 +29,13 @@ class FromMemory:
     def shards_to_read(self, listed: Any, selected: Any) -> Any:
         return selected
 
-    def start(self, prepared: Any, pipeline: Any) -> tuple[Any, Any]:
+    def start(self, prepared: Any, pipeline: Any) -> Fetch:
         self.prepared = prepared
-        session = start_fed_session(prepared, pipeline)
+        session = prepared.start_fed(pipeline)
         for index, ref in enumerate(prepared.plan.shards):
             data = memoryview(Path(ref.path).read_bytes())
             feed_from_memory(session, index, data, chunk=4096)
-        return session, None
+        return Fetch(session, prepared.plan)
 
 
 class Refused:
@@ -47,7 +46,7 @@ class Refused:
     def shards_to_read(self, listed: Any, selected: Any) -> Any:
         return selected
 
-    def start(self, prepared: Any, pipeline: Any) -> tuple[Any, Any]:
+    def start(self, prepared: Any, pipeline: Any) -> Fetch:
         raise RuntimeError("the strategy could not start")
 
 

@@ -10,14 +10,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from blob2gpu.cache.fill import CacheFill, FillResult
-from blob2gpu.errors import BlobChanged, InvalidArgument
+from blob2gpu.errors import BlobChanged
 from blob2gpu.loading.checkpoint import Checkpoint
-from blob2gpu.loading.fetch import StorageFetch
 from blob2gpu.loading.frameworks import converter
 from blob2gpu.loading.pipelines import DevicePipelines
-from blob2gpu.loading.prepare import FetchStrategy, Reusable, prepare_load
+from blob2gpu.loading.prepare import FetchStrategy, Reusable, StorageFetch, prepare_load
 from blob2gpu.loading.request import PIPELINE_SETTINGS, LoadRequest
 from blob2gpu.settings import ResolvedSettings, resolve
+from blob2gpu.sources import Connections
 
 RESTARTS_ON_BLOB_CHANGE = 3  # on_blob_change='restart': list again at most this many times
 
@@ -40,24 +40,12 @@ class Loader:
         )
         self._lock = threading.Lock()
         self._closed = False
-        self._http: Any = None  # sources.azure.container.HttpSessions, made by the first Blob load
+        self._connections = Connections()  # what its loads' sources keep (HTTP pools)
         self._fills: list[CacheFill] = []  # the cache fills this Loader's loads started
 
     @property
     def settings(self) -> ResolvedSettings:
         return self._settings
-
-    def http_sessions(self) -> Any:
-        """The storage connections kept across this Loader's loads (closed by close()); raises
-        InvalidArgument once closed."""
-        from blob2gpu.sources.azure.container import HttpSessions
-
-        with self._lock:
-            if self._closed:
-                raise InvalidArgument("this Loader is closed")
-            if self._http is None:
-                self._http = HttpSessions()
-            return self._http
 
     def open(
         self,
@@ -103,33 +91,30 @@ class Loader:
         bytes; by default every byte from storage) and return its Checkpoint. `reuse`: complete
         shards an earlier attempt kept (see load()). Raises as open() does."""
         convert = converter(request.framework, request.device, request.settings.unsupported_dtype)
-        fetch: FetchStrategy = strategy or StorageFetch(self._settings.staging_slot_bytes)
+        fetch: FetchStrategy = strategy or StorageFetch()
         self._pipelines.start(request.device)  # CUDA's start-up beside the listing
         prepared = prepare_load(
             request,
             lambda: self._pipelines.get(request.device),
-            self.http_sessions,
+            self._connections,
             fetch,
             reuse,
         )
         pipeline = self._pipelines.get(request.device)
         try:
-            session, feeder = fetch.start(prepared, pipeline)
+            started = fetch.start(prepared, pipeline)
         except BaseException:
             prepared.abandon()
             raise
         checkpoint = Checkpoint(
             prepared,
-            session,
+            started,
             convert,
             pipeline,
-            feeder=feeder,
             keep_completed=reuse is not None,
             fills=self._fills,
-            restart=lambda rest: fetch.start(rest, pipeline),
         )
-        if feeder is not None:
-            feeder.start()
+        started.start()
         return checkpoint
 
     def load(
@@ -148,7 +133,7 @@ class Loader:
         after releasing everything the load allocated. With on_blob_change='restart', a blob
         overwritten during the load makes it list again and start over (at most 3 times). A
         damaged NVMe cache entry is fetched again from Blob within the load, whatever the entry
-        point (loading/cache_repair.py).
+        point (cache/source.py).
         """
         request = LoadRequest.make(
             uri,
@@ -197,10 +182,8 @@ class Loader:
         loaded stay valid; a cache fill goes on in the background (wait_for_cache_fill)."""
         with self._lock:
             self._closed = True
-            http, self._http = self._http, None
         self._pipelines.close()
-        if http is not None:
-            http.close()
+        self._connections.close()
 
     def __enter__(self) -> Loader:
         return self

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blob2gpu.errors import Blob2GpuError
 from blob2gpu.operations.preflight.result import (
@@ -21,6 +21,9 @@ from blob2gpu.operations.preflight.result import (
 )
 from blob2gpu.redaction import redact
 
+if TYPE_CHECKING:
+    from blob2gpu.sources.azure.source import AzureSource
+
 STORAGE_CONNECT_TIMEOUT = 5.0  # preflight must fail fast on a dead endpoint
 
 
@@ -29,28 +32,32 @@ def check_source(run: PreflightRun, source: str | None) -> None:
         t = time.perf_counter()
         run.add(Check("storage", SKIP, "no --source (or MODEL_SOURCE_URI) given"), t)
         return
-    from blob2gpu.sources.azure.location import is_blob_uri
+    from blob2gpu.sources import source_class
 
-    if is_blob_uri(source):
+    try:
+        remote = source_class(source).remote
+    except Blob2GpuError as e:  # a scheme no source reads
+        run.add(Check("storage", FAIL, str(e), "fix the URI"), time.perf_counter())
+        return
+    if remote:
         _check_blob(run, source)
     else:
         _check_local(run, source)
 
 
-def _check_local(run: PreflightRun, source: str) -> None:
-    from blob2gpu.sources import resolve as resolve_local
+def _check_local(run: PreflightRun, uri: str) -> None:
+    from blob2gpu.sources.local import LocalSource
 
     t = time.perf_counter()
     run.add(Check("storage", SKIP, "local source: no storage endpoint"), t)
     t = time.perf_counter()
+    source = LocalSource(uri, run.settings)
     try:
-        plan = resolve_local(source)
+        plan = source.resolve()
     except Blob2GpuError as e:
         run.add(Check("checkpoint", FAIL, str(e), "check the path and that the node mounts it"), t)
         return
-    from blob2gpu.loading.selection import read_local_header
-
-    checkpoint_found(run, plan, t, read_local_header)
+    checkpoint_found(run, plan, t, source.read_header)
 
 
 def _bad_shard(plan: Any, read_header: Callable[[Any], Any], parallel: int) -> str | None:
@@ -142,7 +149,7 @@ def _network_reason(message: str) -> str:
 
 
 def _check_blob(run: PreflightRun, uri: str) -> None:
-    from blob2gpu.sources.azure.container import open_container
+    from blob2gpu.sources.azure.source import AzureSource
 
     t = time.perf_counter()
     fast = run.settings.with_overrides(
@@ -153,15 +160,18 @@ def _check_blob(run: PreflightRun, uri: str) -> None:
             "retry_max_attempts": min(run.settings.retry_max_attempts, 2),
         }
     )
+    source = AzureSource(uri, fast)
     try:
-        container = open_container(uri, fast, credential=None)
+        _ = source.container  # the URI parsed, the credential chosen
     except Blob2GpuError as e:
         run.add(
             Check("storage", FAIL, str(e), e.hint or "fix the URI or install blob2gpu[azure]"), t
         )
         return
-    with container:
-        _probe_storage(run, container, t)
+    try:
+        _probe_storage(run, source, t)
+    finally:
+        source.close()
 
 
 def _storage_failure(error: Blob2GpuError, container: Any, raw: str) -> Check:
@@ -187,10 +197,11 @@ def _storage_failure(error: Blob2GpuError, container: Any, raw: str) -> Check:
     )
 
 
-def _probe_storage(run: PreflightRun, container: Any, t: float) -> None:
+def _probe_storage(run: PreflightRun, source: AzureSource, t: float) -> None:
     """List one blob (reachable? credentials accepted?), then the checkpoint itself."""
     from blob2gpu.sources.azure.failures import storage_error
 
+    container = source.container
     endpoint = container.location.account_url
     raw = ""  # the transport's own words: the mapped error keeps only their first 300 characters
     failure: Blob2GpuError | None = None
@@ -236,10 +247,8 @@ def _probe_storage(run: PreflightRun, container: Any, t: float) -> None:
         )
     t = time.perf_counter()
     try:
-        plan = container.list_checkpoint().plan
+        plan = source.resolve()
     except Blob2GpuError as e:
         run.add(Check("checkpoint", FAIL, str(e), "fix the URI or publish the checkpoint"), t)
         return
-    from blob2gpu.loading.selection import read_blob_header
-
-    checkpoint_found(run, plan, t, lambda ref: read_blob_header(container, ref))
+    checkpoint_found(run, plan, t, source.read_header)
