@@ -148,8 +148,15 @@ def start_cache_writes(
         except OSError as e:  # out of inodes, read-only, a symlink planted: not cached
             writer.stats.skipped[ref.name] = f"cannot write to the cache: {e.strerror or e}"
             continue
-        if not lock.try_acquire():
-            lock.acquire()  # another process is writing this shard: wait, then read it
+        # Another process is writing this shard: wait for it, then read it (the node downloads
+        # it once), but only as long as a writer making progress would take.
+        if not lock.try_acquire() and not lock.acquire(timeout=writer_wait_seconds(ref.size)):
+            lock.release()
+            writer.stats.skipped[ref.name] = (
+                f"another process held its cache entry's lock for over "
+                f"{writer_wait_seconds(ref.size):.0f} s: fetched from Blob, not cached"
+            )
+            continue
         if i not in refetch:
             entry = cache.lookup(key, identity)  # looked up again under the lock: written since?
             hit = open_hit(cache, entry) if entry is not None else None
@@ -159,6 +166,18 @@ def start_cache_writes(
                 continue
         writer.begin(i, ref.name, key, identity, lock, checks[i])
     return writer
+
+
+# How long a load waits for another process writing the same entry: the time that writer needs
+# at a slow disk's or link's pace, and a floor for its start. Past it the writer is taken for
+# hung (or hostile: anyone who can open the lock file can hold it) and the shard is fetched.
+WRITER_FLOOR_SECONDS = 30.0
+WRITER_SLOWEST_BYTES_PER_SECOND = 20e6
+
+
+def writer_wait_seconds(size: int) -> float:
+    """How long to wait for another process writing an entry of `size` bytes."""
+    return WRITER_FLOOR_SECONDS + size / WRITER_SLOWEST_BYTES_PER_SECOND
 
 
 @dataclass
