@@ -78,6 +78,10 @@ def refetch_entry(
     ref = ShardRef(posixpath.basename(record.blob), record.blob, record.size, record.etag)
     location = type("Location", (), {"account": record.account, "container": record.container})
     key, identity = cache_identity(location, ref)
+    if key != entry.key:
+        # Its name is the hash of what it holds: a record that says otherwise was not written by
+        # a load, and is no reason to send a request to whatever account it names.
+        return None, "its record does not match its name (forged or damaged)"
     # The record is not a reference for the bytes: the fetch is pinned to the etag, and checked
     # against what it received.
     shard = FillShard(ref.name, key, identity, ref)
