@@ -64,15 +64,29 @@ std::shared_ptr<const std::unordered_set<std::string>> wanted_names(const py::ob
 }
 
 // Resolves the DLPack `stream` argument for a CUDA producer (Python array API semantics).
-// Returns false when the consumer asked for no synchronization (-1).
+// Returns false when the consumer asked for no synchronization (-1). Values below -1 name no
+// stream: InvalidArgument, never a handle passed to the driver.
 bool cuda_stream_from_arg(const py::object& stream, CUstream* out) {
   if (stream.is_none()) {
     *out = BLOB2GPU_CU_STREAM_LEGACY;
     return true;
   }
   if (!py::isinstance<py::int_>(stream)) buffer_error("__dlpack__: stream must be None or an int");
-  long long value = stream.cast<long long>();
+  long long value = 0;
+  try {
+    value = stream.cast<long long>();
+  } catch (const py::cast_error&) {
+    throw CoreError(ErrorKind::InvalidArgument, "__dlpack__: stream " +
+                                                    py::str(stream).cast<std::string>() +
+                                                    " is not a CUDA stream handle");
+  }
   if (value == -1) return false;
+  if (value < -1) {
+    throw CoreError(ErrorKind::InvalidArgument,
+                    "__dlpack__: stream " + std::to_string(value) +
+                        " is not a CUDA stream: pass -1 (no synchronization), 1 (legacy default "
+                        "stream), 2 (per-thread default stream) or a stream handle");
+  }
   if (value == 0) {
     buffer_error(
         "__dlpack__: stream=0 is ambiguous for CUDA; pass 1 (legacy default stream), "

@@ -433,8 +433,8 @@ void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64
     landed += hi - lo;
   }
   if (!lands_on_host()) {
+    std::vector<CopyRange> copies;
     try {
-      std::vector<CopyRange> copies;
       for (const CopyRange& p : parts) {
         copies.push_back({shard.arena->address() + p.dst, p.src_offset, p.bytes});
       }
@@ -446,14 +446,14 @@ void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64
               {r.arena->address() + (lo - e.begin), slot_offset + (lo - begin), hi - lo});
         }
       }
-      if (copies.empty()) {
-        pipeline_->ring_->release(slot);
-      } else {
-        pipeline_->engine_->submit(slot, copies);
-      }
     } catch (...) {
       pipeline_->ring_->release(slot);
       throw;
+    }
+    if (copies.empty()) {
+      pipeline_->ring_->release(slot);
+    } else {
+      pipeline_->engine_->submit(slot, copies);  // takes the slot, even when it throws
     }
   } else if (slot != nullptr) {
     for (const CopyRange& p : parts) {
