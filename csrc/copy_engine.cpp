@@ -63,6 +63,16 @@ bool CopyEngine::hand_to_reaper(Slot* slot, CUstream stream) {
   return true;
 }
 
+void CopyEngine::wait_for(const std::vector<std::shared_ptr<CudaEvent>>& events) {
+  for (const auto& event : events) {
+    if (event->completed_for_teardown()) continue;
+    for (const auto& stream : streams_) {
+      check_cuda(cuda_driver().cuStreamWaitEvent(stream->handle(), event->handle(), 0),
+                 "cuStreamWaitEvent (an arena's bytes reused)");
+    }
+  }
+}
+
 void CopyEngine::copy_from_host(uint64_t dst, const uint8_t* src, size_t bytes) {
   if (bytes == 0) return;
   CUstream stream = streams_[next_stream_.fetch_add(1) % streams_.size()]->handle();

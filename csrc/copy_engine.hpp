@@ -38,6 +38,10 @@ class CopyEngine {
   // slot still goes to the reaper and returns to the ring only after its event (or, if no event
   // can be recorded, never), not at once. With nothing enqueued it goes back to the ring.
   void submit(Slot* slot, const std::vector<CopyRange>& ranges);
+  // Makes every copy stream wait (on the device) for the events that have not completed: the
+  // bytes an arena reuses may still be read by a consumer's kernel or written by an earlier copy.
+  // Must be called with the context current.
+  void wait_for(const std::vector<std::shared_ptr<CudaEvent>>& events);
   // Enqueues one copy from host memory the caller keeps alive until a later fence completes
   // (host-staging shards). Must be called with the context current.
   void copy_from_host(uint64_t dst, const uint8_t* src, size_t bytes);

@@ -119,6 +119,16 @@ class LoadReport:
     gpu_memory_free_before: int | None = None
     gpu_memory_free_min: int | None = None  # the watermark: least free memory seen during the load
     gpu_memory_free_after: int | None = None
+    # A streamed GPU load's device memory (streamed_device_bytes): its bound (None: not bounded,
+    # as load()), the most it had allocated at once, the bound raised to a larger tensor (or a
+    # Content-MD5 shard, handed out only whole; 0: never), allocations it had to make mid-load
+    # (device-wide synchronizations on a GPU), and bytes a consumer held from stream() that the
+    # bound stopped counting rather than wait for them.
+    streamed_device_bytes: int | None = None
+    streamed_peak_device_bytes: int | None = None
+    streamed_cap_raised_to: int = 0
+    streamed_mid_load_allocations: int = 0
+    streamed_kept_bytes: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
     _clock_start: float = field(default=0.0, repr=False)
     # Seconds from artifact fetch start (before listing) to the core session's start: the core's
@@ -244,6 +254,12 @@ class LoadReport:
             "checksum_failures",
         ):
             setattr(self, key, getattr(stats, key))
+        if stats.device_cap > 0:
+            self.streamed_device_bytes = stats.device_cap
+            self.streamed_peak_device_bytes = stats.peak_device_bytes
+            self.streamed_cap_raised_to = stats.cap_raised_to
+            self.streamed_mid_load_allocations = stats.mid_load_allocations
+            self.streamed_kept_bytes = stats.kept_beyond_cap
 
         def secs(ns: int) -> float | None:
             return None if ns < 0 else self.session_seconds(ns)
