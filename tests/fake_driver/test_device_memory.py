@@ -349,3 +349,72 @@ def test_the_default_cap_is_sized_from_the_gpu(fake_driver, write_checkpoint):
     finally:
         fake_driver.set_vram_budget(8 << 30)
     assert report.streamed_device_bytes == min(4 << 30, int(budget * 0.10))
+
+
+def test_closing_a_streamed_load_midway_gives_everything_back(fake_driver, write_checkpoint):
+    # The consumer stops after a few tensors: groups still waiting for memory, landing or landed
+    # are dropped, and nothing of the load stays on the device.
+    directory = write_checkpoint(varied_shards(4, seed=13))
+    total = checkpoint_size(directory)
+    gc.collect()
+    before = fake_driver.live_device_allocations(), blob2gpu._core.live_arena_count()
+    fake_driver.set_copy_delay_us(300)
+    with blob2gpu.open(
+        str(directory),
+        device="cuda",
+        framework="dlpack",
+        staging_slot_bytes=SLOT,
+        streamed_device_bytes=total // 5,
+    ) as checkpoint:
+        for count, (_, view) in enumerate(checkpoint.stream()):
+            view.to_bytes()
+            if count == 5:
+                break
+        del view
+    gc.collect()
+    assert (fake_driver.live_device_allocations(), blob2gpu._core.live_arena_count()) == before
+
+
+def test_a_failure_mid_stream_gives_everything_back(fake_driver, write_checkpoint):
+    directory = write_checkpoint(varied_shards(3, seed=17))
+    total = checkpoint_size(directory)
+    gc.collect()
+    before = fake_driver.live_device_allocations(), blob2gpu._core.live_arena_count()
+    fake_driver.fail_copy_after(12)
+
+    def consume() -> None:  # the consumer holds nothing once it has failed
+        with blob2gpu.open(
+            str(directory),
+            device="cuda",
+            framework="dlpack",
+            staging_slot_bytes=SLOT,
+            streamed_device_bytes=total // 5,
+        ) as checkpoint:
+            for _ in checkpoint.stream():
+                pass
+
+    with pytest.raises(errors.CudaError, match="cuMemcpyHtoDAsync"):
+        consume()
+    gc.collect()
+    assert (fake_driver.live_device_allocations(), blob2gpu._core.live_arena_count()) == before
+
+
+def test_a_selection_streams_within_the_cap(fake_driver, vllm_gpu, write_checkpoint):
+    # What the vLLM loader does for a model that skips some checkpoint tensors.
+    directory = write_checkpoint(varied_shards(3, seed=19))
+    want = {n: b for n, b in expected(directory).items() if not n.endswith(("t2", "t5"))}
+    gpu = vllm_gpu({name: len(b) for name, b in want.items()})
+    parameters = fake_driver.live_device_bytes()
+    fake_driver.reset_peak()
+    cap = sum(len(b) for b in want.values()) // 4
+    with blob2gpu.open(
+        str(directory),
+        device="cuda",
+        framework="dlpack",
+        staging_slot_bytes=SLOT,
+        streamed_device_bytes=cap,
+        tensor_filter=lambda name: name in want,
+    ) as checkpoint:
+        assert sorted(gpu.load_weights(checkpoint.stream())) == sorted(want)
+    assert gpu.parameter_bytes(fake_driver) == want
+    assert fake_driver.peak_device_bytes() - parameters <= cap
