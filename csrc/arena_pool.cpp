@@ -67,6 +67,7 @@ std::shared_ptr<ArenaPool> ArenaPool::create(std::shared_ptr<CudaContext> ctx, u
 }
 
 ArenaPool::~ArenaPool() {
+  if (cuda_driver_inherited_by_fork()) return;  // the parent's memory (see return_to_pool)
   // Every arena is gone. Copies into freed blocks, or consumers' kernels reading them, may still
   // be queued: the regions are freed after them.
   std::vector<std::pair<Region, std::vector<std::shared_ptr<CudaEvent>>>> gone;

@@ -76,6 +76,9 @@ void DeviceArena::note_unnamed_consumer() {
 }
 
 void DeviceArena::return_to_pool() noexcept {
+  // A forked child's arenas are the parent's memory, and the pool's mutex may have been held by
+  // a parent thread at fork(): leave both alone.
+  if (cuda_driver_inherited_by_fork()) return;
   // The pool reuses these bytes once the copies into them (the fence) and every consumer's work
   // queued on them so far (an event recorded now on each stream it imported a tensor on) are done.
   std::vector<std::shared_ptr<CudaEvent>> waits = fence_;
