@@ -11,6 +11,10 @@ memory and the device synchronized:
 Prints GB/s, the ratio against safetensors, the process CPU seconds each run took (all threads: a
 waiting thread that spins instead of sleeping shows up here, not in GB/s), and the blob2gpu
 report's peak slots in flight and whether its ring was pinned.
+
+Where torch has no CUDA but blob2gpu's driver has a device (the fake driver of tests/fake_cuda,
+which bench/gpu_check.sh's rehearsal stands in for libcuda), only the blob2gpu rows run, with
+framework='dlpack' and every tensor waited for: torch cannot use that device.
 """
 
 from __future__ import annotations
@@ -48,20 +52,29 @@ def run_safetensors(directory: Path) -> float:
     return time.perf_counter() - t
 
 
-def run_blob2gpu(directory: Path, loader=None) -> tuple[float, dict]:
+def run_blob2gpu(directory: Path, loader=None, framework: str = "torch") -> tuple[float, dict]:
     import blob2gpu
 
+    opener = blob2gpu.open if loader is None else loader.open
     t = time.perf_counter()
-    if loader is None:
-        with blob2gpu.open(str(directory), device="cuda:0") as checkpoint:
-            checkpoint.to_dict()
-            report = checkpoint.report
-    else:
-        with loader.open(str(directory), device="cuda:0") as checkpoint:
-            checkpoint.to_dict()
-            report = checkpoint.report
-    torch.cuda.synchronize()
+    with opener(str(directory), device="cuda:0", framework=framework) as checkpoint:
+        tensors = checkpoint.to_dict()
+        if framework == "dlpack":  # a device torch cannot synchronize: wait for each tensor
+            for view in tensors.values():
+                view.wait_ready()
+        report = checkpoint.report
+    if framework == "torch":
+        torch.cuda.synchronize()
     return time.perf_counter() - t, report.to_dict()
+
+
+def blob2gpu_device() -> str | None:
+    """The name of the first GPU of blob2gpu's driver, or None where it has none."""
+    from blob2gpu import _core
+
+    info = _core.driver_info()
+    devices = (info.get("devices") or []) if info.get("available") else []
+    return str(devices[0]["name"]) if devices else None
 
 
 def main() -> int:
@@ -71,16 +84,22 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device visible to torch: nothing to benchmark", file=sys.stderr)
+    torch_cuda = torch.cuda.is_available()
+    device_name = torch.cuda.get_device_name(0) if torch_cuda else blob2gpu_device()
+    if device_name is None:
+        print("no CUDA device visible to torch or blob2gpu: nothing to benchmark", file=sys.stderr)
         return 3
+    framework = "torch" if torch_cuda else "dlpack"
+    if not torch_cuda:
+        print(f"torch {torch.__version__} has no CUDA: blob2gpu's rows only, framework='dlpack'")
     import blob2gpu
 
     directory = llama_checkpoint(args.total_gb, args.shards)  # cached under bench/.data/
     files = shard_files(directory)
     warm_page_cache(files)
     total = sum(Path(f).stat().st_size for f in files)
-    torch.zeros(1, device="cuda:0")  # create the context outside the timings
+    if torch_cuda:
+        torch.zeros(1, device="cuda:0")  # create the context outside the timings
     results: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     peaks = []
@@ -94,31 +113,35 @@ def main() -> int:
         return out
 
     loader = blob2gpu.Loader()
-    run_blob2gpu(directory, loader)  # pins the ring once
+    run_blob2gpu(directory, loader, framework)  # pins the ring once
     for _ in range(args.repeats):
-        timed("h2d-ceiling", lambda: run_h2d_ceiling(directory, total))
-        timed("safetensors", lambda: run_safetensors(directory))
-        _, report = timed("blob2gpu", lambda: run_blob2gpu(directory))
+        if torch_cuda:
+            timed("h2d-ceiling", lambda: run_h2d_ceiling(directory, total))
+            timed("safetensors", lambda: run_safetensors(directory))
+        _, report = timed("blob2gpu", lambda: run_blob2gpu(directory, None, framework))
         peaks.append(report["peak_slots_in_flight"])
         pinned.append("pinned" if report["pinned"] else "pageable (fallback)")
-        timed("blob2gpu-loader", lambda: run_blob2gpu(directory, loader))
-        torch.cuda.empty_cache()
+        timed("blob2gpu-loader", lambda: run_blob2gpu(directory, loader, framework))
+        if torch_cuda:
+            torch.cuda.empty_cache()
     loader.close()
-    base = total / statistics.median(results["safetensors"]) / GB
+    base = total / statistics.median(results["safetensors"]) / GB if torch_cuda else None
     rows = []
     print(
         f"\n{total / GB:.2f} GB, {args.shards} shards, page cache warm, "
-        f"{torch.cuda.get_device_name(0)}, median of {args.repeats}"
+        f"{device_name}, median of {args.repeats}"
     )
     print(f"{'contestant':<18}{'GB/s':>8}{'x safetensors':>15}{'CPU s':>8}{'wall s':>8}")
     for name, samples in results.items():
         wall = statistics.median(samples)
         cpu_s = statistics.median(cpu[name])
         gbps = total / wall / GB
+        ratio = gbps / base if base else None
         rows.append(
-            {"contestant": name, "gbps": gbps, "ratio": gbps / base, "cpu_s": cpu_s, "wall_s": wall}
+            {"contestant": name, "gbps": gbps, "ratio": ratio, "cpu_s": cpu_s, "wall_s": wall}
         )
-        print(f"{name:<18}{gbps:>8.2f}{gbps / base:>15.2f}{cpu_s:>8.2f}{wall:>8.2f}")
+        shown = f"{ratio:.2f}" if ratio is not None else "-"
+        print(f"{name:<18}{gbps:>8.2f}{shown:>15}{cpu_s:>8.2f}{wall:>8.2f}")
     print(f"blob2gpu peak slots in flight: {max(peaks)}; staging ring: {pinned[-1]}")
     if args.json:
         Path(args.json).write_text(

@@ -30,7 +30,8 @@ import importlib.util
 import sys
 
 if importlib.util.find_spec("vllm") is None:
-    print(f"skip vLLM is not installed for {sys.executable}")
+    print(f"skip vLLM is not installed for {sys.executable} (its CUDA build, several GB, is not"
+          " in bench/device_bundle.sh's bundle)")
     sys.exit()
 plugins = {e.name for e in md.entry_points(group="vllm.general_plugins")}
 if "blob2gpu" not in plugins:

@@ -17,6 +17,7 @@
 
 void register_checksum_bindings(pybind11::module_& m);  // csrc/bindings_checksum.cpp
 void register_struct_bindings(pybind11::module_& m);    // csrc/bindings_structs.cpp
+void register_http_bindings(pybind11::module_& m);      // csrc/bindings_http.cpp
 
 namespace py = pybind11;
 using namespace blob2gpu;
@@ -532,4 +533,5 @@ PYBIND11_MODULE(_core, m) {
 
   register_struct_bindings(m);
   register_checksum_bindings(m);
+  register_http_bindings(m);
 }

@@ -94,7 +94,8 @@ void register_struct_bindings(py::module_& m) {
            "size: the size the source listed (fed shards; a local file's own size is read, and "
            "checked against this one when there are checksums). content_md5: the blob's 16-byte "
            "Content-MD5, checked over the whole blob when no checksums are given and every byte "
-           "is fed. Raises InvalidArgument for a Content-MD5 that is not 16 bytes.")
+           "is read (fed, or from `path`: an NVMe cache hit) before its tensors are handed out. "
+           "Raises InvalidArgument for a Content-MD5 that is not 16 bytes.")
       .def_readonly("name", &ShardSource::name)
       .def_readonly("size", &ShardSource::size)
       .def_readonly("path", &ShardSource::path)

@@ -178,7 +178,8 @@ LoadSession::LoadSession(std::shared_ptr<LoadPipeline> pipeline, std::vector<Sha
       const ChunkChecksums& sums = source.checksums;
       shard->verifier = std::make_unique<ChunkVerifier>(source.name, source.size, sums.chunk_bytes,
                                                         sums.crc32c, sums.sha256);
-    } else if (source.path.empty() && source.content_md5.size() == Md5::kDigestBytes && !wanted_) {
+    } else if (source.content_md5.size() == Md5::kDigestBytes && !wanted_) {
+      // A fed shard, or a local file read in its stead (an NVMe cache hit): the blob's MD5.
       Md5::Digest expected;
       std::copy(source.content_md5.begin(), source.content_md5.end(), expected.begin());
       shard->md5 = std::make_unique<ContentMd5Verifier>(source.name, source.size, expected);
@@ -285,6 +286,10 @@ void LoadSession::run_header(size_t index) {
     verify(shard, 0, length_bytes, kHeaderLengthBytes);
     verify(shard, kHeaderLengthBytes, json.data(), json.size());
   }
+  if (shard.md5) {
+    check_md5(shard, 0, length_bytes, kHeaderLengthBytes, /*stays=*/false);
+    check_md5(shard, kHeaderLengthBytes, json.data(), json.size(), /*stays=*/false);
+  }
   prepare_shard(index, json.data(), json.size(), file_size, st);
   const ShardHeader& h = shard.header;
 
@@ -294,6 +299,13 @@ void LoadSession::run_header(size_t index) {
       for (const Span& span : shard.layout.spans) {
         verify(shard, h.data_offset + span.begin, shard.groups[0]->arena->host_data() + span.begin,
                span.end - span.begin);
+      }
+    }
+    if (shard.md5) {
+      for (const Span& span : shard.layout.spans) {
+        check_md5(shard, h.data_offset + span.begin,
+                  shard.groups[0]->arena->host_data() + span.begin, span.end - span.begin,
+                  /*stays=*/true);
       }
     }
     for (size_t g = 0; g < shard.groups.size(); ++g) {
@@ -606,7 +618,8 @@ void LoadSession::run_chunk(size_t index, uint64_t begin, uint64_t end) {
   size_t slot_offset = 0;
   if (lands_on_host()) {
     const Span* span = span_at(shard.layout.spans, begin);  // reads lie within one span
-    read_and_verify(shard, host_landing(shard, *span, begin, bytes), h.data_offset + begin, bytes);
+    read_and_verify(shard, host_landing(shard, *span, begin, bytes), h.data_offset + begin, bytes,
+                    /*stays=*/true);
   } else {
     slot = pipeline_->ring_->acquire(&cancelled_);
     if (slot == nullptr) return;  // cancelled
@@ -728,18 +741,7 @@ FeedStatus LoadSession::commit_landing(Landing& landing) {
   bytes_read_ += landing.capacity;
   try {
     if (shard.verifier) verify(shard, landing.file_offset, landing.data, landing.capacity);
-    if (shard.md5) {
-      auto mismatch = shard.md5->add(landing.file_offset, landing.data, landing.capacity, in_arena);
-      verified_bytes_ += landing.capacity;
-      if (mismatch && fail_on_checksum_mismatch_) {
-        throw CoreError(ErrorKind::ChecksumMismatch, *mismatch, label);
-      }
-      if (mismatch) {
-        std::lock_guard<std::mutex> lock(mutex_);
-        checksum_failures_.push_back(*mismatch);
-        ++shard.stats.checksum_failures;
-      }
-    }
+    if (shard.md5) check_md5(shard, landing.file_offset, landing.data, landing.capacity, in_arena);
   } catch (...) {
     if (slot) pipeline_->ring_->release(slot);
     throw;
@@ -804,17 +806,20 @@ size_t LoadSession::read_into_slot(Shard& shard, Slot* slot, uint64_t file_offse
     const size_t skip = file_offset - lo;
     if (shard.file->read_direct(slot->data(), hi - lo, lo) >= skip + bytes) {
       if (shard.verifier) verify(shard, file_offset, slot->data() + skip, bytes);
+      if (shard.md5) check_md5(shard, file_offset, slot->data() + skip, bytes, /*stays=*/false);
       direct_io_bytes_ += bytes;
       return skip;
     }
   }
-  read_and_verify(shard, slot->data(), file_offset, bytes);
+  read_and_verify(shard, slot->data(), file_offset, bytes, /*stays=*/false);
   return 0;
 }
 
-void LoadSession::read_and_verify(Shard& shard, uint8_t* dest, uint64_t file_offset, size_t bytes) {
+void LoadSession::read_and_verify(Shard& shard, uint8_t* dest, uint64_t file_offset, size_t bytes,
+                                  bool stays) {
   if (!shard.verifier) {
     shard.file->read_exact(dest, bytes, file_offset);
+    if (shard.md5) check_md5(shard, file_offset, dest, bytes, stays);
     return;
   }
   // Checked piece by piece while each piece is still in the CPU cache: checking a whole slot
@@ -840,6 +845,19 @@ void LoadSession::verify(Shard& shard, uint64_t file_offset, const uint8_t* data
   std::lock_guard<std::mutex> lock(mutex_);
   for (const auto& f : failures) checksum_failures_.push_back(shard.verifier->describe(f));
   shard.stats.checksum_failures += failures.size();
+}
+
+void LoadSession::check_md5(Shard& shard, uint64_t file_offset, const uint8_t* data, size_t n,
+                            bool stays) {
+  auto mismatch = shard.md5->add(file_offset, data, n, stays);
+  verified_bytes_ += n;
+  if (!mismatch) return;
+  if (fail_on_checksum_mismatch_) {
+    throw CoreError(ErrorKind::ChecksumMismatch, *mismatch, shard.source.name);
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  checksum_failures_.push_back(*mismatch);
+  ++shard.stats.checksum_failures;
 }
 
 uint8_t* LoadSession::host_landing(const Shard& shard, const Span& span, uint64_t begin,

@@ -82,8 +82,9 @@ struct ShardSource {
   std::string name;          // how errors and reports name it
   uint64_t size = 0;         // fed shards: the size the source listed
   ChunkChecksums checksums;  // empty: not verified
-  // Fed shards without a manifest: the blob's Content-MD5 (16 bytes; empty: none), checked over
-  // the whole file in order when every byte has been fed (not with a tensor selection).
+  // Blob shards without a manifest: the blob's Content-MD5 (16 bytes; empty: none), checked over
+  // the whole file in order once every byte has been fed, or read from `path` (an NVMe cache
+  // hit), before the shard is published (not with a tensor selection).
   std::vector<uint8_t> content_md5;
 };
 
@@ -341,8 +342,12 @@ class LoadSession {
   // Checks landed file bytes against the shard's manifest: throws ChecksumMismatch (or records
   // it when mismatches are let through).
   void verify(Shard& shard, uint64_t file_offset, const uint8_t* data, size_t n);
-  // pread of a local shard's bytes, verified as they arrive when the shard has a manifest.
-  void read_and_verify(Shard& shard, uint8_t* dest, uint64_t file_offset, size_t bytes);
+  // Adds landed file bytes to the shard's Content-MD5 (`stays`: they remain at `data` until the
+  // shard is finished); throws ChecksumMismatch (or records it) once the digest differs.
+  void check_md5(Shard& shard, uint64_t file_offset, const uint8_t* data, size_t n, bool stays);
+  // pread of a local shard's bytes, verified as they arrive when the shard has a manifest (or a
+  // Content-MD5: `stays` as for check_md5).
+  void read_and_verify(Shard& shard, uint8_t* dest, uint64_t file_offset, size_t bytes, bool stays);
   // Reads (and verifies) a range of a local shard into a staging slot: with O_DIRECT when the
   // shard allows it (returns where the range starts in the slot), else buffered (returns 0).
   size_t read_into_slot(Shard& shard, Slot* slot, uint64_t file_offset, size_t bytes);

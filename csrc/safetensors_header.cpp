@@ -83,9 +83,10 @@ std::string describe_number(const JsonNumber& number) {
   return clip(number.text);
 }
 
-// Every message starts by naming the shard, so a failed multi-shard load says which file is bad.
+// Every message starts by naming the shard, so a failed multi-shard load says which file is bad;
+// the error's shard field names it too (a load tells a damaged cache entry's shard by it).
 [[noreturn]] void fail_shard(ErrorKind kind, const std::string& shard, const std::string& detail) {
-  throw CoreError(kind, "shard " + quoted(shard) + ": " + detail);
+  throw CoreError(kind, "shard " + quoted(shard) + ": " + detail, shard);
 }
 
 // Walks one header and builds its ShardHeader. Every check that concerns a single entry runs as

@@ -13,10 +13,13 @@ namespace blob2gpu {
 
 ShardFile::ShardFile(const std::string& path, const std::string& label)
     : path_(path), label_(label) {
-  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: a FIFO in a shard's place is refused below instead of blocking the open (no
+  // effect on the reads of a regular file).
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd_ < 0) {
     throw CoreError(ErrorKind::SourceUnavailable,
-                    "shard '" + label + "': cannot open '" + path + "': " + std::strerror(errno));
+                    "shard '" + label + "': cannot open '" + path + "': " + std::strerror(errno),
+                    label);
   }
   struct stat st{};
   if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
@@ -25,7 +28,8 @@ ShardFile::ShardFile(const std::string& path, const std::string& label)
     fd_ = -1;
     throw CoreError(ErrorKind::SourceUnavailable,
                     "shard '" + label + "': '" + path + "' is not a readable regular file" +
-                        (err ? std::string(": ") + std::strerror(err) : std::string()));
+                        (err ? std::string(": ") + std::strerror(err) : std::string()),
+                    label);
   }
   size_ = static_cast<uint64_t>(st.st_size);
   // The pipeline reads each shard once, front to back in large chunks.
@@ -45,10 +49,11 @@ bool ShardFile::open_direct() {
 }
 
 CoreError ShardFile::read_failed(const char* what, size_t bytes, uint64_t offset) const {
-  return CoreError(ErrorKind::SourceReadError, "shard '" + label_ + "': " + what + " of " +
-                                                   std::to_string(bytes) + " bytes at offset " +
-                                                   std::to_string(offset) +
-                                                   " failed: " + std::strerror(errno));
+  return CoreError(ErrorKind::SourceReadError,
+                   "shard '" + label_ + "': " + what + " of " + std::to_string(bytes) +
+                       " bytes at offset " + std::to_string(offset) +
+                       " failed: " + std::strerror(errno),
+                   label_, static_cast<int64_t>(offset));
 }
 
 bool ShardFile::direct_refusal(int error) {
@@ -97,7 +102,8 @@ void ShardFile::read_exact(uint8_t* dst, size_t bytes, uint64_t offset) const {
                       "shard '" + label_ + "': file ended at offset " +
                           std::to_string(offset + done) + " but " + std::to_string(bytes - done) +
                           " more bytes were expected (was it truncated or replaced during the "
-                          "load?)");
+                          "load?)",
+                      label_, static_cast<int64_t>(offset + done));
     }
     done += static_cast<size_t>(n);
   }

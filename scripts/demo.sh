@@ -6,6 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 step() { echo "==> $*" >&2; }  # what the silent minutes are spent on, one line per step
+# Installs into whichever python PY is: a virtualenv when one is active. Without one, say so (and
+# how to make one) but go on, so the command works as written on a fresh machine.
+if [ "$("$PY" -c 'import os, sys; print(int(sys.prefix != sys.base_prefix or "CONDA_PREFIX" in os.environ))')" != 1 ]; then
+  echo "note: no virtualenv is active: installing into $("$PY" -c 'import sys; print(sys.prefix)')'s packages" \
+    "(to keep them apart: python3 -m venv .venv && . .venv/bin/activate, then run this again)" >&2
+fi
 step "installing the build tools (scikit-build-core, pybind11, ninja) and numpy"
 "$PY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.13" ninja numpy
 extras="azure"

@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q "ruff==0.17.6" "mypy==2.4.1" "clang-format==23.1.5"
 # The pinned clang-format, not whichever one PATH finds first.
 clang_format="$("$PY" -c 'import clang_format, os; print(os.path.join(os.path.dirname(clang_format.__file__), "data", "bin", "clang-format"))')"
-cxx=$(git ls-files 'csrc/*.cpp' 'csrc/*.hpp' 'csrc/*.h' 'tests/fake_cuda/*.cpp' 'fuzz/*.cpp')
+cxx=$(git ls-files 'csrc/*.cpp' 'csrc/*.hpp' 'csrc/*.h' 'tests/fake_cuda/*.cpp' 'tests/gpu/*.cpp' 'fuzz/*.cpp')
 if [ "${1:-}" = "--fix" ]; then
   "$PY" -m ruff check --fix python tests bench scripts
   "$PY" -m ruff format python tests bench scripts

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the core with AddressSanitizer + UBSan (CMake option BLOB2GPU_SANITIZE) and runs the tests
 # that drive it hardest against that build: the header parser, every round trip, the CUDA path over
-# the fake driver, failures, integrity. Usage: scripts/sanitize.sh [pytest args]
+# the fake driver, failures, integrity, the native range reader (sockets, TLS, hostile answers).
+# Usage: scripts/sanitize.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,4 +20,5 @@ ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print
 LD_PRELOAD="$runtime" PYTHONPATH="$pkg" "$PY" -m pytest -q -p no:cacheprovider \
   tests/unit/test_header_validation.py tests/integration/test_round_trip.py tests/fake_driver/test_cuda_pipeline.py \
   tests/integration/test_failures.py tests/integration/test_integrity.py tests/integration/test_dlpack_export.py \
-  tests/integration/test_selection.py tests/unit/test_checksums.py "$@"
+  tests/integration/test_selection.py tests/unit/test_checksums.py \
+  tests/integration/test_native_range_reader.py "$@"

@@ -227,6 +227,51 @@ from support.azurite import Azurite  # noqa: E402
 from support.fault_proxy import FaultProxy  # noqa: E402
 
 
+def azure_sdk_missing() -> str | None:
+    """On a GPU host (BLOB2GPU_TEST_REAL_GPU=1: bench/gpu_check.sh), why azure-storage-blob cannot
+    be used there (the GPU machine's image lacks it unless bench/device_bundle.sh's bundle came
+    along); None where it can. Off a GPU host always None: there a missing package fails."""
+    if not REAL_GPU:
+        return None
+    try:
+        import azure.storage.blob  # noqa: F401
+    except ImportError as exc:
+        return f"azure-storage-blob does not import ({exc})"
+    return None
+
+
+def azurite_missing() -> str | None:
+    """Likewise for Azurite (and the SDK its tests talk to it with)."""
+    if not REAL_GPU:
+        return None
+    from blob2gpu.tools.emulator import find_azurite
+
+    if find_azurite((Path(__file__).resolve().parents[1],)) is None:
+        return "no Azurite (AZURITE_BLOB, .azurite/ or azurite-blob on PATH)"
+    return azure_sdk_missing()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "azure: needs azure-storage-blob but not Azurite (skipped on a GPU host without)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a GPU host without Azure's parts, the tests that need them skip, saying why, instead of
+    failing for a reason that says nothing about the GPU: those that use Azurite, and those marked
+    `azure` (the SDK alone)."""
+    sdk, emulator = azure_sdk_missing(), azurite_missing()
+    for item in items:
+        if emulator and {"azurite", "azurite_tls"} & set(getattr(item, "fixturenames", ())):
+            reason = emulator
+        elif sdk and item.get_closest_marker("azure"):
+            reason = sdk
+        else:
+            continue
+        item.add_marker(pytest.mark.skip(reason=f"on this GPU host: {reason} (device_bundle.sh)"))
+
+
 @pytest.fixture(scope="session")
 def azurite() -> Iterator[Azurite]:
     server = Azurite()

@@ -3,7 +3,7 @@
 # parameter differs. The TypedDicts describe the few results that still cross as dicts; they
 # exist only here.
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import ClassVar, TypedDict, final
 
 from typing_extensions import Buffer, CapsuleType, NotRequired
@@ -325,3 +325,100 @@ class Sha256:
     def hexdigest(self) -> str: ...
     @property
     def hardware(self) -> bool: ...
+
+# --- the native range reader (csrc/http/) ----------------------------------------------------
+
+@final
+class FetchFailure:
+    """Why a ranged GET got no whole answer; NONE when the server answered."""
+
+    NONE: ClassVar[FetchFailure]
+    CANCELLED: ClassVar[FetchFailure]
+    DNS: ClassVar[FetchFailure]
+    CONNECT_REFUSED: ClassVar[FetchFailure]
+    CONNECT_TIMEOUT: ClassVar[FetchFailure]
+    CONNECT_FAILED: ClassVar[FetchFailure]
+    PROXY_REFUSED: ClassVar[FetchFailure]
+    TLS_VERIFY: ClassVar[FetchFailure]
+    TLS_HANDSHAKE: ClassVar[FetchFailure]
+    TIMEOUT: ClassVar[FetchFailure]
+    RESET: ClassVar[FetchFailure]
+    MALFORMED: ClassVar[FetchFailure]
+    RANGE_MISMATCH: ClassVar[FetchFailure]
+    def __init__(self, value: int) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+@final
+class RangeResult:
+    @property
+    def failure(self) -> FetchFailure: ...
+    @property
+    def detail(self) -> str: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def headers(self) -> list[tuple[str, str]]: ...
+    @property
+    def bytes_received(self) -> int: ...
+    @property
+    def content_length(self) -> int: ...
+    @property
+    def total_size(self) -> int: ...
+    @property
+    def error_body(self) -> bytes: ...
+    @property
+    def reused_connection(self) -> bool: ...
+    @property
+    def connect_ns(self) -> int: ...
+    @property
+    def first_byte_ns(self) -> int: ...
+    @property
+    def total_ns(self) -> int: ...
+    @property
+    def ok(self) -> bool: ...
+    def header(self, name: str) -> str | None: ...
+
+@final
+class RangeClient:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        tls: bool = False,
+        ca_file: str | None = None,
+        proxy_host: str | None = None,
+        proxy_port: int = 0,
+        proxy_authorization: str | None = None,
+        connect_timeout: float = 20.0,
+        read_timeout: float = 60.0,
+        pool_size: int = 8,
+    ) -> None: ...
+    def get_into(
+        self,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        buffer: Buffer,
+        *,
+        first_byte: int | None = None,
+    ) -> RangeResult: ...
+    def close(self) -> None: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def tls(self) -> bool: ...
+    @property
+    def connections_opened(self) -> int: ...
+    @property
+    def requests(self) -> int: ...
+    @property
+    def idle_connections(self) -> int: ...
+    @property
+    def tls_library(self) -> str: ...

@@ -141,8 +141,10 @@ class ChecksumMismatch(Blob2GpuError):
     """Bytes differ from the manifest's checksum; the message names the shard and byte range.
     Nothing from the load is returned (unless fail_if_checksum_mismatch is off).
 
-    ``cache_entry``: the NVMe cache entry the bad bytes came from, which the load removed (so a
-    load again fetches that shard from Blob); None when they did not come from the cache.
+    ``cache_entry``: the NVMe cache entry of the shard when the load found that entry damaged
+    and the shard's fetch from Blob failed its check too (the entry's data was removed; `blob2gpu
+    cache verify --repair` fetches it again); None otherwise. A damaged entry alone is no error:
+    the load fetches the shard again from Blob.
     """
 
     def __init__(self, message: str = "", *, cache_entry: str | None = None, **fields: Any):
@@ -256,6 +258,13 @@ class TensorNotFound(InvalidArgument):
         super().__init__(message, **fields)
         self.names = names
         self.patterns = patterns
+
+
+class MalformedCredential(InvalidArgument):
+    """A credential that cannot be used as given, found before any request: an account key
+    that is not base64 (cut short or mangled when copied). The message names where it came
+    from (AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_KEY, the credential argument), never
+    its value."""
 
 
 class ShardCountMismatch(InvalidArgument):

@@ -209,7 +209,11 @@ class FakeDriver:
 
     def make_current(self, device: int) -> None:
         """Retain device's primary context and make it current on the calling thread, through the
-        driver entry points, as a framework (torch.cuda.set_device, CuPy) does."""
+        driver entry points, as a framework (torch.cuda.set_device, CuPy) does: cuInit first, so
+        it works in a process where nothing has initialized the driver yet."""
+        code = self._lib.cuInit(ctypes.c_uint(0))
+        if code != 0:
+            raise FakeDriverError("cuInit", code)
         ctx = ctypes.c_void_p()
         code = self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), ctypes.c_int(device))
         if code != 0:

@@ -145,7 +145,7 @@ struct Stream;
 // One queued stream operation. Copies hold shared_ptrs to the memory they touch, so a misused
 // free (recorded as a violation) never leaves the worker writing into released memory.
 struct StreamOp {
-  enum class Kind { kCopyHtoD, kCopyDtoH, kCopyDtoD, kWaitEvent };
+  enum class Kind { kCopyHtoD, kCopyDtoH, kCopyDtoD, kWaitEvent, kHostFunc };
   Kind kind = Kind::kCopyHtoD;
   std::shared_ptr<DeviceBlock> device_block;  // the destination of a DtoD copy
   uint64_t device_offset = 0;
@@ -157,6 +157,8 @@ struct StreamOp {
   std::vector<std::byte> staging;         // pageable HtoD: the source as it was at call time
   std::shared_ptr<Stream> wait_stream;
   uint64_t wait_position = 0;
+  void (*host_fn)(void*) = nullptr;  // cuLaunchHostFunc's, called by the worker without the lock
+  void* host_data = nullptr;
 };
 
 struct Stream {
@@ -445,7 +447,8 @@ bool event_complete(const Event& event) {
 }
 
 bool is_copy(const StreamOp& op) {
-  return op.kind != StreamOp::Kind::kWaitEvent;
+  return op.kind == StreamOp::Kind::kCopyHtoD || op.kind == StreamOp::Kind::kCopyDtoH ||
+         op.kind == StreamOp::Kind::kCopyDtoD;
 }
 
 uint64_t enqueue(DriverState& s, Stream& stream, StreamOp op) {
@@ -491,6 +494,10 @@ void stream_worker(std::shared_ptr<Stream> stream) {
     stream->queue.pop_front();
     if (op.kind == StreamOp::Kind::kWaitEvent) {
       s.progress.wait(lock, [&] { return op.wait_stream->completed >= op.wait_position; });
+    } else if (op.kind == StreamOp::Kind::kHostFunc) {
+      lock.unlock();
+      op.host_fn(op.host_data);  // holds the stream for as long as it runs, as on a GPU
+      lock.lock();
     } else {
       const uint64_t delay_us = s.copy_delay_us;
       lock.unlock();
@@ -781,6 +788,21 @@ FAKE_CUDA_EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice device) {
                            std::to_string(d.live_streams) + " streams and " +
                            std::to_string(d.live_events) + " events still alive");
     }
+    return CUDA_SUCCESS;
+  });
+}
+
+// Not used by the core: tests read whether a device's primary context is active (retained).
+FAKE_CUDA_EXPORT CUresult cuDevicePrimaryCtxGetState(CUdevice device, unsigned int* flags,
+                                                     int* active) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    if (!s.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (flags == nullptr || active == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (device < 0 || device >= s.device_count) return CUDA_ERROR_INVALID_DEVICE;
+    *flags = 0;  // CU_CTX_SCHED_AUTO, the primary context's default
+    *active = s.devices[device].primary_refcount > 0 ? 1 : 0;
     return CUDA_SUCCESS;
   });
 }
@@ -1148,6 +1170,29 @@ FAKE_CUDA_EXPORT CUresult cuStreamWaitEvent(CUstream handle, CUevent event_handl
     op.kind = StreamOp::Kind::kWaitEvent;
     op.wait_stream = event->stream;
     op.wait_position = event->position;
+    enqueue(s, *stream, std::move(op));
+    return CUDA_SUCCESS;
+  });
+}
+
+// Not used by the core: tests/gpu's stall library holds a stream with it.
+FAKE_CUDA_EXPORT CUresult cuLaunchHostFunc(CUstream handle, void (*fn)(void*), void* data) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    CUresult error;
+    const int device = current_device(s, lock, &error);
+    if (device < 0) return error;
+    if (fn == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    std::shared_ptr<Stream> stream;
+    if (CUresult r = resolve_stream(s, lock, handle, device, "cuLaunchHostFunc", &stream);
+        r != CUDA_SUCCESS) {
+      return r;
+    }
+    StreamOp op;
+    op.kind = StreamOp::Kind::kHostFunc;
+    op.host_fn = fn;
+    op.host_data = data;
     enqueue(s, *stream, std::move(op));
     return CUDA_SUCCESS;
   });

@@ -2,7 +2,8 @@
 thread spins in a wait (busy_wait), one primary context activation per device and process
 (activation), device='cuda' is the caller's current device (current_device), teardown never throws
 when the driver is shutting down (deinit) or in a forked child (fork), only out-of-memory pinning
-falls back (pinned), and O_DIRECT reads land in the pinned slots (direct_io, also on a real GPU)."""
+falls back (pinned), and O_DIRECT reads land in the pinned slots (direct_io, also on a real GPU).
+tests/gpu/test_cuda_rules_on_gpu.py checks them on a real GPU where hardware can show them."""
 
 from __future__ import annotations
 
@@ -148,7 +149,9 @@ def test_activation_loading_repeatedly_activates_one_context_per_device(write_ch
     # A fresh process (the fake counts activations per process): three loads to each of two
     # devices, every tensor dropped in between, which used to release the context each time.
     if REAL_GPU:
-        pytest.skip("counts the fake driver's context activations")
+        pytest.skip(
+            "counts the fake driver's context activations (on a GPU: tests/gpu, activation)"
+        )
     directory = write_checkpoint(shards(2))
     run = run_script(
         f"""
@@ -221,7 +224,7 @@ def test_current_device_is_torchs_once_torch_has_initialized_cuda(
 # -- deinit ---------------------------------------------------------------------------------------
 def test_deinit_dropping_tensors_and_closing_loaders_never_throws(write_checkpoint):
     if REAL_GPU:
-        pytest.skip("needs the fake driver's deinitialized switch")
+        pytest.skip("needs the fake driver's deinitialized switch (on a GPU: tests/gpu, deinit)")
     directory = write_checkpoint(shards(2))
     run = run_script(
         f"""
@@ -251,7 +254,7 @@ def test_deinit_interpreter_exit_with_live_objects_exits_cleanly(write_checkpoin
     # Whatever the consumer still holds is torn down during interpreter exit, while the driver
     # answers CUDA_ERROR_DEINITIALIZED.
     if REAL_GPU:
-        pytest.skip("needs the fake driver's deinitialized switch")
+        pytest.skip("needs the fake driver's deinitialized switch (on a GPU: tests/gpu, deinit)")
     directory = write_checkpoint(shards(2))
     run = run_script(
         f"""
@@ -273,7 +276,7 @@ def test_fork_child_drops_inherited_tensors_and_loader_and_exits_cleanly(write_c
     # A DataLoader-style worker: forked after a load, it inherits tensors and the loader. CUDA does
     # not survive fork(): its calls fail, and tearing down what it inherited must not try.
     if REAL_GPU:
-        pytest.skip("needs the fake driver's forked-child mode")
+        pytest.skip("needs the fake driver's forked-child mode (on a GPU: tests/gpu, fork)")
     directory = write_checkpoint(shards(2))
     other = write_checkpoint(shards(1), name="other")
     run = run_script(

@@ -217,11 +217,45 @@ def test_cache_warm_fills_without_loading(published, container, cache_dir, blob_
     uri = f"az://{container}/m"
     warm = run_cli("cache", "warm", uri, "--cache-dir", str(cache_dir))
     assert warm.returncode == 0, warm.stderr
-    assert "3 shard(s) written, 0 already cached, 0 not written" in warm.stdout
+    assert "3 shard(s) written, 0 already cached (checked), 0 damaged" in warm.stdout
+    assert "0 not written" in warm.stdout
     cache = NvmeCache(cache_dir)
     assert len(cache.entries()) == 3 and all(cache.verify(e) is None for e in cache.entries())
     again = run_cli("cache", "warm", uri, "--cache-dir", str(cache_dir))
-    assert again.returncode == 0 and "all 3 shard(s) already cached" in again.stdout
+    assert again.returncode == 0 and "all 3 shard(s) already cached (checked)" in again.stdout
+    with blob2gpu.open(uri, **settings_for(cache_dir)) as ckpt:
+        got = {n: as_bytes(t) for n, t in ckpt.to_dict().items()}
+    assert got == expected(published) and ckpt.report.cache_hit_rate == 1.0
+
+
+def test_cache_warm_checks_what_is_cached_against_blob(published, container, cache_dir, blob_env):
+    # An entry whose weights were replaced and whose record was recomputed to match them: only
+    # Blob (here each blob's Content-MD5) tells, and warming reads every entry through.
+    import hashlib
+    import json
+    import struct
+
+    from blob2gpu import _core
+
+    uri = f"az://{container}/m"
+    assert run_cli("cache", "warm", uri, "--cache-dir", str(cache_dir)).returncode == 0
+    entry = sorted(NvmeCache(cache_dir).entries(), key=lambda e: e.key)[0]
+    data = entry.data_path.read_bytes()
+    start = 8 + struct.unpack("<Q", data[:8])[0]
+    data = data[:start] + b"\x41" * (len(data) - start)
+    entry.data_path.write_bytes(data)
+    record = json.loads(entry.meta_path.read_text())
+    chunk = record["chunk_bytes"]
+    record["crc32c"] = [_core.crc32c(data[i : i + chunk]) for i in range(0, len(data), chunk)]
+    if "sha256" in record:
+        record["sha256"] = hashlib.sha256(data).hexdigest()
+    entry.meta_path.write_text(json.dumps(record))
+    again = run_cli("cache", "warm", uri, "--cache-dir", str(cache_dir))
+    assert again.returncode == 0, again.stderr
+    assert "1 shard(s) written, 2 already cached (checked), 1 damaged and fetched again" in (
+        again.stdout
+    )
+    assert "damaged: model-" in again.stdout and "Content-MD5" in again.stdout
     with blob2gpu.open(uri, **settings_for(cache_dir)) as ckpt:
         got = {n: as_bytes(t) for n, t in ckpt.to_dict().items()}
     assert got == expected(published) and ckpt.report.cache_hit_rate == 1.0

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from blob2gpu.settings import SCHEMA
 from conftest import random_tensor, upload_directory
@@ -319,6 +320,47 @@ def test_demo_runs(tmp_path):
     assert first_token.split()[-1] == "-"
 
 
+@pytest.mark.parametrize("size_mb", [8, 24])
+def test_demo_writes_the_size_asked_for(size_mb):
+    result = run("demo", "--device", "cpu", "--source", "local", "--size-mb", str(size_mb))
+    assert result.returncode == 0, result.stderr
+    written = re.search(r"demo checkpoint: ([0-9]+) MB in 4 shards", result.stdout)
+    assert written is not None, result.stdout
+    assert abs(int(written.group(1)) - size_mb) <= size_mb * 0.1
+    assert run("demo", "--size-mb", "0").returncode == 2  # argparse: must be at least 1
+
+
+def test_load_says_one_speed_in_its_last_progress_line_and_its_summary(write_checkpoint):
+    directory = write_checkpoint(
+        [{f"s{s}.w": random_tensor(torch.float32, (256, 256), s)} for s in range(3)]
+    )
+    result = run("load", str(directory))  # stderr is a pipe: plain lines
+    assert result.returncode == 0, result.stderr
+    summary = re.search(r"GB in ([0-9.]+) s = ([0-9.]+) GB/s", result.stdout)
+    last = re.fullmatch(r"blob2gpu: .* read in ([0-9.]+) s, ([0-9.]+) GB/s", result.stderr.strip())
+    assert summary is not None and last is not None, result.stdout + result.stderr
+    assert last.groups() == summary.groups()
+
+
+def test_every_option_and_command_has_a_help_text():
+    import argparse
+
+    from blob2gpu.cli import build_parser
+
+    def undocumented(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helped = {a.dest for a in action._choices_actions if a.help}
+                for name, sub in action.choices.items():
+                    if name not in helped:
+                        yield f"{path} {name}"
+                    yield from undocumented(sub, f"{path} {name}")
+            elif not action.help:
+                yield f"{path} {'/'.join(action.option_strings) or action.dest}"
+
+    assert list(undocumented(build_parser(), "blob2gpu")) == []
+
+
 def demo_in(directory, path, *args):
     env = {k: v for k, v in os.environ.items() if k != "AZURITE_BLOB"}
     env["PATH"] = path
@@ -380,3 +422,79 @@ def test_hints_speak_command_line_syntax_on_the_command_line(tmp_path):
         assert "--set" not in str(e)
     else:
         raise AssertionError("400 GB fit in host memory")
+
+
+def start_emulator(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    from blob2gpu.tools.emulator import find_azurite
+    from support.azurite import REPO
+
+    launcher = find_azurite((REPO,))
+    assert launcher is not None
+    return subprocess.Popen(
+        [sys.executable, "-m", "blob2gpu", "emulator", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "AZURITE_BLOB": launcher, **(env or {})},
+    )
+
+
+def test_emulator_runs_until_interrupted_and_says_the_connection_string(write_checkpoint, tmp_path):
+    import signal
+    import socket
+
+    directory = write_checkpoint([{"w": random_tensor(torch.float32, (64, 64))}])
+    for first in (True, False):  # --location keeps the blobs across a restart
+        process = start_emulator("--port", "0", "--location", str(tmp_path / "blobs"))
+        said = ""
+        while "Ctrl-C stops it." not in said and (line := process.stdout.readline()):
+            said += line
+        found = re.search(r"export AZURE_STORAGE_CONNECTION_STRING='([^']+)'", said)
+        assert found is not None, said + process.stderr.read()
+        env = {"AZURE_STORAGE_CONNECTION_STRING": found.group(1)}
+        port = int(re.search(r"127\.0\.0\.1:([0-9]+)/", said).group(1))
+        if first:
+            published = run("publish", str(directory), "az://models/m", env=env)
+            assert published.returncode == 0, published.stderr
+        loaded = run("load", "az://models/m", env=env)
+        assert loaded.returncode == 0 and "1 tensors" in loaded.stdout, loaded.stderr
+        process.send_signal(signal.SIGINT if first else signal.SIGTERM)  # Ctrl-C, a stop
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0 and "Azurite stopped." in out, err
+        with socket.socket() as s:  # Azurite went with it
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_emulator_on_a_port_in_use_says_so_in_one_line():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = start_emulator("--port", str(port))
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and f"port {port} on 127.0.0.1 is in use" in err
+    assert "--port 0" in err
+
+
+def test_load_fetches_a_damaged_cache_entry_again(
+    published, azurite, container, cache_dir, blob_env, tmp_path
+):
+    from blob2gpu.cache.nvme import NvmeCache
+
+    uri = f"az://{container}/m"
+    cache = ["--set", "local_nvme_cache_enabled=true", "--set", f"cache_dir={cache_dir}"]
+    assert run("load", uri, *cache).returncode == 0
+    for entry in sorted(NvmeCache(cache_dir).entries(), key=lambda e: e.key)[:2]:
+        data = bytearray(entry.data_path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        entry.data_path.write_bytes(bytes(data))
+    out = tmp_path / "report.json"
+    result = run("load", uri, *cache, "--report", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("failed its check") == 2 and "fetched again" in result.stdout
+    report = json.loads(out.read_text())
+    assert len(report["cache_repaired"]) == 2 and report["shard_count"] == 3
+    assert sum(s["cache_hit"] for s in report["shards"]) == 1

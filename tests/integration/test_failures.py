@@ -107,6 +107,7 @@ def test_bad_arguments(write_checkpoint, kwargs, error, match):
         blob2gpu.load(str(directory), **kwargs)
 
 
+@pytest.mark.azure
 def test_remote_uri_without_blob_source_says_so():
     with pytest.raises(errors.InvalidArgument, match=r"az://"):
         blob2gpu.load("az://models/llama")
@@ -158,6 +159,7 @@ def test_a_blob_prefix_of_other_weight_formats_says_how_to_convert(azurite, cont
         blob2gpu.load(f"az://{container}/m")
 
 
+@pytest.mark.azure
 def test_connection_refused_names_the_endpoint_without_retry_advice(monkeypatch, free_port):
     from blob2gpu.tools.emulator import ACCOUNT, ACCOUNT_KEY
 
@@ -181,3 +183,125 @@ def test_long_storage_messages_are_cut_at_a_word():
     text = "word " * 100
     cut = _one_line(text)
     assert len(cut) <= 304 and cut.endswith(" ...") and "wor ..." not in cut
+
+
+def sas_expiring(container: str, hours: float, key: str | None = None) -> str:
+    """A container SAS (read, list) of Azurite's account whose expiry is `hours` from now,
+    signed with `key` (default: the account's)."""
+    from datetime import datetime, timedelta, timezone
+
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+    from blob2gpu.tools.emulator import ACCOUNT, ACCOUNT_KEY
+
+    return generate_container_sas(
+        ACCOUNT,
+        container,
+        account_key=key or ACCOUNT_KEY,
+        permission=ContainerSasPermissions(read=True, list=True),
+        expiry=datetime.now(timezone.utc) + timedelta(hours=hours),
+    )
+
+
+@pytest.mark.parametrize("where", ["connection string", "AZURE_STORAGE_KEY", "argument"])
+@pytest.mark.parametrize(
+    ("key", "why"), [("Eby8vdM02xNOcq", "cut short"), ("Eby8-_x=", "alphabet")]
+)
+def test_an_account_key_that_is_not_base64_is_named_as_such(
+    published, azurite, container, monkeypatch, where, key, why
+):
+    from blob2gpu.tools.emulator import ACCOUNT, ACCOUNT_KEY
+
+    for var in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    credential = None
+    if where == "connection string":
+        monkeypatch.setenv(
+            "AZURE_STORAGE_CONNECTION_STRING",
+            azurite.connection_string().replace(ACCOUNT_KEY, key),
+        )
+        origin = "AZURE_STORAGE_CONNECTION_STRING (AccountKey)"
+    elif where == "AZURE_STORAGE_KEY":
+        monkeypatch.setenv("AZURE_STORAGE_KEY", key)
+        origin = "AZURE_STORAGE_KEY"
+    else:
+        credential = {"account_name": ACCOUNT, "account_key": key}
+        origin = "the credential argument (account_key)"
+    with pytest.raises(errors.MalformedCredential) as info:
+        blob2gpu.load(f"{azurite.endpoint()}/{container}/m", credential=credential)
+    message = str(info.value)
+    assert f"the account key in {origin} is not base64" in message and why in message
+    assert key not in message and "no token" not in message
+    assert info.value.hint is not None and "copy the key again" in info.value.hint
+
+
+def test_an_sdk_key_credential_that_cannot_sign_is_named_as_such(published, azurite, container):
+    from azure.core.credentials import AzureNamedKeyCredential
+    from blob2gpu.tools.emulator import ACCOUNT
+
+    # Handed over in the SDK's own object, the key is first used when the SDK signs a request.
+    credential = AzureNamedKeyCredential(ACCOUNT, "Eby8vdM02xNOcq")
+    with pytest.raises(errors.MalformedCredential) as info:
+        blob2gpu.load(f"{azurite.endpoint()}/{container}/m", credential=credential)
+    message = str(info.value)
+    assert "could not be signed with the account key: it is malformed" in message
+    assert "Eby8vdM02xNOcq" not in message and "no token" not in message
+
+
+def test_an_account_key_with_a_trailing_newline_still_loads(published, azurite, container):
+    from blob2gpu.tools.emulator import ACCOUNT, ACCOUNT_KEY
+
+    # As the SDK signs with it (whitespace ignored), e.g. a key read from a mounted file.
+    credential = {"account_name": ACCOUNT, "account_key": ACCOUNT_KEY + "\n"}
+    got = blob2gpu.load(f"{azurite.endpoint()}/{container}/m", credential=credential)
+    assert len(got) == 9
+
+
+@pytest.mark.parametrize("where", ["URI", "AZURE_STORAGE_SAS_TOKEN"])
+def test_an_expired_sas_says_when_it_expired(published, azurite, container, monkeypatch, where):
+    from urllib.parse import parse_qs
+
+    for var in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    sas = sas_expiring(container, hours=-1)
+    fields = parse_qs(sas)
+    uri = f"{azurite.endpoint()}/{container}/m"
+    if where == "URI":
+        uri += f"?{sas}"
+    else:
+        monkeypatch.setenv("AZURE_STORAGE_SAS_TOKEN", sas)
+    with pytest.raises(errors.AccessDenied) as info:
+        blob2gpu.load(uri)
+    message = str(info.value)
+    assert f"the SAS expired at {fields['se'][0]}" in message
+    assert "se=" in (info.value.hint or "")
+    assert fields["sig"][0] not in message and sas not in message
+    # A SAS refused before its expiry (signed with another key) is not called expired.
+    forged = sas_expiring(container, hours=1, key="A" * 86 + "==")
+    with pytest.raises(errors.AccessDenied) as info:
+        blob2gpu.load(f"{azurite.endpoint()}/{container}/m?{forged}")
+    assert "expired" not in str(info.value)
+
+
+def test_sas_expiry_forms():
+    from datetime import datetime, timezone
+
+    from blob2gpu.sources.azure.credentials import sas_expired, sas_expiry
+
+    now = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+    assert sas_expiry("sv=2024-11-04&se=2025-06-01T11%3A59%3A00Z&sig=abc") == "2025-06-01T11:59:00Z"
+    assert sas_expiry("?sv=2024-11-04&sig=abc") is None
+    for past in ("2025-05-31", "2025-06-01T11:59Z", "2025-06-01T11:59:59.1234567Z"):
+        assert sas_expired(past, now), past
+    for future in ("2025-06-02", "2025-06-01T12:01:00Z", "2025-06-01T12:30:00-01:00"):
+        assert not sas_expired(future, now), future
+    assert sas_expired("2025-06-01T12:30:00+01:00", now)
+    assert not sas_expired("next tuesday", now) and not sas_expired("2025-13-01", now)
+
+
+def test_a_framework_not_installed_names_its_extra(write_checkpoint):
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("cupy is installed here")
+    with pytest.raises(errors.InvalidArgument, match=r"pip install 'blob2gpu\[cupy\]'"):
+        blob2gpu.load(str(three_shards(write_checkpoint)), framework="cupy")

@@ -299,3 +299,21 @@ def test_model_fit_counts_on_the_room_under_the_pod_s_memory_limit(tmp_path, mon
     result = run_preflight(model_bytes=1 << 29, device="cpu", cache_dir=tmp_path / "cache")
     fit = next(c for c in result.checks if c.name == "model_fit")
     assert fit.status == "fail" and "raise host_memory_limit_bytes" in fit.hint
+
+
+def test_a_cache_directory_others_can_write_fails(tmp_path, no_driver):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # no sticky bit: anyone could replace what a load reads
+    result = preflight("--cache-dir", str(shared), "--json", env=no_driver)
+    assert result.returncode == 1
+    check = checks(result)["cache_dir"]
+    assert check["status"] == "fail" and "chmod go-w" in check["hint"]
+    assert [p.name for p in shared.iterdir()] == []  # no probe written there
+    shared.chmod(0o1777)  # shared on purpose: accepted
+    assert (
+        checks(preflight("--cache-dir", str(shared), "--json", env=no_driver))["cache_dir"][
+            "status"
+        ]
+        == "ok"
+    )

@@ -34,48 +34,7 @@ if os.environ.get("BLOB2GPU_REQUIRE_VLLM") != "1":
 
 from support.fault_proxy import FaultProxy
 from support.tiny_models import write_tiny_model
-
-ENGINE_SCRIPT = Path(__file__).resolve().parents[1] / "support" / "vllm_engine.py"
-PROMPTS = [[1, 2, 3, 4], [100, 7, 42], [511, 0, 255, 19, 8]]
-ENGINE_RUN_TIMEOUT = 1500  # seconds for one run of the engine script (several engine starts)
-
-
-def run_engines(cases: list[dict], env: dict[str, str]) -> tuple[str, dict[str, object]]:
-    """Run the engine script over `cases`; returns (its whole output, {case name: tokens, or the
-    failure line})."""
-    for case in cases:
-        case.setdefault("prompts", PROMPTS)
-    result = subprocess.run(
-        [sys.executable, str(ENGINE_SCRIPT), json.dumps(cases)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=ENGINE_RUN_TIMEOUT,
-    )
-    output = result.stdout
-    assert result.returncode == 0, output[-5000:]
-    outcomes: dict[str, object] = {}
-    for line in output.splitlines():
-        if m := re.match(r"== RESULT (\S+) (.*)$", line):
-            outcomes[m.group(1)] = json.loads(m.group(2))["tokens"]
-        elif m := re.match(r"== FAILED (\S+) (.*)$", line):
-            outcomes[m.group(1)] = f"FAILED {m.group(2)}"
-    return output, outcomes
-
-
-def case_output(output: str, name: str) -> str:
-    """The part of the engine script's output that belongs to case `name`."""
-    start = output.index(f"== CASE {name}\n")
-    end = output.find("== CASE ", start + 1)
-    return output[start : end if end >= 0 else len(output)]
-
-
-def publish(directory: Path, uri: str, env: dict[str, str]) -> None:
-    """`blob2gpu publish DIRECTORY URI`, as a user publishes a checkpoint."""
-    subprocess.run(
-        [sys.executable, "-m", "blob2gpu", "publish", str(directory), uri], env=env, check=True
-    )
+from support.vllm_engine import PROMPTS, case_output, publish, run_engines
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +72,10 @@ def serving(models, azurite, blob_env, tmp_path_factory):
         check=True,
     )
     assert not list(aux.glob("*.safetensors")) and (aux / "config.json").exists()
-    reports = {name: work / f"{name}.json" for name in ("llama-cold", "llama-warm", "qwen2")}
+    reports = {
+        name: work / f"{name}.json"
+        for name in ("llama-cold", "llama-warm", "llama-forged", "qwen2")
+    }
     llama_extra = {
         "source": "az://serving/llama",
         "local_nvme_cache_enabled": True,
@@ -132,6 +94,13 @@ def serving(models, azurite, blob_env, tmp_path_factory):
             "model": str(models["llama"]),
             "load_format": "blob2gpu",
             "extra": dict(llama_extra, report_path=str(reports["llama-warm"])),
+        },
+        {
+            "name": "llama-forged",
+            "model": str(models["llama"]),
+            "load_format": "blob2gpu",
+            "extra": dict(llama_extra, report_path=str(reports["llama-forged"])),
+            "forge_cache": {"dir": llama_extra["cache_dir"], "entries": 2},
         },
         {"name": "qwen2-default", "model": str(models["qwen2"])},
         {
@@ -178,16 +147,26 @@ def test_second_start_reads_every_shard_from_the_nvme_cache(serving):
     assert warm["requests"] < cold["requests"]  # only the listing and manifest from Blob
 
 
+def test_a_start_fetches_forged_cache_entries_again_from_blob(serving):
+    # Two entries of the node's cache hold other weights, their records recomputed to match:
+    # the manifest from Blob tells, and the worker fetches those shards again within its load.
+    _, outcomes, reports = serving
+    assert outcomes["llama-forged"] == outcomes["llama-default"]
+    forged = json.loads(reports["llama-forged"].read_text())
+    assert len(forged["cache_repaired"]) == 2 and forged["verification"] == "crc32c"
+    assert sum(s["cache_hit"] for s in forged["shards"]) == 4 and forged["shard_count"] == 6
+
+
 def test_each_worker_logs_its_load_report(serving):
     output, _, _ = serving
-    for name in ("llama-cold", "llama-warm", "qwen2"):
+    for name in ("llama-cold", "llama-warm", "llama-forged", "qwen2"):
         assert re.search(r"blob2gpu load \(worker 0, .*\): .* 6 shard", case_output(output, name))
 
 
 def test_worker_load_metrics_are_in_vllms_metrics_registry(serving, monkeypatch):
     # The registry vLLM's API server serves at /metrics in multiprocess mode
     # (vllm/entrypoints/serve/instrumentator/metrics.py: get_prometheus_registry()), read from
-    # the directory the engines' processes wrote: the three loads of the workers are there.
+    # the directory the engines' processes wrote: the four loads of the workers are there.
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
     from vllm.v1.metrics.prometheus import get_prometheus_registry
@@ -202,9 +181,9 @@ def test_worker_load_metrics_are_in_vllms_metrics_registry(serving, monkeypatch)
         for s in family.samples
     }
     loads = {labels: v for (name, labels), v in samples.items() if name == "blob2gpu_loads_total"}
-    assert sum(loads.values()) == 3, loads  # llama cold, llama warm, qwen2; not the defaults
+    assert sum(loads.values()) == 4, loads  # llama cold, warm, forged, qwen2; not the defaults
     assert all(dict(labels)["device"] == "cpu" for labels in loads)
-    assert samples[("blob2gpu_load_seconds_count", ())] == 3
+    assert samples[("blob2gpu_load_seconds_count", ())] == 4
     assert samples[("blob2gpu_load_bytes_total", ())] == sum(r["bytes"] for r in written)
     assert samples[("blob2gpu_load_throughput_gbps", ())] > 0
 

@@ -13,15 +13,18 @@ which nothing trusts and `cache prune` removes.
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from blob2gpu.cache.checks import BlobChecks, check_bytes
 from blob2gpu.cache.nvme import EntryRefused, EntryWrite, NvmeCache
 from blob2gpu.errors import Blob2GpuError
 
+_CACHED = "already cached"  # _fill_one's answer for an entry that was there and checked good
 FILL_RANGE_BYTES = 8 << 20  # the largest ranged GET of the fill, into one reused buffer
 MIN_RANGE_BYTES = 64 << 10
 EXIT_GRACE_SECONDS = 5.0  # at exit, how long the fill gets to abandon the shard it is on
@@ -30,24 +33,30 @@ EXIT_GRACE_SECONDS = 5.0  # at exit, how long the fill gets to abandon the shard
 @dataclass(frozen=True)
 class FillShard:
     """One shard to put in the cache: its name, its entry's key and identity (account, container,
-    blob, etag, size), the manifest's checksums when there is one, and what to read it with."""
+    blob, etag, size), what Blob says its bytes are (the manifest's checksums or the blob's
+    Content-MD5), and what to read it with. check_cached: an entry already there is read and
+    checked (against `checks`, else against its record) and fetched again when damaged."""
 
     name: str
     key: str
     identity: dict[str, Any]
     ref: Any  # the listed ShardRef, handed to read_into
-    expected_sha256: str | None = None
-    expected_crc32c: tuple[int, list[int]] | None = None
+    checks: BlobChecks = field(default_factory=BlobChecks)
+    check_cached: bool = False
 
 
 @dataclass
 class FillResult:
     """What a fill did: shards it published, shards it did not and why, and whether it ran to
-    its end (False: stopped at exit, or waited for with a timeout that passed)."""
+    its end (False: stopped at exit, or waited for with a timeout that passed). With
+    check_cached: the shards whose entry was there and checked good (`cached`), and those whose
+    entry was damaged, removed and fetched again (`repaired`: shard -> what was wrong)."""
 
     written: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     finished: bool = False
+    cached: list[str] = field(default_factory=list)
+    repaired: dict[str, str] = field(default_factory=dict)
 
 
 class FillReader(Protocol):
@@ -160,18 +169,22 @@ class CacheFill:
         if not lock.try_acquire():
             lock.release()  # another process on this node is writing it: it publishes it
             return "another process is writing it"
-        if self.cache.lookup(shard.key, shard.identity) is not None:
+        cached = self.cache.lookup(shard.key, shard.identity)
+        if cached is not None and not shard.check_cached:
             lock.release()
             return None  # written since the load looked (by another process): already there
+        if cached is not None:
+            problem = self._check_cached(cached, shard)
+            if problem is None:
+                lock.release()
+                self.result.cached.append(shard.name)
+                with self._lock:
+                    self._bytes_done += cached.size  # read through and checked
+                return _CACHED
+            self.cache.remove(cached)
+            self.result.repaired[shard.name] = problem
         try:
-            entry = EntryWrite(
-                self.cache,
-                shard.key,
-                shard.identity,
-                lock,
-                shard.expected_sha256,
-                shard.expected_crc32c,
-            )
+            entry = EntryWrite(self.cache, shard.key, shard.identity, lock, shard.checks)
         except EntryRefused as e:
             return e.why
         started, fetched = time.monotonic(), 0
@@ -197,7 +210,25 @@ class CacheFill:
             return entry.abandon("the process exited during the fill")
         return entry.publish()
 
+    def _check_cached(self, entry: Any, shard: FillShard) -> str | None:
+        """Read a cached entry through; None when Blob's checks (else its record) say it is
+        good, else what is wrong with it."""
+        if shard.checks.authority is None:
+            return self.cache.verify(entry)
+        try:
+            fd = self.cache.open_data(entry)
+        except OSError as e:
+            return f"unreadable: {e.strerror or e}"
+        try:
+            return check_bytes(fd, entry.size, shard.checks)
+        except OSError as e:
+            return f"unreadable: {e.strerror or e}"
+        finally:
+            os.close(fd)
+
     def _record(self, name: str, why_not: str | None) -> None:
+        if why_not is _CACHED:
+            return
         if why_not is None:
             self.result.written.append(name)
         else:

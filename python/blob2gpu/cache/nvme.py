@@ -1,82 +1,94 @@
 """The NVMe cache tier: Blob shards kept on local disk, keyed by account, container, blob and
 etag, so a node that restarts loads at disk speed while Blob stays the source of truth.
 
-Layout under cache_dir:
-  entries/<key>.bin   a shard's bytes            entries/<key>.json  what they are (published last)
-  tmp/                files being written         locks/<key>.lock    one writer per entry per node
+Layout under cache_dir (cache/directory.py opens and checks it):
+  entries/<key>.bin   a shard's bytes          entries/<key>.json  its record (published last)
+  tmp/                files being written       locks/<key>.lock    one writer per entry per node
 An entry is published only after its bytes were written, fsync'ed, read back and checked (against
-the manifest when there is one), by renaming the data and then the metadata into entries/. A
-process killed mid-write leaves only a file in tmp/, which nothing trusts. A hit is read by the
-core's threads and every chunk is CRC-checked as it lands; a bad entry is removed and refetched.
+the manifest when there is one), by renaming the data and then the record into entries/. A process
+killed mid-write leaves only a file in tmp/, which nothing trusts.
+
+Nothing in the directory is trusted: a record (cache/record.py) says which blob version an entry
+holds and what was written, never what the bytes must be; a load checks a hit against Blob's
+authority (cache/checks.py). An entry whose record is malformed, whose data is not a regular file
+of the listed size, or that is unreadable, is a miss and is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
-import json
+import errno
 import os
-import queue
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blob2gpu import _core
-from blob2gpu.errors import ConfigError
+from blob2gpu.cache.checks import CHUNK_BYTES, BlobChecks, hash_file
+from blob2gpu.cache.directory import (
+    ENTRIES,
+    LOCKS,
+    TMP,
+    CacheDirectory,
+    NotRegularFile,
+    default_cache_dir,
+)
+from blob2gpu.cache.record import (
+    MAX_RECORD_BYTES,
+    EntryRecord,
+    MalformedRecord,
+    parse_record,
+)
 
-CHUNK_BYTES = 4 << 20
-META_VERSION = 1
-
-
-def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/blob2gpu, or ~/.cache/blob2gpu; the home is looked up only without
-    XDG_CACHE_HOME. Raises ConfigError when there is neither: no HOME and a uid without a
-    passwd entry, as in some containers."""
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg) / "blob2gpu"
-    try:
-        home = Path.home()
-    except RuntimeError:  # no HOME, and no passwd entry for this uid
-        raise ConfigError(
-            "this process has no home directory (no HOME, no passwd entry for its uid), so the "
-            "cache directory has no default: set cache_dir (BLOB2GPU_CACHE_DIR) or XDG_CACHE_HOME"
-        ) from None
-    return home / ".cache" / "blob2gpu"
+__all__ = [
+    "CHUNK_BYTES",
+    "CacheEntry",
+    "EntryLock",
+    "EntryRefused",
+    "EntryWrite",
+    "NvmeCache",
+    "default_cache_dir",
+]
 
 
 @dataclass
 class CacheEntry:
-    """A published shard: where its bytes are and what they must be."""
+    """An entry as the directory has it: its key, where its bytes and record are, the record's
+    fields (`meta`, empty when malformed) and, when it is not a usable entry, `problem`."""
 
     key: str
     data_path: Path
     meta_path: Path
-    meta: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+    record: EntryRecord | None = None
+    problem: str | None = None  # a malformed or unreadable record
 
     @property
     def size(self) -> int:
-        return int(self.meta["size"])
+        return self.record.size if self.record is not None else 0
 
     @property
     def last_used(self) -> float:
         try:
-            return self.meta_path.stat().st_mtime
+            return self.meta_path.lstat().st_mtime
         except OSError:
             return 0.0
 
 
 class EntryLock:
-    """An exclusive per-entry file lock: the process holding it is the one writing the entry."""
+    """An exclusive per-entry file lock: the process holding it is the one writing the entry.
+    The lock file is opened without O_CREAT when it exists, never through a symlink; raises
+    OSError (a symlink or FIFO in its place: ELOOP, NotRegularFile)."""
 
-    def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    def __init__(self, directory: CacheDirectory, key: str) -> None:
+        self._fd = directory.open_or_create(LOCKS, f"{key}.lock")
         self.held = False
 
     def try_acquire(self) -> bool:
+        import fcntl
+
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -85,10 +97,14 @@ class EntryLock:
         return True
 
     def acquire(self) -> None:
+        import fcntl
+
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         self.held = True
 
     def release(self) -> None:
+        import fcntl
+
         if self._fd >= 0:
             if self.held:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -98,75 +114,130 @@ class EntryLock:
 
 
 class NvmeCache:
-    """The cache directory. `max_bytes` 0 means no cap."""
+    """The cache directory. `max_bytes` 0 means no cap. Raises ConfigError for a directory another
+    user could write (CacheDirectory), OSError when it cannot be made."""
 
     def __init__(self, directory: str | os.PathLike[str] | None, max_bytes: int = 0) -> None:
         self.root = Path(directory) if directory else default_cache_dir()
         self.max_bytes = max_bytes
-        self.entries_dir = self.root / "entries"
-        self.tmp_dir = self.root / "tmp"
-        self.locks_dir = self.root / "locks"
+        self.dir = CacheDirectory(self.root)
+        self.entries_dir = self.dir.path(ENTRIES)
+        self.tmp_dir = self.dir.path(TMP)
+        self.locks_dir = self.dir.path(LOCKS)
         self.reserved = 0  # bytes of entries this process is writing (not yet in entries/)
-        for d in (self.entries_dir, self.tmp_dir, self.locks_dir):
-            d.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def shared(self) -> bool:
+        """Whether other users may add files to the directory (see CacheDirectory)."""
+        return self.dir.shared
+
+    def close(self) -> None:
+        """Release the directory's descriptors."""
+        self.dir.close()
 
     @staticmethod
     def key(account: str, container: str, blob: str, etag: str | None) -> str:
+        import hashlib
+
         text = "\n".join((account, container, blob, etag or ""))
         return hashlib.sha256(text.encode()).hexdigest()[:40]
 
     def lock(self, key: str) -> EntryLock:
-        return EntryLock(self.locks_dir / f"{key}.lock")
+        return EntryLock(self.dir, key)
 
     def entry_paths(self, key: str) -> tuple[Path, Path]:
-        """Where entry `key`'s bytes and its metadata are published (whether or not they are)."""
+        """Where entry `key`'s bytes and its record are published (whether or not they are)."""
         return self.entries_dir / f"{key}.bin", self.entries_dir / f"{key}.json"
 
-    def lookup(self, key: str, identity: dict[str, Any]) -> CacheEntry | None:
-        """The entry for `key` if it is complete and is what `identity` says (account, container,
-        blob, etag, size); a truncated or foreign entry is removed. Touches the entry for LRU."""
+    def _entry(self, key: str) -> CacheEntry:
+        """Entry `key` with its record read (bounded, never through a symlink) and parsed; a
+        record that is missing, unreadable or malformed leaves `problem` set."""
         data_path, meta_path = self.entry_paths(key)
+        entry = CacheEntry(key, data_path, meta_path)
         try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            return None
-        ok = (
-            isinstance(meta, dict)
-            and meta.get("version") == META_VERSION
-            and all(meta.get(k) == v for k, v in identity.items())
-            and isinstance(meta.get("crc32c"), list)
-        )
-        try:
-            ok = ok and data_path.stat().st_size == identity["size"]
-        except OSError:
-            ok = False
-        entry = CacheEntry(key, data_path, meta_path, meta if isinstance(meta, dict) else {})
-        if not ok:
-            self.remove(entry)
-            return None
-        with contextlib.suppress(OSError):
-            os.utime(meta_path)
+            record = parse_record(self.dir.read_bounded(ENTRIES, f"{key}.json", MAX_RECORD_BYTES))
+        except FileNotFoundError:
+            entry.problem = "no record"
+        except MalformedRecord as e:
+            entry.problem = f"malformed record: {e.why}"
+        except OSError as e:
+            entry.problem = f"unreadable record: {_reason(e)}"
+        else:
+            entry.record, entry.meta = record, record.as_dict()
         return entry
 
-    def entries(self) -> list[CacheEntry]:
-        out = []
-        for meta_path in sorted(self.entries_dir.glob("*.json")):
-            key = meta_path.stem
+    def lookup(self, key: str, identity: dict[str, Any]) -> CacheEntry | None:
+        """The entry for `key` if its record is well formed and says it holds what `identity` says
+        (account, container, blob, etag, size), and its data is a regular file of that size; any
+        other entry under `key` (truncated, foreign, malformed, a symlink or FIFO) is removed.
+        Touches the entry for LRU. Whether its bytes are right is for its reader to check."""
+        entry = self._entry(key)
+        ok = entry.record is not None and entry.record.identity() == identity
+        if ok:
             try:
-                meta = json.loads(meta_path.read_text())
-            except (OSError, ValueError):
-                meta = {}
-            out.append(CacheEntry(key, self.entries_dir / f"{key}.bin", meta_path, meta))
-        return out
+                st = self.dir.lstat(ENTRIES, f"{key}.bin")
+                ok = stat.S_ISREG(st.st_mode) and st.st_size == identity["size"]
+            except OSError:
+                ok = False
+        if not ok:
+            if self._exists(entry):
+                self.remove(entry)
+            return None
+        self.dir.touch(ENTRIES, f"{key}.json")
+        return entry
+
+    def _exists(self, entry: CacheEntry) -> bool:
+        for name in (f"{entry.key}.json", f"{entry.key}.bin"):
+            with contextlib.suppress(OSError):
+                self.dir.lstat(ENTRIES, name)
+                return True
+        return False
+
+    def open_data(self, entry: CacheEntry) -> int:
+        """A descriptor of the entry's data, opened never through a symlink, checked to be a
+        regular file of the recorded size; the caller closes it. Raises OSError."""
+        fd = self.dir.open_regular(ENTRIES, f"{entry.key}.bin")
+        if os.fstat(fd).st_size != entry.size:
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not of the recorded size", str(entry.data_path))
+        return fd
+
+    def entries(self) -> list[CacheEntry]:
+        """Every entry the directory has, by record name (those whose record is malformed, or
+        whose data has no record, with `problem` set), sorted by key."""
+        keys = set()
+        for name in self.dir.names(ENTRIES):
+            stem, dot, suffix = name.rpartition(".")
+            if dot and suffix in ("json", "bin"):
+                keys.add(stem)
+        return [self._entry(key) for key in sorted(keys)]
 
     def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.entries_dir.glob("*.bin") if p.exists())
+        total = 0
+        for name in self.dir.names(ENTRIES):
+            if name.endswith(".bin"):
+                with contextlib.suppress(OSError):
+                    st = self.dir.lstat(ENTRIES, name)
+                    total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+        return total
 
     def remove(self, entry: CacheEntry) -> None:
-        # Metadata first: without it the data is not an entry any more.
-        for p in (entry.meta_path, entry.data_path):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        """Remove the entry (its record first: without it the data is not an entry any more). A
+        name this process may not remove (another user's, in a sticky directory) stays."""
+        for name in (f"{entry.key}.json", f"{entry.key}.bin"):
+            try:
+                self.dir.unlink(ENTRIES, name)
+            except IsADirectoryError:  # a directory planted in an entry's place, if empty
+                with contextlib.suppress(OSError):
+                    os.rmdir(name, dir_fd=self.dir.fd(ENTRIES))
+            except OSError:
+                pass
+
+    def remove_data(self, entry: CacheEntry) -> None:
+        """Remove the entry's data and keep its record, which `cache verify --repair` then reports
+        (and fetches again); a lookup treats such an entry as a miss."""
+        with contextlib.suppress(OSError):
+            self.dir.unlink(ENTRIES, f"{entry.key}.bin")
 
     def make_room(self, incoming: int) -> bool:
         """Evict least recently used entries (not being written) until `incoming` bytes fit
@@ -179,10 +250,16 @@ class NvmeCache:
         for entry in sorted(self.entries(), key=lambda e: e.last_used):
             if total + incoming <= self.max_bytes:
                 break
-            lock = self.lock(entry.key)
+            try:
+                lock = self.lock(entry.key)
+            except OSError:
+                continue
             try:
                 if lock.try_acquire():
-                    size = entry.data_path.stat().st_size if entry.data_path.exists() else 0
+                    size = 0
+                    with contextlib.suppress(OSError):
+                        st = self.dir.lstat(ENTRIES, f"{entry.key}.bin")
+                        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
                     self.remove(entry)
                     total -= size
             finally:
@@ -190,17 +267,30 @@ class NvmeCache:
         return total + incoming <= self.max_bytes
 
     def verify(self, entry: CacheEntry) -> str | None:
-        """Re-read an entry and check it against its metadata; None when good, else the problem."""
+        """Re-read an entry and check it against its record (damage on the disk: the record is
+        what was written, not what Blob holds); None when good, else the problem."""
+        if entry.record is None:
+            return entry.problem or "no record"
         try:
-            info = _hash_file(entry.data_path, int(entry.meta.get("chunk_bytes", CHUNK_BYTES)))
+            fd = self.open_data(entry)
+        except FileNotFoundError:
+            return "no data (removed as damaged, or never written)"
+        except NotRegularFile:
+            return "its data is not a regular file"
         except OSError as e:
-            return f"unreadable: {e}"
-        if info["size"] != entry.meta.get("size"):
-            return f"{info['size']} bytes, {entry.meta.get('size')} expected"
-        if info["crc32c"] != entry.meta.get("crc32c"):
-            return "CRC32C differs from the metadata"
-        if entry.meta.get("sha256") and info["sha256"] != entry.meta["sha256"]:
-            return "SHA-256 differs from the metadata"
+            return f"unreadable: {_reason(e)}"
+        try:
+            digest = hash_file(fd, entry.record.chunk_bytes, sha256=bool(entry.record.sha256))
+        except OSError as e:
+            return f"unreadable: {_reason(e)}"
+        finally:
+            os.close(fd)
+        if digest.size != entry.record.size:
+            return f"{digest.size} bytes, {entry.record.size} expected"
+        if digest.crc32c != entry.record.crc32c:
+            return "CRC32C differs from the record"
+        if entry.record.sha256 and digest.sha256 != entry.record.sha256:
+            return "SHA-256 differs from the record"
         return None
 
     def prune(self, max_bytes: int | None = None, stale_seconds: float = 3600) -> list[str]:
@@ -208,14 +298,18 @@ class NvmeCache:
         cache's cap when None). Returns what was removed."""
         removed = []
         now = time.time()
-        for tmp in self.tmp_dir.iterdir():
-            key = tmp.name.split(".", 1)[0]
-            lock = self.lock(key)
+        for name in self.dir.names(TMP):
+            key = name.split(".", 1)[0]
             try:
-                if lock.try_acquire() or now - tmp.stat().st_mtime > stale_seconds:
-                    tmp.unlink()
-                    removed.append(str(tmp))
-            except FileNotFoundError:
+                lock = self.lock(key)
+            except OSError:
+                continue
+            try:
+                st = self.dir.lstat(TMP, name)
+                if lock.try_acquire() or now - st.st_mtime > stale_seconds:
+                    self.dir.unlink(TMP, name)
+                    removed.append(str(self.tmp_dir / name))
+            except OSError:
                 pass
             finally:
                 lock.release()
@@ -229,34 +323,14 @@ class NvmeCache:
         return removed
 
 
-def _hash_file(path: Path, chunk_bytes: int, with_sha256: bool = True) -> dict[str, Any]:
-    """Size, CRC32C per chunk and (with_sha256) SHA-256 of a file, read once."""
-    sha = _core.Sha256() if with_sha256 else None
-    crcs = []
-    size = 0
-    with open(path, "rb", buffering=0) as f:
-        buffer = bytearray(chunk_bytes)
-        view = memoryview(buffer)
-        while True:
-            got = 0
-            while got < chunk_bytes:
-                n = f.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-            if not got:
-                break
-            crcs.append(_core.crc32c(view[:got]))
-            if sha is not None:
-                sha.update(view[:got])
-            size += got
-            if got < chunk_bytes:
-                break
-    return {"size": size, "crc32c": crcs, "sha256": sha.hexdigest() if sha is not None else None}
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)
 
 
 def _whole_crc(pieces: list[tuple[int, int, int]]) -> int:
     """CRC32C of a file from the CRCs of pieces that tile it: (offset, length, crc), any order."""
+    from blob2gpu import _core
+
     crc = 0
     for _, length, piece in sorted(pieces):
         crc = _core.crc32c_combine(crc, piece, length)
@@ -272,11 +346,15 @@ class EntryRefused(Exception):
         self.why = why
 
 
+_reserved_lock = threading.Lock()  # NvmeCache.reserved is shared by a load's writer and the fill
+
+
 class EntryWrite:
     """One cache entry being written, by whoever holds its entry lock (the write-through writer
-    of a load, or the fill after it): a file in tmp/ written at any offset, then published by
-    publish() (fsync, read back and checked, data then metadata renamed into entries/), or
-    removed by abandon(). Either releases the lock; nothing here is trusted before publication.
+    of a load, or the fill after it): a file in tmp/ of an unpredictable name, made with O_EXCL,
+    written at any offset, then published by publish() (fsync, read back through the same
+    descriptor and checked, data then record renamed into entries/), or removed by abandon().
+    Either releases the lock; nothing here is trusted before publication.
     """
 
     def __init__(
@@ -285,40 +363,39 @@ class EntryWrite:
         key: str,
         identity: dict[str, Any],
         lock: EntryLock,
-        expected_sha256: str | None = None,
-        expected_crc32c: tuple[int, list[int]] | None = None,
+        checks: BlobChecks | None = None,
     ) -> None:
         """Take the lock over (released on refusal) and make the temporary file, its whole size
-        allocated now. expected_*: the manifest's SHA-256 and (chunk bytes, CRC32C per chunk).
-        Raises EntryRefused."""
+        allocated now. checks: what Blob says the bytes are (the manifest's checksums, or the
+        Content-MD5), compared before publishing. Raises EntryRefused."""
         self.cache = cache
         self.key = key
         self.identity = identity
         self.size = int(identity["size"])
         self.lock = lock
-        self.expected_sha256 = expected_sha256
-        self.expected_crc32c = expected_crc32c
+        self.checks = checks or BlobChecks()
         self.written = 0
         self.finished = False  # published or abandoned
         self._pieces: list[tuple[int, int, int]] = []  # (offset, length, CRC32C) received
         self._fd = -1
-        self.tmp_path = cache.tmp_dir / f"{key}.{os.getpid()}.{threading.get_ident()}.part"
+        self._tmp_names: list[str] = []
         if not cache.make_room(self.size):
             lock.release()
             raise EntryRefused(f"{self.size} bytes exceed cache_max_bytes {cache.max_bytes}")
         try:
-            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            name, fd = cache.dir.create_temporary(key, ".part")
+            self._tmp_names.append(name)
             try:
                 os.posix_fallocate(fd, 0, self.size)  # no space: find out now, not mid-shard
             except OSError:
                 os.close(fd)
                 raise
         except OSError as e:
-            with contextlib.suppress(OSError):
-                self.tmp_path.unlink()
+            self._unlink_temporaries()
             lock.release()
-            raise EntryRefused(f"cannot write to the cache: {e.strerror}") from None
+            raise EntryRefused(f"cannot write to the cache: {_reason(e)}") from None
         self._fd = fd
+        self.tmp_path = cache.tmp_dir / name
         with _reserved_lock:
             cache.reserved += self.size
 
@@ -328,6 +405,8 @@ class EntryWrite:
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write bytes [offset, offset + len(data)) of the shard; raises OSError."""
+        from blob2gpu import _core
+
         view = memoryview(data)
         done = 0
         while done < len(view):
@@ -340,49 +419,59 @@ class EntryWrite:
         (the file is then removed). Releases the lock either way."""
         try:
             os.fsync(self._fd)
+            # What is on disk, read back through the descriptor written (no name is opened
+            # again), against what was received (CRC32C pieces combined) and Blob's checks: the
+            # manifest's chunk CRCs when they use the record's chunking, else its SHA-256 or the
+            # Content-MD5.
+            checks = self.checks
+            expected = checks.chunk_crc32c
+            crcs_comparable = expected is not None and expected[0] == CHUNK_BYTES
+            need_sha = bool(checks.sha256) and not crcs_comparable
+            need_md5 = checks.authority == "content-md5"
+            digest = hash_file(self._fd, CHUNK_BYTES, sha256=need_sha, md5=need_md5)
             os.close(self._fd)
             self._fd = -1
-            # What is on disk, read back, against what was received (CRC32C pieces combined) and
-            # the manifest: its chunk CRCs when they use the cache's chunking, else its SHA-256.
-            expected = self.expected_crc32c
-            crcs_comparable = expected is not None and expected[0] == CHUNK_BYTES
-            need_sha = bool(self.expected_sha256) and not crcs_comparable
-            info = _hash_file(self.tmp_path, CHUNK_BYTES, with_sha256=need_sha)
             on_disk = _whole_crc(
                 [
-                    (i * CHUNK_BYTES, min(CHUNK_BYTES, info["size"] - i * CHUNK_BYTES), c)
-                    for i, c in enumerate(info["crc32c"])
+                    (i * CHUNK_BYTES, min(CHUNK_BYTES, digest.size - i * CHUNK_BYTES), c)
+                    for i, c in enumerate(digest.crc32c)
                 ]
             )
-            if info["size"] != self.size or on_disk != _whole_crc(self._pieces):
+            if digest.size != self.size or on_disk != _whole_crc(self._pieces):
                 return self.abandon("the bytes read back differ from the bytes received")
-            if (crcs_comparable and expected is not None and info["crc32c"] != expected[1]) or (
-                need_sha and info["sha256"] != self.expected_sha256
+            if (
+                (crcs_comparable and expected is not None and digest.crc32c != tuple(expected[1]))
+                or (need_sha and digest.sha256 != checks.sha256)
+                or (need_md5 and digest.md5 != checks.content_md5)
             ):
-                return self.abandon("the bytes written differ from the manifest")
-            meta = dict(
-                self.identity,
-                version=META_VERSION,
+                return self.abandon("the bytes written differ from what Blob says they are")
+            record = EntryRecord(
+                account=self.identity["account"],
+                container=self.identity["container"],
+                blob=self.identity["blob"],
+                etag=self.identity["etag"],
+                size=self.size,
                 chunk_bytes=CHUNK_BYTES,
-                crc32c=info["crc32c"],
+                crc32c=digest.crc32c,
+                sha256=digest.sha256,
                 created=time.time(),
             )
-            if info["sha256"]:
-                meta["sha256"] = info["sha256"]
-            data_path, meta_path = self.cache.entry_paths(self.key)
-            meta_tmp = self.tmp_path.with_suffix(".json")
-            meta_tmp.write_text(json.dumps(meta))
-            with open(meta_tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(self.tmp_path, data_path)
-            os.replace(meta_tmp, meta_path)  # published: the metadata goes last
-            dir_fd = os.open(self.cache.entries_dir, os.O_RDONLY)
+            directory = self.cache.dir
+            meta_name, meta_fd = directory.create_temporary(self.key, ".json.part")
+            self._tmp_names.append(meta_name)
             try:
-                os.fsync(dir_fd)
+                view = memoryview(record.to_json().encode())
+                while view:
+                    view = view[os.write(meta_fd, view) :]
+                os.fsync(meta_fd)
             finally:
-                os.close(dir_fd)
+                os.close(meta_fd)
+            directory.publish(self._tmp_names[0], f"{self.key}.bin")
+            directory.publish(meta_name, f"{self.key}.json")  # published: the record goes last
+            self._tmp_names.clear()
+            directory.sync(ENTRIES)
         except OSError as e:
-            return self.abandon(f"publishing failed: {e.strerror}")
+            return self.abandon(f"publishing failed: {_reason(e)}")
         self._finish()
         return None
 
@@ -391,12 +480,15 @@ class EntryWrite:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        with contextlib.suppress(OSError):
-            self.tmp_path.unlink()
-        with contextlib.suppress(OSError):
-            self.tmp_path.with_suffix(".json").unlink()
+        self._unlink_temporaries()
         self._finish()
         return why
+
+    def _unlink_temporaries(self) -> None:
+        for name in self._tmp_names:
+            with contextlib.suppress(OSError):
+                self.cache.dir.unlink(TMP, name)
+        self._tmp_names.clear()
 
     def _finish(self) -> None:
         if not self.finished:
@@ -404,135 +496,3 @@ class EntryWrite:
             with _reserved_lock:
                 self.cache.reserved -= self.size
             self.lock.release()
-
-
-_reserved_lock = threading.Lock()  # NvmeCache.reserved is shared by a load's writer and the fill
-
-
-@dataclass
-class _Pending:
-    index: int
-    entry: EntryWrite
-    done: bool = False  # given up or complete: nothing more is queued for it
-
-
-@dataclass
-class WriterStats:
-    written: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # shard name -> why it was not cached
-
-
-class CacheWriter:
-    """Writes shards to the cache in the background while they stream from Blob (write-through).
-
-    The feeder offers each range before committing it; a bounded queue of copies
-    (`queue_bytes`) decouples the disk from the load: when the disk falls behind or fills up,
-    that shard is not cached now (the fill after the load fetches it: cache/fill.py). A
-    complete shard is published (EntryWrite.publish) by a second thread, so the writes of the
-    other shards go on meanwhile.
-    """
-
-    def __init__(self, cache: NvmeCache, queue_bytes: int = 256 << 20) -> None:
-        self.cache = cache
-        self.stats = WriterStats()
-        self._pending: dict[int, _Pending] = {}
-        self._names: dict[int, str] = {}
-        self._budget = queue_bytes
-        self._queued = 0
-        self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[int, int, bytes] | None] = queue.Queue()
-        self._complete: queue.Queue[_Pending | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="blob2gpu-cache-writer", daemon=True)
-        self._publisher = threading.Thread(
-            target=self._run_publisher, name="blob2gpu-cache-publisher", daemon=True
-        )
-        self._thread.start()
-        self._publisher.start()
-
-    def begin(
-        self,
-        index: int,
-        name: str,
-        key: str,
-        identity: dict[str, Any],
-        lock: EntryLock,
-        expected_sha256: str | None,
-        expected_crc32c: tuple[int, list[int]] | None = None,
-    ) -> None:
-        """Start writing shard `index` (the caller holds its entry lock, now ours).
-        expected_*: the manifest's SHA-256 and (chunk bytes, CRC32C per chunk) of the file."""
-        self._names[index] = name
-        try:
-            entry = EntryWrite(self.cache, key, identity, lock, expected_sha256, expected_crc32c)
-        except EntryRefused as e:
-            self.stats.skipped[name] = e.why
-            return
-        self._pending[index] = _Pending(index, entry)
-
-    def offer(self, index: int, offset: int, view: memoryview) -> None:
-        """Queue a copy of bytes [offset, offset + len(view)) of shard `index` for writing."""
-        with self._lock:
-            p = self._pending.get(index)
-            if p is None or p.done:
-                return
-            if self._queued + len(view) > self._budget:
-                p.done = True  # the disk is behind: give this shard up, the load goes on
-                self._queue.put((index, -1, b"disk write queue full"))
-                return
-            self._queued += len(view)
-        self._queue.put((index, offset, bytes(view)))
-
-    def _run(self) -> None:
-        try:
-            self._write_queued()
-        finally:
-            self._complete.put(None)
-
-    def _run_publisher(self) -> None:
-        while (p := self._complete.get()) is not None:
-            why = p.entry.publish()
-            p.done = True
-            if why is None:
-                self.stats.written.append(self._names[p.index])
-            else:
-                self._skip(p, why)
-
-    def _write_queued(self) -> None:
-        while (item := self._queue.get()) is not None:
-            index, offset, data = item
-            p = self._pending.get(index)
-            if p is None:
-                continue
-            if offset < 0:
-                self._abandon(p, data.decode())
-                continue
-            with self._lock:
-                self._queued -= len(data)
-            if p.entry.finished:
-                continue
-            try:
-                p.entry.write(offset, data)
-            except OSError as e:
-                self._abandon(p, f"write failed: {e.strerror}")
-                continue
-            if p.entry.complete:
-                self._complete.put(p)
-
-    def _abandon(self, p: _Pending, why: str) -> None:
-        p.done = True
-        if not p.entry.finished:
-            p.entry.abandon(why)
-        self._skip(p, why)
-
-    def _skip(self, p: _Pending, why: str) -> None:
-        self.stats.skipped.setdefault(self._names[p.index], why)
-
-    def close(self) -> WriterStats:
-        """Finish queued writes, give up shards not complete, release every lock."""
-        self._queue.put(None)
-        self._thread.join()
-        self._publisher.join()
-        for p in self._pending.values():
-            if not p.entry.finished:
-                self._abandon(p, "the load ended before the shard was complete")
-        return self.stats

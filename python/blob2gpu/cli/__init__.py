@@ -12,6 +12,7 @@
     blob2gpu bench URI             compare load strategies phase by phase (the case study's table)
     blob2gpu coldstart URI         build a transformers model from Blob, time its first token
     blob2gpu demo                  write a small checkpoint and load it
+    blob2gpu emulator              run a local Azurite (blob service) until Ctrl-C
 
 Errors print one line on stderr and exit 2.
 """

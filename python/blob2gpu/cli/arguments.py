@@ -15,6 +15,7 @@ from blob2gpu.cli.commands import (
     cmd_coldstart,
     cmd_config_show,
     cmd_demo,
+    cmd_emulator,
     cmd_fetch_aux,
     cmd_load,
     cmd_manifest,
@@ -30,6 +31,16 @@ def _setting(text: str) -> tuple[str, str]:
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not '{text}'")
     return key.strip(), value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -219,7 +230,12 @@ def _add_manifest_command(sub: Any) -> None:
     """`blob2gpu manifest`."""
     manifest = sub.add_parser("manifest", help="write the manifest of a checkpoint in Blob")
     manifest.add_argument("uri", help="the checkpoint's Blob URI")
-    manifest.add_argument("--chunk-bytes", type=_byte_count, default=4 << 20)
+    manifest.add_argument(
+        "--chunk-bytes",
+        type=_byte_count,
+        default=4 << 20,
+        help="manifest chunk size: one CRC32C and SHA-256 per chunk (default 4MiB)",
+    )
     manifest.set_defaults(run=cmd_manifest)
 
 
@@ -229,7 +245,7 @@ def _add_cache_command(sub: Any) -> None:
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     for name, run, text in (
         ("ls", cmd_cache_ls, "list entries, most recently used first"),
-        ("verify", cmd_cache_verify, "re-read every entry and check it"),
+        ("verify", cmd_cache_verify, "re-read every entry and check it against its record"),
         ("prune", cmd_cache_prune, "remove abandoned temporary files and evict to the cap"),
     ):
         p = cache_sub.add_parser(name, help=text)
@@ -237,7 +253,7 @@ def _add_cache_command(sub: Any) -> None:
         p.add_argument("--config", metavar="FILE", help="YAML settings file")
         p.set_defaults(run=run)
         if name == "ls":
-            p.add_argument("--json", action="store_true")
+            p.add_argument("--json", action="store_true", help="JSON for machines")
         if name == "verify":
             p.add_argument(
                 "--repair",
@@ -256,7 +272,9 @@ def _add_cache_command(sub: Any) -> None:
         "warm",
         help="fill the cache with a Blob checkpoint's shards without loading them",
         description="Fetch the shards of a Blob checkpoint that the node's cache lacks into it "
-        "(for a DaemonSet or a node-prep job before pods land), one shard at a time at most "
+        "(for a DaemonSet or a node-prep job before pods land), after reading those it holds "
+        "through and checking them against Blob (the manifest, else each blob's Content-MD5: a "
+        "damaged one is fetched again), one shard at a time at most "
         "cache_fill_bytes_per_second (--set cache_fill_bytes_per_second=0: no bound), with a "
         "progress bar; exit 1 when a shard could not be written.",
     )
@@ -280,8 +298,13 @@ def _add_bench_command(sub: Any) -> None:
         help="comma-separated: image-local, host-staging, direct-gpu, runai, "
         "fastsafetensors (the first is the baseline of the gain)",
     )
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    bench.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=3,
+        help="runs of each strategy, interleaved; the table shows the median (default 3)",
+    )
     bench.add_argument("--local-dir", help="local copy for the local strategies (else downloaded)")
     bench.add_argument("--drop-caches", action="store_true", help="drop the page cache (root)")
     bench.add_argument(
@@ -311,7 +334,13 @@ def _add_demo_command(sub: Any) -> None:
     """`blob2gpu demo`."""
     demo = sub.add_parser("demo", help="write a small checkpoint and load it")
     demo.add_argument("--device", default="auto", help="auto (GPU if usable), cpu, cuda, cuda:N")
-    demo.add_argument("--size-mb", type=int, default=256)
+    demo.add_argument(
+        "--size-mb",
+        type=_positive_int,
+        default=256,
+        metavar="MB",
+        help="about how many MB of weights the demo checkpoint holds (default 256)",
+    )
     demo.add_argument(
         "--model",
         default="generated",
@@ -326,6 +355,39 @@ def _add_demo_command(sub: Any) -> None:
         help="serve the checkpoint from a local Azurite (auto: when installed)",
     )
     demo.set_defaults(run=cmd_demo)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {text}")
+    return value
+
+
+def _add_emulator_command(sub: Any) -> None:
+    """`blob2gpu emulator`."""
+    emulator = sub.add_parser(
+        "emulator",
+        help="run a local Azurite blob service until Ctrl-C, printing its connection string",
+        description="Start Azurite's blob service (npm package azurite; found in $AZURITE_BLOB, "
+        "./.azurite or on PATH) on 127.0.0.1, print the AZURE_STORAGE_CONNECTION_STRING to use "
+        "from another shell, and run until interrupted (Ctrl-C or SIGTERM stop it).",
+    )
+    emulator.add_argument(
+        "--port",
+        type=_port,
+        default=10000,
+        help="where to listen (default 10000, Azurite's own; 0: a free port, printed)",
+    )
+    emulator.add_argument(
+        "--location",
+        metavar="DIR",
+        help="keep the blobs in DIR across restarts (default: in memory, gone when it stops)",
+    )
+    emulator.set_defaults(run=cmd_emulator)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,4 +412,5 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_command(sub)
     _add_coldstart_command(sub)
     _add_demo_command(sub)
+    _add_emulator_command(sub)
     return parser

@@ -63,9 +63,14 @@ def cmd_load(args: argparse.Namespace) -> int:
         **settings,
     ) as checkpoint:
         mode = choose_mode(sys.stderr, quiet=args.quiet)
-        with LoadProgress(checkpoint.progress, sys.stderr, mode, args.progress_interval):
-            checkpoint.to_dict()
         report = checkpoint.report
+        # One clock for the bar and the summary: the report's, from the load's start (listing
+        # and checks included) to its last tensor.
+        with LoadProgress(
+            checkpoint.progress, sys.stderr, mode, args.progress_interval, elapsed=report.elapsed
+        ) as progress:
+            checkpoint.to_dict()
+            progress.finish(report.bytes, report.seconds)
     fill = checkpoint.cache_fill
     if fill is not None and args.wait_cache_fill:
         _wait_for_fill(fill, "cache fill", args.quiet, args.progress_interval)
@@ -76,6 +81,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         print(report.phase_table())
         if report.cache_written or report.cache_fill_pending:
             print(_cache_line(report, fill is not None and args.wait_cache_fill))
+        for name, why in report.cache_repaired.items():
+            print(f"NVMe cache: the entry of '{name}' failed its check ({why}): fetched again")
         if args.report:
             print(f"report written to {args.report}")
     return 0
@@ -129,6 +136,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from blob2gpu.tools.demo import main
 
     return main(device=args.device, total_mb=args.size_mb, source=args.source, model=args.model)
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from blob2gpu.tools.emulator import serve
+
+    return serve(port=args.port, location=args.location)
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
@@ -222,7 +235,13 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
     entries = sorted(cache.entries(), key=lambda e: e.last_used, reverse=True)
     if args.json:
         print(
-            json.dumps([dict(e.meta, key=e.key, last_used=e.last_used) for e in entries], indent=2)
+            json.dumps(
+                [
+                    dict(e.meta, key=e.key, last_used=e.last_used, problem=e.problem)
+                    for e in entries
+                ],
+                indent=2,
+            )
         )
         return 0
     print(
@@ -231,6 +250,9 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
     )
     for e in entries:
         m = e.meta
+        if e.problem is not None:
+            print(f"  {e.key}  {e.problem}")
+            continue
         print(
             f"  {e.key}  {m.get('size', 0) / 1e6:10.1f} MB  {m.get('account')}/"
             f"{m.get('container')}/{m.get('blob')}  etag {m.get('etag')}"
@@ -249,11 +271,11 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
         problem = cache.verify(e)
         if problem is None:
             if not args.quiet:
-                print(f"ok   {e.key} {e.meta.get('blob')}")
+                print(f"ok   {e.key} {e.meta.get('blob', '?')}")
             continue
         bad += 1
         if not args.repair:
-            print(f"BAD  {e.key} {e.meta.get('blob')}: {problem}")
+            print(f"BAD  {e.key} {e.meta.get('blob', '?')}: {problem}")
             continue
         assert settings is not None
         fill, why_not = refetch_entry(cache, e, settings)
@@ -263,7 +285,7 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
         elif result is not None:
             why_not = next(iter(result.skipped.values()), "the fill ended early")
         print(
-            f"BAD  {e.key} {e.meta.get('blob')}: {problem}; "
+            f"BAD  {e.key} {e.meta.get('blob', '?')}: {problem}; "
             + ("fetched again" if why_not is None else f"removed (not fetched again: {why_not})")
         )
     return 1 if bad and not args.repair else 0
@@ -276,19 +298,22 @@ def cmd_cache_warm(args: argparse.Namespace) -> int:
 
     settings = resolve(dict(args.set or []), config_path=args.config)
     cache = _cache(args)
-    fill, cached = warm_cache(cache, source_uri(args.uri), settings)
-    total = len(fill.shards) + cached
-    if not fill.shards:
-        print(f"{cache.root}: all {total} shard(s) already cached")
-        return 0
+    fill, refused = warm_cache(cache, source_uri(args.uri), settings)
     result = _wait_for_fill(fill, "cache warm", args.quiet, None)
+    skipped = dict(refused, **result.skipped)
+    if not result.written and not skipped and not result.repaired:
+        print(f"{cache.root}: all {len(result.cached)} shard(s) already cached (checked)")
+        return 0
     print(
-        f"{cache.root}: {len(result.written)} shard(s) written, {cached} already cached, "
-        f"{len(result.skipped)} not written"
+        f"{cache.root}: {len(result.written)} shard(s) written, {len(result.cached)} already "
+        f"cached (checked), {len(result.repaired)} damaged and fetched again, {len(skipped)} "
+        "not written"
     )
-    for name, why in result.skipped.items():
+    for name, why in result.repaired.items():
+        print(f"  damaged: {name}: {why}")
+    for name, why in skipped.items():
         print(f"  not written: {name}: {why}")
-    return 1 if result.skipped else 0
+    return 1 if skipped else 0
 
 
 def cmd_cache_prune(args: argparse.Namespace) -> int:

@@ -11,17 +11,18 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from blob2gpu import _core
 from blob2gpu.cache.fill import CacheFill, FillResult
 from blob2gpu.errors import (
+    Blob2GpuError,
     BlobChanged,
-    ChecksumMismatch,
     InvalidArgument,
     InvalidIndex,
     LoadCancelled,
 )
+from blob2gpu.loading.cache_repair import damaged_hit, unrepaired, what_was_wrong
 from blob2gpu.loading.selection import check_found
 from blob2gpu.operations import metrics
 from blob2gpu.operations.report import LoadReport
@@ -46,11 +47,14 @@ class Checkpoint:
         keep_completed: bool = False,
         on_close: Callable[[], None] | None = None,
         fills: list[CacheFill] | None = None,
+        restart: Callable[[PreparedLoad], tuple[Any, Any]] | None = None,
     ) -> None:
         """A started load: `prepared` by loading.prepare, its core `session` fed by `feeder`
         (None when the core reads the files itself). keep_completed: a BlobChanged error carries
         the complete shards (Loader.load with on_blob_change='restart' keeps them). fills: the
-        list (its Loader's) that the cache fill this load starts is added to."""
+        list (its Loader's) that the cache fill this load starts is added to. restart: starts
+        the rest of the load in a new session (its fetch strategy's start) when a cache entry
+        fails its check (loading/cache_repair.py); None: such a failure fails the load."""
         self._prepared = prepared
         self._session = session
         self._selection = prepared.selection  # the tensors this load hands out
@@ -71,6 +75,12 @@ class Checkpoint:
         self._fill: CacheFill | None = None
         self._fills = fills
         self._keep_tensors = True  # stream() hands tensors out without keeping them
+        self._restart = restart
+        self._full_plan = prepared.plan  # every shard of the load (a repair narrows _plan)
+        self._done: set[str] = set()  # shards whose tensors were handed out
+        self._taken_over: deque[list[tuple[str, Any]]] = deque()  # a replaced session's shards
+        self._repaired: dict[str, str] = {}  # shard -> key of its entry that failed its check
+        self._bytes_before = 0  # bytes read by sessions a repair replaced
         # Shards kept from an earlier attempt of this load (same blob, same etag): ShardRef ->
         # their tensors, already converted.
         self._preloaded_refs = {ref.name: ref for ref in prepared.preloaded}
@@ -85,35 +95,23 @@ class Checkpoint:
             return None
         if self._closed:
             raise LoadCancelled("the checkpoint is closed")
+        if self._taken_over:
+            return self._taken_over.popleft()
         try:
             # Kept tensors are the consumer's; streamed ones count against the load's device
             # memory until the consumer drops them.
             item = self._session.next_shard(keep=self._keep_tensors)
         except BaseException as error:
-            source_error = self._feeder.error if self._feeder is not None else None
-            raised = error
-            if (
-                source_error is not None
-                and source_error is not error
-                and not isinstance(source_error, LoadCancelled)
-            ):
-                raised = source_error  # the feeder's typed error, not the core's echo
-            if isinstance(raised, BlobChanged) and self._keep_completed:
-                # Complete shards of unchanged blobs can be kept by a restarted load
-                # (Loader.load with on_blob_change='restart'), which removes them from the error.
-                raised = raised.evolve(completed_shards=self._completed_shards())
-            # A failed load keeps nothing: tensors it already handed out live only as long as the
-            # caller holds them (a traceback holding this checkpoint must not pin GPU memory).
-            self._tensors.clear()
-            self.close()
-            if isinstance(raised, ChecksumMismatch):
-                raised = self._drop_bad_cache_entry(raised)
-            if raised is not error:
-                raise raised from None
-            raise
+            if self._repair(error):
+                return self._receive_next()
+            self._fail(error)
         if item is None:
             self._finish()
             return None
+        return self._arrive(item)
+
+    def _arrive(self, item: Any) -> list[tuple[str, Any]]:
+        """A published shard of the current session, converted: its (name, tensor) pairs."""
         shard_name = self._plan.shards[item.index].name
         self._metadata.update(item.metadata)
         arrived = []
@@ -123,7 +121,97 @@ class Checkpoint:
                 self._tensors[view.name] = tensor
             self._shard_of[view.name] = shard_name
             arrived.append((view.name, tensor))
+        self._done.add(shard_name)
         return arrived
+
+    def _fail(self, error: BaseException) -> NoReturn:
+        """Fail the load with `error` (next_shard's), the feeder's typed error preferred."""
+        source_error = self._feeder.error if self._feeder is not None else None
+        raised = error
+        if (
+            source_error is not None
+            and source_error is not error
+            and not isinstance(source_error, LoadCancelled)
+        ):
+            raised = source_error  # the feeder's typed error, not the core's echo
+        if isinstance(raised, BlobChanged) and self._keep_completed:
+            # Complete shards of unchanged blobs can be kept by a restarted load
+            # (Loader.load with on_blob_change='restart'), which removes them from the error.
+            raised = raised.evolve(completed_shards=self._completed_shards())
+        # A failed load keeps nothing: tensors it already handed out live only as long as the
+        # caller holds them (a traceback holding this checkpoint must not pin GPU memory).
+        self._tensors.clear()
+        self.close()
+        raised = self._note_repair(raised)
+        if raised is not error:
+            raise raised from None
+        raise error
+
+    def _note_repair(self, error: BaseException) -> BaseException:
+        """`error`, naming the cache entry and how to repair it when it stopped the fetch of a
+        shard whose entry failed its check in this load."""
+        if not self._repaired or not isinstance(error, Blob2GpuError):
+            return error
+        blobs = {ref.path: ref.name for ref in self._full_plan.shards}
+        shard = error.shard or blobs.get(error.blob or "")
+        if shard is None and len(self._repaired) == 1 and error.blob is None:
+            shard = next(iter(self._repaired))  # not about another shard: about the fetch again
+        if shard not in self._repaired:
+            return error
+        return unrepaired(error, shard, self._repaired[shard])
+
+    def _repair(self, error: BaseException) -> bool:
+        """When `error` condemns a cache hit of the current session: keep what the session
+        completed, close it, remove the entry's data, and start the shards not yet handed out in
+        a new session, that one fetched from Blob (loading/cache_repair.py). Returns whether it
+        did; raises the error of a repair that cannot start (naming the entry)."""
+        from blob2gpu.loading.prepare import continue_load
+
+        index = damaged_hit(self._cache, self._plan, error) if self._restart else None
+        if index is None or self._restart is None or self._cache.cache is None:
+            return False
+        assert isinstance(error, Blob2GpuError)
+        hit, name = self._cache.hits[index], self._plan.shards[index].name
+        taken = [self._arrive(shard) for shard in self._session.take_ready()]
+        if self._feeder is not None:
+            self._feeder.stop()
+        stats = self._session.stats()
+        self._session.close()
+        self._bytes_before += stats.bytes_read
+        hit_names = {self._plan.shards[i].name for i in self._cache.hits}
+        self._report.carry_session(stats, self._done, hit_names)
+        self._close_cache(final=False)
+        self._cache.cache.remove_data(hit.entry)
+        self._cache.cache.close()  # the rest of the load opens the directory again
+        self._report.cache_repaired[name] = what_was_wrong(error)
+        self._repaired[name] = hit.entry.key
+        log.warning(
+            "blob2gpu: NVMe cache entry %s of shard '%s' failed its check (%s); fetching the "
+            "shard again from Blob",
+            hit.entry.key,
+            name,
+            self._report.cache_repaired[name],
+        )
+        rest = tuple(ref for ref in self._plan.shards if ref.name not in self._done)
+        try:
+            prepared = continue_load(self._prepared, rest, frozenset(self._repaired))
+            try:
+                session, feeder = self._restart(prepared)
+            except BaseException:
+                prepared.abandon()
+                raise
+        except BaseException as e:
+            self._tensors.clear()
+            self._closed = True
+            if self._on_close is not None:
+                self._on_close()
+            raise unrepaired(e, name, hit.entry.key) from None
+        self._prepared, self._plan, self._cache = prepared, prepared.plan, prepared.cache
+        self._session, self._feeder = session, feeder
+        self._taken_over.extend(taken)
+        if feeder is not None:
+            feeder.start()
+        return True
 
     def _completed_shards(self) -> dict[tuple[str, str | None], dict[str, Any]]:
         """{(blob path, etag): {name: tensor}} of the shards whose tensors all arrived, those
@@ -135,7 +223,7 @@ class Checkpoint:
             ref = self._plan.shards[shard.index]
             tensors = {v.name: self._convert(v) for v in shard.tensors}
             by_shard.setdefault(ref.name, {}).update(tensors)
-        refs = {r.name: r for r in self._plan.shards}
+        refs = {r.name: r for r in self._full_plan.shards}
         refs.update(self._preloaded_refs)
         return {(refs[n].path, refs[n].etag): t for n, t in by_shard.items() if n in refs}
 
@@ -144,15 +232,16 @@ class Checkpoint:
         report = self._report
         report.seconds = report.phases["model_load_complete"] = report.elapsed()
         stats = self._session.stats()
-        report.absorb_core_stats(stats)
+        report.absorb_core_stats(stats, order=[ref.name for ref in self._full_plan.shards])
         published = report.session_seconds(stats.all_published_ns)
         report.phases["artifact_fetch_complete"] = published
         report.phases["host_staging_complete"] = published
         report.tensors = len(self._shard_of)
         settings = self._settings
         if report.verification in ("crc32c", "sha256", "content-md5"):
-            for shard, shard_stats in zip(report.shards, stats.shards, strict=True):
-                shard.checksum = "mismatch" if shard_stats.checksum_failures else "ok"
+            failures = {s.name: s.checksum_failures for s in stats.shards}
+            for shard in report.shards:  # those of a replaced session were complete: checked
+                shard.checksum = "mismatch" if failures.get(shard.name) else "ok"
         if report.gpu_memory_total is not None:
             if stats.min_free_device_bytes >= 0:
                 report.gpu_memory_free_min = stats.min_free_device_bytes
@@ -170,10 +259,13 @@ class Checkpoint:
                 report.range_bytes_settled = throttle.range_bytes
                 report.pace_bytes_per_second = throttle.pace_bytes_per_second
                 report.pace_requests_per_second = throttle.pace_requests_per_second
-            for shard, retries in zip(report.shards, self._feeder.shard_retries, strict=True):
-                shard.retries = retries
-            for index in self._cache.hits:
-                report.shards[index].cache_hit = True
+            names = [ref.name for ref in self._plan.shards]
+            retries = dict(zip(names, self._feeder.shard_retries, strict=True))
+            for shard in report.shards:
+                shard.retries = retries.get(shard.name, shard.retries)
+        hits = {self._plan.shards[i].name for i in self._cache.hits}
+        for shard in report.shards:
+            shard.cache_hit = shard.cache_hit or shard.name in hits
         self._finished = True
         if settings is None or settings.emit_phase_timings:
             log.info(
@@ -211,16 +303,6 @@ class Checkpoint:
             raise InvalidIndex(
                 f"index of '{self._plan.uri}' disagrees with its shards: " + "; ".join(detail)
             )
-
-    def _drop_bad_cache_entry(self, error: ChecksumMismatch) -> ChecksumMismatch:
-        """A cache hit that failed its checks is removed, so the next load refetches it; returns
-        the error naming the removed entry (Loader.load() then retries once from Blob)."""
-        for index, ref in enumerate(self._plan.shards):
-            entry = self._cache.entry_of(index)
-            if entry is not None and ref.name == error.shard:
-                self._cache.remove(entry)
-                return error.evolve(cache_entry=entry.key)
-        return error
 
     def _drain(self) -> None:
         self._require_kept()
@@ -304,10 +386,10 @@ class Checkpoint:
         """(bytes read so far, bytes the load will read): safe to call from another thread.
         With a tensor selection the total shrinks as headers reveal what the selection needs."""
         stats = self._session.stats()
-        done = stats.bytes_read
+        done = self._bytes_before + stats.bytes_read
         if self._selection.everything:
-            return done, self._plan.total_bytes
-        total = sum(
+            return min(done, self._full_plan.total_bytes), self._full_plan.total_bytes
+        total = self._bytes_before + sum(
             8 + s.header_bytes + s.needed_bytes if s.header_ns >= 0 else ref.size
             for s, ref in zip(stats.shards, self._plan.shards, strict=True)
         )
@@ -330,15 +412,26 @@ class Checkpoint:
             if self._feeder is not None:
                 self._feeder.stop()
             self._session.close()
-            if self._cache.writer is not None:
-                stats = self._cache.writer.close()
-                self._report.cache_written = list(stats.written)
-                self._report.cache_skipped = dict(stats.skipped)
-                if self._finished:
-                    self._start_cache_fill()
+            if self._close_cache(final=True) and self._finished:
+                self._start_cache_fill()
         finally:
             if self._on_close is not None:
                 self._on_close()
+
+    def _close_cache(self, final: bool) -> bool:
+        """Release the session's cache hits (their descriptors) and stop its writer, its stats
+        added to the report (of a replaced session: those of the shards it completed). Returns
+        whether there was a writer."""
+        self._cache.close()
+        writer = self._cache.writer
+        if writer is None:
+            return False
+        stats = writer.close()
+        self._report.cache_written += stats.written
+        self._report.cache_skipped.update(
+            {n: why for n, why in stats.skipped.items() if final or n in self._done}
+        )
+        return True
 
     def _start_cache_fill(self) -> None:
         """After a whole load: queue the fetch of what the node's cache still lacks of it (the
@@ -350,7 +443,11 @@ class Checkpoint:
             return
         prepared = self._prepared
         location = prepared.source.container.location
-        shards = shards_to_fill(cache, location, self._plan, prepared.manifest)
+        shards = [
+            shard
+            for shard in shards_to_fill(cache, location, self._full_plan, prepared.manifest)
+            if shard.name not in self._report.cache_bypassed
+        ]
         if not shards:
             return
         report = self._report

@@ -45,8 +45,9 @@ def node_budget(prepared: PreparedLoad) -> Any:
     """The throttling budget this load shares with the other loads on its node (NodeThrottle):
     a file in the locks directory of the node's cache directory (cache_dir, or its default),
     whether or not this load uses the cache. None when that directory cannot be made (a
-    read-only home) or there is no default (no home): the load then adapts alone."""
-    from blob2gpu.cache.nvme import default_cache_dir
+    read-only home), there is no default (no home), or another user could write it (its owner
+    or mode, as the cache checks them): the load then adapts alone."""
+    from blob2gpu.cache.directory import LOCKS, CacheDirectory, default_cache_dir
     from blob2gpu.sources.azure.throttle import NodeThrottle
 
     cache = prepared.cache.cache
@@ -54,10 +55,11 @@ def node_budget(prepared: PreparedLoad) -> Any:
     if locks is None:
         configured = prepared.settings.cache_dir
         try:
-            locks = (Path(configured) if configured else default_cache_dir()) / "locks"
-            locks.mkdir(parents=True, exist_ok=True)
-        except (OSError, ConfigError):  # ConfigError: no home, so no default directory
+            directory = CacheDirectory(Path(configured) if configured else default_cache_dir())
+        except (OSError, ConfigError):  # ConfigError: no home, or a directory others can write
             return None
+        locks = directory.path(LOCKS)
+        directory.close()
     return NodeThrottle(locks)
 
 
@@ -91,12 +93,16 @@ class StorageFetch:
         from blob2gpu.sources.azure.feeder import BlobFeeder
 
         plan, cache, container = prepared.plan, prepared.cache, prepared.source.container
+        # A repaired cache entry starts the rest of the load anew: its first feeder stopped (and
+        # was joined), so the container's stopping event is cleared for this one.
+        container.retry.stopping.clear()
         session = start_fed_session(
             prepared,
             pipeline,
             paths=cache.paths(len(plan.shards)),
             direct_io=prepared.settings.cache_direct_io,
-            mmap=prepared.mmap,
+            # A mapping shows later writes to the file: only entries no other user can write.
+            mmap=prepared.mmap and cache.mappable(),
         )
         chunk = range_bytes(prepared, self._slot_bytes)
         device, staging = prepared.request.device, prepared.request.host_staging

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from blob2gpu.cache.fill import CacheFill, FillResult
-from blob2gpu.errors import BlobChanged, ChecksumMismatch, InvalidArgument
+from blob2gpu.errors import BlobChanged, InvalidArgument
 from blob2gpu.loading.checkpoint import Checkpoint
 from blob2gpu.loading.fetch import StorageFetch
 from blob2gpu.loading.frameworks import converter
@@ -103,18 +103,18 @@ class Loader:
         bytes; by default every byte from storage) and return its Checkpoint. `reuse`: complete
         shards an earlier attempt kept (see load()). Raises as open() does."""
         convert = converter(request.framework, request.device, request.settings.unsupported_dtype)
-        strategy = strategy or StorageFetch(self._settings.staging_slot_bytes)
+        fetch: FetchStrategy = strategy or StorageFetch(self._settings.staging_slot_bytes)
         self._pipelines.start(request.device)  # CUDA's start-up beside the listing
         prepared = prepare_load(
             request,
             lambda: self._pipelines.get(request.device),
             self.http_sessions,
-            strategy,
+            fetch,
             reuse,
         )
         pipeline = self._pipelines.get(request.device)
         try:
-            session, feeder = strategy.start(prepared, pipeline)
+            session, feeder = fetch.start(prepared, pipeline)
         except BaseException:
             prepared.abandon()
             raise
@@ -126,6 +126,7 @@ class Loader:
             feeder=feeder,
             keep_completed=reuse is not None,
             fills=self._fills,
+            restart=lambda rest: fetch.start(rest, pipeline),
         )
         if feeder is not None:
             feeder.start()
@@ -146,9 +147,9 @@ class Loader:
 
         Returns once every byte has landed. Raises the load's typed error (see blob2gpu.errors)
         after releasing everything the load allocated. With on_blob_change='restart', a blob
-        overwritten during the load makes it list again and start over (at most 3 times); a
-        shard read from a damaged NVMe cache entry (removed by the load) is fetched again from
-        Blob once.
+        overwritten during the load makes it list again and start over (at most 3 times). A
+        damaged NVMe cache entry is fetched again from Blob within the load, whatever the entry
+        point (loading/cache_repair.py).
         """
         request = LoadRequest.make(
             uri,
@@ -163,7 +164,6 @@ class Loader:
         )
         restart = request.settings.on_blob_change == "restart"
         restarts_left = RESTARTS_ON_BLOB_CHANGE if restart else 0
-        cache_retried = False
         reuse: Reusable = {}
         while True:
             try:
@@ -176,10 +176,6 @@ class Loader:
                     raise
                 restarts_left -= 1
                 reuse.update(completed)
-            except ChecksumMismatch as error:
-                if error.cache_entry is None or cache_retried:
-                    raise
-                cache_retried = True
 
     def wait_for_cache_fill(self, timeout: float | None = None) -> FillResult:
         """Wait until the background fills of the node's cache that this Loader's loads started

@@ -24,7 +24,14 @@ from blob2gpu.integrity.manifest import (
     read_local_manifest,
     require_manifest,
 )
-from blob2gpu.loading.cache_plan import CachePlan, cache_hits, open_cache, start_cache_writes
+from blob2gpu.loading.cache_plan import (
+    CachePlan,
+    blob_checks,
+    bypassed_shards,
+    cache_hits,
+    open_cache,
+    start_cache_writes,
+)
 from blob2gpu.loading.memory_fit import check_memory_fit, streamed_device_cap
 from blob2gpu.loading.request import LoadRequest
 from blob2gpu.loading.selection import Selection, header_reader, select, selected_sizes
@@ -97,10 +104,11 @@ class PreparedLoad:
         return bool(self.settings.mmap_local_files and self.request.device == "cpu")
 
     def abandon(self) -> None:
-        """Release what preparing took (the cache entries' locks) for a load that will not
-        start; a started load's Checkpoint releases them instead."""
+        """Release what preparing took (the cache entries' locks, the hits' descriptors) for a
+        load that will not start; a started load's Checkpoint releases them instead."""
         if self.cache.writer is not None:
             self.cache.writer.close()
+        self.cache.close()
 
 
 def chunk_algorithm(verify: str) -> str:
@@ -215,51 +223,101 @@ def check_fit(
     return check_memory_fit(sizes, device, pipeline, settings, staging, what, streamed_cap=cap)
 
 
-def plan_cache(prepared: PreparedLoad, use_cache: bool) -> CachePlan:
+def has_authority(prepared: PreparedLoad, index: int) -> bool:
+    """Whether shard `index`'s bytes are checked against something from Blob: the manifest's
+    checksums, or the blob's Content-MD5."""
+    checksums, content_md5 = prepared.checksums, prepared.content_md5
+    return bool(
+        (checksums is not None and checksums[index] is not None)
+        or (content_md5 is not None and content_md5[index])
+    )
+
+
+def plan_cache(
+    prepared: PreparedLoad, use_cache: bool, refetch: frozenset[str] = frozenset()
+) -> CachePlan:
     """Look up the shards the node's cache already holds, refuse archived blobs that it does not
     (before any memory, lock or cache file is taken), and start writing the others through.
-    Raises BlobArchived."""
+    Shards no authority from Blob vouches for are left out of a directory other users can write
+    (cache.bypassed says why); `refetch`: shards whose entry failed its check in this load,
+    fetched whatever the cache holds. Raises BlobArchived, and ConfigError for a cache
+    directory another user could write."""
     source, plan, settings = prepared.source, prepared.plan, prepared.settings
     if not source.is_blob:
         return CachePlan()
     cache = open_cache(settings, plan) if use_cache else CachePlan()
     location = source.container.location
+    bypassed: dict[int, str] = {}
+    again = {i for i, ref in enumerate(plan.shards) if ref.name in refetch}
     if cache.cache is not None:
-        cache.hits = cache_hits(cache.cache, location, plan)
+        checked = [has_authority(prepared, i) for i in range(len(plan.shards))]
+        bypassed = bypassed_shards(cache.cache, plan, settings, checked)
+        cache.bypassed = {plan.shards[i].name: why for i, why in bypassed.items()}
+        cache.hits = cache_hits(cache.cache, location, plan, skip=set(bypassed) | again)
     archived = {
         ref.path: ref.archived
         for i, ref in enumerate(plan.shards)
         if ref.archived and i not in cache.hits
     }
     if archived:
+        cache.close()
         raise archived_error(location, archived)
     if cache.cache is not None:
-        whole_shards = prepared.selection.everything
         cache.writer = start_cache_writes(
             cache.cache,
             location,
             plan,
-            prepared.manifest,
+            # The manifest's checksums; a Content-MD5 is checked by the core over the same bytes
+            # as they land (an entry published before a mismatch fails the load is repaired when
+            # a load reads it).
+            [blob_checks(prepared.manifest, ref) for ref in plan.shards],
             cache.hits,
-            write=whole_shards,
+            write=prepared.selection.everything,
             queue_bytes=settings.cache_write_queue_bytes,
+            skip=set(bypassed),
+            refetch=again,
         )
     return cache
 
 
-def checksums_with_cache_hits(prepared: PreparedLoad, algorithm: str) -> list[Any] | None:
-    """The core's per-shard checksums, where a cache hit is checked against what was written to
-    the cache (its CRC32C) unless the manifest's SHA-256 chunks are asked for."""
+def checksums_with_cache_hits(prepared: PreparedLoad) -> list[Any] | None:
+    """The core's per-shard checksums, where a cache hit that Blob has nothing to check by (no
+    manifest entry, no Content-MD5: only in a directory no other user can write) is checked
+    against its entry's record, which tells a damaged disk. A hit with an authority is checked
+    against it exactly as a fetched shard is: the record is never the reference."""
     hits = prepared.cache.hits
-    if prepared.cache.cache is None:
+    if not hits:
         return prepared.checksums
     checksums = list(prepared.checksums or [None] * len(prepared.plan.shards))
-    for i, entry in hits.items():
-        if algorithm == "crc32c" or checksums[i] is None:
-            checksums[i] = _core.ChunkChecksums(
-                entry.meta["chunk_bytes"], crc32c=entry.meta["crc32c"]
-            )
+    for i, hit in hits.items():
+        record = hit.entry.record
+        if not has_authority(prepared, i) and record is not None:
+            checksums[i] = _core.ChunkChecksums(record.chunk_bytes, crc32c=list(record.crc32c))
     return checksums
+
+
+def continue_load(
+    prepared: PreparedLoad, shards: tuple[ShardRef, ...], refetch: frozenset[str]
+) -> PreparedLoad:
+    """The rest of a load (`shards`, those not yet handed out) after the cache entries of the
+    shards in `refetch` failed their checks: the same request, source, manifest and selection,
+    the cache planned again (those shards fetched from Blob and written through). Raises what
+    plan_cache raises."""
+    plan = dataclasses.replace(prepared.plan, shards=shards)
+    verify = prepared.settings.verify
+    rest = dataclasses.replace(
+        prepared,
+        plan=plan,
+        checksums=core_checksums(prepared.manifest, shards, chunk_algorithm(verify)),
+        content_md5=content_md5_to_check(
+            prepared.source, prepared.manifest, verify, plan, prepared.selection
+        ),
+        cache=CachePlan(),
+        preloaded={},
+    )
+    rest.cache = plan_cache(rest, True, refetch)
+    rest.checksums = checksums_with_cache_hits(rest)
+    return rest
 
 
 def load_strategy(request: LoadRequest) -> str:
@@ -338,5 +396,6 @@ def prepare_load(
     )
     prepared.cache = plan_cache(prepared, strategy.uses_node_cache)
     report.cache_skipped = dict(prepared.cache.skipped)
-    prepared.checksums = checksums_with_cache_hits(prepared, algorithm)
+    report.cache_bypassed = dict(prepared.cache.bypassed)
+    prepared.checksums = checksums_with_cache_hits(prepared)
     return prepared

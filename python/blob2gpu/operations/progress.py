@@ -52,7 +52,9 @@ class LoadProgress:
     wait for the load. `poll` returns (bytes read, total bytes) and may be called from a thread.
 
     mode: 'bar', 'lines' or 'none' (see choose_mode). interval: seconds between updates (default
-    0.1 for the bar, 2 for lines).
+    0.1 for the bar, 2 for lines). elapsed: seconds since the load started (a LoadReport's
+    elapsed, so the rate counts the whole load as its report does; default: since start()).
+    finish() gives the figures the last line shows, so it says what the report says.
     """
 
     def __init__(
@@ -62,8 +64,11 @@ class LoadProgress:
         mode: str | None = None,
         interval: float | None = None,
         label: str = "blob2gpu",
+        elapsed: Callable[[], float] | None = None,
     ) -> None:
         self._poll = poll
+        self._elapsed = elapsed or self._since_start
+        self._result: tuple[int, float] | None = None  # (bytes, seconds) given by finish()
         self._stream = stream if stream is not None else sys.stderr
         self.mode = mode or choose_mode(self._stream)
         if self.mode not in (BAR, LINES, NONE):
@@ -88,10 +93,17 @@ class LoadProgress:
             pass
         return self._last
 
+    def _since_start(self) -> float:
+        return time.perf_counter() - self._started
+
+    def _seconds(self) -> float:
+        """Seconds of the load so far, or all of them once finish() said."""
+        seconds = self._result[1] if self._result is not None else self._elapsed()
+        return max(seconds, 1e-9)
+
     def _numbers(self, done: int, total: int) -> tuple[float, float, float | None]:
         """(fraction done, GB/s so far, seconds left or None)."""
-        elapsed = max(time.perf_counter() - self._started, 1e-9)
-        rate = done / elapsed
+        rate = done / self._seconds()
         fraction = min(done / total, 1.0) if total > 0 else 0.0
         eta = (total - done) / rate if rate > 0 and total >= done else None
         return fraction, rate / 1e9, eta
@@ -105,10 +117,11 @@ class LoadProgress:
         )
 
     def final_line(self, done: int) -> str:
-        """The plain line that ends a completed load."""
-        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        """The plain line that ends a completed load (seconds and GB/s as LoadReport.summary
+        writes them)."""
+        seconds = self._seconds()
         return (
-            f"{self._label}: {_size(done)} read in {elapsed:.2f} s, {done / elapsed / 1e9:.2f} GB/s"
+            f"{self._label}: {_size(done)} read in {seconds:.3f} s, {done / seconds / 1e9:.2f} GB/s"
         )
 
     def bar(self, done: int, total: int, width: int | None = None) -> str:
@@ -122,6 +135,8 @@ class LoadProgress:
 
     def _draw(self, final: bool = False) -> None:
         done, total = self._sample()
+        if final and self._result is not None:
+            done = self._result[0]
         if self.mode == BAR:
             text = self.bar(done, total)
             pad = " " * max(self._bar_width - len(text), 0)
@@ -137,6 +152,11 @@ class LoadProgress:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._draw()
+
+    def finish(self, bytes_read: int, seconds: float) -> None:
+        """The completed load read `bytes_read` in `seconds` (its report's figures): the last
+        line or bar shows these, not the progress thread's own reading."""
+        self._result = (bytes_read, seconds)
 
     def start(self) -> LoadProgress:
         """Start showing progress (returns self)."""

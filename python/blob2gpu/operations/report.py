@@ -90,6 +90,12 @@ class LoadReport:
     checksum_failures: list[str] = field(default_factory=list)  # let through (fail_if_... off)
     cache_written: list[str] = field(default_factory=list)  # shards this load put in the cache
     cache_skipped: dict[str, str] = field(default_factory=dict)  # shard -> why not during the load
+    # Shards the cache was not used for (neither read nor written) and why: nothing from Blob to
+    # check a cached copy by in a directory other users can write, mismatches let through.
+    cache_bypassed: dict[str, str] = field(default_factory=dict)
+    # Shards whose cache entry failed its check (damaged, malformed, unreadable): fetched again
+    # from Blob within the load, and what was wrong.
+    cache_repaired: dict[str, str] = field(default_factory=dict)
     # Shards the background fill fetches after the load (those the cache still lacked), and, as
     # the fill goes on, those it published and those it did not (shard -> why).
     cache_fill_pending: list[str] = field(default_factory=list)
@@ -134,6 +140,9 @@ class LoadReport:
     # Seconds from artifact fetch start (before listing) to the core session's start: the core's
     # timestamps are relative to the latter.
     _session_offset: float = field(default=0.0, repr=False)
+    # What earlier core sessions of this load did (a repaired cache entry starts a new session
+    # for the shards not yet handed out): their complete shards and counters.
+    _earlier: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def throughput_gbps(self) -> float:
@@ -179,6 +188,7 @@ class LoadReport:
         d = asdict(self)
         d.pop("_clock_start")
         d.pop("_session_offset")
+        d.pop("_earlier")
         d["gpu_memory_peak_used"] = self.gpu_memory_peak_used
         d["cache_hit_rate"] = self.cache_hit_rate
         d["shards"] = [dict(asdict(s), fetch_latency=s.fetch_latency) for s in self.shards]
@@ -235,9 +245,11 @@ class LoadReport:
         """A core timestamp (ns from the session start) in seconds from the artifact fetch start."""
         return self._session_offset + ns / 1e9
 
-    def absorb_core_stats(self, stats: SessionStats) -> None:
-        """Take the core session's final statistics (bytes, staging, per-shard timings)."""
-        self.bytes = stats.bytes_read
+    def absorb_core_stats(self, stats: SessionStats, order: list[str] | None = None) -> None:
+        """Take the core session's final statistics (bytes, staging, per-shard timings), added to
+        those of the load's earlier sessions (carry_session); `order`: the shards' names in the
+        order the report lists them (default: the sessions')."""
+        earlier = self._earlier
         for key in (
             "staging_slots",
             "staging_slot_bytes",
@@ -245,26 +257,56 @@ class LoadReport:
             "io_threads",
             "pinned",
             "pinned_fallback",
-            "peak_slots_in_flight",
-            "slot_waits",
             "mmap",
-            "verified_bytes",
-            "direct_io_bytes",
-            "host_populate_seconds",
-            "checksum_failures",
         ):
             setattr(self, key, getattr(stats, key))
+        for key in _ADDED:
+            setattr(self, key, earlier.get(key, 0) + getattr(stats, key))
+        self.bytes = earlier.get("bytes", 0) + stats.bytes_read
+        self.peak_slots_in_flight = max(earlier.get("peak", 0), stats.peak_slots_in_flight)
+        self.checksum_failures = earlier.get("failures", []) + list(stats.checksum_failures)
+        shards = earlier.get("shards", []) + self._shard_reports(stats)
+        if order is not None:
+            rank = {name: i for i, name in enumerate(order)}
+            shards.sort(key=lambda s: rank.get(s.name, len(rank)))
+        self.shards = shards
         if stats.device_cap > 0:
             self.streamed_device_bytes = stats.device_cap
-            self.streamed_peak_device_bytes = stats.peak_device_bytes
-            self.streamed_cap_raised_to = stats.cap_raised_to
-            self.streamed_mid_load_allocations = stats.mid_load_allocations
-            self.streamed_kept_bytes = stats.kept_beyond_cap
+            peak = max(earlier.get("streamed_peak", 0), stats.peak_device_bytes)
+            self.streamed_peak_device_bytes = peak
+            self.streamed_cap_raised_to = max(
+                earlier.get("streamed_raised", 0), stats.cap_raised_to
+            )
+            self.streamed_mid_load_allocations = (
+                earlier.get("streamed_grown", 0) + stats.mid_load_allocations
+            )
+            self.streamed_kept_bytes = earlier.get("streamed_kept", 0) + stats.kept_beyond_cap
 
+    def carry_session(self, stats: SessionStats, complete: set[str], hits: set[str]) -> None:
+        """Keep what a core session that is being replaced did: its counters, and the reports
+        of its `complete` shards (`hits`: those read from the cache)."""
+        earlier = self._earlier
+        for key in _ADDED:
+            earlier[key] = earlier.get(key, 0) + getattr(stats, key)
+        earlier["bytes"] = earlier.get("bytes", 0) + stats.bytes_read
+        earlier["peak"] = max(earlier.get("peak", 0), stats.peak_slots_in_flight)
+        earlier["failures"] = earlier.get("failures", []) + list(stats.checksum_failures)
+        if stats.device_cap > 0:
+            earlier["streamed_peak"] = max(earlier.get("streamed_peak", 0), stats.peak_device_bytes)
+            earlier["streamed_raised"] = max(earlier.get("streamed_raised", 0), stats.cap_raised_to)
+            grown = stats.mid_load_allocations
+            earlier["streamed_grown"] = earlier.get("streamed_grown", 0) + grown
+            earlier["streamed_kept"] = earlier.get("streamed_kept", 0) + stats.kept_beyond_cap
+        kept = [s for s in self._shard_reports(stats) if s.name in complete]
+        for shard in kept:
+            shard.cache_hit = shard.name in hits
+        earlier["shards"] = earlier.get("shards", []) + kept
+
+    def _shard_reports(self, stats: SessionStats) -> list[ShardReport]:
         def secs(ns: int) -> float | None:
             return None if ns < 0 else self.session_seconds(ns)
 
-        self.shards = [
+        return [
             ShardReport(
                 name=s.name,
                 bytes=s.file_bytes,
@@ -278,6 +320,10 @@ class LoadReport:
             )
             for s in stats.shards
         ]
+
+
+# Counters of a core session that add up over the sessions of one load.
+_ADDED = ("slot_waits", "verified_bytes", "direct_io_bytes", "host_populate_seconds")
 
 
 class _FirstTokenLatencies:

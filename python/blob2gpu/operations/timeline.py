@@ -128,6 +128,11 @@ def _cache_line(report: LoadReport) -> str:
             f", {len(report.cache_fill_pending)} left to the fill "
             f"({len(report.cache_filled)} written by it when the report was saved)"
         )
+    if report.cache_repaired:
+        line += f"; {len(report.cache_repaired)} damaged entr(ies) fetched again from Blob"
+    if report.cache_bypassed:
+        name, why = next(iter(report.cache_bypassed.items()))
+        line += f"; not used for {len(report.cache_bypassed)} shard(s) ('{name}': {why})"
     return line
 
 

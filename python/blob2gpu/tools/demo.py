@@ -52,15 +52,30 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
             f.write(np.ascontiguousarray(array).tobytes())
 
 
+def _layer_bytes(hidden: int) -> int:
+    """Bytes of one demo layer (float16) of width `hidden`."""
+    return int(sum(np.prod([d * hidden for d in s]) for s in LAYER_SHAPES.values())) * 2
+
+
+def _width_for(layer_bytes: float) -> int:
+    """The widest layer (a multiple of 8, at least 8) of at most `layer_bytes` bytes."""
+    hidden = 8
+    while _layer_bytes(hidden + 8) <= layer_bytes:
+        hidden += 8
+    return hidden
+
+
 def write_demo_checkpoint(
     directory: Path, total_mb: int = 256, shards: int = 4, hidden: int = 1024
 ) -> Path:
-    """Write a float16 checkpoint of about `total_mb` MB in `shards` shards with an index.
+    """Write a float16 checkpoint of about `total_mb` MB in `shards` shards with an index: as
+    many layers of width `hidden` as fit, narrower layers when fewer than one per shard would.
 
     Returns the directory.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    per_layer = sum(np.prod([d * hidden for d in s]) for s in LAYER_SHAPES.values()) * 2
+    hidden = min(hidden, _width_for(total_mb * 1e6 / shards))
+    per_layer = _layer_bytes(hidden)
     layers = max(shards, int(total_mb * 1e6 // per_layer))
     rng = np.random.default_rng(0)
     weight_map: dict[str, str] = {}
@@ -164,18 +179,13 @@ def main(
 
 def _azurite_missing() -> str | None:
     """What the Azurite source lacks (the azurite-blob launcher, azure-storage-blob), or None."""
-    from blob2gpu.tools.emulator import INSTALL_HINT, find_azurite
+    from blob2gpu.tools.emulator import missing
 
     try:
         import azure.storage.blob  # noqa: F401
     except ImportError:
         return "azure-storage-blob is not installed (pip install 'blob2gpu[azure]')"
-    if find_azurite() is None:
-        return (
-            "azurite-blob was found neither in $AZURITE_BLOB, ./.azurite nor on PATH; install "
-            f"it with: {INSTALL_HINT} (or npm install -g azurite)"
-        )
-    return None
+    return missing()
 
 
 def _llama_cold_start(tmp: Path, device: str, total_mb: int, source: str) -> int:

@@ -7,8 +7,10 @@ vLLM's default loader; blob2gpu does the fetching, checking (manifest, etags), c
 reporting. Tensors are handed out without being kept (Checkpoint.stream), so beyond what the
 model's loaders copy into its parameters only the shards in flight are held. With tensor
 parallelism the workers of a group share one copy of a Blob checkpoint (the fan-out over vLLM's
-tensor-parallel group). Any blob2gpu error stops the worker, and so the engine's start, with the
-typed error: a failed start, never a wrong model.
+tensor-parallel group). With expert parallelism each worker reads only its own experts' tensors,
+as vLLM's default loader does (expert_parallel.py); with the fan-out as well, the group fetches
+once every shard some worker needs and each keeps its own tensors. Any blob2gpu error stops the
+worker, and so the engine's start, with the typed error: a failed start, never a wrong model.
 
 LoadReport's mark_first_token() is not wired: vLLM (0.32) reports first tokens only to stat
 loggers in the API server process, and the load runs in a worker process (README, "Serving with
@@ -30,6 +32,7 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from blob2gpu.errors import TensorNotFound
 from blob2gpu.integrations.distributed import GroupFanOut
+from blob2gpu.integrations.vllm.expert_parallel import OwnedExperts, owned_experts
 from blob2gpu.integrations.vllm.options import VllmLoadOptions
 from blob2gpu.loading.loader import Loader
 from blob2gpu.loading.request import LoadRequest
@@ -59,6 +62,7 @@ class Blob2GpuModelLoader(BaseModelLoader):  # type: ignore[misc,unused-ignore]
         rank, world, group = tensor_parallel_group()
         uri = self.options.uri(model_config.model)
         fan_out = world > 1 and self.options.distributed and is_blob_uri(uri)
+        experts = owned_experts(model_config)  # under expert parallelism: this worker's
         with Loader(config=self.options.config, **self.options.settings) as loader:
             request = LoadRequest.make(
                 uri,
@@ -67,7 +71,7 @@ class Blob2GpuModelLoader(BaseModelLoader):  # type: ignore[misc,unused-ignore]
                 None,
                 loader.settings,
                 {},
-                tensor_filter=wanted_by(model),
+                tensor_filter=wanted_by(model, experts.keeps if experts else None),
             )
             strategy = GroupFanOut(rank, world, group) if fan_out else None
             with loader.start(request, strategy) as checkpoint:
@@ -79,7 +83,7 @@ class Blob2GpuModelLoader(BaseModelLoader):  # type: ignore[misc,unused-ignore]
         self.report = report
         if model_config.quantization is None and loaded is not None:
             check_every_parameter_loaded(model, set(loaded), report.uri)
-        publish_report(report, self.options.report_file(rank, world), rank, fan_out)
+        publish_report(report, self.options.report_file(rank, world), rank, fan_out, experts)
 
 
 def tensor_parallel_group() -> tuple[int, int, Any]:
@@ -97,13 +101,19 @@ def device_of(model: nn.Module) -> str:
     return str(device) if device.type != "cuda" else f"cuda:{device.index or 0}"
 
 
-def wanted_by(model: nn.Module) -> Callable[[str], bool] | None:
-    """The names the model takes, where it says (vLLM's is_unused_checkpoint_weight): the others
-    are skipped without reading their bytes; None (every tensor) where it does not say."""
+def wanted_by(
+    model: nn.Module, keeps_expert: Callable[[str], bool] | None = None
+) -> Callable[[str], bool] | None:
+    """The names this worker takes: those the model uses, where it says (vLLM's
+    is_unused_checkpoint_weight), less the other workers' experts under expert parallelism
+    (`keeps_expert`, expert_parallel.py). The others are skipped without reading their bytes;
+    None (every tensor) where neither applies."""
     unused = getattr(model, "is_unused_checkpoint_weight", None)
     if unused is None:
-        return None
-    return lambda name: not unused(name)
+        return keeps_expert
+    if keeps_expert is None:
+        return lambda name: not unused(name)
+    return lambda name: keeps_expert(name) and not unused(name)
 
 
 def check_every_parameter_loaded(model: nn.Module, loaded: set[str], uri: str) -> None:
@@ -119,9 +129,17 @@ def check_every_parameter_loaded(model: nn.Module, loaded: set[str], uri: str) -
         )
 
 
-def publish_report(report: LoadReport, path: str | None, rank: int, fan_out: bool) -> None:
+def publish_report(
+    report: LoadReport,
+    path: str | None,
+    rank: int,
+    fan_out: bool,
+    experts: OwnedExperts | None = None,
+) -> None:
     """Log the report's summary on this worker and write it as JSON to `path` if set."""
     how = "shared with the tensor-parallel group" if fan_out else "from its source"
+    if experts is not None:
+        how += f", {experts}"
     log.info("blob2gpu load (worker %d, %s): %s", rank, how, report.summary())
     if path is not None:
         with open(path, "w", encoding="utf-8") as f:

@@ -37,7 +37,10 @@ def converter(framework: str, device: str, unsupported_dtype: str) -> Callable[[
     try:
         module = importlib.import_module(f".{framework}", __name__)
     except ImportError as e:
-        raise InvalidArgument(f"framework '{framework}' is not installed: {e}") from None
+        raise InvalidArgument(
+            f"framework '{framework}' is not installed ({e}): pip install 'blob2gpu[{framework}]' "
+            "(or your own build of it), or pick another framework (numpy on the CPU, dlpack)"
+        ) from None
     convert = module.convert
 
     def to_framework(view: Any) -> Any:

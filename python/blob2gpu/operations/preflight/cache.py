@@ -1,8 +1,10 @@
-"""The cache directory's checks: writable, fast enough, and what its entries hold."""
+"""The cache directory's checks: its owner and mode (no other user can replace what a load reads
+from it), writable, fast enough, and what its entries hold."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -70,8 +72,20 @@ def check_cache(run: PreflightRun, cache_dir: Path, probe_bytes: int) -> None:
 def _check_cache_contents(
     run: PreflightRun, path: Path, created: list[Path], probe_bytes: int, t: float
 ) -> None:
+    from blob2gpu.cache.directory import check_directory
+    from blob2gpu.errors import ConfigError
+
+    try:
+        check_directory(path, os.stat(path))
+    except ConfigError as e:
+        run.add(Check("cache_dir", FAIL, f"{path}: another user could write it", str(e)), t)
+        return
+    except OSError as e:
+        run.add(Check("cache_dir", FAIL, f"{path}: cannot stat ({e.strerror})"), t)
+        return
     state = "writable; created, then removed again" if created else "present, writable"
-    probe = path / f".blob2gpu-preflight-{os.getpid()}"
+    # An unpredictable name, made with O_EXCL and never through a symlink (_write_probe).
+    probe = path / f".blob2gpu-preflight-{os.getpid()}-{secrets.token_hex(8)}"
     try:
         seconds = _write_probe(probe, probe_bytes)
         read = _read_probe(probe, probe_bytes)
@@ -124,10 +138,10 @@ def _read_probe(probe: Path, nbytes: int) -> tuple[bool, float]:
     buffer = mmap.mmap(-1, 4 * MiB)  # page-aligned, as O_DIRECT wants
     try:
         try:
-            fd = os.open(probe, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            fd = os.open(probe, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_DIRECT", 0))
             direct = hasattr(os, "O_DIRECT")
         except OSError:
-            fd, direct = os.open(probe, os.O_RDONLY), False
+            fd, direct = os.open(probe, os.O_RDONLY | os.O_NOFOLLOW), False
         started = time.perf_counter()
         try:
             done = 0
@@ -138,7 +152,7 @@ def _read_probe(probe: Path, nbytes: int) -> tuple[bool, float]:
                     if not direct:
                         raise
                     os.close(fd)  # O_DIRECT opened but refused the read: buffered instead
-                    fd, direct = os.open(probe, os.O_RDONLY), False
+                    fd, direct = os.open(probe, os.O_RDONLY | os.O_NOFOLLOW), False
                     continue
                 if n <= 0:
                     break
@@ -156,7 +170,7 @@ def _write_probe(probe: Path, nbytes: int) -> float:
     reads it back (_read_probe), which deletes it; on a failed write it is deleted here."""
     block = os.urandom(min(nbytes, 4 * MiB))
     started = time.perf_counter()
-    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         left = nbytes
         while left > 0:

@@ -113,7 +113,9 @@ def _check_blob(run: PreflightRun, uri: str) -> None:
     try:
         container = open_container(uri, fast, credential=None)
     except Blob2GpuError as e:
-        run.add(Check("storage", FAIL, str(e), "fix the URI or install blob2gpu[azure]"), t)
+        run.add(
+            Check("storage", FAIL, str(e), e.hint or "fix the URI or install blob2gpu[azure]"), t
+        )
         return
     with container:
         _probe_storage(run, container, t)

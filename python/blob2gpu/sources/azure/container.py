@@ -4,6 +4,7 @@ retry is ours to count and to bound)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -22,7 +23,7 @@ from blob2gpu.errors import (
     LocalWriteError,
 )
 from blob2gpu.integrity.manifest import Manifest, require_manifest
-from blob2gpu.sources.azure.credentials import resolve_credential
+from blob2gpu.sources.azure.credentials import resolve_credential, sas_expiry
 from blob2gpu.sources.azure.failures import archived_error
 from blob2gpu.sources.azure.listing import AuxBlob, BlobListing, if_unchanged, list_checkpoint
 from blob2gpu.sources.azure.location import BlobLocation, parse_blob_uri
@@ -247,6 +248,9 @@ def open_container(
         ) from None
     location = parse_blob_uri(uri)
     chosen, how = resolve_credential(location, credential)
+    sas = location.sas or (chosen if isinstance(chosen, str) else None)
+    if sas:
+        location = dataclasses.replace(location, sas_expiry=sas_expiry(sas))
     pool = settings.prefetch_concurrency + 4  # the feeder's GETs, listing and header reads
     transport = RequestsTransport(
         session=sessions.get(pool) if sessions is not None else _session(pool),

@@ -13,11 +13,13 @@ from blob2gpu.errors import (
     AccessDenied,
     BlobArchived,
     BlobNotFound,
+    MalformedCredential,
     ProxyAuthenticationRefused,
     SourceUnavailable,
     StorageUnavailable,
 )
 from blob2gpu.redaction import redact
+from blob2gpu.sources.azure.credentials import sas_expired
 from blob2gpu.sources.azure.location import BlobLocation
 
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
@@ -35,6 +37,16 @@ def storage_error(
     place = location.describe(blob)
     from azure.core.exceptions import ClientAuthenticationError
 
+    if status is None and type(error).__name__ == "AzureSigningError":
+        # The SDK could not sign with the account key (resolve_credential checks the keys it
+        # reads; this is one handed over in an object of the SDK's): no token is involved.
+        hint = "copy the account key again, whole (it is base64, 88 characters for Azure's)"
+        return MalformedCredential(
+            f"{what}: the request to {place} could not be signed with the account key: it is "
+            f"malformed ({_one_line(error)}); {hint}",
+            blob=blob,
+            hint=hint,
+        )
     if status is None and isinstance(error, ClientAuthenticationError):
         # The credential could not get a token (DefaultAzureCredential found no identity, an
         # expired client secret): nothing a retry changes. Its first line says which.
@@ -82,6 +94,10 @@ def storage_error(
         return BlobNotFound(f"{what}: {place} does not exist ({detail})")
     if status in (401, 403):
         meaning, check = DENIALS.get(code or "", (None, DEFAULT_DENIAL_CHECK))
+        expiry = location.sas_expiry
+        if expiry is not None and sas_expired(expiry):  # what the service's code cannot say
+            meaning = f"the SAS expired at {expiry}"
+            check = "the SAS's expiry: make a new one with a later se= (and this node's clock)"
         return AccessDenied(
             f"{what}: access to {place} was denied ({detail}"
             + (f": {meaning}" if meaning else "")

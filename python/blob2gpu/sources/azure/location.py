@@ -36,6 +36,9 @@ class BlobLocation:
     container: str
     path: str  # a blob name, or a prefix ('' for the whole container)
     sas: str | None = None
+    # The expiry (se=) of the SAS the requests are signed with, wherever it came from (set once
+    # the credential is chosen): a refusal after it names it. Not a secret.
+    sas_expiry: str | None = None
 
     def describe(self, blob: str | None = None) -> str:
         """How errors name a place: account, container and blob, never a secret."""

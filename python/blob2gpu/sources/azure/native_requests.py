@@ -1,0 +1,328 @@
+"""What the core's range reader (blob2gpu._core.RangeClient) is told: where to connect (the
+account's endpoint, the forward proxy, the CA bundle to trust) and, for each ranged GET, its
+signed target and headers; and what its answers mean to the control plane. Python decides, C++
+moves: the environment (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE) and the credential are read
+here, the request is signed here (Shared Key, SAS or bearer token, as Azure's REST reference
+describes it), the core only sends it and reads the body into the caller's memory, and
+range_failure() turns a RangeResult that is not the bytes into an exception of the types
+failures.py and retry.py already classify (status_code, x-ms-error-code, Retry-After; the
+standard library's connection errors), so retries, throttling and error messages stay one
+policy whichever reader fetched.
+
+Nothing here is wired into a load yet: the feeder still reads through azure-storage-blob
+(transport.py). tests/integration/test_native_range_reader.py drives the two halves together
+against a real Azurite.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Any
+from urllib.parse import quote, unquote, urlparse
+
+from blob2gpu import _core
+from blob2gpu.errors import InvalidArgument
+from blob2gpu.sources.azure.location import BlobLocation
+
+# The REST API version the signed requests name (x-ms-version): one the service and Azurite
+# both serve, with If-Match and x-ms-range on Get Blob as used here.
+API_VERSION = "2021-08-06"
+STORAGE_SCOPE = "https://storage.azure.com/.default"
+TOKEN_REFRESH_MARGIN_SECONDS = 300.0  # a bearer token is renewed this long before it expires
+
+
+@dataclass(frozen=True)
+class RangeEndpoint:
+    """Where a RangeClient connects, and how: the keyword arguments of its constructor."""
+
+    host: str
+    port: int
+    tls: bool
+    base_path: str  # the account's path prefix: '/devstoreaccount1' path-style, '' host-style
+    ca_file: str | None = None
+    proxy_host: str | None = None
+    proxy_port: int = 0
+    proxy_authorization: str | None = None
+
+    def client_options(self) -> dict[str, Any]:
+        """RangeClient(**options): everything but base_path."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "tls": self.tls,
+            "ca_file": self.ca_file,
+            "proxy_host": self.proxy_host,
+            "proxy_port": self.proxy_port,
+            "proxy_authorization": self.proxy_authorization,
+        }
+
+
+def range_endpoint(
+    location: BlobLocation, environ: Mapping[str, str] | None = None
+) -> RangeEndpoint:
+    """The endpoint of `location`'s account as the core's range reader reaches it, decided the
+    way requests decides for the SDK's path: HTTPS_PROXY / HTTP_PROXY (or ALL_PROXY) unless
+    NO_PROXY names the host (a proxy's user:password becomes a Basic Proxy-Authorization), and
+    the CA bundle from REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, else OpenSSL's default locations,
+    which honour SSL_CERT_FILE and SSL_CERT_DIR (where requests would take certifi's bundle:
+    both hold the roots Azure's certificates chain to). Raises InvalidArgument for an account
+    URL or proxy that cannot be used."""
+    env = os.environ if environ is None else environ
+    parsed = urlparse(location.account_url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise InvalidArgument(f"'{location.account_url}' is not an http(s) endpoint")
+    tls = parsed.scheme == "https"
+    port = parsed.port or (443 if tls else 80)
+    ca_file = (env.get("REQUESTS_CA_BUNDLE") or env.get("CURL_CA_BUNDLE") or None) if tls else None
+    proxy = _proxy_for(parsed.scheme, parsed.hostname, port, env)
+    proxy_host, proxy_port, proxy_authorization = proxy or (None, 0, None)
+    return RangeEndpoint(
+        host=parsed.hostname,
+        port=port,
+        tls=tls,
+        base_path=parsed.path.rstrip("/"),
+        ca_file=ca_file,
+        proxy_host=proxy_host,
+        proxy_port=proxy_port,
+        proxy_authorization=proxy_authorization,
+    )
+
+
+def _proxy_for(
+    scheme: str, host: str, port: int, env: Mapping[str, str]
+) -> tuple[str, int, str | None] | None:
+    """(proxy host, port, Proxy-Authorization or None) for a request to host:port, or None to
+    go direct."""
+    from requests.utils import should_bypass_proxies
+
+    proxies = _environment_proxies(env)
+    proxy = proxies.get(scheme) or proxies.get("all")  # ALL_PROXY: requests falls back to it
+    # requests' own NO_PROXY rule (suffixes, host:port, CIDR ranges, '*'): what the SDK path
+    # obeys today.
+    if not proxy or should_bypass_proxies(f"{scheme}://{host}:{port}/", proxies.get("no", "")):
+        return None
+    parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    if parsed.scheme != "http" or not parsed.hostname:
+        raise InvalidArgument(
+            f"{scheme.upper()}_PROXY must be an http:// proxy (host and port); the native "
+            "range reader speaks HTTP to its proxy"
+        )
+    authorization = None
+    if parsed.username is not None:
+        pair = f"{unquote(parsed.username)}:{unquote(parsed.password or '')}"
+        authorization = "Basic " + base64.b64encode(pair.encode()).decode()
+    return parsed.hostname, parsed.port or 80, authorization
+
+
+def _environment_proxies(env: Mapping[str, str]) -> dict[str, str]:
+    """{scheme: proxy URL, 'no': NO_PROXY} from *_PROXY variables, as urllib reads them: a
+    lower-case variable wins over its upper-case twin, and an empty one unsets it."""
+    proxies: dict[str, str] = {}
+    for lower_case in (False, True):
+        for name, value in env.items():
+            if name.lower().endswith("_proxy") and name.islower() == lower_case:
+                if value:
+                    proxies[name[:-6].lower()] = value
+                else:
+                    proxies.pop(name[:-6].lower(), None)
+    return proxies
+
+
+class RangeRequestSigner:
+    """Makes the signed ranged GETs of one container's blobs: target (path and query) and
+    headers, for RangeClient.get_into(). Safe to share between threads."""
+
+    def __init__(
+        self,
+        location: BlobLocation,
+        credential: Any,
+        base_path: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """credential: what sources.azure.credentials.resolve_credential chose: None (anonymous,
+        or the SAS in the location), a SAS string, an account key ({'account_name',
+        'account_key'}, or azure-core's AzureNamedKeyCredential / AzureSasCredential), or a
+        token credential (get_token). base_path: the endpoint's (RangeEndpoint.base_path).
+        Raises InvalidArgument for a credential it cannot sign with."""
+        self._location = location
+        self._base = base_path
+        self._clock = clock
+        self._sas = location.sas
+        self._key: tuple[str, bytes] | None = None
+        self._token_credential: Any = None
+        self._token: tuple[str, float] | None = None  # (token, expires_on)
+        if credential is None:
+            pass
+        elif isinstance(credential, str):
+            self._sas = credential.lstrip("?")
+        elif isinstance(credential, Mapping) and "account_key" in credential:
+            name = str(credential.get("account_name") or location.account)
+            self._key = (name, base64.b64decode(credential["account_key"]))
+        elif hasattr(credential, "named_key"):  # AzureNamedKeyCredential
+            self._key = (credential.named_key.name, base64.b64decode(credential.named_key.key))
+        elif hasattr(credential, "signature"):  # AzureSasCredential
+            self._sas = str(credential.signature).lstrip("?")
+        elif hasattr(credential, "get_token"):
+            self._token_credential = credential
+        else:
+            raise InvalidArgument(
+                f"the native range reader cannot sign with a {type(credential).__name__}"
+            )
+
+    def path(self, blob: str) -> str:
+        """The percent-encoded request path of `blob` (no query)."""
+        container = quote(self._location.container, safe="")
+        return f"{self._base}/{container}/{quote(blob, safe='/~')}"
+
+    def range_get(
+        self, blob: str, start: int, end: int, etag: str | None
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """(target, headers) of GET bytes [start, end) of `blob`, If-Match `etag` when given,
+        signed with the credential. Raises what the token credential raises when it cannot get
+        a token."""
+        if not 0 <= start < end:
+            raise InvalidArgument(f"an empty or negative range [{start}, {end})")
+        path = self.path(blob)
+        headers = [
+            ("x-ms-date", formatdate(self._clock(), usegmt=True)),
+            ("x-ms-version", API_VERSION),
+            ("x-ms-range", f"bytes={start}-{end - 1}"),
+        ]
+        if etag is not None:
+            headers.append(("If-Match", etag))
+        if self._key is not None:
+            headers.append(("Authorization", self._shared_key(path, headers)))
+        elif self._token_credential is not None:
+            headers.append(("Authorization", f"Bearer {self._bearer_token()}"))
+        target = f"{path}?{self._sas}" if self._sas and self._key is None else path
+        return target, headers
+
+    def _shared_key(self, path: str, headers: list[tuple[str, str]]) -> str:
+        """The Shared Key Authorization value of a GET with `headers` and no query (Azure's
+        "Authorize with Shared Key": the standard headers in their fixed order, then the x-ms-
+        headers sorted, then /ACCOUNT/PATH)."""
+        account, key = self._key  # type: ignore[misc]
+        named = {name.lower(): value.strip() for name, value in headers}
+        standard = [
+            "content-encoding",
+            "content-language",
+            "content-length",
+            "content-md5",
+            "content-type",
+            "date",
+            "if-modified-since",
+            "if-match",
+            "if-none-match",
+            "if-unmodified-since",
+            "range",
+        ]
+        lines = ["GET", *(named.get(name, "") for name in standard)]
+        canonical = "".join(
+            f"{name}:{value}\n" for name, value in sorted(named.items()) if name.startswith("x-ms-")
+        )
+        to_sign = "\n".join(lines) + "\n" + canonical + f"/{account}{path}"
+        digest = hmac.new(key, to_sign.encode("utf-8"), hashlib.sha256).digest()
+        return f"SharedKey {account}:{base64.b64encode(digest).decode()}"
+
+    def _bearer_token(self) -> str:
+        token = self._token
+        if token is None or token[1] - TOKEN_REFRESH_MARGIN_SECONDS <= self._clock():
+            access = self._token_credential.get_token(STORAGE_SCOPE)
+            token = self._token = (str(access.token), float(access.expires_on))
+        return token[0]
+
+
+# -- what an answer that is not the bytes means ------------------------------------------------
+class _Headers(dict[str, str]):
+    """A response's headers, read case-insensitively (as azure-core's are)."""
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return super().get(name.lower(), default)
+
+
+class _Response:
+    def __init__(self, headers: list[tuple[str, str]]) -> None:
+        self.headers = _Headers((name.lower(), value) for name, value in reversed(headers))
+
+
+class RangeHttpError(Exception):
+    """The server answered a ranged GET with a status other than 2xx: the fields failures.py
+    reads from azure-core's HttpResponseError (status_code, error_code, reason, response
+    headers), none from a message."""
+
+    def __init__(self, result: _core.RangeResult) -> None:
+        super().__init__(f"HTTP {result.status} {result.reason}".rstrip())
+        self.status_code = result.status
+        self.reason = result.reason
+        self.message = result.reason  # the service's message: Azure sends it as the reason
+        self.error_code = result.header("x-ms-error-code")
+        self.response = _Response(result.headers)
+
+
+class RangeMismatch(Exception):
+    """A 2xx answer whose body is not the range asked for (another size, another range): the
+    blob changed since it was listed. `total_size`: its size now, or -1 when it did not say."""
+
+    def __init__(self, result: _core.RangeResult) -> None:
+        super().__init__(result.detail)
+        self.total_size = result.total_size
+
+
+class ConnectTimeoutError(TimeoutError):
+    """No TCP connection within connect_timeout_seconds (the name failures.connection_problem
+    knows, as urllib3's)."""
+
+
+class ProxyError(OSError):
+    """The forward proxy failed or refused the tunnel: (what failed, why), as urllib3's
+    ProxyError carries them (failures.proxy_problem reads both); status_code 407 when it refused
+    the proxy credentials."""
+
+    status_code: int | None = None
+
+
+def range_failure(result: _core.RangeResult) -> Exception | None:
+    """None when `result` is the whole range (result.ok); else the exception it amounts to, of
+    the types sources.azure.failures classifies: RangeHttpError for an error status (412 when
+    the etag no longer matches), RangeMismatch, ssl.SSLCertVerificationError, ProxyError
+    (status_code 407 when the proxy refused its credentials), ConnectionRefusedError,
+    socket.gaierror, ConnectTimeoutError, TimeoutError, ConnectionResetError, ConnectionError
+    (a malformed answer), ConnectionAbortedError (the client was closed)."""
+    F = _core.FetchFailure
+    failure, detail = result.failure, result.detail
+    if failure == F.NONE:
+        if result.ok:
+            return None
+        return RangeHttpError(result)
+    if failure == F.RANGE_MISMATCH:
+        return RangeMismatch(result)
+    if failure == F.TLS_VERIFY:
+        error = ssl.SSLCertVerificationError(1, detail)
+        error.verify_message = detail
+        return error
+    if failure == F.PROXY_REFUSED:
+        proxy = ProxyError("Unable to connect to proxy", OSError(detail))
+        if result.status == 407:
+            proxy.status_code = 407
+        return proxy
+    simple: dict[_core.FetchFailure, type[Exception]] = {
+        F.CONNECT_REFUSED: ConnectionRefusedError,
+        F.DNS: socket.gaierror,
+        F.CONNECT_TIMEOUT: ConnectTimeoutError,
+        F.CONNECT_FAILED: ConnectionError,
+        F.TLS_HANDSHAKE: ssl.SSLError,
+        F.TIMEOUT: TimeoutError,
+        F.RESET: ConnectionResetError,
+        F.MALFORMED: ConnectionError,
+        F.CANCELLED: ConnectionAbortedError,
+    }
+    return simple.get(failure, ConnectionError)(detail)
