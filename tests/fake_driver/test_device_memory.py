@@ -418,3 +418,31 @@ def test_a_selection_streams_within_the_cap(fake_driver, vllm_gpu, write_checkpo
         assert sorted(gpu.load_weights(checkpoint.stream())) == sorted(want)
     assert gpu.parameter_bytes(fake_driver) == want
     assert fake_driver.peak_device_bytes() - parameters <= cap
+
+
+def test_cache_hits_checked_by_content_md5_stream_within_the_cap(
+    fake_driver, vllm_gpu, write_checkpoint, blob_env, container, cache_dir
+):
+    # A second load reads every shard from the node's cache, checked against the blob's
+    # Content-MD5 as the core reads it: each such shard is handed out whole (one group).
+    directory = write_checkpoint(varied_shards(3, seed=23))
+    upload_directory(blob_env, container, directory, "m")
+    uri = f"az://{container}/m"
+    want = expected(directory)
+    largest = max(f.stat().st_size for f in directory.glob("*.safetensors"))
+    with blob2gpu.Loader(
+        local_nvme_cache_enabled=True, cache_dir=str(cache_dir), staging_slot_bytes=SLOT
+    ) as loader:
+        loader.load(uri, device="cuda", framework="dlpack")
+        loader.wait_for_cache_fill()
+        gpu = vllm_gpu({name: len(b) for name, b in want.items()})
+        parameters = fake_driver.live_device_bytes()
+        fake_driver.reset_peak()
+        with loader.open(
+            uri, device="cuda", framework="dlpack", streamed_device_bytes=2 * largest
+        ) as checkpoint:
+            gpu.load_weights(checkpoint.stream())
+            report = checkpoint.report
+    assert all(s.cache_hit for s in report.shards) and report.verification == "content-md5"
+    assert gpu.parameter_bytes(fake_driver) == want
+    assert fake_driver.peak_device_bytes() - parameters <= 2 * largest
