@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from blob2gpu.errors import ConfigError
+from blob2gpu.loading.memory_fit import streamed_device_cap
 from blob2gpu.loading.prepare import PreparedLoad
 from blob2gpu.loading.shard_sources import shard_sources
 from blob2gpu.sources import ShardPlan
@@ -26,6 +27,7 @@ def start_fed_session(
         host_staging=prepared.request.host_staging,
         fail_on_checksum_mismatch=prepared.settings.fail_if_checksum_mismatch,
         wanted=prepared.wanted,
+        device_cap=streamed_device_cap(prepared.request, pipeline),
         **options,
     )
 
@@ -83,6 +85,7 @@ class StorageFetch:
                 host_staging=prepared.request.host_staging,
                 fail_on_checksum_mismatch=prepared.settings.fail_if_checksum_mismatch,
                 wanted=prepared.wanted,
+                device_cap=streamed_device_cap(prepared.request, pipeline),
             )
             return session, None
         return self._start_blob(prepared, pipeline)
@@ -104,6 +107,12 @@ class StorageFetch:
         )
         chunk = range_bytes(prepared, self._slot_bytes)
         device, staging = prepared.request.device, prepared.request.host_staging
+        # The first range carries the header; its data waits on the host (a staging slot's worth
+        # per shard, every shard's header being read first) unless it can land at once: straight
+        # into the cpu arena, host staging, or a streamed GPU load's memory, which its group may
+        # not have yet. Keep it small there.
+        streamed = streamed_device_cap(prepared.request, pipeline) > 0
+        small_first = device == "cpu" or staging or streamed
         feeder = BlobFeeder(
             session,
             plan,
@@ -113,7 +122,7 @@ class StorageFetch:
             chunk,
             fetch=[i for i in range(len(plan.shards)) if i not in cache.hits],
             cache_writer=cache.writer,
-            first_range_bytes=min(chunk, 1 << 20) if device == "cpu" or staging else None,
+            first_range_bytes=min(chunk, 1 << 20) if small_first else None,
             max_range_bytes=max(chunk, self._slot_bytes),
             # The node's loads share one throttling budget, next to the cache's locks.
             node=node_budget(prepared),

@@ -32,7 +32,7 @@ from blob2gpu.loading.cache_plan import (
     open_cache,
     start_cache_writes,
 )
-from blob2gpu.loading.memory_fit import check_memory_fit
+from blob2gpu.loading.memory_fit import check_memory_fit, streamed_device_cap
 from blob2gpu.loading.request import LoadRequest
 from blob2gpu.loading.selection import Selection, header_reader, select, selected_sizes
 from blob2gpu.operations.report import LoadReport
@@ -210,14 +210,17 @@ def check_fit(
     returns (free, total) GPU bytes measured (None on cpu). A selection whose shards do not fit
     whole is sized from its headers (one small read per shard) before deciding."""
     settings, device, staging = request.settings, request.device, request.host_staging
+    cap = streamed_device_cap(request, pipeline)  # a streamed load holds this, not the weights
+    sizes = [s.size for s in plan.shards]
     try:
-        return check_memory_fit([s.size for s in plan.shards], device, pipeline, settings, staging)
+        return check_memory_fit(sizes, device, pipeline, settings, staging, streamed_cap=cap)
     except (InsufficientGPUMemory, InsufficientHostMemory):
         if selection.everything:
             raise
     chunk = manifest.chunk_bytes if manifest is not None else 0
     sizes = selected_sizes(plan, selection, read_header, chunk)
-    return check_memory_fit(sizes, device, pipeline, settings, staging, what="the selected tensors")
+    what = "the selected tensors"
+    return check_memory_fit(sizes, device, pipeline, settings, staging, what, streamed_cap=cap)
 
 
 def has_authority(prepared: PreparedLoad, index: int) -> bool:
