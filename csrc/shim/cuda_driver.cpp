@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 
@@ -11,7 +12,11 @@
 namespace blob2gpu {
 namespace {
 
-std::once_flag g_load_once;
+// Not std::call_once: a fork() while another thread is inside load_driver() would leave the child a
+// once-flag that never completes. This mutex is held across fork() instead (see
+// hold_driver_load_for_fork), so a child always finds the load either done or not begun.
+std::mutex g_load_mutex;
+std::atomic<bool> g_load_attempted{false};
 CudaDriver g_driver;
 std::string g_load_error;  // empty when loaded
 bool g_loaded = false;
@@ -95,9 +100,23 @@ void load_driver() {
 }  // namespace
 
 const CudaDriver& cuda_driver() {
-  std::call_once(g_load_once, load_driver);
+  if (!g_load_attempted.load(std::memory_order_acquire)) {
+    std::lock_guard<std::mutex> lock(g_load_mutex);
+    if (!g_load_attempted.load(std::memory_order_relaxed)) {
+      load_driver();
+      g_load_attempted.store(true, std::memory_order_release);
+    }
+  }
   if (!g_loaded) throw CoreError(ErrorKind::CudaDriverUnavailable, g_load_error);
   return g_driver;
+}
+
+void hold_driver_load_for_fork() {
+  g_load_mutex.lock();
+}
+
+void release_driver_load_after_fork() {
+  g_load_mutex.unlock();
 }
 
 bool cuda_driver_loaded() {

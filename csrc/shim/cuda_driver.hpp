@@ -51,6 +51,12 @@ struct CudaDriver {
 // CudaDriverUnavailable naming the library and the reason when it cannot.
 const CudaDriver& cuda_driver();
 
+// fork() safety (cuda_device.cpp registers the pthread_atfork handlers): held before a fork, so no
+// thread is inside the driver's loading when the process is copied, and released after it in
+// both the parent and the child.
+void hold_driver_load_for_fork();
+void release_driver_load_after_fork();
+
 // Whether a driver was loaded successfully (never throws, never loads).
 bool cuda_driver_loaded();
 

@@ -197,6 +197,18 @@ class Settings:
         minimum=1,
         maximum=256,
     )
+    streamed_device_bytes: int = setting(
+        "staging",
+        0,
+        "GPU device memory a streamed load (Checkpoint.stream(), iterating open(), the vLLM "
+        "loader) holds beside what its consumer keeps: tensors landed and not yet handed out, "
+        "or handed out by stream() and not yet dropped. Later tensor groups wait for it; the "
+        "memory-fit check counts it, not the checkpoint. 0: min(4 GiB, 10% of the GPU's memory). "
+        "A tensor larger than it (or a shard checked by Content-MD5, handed out only whole) "
+        "raises it. load() is not bounded: it keeps what it returns. Accepts 2GiB, 512M, ...",
+        minimum=0,
+        maximum=1 << 50,
+    )
     mmap_local_files: bool = setting(
         "staging",
         True,

@@ -72,6 +72,12 @@ LETS_MISMATCHES_THROUGH = (
 )
 NO_PROC_FD = f"no {PROC_FD} here, through which the core reads the entry this process checked"
 
+# How long a load waits for another process writing the same entry: the time that writer needs
+# at a slow disk's or link's pace, and a floor for its start. Past it the writer is taken for
+# hung (or hostile: anyone who can open the lock file can hold it) and the shard is fetched.
+WRITER_FLOOR_SECONDS = 30.0
+WRITER_SLOWEST_BYTES_PER_SECOND = 20e6
+
 # What a damaged, malformed, unreadable or replaced entry makes the core raise for its shard.
 REPAIRABLE = (ChecksumMismatch, InvalidHeader, SourceReadError, SourceUnavailable)
 
@@ -82,6 +88,11 @@ def with_node_cache(source: Source) -> Source:
     if not source.settings.local_nvme_cache_enabled or not source.remote:
         return source
     return CachedSource(source)
+
+
+def writer_wait_seconds(size: int) -> float:
+    """How long to wait for another process writing an entry of `size` bytes."""
+    return WRITER_FLOOR_SECONDS + size / WRITER_SLOWEST_BYTES_PER_SECOND
 
 
 def blob_checks(
@@ -352,8 +363,15 @@ class CachedSource(Source):
             except OSError as e:  # out of inodes, read-only, a symlink planted: not cached
                 writer.stats.skipped[ref.name] = f"cannot write to the cache: {e.strerror or e}"
                 continue
-            if not lock.try_acquire():
-                lock.acquire()  # another process is writing this shard: wait, then read it
+            # Another process is writing this shard: wait for it, then read it (the node
+            # downloads it once), but only as long as a writer making progress would take.
+            if not lock.try_acquire() and not lock.acquire(timeout=writer_wait_seconds(ref.size)):
+                lock.release()
+                writer.stats.skipped[ref.name] = (
+                    f"another process held its cache entry's lock for over "
+                    f"{writer_wait_seconds(ref.size):.0f} s: fetched from Blob, not cached"
+                )
+                continue
             if i not in refetch and (hit := self._hit(ref, key)) is not None:
                 lock.release()  # looked up again under the lock: written meanwhile
                 self.hits[i] = hit
@@ -438,8 +456,8 @@ class _RepairingFetch(Fetch):
         self._done: set[str] = set()  # shards pulled (or held)
         self._bytes_before = 0  # bytes read by replaced sessions
 
-    def next_shard(self) -> Arrived | None:
-        arrived = self._held.popleft() if self._held else super().next_shard()
+    def next_shard(self, keep: bool = True) -> Arrived | None:
+        arrived = self._held.popleft() if self._held else super().next_shard(keep)
         if arrived is not None:
             self._done.add(arrived[0].name)
         return arrived
@@ -620,9 +638,13 @@ def refetch_entry(
         return None, "its record does not say which blob version it holds"
     ref = ShardRef(posixpath.basename(record.blob), record.blob, record.size, record.etag)
     identity = record.identity()
+    if NvmeCache.key_of(identity) != entry.key:
+        # Its name is the hash of what it holds: a record that says otherwise was not written by
+        # a load, and is no reason to send a request to whatever account it names.
+        return None, "its record does not match its name (forged or damaged)"
     # The record is not a reference for the bytes: the fetch is pinned to the etag, and checked
     # against what it received.
-    shard = FillShard(ref.name, NvmeCache.key_of(identity), identity, ref)
+    shard = FillShard(ref.name, entry.key, identity, ref)
     source = open_source(_entry_uri(record.account, record.container, record.blob), settings)
     return start_fill(cache, [shard], source, settings), None
 

@@ -243,7 +243,15 @@ def load(
     strategy = GroupFanOut(dist.get_rank(), dist.get_world_size())
     with Loader(**loader_settings) as loader:
         request = LoadRequest.make(
-            uri, device, framework, credential, loader.settings, {}, tensor_names, tensor_filter
+            uri,
+            device,
+            framework,
+            credential,
+            loader.settings,
+            {},
+            tensor_names,
+            tensor_filter,
+            streamed=False,  # every tensor is kept: the load holds the checkpoint, as load() does
         )
         with loader.start(request, strategy) as checkpoint:
             return checkpoint.to_dict()

@@ -1,6 +1,11 @@
 """Checkpoint: one load in progress or done. Iterating it yields (name, tensor) as shards arrive;
 ``get``, ``keys`` and ``metadata`` wait for what they need.
 
+On a GPU an opened load is streamed: the core hands tensors out in tensor groups and holds at most
+streamed_device_bytes of device memory for what it has not handed out, plus what stream() handed
+out and the consumer has not dropped yet (csrc/arena_pool.hpp). Tensors the checkpoint keeps
+(iteration, get, to_dict) are the consumer's and no longer counted.
+
 It does arrival and hand-out only: which error a failed load raises and what its feeder counted
 are the Fetch's (sources/feeding.py), the NVMe cache's repair and fill the CachedSource's
 (cache/source.py), the index checks selection.py's, the numbers the LoadReport's."""
@@ -8,6 +13,7 @@ are the Fetch's (sources/feeding.py), the NVMe cache's repair and fill the Cache
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NoReturn
 
@@ -77,7 +83,9 @@ class Checkpoint:
         if self._closed:
             raise LoadCancelled("the checkpoint is closed")
         try:
-            arrived = self._fetch.next_shard()
+            # Kept tensors are the consumer's; streamed ones count against the load's device
+            # memory until the consumer drops them.
+            arrived = self._fetch.next_shard(keep=self._keep_tensors)
         except BaseException as error:
             self._fail(error)
         if arrived is None:
@@ -166,11 +174,19 @@ class Checkpoint:
         second full copy of the weights. The index checks of a full iteration run at the end;
         get(), keys() and to_dict() then raise InvalidArgument."""
         self._keep_tensors = False
-        tensors, self._tensors = self._tensors, {}  # tensors kept by an earlier attempt
-        yield from tensors.items()
-        del tensors
-        while (arrived := self._receive_next()) is not None:
-            yield from arrived
+        kept, self._tensors = self._tensors, {}  # tensors kept by an earlier attempt
+        pending = deque(kept.items())
+        del kept
+        # Handed out one by one and let go of as they are: while the next group is awaited, only
+        # the consumer's last tensor holds device memory, not the whole previous group.
+        while True:
+            while pending:
+                yield pending.popleft()
+            arrived = self._receive_next()
+            if arrived is None:
+                return
+            pending.extend(arrived)
+            del arrived
 
     def keys(self) -> list[str]:
         """Every tensor name (waits for the load to finish)."""

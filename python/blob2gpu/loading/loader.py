@@ -127,7 +127,8 @@ class Loader:
         tensor_filter: Callable[[str], bool] | None = None,
         **settings: Any,
     ) -> dict[str, Any]:
-        """Load every tensor of `uri` onto `device`; returns {name: tensor}.
+        """Load every tensor of `uri` onto `device`; returns {name: tensor} (it keeps them all:
+        the load's device memory is the checkpoint's, not bounded by streamed_device_bytes).
 
         Returns once every byte has landed. Raises the load's typed error (see blob2gpu.errors)
         after releasing everything the load allocated. With on_blob_change='restart', a blob
@@ -144,6 +145,7 @@ class Loader:
             settings,
             tensor_names,
             tensor_filter,
+            streamed=False,
         )
         restart = request.settings.on_blob_change == "restart"
         restarts_left = RESTARTS_ON_BLOB_CHANGE if restart else 0

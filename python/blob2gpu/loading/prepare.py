@@ -22,7 +22,7 @@ from blob2gpu.cache.source import with_node_cache
 from blob2gpu.errors import InsufficientGPUMemory, InsufficientHostMemory, ShardCountMismatch
 from blob2gpu.integrity.manifest import Manifest, core_checksums, require_manifest
 from blob2gpu.loading.frameworks import Tensor
-from blob2gpu.loading.memory_fit import check_memory_fit
+from blob2gpu.loading.memory_fit import check_memory_fit, streamed_device_cap
 from blob2gpu.loading.request import LoadRequest
 from blob2gpu.loading.selection import Selection, select, selected_sizes
 from blob2gpu.operations.report import LoadReport
@@ -77,6 +77,9 @@ class PreparedLoad:
     content_md5: list[bytes | None] | None  # per shard, the blob's Content-MD5 to check
     report: LoadReport
     preloaded: dict[ShardRef, dict[str, Tensor]] = field(default_factory=dict)
+    # The device memory a streamed GPU load may hold for what its consumer has not dropped
+    # (memory_fit.streamed_device_cap); 0: not bounded.
+    device_cap: int = 0
 
     @property
     def settings(self) -> ResolvedSettings:
@@ -118,6 +121,7 @@ class PreparedLoad:
             host_staging=self.request.host_staging,
             fail_on_checksum_mismatch=self.settings.fail_if_checksum_mismatch,
             wanted=self.wanted,
+            device_cap=self.device_cap,
         )
 
     def start_fed(
@@ -139,6 +143,7 @@ class PreparedLoad:
             wanted=self.wanted,
             direct_io=direct_io,
             mmap=mmap,
+            device_cap=self.device_cap,
         )
 
     def narrowed(self, shards: tuple[ShardRef, ...]) -> PreparedLoad:
@@ -231,19 +236,23 @@ def check_fit(
     selection: Selection,
     read_header: Callable[[ShardRef], _core.ParsedHeader],
     manifest: Manifest | None,
+    cap: int,
 ) -> tuple[int, int] | None:
-    """Raises InsufficientGPUMemory / InsufficientHostMemory when the weights will not fit;
-    returns (free, total) GPU bytes measured (None on cpu). A selection whose shards do not fit
-    whole is sized from its headers (one small read per shard) before deciding."""
+    """Raises InsufficientGPUMemory / InsufficientHostMemory when the weights will not fit (a
+    streamed load's: its `cap`, not the weights); returns (free, total) GPU bytes measured (None
+    on cpu). A selection whose shards do not fit whole is sized from its headers (one small read
+    per shard) before deciding."""
     settings, device, staging = request.settings, request.device, request.host_staging
+    sizes = [s.size for s in plan.shards]
     try:
-        return check_memory_fit([s.size for s in plan.shards], device, pipeline, settings, staging)
+        return check_memory_fit(sizes, device, pipeline, settings, staging, streamed_cap=cap)
     except (InsufficientGPUMemory, InsufficientHostMemory):
         if selection.everything:
             raise
     chunk = manifest.chunk_bytes if manifest is not None else 0
     sizes = selected_sizes(plan, selection, read_header, chunk)
-    return check_memory_fit(sizes, device, pipeline, settings, staging, what="the selected tensors")
+    what = "the selected tensors"
+    return check_memory_fit(sizes, device, pipeline, settings, staging, what, streamed_cap=cap)
 
 
 def load_strategy(request: LoadRequest) -> str:
@@ -282,7 +291,9 @@ def prepare_load(
     manifest = read_manifest(source, settings.verify, plan)
     algorithm = chunk_algorithm(settings.verify)
     content_md5 = content_md5_to_check(manifest, settings.verify, plan, selection)
-    gpu_memory = check_fit(request, pipeline(), plan, selection, source.read_header, manifest)
+    core = pipeline()
+    cap = streamed_device_cap(request, core)
+    gpu_memory = check_fit(request, core, plan, selection, source.read_header, manifest, cap)
     report = LoadReport(
         uri=source.display_uri,
         device=request.device,
@@ -309,6 +320,7 @@ def prepare_load(
         content_md5=content_md5,
         report=report,
         preloaded=preloaded,
+        device_cap=cap,
     )
     source.begin(prepared)
     return prepared

@@ -77,6 +77,10 @@ class LoadRequest:
     settings: ResolvedSettings
     tensor_names: frozenset[str] | None = None
     tensor_filter: Callable[[str], bool] | None = None
+    # The consumer takes tensors as they arrive (a Checkpoint: open(), a serving engine), so a GPU
+    # load's device memory is bounded (streamed_device_bytes); False: the caller keeps every
+    # tensor (load()), and the load holds the whole checkpoint.
+    streamed: bool = True
 
     @classmethod
     def make(
@@ -89,6 +93,7 @@ class LoadRequest:
         overrides: dict[str, Any],
         tensor_names: Iterable[str] | None = None,
         tensor_filter: Callable[[str], bool] | None = None,
+        streamed: bool = True,
     ) -> LoadRequest:
         """The checked request. Raises InvalidArgument (no URI, unknown device, a selection given
         twice, a pipeline setting given per load) or ConfigError (a bad setting)."""
@@ -104,6 +109,7 @@ class LoadRequest:
             settings=settings.with_overrides(overrides),
             tensor_names=names,
             tensor_filter=name_filter,
+            streamed=streamed,
         )
 
     @property

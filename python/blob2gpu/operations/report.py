@@ -126,6 +126,16 @@ class LoadReport:
     gpu_memory_free_before: int | None = None
     gpu_memory_free_min: int | None = None  # the watermark: least free memory seen during the load
     gpu_memory_free_after: int | None = None
+    # A streamed GPU load's device memory (streamed_device_bytes): its bound (None: not bounded,
+    # as load()), the most it had allocated at once, the bound raised to a larger tensor (or a
+    # Content-MD5 shard, handed out only whole; 0: never), allocations it had to make mid-load
+    # (device-wide synchronizations on a GPU), and bytes a consumer held from stream() that the
+    # bound stopped counting rather than wait for them.
+    streamed_device_bytes: int | None = None
+    streamed_peak_device_bytes: int | None = None
+    streamed_cap_raised_to: int = 0
+    streamed_mid_load_allocations: int = 0
+    streamed_kept_bytes: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
     _clock_start: float = field(default=0.0, repr=False)
     # Seconds from artifact fetch start (before listing) to the core session's start: the core's
@@ -261,6 +271,17 @@ class LoadReport:
             rank = {name: i for i, name in enumerate(order)}
             shards.sort(key=lambda s: rank.get(s.name, len(rank)))
         self.shards = shards
+        if stats.device_cap > 0:
+            self.streamed_device_bytes = stats.device_cap
+            peak = max(earlier.get("streamed_peak", 0), stats.peak_device_bytes)
+            self.streamed_peak_device_bytes = peak
+            self.streamed_cap_raised_to = max(
+                earlier.get("streamed_raised", 0), stats.cap_raised_to
+            )
+            self.streamed_mid_load_allocations = (
+                earlier.get("streamed_grown", 0) + stats.mid_load_allocations
+            )
+            self.streamed_kept_bytes = earlier.get("streamed_kept", 0) + stats.kept_beyond_cap
 
     def loaded(self, stats: SessionStats, order: list[str]) -> None:
         """The load's last core session has landed every byte: its end now, the session's
@@ -303,6 +324,12 @@ class LoadReport:
         earlier["bytes"] = earlier.get("bytes", 0) + stats.bytes_read
         earlier["peak"] = max(earlier.get("peak", 0), stats.peak_slots_in_flight)
         earlier["failures"] = earlier.get("failures", []) + list(stats.checksum_failures)
+        if stats.device_cap > 0:
+            earlier["streamed_peak"] = max(earlier.get("streamed_peak", 0), stats.peak_device_bytes)
+            earlier["streamed_raised"] = max(earlier.get("streamed_raised", 0), stats.cap_raised_to)
+            grown = stats.mid_load_allocations
+            earlier["streamed_grown"] = earlier.get("streamed_grown", 0) + grown
+            earlier["streamed_kept"] = earlier.get("streamed_kept", 0) + stats.kept_beyond_cap
         kept = [s for s in self._shard_reports(stats) if s.name in complete]
         for shard in kept:
             shard.cache_hit = shard.name in hits

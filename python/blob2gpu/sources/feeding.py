@@ -153,14 +153,15 @@ class Fetch:
             self.feeder.start()
         return self
 
-    def next_shard(self) -> Arrived | None:
-        """The next published shard, or None once every shard was. Raises the load's error: the
-        feeder's typed one rather than the core's echo of it."""
+    def next_shard(self, keep: bool = True) -> Arrived | None:
+        """The next published shard, or None once every shard was (keep: the consumer keeps its
+        tensors, which then no longer count against a streamed load's device memory). Raises
+        the load's error: the feeder's typed one rather than the core's echo of it."""
         try:
-            item = self.session.next_shard()
+            item = self.session.next_shard(keep)
         except BaseException as error:
             if self.recover(error):
-                return self.next_shard()
+                return self.next_shard(keep)
             typed = self.typed(error)
             if typed is error:
                 raise

@@ -83,7 +83,8 @@ class Blob2GpuModelLoader(BaseModelLoader):  # type: ignore[misc,unused-ignore]
         self.report = report
         if model_config.quantization is None and loaded is not None:
             check_every_parameter_loaded(model, set(loaded), report.uri)
-        publish_report(report, self.options.report_file(rank, world), rank, fan_out, experts)
+        worker, workers = worker_of_engine()
+        publish_report(report, self.options.report_file(worker, workers), rank, fan_out, experts)
 
 
 def tensor_parallel_group() -> tuple[int, int, Any]:
@@ -92,6 +93,16 @@ def tensor_parallel_group() -> tuple[int, int, Any]:
 
     group = get_tp_group()
     return group.rank_in_group, group.world_size, group.cpu_group
+
+
+def worker_of_engine() -> tuple[int, int]:
+    """(this worker's rank among all the engine's workers, their number): what names its report
+    file. Data- and pipeline-parallel workers share tensor-parallel ranks, so those would write
+    over each other's reports."""
+    from vllm.distributed.parallel_state import get_world_group
+
+    group = get_world_group()
+    return group.rank_in_group, group.world_size
 
 
 def device_of(model: nn.Module) -> str:

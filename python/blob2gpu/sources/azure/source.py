@@ -133,9 +133,13 @@ class AzureSource(Source):
         # was joined), so the retry policy's stopping event is cleared for this one.
         c.retry.stopping.clear()
         chunk, slot = range_bytes(load), load.settings.staging_slot_bytes
-        # The first range carries the header; when data lands in host memory it goes through a
-        # staging slot (the arena does not exist yet), so keep it small there.
-        small_first = load.request.device == "cpu" or load.request.host_staging
+        # The first range carries the header; its data waits on the host (a staging slot's worth
+        # per shard, every shard's header being read first) unless it can land at once: straight
+        # into the cpu arena, host staging, or a streamed GPU load's memory, which its group may
+        # not have yet. Keep it small there.
+        small_first = (
+            load.request.device == "cpu" or load.request.host_staging or load.device_cap > 0
+        )
         return BlobFeeder(
             session,
             load.plan,
