@@ -51,7 +51,7 @@ class Refused:
 
 
 def request(loader: blob2gpu.Loader, uri: str, **settings: Any) -> LoadRequest:
-    return LoadRequest.make(uri, "cpu", "torch", None, loader.settings, settings)
+    return loader.request(uri, overrides=settings)
 
 
 def test_a_strategy_of_its_own_loads_through_the_one_sequence(write_checkpoint):
@@ -137,3 +137,19 @@ def test_a_load_that_cannot_start_releases_its_cache_locks(
         lock.release()
     got = blob2gpu.load(uri, **settings)
     assert {n: as_bytes(t) for n, t in got.items()} == expected(directory)
+
+
+def test_every_entry_point_makes_one_request_by_keyword(write_checkpoint, monkeypatch):
+    # Loader.request() makes the one LoadRequest of every entry point, in canonical form; the
+    # type itself is built by keyword only.
+    directory = write_checkpoint([{"w": random_tensor(torch.float32, (8, 8), 1)}])
+    monkeypatch.setenv("MODEL_SOURCE_URI", str(directory))
+    with blob2gpu.Loader(verify="auto") as loader:
+        made = loader.request(tensor_names=["w"], overrides={"verify": "none"})
+        assert (made.uri, made.device, made.tensor_names) == (str(directory), "cpu", {"w"})
+        assert (made.settings.verify, loader.settings.verify) == ("none", "auto")
+        with pytest.raises(blob2gpu.errors.InvalidArgument, match="must be given to Loader"):
+            loader.request(overrides={"staging_slots": 4})
+        with pytest.raises(TypeError):
+            LoadRequest(str(directory), loader.settings)  # type: ignore[misc]
+        assert list(loader.start(made).to_dict()) == ["w"]

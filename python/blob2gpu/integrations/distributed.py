@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from blob2gpu import _core
 from blob2gpu.errors import InvalidArgument, LoadCancelled
@@ -23,7 +23,10 @@ from blob2gpu.sources.plan import ShardPlan, ShardRef
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
+    from blob2gpu.loading.frameworks import Tensor
+    from blob2gpu.loading.loader import Loader
     from blob2gpu.loading.prepare import PreparedLoad
+    from blob2gpu.loading.request import LoadRequest
 
 ALIGN = 1 << 20  # rank boundaries fall on MiB boundaries: large, aligned requests
 STOP_WAIT_SECONDS = 30.0  # how long closing a fan-out load waits for its exchange thread
@@ -210,30 +213,20 @@ class GroupExchange:
             raise failed[0]
 
 
-def load(
-    uri: str | None,
-    device: str,
-    framework: str,
-    credential: Any,
-    loader_settings: dict[str, Any],
-    tensor_names: Any = None,
-    tensor_filter: Any = None,
-) -> dict[str, Any]:
-    """blob2gpu.load(..., distributed=True): see the module docstring. Needs an initialized
-    torch.distributed process group (gloo for cpu tensors; the exchange runs on host memory).
+def load(loader: Loader, request: LoadRequest) -> dict[str, Tensor]:
+    """blob2gpu.load(..., distributed=True): `request` fetched by the group (GroupFanOut, see the
+    module) through `loader`. Needs an initialized torch.distributed process group (gloo for cpu
+    tensors; the exchange runs on host memory).
 
-    With a tensor selection (tensor_names / tensor_filter, which may differ per rank) each rank
-    keeps only its tensors; the group fetches the union of what its ranks need (whole shards
-    holding a wanted tensor, one copy per group) and exchanges it as above. Every check of an
-    ordinary load runs (loading.prepare): only who fetches which bytes differs.
+    With a tensor selection (which may differ per rank) each rank keeps only its tensors; the
+    group fetches the union of what its ranks need (whole shards holding a wanted tensor, one
+    copy per group) and exchanges it as above. Every check of an ordinary load runs
+    (loading.prepare): only who fetches which bytes differs.
 
     Returns {name: tensor} on every rank. Raises InvalidArgument without a process group, and
     every error of blob2gpu.load (the same on every rank for source and header errors).
     """
     import torch.distributed as dist
-
-    from blob2gpu.loading.loader import Loader
-    from blob2gpu.loading.request import LoadRequest
 
     if not (dist.is_available() and dist.is_initialized()):
         raise InvalidArgument(
@@ -241,17 +234,5 @@ def load(
             "first (gloo on CPUs, or a group whose backend handles CPU tensors)"
         )
     strategy = GroupFanOut(dist.get_rank(), dist.get_world_size())
-    with Loader(**loader_settings) as loader:
-        request = LoadRequest.make(
-            uri,
-            device,
-            framework,
-            credential,
-            loader.settings,
-            {},
-            tensor_names,
-            tensor_filter,
-            streamed=False,  # every tensor is kept: the load holds the checkpoint, as load() does
-        )
-        with loader.start(request, strategy) as checkpoint:
-            return checkpoint.to_dict()
+    with loader.start(request, strategy) as checkpoint:
+        return checkpoint.to_dict()
