@@ -19,7 +19,6 @@ from blob2gpu.operations.preflight.result import (
     PreflightRun,
     gb,
 )
-from blob2gpu.redaction import redact
 
 if TYPE_CHECKING:
     from blob2gpu.sources.azure.source import AzureSource
@@ -125,29 +124,6 @@ def checkpoint_found(
     run.add(Check("checkpoint", OK, f"{found}, headers read", data=data), t)
 
 
-_NETWORK_REASONS = (
-    ("unable to connect to proxy", "the proxy (HTTPS_PROXY / HTTP_PROXY) cannot be reached"),
-    ("connection refused", "connection refused (nothing listens there)"),
-    ("name or service not known", "the host name does not resolve (DNS)"),
-    ("temporary failure in name resolution", "the host name does not resolve (DNS)"),
-    ("nodename nor servname", "the host name does not resolve (DNS)"),
-    ("timed out", "the connection timed out"),
-    ("network is unreachable", "the network is unreachable"),
-    ("no route to host", "no route to host"),
-    ("certificate verify failed", "TLS certificate verification failed"),
-    ("connection reset", "the connection was reset"),
-)
-
-
-def _network_reason(message: str) -> str:
-    """A transport error's cause in a few words (the SDK's text runs to hundreds of characters)."""
-    lowered = message.lower()
-    for needle, reason in _NETWORK_REASONS:
-        if needle in lowered:
-            return reason
-    return message[:160]
-
-
 def _check_blob(run: PreflightRun, uri: str) -> None:
     from blob2gpu.sources.azure.source import AzureSource
 
@@ -174,25 +150,31 @@ def _check_blob(run: PreflightRun, uri: str) -> None:
         source.close()
 
 
-def _storage_failure(error: Blob2GpuError, container: Any, raw: str) -> Check:
-    """The storage check of a listing that failed with `error` (raw: the transport's own words,
-    of which the mapped error keeps only the start)."""
+def _storage_failure(error: Blob2GpuError, source: AzureSource, cause: Exception | None) -> Check:
+    """The storage check of a listing that failed with `error` (mapped from `cause`, the
+    transport's exception, when there was one): why, as the loads' own classifier says it
+    (failures.failure_reason: the proxy, a refused connection, a name that does not resolve, an
+    untrusted certificate, by type)."""
     from blob2gpu.errors import AccessDenied, BlobNotFound, ProxyAuthenticationRefused
+    from blob2gpu.sources.azure.failures import failure_reason
 
-    endpoint = container.location.account_url
+    location = source.container.location
     if isinstance(error, AccessDenied):
         refused = (
             "the proxy refused its credentials (HTTP 407)"
             if isinstance(error, ProxyAuthenticationRefused)
-            else f"credentials refused ({container.credential_source})"
+            else f"credentials refused ({source.credential_source})"
         )
-        return Check("storage", FAIL, f"{endpoint}: {refused}", error.hint or str(error))
+        return Check(
+            "storage", FAIL, f"{location.account_url}: {refused}", error.hint or str(error)
+        )
     if isinstance(error, BlobNotFound):
         return Check("storage", FAIL, str(error), "create the container or fix the URI")
+    why = failure_reason(cause, location) if cause is not None else str(error)
     return Check(
         "storage",
         FAIL,
-        f"{endpoint} unreachable: {_network_reason(raw or str(error))}",
+        f"{location.account_url} unreachable: {why}",
         "check DNS, firewall / NSG rules, the private endpoint and proxy settings",
     )
 
@@ -203,7 +185,7 @@ def _probe_storage(run: PreflightRun, source: AzureSource, t: float) -> None:
 
     container = source.container
     endpoint = container.location.account_url
-    raw = ""  # the transport's own words: the mapped error keeps only their first 300 characters
+    cause: Exception | None = None  # what the transport raised, classified by its type
     failure: Blob2GpuError | None = None
     try:
         first = next(
@@ -217,10 +199,10 @@ def _probe_storage(run: PreflightRun, source: AzureSource, t: float) -> None:
     except Blob2GpuError as e:
         failure = e
     except Exception as e:  # the SDK's and the transport's errors, mapped to ours
-        raw = redact(e)
+        cause = e
         failure = storage_error(e, container.location, None, "listing")
     if failure is not None:
-        run.add(_storage_failure(failure, container, raw), t)
+        run.add(_storage_failure(failure, source, cause), t)
         return
     ms = (time.perf_counter() - t) * 1000
     data = {"endpoint": endpoint, "credential": container.credential_source, "ms": round(ms, 1)}
