@@ -203,7 +203,11 @@ PYBIND11_MODULE(_core, m) {
       py::object cls = errors.attr(error_kind_name(e.kind()));
       py::object shard = e.shard().empty() ? py::none() : py::cast(e.shard());
       py::object offset = e.offset() < 0 ? py::none() : py::cast(e.offset());
-      py::object error = cls(e.what(), py::arg("shard") = shard, py::arg("offset") = offset);
+      py::object error =
+          e.kind() == ErrorKind::CudaDriverUnavailable && e.code() >= 0
+              ? cls(e.what(), py::arg("shard") = shard, py::arg("offset") = offset,
+                    py::arg("driver_status") = static_cast<DriverStatus>(e.code()))
+              : cls(e.what(), py::arg("shard") = shard, py::arg("offset") = offset);
       PyErr_SetObject(cls.ptr(), error.ptr());
     }
   });
@@ -262,8 +266,21 @@ PYBIND11_MODULE(_core, m) {
     return out;
   });
 
+  py::enum_<DriverStatus>(m, "DriverStatus",
+                          "What loading the CUDA driver came to (driver_info()['status'], "
+                          "CudaDriverUnavailable.driver_status).")
+      .value("LOADED", DriverStatus::Loaded)
+      .value("NOT_FOUND", DriverStatus::NotFound)
+      .value("MISSING_ENTRY_POINT", DriverStatus::MissingEntryPoint)
+      .value("INIT_FAILED", DriverStatus::InitFailed)
+      .value("NO_DEVICE", DriverStatus::NoDevice);
+
   m.def("driver_info", [] {
     py::dict d;
+    DriverLoad load = driver_load();
+    d["status"] = load.status;
+    d["path"] = load.path;
+    d["detail"] = load.detail;
     try {
       const CudaDriver& drv = cuda_driver();
       d["available"] = true;
@@ -289,6 +306,7 @@ PYBIND11_MODULE(_core, m) {
     } catch (const CoreError& e) {
       d["available"] = false;
       d["error"] = std::string(e.what());
+      if (e.code() >= 0) d["status"] = static_cast<DriverStatus>(e.code());
     }
     return d;
   });

@@ -70,7 +70,8 @@ std::shared_ptr<CudaContext> CudaContext::retain(int ordinal, bool release_on_de
   check_cuda(d.cuDeviceGetCount(&count), "cuDeviceGetCount");
   if (count == 0) {
     throw CoreError(ErrorKind::CudaDriverUnavailable,
-                    "the CUDA driver '" + d.path + "' reports no GPU");
+                    "the CUDA driver '" + d.path + "' reports no GPU", {}, -1,
+                    static_cast<int>(DriverStatus::NoDevice));
   }
   if (ordinal < 0 || ordinal >= count) {
     throw CoreError(ErrorKind::InvalidArgument,

@@ -43,13 +43,32 @@ class DriverDevice(TypedDict):
     total_bytes: int
 
 class DriverInfo(TypedDict):
-    """driver_info(): the CUDA driver the core loaded and its devices, or why there is none."""
+    """driver_info(): the CUDA driver the core loaded and its devices, or why there is none
+    (`status`, with the library's `path` and the `detail` that says why; `error`: the message for
+    people)."""
 
     available: bool
-    path: NotRequired[str]
+    status: DriverStatus
+    path: str
+    detail: str
     version: NotRequired[int]
     devices: NotRequired[list[DriverDevice]]
     error: NotRequired[str]
+
+@final
+class DriverStatus:
+    """What loading the CUDA driver came to."""
+
+    LOADED: ClassVar[DriverStatus]
+    NOT_FOUND: ClassVar[DriverStatus]
+    MISSING_ENTRY_POINT: ClassVar[DriverStatus]
+    INIT_FAILED: ClassVar[DriverStatus]
+    NO_DEVICE: ClassVar[DriverStatus]
+    def __init__(self, value: int) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
 
 # --- functions ---------------------------------------------------------------------------------
 

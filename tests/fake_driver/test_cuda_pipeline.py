@@ -211,13 +211,16 @@ def test_missing_driver_is_a_typed_error(write_checkpoint, tmp_path):
         "try:\n"
         f"    blob2gpu.load({str(directory)!r}, device='cuda')\n"
         "except blob2gpu.errors.CudaDriverUnavailable as e:\n"
-        "    print('typed:', e); sys.exit(0)\n"
+        "    print('typed:', e)\n"
+        "    print('status:', e.driver_status.name, blob2gpu._core.driver_info()['status'].name)\n"
+        "    sys.exit(0)\n"
         "sys.exit(1)\n"
     )
     env = dict(os.environ, BLOB2GPU_CUDA_DRIVER=str(tmp_path / "no-such-libcuda.so"))
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "no-such-libcuda.so" in run.stdout and "device='cpu'" in run.stdout
+    assert "status: NOT_FOUND NOT_FOUND" in run.stdout  # a field code reads, not the message
     # The command line says the same in its own syntax.
     cli = subprocess.run(
         [sys.executable, "-m", "blob2gpu", "load", str(directory), "--device", "cuda"],

@@ -110,10 +110,10 @@ def test_a_lock_held_for_ever_by_another_process_delays_a_load_only_so_long(
     # without caching it, instead of waiting for ever.
     import threading
 
-    from blob2gpu.loading import cache_plan
+    from blob2gpu.cache import source as cache_source
 
-    monkeypatch.setattr(cache_plan, "WRITER_FLOOR_SECONDS", 0.5)
-    monkeypatch.setattr(cache_plan, "WRITER_SLOWEST_BYTES_PER_SECOND", 1e15)
+    monkeypatch.setattr(cache_source, "WRITER_FLOOR_SECONDS", 0.5)
+    monkeypatch.setattr(cache_source, "WRITER_SLOWEST_BYTES_PER_SECOND", 1e15)
     name = "m/model-00002-of-00003.safetensors"
     etag = azurite.service().get_blob_client(container, name).get_blob_properties().etag
     cache = NvmeCache(cache_dir)

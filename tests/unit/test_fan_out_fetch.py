@@ -1,6 +1,6 @@
-"""A fan-out rank's ranged GETs (GroupExchange._fetch): when one of its fetch threads fails, the
-others stop at once, also one sitting in a throttled wait (a Retry-After up to
-retry_throttled_seconds), and the first failure is the one raised."""
+"""A fan-out rank's ranged GETs (GroupExchange._fetch, through its source's AzureRanges): when
+one of its fetch threads fails, the others stop at once, also one sitting in a throttled wait (a
+Retry-After up to retry_throttled_seconds), and the first failure is the one raised."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from blob2gpu.sources.azure import range_reader
 from blob2gpu.sources.azure.location import BlobLocation
 from blob2gpu.sources.azure.range_reader import BlobRangeReader
 from blob2gpu.sources.azure.retry import RetryPolicy
+from blob2gpu.sources.azure.source import AzureRanges
 from blob2gpu.sources.azure.throttle import ThrottleControl
 from blob2gpu.sources.plan import ShardRef
 
@@ -53,8 +54,8 @@ def test_a_failed_fetch_thread_stops_one_waiting_out_throttling(monkeypatch):
     retry = _Policy(location, 6, 0.01, 0.05, throttled_seconds=600.0)
     throttle = ThrottleControl(ceiling=2, range_bytes=64 * KiB, max_range_bytes=64 * KiB)
     exchange = GroupExchange.__new__(GroupExchange)
-    exchange._throttle = throttle
-    exchange._reader = BlobRangeReader(_Container(), location, retry, None, throttle)
+    reader = BlobRangeReader(_Container(), location, retry, None, throttle)
+    exchange._ranges = AzureRanges(reader, retry, throttle)
     second_sent = threading.Event()
     asked: list[int] = []
 

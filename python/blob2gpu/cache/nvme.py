@@ -22,6 +22,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,14 @@ class NvmeCache:
 
         text = "\n".join((account, container, blob, etag or ""))
         return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+    @staticmethod
+    def key_of(identity: Mapping[str, object]) -> str:
+        """The key of the entry holding `identity` (its account, container, blob and etag)."""
+        account, container, blob, etag = (
+            str(identity[k] or "") for k in ("account", "container", "blob", "etag")
+        )
+        return NvmeCache.key(account, container, blob, etag)
 
     def lock(self, key: str) -> EntryLock:
         return EntryLock(self.dir, key)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from blob2gpu._core import SessionStats
+    from blob2gpu.sources.feeding import FeedStats
 
 PHASES = (
     "artifact_fetch_start",
@@ -281,6 +282,38 @@ class LoadReport:
                 earlier.get("streamed_grown", 0) + stats.mid_load_allocations
             )
             self.streamed_kept_bytes = earlier.get("streamed_kept", 0) + stats.kept_beyond_cap
+
+    def loaded(self, stats: SessionStats, order: list[str]) -> None:
+        """The load's last core session has landed every byte: its end now, the session's
+        `stats` (added to its earlier sessions'), the phases they date, and each shard's
+        checksum when every chunk was checked (`order`: the shards as the report lists them)."""
+        self.seconds = self.phases["model_load_complete"] = self.elapsed()
+        self.absorb_core_stats(stats, order)
+        published = self.session_seconds(stats.all_published_ns)
+        self.phases["artifact_fetch_complete"] = published
+        self.phases["host_staging_complete"] = published
+        if self.verification in ("crc32c", "sha256", "content-md5"):
+            failures = {s.name: s.checksum_failures for s in stats.shards}
+            for shard in self.shards:  # those of a replaced session were complete: checked
+                shard.checksum = "mismatch" if failures.get(shard.name) else "ok"
+        if self.gpu_memory_total is not None and stats.min_free_device_bytes >= 0:
+            self.gpu_memory_free_min = stats.min_free_device_bytes
+
+    def absorb_feed(self, stats: FeedStats) -> None:
+        """What the load's feeder counted: requests, retries, how it adapted to throttling."""
+        self.requests, self.retries = stats.requests, stats.retries
+        self.retry_wait_seconds = stats.retry_wait_seconds
+        if (throttle := stats.throttle) is not None:
+            self.throttled = throttle.throttled
+            self.throttle_decreases = throttle.decreases
+            self.throttle_node_decreases = throttle.node_decreases
+            self.concurrency_lowest = throttle.min_concurrency
+            self.concurrency_settled = throttle.concurrency
+            self.range_bytes_settled = throttle.range_bytes
+            self.pace_bytes_per_second = throttle.pace_bytes_per_second
+            self.pace_requests_per_second = throttle.pace_requests_per_second
+        for shard in self.shards:
+            shard.retries = stats.shard_retries.get(shard.name, shard.retries)
 
     def carry_session(self, stats: SessionStats, complete: set[str], hits: set[str]) -> None:
         """Keep what a core session that is being replaced did: its counters, and the reports

@@ -18,15 +18,22 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING
 
+from blob2gpu import _core
 from blob2gpu.errors import HeaderTruncated, LoadCancelled
 from blob2gpu.redaction import redact
+from blob2gpu.sources.azure.location import BlobLocation
 from blob2gpu.sources.azure.range_reader import BlobRangeReader
 from blob2gpu.sources.azure.retry import RetryPolicy
-from blob2gpu.sources.azure.throttle import NodeThrottle, ThrottleControl, ThrottleStats
-from blob2gpu.sources.feeding import RangeTask, feed_range
+from blob2gpu.sources.azure.throttle import NodeThrottle, ThrottleControl
+from blob2gpu.sources.feeding import FeedStats, RangeTask, feed_range
 from blob2gpu.sources.plan import ShardPlan
+
+if TYPE_CHECKING:
+    from azure.storage.blob import ContainerClient
+
+    from blob2gpu.sources.source import Tee
 
 
 class BlobFeeder:
@@ -34,14 +41,15 @@ class BlobFeeder:
 
     def __init__(
         self,
-        session: Any,
+        session: _core.LoadSession,
         plan: ShardPlan,
-        container_client: Any,
+        container_client: ContainerClient,
+        location: BlobLocation,
         retry: RetryPolicy,
         concurrency: int,
         chunk_bytes: int,
         fetch: list[int] | None = None,
-        cache_writer: Any = None,
+        cache_writer: Tee | None = None,
         first_range_bytes: int | None = None,
         max_range_bytes: int | None = None,
         node: NodeThrottle | None = None,
@@ -61,7 +69,7 @@ class BlobFeeder:
             concurrency, chunk_bytes, max_range_bytes or chunk_bytes, node
         )
         self._reader = BlobRangeReader(
-            container_client, plan.location, retry, retry.stopping, self._throttle
+            container_client, location, retry, retry.stopping, self._throttle
         )
         self._headers: deque[RangeTask] = deque()  # first ranges (and rests of long headers)
         self._queue: deque[RangeTask] = deque()  # data ranges
@@ -181,27 +189,16 @@ class BlobFeeder:
             if t.is_alive():
                 t.join()
 
-    @property
-    def requests(self) -> int:
-        """GET attempts made, answered or not."""
-        return self._reader.requests
-
-    @property
-    def shard_retries(self) -> list[int]:
-        """Retries of each shard's ranges, in the plan's order."""
-        return [self._reader.retries_of(ref.path) for ref in self._plan.shards]
-
-    @property
-    def throttle_stats(self) -> ThrottleStats:
-        """Throttled answers, and the concurrency and range size the load settled at."""
-        return self._throttle.stats()
-
-    @property
-    def retries(self) -> int:
-        """Retries of the load's every request (listing included)."""
-        return self._retry.retries
-
-    @property
-    def retry_wait_seconds(self) -> float:
-        """Seconds slept backing off before those retries, summed over threads."""
-        return self._retry.waited_seconds
+    def stats(self) -> FeedStats:
+        """GET attempts (answered or not), retries of the load's every request (listing
+        included) and each shard's, the seconds slept backing off, and how it adapted to
+        throttling."""
+        return FeedStats(
+            requests=self._reader.requests,
+            retries=self._retry.retries,
+            retry_wait_seconds=self._retry.waited_seconds,
+            shard_retries={
+                ref.name: self._reader.retries_of(ref.path) for ref in self._plan.shards
+            },
+            throttle=self._throttle.stats(),
+        )
