@@ -65,15 +65,29 @@ std::shared_ptr<const std::unordered_set<std::string>> wanted_names(const py::ob
 }
 
 // Resolves the DLPack `stream` argument for a CUDA producer (Python array API semantics).
-// Returns false when the consumer asked for no synchronization (-1).
+// Returns false when the consumer asked for no synchronization (-1). Values below -1 name no
+// stream: InvalidArgument, never a handle passed to the driver.
 bool cuda_stream_from_arg(const py::object& stream, CUstream* out) {
   if (stream.is_none()) {
     *out = BLOB2GPU_CU_STREAM_LEGACY;
     return true;
   }
   if (!py::isinstance<py::int_>(stream)) buffer_error("__dlpack__: stream must be None or an int");
-  long long value = stream.cast<long long>();
+  long long value = 0;
+  try {
+    value = stream.cast<long long>();
+  } catch (const py::cast_error&) {
+    throw CoreError(ErrorKind::InvalidArgument, "__dlpack__: stream " +
+                                                    py::str(stream).cast<std::string>() +
+                                                    " is not a CUDA stream handle");
+  }
   if (value == -1) return false;
+  if (value < -1) {
+    throw CoreError(ErrorKind::InvalidArgument,
+                    "__dlpack__: stream " + std::to_string(value) +
+                        " is not a CUDA stream: pass -1 (no synchronization), 1 (legacy default "
+                        "stream), 2 (per-thread default stream) or a stream handle");
+  }
   if (value == 0) {
     buffer_error(
         "__dlpack__: stream=0 is ambiguous for CUDA; pass 1 (legacy default stream), "
@@ -129,11 +143,16 @@ py::capsule tensor_dlpack(const std::shared_ptr<TensorView>& self, py::object st
       want_copy = true;
     }
   }
-  if (own.first == kDLCUDA) {
+  if (own.first == kDLCUDA && !want_copy) {
+    // The consumer's stream is also where its work on the tensor is queued: a streamed load
+    // reuses the tensor's memory only after that work (TensorView::note_consumer).
     CUstream consumer = nullptr;
-    if (!want_copy && cuda_stream_from_arg(stream, &consumer)) {
+    if (cuda_stream_from_arg(stream, &consumer)) {
       py::gil_scoped_release release;
       self->make_stream_wait(consumer);
+      self->note_consumer(consumer);
+    } else {
+      self->note_consumer(nullptr);
     }
   }
   if (want_copy) {
@@ -184,7 +203,11 @@ PYBIND11_MODULE(_core, m) {
       py::object cls = errors.attr(error_kind_name(e.kind()));
       py::object shard = e.shard().empty() ? py::none() : py::cast(e.shard());
       py::object offset = e.offset() < 0 ? py::none() : py::cast(e.offset());
-      py::object error = cls(e.what(), py::arg("shard") = shard, py::arg("offset") = offset);
+      py::object error =
+          e.kind() == ErrorKind::CudaDriverUnavailable && e.code() >= 0
+              ? cls(e.what(), py::arg("shard") = shard, py::arg("offset") = offset,
+                    py::arg("driver_status") = static_cast<DriverStatus>(e.code()))
+              : cls(e.what(), py::arg("shard") = shard, py::arg("offset") = offset);
       PyErr_SetObject(cls.ptr(), error.ptr());
     }
   });
@@ -243,8 +266,21 @@ PYBIND11_MODULE(_core, m) {
     return out;
   });
 
+  py::enum_<DriverStatus>(m, "DriverStatus",
+                          "What loading the CUDA driver came to (driver_info()['status'], "
+                          "CudaDriverUnavailable.driver_status).")
+      .value("LOADED", DriverStatus::Loaded)
+      .value("NOT_FOUND", DriverStatus::NotFound)
+      .value("MISSING_ENTRY_POINT", DriverStatus::MissingEntryPoint)
+      .value("INIT_FAILED", DriverStatus::InitFailed)
+      .value("NO_DEVICE", DriverStatus::NoDevice);
+
   m.def("driver_info", [] {
     py::dict d;
+    DriverLoad load = driver_load();
+    d["status"] = load.status;
+    d["path"] = load.path;
+    d["detail"] = load.detail;
     try {
       const CudaDriver& drv = cuda_driver();
       d["available"] = true;
@@ -270,6 +306,7 @@ PYBIND11_MODULE(_core, m) {
     } catch (const CoreError& e) {
       d["available"] = false;
       d["error"] = std::string(e.what());
+      if (e.code() >= 0) d["status"] = static_cast<DriverStatus>(e.code());
     }
     return d;
   });
@@ -372,8 +409,11 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<LoadSession, std::shared_ptr<LoadSession>>(m, "LoadSession")
       .def("next_shard", &LoadSession::next_shard, py::call_guard<py::gil_scoped_release>(),
-           "The next PublishedShard in arrival order, or None when every shard was returned. "
-           "Blocks; raises the load's first error.")
+           py::arg("keep") = true,
+           "The next PublishedShard (a tensor group: a whole shard unless the load is streamed) "
+           "in arrival order, or None when every one was returned. Blocks; raises the load's "
+           "first error. keep=False: the consumer drops the tensors as it goes, and a streamed "
+           "load counts them against its device memory until they go.")
       .def("take_ready", &LoadSession::take_ready,
            "The PublishedShards published but not yet returned by next_shard(), even after the "
            "load failed.")
@@ -447,7 +487,7 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "start_local",
           [](LoadPipeline& p, std::vector<ShardSource> shards, bool mmap, bool host_staging,
-             bool fail_on_checksum_mismatch, const py::object& wanted) {
+             bool fail_on_checksum_mismatch, const py::object& wanted, uint64_t device_cap) {
             for (const auto& shard : shards) {
               if (shard.path.empty()) {
                 throw CoreError(ErrorKind::InvalidArgument,
@@ -460,18 +500,22 @@ PYBIND11_MODULE(_core, m) {
             options.mmap = mmap;
             options.host_staging = host_staging;
             options.fail_on_checksum_mismatch = fail_on_checksum_mismatch;
+            options.device_cap = device_cap;
             return p.start_local(std::move(shards), options);
           },
           py::arg("shards"), py::kw_only(), py::arg("mmap") = false,
           py::arg("host_staging") = false, py::arg("fail_on_checksum_mismatch") = true,
-          py::arg("wanted") = py::none(),
+          py::arg("wanted") = py::none(), py::arg("device_cap") = 0,
           "Start a load of local files (every ShardSource has a path) read by the io threads. "
           "wanted: None (every tensor) or the names of the tensors to load (only their bytes "
-          "are read).")
+          "are read). device_cap: on a GPU (direct), a streamed load holding at most this many "
+          "bytes of device memory for tensors not yet dropped (0: not bounded; the load keeps "
+          "what it returns). Raises GPUOutOfMemory when that memory cannot be allocated.")
       .def(
           "start_fed",
           [](LoadPipeline& p, std::vector<ShardSource> shards, bool host_staging,
-             bool fail_on_checksum_mismatch, const py::object& wanted, bool direct_io, bool mmap) {
+             bool fail_on_checksum_mismatch, const py::object& wanted, bool direct_io, bool mmap,
+             uint64_t device_cap) {
             SessionOptions options;
             options.wanted = wanted_names(wanted);
             py::gil_scoped_release release;
@@ -479,15 +523,17 @@ PYBIND11_MODULE(_core, m) {
             options.fail_on_checksum_mismatch = fail_on_checksum_mismatch;
             options.direct_io = direct_io;
             options.mmap = mmap;
+            options.device_cap = device_cap;
             return p.start_fed(std::move(shards), options);
           },
           py::arg("shards"), py::kw_only(), py::arg("host_staging") = false,
           py::arg("fail_on_checksum_mismatch") = true, py::arg("wanted") = py::none(),
-          py::arg("direct_io") = false, py::arg("mmap") = false,
+          py::arg("direct_io") = false, py::arg("mmap") = false, py::arg("device_cap") = 0,
           "Start a load whose byte ranges the caller fetches into landings (acquire/commit); a "
           "ShardSource with a path is a local file the io threads read instead (a cache hit). "
           "direct_io: read those files with O_DIRECT into staging slots where the filesystem "
-          "allows it. mmap: on cpu, map them copy-on-write. wanted: as for start_local.")
+          "allows it. mmap: on cpu, map them copy-on-write. wanted, device_cap: as for "
+          "start_local.")
       .def("close", &LoadPipeline::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("device", &LoadPipeline::device)
       .def_property_readonly("is_cuda", &LoadPipeline::is_cuda)

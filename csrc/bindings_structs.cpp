@@ -134,6 +134,8 @@ void register_struct_bindings(py::module_& m) {
                     "Data bytes this load reads (all of them without a selection).")
       .def_readonly("realigned_tensors", &ShardStats::realigned_tensors,
                     "Tensors copied into their own aligned allocation.")
+      .def_readonly("groups", &ShardStats::groups,
+                    "Tensor groups (arenas) the shard was cut into: 1 unless the load is streamed.")
       .def_readonly("start_ns", &ShardStats::start_ns,
                     "First work on the shard, from the session start; -1: not yet.")
       .def_readonly("header_ns", &ShardStats::header_ns,
@@ -171,13 +173,33 @@ void register_struct_bindings(py::module_& m) {
                     "CPU time making new host memory resident for writing.")
       .def_readonly("checksum_failures", &SessionStats::checksum_failures,
                     "Mismatches let through (fail_on_checksum_mismatch=False), as messages.")
-      .def_readonly("shards", &SessionStats::shards);
+      .def_readonly("shards", &SessionStats::shards)
+      .def_readonly("device_cap", &SessionStats::device_cap,
+                    "A streamed load's bound on its device memory; 0: not bounded.")
+      .def_readonly("stream_buffer_bytes", &SessionStats::stream_buffer_bytes,
+                    "The device memory a streamed load took at its start (its slab).")
+      .def_readonly("peak_device_bytes", &SessionStats::peak_device_bytes,
+                    "Most device bytes a streamed load had allocated at once (its slab, and the "
+                    "regions it grew by).")
+      .def_readonly("cap_raised_to", &SessionStats::cap_raised_to,
+                    "Largest tensor group admitted beyond the cap (one tensor, or a Content-MD5 "
+                    "shard, larger than it); 0: none.")
+      .def_readonly("mid_load_allocations", &SessionStats::mid_load_allocations,
+                    "Regions a streamed load's memory grew by mid-load (cuMemAlloc, a device-wide "
+                    "synchronization on a GPU): no room left while its consumer held memory.")
+      .def_readonly("kept_beyond_cap", &SessionStats::kept_beyond_cap,
+                    "Bytes a streamed consumer kept that the bound stopped counting (so as not "
+                    "to wait forever for them).");
 
   py::class_<PublishedShard>(m, "PublishedShard",
-                             "A shard whose tensors are ready to hand out: its index in the load, "
-                             "its TensorViews in file order and its __metadata__.")
+                             "A tensor group ready to hand out (a whole shard unless the load is "
+                             "streamed): its shard's index in the load, its TensorViews in file "
+                             "order and the shard's __metadata__.")
       .def_readonly("index", &PublishedShard::index)
       .def_readonly("tensors", &PublishedShard::tensors)
+      .def_readonly("complete", &PublishedShard::complete,
+                    "Every tensor of the shard has now been published (a streamed load hands a "
+                    "shard out in tensor groups).")
       .def_property_readonly("metadata", [](const PublishedShard& s) {
         py::dict metadata;
         for (const auto& kv : s.metadata) metadata[py::str(kv.first)] = kv.second;

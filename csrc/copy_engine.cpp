@@ -28,18 +28,49 @@ CopyEngine::~CopyEngine() {
 void CopyEngine::submit(Slot* slot, const std::vector<CopyRange>& ranges) {
   const CudaDriver& d = cuda_driver();
   CUstream stream = streams_[next_stream_.fetch_add(1) % streams_.size()]->handle();
+  size_t enqueued = 0;
   for (const CopyRange& r : ranges) {
     if (r.bytes == 0) continue;
-    check_cuda(d.cuMemcpyHtoDAsync(r.dst, slot->data() + r.src_offset, r.bytes, stream),
-               "cuMemcpyHtoDAsync of " + std::to_string(r.bytes) + " bytes");
+    const CUresult rc = d.cuMemcpyHtoDAsync(r.dst, slot->data() + r.src_offset, r.bytes, stream);
+    if (rc != CUDA_SUCCESS) {
+      // The slot's earlier copies may still be reading it: it goes back after its event.
+      if (enqueued > 0) {
+        hand_to_reaper(slot, stream);
+      } else {
+        ring_.release(slot);
+      }
+      check_cuda(rc, "cuMemcpyHtoDAsync of " + std::to_string(r.bytes) + " bytes");
+    }
+    ++enqueued;
   }
-  slot_events_[slot->index]->record(stream);
+  if (!hand_to_reaper(slot, stream)) {
+    throw CoreError(ErrorKind::CudaError,
+                    "cuEventRecord after a staging slot's copies failed; the slot is out of use");
+  }
+}
+
+bool CopyEngine::hand_to_reaper(Slot* slot, CUstream stream) {
+  if (cuda_driver().cuEventRecord(slot_events_[slot->index]->handle(), stream) != CUDA_SUCCESS) {
+    ring_.retire(slot);  // no event says when its copies end: never reused
+    return false;
+  }
   ring_.mark_copying(slot);
   {
     std::lock_guard<std::mutex> lock(mutex_);
     pending_.push_back(slot);
   }
   pending_changed_.notify_all();
+  return true;
+}
+
+void CopyEngine::wait_for(const std::vector<std::shared_ptr<CudaEvent>>& events) {
+  for (const auto& event : events) {
+    if (event->completed_for_teardown()) continue;
+    for (const auto& stream : streams_) {
+      check_cuda(cuda_driver().cuStreamWaitEvent(stream->handle(), event->handle(), 0),
+                 "cuStreamWaitEvent (an arena's bytes reused)");
+    }
+  }
 }
 
 void CopyEngine::copy_from_host(uint64_t dst, const uint8_t* src, size_t bytes) {

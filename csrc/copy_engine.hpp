@@ -32,10 +32,16 @@ class CopyEngine {
   CopyEngine(const CopyEngine&) = delete;
   CopyEngine& operator=(const CopyEngine&) = delete;
 
-  // Enqueues the slot's copies on the next stream and hands the slot to the reaper. Must be called
-  // with the context current. On a driver error nothing is handed over and the caller still owns
-  // the slot.
+  // Enqueues the slot's copies on the next stream and hands the slot to the reaper; takes the slot
+  // in every case. Must be called with the context current. When a copy is refused (throws
+  // CudaError) after earlier copies of the slot were enqueued, those may still be reading it: the
+  // slot still goes to the reaper and returns to the ring only after its event (or, if no event
+  // can be recorded, never), not at once. With nothing enqueued it goes back to the ring.
   void submit(Slot* slot, const std::vector<CopyRange>& ranges);
+  // Makes every copy stream wait (on the device) for the events that have not completed: the
+  // bytes an arena reuses may still be read by a consumer's kernel or written by an earlier copy.
+  // Must be called with the context current.
+  void wait_for(const std::vector<std::shared_ptr<CudaEvent>>& events);
   // Enqueues one copy from host memory the caller keeps alive until a later fence completes
   // (host-staging shards). Must be called with the context current.
   void copy_from_host(uint64_t dst, const uint8_t* src, size_t bytes);
@@ -47,6 +53,9 @@ class CopyEngine {
 
  private:
   void reap();
+  // Records the slot's event on `stream` after its enqueued copies and hands the slot to the
+  // reaper; when the event cannot be recorded the slot is retired (returns false).
+  bool hand_to_reaper(Slot* slot, CUstream stream);
 
   std::shared_ptr<CudaContext> ctx_;
   StagingRing& ring_;

@@ -1,5 +1,7 @@
 #include "cuda_device.hpp"
 
+#include <pthread.h>
+
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -40,6 +42,26 @@ PrimaryContexts& primary_contexts() {
   return registry.get();
 }
 
+// fork() copies only the calling thread: a lock another thread held at that moment stays locked in
+// the child forever, and the child's first CUDA call (even one that only reports that CUDA cannot
+// be used in a forked child) would wait on it. So the registry's mutex and the driver's loading
+// mutex are taken before every fork (in this order, the order the code nests them) and released
+// after it in the parent and in the child.
+void before_fork() {
+  primary_contexts().mutex.lock();
+  hold_driver_load_for_fork();
+}
+
+void after_fork() {
+  release_driver_load_after_fork();
+  primary_contexts().mutex.unlock();
+}
+
+[[maybe_unused]] const bool g_fork_handlers = [] {
+  pthread_atfork(&before_fork, &after_fork, &after_fork);
+  return true;
+}();
+
 }  // namespace
 
 std::shared_ptr<CudaContext> CudaContext::retain(int ordinal, bool release_on_destroy) {
@@ -48,7 +70,8 @@ std::shared_ptr<CudaContext> CudaContext::retain(int ordinal, bool release_on_de
   check_cuda(d.cuDeviceGetCount(&count), "cuDeviceGetCount");
   if (count == 0) {
     throw CoreError(ErrorKind::CudaDriverUnavailable,
-                    "the CUDA driver '" + d.path + "' reports no GPU");
+                    "the CUDA driver '" + d.path + "' reports no GPU", {}, -1,
+                    static_cast<int>(DriverStatus::NoDevice));
   }
   if (ordinal < 0 || ordinal >= count) {
     throw CoreError(ErrorKind::InvalidArgument,
@@ -195,7 +218,26 @@ CudaEvent::CudaEvent(std::shared_ptr<CudaContext> ctx) : ctx_(std::move(ctx)) {
   check_cuda(cuda_driver().cuEventCreate(&event_, kCudaEventFlags), "cuEventCreate");
 }
 
+std::shared_ptr<CudaEvent> CudaEvent::create_for_teardown(
+    std::shared_ptr<CudaContext> ctx) noexcept {
+  const CudaDriver* d = cuda_driver_if_loaded();
+  if (d == nullptr || cuda_driver_inherited_by_fork()) return nullptr;
+  try {
+    std::shared_ptr<CudaEvent> event(new CudaEvent(std::move(ctx), Unmade{}));
+    const CUresult rc = d->cuEventCreate(&event->event_, kCudaEventFlags);
+    if (rc != CUDA_SUCCESS) {
+      event->event_ = nullptr;
+      note_teardown_failure("cuEventCreate", rc);
+      return nullptr;
+    }
+    return event;
+  } catch (...) {  // std::bad_alloc
+    return nullptr;
+  }
+}
+
 CudaEvent::~CudaEvent() {
+  if (event_ == nullptr) return;
   ScopedContext bind(*ctx_, std::nothrow);
   if (bind.bound()) {
     check_teardown(cuda_driver_if_loaded()->cuEventDestroy(event_), "cuEventDestroy");
@@ -223,6 +265,20 @@ void CudaEvent::synchronize_for_teardown() const noexcept {
   if (const CudaDriver* d = cuda_driver_if_loaded()) {
     check_teardown(d->cuEventSynchronize(event_), "cuEventSynchronize");
   }
+}
+
+bool CudaEvent::record_for_teardown(CUstream stream) noexcept {
+  const CudaDriver* d = cuda_driver_if_loaded();
+  if (d == nullptr) return false;
+  const CUresult rc = d->cuEventRecord(event_, stream);
+  if (rc != CUDA_SUCCESS) note_teardown_failure("cuEventRecord", rc);
+  return rc == CUDA_SUCCESS;
+}
+
+bool CudaEvent::completed_for_teardown() const noexcept {
+  ScopedContext bind(*ctx_, std::nothrow);
+  if (!bind.bound()) return false;
+  return cuda_driver_if_loaded()->cuEventQuery(event_) == CUDA_SUCCESS;
 }
 
 void CudaEvent::make_stream_wait(CUstream stream) const {

@@ -94,6 +94,9 @@ constexpr unsigned kCudaEventFlags = CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING
 class CudaEvent {
  public:
   explicit CudaEvent(std::shared_ptr<CudaContext> ctx);  // kCudaEventFlags
+  // The teardown form of the constructor, for destructors and deleters: the caller has bound the
+  // context (ScopedContext's teardown form); null when the driver refuses (counted, not thrown).
+  static std::shared_ptr<CudaEvent> create_for_teardown(std::shared_ptr<CudaContext> ctx) noexcept;
   ~CudaEvent();
   CudaEvent(const CudaEvent&) = delete;
   CudaEvent& operator=(const CudaEvent&) = delete;
@@ -105,11 +108,18 @@ class CudaEvent {
   // The teardown form of synchronize: the caller has bound the context (ScopedContext's teardown
   // form); a failure is counted, never thrown.
   void synchronize_for_teardown() const noexcept;
+  // The teardown form of record(): false (the failure counted) when the driver refuses.
+  bool record_for_teardown(CUstream stream) noexcept;
+  // Whether the event has completed, never throwing: false when it has not or the driver cannot
+  // tell (binds the context for the query).
+  bool completed_for_teardown() const noexcept;
   // Makes `stream` wait for this event on the device (cuStreamWaitEvent), without blocking the
   // host.
   void make_stream_wait(CUstream stream) const;
 
  private:
+  struct Unmade {};
+  CudaEvent(std::shared_ptr<CudaContext> ctx, Unmade) : ctx_(std::move(ctx)) {}
   std::shared_ptr<CudaContext> ctx_;
   CUevent event_ = nullptr;
 };

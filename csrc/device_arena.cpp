@@ -2,9 +2,11 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
+#include "arena_pool.hpp"
 #include "errors.hpp"
 #include "teardown_failures.hpp"
 
@@ -52,6 +54,49 @@ std::shared_ptr<DeviceArena> DeviceArena::on_device(std::shared_ptr<CudaContext>
   return arena;
 }
 
+std::shared_ptr<DeviceArena> DeviceArena::pool_view(std::shared_ptr<CudaContext> ctx,
+                                                    uint64_t address, size_t bytes) {
+  std::shared_ptr<DeviceArena> arena(new DeviceArena());
+  arena->ctx_ = std::move(ctx);
+  arena->address_ = address;
+  arena->size_ = bytes;
+  return arena;
+}
+
+void DeviceArena::note_consumer(CUstream stream) {
+  std::lock_guard<std::mutex> lock(consumers_mutex_);
+  if (std::find(consumers_.begin(), consumers_.end(), stream) == consumers_.end()) {
+    consumers_.push_back(stream);
+  }
+}
+
+void DeviceArena::note_unnamed_consumer() {
+  std::lock_guard<std::mutex> lock(consumers_mutex_);
+  unnamed_consumer_ = true;
+}
+
+void DeviceArena::return_to_pool() noexcept {
+  // A forked child's arenas are the parent's memory, and the pool's mutex may have been held by
+  // a parent thread at fork(): leave both alone.
+  if (cuda_driver_inherited_by_fork()) return;
+  // The pool reuses these bytes once the copies into them (the fence) and every consumer's work
+  // queued on them so far (an event recorded now on each stream it imported a tensor on) are done.
+  std::vector<std::shared_ptr<CudaEvent>> waits = fence_;
+  bool reusable = !unnamed_consumer_;
+  ScopedContext bind(*ctx_, std::nothrow);
+  if (!bind.bound()) reusable = false;  // nothing can be recorded: never written again
+  for (CUstream stream : consumers_) {
+    if (!reusable) break;
+    std::shared_ptr<CudaEvent> event = CudaEvent::create_for_teardown(ctx_);
+    if (!event || !event->record_for_teardown(stream)) {
+      reusable = false;  // e.g. the consumer destroyed its stream: its work cannot be waited for
+      break;
+    }
+    waits.push_back(std::move(event));
+  }
+  pool_->give_back(*this, std::move(waits), reusable);
+}
+
 std::shared_ptr<DeviceArena> DeviceArena::on_host(size_t bytes, const std::string& label,
                                                   bool populate) {
   std::shared_ptr<DeviceArena> arena(new DeviceArena());
@@ -84,7 +129,9 @@ std::shared_ptr<DeviceArena> DeviceArena::map_file(int fd, uint64_t file_size, u
 }
 
 DeviceArena::~DeviceArena() {
-  if (ctx_) {
+  if (pool_) {
+    return_to_pool();  // reused by the load; the pool frees its memory when it goes
+  } else if (ctx_) {
     // Teardown form: this runs from the DLPack deleter and at interpreter exit, where a throw is
     // std::terminate. When the context cannot be bound the memory is left to the driver.
     ScopedContext bind(*ctx_, std::nothrow);

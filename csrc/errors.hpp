@@ -42,20 +42,28 @@ enum class ErrorKind {
 const char* error_kind_name(ErrorKind kind);
 
 // Besides the message (for people), an error names what code needs: the shard it concerns (empty
-// when none) and the byte offset in that shard (-1 when none). Python reads them as the error's
-// `shard` and `offset` fields.
+// when none), the byte offset in that shard (-1 when none) and, for the kinds that have one, a
+// code (-1 when none; CudaDriverUnavailable: its DriverStatus, shim/cuda_driver.hpp). Python reads
+// them as the error's `shard`, `offset` and `driver_status` fields.
 class CoreError : public std::runtime_error {
  public:
-  CoreError(ErrorKind kind, const std::string& message, std::string shard = {}, int64_t offset = -1)
-      : std::runtime_error(message), kind_(kind), shard_(std::move(shard)), offset_(offset) {}
+  CoreError(ErrorKind kind, const std::string& message, std::string shard = {}, int64_t offset = -1,
+            int code = -1)
+      : std::runtime_error(message),
+        kind_(kind),
+        shard_(std::move(shard)),
+        offset_(offset),
+        code_(code) {}
   ErrorKind kind() const { return kind_; }
   const std::string& shard() const { return shard_; }
   int64_t offset() const { return offset_; }
+  int code() const { return code_; }
 
  private:
   ErrorKind kind_;
   std::string shard_;
   int64_t offset_;
+  int code_;
 };
 
 }  // namespace blob2gpu

@@ -1,9 +1,12 @@
 // IoThreads: the core's worker threads. They read shards and feed the ring without the GIL, each
-// with the target's CUDA context current. Urgent tasks (a shard's data chunks) run before normal
-// ones (the next shard's header), so copying starts as soon as the first header is parsed while
-// later headers are parsed in the gaps.
+// with the target's CUDA context current. Tasks run by priority: data (a shard's chunks) first,
+// then group openings (a streamed load's tensor group waiting for device memory, which may block),
+// then headers, so copying starts as soon as the first header is parsed while later headers are
+// parsed in the gaps. Data tasks never wait for device memory and always run before an opening,
+// so an opening that blocks never holds up the groups that will give memory back.
 #pragma once
 
+#include <array>
 #include <condition_variable>
 #include <cstddef>
 #include <deque>
@@ -16,6 +19,8 @@
 #include "cuda_device.hpp"
 
 namespace blob2gpu {
+
+enum class TaskPriority { kData, kOpen, kHeader };
 
 class IoThreads {
  public:
@@ -44,10 +49,10 @@ class IoThreads {
   IoThreads(const IoThreads&) = delete;
   IoThreads& operator=(const IoThreads&) = delete;
 
-  void post(std::function<void()> task, bool urgent) {
+  void post(std::function<void()> task, TaskPriority priority) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      (urgent ? urgent_ : normal_).push_back(std::move(task));
+      queues_[static_cast<size_t>(priority)].push_back(std::move(task));
     }
     ready_.notify_one();
   }
@@ -59,25 +64,29 @@ class IoThreads {
       std::function<void()> task;
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        ready_.wait(lock, [this] { return stopping_ || !urgent_.empty() || !normal_.empty(); });
-        if (!urgent_.empty()) {
-          task = std::move(urgent_.front());
-          urgent_.pop_front();
-        } else if (!normal_.empty()) {
-          task = std::move(normal_.front());
-          normal_.pop_front();
-        } else {
-          return;  // stopping and nothing left
+        ready_.wait(lock, [this] { return stopping_ || pending(); });
+        for (auto& queue : queues_) {
+          if (queue.empty()) continue;
+          task = std::move(queue.front());
+          queue.pop_front();
+          break;
         }
+        if (!task) return;  // stopping and nothing left
       }
       task();  // tasks catch their own errors
     }
   }
 
+  bool pending() const {
+    for (const auto& queue : queues_) {
+      if (!queue.empty()) return true;
+    }
+    return false;
+  }
+
   std::mutex mutex_;
   std::condition_variable ready_;
-  std::deque<std::function<void()>> urgent_;
-  std::deque<std::function<void()>> normal_;
+  std::array<std::deque<std::function<void()>>, 3> queues_;  // by TaskPriority
   bool stopping_ = false;
   std::vector<std::thread> workers_;
 };

@@ -10,6 +10,8 @@
 
 namespace blob2gpu {
 
+constexpr size_t kNoGroup = static_cast<size_t>(-1);
+
 namespace {
 
 // Parses "cpu", "cuda", "cuda:N"; returns -1 for cpu.
@@ -34,13 +36,6 @@ int64_t thread_cpu_ns() {
   timespec ts{};
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
   return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
-
-// Alignment a consumer may assume for an element of this dtype.
-uint64_t element_alignment(DType dtype) {
-  uint32_t bits = dtype_info(dtype).bits;
-  if (bits % 8 != 0) return 1;
-  return std::min<uint64_t>(bits / 8, 8);
 }
 
 }  // namespace
@@ -95,6 +90,7 @@ std::shared_ptr<LoadSession> LoadPipeline::start_fed(std::vector<ShardSource> sh
 std::shared_ptr<LoadSession> LoadPipeline::start(std::vector<ShardSource> shards,
                                                  SessionOptions options) {
   if (!is_cuda()) options.host_staging = false;  // the cpu target is host memory already
+  if (!is_cuda() || options.host_staging) options.device_cap = 0;  // bounds device memory only
   const bool fed = options.fed;
   std::shared_ptr<LoadSession> session(
       new LoadSession(shared_from_this(), std::move(shards), options));
@@ -172,6 +168,7 @@ LoadSession::LoadSession(std::shared_ptr<LoadPipeline> pipeline, std::vector<Sha
       direct_io_(options.direct_io),
       wanted_(std::move(options.wanted)),
       start_(std::chrono::steady_clock::now()) {
+  uint64_t total = 0, whole = 0;  // every shard's bytes; the largest checked by Content-MD5
   for (auto& source : shards) {
     auto shard = std::make_unique<Shard>();
     shard->stats.name = source.name;
@@ -186,9 +183,23 @@ LoadSession::LoadSession(std::shared_ptr<LoadPipeline> pipeline, std::vector<Sha
       Md5::Digest expected;
       std::copy(source.content_md5.begin(), source.content_md5.end(), expected.begin());
       shard->md5 = std::make_unique<ContentMd5Verifier>(source.name, source.size, expected);
+      whole = std::max(whole, source.size);
     }
+    total += source.size;
     shard->source = std::move(source);
     shards_.push_back(std::move(shard));
+  }
+  if (options.device_cap > 0 && pipeline_->ctx_ && !host_staging_) {
+    // The slab: the cap, or less when the whole load needs less; at least a shard that is handed
+    // out only whole (Content-MD5 is checked over the whole blob before any tensor of it goes).
+    const uint64_t cap = options.device_cap;
+    uint64_t slab = total > 0 ? std::min(cap, total + (64u << 10)) : cap;
+    if (whole > 0) slab = std::max(slab, (whole + 255) / 256 * 256);  // the file holds its arena
+    pool_ = ArenaPool::create(pipeline_->ctx_, cap, slab);
+    streamed_ = true;
+    // Four groups fit under the cap: one the consumer holds while it asks for the next, the next
+    // landing, and room to keep the copies going.
+    group_target_ = std::max<uint64_t>(cap / 4, 1);
   }
 }
 
@@ -211,13 +222,14 @@ void LoadSession::begin() {
   // Shards with a local path are read by the io threads (in a fed session: cache hits); the
   // feeder fetches the others.
   for (size_t i = 0; i < shards_.size(); ++i) {
-    if (!shards_[i]->source.path.empty()) post([this, i] { run_header(i); }, /*urgent=*/false);
+    if (!shards_[i]->source.path.empty()) post([this, i] { run_header(i); }, TaskPriority::kHeader);
   }
 }
 
-void LoadSession::post(std::function<void()> task, bool urgent) {
+void LoadSession::post(std::function<void()> task, TaskPriority priority) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    if (closing_) return;  // close() no longer waits for tasks: none may start
     ++outstanding_;
   }
   pipeline_->threads_->post(
@@ -233,16 +245,19 @@ void LoadSession::post(std::function<void()> task, bool urgent) {
         --outstanding_;
         changed_.notify_all();
       },
-      urgent);
+      priority);
 }
 
 void LoadSession::fail(std::exception_ptr error) {
+  std::shared_ptr<ArenaPool> pool;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!error_) error_ = error;
+    pool = pool_;
   }
   cancelled_ = true;
   if (pipeline_->ring_) pipeline_->ring_->wake_all();
+  if (pool) pool->wake();
   changed_.notify_all();
 }
 
@@ -278,21 +293,27 @@ void LoadSession::run_header(size_t index) {
   prepare_shard(index, json.data(), json.size(), file_size, st);
   const ShardHeader& h = shard.header;
 
-  if (maps(shard) || shard.needed_bytes == 0) {
-    if (maps(shard)) bytes_read_ += shard.needed_bytes;  // mapped: the first touch reads it
-    if (maps(shard) && shard.verifier) {
-      for (const Span& span : shard.spans) {
-        verify(shard, h.data_offset + span.begin, shard.arena->host_data() + span.begin,
+  if (maps(shard)) {
+    bytes_read_ += shard.layout.needed_bytes;  // mapped: the first touch reads it
+    if (shard.verifier) {
+      for (const Span& span : shard.layout.spans) {
+        verify(shard, h.data_offset + span.begin, shard.groups[0]->arena->host_data() + span.begin,
                span.end - span.begin);
       }
     }
-    if (maps(shard) && shard.md5) {
-      for (const Span& span : shard.spans) {
-        check_md5(shard, h.data_offset + span.begin, shard.arena->host_data() + span.begin,
-                  span.end - span.begin, /*stays=*/true);
+    if (shard.md5) {
+      for (const Span& span : shard.layout.spans) {
+        check_md5(shard, h.data_offset + span.begin,
+                  shard.groups[0]->arena->host_data() + span.begin, span.end - span.begin,
+                  /*stays=*/true);
       }
     }
-    finish_shard(index);
+    for (size_t g = 0; g < shard.groups.size(); ++g) {
+      Group& group = *shard.groups[g];
+      group_landed(index, g,
+                   static_cast<int64_t>(group.layout.copy_bytes + group.layout.cover_bytes));
+    }
+    release_open_tokens(index);
     return;
   }
   uint64_t chunk = pipeline_->settings_.staging_slot_bytes;
@@ -300,78 +321,26 @@ void LoadSession::run_header(size_t index) {
   if (direct_io_ && !lands_on_host() && chunk >= 4 * kAlign && shard.file->open_direct()) {
     chunk -= 2 * kAlign;  // room to widen each read to aligned ends
   }
-  for (const Span& span : shard.spans) {
-    for (uint64_t begin = span.begin; begin < span.end; begin += chunk) {
-      uint64_t end = std::min(span.end, begin + chunk);
-      post([this, index, begin, end] { run_chunk(index, begin, end); }, /*urgent=*/true);
-    }
+  shard.read_chunk = chunk;
+  if (streamed()) {
+    sequence_shard(index);  // each group's reads are posted when it has its memory
+    return;
   }
+  post_reads(index, 0, h.data_bytes);
+  release_open_tokens(index);
 }
 
-void LoadSession::plan_spans(Shard& shard) const {
-  const ShardHeader& h = shard.header;
-  shard.selected.clear();
-  for (size_t t = 0; t < h.tensors.size(); ++t) {
-    if (!wanted_ || wanted_->count(h.tensors[t].name) != 0) shard.selected.push_back(t);
-  }
-  std::vector<Span> ranges;
-  if (!wanted_) {
-    if (h.data_bytes > 0) ranges.push_back({0, h.data_bytes, 0});
-  } else {
-    // A verified shard is read in whole manifest chunks, so no byte reaches the target unchecked.
-    const uint64_t grid = shard.verifier ? shard.verifier->chunk_bytes() : 0;
-    for (size_t t : shard.selected) {
-      const TensorEntry& e = h.tensors[t];
-      if (e.end == e.begin) continue;
-      uint64_t lo = e.begin, hi = e.end;
-      if (grid > 0) {
-        const uint64_t file_lo = (h.data_offset + lo) / grid * grid;
-        const uint64_t file_hi = (h.data_offset + hi + grid - 1) / grid * grid;
-        lo = file_lo > h.data_offset ? file_lo - h.data_offset : 0;
-        hi = std::min(file_hi - h.data_offset, h.data_bytes);
-      }
-      ranges.push_back({lo, hi, 0});
-    }
-    std::sort(ranges.begin(), ranges.end(),
-              [](const Span& a, const Span& b) { return a.begin < b.begin; });
-  }
-  shard.spans.clear();
-  for (const Span& r : ranges) {
-    if (!shard.spans.empty() && r.begin <= shard.spans.back().end) {
-      shard.spans.back().end = std::max(shard.spans.back().end, r.end);
-    } else {
-      shard.spans.push_back(r);
+void LoadSession::post_reads(size_t index, uint64_t begin, uint64_t end) {
+  const Shard& shard = *shards_[index];
+  const uint64_t chunk = shard.read_chunk;
+  for (auto it = spans_from(shard.layout.spans, begin);
+       it != shard.layout.spans.end() && it->begin < end; ++it) {
+    const uint64_t lo = std::max(it->begin, begin), hi = std::min(it->end, end);
+    for (uint64_t b = lo; b < hi; b += chunk) {
+      const uint64_t e = std::min(hi, b + chunk);
+      post([this, index, b, e] { run_chunk(index, b, e); }, TaskPriority::kData);
     }
   }
-  constexpr uint64_t kAlign = 256;
-  uint64_t cursor = 0;
-  shard.needed_bytes = 0;
-  for (Span& span : shard.spans) {
-    span.arena_offset =
-        maps(shard) ? span.begin : (cursor + kAlign - 1) / kAlign * kAlign + span.begin % kAlign;
-    cursor = span.arena_offset + (span.end - span.begin);
-    shard.needed_bytes += span.end - span.begin;
-  }
-  shard.arena_bytes = maps(shard) ? h.data_bytes : cursor;
-  shard.tensor_offset.assign(h.tensors.size(), 0);
-  for (size_t t : shard.selected) {
-    const TensorEntry& e = h.tensors[t];
-    const Span* span = span_at(shard, e.begin);
-    if (span != nullptr) shard.tensor_offset[t] = span->arena_offset + (e.begin - span->begin);
-  }
-}
-
-std::vector<LoadSession::Span>::const_iterator LoadSession::spans_from(const Shard& shard,
-                                                                       uint64_t pos) {
-  auto it = std::upper_bound(shard.spans.begin(), shard.spans.end(), pos,
-                             [](uint64_t p, const Span& s) { return p < s.begin; });
-  if (it != shard.spans.begin() && std::prev(it)->end > pos) --it;
-  return it;
-}
-
-const LoadSession::Span* LoadSession::span_at(const Shard& shard, uint64_t pos) {
-  auto it = spans_from(shard, pos);
-  return it != shard.spans.end() && it->begin <= pos ? &*it : nullptr;
 }
 
 void LoadSession::prepare_shard(size_t index, const uint8_t* json, size_t json_len,
@@ -380,40 +349,31 @@ void LoadSession::prepare_shard(size_t index, const uint8_t* json, size_t json_l
   const std::string& label = shard.source.name;
   shard.header = parse_header(json, json_len, file_size, label);
   const ShardHeader& h = shard.header;
+  LayoutOptions layout;
+  layout.wanted = wanted_.get();
+  layout.verify_chunk = shard.verifier ? shard.verifier->chunk_bytes() : 0;
+  layout.mapped = maps(shard);
+  layout.base_mod = layout.mapped ? h.data_offset % 256 : 0;
+  // A shard checked against its Content-MD5 is handed out only whole: one group.
+  layout.group_target = streamed() && !shard.md5 ? group_target_ : 0;
+  shard.layout = plan_layout(h, layout);
   st.name = label;
   st.file_bytes = file_size;
   st.header_bytes = h.header_bytes;
   st.data_bytes = h.data_bytes;
-  plan_spans(shard);
-  st.tensors = shard.selected.size();
-  st.needed_bytes = shard.needed_bytes;
-
-  const auto& ctx = pipeline_->ctx_;
-  const std::string arena_label = "shard '" + label + "'";
-  if (ctx) {
-    shard.arena = DeviceArena::on_device(ctx, shard.arena_bytes, arena_label);
-    if (host_staging_) {
-      shard.staging = DeviceArena::on_host(shard.arena_bytes, arena_label + " (host staging)",
-                                           /*populate=*/false);
-    }
-  } else if (maps(shard)) {
-    shard.arena = DeviceArena::map_file(shard.file->fd(), file_size, h.data_offset, arena_label);
-  } else {
-    // Populated range by range as the bytes arrive (host_landing), not all at once here: making
-    // a whole shard resident takes a fifth of a second per 250 MB where fresh memory is costly,
-    // and here it would hold up the shard's first range.
-    shard.arena = DeviceArena::on_host(shard.arena_bytes, arena_label, /*populate=*/false);
+  st.tensors = shard.layout.selected.size();
+  st.needed_bytes = shard.layout.needed_bytes;
+  st.groups = shard.layout.groups.size();
+  for (GroupLayout& g : shard.layout.groups) {
+    auto group = std::make_unique<Group>();
+    group->layout = g;
+    group->remaining = static_cast<int64_t>(g.copy_bytes + g.cover_bytes) + 1;
+    st.realigned_tensors += g.realigned.size();
+    shard.groups.push_back(std::move(group));
   }
-  for (size_t t : shard.selected) {
-    const TensorEntry& e = h.tensors[t];
-    if ((shard.arena->address() + shard.tensor_offset[t]) % element_alignment(e.dtype) == 0) {
-      continue;
-    }
-    const std::string tensor_label = arena_label + " tensor '" + e.name + "' (realigned)";
-    shard.realigned.push_back({t, ctx ? DeviceArena::on_device(ctx, e.end - e.begin, tensor_label)
-                                      : DeviceArena::on_host(e.end - e.begin, tensor_label)});
+  if (!streamed()) {
+    for (auto& group : shard.groups) open_now(shard, *group);
   }
-  st.realigned_tensors = shard.realigned.size();
   st.header_ns = now_ns();
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -421,6 +381,140 @@ void LoadSession::prepare_shard(size_t index, const uint8_t* json, size_t json_l
     shard.stats = st;  // under the lock: stats() may read concurrently
   }
   shard.header_ready = true;
+}
+
+void LoadSession::open_now(Shard& shard, Group& group) {
+  const auto& ctx = pipeline_->ctx_;
+  const std::string arena_label = "shard '" + shard.source.name + "'";
+  const GroupLayout& g = group.layout;
+  std::shared_ptr<DeviceArena> arena;
+  if (ctx) {
+    arena = DeviceArena::on_device(ctx, g.arena_bytes, arena_label);
+    if (host_staging_) {
+      shard.staging = DeviceArena::on_host(g.arena_bytes, arena_label + " (host staging)",
+                                           /*populate=*/false);
+    }
+  } else if (maps(shard)) {
+    arena = DeviceArena::map_file(shard.file->fd(), shard.file->size(), shard.header.data_offset,
+                                  arena_label);
+  } else {
+    // Populated range by range as the bytes arrive (host_landing), not all at once here: making
+    // a whole shard resident takes a fifth of a second per 250 MB where fresh memory is costly,
+    // and here it would hold up the shard's first range.
+    arena = DeviceArena::on_host(g.arena_bytes, arena_label, /*populate=*/false);
+  }
+  std::vector<std::shared_ptr<DeviceArena>> realigned;
+  for (const GroupLayout::Realigned& r : g.realigned) {
+    const TensorEntry& e = shard.header.tensors[r.tensor];
+    const std::string tensor_label = arena_label + " tensor '" + e.name + "' (realigned)";
+    realigned.push_back(ctx ? DeviceArena::on_device(ctx, e.end - e.begin, tensor_label)
+                            : DeviceArena::on_host(e.end - e.begin, tensor_label));
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  group.arena = std::move(arena);
+  group.realigned = std::move(realigned);
+  group.open = true;
+}
+
+void LoadSession::release_open_tokens(size_t index) {
+  Shard& shard = *shards_[index];
+  if (shard.groups.empty()) {
+    publish_empty(index);
+    return;
+  }
+  for (size_t g = 0; g < shard.groups.size(); ++g) group_landed(index, g, 1);
+}
+
+void LoadSession::sequence_shard(size_t index) {
+  Shard& shard = *shards_[index];
+  {
+    std::lock_guard<std::mutex> order(sequence_mutex_);
+    if (shard.sequenced || cancelled_) return;  // cancelled: close() may have let the pool go
+    shard.sequenced = true;
+    if (shard.groups.empty()) {
+      publish_empty(index);
+      return;
+    }
+    for (size_t g = 0; g < shard.groups.size(); ++g) {
+      Group& group = *shard.groups[g];
+      std::shared_ptr<PoolClaim> claim = pool_->claim(group.layout.claim_bytes);
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        group.claim = std::move(claim);
+      }
+      post([this, index, g] { run_open(index, g); }, TaskPriority::kOpen);
+    }
+  }
+  changed_.notify_all();  // a consumer waiting may now be stuck behind these claims
+}
+
+void LoadSession::run_open(size_t index, size_t g) {
+  Shard& shard = *shards_[index];
+  Group& group = *shard.groups[g];
+  if (!pool_->wait(*group.claim, &cancelled_)) return;
+  if (cancelled_) {
+    pool_->abandon(*group.claim);
+    return;
+  }
+  const GroupLayout& layout = group.layout;
+  std::vector<std::pair<uint64_t, uint64_t>> pieces{{0, layout.arena_bytes}};
+  for (const GroupLayout::Realigned& r : layout.realigned) {
+    const TensorEntry& e = shard.header.tensors[r.tensor];
+    pieces.emplace_back(r.claim_offset, e.end - e.begin);
+  }
+  std::vector<std::shared_ptr<DeviceArena>> arenas =
+      pool_->open(*group.claim, pieces, "shard '" + shard.source.name + "'");
+  // Bytes reused from tensors the consumer dropped: copies into them wait for its streams.
+  pipeline_->engine_->wait_for(group.claim->waits);
+  std::vector<Spill> spills;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    group.arena = arenas[0];
+    group.realigned.assign(arenas.begin() + 1, arenas.end());
+    group.open = true;
+    spills.swap(group.spills);
+  }
+  changed_.notify_all();  // feeders waiting for this group's memory
+  for (const Spill& spill : spills) land_spill(index, g, spill);
+  if (!shard.source.path.empty()) post_reads(index, layout.read_begin, layout.read_end);
+  group_landed(index, g, 1);
+}
+
+size_t LoadSession::read_group(const Shard& shard, uint64_t pos) {
+  const auto& groups = shard.groups;
+  auto it = std::upper_bound(
+      groups.begin(), groups.end(), pos,
+      [](uint64_t p, const std::unique_ptr<Group>& g) { return p < g->layout.read_begin; });
+  while (it != groups.begin()) {
+    --it;
+    if ((*it)->layout.read_end > pos) return static_cast<size_t>(it - groups.begin());
+    if ((*it)->layout.read_begin < pos) break;  // an empty read range ends here: look no further
+  }
+  return kNoGroup;
+}
+
+uint64_t LoadSession::group_copies(const Shard& shard, const Group& group, size_t slot_offset,
+                                   uint64_t begin, uint64_t bytes,
+                                   std::vector<CopyRange>& out) const {
+  const uint64_t end = begin + bytes;
+  const GroupLayout& layout = group.layout;
+  uint64_t copied = 0;
+  for (auto it = spans_from(layout.spans, begin); it != layout.spans.end() && it->begin < end;
+       ++it) {
+    const uint64_t lo = std::max(it->begin, begin), hi = std::min(it->end, end);
+    out.push_back({group.arena->address() + it->arena_offset + (lo - it->begin),
+                   slot_offset + (lo - begin), hi - lo});
+    copied += hi - lo;
+  }
+  for (size_t i = 0; i < layout.realigned.size(); ++i) {
+    const TensorEntry& e = shard.header.tensors[layout.realigned[i].tensor];
+    const uint64_t lo = std::max(e.begin, begin), hi = std::min(e.end, end);
+    if (lo < hi) {
+      out.push_back(
+          {group.realigned[i]->address() + (lo - e.begin), slot_offset + (lo - begin), hi - lo});
+    }
+  }
+  return copied;
 }
 
 void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64_t begin,
@@ -435,47 +529,85 @@ void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64
                         std::to_string(end) + ") fall outside its data region of " +
                         std::to_string(h.data_bytes) + " bytes");
   }
-  // The parts of the range this load needs (all of it without a tensor selection).
-  std::vector<CopyRange> parts;
-  uint64_t landed = 0;
-  for (auto it = spans_from(shard, begin); it != shard.spans.end() && it->begin < end; ++it) {
-    const uint64_t lo = std::max(it->begin, begin), hi = std::min(it->end, end);
-    parts.push_back({it->arena_offset + (lo - it->begin), slot_offset + (lo - begin), hi - lo});
-    landed += hi - lo;
-  }
-  if (!lands_on_host()) {
-    try {
-      std::vector<CopyRange> copies;
-      for (const CopyRange& p : parts) {
-        copies.push_back({shard.arena->address() + p.dst, p.src_offset, p.bytes});
-      }
-      for (const Realigned& r : shard.realigned) {
-        const TensorEntry& e = h.tensors[r.tensor];
-        uint64_t lo = std::max(e.begin, begin), hi = std::min(e.end, end);
-        if (lo < hi) {
-          copies.push_back(
-              {r.arena->address() + (lo - e.begin), slot_offset + (lo - begin), hi - lo});
+  // Each group these bytes touch: its span bytes are copied into its arena (or, while it has none,
+  // spilled to wait on the host), and its cover bytes have landed, verified.
+  std::vector<std::pair<size_t, int64_t>> landed;
+  std::vector<CopyRange> copies;
+  const auto& groups = shard.groups;
+  try {
+    // A few groups per shard: a scan. Covers are in file order (an empty one covers nothing).
+    for (size_t g = 0; g < groups.size(); ++g) {
+      Group& group = *groups[g];
+      const GroupLayout& layout = group.layout;
+      if (layout.cover.empty() || layout.cover.back().end <= begin) continue;
+      if (layout.cover.front().begin >= end) break;
+      int64_t count = static_cast<int64_t>(bytes_within(layout.cover, begin, end));
+      const uint64_t span_bytes = bytes_within(layout.spans, begin, end);
+      if (span_bytes > 0 && lands_on_host()) {
+        // Unbounded loads: the group is open; bytes from a slot are copied into host memory
+        // (without a slot they were written there already).
+        for (auto s = spans_from(layout.spans, begin);
+             slot != nullptr && s != layout.spans.end() && s->begin < end; ++s) {
+          const uint64_t lo = std::max(s->begin, begin), hi = std::min(s->end, end);
+          uint8_t* dest = host_destination(shard) + s->arena_offset + (lo - s->begin);
+          populate_host(dest, hi - lo);
+          std::memcpy(dest, slot->data() + slot_offset + (lo - begin), hi - lo);
+        }
+        count += static_cast<int64_t>(span_bytes);
+      } else if (span_bytes > 0) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (group.open) {
+          count +=
+              static_cast<int64_t>(group_copies(shard, group, slot_offset, begin, bytes, copies));
+        } else {
+          for (auto s = spans_from(layout.spans, begin); s != layout.spans.end() && s->begin < end;
+               ++s) {
+            const uint64_t lo = std::max(s->begin, begin), hi = std::min(s->end, end);
+            const uint8_t* src = slot->data() + slot_offset + (lo - begin);
+            group.spills.push_back({lo, std::vector<uint8_t>(src, src + (hi - lo))});
+          }
         }
       }
-      if (copies.empty()) {
-        pipeline_->ring_->release(slot);
-      } else {
-        pipeline_->engine_->submit(slot, copies);
-      }
-    } catch (...) {
+      landed.emplace_back(g, count);
+    }
+  } catch (...) {
+    if (slot) pipeline_->ring_->release(slot);
+    throw;
+  }
+  if (slot != nullptr) {
+    if (!copies.empty()) {
+      pipeline_->engine_->submit(slot, copies);  // takes the slot, even when it throws
+    } else {
       pipeline_->ring_->release(slot);
-      throw;
     }
-  } else if (slot != nullptr) {
-    for (const CopyRange& p : parts) {
-      populate_host(host_destination(shard) + p.dst, p.bytes);
-      std::memcpy(host_destination(shard) + p.dst, slot->data() + p.src_offset, p.bytes);
+  }
+  for (const auto& [g, count] : landed) group_landed(index, g, count);
+}
+
+void LoadSession::land_spill(size_t index, size_t g, const Spill& spill) {
+  Shard& shard = *shards_[index];
+  Group& group = *shard.groups[g];
+  const size_t slot_bytes = pipeline_->settings_.staging_slot_bytes;
+  for (size_t done = 0; done < spill.bytes.size(); done += slot_bytes) {
+    const size_t n = std::min(slot_bytes, spill.bytes.size() - done);
+    Slot* slot = pipeline_->ring_->acquire(&cancelled_);
+    if (slot == nullptr) return;  // cancelled
+    std::memcpy(slot->data(), spill.bytes.data() + done, n);
+    std::vector<CopyRange> copies;
+    uint64_t copied = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      copied = group_copies(shard, group, 0, spill.begin + done, n, copies);
     }
-    pipeline_->ring_->release(slot);
+    pipeline_->engine_->submit(slot, copies);
+    group_landed(index, g, static_cast<int64_t>(copied));
   }
-  if (landed > 0 && shard.bytes_landed.fetch_add(landed) + landed == shard.needed_bytes) {
-    finish_shard(index);
-  }
+}
+
+void LoadSession::group_landed(size_t index, size_t g, int64_t bytes) {
+  if (bytes == 0) return;
+  Group& group = *shards_[index]->groups[g];
+  if (group.remaining.fetch_sub(bytes) == bytes) finish_group(index, g);
 }
 
 void LoadSession::run_chunk(size_t index, uint64_t begin, uint64_t end) {
@@ -485,7 +617,7 @@ void LoadSession::run_chunk(size_t index, uint64_t begin, uint64_t end) {
   Slot* slot = nullptr;
   size_t slot_offset = 0;
   if (lands_on_host()) {
-    const Span* span = span_at(shard, begin);  // run_chunk ranges lie within one span
+    const Span* span = span_at(shard.layout.spans, begin);  // reads lie within one span
     read_and_verify(shard, host_landing(shard, *span, begin, bytes), h.data_offset + begin, bytes,
                     /*stays=*/true);
   } else {
@@ -544,7 +676,7 @@ std::optional<Landing> LoadSession::acquire(size_t index, uint64_t file_offset, 
     // cpu target (or host staging): the socket writes straight into host memory when the range
     // lies within what this load keeps; other ranges go through a slot.
     const uint64_t begin = file_offset - shard.header.data_offset;
-    const Span* span = span_at(shard, begin);
+    const Span* span = span_at(shard.layout.spans, begin);
     if (span != nullptr && begin + bytes <= span->end) {
       landing.data = host_landing(shard, *span, begin, bytes);
       return landing;
@@ -554,6 +686,17 @@ std::optional<Landing> LoadSession::acquire(size_t index, uint64_t file_offset, 
     throw CoreError(ErrorKind::InvalidArgument,
                     "a range of " + std::to_string(bytes) + " bytes exceeds staging_slot_bytes (" +
                         std::to_string(pipeline_->settings_.staging_slot_bytes) + ")");
+  }
+  if (streamed() && shard.header_ready) {
+    // A streamed load's data range waits, holding nothing, until the group whose reads it
+    // starts has memory; the shard's groups claim memory (in hand-out order) at its first.
+    sequence_shard(index);
+    const size_t g = read_group(shard, file_offset - shard.header.data_offset);
+    if (g != kNoGroup) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      changed_.wait(lock, [&] { return shard.groups[g]->open || cancelled_.load(); });
+      if (cancelled_) return std::nullopt;
+    }
   }
   landing.slot = pipeline_->ring_->acquire(&cancelled_);
   if (landing.slot == nullptr) return std::nullopt;
@@ -576,6 +719,15 @@ FeedStatus LoadSession::commit(Landing& landing) {
   } catch (...) {
     fail(std::current_exception());
     throw;
+  }
+}
+
+void LoadSession::after_header(size_t index, uint64_t landed_to) {
+  Shard& shard = *shards_[index];
+  if (!streamed()) {
+    release_open_tokens(index);
+  } else if (shard.layout.spans.empty() || shard.layout.spans.back().end <= landed_to) {
+    sequence_shard(index);  // no data range will follow to do it
   }
 }
 
@@ -622,14 +774,12 @@ FeedStatus LoadSession::commit_landing(Landing& landing) {
         throw;
       }
       const uint64_t data_in_first = landing.capacity - data_offset;
-      if (shard.needed_bytes == 0) {
-        if (slot) pipeline_->ring_->release(slot);
-        finish_shard(landing.shard);
-      } else if (data_in_first > 0) {
+      if (data_in_first > 0) {
         land_data(landing.shard, slot, data_offset, 0, data_in_first);
       } else if (slot) {
         pipeline_->ring_->release(slot);
       }
+      after_header(landing.shard, data_in_first);
       return status_of(shard);
     }
     // The rest of a long header has landed in header_buf.
@@ -639,14 +789,13 @@ FeedStatus LoadSession::commit_landing(Landing& landing) {
     prepare_shard(landing.shard, shard.header_buf.data() + kHeaderLengthBytes,
                   shard.header_buf.size() - kHeaderLengthBytes, shard.file_size, st);
     std::vector<uint8_t>().swap(shard.header_buf);
-    if (shard.needed_bytes == 0) finish_shard(landing.shard);
+    after_header(landing.shard, 0);
     return status_of(shard);
   }
   land_data(landing.shard, slot, 0, landing.file_offset - shard.header.data_offset,
             landing.capacity);
   return status_of(shard);
 }
-
 size_t LoadSession::read_into_slot(Shard& shard, Slot* slot, uint64_t file_offset, size_t bytes) {
   constexpr uint64_t kAlign = ShardFile::kDirectAlign;
   if (shard.file->direct() && reinterpret_cast<uintptr_t>(slot->data()) % kAlign == 0) {
@@ -725,7 +874,8 @@ void LoadSession::populate_host(uint8_t* p, size_t n) const {
 }
 
 uint8_t* LoadSession::host_destination(const Shard& shard) const {
-  return host_staging_ ? shard.staging->host_data() : shard.arena->host_data();
+  // Host landings happen in unbounded loads only: one group per shard.
+  return host_staging_ ? shard.staging->host_data() : shard.groups[0]->arena->host_data();
 }
 
 FeedStatus LoadSession::status_of(const Shard& shard) const {
@@ -760,42 +910,53 @@ std::vector<std::pair<uint64_t, uint64_t>> LoadSession::needed_ranges(size_t ind
                     "shard '" + shard.source.name + "': its header has not been read yet");
   }
   std::vector<std::pair<uint64_t, uint64_t>> out;
-  for (const Span& span : shard.spans) {
+  for (const Span& span : shard.layout.spans) {
     out.emplace_back(shard.header.data_offset + span.begin, shard.header.data_offset + span.end);
   }
   return out;
 }
 
-void LoadSession::finish_shard(size_t index) {
+void LoadSession::finish_group(size_t index, size_t g) {
   Shard& shard = *shards_[index];
+  Group& group = *shard.groups[g];
   const ShardHeader& h = shard.header;
+  const GroupLayout& layout = group.layout;
+  std::shared_ptr<DeviceArena> arena;
+  std::vector<std::shared_ptr<DeviceArena>> realigned;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    arena = group.arena;
+    realigned = group.realigned;
+  }
   std::vector<std::shared_ptr<CudaEvent>> fence;
   if (pipeline_->ctx_ && host_staging_) {
     // The baseline path: the whole shard is in host memory; copy it, then wait for it, so the
     // staging copy can go.
     CopyEngine& engine = *pipeline_->engine_;
-    engine.copy_from_host(shard.arena->address(), shard.staging->host_data(), shard.arena_bytes);
-    for (const Realigned& r : shard.realigned) {
-      const TensorEntry& e = h.tensors[r.tensor];
-      engine.copy_from_host(r.arena->address(),
-                            shard.staging->host_data() + shard.tensor_offset[r.tensor],
-                            e.end - e.begin);
+    engine.copy_from_host(arena->address(), shard.staging->host_data(), layout.arena_bytes);
+    for (size_t i = 0; i < layout.realigned.size(); ++i) {
+      const TensorEntry& e = h.tensors[layout.realigned[i].tensor];
+      engine.copy_from_host(
+          realigned[i]->address(),
+          shard.staging->host_data() + shard.layout.tensor_offset[layout.realigned[i].tensor],
+          e.end - e.begin);
     }
     fence = engine.record_fence();
     for (const auto& event : fence) event->synchronize();
-    shard.arena->set_fence(fence);
-    for (const Realigned& r : shard.realigned) r.arena->set_fence(fence);
+    arena->set_fence(fence);
+    for (const auto& r : realigned) r->set_fence(fence);
     shard.staging.reset();
   } else if (pipeline_->ctx_) {
-    // Every chunk of this shard is enqueued (bytes_landed counts after submit), so events recorded
+    // Every byte of this group is enqueued (landings count after submitting), so events recorded
     // now on every stream complete only after all of them.
     fence = pipeline_->engine_->record_fence();
-    shard.arena->set_fence(fence);
-    for (const Realigned& r : shard.realigned) r.arena->set_fence(fence);
+    arena->set_fence(fence);
+    for (const auto& r : realigned) r->set_fence(fence);
   } else {
-    for (const Realigned& r : shard.realigned) {
-      const TensorEntry& e = h.tensors[r.tensor];
-      std::memcpy(r.arena->host_data(), shard.arena->host_data() + shard.tensor_offset[r.tensor],
+    for (size_t i = 0; i < layout.realigned.size(); ++i) {
+      const size_t t = layout.realigned[i].tensor;
+      const TensorEntry& e = h.tensors[t];
+      std::memcpy(realigned[i]->host_data(), arena->host_data() + shard.layout.tensor_offset[t],
                   e.end - e.begin);
     }
   }
@@ -803,17 +964,19 @@ void LoadSession::finish_shard(size_t index) {
   out.index = index;
   out.metadata = h.metadata;
   size_t next_realigned = 0;
-  for (size_t t : shard.selected) {
+  for (size_t t : layout.tensors) {
     const TensorEntry& e = h.tensors[t];
-    std::shared_ptr<DeviceArena> arena = shard.arena;
-    uint64_t offset = shard.tensor_offset[t];
-    if (next_realigned < shard.realigned.size() && shard.realigned[next_realigned].tensor == t) {
-      arena = shard.realigned[next_realigned++].arena;
+    std::shared_ptr<DeviceArena> holder = arena;
+    uint64_t offset = shard.layout.tensor_offset[t];
+    if (next_realigned < layout.realigned.size() && layout.realigned[next_realigned].tensor == t) {
+      holder = realigned[next_realigned++];
       offset = 0;
     }
     out.tensors.push_back(
-        std::make_shared<TensorView>(e.name, e.dtype, e.shape, arena, offset, e.end - e.begin));
+        std::make_shared<TensorView>(e.name, e.dtype, e.shape, holder, offset, e.end - e.begin));
   }
+  out.arenas.push_back(arena);
+  for (const auto& r : realigned) out.arenas.push_back(r);
   if (pipeline_->ctx_) {
     size_t free_bytes = 0, total = 0;
     if (cuda_driver().cuMemGetInfo(&free_bytes, &total) == CUDA_SUCCESS) {
@@ -824,42 +987,111 @@ void LoadSession::finish_shard(size_t index) {
     }
   }
   // The session no longer needs the arenas: the published views own them now.
-  shard.arena.reset();
-  shard.realigned.clear();
-  shard.file.reset();
+  arena.reset();
+  realigned.clear();
+  bool complete = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    group.published = true;
+    group.arena.reset();
+    group.realigned.clear();
+    complete = ++shard.groups_published == shard.groups.size();
+    out.complete = complete;
+    if (complete) {
+      shard.stats.published_ns = now_ns();
+      if (++published_ == shards_.size()) all_published_ns_ = now_ns();
+    }
+    ready_.push_back(std::move(out));
+    fences_.insert(fences_.end(), fence.begin(), fence.end());
+  }
+  if (complete) shard.file.reset();  // every read of the shard is done
+  changed_.notify_all();
+}
+
+void LoadSession::publish_empty(size_t index) {
+  Shard& shard = *shards_[index];
+  PublishedShard out;
+  out.index = index;
+  out.metadata = shard.header.metadata;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     shard.stats.published_ns = now_ns();
     ready_.push_back(std::move(out));
-    fences_.insert(fences_.end(), fence.begin(), fence.end());
     if (++published_ == shards_.size()) all_published_ns_ = now_ns();
   }
+  shard.file.reset();
   changed_.notify_all();
 }
 
-std::optional<PublishedShard> LoadSession::next_shard() {
+void LoadSession::hand_out_locked(const PublishedShard& group, bool keep) {
+  if (!pool_) return;
+  for (const auto& weak : group.arenas) {
+    std::shared_ptr<DeviceArena> arena = weak.lock();
+    if (!arena) continue;
+    if (keep) {
+      pool_->keep(*arena);
+    } else {
+      handed_out_.push_back(weak);
+    }
+  }
+  if (handed_out_.size() > 256) {
+    handed_out_.erase(std::remove_if(handed_out_.begin(), handed_out_.end(),
+                                     [](const auto& w) { return w.expired(); }),
+                      handed_out_.end());
+  }
+}
+
+bool LoadSession::stuck_locked() const {
+  if (!ready_.empty() || !pool_->blocked()) return false;
+  for (const auto& shard : shards_) {
+    for (const auto& group : shard->groups) {
+      // A group with memory and not yet published will publish: the consumer is not stuck.
+      if (group->claim && !group->published && pool_->admitted(*group->claim)) return false;
+    }
+  }
+  return true;
+}
+
+size_t LoadSession::relieve_locked() {
+  size_t relieved = 0;
+  for (const auto& weak : handed_out_) {
+    if (std::shared_ptr<DeviceArena> arena = weak.lock()) {
+      kept_beyond_cap_ += arena->size();
+      pool_->keep(*arena);
+      ++relieved;
+    }
+  }
+  handed_out_.clear();
+  return relieved;
+}
+
+std::optional<PublishedShard> LoadSession::next_shard(bool keep) {
   std::unique_lock<std::mutex> lock(mutex_);
-  changed_.wait(
-      lock, [this] { return error_ || !ready_.empty() || returned_ == shards_.size() || closed_; });
-  if (error_) std::rethrow_exception(error_);
-  if (!ready_.empty()) {
-    PublishedShard out = std::move(ready_.front());
-    ready_.pop_front();
-    ++returned_;
-    return out;
+  for (;;) {
+    if (error_) std::rethrow_exception(error_);
+    if (!ready_.empty()) {
+      PublishedShard out = std::move(ready_.front());
+      ready_.pop_front();
+      hand_out_locked(out, keep);
+      return out;
+    }
+    if (handed_out_all_locked()) return std::nullopt;
+    if (closed_) {
+      throw CoreError(ErrorKind::LoadCancelled, "the load was closed before all shards arrived");
+    }
+    // A streamed consumer that keeps what it was handed, beyond the cap: stop counting it rather
+    // than wait forever for memory only it can give back.
+    if (pool_ && stuck_locked() && relieve_locked() > 0) continue;
+    changed_.wait(lock);
   }
-  if (closed_ && returned_ < shards_.size()) {
-    throw CoreError(ErrorKind::LoadCancelled, "the load was closed before all shards arrived");
-  }
-  return std::nullopt;
 }
 
 std::vector<PublishedShard> LoadSession::take_ready() {
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<PublishedShard> out(std::make_move_iterator(ready_.begin()),
                                   std::make_move_iterator(ready_.end()));
-  returned_ += out.size();
   ready_.clear();
+  for (const PublishedShard& group : out) hand_out_locked(group, /*keep=*/true);
   return out;
 }
 
@@ -876,47 +1108,64 @@ void LoadSession::wait_landed() {
 }
 
 void LoadSession::cancel() {
+  std::shared_ptr<ArenaPool> pool;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!error_ && returned_ < shards_.size()) {
+    if (!error_ && !handed_out_all_locked()) {
       error_ = std::make_exception_ptr(
           CoreError(ErrorKind::LoadCancelled, "the load was cancelled before it finished"));
     }
+    pool = pool_;
   }
   cancelled_ = true;
   if (pipeline_->ring_) pipeline_->ring_->wake_all();
+  if (pool) pool->wake();
   changed_.notify_all();
 }
 
 void LoadSession::close() {
   // In a forked child nothing may wait for the parent's threads (see LoadPipeline::close).
   if (pipeline_->forked_away()) return;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (closed_) return;
-  }
   bool finished;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    finished = returned_ == shards_.size() && !error_;
+    if (closed_) return;
+    finished = handed_out_all_locked() && !error_;
   }
   if (!finished) cancel();
   {
     std::unique_lock<std::mutex> lock(mutex_);
     changed_.wait(lock, [this] { return outstanding_ == 0; });
+    closing_ = true;  // a feeder thread may still sequence a shard: its tasks do not start
   }
   // Copies already enqueued may still read slots or write arenas: let them land before the
-  // arenas of unpublished shards are freed and the ring is reused.
+  // arenas of unpublished groups go and the ring is reused.
   if (pipeline_->ring_) pipeline_->ring_->wait_idle();
+  std::deque<PublishedShard> unclaimed;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    ready_.clear();
+    unclaimed.swap(ready_);
     closed_ = true;
   }
+  unclaimed.clear();
   for (auto& shard : shards_) {
-    shard->arena.reset();
-    shard->realigned.clear();
+    for (auto& group : shard->groups) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      group->arena.reset();
+      group->realigned.clear();
+      group->spills.clear();
+      if (group->claim && pool_) pool_->abandon(*group->claim);
+    }
+    shard->staging.reset();
     shard->file.reset();
+  }
+  if (pool_) {
+    pool_->cancel_waiting();
+    pool_->end_load();
+    // The slab goes as soon as the last tensor cut from it does, not with this session object.
+    std::lock_guard<std::mutex> lock(mutex_);
+    pool_stats_ = pool_->stats();
+    pool_.reset();
   }
   changed_.notify_all();
   pipeline_->session_ended();
@@ -944,6 +1193,15 @@ SessionStats LoadSession::stats() const {
   s.direct_io_bytes = direct_io_bytes_.load();
   s.host_populate_seconds = static_cast<double>(populate_cpu_ns_.load()) / 1e9;
   std::lock_guard<std::mutex> lock(mutex_);
+  if (streamed_) {
+    const PoolStats pool = pool_ ? pool_->stats() : pool_stats_;
+    s.device_cap = pool.cap;
+    s.stream_buffer_bytes = pool.slab_bytes;
+    s.peak_device_bytes = pool.peak_allocated;
+    s.cap_raised_to = pool.cap_raised_to;
+    s.mid_load_allocations = pool.grown;
+  }
+  s.kept_beyond_cap = kept_beyond_cap_;
   s.all_published_ns = all_published_ns_;
   s.checksum_failures = checksum_failures_;
   for (const auto& shard : shards_) s.shards.push_back(shard->stats);

@@ -1,11 +1,21 @@
 // LoadPipeline owns what outlives one load (the target's context, the staging ring, the copy
 // engine and the io threads); LoadSession is one load of a set of shards through it.
 //
-// Flow of one shard (cuda target): header read and parsed -> one DeviceArena sized to the data
-// region -> data chunks pread into ring slots -> one async H2D copy per slot -> when every chunk
-// is enqueued, a fence (one event per stream) is recorded and the shard's tensors are published.
-// On the host target chunks are read straight into the arena (no staging copy), or the file is
-// mapped when mmap is asked.
+// Flow of one shard (cuda target): header read and parsed -> the shard's tensors planned into
+// tensor groups (shard_layout.hpp) -> each group's arena made -> data chunks pread (or fed) into
+// ring slots -> one async H2D copy per slot and group -> when every byte of a group is enqueued
+// (and verified), a fence (one event per stream) is recorded and the group's tensors are
+// published. On the host target chunks are read straight into the arena (no staging copy), or the
+// file is mapped when mmap is asked.
+//
+// A load that keeps what it returns has one group per shard, its arena allocated when the header
+// parses (as many arenas as shards, the whole checkpoint). A streamed load (SessionOptions::
+// device_cap, cuda) cuts shards into groups whose arenas come from an ArenaPool in the order they
+// will be handed out, at most device_cap bytes at a time (arena_pool.hpp): a group waits for its
+// memory in an "open" task on the io threads, which then posts the group's reads (local shards) or
+// lets the feeder's landings for it through (fed shards); bytes that land for a group before it
+// has memory wait on the host (spilled: a fed shard's first range, or the tail of the manifest
+// chunk a group's reads end in) and are copied when it opens.
 #pragma once
 
 #include <sys/types.h>
@@ -25,6 +35,7 @@
 #include <utility>
 #include <vector>
 
+#include "arena_pool.hpp"
 #include "chunk_verifier.hpp"
 #include "content_md5_verifier.hpp"
 #include "copy_engine.hpp"
@@ -34,6 +45,7 @@
 #include "io_threads.hpp"
 #include "safetensors_header.hpp"
 #include "shard_file.hpp"
+#include "shard_layout.hpp"
 #include "staging_ring.hpp"
 #include "tensor_export.hpp"
 
@@ -59,6 +71,10 @@ struct SessionOptions {
   // manifest's chunks when the shard is verified, so every byte read is checked) and the arenas
   // hold only them.
   std::shared_ptr<const std::unordered_set<std::string>> wanted;
+  // cuda target, direct (not host staging): the load is streamed (its consumer drops tensors as
+  // it goes) and holds at most this many bytes of device memory for tensors not yet dropped;
+  // 0: not bounded (the load keeps what it returns). See arena_pool.hpp.
+  uint64_t device_cap = 0;
 };
 
 struct ShardSource {
@@ -98,9 +114,10 @@ struct ShardStats {
   size_t tensors = 0;            // tensors this load hands out (a selection may skip some)
   uint64_t needed_bytes = 0;     // data bytes this load reads (all of them without a selection)
   size_t realigned_tensors = 0;  // tensors copied into their own aligned allocation
+  size_t groups = 0;             // tensor groups (arenas) the shard was cut into
   int64_t start_ns = -1;         // first work on the shard, from the session start
-  int64_t header_ns = -1;        // header parsed and arena allocated
-  int64_t published_ns = -1;     // every byte read and enqueued; tensors handed out
+  int64_t header_ns = -1;        // header parsed (unbounded: and its arena allocated)
+  int64_t published_ns = -1;     // every byte read and enqueued; its last tensors handed out
   size_t checksum_failures = 0;  // chunks (or the whole blob) that failed their checksum
 };
 
@@ -125,12 +142,24 @@ struct SessionStats {
   double host_populate_seconds = 0;    // CPU time making new host memory resident for writing
   std::vector<std::string> checksum_failures;  // mismatches let through (fail_on_... = false)
   std::vector<ShardStats> shards;
+  // Streamed loads (device_cap > 0): the bound and what the load's device memory did.
+  uint64_t device_cap = 0;            // 0: not bounded
+  uint64_t stream_buffer_bytes = 0;   // the pool's slab
+  uint64_t peak_device_bytes = 0;     // most device bytes its pool had allocated at once
+  uint64_t cap_raised_to = 0;         // largest group admitted beyond the cap (0: none)
+  uint64_t mid_load_allocations = 0;  // regions the pool grew by mid-load (cuMemAlloc)
+  uint64_t kept_beyond_cap = 0;       // bytes the consumer kept that the bound stopped counting
 };
 
+// One tensor group ready to hand out: a whole shard when the load keeps what it returns, a run of
+// its tensors when it is streamed.
 struct PublishedShard {
   size_t index = 0;
   std::vector<std::shared_ptr<TensorView>> tensors;  // in file order
   std::vector<std::pair<std::string, std::string>> metadata;
+  bool complete = true;  // every tensor of the shard has now been published
+  // The group's arenas, for the streamed load's budget (not exposed to Python).
+  std::vector<std::weak_ptr<DeviceArena>> arenas;
 };
 
 class LoadSession;
@@ -183,16 +212,18 @@ class LoadSession {
   LoadSession(const LoadSession&) = delete;
   LoadSession& operator=(const LoadSession&) = delete;
 
-  // The next shard whose tensors are ready to hand out, in arrival order; nullopt when all were
-  // returned. Blocks; rethrows the load's first error.
-  std::optional<PublishedShard> next_shard();
-  // Shards published but not yet returned by next_shard(), even after the load failed (their
-  // bytes are complete): a restarted load may keep them. Does not block.
+  // The next tensor group ready to hand out, in arrival order; nullopt when all were returned.
+  // Blocks; rethrows the load's first error. keep: the consumer keeps the tensors (a streamed
+  // load's budget stops counting them); else it drops them as it goes, and the budget counts
+  // them until they go.
+  std::optional<PublishedShard> next_shard(bool keep = true);
+  // Groups published but not yet returned by next_shard(), even after the load failed (their
+  // bytes are complete): a restarted load may keep them (they count as kept). Does not block.
   std::vector<PublishedShard> take_ready();
   // Blocks until every byte handed out so far has landed on the device (waits on fence events).
   void wait_landed();
   // Stops the load: pending reads are skipped, in-flight copies drain, unpublished arenas are
-  // freed.
+  // freed (or given back to the pool).
   void cancel();
   // cancel() and wait until no task of this session runs; idempotent.
   void close();
@@ -217,17 +248,24 @@ class LoadSession {
 
  private:
   friend class LoadPipeline;
-  struct Realigned {
-    size_t tensor;  // index in header.tensors
-    std::shared_ptr<DeviceArena> arena;
+  // Bytes of a group that landed before it had its arena (data coordinates, the group's span
+  // bytes only); copied in when it opens.
+  struct Spill {
+    uint64_t begin = 0;
+    std::vector<uint8_t> bytes;
   };
-  // A run of the data region this load needs and where it sits in the arena. Without a selection
-  // there is one span, [0, data_bytes) at offset 0; with one, the spans are packed, each placed at
-  // the same offset modulo 256 as in the file, so tensors keep their alignment.
-  struct Span {
-    uint64_t begin = 0;  // data-region coordinates
-    uint64_t end = 0;
-    uint64_t arena_offset = 0;
+  struct Group {
+    GroupLayout layout;
+    std::shared_ptr<PoolClaim> claim;  // streamed loads
+    // Span bytes not yet copied + cover bytes not yet landed + 1 until the group is open: the
+    // landing (or opening) that takes it to zero publishes the group.
+    std::atomic<int64_t> remaining{0};
+    // Under the session's mutex_:
+    bool open = false;  // its arenas exist: bytes are copied, not spilled
+    bool published = false;
+    std::shared_ptr<DeviceArena> arena;
+    std::vector<std::shared_ptr<DeviceArena>> realigned;  // parallel to layout.realigned
+    std::vector<Spill> spills;
   };
   struct Shard {
     ShardSource source;
@@ -238,23 +276,21 @@ class LoadSession {
     std::atomic<bool> header_ready{false};
     std::atomic<int64_t> first_ns{-1};
     ShardHeader header;
-    std::shared_ptr<DeviceArena> arena;
+    ShardLayout layout;
+    std::vector<std::unique_ptr<Group>> groups;
     std::shared_ptr<DeviceArena> staging;  // host-staging: the whole data region in host memory
-    std::vector<Realigned> realigned;
-    std::vector<Span> spans;              // sorted, disjoint
-    std::vector<size_t> selected;         // indices in header.tensors handed out, in file order
-    std::vector<uint64_t> tensor_offset;  // per header tensor: its offset in the arena
-    uint64_t arena_bytes = 0;
-    uint64_t needed_bytes = 0;                // sum of the spans
+    uint64_t read_chunk = 0;               // local shards: bytes per read
+    bool sequenced = false;                // streamed: its groups claimed memory (sequence_mutex_)
+    size_t groups_published = 0;           // under mutex_
     std::unique_ptr<ChunkVerifier> verifier;  // null: no manifest for this shard
     std::unique_ptr<ContentMd5Verifier> md5;  // null: no Content-MD5 to check
-    std::atomic<uint64_t> bytes_landed{0};
     ShardStats stats;
   };
 
   LoadSession(std::shared_ptr<LoadPipeline> pipeline, std::vector<ShardSource> shards,
               SessionOptions options);
-  // Where host-landing bytes of a shard's data region go: the arena (cpu) or the staging copy.
+  // Where host-landing bytes of a shard's data region go: the arena (cpu) or the staging copy
+  // (unbounded loads: one group per shard).
   uint8_t* host_destination(const Shard& shard) const;
   // Where bytes [begin, begin + bytes) of the shard's data (within `span`) land on the host, made
   // resident for the write that follows.
@@ -262,23 +298,47 @@ class LoadSession {
   // HostBuffer::populate_for_write, its CPU time counted (stats().host_populate_seconds).
   void populate_host(uint8_t* p, size_t n) const;
   bool lands_on_host() const { return !pipeline_->ctx_ || host_staging_; }
+  bool streamed() const { return streamed_; }
   // The shard's data is its local file mapped copy-on-write (cpu target, mmap asked, a path).
   bool maps(const Shard& shard) const { return mmap_ && !shard.source.path.empty(); }
   void begin();
+  // Parses the header and plans the shard; an unbounded load makes its arenas now.
   void prepare_shard(size_t shard, const uint8_t* json, size_t json_len, uint64_t file_size,
                      ShardStats st);
+  // Unbounded loads: allocates a group's arenas (device, host or the mapped file).
+  void open_now(Shard& shard, Group& group);
+  // After a shard's groups are ready for landings (unbounded) or its reads are posted: the
+  // opening token of each group goes, publishing those with nothing left to land; a shard without
+  // tensors to hand out is published empty.
+  void release_open_tokens(size_t shard);
+  // Streamed loads: each group of the shard claims its memory, in order, and an open task waits
+  // for it. Once per shard; the order of calls is the order of hand-out.
+  void sequence_shard(size_t shard);
+  void run_open(size_t shard, size_t group);
+  // The group whose reads cover data-region byte `pos` (npos: none).
+  static size_t read_group(const Shard& shard, uint64_t pos);
+  // Posts the chunk reads of a local shard's spans within [begin, end).
+  void post_reads(size_t shard, uint64_t begin, uint64_t end);
   // Hands [begin, begin + bytes) of the data region to the target. With a slot (bytes at
   // slot_offset) the slot is consumed; without one the bytes are already in the arena.
   void land_data(size_t shard, Slot* slot, size_t slot_offset, uint64_t begin, uint64_t bytes);
+  // The copies of the group's bytes [begin, begin + bytes), at slot_offset in a slot, into its
+  // open arenas; returns the span bytes they cover. Under mutex_.
+  uint64_t group_copies(const Shard& shard, const Group& group, size_t slot_offset, uint64_t begin,
+                        uint64_t bytes, std::vector<CopyRange>& out) const;
+  void land_spill(size_t shard, size_t group, const Spill& spill);
+  // `bytes` of the group's remaining count landed; publishes it at zero.
+  void group_landed(size_t shard, size_t group, int64_t bytes);
+  void finish_group(size_t shard, size_t group);
+  // Publishes a shard that hands out no tensor.
+  void publish_empty(size_t shard);
   FeedStatus commit_landing(Landing& landing);
+  // A fed shard's header is parsed and its first `landed_to` data bytes handed over: an
+  // unbounded load's groups are ready; a streamed one's claim memory now when no data range
+  // will follow.
+  void after_header(size_t shard, uint64_t landed_to);
   FeedStatus status_of(const Shard& shard) const;
   void check_shard_index(size_t shard) const;
-  // Chooses the tensors and spans of a parsed shard and sizes its arena.
-  void plan_spans(Shard& shard) const;
-  // The span holding data-region byte `pos`, else the first span after it (end() when none).
-  static std::vector<Span>::const_iterator spans_from(const Shard& shard, uint64_t pos);
-  // The span holding data-region byte `pos`, or null.
-  static const Span* span_at(const Shard& shard, uint64_t pos);
   // Checks landed file bytes against the shard's manifest: throws ChecksumMismatch (or records
   // it when mismatches are let through).
   void verify(Shard& shard, uint64_t file_offset, const uint8_t* data, size_t n);
@@ -291,12 +351,19 @@ class LoadSession {
   // Reads (and verifies) a range of a local shard into a staging slot: with O_DIRECT when the
   // shard allows it (returns where the range starts in the slot), else buffered (returns 0).
   size_t read_into_slot(Shard& shard, Slot* slot, uint64_t file_offset, size_t bytes);
-  void post(std::function<void()> task, bool urgent);
+  void post(std::function<void()> task, TaskPriority priority);
   void run_header(size_t shard);
   void run_chunk(size_t shard, uint64_t begin, uint64_t end);
-  void finish_shard(size_t shard);
   void fail(std::exception_ptr error);
   int64_t now_ns() const;
+  // Under mutex_: every shard published and every group handed out.
+  bool handed_out_all_locked() const { return published_ == shards_.size() && ready_.empty(); }
+  // Streamed loads, under mutex_: the consumer waits for a group that cannot get memory while
+  // nothing of the load is in flight, because the memory is held by tensors it was handed (a
+  // streamed consumer keeping them). relieve_locked() stops counting those; returns how many.
+  bool stuck_locked() const;
+  size_t relieve_locked();
+  void hand_out_locked(const PublishedShard& group, bool keep);
 
   std::shared_ptr<LoadPipeline> pipeline_;
   std::vector<std::unique_ptr<Shard>> shards_;
@@ -305,6 +372,10 @@ class LoadSession {
   bool host_staging_;
   bool fail_on_checksum_mismatch_;
   bool direct_io_;
+  bool streamed_ = false;
+  std::shared_ptr<ArenaPool> pool_;  // streamed loads, until close() (then pool_stats_)
+  PoolStats pool_stats_;
+  uint64_t group_target_ = 0;  // streamed loads: bytes per tensor group
   std::atomic<uint64_t> direct_io_bytes_{0};
   mutable std::atomic<uint64_t> populate_cpu_ns_{0};
   std::shared_ptr<const std::unordered_set<std::string>> wanted_;
@@ -315,15 +386,18 @@ class LoadSession {
   std::atomic<bool> cancelled_{false};
   std::atomic<uint64_t> bytes_read_{0};
 
+  std::mutex sequence_mutex_;  // the order of claims and open tasks (taken before mutex_)
   mutable std::mutex mutex_;
   std::condition_variable changed_;
   size_t outstanding_ = 0;  // tasks posted and not finished
+  bool closing_ = false;    // no task is posted any more
   std::deque<PublishedShard> ready_;
-  size_t published_ = 0;
-  size_t returned_ = 0;
+  size_t published_ = 0;  // shards whose every group is published
   std::exception_ptr error_;
   int64_t all_published_ns_ = -1;
-  std::vector<std::shared_ptr<CudaEvent>> fences_;  // of every shard handed out, for wait_landed
+  std::vector<std::shared_ptr<CudaEvent>> fences_;  // of every group handed out, for wait_landed
+  std::vector<std::weak_ptr<DeviceArena>> handed_out_;  // streamed groups handed out, not kept
+  uint64_t kept_beyond_cap_ = 0;
   bool closed_ = false;
 };
 

@@ -52,6 +52,11 @@ Slot* StagingRing::acquire(const std::atomic<bool>* cancelled) {
   bool waited = false;
   for (;;) {
     if (cancelled && cancelled->load()) return nullptr;
+    if (stats_.retired == state_.size()) {
+      throw CoreError(ErrorKind::CudaError,
+                      "every staging slot was taken out of service after failed copies; close "
+                      "the Loader and make a new one");
+    }
     for (size_t i = 0; i < state_.size(); ++i) {
       if (state_[i] == State::Free) {
         state_[i] = State::Filling;
@@ -75,9 +80,21 @@ void StagingRing::mark_copying(Slot* slot) {
 void StagingRing::release(Slot* slot) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    if (state_[slot->index] == State::Retired) return;
     if (state_[slot->index] == State::Copying) --copying_;
     if (state_[slot->index] != State::Free) --busy_;
     state_[slot->index] = State::Free;
+  }
+  changed_.notify_all();
+}
+
+void StagingRing::retire(Slot* slot) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (state_[slot->index] == State::Copying) --copying_;
+    if (state_[slot->index] != State::Free && state_[slot->index] != State::Retired) --busy_;
+    if (state_[slot->index] != State::Retired) ++stats_.retired;
+    state_[slot->index] = State::Retired;
   }
   changed_.notify_all();
 }

@@ -32,6 +32,7 @@ struct RingStats {
   bool pinned_fallback = false;  // pinning was refused and pageable memory is used instead
   size_t peak_copying = 0;       // most slots whose copies were in flight at one time
   uint64_t acquire_waits = 0;    // times a filler had to wait for a slot
+  size_t retired = 0;            // slots out of service (see StagingRing::retire)
 };
 
 class StagingRing {
@@ -47,6 +48,10 @@ class StagingRing {
   Slot* acquire(const std::atomic<bool>* cancelled);
   void mark_copying(Slot* slot);  // the copy engine has enqueued the slot's copies
   void release(Slot* slot);       // back to free: after its event completed, or never submitted
+  // Out of service for the ring's life: copies from it may be in flight and no event can say when
+  // they end (the driver refused to record one). Not counted as busy: wait_idle() does not wait
+  // for it.
+  void retire(Slot* slot);
   void wake_all();
   // Blocks until no slot is filling or copying.
   void wait_idle();
@@ -55,7 +60,7 @@ class StagingRing {
   void reset_peaks();
 
  private:
-  enum class State { Free, Filling, Copying };
+  enum class State { Free, Filling, Copying, Retired };
   std::vector<std::unique_ptr<Slot>> slots_;
   std::vector<State> state_;
   mutable std::mutex mutex_;

@@ -60,6 +60,16 @@ void TensorView::make_stream_wait(CUstream stream) const {
   }
 }
 
+void TensorView::note_consumer(CUstream stream) const {
+  // The per-thread default stream names another stream in each thread, so it names none where
+  // the arena goes (the deleter's thread).
+  if (stream == nullptr || stream == BLOB2GPU_CU_STREAM_PER_THREAD) {
+    arena_->note_unnamed_consumer();
+  } else {
+    arena_->note_consumer(stream);
+  }
+}
+
 void TensorView::wait_ready() const {
   for (const auto& event : arena_->fence()) event->synchronize();
 }

@@ -31,6 +31,9 @@ class TensorView {
 
   // Makes a consumer stream wait (on the device) until this tensor's bytes have landed.
   void make_stream_wait(CUstream stream) const;
+  // The consumer imported this tensor on `stream` (null: it named none, stream=-1): see
+  // DeviceArena::note_consumer.
+  void note_consumer(CUstream stream) const;
   // Blocks the calling thread until this tensor's bytes have landed (waits on its events only).
   void wait_ready() const;
 

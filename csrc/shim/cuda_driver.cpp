@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 
@@ -11,9 +12,14 @@
 namespace blob2gpu {
 namespace {
 
-std::once_flag g_load_once;
+// Not std::call_once: a fork() while another thread is inside load_driver() would leave the child a
+// once-flag that never completes. This mutex is held across fork() instead (see
+// hold_driver_load_for_fork), so a child always finds the load either done or not begun.
+std::mutex g_load_mutex;
+std::atomic<bool> g_load_attempted{false};
 CudaDriver g_driver;
 std::string g_load_error;  // empty when loaded
+DriverLoad g_load;         // what loading came to
 bool g_loaded = false;
 pid_t g_load_pid = 0;  // the process that loaded (and cuInit'ed) the driver
 
@@ -33,9 +39,13 @@ void load_driver() {
   // The library stays loaded for the life of the process: device memory handed to consumers
   // may outlive every blob2gpu object.
   void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  g_load.path = path;
   if (lib == nullptr) {
-    const char* why = dlerror();
-    g_load_error = "cannot load the CUDA driver '" + path + "': " + (why ? why : "unknown error") +
+    const char* said = dlerror();
+    std::string why = said ? said : "unknown error";
+    if (why.rfind(path + ": ", 0) == 0) why.erase(0, path.size() + 2);  // dlerror names it again
+    g_load = {DriverStatus::NotFound, path, why};
+    g_load_error = "cannot load the CUDA driver '" + path + "': " + why +
                    " (is an NVIDIA driver installed? set " + kCudaDriverEnv + " to its path)";
     return;
   }
@@ -72,6 +82,7 @@ void load_driver() {
             resolve(lib, "cuGetErrorName", &d.cuGetErrorName, &missing) &&
             resolve(lib, "cuGetErrorString", &d.cuGetErrorString, &missing);
   if (!ok) {
+    g_load = {DriverStatus::MissingEntryPoint, path, missing};
     g_load_error = "the CUDA driver '" + path + "' lacks the entry point " + missing +
                    " (driver too old? blob2gpu needs CUDA 11.0 or newer)";
     return;
@@ -80,8 +91,9 @@ void load_driver() {
   if (rc != CUDA_SUCCESS) {
     const char* name = nullptr;
     d.cuGetErrorName(rc, &name);
+    g_load = {DriverStatus::InitFailed, path, name ? name : std::to_string(rc)};
     g_load_error = "cuInit failed for the CUDA driver '" + path +
-                   "': " + (name ? name : std::to_string(rc)) +
+                   "': " + g_load.detail +
                    " (no usable GPU, or the driver and "
                    "kernel module disagree; nvidia-smi tells more)";
     return;
@@ -95,9 +107,34 @@ void load_driver() {
 }  // namespace
 
 const CudaDriver& cuda_driver() {
-  std::call_once(g_load_once, load_driver);
-  if (!g_loaded) throw CoreError(ErrorKind::CudaDriverUnavailable, g_load_error);
+  if (!g_load_attempted.load(std::memory_order_acquire)) {
+    std::lock_guard<std::mutex> lock(g_load_mutex);
+    if (!g_load_attempted.load(std::memory_order_relaxed)) {
+      load_driver();
+      g_load_attempted.store(true, std::memory_order_release);
+    }
+  }
+  if (!g_loaded) {
+    throw CoreError(ErrorKind::CudaDriverUnavailable, g_load_error, {}, -1,
+                    static_cast<int>(g_load.status));
+  }
   return g_driver;
+}
+
+DriverLoad driver_load() {
+  try {
+    cuda_driver();
+  } catch (const CoreError&) {
+  }
+  return g_load;
+}
+
+void hold_driver_load_for_fork() {
+  g_load_mutex.lock();
+}
+
+void release_driver_load_after_fork() {
+  g_load_mutex.unlock();
 }
 
 bool cuda_driver_loaded() {

@@ -47,9 +47,37 @@ struct CudaDriver {
   PFN_cuGetErrorString cuGetErrorString = nullptr;
 };
 
+// Why there is no usable driver, as code reads it (Python: _core.DriverStatus, and the
+// driver_status of a CudaDriverUnavailable error): the diagnosis, never parsed from a message.
+enum class DriverStatus {
+  Loaded = 0,         // loaded and initialized
+  NotFound,           // dlopen failed: no such library, or one that cannot be loaded
+  MissingEntryPoint,  // a driver older than CUDA 11.0 (an entry point the core calls is missing)
+  InitFailed,         // cuInit failed (no usable GPU, driver and kernel module disagree)
+  NoDevice,           // loaded and initialized, but it reports no GPU
+};
+
+// What loading the driver came to: its status, the library (as named or found) and the detail
+// that says why (dlerror's reason without the path, the missing entry point, cuInit's result).
+struct DriverLoad {
+  DriverStatus status = DriverStatus::Loaded;
+  std::string path;
+  std::string detail;
+};
+
 // Loads and initializes the driver once per process (thread-safe). Throws CoreError
-// CudaDriverUnavailable naming the library and the reason when it cannot.
+// CudaDriverUnavailable naming the library and the reason when it cannot (its code: the
+// DriverStatus).
 const CudaDriver& cuda_driver();
+
+// Loads the driver as cuda_driver() does and says what that came to; never throws.
+DriverLoad driver_load();
+
+// fork() safety (cuda_device.cpp registers the pthread_atfork handlers): held before a fork, so no
+// thread is inside the driver's loading when the process is copied, and released after it in
+// both the parent and the child.
+void hold_driver_load_for_fork();
+void release_driver_load_after_fork();
 
 // Whether a driver was loaded successfully (never throws, never loads).
 bool cuda_driver_loaded();

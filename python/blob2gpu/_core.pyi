@@ -43,13 +43,32 @@ class DriverDevice(TypedDict):
     total_bytes: int
 
 class DriverInfo(TypedDict):
-    """driver_info(): the CUDA driver the core loaded and its devices, or why there is none."""
+    """driver_info(): the CUDA driver the core loaded and its devices, or why there is none
+    (`status`, with the library's `path` and the `detail` that says why; `error`: the message for
+    people)."""
 
     available: bool
-    path: NotRequired[str]
+    status: DriverStatus
+    path: str
+    detail: str
     version: NotRequired[int]
     devices: NotRequired[list[DriverDevice]]
     error: NotRequired[str]
+
+@final
+class DriverStatus:
+    """What loading the CUDA driver came to."""
+
+    LOADED: ClassVar[DriverStatus]
+    NOT_FOUND: ClassVar[DriverStatus]
+    MISSING_ENTRY_POINT: ClassVar[DriverStatus]
+    INIT_FAILED: ClassVar[DriverStatus]
+    NO_DEVICE: ClassVar[DriverStatus]
+    def __init__(self, value: int) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
 
 # --- functions ---------------------------------------------------------------------------------
 
@@ -148,6 +167,8 @@ class PublishedShard:
     def tensors(self) -> list[TensorView]: ...
     @property
     def metadata(self) -> dict[str, str]: ...
+    @property
+    def complete(self) -> bool: ...
 
 @final
 class FeedStatus:
@@ -174,6 +195,8 @@ class ShardStats:
     def needed_bytes(self) -> int: ...
     @property
     def realigned_tensors(self) -> int: ...
+    @property
+    def groups(self) -> int: ...
     @property
     def start_ns(self) -> int: ...
     @property
@@ -225,6 +248,18 @@ class SessionStats:
     def checksum_failures(self) -> list[str]: ...
     @property
     def shards(self) -> list[ShardStats]: ...
+    @property
+    def device_cap(self) -> int: ...
+    @property
+    def stream_buffer_bytes(self) -> int: ...
+    @property
+    def peak_device_bytes(self) -> int: ...
+    @property
+    def cap_raised_to(self) -> int: ...
+    @property
+    def mid_load_allocations(self) -> int: ...
+    @property
+    def kept_beyond_cap(self) -> int: ...
 
 # --- the pipeline ------------------------------------------------------------------------------
 
@@ -241,7 +276,7 @@ class Landing:
 
 @final
 class LoadSession:
-    def next_shard(self) -> PublishedShard | None: ...
+    def next_shard(self, keep: bool = True) -> PublishedShard | None: ...
     def take_ready(self) -> list[PublishedShard]: ...
     def wait_landed(self) -> None: ...
     def cancel(self) -> None: ...
@@ -274,6 +309,7 @@ class LoadPipeline:
         host_staging: bool = False,
         fail_on_checksum_mismatch: bool = True,
         wanted: Iterable[str] | None = None,
+        device_cap: int = 0,
     ) -> LoadSession: ...
     def start_fed(
         self,
@@ -284,6 +320,7 @@ class LoadPipeline:
         wanted: Iterable[str] | None = None,
         direct_io: bool = False,
         mmap: bool = False,
+        device_cap: int = 0,
     ) -> LoadSession: ...
     def close(self) -> None: ...
     @property

@@ -4,10 +4,9 @@ it."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
-from blob2gpu import errors
 from blob2gpu.loading.checkpoint import Checkpoint
+from blob2gpu.loading.frameworks import Tensor
 from blob2gpu.loading.loader import Loader
 
 
@@ -15,13 +14,13 @@ def load(
     uri: str | None = None,
     device: str = "cpu",
     framework: str = "torch",
-    credential: Any = None,
+    credential: object = None,
     config: str | None = None,
     distributed: bool = False,
     tensor_names: Iterable[str] | None = None,
     tensor_filter: Callable[[str], bool] | None = None,
-    **settings: Any,
-) -> dict[str, Any]:
+    **settings: object,
+) -> dict[str, Tensor]:
     """Load every tensor of a checkpoint; returns {name: tensor} of `framework` on `device`.
 
     uri: a .safetensors file, a directory of shards, or a model.safetensors.index.json, local or
@@ -37,38 +36,32 @@ def load(
     blob2gpu.settings (docs/settings.md). Raises a blob2gpu.errors.Blob2GpuError subclass naming
     the shard and what to change; on error nothing stays allocated.
     """
-    if distributed:
-        from blob2gpu.integrations.distributed import load as load_distributed
-
-        return load_distributed(
-            uri,
-            device,
-            framework,
-            credential,
-            dict(settings, **({"config": config} if config else {})),
-            tensor_names=tensor_names,
-            tensor_filter=tensor_filter,
-        )
     with Loader(config=config, **settings) as loader:
-        return loader.load(
+        request = loader.request(
             uri,
             device=device,
             framework=framework,
             credential=credential,
             tensor_names=tensor_names,
             tensor_filter=tensor_filter,
+            streamed=False,  # every tensor is kept: the load holds the checkpoint
         )
+        if distributed:
+            from blob2gpu.integrations.distributed import load as load_distributed
+
+            return load_distributed(loader, request)
+        return loader.load_all(request)
 
 
 def open(
     uri: str | None = None,
     device: str = "cpu",
     framework: str = "torch",
-    credential: Any = None,
+    credential: object = None,
     config: str | None = None,
     tensor_names: Iterable[str] | None = None,
     tensor_filter: Callable[[str], bool] | None = None,
-    **settings: Any,
+    **settings: object,
 ) -> Checkpoint:
     """Start loading and return a Checkpoint (a context manager) at once.
 
@@ -78,7 +71,7 @@ def open(
     """
     loader = Loader(config=config, **settings)
     try:
-        checkpoint = loader.open(
+        request = loader.request(
             uri,
             device=device,
             framework=framework,
@@ -86,6 +79,7 @@ def open(
             tensor_names=tensor_names,
             tensor_filter=tensor_filter,
         )
+        checkpoint = loader.start(request)
     except BaseException:
         loader.close()
         raise
@@ -94,7 +88,7 @@ def open(
 
 
 def fetch_aux(
-    uri: str, dest: str, credential: Any = None, config: str | None = None, **settings: Any
+    uri: str, dest: str, credential: object = None, config: str | None = None, **settings: object
 ) -> list[str]:
     """Download the non-weight files beside a Blob checkpoint (config.json, tokenizer files, ...)
     into the local directory `dest`; returns their paths. Weights in other formats beside the
@@ -103,11 +97,10 @@ def fetch_aux(
     BlobNotFound, AccessDenied, BlobArchived, StorageUnavailable, BlobChanged, ChecksumMismatch,
     LocalWriteError, or InvalidArgument for a URI that is not a Blob URI."""
     from blob2gpu.settings import resolve
-    from blob2gpu.sources.azure.container import open_container
-    from blob2gpu.sources.azure.location import is_blob_uri
+    from blob2gpu.sources import open_source
 
-    if not is_blob_uri(uri):
-        raise errors.InvalidArgument(f"fetch_aux needs a Blob URI (az://, https://), not '{uri}'")
-    effective = resolve(settings, config_path=config)
-    with open_container(uri, effective, credential) as container:
-        return [str(p) for p in container.fetch_aux(dest, effective.verify)]
+    source = open_source(uri, resolve(settings, config_path=config), credential)
+    try:
+        return [str(p) for p in source.fetch_aux(dest)]
+    finally:
+        source.close()

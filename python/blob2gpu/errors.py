@@ -216,14 +216,17 @@ class HostOutOfMemory(Blob2GpuError, MemoryError):
 
 class CudaDriverUnavailable(Blob2GpuError, RuntimeError):
     """No usable CUDA driver or GPU (set BLOB2GPU_CUDA_DRIVER, or load to the CPU); ``hint``
-    says how to load to the CPU (in the caller's syntax: blob2gpu.phrasing)."""
+    says how to load to the CPU (in the caller's syntax: blob2gpu.phrasing), ``driver_status``
+    (a _core.DriverStatus, set by the core) why: NOT_FOUND, MISSING_ENTRY_POINT, INIT_FAILED,
+    NO_DEVICE."""
 
-    def __init__(self, message: str = "", **fields: Any) -> None:
+    def __init__(self, message: str = "", *, driver_status: Any = None, **fields: Any) -> None:
         from blob2gpu import phrasing
 
         hint = fields.pop("hint", None) or f"or load to the CPU: {phrasing.device('cpu')}"
         said = message if hint in message else (f"{message}; {hint}" if message else hint)
         super().__init__(said, hint=hint, **fields)
+        self.driver_status = driver_status
 
 
 class CudaError(Blob2GpuError, RuntimeError):

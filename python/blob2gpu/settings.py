@@ -18,8 +18,8 @@ import difflib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, TypeVar
 
 from blob2gpu.documents import (
     CONFIG_MAX_BYTES,
@@ -34,6 +34,7 @@ from blob2gpu.errors import ConfigError
 ENV_PREFIX = "BLOB2GPU_"
 CONFIG_ENV = "BLOB2GPU_CONFIG"
 MiB = 1 << 20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -69,341 +70,339 @@ class Setting:
         return ENV_PREFIX + self.name.upper()
 
 
-S = Setting
-SCHEMA: tuple[Setting, ...] = (
+@dataclass(frozen=True)
+class _Declared:
+    """What a field of Settings says besides its name, type and default."""
+
+    section: str
+    doc: str
+    choices: tuple[str, ...]
+    minimum: float | None
+    maximum: float | None
+    aliases: tuple[EnvAlias, ...]
+
+
+def setting(
+    section: str,
+    default: T,
+    doc: str,
+    *,
+    choices: tuple[str, ...] = (),
+    minimum: float | None = None,
+    maximum: float | None = None,
+    aliases: tuple[EnvAlias, ...] = (),
+) -> T:
+    """Declare one field of Settings: its default, section, doc line, choices or limits, and the
+    deployment variables that also set it."""
+    declared = _Declared(section, doc, choices, minimum, maximum, aliases)
+    return field(default=default, metadata={"setting": declared})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, a typed attribute each: the one declaration of every tunable (its name,
+    type and default here; section, doc line and limits in setting()). SCHEMA, the config file's
+    keys, the environment variables and docs/settings.md are derived from it, and a misspelt
+    name fails the type check."""
+
     # -- the case study's keys ---------------------------------------------------------------------
-    S("model", "format", "safetensors", str, "Checkpoint format.", choices=("safetensors",)),
-    S(
+    format: str = setting(
         "model",
-        "direct_gpu_load",
+        "safetensors",
+        "Checkpoint format.",
+        choices=("safetensors",),
+    )
+    direct_gpu_load: bool = setting(
+        "model",
         True,
-        bool,
         "true: stream through the pinned ring into device memory (direct-gpu). false: read each "
-        "whole shard into host memory, then copy it (host-staging: the baseline, kept to compare).",
+        "whole shard into host memory, then copy it (host-staging: the baseline, kept to "
+        "compare).",
         aliases=(EnvAlias("MODEL_LOAD_STRATEGY", {"direct-gpu": True, "host-staging": False}),),
-    ),
-    S(
+    )
+    shard_count: int = setting(
         "model",
-        "shard_count",
         0,
-        int,
         "If not 0, the number of shards the checkpoint must have (a deployment check).",
         minimum=0,
-    ),
-    S(
+    )
+    readiness_probe_initial_delay_seconds: float = setting(
         "startup",
-        "readiness_probe_initial_delay_seconds",
         0.0,
-        float,
         "Carried for deployment configs (the Kubernetes probe reads it); the loader only "
         "reports it.",
-    ),
-    S(
+    )
+    warmup_prompt: str = setting(
         "startup",
-        "warmup_prompt",
         "",
-        str,
-        "Prompt a serving integration sends to produce the first token; the loader only "
-        "reports it.",
-    ),
-    S(
+        "Prompt a serving integration sends to produce the first token; the loader only reports "
+        "it.",
+    )
+    fail_if_checksum_mismatch: bool = setting(
         "startup",
-        "fail_if_checksum_mismatch",
         True,
-        bool,
-        "A chunk that differs from the manifest fails the load (ChecksumMismatch) and returns no "
-        "tensor; false completes the load and lists the mismatches in the report.",
-    ),
-    S(
+        "A chunk that differs from the manifest fails the load (ChecksumMismatch) and returns "
+        "no tensor; false completes the load and lists the mismatches in the report.",
+    )
+    emit_phase_timings: bool = setting(
         "observability",
-        "emit_phase_timings",
         True,
-        bool,
         "Log the load's phases and throughput (logger 'blob2gpu') when a load completes.",
-    ),
-    S(
+    )
+    emit_gpu_memory_watermark: bool = setting(
         "observability",
-        "emit_gpu_memory_watermark",
         True,
-        bool,
         "Sample free GPU memory at each shard and report the lowest (the watermark) and the after.",
-    ),
-    S(
+    )
+    emit_first_token_latency: bool = setting(
         "observability",
-        "emit_first_token_latency",
         True,
-        bool,
         "Log each mark_first_token() and keep the process-wide first-token p50/p95.",
-    ),
-    # -- staging and copies -----------------------------------------------------------------------
-    S(
+    )
+    # -- staging and copies ------------------------------------------------------------------------
+    staging_slots: int = setting(
         "staging",
-        "staging_slots",
         8,
-        int,
-        "Slots in the pinned staging ring; host memory used by a GPU load is slots x slot bytes, "
-        "whatever the checkpoint size.",
+        "Slots in the pinned staging ring; host memory used by a GPU load is slots x slot "
+        "bytes, whatever the checkpoint size.",
         minimum=2,
         maximum=4096,
-    ),
-    S(
+    )
+    staging_slot_bytes: int = setting(
         "staging",
-        "staging_slot_bytes",
-        32 * MiB,
-        int,
+        1 << 25,
         "Bytes per staging slot: one read and one host-to-device copy. Accepts 32MiB, 64M, ...",
         minimum=4096,
         maximum=1 << 34,
-    ),
-    S(
+    )
+    use_pinned_host_fallback: bool = setting(
         "staging",
-        "use_pinned_host_fallback",
         True,
-        bool,
-        "When the driver has no memory left to pin the ring (out of memory), use pageable memory "
-        "(slower copies, recorded in the report) instead of failing; other driver errors always "
-        "fail the load.",
+        "When the driver has no memory left to pin the ring (out of memory), use pageable "
+        "memory (slower copies, recorded in the report) instead of failing; other driver errors "
+        "always fail the load.",
         aliases=(EnvAlias("USE_PINNED_HOST_FALLBACK"),),
-    ),
-    S(
+    )
+    copy_streams: int = setting(
         "staging",
-        "copy_streams",
         2,
-        int,
         "CUDA streams that carry host-to-device copies.",
         minimum=1,
         maximum=64,
-    ),
-    S(
+    )
+    io_threads: int = setting(
         "staging",
-        "io_threads",
         4,
-        int,
         "Core threads that read local shards (no GIL).",
         minimum=1,
         maximum=256,
-    ),
-    S(
+    )
+    streamed_device_bytes: int = setting(
         "staging",
-        "mmap_local_files",
+        0,
+        "GPU device memory a streamed load (Checkpoint.stream(), iterating open(), the vLLM "
+        "loader) holds beside what its consumer keeps: tensors landed and not yet handed out, "
+        "or handed out by stream() and not yet dropped. Later tensor groups wait for it; the "
+        "memory-fit check counts it, not the checkpoint. 0: min(4 GiB, 10% of the GPU's memory). "
+        "A tensor larger than it (or a shard checked by Content-MD5, handed out only whole) "
+        "raises it. load() is not bounded: it keeps what it returns. Accepts 2GiB, 512M, ...",
+        minimum=0,
+        maximum=1 << 50,
+    )
+    mmap_local_files: bool = setting(
+        "staging",
         True,
-        bool,
-        "cpu target, local files and NVMe cache hits: map shards copy-on-write instead of reading "
-        "them (zero-copy, like safetensors; pages are read on first touch, and a manifest or the "
-        "cache's checksums still check every chunk). false: read them into fresh memory (the "
-        "file may change later without effect).",
-    ),
-    # -- storage ----------------------------------------------------------------------------------
-    S(
+        "cpu target, local files and NVMe cache hits: map shards copy-on-write instead of "
+        "reading them (zero-copy, like safetensors; pages are read on first touch, and a "
+        "manifest or the cache's checksums still check every chunk). false: read them into "
+        "fresh memory (the file may change later without effect).",
+    )
+    # -- storage -----------------------------------------------------------------------------------
+    prefetch_concurrency: int = setting(
         "storage",
-        "prefetch_concurrency",
         8,
-        int,
         "Most concurrent ranged GETs to Blob Storage (bytes go from the socket straight into "
-        "staging): a ceiling; a load opens at it (at one, growing back to it, when a load on its "
-        "node was throttled in the last 30 s) and lowers it while throttled.",
+        "staging): a ceiling; a load opens at it (at one, growing back to it, when a load on "
+        "its node was throttled in the last 30 s) and lowers it while throttled.",
         minimum=1,
         maximum=256,
-    ),
-    S(
+    )
+    chunk_bytes: int = setting(
         "storage",
-        "chunk_bytes",
         0,
-        int,
         "Bytes per ranged GET; 0 means staging_slot_bytes (and on a GPU it is capped there).",
         minimum=0,
         maximum=1 << 34,
-    ),
-    S(
+    )
+    retry_max_attempts: int = setting(
         "storage",
-        "retry_max_attempts",
         6,
-        int,
         "Attempts per range (and per listing call) before a transient failure fails the load.",
         minimum=1,
         maximum=100,
-    ),
-    S(
+    )
+    retry_backoff_seconds: float = setting(
         "storage",
-        "retry_backoff_seconds",
         0.25,
-        float,
         "First retry's backoff; it doubles each attempt, with jitter. A 429 or 503 without a "
-        "Retry-After waits at least 0.5-1 s (up to retry_throttled_seconds), or this backoff "
-        "if longer: an account enforces its limits per second.",
-    ),
-    S("storage", "retry_backoff_max_seconds", 8.0, float, "Longest backoff between two attempts."),
-    S(
+        "Retry-After waits at least 0.5-1 s (up to retry_throttled_seconds), or this backoff if "
+        "longer: an account enforces its limits per second.",
+    )
+    retry_backoff_max_seconds: float = setting(
         "storage",
-        "retry_throttled_seconds",
+        8.0,
+        "Longest backoff between two attempts.",
+    )
+    retry_throttled_seconds: float = setting(
+        "storage",
         120.0,
-        float,
         "A throttled request (429, 503 ServerBusy) keeps retrying past retry_max_attempts until "
         "it has waited this long: a fleet starting at once is shed, not failed. A server's "
         "Retry-After, and the wait of a throttled answer without one, are honoured up to this "
         "long.",
-    ),
-    S(
+    )
+    read_timeout_seconds: float = setting(
         "storage",
-        "read_timeout_seconds",
         30.0,
-        float,
         "A storage socket silent this long is a transient failure (retried from the last byte).",
-    ),
-    S(
+    )
+    connect_timeout_seconds: float = setting(
         "storage",
-        "connect_timeout_seconds",
         10.0,
-        float,
         "Time allowed to connect to the storage endpoint.",
-    ),
-    S(
+    )
+    native_http: bool = setting(
         "storage",
-        "native_http",
         True,
-        bool,
         "Read the ranges of a Blob load with the core's HTTP/1.1 reader (TLS from the process's "
         "OpenSSL) straight into memory, without the GIL. false: through azure-storage-blob on "
         "Python threads (to debug, or where the process has no libssl). Listing and small files "
         "always use azure-storage-blob.",
-    ),
-    S(
+    )
+    on_blob_change: str = setting(
         "storage",
-        "on_blob_change",
         "fail",
-        str,
-        "A blob overwritten mid-load: 'fail' raises BlobChanged; 'restart' lists again and fetches "
-        "again the changed blobs and the shards not complete yet, keeping complete shards whose "
-        "blob is unchanged (load() only, up to 3 times). Never a mixed checkpoint.",
+        "A blob overwritten mid-load: 'fail' raises BlobChanged; 'restart' lists again and "
+        "fetches again the changed blobs and the shards not complete yet, keeping complete "
+        "shards whose blob is unchanged (load() only, up to 3 times). Never a mixed checkpoint.",
         choices=("fail", "restart"),
-    ),
-    S(
+    )
+    local_nvme_cache_enabled: bool = setting(
         "storage",
-        "local_nvme_cache_enabled",
         False,
-        bool,
         "Keep Blob shards on local disk (cache_dir) as they stream, and load later starts from "
         "there; Blob stays the source of truth.",
-    ),
-    S(
+    )
+    cache_dir: str = setting(
         "storage",
-        "cache_dir",
         "",
-        str,
         "The NVMe cache directory; empty means $XDG_CACHE_HOME/blob2gpu or ~/.cache/blob2gpu. "
         "It also holds the node's Blob throttling state (locks/throttle*.state), even with the "
         "cache off: pods share one throttling budget only when it is a shared hostPath.",
-    ),
-    S(
+    )
+    cache_max_bytes: int = setting(
         "storage",
-        "cache_max_bytes",
         0,
-        int,
         "Cap of the cache; least recently used entries are evicted to stay under it. 0: no cap.",
         minimum=0,
         maximum=1 << 50,
-    ),
-    S(
+    )
+    cache_direct_io: bool = setting(
         "storage",
-        "cache_direct_io",
         True,
-        bool,
         "Read cache hits with O_DIRECT straight into the staging ring (GPU targets), bypassing "
         "the page cache, where the cache's filesystem allows it (else buffered reads).",
-    ),
-    S(
+    )
+    cache_write_queue_bytes: int = setting(
         "storage",
-        "cache_write_queue_bytes",
-        256 * MiB,
-        int,
+        1 << 28,
         "Bytes of a load's write-through copies queued for the cache disk; a shard that would "
         "overflow it is not written during the load (the load never waits for the disk) and is "
         "left to the cache fill.",
         minimum=0,
         maximum=1 << 40,
-    ),
-    S(
+    )
+    cache_fill: bool = setting(
         "storage",
-        "cache_fill",
         True,
-        bool,
         "After a load returns, fetch from Blob what the cache still lacks of it (shards the "
         "write-through writer skipped), in the background, one shard at a time: one load leaves "
         "the cache complete. false: only the write-through writes.",
-    ),
-    S(
+    )
+    cache_fill_bytes_per_second: int = setting(
         "storage",
-        "cache_fill_bytes_per_second",
         200_000_000,
-        int,
         "Most bytes per second the cache fill (and `blob2gpu cache warm`) fetches, so it does "
         "not crowd the serving process's network and disk. 0: no bound. Accepts 200MB, 1GB, ...",
         minimum=0,
         maximum=1 << 40,
-    ),
+    )
     # -- integrity ---------------------------------------------------------------------------------
-    S(
+    verify: str = setting(
         "integrity",
-        "verify",
         "auto",
-        str,
-        "auto: check every chunk's CRC32C against blob2gpu.manifest.json when the checkpoint has "
-        "one, else each blob against its Content-MD5 when every blob has one, else size and etag "
-        "only (flagged in the report); crc32c: require the manifest; "
-        "sha256: require it and check every chunk's SHA-256 (tamper evidence, ~1 CPU s/GB); "
-        "none: no checks.",
+        "auto: check every chunk's CRC32C against blob2gpu.manifest.json when the checkpoint "
+        "has one, else each blob against its Content-MD5 when every blob has one, else size and "
+        "etag only (flagged in the report); crc32c: require the manifest; sha256: require it "
+        "and check every chunk's SHA-256 (tamper evidence, ~1 CPU s/GB); none: no checks.",
         choices=("auto", "crc32c", "sha256", "none"),
-    ),
-    # -- guardrails -------------------------------------------------------------------------------
-    S(
+    )
+    # -- guardrails --------------------------------------------------------------------------------
+    check_memory_fit: bool = setting(
         "guardrails",
-        "check_memory_fit",
         True,
-        bool,
         "Before any download, check free GPU memory (or host RAM) against the weights x headroom.",
-    ),
-    S(
+    )
+    gpu_headroom_factor: float = setting(
         "guardrails",
-        "gpu_headroom_factor",
         1.1,
-        float,
         "Free GPU memory needed, as a multiple of the weight bytes (allocator overhead, buffers).",
         minimum=1.0,
         maximum=100.0,
-    ),
-    S(
+    )
+    host_headroom_factor: float = setting(
         "guardrails",
-        "host_headroom_factor",
         1.1,
-        float,
         "Available host RAM needed for the cpu target and host-staging, as a multiple of the "
         "weight bytes.",
         minimum=1.0,
         maximum=100.0,
-    ),
-    S(
+    )
+    host_memory_limit_bytes: int = setting(
         "guardrails",
-        "host_memory_limit_bytes",
         0,
-        int,
         "Host RAM the memory-fit check may count on, when less than what is available (the "
         "machine's MemAvailable, bounded by this process's cgroup memory limit, which is read "
         "on its own): room kept for others in the same pod. 0: no limit of its own.",
         minimum=0,
         maximum=1 << 50,
-    ),
-    # -- export -----------------------------------------------------------------------------------
-    S(
+    )
+    # -- export ------------------------------------------------------------------------------------
+    unsupported_dtype: str = setting(
         "export",
-        "unsupported_dtype",
         "raise",
-        str,
-        "When the framework cannot hold a dtype (e.g. F4 in numpy): 'raise' DTypeNotSupported, or "
-        "return the raw 'bytes' as uint8.",
+        "When the framework cannot hold a dtype (e.g. F4 in numpy): 'raise' DTypeNotSupported, "
+        "or return the raw 'bytes' as uint8.",
         choices=("raise", "bytes"),
-    ),
+    )
+
+
+_TYPES: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str}
+SCHEMA: tuple[Setting, ...] = tuple(
+    Setting(
+        d.section,
+        f.name,
+        f.default,
+        _TYPES[str(f.type)],
+        d.doc,
+        d.choices,
+        d.minimum,
+        d.maximum,
+        d.aliases,
+    )
+    for f in fields(Settings)
+    for d in [f.metadata["setting"]]
 )
-del S
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SCHEMA}
 BY_KEY: dict[str, Setting] = {s.key: s for s in SCHEMA}
@@ -531,27 +530,26 @@ def _unknown(key: object, source: str, known: list[str]) -> ConfigError:
 
 
 @dataclass(frozen=True)
-class ResolvedSettings:
-    """Effective values and where each came from ('default', 'env X', 'config FILE', 'argument')."""
+class ResolvedSettings(Settings):
+    """Effective values (typed attributes, see Settings) and where each came from ('default',
+    'env X', 'config FILE', 'argument')."""
 
-    values: Mapping[str, Any]
-    sources: Mapping[str, str]
+    sources: Mapping[str, str] = field(default_factory=dict)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.values[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    @property
+    def values(self) -> dict[str, Any]:
+        """Every setting's value by name."""
+        return {s.name: getattr(self, s.name) for s in SCHEMA}
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> ResolvedSettings:
         """A copy with some settings replaced by keyword arguments (validated)."""
-        values, sources = dict(self.values), dict(self.sources)
+        values, sources = {}, dict(self.sources)
         for key, value in overrides.items():
             if key not in BY_NAME:
                 raise _unknown(key, "argument", list(BY_NAME))
             values[key] = _coerce(BY_NAME[key], value, "argument")
             sources[key] = "argument"
-        return ResolvedSettings(values, sources)
+        return replace(self, **values, sources=sources)
 
     def as_sections(self) -> dict[str, dict[str, Any]]:
         """The values nested by section, as a config file writes them."""
@@ -666,7 +664,7 @@ def resolve(
         if s.env in env:
             values[s.name] = _coerce(s, env[s.env], f"env {s.env}")
             sources[s.name] = f"env {s.env}"
-    return ResolvedSettings(values, sources).with_overrides(dict(overrides or {}))
+    return ResolvedSettings(**values, sources=sources).with_overrides(dict(overrides or {}))
 
 
 def markdown_table() -> str:

@@ -97,6 +97,11 @@ _CONTROL_API: dict[str, tuple[type | None, tuple[type, ...]]] = {
     "set_copy_delay_us": (None, (ctypes.c_uint64,)),
     "fail_host_alloc_after": (None, (ctypes.c_int64,)),
     "fail_device_alloc_after": (None, (ctypes.c_int64,)),
+    "fail_copy_after": (None, (ctypes.c_int64,)),
+    "set_init_delay_us": (None, (ctypes.c_uint64,)),
+    "set_retain_delay_us": (None, (ctypes.c_uint64,)),
+    "device_syncs": (ctypes.c_uint64, ()),
+    "hold_stream": (ctypes.c_int, (ctypes.c_uint64, ctypes.c_int)),
     "set_sticky_faults": (None, (ctypes.c_int,)),
     "live_device_allocations": (ctypes.c_int64, ()),
     "live_device_bytes": (ctypes.c_uint64, ()),
@@ -138,7 +143,8 @@ class FakeDriver:
 
     # Fault switches and settings.
     def reset_faults(self) -> None:
-        """Turn off both fault switches, sticky faults and the copy delay; live state is kept."""
+        """Turn off the fault switches, sticky faults, the copy delay and the init and retain
+        delays; live state is kept."""
         self._fn["reset_faults"]()
 
     def set_device_count(self, n: int) -> None:
@@ -168,6 +174,23 @@ class FakeDriver:
         unless set_sticky_faults(True).
         """
         self._fn["fail_device_alloc_after"](n)
+
+    def fail_copy_after(self, n: int) -> None:
+        """Let n more cuMemcpyHtoDAsync_v2 calls be accepted, then refuse the next one
+        (CUDA_ERROR_INVALID_VALUE). 0 refuses the very next call, -1 turns the switch off; it
+        turns itself off after firing unless set_sticky_faults(True)."""
+        self._fn["fail_copy_after"](n)
+
+    def set_init_delay_us(self, us: int) -> None:
+        """cuInit sleeps this long before doing anything (no lock held): a test can fork while
+        another thread is inside the driver's loading. 0 (and reset_faults()): no delay."""
+        self._fn["set_init_delay_us"](us)
+
+    def set_retain_delay_us(self, us: int) -> None:
+        """cuDevicePrimaryCtxRetain sleeps this long before doing anything (no lock held): a test
+        can fork while another thread holds the core's context registry. 0 (and
+        reset_faults()): no delay."""
+        self._fn["set_retain_delay_us"](us)
 
     def set_host_alloc_error(self, code: int) -> None:
         """The CUresult the host-alloc switch fails cuMemHostAlloc with (default 2, out of memory;
@@ -273,12 +296,19 @@ class FakeDriver:
         """Return how many executed host-to-device copies read pageable (not pinned) memory."""
         return int(self._fn["pageable_h2d_copies"]())
 
+    def device_syncs(self) -> int:
+        """Return the cuMemAlloc_v2 / cuMemFree_v2 calls made while copies were queued on their
+        device since reset_counters(): each synchronizes the device on a GPU (a free waits for
+        the device's queued work here too)."""
+        return int(self._fn["device_syncs"]())
+
     def max_pending_h2d_copies(self) -> int:
         """Return the most host-to-device copies queued but not yet executed at one time."""
         return int(self._fn["max_pending_h2d_copies"]())
 
     def reset_counters(self) -> None:
-        """Zero the copy counters, max pending and the violation count (not live resources)."""
+        """Zero the copy counters, device syncs, max pending and the violation count (not live
+        resources)."""
         self._fn["reset_counters"]()
 
     # Misuse.
@@ -290,6 +320,16 @@ class FakeDriver:
         """Return the message of the last recorded misuse, or "" if none."""
         raw = self._fn["last_violation"]()
         return raw.decode("utf-8", "replace") if raw else ""
+
+    def hold_stream(self, stream: int, hold: bool) -> None:
+        """Hold a created stream (its handle): its worker starts no queued operation until
+        released with hold=False. Plays a consumer whose kernels are still queued.
+
+        Raises FakeDriverError if the handle names no live created stream.
+        """
+        code = self._fn["hold_stream"](stream, 1 if hold else 0)
+        if code != 0:
+            raise FakeDriverError(f"fake_cuda_hold_stream({stream:#x})", code)
 
     def read_device(self, dptr: int, nbytes: int) -> bytes:
         """Return nbytes of device memory at dptr, read synchronously (no stream is waited on).

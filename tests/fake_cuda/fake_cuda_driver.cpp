@@ -145,10 +145,12 @@ struct Stream;
 // One queued stream operation. Copies hold shared_ptrs to the memory they touch, so a misused
 // free (recorded as a violation) never leaves the worker writing into released memory.
 struct StreamOp {
-  enum class Kind { kCopyHtoD, kCopyDtoH, kWaitEvent, kHostFunc };
+  enum class Kind { kCopyHtoD, kCopyDtoH, kCopyDtoD, kWaitEvent, kHostFunc };
   Kind kind = Kind::kCopyHtoD;
-  std::shared_ptr<DeviceBlock> device_block;
+  std::shared_ptr<DeviceBlock> device_block;  // the destination of a DtoD copy
   uint64_t device_offset = 0;
+  std::shared_ptr<DeviceBlock> source_block;  // DtoD: the source
+  uint64_t source_offset = 0;
   uint64_t bytes = 0;
   std::shared_ptr<HostBlock> host_block;  // null when the host side is pageable memory
   std::byte* host = nullptr;              // copy source (HtoD) or destination (DtoH)
@@ -166,6 +168,7 @@ struct Stream {
   uint64_t enqueued = 0;   // operations ever enqueued
   uint64_t completed = 0;  // operations the worker has finished
   bool stopping = false;
+  bool held = false;  // fake_cuda_hold_stream: the worker starts no operation until released
   std::condition_variable work_ready;
   std::thread worker;
 };
@@ -186,6 +189,7 @@ struct Device {
   int64_t live_allocations = 0;
   int64_t live_streams = 0;
   int64_t live_events = 0;
+  int64_t pending_copies = 0;  // copies queued on the device's streams and not executed yet
   std::shared_ptr<Stream> implicit_stream;
 };
 
@@ -226,6 +230,10 @@ struct DriverState {
   uint64_t pageable_h2d_copies = 0;
   int64_t pending_h2d_copies = 0;
   int64_t max_pending_h2d_copies = 0;
+  int64_t h2d_fail_after = -1;  // the copy fault switch (fake_cuda_fail_copy_after)
+  // cuMemAlloc_v2 / cuMemFree_v2 calls made while copies were pending on the device: each is a
+  // device-wide synchronization on a GPU (fake_cuda_device_syncs).
+  uint64_t device_syncs = 0;
 
   int64_t violations = 0;
   std::deque<std::string> violation_log;  // deque: push/pop at the ends keep other c_str() valid
@@ -264,6 +272,15 @@ void record_violation(DriverState& s, const Lock&, std::string message) {
 // had initialized CUDA.
 std::atomic<int> g_failing_with{0};
 std::atomic<bool> g_fail_in_forked_child{false};
+// Sleeps before cuInit and cuDevicePrimaryCtxRetain do anything (no lock held), so a test can
+// fork while another thread is inside them (fake_cuda_set_init_delay_us, ..._retain_delay_us).
+std::atomic<uint64_t> g_init_delay_us{0};
+std::atomic<uint64_t> g_retain_delay_us{0};
+
+void sleep_us(const std::atomic<uint64_t>& us) {
+  if (const uint64_t n = us.load(); n > 0)
+    std::this_thread::sleep_for(std::chrono::microseconds(n));
+}
 
 void on_fork_child() {
   if (g_fail_in_forked_child.load()) g_failing_with = CUDA_ERROR_NOT_INITIALIZED;
@@ -321,13 +338,15 @@ int current_device(DriverState& s, const Lock&, CUresult* error) {
   return device;
 }
 
-void stream_worker(Stream* stream);
+void stream_worker(std::shared_ptr<Stream> stream);
 
 std::shared_ptr<Stream> start_stream(int device, uint64_t id) {
   auto stream = std::make_shared<Stream>();
   stream->id = id;
   stream->device = device;
-  stream->worker = std::thread(stream_worker, stream.get());
+  // The worker owns its stream: a destroyed stream's queue still runs to its end (the real
+  // driver's cuStreamDestroy returns at once and frees the stream when its work is done).
+  stream->worker = std::thread(stream_worker, stream);
   return stream;
 }
 
@@ -427,9 +446,16 @@ bool event_complete(const Event& event) {
   return !event.stream || event.stream->completed >= event.position;
 }
 
+bool is_copy(const StreamOp& op) {
+  return op.kind == StreamOp::Kind::kCopyHtoD || op.kind == StreamOp::Kind::kCopyDtoH ||
+         op.kind == StreamOp::Kind::kCopyDtoD;
+}
+
 uint64_t enqueue(DriverState& s, Stream& stream, StreamOp op) {
   if (op.device_block) ++op.device_block->pending_ops;
+  if (op.source_block) ++op.source_block->pending_ops;
   if (op.host_block) ++op.host_block->pending_ops;
+  if (is_copy(op)) ++s.devices[stream.device].pending_copies;
   if (op.kind == StreamOp::Kind::kCopyHtoD) {
     ++s.pending_h2d_copies;
     s.max_pending_h2d_copies = std::max(s.max_pending_h2d_copies, s.pending_h2d_copies);
@@ -440,9 +466,11 @@ uint64_t enqueue(DriverState& s, Stream& stream, StreamOp op) {
   return stream.enqueued;
 }
 
-void finish_copy(DriverState& s, const StreamOp& op) {
+void finish_copy(DriverState& s, const Stream& stream, const StreamOp& op) {
   if (op.device_block) --op.device_block->pending_ops;
+  if (op.source_block) --op.source_block->pending_ops;
   if (op.host_block) --op.host_block->pending_ops;
+  --s.devices[stream.device].pending_copies;
   if (op.kind == StreamOp::Kind::kCopyHtoD) {
     --s.pending_h2d_copies;
     ++s.h2d_copies;
@@ -453,11 +481,14 @@ void finish_copy(DriverState& s, const StreamOp& op) {
 
 // One per stream. Copies run without the lock held and read their source when they execute, so a
 // caller that reuses a source buffer before the copy's event completed ships the wrong bytes.
-void stream_worker(Stream* stream) {
+void stream_worker(std::shared_ptr<Stream> stream) {
   DriverState& s = state();
   Lock lock(s.mu);
   for (;;) {
-    stream->work_ready.wait(lock, [&] { return !stream->queue.empty() || stream->stopping; });
+    stream->work_ready.wait(lock, [&] {
+      return (!stream->queue.empty() && !stream->held) ||
+             (stream->stopping && stream->queue.empty());
+    });
     if (stream->queue.empty()) return;  // stopping, and everything queued has run
     StreamOp op = std::move(stream->queue.front());
     stream->queue.pop_front();
@@ -478,17 +509,31 @@ void stream_worker(Stream* stream) {
         if (op.kind == StreamOp::Kind::kCopyHtoD) {
           const std::byte* src = op.staging.empty() ? op.host : op.staging.data();
           std::memcpy(device, src, op.bytes);
+        } else if (op.kind == StreamOp::Kind::kCopyDtoD) {
+          std::memmove(device, op.source_block->memory.get() + op.source_offset, op.bytes);
         } else {
           std::memcpy(op.host, device, op.bytes);
         }
       }
       lock.lock();
-      finish_copy(s, op);
+      finish_copy(s, *stream, op);
     }
     ++stream->completed;
     op = StreamOp();  // drop block references while the lock is held
     s.progress.notify_all();
   }
+}
+
+// A fault switch: -1 is off; otherwise the number of calls that still succeed. At 0 the next call
+// fails, and the switch turns itself off again unless faults are sticky (then every later call
+// fails, like real exhaustion, until the switch is reset).
+bool fault_fires(DriverState& s, int64_t* switch_value) {
+  if (*switch_value != 0) return false;
+  if (!s.sticky_faults) *switch_value = -1;
+  return true;
+}
+void count_success(int64_t* switch_value) {
+  if (*switch_value > 0) --*switch_value;
 }
 
 // Validates and queues one copy; shared by the HtoD and DtoH entry points.
@@ -507,6 +552,10 @@ CUresult enqueue_copy(StreamOp::Kind kind, CUdeviceptr dptr, void* host, size_t 
   if (bytes == 0) return CUDA_SUCCESS;
   if (host == nullptr) return CUDA_ERROR_INVALID_VALUE;
 
+  if (kind == StreamOp::Kind::kCopyHtoD && fault_fires(s, &s.h2d_fail_after)) {
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  if (kind == StreamOp::Kind::kCopyHtoD) count_success(&s.h2d_fail_after);
   StreamOp op;
   op.kind = kind;
   op.bytes = bytes;
@@ -631,18 +680,6 @@ const char* error_string(CUresult error) {
   }
 }
 
-// A fault switch: -1 is off; otherwise the number of calls that still succeed. At 0 the next call
-// fails, and the switch turns itself off again unless faults are sticky (then every later call
-// fails, like real exhaustion, until the switch is reset).
-bool fault_fires(DriverState& s, int64_t* switch_value) {
-  if (*switch_value != 0) return false;
-  if (!s.sticky_faults) *switch_value = -1;
-  return true;
-}
-void count_success(int64_t* switch_value) {
-  if (*switch_value > 0) --*switch_value;
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -650,6 +687,7 @@ void count_success(int64_t* switch_value) {
 
 FAKE_CUDA_EXPORT CUresult cuInit(unsigned int flags) {
   return guarded([&]() -> CUresult {
+    sleep_us(g_init_delay_us);
     if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
     DriverState& s = state();
     Lock lock(s.mu);
@@ -715,6 +753,7 @@ FAKE_CUDA_EXPORT CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice device) {
 
 FAKE_CUDA_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice device) {
   return guarded([&]() -> CUresult {
+    sleep_us(g_retain_delay_us);
     DriverState& s = state();
     Lock lock(s.mu);
     if (!s.initialized) return CUDA_ERROR_NOT_INITIALIZED;
@@ -837,6 +876,9 @@ FAKE_CUDA_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* dptr, size_t bytes) {
     if (dptr == nullptr || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
     if (fault_fires(s, &s.device_alloc_fail_after)) return CUDA_ERROR_OUT_OF_MEMORY;
     Device& d = s.devices[device];
+    // On a GPU an allocation between two streams' work keeps them from overlapping (the
+    // programming guide's implicit synchronization): counted while copies are queued.
+    if (d.pending_copies > 0) ++s.device_syncs;
     const uint64_t rounded = round_up(bytes, kDeviceAlignment);
     if (bytes > s.vram_budget || d.live_bytes > s.vram_budget - bytes ||
         d.next_offset + rounded + kDeviceGuardGap > kDeviceAddressSpan) {
@@ -902,6 +944,14 @@ FAKE_CUDA_EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr) {
                            std::to_string(block.pending_ops) + " queued copies still use it");
     }
     Device& d = s.devices[block.device];
+    if (d.pending_copies > 0) {
+      // The real driver synchronizes the device: the call returns once its queued work is done.
+      ++s.device_syncs;
+      std::shared_ptr<DeviceBlock> keep = it->second;
+      s.progress.wait(lock, [&] { return d.pending_copies == 0; });
+      it = s.device_blocks.find(dptr);
+      if (it == s.device_blocks.end()) return CUDA_ERROR_INVALID_VALUE;  // freed meanwhile
+    }
     d.live_bytes -= block.size;
     --d.live_allocations;
     --s.live_device_allocations;
@@ -980,6 +1030,42 @@ FAKE_CUDA_EXPORT CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_
   });
 }
 
+// Not used by blob2gpu's core (it has no cuda_driver_api.h declaration): tests call it to play a
+// framework that copies a loaded tensor into its own parameter on its stream.
+FAKE_CUDA_EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes,
+                                               CUstream handle) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    CUresult error;
+    const int device = current_device(s, lock, &error);
+    if (device < 0) return error;
+    std::shared_ptr<Stream> stream;
+    const char* api = "cuMemcpyDtoDAsync_v2";
+    if (CUresult r = resolve_stream(s, lock, handle, device, api, &stream); r != CUDA_SUCCESS) {
+      return r;
+    }
+    if (CUresult r = check_stream_device(s, lock, *stream, device, api); r != CUDA_SUCCESS)
+      return r;
+    if (bytes == 0) return CUDA_SUCCESS;
+    StreamOp op;
+    op.kind = StreamOp::Kind::kCopyDtoD;
+    op.bytes = bytes;
+    op.device_block = find_device_range(s, dst, bytes);
+    op.source_block = find_device_range(s, src, bytes);
+    if (!op.device_block || !op.source_block) {
+      record_violation(s, lock,
+                       std::string(api) + ": [" + hex(src) + ", +" + std::to_string(bytes) +
+                           ") -> [" + hex(dst) + ") is not inside live cuMemAlloc_v2 allocations");
+      return CUDA_ERROR_INVALID_VALUE;
+    }
+    op.device_offset = dst - op.device_block->address;
+    op.source_offset = src - op.source_block->address;
+    enqueue(s, *stream, std::move(op));
+    return CUDA_SUCCESS;
+  });
+}
+
 FAKE_CUDA_EXPORT CUresult cuStreamCreate(CUstream* stream, unsigned int flags) {
   return guarded([&]() -> CUresult {
     DriverState& s = state();
@@ -999,7 +1085,9 @@ FAKE_CUDA_EXPORT CUresult cuStreamCreate(CUstream* stream, unsigned int flags) {
   });
 }
 
-// Waits until everything queued on the stream has run, then joins its worker.
+// Returns at once, as the real driver does: work queued on the stream still runs, and the stream
+// goes when it is done (code that assumed the destroy drained the stream reads or frees memory
+// too early).
 FAKE_CUDA_EXPORT CUresult cuStreamDestroy_v2(CUstream handle) {
   return guarded([&]() -> CUresult {
     DriverState& s = state();
@@ -1024,9 +1112,7 @@ FAKE_CUDA_EXPORT CUresult cuStreamDestroy_v2(CUstream handle) {
     --s.devices[stream->device].live_streams;
     stream->stopping = true;
     stream->work_ready.notify_one();
-    std::thread worker = std::move(stream->worker);
-    lock.unlock();
-    worker.join();
+    stream->worker.detach();  // it owns the stream and ends once the queue has run
     return CUDA_SUCCESS;
   });
 }
@@ -1069,10 +1155,9 @@ FAKE_CUDA_EXPORT CUresult cuStreamWaitEvent(CUstream handle, CUevent event_handl
         r != CUDA_SUCCESS) {
       return r;
     }
-    if (CUresult r = check_stream_device(s, lock, *stream, device, "cuStreamWaitEvent");
-        r != CUDA_SUCCESS) {
-      return r;
-    }
+    // Unlike the calls that queue work, the real driver lets a stream wait on an event of another
+    // context or device, whichever context is current ("hEvent may be from a different context
+    // or device than hStream").
     std::shared_ptr<Event> event;
     if (CUresult r = resolve_event(s, lock, event_handle, "cuStreamWaitEvent", &event);
         r != CUDA_SUCCESS) {
@@ -1246,6 +1331,9 @@ FAKE_CUDA_EXPORT CUresult cuGetErrorString(CUresult error, const char** text) {
 FAKE_CUDA_EXPORT void fake_cuda_reset_faults(void) {
   DriverState& s = state();
   Lock lock(s.mu);
+  s.h2d_fail_after = -1;
+  g_init_delay_us = 0;
+  g_retain_delay_us = 0;
   s.host_alloc_fail_after = -1;
   s.host_alloc_error = CUDA_ERROR_OUT_OF_MEMORY;
   s.device_alloc_fail_after = -1;
@@ -1312,6 +1400,30 @@ FAKE_CUDA_EXPORT void fake_cuda_fail_host_alloc_after(int64_t n) {
   DriverState& s = state();
   Lock lock(s.mu);
   s.host_alloc_fail_after = n < 0 ? -1 : n;
+}
+
+// n more cuMemcpyHtoDAsync_v2 calls are accepted, the next returns CUDA_ERROR_INVALID_VALUE (-1:
+// off); one-shot unless faults are sticky.
+FAKE_CUDA_EXPORT void fake_cuda_fail_copy_after(int64_t n) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  s.h2d_fail_after = n < 0 ? -1 : n;
+}
+
+FAKE_CUDA_EXPORT void fake_cuda_set_init_delay_us(uint64_t us) {
+  g_init_delay_us = us;
+}
+
+FAKE_CUDA_EXPORT void fake_cuda_set_retain_delay_us(uint64_t us) {
+  g_retain_delay_us = us;
+}
+
+// cuMemAlloc_v2 / cuMemFree_v2 calls made while copies were queued on the device since
+// reset_counters(): each synchronizes the device on a GPU.
+FAKE_CUDA_EXPORT uint64_t fake_cuda_device_syncs(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  return s.device_syncs;
 }
 
 FAKE_CUDA_EXPORT void fake_cuda_fail_device_alloc_after(int64_t n) {
@@ -1411,6 +1523,7 @@ FAKE_CUDA_EXPORT void fake_cuda_reset_counters(void) {
   s.h2d_bytes = 0;
   s.pageable_h2d_copies = 0;
   s.max_pending_h2d_copies = s.pending_h2d_copies;
+  s.device_syncs = 0;
   g_emulation_cpu_ns = 0;
   s.violations = 0;
   s.has_last_violation = false;  // the log itself stays, so returned pointers remain valid
@@ -1427,6 +1540,20 @@ FAKE_CUDA_EXPORT const char* fake_cuda_last_violation(void) {
   Lock lock(s.mu);
   if (!s.has_last_violation || s.violation_log.empty()) return "";
   return s.violation_log.back().c_str();
+}
+
+// While held, a created stream's worker starts no queued operation (hold 0 releases it): a test
+// plays a consumer whose kernels are still queued. Returns CUDA_ERROR_INVALID_HANDLE for a handle
+// that names no live created stream.
+FAKE_CUDA_EXPORT int fake_cuda_hold_stream(uint64_t handle, int hold) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  if (!is_tagged(handle, kStreamTag)) return CUDA_ERROR_INVALID_HANDLE;
+  auto it = s.streams.find(handle & kHandleIdMask);
+  if (it == s.streams.end()) return CUDA_ERROR_INVALID_HANDLE;
+  it->second->held = hold != 0;
+  it->second->work_ready.notify_one();
+  return CUDA_SUCCESS;
 }
 
 // Synchronous debug read of device memory: no context needed; waits only for copies already

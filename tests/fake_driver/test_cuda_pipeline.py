@@ -13,7 +13,7 @@ import pytest
 import torch
 from blob2gpu import errors
 from conftest import checkpoint_bytes as expected
-from conftest import random_tensor
+from conftest import random_tensor, raw_safetensors
 
 
 def shards(count: int, rows: int = 64, cols: int = 256, per_shard: int = 4):
@@ -76,6 +76,37 @@ def test_dlpack_stream_argument_makes_the_consumer_stream_wait(fake_driver, writ
         with pytest.raises(BufferError, match="ambiguous"):
             view.__dlpack__(stream=0)
         checkpoint.to_dict()
+
+
+@pytest.mark.parametrize("stream", [-2, -(2**63), 2**64])
+def test_dlpack_stream_that_names_no_stream_is_refused(fake_driver, write_checkpoint, stream):
+    # Below -1 (or past 64 bits) a value is no CUDA stream: refused, never handed to the driver
+    # as a handle (on a GPU that is undefined behaviour; the fake records it as a violation).
+    directory = write_checkpoint(shards(1, per_shard=1))
+    with blob2gpu.open(str(directory), device="cuda", framework="dlpack") as checkpoint:
+        _, view = next(iter(checkpoint))
+        with pytest.raises(errors.InvalidArgument, match="is not a CUDA stream"):
+            view.__dlpack__(stream=stream, max_version=(1, 0))
+        checkpoint.to_dict()
+
+
+def test_a_refused_copy_leaves_its_slot_to_the_event_of_the_copies_before_it(fake_driver, tmp_path):
+    # One slot, two copies: the shard's arena and a realigned tensor's own arena (f32 at offset
+    # 3). The second copy is refused while the first is still queued (slow copies): the slot must
+    # not go back to the ring at once, or the load's clean-up frees the arenas (and the next load
+    # reuses the slot) while that copy still reads and writes them.
+    f32 = random_tensor(torch.float32, (1024,), 1).numpy().tobytes()
+    file = raw_safetensors(
+        tmp_path / "odd.safetensors", [("u8", "U8", [3], b"abc"), ("f32", "F32", [1024], f32)]
+    )
+    gc.collect()
+    before = fake_driver.live_device_allocations()
+    fake_driver.set_copy_delay_us(300_000)
+    fake_driver.fail_copy_after(1)
+    with pytest.raises(errors.CudaError, match="cuMemcpyHtoDAsync"):
+        blob2gpu.load(str(file), device="cuda", framework="dlpack")
+    gc.collect()
+    assert fake_driver.live_device_allocations() == before
 
 
 def test_copy_to_cpu_through_dlpack(fake_driver, write_checkpoint):
@@ -180,13 +211,16 @@ def test_missing_driver_is_a_typed_error(write_checkpoint, tmp_path):
         "try:\n"
         f"    blob2gpu.load({str(directory)!r}, device='cuda')\n"
         "except blob2gpu.errors.CudaDriverUnavailable as e:\n"
-        "    print('typed:', e); sys.exit(0)\n"
+        "    print('typed:', e)\n"
+        "    print('status:', e.driver_status.name, blob2gpu._core.driver_info()['status'].name)\n"
+        "    sys.exit(0)\n"
         "sys.exit(1)\n"
     )
     env = dict(os.environ, BLOB2GPU_CUDA_DRIVER=str(tmp_path / "no-such-libcuda.so"))
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "no-such-libcuda.so" in run.stdout and "device='cpu'" in run.stdout
+    assert "status: NOT_FOUND NOT_FOUND" in run.stdout  # a field code reads, not the message
     # The command line says the same in its own syntax.
     cli = subprocess.run(
         [sys.executable, "-m", "blob2gpu", "load", str(directory), "--device", "cuda"],

@@ -19,8 +19,12 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-@pytest.mark.parametrize("reuse_loader", [False, True], ids=["fresh-loader", "reused-loader"])
-def test_200_load_free_cycles(device, write_checkpoint, request, reuse_loader):
+@pytest.mark.parametrize(
+    "reuse_loader,streamed",
+    [(False, False), (True, False), (True, True)],
+    ids=["fresh-loader", "reused-loader", "streamed"],
+)
+def test_200_load_free_cycles(device, write_checkpoint, request, reuse_loader, streamed):
     directory = write_checkpoint(
         [
             {f"s{s}.w{i}": random_tensor(torch.float16, (64, 64), s + i) for i in range(3)}
@@ -31,6 +35,13 @@ def test_200_load_free_cycles(device, write_checkpoint, request, reuse_loader):
     loader = blob2gpu.Loader(staging_slots=2, staging_slot_bytes=8192) if reuse_loader else None
 
     def cycle() -> None:
+        if streamed:  # tensor groups cut from a bounded pool, given back and reused
+            assert loader is not None
+            with loader.open(
+                str(directory), device=device, framework=framework, streamed_device_bytes=20000
+            ) as checkpoint:
+                assert sum(1 for _ in checkpoint.stream()) == 6
+            return
         if loader is not None:
             tensors = loader.load(str(directory), device=device, framework=framework)
         else:

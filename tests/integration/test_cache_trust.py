@@ -135,12 +135,15 @@ def clear_content_md5(azurite, container):
 
 
 # --- a forged entry is never served -----------------------------------------------------------
-@pytest.mark.parametrize("verify", ["auto", "crc32c"])
+# verify='crc32c' needs a manifest: it is not asked of a checkpoint that has only Content-MD5.
+@pytest.mark.parametrize(
+    ("authority", "verify"),
+    [("manifest", "auto"), ("content-md5", "auto"), ("manifest", "crc32c")],
+    indirect=["authority"],
+)
 def test_a_forged_entry_is_never_served(
     authority, verify, published, azurite, container, cache_dir
 ):
-    if verify == "crc32c" and authority != "manifest":
-        pytest.skip("verify='crc32c' needs a manifest")
     uri = f"az://{container}/m"
     cached_load(uri, cache_dir, verify=verify)
     key = shard_key(azurite, container, SHARDS[0])
@@ -250,6 +253,27 @@ def test_a_repair_that_cannot_reach_blob_names_the_entry_and_the_fix(
     assert fixed.returncode == 0 and "fetched again" in fixed.stdout, fixed.stdout + fixed.stderr
     got, report = cached_load(uri, cache_dir)
     assert got == expected(published) and report.cache_hit_rate == 1.0
+
+
+def test_repair_sends_no_request_where_a_forged_record_points(
+    published, azurite, container, cache_dir
+):
+    # A record rewritten to name another account (its blob on a public endpoint an attacker
+    # owns) does not match the entry's name, which is the hash of what a load wrote there: the
+    # entry is removed and nothing is fetched for it.
+    uri = f"az://{container}/m"
+    cached_load(uri, cache_dir)
+    key = shard_key(azurite, container, SHARDS[1])
+    flip(cache_dir, key)
+    _, meta_path = entry_files(cache_dir, key)
+    meta_path.write_text(json.dumps(dict(json.loads(meta_path.read_text()), account="attacker")))
+    run = [sys.executable, "-m", "blob2gpu", "cache", "verify", "--cache-dir", str(cache_dir)]
+    fixed = subprocess.run([*run, "--repair"], capture_output=True, text=True, timeout=120)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert f"BAD  {key}" in fixed.stdout and "does not match its name" in fixed.stdout
+    assert not entry_files(cache_dir, key)[0].exists()
+    got, report = cached_load(uri, cache_dir)  # fetched from the checkpoint's own account
+    assert got == expected(published) and report.cache_hit_rate < 1.0
 
 
 # --- malformed records: a miss, never an untyped error or a hang --------------------------------

@@ -195,13 +195,12 @@ import os, sys, zlib
 import torch.distributed as dist
 from blob2gpu.integrations.distributed import GroupFanOut
 from blob2gpu.loading.loader import Loader
-from blob2gpu.loading.request import LoadRequest
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo", rank=rank, world_size=3)
 group = dist.new_group([1, 2], backend="gloo")  # as a serving engine's tensor-parallel group
 if rank > 0:
     with Loader(chunk_bytes=65536) as loader:
-        request = LoadRequest.make(sys.argv[1], "cpu", "dlpack", None, loader.settings, {})
+        request = loader.request(sys.argv[1], framework="dlpack")
         strategy = GroupFanOut(dist.get_rank(group), dist.get_world_size(group), group)
         with loader.start(request, strategy) as checkpoint:
             tensors = dict(checkpoint.stream())  # consumed while the group still exchanges

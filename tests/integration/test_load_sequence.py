@@ -11,9 +11,8 @@ import blob2gpu
 import pytest
 import torch
 from blob2gpu.cache.nvme import NvmeCache
-from blob2gpu.loading.fetch import start_fed_session
 from blob2gpu.loading.request import LoadRequest
-from blob2gpu.sources.feeding import feed_from_memory
+from blob2gpu.sources.feeding import Fetch, feed_from_memory
 from conftest import as_bytes, random_tensor, sparse_checkpoint, upload_directory
 from conftest import checkpoint_bytes as expected
 
@@ -30,13 +29,13 @@ class FromMemory:
     def shards_to_read(self, listed: Any, selected: Any) -> Any:
         return selected
 
-    def start(self, prepared: Any, pipeline: Any) -> tuple[Any, Any]:
+    def start(self, prepared: Any, pipeline: Any) -> Fetch:
         self.prepared = prepared
-        session = start_fed_session(prepared, pipeline)
+        session = prepared.start_fed(pipeline)
         for index, ref in enumerate(prepared.plan.shards):
             data = memoryview(Path(ref.path).read_bytes())
             feed_from_memory(session, index, data, chunk=4096)
-        return session, None
+        return Fetch(session, prepared.plan)
 
 
 class Refused:
@@ -47,12 +46,12 @@ class Refused:
     def shards_to_read(self, listed: Any, selected: Any) -> Any:
         return selected
 
-    def start(self, prepared: Any, pipeline: Any) -> tuple[Any, Any]:
+    def start(self, prepared: Any, pipeline: Any) -> Fetch:
         raise RuntimeError("the strategy could not start")
 
 
 def request(loader: blob2gpu.Loader, uri: str, **settings: Any) -> LoadRequest:
-    return LoadRequest.make(uri, "cpu", "torch", None, loader.settings, settings)
+    return loader.request(uri, overrides=settings)
 
 
 def test_a_strategy_of_its_own_loads_through_the_one_sequence(write_checkpoint):
@@ -138,3 +137,19 @@ def test_a_load_that_cannot_start_releases_its_cache_locks(
         lock.release()
     got = blob2gpu.load(uri, **settings)
     assert {n: as_bytes(t) for n, t in got.items()} == expected(directory)
+
+
+def test_every_entry_point_makes_one_request_by_keyword(write_checkpoint, monkeypatch):
+    # Loader.request() makes the one LoadRequest of every entry point, in canonical form; the
+    # type itself is built by keyword only.
+    directory = write_checkpoint([{"w": random_tensor(torch.float32, (8, 8), 1)}])
+    monkeypatch.setenv("MODEL_SOURCE_URI", str(directory))
+    with blob2gpu.Loader(verify="auto") as loader:
+        made = loader.request(tensor_names=["w"], overrides={"verify": "none"})
+        assert (made.uri, made.device, made.tensor_names) == (str(directory), "cpu", {"w"})
+        assert (made.settings.verify, loader.settings.verify) == ("none", "auto")
+        with pytest.raises(blob2gpu.errors.InvalidArgument, match="must be given to Loader"):
+            loader.request(overrides={"staging_slots": 4})
+        with pytest.raises(TypeError):
+            LoadRequest(str(directory), loader.settings)  # type: ignore[misc]
+        assert list(loader.start(made).to_dict()) == ["w"]

@@ -102,6 +102,39 @@ def test_an_archived_shard_not_in_the_cache_is_refused_without_waiting_or_writin
     assert cache.entries() == []
 
 
+def test_a_lock_held_for_ever_by_another_process_delays_a_load_only_so_long(
+    published, azurite, container, cache_dir, blob_env, monkeypatch
+):
+    # Anyone who can open an entry's lock file can hold it (a hung writer, or a hostile one): the
+    # load waits as long as a writer making progress would take, then fetches the shard from Blob
+    # without caching it, instead of waiting for ever.
+    import threading
+
+    from blob2gpu.cache import source as cache_source
+
+    monkeypatch.setattr(cache_source, "WRITER_FLOOR_SECONDS", 0.5)
+    monkeypatch.setattr(cache_source, "WRITER_SLOWEST_BYTES_PER_SECOND", 1e15)
+    name = "m/model-00002-of-00003.safetensors"
+    etag = azurite.service().get_blob_client(container, name).get_blob_properties().etag
+    cache = NvmeCache(cache_dir)
+    holder = cache.lock(NvmeCache.key(ACCOUNT, container, name, etag.strip('"')))
+    assert holder.acquire(timeout=1)
+    outcome = []
+    thread = threading.Thread(
+        target=lambda: outcome.append(cached_load(f"az://{container}/m", cache_dir)), daemon=True
+    )
+    thread.start()
+    thread.join(timeout=60)
+    stalled = thread.is_alive()
+    holder.release()
+    thread.join()
+    assert not stalled
+    got, report = outcome[0]
+    assert got == expected(published)
+    assert "held its cache entry's lock" in report.cache_skipped["model-00002-of-00003.safetensors"]
+    assert len(report.cache_written) == 2
+
+
 def test_cpu_cache_hits_are_mapped_not_copied(published, container, cache_dir, blob_env):
     uri = f"az://{container}/m"
     cached_load(uri, cache_dir)

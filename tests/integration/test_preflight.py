@@ -239,6 +239,31 @@ def test_missing_gpu_fails_only_when_cuda_is_asked_for(tmp_path, no_driver):
     by_name = checks(result)
     assert {by_name[n]["status"] for n in ("cuda_driver", "gpu", "pinned_memory")} == {"fail"}
     assert "BLOB2GPU_CUDA_DRIVER" in by_name["cuda_driver"]["hint"]
+    # Classified by the core's typed status, the library named once (not dlerror's repeat).
+    driver = by_name["cuda_driver"]
+    assert driver["data"]["status"] == "not_found"
+    assert driver["value"].startswith("cannot load the CUDA driver '")
+    assert driver["value"].count(no_driver["BLOB2GPU_CUDA_DRIVER"]) == 1
+
+
+def test_an_unreachable_endpoint_is_named_by_the_loads_own_classifier():
+    # The storage check says why a listing failed by the transport exception's type, with the
+    # function a load's error uses (failures.failure_reason), never by its text: a refused
+    # connection whose words are not the usual English ones.
+    from types import SimpleNamespace
+
+    from blob2gpu.errors import StorageUnavailable
+    from blob2gpu.operations.preflight.storage import _storage_failure
+    from blob2gpu.sources.azure.location import BlobLocation
+
+    location = BlobLocation("http://127.0.0.1:9/acct", "acct", "models", "llama")
+    source = SimpleNamespace(container=SimpleNamespace(location=location), credential_source="")
+    refused = ConnectionRefusedError(111, "Verbindungsaufbau abgelehnt")
+    check = _storage_failure(StorageUnavailable("listing: unavailable"), source, refused)
+    assert check.status == "fail"
+    assert check.value == (
+        "http://127.0.0.1:9/acct unreachable: connection refused: nothing listens at 127.0.0.1:9"
+    )
 
 
 def test_cache_dir_checks(tmp_path, no_driver):

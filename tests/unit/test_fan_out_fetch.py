@@ -1,7 +1,8 @@
-"""A fan-out rank's ranged GETs (GroupExchange._fetch): when one of its fetch threads fails, the
-others stop at once, also one sitting in a throttled wait (a Retry-After up to
-retry_throttled_seconds), and the first failure is the one raised. The GETs go through the
-core's range reader (native_http, the default) to a scripted server of this process."""
+"""A fan-out rank's ranged GETs (GroupExchange._fetch, through its source's AzureRanges): when
+one of its fetch threads fails, the others stop at once, also one sitting in a throttled wait (a
+Retry-After up to retry_throttled_seconds), and the first failure is the one raised. The GETs go
+to a scripted server of this process, through the core's range reader (native_http, the
+default) and through azure-storage-blob."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import dataclasses
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
 from blob2gpu.errors import BlobChanged
 from blob2gpu.integrations.distributed import GroupExchange
 from blob2gpu.settings import resolve
 from blob2gpu.sources.azure.container import open_container
 from blob2gpu.sources.azure.range_reader import BlobRangeReader
 from blob2gpu.sources.azure.retry import RetryPolicy
+from blob2gpu.sources.azure.source import AzureRanges
 from blob2gpu.sources.azure.throttle import ThrottleControl
 from blob2gpu.sources.plan import ShardRef
 
@@ -75,18 +78,19 @@ class _Answer(BaseHTTPRequestHandler):
         pass
 
 
-def test_a_failed_fetch_thread_stops_one_waiting_out_throttling():
+@pytest.mark.parametrize("native_http", [True, False])
+def test_a_failed_fetch_thread_stops_one_waiting_out_throttling(native_http):
     server = _Storage()
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    container = open_container(f"http://127.0.0.1:{server.server_port}/acct/c/m", resolve(), KEY)
+    url = f"http://127.0.0.1:{server.server_port}/acct/c/m"
+    container = open_container(url, resolve({"native_http": native_http}), KEY)
     # A Retry-After of an hour, honoured up to retry_throttled_seconds (10 minutes): the wait
     # the other thread's failure must cut short.
     retry = server.retry = _Policy(container.location, 6, 0.01, 0.05, throttled_seconds=600.0)
     container = dataclasses.replace(container, retry=retry)
     throttle = ThrottleControl(ceiling=2, range_bytes=64 * KiB, max_range_bytes=64 * KiB)
     exchange = GroupExchange.__new__(GroupExchange)
-    exchange._throttle = throttle
-    exchange._reader = BlobRangeReader(container, None, throttle)
+    exchange._ranges = AzureRanges(BlobRangeReader(container, None, throttle), retry, throttle)
     ref = ShardRef("a", "a.safetensors", 128 * KiB, etag='"0x1"')
     view = memoryview(bytearray(128 * KiB))
     raised: list[BaseException] = []

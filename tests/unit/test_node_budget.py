@@ -5,22 +5,21 @@ fail it."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from blob2gpu.cache import nvme
 from blob2gpu.errors import ConfigError
-from blob2gpu.loading.fetch import node_budget
+from blob2gpu.settings import resolve
+from blob2gpu.sources.azure.source import node_budget
 from blob2gpu.sources.azure.throttle import NodeThrottle
 
 
-def _prepared(cache_dir: str | None, retry_throttled_seconds: float = 120.0) -> SimpleNamespace:
-    """The parts of a PreparedLoad node_budget reads, with the cache off."""
-    return SimpleNamespace(
-        cache=SimpleNamespace(cache=None),
-        settings=SimpleNamespace(
-            cache_dir=cache_dir, retry_throttled_seconds=retry_throttled_seconds
-        ),
+def _prepared(cache_dir: str | None, retry_throttled_seconds: float = 120.0) -> Any:
+    """The settings of a load with the cache off, as node_budget reads them."""
+    return resolve(
+        {"cache_dir": cache_dir or "", "retry_throttled_seconds": retry_throttled_seconds},
+        environ={},
     )
 
 

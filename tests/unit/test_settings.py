@@ -3,13 +3,20 @@ deployment variables; clear errors naming key, source and valid values; docs gen
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import blob2gpu
 import pytest
 import torch
 from blob2gpu.errors import ConfigError, InvalidArgument, ShardCountMismatch
-from blob2gpu.settings import SCHEMA, read_config_file, resolve, settings_doc
+from blob2gpu.settings import (
+    SCHEMA,
+    ResolvedSettings,
+    read_config_file,
+    resolve,
+    settings_doc,
+)
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
 CASE_STUDY_YAML = """\
@@ -176,6 +183,16 @@ def test_docs_list_every_setting_and_are_generated():
     assert text == settings_doc(), "regenerate: python -m blob2gpu.settings > docs/settings.md"
     for s in SCHEMA:
         assert f"`{s.env}`" in text and f"`{s.key}`" in text
+
+
+def test_every_setting_is_a_typed_attribute():
+    # What mypy --strict reads: each setting a declared field of its type, and no catch-all
+    # __getattr__ that would let a misspelt name through as Any.
+    hints = typing.get_type_hints(ResolvedSettings)
+    assert {s.name: s.type for s in SCHEMA} == {n: t for n, t in hints.items() if n != "sources"}
+    assert "__getattr__" not in vars(ResolvedSettings)
+    with pytest.raises(AttributeError):
+        resolve(environ={}).prefetch_concurency  # noqa: B018
 
 
 def test_an_unknown_blob2gpu_variable_is_an_error_naming_the_closest(write_checkpoint):

@@ -15,7 +15,7 @@ Both checks run in the core as it reads the hit, not in a read-through before th
 is read once, its bytes never pass through Python, and the core hands a shard's tensors out only
 once all its bytes have landed and passed (a streamed load included), so a whole-blob MD5 holds
 back nothing that a per-chunk check would release earlier; what it costs is the MD5 itself, on
-the core's threads. A failed check is repaired within the load (loading/cache_repair.py).
+the core's threads. A failed check is repaired within the load (cache/source.py).
 
 Outside a load (the fill's read-back, `cache warm`, `cache verify`) the same comparisons run here
 over a file read once (hash_file).

@@ -3,7 +3,7 @@ disk fell behind the load) are fetched again from Blob straight into their cache
 load leaves the node's cache complete. `blob2gpu cache warm` runs the same fill without a load.
 
 One process-wide thread fills one shard at a time, each range pinned to the etag the load listed
-(the caller's `read_into`: a BlobRangeReader, with its retry policy), at no more than
+(the caller's `read_into`: the source's ranged reads, with its retry policy), at no more than
 `bytes_per_second`, under the entry's lock and published like any entry (EntryWrite). The thread
 is a daemon: it never holds the interpreter open. At exit it is stopped and the shard it was on is
 abandoned (its temporary file removed); a process killed outright leaves only a file in tmp/,
@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from blob2gpu.cache.checks import BlobChecks, check_bytes
-from blob2gpu.cache.nvme import EntryRefused, EntryWrite, NvmeCache
+from blob2gpu.cache.nvme import CacheEntry, EntryRefused, EntryWrite, NvmeCache
 from blob2gpu.errors import Blob2GpuError
+from blob2gpu.sources.plan import ShardRef
 
 _CACHED = "already cached"  # _fill_one's answer for an entry that was there and checked good
 FILL_RANGE_BYTES = 8 << 20  # the largest ranged GET of the fill, into one reused buffer
@@ -40,7 +41,7 @@ class FillShard:
     name: str
     key: str
     identity: dict[str, Any]
-    ref: Any  # the listed ShardRef, handed to read_into
+    ref: ShardRef  # as listed, handed to read_into
     checks: BlobChecks = field(default_factory=BlobChecks)
     check_cached: bool = False
 
@@ -60,9 +61,9 @@ class FillResult:
 
 
 class FillReader(Protocol):
-    """What the fill reads with: a BlobRangeReader over connections of the fill's own."""
+    """What the fill reads with: its source's ranged reads, over connections of its own."""
 
-    def read_into(self, ref: Any, offset: int, view: memoryview) -> None:
+    def read_into(self, ref: ShardRef, offset: int, view: memoryview) -> None:
         """Fill `view` with the listed blob's bytes at `offset` (pinned to its etag)."""
         ...
 
@@ -210,7 +211,7 @@ class CacheFill:
             return entry.abandon("the process exited during the fill")
         return entry.publish()
 
-    def _check_cached(self, entry: Any, shard: FillShard) -> str | None:
+    def _check_cached(self, entry: CacheEntry, shard: FillShard) -> str | None:
         """Read a cached entry through; None when Blob's checks (else its record) say it is
         good, else what is wrong with it."""
         if shard.checks.authority is None:

@@ -22,6 +22,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,11 +97,24 @@ class EntryLock:
         self.held = True
         return True
 
-    def acquire(self) -> None:
+    def acquire(self, timeout: float | None = None) -> bool:
+        """Wait for the lock, at most `timeout` seconds (None: as long as it takes); returns
+        whether it is held. Polled, not a blocking flock: a holder that never lets go (a hung
+        process, or anyone who can open the file) must not stall a load for ever."""
         import fcntl
 
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        self.held = True
+        if timeout is None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self.held = True
+            return True
+        deadline, pause = time.monotonic() + timeout, 0.01
+        while not self.try_acquire():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.5)
+        return True
 
     def release(self) -> None:
         import fcntl
@@ -141,6 +155,14 @@ class NvmeCache:
 
         text = "\n".join((account, container, blob, etag or ""))
         return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+    @staticmethod
+    def key_of(identity: Mapping[str, object]) -> str:
+        """The key of the entry holding `identity` (its account, container, blob and etag)."""
+        account, container, blob, etag = (
+            str(identity[k] or "") for k in ("account", "container", "blob", "etag")
+        )
+        return NvmeCache.key(account, container, blob, etag)
 
     def lock(self, key: str) -> EntryLock:
         return EntryLock(self.dir, key)

@@ -261,7 +261,7 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_verify(args: argparse.Namespace) -> int:
-    from blob2gpu.loading.cache_warm import refetch_entry
+    from blob2gpu.cache.source import refetch_entry
     from blob2gpu.settings import resolve
 
     cache = _cache(args)
@@ -292,7 +292,7 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_warm(args: argparse.Namespace) -> int:
-    from blob2gpu.loading.cache_warm import warm_cache
+    from blob2gpu.cache.source import warm_cache
     from blob2gpu.loading.request import source_uri
     from blob2gpu.settings import resolve
 

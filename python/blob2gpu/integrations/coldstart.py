@@ -132,10 +132,10 @@ def _aux_directory(uri: str, tmp: Path, credential: Any, settings: dict[str, Any
     """The local directory holding config.json and tokenizer files: downloaded into `tmp` for a
     Blob URI, the checkpoint's own directory for a local one."""
     from blob2gpu.api import fetch_aux
-    from blob2gpu.sources.azure.location import is_blob_uri
+    from blob2gpu.sources import source_class
     from blob2gpu.sources.local import resolve_local
 
-    if is_blob_uri(uri):
+    if source_class(uri).remote:
         fetch_aux(uri, str(tmp), credential=credential, **settings)
         return tmp
     location = Path(resolve_local(uri).uri)  # raises SourceUnavailable as blob2gpu.load would

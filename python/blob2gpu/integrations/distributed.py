@@ -12,10 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
 
+from blob2gpu import _core
 from blob2gpu.errors import InvalidArgument, LoadCancelled
 from blob2gpu.redaction import redact
+from blob2gpu.sources.feeding import FeedStats, Fetch, feed_from_memory
+from blob2gpu.sources.plan import ShardPlan, ShardRef
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from blob2gpu.loading.frameworks import Tensor
+    from blob2gpu.loading.loader import Loader
+    from blob2gpu.loading.prepare import PreparedLoad
+    from blob2gpu.loading.request import LoadRequest
 
 ALIGN = 1 << 20  # rank boundaries fall on MiB boundaries: large, aligned requests
 STOP_WAIT_SECONDS = 30.0  # how long closing a fan-out load waits for its exchange thread
@@ -55,27 +66,29 @@ class GroupFanOut:
 
     uses_node_cache = False
 
-    def __init__(self, rank: int, world: int, group: Any = None) -> None:
+    def __init__(self, rank: int, world: int, group: ProcessGroup | None = None) -> None:
         self.rank, self.world, self.group = rank, world, group
         self.exchange: GroupExchange | None = None
 
-    def shards_to_read(self, listed: Any, selected: Any) -> Any:
+    def shards_to_read(self, listed: ShardPlan, selected: ShardPlan) -> ShardPlan:
         """Every listed shard some rank's selection needs, in listing order (a collective)."""
         import torch.distributed as dist
 
         kept = {s.name for s in selected.shards}
         needs = [s.name in kept for s in listed.shards]
-        group_needs: list[Any] = [None] * self.world
+        group_needs: list[list[bool] | None] = [None] * self.world
         dist.all_gather_object(group_needs, needs, group=self.group)
-        shards = [s for i, s in enumerate(listed.shards) if any(n[i] for n in group_needs)]
+        shards = [
+            s
+            for i, s in enumerate(listed.shards)
+            if any(n is not None and n[i] for n in group_needs)
+        ]
         return dataclasses.replace(listed, shards=tuple(shards))
 
-    def start(self, prepared: Any, pipeline: Any) -> tuple[Any, Any]:
-        from blob2gpu.loading.fetch import start_fed_session
-
-        session = start_fed_session(prepared, pipeline)
+    def start(self, prepared: PreparedLoad, pipeline: _core.LoadPipeline) -> Fetch:
+        session = prepared.start_fed(pipeline)
         self.exchange = GroupExchange(session, prepared, self.rank, self.world, self.group)
-        return session, self.exchange
+        return Fetch(session, prepared.plan, self.exchange)
 
 
 class GroupExchange:
@@ -87,40 +100,29 @@ class GroupExchange:
     the Checkpoint) while shard k+1 is exchanged; the group's collectives run on that thread
     only, in the same order on every rank."""
 
-    def __init__(self, session: Any, prepared: Any, rank: int, world: int, group: Any = None):
+    def __init__(
+        self,
+        session: _core.LoadSession,
+        prepared: PreparedLoad,
+        rank: int,
+        world: int,
+        group: ProcessGroup | None = None,
+    ) -> None:
         self._session = session
         self._prepared = prepared
         self._rank = rank
         self._group = group
         self._thread: threading.Thread | None = None
         self._owners = byte_owners([s.size for s in prepared.plan.shards], world)
-        self._throttle = _throttle(prepared)
-        self._reader = _range_reader(prepared.source, self._throttle)
-        container = prepared.source.container
-        self._retry = container.retry if container is not None else None  # the load's policy
+        # This rank's ranged reads: the same as every load of its source (a Blob load's etag
+        # pinning, retries and throttling), or reads of the local files.
+        self._ranges = prepared.source.ranges(prepared)
         self.error: BaseException | None = None
 
-    @property
-    def requests(self) -> int:
-        return int(self._reader.requests)
-
-    @property
-    def shard_retries(self) -> list[int]:
-        return [self._reader.retries_of(ref.path) for ref in self._prepared.plan.shards]
-
-    @property
-    def retries(self) -> int:
-        return self._retry.retries if self._retry is not None else 0
-
-    @property
-    def throttle_stats(self) -> Any:
-        """Throttled answers, and the concurrency and range size this rank settled at (None for
-        local files)."""
-        return self._throttle.stats() if self._throttle is not None else None
-
-    @property
-    def retry_wait_seconds(self) -> float:
-        return self._retry.waited_seconds if self._retry is not None else 0.0
+    def stats(self) -> FeedStats:
+        """What this rank's reads counted (throttling: the concurrency and range size it settled
+        at)."""
+        return self._ranges.stats(self._prepared.plan)
 
     def start(self) -> GroupExchange:
         self._thread = threading.Thread(target=self._run_or_abort, name="blob2gpu-fan-out")
@@ -153,8 +155,6 @@ class GroupExchange:
         import torch
         import torch.distributed as dist
 
-        from blob2gpu.sources.feeding import feed_from_memory
-
         plan = self._prepared.plan
         slot_bytes = self._prepared.settings.staging_slot_bytes
         for index, ref in enumerate(plan.shards):
@@ -169,14 +169,12 @@ class GroupExchange:
                     dist.broadcast(buffer[start:end], group=self._group, group_src=owner)
             feed_from_memory(self._session, index, view, slot_bytes)
 
-    def _fetch(self, ref: Any, view: memoryview, parts: list[tuple[int, int]]) -> None:
-        """Read this rank's byte ranges `parts` of shard `ref` into `view`: from Blob, in ranges
-        of the throttle's size with as many in flight as it allows (prefetch_concurrency at
-        most), as an ordinary load's feeder does; from local files, one read each."""
-        if self._throttle is None:
-            for start, end in parts:
-                self._reader.read_into(ref, start, view[start:end])
-            return
+    def _fetch(self, ref: ShardRef, view: memoryview, parts: list[tuple[int, int]]) -> None:
+        """Read this rank's byte ranges `parts` of shard `ref` into `view`, as many reads at
+        once and of the size its source's reader says (from Blob: as many in flight as the
+        load's throttling allows, prefetch_concurrency at most, as an ordinary load's feeder;
+        from local files: one read each)."""
+        ranges = self._ranges
         pending = list(reversed(parts))
         lock = threading.Lock()
         failed: list[BaseException] = []
@@ -186,7 +184,7 @@ class GroupExchange:
                 if failed or not pending:
                     return None
                 start, end = pending.pop()
-                cut = min(end, start + self._throttle.range_bytes)
+                cut = min(end, start + ranges.piece_bytes())
                 if cut < end:
                     pending.append((cut, end))
                 return start, cut
@@ -194,18 +192,18 @@ class GroupExchange:
         def worker() -> None:
             while (piece := next_piece()) is not None:
                 try:
-                    self._reader.read_into(ref, piece[0], view[piece[0] : piece[1]])
+                    ranges.read_into(ref, piece[0], view[piece[0] : piece[1]])
                 except BaseException as error:
                     with lock:
                         failed.append(error)
                     # The load has failed: a thread waiting out throttling (up to
                     # retry_throttled_seconds) or its pace stops now, as a feeder's threads do
                     # (its first failure sets the load's stop), not when its wait is over.
-                    self._reader.stop()
+                    ranges.stop()
 
         threads = [
             threading.Thread(target=worker, name=f"blob2gpu-fan-out-get-{i}", daemon=True)
-            for i in range(self._throttle.ceiling)
+            for i in range(ranges.parallel)
         ]
         for thread in threads:
             thread.start()
@@ -215,57 +213,20 @@ class GroupExchange:
             raise failed[0]
 
 
-def _throttle(prepared: Any) -> Any:
-    """The throttling control of a Blob fan-out's ranged GETs (as an ordinary load's: up to
-    prefetch_concurrency, a slow start only on a node throttled lately, ranges from chunk_bytes
-    up to the staging slot, the node's budget shared), or None for local files."""
-    if prepared.source.container is None:
-        return None
-    from blob2gpu.loading.fetch import node_budget, range_bytes
-    from blob2gpu.sources.azure.throttle import ThrottleControl
+def load(loader: Loader, request: LoadRequest) -> dict[str, Tensor]:
+    """blob2gpu.load(..., distributed=True): `request` fetched by the group (GroupFanOut, see the
+    module) through `loader`. Needs an initialized torch.distributed process group (gloo for cpu
+    tensors; the exchange runs on host memory).
 
-    slot = prepared.settings.staging_slot_bytes
-    chunk = range_bytes(prepared, slot)
-    ceiling = prepared.settings.prefetch_concurrency
-    return ThrottleControl(ceiling, chunk, max(chunk, slot), node_budget(prepared))
-
-
-def _range_reader(source: Any, throttle: Any) -> Any:
-    """What fetches this rank's ranges: the same ranged GETs (etag pinning, retries, the
-    throttle) as every Blob load, or reads of the local files."""
-    if source.container is None:
-        from blob2gpu.sources.local import LocalRangeReader
-
-        return LocalRangeReader()
-    from blob2gpu.sources.azure.range_reader import BlobRangeReader
-
-    return BlobRangeReader(source.container, None, throttle)
-
-
-def load(
-    uri: str | None,
-    device: str,
-    framework: str,
-    credential: Any,
-    loader_settings: dict[str, Any],
-    tensor_names: Any = None,
-    tensor_filter: Any = None,
-) -> dict[str, Any]:
-    """blob2gpu.load(..., distributed=True): see the module docstring. Needs an initialized
-    torch.distributed process group (gloo for cpu tensors; the exchange runs on host memory).
-
-    With a tensor selection (tensor_names / tensor_filter, which may differ per rank) each rank
-    keeps only its tensors; the group fetches the union of what its ranks need (whole shards
-    holding a wanted tensor, one copy per group) and exchanges it as above. Every check of an
-    ordinary load runs (loading.prepare): only who fetches which bytes differs.
+    With a tensor selection (which may differ per rank) each rank keeps only its tensors; the
+    group fetches the union of what its ranks need (whole shards holding a wanted tensor, one
+    copy per group) and exchanges it as above. Every check of an ordinary load runs
+    (loading.prepare): only who fetches which bytes differs.
 
     Returns {name: tensor} on every rank. Raises InvalidArgument without a process group, and
     every error of blob2gpu.load (the same on every rank for source and header errors).
     """
     import torch.distributed as dist
-
-    from blob2gpu.loading.loader import Loader
-    from blob2gpu.loading.request import LoadRequest
 
     if not (dist.is_available() and dist.is_initialized()):
         raise InvalidArgument(
@@ -273,9 +234,5 @@ def load(
             "first (gloo on CPUs, or a group whose backend handles CPU tensors)"
         )
     strategy = GroupFanOut(dist.get_rank(), dist.get_world_size())
-    with Loader(**loader_settings) as loader:
-        request = LoadRequest.make(
-            uri, device, framework, credential, loader.settings, {}, tensor_names, tensor_filter
-        )
-        with loader.start(request, strategy) as checkpoint:
-            return checkpoint.to_dict()
+    with loader.start(request, strategy) as checkpoint:
+        return checkpoint.to_dict()

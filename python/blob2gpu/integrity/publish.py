@@ -15,17 +15,15 @@ from blob2gpu.integrity.manifest import (
     hash_stream,
     manifest_for_directory,
 )
-from blob2gpu.loading.selection import read_local_header
 from blob2gpu.settings import resolve
-from blob2gpu.sources import ShardRef
-from blob2gpu.sources.azure.location import is_blob_uri
-from blob2gpu.sources.local import resolve_local
+from blob2gpu.sources import ShardRef, source_class
+from blob2gpu.sources.local import LocalSource
 
 
 def _container(uri: str, credential: Any, settings: dict[str, Any]) -> Any:
     from blob2gpu.sources.azure.container import open_container
 
-    if not is_blob_uri(uri):
+    if not source_class(uri).remote:
         raise InvalidArgument(f"'{uri}' is not a Blob URI (az://, https://, path-style http://)")
     return open_container(uri, resolve(settings), credential)
 
@@ -80,7 +78,8 @@ def check_checkpoint(directory: Path) -> None:
     the data its offsets cover (the core's parser). Raises SourceUnavailable (no shards, a shard
     the index names is missing) or the InvalidHeader kind of a bad shard (HeaderTruncated,
     InvalidOffsets for a truncated one, ...), naming it."""
-    plan = resolve_local(str(directory))  # no shards, or an index naming a missing one: raises
+    source = LocalSource(str(directory), resolve())
+    plan = source.resolve()  # no shards, or an index naming a missing one: raises
     names = {ref.name for ref in plan.shards}
     shards = [
         ShardRef(name=p.name, path=str(p), size=p.stat().st_size)
@@ -89,7 +88,7 @@ def check_checkpoint(directory: Path) -> None:
     ]
     for ref in (*plan.shards, *shards):
         try:
-            read_local_header(ref)
+            source.read_header(ref)
         except InvalidHeader as e:
             failure = e
         else:

@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 from blob2gpu.cache.fill import CacheFill, FillResult
 from blob2gpu.errors import BlobChanged, InvalidArgument
 from blob2gpu.loading.checkpoint import Checkpoint
-from blob2gpu.loading.fetch import StorageFetch
-from blob2gpu.loading.frameworks import converter
+from blob2gpu.loading.frameworks import Tensor, converter
 from blob2gpu.loading.pipelines import DevicePipelines
-from blob2gpu.loading.prepare import FetchStrategy, Reusable, prepare_load
-from blob2gpu.loading.request import PIPELINE_SETTINGS, LoadRequest
+from blob2gpu.loading.prepare import FetchStrategy, Reusable, StorageFetch, prepare_load
+from blob2gpu.loading.request import (
+    PIPELINE_SETTINGS,
+    LoadRequest,
+    normalize_device,
+    source_uri,
+)
+from blob2gpu.loading.selection import selection_from_arguments
 from blob2gpu.settings import ResolvedSettings, resolve
+from blob2gpu.sources import Connections
 
 RESTARTS_ON_BLOB_CHANGE = 3  # on_blob_change='restart': list again at most this many times
 
@@ -33,41 +38,62 @@ class Loader:
     handshakes).
     """
 
-    def __init__(self, config: str | os.PathLike[str] | None = None, **settings: Any) -> None:
+    def __init__(self, config: str | os.PathLike[str] | None = None, **settings: object) -> None:
         self._settings: ResolvedSettings = resolve(settings, config_path=config)
         self._pipelines = DevicePipelines(
             {name: self._settings.values[name] for name in PIPELINE_SETTINGS}
         )
         self._lock = threading.Lock()
         self._closed = False
-        self._http: Any = None  # sources.azure.container.HttpSessions, made by the first Blob load
+        self._connections = Connections()  # what its loads' sources keep (HTTP pools)
         self._fills: list[CacheFill] = []  # the cache fills this Loader's loads started
 
     @property
     def settings(self) -> ResolvedSettings:
         return self._settings
 
-    def http_sessions(self) -> Any:
-        """The storage connections kept across this Loader's loads (closed by close()); raises
-        InvalidArgument once closed."""
-        from blob2gpu.sources.azure.container import HttpSessions
-
-        with self._lock:
-            if self._closed:
-                raise InvalidArgument("this Loader is closed")
-            if self._http is None:
-                self._http = HttpSessions()
-            return self._http
+    def request(
+        self,
+        uri: str | None = None,
+        *,
+        device: str = "cpu",
+        framework: str = "torch",
+        credential: object = None,
+        tensor_names: Iterable[str] | None = None,
+        tensor_filter: Callable[[str], bool] | None = None,
+        streamed: bool = True,
+        overrides: Mapping[str, object] | None = None,
+    ) -> LoadRequest:
+        """The checked request of one load by this Loader, as every entry point makes it:
+        `overrides` are settings for this load only, over the Loader's (arguments as for open();
+        streamed: see LoadRequest). Raises InvalidArgument (no URI, an unknown device, a
+        selection given twice, a pipeline setting given per load) or ConfigError (a bad
+        setting)."""
+        names, name_filter = selection_from_arguments(tensor_names, tensor_filter)
+        settings = dict(overrides or {})
+        bad = [k for k in settings if k in PIPELINE_SETTINGS]
+        if bad:
+            raise InvalidArgument(f"{', '.join(bad)} must be given to Loader(...), not per load")
+        return LoadRequest(
+            uri=source_uri(uri),
+            settings=self._settings.with_overrides(settings),
+            device=normalize_device(device),
+            framework=framework,
+            credential=credential,
+            tensor_names=names,
+            tensor_filter=name_filter,
+            streamed=streamed,
+        )
 
     def open(
         self,
         uri: str | None = None,
         device: str = "cpu",
         framework: str = "torch",
-        credential: Any = None,
+        credential: object = None,
         tensor_names: Iterable[str] | None = None,
         tensor_filter: Callable[[str], bool] | None = None,
-        **settings: Any,
+        **settings: object,
     ) -> Checkpoint:
         """Start loading `uri` and return a Checkpoint at once (tensors arrive as it is iterated).
 
@@ -81,17 +107,17 @@ class Loader:
         of the load itself (InvalidHeader, GPUOutOfMemory, BlobChanged, StorageUnavailable,
         TensorNotFound without an index, ...) surface while iterating.
         """
-        request = LoadRequest.make(
-            uri,
-            device,
-            framework,
-            credential,
-            self._settings,
-            settings,
-            tensor_names,
-            tensor_filter,
+        return self.start(
+            self.request(
+                uri,
+                device=device,
+                framework=framework,
+                credential=credential,
+                tensor_names=tensor_names,
+                tensor_filter=tensor_filter,
+                overrides=settings,
+            )
         )
-        return self.start(request)
 
     def start(
         self,
@@ -103,33 +129,30 @@ class Loader:
         bytes; by default every byte from storage) and return its Checkpoint. `reuse`: complete
         shards an earlier attempt kept (see load()). Raises as open() does."""
         convert = converter(request.framework, request.device, request.settings.unsupported_dtype)
-        fetch: FetchStrategy = strategy or StorageFetch(self._settings.staging_slot_bytes)
+        fetch: FetchStrategy = strategy or StorageFetch()
         self._pipelines.start(request.device)  # CUDA's start-up beside the listing
         prepared = prepare_load(
             request,
             lambda: self._pipelines.get(request.device),
-            self.http_sessions,
+            self._connections,
             fetch,
             reuse,
         )
         pipeline = self._pipelines.get(request.device)
         try:
-            session, feeder = fetch.start(prepared, pipeline)
+            started = fetch.start(prepared, pipeline)
         except BaseException:
             prepared.abandon()
             raise
         checkpoint = Checkpoint(
             prepared,
-            session,
+            started,
             convert,
             pipeline,
-            feeder=feeder,
             keep_completed=reuse is not None,
             fills=self._fills,
-            restart=lambda rest: fetch.start(rest, pipeline),
         )
-        if feeder is not None:
-            feeder.start()
+        started.start()
         return checkpoint
 
     def load(
@@ -137,29 +160,35 @@ class Loader:
         uri: str | None = None,
         device: str = "cpu",
         framework: str = "torch",
-        credential: Any = None,
+        credential: object = None,
         tensor_names: Iterable[str] | None = None,
         tensor_filter: Callable[[str], bool] | None = None,
-        **settings: Any,
-    ) -> dict[str, Any]:
-        """Load every tensor of `uri` onto `device`; returns {name: tensor}.
+        **settings: object,
+    ) -> dict[str, Tensor]:
+        """Load every tensor of `uri` onto `device`; returns {name: tensor} (it keeps them all:
+        the load's device memory is the checkpoint's, not bounded by streamed_device_bytes).
+        Arguments as for open(); see load_all()."""
+        request = self.request(
+            uri,
+            device=device,
+            framework=framework,
+            credential=credential,
+            tensor_names=tensor_names,
+            tensor_filter=tensor_filter,
+            streamed=False,
+            overrides=settings,
+        )
+        return self.load_all(request)
+
+    def load_all(self, request: LoadRequest) -> dict[str, Tensor]:
+        """Load every tensor `request` selects; returns {name: tensor}.
 
         Returns once every byte has landed. Raises the load's typed error (see blob2gpu.errors)
         after releasing everything the load allocated. With on_blob_change='restart', a blob
         overwritten during the load makes it list again and start over (at most 3 times). A
         damaged NVMe cache entry is fetched again from Blob within the load, whatever the entry
-        point (loading/cache_repair.py).
+        point (cache/source.py).
         """
-        request = LoadRequest.make(
-            uri,
-            device,
-            framework,
-            credential,
-            self._settings,
-            settings,
-            tensor_names,
-            tensor_filter,
-        )
         restart = request.settings.on_blob_change == "restart"
         restarts_left = RESTARTS_ON_BLOB_CHANGE if restart else 0
         reuse: Reusable = {}
@@ -197,10 +226,8 @@ class Loader:
         loaded stay valid; a cache fill goes on in the background (wait_for_cache_fill)."""
         with self._lock:
             self._closed = True
-            http, self._http = self._http, None
         self._pipelines.close()
-        if http is not None:
-            http.close()
+        self._connections.close()
 
     def __enter__(self) -> Loader:
         return self

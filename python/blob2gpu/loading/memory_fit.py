@@ -1,5 +1,9 @@
 """Memory-fit checks made before any byte is downloaded: a model that does not fit with headroom
-fails in milliseconds with both numbers and what to change, not minutes later mid-load."""
+fails in milliseconds with both numbers and what to change, not minutes later mid-load.
+
+A streamed GPU load (its consumer takes tensors as they arrive and drops them: stream(), a serving
+engine) holds at most streamed_device_bytes of device memory beside what its consumer keeps
+(csrc/arena_pool.hpp), so its check counts that bound, not the checkpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +13,28 @@ from blob2gpu import phrasing
 from blob2gpu.errors import InsufficientGPUMemory, InsufficientHostMemory
 from blob2gpu.loading.host_memory import host_budget, memory_size
 
+# streamed_device_bytes=0: min(this, a share of the GPU's memory). A few GB keeps several tensor
+# groups of the largest models' tensors (an embedding of 128k x 8k bf16 is 2 GB) landing while the
+# consumer copies; a tenth leaves a small GPU nearly all its memory.
+STREAMED_DEFAULT_CEILING = 4 << 30
+STREAMED_DEFAULT_SHARE = 0.10
+STREAMED_FLOOR = 1 << 20
+
+
+def streamed_device_cap(request: Any, pipeline: Any) -> int:
+    """The device memory a GPU load may hold for tensors its consumer has not dropped: the
+    streamed_device_bytes setting, or when 0 min(4 GiB, 10% of the GPU's total memory). 0 when the
+    load is not bounded: a cpu target, host staging, or a caller that keeps every tensor
+    (request.streamed False: load()). `pipeline`: the device's core pipeline (its memory_info())."""
+    if not request.streamed or request.device == "cpu" or request.host_staging:
+        return 0
+    configured = int(request.settings.streamed_device_bytes)
+    if configured > 0:
+        return configured
+    info = pipeline.memory_info()
+    total = int(info[1]) if info is not None else 0
+    return max(STREAMED_FLOOR, min(STREAMED_DEFAULT_CEILING, int(total * STREAMED_DEFAULT_SHARE)))
+
 
 def check_memory_fit(
     shard_sizes: list[int],
@@ -17,10 +43,12 @@ def check_memory_fit(
     settings: Any,
     host_staging: bool,
     what: str = "the checkpoint",
+    streamed_cap: int = 0,
 ) -> tuple[int, int] | None:
     """Raise InsufficientGPUMemory / InsufficientHostMemory when the weights will not fit.
 
-    shard_sizes: bytes each shard will hold in target memory; what: how messages name them.
+    shard_sizes: bytes each shard will hold in target memory; what: how messages name them;
+    streamed_cap: a streamed GPU load's bound (streamed_device_cap; 0: the load holds all of it).
     Returns (free, total) GPU bytes measured for a cuda target (None on cpu), for the report.
     """
     weights = sum(shard_sizes)
@@ -45,7 +73,20 @@ def check_memory_fit(
                 f"{budget.remedy}, load to a GPU ({phrasing.device('cuda')}), or lower "
                 f"host_headroom_factor ({phrasing.setting('host_headroom_factor', 1.0)})"
             )
-    if measured is not None:
+    if measured is not None and 0 < streamed_cap < weights:
+        free, total = measured
+        need = streamed_cap * settings.gpu_headroom_factor
+        if free < need:
+            raise InsufficientGPUMemory(
+                f"{device} has {memory_size(free)} free of {memory_size(total)} but streaming "
+                f"{what} needs {memory_size(need)} ({memory_size(streamed_cap)} of "
+                "streamed_device_bytes, the device memory a streamed load holds, x "
+                f"gpu_headroom_factor {settings.gpu_headroom_factor:g}); free GPU memory "
+                "(other processes, caches), or lower streamed_device_bytes "
+                f"({phrasing.setting('streamed_device_bytes', '1GiB')}) or "
+                f"gpu_headroom_factor ({phrasing.setting('gpu_headroom_factor', 1.0)})"
+            )
+    elif measured is not None:
         free, total = measured
         need = weights * settings.gpu_headroom_factor
         if free < need:

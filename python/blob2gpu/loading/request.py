@@ -1,17 +1,15 @@
 """LoadRequest: what a caller asked for (URI, device, framework, credential, selection, settings),
-checked and put in canonical form before anything is read."""
+checked and in canonical form before anything is read, and the checks that make it so."""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from blob2gpu import _core
 from blob2gpu.errors import InvalidArgument
-from blob2gpu.loading.selection import selection_from_arguments
 from blob2gpu.settings import ResolvedSettings
 
 SOURCE_URI_ENV = "MODEL_SOURCE_URI"
@@ -65,46 +63,25 @@ def source_uri(uri: str | None) -> str:
     raise InvalidArgument(f"no checkpoint URI given and {SOURCE_URI_ENV} is not set")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoadRequest:
-    """One load as asked for. `settings` are the effective settings of this load (the Loader's,
-    with the per-load overrides applied)."""
+    """One load as asked for, checked and in canonical form: the one request type of every entry
+    point (blob2gpu.load and open, Loader.load and open, the torch.distributed fan-out, the vLLM
+    loader), built by keyword. Loader.request() makes it from what a caller passed (a URI from
+    $MODEL_SOURCE_URI, 'cuda' as the current device, the selection given once, the per-load
+    settings applied to the Loader's)."""
 
     uri: str
-    device: str
-    framework: str
-    credential: Any
-    settings: ResolvedSettings
-    tensor_names: frozenset[str] | None = None
+    settings: ResolvedSettings  # this load's effective settings
+    device: str = "cpu"  # 'cpu' or 'cuda:N'
+    framework: str = "torch"
+    credential: object = None  # for storage that needs one (an azure credential, key or SAS)
+    tensor_names: frozenset[str] | None = None  # at most one of names and filter
     tensor_filter: Callable[[str], bool] | None = None
-
-    @classmethod
-    def make(
-        cls,
-        uri: str | None,
-        device: str,
-        framework: str,
-        credential: Any,
-        settings: ResolvedSettings,
-        overrides: dict[str, Any],
-        tensor_names: Iterable[str] | None = None,
-        tensor_filter: Callable[[str], bool] | None = None,
-    ) -> LoadRequest:
-        """The checked request. Raises InvalidArgument (no URI, unknown device, a selection given
-        twice, a pipeline setting given per load) or ConfigError (a bad setting)."""
-        names, name_filter = selection_from_arguments(tensor_names, tensor_filter)
-        bad = [k for k in overrides if k in PIPELINE_SETTINGS]
-        if bad:
-            raise InvalidArgument(f"{', '.join(bad)} must be given to Loader(...), not per load")
-        return cls(
-            uri=source_uri(uri),
-            device=normalize_device(device),
-            framework=framework,
-            credential=credential,
-            settings=settings.with_overrides(overrides),
-            tensor_names=names,
-            tensor_filter=name_filter,
-        )
+    # The consumer takes tensors as they arrive (a Checkpoint: open(), a serving engine), so a GPU
+    # load's device memory is bounded (streamed_device_bytes); False: the caller keeps every
+    # tensor (load()), and the load holds the whole checkpoint.
+    streamed: bool = True
 
     @property
     def host_staging(self) -> bool:

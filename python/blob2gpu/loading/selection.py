@@ -15,16 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import functools
-import struct
-from collections.abc import Callable, Iterable
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Mapping
 
 from blob2gpu import _core
-from blob2gpu.errors import InvalidArgument, TensorNotFound
+from blob2gpu.errors import InvalidArgument, InvalidIndex, TensorNotFound
 from blob2gpu.sources import ShardPlan, ShardRef
-
-HEADER_PROBE_BYTES = 64 << 10  # first read of a header; a longer header costs one more read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +97,7 @@ def select(
     read_header: Callable[[ShardRef], _core.ParsedHeader],
 ) -> tuple[ShardPlan, Selection]:
     """The plan to load (shards without a wanted tensor dropped when the index says so) and the
-    selection. read_header(ref) returns a shard's parsed header (see _core.parse_header); it is
+    selection. read_header(ref) returns a shard's parsed header (Source.read_header); it is
     called only for a filter on a checkpoint without an index. Raises TensorNotFound for a name
     the index does not know."""
     if tensor_names is None and tensor_filter is None:
@@ -156,57 +151,27 @@ def selected_sizes(
     return sizes
 
 
-def check_found(selection: Selection, loaded: Iterable[str], uri: str) -> None:
-    """Raises TensorNotFound for names asked for that no shard held."""
-    missing = sorted(selection.requested - set(loaded))
+def check_found(selection: Selection, shard_of: Mapping[str, str], plan: ShardPlan) -> None:
+    """The checks of a whole load against what its shards held (`shard_of`: each tensor's
+    shard): with an index, InvalidIndex for a wanted tensor it names that no shard held or one
+    another shard held; without, TensorNotFound for names asked for that no shard held."""
+    weight_map = plan.weight_map
+    if weight_map is None:
+        missing = sorted(selection.requested - set(shard_of))
+        if missing:
+            raise TensorNotFound(
+                f"'{plan.uri}' has no tensor {', '.join(repr(n) for n in missing[:5])}"
+                + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+            )
+        return
+    wanted = selection.names
+    missing = [n for n in weight_map if n not in shard_of and (wanted is None or n in wanted)]
+    misplaced = [n for n, shard in weight_map.items() if n in shard_of and shard_of[n] != shard]
+    detail = []
     if missing:
-        raise TensorNotFound(
-            f"'{uri}' has no tensor {', '.join(repr(n) for n in missing[:5])}"
-            + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
-        )
-
-
-def header_reader(container: Any) -> Callable[[ShardRef], _core.ParsedHeader]:
-    """A shard-header reader for one load that reads each header once (selecting, then sizing a
-    selection, may both need it): from Blob through `container`, else from local files."""
-    if container is None:
-        return functools.cache(read_local_header)
-    return functools.cache(lambda ref: read_blob_header(container, ref))
-
-
-def read_local_header(ref: ShardRef) -> _core.ParsedHeader:
-    """The parsed header of a local shard (typed InvalidHeader errors as the core raises them)."""
-    with open(ref.path, "rb") as f:
-        head = f.read(HEADER_PROBE_BYTES)
-        if len(head) >= 8:
-            need = 8 + struct.unpack("<Q", head[:8])[0]
-            if len(head) < need <= ref.size:
-                head += f.read(need - len(head))
-    return _core.parse_header(head, ref.size, ref.name)
-
-
-def read_blob_header(container: Any, ref: ShardRef) -> _core.ParsedHeader:
-    """The parsed header of a blob shard: one ranged GET pinned to the listed etag, two when the
-    header is longer than HEADER_PROBE_BYTES."""
-    from azure.core import MatchConditions
-
-    blob = container.client.get_blob_client(ref.path)
-
-    def get(offset: int, length: int) -> bytes:
-        def once() -> bytes:
-            data: bytes = blob.download_blob(
-                offset=offset,
-                length=length,
-                etag=ref.etag,
-                match_condition=MatchConditions.IfNotModified,
-            ).readall()
-            return data
-
-        return cast(bytes, container.retry.run(once, f"shard '{ref.name}' header", ref.path))
-
-    head = get(0, min(HEADER_PROBE_BYTES, ref.size)) if ref.size else b""
-    if len(head) >= 8:
-        need = 8 + struct.unpack("<Q", head[:8])[0]
-        if len(head) < need <= ref.size:
-            head += get(len(head), need - len(head))
-    return _core.parse_header(head, ref.size, ref.name)
+        detail.append(f"missing from every shard: {', '.join(sorted(missing)[:5])}")
+    if misplaced:
+        n = sorted(misplaced)[0]
+        detail.append(f"'{n}' is in '{shard_of[n]}' but the index says '{weight_map[n]}'")
+    if detail:
+        raise InvalidIndex(f"index of '{plan.uri}' disagrees with its shards: " + "; ".join(detail))

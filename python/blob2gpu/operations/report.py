@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from blob2gpu._core import SessionStats
+    from blob2gpu.sources.feeding import FeedStats
 
 PHASES = (
     "artifact_fetch_start",
@@ -125,6 +126,16 @@ class LoadReport:
     gpu_memory_free_before: int | None = None
     gpu_memory_free_min: int | None = None  # the watermark: least free memory seen during the load
     gpu_memory_free_after: int | None = None
+    # A streamed GPU load's device memory (streamed_device_bytes): its bound (None: not bounded,
+    # as load()), the most it had allocated at once, the bound raised to a larger tensor (or a
+    # Content-MD5 shard, handed out only whole; 0: never), allocations it had to make mid-load
+    # (device-wide synchronizations on a GPU), and bytes a consumer held from stream() that the
+    # bound stopped counting rather than wait for them.
+    streamed_device_bytes: int | None = None
+    streamed_peak_device_bytes: int | None = None
+    streamed_cap_raised_to: int = 0
+    streamed_mid_load_allocations: int = 0
+    streamed_kept_bytes: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
     _clock_start: float = field(default=0.0, repr=False)
     # Seconds from artifact fetch start (before listing) to the core session's start: the core's
@@ -260,6 +271,49 @@ class LoadReport:
             rank = {name: i for i, name in enumerate(order)}
             shards.sort(key=lambda s: rank.get(s.name, len(rank)))
         self.shards = shards
+        if stats.device_cap > 0:
+            self.streamed_device_bytes = stats.device_cap
+            peak = max(earlier.get("streamed_peak", 0), stats.peak_device_bytes)
+            self.streamed_peak_device_bytes = peak
+            self.streamed_cap_raised_to = max(
+                earlier.get("streamed_raised", 0), stats.cap_raised_to
+            )
+            self.streamed_mid_load_allocations = (
+                earlier.get("streamed_grown", 0) + stats.mid_load_allocations
+            )
+            self.streamed_kept_bytes = earlier.get("streamed_kept", 0) + stats.kept_beyond_cap
+
+    def loaded(self, stats: SessionStats, order: list[str]) -> None:
+        """The load's last core session has landed every byte: its end now, the session's
+        `stats` (added to its earlier sessions'), the phases they date, and each shard's
+        checksum when every chunk was checked (`order`: the shards as the report lists them)."""
+        self.seconds = self.phases["model_load_complete"] = self.elapsed()
+        self.absorb_core_stats(stats, order)
+        published = self.session_seconds(stats.all_published_ns)
+        self.phases["artifact_fetch_complete"] = published
+        self.phases["host_staging_complete"] = published
+        if self.verification in ("crc32c", "sha256", "content-md5"):
+            failures = {s.name: s.checksum_failures for s in stats.shards}
+            for shard in self.shards:  # those of a replaced session were complete: checked
+                shard.checksum = "mismatch" if failures.get(shard.name) else "ok"
+        if self.gpu_memory_total is not None and stats.min_free_device_bytes >= 0:
+            self.gpu_memory_free_min = stats.min_free_device_bytes
+
+    def absorb_feed(self, stats: FeedStats) -> None:
+        """What the load's feeder counted: requests, retries, how it adapted to throttling."""
+        self.requests, self.retries = stats.requests, stats.retries
+        self.retry_wait_seconds = stats.retry_wait_seconds
+        if (throttle := stats.throttle) is not None:
+            self.throttled = throttle.throttled
+            self.throttle_decreases = throttle.decreases
+            self.throttle_node_decreases = throttle.node_decreases
+            self.concurrency_lowest = throttle.min_concurrency
+            self.concurrency_settled = throttle.concurrency
+            self.range_bytes_settled = throttle.range_bytes
+            self.pace_bytes_per_second = throttle.pace_bytes_per_second
+            self.pace_requests_per_second = throttle.pace_requests_per_second
+        for shard in self.shards:
+            shard.retries = stats.shard_retries.get(shard.name, shard.retries)
 
     def carry_session(self, stats: SessionStats, complete: set[str], hits: set[str]) -> None:
         """Keep what a core session that is being replaced did: its counters, and the reports
@@ -270,6 +324,12 @@ class LoadReport:
         earlier["bytes"] = earlier.get("bytes", 0) + stats.bytes_read
         earlier["peak"] = max(earlier.get("peak", 0), stats.peak_slots_in_flight)
         earlier["failures"] = earlier.get("failures", []) + list(stats.checksum_failures)
+        if stats.device_cap > 0:
+            earlier["streamed_peak"] = max(earlier.get("streamed_peak", 0), stats.peak_device_bytes)
+            earlier["streamed_raised"] = max(earlier.get("streamed_raised", 0), stats.cap_raised_to)
+            grown = stats.mid_load_allocations
+            earlier["streamed_grown"] = earlier.get("streamed_grown", 0) + grown
+            earlier["streamed_kept"] = earlier.get("streamed_kept", 0) + stats.kept_beyond_cap
         kept = [s for s in self._shard_reports(stats) if s.name in complete]
         for shard in kept:
             shard.cache_hit = shard.name in hits

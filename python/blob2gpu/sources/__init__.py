@@ -1,22 +1,22 @@
-"""Where bytes come from. A source turns a URI into a ShardPlan: the shards to load, in order.
-
-Local files are read by the core's threads (pread, no GIL); Azure Blob Storage arrives as its own
-source module.
+"""Where bytes come from: a typed Source per kind of storage (sources/source.py says what a source
+is), chosen by the URI's scheme. Local files are read by the core's threads (pread, no GIL);
+Azure Blob Storage is sources/azure; the node's NVMe cache wraps a source (cache/source.py).
 """
 
 from __future__ import annotations
 
-from blob2gpu.sources.local import resolve_local
+from blob2gpu.sources import local
+from blob2gpu.sources.azure import source as azure
 from blob2gpu.sources.plan import ShardPlan, ShardRef
+from blob2gpu.sources.source import Connections, Source, open_source, source_class
 
-__all__ = ["ShardPlan", "ShardRef", "resolve"]
-
-
-def resolve(uri: str) -> ShardPlan:
-    """Resolve a checkpoint URI to the shards to load.
-
-    Accepts a ``.safetensors`` file, a directory of shards, a ``model.safetensors.index.json``, each
-    optionally as a ``file://`` URL. Raises SourceUnavailable when nothing loadable is there,
-    InvalidIndex for a malformed index, InvalidArgument for a URI form this build cannot read.
-    """
-    return resolve_local(uri)
+__all__ = [
+    "Connections",
+    "ShardPlan",
+    "ShardRef",
+    "Source",
+    "azure",
+    "local",
+    "open_source",
+    "source_class",
+]

@@ -1,28 +1,32 @@
-"""Local files: a .safetensors file, a directory of shards, or a model.safetensors.index.json."""
+"""Local files: a .safetensors file, a directory of shards, or a model.safetensors.index.json,
+each optionally as a file:// URL. The core reads them itself, on its own threads."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
+from blob2gpu import _core
 from blob2gpu.documents import INDEX_MAX_BYTES, clip, parse_json, read_regular_file
-from blob2gpu.errors import InvalidArgument, InvalidIndex, SourceReadError, SourceUnavailable
+from blob2gpu.errors import InvalidIndex, SourceReadError, SourceUnavailable
+from blob2gpu.integrity.manifest import Manifest, read_local_manifest
+from blob2gpu.sources.feeding import FeedStats, Fetch
 from blob2gpu.sources.plan import ShardPlan, ShardRef, unread_weights_note
+from blob2gpu.sources.source import Source, register
+
+if TYPE_CHECKING:
+    import threading
+
+    from blob2gpu.loading.prepare import PreparedLoad
 
 INDEX_NAME = "model.safetensors.index.json"
 
 
 def _local_path(uri: str) -> Path:
     parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return Path(unquote(parsed.path))
-    if len(parsed.scheme) > 1 and uri.startswith(f"{parsed.scheme}://"):  # s3://, gs://, ...
-        raise InvalidArgument(
-            f"'{parsed.scheme}://' is not a source blob2gpu reads: give an Azure Blob URI "
-            "(az://, https://, abfss://) or a local path"
-        )
-    return Path(uri)
+    return Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(uri)
 
 
 def _ref(path: Path) -> ShardRef:
@@ -92,13 +96,19 @@ def resolve_local(uri: str) -> ShardPlan:
 
 
 class LocalRangeReader:
-    """Reads byte ranges of local shards into memory the caller owns (the counterpart of
-    sources.azure.range_reader.BlobRangeReader, for loads whose bytes Python hands the core)."""
+    """Reads byte ranges of local shards into memory the caller owns (a fan-out's part of the
+    bytes): one read at a time, as long as asked; nothing to count or to cancel."""
 
-    requests = 0  # no request is sent
+    parallel = 1
 
-    def retries_of(self, path: str) -> int:
-        return 0  # a local read is not retried
+    def piece_bytes(self) -> int:
+        return 1 << 62
+
+    def stop(self) -> None:
+        pass
+
+    def stats(self, plan: ShardPlan) -> FeedStats:
+        return FeedStats()
 
     def read_into(self, ref: ShardRef, offset: int, view: memoryview) -> None:
         """Fill `view` with bytes [offset, offset + len(view)) of the file `ref` names; raises
@@ -122,3 +132,33 @@ class LocalRangeReader:
                         offset=offset + done,
                     )
                 done += n
+
+
+@register("", "file")
+class LocalSource(Source):
+    """A checkpoint on local disk (see the module)."""
+
+    _plan: ShardPlan | None = None
+
+    def resolve(self) -> ShardPlan:
+        self._plan = resolve_local(self.uri)
+        return self._plan
+
+    def read_manifest(self) -> Manifest | None:
+        assert self._plan is not None, "resolve() first"
+        return read_local_manifest(os.path.dirname(self._plan.shards[0].path))
+
+    @property
+    def display_uri(self) -> str:
+        return self._plan.uri if self._plan is not None else self.uri
+
+    def read_into(self, ref: ShardRef, offset: int, view: memoryview) -> None:
+        LocalRangeReader().read_into(ref, offset, view)
+
+    def ranges(
+        self, load: PreparedLoad | None = None, stopping: threading.Event | None = None
+    ) -> LocalRangeReader:
+        return LocalRangeReader()
+
+    def start(self, load: PreparedLoad, pipeline: _core.LoadPipeline) -> Fetch:
+        return Fetch(load.start_local(pipeline), load.plan)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 # Weights in formats other than safetensors, often published beside them (pytorch_model.bin,
 # consolidated.pth, GGUF and ONNX exports): gigabytes that are neither loaded nor auxiliary.
@@ -49,7 +48,6 @@ class ShardPlan:
     uri: str
     shards: tuple[ShardRef, ...]
     weight_map: dict[str, str] | None = field(default=None)
-    location: Any = None  # a BlobLocation for Blob checkpoints, None for local files
 
     @property
     def total_bytes(self) -> int:

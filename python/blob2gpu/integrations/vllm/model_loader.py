@@ -35,9 +35,8 @@ from blob2gpu.integrations.distributed import GroupFanOut
 from blob2gpu.integrations.vllm.expert_parallel import OwnedExperts, owned_experts
 from blob2gpu.integrations.vllm.options import VllmLoadOptions
 from blob2gpu.loading.loader import Loader
-from blob2gpu.loading.request import LoadRequest
 from blob2gpu.operations.report import LoadReport
-from blob2gpu.sources.azure.location import is_blob_uri
+from blob2gpu.sources import source_class
 
 # A child of vLLM's logger: its handler and level apply, so the report shows in vLLM's log.
 log = init_logger("vllm.blob2gpu")
@@ -61,16 +60,13 @@ class Blob2GpuModelLoader(BaseModelLoader):  # type: ignore[misc,unused-ignore]
         blob2gpu error, or TensorNotFound when a parameter of the model got no tensor."""
         rank, world, group = tensor_parallel_group()
         uri = self.options.uri(model_config.model)
-        fan_out = world > 1 and self.options.distributed and is_blob_uri(uri)
+        fan_out = world > 1 and self.options.distributed and source_class(uri).remote
         experts = owned_experts(model_config)  # under expert parallelism: this worker's
         with Loader(config=self.options.config, **self.options.settings) as loader:
-            request = LoadRequest.make(
+            request = loader.request(
                 uri,
-                device_of(model),
-                "torch",
-                None,
-                loader.settings,
-                {},
+                device=device_of(model),
+                framework="torch",
                 tensor_filter=wanted_by(model, experts.keeps if experts else None),
             )
             strategy = GroupFanOut(rank, world, group) if fan_out else None
@@ -83,7 +79,8 @@ class Blob2GpuModelLoader(BaseModelLoader):  # type: ignore[misc,unused-ignore]
         self.report = report
         if model_config.quantization is None and loaded is not None:
             check_every_parameter_loaded(model, set(loaded), report.uri)
-        publish_report(report, self.options.report_file(rank, world), rank, fan_out, experts)
+        worker, workers = worker_of_engine()
+        publish_report(report, self.options.report_file(worker, workers), rank, fan_out, experts)
 
 
 def tensor_parallel_group() -> tuple[int, int, Any]:
@@ -92,6 +89,16 @@ def tensor_parallel_group() -> tuple[int, int, Any]:
 
     group = get_tp_group()
     return group.rank_in_group, group.world_size, group.cpu_group
+
+
+def worker_of_engine() -> tuple[int, int]:
+    """(this worker's rank among all the engine's workers, their number): what names its report
+    file. Data- and pipeline-parallel workers share tensor-parallel ranks, so those would write
+    over each other's reports."""
+    from vllm.distributed.parallel_state import get_world_group
+
+    group = get_world_group()
+    return group.rank_in_group, group.world_size
 
 
 def device_of(model: nn.Module) -> str:

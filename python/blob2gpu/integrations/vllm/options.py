@@ -5,8 +5,9 @@
 `source` is the checkpoint's URI (else $MODEL_SOURCE_URI, else the model directory vLLM was given:
 its own safetensors files, read through blob2gpu). `config` names a blob2gpu settings file (YAML,
 or JSON; a regular file of at most 1 MiB, of which no content is echoed in an error),
-`report_path` where each worker writes its LoadReport as JSON, `distributed` (default true)
-whether tensor-parallel workers share one copy of a Blob checkpoint (the fan-out). Every other
+`report_path` where each worker writes its LoadReport as JSON ('{rank}': its rank among all the
+engine's workers), `distributed` (default true) whether tensor-parallel workers share one copy of
+a Blob checkpoint (the fan-out). Every other
 key is a blob2gpu setting (blob2gpu.settings), checked by its schema: an unknown key or a bad
 value stops the engine with ConfigError before anything is read. Imports nothing of vLLM.
 """

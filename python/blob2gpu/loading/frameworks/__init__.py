@@ -10,15 +10,23 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from blob2gpu import _core
 from blob2gpu.errors import DTypeNotSupported, InvalidArgument
 
 FRAMEWORKS = ("torch", "numpy", "cupy", "dlpack")
+
+# A tensor of the framework the caller chose at run time: a torch.Tensor, numpy.ndarray,
+# cupy.ndarray or _core.TensorView. The one untyped value of the load path: which of them is known
+# only when the load is asked for, and the frameworks are optional imports.
+Tensor = Any
 
 # dtypes every DLPack consumer we support understands; any other one may be refused by a consumer.
 _COMMON_DTYPES = {"BOOL", "U8", "I8", "I16", "I32", "I64", "F16", "F32", "F64"}
 
 
-def converter(framework: str, device: str, unsupported_dtype: str) -> Callable[[Any], Any]:
+def converter(
+    framework: str, device: str, unsupported_dtype: str
+) -> Callable[[_core.TensorView], Tensor]:
     """Return a function TensorView -> framework tensor.
 
     Raises InvalidArgument for an unknown framework or one that cannot live on `device`, and
@@ -43,7 +51,7 @@ def converter(framework: str, device: str, unsupported_dtype: str) -> Callable[[
         ) from None
     convert = module.convert
 
-    def to_framework(view: Any) -> Any:
+    def to_framework(view: _core.TensorView) -> Tensor:
         try:
             return convert(view)
         except Exception as e:

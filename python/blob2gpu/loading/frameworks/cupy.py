@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import cupy
 
+from blob2gpu import _core
+from blob2gpu.loading.frameworks import Tensor
 
-def convert(view: Any) -> Any:
+
+def convert(view: _core.TensorView) -> Tensor:
     """Return a cupy.ndarray sharing the view's device memory (no copy)."""
     return cupy.from_dlpack(view)

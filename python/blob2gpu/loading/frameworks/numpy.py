@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy
 
+from blob2gpu import _core
 
-def convert(view: Any) -> numpy.ndarray:
+
+def convert(view: _core.TensorView) -> numpy.ndarray:
     """Return a numpy.ndarray sharing the view's memory (no copy)."""
     return numpy.from_dlpack(view)

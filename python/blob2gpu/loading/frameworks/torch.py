@@ -3,12 +3,12 @@ on the load's events instead of the host waiting."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch.utils.dlpack import from_dlpack
 
+from blob2gpu import _core
 
-def convert(view: Any) -> torch.Tensor:
+
+def convert(view: _core.TensorView) -> torch.Tensor:
     """Return a torch.Tensor sharing the view's memory (no copy)."""
     return from_dlpack(view)

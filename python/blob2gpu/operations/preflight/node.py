@@ -22,17 +22,39 @@ def cuda_version(v: int) -> str:
     return f"{v // 1000}.{(v % 1000) // 10}"
 
 
+# Why there is no usable driver, by the core's DriverStatus: what the check says and what to do.
+DRIVER_PROBLEMS = {
+    _core.DriverStatus.NOT_FOUND: (
+        "cannot load the CUDA driver '{path}': {detail}",
+        "install the NVIDIA driver (libcuda.so.1) or set BLOB2GPU_CUDA_DRIVER; device cpu needs "
+        "none",
+    ),
+    _core.DriverStatus.MISSING_ENTRY_POINT: (
+        "the CUDA driver '{path}' lacks {detail}: older than CUDA 11.0",
+        "update the NVIDIA driver (or point BLOB2GPU_CUDA_DRIVER at a newer one); device cpu "
+        "needs none",
+    ),
+    _core.DriverStatus.INIT_FAILED: (
+        "cuInit failed for the CUDA driver '{path}': {detail}",
+        "no usable GPU, or the driver and kernel module disagree: check nvidia-smi on the node; "
+        "device cpu needs none",
+    ),
+}
+
+
 def check_driver(run: PreflightRun) -> None:
     t = time.perf_counter()
     run.driver = _core.driver_info()
     if not run.driver.get("available"):
+        status = run.driver["status"]
+        said, hint = DRIVER_PROBLEMS.get(status, ("{detail}", "check nvidia-smi on the node"))
         run.add(
             Check(
                 "cuda_driver",
                 run.gpu_missing_status,
-                _driver_error(str(run.driver.get("error", "not loadable"))),
-                "install the NVIDIA driver (libcuda.so.1) or set BLOB2GPU_CUDA_DRIVER; "
-                "device cpu needs none",
+                said.format(path=run.driver["path"], detail=run.driver["detail"]),
+                hint,
+                data={"status": status.name.lower()},
             ),
             t,
         )
@@ -50,16 +72,6 @@ def check_driver(run: PreflightRun) -> None:
         ),
         t,
     )
-
-
-def _driver_error(message: str) -> str:
-    """The core's message without its advice (the hint says it) and dlerror's repeated path."""
-    message = message.split(" (is an NVIDIA")[0]
-    if "': " in message:
-        head, _, tail = message.partition("': ")
-        path = head.rsplit("'", 1)[-1]
-        message = f"{head}': {tail.removeprefix(path + ': ')}"
-    return message
 
 
 def check_gpus(run: PreflightRun) -> None:

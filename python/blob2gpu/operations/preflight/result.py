@@ -98,7 +98,12 @@ class PreflightRun:
         self.device = device  # 'auto', 'cpu' or 'cuda:N'
         self.settings = settings
         self.checks: list[Check] = []
-        self.driver: _core.DriverInfo = {"available": False}
+        self.driver: _core.DriverInfo = {
+            "available": False,
+            "status": _core.DriverStatus.NOT_FOUND,
+            "path": "",
+            "detail": "not looked for yet",
+        }
         self.model_bytes: int | None = None
         self.model_bytes_from = ""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blob2gpu.errors import Blob2GpuError
 from blob2gpu.operations.preflight.result import (
@@ -19,7 +19,9 @@ from blob2gpu.operations.preflight.result import (
     PreflightRun,
     gb,
 )
-from blob2gpu.redaction import redact
+
+if TYPE_CHECKING:
+    from blob2gpu.sources.azure.source import AzureSource
 
 STORAGE_CONNECT_TIMEOUT = 5.0  # preflight must fail fast on a dead endpoint
 
@@ -29,28 +31,32 @@ def check_source(run: PreflightRun, source: str | None) -> None:
         t = time.perf_counter()
         run.add(Check("storage", SKIP, "no --source (or MODEL_SOURCE_URI) given"), t)
         return
-    from blob2gpu.sources.azure.location import is_blob_uri
+    from blob2gpu.sources import source_class
 
-    if is_blob_uri(source):
+    try:
+        remote = source_class(source).remote
+    except Blob2GpuError as e:  # a scheme no source reads
+        run.add(Check("storage", FAIL, str(e), "fix the URI"), time.perf_counter())
+        return
+    if remote:
         _check_blob(run, source)
     else:
         _check_local(run, source)
 
 
-def _check_local(run: PreflightRun, source: str) -> None:
-    from blob2gpu.sources import resolve as resolve_local
+def _check_local(run: PreflightRun, uri: str) -> None:
+    from blob2gpu.sources.local import LocalSource
 
     t = time.perf_counter()
     run.add(Check("storage", SKIP, "local source: no storage endpoint"), t)
     t = time.perf_counter()
+    source = LocalSource(uri, run.settings)
     try:
-        plan = resolve_local(source)
+        plan = source.resolve()
     except Blob2GpuError as e:
         run.add(Check("checkpoint", FAIL, str(e), "check the path and that the node mounts it"), t)
         return
-    from blob2gpu.loading.selection import read_local_header
-
-    checkpoint_found(run, plan, t, read_local_header)
+    checkpoint_found(run, plan, t, source.read_header)
 
 
 def _bad_shard(plan: Any, read_header: Callable[[Any], Any], parallel: int) -> str | None:
@@ -118,31 +124,8 @@ def checkpoint_found(
     run.add(Check("checkpoint", OK, f"{found}, headers read", data=data), t)
 
 
-_NETWORK_REASONS = (
-    ("unable to connect to proxy", "the proxy (HTTPS_PROXY / HTTP_PROXY) cannot be reached"),
-    ("connection refused", "connection refused (nothing listens there)"),
-    ("name or service not known", "the host name does not resolve (DNS)"),
-    ("temporary failure in name resolution", "the host name does not resolve (DNS)"),
-    ("nodename nor servname", "the host name does not resolve (DNS)"),
-    ("timed out", "the connection timed out"),
-    ("network is unreachable", "the network is unreachable"),
-    ("no route to host", "no route to host"),
-    ("certificate verify failed", "TLS certificate verification failed"),
-    ("connection reset", "the connection was reset"),
-)
-
-
-def _network_reason(message: str) -> str:
-    """A transport error's cause in a few words (the SDK's text runs to hundreds of characters)."""
-    lowered = message.lower()
-    for needle, reason in _NETWORK_REASONS:
-        if needle in lowered:
-            return reason
-    return message[:160]
-
-
 def _check_blob(run: PreflightRun, uri: str) -> None:
-    from blob2gpu.sources.azure.container import open_container
+    from blob2gpu.sources.azure.source import AzureSource
 
     t = time.perf_counter()
     fast = run.settings.with_overrides(
@@ -153,46 +136,56 @@ def _check_blob(run: PreflightRun, uri: str) -> None:
             "retry_max_attempts": min(run.settings.retry_max_attempts, 2),
         }
     )
+    source = AzureSource(uri, fast)
     try:
-        container = open_container(uri, fast, credential=None)
+        _ = source.container  # the URI parsed, the credential chosen
     except Blob2GpuError as e:
         run.add(
             Check("storage", FAIL, str(e), e.hint or "fix the URI or install blob2gpu[azure]"), t
         )
         return
-    with container:
-        _probe_storage(run, container, t)
+    try:
+        _probe_storage(run, source, t)
+    finally:
+        source.close()
 
 
-def _storage_failure(error: Blob2GpuError, container: Any, raw: str) -> Check:
-    """The storage check of a listing that failed with `error` (raw: the transport's own words,
-    of which the mapped error keeps only the start)."""
+def _storage_failure(error: Blob2GpuError, source: AzureSource, cause: Exception | None) -> Check:
+    """The storage check of a listing that failed with `error` (mapped from `cause`, the
+    transport's exception, when there was one): why, as the loads' own classifier says it
+    (failures.failure_reason: the proxy, a refused connection, a name that does not resolve, an
+    untrusted certificate, by type)."""
     from blob2gpu.errors import AccessDenied, BlobNotFound, ProxyAuthenticationRefused
+    from blob2gpu.sources.azure.failures import failure_reason
 
-    endpoint = container.location.account_url
+    location = source.container.location
     if isinstance(error, AccessDenied):
         refused = (
             "the proxy refused its credentials (HTTP 407)"
             if isinstance(error, ProxyAuthenticationRefused)
-            else f"credentials refused ({container.credential_source})"
+            else f"credentials refused ({source.credential_source})"
         )
-        return Check("storage", FAIL, f"{endpoint}: {refused}", error.hint or str(error))
+        return Check(
+            "storage", FAIL, f"{location.account_url}: {refused}", error.hint or str(error)
+        )
     if isinstance(error, BlobNotFound):
         return Check("storage", FAIL, str(error), "create the container or fix the URI")
+    why = failure_reason(cause, location) if cause is not None else str(error)
     return Check(
         "storage",
         FAIL,
-        f"{endpoint} unreachable: {_network_reason(raw or str(error))}",
+        f"{location.account_url} unreachable: {why}",
         "check DNS, firewall / NSG rules, the private endpoint and proxy settings",
     )
 
 
-def _probe_storage(run: PreflightRun, container: Any, t: float) -> None:
+def _probe_storage(run: PreflightRun, source: AzureSource, t: float) -> None:
     """List one blob (reachable? credentials accepted?), then the checkpoint itself."""
     from blob2gpu.sources.azure.failures import storage_error
 
+    container = source.container
     endpoint = container.location.account_url
-    raw = ""  # the transport's own words: the mapped error keeps only their first 300 characters
+    cause: Exception | None = None  # what the transport raised, classified by its type
     failure: Blob2GpuError | None = None
     try:
         first = next(
@@ -206,10 +199,10 @@ def _probe_storage(run: PreflightRun, container: Any, t: float) -> None:
     except Blob2GpuError as e:
         failure = e
     except Exception as e:  # the SDK's and the transport's errors, mapped to ours
-        raw = redact(e)
+        cause = e
         failure = storage_error(e, container.location, None, "listing")
     if failure is not None:
-        run.add(_storage_failure(failure, container, raw), t)
+        run.add(_storage_failure(failure, source, cause), t)
         return
     ms = (time.perf_counter() - t) * 1000
     data = {"endpoint": endpoint, "credential": container.credential_source, "ms": round(ms, 1)}
@@ -236,10 +229,8 @@ def _probe_storage(run: PreflightRun, container: Any, t: float) -> None:
         )
     t = time.perf_counter()
     try:
-        plan = container.list_checkpoint().plan
+        plan = source.resolve()
     except Blob2GpuError as e:
         run.add(Check("checkpoint", FAIL, str(e), "fix the URI or publish the checkpoint"), t)
         return
-    from blob2gpu.loading.selection import read_blob_header
-
-    checkpoint_found(run, plan, t, lambda ref: read_blob_header(container, ref))
+    checkpoint_found(run, plan, t, source.read_header)

@@ -285,9 +285,10 @@ def proxy_problem(error: BaseException) -> tuple[str, bool] | None:
 
 
 def failure_reason(error: BaseException, location: BlobLocation) -> str:
-    """Why a request failed, in one line for a message: the proxy's part when it was the proxy,
-    what the connection met when it never got an answer (refused, a name that does not resolve,
-    no answer in time), else the exception's first line."""
+    """Why a request failed, in one line for a message (a load's, after its retries; preflight's):
+    the proxy's part when it was the proxy, what the connection met when it never got an answer
+    (refused, a name that does not resolve, no answer in time), a certificate nobody trusts, else
+    the exception's first line."""
     at_proxy = proxy_problem(error)
     if at_proxy is not None:
         proxy, variable = _proxy_of(location.account_url)
@@ -295,6 +296,10 @@ def failure_reason(error: BaseException, location: BlobLocation) -> str:
     unreached = connection_problem(error, location)
     if unreached is not None:
         return unreached[0]
+    untrusted = certificate_problem(error)
+    if untrusted is not None:
+        host = urlparse(location.account_url).hostname
+        return f"the TLS certificate of '{host}' is not trusted ({untrusted})"
     return f"{type(error).__name__}: {_one_line(error)}"
 
 

@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from blob2gpu import _core
 from blob2gpu.errors import HeaderTruncated, LoadCancelled
 from blob2gpu.redaction import redact
 from blob2gpu.sources.azure.range_reader import BlobRangeReader
 from blob2gpu.sources.azure.retry import RetryPolicy
-from blob2gpu.sources.azure.throttle import NodeThrottle, ThrottleControl, ThrottleStats
-from blob2gpu.sources.feeding import RangeTask, feed_range
+from blob2gpu.sources.azure.throttle import NodeThrottle, ThrottleControl
+from blob2gpu.sources.feeding import FeedStats, RangeTask, feed_range
 from blob2gpu.sources.plan import ShardPlan
 
 if TYPE_CHECKING:
     from blob2gpu.sources.azure.container import BlobContainer
+    from blob2gpu.sources.source import Tee
 
 
 class BlobFeeder:
@@ -38,14 +40,14 @@ class BlobFeeder:
 
     def __init__(
         self,
-        session: Any,
+        session: _core.LoadSession,
         plan: ShardPlan,
         container: BlobContainer,
         retry: RetryPolicy,
         concurrency: int,
         chunk_bytes: int,
         fetch: list[int] | None = None,
-        cache_writer: Any = None,
+        cache_writer: Tee | None = None,
         first_range_bytes: int | None = None,
         max_range_bytes: int | None = None,
         node: NodeThrottle | None = None,
@@ -186,27 +188,16 @@ class BlobFeeder:
                 t.join()
         self._reader.close()
 
-    @property
-    def requests(self) -> int:
-        """GET attempts made, answered or not."""
-        return self._reader.requests
-
-    @property
-    def shard_retries(self) -> list[int]:
-        """Retries of each shard's ranges, in the plan's order."""
-        return [self._reader.retries_of(ref.path) for ref in self._plan.shards]
-
-    @property
-    def throttle_stats(self) -> ThrottleStats:
-        """Throttled answers, and the concurrency and range size the load settled at."""
-        return self._throttle.stats()
-
-    @property
-    def retries(self) -> int:
-        """Retries of the load's every request (listing included)."""
-        return self._retry.retries
-
-    @property
-    def retry_wait_seconds(self) -> float:
-        """Seconds slept backing off before those retries, summed over threads."""
-        return self._retry.waited_seconds
+    def stats(self) -> FeedStats:
+        """GET attempts (answered or not), retries of the load's every request (listing
+        included) and each shard's, the seconds slept backing off, and how it adapted to
+        throttling."""
+        return FeedStats(
+            requests=self._reader.requests,
+            retries=self._retry.retries,
+            retry_wait_seconds=self._retry.waited_seconds,
+            shard_retries={
+                ref.name: self._reader.retries_of(ref.path) for ref in self._plan.shards
+            },
+            throttle=self._throttle.stats(),
+        )

@@ -96,7 +96,6 @@ def list_checkpoint(
         uri=f"{location.account_url}/{location.container}/{location.path}",
         shards=tuple(_shard_ref(by_name[n]) for n in shard_names),
         weight_map=weight_map,
-        location=location,
     )
     manifest = by_name.get(manifest_name)
     return BlobListing(

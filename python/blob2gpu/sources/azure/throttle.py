@@ -91,6 +91,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blob2gpu.settings import BY_NAME
+from blob2gpu.sources.feeding import ThrottleStats
 
 # The node's memory window: a load starting this soon after a decrease published on its node
 # starts where the node came to (one request, slow-starting); later, or never throttled, at its
@@ -120,20 +121,6 @@ PACE_DECREASE = 0.7
 PACE_STEP_REQUESTS = 2
 
 EGRESS, REQUEST_RATE = 1, 2  # the kinds of throttling (NodeState.kind)
-
-
-@dataclass(frozen=True)
-class ThrottleStats:
-    """What the control did over a load (reported in the LoadReport)."""
-
-    throttled: int  # throttled answers (429, 503) to ranged GETs
-    decreases: int  # times concurrency was lowered (and, on request-rate throttling, ranges grown)
-    concurrency: int  # the concurrency limit it settled at
-    range_bytes: int  # the range size it settled at
-    min_concurrency: int  # the lowest concurrency limit it went down to
-    node_decreases: int = 0  # of those, made because another load on the node was throttled
-    pace_bytes_per_second: float | None = None  # the egress pace it settled at (None: unpaced)
-    pace_requests_per_second: float | None = None  # the request-rate pace (None: unpaced)
 
 
 @dataclass(frozen=True)
