@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 class Faults:
     reset_after_bytes: int = 0  # body bytes sent before a connection reset
     resets: int = 0
+    truncations: int = 0  # bodies cut at reset_after_bytes by an orderly close (FIN), no reset
     stall_seconds: float = 0.0  # silence in the middle of the body
     stalls: int = 0
     status: int = 503  # answered without asking upstream
@@ -285,6 +286,10 @@ class FaultProxy:
                         client.setsockopt(
                             socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
                         )
+                        return
+                    if sent + len(body) > f.reset_after_bytes and self._take("truncations"):
+                        client.sendall(body[: max(0, f.reset_after_bytes - sent)])
+                        client.shutdown(socket.SHUT_WR)  # the body ends short of its length
                         return
                     if sent + len(body) > 1000 and self._take("stalls"):
                         client.sendall(body[: max(0, 1000 - sent)])
