@@ -7,7 +7,7 @@ must not wait for that process's interpreter.
 Usage:
     python bench/bench_busy_process.py [--total-gb 1] [--shards 8] [--repeats 3]
                                        [--rows local,http,https] [--json out.json]
-                                       [--setting native_http=false]
+                                       [--setting native_http=false] [--no-control]
 
 The checkpoint is the Llama-shaped bf16 one of bench_local_load.py (generated once, cached under
 bench/.data/). Rows:
@@ -18,12 +18,19 @@ bench/.data/). Rows:
             worker trusts it through REQUESTS_CA_BUNDLE)
 
 Each load runs in a fresh interpreter: `blob2gpu.open(uri, device="cpu", framework="torch")` and
-`to_dict()`, timed from the call to the last tensor in hand (imports before the clock), once with
+`to_dict()`, timed from the call to the last tensor in hand (imports before the clock, the
+Blob rows' azure-storage-blob too: a process that loads once pays them once), once with
 the process otherwise idle and once beside a thread spinning `while True: x += 1`; every tensor is
 then checked against the generated checksums (untimed). Rounds are round-robin (each round runs
 every row, idle then busy), so drift on this shared machine hits all rows alike; the table shows
 medians over the rounds. busy / idle is the ratio of the medians; the goal is at most 1.3x.
 CPU s is the load's process CPU less the busy thread's own.
+
+The control (on by default, --no-control to skip it): the same load beside the same loop run in
+another process. It takes a core just as the busy thread does but shares no GIL, so on a box
+where the server, the loader and the spinner compete for few cores, busy / control is the part
+of the slowdown the interpreter causes, and control / idle the part CPU contention does (a
+client with no GIL at all, curl, slows about as much: bench_native_range.py).
 
 `--setting NAME=VALUE` (repeatable) passes a blob2gpu setting to every load (as BLOB2GPU_NAME in
 the worker's environment), e.g. native_http=false for the Python feeder's reads.
@@ -36,6 +43,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -52,6 +60,7 @@ from harness.machine import blob2gpu_versions, machine_info
 
 CONTAINER = "busy"
 ROWS = ("local", "http", "https")
+MODES = ("idle", "busy", "control")  # the process idle, a busy thread in it, a busy process beside
 GOAL = 1.3  # busy / idle at most
 
 
@@ -88,11 +97,20 @@ def run_worker(args: argparse.Namespace) -> int:
     import blob2gpu
     import torch  # noqa: F401  (imported before the clock, as a serving process has it)
 
+    if args.worker != "local":  # as bench_blob_load.py: the SDK (listing) imported untimed
+        import azure.core.pipeline.transport
+        import azure.storage.blob  # noqa: F401
+
     spec = read_spec(Path(args.spec_dir))
     busy = BusyThread() if args.busy else None
     if busy is not None:
         busy.__enter__()
         time.sleep(0.2)  # the thread is spinning before the load starts
+    spinner = None
+    if args.beside:  # the same loop in another process: a core taken, no GIL shared
+        loop = "x = 0\nwhile True:\n    x += 1\n"
+        spinner = subprocess.Popen([sys.executable, "-c", loop])
+        time.sleep(0.2)
     watch = Stopwatch(pgid=args.server_pid)  # the server's CPU is not other users'
     busy_cpu = 0.0
     try:
@@ -106,6 +124,9 @@ def run_worker(args: argparse.Namespace) -> int:
     finally:
         if busy is not None:
             busy.__exit__()
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
     wrong = mismatches(spec, tensors, tensor_checksum)
     if wrong:
         emit({"status": "wrong", "reason": wrong})
@@ -162,7 +183,8 @@ def run_rounds(
     base_env = {k: v for k, v in os.environ.items() if k != "REQUESTS_CA_BUNDLE"}
     for r in range(args.repeats):
         for row in args.rows:
-            for busy in (False, True):
+            for mode in MODES if args.control else MODES[:2]:
+                busy = mode == "busy"
                 target = dict(targets[row])
                 uri, pid = target.pop("uri"), target.pop("pid", "0")
                 env = {**base_env, **target, **settings}
@@ -177,14 +199,21 @@ def run_rounds(
                     f"--spec-dir={ckpt}",
                     f"--server-pid={pid}",
                     *(["--busy"] * busy),
+                    *(["--beside"] * (mode == "control")),
                 )
                 result, stderr = run_in_fresh_process(cmd, args.timeout, env=env)
-                run = {"round": r + 1, "row": row, "busy": busy, "idle_before": idle, **result}
+                run = {
+                    "round": r + 1,
+                    "row": row,
+                    "busy": busy,
+                    "mode": mode,
+                    "idle_before": idle,
+                    **result,
+                }
                 runs.append(run)
-                mode = "busy" if busy else "idle"
                 if result.get("status") == "ok":
                     print(
-                        f"[{r + 1}/{args.repeats}] {row:5} {mode}: {result['wall_s']:6.2f} s, "
+                        f"[{r + 1}/{args.repeats}] {row:5} {mode:7}: {result['wall_s']:6.2f} s, "
                         f"CPU {result['cpu_s']:5.2f} s, others {result['foreign_cpu_s']:.2f} "
                         f"CPU s (machine {idle:.0%} busy before)",
                         flush=True,
@@ -208,35 +237,44 @@ ROW_NAMES = {
 
 def table(runs: list[dict[str, Any]], rows: list[str]) -> list[dict[str, Any]]:
     """Prints the Markdown table; returns its rows."""
+    control = any(x.get("mode") == "control" for x in runs)
     print()
-    print(
-        "| load (to the CPU) | idle process | one busy Python thread | busy / idle "
-        "| runs idle / busy (s) |"
-    )
-    print("|---|---|---|---|---|")
+    head = "| load (to the CPU) | idle process | one busy Python thread | busy / idle "
+    if control:
+        head += "| busy process beside it (control) | busy / control "
+    print(head + "| runs idle / busy" + (" / control" if control else "") + " (s) |")
+    print("|---" * (5 + 2 * control) + "|")
     out = []
     for row in rows:
-        cells: dict[bool, list[float]] = {}
-        for busy in (False, True):
-            cells[busy] = [
+        cells: dict[str, list[float]] = {}
+        for mode in MODES if control else MODES[:2]:
+            cells[mode] = [
                 x["wall_s"]
                 for x in runs
-                if x["row"] == row and x["busy"] is busy and x.get("status") == "ok"
+                if x["row"] == row
+                and x.get("mode", "busy" if x["busy"] else "idle") == mode
+                and x.get("status") == "ok"
             ]
-        if not cells[False] or not cells[True]:
-            print(f"| {ROW_NAMES[row]} | - | - | - | failed |")
+        if not all(cells.values()):
+            print(f"| {ROW_NAMES[row]} |" + " - |" * (3 + 2 * control) + " failed |")
             continue
-        idle, busy = statistics.median(cells[False]), statistics.median(cells[True])
-        runs_text = (
-            " ".join(f"{v:.2f}" for v in cells[False])
-            + " / "
-            + " ".join(f"{v:.2f}" for v in cells[True])
-        )
+        medians = {mode: statistics.median(v) for mode, v in cells.items()}
+        idle, busy = medians["idle"], medians["busy"]
+        runs_text = " / ".join(" ".join(f"{v:.2f}" for v in cells[m]) for m in cells)
         ratio = busy / idle
-        print(f"| {ROW_NAMES[row]} | {idle:.2f} s | {busy:.2f} s | {ratio:.1f}x | {runs_text} |")
-        out.append({"row": row, "idle_s": idle, "busy_s": busy, "busy_over_idle": ratio})
+        line = f"| {ROW_NAMES[row]} | {idle:.2f} s | {busy:.2f} s | {ratio:.1f}x "
+        result = {"row": row, "idle_s": idle, "busy_s": busy, "busy_over_idle": ratio}
+        if control:
+            beside = medians["control"]
+            line += f"| {beside:.2f} s | {busy / beside:.2f}x "
+            result.update(control_s=beside, busy_over_control=busy / beside)
+        print(line + f"| {runs_text} |")
+        out.append(result)
     met = [r["row"] for r in out if r["busy_over_idle"] <= GOAL]
     print(f"\ngoal busy / idle <= {GOAL}x: met by {', '.join(met) or 'none'}")
+    if control:
+        met = [r["row"] for r in out if r["busy_over_control"] <= GOAL]
+        print(f"busy / control <= {GOAL}x (the interpreter's part): {', '.join(met) or 'none'}")
     return out
 
 
@@ -258,6 +296,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--spec-dir")
     ap.add_argument("--server-pid", type=int, default=0)
     ap.add_argument("--busy", action="store_true")
+    ap.add_argument(
+        "--no-control",
+        dest="control",
+        action="store_false",
+        help="skip the control (each load beside a busy process)",
+    )
+    ap.add_argument("--beside", action="store_true")  # internal: spin another process
     args = ap.parse_args(argv)
     args.rows = [r for r in args.rows.split(",") if r]
     if any(r not in ROWS for r in args.rows):
