@@ -99,7 +99,6 @@ class AzureSource(Source):
 
     def read_into(self, ref: ShardRef, offset: int, view: memoryview) -> None:
         if self._reader is None:
-            c = self.container
             self._reader = BlobRangeReader(self.container)
         self._reader.read_into(ref, offset, view)
 
