@@ -203,11 +203,10 @@ PYBIND11_MODULE(_core, m) {
       py::object cls = errors.attr(error_kind_name(e.kind()));
       py::object shard = e.shard().empty() ? py::none() : py::cast(e.shard());
       py::object offset = e.offset() < 0 ? py::none() : py::cast(e.offset());
-      py::object error =
-          e.kind() == ErrorKind::CudaDriverUnavailable && e.code() >= 0
-              ? cls(e.what(), py::arg("shard") = shard, py::arg("offset") = offset,
-                    py::arg("driver_status") = static_cast<DriverStatus>(e.code()))
-              : cls(e.what(), py::arg("shard") = shard, py::arg("offset") = offset);
+      py::object error = e.kind() == ErrorKind::CudaDriverUnavailable && e.code() >= 0
+                             ? cls(e.what(), py::arg("shard") = shard, py::arg("offset") = offset,
+                                   py::arg("driver_status") = static_cast<DriverStatus>(e.code()))
+                             : cls(e.what(), py::arg("shard") = shard, py::arg("offset") = offset);
       PyErr_SetObject(cls.ptr(), error.ptr());
     }
   });
@@ -472,8 +471,10 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<LoadPipeline, std::shared_ptr<LoadPipeline>>(m, "LoadPipeline")
       .def(py::init([](const std::string& device, size_t staging_slots, size_t staging_slot_bytes,
-                       size_t copy_streams, size_t io_threads, bool use_pinned_host_fallback) {
+                       size_t copy_streams, size_t io_threads, bool use_pinned_host_fallback,
+                       bool bind_numa_node) {
              PipelineSettings s;
+             s.bind_numa_node = bind_numa_node;
              s.staging_slots = staging_slots;
              s.staging_slot_bytes = staging_slot_bytes;
              s.copy_streams = copy_streams;
@@ -483,7 +484,8 @@ PYBIND11_MODULE(_core, m) {
              return LoadPipeline::create(device, s);
            }),
            py::arg("device"), py::arg("staging_slots"), py::arg("staging_slot_bytes"),
-           py::arg("copy_streams"), py::arg("io_threads"), py::arg("use_pinned_host_fallback"))
+           py::arg("copy_streams"), py::arg("io_threads"), py::arg("use_pinned_host_fallback"),
+           py::arg("bind_numa_node") = true)
       .def(
           "start_local",
           [](LoadPipeline& p, std::vector<ShardSource> shards, bool mmap, bool host_staging,

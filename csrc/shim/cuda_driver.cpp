@@ -58,6 +58,8 @@ void load_driver() {
             resolve(lib, "cuDeviceGet", &d.cuDeviceGet, &missing) &&
             resolve(lib, "cuDeviceGetName", &d.cuDeviceGetName, &missing) &&
             resolve(lib, "cuDeviceTotalMem_v2", &d.cuDeviceTotalMem, &missing) &&
+            resolve(lib, "cuDeviceGetAttribute", &d.cuDeviceGetAttribute, &missing) &&
+            resolve(lib, "cuDeviceGetPCIBusId", &d.cuDeviceGetPCIBusId, &missing) &&
             resolve(lib, "cuDevicePrimaryCtxRetain", &d.cuDevicePrimaryCtxRetain, &missing) &&
             resolve(lib, "cuDevicePrimaryCtxRelease_v2", &d.cuDevicePrimaryCtxRelease, &missing) &&
             resolve(lib, "cuCtxSetCurrent", &d.cuCtxSetCurrent, &missing) &&
@@ -92,8 +94,7 @@ void load_driver() {
     const char* name = nullptr;
     d.cuGetErrorName(rc, &name);
     g_load = {DriverStatus::InitFailed, path, name ? name : std::to_string(rc)};
-    g_load_error = "cuInit failed for the CUDA driver '" + path +
-                   "': " + g_load.detail +
+    g_load_error = "cuInit failed for the CUDA driver '" + path + "': " + g_load.detail +
                    " (no usable GPU, or the driver and "
                    "kernel module disagree; nvidia-smi tells more)";
     return;

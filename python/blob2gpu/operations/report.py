@@ -73,6 +73,7 @@ class LoadReport:
     staging_slot_bytes: int = 0
     copy_streams: int = 0
     io_threads: int = 0
+    numa_node: int = -1  # the GPU's host NUMA node the ring and io threads were placed on
     pinned: bool = False
     pinned_fallback: bool = False
     peak_slots_in_flight: int = 0
@@ -256,6 +257,7 @@ class LoadReport:
             "staging_slot_bytes",
             "copy_streams",
             "io_threads",
+            "numa_node",
             "pinned",
             "pinned_fallback",
             "mmap",
