@@ -4,7 +4,7 @@ long it was busy. With it, a test shows what the pipeline is for: that with defa
 keeps a link busy, copy after copy, instead of leaving it idle while it reads.
 
 The rate is scaled down to what this machine's CPUs can feed through the fake (whose copies are
-host memcpys): 0.5 GB/s. Here the pipeline feeds the fake at 1.8-2 GB/s with the CPUs shared, so
+host memcpys): 0.5 GB/s. Here the pipeline feeds the fake at 1.6-2.3 GB/s with the CPUs shared, so
 reads and the fake's own copies take about a quarter of the link's time; at 1 GB/s the sized
 default still keeps the link 100% busy, while a starved pipeline (2 slots, 1 thread) leaves it
 idle about 20% of the time (bench/README.md, "Keeping the link full"). The busy fraction is a
