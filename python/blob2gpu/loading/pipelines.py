@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TypedDict
 
 from blob2gpu import _core
 from blob2gpu.errors import InvalidArgument
-from blob2gpu.loading.request import PIPELINE_SETTINGS
 from blob2gpu.settings import ResolvedSettings
 
 MiB = 1 << 20
@@ -50,9 +49,20 @@ class HostFacts:
         return cls(cpus=max(1, cpus), memory_bytes=max(0, memory))
 
 
+class PipelineArgs(TypedDict):
+    """The core LoadPipeline's keyword arguments besides the device."""
+
+    staging_slots: int
+    staging_slot_bytes: int
+    copy_streams: int
+    io_threads: int
+    use_pinned_host_fallback: bool
+    bind_numa_node: bool
+
+
 def pipeline_settings(
     settings: ResolvedSettings, device: str, host: HostFacts | None = None
-) -> dict[str, Any]:
+) -> PipelineArgs:
     """The core LoadPipeline's keyword arguments for `device` ('cpu' or 'cuda:N'): the pipeline
     settings, with io_threads, staging_slots and staging_slot_bytes left at 0 sized from `host`
     (this host by default). On a GPU: io_threads the CPUs (4..16); staging_slots
@@ -61,28 +71,36 @@ def pipeline_settings(
     pinned_staging_bytes cannot hold those slots; the slots then trimmed to that budget (at least
     2). On cpu: today's 4 threads and 8 x 32 MiB. Never raises (the settings were checked when
     they were resolved)."""
-    values = {name: getattr(settings, name) for name in PIPELINE_SETTINGS}
-    pinned = int(values.pop("pinned_staging_bytes"))
-    threads = int(values["io_threads"])
-    slots = int(values["staging_slots"])
-    slot_bytes = int(values["staging_slot_bytes"])
+    threads, slots, slot_bytes = (
+        settings.io_threads,
+        settings.staging_slots,
+        settings.staging_slot_bytes,
+    )
     if device == "cpu":
-        values["io_threads"] = threads or CPU_IO_THREADS
-        values["staging_slots"] = slots or CPU_SLOTS
-        values["staging_slot_bytes"] = slot_bytes or SLOT_BYTES
-        return values
-    facts = host or HostFacts.probe()
-    threads = threads or min(MAX_IO_THREADS, max(MIN_IO_THREADS, facts.cpus))
-    budget = pinned or min(MAX_PINNED, max(MIN_PINNED, facts.memory_bytes // 32))
-    wanted = slots or min(MAX_SIZED_SLOTS, threads + 2 * int(values["copy_streams"]) + 2)
-    if not slot_bytes:
-        slot_bytes = max(MIN_SLOT_BYTES, min(SLOT_BYTES, budget // wanted // MiB * MiB))
-    if not slots:
-        slots = max(2, min(wanted, budget // slot_bytes))
-    values["io_threads"] = threads
-    values["staging_slots"] = slots
-    values["staging_slot_bytes"] = slot_bytes
-    return values
+        threads, slots, slot_bytes = (
+            threads or CPU_IO_THREADS,
+            slots or CPU_SLOTS,
+            slot_bytes or SLOT_BYTES,
+        )
+    else:
+        facts = host or HostFacts.probe()
+        threads = threads or min(MAX_IO_THREADS, max(MIN_IO_THREADS, facts.cpus))
+        budget = settings.pinned_staging_bytes or min(
+            MAX_PINNED, max(MIN_PINNED, facts.memory_bytes // 32)
+        )
+        wanted = slots or min(MAX_SIZED_SLOTS, threads + 2 * settings.copy_streams + 2)
+        if not slot_bytes:
+            slot_bytes = max(MIN_SLOT_BYTES, min(SLOT_BYTES, budget // wanted // MiB * MiB))
+        if not slots:
+            slots = max(2, min(wanted, budget // slot_bytes))
+    return PipelineArgs(
+        staging_slots=slots,
+        staging_slot_bytes=slot_bytes,
+        copy_streams=settings.copy_streams,
+        io_threads=threads,
+        use_pinned_host_fallback=settings.use_pinned_host_fallback,
+        bind_numa_node=settings.bind_numa_node,
+    )
 
 
 def sized_settings(settings: ResolvedSettings, device: str) -> ResolvedSettings:
@@ -90,23 +108,30 @@ def sized_settings(settings: ResolvedSettings, device: str) -> ResolvedSettings:
     load's pipeline is made with, for whatever the load reads of it: range sizes, memory
     checks); the sized ones' source says so."""
     sized = pipeline_settings(settings, device)
-    changed = {
-        name: sized[name]
-        for name in ("io_threads", "staging_slots", "staging_slot_bytes")
-        if getattr(settings, name) != sized[name]
+    shape = {
+        "io_threads": sized["io_threads"],
+        "staging_slots": sized["staging_slots"],
+        "staging_slot_bytes": sized["staging_slot_bytes"],
     }
+    changed = {name: value for name, value in shape.items() if getattr(settings, name) != value}
     if not changed:
         return settings
     sources = dict(settings.sources)
     for name in changed:
         sources[name] = f"sized from the host for {device}"
-    return replace(settings, **changed, sources=sources)
+    return replace(
+        settings,
+        io_threads=sized["io_threads"],
+        staging_slots=sized["staging_slots"],
+        staging_slot_bytes=sized["staging_slot_bytes"],
+        sources=sources,
+    )
 
 
 class _PipelineMaker:
     """Makes one LoadPipeline on its own thread (the core releases the GIL while it does)."""
 
-    def __init__(self, device: str, settings: dict[str, Any]) -> None:
+    def __init__(self, device: str, settings: PipelineArgs) -> None:
         self.device = device
         self._pipeline: _core.LoadPipeline | None = None
         self._error: BaseException | None = None
@@ -115,7 +140,7 @@ class _PipelineMaker:
         )
         self._thread.start()
 
-    def _make(self, settings: dict[str, Any]) -> None:
+    def _make(self, settings: PipelineArgs) -> None:
         try:
             self._pipeline = _core.LoadPipeline(self.device, **settings)
         except BaseException as e:  # handed to the load that waits for it
