@@ -84,6 +84,8 @@ def test_a_load_is_placed_on_the_gpus_node(fake_driver, write_checkpoint):
     fake_driver.set_host_numa_attribute(True)
     fake_driver.set_host_numa_id(0, 0)
     node0 = _core.numa_placement(0)["cpus"]
+    if not node0:
+        pytest.skip("this process may run on none of node 0's CPUs")
     directory = write_checkpoint([{"w": torch.arange(4096, dtype=torch.float32)}])
     path = next(directory.glob("*.safetensors"))
     pipeline = _core.LoadPipeline(
@@ -105,7 +107,7 @@ def test_a_load_is_placed_on_the_gpus_node(fake_driver, write_checkpoint):
     finally:
         pipeline.close()
     assert (stats.numa_node, stats.numa_source) == (0, "driver")
-    assert stats.numa_cpus == len(node0) > 0  # the io threads were bound to node 0's CPUs
+    assert stats.numa_cpus == len(node0)  # the io threads were bound to node 0's CPUs
     with blob2gpu.open(str(directory), device="cuda", framework="dlpack") as checkpoint:
         assert {n: v.to_bytes() for n, v in checkpoint.to_dict().items()} == expected(directory)
         assert checkpoint.report.numa_node == 0
