@@ -92,8 +92,7 @@ void load_driver() {
     const char* name = nullptr;
     d.cuGetErrorName(rc, &name);
     g_load = {DriverStatus::InitFailed, path, name ? name : std::to_string(rc)};
-    g_load_error = "cuInit failed for the CUDA driver '" + path +
-                   "': " + g_load.detail +
+    g_load_error = "cuInit failed for the CUDA driver '" + path + "': " + g_load.detail +
                    " (no usable GPU, or the driver and "
                    "kernel module disagree; nvidia-smi tells more)";
     return;

@@ -15,6 +15,7 @@ import blob2gpu
 import pytest
 import torch
 from blob2gpu.integrations.distributed import byte_owners
+from blob2gpu.integrity.manifest import MANIFEST_NAME, manifest_for_directory
 from conftest import random_tensor, sparse_checkpoint, upload_directory
 
 RANK_SCRIPT = """
@@ -106,6 +107,67 @@ def test_ranks_fetch_disjoint_parts_and_share_them(
     weights = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     index = (directory / "model.safetensors.index.json").stat().st_size
     assert fault_proxy.counters.range_bytes == weights + world * index  # one copy of the weights
+
+
+REPORT_SCRIPT = """
+import json, os, sys, zlib
+import torch.distributed as dist
+from blob2gpu.integrations.distributed import GroupFanOut
+from blob2gpu.loading.loader import Loader
+dist.init_process_group("gloo", rank=int(os.environ["RANK"]),
+                        world_size=int(os.environ["WORLD_SIZE"]))
+with Loader(chunk_bytes=65536) as loader:
+    request = loader.request(sys.argv[1], framework="dlpack")
+    strategy = GroupFanOut(dist.get_rank(), dist.get_world_size())
+    with loader.start(request, strategy) as checkpoint:
+        tensors = dict(checkpoint.stream())
+    report = checkpoint.report
+crcs = ";".join(f"{n}={zlib.crc32(tensors[n].to_bytes())}" for n in sorted(tensors))
+print(json.dumps({"crcs": crcs, "bytes": report.bytes, "verified": report.verified_bytes,
+                  "landed": report.group_landed_bytes,
+                  "received": report.group_received_bytes}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_rank_lands_its_part_and_receives_the_rest(
+    world, write_checkpoint, azurite, container, fault_proxy, tmp_path, free_port
+):
+    # With a manifest each part is checked by the rank that fetched it, so the data moves part
+    # by part into every rank's own memory (the device path's code, here with gloo and host
+    # memory): each rank reads and lands only its part, and receives the others' from the group.
+    directory = write_checkpoint(
+        [
+            {"a": random_tensor(torch.float32, (512, 1024), 1)},
+            {
+                "b": random_tensor(torch.float16, (700, 777), 2),
+                "c": random_tensor(torch.int8, (9,), 3),
+            },
+            {"d": random_tensor(torch.float32, (600, 1024), 4)},
+        ]
+    )  # ~2 + 1 + 2.3 MiB
+    manifest = manifest_for_directory(directory, 65536)
+    (directory / MANIFEST_NAME).write_text(manifest.to_json())
+    upload_directory(azurite, container, directory, "m")
+    expected = crc_line(blob2gpu.load(str(directory), framework="dlpack"))
+    env = proxied_env(free_port, azurite, fault_proxy, WORLD_SIZE=str(world))
+    outs = [
+        json.loads(o)
+        for o in run_ranks(tmp_path, REPORT_SCRIPT, env, world, [f"az://{container}/m"])
+    ]
+    assert all(out["crcs"] == expected for out in outs)
+    shards = sorted(directory.glob("*.safetensors"))
+    data = sum(f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little") for f in shards)
+    assert sum(out["landed"] for out in outs) == data  # each byte landed by one rank
+    for out in outs:
+        assert out["received"] == data - out["landed"]  # and received by the others
+        assert out["verified"] >= out["landed"]  # what it landed, it checked
+    assert all(0 < out["landed"] < data for out in outs[:2])
+    weights = sum(f.stat().st_size for f in shards)
+    aux_files = (MANIFEST_NAME, "model.safetensors.index.json")
+    aux = sum((directory / n).stat().st_size for n in aux_files)
+    assert fault_proxy.counters.range_bytes == weights + world * aux  # one copy of the weights
 
 
 def test_needs_a_process_group(write_checkpoint):
