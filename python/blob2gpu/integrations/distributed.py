@@ -13,8 +13,9 @@ holds one part of one shard, and a streamed load's bound on device memory holds 
 (the parts follow its tensor groups, which take memory in hand-out order).
 
 A shard checked by its Content-MD5 (which needs every byte, in order, in one process), or whose
-tensor groups differ between ranks (each rank selecting other tensors), is shared whole over the
-host group instead, and every rank feeds all of it through its own checks. Works for any world
+tensor groups differ between ranks (each rank selecting other tensors), or a GPU target without a
+device communicator, is shared whole over the host group instead, and every rank feeds all of it
+through its own checks. Works for any world
 size, for fewer shards than ranks, and for uneven sizes: the split is by bytes, not by shard.
 """
 
@@ -150,6 +151,11 @@ class GroupExchange:
         # pinning, retries and throttling), or reads of the local files.
         self._ranges = prepared.source.ranges(prepared)
         self._chunk = prepared.settings.staging_slot_bytes
+        # Parts go straight into the load's memory when the communicator can write it: host
+        # memory (the cpu target) or a device communicator's GPU memory. A host group with a GPU
+        # target shares whole shards on the host instead.
+        on_gpu = prepared.request.device.startswith("cuda")
+        self._in_place = communicator.kind == "device" or not on_gpu
         self.error: BaseException | None = None
 
     def stats(self) -> FeedStats:
@@ -281,7 +287,7 @@ class GroupExchange:
         """Whether every rank lands the shard's data in the same places (a collective)."""
         session = self._session
         mine = None
-        if session.exchangeable(index):
+        if self._in_place and session.exchangeable(index):
             mine = (session.exchange_steps(index), session.destinations(index))
         return mine is not None and all(x == mine for x in self._comm.all_gather_object(mine))
 
@@ -406,7 +412,8 @@ class GroupExchange:
 def load(loader: Loader, request: LoadRequest) -> dict[str, Tensor]:
     """blob2gpu.load(..., distributed=True): `request` fetched by the group (GroupFanOut, see the
     module) through `loader`. Needs an initialized torch.distributed process group (gloo for cpu
-    tensors; the exchange runs on host memory).
+    tensors): the exchange runs on host memory (to a GPU target, whole shards are shared on the
+    host and each rank copies all of them to its device; vLLM's loader passes its device group).
 
     With a tensor selection (which may differ per rank) each rank keeps only its tensors; the
     group fetches the union of what its ranks need (whole shards holding a wanted tensor, one
