@@ -514,24 +514,29 @@ PYBIND11_MODULE(_core, m) {
           "load is cancelled.")
       .def(
           "order_writes",
-          [](LoadSession& s, uint64_t stream) {
+          [](LoadSession& s, const py::int_& stream) {
+            CUstream handle = nullptr;
+            if (!cuda_stream_from_arg(stream, &handle)) return;
             py::gil_scoped_release release;
-            s.order_writes(reinterpret_cast<CUstream>(static_cast<uintptr_t>(stream)));
+            s.order_writes(handle);
           },
           py::arg("stream"),
-          "Make a communicator's CUDA stream (a handle; 0: none) wait for the load's copies.")
+          "Make a communicator's CUDA stream wait for the load's copies. `stream` as DLPack's: "
+          "1 the legacy default stream, 2 the per-thread one, a handle, or -1 (none: no-op).")
       .def(
           "arrived",
-          [](LoadSession& s, size_t shard, uint64_t begin, uint64_t end, uint64_t stream,
+          [](LoadSession& s, size_t shard, uint64_t begin, uint64_t end, const py::int_& stream,
              bool from_peer) {
+            CUstream handle = nullptr;
+            std::optional<CUstream> on;
+            if (cuda_stream_from_arg(stream, &handle)) on = handle;
             py::gil_scoped_release release;
-            s.arrived(shard, begin, end, reinterpret_cast<CUstream>(static_cast<uintptr_t>(stream)),
-                      from_peer);
+            s.arrived(shard, begin, end, on, from_peer);
           },
           py::arg("shard"), py::arg("begin"), py::arg("end"), py::arg("stream"),
           py::arg("from_peer"),
-          "File bytes [begin, end) are in their destinations, written or sent on `stream` (0: "
-          "done already).")
+          "File bytes [begin, end) are in their destinations, written or sent on `stream` (as "
+          "order_writes'; -1: done already).")
       .def("stats", &LoadSession::stats, "The load's SessionStats so far.");
 
   py::class_<LoadPipeline, std::shared_ptr<LoadPipeline>>(m, "LoadPipeline")

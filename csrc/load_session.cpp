@@ -958,13 +958,13 @@ bool LoadSession::land_from_host(size_t index, uint64_t file_offset, const uint8
 }
 
 void LoadSession::order_writes(CUstream stream) {
-  if (!pipeline_->ctx_ || stream == nullptr) return;
+  if (!pipeline_->ctx_) return;
   ScopedContext bind(*pipeline_->ctx_);
   for (const auto& event : pipeline_->engine_->record_fence()) event->make_stream_wait(stream);
 }
 
-void LoadSession::arrived(size_t index, uint64_t begin, uint64_t end, CUstream stream,
-                          bool from_peer) {
+void LoadSession::arrived(size_t index, uint64_t begin, uint64_t end,
+                          std::optional<CUstream> stream, bool from_peer) {
   try {
     check_exchangeable(index);
     Shard& shard = *shards_[index];
@@ -973,9 +973,9 @@ void LoadSession::arrived(size_t index, uint64_t begin, uint64_t end, CUstream s
     std::unique_ptr<ScopedContext> bind;
     if (pipeline_->ctx_) bind = std::make_unique<ScopedContext>(*pipeline_->ctx_);
     std::shared_ptr<CudaEvent> event;
-    if (pipeline_->ctx_ && stream != nullptr) {
+    if (pipeline_->ctx_ && stream) {
       event = std::make_shared<CudaEvent>(pipeline_->ctx_);
-      event->record(stream);
+      event->record(*stream);
     }
     if (from_peer) group_received_bytes_ += bytes_within(shard.layout.spans, lo, hi);
     for (size_t g = 0; g < shard.groups.size(); ++g) {

@@ -287,15 +287,17 @@ class LoadSession {
   // per slot) or into host memory. Not counted until arrived(); false once the load is
   // cancelled.
   bool land_from_host(size_t shard, uint64_t file_offset, const uint8_t* data, size_t n);
-  // Makes `stream` (a communicator's, about to send or write destinations) wait on the device
-  // for every copy this session has enqueued: land_from_host's copies, and the waits for the
-  // earlier users of a streamed load's reused memory. No-op without a stream (host memory).
+  // Makes `stream` (a communicator's, about to send or write destinations; null is the legacy
+  // default stream) wait on the device for every copy this session has enqueued: land_from_host's
+  // copies, and the waits for the earlier users of a streamed load's reused memory. No-op on the
+  // cpu target.
   void order_writes(CUstream stream);
   // Bytes [begin, end) of the shard are in its destinations: written (or, by their fetcher,
   // sent) on `stream`, whose event now joins each group's fence, so consumers and the reuse of
-  // the memory wait for it; null: done already (host memory). `from_peer`: another rank fetched
+  // the memory wait for it; none: done already (host memory). `from_peer`: another rank fetched
   // them (stats().group_received_bytes). Groups whose bytes are all in publish.
-  void arrived(size_t shard, uint64_t begin, uint64_t end, CUstream stream, bool from_peer);
+  void arrived(size_t shard, uint64_t begin, uint64_t end, std::optional<CUstream> stream,
+               bool from_peer);
 
  private:
   friend class LoadPipeline;

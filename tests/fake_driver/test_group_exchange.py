@@ -12,6 +12,7 @@ import gc
 import threading
 
 import blob2gpu
+import pytest
 import torch
 from blob2gpu.integrations.distributed import GroupFanOut
 from blob2gpu.integrity.manifest import MANIFEST_NAME, manifest_for_directory
@@ -35,8 +36,8 @@ class FakeDeviceGroup:
         self.barrier = threading.Barrier(world, timeout=120)
         self.slots: list[object] = [None] * world
 
-    def rank(self, rank: int) -> FakeDeviceCommunicator:
-        return FakeDeviceCommunicator(self, rank)
+    def rank(self, rank: int, default_stream: bool) -> FakeDeviceCommunicator:
+        return FakeDeviceCommunicator(self, rank, default_stream)
 
     def gather(self, rank: int, value: object) -> list[object]:
         self.slots[rank] = value
@@ -51,10 +52,12 @@ class FakeDeviceCommunicator:
 
     kind = "device"
 
-    def __init__(self, group: FakeDeviceGroup, rank: int) -> None:
+    def __init__(self, group: FakeDeviceGroup, rank: int, default_stream: bool) -> None:
         self.group, self.rank, self.world = group, rank, group.world
         self.framework = FakeFramework(group.driver_path)
-        self._stream = 0
+        # 1: CU_STREAM_LEGACY, the legacy default stream (DLPack's 1 too), torch's usual current
+        # stream; else a stream of its own.
+        self._stream = 1 if default_stream else 0
         self.broadcasts = 0
 
     def bind(self) -> None:
@@ -112,8 +115,9 @@ def two_shards_one_split() -> list[dict[str, torch.Tensor]]:
     ]
 
 
+@pytest.mark.parametrize("default_stream", [False, True])
 def test_each_rank_copies_its_part_and_receives_the_rest_device_to_device(
-    fake_driver, write_checkpoint
+    fake_driver, write_checkpoint, default_stream
 ):
     directory = write_checkpoint(two_shards_one_split())
     (directory / MANIFEST_NAME).write_text(manifest_for_directory(directory, 64 << 10).to_json())
@@ -125,7 +129,7 @@ def test_each_rank_copies_its_part_and_receives_the_rest_device_to_device(
     blob2gpu._core.driver_info()
     gc.collect()
     group = FakeDeviceGroup(2, str(fake_driver.path))
-    communicators = [group.rank(r) for r in range(2)]
+    communicators = [group.rank(r, default_stream) for r in range(2)]
     gpus = [VllmOnAGpu(fake_driver, {n: len(b) for n, b in want.items()}) for _ in range(2)]
     parameters = fake_driver.live_device_bytes()
     fake_driver.reset_peak()

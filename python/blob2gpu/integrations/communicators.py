@@ -51,8 +51,9 @@ class Communicator(Protocol):
         ...
 
     def stream(self) -> int:
-        """The CUDA stream (a handle) that broadcast_destinations' writes are ordered on, for
-        LoadSession.order_writes and arrived; 0: none (host memory, done on return)."""
+        """The CUDA stream that broadcast_destinations' writes are ordered on, for
+        LoadSession.order_writes and arrived, as DLPack names streams (1: the legacy default
+        stream, 2: the per-thread one, else a handle); -1: none (host memory, done on return)."""
         ...
 
 
@@ -93,7 +94,7 @@ class HostCommunicator:
             broadcast(from_dlpack(view), src, self.group)
 
     def stream(self) -> int:
-        return 0
+        return -1
 
 
 class DeviceCommunicator(HostCommunicator):
@@ -130,7 +131,8 @@ class DeviceCommunicator(HostCommunicator):
     def stream(self) -> int:
         import torch
 
-        return int(torch.cuda.current_stream().cuda_stream)
+        handle = int(torch.cuda.current_stream().cuda_stream)
+        return handle or 1  # the NULL handle is the legacy default stream, as torch passes it
 
 
 def broadcast(tensor: torch.Tensor, src: int, group: ProcessGroup | None) -> None:
