@@ -174,6 +174,38 @@ def test_each_rank_lands_its_part_and_receives_the_rest(
     assert all(0 < out["landed"] < data for out in outs[:2])
 
 
+FAILING_SCRIPT = """
+import os, sys
+import torch.distributed as dist
+import blob2gpu
+dist.init_process_group("gloo", rank=int(os.environ["RANK"]),
+                        world_size=int(os.environ["WORLD_SIZE"]))
+try:
+    blob2gpu.load(sys.argv[1], framework="dlpack", distributed=True, chunk_bytes=65536)
+except blob2gpu.Blob2GpuError as e:
+    print(type(e).__name__, "rank 1 of the fan-out group" in str(e))
+dist.destroy_process_group()
+"""
+
+
+def test_a_part_that_fails_its_check_fails_every_rank_with_its_type(
+    write_checkpoint, azurite, container, fault_proxy, tmp_path, free_port
+):
+    # Rank 1's part of the blob differs from the manifest: rank 1 finds it, and rank 0, which
+    # would otherwise wait for rank 1's bytes, fails with the same error type naming rank 1.
+    directory = write_checkpoint([{"a": random_tensor(torch.float32, (768, 1024), 1)}])
+    manifest = manifest_for_directory(directory, 65536)
+    (directory / MANIFEST_NAME).write_text(manifest.to_json())
+    shard = next(directory.glob("*.safetensors"))
+    raw = bytearray(shard.read_bytes())
+    raw[(5 << 20) // 2] ^= 0x40  # in the second half: rank 1's part
+    shard.write_bytes(bytes(raw))
+    upload_directory(azurite, container, directory, "m")
+    env = proxied_env(free_port, azurite, fault_proxy, WORLD_SIZE="2")
+    outs = run_ranks(tmp_path, FAILING_SCRIPT, env, 2, [f"az://{container}/m"])
+    assert outs == ["ChecksumMismatch True", "ChecksumMismatch False"]
+
+
 def test_needs_a_process_group(write_checkpoint):
     directory = write_checkpoint([{"w": torch.ones(2)}])
     with pytest.raises(blob2gpu.errors.InvalidArgument, match="init_process_group"):
