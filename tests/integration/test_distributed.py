@@ -166,10 +166,12 @@ def test_each_rank_lands_its_part_and_receives_the_rest(
         assert all(out["landed"] == out["received"] == 0 for out in outs)
         return
     shards = sorted(directory.glob("*.safetensors"))
-    data = sum(f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little") for f in shards)
+    headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in shards)
+    data = sum(f.stat().st_size for f in shards) - headers
     assert sum(out["landed"] for out in outs) == data  # each byte landed by one rank
     for out in outs:
         assert out["received"] == data - out["landed"]  # and received by the others
+        assert out["bytes"] == out["landed"] + headers  # it read its part (and parsed headers)
         assert out["verified"] >= out["landed"]  # what it landed, it checked
     assert all(0 < out["landed"] < data for out in outs[:2])
 
