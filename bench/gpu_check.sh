@@ -221,11 +221,14 @@ fi
 
 # From here every step runs and the table says how each went.
 step "pinning the staging ring (does RLIMIT_MEMLOCK apply to cuMemHostAlloc?)"
-probe='import blob2gpu._core as c; print("pinned" if c.pinned_probe(0, 8 * 32 << 20) else "refused (out of memory)")'
+# The ring a load would pin here: its shape as sized from this host for cuda:0.
+ring_py='from blob2gpu.loading.pipelines import pipeline_settings; from blob2gpu.settings import resolve; s = pipeline_settings(resolve(), "cuda:0"); ring = s["staging_slots"] * s["staging_slot_bytes"]'
+ring_mib=$("$PY" -c "$ring_py; print(ring >> 20)" 2>/dev/null || echo 256)
+probe="$ring_py; import blob2gpu._core as c; print('pinned' if c.pinned_probe(0, ring) else 'refused (out of memory)')"
 memlock=$(ulimit -l)
 pin_now=$("$PY" -c "$probe" 2>&1 | tail -1)
 pin_64k=$( (ulimit -S -l 64 && "$PY" -c "$probe") 2>&1 | tail -1)
-echo "ulimit -l $memlock: 256 MiB ring $pin_now | ulimit -l 64 (Docker's default): $pin_64k"
+echo "ulimit -l $memlock: ${ring_mib} MiB ring $pin_now | ulimit -l 64 (Docker's default): $pin_64k"
 
 step "GPU tests (real driver)"
 export BLOB2GPU_TEST_REAL_GPU=1
@@ -341,7 +344,7 @@ rm -rf "$basetemp" "$basetemp"-*
   echo "build rc=$build_rc ($build_s s) | tests rc=$(said $test_rc) ($summary) | rules rc=$(said $rules_rc) | bench rc=$(said $bench_rc) | blob rc=$(said $blob_rc) | vllm rc=$vllm_rc"
   echo "Azure: ${azurite:-skipped: $azure_skip}"
   echo "O_DIRECT into pinned slots (cuda): ${direct:-not run}"
-  echo "pinning a 256 MiB ring: ulimit -l $memlock: $pin_now | ulimit -l 64: $pin_64k"
+  echo "pinning the sized ${ring_mib} MiB ring: ulimit -l $memlock: $pin_now | ulimit -l 64: $pin_64k"
   echo "CUDA rules on hardware (tests/gpu):"
   echo "$rules"
   echo "  pinned refusals: not on hardware: they are faults only the fake driver injects (the pinning row is this host's answer)"

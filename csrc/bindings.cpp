@@ -541,8 +541,10 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<LoadPipeline, std::shared_ptr<LoadPipeline>>(m, "LoadPipeline")
       .def(py::init([](const std::string& device, size_t staging_slots, size_t staging_slot_bytes,
-                       size_t copy_streams, size_t io_threads, bool use_pinned_host_fallback) {
+                       size_t copy_streams, size_t io_threads, bool use_pinned_host_fallback,
+                       bool bind_numa_node) {
              PipelineSettings s;
+             s.bind_numa_node = bind_numa_node;
              s.staging_slots = staging_slots;
              s.staging_slot_bytes = staging_slot_bytes;
              s.copy_streams = copy_streams;
@@ -552,7 +554,8 @@ PYBIND11_MODULE(_core, m) {
              return LoadPipeline::create(device, s);
            }),
            py::arg("device"), py::arg("staging_slots"), py::arg("staging_slot_bytes"),
-           py::arg("copy_streams"), py::arg("io_threads"), py::arg("use_pinned_host_fallback"))
+           py::arg("copy_streams"), py::arg("io_threads"), py::arg("use_pinned_host_fallback"),
+           py::arg("bind_numa_node") = true)
       .def(
           "start_local",
           [](LoadPipeline& p, std::vector<ShardSource> shards, bool mmap, bool host_staging,

@@ -13,6 +13,7 @@
 #include "chunk_verifier.hpp"
 #include "errors.hpp"
 #include "load_session.hpp"
+#include "numa_placement.hpp"
 
 namespace py = pybind11;
 using namespace blob2gpu;
@@ -67,6 +68,25 @@ py::bytes as_bytes(const uint8_t* data, size_t n) {
 }  // namespace
 
 void register_struct_bindings(py::module_& m) {
+  m.def(
+      "numa_placement",
+      [](int ordinal, const std::string& sys_root) {
+        NumaPlacement p;
+        {
+          py::gil_scoped_release release;
+          p = numa_placement(ordinal, sys_root);
+        }
+        py::dict d;
+        d["node"] = p.node;
+        d["source"] = p.source;
+        d["cpus"] = p.cpus;
+        return d;
+      },
+      py::arg("ordinal"), py::arg("sys_root") = "/sys",
+      "Where GPU `ordinal`'s pipeline goes on the host: {'node': the nearest NUMA node (-1: "
+      "none), 'source': 'driver' (CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID), 'sysfs' (the GPU's PCI "
+      "device under sys_root) or 'none', 'cpus': the node's CPUs this thread may run on}. Never "
+      "raises: no driver is no node.");
   py::class_<ChunkChecksums>(
       m, "ChunkChecksums",
       "A shard's expected checksums, one per chunk_bytes chunk of the file "
@@ -158,6 +178,17 @@ void register_struct_bindings(py::module_& m) {
       .def_readonly("staging_slot_bytes", &SessionStats::staging_slot_bytes)
       .def_readonly("copy_streams", &SessionStats::copy_streams)
       .def_readonly("io_threads", &SessionStats::io_threads)
+      .def_readonly("numa_node", &SessionStats::numa_node,
+                    "The GPU's host NUMA node the pipeline's ring and io threads were placed on; "
+                    "-1: none (cpu, no NUMA, or bind_numa_node off).")
+      .def_readonly("numa_source", &SessionStats::numa_source,
+                    "Where the node came from: 'driver' (CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID), "
+                    "'sysfs' (the GPU's PCI device), 'none'; '' on cpu.")
+      .def_readonly("numa_cpus", &SessionStats::numa_cpus,
+                    "CPUs the io threads are bound to (the node's, within this process's "
+                    "affinity); 0: not bound.")
+      .def_readonly("ring_on_node", &SessionStats::ring_on_node,
+                    "The staging ring was pinned under the node's memory policy.")
       .def_readonly("peak_slots_in_flight", &SessionStats::peak_slots_in_flight,
                     "Most slots whose copies were in flight at once.")
       .def_readonly("slot_waits", &SessionStats::slot_waits)
@@ -167,6 +198,12 @@ void register_struct_bindings(py::module_& m) {
                     "Lowest free GPU memory seen at a shard's end; -1: none measured.")
       .def_readonly("verified_bytes", &SessionStats::verified_bytes,
                     "Bytes checked against a manifest.")
+      .def_readonly("peak_md5_shards", &SessionStats::peak_md5_shards,
+                    "Most shards whose Content-MD5 was being computed at one time (each shard's "
+                    "hash is sequential; shards are hashed side by side).")
+      .def_readonly("md5_parked_bytes", &SessionStats::md5_parked_bytes,
+                    "Bytes that landed ahead of their shard's Content-MD5 and were copied aside "
+                    "to wait for it.")
       .def_readonly("direct_io_bytes", &SessionStats::direct_io_bytes,
                     "Bytes read with O_DIRECT (page cache bypassed).")
       .def_readonly("host_populate_seconds", &SessionStats::host_populate_seconds,

@@ -25,13 +25,15 @@ std::string base64(const uint8_t* data, size_t n) {
 
 }  // namespace
 
-ContentMd5Verifier::ContentMd5Verifier(std::string shard, uint64_t file_size, Md5::Digest expected)
-    : shard_(std::move(shard)), file_size_(file_size), expected_(expected) {}
+ContentMd5Verifier::ContentMd5Verifier(std::string shard, uint64_t file_size, Md5::Digest expected,
+                                       Md5Gauge* gauge)
+    : shard_(std::move(shard)), file_size_(file_size), expected_(expected), gauge_(gauge) {}
 
 std::optional<std::string> ContentMd5Verifier::add(uint64_t file_offset, const uint8_t* data,
                                                    size_t n, bool stays) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (n == 0 || next_ == file_size_) return std::nullopt;
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (n == 0 || finished_) return std::nullopt;
+  hashed_.wait(lock, [&] { return !hashing_ || file_offset != next_; });
   if (file_offset < next_ || early_.count(file_offset) != 0) {
     throw CoreError(ErrorKind::InvalidArgument, "shard '" + shard_ + "': bytes at " +
                                                     std::to_string(file_offset) + " landed twice");
@@ -42,18 +44,38 @@ std::optional<std::string> ContentMd5Verifier::add(uint64_t file_offset, const u
       early.copy.reset(new uint8_t[n]);
       std::memcpy(early.copy.get(), data, n);
       early.data = early.copy.get();
+      parked_bytes_ += n;
     }
     early_.emplace(file_offset, std::move(early));
     return std::nullopt;
   }
-  md5_.update(data, n);
-  next_ += n;
-  for (auto it = early_.begin(); it != early_.end() && it->first == next_;) {
-    md5_.update(it->second.data, it->second.n);
-    next_ += it->second.n;
-    it = early_.erase(it);
+  // This range is next: hash it, then every parked range it unblocks, with the lock released.
+  hashing_ = true;
+  std::unique_ptr<uint8_t[]> copy;
+  for (;;) {
+    next_ += n;
+    lock.unlock();
+    if (gauge_) {
+      const int now = ++gauge_->now;
+      int peak = gauge_->peak.load();
+      while (now > peak && !gauge_->peak.compare_exchange_weak(peak, now)) {
+      }
+    }
+    md5_.update(data, n);
+    if (gauge_) --gauge_->now;
+    copy.reset();
+    lock.lock();
+    auto it = early_.find(next_);
+    if (it == early_.end()) break;
+    data = it->second.data;
+    n = it->second.n;
+    copy = std::move(it->second.copy);
+    early_.erase(it);
   }
+  hashing_ = false;
+  hashed_.notify_all();
   if (next_ < file_size_) return std::nullopt;
+  finished_ = true;
   const Md5::Digest actual = md5_.finish();
   if (actual == expected_) return std::nullopt;
   return "shard '" + shard_ + "': its bytes have MD5 " + base64(actual.data(), actual.size()) +

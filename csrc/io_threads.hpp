@@ -3,7 +3,8 @@
 // then group openings (a streamed load's tensor group waiting for device memory, which may block),
 // then headers, so copying starts as soon as the first header is parsed while later headers are
 // parsed in the gaps. Data tasks never wait for device memory and always run before an opening,
-// so an opening that blocks never holds up the groups that will give memory back.
+// so an opening that blocks never holds up the groups that will give memory back. On a GPU with
+// a NUMA node the threads run on its CPUs (numa_placement.hpp).
 #pragma once
 
 #include <array>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "cuda_device.hpp"
+#include "numa_placement.hpp"
 
 namespace blob2gpu {
 
@@ -24,9 +26,11 @@ enum class TaskPriority { kData, kOpen, kHeader };
 
 class IoThreads {
  public:
-  IoThreads(size_t threads, std::shared_ptr<CudaContext> ctx) {
+  // cpus: where each thread runs (the GPU's NUMA node; empty: wherever the OS puts it).
+  IoThreads(size_t threads, std::shared_ptr<CudaContext> ctx, std::vector<int> cpus = {}) {
     for (size_t i = 0; i < threads; ++i) {
-      workers_.emplace_back([this, ctx] {
+      workers_.emplace_back([this, ctx, cpus] {
+        bind_thread_to(cpus);  // best effort: unbound, it still works
         std::unique_ptr<ScopedContext> bind;
         try {
           if (ctx) bind = std::make_unique<ScopedContext>(*ctx);

@@ -55,14 +55,20 @@ std::shared_ptr<LoadPipeline> LoadPipeline::create(const std::string& device,
   if (ordinal >= 0) {
     p->ctx_ = CudaContext::primary(ordinal);
     p->device_ = "cuda:" + std::to_string(ordinal);
-    p->ring_ =
-        std::make_unique<StagingRing>(p->ctx_, settings.staging_slots, settings.staging_slot_bytes,
-                                      settings.use_pinned_host_fallback);
+    if (settings.bind_numa_node) p->placement_ = numa_placement(ordinal);
+    {
+      // The ring's pages are made resident (pinned) on this thread: on the GPU's node.
+      ScopedNumaPlacement on_node(p->placement_);
+      p->ring_on_node_ = on_node.memory_bound();
+      p->ring_ = std::make_unique<StagingRing>(p->ctx_, settings.staging_slots,
+                                               settings.staging_slot_bytes,
+                                               settings.use_pinned_host_fallback);
+    }
     p->engine_ = std::make_unique<CopyEngine>(p->ctx_, *p->ring_, settings.copy_streams);
   } else {
     p->device_ = "cpu";
   }
-  p->threads_ = std::make_unique<IoThreads>(settings.io_threads, p->ctx_);
+  p->threads_ = std::make_unique<IoThreads>(settings.io_threads, p->ctx_, p->placement_.cpus);
   return p;
 }
 
@@ -182,7 +188,8 @@ LoadSession::LoadSession(std::shared_ptr<LoadPipeline> pipeline, std::vector<Sha
       // A fed shard, or a local file read in its stead (an NVMe cache hit): the blob's MD5.
       Md5::Digest expected;
       std::copy(source.content_md5.begin(), source.content_md5.end(), expected.begin());
-      shard->md5 = std::make_unique<ContentMd5Verifier>(source.name, source.size, expected);
+      shard->md5 =
+          std::make_unique<ContentMd5Verifier>(source.name, source.size, expected, &md5_gauge_);
       whole = std::max(whole, source.size);
     }
     total += source.size;
@@ -332,6 +339,13 @@ void LoadSession::run_header(size_t index) {
 
 void LoadSession::post_reads(size_t index, uint64_t begin, uint64_t end) {
   const Shard& shard = *shards_[index];
+  if (shard.md5) {
+    // Content-MD5 is one sequential hash over the file: the shard's chunks are read one after
+    // another (each read posts the next), so each thread hashes its own shard in order and the
+    // threads hash shards side by side, instead of all of them queueing on one shard's hash.
+    post_chained_read(index, begin, end);
+    return;
+  }
   const uint64_t chunk = shard.read_chunk;
   for (auto it = spans_from(shard.layout.spans, begin);
        it != shard.layout.spans.end() && it->begin < end; ++it) {
@@ -341,6 +355,20 @@ void LoadSession::post_reads(size_t index, uint64_t begin, uint64_t end) {
       post([this, index, b, e] { run_chunk(index, b, e); }, TaskPriority::kData);
     }
   }
+}
+
+void LoadSession::post_chained_read(size_t index, uint64_t begin, uint64_t end) {
+  const Shard& shard = *shards_[index];
+  auto it = spans_from(shard.layout.spans, begin);
+  if (it == shard.layout.spans.end() || it->begin >= end) return;
+  const uint64_t lo = std::max(it->begin, begin);
+  const uint64_t hi = std::min({it->end, end, lo + shard.read_chunk});
+  post(
+      [this, index, lo, hi, end] {
+        run_chunk(index, lo, hi);
+        post_chained_read(index, hi, end);
+      },
+      TaskPriority::kData);
 }
 
 void LoadSession::prepare_shard(size_t index, const uint8_t* json, size_t json_len,
@@ -1387,11 +1415,22 @@ SessionStats LoadSession::stats() const {
   s.slot_waits = ring.acquire_waits;
   s.copy_streams = pipeline_->engine_ ? pipeline_->engine_->stream_count() : 0;
   s.io_threads = pipeline_->settings_.io_threads;
+  if (pipeline_->ctx_) {
+    const NumaPlacement& placement = pipeline_->placement_;
+    s.numa_node = placement.node;
+    s.numa_source = placement.source.empty() ? "none" : placement.source;
+    s.numa_cpus = placement.cpus.size();
+    s.ring_on_node = pipeline_->ring_on_node_;
+  }
   s.mmap = false;
   for (const auto& shard : shards_) s.mmap = s.mmap || maps(*shard);
   s.host_staging = host_staging_;
   s.min_free_device_bytes = min_free_.load();
   s.verified_bytes = verified_bytes_.load();
+  s.peak_md5_shards = md5_gauge_.peak.load();
+  for (const auto& shard : shards_) {
+    if (shard->md5) s.md5_parked_bytes += shard->md5->parked_bytes();
+  }
   s.direct_io_bytes = direct_io_bytes_.load();
   s.host_populate_seconds = static_cast<double>(populate_cpu_ns_.load()) / 1e9;
   s.group_landed_bytes = group_landed_bytes_.load();

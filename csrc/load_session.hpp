@@ -43,6 +43,7 @@
 #include "device_arena.hpp"
 #include "errors.hpp"
 #include "io_threads.hpp"
+#include "numa_placement.hpp"
 #include "safetensors_header.hpp"
 #include "shard_file.hpp"
 #include "shard_layout.hpp"
@@ -57,6 +58,8 @@ struct PipelineSettings {
   size_t copy_streams = 2;
   size_t io_threads = 4;
   bool use_pinned_host_fallback = true;
+  // cuda: the ring pinned on the GPU's NUMA node and the io threads bound to its CPUs.
+  bool bind_numa_node = true;
 };
 
 struct SessionOptions {
@@ -132,12 +135,18 @@ struct SessionStats {
   size_t staging_slot_bytes = 0;
   size_t copy_streams = 0;
   size_t io_threads = 0;
+  int numa_node = -1;         // the GPU's host NUMA node the pipeline was placed on (-1: none)
+  std::string numa_source;    // where that came from: "driver", "sysfs", "none"; "" on cpu
+  size_t numa_cpus = 0;       // CPUs the io threads are bound to (0: not bound)
+  bool ring_on_node = false;  // the ring was allocated under the node's memory policy
   size_t peak_slots_in_flight = 0;  // most slots whose copies were in flight at once
   uint64_t slot_waits = 0;
   bool mmap = false;
   bool host_staging = false;
   int64_t min_free_device_bytes = -1;  // lowest free GPU memory seen at a shard's end (-1: none)
   uint64_t verified_bytes = 0;         // bytes checked against a manifest
+  int peak_md5_shards = 0;             // most shards whose Content-MD5 was computed at once
+  uint64_t md5_parked_bytes = 0;       // bytes copied aside to wait for their shard's hash
   uint64_t direct_io_bytes = 0;        // bytes read with O_DIRECT (page cache bypassed)
   double host_populate_seconds = 0;    // CPU time making new host memory resident for writing
   std::vector<std::string> checksum_failures;  // mismatches let through (fail_on_... = false)
@@ -187,6 +196,9 @@ class LoadPipeline : public std::enable_shared_from_this<LoadPipeline> {
   const std::shared_ptr<CudaContext>& context() const { return ctx_; }
   RingStats ring_stats() const;
   const PipelineSettings& settings() const { return settings_; }
+  // Where the pipeline sits on the host (cuda, bind_numa_node): the GPU's node and CPUs.
+  const NumaPlacement& placement() const { return placement_; }
+  bool ring_on_node() const { return ring_on_node_; }
 
  private:
   friend class LoadSession;
@@ -200,6 +212,8 @@ class LoadPipeline : public std::enable_shared_from_this<LoadPipeline> {
 
   std::string device_;
   PipelineSettings settings_;
+  NumaPlacement placement_;
+  bool ring_on_node_ = false;
   pid_t owner_pid_ = 0;  // the process that built the pipeline (and started its threads)
   std::shared_ptr<CudaContext> ctx_;
   std::unique_ptr<StagingRing> ring_;
@@ -375,6 +389,9 @@ class LoadSession {
   static size_t read_group(const Shard& shard, uint64_t pos);
   // Posts the chunk reads of a local shard's spans within [begin, end).
   void post_reads(size_t shard, uint64_t begin, uint64_t end);
+  // Posts the read of the first chunk of a shard's spans within [begin, end); that read posts
+  // the next (a shard checked by Content-MD5: its bytes arrive in order).
+  void post_chained_read(size_t shard, uint64_t begin, uint64_t end);
   // Hands [begin, begin + bytes) of the data region to the target. With a slot (bytes at
   // slot_offset) the slot is consumed; without one the bytes are already in the arena.
   // count=false (land_from_host): the groups' remaining bytes are not counted down, and a group
@@ -445,7 +462,8 @@ class LoadSession {
   std::atomic<uint64_t> verified_bytes_{0};
   std::atomic<uint64_t> group_landed_bytes_{0};    // land_from_host: this rank's part
   std::atomic<uint64_t> group_received_bytes_{0};  // arrived(from_peer): the peers' parts
-  std::vector<std::string> checksum_failures_;     // under mutex_
+  Md5Gauge md5_gauge_;                          // the shards' ContentMd5Verifiers count into it
+  std::vector<std::string> checksum_failures_;  // under mutex_
   std::atomic<int64_t> min_free_{-1};
   std::chrono::steady_clock::time_point start_;
   std::atomic<bool> cancelled_{false};

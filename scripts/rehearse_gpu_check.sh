@@ -117,9 +117,10 @@ table=$work/out/gpu-check.txt
   exit 1
 }
 # Every row is there, filled or skipped with its reason.
-for row in "^build rc=0" "^Azure: " "^O_DIRECT into pinned slots" "^pinning a 256 MiB ring" \
-  "^  busy_wait" "^  activation" "^  fork" "^  deinit" "^  current_device" "^  pinned refusals" \
-  "^blob2gpu " "^checkpoint: |^Blob to GPU: skipped: " "^vLLM comparison"; do
+for row in "^build rc=0" "^Azure: " "^O_DIRECT into pinned slots" \
+  "^pinning the sized [0-9]+ MiB ring" "^  busy_wait" "^  activation" "^  fork" "^  deinit" \
+  "^  current_device" "^  pinned refusals" "^blob2gpu " "^blob2gpu at |^pinned peak: " \
+  "^blob2gpu pipeline " "^checkpoint: |^Blob to GPU: skipped: " "^vLLM comparison"; do
   grep -qE "$row" "$table" || {
     echo "rehearse_gpu_check: the table has no row matching '$row'"
     exit 1

@@ -58,6 +58,8 @@ void load_driver() {
             resolve(lib, "cuDeviceGet", &d.cuDeviceGet, &missing) &&
             resolve(lib, "cuDeviceGetName", &d.cuDeviceGetName, &missing) &&
             resolve(lib, "cuDeviceTotalMem_v2", &d.cuDeviceTotalMem, &missing) &&
+            resolve(lib, "cuDeviceGetAttribute", &d.cuDeviceGetAttribute, &missing) &&
+            resolve(lib, "cuDeviceGetPCIBusId", &d.cuDeviceGetPCIBusId, &missing) &&
             resolve(lib, "cuDevicePrimaryCtxRetain", &d.cuDevicePrimaryCtxRetain, &missing) &&
             resolve(lib, "cuDevicePrimaryCtxRelease_v2", &d.cuDevicePrimaryCtxRelease, &missing) &&
             resolve(lib, "cuCtxSetCurrent", &d.cuCtxSetCurrent, &missing) &&

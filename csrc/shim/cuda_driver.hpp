@@ -22,6 +22,8 @@ struct CudaDriver {
   PFN_cuDeviceGet cuDeviceGet = nullptr;
   PFN_cuDeviceGetName cuDeviceGetName = nullptr;
   PFN_cuDeviceTotalMem_v2 cuDeviceTotalMem = nullptr;
+  PFN_cuDeviceGetAttribute cuDeviceGetAttribute = nullptr;
+  PFN_cuDeviceGetPCIBusId cuDeviceGetPCIBusId = nullptr;
   PFN_cuDevicePrimaryCtxRetain cuDevicePrimaryCtxRetain = nullptr;
   PFN_cuDevicePrimaryCtxRelease_v2 cuDevicePrimaryCtxRelease = nullptr;
   PFN_cuCtxSetCurrent cuCtxSetCurrent = nullptr;

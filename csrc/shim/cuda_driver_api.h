@@ -44,6 +44,10 @@ enum {
 #define BLOB2GPU_CU_STREAM_PER_THREAD ((CUstream)0x2)
 
 enum { CU_STREAM_DEFAULT = 0x0, CU_STREAM_NON_BLOCKING = 0x1 };
+/* The one device attribute the core asks (CUDA 12.2+; older drivers refuse it): the host NUMA
+   node nearest the device, -1 when the system has none. */
+typedef int CUdevice_attribute;
+enum { CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID = 134 };
 enum { CU_EVENT_DEFAULT = 0x0, CU_EVENT_BLOCKING_SYNC = 0x1, CU_EVENT_DISABLE_TIMING = 0x2 };
 enum { CU_MEMHOSTALLOC_PORTABLE = 0x1, CU_MEMHOSTALLOC_DEVICEMAP = 0x2 };
 
@@ -53,6 +57,9 @@ typedef CUresult (*PFN_cuDeviceGetCount)(int* count);
 typedef CUresult (*PFN_cuDeviceGet)(CUdevice* device, int ordinal);
 typedef CUresult (*PFN_cuDeviceGetName)(char* name, int len, CUdevice device);
 typedef CUresult (*PFN_cuDeviceTotalMem_v2)(size_t* bytes, CUdevice device);
+typedef CUresult (*PFN_cuDeviceGetAttribute)(int* value, CUdevice_attribute attribute,
+                                             CUdevice device);
+typedef CUresult (*PFN_cuDeviceGetPCIBusId)(char* bus_id, int len, CUdevice device);
 typedef CUresult (*PFN_cuDevicePrimaryCtxRetain)(CUcontext* ctx, CUdevice device);
 typedef CUresult (*PFN_cuDevicePrimaryCtxRelease_v2)(CUdevice device);
 typedef CUresult (*PFN_cuCtxSetCurrent)(CUcontext ctx);

@@ -59,6 +59,7 @@ class Setting:
     minimum: float | None = None
     maximum: float | None = None
     aliases: tuple[EnvAlias, ...] = ()
+    sized: bool = False  # 0 means "sized from the host", below the minimum
 
     @property
     def key(self) -> str:
@@ -80,6 +81,7 @@ class _Declared:
     minimum: float | None
     maximum: float | None
     aliases: tuple[EnvAlias, ...]
+    sized: bool
 
 
 def setting(
@@ -91,10 +93,12 @@ def setting(
     minimum: float | None = None,
     maximum: float | None = None,
     aliases: tuple[EnvAlias, ...] = (),
+    sized: bool = False,
 ) -> T:
     """Declare one field of Settings: its default, section, doc line, choices or limits, and the
-    deployment variables that also set it."""
-    declared = _Declared(section, doc, choices, minimum, maximum, aliases)
+    deployment variables that also set it. sized: 0 is allowed below the minimum (the value is
+    then sized from the host where it is used)."""
+    declared = _Declared(section, doc, choices, minimum, maximum, aliases, sized)
     return field(default=default, metadata={"setting": declared})
 
 
@@ -162,18 +166,33 @@ class Settings:
     # -- staging and copies ------------------------------------------------------------------------
     staging_slots: int = setting(
         "staging",
-        8,
+        0,
         "Slots in the pinned staging ring; host memory used by a GPU load is slots x slot "
-        "bytes, whatever the checkpoint size.",
+        "bytes, whatever the checkpoint size. 0: sized from the host: on a GPU, io_threads + "
+        "2 x copy_streams + 2 (a slot per reading thread, two queued per stream, two spare) "
+        "within pinned_staging_bytes; on cpu 8.",
         minimum=2,
         maximum=4096,
+        sized=True,
     )
     staging_slot_bytes: int = setting(
         "staging",
-        1 << 25,
-        "Bytes per staging slot: one read and one host-to-device copy. Accepts 32MiB, 64M, ...",
+        0,
+        "Bytes per staging slot: one read and one host-to-device copy. 0: 32 MiB (on a GPU, "
+        "less when pinned_staging_bytes cannot hold the slots at that size; never under 8 MiB). "
+        "Accepts 32MiB, 64M, ...",
         minimum=4096,
         maximum=1 << 34,
+        sized=True,
+    )
+    pinned_staging_bytes: int = setting(
+        "staging",
+        0,
+        "GPU targets: the most host memory the staging ring may pin when staging_slots or "
+        "staging_slot_bytes is sized from the host (0). 0: 1/32 of the host's memory, at least "
+        "64 MiB and at most 1 GiB. Accepts 512MiB, 1G, ...",
+        minimum=0,
+        maximum=1 << 40,
     )
     use_pinned_host_fallback: bool = setting(
         "staging",
@@ -192,10 +211,21 @@ class Settings:
     )
     io_threads: int = setting(
         "staging",
-        4,
-        "Core threads that read local shards (no GIL).",
+        0,
+        "Core threads that read local shards and NVMe cache hits, and check them (no GIL). 0: "
+        "sized from the host: on a GPU, the CPUs this process may run on, at least 4 and at "
+        "most 16; on cpu 4.",
         minimum=1,
         maximum=256,
+        sized=True,
+    )
+    bind_numa_node: bool = setting(
+        "staging",
+        True,
+        "GPU targets: pin the staging ring on the GPU's host NUMA node "
+        "(CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID, else the PCI device's numa_node in sysfs) and run "
+        "the io threads on that node's CPUs (those this process may use). Nothing is bound on a "
+        "host without NUMA nodes.",
     )
     streamed_device_bytes: int = setting(
         "staging",
@@ -391,6 +421,7 @@ SCHEMA: tuple[Setting, ...] = tuple(
         d.minimum,
         d.maximum,
         d.aliases,
+        d.sized,
     )
     for f in fields(Settings)
     for d in [f.metadata["setting"]]
@@ -409,6 +440,11 @@ OTHER_ENVIRONMENT: dict[str, tuple[str, str]] = {
     ),
     "BLOB2GPU_CUDA_DRIVER": ("libcuda.so.1", "CUDA driver library the core loads."),
     "BLOB2GPU_TEST_REAL_GPU": ("(none)", "Tests only: 1 runs the GPU tests on a real GPU."),
+    "FAKE_CUDA_LINK_GBPS": (
+        "(none)",
+        "Tests only: the fake CUDA driver's modelled host-to-device link, in GB/s "
+        "(tests/fake_cuda/README.md); unset: copies take what the fake's memcpy takes.",
+    ),
     "BLOB2GPU_REQUIRE_VLLM": (
         "(none)",
         "Tests only: 1 makes the vLLM serving tests fail, not skip, without vLLM.",
@@ -453,6 +489,8 @@ def _valid_values(s: Setting) -> str:
         return "true or false"
     low = s.minimum if s.minimum is not None else 0
     high = f" and at most {s.maximum:g}" if s.maximum is not None else ""
+    if s.sized:
+        return f"0 (sized from the host) or an integer of at least {low:g}{high}"
     if s.type is float:
         return f"a number of at least {low:g}{high}"
     if s.type is int:
@@ -494,7 +532,9 @@ def _coerce(s: Setting, value: Any, source: str) -> Any:
             raise bad()
         value = s.type(value)
         low = s.minimum if s.minimum is not None else 0
-        if value < low or (s.maximum is not None and value > s.maximum):
+        if (value < low and not (s.sized and value == 0)) or (
+            s.maximum is not None and value > s.maximum
+        ):
             raise bad()
         return value
     if not isinstance(value, str):

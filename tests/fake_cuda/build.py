@@ -7,6 +7,7 @@ same path, so a ``FakeDriver`` made from it shares the one instance of the fake'
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import pathlib
@@ -125,7 +126,28 @@ _CONTROL_API: dict[str, tuple[type | None, tuple[type, ...]]] = {
     "set_fail_in_forked_child": (None, (ctypes.c_int,)),
     "context_activations": (ctypes.c_int64, ()),
     "primary_context_refcount": (ctypes.c_int64, (ctypes.c_int,)),
+    "set_link_gbps": (None, (ctypes.c_double,)),
+    "link_gbps": (ctypes.c_double, ()),
+    "link_stats": (ctypes.c_int, (ctypes.c_int, ctypes.POINTER(ctypes.c_int64))),
+    "set_host_numa_attribute": (None, (ctypes.c_int,)),
+    "set_host_numa_id": (ctypes.c_int, (ctypes.c_int, ctypes.c_int)),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkStats:
+    """A device's modelled host-to-device link (FakeDriver.set_link_gbps) since reset_counters():
+    the time it was busy and the span from the first modelled copy's start to the last one's end.
+    """
+
+    busy_ns: int
+    span_ns: int
+    copies: int
+
+    @property
+    def busy_fraction(self) -> float:
+        """Busy time over the span: 1.0 when a copy was always waiting for the link."""
+        return self.busy_ns / self.span_ns if self.span_ns > 0 else 0.0
 
 
 class FakeDriver:
@@ -310,6 +332,38 @@ class FakeDriver:
         """Zero the copy counters, device syncs, max pending and the violation count (not live
         resources)."""
         self._fn["reset_counters"]()
+
+    # The copy-bandwidth model.
+    def set_link_gbps(self, gbps: float) -> None:
+        """Model each device's host-to-device link at `gbps` GB/s (1e9 bytes a second): its
+        copies share it one after another, each taking bytes / rate, and complete when their
+        turn on the link ends. 0 turns the model off (copies take what the memcpy takes).
+        FAKE_CUDA_LINK_GBPS sets it when the library loads."""
+        self._fn["set_link_gbps"](gbps)
+
+    def link_gbps(self) -> float:
+        """Return the modelled link rate in GB/s (0: no model)."""
+        return float(self._fn["link_gbps"]())
+
+    def link_stats(self, device: int = 0) -> LinkStats:
+        """Return what a device's modelled link did since reset_counters()."""
+        out = (ctypes.c_int64 * 3)()
+        code = self._fn["link_stats"](device, out)
+        if code != 0:
+            raise FakeDriverError(f"fake_cuda_link_stats({device})", code)
+        return LinkStats(busy_ns=int(out[0]), span_ns=int(out[1]), copies=int(out[2]))
+
+    # Where a device sits on the host.
+    def set_host_numa_attribute(self, on: bool) -> None:
+        """Whether cuDeviceGetAttribute answers CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID (off by default:
+        a driver before CUDA 12.2 refuses it). Reset by reset_faults()."""
+        self._fn["set_host_numa_attribute"](1 if on else 0)
+
+    def set_host_numa_id(self, device: int, node: int) -> None:
+        """The host NUMA node the attribute reports for `device` (-1: none, the default)."""
+        code = self._fn["set_host_numa_id"](device, node)
+        if code != 0:
+            raise FakeDriverError(f"fake_cuda_set_host_numa_id({device})", code)
 
     # Misuse.
     def violations(self) -> int:

@@ -68,6 +68,26 @@ uint64_t round_up(uint64_t value, uint64_t alignment) {
   return (value + alignment - 1) / alignment * alignment;
 }
 
+int64_t steady_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+void sleep_until_ns(int64_t when) {
+  const int64_t left = when - steady_ns();
+  if (left > 0) std::this_thread::sleep_for(std::chrono::nanoseconds(left));
+}
+
+// FAKE_CUDA_LINK_GBPS: the link model's rate at load (GB/s, 1e9 bytes a second; unset or 0: off).
+double link_bytes_per_ns_from_env() {
+  const char* text = std::getenv("FAKE_CUDA_LINK_GBPS");
+  if (text == nullptr || *text == '\0') return 0;
+  char* end = nullptr;
+  const double gbps = std::strtod(text, &end);
+  return end != text && gbps > 0 ? gbps : 0;  // GB/s is bytes per ns
+}
+
 struct FreeDeleter {
   void operator()(std::byte* p) const { std::free(p); }
 };
@@ -159,6 +179,7 @@ struct StreamOp {
   uint64_t wait_position = 0;
   void (*host_fn)(void*) = nullptr;  // cuLaunchHostFunc's, called by the worker without the lock
   void* host_data = nullptr;
+  int64_t enqueued_ns = 0;  // when the call queued it (the link model's earliest start)
 };
 
 struct Stream {
@@ -168,7 +189,8 @@ struct Stream {
   uint64_t enqueued = 0;   // operations ever enqueued
   uint64_t completed = 0;  // operations the worker has finished
   bool stopping = false;
-  bool held = false;  // fake_cuda_hold_stream: the worker starts no operation until released
+  bool held = false;     // fake_cuda_hold_stream: the worker starts no operation until released
+  int64_t ready_ns = 0;  // when its last operation completed (a modelled copy: its link end)
   std::condition_variable work_ready;
   std::thread worker;
 };
@@ -191,6 +213,15 @@ struct Device {
   int64_t live_events = 0;
   int64_t pending_copies = 0;  // copies queued on the device's streams and not executed yet
   std::shared_ptr<Stream> implicit_stream;
+  int host_numa_id = -1;  // the host NUMA node nearest the device (-1: none)
+  // The link model (DriverState::link_bytes_per_ns): when the link is next free, and what it
+  // did since the counters were reset: busy time, and the first copy's start and the last one's
+  // end (the span the busy fraction is over).
+  int64_t link_free_ns = 0;
+  int64_t link_busy_ns = 0;
+  int64_t link_first_ns = -1;
+  int64_t link_last_ns = -1;
+  uint64_t link_copies = 0;
 };
 
 struct DriverState {
@@ -204,6 +235,12 @@ struct DriverState {
   int device_count = 1;
   uint64_t vram_budget = kDefaultVramBudget;
   uint64_t copy_delay_us = 0;
+  // The copy-bandwidth model: host-to-device copies of a device share its link, which moves
+  // link_bytes_per_ns (0: no model, copies take what the memcpy takes). See LinkModel.
+  double link_bytes_per_ns = link_bytes_per_ns_from_env();
+  // cuDeviceGetAttribute(CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID): answered only when on (a driver
+  // before CUDA 12.2 refuses the attribute), with each device's host_numa_id.
+  bool host_numa_attribute = false;
   int64_t host_alloc_fail_after = -1;
   CUresult host_alloc_error = CUDA_ERROR_OUT_OF_MEMORY;  // what the host-alloc switch returns
   int64_t device_alloc_fail_after = -1;
@@ -460,6 +497,7 @@ uint64_t enqueue(DriverState& s, Stream& stream, StreamOp op) {
     ++s.pending_h2d_copies;
     s.max_pending_h2d_copies = std::max(s.max_pending_h2d_copies, s.pending_h2d_copies);
   }
+  op.enqueued_ns = steady_ns();
   stream.queue.push_back(std::move(op));
   ++stream.enqueued;
   stream.work_ready.notify_one();
@@ -492,6 +530,7 @@ void stream_worker(std::shared_ptr<Stream> stream) {
     if (stream->queue.empty()) return;  // stopping, and everything queued has run
     StreamOp op = std::move(stream->queue.front());
     stream->queue.pop_front();
+    int64_t link_done_ns = -1;  // a copy over the modelled link: when it ends
     if (op.kind == StreamOp::Kind::kWaitEvent) {
       s.progress.wait(lock, [&] { return op.wait_stream->completed >= op.wait_position; });
     } else if (op.kind == StreamOp::Kind::kHostFunc) {
@@ -500,6 +539,23 @@ void stream_worker(std::shared_ptr<Stream> stream) {
       lock.lock();
     } else {
       const uint64_t delay_us = s.copy_delay_us;
+      // The modelled link: this copy has it from when it is free (or now) for bytes / rate, after
+      // the copies of the device's other streams that took it first; the copy completes then.
+      if (op.kind == StreamOp::Kind::kCopyHtoD && s.link_bytes_per_ns > 0) {
+        Device& d = s.devices[stream->device];
+        // From when the copy could have started on a GPU (queued, its stream's previous
+        // operation done, the link free), not from when this worker thread got the CPU: the
+        // fake's own scheduling delays are not the pipeline's.
+        const int64_t start = std::max({op.enqueued_ns, stream->ready_ns, d.link_free_ns});
+        const auto length =
+            static_cast<int64_t>(static_cast<double>(op.bytes) / s.link_bytes_per_ns);
+        link_done_ns = start + length;
+        d.link_free_ns = link_done_ns;
+        d.link_busy_ns += length;
+        if (d.link_first_ns < 0) d.link_first_ns = start;
+        d.link_last_ns = link_done_ns;
+        ++d.link_copies;
+      }
       lock.unlock();
       if (delay_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
       {
@@ -515,9 +571,11 @@ void stream_worker(std::shared_ptr<Stream> stream) {
           std::memcpy(op.host, device, op.bytes);
         }
       }
+      if (link_done_ns >= 0) sleep_until_ns(link_done_ns);
       lock.lock();
       finish_copy(s, *stream, op);
     }
+    stream->ready_ns = link_done_ns >= 0 ? link_done_ns : steady_ns();
     ++stream->completed;
     op = StreamOp();  // drop block references while the lock is held
     s.progress.notify_all();
@@ -747,6 +805,37 @@ FAKE_CUDA_EXPORT CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice device) {
     if (bytes == nullptr) return CUDA_ERROR_INVALID_VALUE;
     if (device < 0 || device >= s.device_count) return CUDA_ERROR_INVALID_DEVICE;
     *bytes = s.vram_budget;
+    return CUDA_SUCCESS;
+  });
+}
+
+FAKE_CUDA_EXPORT CUresult cuDeviceGetAttribute(int* value, CUdevice_attribute attribute,
+                                               CUdevice device) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    if (!s.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (value == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (device < 0 || device >= s.device_count) return CUDA_ERROR_INVALID_DEVICE;
+    // Only the attribute the core asks; a driver before 12.2 refuses it as an unknown one.
+    if (attribute != CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID || !s.host_numa_attribute) {
+      return CUDA_ERROR_INVALID_VALUE;
+    }
+    *value = s.devices[device].host_numa_id;
+    return CUDA_SUCCESS;
+  });
+}
+
+// "0000:1A:00.0" for device 0, "0000:1B:00.0" for device 1, ...: the form the real driver
+// writes (upper-case hex), which sysfs spells in lower case.
+FAKE_CUDA_EXPORT CUresult cuDeviceGetPCIBusId(char* bus_id, int len, CUdevice device) {
+  return guarded([&]() -> CUresult {
+    DriverState& s = state();
+    Lock lock(s.mu);
+    if (!s.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (bus_id == nullptr || len < 13) return CUDA_ERROR_INVALID_VALUE;
+    if (device < 0 || device >= s.device_count) return CUDA_ERROR_INVALID_DEVICE;
+    std::snprintf(bus_id, static_cast<size_t>(len), "0000:%02X:00.0", 0x1A + device);
     return CUDA_SUCCESS;
   });
 }
@@ -1339,6 +1428,9 @@ FAKE_CUDA_EXPORT void fake_cuda_reset_faults(void) {
   s.device_alloc_fail_after = -1;
   s.sticky_faults = false;
   s.copy_delay_us = 0;
+  s.host_numa_attribute = false;
+  for (Device& d : s.devices) d.host_numa_id = -1;
+  s.link_bytes_per_ns = link_bytes_per_ns_from_env();
 }
 
 // The CUresult the host-alloc switch (fake_cuda_fail_host_alloc_after) fails cuMemHostAlloc with;
@@ -1388,6 +1480,51 @@ FAKE_CUDA_EXPORT void fake_cuda_set_vram_budget(uint64_t bytes) {
   DriverState& s = state();
   Lock lock(s.mu);
   s.vram_budget = bytes;
+}
+
+// The link model's rate in GB/s (1e9 bytes a second); 0 turns it off. FAKE_CUDA_LINK_GBPS sets
+// it when the library loads.
+FAKE_CUDA_EXPORT void fake_cuda_set_link_gbps(double gbps) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  s.link_bytes_per_ns = gbps > 0 ? gbps : 0;
+}
+
+FAKE_CUDA_EXPORT double fake_cuda_link_gbps(void) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  return s.link_bytes_per_ns;
+}
+
+// What a device's modelled link did since reset_counters: out[0] busy ns, out[1] ns from the
+// first modelled copy's start to the last one's end, out[2] modelled copies. Returns
+// CUDA_ERROR_INVALID_DEVICE for no such device.
+FAKE_CUDA_EXPORT int fake_cuda_link_stats(int device, int64_t* out) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  if (device < 0 || device >= kMaxDevices || out == nullptr) return CUDA_ERROR_INVALID_DEVICE;
+  const Device& d = s.devices[device];
+  out[0] = d.link_busy_ns;
+  out[1] = d.link_first_ns < 0 ? 0 : d.link_last_ns - d.link_first_ns;
+  out[2] = static_cast<int64_t>(d.link_copies);
+  return CUDA_SUCCESS;
+}
+
+// on: cuDeviceGetAttribute answers CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID (off, the default: refuses
+// it, as a driver before CUDA 12.2 does).
+FAKE_CUDA_EXPORT void fake_cuda_set_host_numa_attribute(int on) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  s.host_numa_attribute = on != 0;
+}
+
+// The host NUMA node the attribute reports for a device (-1, the default: none).
+FAKE_CUDA_EXPORT int fake_cuda_set_host_numa_id(int device, int node) {
+  DriverState& s = state();
+  Lock lock(s.mu);
+  if (device < 0 || device >= kMaxDevices) return CUDA_ERROR_INVALID_DEVICE;
+  s.devices[device].host_numa_id = node;
+  return CUDA_SUCCESS;
 }
 
 FAKE_CUDA_EXPORT void fake_cuda_set_copy_delay_us(uint64_t us) {
@@ -1524,6 +1661,12 @@ FAKE_CUDA_EXPORT void fake_cuda_reset_counters(void) {
   s.pageable_h2d_copies = 0;
   s.max_pending_h2d_copies = s.pending_h2d_copies;
   s.device_syncs = 0;
+  for (Device& d : s.devices) {
+    d.link_busy_ns = 0;
+    d.link_first_ns = -1;
+    d.link_last_ns = -1;
+    d.link_copies = 0;
+  }
   g_emulation_cpu_ns = 0;
   s.violations = 0;
   s.has_last_violation = false;  // the log itself stays, so returned pointers remain valid

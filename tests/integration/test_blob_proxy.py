@@ -97,7 +97,7 @@ def test_an_unreachable_proxy_is_storage_unavailable_naming_it(
     with pytest.raises(
         errors.StorageUnavailable,
         match=rf"the proxy 127.0.0.1:{free_port} "
-        r"\(HTTP_PROXY\): Unable to connect.*NO_PROXY",
+        r"\(HTTP_PROXY\) cannot be reached: connection refused.*NO_PROXY",
     ) as info:
         blob2gpu.load("az://anything/m", retry_max_attempts=2, retry_backoff_seconds=0.01)
     assert PASSWORD not in str(info.value)

@@ -9,6 +9,8 @@ import time
 
 import pytest
 import torch
+from blob2gpu.loading.pipelines import pipeline_settings
+from blob2gpu.settings import resolve
 from conftest import random_tensor, upload_directory
 from support.azurite import ACCOUNT, ACCOUNT_KEY
 from support.preflight import checks, preflight
@@ -217,7 +219,9 @@ def test_gpu_checks_report_the_fake_gpu(fake_driver, tmp_path):
     assert gpu["data"]["total_bytes"] == 8 << 30 and 0 < gpu["data"]["free_bytes"] <= 8 << 30
     pinned = by_name["pinned_memory"]
     assert pinned["status"] == "ok" and pinned["data"]["pinned"] is True
-    assert pinned["data"]["ring_bytes"] == 8 * 32 * (1 << 20)
+    # The ring a load here would pin: its shape sized from this host (loading/pipelines.py).
+    sized = pipeline_settings(resolve(environ={}), "cuda:0")
+    assert pinned["data"]["ring_bytes"] == sized["staging_slots"] * sized["staging_slot_bytes"]
     table = preflight("--device", "cuda", "--cache-dir", str(tmp_path)).stdout
     assert "blob2gpu fake GPU 0" in table and "CUDA 12.8" in table
 

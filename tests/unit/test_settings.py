@@ -38,7 +38,10 @@ observability:
 
 def test_defaults():
     s = resolve(environ={})
-    assert s.staging_slots == 8 and s.staging_slot_bytes == 32 << 20
+    # The pipeline's shape is sized from the host where a load uses it (0: see
+    # tests/unit/test_pipeline_sizing.py).
+    assert s.staging_slots == 0 and s.staging_slot_bytes == 0 and s.io_threads == 0
+    assert s.pinned_staging_bytes == 0 and s.bind_numa_node is True
     assert s.copy_streams == 2 and s.use_pinned_host_fallback is True
     assert s.direct_gpu_load is True and s.prefetch_concurrency == 8
     assert set(s.sources.values()) == {"default"}
@@ -63,7 +66,7 @@ def test_precedence_keyword_over_environment_over_file_over_default(tmp_path):
     assert (s.staging_slots, s.sources["staging_slots"]) == (16, "env BLOB2GPU_STAGING_SLOTS")
     assert (s.copy_streams, s.sources["copy_streams"]) == (3, f"config {path}")
     assert s.chunk_bytes == 1 << 20
-    assert s.io_threads == 4 and s.sources["io_threads"] == "default"
+    assert s.io_threads == 0 and s.sources["io_threads"] == "default"
 
 
 @pytest.mark.parametrize(
@@ -97,8 +100,8 @@ def test_sizes_accept_suffixes(value, expected):
         (
             {"staging_slots": 1},
             {},
-            r"'staging_slots' \(staging.staging_slots\) from argument .* at "
-            r"least 2",
+            r"'staging_slots' \(staging.staging_slots\) from argument .* 0 \(sized from the "
+            r"host\) or an integer of at least 2",
         ),
         ({}, {"BLOB2GPU_COPY_STREAMS": "many"}, r"from env BLOB2GPU_COPY_STREAMS .* integer"),
         ({"unsupported_dtype": "ignore"}, {}, r"one of 'raise', 'bytes'"),

@@ -12,7 +12,7 @@ from blob2gpu.cache.fill import CacheFill, FillResult
 from blob2gpu.errors import BlobChanged, InvalidArgument
 from blob2gpu.loading.checkpoint import Checkpoint
 from blob2gpu.loading.frameworks import Tensor, converter
-from blob2gpu.loading.pipelines import DevicePipelines
+from blob2gpu.loading.pipelines import DevicePipelines, sized_settings
 from blob2gpu.loading.prepare import FetchStrategy, Reusable, StorageFetch, prepare_load
 from blob2gpu.loading.request import (
     PIPELINE_SETTINGS,
@@ -40,9 +40,7 @@ class Loader:
 
     def __init__(self, config: str | os.PathLike[str] | None = None, **settings: object) -> None:
         self._settings: ResolvedSettings = resolve(settings, config_path=config)
-        self._pipelines = DevicePipelines(
-            {name: self._settings.values[name] for name in PIPELINE_SETTINGS}
-        )
+        self._pipelines = DevicePipelines(self._settings)
         self._lock = threading.Lock()
         self._closed = False
         self._connections = Connections()  # what its loads' sources keep (HTTP pools)
@@ -74,10 +72,11 @@ class Loader:
         bad = [k for k in settings if k in PIPELINE_SETTINGS]
         if bad:
             raise InvalidArgument(f"{', '.join(bad)} must be given to Loader(...), not per load")
+        device = normalize_device(device)
         return LoadRequest(
             uri=source_uri(uri),
-            settings=self._settings.with_overrides(settings),
-            device=normalize_device(device),
+            settings=sized_settings(self._settings.with_overrides(settings), device),
+            device=device,
             framework=framework,
             credential=credential,
             tensor_names=names,

@@ -7,11 +7,16 @@ engine) holds at most streamed_device_bytes of device memory beside what its con
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from blob2gpu import phrasing
 from blob2gpu.errors import InsufficientGPUMemory, InsufficientHostMemory
 from blob2gpu.loading.host_memory import host_budget, memory_size
+
+if TYPE_CHECKING:
+    from blob2gpu import _core
+    from blob2gpu.loading.request import LoadRequest
+    from blob2gpu.settings import ResolvedSettings
 
 # streamed_device_bytes=0: min(this, a share of the GPU's memory). A few GB keeps several tensor
 # groups of the largest models' tensors (an embedding of 128k x 8k bf16 is 2 GB) landing while the
@@ -21,7 +26,7 @@ STREAMED_DEFAULT_SHARE = 0.10
 STREAMED_FLOOR = 1 << 20
 
 
-def streamed_device_cap(request: Any, pipeline: Any) -> int:
+def streamed_device_cap(request: LoadRequest, pipeline: _core.LoadPipeline) -> int:
     """The device memory a GPU load may hold for tensors its consumer has not dropped: the
     streamed_device_bytes setting, or when 0 min(4 GiB, 10% of the GPU's total memory). 0 when the
     load is not bounded: a cpu target, host staging, or a caller that keeps every tensor
@@ -39,8 +44,8 @@ def streamed_device_cap(request: Any, pipeline: Any) -> int:
 def check_memory_fit(
     shard_sizes: list[int],
     device: str,
-    pipeline: Any,
-    settings: Any,
+    pipeline: _core.LoadPipeline,
+    settings: ResolvedSettings,
     host_staging: bool,
     what: str = "the checkpoint",
     streamed_cap: int = 0,

@@ -1,20 +1,137 @@
 """DevicePipelines: the core pipelines (CUDA context, pinned staging ring, streams; io threads on
 cpu) a Loader keeps per device between loads. The first one for a device is made on a thread
-while the checkpoint is listed, so CUDA's start-up overlaps the storage round trips."""
+while the checkpoint is listed, so CUDA's start-up overlaps the storage round trips.
+
+The pipeline's shape (io threads, slots, slot size) left at 0 is sized from the host here
+(pipeline_settings), once for the pipeline and the load alike (sized_settings)."""
 
 from __future__ import annotations
 
+import os
 import threading
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TypedDict
 
 from blob2gpu import _core
 from blob2gpu.errors import InvalidArgument
+from blob2gpu.settings import ResolvedSettings
+
+MiB = 1 << 20
+GiB = 1 << 30
+# What a sized pipeline never goes beyond, or below.
+MIN_IO_THREADS, MAX_IO_THREADS = 4, 16
+SLOT_BYTES = 32 * MiB  # a slot's copy at 32 MiB is within 2% of a link's peak (per-copy cost)
+MIN_SLOT_BYTES = 8 * MiB
+MAX_SIZED_SLOTS = 64
+MIN_PINNED, MAX_PINNED = 64 * MiB, GiB
+# The cpu target's ring only holds each fed shard's first range; its reads go to the arena.
+CPU_IO_THREADS, CPU_SLOTS = 4, 8
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What sizing reads of the host: the CPUs this process may run on and physical memory."""
+
+    cpus: int
+    memory_bytes: int
+
+    @classmethod
+    def probe(cls) -> HostFacts:
+        """This host, now. Never raises (unknown memory counts as 0: the smallest ring)."""
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            memory = 0
+        return cls(cpus=max(1, cpus), memory_bytes=max(0, memory))
+
+
+class PipelineArgs(TypedDict):
+    """The core LoadPipeline's keyword arguments besides the device."""
+
+    staging_slots: int
+    staging_slot_bytes: int
+    copy_streams: int
+    io_threads: int
+    use_pinned_host_fallback: bool
+    bind_numa_node: bool
+
+
+def pipeline_settings(
+    settings: ResolvedSettings, device: str, host: HostFacts | None = None
+) -> PipelineArgs:
+    """The core LoadPipeline's keyword arguments for `device` ('cpu' or 'cuda:N'): the pipeline
+    settings, with io_threads, staging_slots and staging_slot_bytes left at 0 sized from `host`
+    (this host by default). On a GPU: io_threads the CPUs (4..16); staging_slots
+    io_threads + 2 x copy_streams + 2, so every reading thread has a slot while each stream has
+    two copies queued; staging_slot_bytes 32 MiB, smaller (not under 8 MiB) when
+    pinned_staging_bytes cannot hold those slots; the slots then trimmed to that budget (at least
+    2). On cpu: today's 4 threads and 8 x 32 MiB. Never raises (the settings were checked when
+    they were resolved)."""
+    threads, slots, slot_bytes = (
+        settings.io_threads,
+        settings.staging_slots,
+        settings.staging_slot_bytes,
+    )
+    if device == "cpu":
+        threads, slots, slot_bytes = (
+            threads or CPU_IO_THREADS,
+            slots or CPU_SLOTS,
+            slot_bytes or SLOT_BYTES,
+        )
+    else:
+        facts = host or HostFacts.probe()
+        threads = threads or min(MAX_IO_THREADS, max(MIN_IO_THREADS, facts.cpus))
+        budget = settings.pinned_staging_bytes or min(
+            MAX_PINNED, max(MIN_PINNED, facts.memory_bytes // 32)
+        )
+        wanted = slots or min(MAX_SIZED_SLOTS, threads + 2 * settings.copy_streams + 2)
+        if not slot_bytes:
+            slot_bytes = max(MIN_SLOT_BYTES, min(SLOT_BYTES, budget // wanted // MiB * MiB))
+        if not slots:
+            slots = max(2, min(wanted, budget // slot_bytes))
+    return PipelineArgs(
+        staging_slots=slots,
+        staging_slot_bytes=slot_bytes,
+        copy_streams=settings.copy_streams,
+        io_threads=threads,
+        use_pinned_host_fallback=settings.use_pinned_host_fallback,
+        bind_numa_node=settings.bind_numa_node,
+    )
+
+
+def sized_settings(settings: ResolvedSettings, device: str) -> ResolvedSettings:
+    """`settings` with the pipeline's shape as pipeline_settings sizes it for `device` (what the
+    load's pipeline is made with, for whatever the load reads of it: range sizes, memory
+    checks); the sized ones' source says so."""
+    sized = pipeline_settings(settings, device)
+    shape = {
+        "io_threads": sized["io_threads"],
+        "staging_slots": sized["staging_slots"],
+        "staging_slot_bytes": sized["staging_slot_bytes"],
+    }
+    changed = {name: value for name, value in shape.items() if getattr(settings, name) != value}
+    if not changed:
+        return settings
+    sources = dict(settings.sources)
+    for name in changed:
+        sources[name] = f"sized from the host for {device}"
+    return replace(
+        settings,
+        io_threads=sized["io_threads"],
+        staging_slots=sized["staging_slots"],
+        staging_slot_bytes=sized["staging_slot_bytes"],
+        sources=sources,
+    )
 
 
 class _PipelineMaker:
     """Makes one LoadPipeline on its own thread (the core releases the GIL while it does)."""
 
-    def __init__(self, device: str, settings: dict[str, Any]) -> None:
+    def __init__(self, device: str, settings: PipelineArgs) -> None:
         self.device = device
         self._pipeline: _core.LoadPipeline | None = None
         self._error: BaseException | None = None
@@ -23,7 +140,7 @@ class _PipelineMaker:
         )
         self._thread.start()
 
-    def _make(self, settings: dict[str, Any]) -> None:
+    def _make(self, settings: PipelineArgs) -> None:
         try:
             self._pipeline = _core.LoadPipeline(self.device, **settings)
         except BaseException as e:  # handed to the load that waits for it
@@ -38,9 +155,10 @@ class _PipelineMaker:
 
 
 class DevicePipelines:
-    """One pipeline per device, made with `settings` (the pipeline settings), kept until close()."""
+    """One pipeline per device, made with `settings` (its pipeline settings, sized for each
+    device by pipeline_settings), kept until close()."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: ResolvedSettings) -> None:
         self._settings = settings
         self._pipelines: dict[str, _core.LoadPipeline] = {}
         self._being_made: dict[str, _PipelineMaker] = {}
@@ -52,7 +170,8 @@ class DevicePipelines:
         with self._lock:
             if self._closed or device in self._pipelines or device in self._being_made:
                 return
-            self._being_made[device] = _PipelineMaker(device, self._settings)
+            sized = pipeline_settings(self._settings, device)
+            self._being_made[device] = _PipelineMaker(device, sized)
 
     def get(self, device: str) -> _core.LoadPipeline:
         """The device's pipeline, waiting for it to be made; raises what making it raised, and

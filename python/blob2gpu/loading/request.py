@@ -21,6 +21,8 @@ PIPELINE_SETTINGS = (
     "copy_streams",
     "io_threads",
     "use_pinned_host_fallback",
+    "pinned_staging_bytes",
+    "bind_numa_node",
 )
 
 

@@ -73,6 +73,7 @@ class LoadReport:
     staging_slot_bytes: int = 0
     copy_streams: int = 0
     io_threads: int = 0
+    numa_node: int = -1  # the GPU's host NUMA node the ring and io threads were placed on
     pinned: bool = False
     pinned_fallback: bool = False
     peak_slots_in_flight: int = 0
@@ -81,6 +82,7 @@ class LoadReport:
     strategy: str = "direct-gpu"  # host-staging (model.direct_gpu_load=false), cpu (a cpu target)
     verification: str = "none"  # crc32c (every chunk against the manifest), size+etag, none
     verified_bytes: int = 0
+    peak_md5_shards: int = 0  # most shards whose Content-MD5 was being computed at one time
     direct_io_bytes: int = 0  # bytes read with O_DIRECT (NVMe cache hits into the staging ring)
     # CPU seconds spent making new host memory resident before bytes were written into it (cpu
     # target, host staging): the kernel zeroing fresh pages, costly in VMs that hand freed memory
@@ -261,6 +263,7 @@ class LoadReport:
             "staging_slot_bytes",
             "copy_streams",
             "io_threads",
+            "numa_node",
             "pinned",
             "pinned_fallback",
             "mmap",
@@ -270,6 +273,7 @@ class LoadReport:
             setattr(self, key, earlier.get(key, 0) + getattr(stats, key))
         self.bytes = earlier.get("bytes", 0) + stats.bytes_read
         self.peak_slots_in_flight = max(earlier.get("peak", 0), stats.peak_slots_in_flight)
+        self.peak_md5_shards = max(earlier.get("md5_shards", 0), stats.peak_md5_shards)
         self.checksum_failures = earlier.get("failures", []) + list(stats.checksum_failures)
         shards = earlier.get("shards", []) + self._shard_reports(stats)
         if order is not None:
@@ -328,6 +332,7 @@ class LoadReport:
             earlier[key] = earlier.get(key, 0) + getattr(stats, key)
         earlier["bytes"] = earlier.get("bytes", 0) + stats.bytes_read
         earlier["peak"] = max(earlier.get("peak", 0), stats.peak_slots_in_flight)
+        earlier["md5_shards"] = max(earlier.get("md5_shards", 0), stats.peak_md5_shards)
         earlier["failures"] = earlier.get("failures", []) + list(stats.checksum_failures)
         if stats.device_cap > 0:
             earlier["streamed_peak"] = max(earlier.get("streamed_peak", 0), stats.peak_device_bytes)

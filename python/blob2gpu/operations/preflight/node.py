@@ -7,6 +7,7 @@ import time
 
 from blob2gpu import _core
 from blob2gpu.errors import Blob2GpuError
+from blob2gpu.loading.pipelines import sized_settings
 from blob2gpu.operations.preflight.result import (
     FAIL,
     OK,
@@ -117,7 +118,7 @@ def check_pinned(run: PreflightRun) -> None:
     Docker's 64 KiB default). To be verified on the first real GPU: bench/gpu_check.sh prints
     `ulimit -l` beside whether pinning the ring succeeded."""
     t = time.perf_counter()
-    s = run.settings
+    s = sized_settings(run.settings, f"cuda:{run.ordinal}")  # the ring a load there would pin
     ring = s.staging_slots * s.staging_slot_bytes
     ring_text = f"{mib(ring)} ring ({s.staging_slots} x {mib(s.staging_slot_bytes)})"
     soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)

@@ -292,6 +292,9 @@ def failure_reason(error: BaseException, location: BlobLocation) -> str:
     at_proxy = proxy_problem(error)
     if at_proxy is not None:
         proxy, variable = _proxy_of(location.account_url)
+        unreached_proxy = _unreachable(error)
+        if unreached_proxy is not None:  # what reached nothing was the proxy, not the endpoint
+            return f"the proxy {proxy} ({variable}) cannot be reached: {unreached_proxy}"
         return f"the proxy {proxy} ({variable}): {at_proxy[0]}"
     unreached = connection_problem(error, location)
     if unreached is not None:
@@ -301,6 +304,21 @@ def failure_reason(error: BaseException, location: BlobLocation) -> str:
         host = urlparse(location.account_url).hostname
         return f"the TLS certificate of '{host}' is not trusted ({untrusted})"
     return f"{type(error).__name__}: {_one_line(error)}"
+
+
+def _unreachable(error: BaseException) -> str | None:
+    """What a connection that never got an answer met (refused, a name that does not resolve, no
+    answer in time), by the exception types down the cause chain; None otherwise."""
+    import socket
+
+    for e in _causes(error):
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, socket.gaierror):
+            return "its name does not resolve"
+        if type(e).__name__ == "ConnectTimeoutError":  # urllib3: no answer to the connection
+            return "no answer within connect_timeout_seconds"
+    return None
 
 
 def connection_problem(error: BaseException, location: BlobLocation) -> tuple[str, str] | None:

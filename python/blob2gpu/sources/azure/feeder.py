@@ -8,6 +8,11 @@ the start, so the load does not end with one late shard's header round trip whil
 connections sit idle. Each range is read by a BlobRangeReader: pinned to the etag seen at listing,
 retried from the missing bytes on a transient failure (range_reader.py, retry.py).
 
+Shards checked whole against their Content-MD5 (one sequential hash each, in the core, on the
+thread that commits the range) are fed side by side when `side_by_side` > 1: data ranges are
+taken from that many shards in turn, the one with the fewest ranges in flight first, so as many
+hashes run at once instead of every thread waiting on one shard's.
+
 When the account throttles, a ThrottleControl (throttle.py) lowers how many ranges are in flight
 (the threads are the ceiling, prefetch_concurrency) and, on request-rate throttling only (not on
 egress), grows the ranges: queued data ranges of a shard that follow one another are taken
@@ -18,6 +23,8 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterable, Mapping
+from itertools import islice
 from typing import TYPE_CHECKING
 
 from blob2gpu import _core
@@ -34,6 +41,22 @@ if TYPE_CHECKING:
     from azure.storage.blob import ContainerClient
 
     from blob2gpu.sources.source import Tee
+
+
+def next_side_by_side(
+    queued: Iterable[int], in_flight: Mapping[int, int], width: int
+) -> int | None:
+    """The shard whose next data range to fetch: of the first `width` shards with ranges queued
+    (`queued`, in order), the one with the fewest ranges in flight (`in_flight`, by shard), the
+    earliest of those tied; None when none is queued."""
+    best, best_count = None, -1
+    for shard in islice(queued, max(1, width)):
+        count = in_flight.get(shard, 0)
+        if best is None or count < best_count:
+            best, best_count = shard, count
+        if count == 0:
+            break
+    return best
 
 
 class BlobFeeder:
@@ -53,10 +76,12 @@ class BlobFeeder:
         first_range_bytes: int | None = None,
         max_range_bytes: int | None = None,
         node: NodeThrottle | None = None,
+        side_by_side: int = 1,
     ) -> None:
         """concurrency: threads, the ceiling of ranges in flight; chunk_bytes: the range size to
         start with, which throttling may grow up to max_range_bytes (default: chunk_bytes);
-        node: the throttling budget shared with the node's other loads, or None."""
+        node: the throttling budget shared with the node's other loads, or None; side_by_side:
+        shards whose data ranges are fetched in turn (1: shard after shard, in order)."""
         self._session = session
         self._fetch = list(range(len(plan.shards))) if fetch is None else fetch  # not cache hits
         self._cache_writer = cache_writer  # write-through to the NVMe cache, or None
@@ -72,9 +97,12 @@ class BlobFeeder:
             container_client, location, retry, retry.stopping, self._throttle
         )
         self._headers: deque[RangeTask] = deque()  # first ranges (and rests of long headers)
-        self._queue: deque[RangeTask] = deque()  # data ranges
+        # Data ranges by shard, each in order; shards in the order their headers were read.
+        self._queue: dict[int, deque[RangeTask]] = {}
         self._cv = threading.Condition()
         self._active = 0
+        self._side_by_side = max(1, side_by_side)
+        self._in_flight: dict[int, int] = {}  # data ranges being fetched, by shard
         self._stopping = retry.stopping
         self._threads = [
             threading.Thread(target=self._worker, name=f"blob2gpu-feeder-{i}", daemon=True)
@@ -116,24 +144,32 @@ class BlobFeeder:
     def _take_data(self) -> RangeTask:
         """The next data range, joined with the queued ranges that continue it, up to the
         control's range size (the caller holds the lock)."""
-        task = self._queue.popleft()
+        shard = next_side_by_side(self._queue, self._in_flight, self._side_by_side)
+        assert shard is not None  # the caller saw a range queued
+        ranges = self._queue[shard]
+        task = ranges.popleft()
         limit = self._throttle.range_bytes
-        while self._queue:
-            after = self._queue[0]
-            if after.shard != task.shard or after.start != task.end:
+        while ranges:
+            after = ranges[0]
+            if after.start != task.end or after.end - task.start > limit:
                 break
-            if after.end - task.start > limit:
-                break
-            self._queue.popleft()
+            ranges.popleft()
             task = RangeTask(task.shard, task.start, after.end)
+        if not ranges:
+            del self._queue[shard]
+        self._in_flight[shard] = self._in_flight.get(shard, 0) + 1
         return task
 
-    def _done(self, follow_ups: list[RangeTask]) -> None:
+    def _done(self, task: RangeTask, follow_ups: list[RangeTask]) -> None:
         with self._cv:
+            if not task.first:
+                self._in_flight[task.shard] -= 1
             # The rest of a long header goes first; data ranges queue behind the shards whose
             # headers were read before, so shards complete one after another, in order.
             self._headers.extendleft(reversed([t for t in follow_ups if t.first]))
-            self._queue.extend(t for t in follow_ups if not t.first)
+            for t in follow_ups:
+                if not t.first:
+                    self._queue.setdefault(t.shard, deque()).append(t)
             self._active -= 1
             self._cv.notify_all()
 
@@ -145,7 +181,7 @@ class BlobFeeder:
             except BaseException as e:
                 self._fail(e)
             finally:
-                self._done(follow_ups)
+                self._done(task, follow_ups)
 
     def _run(self, task: RangeTask) -> list[RangeTask]:
         ref = self._plan.shards[task.shard]

@@ -7,6 +7,7 @@ by the same BlobRangeReader (range_reader.py). The loads of one node share one t
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -154,6 +155,7 @@ class AzureSource(Source):
             max_range_bytes=max(chunk, slot),
             # The node's loads share one throttling budget, next to the cache's locks.
             node=node_budget(load.settings),
+            side_by_side=md5_side_by_side(load),
         )
 
     def reopen(self) -> AzureSource:
@@ -200,6 +202,20 @@ class AzureRanges:
             shard_retries={ref.name: self.reader.retries_of(ref.path) for ref in plan.shards},
             throttle=self.throttle.stats() if self.throttle is not None else None,
         )
+
+
+def md5_side_by_side(load: PreparedLoad) -> int:
+    """How many shards a load checking Content-MD5 (one sequential hash per shard) fetches side
+    by side: as many as it has threads and this process has CPUs, when its memory holds every
+    shard at once anyway (not a streamed GPU load, whose bound holds one such shard, handed out
+    whole, at a time); else 1, shard after shard."""
+    if not load.content_md5 or load.device_cap > 0:
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(load.settings.prefetch_concurrency, cpus))
 
 
 def range_bytes(load: PreparedLoad) -> int:
