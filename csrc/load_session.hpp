@@ -462,8 +462,8 @@ class LoadSession {
   std::atomic<uint64_t> verified_bytes_{0};
   std::atomic<uint64_t> group_landed_bytes_{0};    // land_from_host: this rank's part
   std::atomic<uint64_t> group_received_bytes_{0};  // arrived(from_peer): the peers' parts
-  Md5Gauge md5_gauge_;                          // the shards' ContentMd5Verifiers count into it
-  std::vector<std::string> checksum_failures_;  // under mutex_
+  Md5Gauge md5_gauge_;                             // the shards' ContentMd5Verifiers count into it
+  std::vector<std::string> checksum_failures_;     // under mutex_
   std::atomic<int64_t> min_free_{-1};
   std::chrono::steady_clock::time_point start_;
   std::atomic<bool> cancelled_{false};
