@@ -269,7 +269,7 @@ class LoadSession {
   // group's communicator broadcasts it from the fetcher's destinations into the others' (device
   // to device on a GPU). Every rank feeds the shard's header itself (acquire/commit); its data
   // then arrives only this way. Bytes that came from a peer were checked against the manifest by
-  // the peer that fetched them (land_from_host), not here.
+  // the peer that fetched them (check_fetched), not here.
   //
   // Whether a shard's data may be exchanged so: its header is ready, it is fed, lands in device
   // or cpu-target memory (not host staging) and is not checked by Content-MD5 (its digest needs
