@@ -504,6 +504,76 @@ PYBIND11_MODULE(_core, m) {
       .def("needed_ranges", &LoadSession::needed_ranges, py::arg("shard"),
            "[(begin, end)] file byte ranges of the shard's data that this load reads (all of it, "
            "or a tensor selection's), once commit() reported its header ready.")
+      .def("exchangeable", &LoadSession::exchangeable, py::arg("shard"),
+           "Whether the shard's data may be exchanged by a group (header ready, fed, no "
+           "Content-MD5, not host staging).")
+      .def("exchange_steps", &LoadSession::exchange_steps, py::arg("shard"),
+           "[(begin, end)] file ranges of the shard's groups' reads, in order.")
+      .def(
+          "check_fetched",
+          [](LoadSession& s, size_t shard, uint64_t file_offset, const py::buffer& data) {
+            py::buffer_info info = data.request();
+            if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1) {
+              throw CoreError(ErrorKind::InvalidArgument,
+                              "check_fetched takes a contiguous buffer of bytes");
+            }
+            const auto* p = static_cast<const uint8_t*>(info.ptr);
+            const auto n = static_cast<size_t>(info.size);
+            py::gil_scoped_release release;
+            s.check_fetched(shard, file_offset, p, n);
+          },
+          py::arg("shard"), py::arg("file_offset"), py::arg("data"),
+          "Check data bytes this process fetched (its part) against the manifest.")
+      .def("exchange_checked", &LoadSession::exchange_checked, py::arg("shard"),
+           "Every rank checked its part of the shard: its groups' checked bytes count.")
+      .def("destinations", &LoadSession::destinations, py::arg("shard"),
+           "[(begin, end)] file ranges where the shard's data lands, each in one allocation.")
+      .def("open_destinations", &LoadSession::open_destinations,
+           py::call_guard<py::gil_scoped_release>(), py::arg("shard"), py::arg("begin"),
+           py::arg("end"),
+           "Uint8 TensorViews of the destinations of file bytes [begin, end), or None once the "
+           "load is cancelled. Blocks (without the GIL) until their groups have memory.")
+      .def(
+          "land_from_host",
+          [](LoadSession& s, size_t shard, uint64_t file_offset, const py::buffer& data) {
+            py::buffer_info info = data.request();
+            if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1) {
+              throw CoreError(ErrorKind::InvalidArgument,
+                              "land_from_host takes a contiguous buffer of bytes");
+            }
+            const auto* p = static_cast<const uint8_t*>(info.ptr);
+            const auto n = static_cast<size_t>(info.size);
+            py::gil_scoped_release release;
+            return s.land_from_host(shard, file_offset, p, n);
+          },
+          py::arg("shard"), py::arg("file_offset"), py::arg("data"),
+          "Land data bytes this process fetched into their open destinations; False once the "
+          "load is cancelled.")
+      .def(
+          "order_writes",
+          [](LoadSession& s, const py::int_& stream) {
+            CUstream handle = nullptr;
+            if (!cuda_stream_from_arg(stream, &handle)) return;
+            py::gil_scoped_release release;
+            s.order_writes(handle);
+          },
+          py::arg("stream"),
+          "Make a communicator's CUDA stream wait for the load's copies. `stream` as DLPack's: "
+          "1 the legacy default stream, 2 the per-thread one, a handle, or -1 (none: no-op).")
+      .def(
+          "arrived",
+          [](LoadSession& s, size_t shard, uint64_t begin, uint64_t end, const py::int_& stream,
+             bool from_peer) {
+            CUstream handle = nullptr;
+            std::optional<CUstream> on;
+            if (cuda_stream_from_arg(stream, &handle)) on = handle;
+            py::gil_scoped_release release;
+            s.arrived(shard, begin, end, on, from_peer);
+          },
+          py::arg("shard"), py::arg("begin"), py::arg("end"), py::arg("stream"),
+          py::arg("from_peer"),
+          "File bytes [begin, end) are in their destinations, written or sent on `stream` (as "
+          "order_writes'; -1: done already).")
       .def("stats", &LoadSession::stats, "The load's SessionStats so far.");
 
   py::class_<LoadPipeline, std::shared_ptr<LoadPipeline>>(m, "LoadPipeline")
