@@ -519,7 +519,7 @@ PYBIND11_MODULE(_core, m) {
             }
             const auto* p = static_cast<const uint8_t*>(info.ptr);
             const auto n = static_cast<size_t>(info.size);
-            py::gil_scoped_release release;
+            BlockingCall blocking;  // checksums over the part's bytes
             s.check_fetched(shard, file_offset, p, n);
           },
           py::arg("shard"), py::arg("file_offset"), py::arg("data"),
@@ -528,9 +528,8 @@ PYBIND11_MODULE(_core, m) {
            "Every rank checked its part of the shard: its groups' checked bytes count.")
       .def("destinations", &LoadSession::destinations, py::arg("shard"),
            "[(begin, end)] file ranges where the shard's data lands, each in one allocation.")
-      .def("open_destinations", &LoadSession::open_destinations,
-           py::call_guard<py::gil_scoped_release>(), py::arg("shard"), py::arg("begin"),
-           py::arg("end"),
+      .def("open_destinations", &LoadSession::open_destinations, py::call_guard<BlockingCall>(),
+           py::arg("shard"), py::arg("begin"), py::arg("end"),
            "Uint8 TensorViews of the destinations of file bytes [begin, end), or None once the "
            "load is cancelled. Blocks (without the GIL) until their groups have memory.")
       .def(
@@ -543,7 +542,7 @@ PYBIND11_MODULE(_core, m) {
             }
             const auto* p = static_cast<const uint8_t*>(info.ptr);
             const auto n = static_cast<size_t>(info.size);
-            py::gil_scoped_release release;
+            BlockingCall blocking;  // waits for a staging slot, copies the bytes
             return s.land_from_host(shard, file_offset, p, n);
           },
           py::arg("shard"), py::arg("file_offset"), py::arg("data"),
@@ -554,8 +553,7 @@ PYBIND11_MODULE(_core, m) {
           [](LoadSession& s, const py::int_& stream) {
             CUstream handle = nullptr;
             if (!cuda_stream_from_arg(stream, &handle)) return;
-            py::gil_scoped_release release;
-            s.order_writes(handle);
+            s.order_writes(handle);  // queues stream waits: does not block, the GIL is kept
           },
           py::arg("stream"),
           "Make a communicator's CUDA stream wait for the load's copies. `stream` as DLPack's: "
@@ -567,8 +565,7 @@ PYBIND11_MODULE(_core, m) {
             CUstream handle = nullptr;
             std::optional<CUstream> on;
             if (cuda_stream_from_arg(stream, &handle)) on = handle;
-            py::gil_scoped_release release;
-            s.arrived(shard, begin, end, on, from_peer);
+            s.arrived(shard, begin, end, on, from_peer);  // records an event: the GIL is kept
           },
           py::arg("shard"), py::arg("begin"), py::arg("end"), py::arg("stream"),
           py::arg("from_peer"),
