@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings_gil.hpp"
 #include "checksum.hpp"
 #include "chunk_verifier.hpp"
 #include "errors.hpp"
@@ -73,7 +74,7 @@ void register_struct_bindings(py::module_& m) {
       [](int ordinal, const std::string& sys_root) {
         NumaPlacement p;
         {
-          py::gil_scoped_release release;
+          BlockingCall blocking;  // reads sysfs, may load the driver
           p = numa_placement(ordinal, sys_root);
         }
         py::dict d;

@@ -671,9 +671,22 @@ void LoadSession::run_chunk(size_t index, uint64_t begin, uint64_t end) {
 // Fed sessions: a caller (the Python Blob source) fetches byte ranges into landings.
 
 std::optional<Landing> LoadSession::acquire(size_t index, uint64_t file_offset, size_t bytes) {
+  std::optional<Landing> out;
+  acquire_landing(index, file_offset, bytes, /*wait=*/true, out);
+  return out;
+}
+
+bool LoadSession::try_acquire(size_t index, uint64_t file_offset, size_t bytes,
+                              std::optional<Landing>& out) {
+  return acquire_landing(index, file_offset, bytes, /*wait=*/false, out);
+}
+
+bool LoadSession::acquire_landing(size_t index, uint64_t file_offset, size_t bytes, bool wait,
+                                  std::optional<Landing>& out) {
+  out.reset();
   check_shard_index(index);
   Shard& shard = *shards_[index];
-  if (cancelled_) return std::nullopt;
+  if (cancelled_) return true;
   if (!shard.source.path.empty()) {
     throw CoreError(ErrorKind::InvalidArgument,
                     "shard '" + shard.source.name + "' is read from a local file, not fed");
@@ -695,7 +708,8 @@ std::optional<Landing> LoadSession::acquire(size_t index, uint64_t file_offset, 
     } else if (!shard.header_buf.empty() && file_offset == shard.header_have &&
                file_offset + bytes == shard.header_buf.size()) {
       landing.data = shard.header_buf.data() + file_offset;  // the rest of a long header
-      return landing;
+      out = landing;
+      return true;
     } else {
       throw CoreError(ErrorKind::InvalidArgument,
                       "shard '" + shard.source.name + "': range at offset " +
@@ -711,8 +725,12 @@ std::optional<Landing> LoadSession::acquire(size_t index, uint64_t file_offset, 
     const uint64_t begin = file_offset - shard.header.data_offset;
     const Span* span = span_at(shard.layout.spans, begin);
     if (span != nullptr && begin + bytes <= span->end) {
+      // Populating the range's pages is the kernel's work, milliseconds for a large range: a
+      // caller that holds the GIL (try_acquire) gives it up for it.
+      if (!wait) return false;
       landing.data = host_landing(shard, *span, begin, bytes);
-      return landing;
+      out = landing;
+      return true;
     }
   }
   if (bytes > pipeline_->settings_.staging_slot_bytes) {
@@ -727,14 +745,23 @@ std::optional<Landing> LoadSession::acquire(size_t index, uint64_t file_offset, 
     const size_t g = read_group(shard, file_offset - shard.header.data_offset);
     if (g != kNoGroup) {
       std::unique_lock<std::mutex> lock(mutex_);
-      changed_.wait(lock, [&] { return shard.groups[g]->open || cancelled_.load(); });
-      if (cancelled_) return std::nullopt;
+      const auto opened = [&] { return shard.groups[g]->open || cancelled_.load(); };
+      if (!wait && !opened()) return false;
+      changed_.wait(lock, opened);
+      if (cancelled_) return true;
     }
   }
-  landing.slot = pipeline_->ring_->acquire(&cancelled_);
-  if (landing.slot == nullptr) return std::nullopt;
+  if (wait) {
+    landing.slot = pipeline_->ring_->acquire(&cancelled_);
+  } else {
+    bool none_free = false;
+    landing.slot = pipeline_->ring_->try_acquire(&cancelled_, &none_free);
+    if (none_free) return false;
+  }
+  if (landing.slot == nullptr) return true;  // cancelled
   landing.data = landing.slot->data();
-  return landing;
+  out = landing;
+  return true;
 }
 
 void LoadSession::release(Landing& landing) {
@@ -1295,25 +1322,39 @@ size_t LoadSession::relieve_locked() {
   return relieved;
 }
 
+bool LoadSession::next_shard_locked(bool keep, std::optional<PublishedShard>& out) {
+  if (error_) std::rethrow_exception(error_);
+  if (!ready_.empty()) {
+    out = std::move(ready_.front());
+    ready_.pop_front();
+    hand_out_locked(*out, keep);
+    return true;
+  }
+  if (handed_out_all_locked()) {
+    out.reset();
+    return true;
+  }
+  if (closed_) {
+    throw CoreError(ErrorKind::LoadCancelled, "the load was closed before all shards arrived");
+  }
+  return false;
+}
+
 std::optional<PublishedShard> LoadSession::next_shard(bool keep) {
   std::unique_lock<std::mutex> lock(mutex_);
+  std::optional<PublishedShard> out;
   for (;;) {
-    if (error_) std::rethrow_exception(error_);
-    if (!ready_.empty()) {
-      PublishedShard out = std::move(ready_.front());
-      ready_.pop_front();
-      hand_out_locked(out, keep);
-      return out;
-    }
-    if (handed_out_all_locked()) return std::nullopt;
-    if (closed_) {
-      throw CoreError(ErrorKind::LoadCancelled, "the load was closed before all shards arrived");
-    }
+    if (next_shard_locked(keep, out)) return out;
     // A streamed consumer that keeps what it was handed, beyond the cap: stop counting it rather
     // than wait forever for memory only it can give back.
     if (pool_ && stuck_locked() && relieve_locked() > 0) continue;
     changed_.wait(lock);
   }
+}
+
+bool LoadSession::try_next_shard(bool keep, std::optional<PublishedShard>& out) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return next_shard_locked(keep, out);
 }
 
 std::vector<PublishedShard> LoadSession::take_ready() {
@@ -1323,6 +1364,14 @@ std::vector<PublishedShard> LoadSession::take_ready() {
   ready_.clear();
   for (const PublishedShard& group : out) hand_out_locked(group, /*keep=*/true);
   return out;
+}
+
+bool LoadSession::landed() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (const auto& event : fences_) {
+    if (!event->is_complete()) return false;
+  }
+  return true;
 }
 
 void LoadSession::wait_landed() {

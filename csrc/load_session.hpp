@@ -235,11 +235,17 @@ class LoadSession {
   // load's budget stops counting them); else it drops them as it goes, and the budget counts
   // them until they go.
   std::optional<PublishedShard> next_shard(bool keep = true);
+  // next_shard() without waiting: false when it would wait (no group ready, the load going on);
+  // else true, with `out` what next_shard() returns. Rethrows the load's first error.
+  bool try_next_shard(bool keep, std::optional<PublishedShard>& out);
   // Groups published but not yet returned by next_shard(), even after the load failed (their
   // bytes are complete): a restarted load may keep them (they count as kept). Does not block.
   std::vector<PublishedShard> take_ready();
   // Blocks until every byte handed out so far has landed on the device (waits on fence events).
   void wait_landed();
+  // Whether every byte handed out so far has landed (wait_landed() would not wait). Queries the
+  // fence events; does not block.
+  bool landed() const;
   // Stops the load: pending reads are skipped, in-flight copies drain, unpublished arenas are
   // freed (or given back to the pool).
   void cancel();
@@ -253,6 +259,10 @@ class LoadSession {
   // nullopt once the load is cancelled. The first range of a shard must start at offset 0 and
   // carry the header; data ranges may be requested once commit() reported the header ready.
   std::optional<Landing> acquire(size_t shard, uint64_t file_offset, size_t bytes);
+  // acquire() without waiting: false when it would wait (for a staging slot or a streamed
+  // group's memory) or populate host memory; else true, with `out` what acquire() returns.
+  // Throws as acquire() does.
+  bool try_acquire(size_t shard, uint64_t file_offset, size_t bytes, std::optional<Landing>& out);
   // The landing's bytes are all there: parse the header or hand the data to the device.
   // Throws (and fails the load) for a bad header or a bad range.
   FeedStatus commit(Landing& landing);
@@ -444,6 +454,12 @@ class LoadSession {
   bool stuck_locked() const;
   size_t relieve_locked();
   void hand_out_locked(const PublishedShard& group, bool keep);
+  // next_shard's step under mutex_: true with `out` set (a group, or nullopt when all were
+  // returned), false when the consumer must wait. Rethrows the load's first error.
+  bool next_shard_locked(bool keep, std::optional<PublishedShard>& out);
+  // acquire() and try_acquire(): with wait false, returns false where acquire() would wait.
+  bool acquire_landing(size_t shard, uint64_t file_offset, size_t bytes, bool wait,
+                       std::optional<Landing>& out);
 
   std::shared_ptr<LoadPipeline> pipeline_;
   std::vector<std::unique_ptr<Shard>> shards_;
