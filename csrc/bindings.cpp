@@ -1,8 +1,13 @@
-// The Python module blob2gpu._core: thin bindings over the pipeline. Every blocking call releases
-// the GIL; CoreError becomes the blob2gpu.errors class named after its kind.
+// The Python module blob2gpu._core: thin bindings over the pipeline. A call that can block gives
+// the GIL up and one that cannot keeps it (bindings_gil.hpp); CoreError becomes the
+// blob2gpu.errors class named after its kind.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+#include <unordered_set>
+
+#include "bindings_gil.hpp"
 #include "cuda_device.hpp"
 #include "device_arena.hpp"
 #include "dlpack.hpp"
@@ -23,6 +28,9 @@ namespace py = pybind11;
 using namespace blob2gpu;
 
 namespace {
+
+// Headers up to this size are parsed without giving the GIL up (a fraction of a millisecond).
+constexpr size_t kParseWithGilBytes = 1 << 20;
 
 constexpr const char* kCapsuleVersioned = "dltensor_versioned";
 constexpr const char* kCapsuleVersionedUsed = "used_dltensor_versioned";
@@ -145,10 +153,10 @@ py::capsule tensor_dlpack(const std::shared_ptr<TensorView>& self, py::object st
   }
   if (own.first == kDLCUDA && !want_copy) {
     // The consumer's stream is also where its work on the tensor is queued: a streamed load
-    // reuses the tensor's memory only after that work (TensorView::note_consumer).
+    // reuses the tensor's memory only after that work (TensorView::note_consumer). Queuing the
+    // wait does not block: the GIL is kept.
     CUstream consumer = nullptr;
     if (cuda_stream_from_arg(stream, &consumer)) {
-      py::gil_scoped_release release;
       self->make_stream_wait(consumer);
       self->note_consumer(consumer);
     } else {
@@ -163,7 +171,7 @@ py::capsule tensor_dlpack(const std::shared_ptr<TensorView>& self, py::object st
           "consumer instead");
     }
     if (!versioned) buffer_error("__dlpack__: a copy needs a DLPack 1.0+ consumer (max_version)");
-    py::gil_scoped_release release;
+    BlockingCall blocking;  // a device-to-host copy
     source = self->to_host();
     flags |= kDLPackFlagIsCopied;
   }
@@ -219,7 +227,9 @@ PYBIND11_MODULE(_core, m) {
         auto* p = reinterpret_cast<const uint8_t*>(bytes.data());
         ShardHeader h;
         {
-          py::gil_scoped_release release;
+          // Parsing is CPU work, not a wait: only a large header is worth a return of the GIL.
+          std::optional<BlockingCall> blocking;
+          if (bytes.size() > kParseWithGilBytes) blocking.emplace();
           uint64_t n = read_header_length(p, bytes.size(), size, shard);
           if (bytes.size() < kHeaderLengthBytes + n) {
             throw CoreError(ErrorKind::HeaderTruncated, "shard '" + shard + "': only " +
@@ -313,7 +323,7 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "device_memory",
       [](int ordinal) {
-        py::gil_scoped_release release;
+        BlockingCall blocking;
         auto ctx = CudaContext::probe(ordinal);
         auto info = ctx->memory_info();
         return std::make_tuple(info.first, info.second, ctx->name());
@@ -325,7 +335,7 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "pinned_probe",
       [](int ordinal, size_t bytes) {
-        py::gil_scoped_release release;
+        BlockingCall blocking;
         auto ctx = CudaContext::probe(ordinal);
         return static_cast<bool>(HostBuffer::pinned(ctx, bytes));
       },
@@ -341,6 +351,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("teardown_failures", &teardown_failures,
         "Driver calls that failed while blob2gpu objects were torn down (destructors, DLPack "
         "deleters, exit) in this process: counted, the first printed to stderr, never raised.");
+
+  m.def(
+      "gil_reacquisitions", [] { return gil_reacquisitions(); },
+      "How many times the calling thread has taken the GIL back after a _core call gave it up "
+      "(only a call that can block does: csrc/bindings_gil.hpp), since the thread started. "
+      "Tests bound how often handing tensors out returns to the interpreter's lock.");
 
   m.def("live_arena_count", &DeviceArena::live_count,
         "Arenas (shard and realigned-tensor allocations) alive in this process.");
@@ -368,14 +384,14 @@ PYBIND11_MODULE(_core, m) {
            py::arg("copy") = py::none())
       .def("as_bytes", &TensorView::as_bytes,
            "A uint8 view of the same bytes (for consumers that lack this dtype).")
-      .def("to_host", &TensorView::to_host, py::call_guard<py::gil_scoped_release>(),
+      .def("to_host", &TensorView::to_host, py::call_guard<BlockingCall>(),
            "A copy in host memory; waits for the bytes to land first.")
-      .def("wait_ready", &TensorView::wait_ready, py::call_guard<py::gil_scoped_release>())
+      .def("wait_ready", &TensorView::wait_ready, py::call_guard<BlockingCall>())
       .def("to_bytes",
            [](const TensorView& t) {
              std::shared_ptr<TensorView> host;
              {
-               py::gil_scoped_release release;
+               BlockingCall blocking;
                host = t.to_host();
              }
              return py::bytes(reinterpret_cast<const char*>(host->address()), host->nbytes());
@@ -407,26 +423,47 @@ PYBIND11_MODULE(_core, m) {
           "A writable memoryview of the landing's bytes; valid until commit() or release().");
 
   py::class_<LoadSession, std::shared_ptr<LoadSession>>(m, "LoadSession")
-      .def("next_shard", &LoadSession::next_shard, py::call_guard<py::gil_scoped_release>(),
-           py::arg("keep") = true,
-           "The next PublishedShard (a tensor group: a whole shard unless the load is streamed) "
-           "in arrival order, or None when every one was returned. Blocks; raises the load's "
-           "first error. keep=False: the consumer drops the tensors as it goes, and a streamed "
-           "load counts them against its device memory until they go.")
+      .def(
+          "next_shard",
+          [](LoadSession& s, bool keep) {
+            // What has arrived is handed out with the GIL kept: it is given up (and taken back
+            // once) only when the consumer has to wait.
+            std::optional<PublishedShard> out;
+            if (s.try_next_shard(keep, out)) return out;
+            BlockingCall blocking;
+            return s.next_shard(keep);
+          },
+          py::arg("keep") = true,
+          "The next PublishedShard (a tensor group: a whole shard unless the load is streamed) "
+          "in arrival order, or None when every one was returned. Blocks (without the GIL) only "
+          "while none has arrived; raises the load's first error. keep=False: the consumer drops "
+          "the tensors as it goes, and a streamed load counts them against its device memory "
+          "until they go.")
       .def("take_ready", &LoadSession::take_ready,
            "The PublishedShards published but not yet returned by next_shard(), even after the "
            "load failed.")
-      .def("wait_landed", &LoadSession::wait_landed, py::call_guard<py::gil_scoped_release>())
-      .def("cancel", &LoadSession::cancel, py::call_guard<py::gil_scoped_release>())
-      .def("close", &LoadSession::close, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "wait_landed",
+          [](LoadSession& s) {
+            if (s.landed()) return s.wait_landed();  // nothing to wait for: the GIL is kept
+            BlockingCall blocking;
+            s.wait_landed();
+          },
+          "Blocks until every byte handed out so far has landed on the device; raises a copy's "
+          "error.")
+      .def("cancel", &LoadSession::cancel,
+           "Stop the load (does not wait: close() does); next_shard() raises LoadCancelled.")
+      .def("close", &LoadSession::close, py::call_guard<BlockingCall>())
       .def_property_readonly("shard_count", &LoadSession::shard_count)
       .def(
           "acquire",
           [](const std::shared_ptr<LoadSession>& s, size_t shard, uint64_t file_offset,
              size_t nbytes) -> py::object {
+            // The GIL is given up only when the landing must wait (for a staging slot or a
+            // streamed group's memory) or have host memory populated.
             std::optional<Landing> landing;
-            {
-              py::gil_scoped_release release;
+            if (!s->try_acquire(shard, file_offset, nbytes, landing)) {
+              BlockingCall blocking;
               landing = s->acquire(shard, file_offset, nbytes);
             }
             if (!landing) return py::none();
@@ -443,7 +480,7 @@ PYBIND11_MODULE(_core, m) {
           [](LoadSession& s, PyLanding& l) {
             l.check_open();
             l.open = false;
-            py::gil_scoped_release release;
+            BlockingCall blocking;
             return s.commit(l.landing);
           },
           py::arg("landing"),
@@ -467,6 +504,73 @@ PYBIND11_MODULE(_core, m) {
       .def("needed_ranges", &LoadSession::needed_ranges, py::arg("shard"),
            "[(begin, end)] file byte ranges of the shard's data that this load reads (all of it, "
            "or a tensor selection's), once commit() reported its header ready.")
+      .def("exchangeable", &LoadSession::exchangeable, py::arg("shard"),
+           "Whether the shard's data may be exchanged by a group (header ready, fed, no "
+           "Content-MD5, not host staging).")
+      .def("exchange_steps", &LoadSession::exchange_steps, py::arg("shard"),
+           "[(begin, end)] file ranges of the shard's groups' reads, in order.")
+      .def(
+          "check_fetched",
+          [](LoadSession& s, size_t shard, uint64_t file_offset, const py::buffer& data) {
+            py::buffer_info info = data.request();
+            if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1) {
+              throw CoreError(ErrorKind::InvalidArgument,
+                              "check_fetched takes a contiguous buffer of bytes");
+            }
+            const auto* p = static_cast<const uint8_t*>(info.ptr);
+            const auto n = static_cast<size_t>(info.size);
+            BlockingCall blocking;  // checksums over the part's bytes
+            s.check_fetched(shard, file_offset, p, n);
+          },
+          py::arg("shard"), py::arg("file_offset"), py::arg("data"),
+          "Check data bytes this process fetched (its part) against the manifest.")
+      .def("exchange_checked", &LoadSession::exchange_checked, py::arg("shard"),
+           "Every rank checked its part of the shard: its groups' checked bytes count.")
+      .def("destinations", &LoadSession::destinations, py::arg("shard"),
+           "[(begin, end)] file ranges where the shard's data lands, each in one allocation.")
+      .def("open_destinations", &LoadSession::open_destinations, py::call_guard<BlockingCall>(),
+           py::arg("shard"), py::arg("begin"), py::arg("end"),
+           "Uint8 TensorViews of the destinations of file bytes [begin, end), or None once the "
+           "load is cancelled. Blocks (without the GIL) until their groups have memory.")
+      .def(
+          "land_from_host",
+          [](LoadSession& s, size_t shard, uint64_t file_offset, const py::buffer& data) {
+            py::buffer_info info = data.request();
+            if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1) {
+              throw CoreError(ErrorKind::InvalidArgument,
+                              "land_from_host takes a contiguous buffer of bytes");
+            }
+            const auto* p = static_cast<const uint8_t*>(info.ptr);
+            const auto n = static_cast<size_t>(info.size);
+            BlockingCall blocking;  // waits for a staging slot, copies the bytes
+            return s.land_from_host(shard, file_offset, p, n);
+          },
+          py::arg("shard"), py::arg("file_offset"), py::arg("data"),
+          "Land data bytes this process fetched into their open destinations; False once the "
+          "load is cancelled.")
+      .def(
+          "order_writes",
+          [](LoadSession& s, const py::int_& stream) {
+            CUstream handle = nullptr;
+            if (!cuda_stream_from_arg(stream, &handle)) return;
+            s.order_writes(handle);  // queues stream waits: does not block, the GIL is kept
+          },
+          py::arg("stream"),
+          "Make a communicator's CUDA stream wait for the load's copies. `stream` as DLPack's: "
+          "1 the legacy default stream, 2 the per-thread one, a handle, or -1 (none: no-op).")
+      .def(
+          "arrived",
+          [](LoadSession& s, size_t shard, uint64_t begin, uint64_t end, const py::int_& stream,
+             bool from_peer) {
+            CUstream handle = nullptr;
+            std::optional<CUstream> on;
+            if (cuda_stream_from_arg(stream, &handle)) on = handle;
+            s.arrived(shard, begin, end, on, from_peer);  // records an event: the GIL is kept
+          },
+          py::arg("shard"), py::arg("begin"), py::arg("end"), py::arg("stream"),
+          py::arg("from_peer"),
+          "File bytes [begin, end) are in their destinations, written or sent on `stream` (as "
+          "order_writes'; -1: done already).")
       .def("stats", &LoadSession::stats, "The load's SessionStats so far.");
 
   py::class_<LoadPipeline, std::shared_ptr<LoadPipeline>>(m, "LoadPipeline")
@@ -480,7 +584,7 @@ PYBIND11_MODULE(_core, m) {
              s.copy_streams = copy_streams;
              s.io_threads = io_threads;
              s.use_pinned_host_fallback = use_pinned_host_fallback;
-             py::gil_scoped_release release;
+             BlockingCall blocking;
              return LoadPipeline::create(device, s);
            }),
            py::arg("device"), py::arg("staging_slots"), py::arg("staging_slot_bytes"),
@@ -498,7 +602,7 @@ PYBIND11_MODULE(_core, m) {
             }
             SessionOptions options;
             options.wanted = wanted_names(wanted);
-            py::gil_scoped_release release;
+            BlockingCall blocking;
             options.mmap = mmap;
             options.host_staging = host_staging;
             options.fail_on_checksum_mismatch = fail_on_checksum_mismatch;
@@ -520,7 +624,7 @@ PYBIND11_MODULE(_core, m) {
              uint64_t device_cap) {
             SessionOptions options;
             options.wanted = wanted_names(wanted);
-            py::gil_scoped_release release;
+            BlockingCall blocking;
             options.host_staging = host_staging;
             options.fail_on_checksum_mismatch = fail_on_checksum_mismatch;
             options.direct_io = direct_io;
@@ -536,7 +640,7 @@ PYBIND11_MODULE(_core, m) {
           "direct_io: read those files with O_DIRECT into staging slots where the filesystem "
           "allows it. mmap: on cpu, map them copy-on-write. wanted, device_cap: as for "
           "start_local.")
-      .def("close", &LoadPipeline::close, py::call_guard<py::gil_scoped_release>())
+      .def("close", &LoadPipeline::close, py::call_guard<BlockingCall>())
       .def_property_readonly("device", &LoadPipeline::device)
       .def_property_readonly("is_cuda", &LoadPipeline::is_cuda)
       .def(

@@ -5,9 +5,11 @@
 #include <memory>
 #include <mutex>
 
+#include "bindings_gil.hpp"
 #include "checksum.hpp"
 
 namespace py = pybind11;
+using blob2gpu::BlockingCall;
 using blob2gpu::Md5;
 using blob2gpu::Sha256;
 
@@ -40,7 +42,7 @@ template <uint32_t (*Crc)(const void*, size_t, uint32_t)>
 uint32_t crc_of_buffer(py::handle data, uint32_t crc) {
   BufferView view(data);
   if (!view.worth_releasing_gil()) return Crc(view.data(), view.size(), crc);
-  py::gil_scoped_release release;
+  BlockingCall blocking;
   return Crc(view.data(), view.size(), crc);
 }
 
@@ -57,7 +59,7 @@ class PySha256 {
       sha_.update(view.data(), view.size());
       return;
     }
-    py::gil_scoped_release release;
+    BlockingCall blocking;
     std::lock_guard<std::mutex> lock(mutex_);
     sha_.update(view.data(), view.size());
   }
@@ -79,7 +81,7 @@ class PySha256 {
   std::unique_lock<std::mutex> lock_state() {
     std::unique_lock<std::mutex> lock(mutex_, std::try_to_lock);
     if (!lock.owns_lock()) {
-      py::gil_scoped_release release;
+      BlockingCall blocking;
       lock.lock();
     }
     return lock;
@@ -115,8 +117,10 @@ void register_checksum_bindings(py::module_& m) {
       [](py::handle data) {
         BufferView view(data);
         Md5 md5;
-        {
-          py::gil_scoped_release release;
+        if (view.worth_releasing_gil()) {
+          BlockingCall blocking;
+          md5.update(view.data(), view.size());
+        } else {
           md5.update(view.data(), view.size());
         }
         const Md5::Digest d = md5.finish();

@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 
+#include "bindings_gil.hpp"
 #include "errors.hpp"
 #include "http/fetch_result.hpp"
 #include "http/range_client.hpp"
@@ -75,7 +76,7 @@ std::shared_ptr<RangeClient> make_client(const std::string& host, int port, bool
   if (!tls && !bundle.empty()) {
     throw CoreError(ErrorKind::InvalidArgument, "ca_file is for HTTPS (tls=True) only");
   }
-  py::gil_scoped_release release;  // loading OpenSSL and a CA bundle reads files
+  BlockingCall blocking;  // loading OpenSSL and a CA bundle reads files
   return std::make_shared<RangeClient>(std::move(target), bundle, pool_size);
 }
 
@@ -154,7 +155,7 @@ void register_http_bindings(py::module_& m) {
           [](RangeClient& client, const std::string& target, const HeaderList& headers,
              const py::object& buffer, std::optional<uint64_t> first_byte) {
             WritableBuffer view(buffer);
-            py::gil_scoped_release release;
+            BlockingCall blocking;
             return client.get_into(target, headers, view.data(), view.size(), first_byte);
           },
           py::arg("target"), py::arg("headers"), py::arg("buffer"), py::kw_only(),
@@ -164,7 +165,7 @@ void register_http_bindings(py::module_& m) {
           "bytearray, a memoryview slice). first_byte: where the request's range starts, "
           "checked against Content-Range. Returns a RangeResult; raises InvalidArgument for a "
           "target or header that cannot be sent, BufferError for a read-only buffer.")
-      .def("close", &RangeClient::close, py::call_guard<py::gil_scoped_release>(),
+      .def("close", &RangeClient::close, py::call_guard<BlockingCall>(),
            "Break the requests in flight (each returns CANCELLED) and close the idle "
            "connections; later requests return CANCELLED too.")
       .def_property_readonly("host", [](const RangeClient& c) { return c.target().host; })

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings_gil.hpp"
 #include "checksum.hpp"
 #include "chunk_verifier.hpp"
 #include "errors.hpp"
@@ -73,7 +74,7 @@ void register_struct_bindings(py::module_& m) {
       [](int ordinal, const std::string& sys_root) {
         NumaPlacement p;
         {
-          py::gil_scoped_release release;
+          BlockingCall blocking;  // reads sysfs, may load the driver
           p = numa_placement(ordinal, sys_root);
         }
         py::dict d;
@@ -208,6 +209,10 @@ void register_struct_bindings(py::module_& m) {
                     "Bytes read with O_DIRECT (page cache bypassed).")
       .def_readonly("host_populate_seconds", &SessionStats::host_populate_seconds,
                     "CPU time making new host memory resident for writing.")
+      .def_readonly("group_landed_bytes", &SessionStats::group_landed_bytes,
+                    "A group's exchange: data bytes this process fetched and landed itself.")
+      .def_readonly("group_received_bytes", &SessionStats::group_received_bytes,
+                    "A group's exchange: data bytes the peers wrote into this load's memory.")
       .def_readonly("checksum_failures", &SessionStats::checksum_failures,
                     "Mismatches let through (fail_on_checksum_mismatch=False), as messages.")
       .def_readonly("shards", &SessionStats::shards)

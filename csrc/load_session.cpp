@@ -546,7 +546,7 @@ uint64_t LoadSession::group_copies(const Shard& shard, const Group& group, size_
 }
 
 void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64_t begin,
-                            uint64_t bytes) {
+                            uint64_t bytes, bool count) {
   Shard& shard = *shards_[index];
   const ShardHeader& h = shard.header;
   const uint64_t end = begin + bytes;
@@ -569,7 +569,7 @@ void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64
       const GroupLayout& layout = group.layout;
       if (layout.cover.empty() || layout.cover.back().end <= begin) continue;
       if (layout.cover.front().begin >= end) break;
-      int64_t count = static_cast<int64_t>(bytes_within(layout.cover, begin, end));
+      int64_t landed_bytes = static_cast<int64_t>(bytes_within(layout.cover, begin, end));
       const uint64_t span_bytes = bytes_within(layout.spans, begin, end);
       if (span_bytes > 0 && lands_on_host()) {
         // Unbounded loads: the group is open; bytes from a slot are copied into host memory
@@ -581,12 +581,16 @@ void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64
           populate_host(dest, hi - lo);
           std::memcpy(dest, slot->data() + slot_offset + (lo - begin), hi - lo);
         }
-        count += static_cast<int64_t>(span_bytes);
+        landed_bytes += static_cast<int64_t>(span_bytes);
       } else if (span_bytes > 0) {
         std::lock_guard<std::mutex> lock(mutex_);
         if (group.open) {
-          count +=
+          landed_bytes +=
               static_cast<int64_t>(group_copies(shard, group, slot_offset, begin, bytes, copies));
+        } else if (!count) {
+          throw CoreError(ErrorKind::InvalidArgument,
+                          "shard '" + shard.source.name +
+                              "': exchanged bytes landed before their destinations were opened");
         } else {
           for (auto s = spans_from(layout.spans, begin); s != layout.spans.end() && s->begin < end;
                ++s) {
@@ -596,7 +600,7 @@ void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64
           }
         }
       }
-      landed.emplace_back(g, count);
+      landed.emplace_back(g, landed_bytes);
     }
   } catch (...) {
     if (slot) pipeline_->ring_->release(slot);
@@ -609,7 +613,8 @@ void LoadSession::land_data(size_t index, Slot* slot, size_t slot_offset, uint64
       pipeline_->ring_->release(slot);
     }
   }
-  for (const auto& [g, count] : landed) group_landed(index, g, count);
+  if (!count) return;
+  for (const auto& [g, n] : landed) group_landed(index, g, n);
 }
 
 void LoadSession::land_spill(size_t index, size_t g, const Spill& spill) {
@@ -666,9 +671,22 @@ void LoadSession::run_chunk(size_t index, uint64_t begin, uint64_t end) {
 // Fed sessions: a caller (the Python Blob source) fetches byte ranges into landings.
 
 std::optional<Landing> LoadSession::acquire(size_t index, uint64_t file_offset, size_t bytes) {
+  std::optional<Landing> out;
+  acquire_landing(index, file_offset, bytes, /*wait=*/true, out);
+  return out;
+}
+
+bool LoadSession::try_acquire(size_t index, uint64_t file_offset, size_t bytes,
+                              std::optional<Landing>& out) {
+  return acquire_landing(index, file_offset, bytes, /*wait=*/false, out);
+}
+
+bool LoadSession::acquire_landing(size_t index, uint64_t file_offset, size_t bytes, bool wait,
+                                  std::optional<Landing>& out) {
+  out.reset();
   check_shard_index(index);
   Shard& shard = *shards_[index];
-  if (cancelled_) return std::nullopt;
+  if (cancelled_) return true;
   if (!shard.source.path.empty()) {
     throw CoreError(ErrorKind::InvalidArgument,
                     "shard '" + shard.source.name + "' is read from a local file, not fed");
@@ -690,7 +708,8 @@ std::optional<Landing> LoadSession::acquire(size_t index, uint64_t file_offset, 
     } else if (!shard.header_buf.empty() && file_offset == shard.header_have &&
                file_offset + bytes == shard.header_buf.size()) {
       landing.data = shard.header_buf.data() + file_offset;  // the rest of a long header
-      return landing;
+      out = landing;
+      return true;
     } else {
       throw CoreError(ErrorKind::InvalidArgument,
                       "shard '" + shard.source.name + "': range at offset " +
@@ -706,8 +725,12 @@ std::optional<Landing> LoadSession::acquire(size_t index, uint64_t file_offset, 
     const uint64_t begin = file_offset - shard.header.data_offset;
     const Span* span = span_at(shard.layout.spans, begin);
     if (span != nullptr && begin + bytes <= span->end) {
+      // Populating the range's pages is the kernel's work, milliseconds for a large range: a
+      // caller that holds the GIL (try_acquire) gives it up for it.
+      if (!wait) return false;
       landing.data = host_landing(shard, *span, begin, bytes);
-      return landing;
+      out = landing;
+      return true;
     }
   }
   if (bytes > pipeline_->settings_.staging_slot_bytes) {
@@ -722,14 +745,23 @@ std::optional<Landing> LoadSession::acquire(size_t index, uint64_t file_offset, 
     const size_t g = read_group(shard, file_offset - shard.header.data_offset);
     if (g != kNoGroup) {
       std::unique_lock<std::mutex> lock(mutex_);
-      changed_.wait(lock, [&] { return shard.groups[g]->open || cancelled_.load(); });
-      if (cancelled_) return std::nullopt;
+      const auto opened = [&] { return shard.groups[g]->open || cancelled_.load(); };
+      if (!wait && !opened()) return false;
+      changed_.wait(lock, opened);
+      if (cancelled_) return true;
     }
   }
-  landing.slot = pipeline_->ring_->acquire(&cancelled_);
-  if (landing.slot == nullptr) return std::nullopt;
+  if (wait) {
+    landing.slot = pipeline_->ring_->acquire(&cancelled_);
+  } else {
+    bool none_free = false;
+    landing.slot = pipeline_->ring_->try_acquire(&cancelled_, &none_free);
+    if (none_free) return false;
+  }
+  if (landing.slot == nullptr) return true;  // cancelled
   landing.data = landing.slot->data();
-  return landing;
+  out = landing;
+  return true;
 }
 
 void LoadSession::release(Landing& landing) {
@@ -824,6 +856,200 @@ FeedStatus LoadSession::commit_landing(Landing& landing) {
             landing.capacity);
   return status_of(shard);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A tensor-parallel group's exchange (see the header): bytes that reach a fed shard's memory
+// from this process's fetch (land_from_host) or from a peer (a communicator writing the views of
+// open_destinations), counted by arrived().
+
+bool LoadSession::exchangeable(size_t index) const {
+  check_shard_index(index);
+  const Shard& shard = *shards_[index];
+  return fed_ && shard.source.path.empty() && shard.header_ready && !shard.md5 && !host_staging_;
+}
+
+void LoadSession::check_exchangeable(size_t index) const {
+  if (!exchangeable(index)) {
+    throw CoreError(ErrorKind::InvalidArgument,
+                    "shard '" + shards_[index]->source.name +
+                        "' cannot be exchanged: its header is not read, or it is checked by "
+                        "Content-MD5, read from a file, or staged in host memory");
+  }
+}
+
+std::pair<uint64_t, uint64_t> LoadSession::data_range(const Shard& shard, uint64_t begin,
+                                                      uint64_t end) const {
+  const ShardHeader& h = shard.header;
+  if (begin < h.data_offset || end < begin || end > h.data_offset + h.data_bytes) {
+    throw CoreError(ErrorKind::InvalidArgument,
+                    "shard '" + shard.source.name + "': bytes [" + std::to_string(begin) + ", " +
+                        std::to_string(end) + ") are not within its data region");
+  }
+  return {begin - h.data_offset, end - h.data_offset};
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> LoadSession::exchange_steps(size_t index) const {
+  check_exchangeable(index);
+  const Shard& shard = *shards_[index];
+  const uint64_t d = shard.header.data_offset;
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  for (const auto& group : shard.groups) {
+    const GroupLayout& g = group->layout;
+    if (g.hi > g.lo) out.emplace_back(d + g.lo, d + g.hi);
+  }
+  return out;
+}
+
+void LoadSession::check_fetched(size_t index, uint64_t file_offset, const uint8_t* data, size_t n) {
+  try {
+    check_exchangeable(index);
+    Shard& shard = *shards_[index];
+    data_range(shard, file_offset, file_offset + n);
+    bytes_read_ += n;
+    if (shard.verifier) verify(shard, file_offset, data, n);
+  } catch (...) {
+    fail(std::current_exception());
+    throw;
+  }
+}
+
+void LoadSession::exchange_checked(size_t index) {
+  try {
+    check_exchangeable(index);
+    Shard& shard = *shards_[index];
+    std::unique_ptr<ScopedContext> bind;  // a group may publish: its fence is recorded
+    if (pipeline_->ctx_) bind = std::make_unique<ScopedContext>(*pipeline_->ctx_);
+    for (size_t g = 0; g < shard.groups.size(); ++g) {
+      group_landed(index, g, static_cast<int64_t>(shard.groups[g]->layout.cover_bytes));
+    }
+  } catch (...) {
+    fail(std::current_exception());
+    throw;
+  }
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> LoadSession::destinations(size_t index) const {
+  check_exchangeable(index);
+  const Shard& shard = *shards_[index];
+  const uint64_t d = shard.header.data_offset;
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  for (const auto& group : shard.groups) {
+    for (const Span& span : group->layout.spans) out.emplace_back(d + span.begin, d + span.end);
+    // On the host a realigned tensor is copied from the arena when its group publishes.
+    if (lands_on_host()) continue;
+    for (const GroupLayout::Realigned& r : group->layout.realigned) {
+      const TensorEntry& e = shard.header.tensors[r.tensor];
+      out.emplace_back(d + e.begin, d + e.end);
+    }
+  }
+  return out;
+}
+
+std::optional<std::vector<std::shared_ptr<TensorView>>> LoadSession::open_destinations(
+    size_t index, uint64_t begin, uint64_t end) {
+  check_exchangeable(index);
+  Shard& shard = *shards_[index];
+  const auto [lo, hi] = data_range(shard, begin, end);
+  auto touches = [&](const Group& group) {
+    if (bytes_within(group.layout.spans, lo, hi) > 0) return true;
+    for (const GroupLayout::Realigned& r : group.layout.realigned) {
+      const TensorEntry& e = shard.header.tensors[r.tensor];
+      if (std::max(e.begin, lo) < std::min(e.end, hi)) return true;
+    }
+    return false;
+  };
+  if (streamed()) sequence_shard(index);
+  std::vector<std::shared_ptr<TensorView>> out;
+  std::unique_lock<std::mutex> lock(mutex_);
+  for (const auto& group : shard.groups) {
+    if (!touches(*group)) continue;
+    changed_.wait(lock, [&] { return group->open || cancelled_.load(); });
+    if (cancelled_) return std::nullopt;
+    auto view = [&](const std::shared_ptr<DeviceArena>& arena, uint64_t offset, uint64_t a,
+                    uint64_t b) {
+      const uint64_t n = b - a;
+      out.push_back(std::make_shared<TensorView>(
+          shard.source.name + " bytes [" + std::to_string(shard.header.data_offset + a) + ", " +
+              std::to_string(shard.header.data_offset + b) + ")",
+          DType::U8, std::vector<int64_t>{static_cast<int64_t>(n)}, arena, offset, n));
+    };
+    for (auto s = spans_from(group->layout.spans, lo);
+         s != group->layout.spans.end() && s->begin < hi; ++s) {
+      const uint64_t a = std::max(s->begin, lo), b = std::min(s->end, hi);
+      if (a < b) view(group->arena, s->arena_offset + (a - s->begin), a, b);
+    }
+    if (lands_on_host()) continue;
+    for (size_t i = 0; i < group->layout.realigned.size(); ++i) {
+      const TensorEntry& e = shard.header.tensors[group->layout.realigned[i].tensor];
+      const uint64_t a = std::max(e.begin, lo), b = std::min(e.end, hi);
+      if (a < b) view(group->realigned[i], a - e.begin, a, b);
+    }
+  }
+  return out;
+}
+
+bool LoadSession::land_from_host(size_t index, uint64_t file_offset, const uint8_t* data,
+                                 size_t n) {
+  try {
+    check_exchangeable(index);
+    Shard& shard = *shards_[index];
+    const auto [lo, hi] = data_range(shard, file_offset, file_offset + n);
+    std::unique_ptr<ScopedContext> bind;
+    if (pipeline_->ctx_) bind = std::make_unique<ScopedContext>(*pipeline_->ctx_);
+    const size_t slot_bytes = pipeline_->settings_.staging_slot_bytes;
+    for (uint64_t b = lo; b < hi; b += slot_bytes) {
+      const size_t len = static_cast<size_t>(std::min<uint64_t>(slot_bytes, hi - b));
+      Slot* slot = pipeline_->ring_->acquire(&cancelled_);
+      if (slot == nullptr) return false;  // cancelled
+      std::memcpy(slot->data(), data + (b - lo), len);
+      land_data(index, slot, 0, b, len, /*count=*/false);
+    }
+    group_landed_bytes_ += bytes_within(shard.layout.spans, lo, hi);
+    return true;
+  } catch (...) {
+    fail(std::current_exception());
+    throw;
+  }
+}
+
+void LoadSession::order_writes(CUstream stream) {
+  if (!pipeline_->ctx_) return;
+  ScopedContext bind(*pipeline_->ctx_);
+  for (const auto& event : pipeline_->engine_->record_fence()) event->make_stream_wait(stream);
+}
+
+void LoadSession::arrived(size_t index, uint64_t begin, uint64_t end,
+                          std::optional<CUstream> stream, bool from_peer) {
+  try {
+    check_exchangeable(index);
+    Shard& shard = *shards_[index];
+    const auto [lo, hi] = data_range(shard, begin, end);
+    // Publishing a group records its fence on the copy streams: the context is needed here.
+    std::unique_ptr<ScopedContext> bind;
+    if (pipeline_->ctx_) bind = std::make_unique<ScopedContext>(*pipeline_->ctx_);
+    std::shared_ptr<CudaEvent> event;
+    if (pipeline_->ctx_ && stream) {
+      event = std::make_shared<CudaEvent>(pipeline_->ctx_);
+      event->record(*stream);
+    }
+    if (from_peer) group_received_bytes_ += bytes_within(shard.layout.spans, lo, hi);
+    for (size_t g = 0; g < shard.groups.size(); ++g) {
+      Group& group = *shard.groups[g];
+      const GroupLayout& layout = group.layout;
+      const auto n = static_cast<int64_t>(bytes_within(layout.spans, lo, hi));
+      if (n == 0) continue;
+      if (event) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        group.arrived.push_back(event);
+      }
+      group_landed(index, g, n);
+    }
+  } catch (...) {
+    fail(std::current_exception());
+    throw;
+  }
+}
+
 size_t LoadSession::read_into_slot(Shard& shard, Slot* slot, uint64_t file_offset, size_t bytes) {
   constexpr uint64_t kAlign = ShardFile::kDirectAlign;
   if (shard.file->direct() && reinterpret_cast<uintptr_t>(slot->data()) % kAlign == 0) {
@@ -951,10 +1177,12 @@ void LoadSession::finish_group(size_t index, size_t g) {
   const GroupLayout& layout = group.layout;
   std::shared_ptr<DeviceArena> arena;
   std::vector<std::shared_ptr<DeviceArena>> realigned;
+  std::vector<std::shared_ptr<CudaEvent>> arrived;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     arena = group.arena;
     realigned = group.realigned;
+    arrived.swap(group.arrived);
   }
   std::vector<std::shared_ptr<CudaEvent>> fence;
   if (pipeline_->ctx_ && host_staging_) {
@@ -978,6 +1206,7 @@ void LoadSession::finish_group(size_t index, size_t g) {
     // Every byte of this group is enqueued (landings count after submitting), so events recorded
     // now on every stream complete only after all of them.
     fence = pipeline_->engine_->record_fence();
+    fence.insert(fence.end(), arrived.begin(), arrived.end());  // exchanged bytes (arrived())
     arena->set_fence(fence);
     for (const auto& r : realigned) r->set_fence(fence);
   } else {
@@ -1093,25 +1322,39 @@ size_t LoadSession::relieve_locked() {
   return relieved;
 }
 
+bool LoadSession::next_shard_locked(bool keep, std::optional<PublishedShard>& out) {
+  if (error_) std::rethrow_exception(error_);
+  if (!ready_.empty()) {
+    out = std::move(ready_.front());
+    ready_.pop_front();
+    hand_out_locked(*out, keep);
+    return true;
+  }
+  if (handed_out_all_locked()) {
+    out.reset();
+    return true;
+  }
+  if (closed_) {
+    throw CoreError(ErrorKind::LoadCancelled, "the load was closed before all shards arrived");
+  }
+  return false;
+}
+
 std::optional<PublishedShard> LoadSession::next_shard(bool keep) {
   std::unique_lock<std::mutex> lock(mutex_);
+  std::optional<PublishedShard> out;
   for (;;) {
-    if (error_) std::rethrow_exception(error_);
-    if (!ready_.empty()) {
-      PublishedShard out = std::move(ready_.front());
-      ready_.pop_front();
-      hand_out_locked(out, keep);
-      return out;
-    }
-    if (handed_out_all_locked()) return std::nullopt;
-    if (closed_) {
-      throw CoreError(ErrorKind::LoadCancelled, "the load was closed before all shards arrived");
-    }
+    if (next_shard_locked(keep, out)) return out;
     // A streamed consumer that keeps what it was handed, beyond the cap: stop counting it rather
     // than wait forever for memory only it can give back.
     if (pool_ && stuck_locked() && relieve_locked() > 0) continue;
     changed_.wait(lock);
   }
+}
+
+bool LoadSession::try_next_shard(bool keep, std::optional<PublishedShard>& out) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return next_shard_locked(keep, out);
 }
 
 std::vector<PublishedShard> LoadSession::take_ready() {
@@ -1121,6 +1364,14 @@ std::vector<PublishedShard> LoadSession::take_ready() {
   ready_.clear();
   for (const PublishedShard& group : out) hand_out_locked(group, /*keep=*/true);
   return out;
+}
+
+bool LoadSession::landed() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (const auto& event : fences_) {
+    if (!event->is_complete()) return false;
+  }
+  return true;
 }
 
 void LoadSession::wait_landed() {
@@ -1231,6 +1482,8 @@ SessionStats LoadSession::stats() const {
   }
   s.direct_io_bytes = direct_io_bytes_.load();
   s.host_populate_seconds = static_cast<double>(populate_cpu_ns_.load()) / 1e9;
+  s.group_landed_bytes = group_landed_bytes_.load();
+  s.group_received_bytes = group_received_bytes_.load();
   std::lock_guard<std::mutex> lock(mutex_);
   if (streamed_) {
     const PoolStats pool = pool_ ? pool_->stats() : pool_stats_;

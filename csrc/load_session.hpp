@@ -151,6 +151,10 @@ struct SessionStats {
   double host_populate_seconds = 0;    // CPU time making new host memory resident for writing
   std::vector<std::string> checksum_failures;  // mismatches let through (fail_on_... = false)
   std::vector<ShardStats> shards;
+  // A group's exchange: data bytes this process fetched and landed in its own memory (sent to the
+  // peers from there), and bytes the peers wrote into it (span bytes, not realigned copies).
+  uint64_t group_landed_bytes = 0;
+  uint64_t group_received_bytes = 0;
   // Streamed loads (device_cap > 0): the bound and what the load's device memory did.
   uint64_t device_cap = 0;            // 0: not bounded
   uint64_t stream_buffer_bytes = 0;   // the pool's slab
@@ -231,11 +235,17 @@ class LoadSession {
   // load's budget stops counting them); else it drops them as it goes, and the budget counts
   // them until they go.
   std::optional<PublishedShard> next_shard(bool keep = true);
+  // next_shard() without waiting: false when it would wait (no group ready, the load going on);
+  // else true, with `out` what next_shard() returns. Rethrows the load's first error.
+  bool try_next_shard(bool keep, std::optional<PublishedShard>& out);
   // Groups published but not yet returned by next_shard(), even after the load failed (their
   // bytes are complete): a restarted load may keep them (they count as kept). Does not block.
   std::vector<PublishedShard> take_ready();
   // Blocks until every byte handed out so far has landed on the device (waits on fence events).
   void wait_landed();
+  // Whether every byte handed out so far has landed (wait_landed() would not wait). Queries the
+  // fence events; does not block.
+  bool landed() const;
   // Stops the load: pending reads are skipped, in-flight copies drain, unpublished arenas are
   // freed (or given back to the pool).
   void cancel();
@@ -249,6 +259,10 @@ class LoadSession {
   // nullopt once the load is cancelled. The first range of a shard must start at offset 0 and
   // carry the header; data ranges may be requested once commit() reported the header ready.
   std::optional<Landing> acquire(size_t shard, uint64_t file_offset, size_t bytes);
+  // acquire() without waiting: false when it would wait (for a staging slot or a streamed
+  // group's memory) or populate host memory; else true, with `out` what acquire() returns.
+  // Throws as acquire() does.
+  bool try_acquire(size_t shard, uint64_t file_offset, size_t bytes, std::optional<Landing>& out);
   // The landing's bytes are all there: parse the header or hand the data to the device.
   // Throws (and fails the load) for a bad header or a bad range.
   FeedStatus commit(Landing& landing);
@@ -259,6 +273,55 @@ class LoadSession {
   // The file byte ranges [begin, end) of a shard's data that this load needs, in order, once its
   // header is ready (commit() said so): the whole data region, or a selection's tensors.
   std::vector<std::pair<uint64_t, uint64_t>> needed_ranges(size_t shard) const;
+
+  // --- a tensor-parallel group's exchange (a fed session; integrations/distributed.py) ---
+  // Each rank fetches a part of a shard from storage, lands it with land_from_host, and the
+  // group's communicator broadcasts it from the fetcher's destinations into the others' (device
+  // to device on a GPU). Every rank feeds the shard's header itself (acquire/commit); its data
+  // then arrives only this way. Bytes that came from a peer were checked against the manifest by
+  // the peer that fetched them (check_fetched), not here.
+  //
+  // Whether a shard's data may be exchanged so: its header is ready, it is fed, lands in device
+  // or cpu-target memory (not host staging) and is not checked by Content-MD5 (its digest needs
+  // every byte, in order, in one process).
+  bool exchangeable(size_t shard) const;
+  // The file ranges [begin, end) that the shard's tensor groups mirror, in order: a step of the
+  // exchange lies within one, so it needs that group's memory only.
+  std::vector<std::pair<uint64_t, uint64_t>> exchange_steps(size_t shard) const;
+  // This process fetched bytes [file_offset, file_offset + n) of the shard's data (its whole
+  // part, before any of it is landed or sent): checks them against the manifest. Throws
+  // ChecksumMismatch (and fails the load) for a chunk that differs.
+  void check_fetched(size_t shard, uint64_t file_offset, const uint8_t* data, size_t n);
+  // Every rank checked its part (check_fetched; the group agreed none failed): the bytes each
+  // group's publication waits to have been checked count as checked. Once per shard.
+  void exchange_checked(size_t shard);
+  // The file ranges where the shard's data lands, each contiguous in one allocation: its groups'
+  // spans and (GPU) the realigned tensors' own allocations, which hold a second copy of theirs.
+  // Two ranks whose lists are equal can exchange the shard piece by piece.
+  std::vector<std::pair<uint64_t, uint64_t>> destinations(size_t shard) const;
+  // Uint8 views of the destinations' bytes within file range [begin, end), in destinations()
+  // order: what a communicator writes (peers) or sends (the fetcher). Blocks until their groups
+  // have memory (a streamed load's claim it in hand-out order); nullopt once the load is
+  // cancelled.
+  std::optional<std::vector<std::shared_ptr<TensorView>>> open_destinations(size_t shard,
+                                                                            uint64_t begin,
+                                                                            uint64_t end);
+  // Copies bytes [file_offset, file_offset + n) of the shard's data, fetched (and checked) by
+  // this process, into their open destinations: through the staging ring (GPU: one async copy
+  // per slot) or into host memory. Not counted until arrived(); false once the load is
+  // cancelled.
+  bool land_from_host(size_t shard, uint64_t file_offset, const uint8_t* data, size_t n);
+  // Makes `stream` (a communicator's, about to send or write destinations; null is the legacy
+  // default stream) wait on the device for every copy this session has enqueued: land_from_host's
+  // copies, and the waits for the earlier users of a streamed load's reused memory. No-op on the
+  // cpu target.
+  void order_writes(CUstream stream);
+  // Bytes [begin, end) of the shard are in its destinations: written (or, by their fetcher,
+  // sent) on `stream`, whose event now joins each group's fence, so consumers and the reuse of
+  // the memory wait for it; none: done already (host memory). `from_peer`: another rank fetched
+  // them (stats().group_received_bytes). Groups whose bytes are all in publish.
+  void arrived(size_t shard, uint64_t begin, uint64_t end, std::optional<CUstream> stream,
+               bool from_peer);
 
  private:
   friend class LoadPipeline;
@@ -280,6 +343,9 @@ class LoadSession {
     std::shared_ptr<DeviceArena> arena;
     std::vector<std::shared_ptr<DeviceArena>> realigned;  // parallel to layout.realigned
     std::vector<Spill> spills;
+    // Events on the streams that wrote its memory from outside the ring, or sent it (arrived()):
+    // part of its fence.
+    std::vector<std::shared_ptr<CudaEvent>> arrived;
   };
   struct Shard {
     ShardSource source;
@@ -338,7 +404,10 @@ class LoadSession {
   void post_chained_read(size_t shard, uint64_t begin, uint64_t end);
   // Hands [begin, begin + bytes) of the data region to the target. With a slot (bytes at
   // slot_offset) the slot is consumed; without one the bytes are already in the arena.
-  void land_data(size_t shard, Slot* slot, size_t slot_offset, uint64_t begin, uint64_t bytes);
+  // count=false (land_from_host): the groups' remaining bytes are not counted down, and a group
+  // without memory is an error, not a spill.
+  void land_data(size_t shard, Slot* slot, size_t slot_offset, uint64_t begin, uint64_t bytes,
+                 bool count = true);
   // The copies of the group's bytes [begin, begin + bytes), at slot_offset in a slot, into its
   // open arenas; returns the span bytes they cover. Under mutex_.
   uint64_t group_copies(const Shard& shard, const Group& group, size_t slot_offset, uint64_t begin,
@@ -350,6 +419,10 @@ class LoadSession {
   // Publishes a shard that hands out no tensor.
   void publish_empty(size_t shard);
   FeedStatus commit_landing(Landing& landing);
+  // Throws InvalidArgument unless exchangeable(shard).
+  void check_exchangeable(size_t shard) const;
+  // Data-region coordinates of file range [begin, end) of an exchangeable shard (checked).
+  std::pair<uint64_t, uint64_t> data_range(const Shard& shard, uint64_t begin, uint64_t end) const;
   // A fed shard's header is parsed and its first `landed_to` data bytes handed over: an
   // unbounded load's groups are ready; a streamed one's claim memory now when no data range
   // will follow.
@@ -381,6 +454,12 @@ class LoadSession {
   bool stuck_locked() const;
   size_t relieve_locked();
   void hand_out_locked(const PublishedShard& group, bool keep);
+  // next_shard's step under mutex_: true with `out` set (a group, or nullopt when all were
+  // returned), false when the consumer must wait. Rethrows the load's first error.
+  bool next_shard_locked(bool keep, std::optional<PublishedShard>& out);
+  // acquire() and try_acquire(): with wait false, returns false where acquire() would wait.
+  bool acquire_landing(size_t shard, uint64_t file_offset, size_t bytes, bool wait,
+                       std::optional<Landing>& out);
 
   std::shared_ptr<LoadPipeline> pipeline_;
   std::vector<std::unique_ptr<Shard>> shards_;
@@ -397,8 +476,10 @@ class LoadSession {
   mutable std::atomic<uint64_t> populate_cpu_ns_{0};
   std::shared_ptr<const std::unordered_set<std::string>> wanted_;
   std::atomic<uint64_t> verified_bytes_{0};
-  Md5Gauge md5_gauge_;                          // the shards' ContentMd5Verifiers count into it
-  std::vector<std::string> checksum_failures_;  // under mutex_
+  std::atomic<uint64_t> group_landed_bytes_{0};    // land_from_host: this rank's part
+  std::atomic<uint64_t> group_received_bytes_{0};  // arrived(from_peer): the peers' parts
+  Md5Gauge md5_gauge_;                             // the shards' ContentMd5Verifiers count into it
+  std::vector<std::string> checksum_failures_;     // under mutex_
   std::atomic<int64_t> min_free_{-1};
   std::chrono::steady_clock::time_point start_;
   std::atomic<bool> cancelled_{false};

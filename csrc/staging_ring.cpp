@@ -47,27 +47,43 @@ StagingRing::StagingRing(const std::shared_ptr<CudaContext>& ctx, size_t slots, 
   state_.assign(slots, State::Free);
 }
 
+Slot* StagingRing::take_free_locked() {
+  if (stats_.retired == state_.size()) {
+    throw CoreError(ErrorKind::CudaError,
+                    "every staging slot was taken out of service after failed copies; close "
+                    "the Loader and make a new one");
+  }
+  for (size_t i = 0; i < state_.size(); ++i) {
+    if (state_[i] == State::Free) {
+      state_[i] = State::Filling;
+      ++busy_;
+      return slots_[i].get();
+    }
+  }
+  return nullptr;
+}
+
 Slot* StagingRing::acquire(const std::atomic<bool>* cancelled) {
   std::unique_lock<std::mutex> lock(mutex_);
   bool waited = false;
   for (;;) {
     if (cancelled && cancelled->load()) return nullptr;
-    if (stats_.retired == state_.size()) {
-      throw CoreError(ErrorKind::CudaError,
-                      "every staging slot was taken out of service after failed copies; close "
-                      "the Loader and make a new one");
-    }
-    for (size_t i = 0; i < state_.size(); ++i) {
-      if (state_[i] == State::Free) {
-        state_[i] = State::Filling;
-        ++busy_;
-        if (waited) ++stats_.acquire_waits;
-        return slots_[i].get();
-      }
+    if (Slot* slot = take_free_locked()) {
+      if (waited) ++stats_.acquire_waits;
+      return slot;
     }
     waited = true;
     changed_.wait(lock);
   }
+}
+
+Slot* StagingRing::try_acquire(const std::atomic<bool>* cancelled, bool* none_free) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  *none_free = false;
+  if (cancelled && cancelled->load()) return nullptr;
+  Slot* slot = take_free_locked();
+  *none_free = slot == nullptr;
+  return slot;
 }
 
 void StagingRing::mark_copying(Slot* slot) {

@@ -46,6 +46,9 @@ class StagingRing {
   // Blocks until a slot is free, or returns nullptr once *cancelled becomes true (callers that
   // cancel must call wake_all()).
   Slot* acquire(const std::atomic<bool>* cancelled);
+  // acquire() without waiting: a free slot, or nullptr with *none_free set when every slot is
+  // busy (nullptr with it clear once *cancelled is true).
+  Slot* try_acquire(const std::atomic<bool>* cancelled, bool* none_free);
   void mark_copying(Slot* slot);  // the copy engine has enqueued the slot's copies
   void release(Slot* slot);       // back to free: after its event completed, or never submitted
   // Out of service for the ring's life: copies from it may be in flight and no event can say when
@@ -61,6 +64,8 @@ class StagingRing {
 
  private:
   enum class State { Free, Filling, Copying, Retired };
+  // A free slot, now filling, or nullptr; throws when every slot was retired.
+  Slot* take_free_locked();
   std::vector<std::unique_ptr<Slot>> slots_;
   std::vector<State> state_;
   mutable std::mutex mutex_;

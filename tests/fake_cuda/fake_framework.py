@@ -30,6 +30,7 @@ class FakeFramework:
         self.device = device
         self._allocations: list[int] = []
         self._streams: list[int] = []
+        self._events: list[int] = []
         self._context: ctypes.c_void_p | None = None  # retained once, released by close()
 
     def _call(self, name: str, *args: Any) -> None:
@@ -80,6 +81,20 @@ class FakeFramework:
         self.copy(parameter, view.data_ptr, view.nbytes, stream)
         del capsule
 
+    def record(self, stream: int) -> int:
+        """A new event recorded on `stream` now (freed by close())."""
+        event = ctypes.c_void_p()
+        flags = CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING
+        self._call("cuEventCreate", ctypes.byref(event), ctypes.c_uint(flags))
+        self._call("cuEventRecord", event, ctypes.c_void_p(stream))
+        assert event.value is not None
+        self._events.append(event.value)
+        return event.value
+
+    def wait(self, stream: int, event: int) -> None:
+        """Make `stream` wait (on the device) for `event`, as a collective's streams do."""
+        self._call("cuStreamWaitEvent", ctypes.c_void_p(stream), ctypes.c_void_p(event), 0)
+
     def synchronize(self, stream: int) -> None:
         """Wait (asleep) until everything queued on `stream` has run."""
         event = ctypes.c_void_p()
@@ -101,6 +116,9 @@ class FakeFramework:
             self.synchronize(stream)
         for ptr in self._allocations:
             self._call("cuMemFree_v2", ctypes.c_uint64(ptr))
+        for event in self._events:
+            self._lib.cuEventDestroy_v2(ctypes.c_void_p(event))
+        self._events.clear()
         for stream in self._streams:
             self._call("cuStreamDestroy_v2", ctypes.c_void_p(stream))
         self._allocations.clear()

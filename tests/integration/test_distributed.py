@@ -15,6 +15,7 @@ import blob2gpu
 import pytest
 import torch
 from blob2gpu.integrations.distributed import byte_owners
+from blob2gpu.integrity.manifest import MANIFEST_NAME, manifest_for_directory
 from conftest import random_tensor, sparse_checkpoint, upload_directory
 
 RANK_SCRIPT = """
@@ -106,6 +107,105 @@ def test_ranks_fetch_disjoint_parts_and_share_them(
     weights = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     index = (directory / "model.safetensors.index.json").stat().st_size
     assert fault_proxy.counters.range_bytes == weights + world * index  # one copy of the weights
+
+
+REPORT_SCRIPT = """
+import json, os, sys, zlib
+import torch.distributed as dist
+from blob2gpu.integrations.distributed import GroupFanOut
+from blob2gpu.loading.loader import Loader
+dist.init_process_group("gloo", rank=int(os.environ["RANK"]),
+                        world_size=int(os.environ["WORLD_SIZE"]))
+with Loader(chunk_bytes=65536) as loader:
+    request = loader.request(sys.argv[1], device=sys.argv[2], framework="dlpack")
+    strategy = GroupFanOut(dist.get_rank(), dist.get_world_size())
+    with loader.start(request, strategy) as checkpoint:
+        tensors = dict(checkpoint.stream())
+    report = checkpoint.report
+crcs = ";".join(f"{n}={zlib.crc32(tensors[n].to_bytes())}" for n in sorted(tensors))
+print(json.dumps({"crcs": crcs, "bytes": report.bytes, "verified": report.verified_bytes,
+                  "landed": report.group_landed_bytes,
+                  "received": report.group_received_bytes}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize(("world", "device"), [(2, "cpu"), (4, "cpu"), (2, "cuda")])
+def test_each_rank_lands_its_part_and_receives_the_rest(
+    world, device, write_checkpoint, azurite, container, fault_proxy, tmp_path, free_port
+):
+    # With a manifest each part is checked by the rank that fetched it, so the data moves part
+    # by part into every rank's own memory (the device path's code, here with gloo and host
+    # memory): each rank reads and lands only its part, and receives the others' from the group.
+    # A GPU target (the fake driver) with only a gloo group shares whole shards on the host.
+    directory = write_checkpoint(
+        [
+            {"a": random_tensor(torch.float32, (512, 1024), 1)},
+            {
+                "b": random_tensor(torch.float16, (700, 777), 2),
+                "c": random_tensor(torch.int8, (9,), 3),
+            },
+            {"d": random_tensor(torch.float32, (600, 1024), 4)},
+        ]
+    )  # ~2 + 1 + 2.3 MiB
+    manifest = manifest_for_directory(directory, 65536)
+    (directory / MANIFEST_NAME).write_text(manifest.to_json())
+    upload_directory(azurite, container, directory, "m")
+    expected = crc_line(blob2gpu.load(str(directory), framework="dlpack"))
+    env = proxied_env(free_port, azurite, fault_proxy, WORLD_SIZE=str(world))
+    outs = [
+        json.loads(o)
+        for o in run_ranks(tmp_path, REPORT_SCRIPT, env, world, [f"az://{container}/m", device])
+    ]
+    assert all(out["crcs"] == expected for out in outs)
+    weights = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    aux_files = (MANIFEST_NAME, "model.safetensors.index.json")
+    aux = sum((directory / n).stat().st_size for n in aux_files)
+    assert fault_proxy.counters.range_bytes == weights + world * aux  # one copy of the weights
+    if device == "cuda":
+        assert all(out["landed"] == out["received"] == 0 for out in outs)
+        return
+    shards = sorted(directory.glob("*.safetensors"))
+    headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in shards)
+    data = sum(f.stat().st_size for f in shards) - headers
+    assert sum(out["landed"] for out in outs) == data  # each byte landed by one rank
+    for out in outs:
+        assert out["received"] == data - out["landed"]  # and received by the others
+        assert out["bytes"] == out["landed"] + headers  # it read its part (and parsed headers)
+        assert out["verified"] >= out["landed"]  # what it landed, it checked
+    assert all(0 < out["landed"] < data for out in outs[:2])
+
+
+FAILING_SCRIPT = """
+import os, sys
+import torch.distributed as dist
+import blob2gpu
+dist.init_process_group("gloo", rank=int(os.environ["RANK"]),
+                        world_size=int(os.environ["WORLD_SIZE"]))
+try:
+    blob2gpu.load(sys.argv[1], framework="dlpack", distributed=True, chunk_bytes=65536)
+except blob2gpu.Blob2GpuError as e:
+    print(type(e).__name__, "rank 1 of the fan-out group" in str(e))
+dist.destroy_process_group()
+"""
+
+
+def test_a_part_that_fails_its_check_fails_every_rank_with_its_type(
+    write_checkpoint, azurite, container, fault_proxy, tmp_path, free_port
+):
+    # Rank 1's part of the blob differs from the manifest: rank 1 finds it, and rank 0, which
+    # would otherwise wait for rank 1's bytes, fails with the same error type naming rank 1.
+    directory = write_checkpoint([{"a": random_tensor(torch.float32, (768, 1024), 1)}])
+    manifest = manifest_for_directory(directory, 65536)
+    (directory / MANIFEST_NAME).write_text(manifest.to_json())
+    shard = next(directory.glob("*.safetensors"))
+    raw = bytearray(shard.read_bytes())
+    raw[(5 << 20) // 2] ^= 0x40  # in the second half: rank 1's part
+    shard.write_bytes(bytes(raw))
+    upload_directory(azurite, container, directory, "m")
+    env = proxied_env(free_port, azurite, fault_proxy, WORLD_SIZE="2")
+    outs = run_ranks(tmp_path, FAILING_SCRIPT, env, 2, [f"az://{container}/m"])
+    assert outs == ["ChecksumMismatch True", "ChecksumMismatch False"]
 
 
 def test_needs_a_process_group(write_checkpoint):

@@ -4,13 +4,13 @@ Tiny transformers models (random bf16 weights, written here, six shards) are pub
 `blob2gpu publish`; engines started the way users start them (tests/support/vllm_engine.py, vLLM's
 own processes) must generate exactly the greedy tokens of vLLM's default loader on the local
 files, for a model with tied embeddings (Qwen2) and one without (Llama); a second start on the
-same node reads every shard from the NVMe cache; two tensor-parallel workers share one copy
-from Blob; a corrupted shard, a deleted shard or a wrong account key stop the engine's start with
-blob2gpu's typed error in its output.
+same node reads every shard from the NVMe cache; two and four tensor-parallel workers share one
+copy from Blob; a corrupted shard, a deleted shard or a wrong account key stop the engine's start
+with blob2gpu's typed error in its output.
 
-Each engine start costs about a minute on two cores, so the engines of this module start in three
-runs of the engine script (one that serves, one whose starts must fail, one with TP=2), shared by
-the tests.
+Each engine start costs about a minute on two cores, so the engines of this module start in few
+runs of the engine script (one that serves, one whose starts must fail, shared by the tests, and
+one each with TP=2 and TP=4).
 
 These tests need vLLM, which pins its own torch: .ci/run runs them in an environment of their
 own (scripts/test_vllm.sh), where BLOB2GPU_REQUIRE_VLLM=1 makes a missing vLLM a failure. Without
@@ -309,24 +309,33 @@ def test_a_bad_extra_config_stops_the_start_before_any_request(refused):
     assert proxies["bad-extra"].counters.requests == 0
 
 
-def test_tensor_parallel_workers_share_one_copy_from_blob(serving, models, blob_env, tmp_path):
-    # vLLM's CPU build runs TP=2 here with one core per worker. Both workers load through the
-    # fan-out over vLLM's tensor-parallel group (its byte accounting: test_distributed.py).
-    publish(models["llama"], "az://serving/llama-tp", blob_env)
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_workers_share_one_copy_from_blob(tp, serving, models, blob_env, tmp_path):
+    # vLLM's CPU build runs TP=2 and TP=4 here on two cores. The workers load through the
+    # fan-out over vLLM's tensor-parallel group (its byte accounting: test_distributed.py): each
+    # fetches and lands its part of the published (manifest-checked) checkpoint, and the group's
+    # communicator (gloo on the CPU build; NCCL on GPUs, the same code) puts the rest in its memory.
+    publish(models["llama"], f"az://serving/llama-tp{tp}", blob_env)
     report = tmp_path / "tp-{rank}.json"
     case = {
-        "name": "llama-tp2",
+        "name": f"llama-tp{tp}",
         "model": str(models["llama"]),
         "load_format": "blob2gpu",
-        "tensor_parallel_size": 2,
-        "extra": {"source": "az://serving/llama-tp", "report_path": str(report)},
-        "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+        "tensor_parallel_size": tp,
+        "extra": {"source": f"az://serving/llama-tp{tp}", "report_path": str(report)},
+        "env": {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(r % 2) for r in range(tp))},
         "prompts": PROMPTS[:2],
     }
     output, outcomes = run_engines([case], blob_env)
     _, served, _ = serving
-    assert outcomes["llama-tp2"] == served["llama-default"][:2]  # vLLM's TP=1 default loader
-    for rank in (0, 1):
+    assert outcomes[f"llama-tp{tp}"] == served["llama-default"][:2]  # TP=1, default loader
+    shards = sorted(models["llama"].glob("*.safetensors"))
+    data = sum(f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little") for f in shards)
+    landed = []
+    for rank in range(tp):
         assert f"blob2gpu load (worker {rank}, shared with the tensor-parallel group)" in output
         written = json.loads((tmp_path / f"tp-{rank}.json").read_text())
         assert written["source"] == "azure-blob" and written["shard_count"] == 6
+        assert written["group_received_bytes"] == data - written["group_landed_bytes"]
+        landed.append(written["group_landed_bytes"])
+    assert sum(landed) == data and sum(n > 0 for n in landed) >= 2  # each part landed once

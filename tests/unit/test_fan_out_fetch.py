@@ -97,7 +97,7 @@ def test_a_failed_fetch_thread_stops_one_waiting_out_throttling(native_http):
 
     def fetch() -> None:
         try:
-            exchange._fetch(ref, view, [(0, 128 * KiB)])
+            exchange._fetch(ref, view, 0, [(0, 128 * KiB)])
         except BaseException as error:
             raised.append(error)
 

@@ -88,6 +88,11 @@ class LoadReport:
     # target, host staging): the kernel zeroing fresh pages, costly in VMs that hand freed memory
     # back to their host.
     host_populate_seconds: float = 0.0
+    # A fan-out's exchange (integrations/distributed.py): the data bytes this rank fetched and
+    # landed itself (host-to-device on a GPU: its part only), and those its group's other ranks
+    # wrote into its memory (device to device on a GPU). `bytes` is what this rank read.
+    group_landed_bytes: int = 0
+    group_received_bytes: int = 0
     tensor_selection: int | None = None  # tensors asked for (tensor_names/tensor_filter); None: all
     reused_shards: list[str] = field(default_factory=list)  # kept from before a BlobChanged restart
     checksum_failures: list[str] = field(default_factory=list)  # let through (fail_if_... off)
@@ -361,7 +366,14 @@ class LoadReport:
 
 
 # Counters of a core session that add up over the sessions of one load.
-_ADDED = ("slot_waits", "verified_bytes", "direct_io_bytes", "host_populate_seconds")
+_ADDED = (
+    "slot_waits",
+    "verified_bytes",
+    "direct_io_bytes",
+    "host_populate_seconds",
+    "group_landed_bytes",
+    "group_received_bytes",
+)
 
 
 class _FirstTokenLatencies:

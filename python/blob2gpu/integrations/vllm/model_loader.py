@@ -7,10 +7,13 @@ vLLM's default loader; blob2gpu does the fetching, checking (manifest, etags), c
 reporting. Tensors are handed out without being kept (Checkpoint.stream), so beyond what the
 model's loaders copy into its parameters only the shards in flight are held. With tensor
 parallelism the workers of a group share one copy of a Blob checkpoint (the fan-out over vLLM's
-tensor-parallel group). With expert parallelism each worker reads only its own experts' tensors,
-as vLLM's default loader does (expert_parallel.py); with the fan-out as well, the group fetches
-once every shard some worker needs and each keeps its own tensors. Any blob2gpu error stops the
-worker, and so the engine's start, with the typed error: a failed start, never a wrong model.
+tensor-parallel group): each worker fetches a part and copies it into its own memory, and the
+group's device communicator (NCCL on GPUs; gloo on the CPU build) broadcasts it into the others'.
+With expert parallelism each worker reads only its own experts' tensors, as vLLM's default loader
+does (expert_parallel.py); with the fan-out as well, the group fetches once every shard some
+worker needs and each keeps its own tensors (those shards are shared whole over the gloo group:
+the ranks' tensor groups differ). Any blob2gpu error stops the worker, and so the engine's start,
+with the typed error: a failed start, never a wrong model.
 
 LoadReport's mark_first_token() is not wired: vLLM (0.32) reports first tokens only to stat
 loggers in the API server process, and the load runs in a worker process (README, "Serving with
@@ -58,7 +61,7 @@ class Blob2GpuModelLoader(BaseModelLoader):  # type: ignore[misc,unused-ignore]
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         """Stream the checkpoint into `model` (see the module docstring). Raises the load's
         blob2gpu error, or TensorNotFound when a parameter of the model got no tensor."""
-        rank, world, group = tensor_parallel_group()
+        rank, world, group, device_group = tensor_parallel_group()
         uri = self.options.uri(model_config.model)
         fan_out = world > 1 and self.options.distributed and source_class(uri).remote
         experts = owned_experts(model_config)  # under expert parallelism: this worker's
@@ -69,7 +72,7 @@ class Blob2GpuModelLoader(BaseModelLoader):  # type: ignore[misc,unused-ignore]
                 framework="torch",
                 tensor_filter=wanted_by(model, experts.keeps if experts else None),
             )
-            strategy = GroupFanOut(rank, world, group) if fan_out else None
+            strategy = GroupFanOut(rank, world, group, device_group) if fan_out else None
             with loader.start(request, strategy) as checkpoint:
                 loaded = model.load_weights(checkpoint.stream())  # type: ignore[operator]
                 # A consumer that stops early leaves shards unread: finish, so every check runs.
@@ -83,12 +86,13 @@ class Blob2GpuModelLoader(BaseModelLoader):  # type: ignore[misc,unused-ignore]
         publish_report(report, self.options.report_file(worker, workers), rank, fan_out, experts)
 
 
-def tensor_parallel_group() -> tuple[int, int, Any]:
-    """(this worker's rank in its tensor-parallel group, the group's size, its gloo group)."""
+def tensor_parallel_group() -> tuple[int, int, Any, Any]:
+    """(this worker's rank in its tensor-parallel group, the group's size, its gloo group, its
+    device group: NCCL on GPUs, what a GPU target's exchange moves the weights over)."""
     from vllm.distributed import get_tp_group
 
     group = get_tp_group()
-    return group.rank_in_group, group.world_size, group.cpu_group
+    return group.rank_in_group, group.world_size, group.cpu_group, group.device_group
 
 
 def worker_of_engine() -> tuple[int, int]:
