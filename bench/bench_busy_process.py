@@ -19,7 +19,8 @@ bench/.data/). Rows:
 
 Each load runs in a fresh interpreter: `blob2gpu.open(uri, device="cpu", framework="torch")` and
 `to_dict()`, timed from the call to the last tensor in hand (imports before the clock, the
-Blob rows' azure-storage-blob too: a process that loads once pays them once), once with
+Blob rows' azure-storage-blob and the metrics' prometheus_client too: a process pays them once,
+not per load), once with
 the process otherwise idle and once beside a thread spinning `while True: x += 1`; every tensor is
 then checked against the generated checksums (untimed). Rounds are round-robin (each round runs
 every row, idle then busy), so drift on this shared machine hits all rows alike; the table shows
@@ -100,6 +101,9 @@ def run_worker(args: argparse.Namespace) -> int:
     if args.worker != "local":  # as bench_blob_load.py: the SDK (listing) imported untimed
         import azure.core.pipeline.transport
         import azure.storage.blob  # noqa: F401
+    from blob2gpu.operations import metrics
+
+    metrics.available()  # prometheus_client (the load's metrics), imported untimed too
 
     spec = read_spec(Path(args.spec_dir))
     busy = BusyThread() if args.busy else None
