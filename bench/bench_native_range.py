@@ -19,9 +19,9 @@ ranges, `--concurrency` in flight):
     native          Python threads sign each GET (Shared Key, native_requests.py) and call
                     RangeClient.get_into(): connection, TLS and body in C++, without the GIL,
                     straight into the buffer
-    python-feeder   the load path's reader today: BlobRangeReader.read_into() (azure-storage-blob's
-                    pipeline, urllib3, http.client readinto() into the buffer, one GIL round trip
-                    per socket read)
+    python-feeder   the load path's reader with native_http off: BlobRangeReader.read_into()
+                    (azure-storage-blob's pipeline, urllib3, http.client readinto() into the
+                    buffer, one GIL round trip per socket read)
     curl            one curl process, --parallel, the same ranges to /dev/null with a SAS: the
                     ceiling bench_blob_load.py uses (its CPU is the curl process's)
 
@@ -136,10 +136,11 @@ def read_python_feeder(args: argparse.Namespace, view: memoryview) -> dict[str, 
     from blob2gpu.sources.plan import ShardRef
     from harness.azurite import ACCOUNT, ACCOUNT_KEY
 
-    resolved = settings.resolve({"prefetch_concurrency": args.concurrency})
+    # The SDK's path (native_http off): the Python feeder's reads, as loads made them before.
+    resolved = settings.resolve({"prefetch_concurrency": args.concurrency, "native_http": False})
     key = {"account_name": ACCOUNT, "account_key": ACCOUNT_KEY}
     container = open_container(f"{args.endpoint}/{CONTAINER}/{BLOB}", resolved, key)
-    reader = BlobRangeReader(container.client, container.location, container.retry)
+    reader = BlobRangeReader(container)
     ref = ShardRef(BLOB, BLOB, args.size, args.etag)
     run_threads(
         args.concurrency,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the core with AddressSanitizer + UBSan (CMake option BLOB2GPU_SANITIZE) and runs the tests
 # that drive it hardest against that build: the header parser, every round trip, the CUDA path over
-# the fake driver, failures, integrity, the native range reader (sockets, TLS, hostile answers).
+# the fake driver, failures, integrity, the native range reader (sockets, TLS, hostile answers)
+# and the loads that read through it (faults mid-body, reads broken off when a load stops).
 # Usage: scripts/sanitize.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,4 +22,5 @@ LD_PRELOAD="$runtime" PYTHONPATH="$pkg" "$PY" -m pytest -q -p no:cacheprovider \
   tests/unit/test_header_validation.py tests/integration/test_round_trip.py tests/fake_driver/test_cuda_pipeline.py \
   tests/integration/test_failures.py tests/integration/test_integrity.py tests/integration/test_dlpack_export.py \
   tests/integration/test_selection.py tests/unit/test_checksums.py \
-  tests/integration/test_native_range_reader.py "$@"
+  tests/integration/test_native_range_reader.py tests/integration/test_native_loads.py \
+  tests/integration/test_blob_faults.py "$@"

@@ -41,6 +41,9 @@ _PATTERNS = (
         ),
         r"\1\2 REDACTED",
     ),
+    # Azure's AuthenticationFailed detail quotes the request's Shared Key signature: "The MAC
+    # signature found in the HTTP request '<signature>' is not the same as any computed ...".
+    (re.compile(r"(?i)(signature found in the HTTP request\s*['\"])[^'\"\s]*"), r"\1REDACTED"),
     # user:password@ in a URL (a proxy's, from HTTPS_PROXY).
     (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"]+@"), r"\1REDACTED@"),
     (re.compile(r"(?i)\bBearer\s+[A-Za-z0-9._~+/=-]{8,}"), "Bearer REDACTED"),

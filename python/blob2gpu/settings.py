@@ -301,6 +301,14 @@ class Settings:
         10.0,
         "Time allowed to connect to the storage endpoint.",
     )
+    native_http: bool = setting(
+        "storage",
+        True,
+        "Read the ranges of a Blob load with the core's HTTP/1.1 reader (TLS from the process's "
+        "OpenSSL) straight into memory, without the GIL. false: through azure-storage-blob on "
+        "Python threads (to debug, or where the process has no libssl). Listing and small files "
+        "always use azure-storage-blob.",
+    )
     on_blob_change: str = setting(
         "storage",
         "fail",

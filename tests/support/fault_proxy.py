@@ -2,7 +2,9 @@
 
 Every request travels on its own connection (the proxy forces `Connection: close`), so a fault
 hits exactly one request. Faults apply to ranged blob GETs (those with a Range or x-ms-range
-header) and are armed by count: each armed fault hits that many of the next such requests.
+header) and are armed by count: each armed fault hits that many of the next such requests (a
+fault in the body never hits the answer to a request whose client has gone, e.g. one a load
+broke off when it failed, which the proxy may still be relaying when the next load arms one).
 The proxy counts the ranged GETs and their bytes, so tests can check what reached the server.
 A request-rate cap (`faults.max_requests_per_second`) plays Azure's throttling: a token bucket over
 every request, ranged or not, whose burst is one second's worth; a request beyond it is answered
@@ -23,6 +25,7 @@ It only ever connects to the upstream address it was given (a loopback Azurite).
 from __future__ import annotations
 
 import math
+import select
 import socket
 import struct
 import threading
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 class Faults:
     reset_after_bytes: int = 0  # body bytes sent before a connection reset
     resets: int = 0
+    truncations: int = 0  # bodies cut at reset_after_bytes by an orderly close (FIN), no reset
     stall_seconds: float = 0.0  # silence in the middle of the body
     stalls: int = 0
     status: int = 503  # answered without asking upstream
@@ -156,6 +160,16 @@ class _TokenBucket:
         return False
 
 
+def client_gone(client: socket.socket) -> bool:
+    """Whether the client closed its end: a load that stopped (its reads broken by closing the
+    connection) reads no more answers, so no fault may be used up on one."""
+    try:
+        readable, _, _ = select.select([client], [], [], 0)
+        return bool(readable) and client.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 def accept_each(server: socket.socket, serve: Callable[[socket.socket], None]) -> None:
     """Serve each connection `server` accepts on a thread of its own, until it is closed."""
     while True:
@@ -259,8 +273,9 @@ class FaultProxy:
             client.sendall(with_close(resp_head))
             sent = 0
             while True:
-                # A fault is used up only when it fires, so short responses don't swallow it.
-                if body and ranged:
+                # A fault is used up only when it fires, so short responses don't swallow it,
+                # nor does the answer to a request whose client has gone.
+                if body and ranged and not client_gone(client):
                     f = self.faults
                     if sent <= f.flip_offset < sent + len(body) and self._take("flips"):
                         i = f.flip_offset - sent
@@ -271,6 +286,10 @@ class FaultProxy:
                         client.setsockopt(
                             socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
                         )
+                        return
+                    if sent + len(body) > f.reset_after_bytes and self._take("truncations"):
+                        client.sendall(body[: max(0, f.reset_after_bytes - sent)])
+                        client.shutdown(socket.SHUT_WR)  # the body ends short of its length
                         return
                     if sent + len(body) > 1000 and self._take("stalls"):
                         client.sendall(body[: max(0, 1000 - sent)])

@@ -44,8 +44,8 @@ def probe(container: str | None) -> dict[str, Any]:
 
 def ranged_gets(container_name: str) -> list[str]:
     """GETs through the client blob2gpu builds: a range read by transport.open_range, a second
-    one on the released connection, a stale etag, and one BlobRangeReader read; returns what
-    did not behave."""
+    one on the released connection, a stale etag, and one BlobRangeReader read through the SDK
+    (native_http off: the path this contract guards); returns what did not behave."""
     from azure.core.exceptions import HttpResponseError
     from blob2gpu.settings import resolve
     from blob2gpu.sources.azure.container import open_container
@@ -55,7 +55,8 @@ def ranged_gets(container_name: str) -> list[str]:
 
     data = bytes(range(256)) * (SIZE // 256)
     problems = []
-    with open_container(f"az://{container_name}/transport-probe", resolve()) as container:
+    settings = resolve({"native_http": False})
+    with open_container(f"az://{container_name}/transport-probe", settings) as container:
         blob = container.client.get_blob_client(BLOB)
         etag = blob.upload_blob(data, overwrite=True)["etag"]
         for start, end in ((1000, 5000), (SIZE - 7, SIZE)):  # the second reuses the connection
@@ -79,7 +80,7 @@ def ranged_gets(container_name: str) -> list[str]:
         except HttpResponseError as e:
             if e.status_code != 412:
                 problems.append(f"a stale etag got HTTP {e.status_code}, expected 412")
-        reader = BlobRangeReader(container.client, container.location, container.retry)
+        reader = BlobRangeReader(container)
         ref = ShardRef(name="shard.bin", path=BLOB, size=SIZE, etag=etag)
         got = bytearray(SIZE - 3)
         reader.read_into(ref, 3, memoryview(got))

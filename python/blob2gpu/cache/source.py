@@ -238,6 +238,7 @@ class CachedSource(Source):
         write-through skipped) on the background fill (cache/fill.py)."""
         if self.cache is None:
             return self.inner.finish(load, complete)
+        self.inner.finish(load, complete)  # what the source itself took (its range clients)
         wrote = self._end_session(load.report, done=None)
         fill = None
         if complete and wrote and load.settings.cache_fill and load.selection.everything:

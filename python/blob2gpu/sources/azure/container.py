@@ -1,6 +1,8 @@
 """One container's client, built once per load: credentials, an HTTP pool sized for the
 prefetch concurrency, timeouts, and retries owned by blob2gpu (the SDK's own are off, so every
-retry is ours to count and to bound)."""
+retry is ours to count and to bound); and, with native_http on, what the core's range reader
+needs to read the load's ranges (native_clients.NativeRanges: the request signer of the same
+credential, the range clients of the same endpoint)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import os
 import posixpath
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,12 @@ from blob2gpu.sources.azure.credentials import resolve_credential, sas_expiry
 from blob2gpu.sources.azure.failures import archived_error
 from blob2gpu.sources.azure.listing import AuxBlob, BlobListing, if_unchanged, list_checkpoint
 from blob2gpu.sources.azure.location import BlobLocation, parse_blob_uri
+from blob2gpu.sources.azure.native_clients import NativeRanges, RangeClients
+from blob2gpu.sources.azure.native_requests import (
+    RangeEndpoint,
+    RangeRequestSigner,
+    range_endpoint,
+)
 from blob2gpu.sources.azure.retry import RetryPolicy
 
 
@@ -41,6 +49,9 @@ class BlobContainer:
     client: Any  # azure.storage.blob.ContainerClient
     retry: RetryPolicy
     credential_source: str  # how the credential was chosen (never the credential itself)
+    # The core's range reader for the load's ranged GETs; None: they go through the SDK
+    # (native_http off).
+    native: NativeRanges | None = field(default=None, repr=False)
 
     @property
     def display_uri(self) -> str:
@@ -50,6 +61,8 @@ class BlobContainer:
     def close(self) -> None:
         """Close the connections, unless they belong to a Loader's HttpSessions."""
         self.client.close()
+        if self.native is not None:
+            self.native.close()
 
     def __enter__(self) -> BlobContainer:
         return self
@@ -209,13 +222,26 @@ class BlobContainer:
 
 
 class HttpSessions:
-    """HTTP connection pools a Loader keeps across its loads, one per pool size: a later load
-    from the same account reuses the open (TLS) connections instead of connecting and
-    handshaking again. close() closes every connection."""
+    """HTTP connection pools a Loader keeps across its loads, one per pool size, and the core's
+    range clients, one RangeClients per endpoint: a later load from the same account reuses the
+    open (TLS) connections instead of connecting and handshaking again. close() closes every
+    connection."""
 
     def __init__(self) -> None:
         self._sessions: dict[int, Any] = {}
+        self._ranges: dict[tuple[RangeEndpoint, float, float, int], RangeClients] = {}
         self._lock = threading.Lock()
+
+    def range_clients(
+        self, endpoint: RangeEndpoint, connect_timeout: float, read_timeout: float, pool: int
+    ) -> RangeClients:
+        """The RangeClients of `endpoint` with these timeouts and `pool` connections each (made
+        on first use)."""
+        key = (endpoint, connect_timeout, read_timeout, pool)
+        with self._lock:
+            if key not in self._ranges:
+                self._ranges[key] = RangeClients(endpoint, connect_timeout, read_timeout, pool)
+            return self._ranges[key]
 
     def get(self, pool: int) -> Any:
         """The requests.Session with `pool` connections per host (made on first use)."""
@@ -227,8 +253,11 @@ class HttpSessions:
     def close(self) -> None:
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
+            ranges, self._ranges = list(self._ranges.values()), {}
         for session in sessions:
             session.close()
+        for clients in ranges:
+            clients.close()
 
 
 def _session(pool: int) -> Any:
@@ -246,8 +275,9 @@ def open_container(
     uri: str, settings: Any, credential: Any = None, sessions: HttpSessions | None = None
 ) -> BlobContainer:
     """Build the client for a Blob URI; its connections come from `sessions` when given (and
-    stay open there), else from a session of its own. Raises InvalidArgument for a bad URI or a
-    missing extra."""
+    stay open there), else from a session of its own. Raises InvalidArgument for a bad URI, a
+    missing extra, or (native_http on) a proxy or credential the core's range reader cannot
+    use."""
     try:
         from azure.core.pipeline.transport import RequestsTransport
         from azure.storage.blob import ContainerClient
@@ -285,4 +315,18 @@ def open_container(
         settings.retry_backoff_max_seconds,
         throttled_seconds=settings.retry_throttled_seconds,
     )
-    return BlobContainer(location=location, client=client, retry=retry, credential_source=how)
+    native = None
+    if settings.native_http:
+        endpoint = range_endpoint(location)
+        timeouts = (settings.connect_timeout_seconds, settings.read_timeout_seconds)
+        connections = settings.prefetch_concurrency
+        clients = (
+            sessions.range_clients(endpoint, *timeouts, connections)
+            if sessions is not None
+            else RangeClients(endpoint, *timeouts, connections)
+        )
+        signer = RangeRequestSigner(location, chosen, endpoint.base_path)
+        native = NativeRanges(signer, clients, owned=sessions is None)
+    return BlobContainer(
+        location=location, client=client, retry=retry, credential_source=how, native=native
+    )

@@ -1,5 +1,6 @@
-"""BlobFeeder: concurrent ranged GETs from Azure Blob Storage, written by the socket straight into
-the pipeline's landings (a pinned staging slot, or the cpu arena itself).
+"""BlobFeeder: concurrent ranged GETs from Azure Blob Storage, written straight into the
+pipeline's landings (a pinned staging slot, or the cpu arena itself): by the core's range reader
+without the GIL (native_http, the default), or by the socket through azure-storage-blob.
 
 Each shard's first range starts at offset 0 and carries the header and the first data, so there is
 no separate header round trip; the shard's other ranges are scheduled once the core has parsed that
@@ -30,7 +31,6 @@ from typing import TYPE_CHECKING
 from blob2gpu import _core
 from blob2gpu.errors import HeaderTruncated, LoadCancelled
 from blob2gpu.redaction import redact
-from blob2gpu.sources.azure.location import BlobLocation
 from blob2gpu.sources.azure.range_reader import BlobRangeReader
 from blob2gpu.sources.azure.retry import RetryPolicy
 from blob2gpu.sources.azure.throttle import NodeThrottle, ThrottleControl
@@ -38,8 +38,7 @@ from blob2gpu.sources.feeding import FeedStats, RangeTask, feed_range
 from blob2gpu.sources.plan import ShardPlan
 
 if TYPE_CHECKING:
-    from azure.storage.blob import ContainerClient
-
+    from blob2gpu.sources.azure.container import BlobContainer
     from blob2gpu.sources.source import Tee
 
 
@@ -66,8 +65,7 @@ class BlobFeeder:
         self,
         session: _core.LoadSession,
         plan: ShardPlan,
-        container_client: ContainerClient,
-        location: BlobLocation,
+        container: BlobContainer,
         retry: RetryPolicy,
         concurrency: int,
         chunk_bytes: int,
@@ -78,10 +76,11 @@ class BlobFeeder:
         node: NodeThrottle | None = None,
         side_by_side: int = 1,
     ) -> None:
-        """concurrency: threads, the ceiling of ranges in flight; chunk_bytes: the range size to
-        start with, which throttling may grow up to max_range_bytes (default: chunk_bytes);
-        node: the throttling budget shared with the node's other loads, or None; side_by_side:
-        shards whose data ranges are fetched in turn (1: shard after shard, in order)."""
+        """container: the load's (its retry policy is `retry`); concurrency: threads, the
+        ceiling of ranges in flight; chunk_bytes: the range size to start with, which throttling
+        may grow up to max_range_bytes (default: chunk_bytes); node: the throttling budget
+        shared with the node's other loads, or None; side_by_side: shards whose data ranges are
+        fetched in turn (1: shard after shard, in order)."""
         self._session = session
         self._fetch = list(range(len(plan.shards))) if fetch is None else fetch  # not cache hits
         self._cache_writer = cache_writer  # write-through to the NVMe cache, or None
@@ -93,9 +92,7 @@ class BlobFeeder:
         self._throttle = ThrottleControl(
             concurrency, chunk_bytes, max_range_bytes or chunk_bytes, node
         )
-        self._reader = BlobRangeReader(
-            container_client, location, retry, retry.stopping, self._throttle
-        )
+        self._reader = BlobRangeReader(container, retry.stopping, self._throttle)
         self._headers: deque[RangeTask] = deque()  # first ranges (and rests of long headers)
         # Data ranges by shard, each in order; shards in the order their headers were read.
         self._queue: dict[int, deque[RangeTask]] = {}
@@ -214,7 +211,8 @@ class BlobFeeder:
                 pass
 
     def stop(self) -> None:
-        """Stop fetching: cancel waits, break open responses, and join the threads."""
+        """Stop fetching: cancel waits, break open responses, and join the threads; the reader's
+        connections kept alive go back for the next load."""
         if any(t.is_alive() for t in self._threads):
             self._session.cancel()  # wakes threads waiting for a staging slot
         self._stopping.set()
@@ -224,6 +222,7 @@ class BlobFeeder:
         for t in self._threads:
             if t.is_alive():
                 t.join()
+        self._reader.close()
 
     def stats(self) -> FeedStats:
         """GET attempts (answered or not), retries of the load's every request (listing

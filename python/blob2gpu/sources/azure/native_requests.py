@@ -9,28 +9,35 @@ failures.py and retry.py already classify (status_code, x-ms-error-code, Retry-A
 standard library's connection errors), so retries, throttling and error messages stay one
 policy whichever reader fetched.
 
-Nothing here is wired into a load yet: the feeder still reads through azure-storage-blob
-(transport.py). tests/integration/test_native_range_reader.py drives the two halves together
-against a real Azurite.
+A load's ranged GETs go this way when the native_http setting is on (its default):
+container.open_container() makes the container's NativeRanges (the signer, and the RangeClients
+of its endpoint: a Loader's, kept across its loads, or the container's own) and
+range_reader.BlobRangeReader reads through them. Listing, the index, the manifest and the
+checkpoint's other files stay on azure-storage-blob.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
+import html
 import os
+import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import quote, unquote, urlparse
 
 from blob2gpu import _core
-from blob2gpu.errors import InvalidArgument
+from blob2gpu.errors import InvalidArgument, MalformedCredential
+from blob2gpu.redaction import redact
 from blob2gpu.sources.azure.location import BlobLocation
 
 # The REST API version the signed requests name (x-ms-version): one the service and Azurite
@@ -38,6 +45,7 @@ from blob2gpu.sources.azure.location import BlobLocation
 API_VERSION = "2021-08-06"
 STORAGE_SCOPE = "https://storage.azure.com/.default"
 TOKEN_REFRESH_MARGIN_SECONDS = 300.0  # a bearer token is renewed this long before it expires
+NATIVE_HTTP_OFF = "BLOB2GPU_NATIVE_HTTP=0"  # the setting that reads through the SDK instead
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class RangeEndpoint:
     ca_file: str | None = None
     proxy_host: str | None = None
     proxy_port: int = 0
-    proxy_authorization: str | None = None
+    proxy_authorization: str | None = field(default=None, repr=False)  # holds a password
 
     def client_options(self) -> dict[str, Any]:
         """RangeClient(**options): everything but base_path."""
@@ -114,7 +122,8 @@ def _proxy_for(
     if parsed.scheme != "http" or not parsed.hostname:
         raise InvalidArgument(
             f"{scheme.upper()}_PROXY must be an http:// proxy (host and port); the native "
-            "range reader speaks HTTP to its proxy"
+            f"range reader speaks HTTP to its proxy (or set {NATIVE_HTTP_OFF} to read through "
+            "azure-storage-blob)"
         )
     authorization = None
     if parsed.username is not None:
@@ -159,16 +168,18 @@ class RangeRequestSigner:
         self._sas = location.sas
         self._key: tuple[str, bytes] | None = None
         self._token_credential: Any = None
-        self._token: tuple[str, float] | None = None  # (token, expires_on)
+        self._token: tuple[str, float, float] | None = None  # (token, expires_on, refresh_on)
+        self._token_lock = threading.Lock()  # one thread asks the credential; the others wait
         if credential is None:
             pass
         elif isinstance(credential, str):
             self._sas = credential.lstrip("?")
         elif isinstance(credential, Mapping) and "account_key" in credential:
             name = str(credential.get("account_name") or location.account)
-            self._key = (name, base64.b64decode(credential["account_key"]))
+            self._key = (name, _account_key(credential["account_key"], location))
         elif hasattr(credential, "named_key"):  # AzureNamedKeyCredential
-            self._key = (credential.named_key.name, base64.b64decode(credential.named_key.key))
+            named = credential.named_key
+            self._key = (named.name, _account_key(named.key, location))
         elif hasattr(credential, "signature"):  # AzureSasCredential
             self._sas = str(credential.signature).lstrip("?")
         elif hasattr(credential, "get_token"):
@@ -177,6 +188,11 @@ class RangeRequestSigner:
             raise InvalidArgument(
                 f"the native range reader cannot sign with a {type(credential).__name__}"
             )
+
+    @property
+    def sends_token(self) -> bool:
+        """Whether the requests carry a bearer token (which must never cross plain HTTP)."""
+        return self._token_credential is not None
 
     def path(self, blob: str) -> str:
         """The percent-encoded request path of `blob` (no query)."""
@@ -234,11 +250,40 @@ class RangeRequestSigner:
         return f"SharedKey {account}:{base64.b64encode(digest).decode()}"
 
     def _bearer_token(self) -> str:
-        token = self._token
-        if token is None or token[1] - TOKEN_REFRESH_MARGIN_SECONDS <= self._clock():
-            access = self._token_credential.get_token(STORAGE_SCOPE)
-            token = self._token = (str(access.token), float(access.expires_on))
-        return token[0]
+        """The token to send, asked of the credential again when azure-core's bearer policy
+        would: none yet, past its refresh_on (get_token_info's), or within
+        TOKEN_REFRESH_MARGIN_SECONDS of its expiry."""
+        with self._token_lock:
+            token = self._token
+            now = self._clock()
+            if (
+                token is None
+                or token[1] - TOKEN_REFRESH_MARGIN_SECONDS <= now
+                or 0 < token[2] <= now
+            ):
+                if hasattr(self._token_credential, "get_token_info"):  # azure-core >= 1.31
+                    access = self._token_credential.get_token_info(STORAGE_SCOPE)
+                else:
+                    access = self._token_credential.get_token(STORAGE_SCOPE)
+                refresh_on = float(getattr(access, "refresh_on", None) or 0)
+                token = self._token = (str(access.token), float(access.expires_on), refresh_on)
+            return token[0]
+
+
+def _account_key(key: str, location: BlobLocation) -> bytes:
+    """The bytes of an account key (base64; whitespace ignored, as the SDK does). Raises
+    MalformedCredential, naming the account, never the key, when it is not base64: keys the
+    environment gives are checked before (credentials.check_account_key), one handed over in
+    an SDK object is first decoded here."""
+    try:
+        return base64.b64decode("".join(str(key).split()), validate=True)
+    except (binascii.Error, ValueError):
+        hint = "copy the account key again, whole (it is base64, 88 characters for Azure's)"
+        raise MalformedCredential(
+            f"requests to {location.describe()} could not be signed with the account key: it is "
+            f"malformed (not base64); {hint}",
+            hint=hint,
+        ) from None
 
 
 # -- what an answer that is not the bytes means ------------------------------------------------
@@ -257,15 +302,31 @@ class _Response:
 class RangeHttpError(Exception):
     """The server answered a ranged GET with a status other than 2xx: the fields failures.py
     reads from azure-core's HttpResponseError (status_code, error_code, reason, response
-    headers), none from a message."""
+    headers), none from a message. `message`: the service's own (the error body's <Message>,
+    else the HTTP reason); the text also carries the body's AuthenticationErrorDetail (what the
+    service signed, to compare with what was sent), redacted like everything taken from the
+    body: Azure's quotes the request's signature."""
 
     def __init__(self, result: _core.RangeResult) -> None:
-        super().__init__(f"HTTP {result.status} {result.reason}".rstrip())
+        reason = redact(result.reason)
+        detail = error_element(result.error_body, "AuthenticationErrorDetail")
+        super().__init__(
+            f"HTTP {result.status} {reason}".rstrip() + (f" ({detail})" * bool(detail))
+        )
         self.status_code = result.status
-        self.reason = result.reason
-        self.message = result.reason  # the service's message: Azure sends it as the reason
+        self.reason = reason
+        self.message = error_element(result.error_body, "Message") or reason
         self.error_code = result.header("x-ms-error-code")
         self.response = _Response(result.headers)
+
+
+def error_element(body: bytes, name: str) -> str:
+    """The text of element `name` of an Azure error body (XML), unescaped and redacted; '' when
+    it has none."""
+    found = re.search(rb"<%s>(.*?)</%s>" % (name.encode(), name.encode()), body, re.DOTALL)
+    if found is None:
+        return ""
+    return redact(html.unescape(found.group(1).decode("utf-8", "replace"))).strip()
 
 
 class RangeMismatch(Exception):

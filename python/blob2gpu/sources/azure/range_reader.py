@@ -3,14 +3,23 @@
 Every range is pinned to the etag seen at listing (If-Match): a blob overwritten since is a
 BlobChanged, never a mix of two versions. A transient failure (reset, timeout, 408/429/5xx) retries
 only the bytes still missing, after the RetryPolicy's backoff; a permanent one raises its typed
-error at once. The bytes go from the socket into the caller's memoryview (transport.py).
+error at once.
+
+The bytes go from the socket into the caller's memoryview. With native_http on (the default) the
+core reads them: Python signs the GET (native_requests.RangeRequestSigner) and the core's
+RangeClient connects, sends it and reads the whole body without the GIL, reporting a RangeResult
+that range_failure() turns into the exceptions failures.py and retry.py classify; the thread
+takes the GIL back once per range, not once per socket read. With it off, azure-storage-blob
+sends the GET and Python threads read the body (transport.py).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from blob2gpu import _core
 from blob2gpu.errors import Blob2GpuError, BlobChanged, LoadCancelled
 from blob2gpu.sources.azure.failures import (
     is_throttled,
@@ -18,11 +27,15 @@ from blob2gpu.sources.azure.failures import (
     storage_error,
     throttled_by_bandwidth,
 )
-from blob2gpu.sources.azure.location import BlobLocation
-from blob2gpu.sources.azure.retry import RetryPolicy
+from blob2gpu.sources.azure.native_requests import RangeMismatch, range_failure
 from blob2gpu.sources.azure.throttle import ThrottleControl
 from blob2gpu.sources.azure.transport import RangeResponse, open_range
 from blob2gpu.sources.plan import ShardRef
+
+if TYPE_CHECKING:
+    from blob2gpu.sources.azure.container import BlobContainer
+
+log = logging.getLogger("blob2gpu")
 
 
 class BlobRangeReader:
@@ -36,23 +49,25 @@ class BlobRangeReader:
 
     def __init__(
         self,
-        container_client: Any,
-        location: BlobLocation,
-        retry: RetryPolicy,
+        container: BlobContainer,
         stopping: threading.Event | None = None,
         throttle: ThrottleControl | None = None,
     ) -> None:
-        """container_client: an azure.storage.blob.ContainerClient; stopping: set to cancel the
-        reads (defaults to the retry policy's); throttle: told of every answer and every
-        throttled one (429, 503), to adapt the load's concurrency and range size."""
-        self._container = container_client
-        self.location = location
-        self.retry = retry
+        """container: the load's (its client, location, retry policy and, with native_http on,
+        the core's range clients and request signer); stopping: set to cancel the reads
+        (defaults to the retry policy's); throttle: told of every answer and every throttled
+        one (429, 503), to adapt the load's concurrency and range size."""
+        self._container = container.client
+        self._native = container.native
+        self.location = container.location
+        self.retry = container.retry
         self.throttle = throttle
-        self._stopping = retry.stopping if stopping is None else stopping
+        self._stopping = self.retry.stopping if stopping is None else stopping
         self._lock = threading.Lock()
         self._blobs: dict[str, Any] = {}  # blob path -> BlobClient
-        self._open: set[RangeResponse] = set()  # bodies being read, for interrupt()
+        self._open: set[RangeResponse] = set()  # SDK bodies being read, for interrupt()
+        self._range_client: _core.RangeClient | None = None  # the core's, lent on the first read
+        self._in_flight = 0  # get_into() calls on it
         self._retries: dict[str, int] = {}
         self.requests = 0
         self.bytes_read = 0
@@ -71,7 +86,6 @@ class BlobRangeReader:
         outlasted the retry policy), or the typed error of a permanent failure (AccessDenied,
         BlobNotFound, BlobArchived, SourceUnavailable, ...).
         """
-        blob = self._blob(ref.path)
         total = len(view)
         what = f"shard '{ref.name}' bytes {offset}-{offset + total - 1}"
         pos = 0
@@ -98,7 +112,7 @@ class BlobRangeReader:
                 epoch = self.throttle.epoch(follow=False)
             start = pos
             try:
-                pos, error = self._attempt(blob, ref, offset, view, pos)
+                pos, error = self._attempt(ref, offset, view, pos)
             finally:
                 if self.throttle is not None:
                     self.throttle.release()
@@ -128,14 +142,29 @@ class BlobRangeReader:
 
     def interrupt(self) -> None:
         """Break the reads in flight (their connections are closed): a thread blocked on a slow
-        server wakes at once. Set the stopping event first, so they end as LoadCancelled."""
+        server wakes at once. Set the stopping event first, so they end as LoadCancelled (a read
+        that starts after it sends nothing)."""
         with self._lock:
             responses = list(self._open)
+            client = self._range_client if self._in_flight else None
+            if client is not None:
+                self._range_client = None  # closed for good: a later read borrows another
         for response in responses:
             try:
                 response.close()
             except Exception:
                 pass
+        if client is not None and self._native is not None:
+            client.close()
+            self._native.clients.give_back(client, closed=True)
+
+    def close(self) -> None:
+        """The reads are over: the core's client (its keep-alive connections) goes back for
+        the container's next reader (a Loader's next load)."""
+        with self._lock:
+            client, self._range_client = self._range_client, None
+        if client is not None and self._native is not None:
+            self._native.clients.give_back(client)
 
     def _blob(self, path: str) -> Any:
         with self._lock:
@@ -144,11 +173,61 @@ class BlobRangeReader:
             return self._blobs[path]
 
     def _attempt(
-        self, blob: Any, ref: ShardRef, offset: int, view: memoryview, pos: int
+        self, ref: ShardRef, offset: int, view: memoryview, pos: int
     ) -> tuple[int, Exception | None]:
         """One GET of the bytes view[pos:] still lacks: (how far `view` is now filled, the failure
         that cut this attempt short or None). Raises BlobChanged when the answer does not fit
-        the listed blob."""
+        the listed blob, and the typed error of a client that cannot be made (SourceUnavailable:
+        no OpenSSL for HTTPS)."""
+        if self._native is None:
+            return self._attempt_sdk(ref, offset, view, pos)
+        start, end = offset + pos, offset + len(view)
+        try:
+            target, headers = self._native.signer.range_get(ref.path, start, end, ref.etag)
+        except Blob2GpuError:
+            raise
+        except Exception as e:  # the token credential could not get a token
+            return pos, e
+        with self._lock:
+            if self._stopping.is_set():  # interrupt() may have come and gone: send nothing
+                return pos, ConnectionAbortedError("the load is stopping")
+            if self._range_client is None:
+                self._range_client = self._native.clients.lend()
+            client = self._range_client
+            self._in_flight += 1
+        try:
+            # The GIL is released for the whole exchange: connecting, TLS, the body.
+            result = client.get_into(target, headers, view[pos:], first_byte=start)
+        except BaseException:
+            with self._lock:
+                self._in_flight -= 1
+            raise
+        with self._lock:
+            self._in_flight -= 1
+            self.bytes_read += result.bytes_received
+        error = range_failure(result)
+        # As urllib3 logs the SDK's requests (the target's SAS is redacted by the log filter).
+        log.debug(
+            '%s:%d "GET %s HTTP/1.1" %s %d (%s)',
+            client.host,
+            client.port,
+            target,
+            result.status or "-",
+            result.bytes_received,
+            error or "whole",
+        )
+        if isinstance(error, RangeMismatch):
+            raise self._changed(ref, error.total_size)
+        if error is None and result.total_size not in (-1, ref.size):
+            raise self._changed(ref, result.total_size)
+        return pos + result.bytes_received, error
+
+    def _attempt_sdk(
+        self, ref: ShardRef, offset: int, view: memoryview, pos: int
+    ) -> tuple[int, Exception | None]:
+        """_attempt() through azure-storage-blob: the body read by this thread, one socket read
+        at a time (transport.py)."""
+        blob = self._blob(ref.path)
         total = len(view)
         opened: RangeResponse | None = None
         response: RangeResponse | None = None
@@ -191,14 +270,19 @@ class BlobRangeReader:
         if not is_transient(error):
             raise storage_error(error, self.location, ref.path, what) from None
 
+    def _changed(self, ref: ShardRef, size: int | str) -> BlobChanged:
+        """The blob `ref` names is not the listed one any more: the server reports `size` bytes
+        (-1 or '': it did not say)."""
+        said = "?" if size in (-1, "") else size
+        return BlobChanged(
+            f"shard '{ref.name}': {self.location.describe(ref.path)} changed during "
+            f"the load (expected {ref.size} bytes, the server reports {said}); load again"
+        )
+
     def _check_range(self, ref: ShardRef, response: RangeResponse, start: int, end: int) -> None:
         """Raise BlobChanged unless the answer holds exactly bytes [start, end) of a blob of the
         listed size."""
         length = int(response.header("Content-Length") or -1)
         total = (response.header("Content-Range") or "").rsplit("/", 1)[-1]
         if length != end - start or (total.isdigit() and int(total) != ref.size):
-            raise BlobChanged(
-                f"shard '{ref.name}': {self.location.describe(ref.path)} changed during "
-                f"the load (expected {ref.size} bytes, the server reports "
-                f"{total or '?'}); load again"
-            )
+            raise self._changed(ref, total)

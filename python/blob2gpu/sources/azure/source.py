@@ -2,8 +2,9 @@
 Data Lake forms abfss://, abfs://, wasbs://, wasb://: location.py), listed once with every shard
 pinned to the etag seen then (listing.py). Its bytes are ranged GETs read straight into the core's
 landings by a BlobFeeder (feeder.py); its headers, a fan-out's parts and the cache fill's ranges
-by the same BlobRangeReader (range_reader.py). The loads of one node share one throttling budget
-(NodeThrottle, next to the cache's locks)."""
+by the same BlobRangeReader (range_reader.py), which has the core read each body without the GIL
+(native_http, the default) or azure-storage-blob read it on the calling thread. The loads of one
+node share one throttling budget (NodeThrottle, next to the cache's locks)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ class AzureSource(Source):
         self._connections = connections
         self._container: BlobContainer | None = None
         self._listing: BlobListing | None = None
-        self._reader: BlobRangeReader | None = None
+        self._reader: BlobRangeReader | None = None  # headers' reads
+        self._ranges: list[BlobRangeReader] = []  # a fan-out's readers
 
     @property
     def container(self) -> BlobContainer:
@@ -98,8 +100,7 @@ class AzureSource(Source):
 
     def read_into(self, ref: ShardRef, offset: int, view: memoryview) -> None:
         if self._reader is None:
-            c = self.container
-            self._reader = BlobRangeReader(c.client, c.location, c.retry)
+            self._reader = BlobRangeReader(self.container)
         self._reader.read_into(ref, offset, view)
 
     def ranges(
@@ -113,7 +114,8 @@ class AzureSource(Source):
             chunk, slot = range_bytes(load), load.settings.staging_slot_bytes
             ceiling = load.settings.prefetch_concurrency
             throttle = ThrottleControl(ceiling, chunk, max(chunk, slot), node_budget(load.settings))
-        reader = BlobRangeReader(c.client, c.location, c.retry, None, throttle)
+        reader = BlobRangeReader(c, None, throttle)
+        self._ranges.append(reader)
         return AzureRanges(reader, c.retry, throttle)
 
     def start(self, load: PreparedLoad, pipeline: _core.LoadPipeline) -> Fetch:
@@ -144,8 +146,7 @@ class AzureSource(Source):
         return BlobFeeder(
             session,
             load.plan,
-            c.client,
-            c.location,
+            c,
             c.retry,
             load.settings.prefetch_concurrency,
             chunk,
@@ -166,9 +167,21 @@ class AzureSource(Source):
         each pinned to its listed etag, checked against the manifest, renamed into place)."""
         return self.container.fetch_aux(dest, self.settings.verify)
 
+    def finish(self, load: PreparedLoad, complete: bool) -> None:
+        """The load is over: its readers' range clients (their connections kept alive) go back
+        to the Loader's for its next load (the feeder gives its own back as it stops)."""
+        self._release_readers()
+
     def close(self) -> None:
+        self._release_readers()
         if self._container is not None:
             self._container.close()
+
+    def _release_readers(self) -> None:
+        readers = [self._reader, *self._ranges] if self._reader is not None else self._ranges
+        self._reader, self._ranges = None, []
+        for reader in readers:
+            reader.close()
 
 
 class AzureRanges:

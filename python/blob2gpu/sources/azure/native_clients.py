@@ -1,0 +1,113 @@
+"""The core's range readers (blob2gpu._core.RangeClient) a Blob load reads through, and who owns
+them. One RangeClient serves one reader (one load's threads, each on a keep-alive connection of
+the client's own pool) at a time, lent from a RangeClients of its endpoint: a Loader's, so that
+a later load from the same account takes the connections (and TLS sessions) an earlier one left
+open, or a container's own, closed with it. A reader that must break its reads in flight closes
+its client (RangeClient.close() breaks every request on it, for good) and does not give it back:
+lending each client to one reader is what lets one load stop without touching another's.
+
+Why not a client per connection: each RangeClient over HTTPS loads the trusted certificates
+once (tens of milliseconds of CPU); a load shares one.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from blob2gpu import _core
+from blob2gpu.errors import InvalidArgument, SourceUnavailable
+from blob2gpu.sources.azure.native_requests import (
+    NATIVE_HTTP_OFF,
+    RangeEndpoint,
+    RangeRequestSigner,
+)
+
+IDLE_CLIENTS_KEPT = 4  # clients of one endpoint kept for later readers (one per load at a time)
+
+
+class RangeClients:
+    """The RangeClients of one endpoint, each lent to one reader at a time; close() closes them
+    all, lent or idle. Safe to share between threads."""
+
+    def __init__(
+        self,
+        endpoint: RangeEndpoint,
+        connect_timeout: float,
+        read_timeout: float,
+        connections: int,
+    ) -> None:
+        """connections: the keep-alive connections each client keeps (a load's concurrency)."""
+        self.endpoint = endpoint
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._connections = connections
+        self._lock = threading.Lock()
+        self._idle: list[_core.RangeClient] = []
+        self._lent: list[_core.RangeClient] = []
+
+    def lend(self) -> _core.RangeClient:
+        """An idle client (its connections open), else a new one. Raises SourceUnavailable when
+        HTTPS needs OpenSSL or a CA bundle that cannot be loaded, InvalidArgument for an
+        endpoint the core refuses."""
+        with self._lock:
+            if self._idle:
+                client = self._idle.pop()
+                self._lent.append(client)
+                return client
+        try:
+            client = _core.RangeClient(
+                **self.endpoint.client_options(),
+                connect_timeout=self._connect_timeout,
+                read_timeout=self._read_timeout,
+                pool_size=self._connections,
+            )
+        except SourceUnavailable as e:
+            # The core names what it could not load (libssl, the CA bundle).
+            raise SourceUnavailable(
+                f"the native range reader cannot reach {self.endpoint.host}: {e} (or set "
+                f"{NATIVE_HTTP_OFF} to read through azure-storage-blob)"
+            ) from None
+        with self._lock:
+            self._lent.append(client)
+        return client
+
+    def give_back(self, client: _core.RangeClient, closed: bool = False) -> None:
+        """A reader is done with `client`: kept for the next one unless `closed` (the reader
+        closed it) or enough are kept already."""
+        with self._lock:
+            self._lent = [c for c in self._lent if c is not client]
+            if not closed and len(self._idle) < IDLE_CLIENTS_KEPT:
+                self._idle.append(client)
+                return
+        client.close()
+
+    def close(self) -> None:
+        """Close every client, idle or lent (a lent one's requests in flight end CANCELLED)."""
+        with self._lock:
+            clients, self._idle, self._lent = self._idle + self._lent, [], []
+        for client in clients:
+            client.close()
+
+
+@dataclass
+class NativeRanges:
+    """How a container's ranged GETs go through the core: the signer of its credential and the
+    RangeClients of its endpoint (`owned`: the container's own, closed with it; else a Loader's,
+    kept across its loads)."""
+
+    signer: RangeRequestSigner
+    clients: RangeClients
+    owned: bool
+
+    def __post_init__(self) -> None:
+        if self.signer.sends_token and not self.clients.endpoint.tls:
+            raise InvalidArgument(
+                f"refusing to send a bearer token over plain HTTP to "
+                f"'{self.clients.endpoint.host}': use an https:// URL"
+            )
+
+    def close(self) -> None:
+        """Close the clients when they are this container's own."""
+        if self.owned:
+            self.clients.close()

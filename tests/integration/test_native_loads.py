@@ -1,0 +1,209 @@
+"""Blob loads read their ranges through the core's range reader (native_http, the default): the
+feeder threads come back to Python once per range, never once per socket read, over HTTP and
+HTTPS (native_http=false: through azure-storage-blob, once per read); a bearer token is asked
+of its credential again when azure-core's bearer policy would; what the service says about a
+failed signature reaches no log, message or exception with the signature in it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import torch
+from azure.core.credentials import AccessToken, AccessTokenInfo
+from blob2gpu import errors
+from blob2gpu.settings import resolve
+from blob2gpu.sources.azure.container import open_container
+from blob2gpu.sources.azure.location import parse_blob_uri
+from blob2gpu.sources.azure.native_clients import NativeRanges, RangeClients
+from blob2gpu.sources.azure.native_requests import RangeRequestSigner, range_endpoint
+from blob2gpu.sources.azure.range_reader import BlobRangeReader
+from blob2gpu.sources.plan import ShardRef
+from conftest import checkpoint_bytes as expected
+from conftest import load_with_report, random_tensor, upload_directory
+from support.azurite import ACCOUNT, ACCOUNT_KEY
+
+KEY = {"account_name": ACCOUNT, "account_key": ACCOUNT_KEY}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """Two shards of 1.5 MB: many socket reads each."""
+    from safetensors.torch import save_file
+
+    directory = tmp_path_factory.mktemp("ckpt")
+    for s in range(2):
+        tensors = {f"s{s}.w{i}": random_tensor(torch.float32, (512, 256), s + i) for i in range(3)}
+        save_file(tensors, str(directory / f"model-{s + 1:05d}-of-00002.safetensors"))
+    return directory
+
+
+@pytest.fixture(params=["http", "https"])
+def served(request, checkpoint, monkeypatch):
+    """(the checkpoint's URI, with the emulator's key in the environment) over each scheme."""
+    server = request.getfixturevalue("azurite" if request.param == "http" else "azurite_tls")
+    client = server.service().get_container_client("native-loads")
+    if not client.exists():
+        client.create_container()
+        upload_directory(server, "native-loads", checkpoint, "m")
+    for var in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AZURE_STORAGE_KEY", ACCOUNT_KEY)
+    if server.certificate:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", server.certificate)
+    return f"{server.endpoint()}/native-loads/m"
+
+
+def socket_reads_of_feeders(uri: str, **settings: Any) -> tuple[dict[str, bytes], int]:
+    """Load `uri` to the CPU; returns (its tensors' bytes, how many times a feeder thread came
+    back from a socket read, taking the GIL again: a profile hook counts the returns of the
+    socket's recv_into and the TLS socket's read)."""
+    count = [0]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event != "c_return" or getattr(arg, "__name__", "") not in ("recv_into", "read"):
+            return
+        owner = type(getattr(arg, "__self__", None)).__name__
+        if owner in ("socket", "_SSLSocket") and threading.current_thread().name.startswith(
+            "blob2gpu-feeder"
+        ):
+            count[0] += 1
+
+    threading.setprofile(profile)
+    try:
+        got, _ = load_with_report(uri, "cpu", chunk_bytes=256 * 1024, **settings)
+    finally:
+        threading.setprofile(None)  # type: ignore[arg-type]
+    return got, count[0]
+
+
+def test_a_loads_ranges_are_read_without_a_return_to_python_per_socket_read(checkpoint, served):
+    got, reads = socket_reads_of_feeders(served)
+    assert got == expected(checkpoint)
+    assert reads == 0
+    # The Python path, kept behind the setting, reads the same bytes one socket read at a time.
+    got, reads = socket_reads_of_feeders(served, native_http=False)
+    assert got == expected(checkpoint)
+    assert reads > 0
+
+
+# -- bearer tokens ------------------------------------------------------------------------------
+class _Credential:
+    """A token credential handing out tokens of `lifetime` seconds from `clock`; `info`: it
+    implements get_token_info (with `refresh_in`: a refresh_on that many seconds on) instead of
+    get_token only, as azure-identity's do since azure-core 1.31."""
+
+    def __init__(self, clock: list[float], lifetime: float, info: bool, refresh_in: float = 0):
+        self.clock, self.lifetime, self.refresh_in = clock, lifetime, refresh_in
+        self.asked = 0
+        if info:
+            self.get_token_info = self._info
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        self.asked += 1
+        time.sleep(0.01)  # long enough for another thread to ask meanwhile
+        return AccessToken(f"token-{self.asked}", int(self.clock[0] + self.lifetime))
+
+    def _info(self, *scopes: str, **kwargs: Any) -> AccessTokenInfo:
+        token = self.get_token(*scopes)
+        refresh_on = int(self.clock[0] + self.refresh_in) if self.refresh_in else None
+        return AccessTokenInfo(token.token, token.expires_on, refresh_on=refresh_on)
+
+
+def _bearer(signer: RangeRequestSigner) -> str:
+    _, headers = signer.range_get("b", 0, 1, None)
+    return dict(headers)["Authorization"]
+
+
+@pytest.mark.parametrize("info", [False, True], ids=["get_token", "get_token_info"])
+def test_a_bearer_token_is_renewed_five_minutes_before_it_expires(info):
+    clock = [1_000_000.0]
+    credential = _Credential(clock, lifetime=3600, info=info)
+    where = parse_blob_uri("https://acct.blob.core.windows.net/c/m")
+    signer = RangeRequestSigner(where, credential, clock=lambda: clock[0])
+    threads = [threading.Thread(target=_bearer, args=(signer,)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert credential.asked == 1  # threads signing at once wait for the one asking
+    clock[0] += 3600 - 301
+    assert _bearer(signer) == "Bearer token-1"
+    clock[0] += 2  # within 300 s of its expiry: a new one, as azure-core's policy would
+    assert _bearer(signer) == "Bearer token-2" and credential.asked == 2
+
+
+def test_a_bearer_token_is_renewed_at_its_refresh_on():
+    clock = [1_000_000.0]
+    credential = _Credential(clock, lifetime=24 * 3600, info=True, refresh_in=3600)
+    where = parse_blob_uri("https://acct.blob.core.windows.net/c/m")
+    signer = RangeRequestSigner(where, credential, clock=lambda: clock[0])
+    assert _bearer(signer) == "Bearer token-1"
+    clock[0] += 3599
+    assert _bearer(signer) == "Bearer token-1"
+    clock[0] += 1
+    assert _bearer(signer) == "Bearer token-2"
+
+
+def test_a_bearer_token_never_goes_to_the_native_reader_over_plain_http():
+    where = parse_blob_uri("http://127.0.0.1:10000/devstoreaccount1/c/m")
+    endpoint = range_endpoint(where, {})
+    signer = RangeRequestSigner(where, _Credential([0.0], 3600, info=False), endpoint.base_path)
+    with pytest.raises(errors.InvalidArgument, match="bearer token over plain HTTP"):
+        NativeRanges(signer, RangeClients(endpoint, 1.0, 1.0, 1), owned=True)
+
+
+# -- what a failed signature's answer may quote ---------------------------------------------------
+class _Refusing(BaseHTTPRequestHandler):
+    """Answers every GET as Azure answers a request whose Shared Key signature does not verify:
+    403 AuthenticationFailed, its detail quoting the signature the request carried."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        signature = self.headers["Authorization"].rsplit(":", 1)[-1]
+        self.server.signatures.append(signature)  # type: ignore[attr-defined]
+        body = (
+            '<?xml version="1.0" encoding="utf-8"?><Error><Code>AuthenticationFailed</Code>'
+            "<Message>Server failed to authenticate the request. Make sure the value of "
+            "Authorization header is formed correctly including the signature.\nRequestId:1"
+            "</Message><AuthenticationErrorDetail>The MAC signature found in the HTTP request "
+            f"'{signature}' is not the same as any computed signature. Server used following "
+            "string to sign: 'GET\n\n'.</AuthenticationErrorDetail></Error>"
+        ).encode()
+        self.send_response(403, "Server failed to authenticate the request.")
+        self.send_header("x-ms-error-code", "AuthenticationFailed")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_an_authentication_failure_quoting_the_signature_leaks_it_nowhere(caplog):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    server.signatures = []  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_port}/{ACCOUNT}/c/m"
+    caplog.set_level(logging.DEBUG)
+    with open_container(uri, resolve(), KEY) as container:
+        reader = BlobRangeReader(container)
+        with pytest.raises(errors.AccessDenied) as info:
+            reader.read_into(
+                ShardRef("a", "m/a.safetensors", 100, '"0x1"'), 0, memoryview(bytearray(10))
+            )
+    server.shutdown()
+    (signature,) = server.signatures  # not retried: a denial is permanent
+    assert "the signature did not verify" in str(info.value)
+    assert "MAC signature found in the HTTP request 'REDACTED'" in caplog.text  # it was logged
+    texts = [str(info.value), repr(info.value), caplog.text]
+    error: BaseException | None = info.value
+    while error is not None:
+        texts.append(repr(error.args))
+        error = error.__cause__ or error.__context__
+    assert not any(signature in text for text in texts)
