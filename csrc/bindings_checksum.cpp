@@ -2,11 +2,14 @@
 // (bytes, bytearray, memoryview, numpy arrays, mmap), read in place, without a copy.
 #include <pybind11/pybind11.h>
 
+#include <cerrno>
+#include <cstring>
 #include <memory>
 #include <mutex>
 
 #include "bindings_gil.hpp"
 #include "checksum.hpp"
+#include "file_digest.hpp"
 
 namespace py = pybind11;
 using blob2gpu::BlockingCall;
@@ -127,6 +130,57 @@ void register_checksum_bindings(py::module_& m) {
         return py::bytes(reinterpret_cast<const char*>(d.data()), d.size());
       },
       py::arg("data"), "The 16-byte MD5 of a buffer (the core's, as Content-MD5 checks use it).");
+
+  m.def(
+      "hash_file",
+      [](int fd, uint64_t chunk_bytes, bool sha256, bool md5) {
+        if (chunk_bytes == 0) throw py::value_error("chunk_bytes must be positive");
+        blob2gpu::FileDigest d;
+        {
+          BlockingCall blocking;  // reads the whole file: one return of the GIL for all of it
+          d = blob2gpu::digest_file(fd, chunk_bytes, sha256, md5);
+        }
+        if (d.error != 0) {
+          errno = d.error;
+          PyErr_SetFromErrno(PyExc_OSError);
+          throw py::error_already_set();
+        }
+        py::object sha = d.sha256_hex ? py::object(py::str(*d.sha256_hex)) : py::none();
+        py::object digest_md5 =
+            d.md5
+                ? py::object(py::bytes(reinterpret_cast<const char*>(d.md5->data()), d.md5->size()))
+                : py::none();
+        py::list crcs;
+        for (uint32_t crc : d.chunk_crc32c) crcs.append(crc);
+        return py::make_tuple(d.size, crcs, sha, digest_md5);
+      },
+      py::arg("fd"), py::arg("chunk_bytes"), py::kw_only(), py::arg("sha256") = false,
+      py::arg("md5") = false,
+      "(size, [CRC32C per chunk_bytes], SHA-256 hex or None, MD5 bytes or None) of the open file "
+      "fd, read from offset 0 to its end (pread: its offset does not move) by the core in one "
+      "call without the GIL. Raises OSError for a failed read, ValueError for chunk_bytes 0.");
+
+  m.def(
+      "copied",
+      [](py::handle data) {
+        BufferView view(data);
+        PyObject* raw =
+            PyByteArray_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(view.size()));
+        if (raw == nullptr) throw py::error_already_set();
+        py::object out = py::reinterpret_steal<py::object>(raw);
+        char* into = PyByteArray_AS_STRING(raw);
+        if (view.worth_releasing_gil()) {
+          BlockingCall blocking;  // the copy touches fresh pages: kernel work, not the GIL's
+          std::memcpy(into, view.data(), view.size());
+        } else {
+          std::memcpy(into, view.data(), view.size());
+        }
+        return out;
+      },
+      py::arg("data"),
+      "A bytearray holding a copy of a buffer's bytes, copied without the GIL (bytes(view) "
+      "holds it for the whole copy); e.g. a staging slot's range kept for the NVMe cache's "
+      "writer after the slot is reused.");
 
   py::class_<PySha256>(m, "Sha256",
                        "Incremental SHA-256 over buffers, like hashlib.sha256; update() reads "

@@ -23,8 +23,6 @@ over a file read once (hash_file).
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 
 from blob2gpu import _core
@@ -63,35 +61,10 @@ class FileDigest:
 
 def hash_file(fd: int, chunk_bytes: int, sha256: bool = False, md5: bool = False) -> FileDigest:
     """Read the open file `fd` from offset 0 to its end (pread: the descriptor's offset does not
-    move) in `chunk_bytes` chunks; returns its FileDigest. Raises OSError."""
-    sha = _core.Sha256() if sha256 else None
-    md = hashlib.md5(usedforsecurity=False) if md5 else None
-    crcs = []
-    size = 0
-    view = memoryview(bytearray(chunk_bytes))
-    while True:
-        got = 0
-        while got < chunk_bytes:
-            n = os.preadv(fd, [view[got:]], size + got)
-            if not n:
-                break
-            got += n
-        if not got:
-            break
-        crcs.append(_core.crc32c(view[:got]))
-        if sha is not None:
-            sha.update(view[:got])
-        if md is not None:
-            md.update(view[:got])
-        size += got
-        if got < chunk_bytes:
-            break
-    return FileDigest(
-        size,
-        tuple(crcs),
-        sha.hexdigest() if sha is not None else None,
-        md.digest() if md is not None else None,
-    )
+    move) and return its FileDigest: CRC32C per `chunk_bytes`, the SHA-256 and MD5 when asked.
+    The core reads and hashes the whole file in one call without the GIL. Raises OSError."""
+    size, crcs, sha, digest_md5 = _core.hash_file(fd, chunk_bytes, sha256=sha256, md5=md5)
+    return FileDigest(size, tuple(crcs), sha, digest_md5)
 
 
 def check_bytes(fd: int, size: int, checks: BlobChecks) -> str | None:

@@ -425,7 +425,7 @@ class EntryWrite:
     def complete(self) -> bool:
         return self.written == self.size
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write bytes [offset, offset + len(data)) of the shard; raises OSError."""
         from blob2gpu import _core
 

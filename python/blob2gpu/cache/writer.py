@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from blob2gpu import _core
 from blob2gpu.cache.checks import BlobChecks
 from blob2gpu.cache.nvme import EntryLock, EntryRefused, EntryWrite, NvmeCache
 
@@ -43,7 +44,7 @@ class CacheWriter:
         self._budget = queue_bytes
         self._queued = 0
         self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[int, int, bytes] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[int, int, bytes | bytearray] | None] = queue.Queue()
         self._complete: queue.Queue[_Pending | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="blob2gpu-cache-writer", daemon=True)
         self._publisher = threading.Thread(
@@ -83,7 +84,7 @@ class CacheWriter:
                 self._queue.put((index, -1, b"disk write queue full"))
                 return
             self._queued += len(view)
-        self._queue.put((index, offset, bytes(view)))
+        self._queue.put((index, offset, _core.copied(view)))  # copied without the GIL
 
     def _run(self) -> None:
         try:
