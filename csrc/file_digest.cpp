@@ -34,7 +34,8 @@ FileDigest digest_file(int fd, uint64_t chunk_bytes, bool sha256, bool md5) {
   uint32_t crc = 0;
   uint64_t in_chunk = 0;  // bytes of the current chunk fed to `crc`
   for (;;) {
-    const size_t want = static_cast<size_t>(std::min<uint64_t>(buffer_bytes, chunk_bytes - in_chunk));
+    const size_t want =
+        static_cast<size_t>(std::min<uint64_t>(buffer_bytes, chunk_bytes - in_chunk));
     const ssize_t got = pread(fd, buffer.get(), want, static_cast<off_t>(digest.size));
     if (got < 0) {
       if (errno == EINTR) continue;

@@ -14,10 +14,10 @@ namespace blob2gpu {
 
 struct FileDigest {
   uint64_t size = 0;
-  std::vector<uint32_t> chunk_crc32c;      // one per chunk_bytes of the file, the last one short
-  std::optional<std::string> sha256_hex;   // when asked for
-  std::optional<Md5::Digest> md5;          // when asked for
-  int error = 0;                           // errno of a failed read (the digest is then partial)
+  std::vector<uint32_t> chunk_crc32c;     // one per chunk_bytes of the file, the last one short
+  std::optional<std::string> sha256_hex;  // when asked for
+  std::optional<Md5::Digest> md5;         // when asked for
+  int error = 0;                          // errno of a failed read (the digest is then partial)
 };
 
 // Reads `fd` from offset 0 to its end with pread (the descriptor's offset does not move) through a

@@ -41,7 +41,8 @@ std::string sysfs_bus_id(const char* bus_id) {
   unsigned domain = 0, bus = 0, device = 0, function = 0;
   if (std::sscanf(bus_id, "%x:%x:%x.%x", &domain, &bus, &device, &function) != 4) return "";
   char out[32];
-  std::snprintf(out, sizeof(out), "%04x:%02x:%02x.%x", domain & 0xffff, bus & 0xff, device & 0xff,
+  // The whole domain: VMD-style domains past 0xffff name their devices with all of it.
+  std::snprintf(out, sizeof(out), "%04x:%02x:%02x.%x", domain, bus & 0xff, device & 0xff,
                 function & 0xf);
   return out;
 }

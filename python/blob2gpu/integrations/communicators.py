@@ -121,6 +121,12 @@ class DeviceCommunicator(HostCommunicator):
         import torch
 
         torch.cuda.set_device(self.device)  # a new thread's current device is cuda:0
+        # A stream of the exchange's own: on the legacy default stream (a new thread's current
+        # one) the broadcasts and their waits would queue behind, and ahead of, the consumer's
+        # work on the same stream (vLLM's weight loaders), serializing what can overlap. Pool
+        # streams live as long as the process, so the handle the core keeps stays valid.
+        self._exchange_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        torch.cuda.set_stream(self._exchange_stream)
 
     def broadcast_destinations(self, views: Sequence[_core.TensorView], src: int) -> None:
         from torch.utils.dlpack import from_dlpack
@@ -131,7 +137,7 @@ class DeviceCommunicator(HostCommunicator):
     def stream(self) -> int:
         import torch
 
-        handle = int(torch.cuda.current_stream().cuda_stream)
+        handle = int(torch.cuda.current_stream().cuda_stream)  # bind()'s, on the exchange thread
         return handle or 1  # the NULL handle is the legacy default stream, as torch passes it
 
 
@@ -141,5 +147,5 @@ def broadcast(tensor: torch.Tensor, src: int, group: ProcessGroup | None) -> Non
 
     if group is None:
         dist.broadcast(tensor, src=src)
-    else:
-        dist.broadcast(tensor, group=group, group_src=src)
+    else:  # src as a global rank: group_src= exists only from torch 2.6 (vLLM 0.7 has 2.5)
+        dist.broadcast(tensor, src=dist.get_global_rank(group, src), group=group)

@@ -214,7 +214,12 @@ class GroupExchange:
             error = failure
         self._agree(error)
         header = self._share_header(owners[0][0] if owners else 0, header)
-        data_offset = self._feed_header(index, header)
+        data_offset = 0
+        try:  # a rank that stops here must say so: its peers wait in the next collective
+            data_offset = self._feed_header(index, header)
+        except BaseException as failure:
+            error = failure
+        self._agree(error)
         if not self._same_layout_everywhere(index):
             self._share_whole(index, ref, owners, parts)
             return
@@ -289,7 +294,8 @@ class GroupExchange:
         mine = None
         if self._in_place and session.exchangeable(index):
             mine = (session.exchange_steps(index), session.destinations(index))
-        return mine is not None and all(x == mine for x in self._comm.all_gather_object(mine))
+        everyone = self._comm.all_gather_object(mine)  # every rank joins, whatever its answer
+        return mine is not None and all(x == mine for x in everyone)
 
     def _exchange_parts(
         self, index: int, owners: list[tuple[int, int, int]], parts: list[tuple[int, torch.Tensor]]
@@ -304,10 +310,10 @@ class GroupExchange:
                 if begin >= stop:
                     continue
                 views = session.open_destinations(index, begin, stop)
-                if views is None:
-                    raise LoadCancelled("the load was cancelled")
                 error: BaseException | None = None
-                if owner == self._rank:
+                if views is None:  # cancelled: said to the group before any broadcast
+                    error = LoadCancelled("the load was cancelled")
+                elif owner == self._rank:
                     try:
                         base, part = next((s, p) for s, p in parts if s == start)
                         data = part[begin - base : stop - base].numpy().data
@@ -316,6 +322,7 @@ class GroupExchange:
                     except BaseException as failure:
                         error = failure
                 self._agree(error)
+                assert views is not None  # else _agree raised
                 session.order_writes(stream)
                 comm.broadcast_destinations(views, owner)
                 del views
