@@ -147,7 +147,11 @@ def test_a_threads_own_memory_policy_is_restored_after_placement(fake_driver):
             seen.append(-ctypes.get_errno())
             return
         pipeline = _core.LoadPipeline(
-            "cuda:0", staging_slots=2, staging_slot_bytes=1 << 20, copy_streams=1, io_threads=1,
+            "cuda:0",
+            staging_slots=2,
+            staging_slot_bytes=1 << 20,
+            copy_streams=1,
+            io_threads=1,
             use_pinned_host_fallback=True,
         )
         pipeline.close()
