@@ -62,6 +62,10 @@ long set_mempolicy(int mode, const unsigned long* mask, unsigned long max_node) 
   return syscall(SYS_set_mempolicy, mode, mask, max_node);
 }
 
+long get_mempolicy(int* mode, unsigned long* mask, unsigned long max_node) {
+  return syscall(SYS_get_mempolicy, mode, mask, max_node, nullptr, 0ul);
+}
+
 }  // namespace
 
 std::vector<int> parse_cpu_list(const std::string& text) {
@@ -131,6 +135,10 @@ ScopedNumaPlacement::ScopedNumaPlacement(const NumaPlacement& placement) {
   }
   unsigned long mask[kMaxNodes / (8 * sizeof(unsigned long))] = {0};
   const auto bits = 8 * sizeof(unsigned long);
+  previous_nodes_.assign(kMaxNodes / bits, 0);
+  if (get_mempolicy(&previous_mode_, previous_nodes_.data(), kMaxNodes) != 0) {
+    previous_mode_ = kMpolDefault;  // unknown: the default is what a thread starts with
+  }
   mask[static_cast<size_t>(placement.node) / bits] |=
       1ul << (static_cast<size_t>(placement.node) % bits);
   // Fails where the kernel has no NUMA support or a sandbox forbids it: the pages then come from
@@ -139,7 +147,12 @@ ScopedNumaPlacement::ScopedNumaPlacement(const NumaPlacement& placement) {
 }
 
 ScopedNumaPlacement::~ScopedNumaPlacement() {
-  if (memory_bound_) set_mempolicy(kMpolDefault, nullptr, 0);
+  if (memory_bound_) {
+    if (previous_mode_ == kMpolDefault ||
+        set_mempolicy(previous_mode_, previous_nodes_.data(), kMaxNodes) != 0) {
+      set_mempolicy(kMpolDefault, nullptr, 0);
+    }
+  }
   if (cpus_bound_) bind_thread_to(previous_cpus_);
 }
 

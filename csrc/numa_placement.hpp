@@ -29,7 +29,8 @@ std::vector<int> parse_cpu_list(const std::string& text);
 bool bind_thread_to(const std::vector<int>& cpus);
 
 // While alive, the calling thread runs on the placement's CPUs and its new pages come from the
-// placement's node first (set_mempolicy MPOL_PREFERRED); both are restored after. A placement
+// placement's node first (set_mempolicy MPOL_PREFERRED); both are restored after, to what they
+// were (a thread started under numactl keeps its policy). A placement
 // without a node changes nothing. Pinned memory allocated meanwhile (cuMemHostAlloc makes its
 // pages resident in the calling thread) lands on that node.
 class ScopedNumaPlacement {
@@ -42,6 +43,8 @@ class ScopedNumaPlacement {
 
  private:
   std::vector<int> previous_cpus_;
+  std::vector<unsigned long> previous_nodes_;  // the memory policy's node mask before
+  int previous_mode_ = 0;                      // and its mode (MPOL_DEFAULT: 0), flags included
   bool cpus_bound_ = false;
   bool memory_bound_ = false;
 };

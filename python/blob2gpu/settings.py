@@ -189,8 +189,9 @@ class Settings:
         "staging",
         0,
         "GPU targets: the most host memory the staging ring may pin when staging_slots or "
-        "staging_slot_bytes is sized from the host (0). 0: 1/32 of the host's memory, at least "
-        "64 MiB and at most 1 GiB. Accepts 512MiB, 1G, ...",
+        "staging_slot_bytes is sized from the host (0). 0: 1/32 of the host's memory (within the "
+        "process's cgroup limit, shared among $LOCAL_WORLD_SIZE ranks), at least 64 MiB and at "
+        "most 1 GiB. Accepts 512MiB, 1G, ...",
         minimum=0,
         maximum=1 << 40,
     )

@@ -121,3 +121,47 @@ def test_placement_can_be_turned_off(fake_driver, write_checkpoint):
         with loader.open(str(directory), device="cuda", framework="dlpack") as checkpoint:
             checkpoint.to_dict()
             assert checkpoint.report.numa_node == -1
+
+
+# (set_mempolicy, get_mempolicy) syscall numbers; MPOL_INTERLEAVE.
+MEMPOLICY_SYSCALLS = {"x86_64": (238, 239), "aarch64": (237, 236)}
+MPOL_DEFAULT, MPOL_INTERLEAVE = 0, 3
+
+
+def test_a_threads_own_memory_policy_is_restored_after_placement(fake_driver):
+    """A pipeline made on a thread started under `numactl --interleave` leaves it interleaving
+    (restoring MPOL_DEFAULT dropped the policy the thread had)."""
+    import ctypes
+    import platform
+    import threading
+
+    set_number, get_number = MEMPOLICY_SYSCALLS[platform.machine()]
+    libc = ctypes.CDLL(None, use_errno=True)
+    fake_driver.set_host_numa_attribute(True)
+    fake_driver.set_host_numa_id(0, 0)
+    seen: list[int] = []
+
+    def make_pipeline() -> None:  # on a thread of its own: its policy changes nothing else
+        mask = (ctypes.c_ulong * 16)(1)  # node 0
+        if libc.syscall(set_number, MPOL_INTERLEAVE, mask, 1024) != 0:
+            seen.append(-ctypes.get_errno())
+            return
+        pipeline = _core.LoadPipeline(
+            "cuda:0",
+            staging_slots=2,
+            staging_slot_bytes=1 << 20,
+            copy_streams=1,
+            io_threads=1,
+            use_pinned_host_fallback=True,
+        )
+        pipeline.close()
+        mode, nodes = ctypes.c_int(-1), (ctypes.c_ulong * 16)()
+        libc.syscall(get_number, ctypes.byref(mode), nodes, 1024, None, 0)
+        seen.extend([mode.value, nodes[0]])
+
+    thread = threading.Thread(target=make_pipeline)
+    thread.start()
+    thread.join()
+    if seen and seen[0] < 0:
+        pytest.skip(f"this kernel or sandbox refuses set_mempolicy (errno {-seen[0]})")
+    assert seen == [MPOL_INTERLEAVE, 1]

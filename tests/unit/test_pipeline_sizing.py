@@ -80,3 +80,46 @@ def test_a_request_carries_the_sized_shape_and_says_so(write_checkpoint):
     assert request.settings.sources["io_threads"] == "sized from the host for cpu"
     kept = sized_settings(resolve({"io_threads": 2}, environ={}), "cuda:0")
     assert kept.io_threads == 2 and kept.sources["io_threads"] == "argument"
+
+
+def _cgroup(tmp_path, cpu_max_by_level):
+    """A cgroup v2 tree for the process's group /pods/pod1/worker: cpu.max per level given."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/pods/pod1/worker\n")
+    root = tmp_path / "fs"
+    for level, text in cpu_max_by_level.items():
+        directory = root / level if level else root
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "cpu.max").write_text(text)
+    (root / "pods/pod1/worker").mkdir(parents=True, exist_ok=True)
+    return root, proc
+
+
+def test_the_cgroup_cpu_quota_is_the_tightest_from_the_group_up(tmp_path):
+    from blob2gpu.loading.pipelines import cgroup_cpu_quota
+
+    root, proc = _cgroup(tmp_path, {"": "max 100000\n", "pods/pod1": "250000 100000\n"})
+    assert cgroup_cpu_quota(root, proc) == 3  # 2.5 CPUs, rounded up
+    root, proc = _cgroup(
+        tmp_path / "b", {"pods/pod1": "800000 100000\n", "pods/pod1/worker": "50000 100000\n"}
+    )
+    assert cgroup_cpu_quota(root, proc) == 1
+    root, proc = _cgroup(tmp_path / "c", {"": "max 100000\n"})
+    assert cgroup_cpu_quota(root, proc) is None  # no quota anywhere
+    assert cgroup_cpu_quota(root, tmp_path / "missing") is None
+    v1 = tmp_path / "v1"
+    v1.write_text("4:cpu,cpuacct:/pods/pod1\n")
+    assert cgroup_cpu_quota(root, v1) is None  # cgroup v1: not read
+
+
+def test_local_ranks_share_the_host():
+    from blob2gpu.loading.pipelines import local_ranks
+
+    assert local_ranks({}) == 1
+    assert local_ranks({"LOCAL_WORLD_SIZE": "8"}) == 8
+    assert local_ranks({"LOCAL_WORLD_SIZE": "0"}) == 1
+    assert local_ranks({"LOCAL_WORLD_SIZE": "eight"}) == 1
+    alone, shared = HostFacts.probe({}), HostFacts.probe({"LOCAL_WORLD_SIZE": "2"})
+    assert shared.cpus == max(1, alone.cpus // 2)
+    assert shared.memory_bytes == alone.memory_bytes // 2

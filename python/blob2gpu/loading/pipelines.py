@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TypedDict
 
 from blob2gpu import _core
 from blob2gpu.errors import InvalidArgument
+from blob2gpu.loading.host_memory import CGROUP_ROOT, PROC_CGROUP, host_memory
 from blob2gpu.settings import ResolvedSettings
 
 MiB = 1 << 20
@@ -36,17 +39,61 @@ class HostFacts:
     memory_bytes: int
 
     @classmethod
-    def probe(cls) -> HostFacts:
-        """This host, now. Never raises (unknown memory counts as 0: the smallest ring)."""
+    def probe(cls, environ: Mapping[str, str] | None = None) -> HostFacts:
+        """This process's share of the host, now: the CPUs it may run on (its affinity, within
+        its control group's CPU quota) and physical memory (within the group's memory limit),
+        each divided among the node's local ranks ($LOCAL_WORLD_SIZE, as torchrun sets it: eight
+        tensor-parallel ranks each sized for the whole host would pin eight rings' worth and run
+        eight times the threads). Never raises (unknown memory counts as 0: the smallest ring)."""
+        env = os.environ if environ is None else environ
         try:
             cpus = len(os.sched_getaffinity(0))
         except (AttributeError, OSError):
             cpus = os.cpu_count() or 1
+        quota = cgroup_cpu_quota()
+        if quota is not None:
+            cpus = min(cpus, quota)
         try:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError):
             memory = 0
-        return cls(cpus=max(1, cpus), memory_bytes=max(0, memory))
+        limit = host_memory().limit
+        if limit:
+            memory = min(memory, limit)
+        ranks = local_ranks(env)
+        return cls(cpus=max(1, cpus // ranks), memory_bytes=max(0, memory // ranks))
+
+
+def local_ranks(environ: Mapping[str, str]) -> int:
+    """The processes on this node that size pipelines alike: $LOCAL_WORLD_SIZE, else 1."""
+    try:
+        return max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def cgroup_cpu_quota(
+    cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP
+) -> int | None:
+    """The CPUs the process's cgroup v2 quota allows (cpu.max "quota period", rounded up; the
+    tightest from its group up to the mounted root), or None without a quota or a v2 group."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    path = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
+    if path is None:
+        return None
+    relative = Path(path.lstrip("/"))
+    tightest: int | None = None
+    for directory in [cgroup_root / relative, *(cgroup_root / p for p in relative.parents)]:
+        try:
+            quota, period = (directory / "cpu.max").read_text().split()[:2]
+            cpus = -(-int(quota) // max(1, int(period)))
+        except (OSError, ValueError):  # absent, unreadable, or "max": no quota there
+            continue
+        tightest = cpus if tightest is None else min(tightest, cpus)
+    return None if tightest is None else max(1, tightest)
 
 
 class PipelineArgs(TypedDict):
