@@ -62,22 +62,39 @@ def owned_by(rank: int, name: str) -> bool:
 
 
 def test_vllm_decides_expert_ownership_where_blob2gpu_asks():
-    # The two vLLM internals integrations/vllm/expert_parallel.py calls (vLLM 0.32.0). If this
-    # fails after a vLLM upgrade, that vLLM moved them: blob2gpu then reads every expert (the
-    # fallback, logged) until expert_parallel.py follows.
+    # The vLLM functions and config fields integrations/vllm/expert_parallel.py uses (vLLM
+    # 0.32.0; the EP tests below check it decides as vLLM's own loader). If this fails after
+    # a vLLM upgrade, that vLLM moved them: blob2gpu then reads every expert (the fallback,
+    # logged) until expert_parallel.py follows.
     import inspect
 
     import vllm
-    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
-    from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
+    from vllm.config import ParallelConfig
+    from vllm.model_executor.model_loader.ep_weight_filter import (
+        compute_local_expert_ids,
+        should_skip_weight,
+    )
 
-    decide = getattr(DefaultModelLoader, "_init_ep_weight_filter", None)
-    assert decide is not None, f"vLLM {vllm.__version__}"
-    assert list(inspect.signature(decide).parameters) == ["self", "model_config"]
+    assert list(inspect.signature(compute_local_expert_ids).parameters) == [
+        "num_experts",
+        "ep_size",
+        "ep_rank",
+        "placement",
+    ], f"vLLM {vllm.__version__}"
     assert list(inspect.signature(should_skip_weight).parameters) == [
         "weight_name",
         "local_expert_ids",
     ]
+    fields = set(ParallelConfig.__dataclass_fields__)
+    assert {
+        "enable_expert_parallel",
+        "enable_ep_weight_filter",
+        "enable_eplb",
+        "data_parallel_size",
+        "tensor_parallel_size",
+        "prefill_context_parallel_size",
+        "expert_placement_strategy",
+    } <= fields
 
 
 def test_a_worker_keeps_everything_but_the_other_workers_expert_weights():

@@ -11,9 +11,10 @@ tensor selection, so their bytes are never fetched: the per-expert weights
 dense tensors, shared experts, per-expert scales, and fused 3D expert tensors (no expert id in
 their names: the model's loader slices them).
 
-Both decisions are vLLM's code, asked rather than copied: which experts are this worker's
-(``DefaultModelLoader._init_ep_weight_filter``: the flag, EPLB, the expert count, the EP size
-and rank, the placement strategy) and which names are another worker's (``should_skip_weight``).
+The decisions are vLLM's, through its public parts: which experts are this worker's (the
+filter module's ``compute_local_expert_ids`` over the EP size and rank that vLLM's distributed
+groups give, under the conditions its default loader applies: the flags, EPLB, the expert count)
+and which names are another worker's (``should_skip_weight``).
 vLLM added them in March 2026 (its PRs 37136 and 37351; 0.32 has both). An older vLLM's own
 loader reads every expert, and so does blob2gpu there. vLLM's internals are reached from this
 module only.
@@ -66,21 +67,15 @@ def owned_experts(model_config: Any) -> OwnedExperts | None:
     logged). Must run where vLLM runs load_weights (its current config and distributed groups
     set)."""
     try:
-        from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
-        from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
+        from vllm.model_executor.model_loader.ep_weight_filter import (
+            compute_local_expert_ids,
+            should_skip_weight,
+        )
     except ImportError:
         if expert_parallel_enabled():
             log.info("blob2gpu: this vLLM has no EP weight filter: %s", WITHOUT_FILTER)
         return None
-    if not hasattr(DefaultModelLoader, "_init_ep_weight_filter"):
-        if expert_parallel_enabled():
-            log.warning(
-                "blob2gpu: this vLLM's default loader decides expert ownership where blob2gpu "
-                "does not look (DefaultModelLoader._init_ep_weight_filter): %s",
-                WITHOUT_FILTER,
-            )
-        return None
-    local = local_expert_ids(DefaultModelLoader, model_config)
+    local = local_expert_ids(model_config, compute_local_expert_ids)
     if local is None:
         return None
     total = int(model_config.get_num_experts())
@@ -88,14 +83,34 @@ def owned_experts(model_config: Any) -> OwnedExperts | None:
     return OwnedExperts(frozenset(local), total, skips)
 
 
-def local_expert_ids(default_loader: Any, model_config: Any) -> set[int] | None:
-    """The expert ids this worker owns, as vLLM's default loader computes them for its own
-    filter (None: it reads every expert)."""
-    from vllm.config.load import LoadConfig
+def local_expert_ids(model_config: Any, compute: Callable[..., set[int] | None]) -> set[int] | None:
+    """The expert ids this worker owns (None: it reads every expert), decided as vLLM's default
+    loader decides them for its own filter, from public parts only: the filter applies to an MoE
+    model under --enable-expert-parallel and --enable-ep-weight-filter without EPLB (whose
+    redundant slots need every expert); the expert-parallel group flattens data, prefill-context
+    and tensor parallelism (FusedMoEParallelConfig.make's order); `compute` is the filter
+    module's compute_local_expert_ids (the placement strategy's split)."""
+    from vllm.config import get_current_vllm_config
+    from vllm.distributed import get_dp_group, get_pcp_group, get_tensor_model_parallel_rank
 
-    loader = default_loader(LoadConfig())
-    loader._init_ep_weight_filter(model_config)
-    local = getattr(loader, "local_expert_ids", None)
+    parallel = get_current_vllm_config().parallel_config
+    if not (
+        model_config.is_moe
+        and parallel.enable_expert_parallel
+        and parallel.enable_ep_weight_filter
+        and not parallel.enable_eplb
+    ):
+        return None
+    experts = int(model_config.get_num_experts())
+    if experts <= 0:
+        return None
+    dp, tp = parallel.data_parallel_size, parallel.tensor_parallel_size
+    pcp = parallel.prefill_context_parallel_size
+    dp_rank = get_dp_group().rank_in_group if dp > 1 else 0
+    tp_rank = get_tensor_model_parallel_rank() if tp > 1 else 0
+    pcp_rank = get_pcp_group().rank_in_group if pcp > 1 else 0
+    ep_rank = (dp_rank * pcp + pcp_rank) * tp + tp_rank
+    local = compute(experts, dp * pcp * tp, ep_rank, placement=parallel.expert_placement_strategy)
     return set(local) if local is not None else None
 
 
