@@ -81,8 +81,9 @@ def test_installing_outside_a_virtualenv_says_how_to_make_one_and_goes_on(stand_
 def test_the_readme_first_screen_says_how_to_install_run_and_test():
     readme = (ROOT / "README.md").read_text()
     first_screen = "\n".join(readme.splitlines()[:40])
-    for command in ('pip install "blob2gpu[azure]"', "./scripts/demo.sh ", "./scripts/test.sh "):
-        assert command in first_screen, command
+    assert 'pip install "blob2gpu[azure]"' in first_screen
+    for command in ("./scripts/demo.sh", "./scripts/test.sh"):  # each a line of its own
+        assert f"\n{command}\n" in first_screen, command
     ci = (ROOT / ".ci" / "run").read_text()
     assert "\n./scripts/test.sh\n" in ci  # CI runs the README's test command as written
 
