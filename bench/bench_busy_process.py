@@ -47,13 +47,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from harness import GB, SETTLE_S
 from harness.accounting import Stopwatch, wait_for_idle
+from harness.busy import BusyThread
 from harness.checkpoints import llama_checkpoint, mismatches, read_spec, warm_page_cache
 from harness.checksums import tensor_checksum
 from harness.isolation import emit, run_in_fresh_process, worker_command
@@ -63,34 +63,6 @@ CONTAINER = "busy"
 ROWS = ("local", "http", "https")
 MODES = ("idle", "busy", "control")  # the process idle, a busy thread in it, a busy process beside
 GOAL = 1.3  # busy / idle at most
-
-
-class BusyThread:
-    """A Python thread doing arithmetic until stopped; cpu_s() reads its CPU seconds so far, to
-    take them out of the load's."""
-
-    def __init__(self) -> None:
-        self.stopping = False
-        self.loops = 0
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-
-    def _spin(self) -> None:
-        x = 0
-        while not self.stopping:
-            x += 1
-        self.loops = x
-
-    def cpu_s(self) -> float:
-        assert self._thread.ident is not None
-        return time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident))
-
-    def __enter__(self) -> BusyThread:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopping = True
-        self._thread.join()
 
 
 # -- the worker: one load in a fresh interpreter ------------------------------------------------

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import GB, MiB
+from harness.busy import BusyThread
 from harness.isolation import (
     Unavailable,
     emit,
@@ -189,32 +190,6 @@ def read_curl(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-class BusyThread:
-    """A Python thread doing arithmetic until stopped, as any busy interpreter does; counts its
-    own CPU so it can be taken out of the reader's."""
-
-    def __init__(self) -> None:
-        self.stopping = False
-        self.cpu_s = 0.0
-        self.loops = 0
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-
-    def _spin(self) -> None:
-        x = 0
-        while not self.stopping:
-            x += 1
-        self.loops = x
-        self.cpu_s = time.thread_time()
-
-    def __enter__(self) -> BusyThread:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopping = True
-        self._thread.join()
-
-
 # What each contestant imports, imported before the clock starts: the timing is the reading,
 # from making the client to the last byte, not the interpreter loading modules.
 IMPORTS = {
@@ -297,7 +272,7 @@ def run_worker(args: argparse.Namespace) -> int:
     except Unavailable as e:
         return emit_unavailable(e)
     returns = 0.0 if args.worker == "curl" or args.busy else returns_per_gb(args, view)
-    busy_cpu = busy.cpu_s if isinstance(busy, BusyThread) else 0.0
+    busy_cpu = busy.cpu_s() if isinstance(busy, BusyThread) else 0.0
     if args.worker == "curl":
         cpu = (children1.ru_utime - children0.ru_utime) + (children1.ru_stime - children0.ru_stime)
         busy_cpu = 0.0  # the busy thread's CPU is this process's, curl's is its own
