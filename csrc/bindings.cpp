@@ -59,6 +59,17 @@ void legacy_capsule_destructor(PyObject* capsule) {
   PyErr_Restore(type, value, traceback);
 }
 
+// The bytes of a one-dimensional, contiguous buffer of bytes (what `what` takes); else
+// InvalidArgument.
+py::buffer_info contiguous_bytes(const py::buffer& data, const char* what) {
+  py::buffer_info info = data.request();
+  if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1) {
+    throw CoreError(ErrorKind::InvalidArgument,
+                    std::string(what) + " takes a contiguous buffer of bytes");
+  }
+  return info;
+}
+
 [[noreturn]] void buffer_error(const std::string& message) {
   PyErr_SetString(PyExc_BufferError, message.c_str());
   throw py::error_already_set();
@@ -512,11 +523,7 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "check_fetched",
           [](LoadSession& s, size_t shard, uint64_t file_offset, const py::buffer& data) {
-            py::buffer_info info = data.request();
-            if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1) {
-              throw CoreError(ErrorKind::InvalidArgument,
-                              "check_fetched takes a contiguous buffer of bytes");
-            }
+            const py::buffer_info info = contiguous_bytes(data, "check_fetched");
             const auto* p = static_cast<const uint8_t*>(info.ptr);
             const auto n = static_cast<size_t>(info.size);
             BlockingCall blocking;  // checksums over the part's bytes
@@ -535,11 +542,7 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "land_from_host",
           [](LoadSession& s, size_t shard, uint64_t file_offset, const py::buffer& data) {
-            py::buffer_info info = data.request();
-            if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1) {
-              throw CoreError(ErrorKind::InvalidArgument,
-                              "land_from_host takes a contiguous buffer of bytes");
-            }
+            const py::buffer_info info = contiguous_bytes(data, "land_from_host");
             const auto* p = static_cast<const uint8_t*>(info.ptr);
             const auto n = static_cast<size_t>(info.size);
             BlockingCall blocking;  // waits for a staging slot, copies the bytes
