@@ -7,6 +7,7 @@ The pipeline's shape (io threads, slots, slot size) left at 0 is sized from the 
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Mapping
@@ -62,6 +63,13 @@ class HostFacts:
             memory = min(memory, limit)
         ranks = local_ranks(env)
         return cls(cpus=max(1, cpus // ranks), memory_bytes=max(0, memory // ranks))
+
+
+@functools.cache
+def this_host() -> HostFacts:
+    """HostFacts.probe() of this process, once: every load sizes its request's pipeline, and
+    a process's CPUs and cgroup limits rarely change while it runs."""
+    return HostFacts.probe()
 
 
 def local_ranks(environ: Mapping[str, str]) -> int:
@@ -130,7 +138,7 @@ def pipeline_settings(
             slot_bytes or SLOT_BYTES,
         )
     else:
-        facts = host or HostFacts.probe()
+        facts = host or this_host()
         threads = threads or min(MAX_IO_THREADS, max(MIN_IO_THREADS, facts.cpus))
         budget = settings.pinned_staging_bytes or min(
             MAX_PINNED, max(MIN_PINNED, facts.memory_bytes // 32)
