@@ -97,7 +97,7 @@ def _cgroup(tmp_path, cpu_max_by_level):
 
 
 def test_the_cgroup_cpu_quota_is_the_tightest_from_the_group_up(tmp_path):
-    from blob2gpu.loading.pipelines import cgroup_cpu_quota
+    from blob2gpu.loading.host_memory import cgroup_cpu_quota
 
     root, proc = _cgroup(tmp_path, {"": "max 100000\n", "pods/pod1": "250000 100000\n"})
     assert cgroup_cpu_quota(root, proc) == 3  # 2.5 CPUs, rounded up

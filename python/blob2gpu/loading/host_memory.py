@@ -121,9 +121,8 @@ def _room_in(
     """The least room under any limited group from the process's own up to the hierarchy's
     root (a parent's limit binds its children too; inside a container the group's own path is
     often not mounted, and the mounted root is the container's group)."""
-    relative = Path(path.lstrip("/"))
     tightest: tuple[int, int, str] | None = None
-    for directory in [base / relative, *(base / p for p in relative.parents)]:
+    for directory in _groups_up(base, path):
         limit = _read_int(directory / limit_file)
         if limit is None or limit >= _UNLIMITED:
             continue
@@ -133,6 +132,36 @@ def _room_in(
         if tightest is None or room < tightest[0]:
             tightest = (room, limit, str(directory / limit_file))
     return tightest
+
+
+def _groups_up(base: Path, path: str) -> list[Path]:
+    """The directories of the group `path` (from /proc/self/cgroup) under `base` and of each of
+    its parents up to `base`: a parent's limit binds its children too."""
+    relative = Path(path.lstrip("/"))
+    return [base / relative, *(base / p for p in relative.parents)]
+
+
+def cgroup_cpu_quota(
+    cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP
+) -> int | None:
+    """The CPUs the process's cgroup v2 quota allows (cpu.max "quota period", rounded up; the
+    tightest from its group up to the mounted root), or None without a quota or a v2 group."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    path = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
+    if path is None:
+        return None
+    tightest: int | None = None
+    for directory in _groups_up(cgroup_root, path):
+        try:
+            quota, period = (directory / "cpu.max").read_text().split()[:2]
+            cpus = -(-int(quota) // max(1, int(period)))
+        except (OSError, ValueError):  # absent, unreadable, or "max": no quota there
+            continue
+        tightest = cpus if tightest is None else min(tightest, cpus)
+    return None if tightest is None else max(1, tightest)
 
 
 def _read_int(file: Path) -> int | None:

@@ -12,12 +12,11 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TypedDict
 
 from blob2gpu import _core
 from blob2gpu.errors import InvalidArgument
-from blob2gpu.loading.host_memory import CGROUP_ROOT, PROC_CGROUP, host_memory
+from blob2gpu.loading.host_memory import cgroup_cpu_quota, host_memory
 from blob2gpu.settings import ResolvedSettings
 
 MiB = 1 << 20
@@ -78,30 +77,6 @@ def local_ranks(environ: Mapping[str, str]) -> int:
         return max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
         return 1
-
-
-def cgroup_cpu_quota(
-    cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP
-) -> int | None:
-    """The CPUs the process's cgroup v2 quota allows (cpu.max "quota period", rounded up; the
-    tightest from its group up to the mounted root), or None without a quota or a v2 group."""
-    try:
-        lines = proc_cgroup.read_text().splitlines()
-    except OSError:
-        return None
-    path = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
-    if path is None:
-        return None
-    relative = Path(path.lstrip("/"))
-    tightest: int | None = None
-    for directory in [cgroup_root / relative, *(cgroup_root / p for p in relative.parents)]:
-        try:
-            quota, period = (directory / "cpu.max").read_text().split()[:2]
-            cpus = -(-int(quota) // max(1, int(period)))
-        except (OSError, ValueError):  # absent, unreadable, or "max": no quota there
-            continue
-        tightest = cpus if tightest is None else min(tightest, cpus)
-    return None if tightest is None else max(1, tightest)
 
 
 class PipelineArgs(TypedDict):
