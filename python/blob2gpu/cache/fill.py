@@ -134,7 +134,7 @@ class CacheFill:
             reader = self._open_reader(stopping)
         except Exception as e:  # no connection: nothing is filled, the cache stays as it was
             for shard in self.shards:
-                self._record(shard.name, f"the fill could not reach storage: {_short(e)}")
+                self._record(shard.name, f"the fill could not reach storage: {what_was_wrong(e)}")
             return
         with self._lock:
             self._reader = reader
@@ -206,7 +206,7 @@ class CacheFill:
                 return entry.abandon("the process exited during the fill")
             if isinstance(e, OSError) and not isinstance(e, Blob2GpuError):
                 return entry.abandon(f"write failed: {e.strerror}")
-            return entry.abandon(f"fetching it failed: {_short(e)}")
+            return entry.abandon(f"fetching it failed: {what_was_wrong(e)}")
         if not entry.complete:
             return entry.abandon("the process exited during the fill")
         return entry.publish()
@@ -238,7 +238,8 @@ class CacheFill:
             self._on_shard(name, why_not)
 
 
-def _short(error: BaseException) -> str:
+def what_was_wrong(error: BaseException) -> str:
+    """An error as the report and the fill's skips say it: its kind and first line."""
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 

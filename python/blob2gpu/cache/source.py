@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from blob2gpu import _core
 from blob2gpu.cache.checks import BlobChecks
-from blob2gpu.cache.fill import CacheFill, FillShard, submit_fill
+from blob2gpu.cache.fill import CacheFill, FillShard, submit_fill, what_was_wrong
 from blob2gpu.cache.nvme import CacheEntry, NvmeCache
 from blob2gpu.cache.writer import CacheWriter
 from blob2gpu.errors import (
@@ -230,7 +230,7 @@ class CachedSource(Source):
     def start(self, load: PreparedLoad, pipeline: _core.LoadPipeline) -> Fetch:
         if self.cache is None:
             return self.inner.start(load, pipeline)
-        return _RepairingFetch(self, load, pipeline, *self._open_session(load, pipeline))
+        return _RepairingFetch(self, load, pipeline, *self.open_session(load, pipeline))
 
     def finish(self, load: PreparedLoad, complete: bool) -> CacheFill | None:
         """Release the hits and stop the write-through, its counts in the report; after a
@@ -239,14 +239,14 @@ class CachedSource(Source):
         if self.cache is None:
             return self.inner.finish(load, complete)
         self.inner.finish(load, complete)  # what the source itself took (its range clients)
-        wrote = self._end_session(load.report, done=None)
+        wrote = self.end_session(load.report, done=None)
         fill = None
         if complete and wrote and load.settings.cache_fill and load.selection.everything:
             fill = self._fill(load)
         return fill
 
     # -- one core session -------------------------------------------------------------------------
-    def _open_session(
+    def open_session(
         self, load: PreparedLoad, pipeline: _core.LoadPipeline
     ) -> tuple[_core.LoadSession, Feeder]:
         count = len(load.plan.shards)
@@ -261,7 +261,7 @@ class CachedSource(Source):
         fetched = [i for i in range(count) if i not in self.hits]
         return session, self.inner.feed(load, session, fetched, self._writer)
 
-    def _end_session(self, report: LoadReport | None, done: set[str] | None) -> bool:
+    def end_session(self, report: LoadReport | None, done: set[str] | None) -> bool:
         """Release the session's hits (their descriptors: the core opened its own) and stop its
         writer, whose counts go to `report` (of a replaced session, `done`: the skip reasons of
         the shards it completed only). Returns whether there was a writer."""
@@ -407,7 +407,7 @@ class CachedSource(Source):
         report = load.report
         shards = [
             shard
-            for shard in self._to_fill(self._listed, load.manifest)
+            for shard in self.to_fill(self._listed, load.manifest)
             if shard.name not in report.cache_bypassed
         ]
         if not shards:
@@ -422,7 +422,7 @@ class CachedSource(Source):
 
         return start_fill(self.cache, shards, self.inner, load.settings, on_shard)
 
-    def _to_fill(
+    def to_fill(
         self, plan: ShardPlan, manifest: Manifest | None, check_cached: bool = False
     ) -> list[FillShard]:
         """The shards of `plan` the cache lacks (no entry of the listed version), with what the
@@ -482,7 +482,7 @@ class _RepairingFetch(Fetch):
         self.session.close()
         self._bytes_before += stats.bytes_read
         report.carry_session(stats, self._done, {plan.shards[i].name for i in cache.hits})
-        cache._end_session(report, self._done)
+        cache.end_session(report, self._done)
         cache.cache.remove_data(hit.entry)
         report.cache_repaired[name] = what_was_wrong(error)
         cache._repaired[name] = hit.entry.key
@@ -497,9 +497,9 @@ class _RepairingFetch(Fetch):
         try:
             cache.begin(rest)
             try:
-                session, feeder = cache._open_session(rest, self._pipeline)
+                session, feeder = cache.open_session(rest, self._pipeline)
             except BaseException:
-                cache._end_session(None, None)
+                cache.end_session(None, None)
                 raise
         except BaseException as e:
             raise unrepaired(e, name, hit.entry.key) from None
@@ -524,11 +524,6 @@ class _RepairingFetch(Fetch):
         hits = {self.plan.shards[i].name for i in self._cache.hits}
         for shard in report.shards:
             shard.cache_hit = shard.cache_hit or shard.name in hits
-
-
-def what_was_wrong(error: Blob2GpuError) -> str:
-    """The error that condemned an entry, as the report says it (its kind and first line)."""
-    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
 def unrepaired(error: BaseException, shard: str, entry_key: str) -> BaseException:
@@ -612,7 +607,7 @@ def warm_cache(
         source.close()  # the fill reads through connections of its own
     warmed = CachedSource(source)
     warmed.cache = cache
-    shards = warmed._to_fill(plan, manifest, check_cached=True)
+    shards = warmed.to_fill(plan, manifest, check_cached=True)
     refused = {}
     if cache.shared:
         refused = {s.name: NO_AUTHORITY for s in shards if s.checks.authority is None}
