@@ -1,7 +1,11 @@
-"""Hand-off to consumer frameworks through DLPack: one small module per framework.
+"""Hand-off to consumer frameworks through DLPack: each framework's own ``from_dlpack``
+(torch.from_dlpack, numpy.from_dlpack, cupy.from_dlpack), sharing the view's memory without a
+copy. A CUDA consumer passes its current stream, so that stream waits on the load's events instead
+of the host waiting. The core's TensorView is itself a DLPack producer, so framework='dlpack'
+returns it unchanged.
 
-Each module has ``convert(view) -> tensor``. The core's TensorView is itself a DLPack producer, so
-framework='dlpack' returns it unchanged.
+The framework module is looked up when a load starts, which in a process that already imported it
+is a dictionary lookup: no file is read (and the GIL not given up) to hand a tensor out.
 """
 
 from __future__ import annotations
@@ -43,13 +47,13 @@ def converter(
             "framework='torch', 'cupy' or 'dlpack'"
         )
     try:
-        module = importlib.import_module(f".{framework}", __name__)
+        module = importlib.import_module(framework)
     except ImportError as e:
         raise InvalidArgument(
             f"framework '{framework}' is not installed ({e}): pip install 'blob2gpu[{framework}]' "
             "(or your own build of it), or pick another framework (numpy on the CPU, dlpack)"
         ) from None
-    convert = module.convert
+    convert: Callable[[_core.TensorView], Tensor] = module.from_dlpack
 
     def to_framework(view: _core.TensorView) -> Tensor:
         try:
