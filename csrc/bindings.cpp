@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
+#include <future>
 #include <optional>
 #include <unordered_set>
 
@@ -23,6 +25,7 @@
 void register_checksum_bindings(pybind11::module_& m);  // csrc/bindings_checksum.cpp
 void register_struct_bindings(pybind11::module_& m);    // csrc/bindings_structs.cpp
 void register_http_bindings(pybind11::module_& m);      // csrc/bindings_http.cpp
+void register_file_bindings(pybind11::module_& m);      // csrc/bindings_files.cpp
 
 namespace py = pybind11;
 using namespace blob2gpu;
@@ -36,6 +39,52 @@ constexpr const char* kCapsuleVersioned = "dltensor_versioned";
 constexpr const char* kCapsuleVersionedUsed = "used_dltensor_versioned";
 constexpr const char* kCapsuleLegacy = "dltensor";
 constexpr const char* kCapsuleLegacyUsed = "used_dltensor";
+
+// A LoadPipeline made on a thread of the core's own, so that a load prepares meanwhile (pinning
+// the staging ring takes a while) without starting a Python thread, whose start alone hands the
+// GIL back and forth. result() waits for it without the GIL, as often as asked.
+class PipelineBeingMade {
+ public:
+  PipelineBeingMade(std::string device, PipelineSettings settings)
+      : made_(std::async(std::launch::async, [device = std::move(device), settings] {
+                return LoadPipeline::create(device, settings);
+              }).share()) {}
+  PipelineBeingMade(const PipelineBeingMade&) = delete;
+  PipelineBeingMade& operator=(const PipelineBeingMade&) = delete;
+  // Dropped unasked (a load that failed first): still waits for the thread, without the GIL.
+  ~PipelineBeingMade() {
+    if (PyGILState_Check()) {
+      py::gil_scoped_release release;
+      made_.wait();
+    } else {
+      made_.wait();
+    }
+  }
+
+  std::shared_ptr<LoadPipeline> result() {
+    if (made_.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+      BlockingCall blocking;
+      made_.wait();
+    }
+    return made_.get();  // rethrows what making it threw
+  }
+
+ private:
+  std::shared_future<std::shared_ptr<LoadPipeline>> made_;
+};
+
+PipelineSettings pipeline_settings(size_t staging_slots, size_t staging_slot_bytes,
+                                   size_t copy_streams, size_t io_threads,
+                                   bool use_pinned_host_fallback, bool bind_numa_node) {
+  PipelineSettings s;
+  s.bind_numa_node = bind_numa_node;
+  s.staging_slots = staging_slots;
+  s.staging_slot_bytes = staging_slot_bytes;
+  s.copy_streams = copy_streams;
+  s.io_threads = io_threads;
+  s.use_pinned_host_fallback = use_pinned_host_fallback;
+  return s;
+}
 
 // A capsule nobody consumed still owns its tensor: call the deleter.
 void versioned_capsule_destructor(PyObject* capsule) {
@@ -576,17 +625,28 @@ PYBIND11_MODULE(_core, m) {
           "order_writes'; -1: done already).")
       .def("stats", &LoadSession::stats, "The load's SessionStats so far.");
 
+  py::class_<PipelineBeingMade>(m, "PipelineBeingMade")
+      .def(py::init([](const std::string& device, size_t staging_slots, size_t staging_slot_bytes,
+                       size_t copy_streams, size_t io_threads, bool use_pinned_host_fallback,
+                       bool bind_numa_node) {
+             return std::make_unique<PipelineBeingMade>(
+                 device, pipeline_settings(staging_slots, staging_slot_bytes, copy_streams,
+                                           io_threads, use_pinned_host_fallback, bind_numa_node));
+           }),
+           py::arg("device"), py::arg("staging_slots"), py::arg("staging_slot_bytes"),
+           py::arg("copy_streams"), py::arg("io_threads"), py::arg("use_pinned_host_fallback"),
+           py::arg("bind_numa_node") = true,
+           "Start making a LoadPipeline (arguments as LoadPipeline's) on a thread of the core's.")
+      .def("result", &PipelineBeingMade::result,
+           "The LoadPipeline, waiting for it without the GIL; raises what making it raised.");
+
   py::class_<LoadPipeline, std::shared_ptr<LoadPipeline>>(m, "LoadPipeline")
       .def(py::init([](const std::string& device, size_t staging_slots, size_t staging_slot_bytes,
                        size_t copy_streams, size_t io_threads, bool use_pinned_host_fallback,
                        bool bind_numa_node) {
-             PipelineSettings s;
-             s.bind_numa_node = bind_numa_node;
-             s.staging_slots = staging_slots;
-             s.staging_slot_bytes = staging_slot_bytes;
-             s.copy_streams = copy_streams;
-             s.io_threads = io_threads;
-             s.use_pinned_host_fallback = use_pinned_host_fallback;
+             PipelineSettings s =
+                 pipeline_settings(staging_slots, staging_slot_bytes, copy_streams, io_threads,
+                                   use_pinned_host_fallback, bind_numa_node);
              BlockingCall blocking;
              return LoadPipeline::create(device, s);
            }),
@@ -661,4 +721,5 @@ PYBIND11_MODULE(_core, m) {
   register_struct_bindings(m);
   register_checksum_bindings(m);
   register_http_bindings(m);
+  register_file_bindings(m);
 }

@@ -19,12 +19,12 @@ import json
 import os
 import re
 import reprlib
-import stat
 from array import array
 from collections.abc import Callable
 from itertools import accumulate
 from typing import Any
 
+from blob2gpu import _core
 from blob2gpu.errors import Blob2GpuError
 
 MiB = 1 << 20
@@ -73,36 +73,32 @@ def read_regular_file(
     that is no regular file (a FIFO, a device, a directory) or holds more than `limit` bytes,
     unreadable(message) (else error) for one that cannot be opened or read; the message names
     `what` and the path, and quotes nothing of the file."""
-    unreadable = unreadable or error
+    # The core opens, checks and reads it in one call: one return of the GIL, not one per call.
+    file = _core.read_small_files([os.fspath(path)], limit)[0]
+    return file_bytes(file, path, limit, error, what, unreadable)
+
+
+def file_bytes(
+    file: _core.SmallFile,
+    path: str | os.PathLike[str],
+    limit: int,
+    error: ErrorType,
+    what: str,
+    unreadable: ErrorType | None = None,
+) -> bytes:
+    """The bytes of `file`, what the core's read_small_files(limit) read of `path`, with the
+    errors of read_regular_file()."""
     shown = clip(path, 200)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise unreadable(f"cannot read {what} '{shown}': {e.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        regular, size = stat.S_ISREG(info.st_mode), info.st_size
-        chunks: list[bytes] = []
-        total = 0
-        while regular and size <= limit and total <= limit:
-            # A file that grows meanwhile is read no further than one byte past its cap.
-            chunk = os.read(fd, min(limit + 1 - total, 4 * MiB))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-    except OSError as e:
-        raise unreadable(f"cannot read {what} '{shown}': {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if not regular:
+    if file.error:
+        raise (unreadable or error)(f"cannot read {what} '{shown}': {os.strerror(file.error)}")
+    if not file.regular:
         raise error(
             f"{what} '{shown}' is not a regular file (a FIFO, a device or a directory): name the "
             "file itself"
         )
-    if size > limit or total > limit:
+    if file.over_limit:
         raise error(f"{what} '{shown}' is larger than {limit >> 20} MiB, more than a {what} holds")
-    return b"".join(chunks)
+    return file.data
 
 
 def too_deep(data: bytes | str, limit: int = MAX_DEPTH) -> bool:

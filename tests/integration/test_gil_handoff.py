@@ -8,6 +8,8 @@ arrived is handed out (and exported through DLPack) with the GIL kept."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -105,8 +107,10 @@ def test_a_load_beside_a_busy_thread_returns_the_gil_per_group_not_per_tensor(ma
         tensors = loader.load(str(many_tensors))
     returns = _core.gil_reacquisitions() - before
     assert len(tensors) == SHARDS * PER_SHARD
-    # At most: start the session, one wait per group, close the session, close the pipeline.
-    assert returns <= SHARDS + 3
+    # At most: the control plane's file reads (the host's memory figures, the index, the shards'
+    # sizes, the manifest probe: a batch per call), waiting for the pipeline, starting the
+    # session, one wait per group, closing the session and the pipeline.
+    assert returns <= SHARDS + 8
 
 
 @pytest.mark.parametrize("how", ["to_dict", "iterate", "stream"])
@@ -208,3 +212,55 @@ def test_a_feeder_gives_the_gil_up_for_a_staging_slot_only_when_it_must_wait(
     # without it.
     assert 2 * len(files) < commits <= 32
     assert returns == commits
+
+
+FIRST_LOAD = """
+import sys
+import blob2gpu, torch
+from blob2gpu import _core
+from blob2gpu.operations import metrics
+metrics.available()  # prometheus_client: the process's, imported before as a server has it
+seen = []
+watching = False
+def hook(event, args):
+    if watching and event in ("open", "import"):
+        seen.append(f"{event} {str(args[0])[:200]}")
+sys.addaudithook(hook)
+before = _core.gil_reacquisitions()
+watching = True
+with blob2gpu.open(sys.argv[1], device="cpu", framework="torch") as checkpoint:
+    tensors = checkpoint.to_dict()
+watching = False
+print(_core.gil_reacquisitions() - before, len(tensors))
+print("\\n".join(seen))
+"""
+
+
+@pytest.mark.parametrize("layout", ["index", "directory"])
+def test_a_first_load_reads_its_small_files_in_the_core_and_imports_nothing(
+    many_tensors, tmp_path, layout
+):
+    """The load a server starts with, in a fresh process: its index, the host's memory figures
+    (/proc/meminfo, the cgroup files) and the shards' sizes are read by the core, a batch per
+    call (a directory without an index is listed in one os.listdir); the framework's own
+    from_dlpack hands tensors out. A Python open() or import would
+    each return the GIL several times, each return waiting behind the process's other threads."""
+    if layout == "directory":
+        (many_tensors / "model.safetensors.index.json").unlink()
+    script = tmp_path / "first_load.py"
+    script.write_text(FIRST_LOAD)
+    done = subprocess.run(
+        [sys.executable, str(script), str(many_tensors)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    counts, *events = done.stdout.strip().splitlines()
+    returns, tensors = map(int, counts.split())
+    assert tensors == SHARDS * PER_SHARD
+    assert [e for e in events if e] == []
+    # The host's files, resolving (the index or the listing, then the shards' sizes), the
+    # manifest probe, starting the session, one wait per group, closing the session and the
+    # pipeline: never one per file or per tensor.
+    assert returns <= SHARDS + 8

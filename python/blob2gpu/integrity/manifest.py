@@ -14,6 +14,7 @@ asks for a new one).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -201,7 +202,10 @@ def read_local_manifest(directory: str | os.PathLike[str]) -> Manifest | None:
     for one that is no regular file (a FIFO, a device), larger than documents.MANIFEST_MAX_BYTES,
     unreadable or malformed."""
     path = Path(directory) / MANIFEST_NAME
-    if not os.path.lexists(path):
+    if _core.stat_paths([str(path)], follow_symlinks=False)[0].error in (
+        errno.ENOENT,
+        errno.ENOTDIR,
+    ):
         return None
     data = read_regular_file(path, MANIFEST_MAX_BYTES, InvalidManifest, "manifest")
     return Manifest.from_json(data, str(path))

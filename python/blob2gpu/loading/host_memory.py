@@ -5,12 +5,17 @@ then killed by its own limit mid-load is the failure this exists for."""
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from blob2gpu import _core
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
+MEMINFO = "/proc/meminfo"
+_TEXT_MAX_BYTES = 1 << 20  # /proc and cgroup files: a few KiB
 
 # A cgroup v1 "no limit" is a page-rounded 2**63 - 1; anything this large is no limit.
 _UNLIMITED = 1 << 62
@@ -31,8 +36,12 @@ def host_memory(cgroup_root: Path | None = None, proc_cgroup: Path | None = None
     """The host memory a new allocation may take now: the smaller of MemAvailable and the room
     left under the process's cgroup limit (v2 memory.max, or v1 memory.limit_in_bytes, less the
     group's working set: usage less its inactive file cache, which the kernel reclaims first)."""
-    machine = _mem_available()
-    group = _cgroup_room(cgroup_root or CGROUP_ROOT, proc_cgroup or PROC_CGROUP)
+    root = cgroup_root or CGROUP_ROOT
+    membership = _membership(str(proc_cgroup or PROC_CGROUP))
+    files = _group_files(root, membership)
+    texts = _read_texts([MEMINFO, *files])  # a load reads these each time it sizes itself
+    machine = _mem_available(texts[0])
+    group = _cgroup_room(root, membership, dict(zip(files, texts[1:], strict=True)))
     if group is not None and group[0] < machine:
         room, limit, where = group
         return HostMemory(room, limit, where)
@@ -78,60 +87,87 @@ def memory_size(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
-def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+def _read_texts(paths: list[str]) -> list[str | None]:
+    """The text of each small file, None where it cannot be read: read by the core in one call
+    (one return of the GIL for the batch; a load reads these each time it sizes itself)."""
+    files = _core.read_small_files(paths, _TEXT_MAX_BYTES)
+    return [
+        None if f.error or not f.regular or f.over_limit else f.data.decode(errors="replace")
+        for f in files
+    ]
+
+
+def _mem_available(meminfo: str | None = None) -> int:
+    """MemAvailable of /proc/meminfo (its text, else read now), in bytes."""
+    if meminfo is None:
+        meminfo = _read_texts([MEMINFO])[0]
+    for line in (meminfo or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            try:
+                return int(line.split()[1]) * 1024
+            except (IndexError, ValueError):
+                break
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _cgroup_room(root: Path, proc_cgroup: Path) -> tuple[int, int, str] | None:
-    """(room left, limit, limit's file) of the innermost limited group the process is in, or None
-    when no group limits it or the files cannot be read (not Linux, no cgroupfs mounted)."""
-    try:
-        lines = proc_cgroup.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
+# Where each cgroup version keeps a group's memory limit, usage and the memory.stat key of its
+# inactive file cache (which the kernel reclaims before it counts against the limit).
+_V2_FILES = ("memory.max", "memory.current", "inactive_file")
+_V1_FILES = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+
+
+@functools.cache
+def _membership(proc_cgroup: str) -> str | None:
+    """The process's /proc/self/cgroup text, read once: the groups a process is in are set when
+    it starts (a container's, a pod's), and their limits and usage are what each load reads."""
+    return _read_texts([proc_cgroup])[0]
+
+
+def _hierarchies(root: Path, membership: str | None) -> list[tuple[list[Path], tuple[str, ...]]]:
+    """For each memory hierarchy the process is in (its /proc/self/cgroup text: `membership`),
+    in that file's order: the directories of its group and of each parent up to the mounted root
+    (a parent's limit binds its children too; inside a container the group's own path is often
+    not mounted, and the mounted root is the container's group), and that version's file names."""
+    found: list[tuple[list[Path], tuple[str, ...]]] = []
+    for line in (membership or "").splitlines():
         hierarchy, controllers, path = [*line.split(":", 2), "", ""][:3]
         if hierarchy == "0" and controllers == "":
-            found = _room_in(root, path, "memory.max", "memory.current", "inactive_file")
+            found.append((_groups_up(root, path), _V2_FILES))
         elif "memory" in controllers.split(","):
-            found = _room_in(
-                root / "memory",
-                path,
-                "memory.limit_in_bytes",
-                "memory.usage_in_bytes",
-                "total_inactive_file",
-            )
-        else:
-            continue
-        if found is not None:
-            return found
-    return None
+            found.append((_groups_up(root / "memory", path), _V1_FILES))
+    return found
 
 
-def _room_in(
-    base: Path, path: str, limit_file: str, usage_file: str, inactive_key: str
+def _group_files(root: Path, membership: str | None) -> list[str]:
+    """Every file _cgroup_room reads: each group's limit, usage and memory.stat."""
+    return [
+        str(d / name)
+        for groups, (limit_file, usage_file, _) in _hierarchies(root, membership)
+        for d in groups
+        for name in (limit_file, usage_file, "memory.stat")
+    ]
+
+
+def _cgroup_room(
+    root: Path, membership: str | None, texts: dict[str, str | None]
 ) -> tuple[int, int, str] | None:
-    """The least room under any limited group from the process's own up to the hierarchy's
-    root (a parent's limit binds its children too; inside a container the group's own path is
-    often not mounted, and the mounted root is the container's group)."""
-    tightest: tuple[int, int, str] | None = None
-    for directory in _groups_up(base, path):
-        limit = _read_int(directory / limit_file)
-        if limit is None or limit >= _UNLIMITED:
-            continue
-        usage = _read_int(directory / usage_file) or 0
-        inactive = _stat_value(directory / "memory.stat", inactive_key)
-        room = max(limit - max(usage - inactive, 0), 0)
-        if tightest is None or room < tightest[0]:
-            tightest = (room, limit, str(directory / limit_file))
-    return tightest
+    """(room left, limit, limit's file) of the innermost limited group the process is in, from
+    the texts of _group_files(), or None when no group limits it or the files cannot be read
+    (not Linux, no cgroupfs mounted)."""
+    for groups, (limit_file, usage_file, inactive_key) in _hierarchies(root, membership):
+        tightest: tuple[int, int, str] | None = None
+        for d in groups:
+            limit = _as_int(texts[str(d / limit_file)])
+            if limit is None or limit >= _UNLIMITED:
+                continue
+            usage = _as_int(texts[str(d / usage_file)]) or 0
+            inactive = _stat_value(texts[str(d / "memory.stat")], inactive_key)
+            room = max(limit - max(usage - inactive, 0), 0)
+            if tightest is None or room < tightest[0]:
+                tightest = (room, limit, str(d / limit_file))
+        if tightest is not None:
+            return tightest
+    return None
 
 
 def _groups_up(base: Path, path: str) -> list[Path]:
@@ -164,11 +200,10 @@ def cgroup_cpu_quota(
     return None if tightest is None else max(1, tightest)
 
 
-def _read_int(file: Path) -> int | None:
-    try:
-        text = file.read_text().strip()
-    except OSError:
+def _as_int(text: str | None) -> int | None:
+    if text is None:
         return None
+    text = text.strip()
     if text == "max":
         return _UNLIMITED
     try:
@@ -177,12 +212,12 @@ def _read_int(file: Path) -> int | None:
         return None
 
 
-def _stat_value(file: Path, key: str) -> int:
-    try:
-        for line in file.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key:
+def _stat_value(text: str | None, key: str) -> int:
+    for line in (text or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            try:
                 return int(value)
-    except (OSError, ValueError):
-        pass
+            except ValueError:
+                return 0
     return 0

@@ -158,32 +158,6 @@ def sized_settings(settings: ResolvedSettings, device: str) -> ResolvedSettings:
     )
 
 
-class _PipelineMaker:
-    """Makes one LoadPipeline on its own thread (the core releases the GIL while it does)."""
-
-    def __init__(self, device: str, settings: PipelineArgs) -> None:
-        self.device = device
-        self._pipeline: _core.LoadPipeline | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._make, args=(settings,), name=f"blob2gpu-pipeline-{device}", daemon=True
-        )
-        self._thread.start()
-
-    def _make(self, settings: PipelineArgs) -> None:
-        try:
-            self._pipeline = _core.LoadPipeline(self.device, **settings)
-        except BaseException as e:  # handed to the load that waits for it
-            self._error = e
-
-    def result(self) -> _core.LoadPipeline:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._pipeline is not None
-        return self._pipeline
-
-
 class DevicePipelines:
     """One pipeline per device, made with `settings` (its pipeline settings, sized for each
     device by pipeline_settings), kept until close()."""
@@ -191,17 +165,18 @@ class DevicePipelines:
     def __init__(self, settings: ResolvedSettings) -> None:
         self._settings = settings
         self._pipelines: dict[str, _core.LoadPipeline] = {}
-        self._being_made: dict[str, _PipelineMaker] = {}
+        self._being_made: dict[str, _core.PipelineBeingMade] = {}
         self._lock = threading.Lock()
         self._closed = False
 
     def start(self, device: str) -> None:
-        """Begin making the device's pipeline on a thread, unless it exists or is being made."""
+        """Begin making the device's pipeline (on a thread of the core's: pinning its staging takes
+        a while), unless it exists or is being made."""
         with self._lock:
             if self._closed or device in self._pipelines or device in self._being_made:
                 return
             sized = pipeline_settings(self._settings, device)
-            self._being_made[device] = _PipelineMaker(device, sized)
+            self._being_made[device] = _core.PipelineBeingMade(device, **sized)
 
     def get(self, device: str) -> _core.LoadPipeline:
         """The device's pipeline, waiting for it to be made; raises what making it raised, and
@@ -234,9 +209,9 @@ class DevicePipelines:
             self._closed = True
             pipelines, self._pipelines = self._pipelines, {}
             makers, self._being_made = self._being_made, {}
-        for maker in makers.values():
+        for device, maker in makers.items():
             try:
-                pipelines[maker.device] = maker.result()
+                pipelines[device] = maker.result()
             except Exception:
                 pass
         for pipeline in pipelines.values():

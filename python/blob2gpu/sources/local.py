@@ -3,13 +3,14 @@ each optionally as a file:// URL. The core reads them itself, on its own threads
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from blob2gpu import _core
-from blob2gpu.documents import INDEX_MAX_BYTES, clip, parse_json, read_regular_file
+from blob2gpu.documents import INDEX_MAX_BYTES, clip, file_bytes, parse_json
 from blob2gpu.errors import InvalidIndex, SourceReadError, SourceUnavailable
 from blob2gpu.integrity.manifest import Manifest, read_local_manifest
 from blob2gpu.sources.feeding import FeedStats, Fetch
@@ -29,27 +30,25 @@ def _local_path(uri: str) -> Path:
     return Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(uri)
 
 
-def _ref(path: Path) -> ShardRef:
-    try:
-        size = path.stat().st_size
-    except OSError as e:
+def _kinds(paths: list[Path]) -> list[_core.PathKind]:
+    """stat of each path, by the core in one call (one return of the GIL for all of them); a
+    name the system cannot take (a NUL in it) is an error there, never a different path."""
+    return _core.stat_paths([str(p) for p in paths])
+
+
+def _ref(path: Path, kind: _core.PathKind) -> ShardRef:
+    if kind.error:
         raise SourceUnavailable(
-            f"shard '{path.name}': cannot stat '{path}': {e.strerror}"
-        ) from None
-    return ShardRef(name=path.name, path=str(path), size=size)
+            f"shard '{path.name}': cannot stat '{path}': {os.strerror(kind.error)}"
+        )
+    return ShardRef(name=path.name, path=str(path), size=kind.size)
 
 
-def _is_file(path: Path) -> bool:
-    """Whether `path` is a regular file (after symlinks); False for a name the system refuses
-    (too long: an index may name anything)."""
-    try:
-        return path.is_file()
-    except OSError:
-        return False
-
-
-def _from_index(index_path: Path) -> ShardPlan:
-    raw = read_regular_file(index_path, INDEX_MAX_BYTES, InvalidIndex, "index", SourceUnavailable)
+def _from_index(index_path: Path, read: _core.SmallFile | None = None) -> ShardPlan:
+    """The plan an index names; `read`: the index as read_small_files read it, when it was."""
+    if read is None:
+        read = _core.read_small_files([str(index_path)], INDEX_MAX_BYTES)[0]
+    raw = file_bytes(read, index_path, INDEX_MAX_BYTES, InvalidIndex, "index", SourceUnavailable)
     doc = parse_json(raw, InvalidIndex, f"index '{clip(index_path.name)}'")
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
@@ -62,37 +61,43 @@ def _from_index(index_path: Path) -> ShardPlan:
     for shard in weight_map.values():
         if shard not in files:
             files.append(shard)
+    names = sorted(files)
+    paths = [index_path.parent / name for name in names]
     refs = []
-    for name in sorted(files):
-        shard_path = index_path.parent / name
-        if os.sep in name or name.startswith(".") or not _is_file(shard_path):
+    for name, shard_path, kind in zip(names, paths, _kinds(paths), strict=True):
+        if os.sep in name or name.startswith(".") or not kind.regular:
             raise SourceUnavailable(
                 f"index '{index_path.name}' names shard '{clip(name)}', which is not in "
                 f"'{index_path.parent}'"
             )
-        refs.append(_ref(shard_path))
+        refs.append(_ref(shard_path, kind))
     return ShardPlan(uri=str(index_path), shards=tuple(refs), weight_map=dict(weight_map))
 
 
 def resolve_local(uri: str) -> ShardPlan:
     """Resolve a local checkpoint. Returns a ShardPlan; raises SourceUnavailable or InvalidIndex."""
     path = _local_path(uri)
-    if path.is_dir():
-        index = path / INDEX_NAME
-        if index.is_file():
-            return _from_index(index)
-        shards = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and p.is_file())
+    # The common case first, one call of the core: a directory with its index.
+    index = path / INDEX_NAME
+    read = _core.read_small_files([str(index)], INDEX_MAX_BYTES)[0]
+    if read.regular or read.error not in (0, errno.ENOENT, errno.ENOTDIR):
+        return _from_index(index, read)
+    (kind,) = _kinds([path])
+    if kind.directory:
+        names = os.listdir(path)
+        candidates = sorted(path / n for n in names if Path(n).suffix == ".safetensors")
+        shards = [
+            _ref(p, k) for p, k in zip(candidates, _kinds(candidates), strict=True) if k.regular
+        ]
         if not shards:
-            raise SourceUnavailable(
-                f"no .safetensors files and no {INDEX_NAME} in '{path}'"
-                + unread_weights_note(p.name for p in path.iterdir())
-            )
-        return ShardPlan(uri=str(path), shards=tuple(_ref(p) for p in shards))
+            note = unread_weights_note(names)
+            raise SourceUnavailable(f"no .safetensors files and no {INDEX_NAME} in '{path}'{note}")
+        return ShardPlan(uri=str(path), shards=tuple(shards))
     if path.name.endswith(".index.json"):
         return _from_index(path)
-    if not path.exists():
+    if kind.error in (errno.ENOENT, errno.ENOTDIR):
         raise SourceUnavailable(f"checkpoint '{uri}' does not exist")
-    return ShardPlan(uri=str(path), shards=(_ref(path),))
+    return ShardPlan(uri=str(path), shards=(_ref(path, kind),))
 
 
 class LocalRangeReader:
@@ -112,26 +117,20 @@ class LocalRangeReader:
 
     def read_into(self, ref: ShardRef, offset: int, view: memoryview) -> None:
         """Fill `view` with bytes [offset, offset + len(view)) of the file `ref` names; raises
-        SourceUnavailable when it cannot be opened, SourceReadError when it ends early."""
-        try:
-            f = open(ref.path, "rb", buffering=0)
-        except OSError as e:
+        SourceUnavailable when it cannot be opened or read, SourceReadError when it ends early.
+        The core reads it, in one call without the GIL."""
+        done, error = _core.read_file_range(ref.path, offset, view)
+        if error:
             raise SourceUnavailable(
-                f"shard '{ref.name}': cannot open {ref.path}: {e.strerror}", shard=ref.name
-            ) from None
-        with f:
-            f.seek(offset)
-            done = 0
-            while done < len(view):
-                n = f.readinto(view[done:])
-                if not n:
-                    raise SourceReadError(
-                        f"shard '{ref.name}' ended at byte {offset + done} of {ref.path}, "
-                        f"{ref.size} were listed: the file changed during the load",
-                        shard=ref.name,
-                        offset=offset + done,
-                    )
-                done += n
+                f"shard '{ref.name}': cannot read {ref.path}: {os.strerror(error)}", shard=ref.name
+            )
+        if done < len(view):
+            raise SourceReadError(
+                f"shard '{ref.name}' ended at byte {offset + done} of {ref.path}, "
+                f"{ref.size} were listed: the file changed during the load",
+                shard=ref.name,
+                offset=offset + done,
+            )
 
 
 @register("", "file")

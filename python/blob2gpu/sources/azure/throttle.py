@@ -90,6 +90,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from blob2gpu import _core
 from blob2gpu.settings import BY_NAME
 from blob2gpu.sources.feeding import ThrottleStats
 
@@ -473,19 +474,12 @@ class NodeThrottle:
     @classmethod
     def _read(cls, path: Path) -> bytes | None:
         """At most one record and a byte of the regular file at `path` (None: no such file, a
-        symlink, a FIFO, a device, unreadable); never blocks on what it opens."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
+        symlink, a FIFO, a device, unreadable); never blocks on what it opens. Each request of a
+        load reads it: the core does, in one call (one return of the GIL, not one per call)."""
+        (read,) = _core.read_small_files([str(path)], cls._SIZE, follow_symlinks=False)
+        if read.error or not read.regular or read.over_limit:
             return None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            return os.pread(fd, cls._SIZE + 1, 0)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
+        return read.data
 
     def _checked(self, data: bytes | None) -> NodeState | None:
         """The record `data` holds, or None when it is not one a loader could have written."""

@@ -1,0 +1,70 @@
+// The control plane's small file reads in blob2gpu._core (csrc/small_files.*): a batch of them
+// gives the GIL up once, however many files and system calls it takes.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "bindings_gil.hpp"
+#include "small_files.hpp"
+
+namespace py = pybind11;
+using namespace blob2gpu;
+
+void register_file_bindings(py::module_& m) {
+  py::class_<SmallFile>(m, "SmallFile")
+      .def_property_readonly("data", [](const SmallFile& f) { return py::bytes(f.data); })
+      .def_readonly("error", &SmallFile::error,
+                    "errno of open, fstat or read; 0 when they succeeded.")
+      .def_readonly("regular", &SmallFile::regular)
+      .def_readonly("size", &SmallFile::size, "st_size when opened.")
+      .def_readonly("over_limit", &SmallFile::over_limit,
+                    "Its size, or what was read of it, was over the limit (nothing kept).");
+
+  py::class_<PathKind>(m, "PathKind")
+      .def_readonly("error", &PathKind::error, "errno of stat; 0 when it succeeded.")
+      .def_readonly("regular", &PathKind::regular)
+      .def_readonly("directory", &PathKind::directory)
+      .def_readonly("size", &PathKind::size);
+
+  m.def(
+      "read_small_files",
+      [](const std::vector<std::string>& paths, uint64_t limit, bool follow_symlinks) {
+        BlockingCall blocking;  // every open, stat and read of the batch: one return of the GIL
+        return read_small_files(paths, limit, follow_symlinks);
+      },
+      py::arg("paths"), py::arg("limit"), py::kw_only(), py::arg("follow_symlinks") = true,
+      "A SmallFile for each path (a FIFO does not block; with follow_symlinks=False a symlink is "
+      "not opened: ELOOP): the bytes of a regular file of at most `limit` bytes, else why not "
+      "(error, regular, over_limit). One call without the GIL for the whole batch.");
+
+  m.def(
+      "stat_paths",
+      [](const std::vector<std::string>& paths, bool follow_symlinks) {
+        BlockingCall blocking;
+        return stat_paths(paths, follow_symlinks);
+      },
+      py::arg("paths"), py::kw_only(), py::arg("follow_symlinks") = true,
+      "A PathKind for each path (stat, or lstat with follow_symlinks=False: a symlink is then "
+      "neither regular nor a directory), in one call without the GIL.");
+
+  m.def(
+      "read_file_range",
+      [](const std::string& path, uint64_t offset, py::buffer into) {
+        py::buffer_info view = into.request(/*writable=*/true);
+        if (view.ndim != 1 || view.itemsize != 1 || view.strides[0] != 1) {
+          throw py::value_error("read_file_range needs a contiguous buffer of bytes");
+        }
+        RangeRead read;
+        {
+          BlockingCall blocking;  // the buffer stays exported, so it cannot move meanwhile
+          read = read_file_range(path, offset, static_cast<uint8_t*>(view.ptr),
+                                 static_cast<uint64_t>(view.size));
+        }
+        return py::make_tuple(read.done, read.error);
+      },
+      py::arg("path"), py::arg("offset"), py::arg("into"),
+      "Read bytes [offset, offset + len(into)) of the file at `path` into `into`, in one call "
+      "without the GIL: (bytes read, errno or 0). Fewer bytes without an error: the file ended.");
+}

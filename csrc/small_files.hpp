@@ -1,0 +1,49 @@
+// The control plane's file reads: an index, a manifest, /proc/meminfo and the cgroup files a load
+// sizes itself by, the shards' kinds and sizes. Each system call Python makes gives the GIL up and
+// must take it back, which in a process where another thread runs Python waits up to a switch
+// interval; read here, a batch of them costs one return.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace blob2gpu {
+
+struct SmallFile {
+  std::string data;  // what was read: nothing unless regular and size <= limit
+  int error = 0;     // errno of open, fstat or read; 0 when those succeeded
+  bool regular = false;
+  uint64_t size = 0;        // st_size at open
+  bool over_limit = false;  // st_size, or what was read (a file growing meanwhile), over limit
+};
+
+// Reads each path (symlinks followed; O_NONBLOCK, so a FIFO does not block the open) when it is a
+// regular file of at most `limit` bytes: at most limit + 1 bytes are read, so a file that grows
+// meanwhile is seen to be over the limit. A path with a NUL in it is EINVAL. Blocks on the disk;
+// call it without the GIL. follow_symlinks false: a symlink is not opened (ELOOP), as a file others
+// on the node may write is read (the throttle state, the cache's records).
+std::vector<SmallFile> read_small_files(const std::vector<std::string>& paths, uint64_t limit,
+                                        bool follow_symlinks);
+
+struct PathKind {
+  int error = 0;  // errno of stat (ENOENT for a missing path); 0 when it succeeded
+  bool regular = false;
+  bool directory = false;
+  uint64_t size = 0;
+};
+
+// stat(2) of each path, or lstat(2) when not following symlinks (a symlink is then neither regular
+// nor a directory). A path with a NUL in it is EINVAL. Blocks on the disk; call it without the GIL.
+std::vector<PathKind> stat_paths(const std::vector<std::string>& paths, bool follow_symlinks);
+
+struct RangeRead {
+  uint64_t done = 0;  // bytes read into the buffer, from its start
+  int error = 0;      // errno of open or read; 0 when those succeeded
+};
+
+// Reads bytes [offset, offset + size) of the file at `path` into `out`, as many reads as it takes;
+// done < size without an error: the file ended first. Blocks on the disk; call it without the GIL.
+RangeRead read_file_range(const std::string& path, uint64_t offset, uint8_t* out, uint64_t size);
+
+}  // namespace blob2gpu

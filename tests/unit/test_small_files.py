@@ -1,0 +1,125 @@
+"""The core's small file reads (csrc/small_files.*): what the control plane reads of the node's
+disk (an index, a manifest, /proc and cgroup files, the shards' sizes), a batch per call. Input
+that may be anything: a FIFO must not block, a device must not be read, a file over the limit is
+not kept, and a name C would cut short at a NUL is refused rather than read as another file."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+from blob2gpu import _core
+from blob2gpu.documents import read_regular_file
+from blob2gpu.errors import ConfigError, InvalidIndex, SourceReadError, SourceUnavailable
+from blob2gpu.sources.local import LocalRangeReader
+from blob2gpu.sources.plan import ShardRef
+
+
+def test_a_batch_reads_each_regular_file_and_says_why_not_for_the_others(tmp_path):
+    small = tmp_path / "small.json"
+    small.write_bytes(b'{"a": 1}')
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    files = _core.read_small_files(
+        [str(small), str(tmp_path / "missing"), str(tmp_path), str(fifo), "/dev/zero"], 1024
+    )
+    read, missing, directory, pipe, device = files
+    assert (read.data, read.error, read.regular, read.size, read.over_limit) == (
+        b'{"a": 1}',
+        0,
+        True,
+        8,
+        False,
+    )
+    assert missing.error == errno.ENOENT and missing.data == b""
+    for other in (directory, pipe, device):  # opened (a FIFO without waiting), never read
+        assert (other.error, other.regular, other.data) == (0, False, b"")
+
+
+def test_the_limit_is_inclusive_and_nothing_over_it_is_kept(tmp_path):
+    exact, over = tmp_path / "exact", tmp_path / "over"
+    exact.write_bytes(b"x" * 100)
+    over.write_bytes(b"x" * 101)
+    at, past = _core.read_small_files([str(exact), str(over)], 100)
+    assert (at.data, at.over_limit) == (b"x" * 100, False)
+    assert (past.data, past.over_limit, past.size) == (b"", True, 101)
+
+
+def test_proc_files_whose_size_says_zero_are_read_whole():
+    (meminfo,) = _core.read_small_files(["/proc/meminfo"], 1 << 20)
+    assert meminfo.size == 0 and meminfo.regular
+    assert b"MemAvailable:" in meminfo.data and meminfo.data.endswith(b"\n")
+    (clipped,) = _core.read_small_files(["/proc/meminfo"], 16)
+    assert (clipped.data, clipped.over_limit) == (b"", True)
+
+
+def test_a_name_with_a_nul_is_refused_not_cut_short(tmp_path):
+    real = tmp_path / "real"
+    real.write_bytes(b"secret")
+    (read,) = _core.read_small_files([f"{real}\0.json"], 1024)
+    (kind,) = _core.stat_paths([f"{real}\0.json"])
+    assert (read.error, read.data) == (errno.EINVAL, b"")
+    assert (kind.error, kind.regular) == (errno.EINVAL, False)
+
+
+def test_stat_follows_symlinks_unless_told_not_to(tmp_path):
+    target = tmp_path / "target"
+    target.write_bytes(b"12345")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    paths = [str(target), str(link), str(tmp_path), str(dangling)]
+    followed = _core.stat_paths(paths)
+    assert [(k.error, k.regular, k.directory, k.size) for k in followed[:3]] == [
+        (0, True, False, 5),
+        (0, True, False, 5),
+        (0, False, True, followed[2].size),
+    ]
+    assert followed[3].error == errno.ENOENT
+    not_followed = _core.stat_paths(paths, follow_symlinks=False)
+    assert not_followed[1].error == 0 and not not_followed[1].regular
+    assert not_followed[3].error == 0  # the link itself is there
+
+
+def test_read_regular_file_keeps_its_typed_errors(tmp_path):
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_regular_file(fifo, 1024, ConfigError, "config file")
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (2 << 20))
+    with pytest.raises(InvalidIndex, match="larger than 1 MiB"):
+        read_regular_file(big, 1 << 20, InvalidIndex, "index")
+    with pytest.raises(ConfigError, match="cannot read config file .*No such file"):
+        read_regular_file(tmp_path / "absent", 1024, ConfigError, "config file")
+    assert read_regular_file(Path(big), 4 << 20, InvalidIndex, "index") == b" " * (2 << 20)
+
+
+def test_a_range_is_read_into_the_caller_s_buffer_and_a_short_file_says_where_it_ended(tmp_path):
+    shard = tmp_path / "shard"
+    shard.write_bytes(bytes(range(256)) * 4)
+    into = bytearray(100)
+    assert _core.read_file_range(str(shard), 1000, into) == (24, 0)
+    assert into[:24] == (bytes(range(256)) * 4)[1000:]
+    assert _core.read_file_range(str(shard), 10, into) == (100, 0)
+    assert into == bytes(range(10, 110))
+    assert _core.read_file_range(str(tmp_path / "gone"), 0, into) == (0, errno.ENOENT)
+    with pytest.raises(BufferError):
+        _core.read_file_range(str(shard), 0, b"read-only")
+
+
+def test_a_local_part_read_raises_typed_errors(tmp_path):
+    shard = tmp_path / "model.safetensors"
+    shard.write_bytes(b"x" * 64)
+    reader = LocalRangeReader()
+    view = memoryview(bytearray(32))
+    reader.read_into(ShardRef(name=shard.name, path=str(shard), size=64), 16, view)
+    assert bytes(view) == b"x" * 32
+    with pytest.raises(SourceReadError, match="ended at byte 64") as ended:
+        reader.read_into(ShardRef(name=shard.name, path=str(shard), size=80), 48, view)
+    assert ended.value.offset == 64
+    with pytest.raises(SourceUnavailable, match="No such file"):
+        reader.read_into(ShardRef(name="gone", path=str(tmp_path / "gone"), size=64), 0, view)
