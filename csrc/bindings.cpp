@@ -3,6 +3,7 @@
 // blob2gpu.errors class named after its kind.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <future>
@@ -45,32 +46,48 @@ constexpr const char* kCapsuleLegacyUsed = "used_dltensor";
 // GIL back and forth. result() waits for it without the GIL, as often as asked.
 class PipelineBeingMade {
  public:
+  using Made = std::shared_future<std::shared_ptr<LoadPipeline>>;
+
   PipelineBeingMade(std::string device, PipelineSettings settings)
-      : made_(std::async(std::launch::async, [device = std::move(device), settings] {
-                return LoadPipeline::create(device, settings);
-              }).share()) {}
+      : owner_pid_(getpid()),
+        made_(std::make_unique<Made>(
+            std::async(std::launch::async, [device = std::move(device), settings] {
+              return LoadPipeline::create(device, settings);
+            }).share())) {}
   PipelineBeingMade(const PipelineBeingMade&) = delete;
   PipelineBeingMade& operator=(const PipelineBeingMade&) = delete;
-  // Dropped unasked (a load that failed first): still waits for the thread, without the GIL.
+
+  // Dropped: waits for the thread, and closes a pipeline nobody took, without the GIL. In a
+  // forked child the thread is the parent's: its state is leaked, never waited for.
   ~PipelineBeingMade() {
+    if (getpid() != owner_pid_) {
+      static_cast<void>(made_.release());
+      return;
+    }
+    std::unique_ptr<Made> made = std::move(made_);
     if (PyGILState_Check()) {
       py::gil_scoped_release release;
-      made_.wait();
+      made.reset();
     } else {
-      made_.wait();
+      made.reset();
     }
   }
 
   std::shared_ptr<LoadPipeline> result() {
-    if (made_.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
-      BlockingCall blocking;
-      made_.wait();
+    if (getpid() != owner_pid_) {
+      throw CoreError(ErrorKind::InvalidArgument,
+                      "a pipeline being made when the process forked belongs to the parent");
     }
-    return made_.get();  // rethrows what making it threw
+    if (made_->wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+      BlockingCall blocking;
+      made_->wait();
+    }
+    return made_->get();  // rethrows what making it threw
   }
 
  private:
-  std::shared_future<std::shared_ptr<LoadPipeline>> made_;
+  pid_t owner_pid_;
+  std::unique_ptr<Made> made_;
 };
 
 PipelineSettings pipeline_settings(size_t staging_slots, size_t staging_slot_bytes,

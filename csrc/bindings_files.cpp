@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "bindings_gil.hpp"
+#include "shard_file.hpp"
 #include "small_files.hpp"
 
 namespace py = pybind11;
@@ -50,21 +51,18 @@ void register_file_bindings(py::module_& m) {
       "neither regular nor a directory), in one call without the GIL.");
 
   m.def(
-      "read_file_range",
-      [](const std::string& path, uint64_t offset, py::buffer into) {
+      "read_shard_range",
+      [](const std::string& path, const std::string& shard, uint64_t offset, py::buffer into) {
         py::buffer_info view = into.request(/*writable=*/true);
         if (view.ndim != 1 || view.itemsize != 1 || view.strides[0] != 1) {
-          throw py::value_error("read_file_range needs a contiguous buffer of bytes");
+          throw py::value_error("read_shard_range needs a contiguous buffer of bytes");
         }
-        RangeRead read;
-        {
-          BlockingCall blocking;  // the buffer stays exported, so it cannot move meanwhile
-          read = read_file_range(path, offset, static_cast<uint8_t*>(view.ptr),
-                                 static_cast<uint64_t>(view.size));
-        }
-        return py::make_tuple(read.done, read.error);
+        BlockingCall blocking;  // the buffer stays exported, so it cannot move meanwhile
+        ShardFile file(path, shard);
+        file.read_exact(static_cast<uint8_t*>(view.ptr), static_cast<size_t>(view.size), offset);
       },
-      py::arg("path"), py::arg("offset"), py::arg("into"),
-      "Read bytes [offset, offset + len(into)) of the file at `path` into `into`, in one call "
-      "without the GIL: (bytes read, errno or 0). Fewer bytes without an error: the file ended.");
+      py::arg("path"), py::arg("shard"), py::arg("offset"), py::arg("into"),
+      "Read bytes [offset, offset + len(into)) of the shard file at `path` into `into`, in one "
+      "call without the GIL. Raises SourceUnavailable (cannot open it, not a regular file) or "
+      "SourceReadError (a failed read, or the file ended first) naming the shard and offset.");
 }

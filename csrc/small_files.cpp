@@ -13,51 +13,73 @@ namespace blob2gpu {
 namespace {
 constexpr uint64_t kReadBytes = 4u << 20;  // per read(2)
 
+// Owns one descriptor: closed on every way out, a throwing allocation included.
+class OpenFile {
+ public:
+  explicit OpenFile(int fd) : fd_(fd) {}
+  ~OpenFile() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  OpenFile(const OpenFile&) = delete;
+  OpenFile& operator=(const OpenFile&) = delete;
+  int fd() const { return fd_; }
+
+ private:
+  int fd_;
+};
+
+bool has_nul(const std::string& path) {
+  return path.find('\0') != std::string::npos;
+}
+
 SmallFile read_one(const std::string& path, uint64_t limit, bool follow_symlinks) {
   SmallFile file;
-  if (path.find('\0') != std::string::npos) {  // C would read a shorter name: another file
+  if (has_nul(path)) {  // C would read a shorter name: another file
     file.error = EINVAL;
     return file;
   }
-  const int fd =
-      ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | (follow_symlinks ? 0 : O_NOFOLLOW));
+  const int flags = O_RDONLY | O_NONBLOCK | O_CLOEXEC | (follow_symlinks ? 0 : O_NOFOLLOW);
+  int fd;
+  do {
+    fd = ::open(path.c_str(), flags);
+  } while (fd < 0 && errno == EINTR);
   if (fd < 0) {
     file.error = errno;
     return file;
   }
+  OpenFile open_file(fd);
   struct stat info{};
   if (::fstat(fd, &info) != 0) {
     file.error = errno;
-    ::close(fd);
     return file;
   }
   file.regular = S_ISREG(info.st_mode);
   file.size = static_cast<uint64_t>(info.st_size);
   file.over_limit = file.regular && file.size > limit;
-  if (file.regular && !file.over_limit) {
-    const uint64_t cap = limit + 1;
-    file.data.resize(static_cast<size_t>(std::min(cap, file.size + 1)));
-    uint64_t total = 0;
-    for (;;) {
-      if (total == file.data.size()) {
-        if (total >= cap) break;
-        file.data.resize(static_cast<size_t>(std::min(cap, total + kReadBytes)));
-      }
-      const size_t want = static_cast<size_t>(std::min(kReadBytes, file.data.size() - total));
-      const ssize_t got = ::read(fd, file.data.data() + total, want);
-      if (got < 0) {
-        if (errno == EINTR) continue;
-        file.error = errno;
-        break;
-      }
-      if (got == 0) break;
-      total += static_cast<uint64_t>(got);
+  if (!file.regular || file.over_limit) return file;
+  // At most limit + 1 bytes: one past the limit says the file grew over it. /proc files say
+  // size 0 and hold more: the buffer grows as they are read.
+  const uint64_t cap = limit + 1;
+  file.data.resize(static_cast<size_t>(std::min(cap, file.size + 1)));
+  uint64_t total = 0;
+  for (;;) {
+    if (total == file.data.size()) {
+      if (total >= cap) break;
+      file.data.resize(static_cast<size_t>(std::min(cap, total + kReadBytes)));
     }
-    file.data.resize(static_cast<size_t>(total));
-    file.over_limit = total > limit;
-    if (file.error != 0 || file.over_limit) file.data.clear();
+    const size_t want = static_cast<size_t>(std::min(kReadBytes, file.data.size() - total));
+    const ssize_t got = ::read(fd, file.data.data() + total, want);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      file.error = errno;
+      break;
+    }
+    if (got == 0) break;
+    total += static_cast<uint64_t>(got);
   }
-  ::close(fd);
+  file.data.resize(static_cast<size_t>(total));
+  file.over_limit = total > limit;
+  if (file.error != 0 || file.over_limit) file.data.clear();
   return file;
 }
 }  // namespace
@@ -76,45 +98,24 @@ std::vector<PathKind> stat_paths(const std::vector<std::string>& paths, bool fol
   for (const std::string& path : paths) {
     PathKind kind;
     struct stat info{};
-    if (path.find('\0') != std::string::npos) {
+    if (has_nul(path)) {
       kind.error = EINVAL;
-    } else if ((follow_symlinks ? ::stat(path.c_str(), &info) : ::lstat(path.c_str(), &info)) !=
-               0) {
-      kind.error = errno;
     } else {
-      kind.regular = S_ISREG(info.st_mode);
-      kind.directory = S_ISDIR(info.st_mode);
-      kind.size = static_cast<uint64_t>(info.st_size);
+      int rc;
+      do {
+        rc = follow_symlinks ? ::stat(path.c_str(), &info) : ::lstat(path.c_str(), &info);
+      } while (rc != 0 && errno == EINTR);
+      if (rc != 0) {
+        kind.error = errno;
+      } else {
+        kind.regular = S_ISREG(info.st_mode);
+        kind.directory = S_ISDIR(info.st_mode);
+        kind.size = static_cast<uint64_t>(info.st_size);
+      }
     }
     kinds.push_back(kind);
   }
   return kinds;
-}
-
-RangeRead read_file_range(const std::string& path, uint64_t offset, uint8_t* out, uint64_t size) {
-  RangeRead read;
-  if (path.find('\0') != std::string::npos) {
-    read.error = EINVAL;
-    return read;
-  }
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    read.error = errno;
-    return read;
-  }
-  while (read.done < size) {
-    const size_t want = static_cast<size_t>(std::min<uint64_t>(size - read.done, 1u << 30));
-    const ssize_t got = ::pread(fd, out + read.done, want, static_cast<off_t>(offset + read.done));
-    if (got < 0) {
-      if (errno == EINTR) continue;
-      read.error = errno;
-      break;
-    }
-    if (got == 0) break;
-    read.done += static_cast<uint64_t>(got);
-  }
-  ::close(fd);
-  return read;
 }
 
 }  // namespace blob2gpu

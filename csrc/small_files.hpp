@@ -37,13 +37,4 @@ struct PathKind {
 // nor a directory). A path with a NUL in it is EINVAL. Blocks on the disk; call it without the GIL.
 std::vector<PathKind> stat_paths(const std::vector<std::string>& paths, bool follow_symlinks);
 
-struct RangeRead {
-  uint64_t done = 0;  // bytes read into the buffer, from its start
-  int error = 0;      // errno of open or read; 0 when those succeeded
-};
-
-// Reads bytes [offset, offset + size) of the file at `path` into `out`, as many reads as it takes;
-// done < size without an error: the file ended first. Blocks on the disk; call it without the GIL.
-RangeRead read_file_range(const std::string& path, uint64_t offset, uint8_t* out, uint64_t size);
-
 }  // namespace blob2gpu

@@ -74,7 +74,7 @@ def read_regular_file(
     unreadable(message) (else error) for one that cannot be opened or read; the message names
     `what` and the path, and quotes nothing of the file."""
     # The core opens, checks and reads it in one call: one return of the GIL, not one per call.
-    file = _core.read_small_files([os.fspath(path)], limit)[0]
+    file = _core.read_small_files([os.fsencode(path)], limit)[0]
     return file_bytes(file, path, limit, error, what, unreadable)
 
 

@@ -82,3 +82,17 @@ def test_fork_while_another_thread_loads_the_driver(fake_driver):
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "child: False" in run.stdout  # CUDA answered, refusing a forked child
+
+
+def test_fork_while_a_pipeline_is_being_made(fake_driver):
+    # The pipeline a load makes on a core thread (slowed down here) when the process forks: that
+    # thread is the parent's, so the child's result() refuses at once and dropping it waits for
+    # nothing; the parent still gets its pipeline.
+    run = fork_while(
+        setup="_core.driver_info()\nfake.set_retain_delay_us(1_500_000)\n"
+        "being_made = _core.PipelineBeingMade('cuda:0', 2, 65536, 1, 1, True)",
+        holder="being_made.result().close()",
+        child="globals().pop('being_made').result()",  # then dropped: its last reference
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "child: InvalidArgument" in run.stdout

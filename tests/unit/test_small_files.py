@@ -13,7 +13,7 @@ import pytest
 from blob2gpu import _core
 from blob2gpu.documents import read_regular_file
 from blob2gpu.errors import ConfigError, InvalidIndex, SourceReadError, SourceUnavailable
-from blob2gpu.sources.local import LocalRangeReader
+from blob2gpu.sources.local import LocalRangeReader, resolve_local
 from blob2gpu.sources.plan import ShardRef
 
 
@@ -98,28 +98,44 @@ def test_read_regular_file_keeps_its_typed_errors(tmp_path):
     assert read_regular_file(Path(big), 4 << 20, InvalidIndex, "index") == b" " * (2 << 20)
 
 
-def test_a_range_is_read_into_the_caller_s_buffer_and_a_short_file_says_where_it_ended(tmp_path):
-    shard = tmp_path / "shard"
+def test_a_shard_range_is_read_into_the_caller_s_buffer_or_raises_typed_errors(tmp_path):
+    shard = tmp_path / "model.safetensors"
     shard.write_bytes(bytes(range(256)) * 4)
     into = bytearray(100)
-    assert _core.read_file_range(str(shard), 1000, into) == (24, 0)
-    assert into[:24] == (bytes(range(256)) * 4)[1000:]
-    assert _core.read_file_range(str(shard), 10, into) == (100, 0)
+    _core.read_shard_range(str(shard), "model.safetensors", 10, into)
     assert into == bytes(range(10, 110))
-    assert _core.read_file_range(str(tmp_path / "gone"), 0, into) == (0, errno.ENOENT)
+    with pytest.raises(SourceReadError, match="ended at offset 1024") as ended:
+        _core.read_shard_range(str(shard), "model.safetensors", 1000, into)
+    assert ended.value.shard == "model.safetensors"
+    with pytest.raises(SourceUnavailable, match="No such file"):
+        _core.read_shard_range(str(tmp_path / "gone"), "gone", 0, into)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(SourceUnavailable, match="not a readable regular file"):
+        _core.read_shard_range(str(fifo), "fifo", 0, into)  # refused, never waited on
     with pytest.raises(BufferError):
-        _core.read_file_range(str(shard), 0, b"read-only")
+        _core.read_shard_range(str(shard), "model.safetensors", 0, b"read-only")
 
 
-def test_a_local_part_read_raises_typed_errors(tmp_path):
+def test_a_local_part_is_read_by_the_core(tmp_path):
     shard = tmp_path / "model.safetensors"
     shard.write_bytes(b"x" * 64)
     reader = LocalRangeReader()
     view = memoryview(bytearray(32))
     reader.read_into(ShardRef(name=shard.name, path=str(shard), size=64), 16, view)
     assert bytes(view) == b"x" * 32
-    with pytest.raises(SourceReadError, match="ended at byte 64") as ended:
+    with pytest.raises(SourceReadError, match="ended at offset 64"):
         reader.read_into(ShardRef(name=shard.name, path=str(shard), size=80), 48, view)
-    assert ended.value.offset == 64
-    with pytest.raises(SourceUnavailable, match="No such file"):
-        reader.read_into(ShardRef(name="gone", path=str(tmp_path / "gone"), size=64), 0, view)
+
+
+def test_names_that_are_not_utf8_are_still_names(tmp_path):
+    name = os.fsencode(tmp_path) + b"/caf\xe9.safetensors"
+    with open(name, "wb") as f:
+        f.write(b"12345")
+    as_str = os.fsdecode(name)  # what os.listdir gives back: lone surrogates
+    (kind,) = _core.stat_paths([os.fsencode(as_str)])
+    (read,) = _core.read_small_files([os.fsencode(as_str)], 16)
+    assert (kind.regular, kind.size, read.data) == (True, 5, b"12345")
+    assert read_regular_file(as_str, 16, ConfigError, "config file") == b"12345"
+    plan = resolve_local(str(tmp_path))  # a directory of shards, one of them so named
+    assert [(ref.path, ref.size) for ref in plan.shards] == [(as_str, 5)]

@@ -202,7 +202,7 @@ def read_local_manifest(directory: str | os.PathLike[str]) -> Manifest | None:
     for one that is no regular file (a FIFO, a device), larger than documents.MANIFEST_MAX_BYTES,
     unreadable or malformed."""
     path = Path(directory) / MANIFEST_NAME
-    if _core.stat_paths([str(path)], follow_symlinks=False)[0].error in (
+    if _core.stat_paths([os.fsencode(path)], follow_symlinks=False)[0].error in (
         errno.ENOENT,
         errno.ENOTDIR,
     ):

@@ -5,7 +5,6 @@ then killed by its own limit mid-load is the failure this exists for."""
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +89,7 @@ def memory_size(n: float) -> str:
 def _read_texts(paths: list[str]) -> list[str | None]:
     """The text of each small file, None where it cannot be read: read by the core in one call
     (one return of the GIL for the batch; a load reads these each time it sizes itself)."""
-    files = _core.read_small_files(paths, _TEXT_MAX_BYTES)
+    files = _core.read_small_files([os.fsencode(p) for p in paths], _TEXT_MAX_BYTES)
     return [
         None if f.error or not f.regular or f.over_limit else f.data.decode(errors="replace")
         for f in files
@@ -116,11 +115,19 @@ _V2_FILES = ("memory.max", "memory.current", "inactive_file")
 _V1_FILES = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
 
 
-@functools.cache
+_memberships: dict[str, str] = {}  # /proc/self/cgroup's path -> its text, once read
+
+
 def _membership(proc_cgroup: str) -> str | None:
-    """The process's /proc/self/cgroup text, read once: the groups a process is in are set when
-    it starts (a container's, a pod's), and their limits and usage are what each load reads."""
-    return _read_texts([proc_cgroup])[0]
+    """The process's /proc/self/cgroup text, read once (a failed read is tried again next
+    time): the groups a process is in are set when it starts (a container's, a pod's), and
+    their limits and usage are what each load reads."""
+    text = _memberships.get(proc_cgroup)
+    if text is None:
+        text = _read_texts([proc_cgroup])[0]
+        if text is not None:
+            _memberships[proc_cgroup] = text
+    return text
 
 
 def _hierarchies(root: Path, membership: str | None) -> list[tuple[list[Path], tuple[str, ...]]]:
@@ -182,19 +189,17 @@ def cgroup_cpu_quota(
 ) -> int | None:
     """The CPUs the process's cgroup v2 quota allows (cpu.max "quota period", rounded up; the
     tightest from its group up to the mounted root), or None without a quota or a v2 group."""
-    try:
-        lines = proc_cgroup.read_text().splitlines()
-    except OSError:
-        return None
+    lines = (_membership(str(proc_cgroup)) or "").splitlines()
     path = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
     if path is None:
         return None
     tightest: int | None = None
-    for directory in _groups_up(cgroup_root, path):
+    groups = _groups_up(cgroup_root, path)
+    for text in _read_texts([str(d / "cpu.max") for d in groups]):
         try:
-            quota, period = (directory / "cpu.max").read_text().split()[:2]
+            quota, period = (text or "").split()[:2]
             cpus = -(-int(quota) // max(1, int(period)))
-        except (OSError, ValueError):  # absent, unreadable, or "max": no quota there
+        except ValueError:  # absent, unreadable, or "max": no quota there
             continue
         tightest = cpus if tightest is None else min(tightest, cpus)
     return None if tightest is None else max(1, tightest)

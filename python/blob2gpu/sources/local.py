@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlparse
 
 from blob2gpu import _core
 from blob2gpu.documents import INDEX_MAX_BYTES, clip, file_bytes, parse_json
-from blob2gpu.errors import InvalidIndex, SourceReadError, SourceUnavailable
+from blob2gpu.errors import InvalidIndex, SourceUnavailable
 from blob2gpu.integrity.manifest import Manifest, read_local_manifest
 from blob2gpu.sources.feeding import FeedStats, Fetch
 from blob2gpu.sources.plan import ShardPlan, ShardRef, unread_weights_note
@@ -32,8 +32,9 @@ def _local_path(uri: str) -> Path:
 
 def _kinds(paths: list[Path]) -> list[_core.PathKind]:
     """stat of each path, by the core in one call (one return of the GIL for all of them); a
-    name the system cannot take (a NUL in it) is an error there, never a different path."""
-    return _core.stat_paths([str(p) for p in paths])
+    name the system cannot take (a NUL in it) is an error there, never a different path. Names
+    go as the file system's bytes: one that is not UTF-8 is still a name."""
+    return _core.stat_paths([os.fsencode(p) for p in paths])
 
 
 def _ref(path: Path, kind: _core.PathKind) -> ShardRef:
@@ -47,7 +48,7 @@ def _ref(path: Path, kind: _core.PathKind) -> ShardRef:
 def _from_index(index_path: Path, read: _core.SmallFile | None = None) -> ShardPlan:
     """The plan an index names; `read`: the index as read_small_files read it, when it was."""
     if read is None:
-        read = _core.read_small_files([str(index_path)], INDEX_MAX_BYTES)[0]
+        read = _core.read_small_files([os.fsencode(index_path)], INDEX_MAX_BYTES)[0]
     raw = file_bytes(read, index_path, INDEX_MAX_BYTES, InvalidIndex, "index", SourceUnavailable)
     doc = parse_json(raw, InvalidIndex, f"index '{clip(index_path.name)}'")
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
@@ -62,16 +63,23 @@ def _from_index(index_path: Path, read: _core.SmallFile | None = None) -> ShardP
         if shard not in files:
             files.append(shard)
     names = sorted(files)
+    for name in names:  # a name that leaves the directory is refused before anything is looked at
+        if os.sep in name or name.startswith("."):
+            raise _not_beside(index_path, name)
     paths = [index_path.parent / name for name in names]
     refs = []
     for name, shard_path, kind in zip(names, paths, _kinds(paths), strict=True):
-        if os.sep in name or name.startswith(".") or not kind.regular:
-            raise SourceUnavailable(
-                f"index '{index_path.name}' names shard '{clip(name)}', which is not in "
-                f"'{index_path.parent}'"
-            )
+        if not kind.regular:
+            raise _not_beside(index_path, name)
         refs.append(_ref(shard_path, kind))
     return ShardPlan(uri=str(index_path), shards=tuple(refs), weight_map=dict(weight_map))
+
+
+def _not_beside(index_path: Path, name: str) -> SourceUnavailable:
+    return SourceUnavailable(
+        f"index '{index_path.name}' names shard '{clip(name)}', which is not in "
+        f"'{index_path.parent}'"
+    )
 
 
 def resolve_local(uri: str) -> ShardPlan:
@@ -79,11 +87,13 @@ def resolve_local(uri: str) -> ShardPlan:
     path = _local_path(uri)
     # The common case first, one call of the core: a directory with its index.
     index = path / INDEX_NAME
-    read = _core.read_small_files([str(index)], INDEX_MAX_BYTES)[0]
-    if read.regular or read.error not in (0, errno.ENOENT, errno.ENOTDIR):
+    read = _core.read_small_files([os.fsencode(index)], INDEX_MAX_BYTES)[0]
+    if read.regular:
         return _from_index(index, read)
     (kind,) = _kinds([path])
     if kind.directory:
+        if read.error not in (0, errno.ENOENT):  # there, but unreadable: say why
+            return _from_index(index, read)
         names = os.listdir(path)
         candidates = sorted(path / n for n in names if Path(n).suffix == ".safetensors")
         shards = [
@@ -117,20 +127,9 @@ class LocalRangeReader:
 
     def read_into(self, ref: ShardRef, offset: int, view: memoryview) -> None:
         """Fill `view` with bytes [offset, offset + len(view)) of the file `ref` names; raises
-        SourceUnavailable when it cannot be opened or read, SourceReadError when it ends early.
-        The core reads it, in one call without the GIL."""
-        done, error = _core.read_file_range(ref.path, offset, view)
-        if error:
-            raise SourceUnavailable(
-                f"shard '{ref.name}': cannot read {ref.path}: {os.strerror(error)}", shard=ref.name
-            )
-        if done < len(view):
-            raise SourceReadError(
-                f"shard '{ref.name}' ended at byte {offset + done} of {ref.path}, "
-                f"{ref.size} were listed: the file changed during the load",
-                shard=ref.name,
-                offset=offset + done,
-            )
+        SourceUnavailable when it cannot be opened (or is no regular file), SourceReadError when
+        a read fails or it ends early. The core reads it, in one call without the GIL."""
+        _core.read_shard_range(os.fsencode(ref.path), ref.name, offset, view)
 
 
 @register("", "file")

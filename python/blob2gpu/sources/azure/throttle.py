@@ -476,7 +476,7 @@ class NodeThrottle:
         """At most one record and a byte of the regular file at `path` (None: no such file, a
         symlink, a FIFO, a device, unreadable); never blocks on what it opens. Each request of a
         load reads it: the core does, in one call (one return of the GIL, not one per call)."""
-        (read,) = _core.read_small_files([str(path)], cls._SIZE, follow_symlinks=False)
+        (read,) = _core.read_small_files([os.fsencode(path)], cls._SIZE, follow_symlinks=False)
         if read.error or not read.regular or read.over_limit:
             return None
         return read.data
