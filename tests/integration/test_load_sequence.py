@@ -153,3 +153,45 @@ def test_every_entry_point_makes_one_request_by_keyword(write_checkpoint, monkey
         with pytest.raises(TypeError):
             LoadRequest(str(directory), loader.settings)  # type: ignore[misc]
         assert list(loader.start(made).to_dict()) == ["w"]
+
+
+def _functions_holding(uri: str, **kwargs: Any) -> list[str]:
+    """blob2gpu's functions that are handed `uri` itself (as an argument or a local when called)
+    while blob2gpu.open(uri) starts: the walk a reader makes from api.open to where the URI is
+    parsed into a Source."""
+    import sys
+
+    held: list[str] = []
+
+    def watch(frame: Any, event: str, arg: object) -> None:
+        code = frame.f_code
+        if event != "call" or "blob2gpu" not in code.co_filename:
+            return
+        if any(isinstance(v, str) and v == uri for v in frame.f_locals.values()):
+            name = f"{code.co_filename.rsplit('blob2gpu/', 1)[-1]}:{code.co_name}"
+            if name not in held:
+                held.append(name)
+
+    sys.setprofile(watch)
+    try:
+        checkpoint = blob2gpu.open(uri, **kwargs)
+    finally:
+        sys.setprofile(None)
+    with checkpoint:
+        checkpoint.to_dict()
+    return held
+
+
+@pytest.mark.parametrize("where", ["local", "blob"])
+def test_a_uri_is_parsed_once_near_the_entry_point(write_checkpoint, blob_env, container, where):
+    """From api.open the URI passes through a few functions to the Source its scheme names,
+    which parses it once; past that, the load holds the Source and its plan, never the string
+    (issue 27: 23 such functions before the Source interface)."""
+    directory = write_checkpoint([{"w": random_tensor(torch.float32, (4, 4))}])
+    uri = str(directory)
+    if where == "blob":
+        upload_directory(blob_env, container, directory, "m")
+        uri = f"az://{container}/m"
+    held = _functions_holding(uri)
+    assert held[0] == "api.py:open"
+    assert len(held) <= 11, held

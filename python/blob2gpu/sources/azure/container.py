@@ -28,6 +28,7 @@ from blob2gpu.errors import (
 )
 from blob2gpu.integrity.manifest import Manifest, require_manifest
 from blob2gpu.redaction import install_log_redaction
+from blob2gpu.settings import Settings
 from blob2gpu.sources.azure.credentials import resolve_credential, sas_expiry
 from blob2gpu.sources.azure.failures import archived_error
 from blob2gpu.sources.azure.listing import AuxBlob, BlobListing, if_unchanged, list_checkpoint
@@ -272,7 +273,7 @@ def _session(pool: int) -> Any:
 
 
 def open_container(
-    uri: str, settings: Any, credential: Any = None, sessions: HttpSessions | None = None
+    uri: str, settings: Settings, credential: Any = None, sessions: HttpSessions | None = None
 ) -> BlobContainer:
     """Build the client for a Blob URI; its connections come from `sessions` when given (and
     stay open there), else from a session of its own. Raises InvalidArgument for a bad URI, a
