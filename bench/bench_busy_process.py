@@ -6,7 +6,7 @@ must not wait for that process's interpreter.
 
 Usage:
     python bench/bench_busy_process.py [--total-gb 1] [--shards 8] [--repeats 3]
-                                       [--rows local,http,https] [--json out.json]
+                                       [--rows local,http,https,cache] [--json out.json]
                                        [--setting native_http=false] [--no-control]
 
 The checkpoint is the Llama-shaped bf16 one of bench_local_load.py (generated once, cached under
@@ -16,6 +16,10 @@ bench/.data/). Rows:
     http    the same checkpoint from an in-memory Azurite over HTTP (az://, connection string)
     https   from a second Azurite served over TLS with a private CA (tests/support/tls.py; the
             worker trusts it through REQUESTS_CA_BUNDLE)
+    cache   the http row's checkpoint from the node's NVMe cache (local_nvme_cache_enabled), warmed
+            before the rounds (`blob2gpu cache warm`): every shard a hit, its record read and
+            checked, its bytes read from the cache directory (page cache warm), Blob asked only
+            for the listing
 
 Each load runs in a fresh interpreter: `blob2gpu.open(uri, device="cpu", framework="torch")` and
 `to_dict()`, timed from the call to the last tensor in hand (imports before the clock, the
@@ -60,7 +64,7 @@ from harness.isolation import emit, run_in_fresh_process, worker_command
 from harness.machine import blob2gpu_versions, machine_info
 
 CONTAINER = "busy"
-ROWS = ("local", "http", "https")
+ROWS = ("local", "http", "https", "cache")
 MODES = ("idle", "busy", "control")  # the process idle, a busy thread in it, a busy process beside
 GOAL = 1.3  # busy / idle at most
 
@@ -134,7 +138,7 @@ def serve(ckpt: Path, workdir: Path, rows: list[str]) -> tuple[dict[str, dict[st
     if "local" in rows:
         targets["local"] = {"uri": str(ckpt)}
     for row in ("http", "https"):
-        if row not in rows:
+        if row not in rows and not (row == "http" and "cache" in rows):
             continue
         tls_dir = None
         if row == "https":
@@ -148,6 +152,19 @@ def serve(ckpt: Path, workdir: Path, rows: list[str]) -> tuple[dict[str, dict[st
         if ca_bundle:
             env["REQUESTS_CA_BUNDLE"] = ca_bundle
         targets[row] = {"uri": f"az://{CONTAINER}/{ckpt.name}", "pid": str(server.pid), **env}
+    if "cache" in rows:
+        cached = {
+            **targets["http"],
+            "BLOB2GPU_LOCAL_NVME_CACHE_ENABLED": "true",
+            "BLOB2GPU_CACHE_DIR": str(workdir / "cache"),
+        }
+        warm = [sys.executable, "-m", "blob2gpu", "cache", "warm", cached["uri"]]
+        started = time.monotonic()
+        subprocess.run(warm, env={**os.environ, **cached}, check=True, capture_output=True)
+        print(f"cache: warmed in {time.monotonic() - started:.1f} s", flush=True)
+        targets["cache"] = cached
+        if "http" not in rows:
+            del targets["http"]
     return targets, servers
 
 
@@ -166,6 +183,9 @@ def run_rounds(
                 env = {**base_env, **target, **settings}
                 if row == "local":
                     warm_page_cache(sorted(str(p) for p in ckpt.glob("*.safetensors")))
+                if row == "cache":
+                    entries = Path(env["BLOB2GPU_CACHE_DIR"]) / "entries"
+                    warm_page_cache(sorted(str(p) for p in entries.glob("*.bin")))
                 time.sleep(args.settle)  # freed memory reported back to the host first
                 idle = wait_for_idle(args.wait_idle, 0.25)
                 cmd = worker_command(
@@ -208,6 +228,7 @@ ROW_NAMES = {
     "local": "local directory (core io threads, mmap)",
     "http": "Azurite over HTTP",
     "https": "Azurite over HTTPS",
+    "cache": "NVMe cache hit (Blob listing over HTTP)",
 }
 
 

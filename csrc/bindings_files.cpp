@@ -1,8 +1,10 @@
 // The control plane's small file reads in blob2gpu._core (csrc/small_files.*): a batch of them
 // gives the GIL up once, however many files and system calls it takes.
+#include <fcntl.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -31,14 +33,17 @@ void register_file_bindings(py::module_& m) {
 
   m.def(
       "read_small_files",
-      [](const std::vector<std::string>& paths, uint64_t limit, bool follow_symlinks) {
+      [](const std::vector<std::string>& paths, uint64_t limit, bool follow_symlinks,
+         std::optional<int> dir_fd) {
         BlockingCall blocking;  // every open, stat and read of the batch: one return of the GIL
-        return read_small_files(paths, limit, follow_symlinks);
+        return read_small_files(paths, limit, follow_symlinks, dir_fd.value_or(AT_FDCWD));
       },
       py::arg("paths"), py::arg("limit"), py::kw_only(), py::arg("follow_symlinks") = true,
+      py::arg("dir_fd") = py::none(),
       "A SmallFile for each path (a FIFO does not block; with follow_symlinks=False a symlink is "
       "not opened: ELOOP): the bytes of a regular file of at most `limit` bytes, else why not "
-      "(error, regular, over_limit). One call without the GIL for the whole batch.");
+      "(error, regular, over_limit); relative paths from dir_fd when given (openat). One call "
+      "without the GIL for the whole batch.");
 
   m.def(
       "stat_paths",

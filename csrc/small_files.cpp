@@ -32,7 +32,7 @@ bool has_nul(const std::string& path) {
   return path.find('\0') != std::string::npos;
 }
 
-SmallFile read_one(const std::string& path, uint64_t limit, bool follow_symlinks) {
+SmallFile read_one(const std::string& path, uint64_t limit, bool follow_symlinks, int dir_fd) {
   SmallFile file;
   if (has_nul(path)) {  // C would read a shorter name: another file
     file.error = EINVAL;
@@ -41,7 +41,7 @@ SmallFile read_one(const std::string& path, uint64_t limit, bool follow_symlinks
   const int flags = O_RDONLY | O_NONBLOCK | O_CLOEXEC | (follow_symlinks ? 0 : O_NOFOLLOW);
   int fd;
   do {
-    fd = ::open(path.c_str(), flags);
+    fd = ::openat(dir_fd, path.c_str(), flags);
   } while (fd < 0 && errno == EINTR);
   if (fd < 0) {
     file.error = errno;
@@ -85,10 +85,11 @@ SmallFile read_one(const std::string& path, uint64_t limit, bool follow_symlinks
 }  // namespace
 
 std::vector<SmallFile> read_small_files(const std::vector<std::string>& paths, uint64_t limit,
-                                        bool follow_symlinks) {
+                                        bool follow_symlinks, int dir_fd) {
   std::vector<SmallFile> files;
   files.reserve(paths.size());
-  for (const std::string& path : paths) files.push_back(read_one(path, limit, follow_symlinks));
+  for (const std::string& path : paths)
+    files.push_back(read_one(path, limit, follow_symlinks, dir_fd));
   return files;
 }
 

@@ -23,8 +23,9 @@ struct SmallFile {
 // meanwhile is seen to be over the limit. A path with a NUL in it is EINVAL. Blocks on the disk;
 // call it without the GIL. follow_symlinks false: a symlink is not opened (ELOOP), as a file others
 // on the node may write is read (the throttle state, the cache's records).
+// Relative paths are taken from `dir_fd` (openat; AT_FDCWD: the working directory).
 std::vector<SmallFile> read_small_files(const std::vector<std::string>& paths, uint64_t limit,
-                                        bool follow_symlinks);
+                                        bool follow_symlinks, int dir_fd);
 
 struct PathKind {
   int error = 0;  // errno of stat (ENOENT for a missing path); 0 when it succeeded

@@ -52,6 +52,32 @@ def test_second_load_is_served_from_the_cache(device, published, container, cach
         assert second.direct_io_bytes == 0  # the cpu target reads into its arena, buffered
 
 
+def test_a_load_of_cache_hits_starts_no_thread_and_reads_the_records_at_once(
+    published, container, cache_dir, blob_env, monkeypatch
+):
+    # The warm path of a scale-from-zero start, in a process whose other threads run Python:
+    # each thread started and each file read in Python hands the GIL back and forth. With every
+    # shard a hit, nothing is fetched or written, so no feeder or writer thread is started, and
+    # the records of all shards are read by the core in one call.
+    import threading
+
+    from blob2gpu import _core
+
+    cached_load(f"az://{container}/m", cache_dir)
+    started: list[str] = []
+    start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda t: (started.append(t.name), start(t)))
+    reads: list[int] = []
+    read = _core.read_small_files
+    monkeypatch.setattr(
+        _core, "read_small_files", lambda p, *a, **k: (reads.append(len(p)), read(p, *a, **k))[1]
+    )
+    got, report = cached_load(f"az://{container}/m", cache_dir)
+    assert got == expected(published) and report.cache_hit_rate == 1.0
+    assert started == []
+    assert 3 in reads  # the three records, at once
+
+
 def test_a_cached_copy_of_an_archived_shard_still_loads(
     published, azurite, container, cache_dir, blob_env
 ):

@@ -139,3 +139,17 @@ def test_names_that_are_not_utf8_are_still_names(tmp_path):
     assert read_regular_file(as_str, 16, ConfigError, "config file") == b"12345"
     plan = resolve_local(str(tmp_path))  # a directory of shards, one of them so named
     assert [(ref.path, ref.size) for ref in plan.shards] == [(as_str, 5)]
+
+
+def test_names_relative_to_a_directory_descriptor_never_through_a_symlink(tmp_path):
+    (tmp_path / "record.json").write_bytes(b"{}")
+    (tmp_path / "link.json").symlink_to(tmp_path / "record.json")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        record, link = _core.read_small_files(
+            ["record.json", "link.json"], 64, follow_symlinks=False, dir_fd=fd
+        )
+    finally:
+        os.close(fd)
+    assert (record.error, record.data) == (0, b"{}")
+    assert (link.error, link.data) == (errno.ELOOP, b"")

@@ -20,6 +20,7 @@ import secrets
 import stat
 from pathlib import Path
 
+from blob2gpu import _core
 from blob2gpu.errors import ConfigError
 
 ENTRIES, TMP, LOCKS = "entries", "tmp", "locks"
@@ -212,26 +213,32 @@ class CacheDirectory:
     def read_bounded(self, subdirectory: str, name: str, limit: int) -> bytes:
         """The whole of a regular file of at most `limit` bytes (TooLarge beyond). Raises
         OSError (FileNotFoundError, ELOOP for a symlink, NotRegularFile, TooLarge)."""
-        fd = self.open_regular(subdirectory, name)
-        try:
-            too_large = TooLarge(
-                errno.EFBIG, f"longer than {limit} bytes", str(self.path(subdirectory, name))
-            )
-            if os.fstat(fd).st_size > limit:
-                raise too_large
-            chunks = []
-            left = limit + 1  # a file that grows while read is still bounded
-            while left > 0:
-                chunk = os.read(fd, min(left, 1 << 20))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                left -= len(chunk)
-            if left <= 0:
-                raise too_large
-            return b"".join(chunks)
-        finally:
-            os.close(fd)
+        (read,) = self.read_bounded_many(subdirectory, [name], limit)
+        if isinstance(read, OSError):
+            raise read
+        return read
+
+    def read_bounded_many(
+        self, subdirectory: str, names: list[str], limit: int
+    ) -> list[bytes | OSError]:
+        """read_bounded() of each name: its bytes, or the OSError it would raise. The core opens,
+        checks and reads them all in one call: one return of the GIL, not several per file."""
+        files = _core.read_small_files(
+            names, limit, follow_symlinks=False, dir_fd=self._fds[subdirectory]
+        )
+        return [self._bounded(subdirectory, n, limit, f) for n, f in zip(names, files, strict=True)]
+
+    def _bounded(
+        self, subdirectory: str, name: str, limit: int, file: _core.SmallFile
+    ) -> bytes | OSError:
+        where = str(self.path(subdirectory, name))
+        if file.error:
+            return OSError(file.error, os.strerror(file.error), where)  # its subclass by errno
+        if not file.regular:
+            return NotRegularFile(errno.EINVAL, "not a regular file", where)
+        if file.over_limit:
+            return TooLarge(errno.EFBIG, f"longer than {limit} bytes", where)
+        return file.data
 
     def lstat(self, subdirectory: str, name: str) -> os.stat_result:
         """The name's own stat (a symlink is not followed). Raises OSError."""

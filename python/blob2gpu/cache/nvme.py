@@ -171,13 +171,25 @@ class NvmeCache:
         """Where entry `key`'s bytes and its record are published (whether or not they are)."""
         return self.entries_dir / f"{key}.bin", self.entries_dir / f"{key}.json"
 
-    def _entry(self, key: str) -> CacheEntry:
-        """Entry `key` with its record read (bounded, never through a symlink) and parsed; a
-        record that is missing, unreadable or malformed leaves `problem` set."""
+    def read_records(self, keys: list[str]) -> dict[str, bytes | OSError]:
+        """The records of entries `keys` as lookup() takes them (`read`): their bytes, or why
+        they could not be read; read in one call (a load looks up each of its shards)."""
+        names = [f"{key}.json" for key in keys]
+        reads = self.dir.read_bounded_many(ENTRIES, names, MAX_RECORD_BYTES)
+        return dict(zip(keys, reads, strict=True))
+
+    def _entry(self, key: str, read: bytes | OSError | None = None) -> CacheEntry:
+        """Entry `key` with its record read (bounded, never through a symlink; `read`: as
+        read_records() read it) and parsed; a record that is missing, unreadable or malformed
+        leaves `problem` set."""
         data_path, meta_path = self.entry_paths(key)
         entry = CacheEntry(key, data_path, meta_path)
         try:
-            record = parse_record(self.dir.read_bounded(ENTRIES, f"{key}.json", MAX_RECORD_BYTES))
+            if read is None:
+                read = self.dir.read_bounded(ENTRIES, f"{key}.json", MAX_RECORD_BYTES)
+            if isinstance(read, OSError):
+                raise read
+            record = parse_record(read)
         except FileNotFoundError:
             entry.problem = "no record"
         except MalformedRecord as e:
@@ -188,12 +200,15 @@ class NvmeCache:
             entry.record, entry.meta = record, record.as_dict()
         return entry
 
-    def lookup(self, key: str, identity: dict[str, Any]) -> CacheEntry | None:
+    def lookup(
+        self, key: str, identity: dict[str, Any], read: bytes | OSError | None = None
+    ) -> CacheEntry | None:
         """The entry for `key` if its record is well formed and says it holds what `identity` says
         (account, container, blob, etag, size), and its data is a regular file of that size; any
         other entry under `key` (truncated, foreign, malformed, a symlink or FIFO) is removed.
-        Touches the entry for LRU. Whether its bytes are right is for its reader to check."""
-        entry = self._entry(key)
+        Touches the entry for LRU. Whether its bytes are right is for its reader to check.
+        read: its record as read_records() just read it (else read now)."""
+        entry = self._entry(key, read)
         ok = entry.record is not None and entry.record.identity() == identity
         if ok:
             try:

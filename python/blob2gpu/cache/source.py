@@ -214,8 +214,14 @@ class CachedSource(Source):
         report.cache_bypassed.update({plan.shards[i].name: why for i, why in bypassed.items()})
         again = {i for i, ref in enumerate(plan.shards) if ref.name in self._repaired}
         self.hits = {}
-        for i, ref in enumerate(plan.shards):
-            if i not in bypassed and i not in again and (hit := self._hit(ref)) is not None:
+        looked_up = {
+            i: self._key(ref)[0]
+            for i, ref in enumerate(plan.shards)
+            if i not in bypassed and i not in again
+        }
+        records = self.cache.read_records(list(looked_up.values()))
+        for i, key in looked_up.items():
+            if (hit := self._hit(plan.shards[i], key, records[key])) is not None:
                 self.hits[i] = hit
         archived = {
             ref.path: ref.archived
@@ -287,12 +293,15 @@ class CachedSource(Source):
         assert identity is not None, "a remote source's shards have a cache identity"
         return NvmeCache.key_of(identity), identity
 
-    def _hit(self, ref: ShardRef, key: str | None = None) -> CacheHit | None:
+    def _hit(
+        self, ref: ShardRef, key: str | None = None, record: bytes | OSError | None = None
+    ) -> CacheHit | None:
         """Shard `ref`'s entry, opened as a hit; None when the cache has none of the listed
-        version, or its data cannot be opened as a regular file of its size (then removed)."""
+        version, or its data cannot be opened as a regular file of its size (then removed).
+        record: its record as NvmeCache.read_records() just read it (else read now)."""
         assert self.cache is not None
         found, identity = self._key(ref)
-        entry = self.cache.lookup(key or found, identity)
+        entry = self.cache.lookup(key or found, identity, record)
         if entry is None:
             return None
         try:

@@ -50,8 +50,7 @@ class CacheWriter:
         self._publisher = threading.Thread(
             target=self._run_publisher, name="blob2gpu-cache-publisher", daemon=True
         )
-        self._thread.start()
-        self._publisher.start()
+        self._started = False
 
     def begin(
         self,
@@ -72,6 +71,10 @@ class CacheWriter:
             self.stats.skipped[name] = e.why
             return
         self._pending[index] = _Pending(index, entry)
+        if not self._started:  # with its first shard: a load of cache hits starts no thread
+            self._started = True
+            self._thread.start()
+            self._publisher.start()
 
     def offer(self, index: int, offset: int, view: memoryview) -> None:
         """Queue a copy of bytes [offset, offset + len(view)) of shard `index` for writing."""
@@ -133,9 +136,10 @@ class CacheWriter:
 
     def close(self) -> WriterStats:
         """Finish queued writes, give up shards not complete, release every lock."""
-        self._queue.put(None)
-        self._thread.join()
-        self._publisher.join()
+        if self._started:
+            self._queue.put(None)
+            self._thread.join()
+            self._publisher.join()
         for p in self._pending.values():
             if not p.entry.finished:
                 self._abandon(p, "the load ended before the shard was complete")

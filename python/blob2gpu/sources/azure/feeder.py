@@ -120,6 +120,8 @@ class BlobFeeder:
                 )
                 return self
             self._headers.append(RangeTask(i, 0, min(self._first, ref.size), first=True))
+        if not self._fetch:  # every shard a cache hit: no thread started only to be ended
+            self._threads = []
         for t in self._threads:
             t.start()
         return self
