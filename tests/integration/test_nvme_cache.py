@@ -15,6 +15,7 @@ from pathlib import Path
 import blob2gpu
 import pytest
 import torch
+from blob2gpu.cache.directory import CacheDirectory
 from blob2gpu.cache.nvme import NvmeCache
 from conftest import as_bytes, random_tensor, upload_directory
 from conftest import checkpoint_bytes as expected
@@ -52,7 +53,7 @@ def test_second_load_is_served_from_the_cache(device, published, container, cach
         assert second.direct_io_bytes == 0  # the cpu target reads into its arena, buffered
 
 
-def test_a_load_of_cache_hits_starts_no_thread_and_reads_the_records_at_once(
+def test_a_load_of_cache_hits_starts_no_thread_and_reads_the_records_once_at_once(
     published, container, cache_dir, blob_env, monkeypatch
 ):
     # The warm path of a scale-from-zero start, in a process whose other threads run Python:
@@ -72,10 +73,15 @@ def test_a_load_of_cache_hits_starts_no_thread_and_reads_the_records_at_once(
     monkeypatch.setattr(
         _core, "read_small_files", lambda p, *a, **k: (reads.append(len(p)), read(p, *a, **k))[1]
     )
+    one_by_one: list[str] = []
+    monkeypatch.setattr(
+        CacheDirectory, "read_bounded", lambda d, sub, name, limit: one_by_one.append(name)
+    )
     got, report = cached_load(f"az://{container}/m", cache_dir)
     assert got == expected(published) and report.cache_hit_rate == 1.0
     assert started == []
     assert 3 in reads  # the three records, at once
+    assert one_by_one == []  # and not again after the load (its hits are known to be there)
 
 
 def test_a_cached_copy_of_an_archived_shard_still_loads(

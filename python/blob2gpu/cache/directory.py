@@ -161,15 +161,21 @@ class CacheDirectory:
         self.close()
 
     # -- files --------------------------------------------------------------------------------
-    def open_regular(self, subdirectory: str, name: str, flags: int = os.O_RDONLY) -> int:
+    def open_regular(
+        self, subdirectory: str, name: str, flags: int = os.O_RDONLY, size: int | None = None
+    ) -> int:
         """Open an existing regular file, never through a symlink (ELOOP) and never a FIFO or
-        device (NotRegularFile); returns its descriptor. Raises OSError."""
+        device (NotRegularFile), of `size` bytes when given (else OSError EINVAL); returns its
+        descriptor. Raises OSError."""
         fd = os.open(name, flags | _NO_FOLLOW, dir_fd=self._fds[subdirectory])
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 where = str(self.path(subdirectory, name))
                 raise NotRegularFile(errno.EINVAL, "not a regular file", where)
+            if size is not None and st.st_size != size:
+                where = str(self.path(subdirectory, name))
+                raise OSError(errno.EINVAL, "not of the recorded size", where)
         except BaseException:
             os.close(fd)
             raise

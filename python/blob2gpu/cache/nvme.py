@@ -17,7 +17,6 @@ of the listed size, or that is unreadable, is a miss and is removed.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 import threading
@@ -223,6 +222,25 @@ class NvmeCache:
         self.dir.touch(ENTRIES, f"{key}.json")
         return entry
 
+    def open_hit(
+        self, key: str, identity: dict[str, Any], read: bytes | OSError | None = None
+    ) -> tuple[CacheEntry, int] | None:
+        """lookup() and open_data() at once: the entry for `key` when its record says it holds
+        what `identity` says, with its data opened (never through a symlink, a regular file of
+        the recorded size, checked once through the descriptor; the caller closes it), touched
+        for LRU; else None, and whatever entry is under `key` is removed. read: as lookup's."""
+        entry = self._entry(key, read)
+        fd = None
+        if entry.record is not None and entry.record.identity() == identity:
+            with contextlib.suppress(OSError):
+                fd = self.open_data(entry)
+        if fd is None:
+            if self._exists(entry):
+                self.remove(entry)
+            return None
+        self.dir.touch(ENTRIES, f"{key}.json")
+        return entry, fd
+
     def _exists(self, entry: CacheEntry) -> bool:
         for name in (f"{entry.key}.json", f"{entry.key}.bin"):
             with contextlib.suppress(OSError):
@@ -233,11 +251,7 @@ class NvmeCache:
     def open_data(self, entry: CacheEntry) -> int:
         """A descriptor of the entry's data, opened never through a symlink, checked to be a
         regular file of the recorded size; the caller closes it. Raises OSError."""
-        fd = self.dir.open_regular(ENTRIES, f"{entry.key}.bin")
-        if os.fstat(fd).st_size != entry.size:
-            os.close(fd)
-            raise OSError(errno.EINVAL, "not of the recorded size", str(entry.data_path))
-        return fd
+        return self.dir.open_regular(ENTRIES, f"{entry.key}.bin", size=entry.size)
 
     def entries(self) -> list[CacheEntry]:
         """Every entry the directory has, by record name (those whose record is malformed, or

@@ -31,7 +31,7 @@ import os
 import posixpath
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -301,14 +301,8 @@ class CachedSource(Source):
         record: its record as NvmeCache.read_records() just read it (else read now)."""
         assert self.cache is not None
         found, identity = self._key(ref)
-        entry = self.cache.lookup(key or found, identity, record)
-        if entry is None:
-            return None
-        try:
-            return CacheHit(entry, self.cache.open_data(entry))
-        except OSError:
-            self.cache.remove(entry)
-            return None
+        opened = self.cache.open_hit(key or found, identity, record)
+        return None if opened is None else CacheHit(*opened)
 
     def _has_authority(self, load: PreparedLoad, index: int) -> bool:
         """Whether shard `index`'s bytes are checked against something from Blob: the
@@ -414,9 +408,11 @@ class CachedSource(Source):
     def _fill(self, load: PreparedLoad) -> CacheFill | None:
         assert self.cache is not None and self._listed is not None
         report = load.report
+        # Hits served (and not repaired) by this load are there: not looked up again.
+        served = {load.plan.shards[i].name for i in self.hits} - set(self._repaired)
         shards = [
             shard
-            for shard in self.to_fill(self._listed, load.manifest)
+            for shard in self.to_fill(self._listed, load.manifest, cached=served)
             if shard.name not in report.cache_bypassed
         ]
         if not shards:
@@ -432,16 +428,23 @@ class CachedSource(Source):
         return start_fill(self.cache, shards, self.inner, load.settings, on_shard)
 
     def to_fill(
-        self, plan: ShardPlan, manifest: Manifest | None, check_cached: bool = False
+        self,
+        plan: ShardPlan,
+        manifest: Manifest | None,
+        check_cached: bool = False,
+        cached: Collection[str] = (),
     ) -> list[FillShard]:
         """The shards of `plan` the cache lacks (no entry of the listed version), with what the
         fill checks them against (the manifest's checksums, else the blob's Content-MD5).
-        check_cached: every shard, the cached ones to be read and checked by the fill."""
+        check_cached: every shard, the cached ones to be read and checked by the fill.
+        cached: names of shards known to be in the cache (not looked up)."""
         assert self.cache is not None
         shards = []
         for ref in plan.shards:
             key, identity = self._key(ref)
-            if not check_cached and self.cache.lookup(key, identity) is not None:
+            if not check_cached and (
+                ref.name in cached or self.cache.lookup(key, identity) is not None
+            ):
                 continue
             checks = blob_checks(manifest, ref, ref.content_md5)
             shards.append(FillShard(ref.name, key, identity, ref, checks, check_cached))
