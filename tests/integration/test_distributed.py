@@ -362,5 +362,8 @@ def test_fan_out_gets_are_throttled_like_a_loads(
     gets = [(p, n) for _, p, n, _ in fault_proxy.counters.ranged if p.endswith(".safetensors")]
     big = max({p for p, _ in gets}, key=lambda path: sum(n for p, n in gets if p == path))
     asked = [n for p, n in gets if p == big]  # the 2 MiB shard's GETs
-    assert 65536 in asked  # chunk_bytes ranges, not one GET per rank's part
+    refused = [n for p, n in fault_proxy.counters.faulted if p == big]  # answered 503
+    # chunk_bytes ranges, not one GET per rank's part (the first may all have been refused:
+    # a rank that follows its sibling's published decrease asks larger ranges at once)
+    assert 65536 in asked + refused
     assert max(asked) > 65536  # grown past chunk_bytes once throttled

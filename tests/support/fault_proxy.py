@@ -62,6 +62,8 @@ class Counters:
     egress_throttled: int = 0  # of those, refused by the egress cap
     ranged: list[tuple[float, str, int, int]] = field(default_factory=list)  # see the module
     paths: list[str] = field(default_factory=list)
+    faulted: list[tuple[str, int]] = field(default_factory=list)  # (path, bytes asked) of the
+    # ranged GETs answered by Faults.statuses (never forwarded, not in `ranged`)
 
 
 def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
@@ -265,6 +267,9 @@ class FaultProxy:
             if ranged and hook is not None:
                 hook(path.split("?")[0], count)
             if (ranged and self._take("statuses")) or (not ranged and self._take("list_statuses")):
+                if ranged:
+                    with self._lock:
+                        self.counters.faulted.append((path.split("?")[0], asked))
                 client.sendall(_busy_response(self.faults.status, self.faults.retry_after))
                 return
             upstream = socket.create_connection(self.upstream, timeout=30)
