@@ -84,6 +84,30 @@ def test_a_load_of_cache_hits_starts_no_thread_and_reads_the_records_once_at_onc
     assert one_by_one == []  # and not again after the load (its hits are known to be there)
 
 
+def test_a_cache_writer_without_threads_leaves_the_shards_uncached_and_unlocked(
+    published, container, cache_dir, blob_env, monkeypatch
+):
+    # The writer starts its threads with the first shard it writes; a process that cannot start
+    # another thread still loads, caches nothing, and leaves no entry locked.
+    import threading
+
+    start = threading.Thread.start
+
+    def refuse_the_publisher(thread: threading.Thread) -> None:
+        if thread.name == "blob2gpu-cache-publisher":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse_the_publisher)
+    got, report = cached_load(f"az://{container}/m", cache_dir, cache_fill=False)
+    assert got == expected(published)
+    assert report.cache_written == [] and len(report.cache_skipped) == 3
+    assert all("cannot start the cache writer" in why for why in report.cache_skipped.values())
+    monkeypatch.setattr(threading.Thread, "start", start)
+    got, report = cached_load(f"az://{container}/m", cache_dir)  # the locks were released
+    assert got == expected(published) and len(report.cache_written) == 3
+
+
 def test_a_cached_copy_of_an_archived_shard_still_loads(
     published, azurite, container, cache_dir, blob_env
 ):

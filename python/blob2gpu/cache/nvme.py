@@ -52,6 +52,10 @@ __all__ = [
     "default_cache_dir",
 ]
 
+# Records read at one call of the core: a load's lookups cost a return of the GIL per batch, and
+# a batch holds at most 4 x MAX_RECORD_BYTES (64 MiB) of what others on the node may have written.
+RECORD_BATCH = 4
+
 
 @dataclass
 class CacheEntry:
@@ -172,10 +176,14 @@ class NvmeCache:
 
     def read_records(self, keys: list[str]) -> dict[str, bytes | OSError]:
         """The records of entries `keys` as lookup() takes them (`read`): their bytes, or why
-        they could not be read; read in one call (a load looks up each of its shards)."""
-        names = [f"{key}.json" for key in keys]
-        reads = self.dir.read_bounded_many(ENTRIES, names, MAX_RECORD_BYTES)
-        return dict(zip(keys, reads, strict=True))
+        they could not be read; RECORD_BATCH of them at a call."""
+        records: dict[str, bytes | OSError] = {}
+        for start in range(0, len(keys), RECORD_BATCH):
+            batch = keys[start : start + RECORD_BATCH]
+            names = [f"{key}.json" for key in batch]
+            reads = self.dir.read_bounded_many(ENTRIES, names, MAX_RECORD_BYTES)
+            records.update(zip(batch, reads, strict=True))
+        return records
 
     def _entry(self, key: str, read: bytes | OSError | None = None) -> CacheEntry:
         """Entry `key` with its record read (bounded, never through a symlink; `read`: as
@@ -228,14 +236,18 @@ class NvmeCache:
         """lookup() and open_data() at once: the entry for `key` when its record says it holds
         what `identity` says, with its data opened (never through a symlink, a regular file of
         the recorded size, checked once through the descriptor; the caller closes it), touched
-        for LRU; else None, and whatever entry is under `key` is removed. read: as lookup's."""
+        for LRU; else None, and whatever entry is under `key` is removed, unless its record was
+        read ahead (`read`, as lookup's), which may be stale by now."""
         entry = self._entry(key, read)
         fd = None
         if entry.record is not None and entry.record.identity() == identity:
             with contextlib.suppress(OSError):
                 fd = self.open_data(entry)
         if fd is None:
-            if self._exists(entry):
+            # A record read ahead may be stale by now (another process published since): what is
+            # there is removed only when read now; else the write-through, which looks up again
+            # under the entry's lock, removes or replaces it.
+            if read is None and self._exists(entry):
                 self.remove(entry)
             return None
         self.dir.touch(ENTRIES, f"{key}.json")

@@ -151,6 +151,7 @@ class CachedSource(Source):
         self._writer: CacheWriter | None = None  # that session's write-through
         self._listed: ShardPlan | None = None  # every shard of the load (a repair narrows it)
         self._repaired: dict[str, str] = {}  # shard -> key of its entry that failed its check
+        self._served: set[str] = set()  # shards the load read from the cache, repairs included
 
     # -- what the wrapped source says -------------------------------------------------------------
     def resolve(self) -> ShardPlan:
@@ -223,6 +224,7 @@ class CachedSource(Source):
         for i, key in looked_up.items():
             if (hit := self._hit(plan.shards[i], key, records[key])) is not None:
                 self.hits[i] = hit
+        self._served.update(plan.shards[i].name for i in self.hits)
         archived = {
             ref.path: ref.archived
             for i, ref in enumerate(plan.shards)
@@ -379,6 +381,7 @@ class CachedSource(Source):
             if i not in refetch and (hit := self._hit(ref, key)) is not None:
                 lock.release()  # looked up again under the lock: written meanwhile
                 self.hits[i] = hit
+                self._served.add(ref.name)
                 continue
             writer.begin(i, ref.name, key, identity, lock, blob_checks(load.manifest, ref))
         return writer
@@ -409,7 +412,7 @@ class CachedSource(Source):
         assert self.cache is not None and self._listed is not None
         report = load.report
         # Hits served (and not repaired) by this load are there: not looked up again.
-        served = {load.plan.shards[i].name for i in self.hits} - set(self._repaired)
+        served = self._served - set(self._repaired)
         shards = [
             shard
             for shard in self.to_fill(self._listed, load.manifest, cached=served)

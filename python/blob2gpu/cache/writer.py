@@ -66,15 +66,35 @@ class CacheWriter:
         published (the core checks a Content-MD5 over the same bytes as they land)."""
         self._names[index] = name
         try:
+            self._start()
+        except RuntimeError as e:  # no thread to be had: this shard is not cached
+            lock.release()
+            self.stats.skipped[name] = f"cannot start the cache writer: {e}"
+            return
+        try:
             entry = EntryWrite(self.cache, key, identity, lock, checks)
         except EntryRefused as e:
             self.stats.skipped[name] = e.why
             return
         self._pending[index] = _Pending(index, entry)
-        if not self._started:  # with its first shard: a load of cache hits starts no thread
-            self._started = True
-            self._thread.start()
+
+    def _start(self) -> None:
+        """Start the writing and publishing threads, with the first shard to write: a load of
+        cache hits starts none (each start hands the GIL back and forth). Raises RuntimeError
+        when a thread cannot be started (then none runs)."""
+        if self._started:
+            return
+        self._thread.start()
+        try:
             self._publisher.start()
+        except RuntimeError:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = threading.Thread(
+                target=self._run, name="blob2gpu-cache-writer", daemon=True
+            )
+            raise
+        self._started = True
 
     def offer(self, index: int, offset: int, view: memoryview) -> None:
         """Queue a copy of bytes [offset, offset + len(view)) of shard `index` for writing."""
