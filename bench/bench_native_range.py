@@ -109,14 +109,14 @@ def run_threads(count: int, work: list[tuple[int, int]], read: Any) -> None:
 def read_native(args: argparse.Namespace, view: memoryview) -> dict[str, Any]:
     from blob2gpu import _core
     from blob2gpu.sources.azure.location import parse_blob_uri
-    from blob2gpu.sources.azure.native_requests import RangeRequestSigner, range_endpoint
+    from blob2gpu.sources.azure.native_requests import RequestSigner, range_endpoint
     from harness.azurite import ACCOUNT, ACCOUNT_KEY
 
     location = parse_blob_uri(f"{args.endpoint}/{CONTAINER}/{BLOB}")
     endpoint = range_endpoint(location)
     client = _core.RangeClient(**endpoint.client_options(), pool_size=args.concurrency)
     key = {"account_name": ACCOUNT, "account_key": ACCOUNT_KEY}
-    signer = RangeRequestSigner(location, key, endpoint.base_path)
+    signer = RequestSigner(location, key, endpoint.base_path)
 
     def read(start: int, end: int) -> None:
         target, headers = signer.range_get(BLOB, start, end, args.etag)

@@ -106,6 +106,7 @@ void register_http_bindings(py::module_& m) {
       .def_readonly("failure", &RangeResult::failure)
       .def_readonly("detail", &RangeResult::detail)
       .def_readonly("status", &RangeResult::status)
+      .def_readonly("at_proxy", &RangeResult::at_proxy)
       .def_readonly("reason", &RangeResult::reason)
       .def_readonly("headers", &RangeResult::headers)
       .def_readonly("bytes_received", &RangeResult::bytes_received)
@@ -165,6 +166,22 @@ void register_http_bindings(py::module_& m) {
           "bytearray, a memoryview slice). first_byte: where the request's range starts, "
           "checked against Content-Range. Returns a RangeResult; raises InvalidArgument for a "
           "target or header that cannot be sent, BufferError for a read-only buffer.")
+      .def(
+          "get_document",
+          [](RangeClient& client, const std::string& target, const HeaderList& headers,
+             size_t max_bytes) {
+            std::string document;
+            RangeResult result;
+            {
+              BlockingCall blocking;
+              result = client.get_document(target, headers, max_bytes, &document);
+            }
+            return py::make_tuple(std::move(result), py::bytes(document));
+          },
+          py::arg("target"), py::arg("headers"), py::arg("max_bytes"),
+          "GET `target` with `headers` for a small document (a container's listing): "
+          "(RangeResult, its 2xx body as bytes, empty for any other outcome). A body over "
+          "max_bytes is MALFORMED. Raises as get_into() does.")
       .def("close", &RangeClient::close, py::call_guard<BlockingCall>(),
            "Break the requests in flight (each returns CANCELLED) and close the idle "
            "connections; later requests return CANCELLED too.")

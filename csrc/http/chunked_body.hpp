@@ -1,7 +1,8 @@
-// ChunkedDecoder: the chunked transfer coding (RFC 9112 section 7.1) of an error answer's body,
-// decoded incrementally, strictly and within caps, so a connection whose error answer came
-// chunked (Azurite sends them so) is read to its end and kept alive. Range bodies are never
-// chunked (see response_head.hpp). Hostile input: pure code, fuzzed with the head reader.
+// ChunkedDecoder: the chunked transfer coding (RFC 9112 section 7.1) of an error answer's or a
+// listing's body, decoded incrementally, strictly and within caps, so a connection whose answer
+// came chunked (Azurite and Blob Storage send them so) is read to its end and kept alive. Range
+// bodies are never chunked (see response_head.hpp). Hostile input: pure code, fuzzed with the head
+// reader.
 #pragma once
 
 #include <cstddef>

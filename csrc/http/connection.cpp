@@ -60,13 +60,23 @@ int clamp_int(size_t n) {
 
 std::unique_ptr<Connection> Connection::open(const ConnectTarget& target, const TlsContext* tls,
                                              const WakeSignal& wake, int* proxy_status) {
-  bool proxied = !target.proxy_host.empty();
-  TcpSocket socket = proxied ? TcpSocket::connect(target.proxy_host, target.proxy_port,
-                                                  target.connect_timeout, wake, "the proxy")
-                             : TcpSocket::connect(target.host, target.port, target.connect_timeout,
-                                                  wake, "the server");
-  std::unique_ptr<Connection> c(new Connection(std::move(socket), wake, target.read_timeout));
-  if (proxied && target.tls) c->tunnel(target, proxy_status);
+  if (target.proxy_host.empty()) {
+    TcpSocket socket =
+        TcpSocket::connect(target.host, target.port, target.connect_timeout, wake, "the server");
+    std::unique_ptr<Connection> c(new Connection(std::move(socket), wake, target.read_timeout));
+    if (target.tls) c->handshake(*tls, target.host);
+    return c;
+  }
+  std::unique_ptr<Connection> c;
+  try {
+    TcpSocket socket = TcpSocket::connect(target.proxy_host, target.proxy_port,
+                                          target.connect_timeout, wake, "the proxy");
+    c.reset(new Connection(std::move(socket), wake, target.read_timeout));
+    if (target.tls) c->tunnel(target, proxy_status);
+  } catch (const TransportError& e) {
+    if (e.kind() == FetchFailure::Cancelled) throw;
+    throw TransportError(e.kind(), e.detail(), /*at_proxy=*/true);
+  }
   if (target.tls) c->handshake(*tls, target.host);
   return c;
 }

@@ -36,10 +36,11 @@ using HeaderList = std::vector<std::pair<std::string, std::string>>;
 
 struct RangeResult {
   FetchFailure failure = FetchFailure::None;
-  std::string detail;  // for people: what went wrong (never the request's target or headers)
-  int status = 0;      // the answer's HTTP status (the proxy's for ProxyRefused); 0 when none
-  std::string reason;  // its reason phrase (Azure puts its error message there)
-  HeaderList headers;  // names lower-cased, in the order received
+  std::string detail;     // for people: what went wrong (never the request's target or headers)
+  int status = 0;         // the answer's HTTP status (the proxy's for ProxyRefused); 0 when none
+  bool at_proxy = false;  // the failure happened reaching the forward proxy or in its tunnel
+  std::string reason;     // its reason phrase (Azure puts its error message there)
+  HeaderList headers;     // names lower-cased, in the order received
   uint64_t bytes_received = 0;  // body bytes written into the destination
   int64_t content_length = -1;  // the answer's Content-Length; -1 when it had none
   int64_t total_size = -1;      // the resource's size (Content-Range's "/total"); -1 when unknown

@@ -44,44 +44,60 @@ bool owned_by_client(const std::string& name) {
 constexpr size_t kHeadBufferBytes = 16 * 1024;
 constexpr int kMaxInterimAnswers = 8;  // 1xx heads skipped before the real answer
 
-// Reads an error answer's body (Content-Length or chunked, at most kMaxDrainedErrorBytes),
-// keeping its first kErrorBodyBytes in result->error_body; buffer[from, have) holds the bytes that
-// came with the head. Returns whether the body ended where the answer said (the connection may
-// carry another request); throws TransportError when the connection fails.
-bool read_error_body(Connection& connection, const ResponseHead& answer, std::vector<char>& buffer,
-                     size_t from, size_t have, RangeResult* result) {
-  std::string& kept = result->error_body;
+// How reading a framed body ended: failure None when it ended where the answer said.
+struct BodyRead {
+  FetchFailure failure = FetchFailure::None;
+  std::string problem;
+};
+
+// Reads an answer's body, framed by Content-Length or chunked, at most max_read decoded bytes,
+// keeping its first `keep` in *kept; buffer[from, have) holds the bytes that came with the head.
+// A body over max_read, unframed (until close) or in another coding is Malformed, one cut short
+// Reset; after either the connection carries nothing more. Throws TransportError when the
+// connection fails.
+BodyRead read_framed_body(Connection& connection, const ResponseHead& answer,
+                          std::vector<char>& buffer, size_t from, size_t have, size_t max_read,
+                          size_t keep, std::string* kept) {
+  auto fail = [](FetchFailure failure, std::string problem) {
+    return BodyRead{failure, std::move(problem)};
+  };
   if (answer.chunked) {
-    ChunkedDecoder decoder(kMaxDrainedErrorBytes);
+    ChunkedDecoder decoder(max_read);
     for (;;) {
       size_t consumed = 0;
-      auto state =
-          decoder.feed(buffer.data() + from, have - from, &consumed, &kept, kErrorBodyBytes);
-      if (state == ChunkedDecoder::State::Done) return from + consumed == have;
-      if (state == ChunkedDecoder::State::Malformed) return false;
+      auto state = decoder.feed(buffer.data() + from, have - from, &consumed, kept, keep);
+      if (state == ChunkedDecoder::State::Done) {
+        if (from + consumed == have) return {};
+        return fail(FetchFailure::Malformed, "bytes after the chunked body's end");
+      }
+      if (state == ChunkedDecoder::State::Malformed) {
+        return fail(FetchFailure::Malformed, "chunked body: " + decoder.problem());
+      }
       from = 0;
       have = connection.recv_some(buffer.data(), buffer.size());
-      if (have == 0) return false;
+      if (have == 0) return fail(FetchFailure::Reset, "the connection closed inside the body");
     }
   }
   size_t early = have - from;
-  kept.assign(buffer.data() + from, std::min(early, kErrorBodyBytes));
-  if (answer.transfer_encoded || answer.content_length < 0 ||
-      static_cast<uint64_t>(answer.content_length) > kMaxDrainedErrorBytes) {
-    return false;  // a coding other than chunked, a body until close, or too long to drain
+  kept->assign(buffer.data() + from, std::min(early, keep));
+  if (answer.transfer_encoded || answer.content_length < 0) {
+    return fail(FetchFailure::Malformed, "the body has no Content-Length and is not chunked");
+  }
+  if (static_cast<uint64_t>(answer.content_length) > max_read) {
+    return fail(FetchFailure::Malformed, "the body is " + std::to_string(answer.content_length) +
+                                             " bytes, more than the " + std::to_string(max_read) +
+                                             " read");
   }
   size_t left = static_cast<size_t>(answer.content_length);
-  if (early > left) return false;
+  if (early > left) return fail(FetchFailure::Malformed, "more bytes than the Content-Length");
   left -= early;
   while (left > 0) {
     size_t got = connection.recv_some(buffer.data(), std::min(left, buffer.size()));
-    if (got == 0) return false;
-    if (kept.size() < kErrorBodyBytes) {
-      kept.append(buffer.data(), std::min(got, kErrorBodyBytes - kept.size()));
-    }
+    if (got == 0) return fail(FetchFailure::Reset, "the connection closed inside the body");
+    if (kept->size() < keep) kept->append(buffer.data(), std::min(got, keep - kept->size()));
     left -= got;
   }
-  return true;
+  return {};
 }
 
 }  // namespace
@@ -196,9 +212,25 @@ std::string RangeClient::request_head(const std::string& target, const HeaderLis
 
 RangeResult RangeClient::get_into(const std::string& target, const HeaderList& headers,
                                   uint8_t* dst, size_t length, std::optional<uint64_t> first_byte) {
-  Clock::time_point start = Clock::now();
   if (length == 0) throw CoreError(ErrorKind::InvalidArgument, "get_into needs a non-empty buffer");
-  std::string head = request_head(target, headers);
+  return send(request_head(target, headers), Body{dst, length, first_byte, nullptr, 0});
+}
+
+RangeResult RangeClient::get_document(const std::string& target, const HeaderList& headers,
+                                      size_t max_bytes, std::string* document) {
+  if (max_bytes == 0) {
+    throw CoreError(ErrorKind::InvalidArgument, "get_document needs a positive size limit");
+  }
+  document->clear();
+  RangeResult result =
+      send(request_head(target, headers), Body{nullptr, 0, std::nullopt, document, max_bytes});
+  bool whole = result.failure == FetchFailure::None && result.status >= 200 && result.status <= 299;
+  if (!whole) document->clear();
+  return result;
+}
+
+RangeResult RangeClient::send(const std::string& head, const Body& body) {
+  Clock::time_point start = Clock::now();
   requests_.fetch_add(1);
   RangeResult result;
   for (bool fresh = false;; fresh = true) {
@@ -211,12 +243,13 @@ RangeResult RangeClient::get_into(const std::string& target, const HeaderList& h
       result.failure = e.kind();
       result.detail = e.detail();
       result.status = proxy_status;
+      result.at_proxy = e.at_proxy();
       break;
     }
     result.connect_ns = nanos_since(start);
     bool answered = false;
     try {
-      bool keep = exchange(*connection, head, dst, length, first_byte, &result, &answered);
+      bool keep = exchange(*connection, head, body, &result, &answered);
       if (keep) checkin(std::move(connection));
       break;
     } catch (const TransportError& e) {
@@ -233,9 +266,8 @@ RangeResult RangeClient::get_into(const std::string& target, const HeaderList& h
   return result;
 }
 
-bool RangeClient::exchange(Connection& connection, const std::string& head, uint8_t* dst,
-                           size_t length, std::optional<uint64_t> first_byte, RangeResult* result,
-                           bool* answered) {
+bool RangeClient::exchange(Connection& connection, const std::string& head, const Body& body,
+                           RangeResult* result, bool* answered) {
   connection.send_all(head.data(), head.size());
   Clock::time_point sent = Clock::now();
 
@@ -283,17 +315,26 @@ bool RangeClient::exchange(Connection& connection, const std::string& head, uint
   result->reason = answer.reason;
   result->headers = answer.headers;
   result->content_length = answer.content_length;
-  const char* body = buffer.data() + outcome.head_bytes;
   size_t early = have - outcome.head_bytes;  // body bytes that came with the head
 
+  if (answer.status >= 200 && answer.status <= 299 && body.document != nullptr) {
+    if (answer.status == 204) return answer.keep_alive && early == 0;
+    BodyRead read = read_framed_body(connection, answer, buffer, outcome.head_bytes, have,
+                                     body.document_max, body.document_max, body.document);
+    if (read.failure != FetchFailure::None) throw TransportError(read.failure, read.problem);
+    result->bytes_received = body.document->size();
+    return answer.keep_alive;
+  }
   if (answer.status >= 200 && answer.status <= 299) {
-    BodyCheck check = check_range_answer(answer, first_byte, length);
+    const size_t length = body.length;
+    BodyCheck check = check_range_answer(answer, body.first_byte, length);
     result->total_size = check.total_size;
     if (check.failure != FetchFailure::None) throw TransportError(check.failure, check.problem);
     if (early > length) {
       throw TransportError(FetchFailure::Malformed, "the server sent more than its Content-Length");
     }
-    std::memcpy(dst, body, early);
+    uint8_t* dst = body.dst;
+    std::memcpy(dst, buffer.data() + outcome.head_bytes, early);
     result->bytes_received = early;
     while (result->bytes_received < length) {
       size_t got =
@@ -313,8 +354,9 @@ bool RangeClient::exchange(Connection& connection, const std::string& head, uint
   // connection when the body is short and framed.
   if (answer.status == 204 || answer.status == 304) return answer.keep_alive && early == 0;
   try {
-    return read_error_body(connection, answer, buffer, outcome.head_bytes, have, result) &&
-           answer.keep_alive;
+    BodyRead read = read_framed_body(connection, answer, buffer, outcome.head_bytes, have,
+                                     kMaxDrainedErrorBytes, kErrorBodyBytes, &result->error_body);
+    return read.failure == FetchFailure::None && answer.keep_alive;
   } catch (const TransportError&) {
     // The status and headers are the answer; its body is only for people: drop the connection.
     connection.mark_broken();

@@ -9,11 +9,11 @@
 // of that answer arrived and a GET may be sent again.
 //
 // Why a narrow reader over the process's OpenSSL, not libcurl (as KvikIO does) or a bundled TLS:
-// a range GET needs a small part of HTTP/1.1 (no redirects, cookies, compression or chunked
-// bodies), which is a few hundred lines that read the body with recv / SSL_read directly into the
-// destination (libcurl hands bodies to a write callback: one more copy, and libcurl is no
-// manylinux dependency); and TLS comes from the OpenSSL the interpreter already loaded (see
-// csrc/shim/openssl.hpp), so the wheel links and ships no crypto.
+// a range GET needs a small part of HTTP/1.1 (no redirects, cookies, compression, and chunked
+// bodies only for error answers and listings), which is a few hundred lines that read the body with
+// recv / SSL_read directly into the destination (libcurl hands bodies to a write callback: one more
+// copy, and libcurl is no manylinux dependency); and TLS comes from the OpenSSL the interpreter
+// already loaded (see csrc/shim/openssl.hpp), so the wheel links and ships no crypto.
 #pragma once
 
 #include <atomic>
@@ -58,6 +58,13 @@ class RangeClient {
   RangeResult get_into(const std::string& target, const HeaderList& headers, uint8_t* dst,
                        size_t length, std::optional<uint64_t> first_byte);
 
+  // GET `target` with `headers` for a small document (a container's listing: XML the control
+  // plane parses), its 2xx body, framed by Content-Length or chunked and at most max_bytes, read
+  // into *document (left empty for any other outcome; a longer body is Malformed). Blocks and
+  // throws as get_into() does.
+  RangeResult get_document(const std::string& target, const HeaderList& headers, size_t max_bytes,
+                           std::string* document);
+
   // Breaks every request in flight (each returns Cancelled at once) and closes the idle
   // connections; later requests return Cancelled too. Safe from any thread, more than once.
   void close();
@@ -74,11 +81,23 @@ class RangeClient {
   std::unique_ptr<Connection> checkout(bool fresh, bool* reused, int* proxy_status);
   void checkin(std::unique_ptr<Connection> connection);
   std::string request_head(const std::string& target, const HeaderList& headers) const;
+  // Where a 2xx answer's body goes: dst[0, length) for a range (checked against first_byte), or
+  // *document (at most document_max bytes) when document is set.
+  struct Body {
+    uint8_t* dst;
+    size_t length;
+    std::optional<uint64_t> first_byte;
+    std::string* document;
+    size_t document_max;
+  };
+  // Sends `head` on a connection (a kept-alive one replaced once, as get_into() says) and reads
+  // the answer; every outcome is in the result.
+  RangeResult send(const std::string& head, const Body& body);
   // One request and its answer on `connection`; returns whether the connection may be kept.
   // Fills *result as it goes; *answered once a byte of the answer arrived. Throws
   // TransportError.
-  bool exchange(Connection& connection, const std::string& head, uint8_t* dst, size_t length,
-                std::optional<uint64_t> first_byte, RangeResult* result, bool* answered);
+  bool exchange(Connection& connection, const std::string& head, const Body& body,
+                RangeResult* result, bool* answered);
 
   ConnectTarget target_;
   std::unique_ptr<TlsContext> tls_;  // null for plain HTTP

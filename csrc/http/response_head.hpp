@@ -6,9 +6,9 @@
 // Strict means: CRLF line ends only; "HTTP/1.0" or "HTTP/1.1" and a three-digit status; header
 // names are tokens followed directly by ':'; no obsolete line folding; no control characters in
 // values; Content-Length is digits, and every copy of it agrees; Transfer-Encoding together with
-// Content-Length is refused (the request-smuggling ambiguity). Chunked bodies are not read: range
-// bodies from Blob Storage always carry a Content-Length, so a chunked 2xx is Malformed,
-// and a chunked error answer is reported without its body.
+// Content-Length is refused (the request-smuggling ambiguity). A range body is never chunked: range
+// bodies from Blob Storage always carry a Content-Length, so a chunked range answer is Malformed;
+// chunked error answers and listings are decoded by csrc/http/chunked_body.*.
 #pragma once
 
 #include <cstddef>

@@ -20,14 +20,18 @@ using Millis = std::chrono::milliseconds;
 // How a transfer failed, for the reader to turn into its RangeResult. Internal to csrc/http/.
 class TransportError : public std::exception {
  public:
-  TransportError(FetchFailure kind, std::string detail) : kind_(kind), detail_(std::move(detail)) {}
+  // at_proxy: it happened reaching the forward proxy or in its tunnel, not at the server.
+  TransportError(FetchFailure kind, std::string detail, bool at_proxy = false)
+      : kind_(kind), detail_(std::move(detail)), at_proxy_(at_proxy) {}
   FetchFailure kind() const { return kind_; }
   const std::string& detail() const { return detail_; }
+  bool at_proxy() const { return at_proxy_; }
   const char* what() const noexcept override { return detail_.c_str(); }
 
  private:
   FetchFailure kind_;
   std::string detail_;
+  bool at_proxy_;
 };
 
 // An eventfd that, once fired, wakes every wait that watches it, and every later one: a client's

@@ -305,10 +305,10 @@ class Settings:
     native_http: bool = setting(
         "storage",
         True,
-        "Read the ranges of a Blob load with the core's HTTP/1.1 reader (TLS from the process's "
-        "OpenSSL) straight into memory, without the GIL. false: through azure-storage-blob on "
-        "Python threads (to debug, or where the process has no libssl). Listing and small files "
-        "always use azure-storage-blob.",
+        "Read a Blob load's listing, index, manifest and ranges with the core's HTTP/1.1 reader "
+        "(TLS from the process's OpenSSL) straight into memory, without the GIL. false: through "
+        "azure-storage-blob on Python threads (to debug, or where the process has no libssl). "
+        "fetch_aux and publishing always use azure-storage-blob.",
     )
     on_blob_change: str = setting(
         "storage",

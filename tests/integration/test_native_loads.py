@@ -6,7 +6,9 @@ failed signature reaches no log, message or exception with the signature in it."
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,7 +22,7 @@ from blob2gpu.settings import resolve
 from blob2gpu.sources.azure.container import open_container
 from blob2gpu.sources.azure.location import parse_blob_uri
 from blob2gpu.sources.azure.native_clients import NativeRanges, RangeClients
-from blob2gpu.sources.azure.native_requests import RangeRequestSigner, range_endpoint
+from blob2gpu.sources.azure.native_requests import RequestSigner, range_endpoint
 from blob2gpu.sources.azure.range_reader import BlobRangeReader
 from blob2gpu.sources.plan import ShardRef
 from conftest import checkpoint_bytes as expected
@@ -36,9 +38,16 @@ def checkpoint(tmp_path_factory):
     from safetensors.torch import save_file
 
     directory = tmp_path_factory.mktemp("ckpt")
+    weight_map = {}
     for s in range(2):
         tensors = {f"s{s}.w{i}": random_tensor(torch.float32, (512, 256), s + i) for i in range(3)}
-        save_file(tensors, str(directory / f"model-{s + 1:05d}-of-00002.safetensors"))
+        name = f"model-{s + 1:05d}-of-00002.safetensors"
+        save_file(tensors, str(directory / name))
+        weight_map.update(dict.fromkeys(tensors, name))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (directory / "config.json").write_text("{}")
+    (directory / "tokenizer").mkdir()  # a folder beside the shards: the listing leaves it out
+    (directory / "tokenizer" / "vocab.txt").write_text("a b c")
     return directory
 
 
@@ -91,6 +100,55 @@ def test_a_loads_ranges_are_read_without_a_return_to_python_per_socket_read(chec
     assert reads > 0
 
 
+def socket_reads_in_python(uri: str, **settings: Any) -> tuple[dict[str, bytes], int]:
+    """Load `uri` to the CPU; returns (its tensors' bytes, how many socket reads any thread of
+    this process made in Python: the listing's and the index's included)."""
+    count = [0]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_return" and getattr(arg, "__name__", "") in ("recv_into", "read", "recv"):
+            if type(getattr(arg, "__self__", None)).__name__ in ("socket", "_SSLSocket"):
+                count[0] += 1
+
+    threading.setprofile(profile)
+    sys.setprofile(profile)
+    try:
+        got, _ = load_with_report(uri, "cpu", **settings)
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)  # type: ignore[arg-type]
+    return got, count[0]
+
+
+def test_a_load_reads_its_listing_and_index_in_the_core_too(checkpoint, served):
+    # The listing's pages and the index come back whole from the core, one return each: a
+    # load in a busy process waits for no socket read of azure-storage-blob's.
+    got, reads = socket_reads_in_python(served)
+    assert got == expected(checkpoint)
+    assert reads == 0
+    got, reads = socket_reads_in_python(served, native_http=False)
+    assert got == expected(checkpoint)
+    assert reads > 0
+
+
+@pytest.mark.parametrize("page_entries", [1000, 2])
+def test_the_core_lists_what_the_sdk_lists(checkpoint, served, monkeypatch, page_entries):
+    from blob2gpu.sources.azure import listing
+
+    monkeypatch.setattr(listing, "LIST_PAGE_ENTRIES", page_entries)  # 2: several pages
+    listed = {}
+    for native in (True, False):
+        settings = resolve({"native_http": native})
+        with open_container(served, settings) as container:
+            assert (container.native is not None) == native
+            listed[native] = container.list_checkpoint()
+    assert listed[True] == listed[False]
+    names = sorted(a.name.rsplit("/", 1)[-1] for a in listed[True].aux_blobs)
+    assert names == ["config.json", "model.safetensors.index.json"]
+    assert listed[True].plan.weight_map is not None
+    assert all(len(s.etag) > 2 and s.size > 0 for s in listed[True].plan.shards)
+
+
 # -- bearer tokens ------------------------------------------------------------------------------
 class _Credential:
     """A token credential handing out tokens of `lifetime` seconds from `clock`; `info`: it
@@ -114,7 +172,7 @@ class _Credential:
         return AccessTokenInfo(token.token, token.expires_on, refresh_on=refresh_on)
 
 
-def _bearer(signer: RangeRequestSigner) -> str:
+def _bearer(signer: RequestSigner) -> str:
     _, headers = signer.range_get("b", 0, 1, None)
     return dict(headers)["Authorization"]
 
@@ -124,7 +182,7 @@ def test_a_bearer_token_is_renewed_five_minutes_before_it_expires(info):
     clock = [1_000_000.0]
     credential = _Credential(clock, lifetime=3600, info=info)
     where = parse_blob_uri("https://acct.blob.core.windows.net/c/m")
-    signer = RangeRequestSigner(where, credential, clock=lambda: clock[0])
+    signer = RequestSigner(where, credential, clock=lambda: clock[0])
     threads = [threading.Thread(target=_bearer, args=(signer,)) for _ in range(8)]
     for thread in threads:
         thread.start()
@@ -141,7 +199,7 @@ def test_a_bearer_token_is_renewed_at_its_refresh_on():
     clock = [1_000_000.0]
     credential = _Credential(clock, lifetime=24 * 3600, info=True, refresh_in=3600)
     where = parse_blob_uri("https://acct.blob.core.windows.net/c/m")
-    signer = RangeRequestSigner(where, credential, clock=lambda: clock[0])
+    signer = RequestSigner(where, credential, clock=lambda: clock[0])
     assert _bearer(signer) == "Bearer token-1"
     clock[0] += 3599
     assert _bearer(signer) == "Bearer token-1"
@@ -152,7 +210,7 @@ def test_a_bearer_token_is_renewed_at_its_refresh_on():
 def test_a_bearer_token_never_goes_to_the_native_reader_over_plain_http():
     where = parse_blob_uri("http://127.0.0.1:10000/devstoreaccount1/c/m")
     endpoint = range_endpoint(where, {})
-    signer = RangeRequestSigner(where, _Credential([0.0], 3600, info=False), endpoint.base_path)
+    signer = RequestSigner(where, _Credential([0.0], 3600, info=False), endpoint.base_path)
     with pytest.raises(errors.InvalidArgument, match="bearer token over plain HTTP"):
         NativeRanges(signer, RangeClients(endpoint, 1.0, 1.0, 1), owned=True)
 

@@ -26,7 +26,7 @@ from blob2gpu.sources.azure.native_requests import (
     RangeEndpoint,
     RangeHttpError,
     RangeMismatch,
-    RangeRequestSigner,
+    RequestSigner,
     range_endpoint,
     range_failure,
 )
@@ -86,13 +86,13 @@ def open_client(
     return _core.RangeClient(**kwargs), endpoint
 
 
-def signed(server: Azurite, credential: object, endpoint: RangeEndpoint) -> RangeRequestSigner:
-    return RangeRequestSigner(location(server), credential, endpoint.base_path)
+def signed(server: Azurite, credential: object, endpoint: RangeEndpoint) -> RequestSigner:
+    return RequestSigner(location(server), credential, endpoint.base_path)
 
 
 def get(
     client: _core.RangeClient,
-    signer: RangeRequestSigner,
+    signer: RequestSigner,
     start: int,
     end: int,
     etag: str | None,
@@ -524,6 +524,72 @@ def test_an_error_answer_is_read_whole_and_its_connection_kept(framing):
         result = client.get_into("/b", [], buffer, first_byte=10)
         assert result.ok and buffer == b"abcd" and result.reused_connection
         assert client.connections_opened == 1 == s.connections
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_a_document_is_read_whole_and_its_connection_kept(framing):
+    page = b"<EnumerationResults>" + b"x" * 40_000 + b"</EnumerationResults>"
+    if framing == "chunked":  # as the service sends listings: in several chunks
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (page[:7], page[7:]))
+        answer = _answer("200 OK", CHUNKED, framed + b"0\r\n\r\n")
+    else:
+        answer = _answer("200 OK", {"Content-Length": str(len(page))}, page)
+    with _ScriptedServer([answer, answer], delay=0.2) as server:  # answered by a Python thread
+        client = _core.RangeClient("127.0.0.1", server.port, read_timeout=10.0)
+        for reused in (False, True):
+            result, body = client.get_document("/c?comp=list", [], 1 << 20)
+            assert result.ok and body == page, result.detail
+            assert result.bytes_received == len(page) and result.reused_connection == reused
+        assert client.connections_opened == 1
+
+
+DOCUMENT_ANSWERS = {  # the request allows 16 bytes
+    "over-the-limit": (_answer("200 OK", {"Content-Length": "17"}, b"x" * 17), F.MALFORMED),
+    "chunked-over-the-limit": (
+        _answer("200 OK", CHUNKED, b"11\r\n" + b"x" * 17 + b"\r\n0\r\n\r\n"),
+        F.MALFORMED,
+    ),
+    "until-close": (_answer("200 OK", {}, b"abc"), F.MALFORMED),
+    "cut-short": (_answer("200 OK", {"Content-Length": "10"}, b"abc"), F.RESET),
+    "chunked-cut-short": (_answer("200 OK", CHUNKED, b"a\r\nabc"), F.RESET),
+    "bad-chunk": (_answer("200 OK", CHUNKED, b"zz\r\nabc"), F.MALFORMED),
+}
+
+
+@pytest.mark.parametrize(("answer", "failure"), DOCUMENT_ANSWERS.values(), ids=DOCUMENT_ANSWERS)
+def test_a_document_too_long_unframed_or_cut_short_is_typed_and_empty(answer, failure):
+    with _ScriptedServer([answer], close_after=True) as server:
+        client = _core.RangeClient("127.0.0.1", server.port, read_timeout=5.0)
+        result, body = client.get_document("/c", [], 16)
+        assert result.failure == failure, result.detail
+        assert body == b"" and not result.ok and client.idle_connections == 0
+
+
+def test_a_document_refused_is_its_status_and_error_body():
+    error = b"<Error><Code>ContainerNotFound</Code></Error>"
+    headers = {"Content-Length": str(len(error)), "x-ms-error-code": "ContainerNotFound"}
+    refused = _answer("404 The specified container does not exist.", headers, error)
+    with _ScriptedServer([refused]) as s:
+        client = _core.RangeClient("127.0.0.1", s.port, read_timeout=5.0)
+        result, body = client.get_document("/c", [], 1 << 20)
+        assert (result.failure, result.status, body) == (F.NONE, 404, b"")
+        assert result.error_body == error and client.idle_connections == 1
+        with pytest.raises(errors.InvalidArgument):
+            client.get_document("/c", [], 0)
+
+
+def test_an_unreachable_proxy_is_a_failure_at_the_proxy(free_port):
+    client = _core.RangeClient(
+        "example.invalid", 80, proxy_host="127.0.0.1", proxy_port=free_port, read_timeout=5.0
+    )
+    result = client.get_into("/b", [], bytearray(4))
+    assert (result.failure, result.at_proxy) == (F.CONNECT_REFUSED, True)
+    error = range_failure(result)
+    assert failures.proxy_problem(error) is not None  # the proxy, not the account, failed
+    direct = _core.RangeClient("127.0.0.1", free_port, read_timeout=5.0)
+    result = direct.get_into("/b", [], bytearray(4))
+    assert (result.failure, result.at_proxy) == (F.CONNECT_REFUSED, False)
+    assert failures.proxy_problem(range_failure(result)) is None
 
 
 def test_interim_answers_are_skipped():

@@ -36,7 +36,8 @@ from blob2gpu.sources.azure.location import BlobLocation, parse_blob_uri
 from blob2gpu.sources.azure.native_clients import NativeRanges, RangeClients
 from blob2gpu.sources.azure.native_requests import (
     RangeEndpoint,
-    RangeRequestSigner,
+    RangeMismatch,
+    RequestSigner,
     range_endpoint,
 )
 from blob2gpu.sources.azure.retry import RetryPolicy
@@ -108,7 +109,37 @@ class BlobContainer:
 
     def list_checkpoint(self) -> BlobListing:
         """Resolve the URI to its shards (see listing.list_checkpoint)."""
-        return list_checkpoint(self.client, self.location, self.retry)
+        return list_checkpoint(self)
+
+    def read_small_blob(self, name: str, etag: str | None, size: int) -> bytes:
+        """The whole of blob `name` (an index, a manifest) as listed: `size` bytes, at version
+        `etag` when given, through the retry policy; the core reads them with native_http on.
+        Raises the typed storage error of a failed read, BlobChanged when the blob is not the
+        listed one any more."""
+        what = f"reading {self.location.describe(name)}"
+        if size == 0:
+            return b""
+        if self.native is not None:
+            native = self.native
+
+            def read() -> bytes:  # signed at each attempt: a fresh date, a token not expired
+                try:
+                    return native.get_range(*native.signer.range_get(name, 0, size, etag), size)
+                except RangeMismatch as e:
+                    raise BlobChanged(
+                        f"{self.location.describe(name)} changed since it was listed ({size} "
+                        f"bytes then, {e.total_size if e.total_size >= 0 else '?'} now); "
+                        "try again"
+                    ) from None
+
+            return self.retry.run(read, what, name)
+        options = {"etag": etag, "match_condition": if_unchanged()} if etag else {}
+        data: bytes = self.retry.run(
+            lambda: self.client.get_blob_client(name).download_blob(**options).readall(),
+            what,
+            name,
+        )
+        return data
 
     def read_manifest(self, listing: BlobListing) -> Manifest | None:
         """The checkpoint's blob2gpu.manifest.json, or None when it has none. Raises
@@ -121,11 +152,7 @@ class BlobContainer:
                 f"manifest {self.location.describe(name)} is {listing.manifest_bytes} bytes, more "
                 f"than a manifest holds ({MANIFEST_MAX_BYTES >> 20} MiB): it is not one"
             )
-        data = self.retry.run(
-            lambda: self.client.get_blob_client(name).download_blob().readall(),
-            f"reading {self.location.describe(name)}",
-            name,
-        )
+        data = self.read_small_blob(name, None, listing.manifest_bytes)
         return Manifest.from_json(data, self.location.describe(name))
 
     def fetch_aux(self, dest: str | os.PathLike[str], verify: str = "auto") -> list[Path]:
@@ -326,7 +353,7 @@ def open_container(
             if sessions is not None
             else RangeClients(endpoint, *timeouts, connections)
         )
-        signer = RangeRequestSigner(location, chosen, endpoint.base_path)
+        signer = RequestSigner(location, chosen, endpoint.base_path)
         native = NativeRanges(signer, clients, owned=sessions is None)
     return BlobContainer(
         location=location, client=client, retry=retry, credential_source=how, native=native

@@ -221,13 +221,13 @@ def _said(error: BaseException) -> str:
 ARCHIVE_ERROR_CODES = ("BlobArchived", "BlobBeingRehydrated")
 
 
-def archived_reason(blob: Any) -> str | None:
-    """Why the service refuses a listed blob's bytes (its access tier), or None when it serves
-    them. A blob being rehydrated stays in the Archive tier until rehydration completes."""
-    if str(getattr(blob, "blob_tier", None) or "").lower() != "archive":
+def archived_reason(tier: str | None, archive_status: str | None) -> str | None:
+    """Why the service refuses a listed blob's bytes (its access tier, its archive status), or
+    None when it serves them. A blob being rehydrated stays in the Archive tier until
+    rehydration completes."""
+    if str(tier or "").lower() != "archive":
         return None
-    status = getattr(blob, "archive_status", None)
-    return f"being rehydrated ({status})" if status else "in the Archive tier"
+    return f"being rehydrated ({archive_status})" if archive_status else "in the Archive tier"
 
 
 def archived_error(

@@ -1,12 +1,20 @@
 """What a Blob URI resolves to: one level of the container listed, the shards chosen (by the
 index when there is one), each pinned to the etag and size seen here, and the other files beside
-them (config, tokenizer, the manifest)."""
+them (config, tokenizer, the manifest).
+
+With native_http on (the default) the listing's pages and the index are read by the core's
+RangeClient without the GIL (Python signs the requests and parses the XML, one call each);
+with it off, by azure-storage-blob. Both give the same ListedBlobs."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import posixpath
+import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from blob2gpu.documents import INDEX_MAX_BYTES, clip, parse_json
 from blob2gpu.errors import BlobNotFound, InvalidIndex, SourceUnavailable
@@ -20,10 +28,24 @@ from blob2gpu.sources.plan import (
 )
 
 if TYPE_CHECKING:
-    from blob2gpu.sources.azure.retry import RetryPolicy
+    from blob2gpu.sources.azure.container import BlobContainer
+    from blob2gpu.sources.azure.native_clients import NativeRanges
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "blob2gpu.manifest.json"
+LIST_PAGE_ENTRIES = 1000  # entries asked for per page of the listing
+LIST_PAGE_MAX_BYTES = 8 << 20  # a page of LIST_PAGE_ENTRIES is ~1 MiB of XML; more is refused
+
+
+@dataclass(frozen=True)
+class ListedBlob:
+    """One blob of a listed level, as the service described it."""
+
+    name: str  # the blob's full name
+    size: int
+    etag: str
+    content_md5: bytes | None  # the 16 bytes of its Content-MD5, when it has one
+    archived: str | None  # why the service refuses its bytes now (failures.archived_reason)
 
 
 @dataclass(frozen=True)
@@ -46,12 +68,11 @@ class BlobListing:
     manifest_bytes: int = 0  # its size as listed
 
 
-def list_checkpoint(
-    container_client: Any, location: BlobLocation, retry: RetryPolicy
-) -> BlobListing:
-    """List the checkpoint at `location`; every request goes through `retry`. Raises
-    BlobNotFound, AccessDenied, InvalidIndex, SourceUnavailable (naming the missing shard) or
-    StorageUnavailable."""
+def list_checkpoint(container: BlobContainer) -> BlobListing:
+    """List the checkpoint at the container's location; every request goes through its retry
+    policy. Raises BlobNotFound, AccessDenied, InvalidIndex, SourceUnavailable (naming the
+    missing shard) or StorageUnavailable."""
+    location, retry = container.location, container.retry
     path = location.path.rstrip("/")
     if path.endswith(".safetensors") or path.endswith(".index.json"):
         directory = posixpath.dirname(path)
@@ -60,7 +81,7 @@ def list_checkpoint(
     by_name = {
         b.name: b
         for b in retry.run(
-            lambda: _list_level(container_client, f"{directory}/" if directory else None),
+            lambda: _list_level(container, f"{directory}/" if directory else None),
             f"listing {location.describe()}",
             None,
         )
@@ -75,7 +96,7 @@ def list_checkpoint(
         if path.endswith(".index.json") and index not in by_name:
             raise BlobNotFound(f"{location.describe(index)} does not exist")
         if index in by_name:
-            weight_map = _read_index(container_client, location, retry, by_name[index])
+            weight_map = _read_index(container, by_name[index])
             shard_names = _indexed_shards(location, directory, index, weight_map, by_name)
         else:
             shard_names = sorted(n for n in by_name if n.endswith(".safetensors"))
@@ -87,7 +108,7 @@ def list_checkpoint(
                 )
     weights = set(shard_names)
     aux = [
-        AuxBlob(n, int(b.size), b.etag, archived_reason(b))
+        AuxBlob(n, b.size, b.etag, b.archived)
         for n, b in by_name.items()
         if n not in weights and not n.endswith(".safetensors") and not is_other_weight_file(n)
     ]
@@ -102,60 +123,138 @@ def list_checkpoint(
         plan=plan,
         aux_blobs=aux,
         manifest_blob=manifest_name if manifest is not None else None,
-        manifest_bytes=int(manifest.size) if manifest is not None else 0,
+        manifest_bytes=manifest.size if manifest is not None else 0,
     )
 
 
-def _list_level(container_client: Any, prefix: str | None) -> list[Any]:
-    """The blobs directly under `prefix` (the SDK's BlobProperties), folders left out.
+def _list_level(container: BlobContainer, prefix: str | None) -> list[ListedBlob]:
+    """The blobs directly under `prefix`, folders left out.
 
     One level only: a checkpoint's shards, index and aux files sit side by side, and a container
     (or a prefix holding other runs' folders) may hold far more blobs below."""
+    if container.native is not None:
+        blobs, folders = _list_level_native(container.native, prefix)
+    else:
+        blobs, folders = _list_level_sdk(container.client, prefix)
+    # A hierarchical-namespace account (ADLS Gen2) lists each folder as an empty blob too.
+    return [b for b in blobs if not (b.size == 0 and b.name in folders)]
+
+
+def _list_level_native(
+    native: NativeRanges, prefix: str | None
+) -> tuple[list[ListedBlob], set[str]]:
+    """(blobs, folder names without their '/') of one level, page by page through the core."""
+    blobs: list[ListedBlob] = []
+    folders: set[str] = set()
+    marker: str | None = None
+    while True:
+        target, headers = native.signer.list_get(prefix, marker, LIST_PAGE_ENTRIES)
+        page = native.get_document(target, headers, LIST_PAGE_MAX_BYTES)
+        marker = parse_list_page(page, blobs, folders)
+        if not marker:
+            return blobs, folders
+
+
+def parse_list_page(page: bytes, blobs: list[ListedBlob], folders: set[str]) -> str | None:
+    """Add the blobs and folders of one page of List Blobs' XML to `blobs` and `folders`;
+    returns the marker of the next page (None: this was the last). Raises ConnectionError (a
+    transient failure: the answer was cut or garbled on its way) for a page that is not the
+    service's listing."""
+    if b"<!DOCTYPE" in page or b"<!ENTITY" in page:  # the service declares none: no expansion
+        raise ConnectionError("the listing declares a DTD, which the service never sends")
+    try:
+        root = ElementTree.fromstring(page)
+    except ElementTree.ParseError as e:
+        raise ConnectionError(f"the listing is not well-formed XML ({e})") from None
+    entries = root.find("Blobs")
+    if root.tag != "EnumerationResults" or entries is None:
+        raise ConnectionError(f"the listing is not List Blobs' XML (a <{clip(root.tag)}>)")
+    for entry in entries:
+        name = _entry_name(entry)
+        if entry.tag == "BlobPrefix":
+            folders.add(name.rstrip("/"))
+        elif entry.tag == "Blob":
+            blobs.append(_listed_blob(name, entry.find("Properties")))
+    return root.findtext("NextMarker") or None
+
+
+def _entry_name(entry: ElementTree.Element) -> str:
+    """An entry's name, percent-decoded when the service encoded it (a name holding characters
+    XML 1.0 cannot carry)."""
+    element = entry.find("Name")
+    if element is None or not element.text:
+        raise ConnectionError("the listing has an entry without a name")
+    text = element.text
+    return unquote(text) if element.get("Encoded") == "true" else text
+
+
+def _listed_blob(name: str, properties: ElementTree.Element | None) -> ListedBlob:
+    """The ListedBlob of a <Blob> whose <Properties> are `properties`."""
+    size = properties.findtext("Content-Length") if properties is not None else None
+    etag = properties.findtext("Etag") if properties is not None else None
+    if properties is None or not etag or size is None or not size.isascii() or not size.isdigit():
+        raise ConnectionError(f"the listing's blob '{clip(name)}' has no size or etag")
+    md5_text = properties.findtext("Content-MD5")
+    try:
+        md5 = base64.b64decode(md5_text, validate=True) if md5_text else None
+    except (binascii.Error, ValueError):
+        md5 = None  # as the SDK's: a Content-MD5 that is not base64 is no checksum
+    return ListedBlob(
+        name=name,
+        size=int(size),
+        etag=etag,
+        content_md5=md5 if md5 is not None and len(md5) == 16 else None,
+        archived=archived_reason(
+            properties.findtext("AccessTier"), properties.findtext("ArchiveStatus")
+        ),
+    )
+
+
+def _list_level_sdk(container_client: Any, prefix: str | None) -> tuple[list[ListedBlob], set[str]]:
+    """(blobs, folder names without their '/') of one level, through azure-storage-blob."""
     from azure.storage.blob import BlobPrefix
 
-    listed = list(container_client.walk_blobs(name_starts_with=prefix, delimiter="/"))
-    folders = {b.name.rstrip("/") for b in listed if isinstance(b, BlobPrefix)}
-    # A hierarchical-namespace account (ADLS Gen2) lists each folder as an empty blob too.
-    return [
-        b
-        for b in listed
-        if not isinstance(b, BlobPrefix) and not (b.size == 0 and b.name in folders)
-    ]
+    blobs: list[ListedBlob] = []
+    folders: set[str] = set()
+    for item in container_client.walk_blobs(name_starts_with=prefix, delimiter="/"):
+        if isinstance(item, BlobPrefix):
+            folders.add(item.name.rstrip("/"))
+            continue
+        md5 = getattr(item.content_settings, "content_md5", None)
+        blobs.append(
+            ListedBlob(
+                name=item.name,
+                size=int(item.size),
+                etag=item.etag,
+                content_md5=bytes(md5) if md5 and len(md5) == 16 else None,
+                archived=archived_reason(item.blob_tier, getattr(item, "archive_status", None)),
+            )
+        )
+    return blobs, folders
 
 
-def _shard_ref(blob: Any) -> ShardRef:
+def _shard_ref(blob: ListedBlob) -> ShardRef:
     """The ShardRef of a listed blob: its size and etag as listed, its MD5 when it has one."""
-    md5 = getattr(blob.content_settings, "content_md5", None)
     return ShardRef(
         name=posixpath.basename(blob.name),
         path=blob.name,
-        size=int(blob.size),
+        size=blob.size,
         etag=blob.etag,
-        content_md5=bytes(md5) if md5 and len(md5) == 16 else None,
-        archived=archived_reason(blob),
+        content_md5=blob.content_md5,
+        archived=blob.archived,
     )
 
 
-def _read_index(
-    container_client: Any, location: BlobLocation, retry: RetryPolicy, index: Any
-) -> dict[str, str]:
+def _read_index(container: BlobContainer, index: ListedBlob) -> dict[str, str]:
     """The weight map of the listed index blob `index`, read at its listed version. Raises
     InvalidIndex (also for one larger than documents.INDEX_MAX_BYTES, before it is read), or the
-    typed storage error `retry` raises for a failed read."""
-    if int(index.size) > INDEX_MAX_BYTES:
+    typed storage error the retry policy raises for a failed read."""
+    if index.size > INDEX_MAX_BYTES:
         raise InvalidIndex(
-            f"index '{clip(index.name)}' is {int(index.size)} bytes, more than an index holds "
+            f"index '{clip(index.name)}' is {index.size} bytes, more than an index holds "
             f"({INDEX_MAX_BYTES >> 20} MiB): it is not one"
         )
-    raw = retry.run(
-        lambda: (
-            container_client.get_blob_client(index.name)
-            .download_blob(etag=index.etag, match_condition=if_unchanged())
-            .readall()
-        ),
-        f"reading {location.describe(index.name)}",
-        index.name,
-    )
+    raw = container.read_small_blob(index.name, index.etag, index.size)
     return _parse_index(raw, index.name)
 
 
@@ -164,7 +263,7 @@ def _indexed_shards(
     directory: str,
     index: str,
     weight_map: dict[str, str],
-    by_name: dict[str, Any],
+    by_name: dict[str, ListedBlob],
 ) -> list[str]:
     """The blob names of the shards the index names, in file-name order. Raises
     SourceUnavailable naming a shard the listing does not hold."""

@@ -12,6 +12,7 @@ once (tens of milliseconds of CPU); a load shares one.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -20,8 +21,11 @@ from blob2gpu.errors import InvalidArgument, SourceUnavailable
 from blob2gpu.sources.azure.native_requests import (
     NATIVE_HTTP_OFF,
     RangeEndpoint,
-    RangeRequestSigner,
+    RequestSigner,
+    range_failure,
 )
+
+log = logging.getLogger("blob2gpu")
 
 IDLE_CLIENTS_KEPT = 4  # clients of one endpoint kept for later readers (one per load at a time)
 
@@ -90,13 +94,29 @@ class RangeClients:
             client.close()
 
 
+def log_request(
+    client: _core.RangeClient, target: str, result: _core.RangeResult, error: Exception | None
+) -> None:
+    """Log one request of the core's at DEBUG, as urllib3 logs the SDK's (the target's SAS is
+    redacted by the log filter)."""
+    log.debug(
+        '%s:%d "GET %s HTTP/1.1" %s %d (%s)',
+        client.host,
+        client.port,
+        target,
+        result.status or "-",
+        result.bytes_received,
+        error or "whole",
+    )
+
+
 @dataclass
 class NativeRanges:
     """How a container's ranged GETs go through the core: the signer of its credential and the
     RangeClients of its endpoint (`owned`: the container's own, closed with it; else a Loader's,
     kept across its loads)."""
 
-    signer: RangeRequestSigner
+    signer: RequestSigner
     clients: RangeClients
     owned: bool
 
@@ -106,6 +126,38 @@ class NativeRanges:
                 f"refusing to send a bearer token over plain HTTP to "
                 f"'{self.clients.endpoint.host}': use an https:// URL"
             )
+
+    def get_document(self, target: str, headers: list[tuple[str, str]], max_bytes: int) -> bytes:
+        """The 2xx body of one signed GET of a document (a listing page), at most `max_bytes`,
+        read by the core without the GIL. Raises what native_requests.range_failure() makes of
+        any other answer (RangeHttpError, the connection errors), for the caller's retry to
+        classify."""
+        client = self.clients.lend()
+        try:
+            result, body = client.get_document(target, headers, max_bytes)
+        finally:
+            self.clients.give_back(client)
+        error = range_failure(result)
+        log_request(client, target, result, error)
+        if error is not None:
+            raise error
+        return body
+
+    def get_range(self, target: str, headers: list[tuple[str, str]], size: int) -> bytes:
+        """The `size` bytes of one signed ranged GET that starts at the blob's first byte (a
+        small blob read whole: the index, the manifest). Raises as get_document() does, and
+        RangeMismatch when the answer is not that range (the blob changed)."""
+        data = bytearray(size)
+        client = self.clients.lend()
+        try:
+            result = client.get_into(target, headers, data, first_byte=0)
+        finally:
+            self.clients.give_back(client)
+        error = range_failure(result)
+        log_request(client, target, result, error)
+        if error is not None:
+            raise error
+        return bytes(data)
 
     def close(self) -> None:
         """Close the clients when they are this container's own."""

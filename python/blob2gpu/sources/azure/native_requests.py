@@ -9,11 +9,12 @@ failures.py and retry.py already classify (status_code, x-ms-error-code, Retry-A
 standard library's connection errors), so retries, throttling and error messages stay one
 policy whichever reader fetched.
 
-A load's ranged GETs go this way when the native_http setting is on (its default):
+A load's GETs go this way when the native_http setting is on (its default):
 container.open_container() makes the container's NativeRanges (the signer, and the RangeClients
-of its endpoint: a Loader's, kept across its loads, or the container's own) and
-range_reader.BlobRangeReader reads through them. Listing, the index, the manifest and the
-checkpoint's other files stay on azure-storage-blob.
+of its endpoint: a Loader's, kept across its loads, or the container's own);
+range_reader.BlobRangeReader reads the ranges through them, listing.py the listing's pages
+(get_document) and BlobContainer.read_small_blob the index and the manifest. fetch_aux's files
+and publishing stay on azure-storage-blob.
 """
 
 from __future__ import annotations
@@ -146,9 +147,10 @@ def _environment_proxies(env: Mapping[str, str]) -> dict[str, str]:
     return proxies
 
 
-class RangeRequestSigner:
-    """Makes the signed ranged GETs of one container's blobs: target (path and query) and
-    headers, for RangeClient.get_into(). Safe to share between threads."""
+class RequestSigner:
+    """Makes the signed GETs of one container, target (path and query) and headers, for the
+    core's RangeClient: a blob's ranges (get_into) and a level of the listing (get_document).
+    Safe to share between threads."""
 
     def __init__(
         self,
@@ -207,25 +209,49 @@ class RangeRequestSigner:
         a token."""
         if not 0 <= start < end:
             raise InvalidArgument(f"an empty or negative range [{start}, {end})")
-        path = self.path(blob)
+        return self._signed(self.path(blob), [], etag, f"bytes={start}-{end - 1}")
+
+    def list_get(
+        self, prefix: str | None, marker: str | None, max_results: int
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """(target, headers) of List Blobs of the container: one level ('/' the delimiter)
+        under `prefix`, the page after `marker`, at most `max_results` entries."""
+        query = [("comp", "list"), ("delimiter", "/"), ("maxresults", str(max_results))]
+        query += [("prefix", prefix)] if prefix else []
+        query += [("marker", marker)] if marker else []
+        query.append(("restype", "container"))
+        container = quote(self._location.container, safe="")
+        return self._signed(f"{self._base}/{container}", query, None, None)
+
+    def _signed(
+        self, path: str, query: list[tuple[str, str]], etag: str | None, byte_range: str | None
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """(target, headers) of a GET of `path` with `query` (decoded names and values),
+        signed with the credential."""
         headers = [
             ("x-ms-date", formatdate(self._clock(), usegmt=True)),
             ("x-ms-version", API_VERSION),
-            ("x-ms-range", f"bytes={start}-{end - 1}"),
         ]
+        if byte_range is not None:
+            headers.append(("x-ms-range", byte_range))
         if etag is not None:
             headers.append(("If-Match", etag))
         if self._key is not None:
-            headers.append(("Authorization", self._shared_key(path, headers)))
+            headers.append(("Authorization", self._shared_key(path, query, headers)))
         elif self._token_credential is not None:
             headers.append(("Authorization", f"Bearer {self._bearer_token()}"))
-        target = f"{path}?{self._sas}" if self._sas and self._key is None else path
-        return target, headers
+        parts = [f"{quote(name, safe='')}={quote(value, safe='')}" for name, value in query]
+        if self._sas and self._key is None:
+            parts.insert(0, self._sas)
+        return (f"{path}?{'&'.join(parts)}" if parts else path), headers
 
-    def _shared_key(self, path: str, headers: list[tuple[str, str]]) -> str:
-        """The Shared Key Authorization value of a GET with `headers` and no query (Azure's
-        "Authorize with Shared Key": the standard headers in their fixed order, then the x-ms-
-        headers sorted, then /ACCOUNT/PATH)."""
+    def _shared_key(
+        self, path: str, query: list[tuple[str, str]], headers: list[tuple[str, str]]
+    ) -> str:
+        """The Shared Key Authorization value of a GET of `path` with `query` and `headers`
+        (Azure's "Authorize with Shared Key": the standard headers in their fixed order, then
+        the x-ms- headers sorted, then /ACCOUNT/PATH and the query's parameters, sorted, one
+        line each)."""
         account, key = self._key  # type: ignore[misc]
         named = {name.lower(): value.strip() for name, value in headers}
         standard = [
@@ -245,7 +271,10 @@ class RangeRequestSigner:
         canonical = "".join(
             f"{name}:{value}\n" for name, value in sorted(named.items()) if name.startswith("x-ms-")
         )
-        to_sign = "\n".join(lines) + "\n" + canonical + f"/{account}{path}"
+        resource = f"/{account}{path}" + "".join(
+            f"\n{name.lower()}:{value}" for name, value in sorted(query)
+        )
+        to_sign = "\n".join(lines) + "\n" + canonical + resource
         digest = hmac.new(key, to_sign.encode("utf-8"), hashlib.sha256).digest()
         return f"SharedKey {account}:{base64.b64encode(digest).decode()}"
 
@@ -355,7 +384,8 @@ def range_failure(result: _core.RangeResult) -> Exception | None:
     """None when `result` is the whole range (result.ok); else the exception it amounts to, of
     the types sources.azure.failures classifies: RangeHttpError for an error status (412 when
     the etag no longer matches), RangeMismatch, ssl.SSLCertVerificationError, ProxyError
-    (status_code 407 when the proxy refused its credentials), ConnectionRefusedError,
+    (status_code 407 when the proxy refused its credentials; wrapping the connection error
+    below when the proxy could not be reached), ConnectionRefusedError,
     socket.gaierror, ConnectTimeoutError, TimeoutError, ConnectionResetError, ConnectionError
     (a malformed answer), ConnectionAbortedError (the client was closed)."""
     F = _core.FetchFailure
@@ -386,4 +416,7 @@ def range_failure(result: _core.RangeResult) -> Exception | None:
         F.MALFORMED: ConnectionError,
         F.CANCELLED: ConnectionAbortedError,
     }
-    return simple.get(failure, ConnectionError)(detail)
+    connection = simple.get(failure, ConnectionError)(detail)
+    if result.at_proxy:  # reaching the proxy, or in its tunnel: the proxy is what failed
+        return ProxyError("Unable to connect to proxy", connection)
+    return connection

@@ -6,7 +6,7 @@ only the bytes still missing, after the RetryPolicy's backoff; a permanent one r
 error at once.
 
 The bytes go from the socket into the caller's memoryview. With native_http on (the default) the
-core reads them: Python signs the GET (native_requests.RangeRequestSigner) and the core's
+core reads them: Python signs the GET (native_requests.RequestSigner) and the core's
 RangeClient connects, sends it and reads the whole body without the GIL, reporting a RangeResult
 that range_failure() turns into the exceptions failures.py and retry.py classify; the thread
 takes the GIL back once per range, not once per socket read. With it off, azure-storage-blob
@@ -15,7 +15,6 @@ sends the GET and Python threads read the body (transport.py).
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ from blob2gpu.sources.azure.failures import (
     storage_error,
     throttled_by_bandwidth,
 )
+from blob2gpu.sources.azure.native_clients import log_request
 from blob2gpu.sources.azure.native_requests import RangeMismatch, range_failure
 from blob2gpu.sources.azure.throttle import ThrottleControl
 from blob2gpu.sources.azure.transport import RangeResponse, open_range
@@ -34,8 +34,6 @@ from blob2gpu.sources.plan import ShardRef
 
 if TYPE_CHECKING:
     from blob2gpu.sources.azure.container import BlobContainer
-
-log = logging.getLogger("blob2gpu")
 
 
 class BlobRangeReader:
@@ -206,16 +204,7 @@ class BlobRangeReader:
             self._in_flight -= 1
             self.bytes_read += result.bytes_received
         error = range_failure(result)
-        # As urllib3 logs the SDK's requests (the target's SAS is redacted by the log filter).
-        log.debug(
-            '%s:%d "GET %s HTTP/1.1" %s %d (%s)',
-            client.host,
-            client.port,
-            target,
-            result.status or "-",
-            result.bytes_received,
-            error or "whole",
-        )
+        log_request(client, target, result, error)
         if isinstance(error, RangeMismatch):
             raise self._changed(ref, error.total_size)
         if error is None and result.total_size not in (-1, ref.size):
