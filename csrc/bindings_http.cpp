@@ -100,9 +100,10 @@ void register_http_bindings(py::module_& m) {
       .value("MALFORMED", FetchFailure::Malformed)
       .value("RANGE_MISMATCH", FetchFailure::RangeMismatch);
 
-  py::class_<RangeResult>(m, "RangeResult",
-                          "What one RangeClient.get_into() came to: the answer's status and "
-                          "headers, the body bytes that landed, timings, and a typed failure.")
+  py::class_<RangeResult>(
+      m, "RangeResult",
+      "What one RangeClient.get_into() or get_document() came to: the answer's status and "
+      "headers, the body bytes that landed, timings, and a typed failure.")
       .def_readonly("failure", &RangeResult::failure)
       .def_readonly("detail", &RangeResult::detail)
       .def_readonly("status", &RangeResult::status)
@@ -123,7 +124,8 @@ void register_http_bindings(py::module_& m) {
           [](const RangeResult& r) {
             return r.failure == FetchFailure::None && r.status >= 200 && r.status <= 299;
           },
-          "Whether the whole range landed: an answered 2xx whose body filled the buffer.")
+          "Whether the whole answer landed: an answered 2xx whose body filled the buffer (or, "
+          "for get_document(), was read whole).")
       .def(
           "header",
           [](const RangeResult& r, const std::string& name) -> py::object {

@@ -21,7 +21,7 @@ from blob2gpu import errors
 from blob2gpu.settings import resolve
 from blob2gpu.sources.azure.container import open_container
 from blob2gpu.sources.azure.location import parse_blob_uri
-from blob2gpu.sources.azure.native_clients import NativeRanges, RangeClients
+from blob2gpu.sources.azure.native_clients import NativeHttp, RangeClients
 from blob2gpu.sources.azure.native_requests import RequestSigner, range_endpoint
 from blob2gpu.sources.azure.range_reader import BlobRangeReader
 from blob2gpu.sources.plan import ShardRef
@@ -212,7 +212,7 @@ def test_a_bearer_token_never_goes_to_the_native_reader_over_plain_http():
     endpoint = range_endpoint(where, {})
     signer = RequestSigner(where, _Credential([0.0], 3600, info=False), endpoint.base_path)
     with pytest.raises(errors.InvalidArgument, match="bearer token over plain HTTP"):
-        NativeRanges(signer, RangeClients(endpoint, 1.0, 1.0, 1), owned=True)
+        NativeHttp(signer, RangeClients(endpoint, 1.0, 1.0, 1), owned=True)
 
 
 # -- what a failed signature's answer may quote ---------------------------------------------------
@@ -265,3 +265,69 @@ def test_an_authentication_failure_quoting_the_signature_leaks_it_nowhere(caplog
         texts.append(repr(error.args))
         error = error.__cause__ or error.__context__
     assert not any(signature in text for text in texts)
+
+
+# -- the listing and small blobs, read by the core -----------------------------------------------
+ODD_PREFIX = "odd + name=!é %/"  # each character the query's encoding and Shared Key must agree on
+
+
+def test_a_listing_under_an_odd_prefix_is_signed_and_paged_as_the_sdk_lists_it(
+    checkpoint, served, monkeypatch
+):
+    from azure.storage.blob import ContainerClient
+    from blob2gpu.sources.azure import listing
+
+    uri = served.replace("/native-loads/m", "/native-loads-odd/" + ODD_PREFIX.rstrip("/"))
+    server_uri = served.rsplit("/native-loads/", 1)[0]
+    client = ContainerClient(server_uri, "native-loads-odd", credential=KEY)
+    if not client.exists():
+        client.create_container()
+        for name in ("a.safetensors", "b.safetensors", "c.json"):
+            client.upload_blob(ODD_PREFIX + name, b"{}", overwrite=True)
+    monkeypatch.setattr(listing, "LIST_PAGE_ENTRIES", 1)  # a marker signed on every page
+    listed = {}
+    for native in (True, False):
+        with open_container(uri, resolve({"native_http": native})) as container:
+            listed[native] = container.list_checkpoint()
+    assert listed[True] == listed[False]
+    assert [s.name for s in listed[True].plan.shards] == ["a.safetensors", "b.safetensors"]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "sdk"])
+def test_an_index_overwritten_after_listing_is_blob_changed(checkpoint, served, native):
+    with open_container(served, resolve({"native_http": native})) as container:
+        listed = container.list_checkpoint()
+        index = next(a for a in listed.aux_blobs if a.name.endswith(".index.json"))
+        blob = container.client.get_blob_client(index.name)
+        original = blob.download_blob().readall()
+        blob.upload_blob(original + b" ", overwrite=True)
+        try:
+            with pytest.raises(errors.BlobChanged, match="changed since it was listed"):
+                container.read_small_blob(index.name, index.etag, index.size)
+            with pytest.raises(errors.BlobChanged, match="changed since it was listed"):
+                container.read_small_blob(index.name, None, index.size)  # by its size alone
+        finally:
+            blob.upload_blob(original, overwrite=True)
+
+
+def test_a_garbled_listing_page_is_retried(monkeypatch):
+    from blob2gpu.sources.azure.listing import list_checkpoint
+    from support.scripted_server import ScriptedServer, answer
+
+    page = (
+        b"<EnumerationResults><Blobs><Blob><Name>m/a.safetensors</Name><Properties>"
+        b"<Etag>0x1</Etag><Content-Length>8</Content-Length></Properties></Blob></Blobs>"
+        b"<NextMarker/></EnumerationResults>"
+    )
+    garbled = page[: len(page) // 2]
+    monkeypatch.setenv("AZURE_STORAGE_KEY", ACCOUNT_KEY)
+    answers = [answer("200 OK", {"Content-Length": str(len(p))}, p) for p in (garbled, page)]
+    with ScriptedServer(answers) as server:
+        uri = f"http://127.0.0.1:{server.port}/{ACCOUNT}/c/m/a.safetensors"
+        settings = resolve({"retry_backoff_seconds": 0.01})
+        with open_container(uri, settings) as container:
+            listed = list_checkpoint(container)
+            assert [(s.path, s.size, s.etag) for s in listed.plan.shards] == [
+                ("m/a.safetensors", 8, "0x1")
+            ]
+            assert container.retry.retries == 1

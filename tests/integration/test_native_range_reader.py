@@ -35,6 +35,7 @@ from blob2gpu.sources.feeding import RangeTask, feed_range
 from conftest import random_tensor, reference_bytes
 from support.azurite import ACCOUNT, ACCOUNT_KEY, Azurite
 from support.forward_proxy import ForwardProxy
+from support.scripted_server import ScriptedServer, answer
 
 F = _core.FetchFailure
 KEY = {"account_name": ACCOUNT, "account_key": ACCOUNT_KEY}
@@ -395,94 +396,33 @@ def test_http_through_the_proxy_and_no_proxy_around_it(azurite, blob_http, forwa
 
 
 # -- answers a server should not give (a scripted server) ---------------------------------------
-class _ScriptedServer:
-    """A loopback HTTP server answering the requests of each connection with the next bytes of
-    `answers` (None: close the connection without answering), then keeps the connection open
-    (or closes it: `close_after`); it counts connections."""
-
-    def __init__(
-        self, answers: list[bytes | None], delay: float = 0.0, close_after: bool = False
-    ) -> None:
-        self.answers = deque(answers)
-        self.delay = delay
-        self.close_after = close_after
-        self.connections = 0
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            data = b""
-            while self.answers:
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                data = data.split(b"\r\n\r\n", 1)[1]
-                answer = self.answers.popleft()
-                if answer is None:
-                    return
-                time.sleep(self.delay)
-                try:
-                    conn.sendall(answer)
-                except OSError:
-                    return  # the client gave up on an answer it refused
-            if not self.close_after:
-                try:
-                    conn.recv(1)  # keep the connection open until the client drops it
-                except OSError:
-                    pass
-
-    def __enter__(self) -> _ScriptedServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.close()
-
-
-def _answer(status: str, headers: dict[str, str], body: bytes = b"") -> bytes:
-    head = f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    return head.encode() + b"\r\n" + body
-
-
 PARTIAL = {"Content-Length": "4", "Content-Range": "bytes 10-13/100"}
 CHUNKED = {"Transfer-Encoding": "chunked"}
 BROKEN_ANSWERS = {  # the request asks for bytes 10-13 into a buffer of 4
     "not-http": (b"this is not http\r\n\r\n", F.MALFORMED),
     "bare-lf": (b"HTTP/1.1 206 OK\r\nContent-Length: 4\r\n\nX: y\r\n\r\n", F.MALFORMED),
-    "chunked-and-length": (_answer("206 OK", {**PARTIAL, **CHUNKED}, b"4\r\nabcd"), F.MALFORMED),
-    "chunked": (_answer("206 OK", CHUNKED, b"4\r\nabcd\r\n0\r\n\r\n"), F.MALFORMED),
-    "no-length": (_answer("206 OK", {"Content-Range": "bytes 10-13/100"}, b"abcd"), F.MALFORMED),
+    "chunked-and-length": (answer("206 OK", {**PARTIAL, **CHUNKED}, b"4\r\nabcd"), F.MALFORMED),
+    "chunked": (answer("206 OK", CHUNKED, b"4\r\nabcd\r\n0\r\n\r\n"), F.MALFORMED),
+    "no-length": (answer("206 OK", {"Content-Range": "bytes 10-13/100"}, b"abcd"), F.MALFORMED),
     "other-range": (
-        _answer("206 OK", {"Content-Length": "4", "Content-Range": "bytes 11-14/100"}),
+        answer("206 OK", {"Content-Length": "4", "Content-Range": "bytes 11-14/100"}),
         F.RANGE_MISMATCH,
     ),
     "short-range": (
-        _answer("206 OK", {"Content-Length": "3", "Content-Range": "bytes 10-12/100"}),
+        answer("206 OK", {"Content-Length": "3", "Content-Range": "bytes 10-12/100"}),
         F.RANGE_MISMATCH,
     ),
-    "whole-resource": (_answer("200 OK", {"Content-Length": "100"}), F.RANGE_MISMATCH),
-    "huge-head": (_answer("206 OK", {**PARTIAL, "X-Big": "x" * 70_000}), F.MALFORMED),
-    "lengths-disagree": (_answer("206 OK", {**PARTIAL, "Content-Length": "4, 5"}), F.MALFORMED),
-    "closed-mid-body": (_answer("206 OK", PARTIAL, b"ab"), F.RESET),
+    "whole-resource": (answer("200 OK", {"Content-Length": "100"}), F.RANGE_MISMATCH),
+    "huge-head": (answer("206 OK", {**PARTIAL, "X-Big": "x" * 70_000}), F.MALFORMED),
+    "lengths-disagree": (answer("206 OK", {**PARTIAL, "Content-Length": "4, 5"}), F.MALFORMED),
+    "closed-mid-body": (answer("206 OK", PARTIAL, b"ab"), F.RESET),
     "closed-unanswered": (None, F.RESET),
 }
 
 
-@pytest.mark.parametrize(("answer", "failure"), BROKEN_ANSWERS.values(), ids=BROKEN_ANSWERS)
-def test_answers_that_break_http_or_the_range_are_typed(answer, failure):
-    with _ScriptedServer([answer], close_after=True) as server:
+@pytest.mark.parametrize(("broken", "failure"), BROKEN_ANSWERS.values(), ids=BROKEN_ANSWERS)
+def test_answers_that_break_http_or_the_range_are_typed(broken, failure):
+    with ScriptedServer([broken], close_after=True) as server:
         client = _core.RangeClient("127.0.0.1", server.port, read_timeout=5.0)
         buffer = bytearray(4)
         result = client.get_into("/b", [("x-ms-range", "bytes=10-13")], buffer, first_byte=10)
@@ -491,9 +431,9 @@ def test_answers_that_break_http_or_the_range_are_typed(answer, failure):
 
 
 def test_a_kept_alive_connection_closed_by_the_server_is_replaced_once():
-    ok = _answer("206 OK", PARTIAL, b"abcd")
+    ok = answer("206 OK", PARTIAL, b"abcd")
     # The first connection answers once, then closes as the second request arrives.
-    with _ScriptedServer([ok, None, ok]) as server:
+    with ScriptedServer([ok, None, ok]) as server:
         client = _core.RangeClient("127.0.0.1", server.port, read_timeout=5.0)
         for _ in range(2):
             buffer = bytearray(4)
@@ -514,7 +454,7 @@ def test_an_error_answer_is_read_whole_and_its_connection_kept(framing):
         framed = body
         busy["Content-Length"] = str(len(body))
     reason = "503 Egress is over the account limit."
-    with _ScriptedServer([_answer(reason, busy, framed), _answer("206 OK", PARTIAL, b"abcd")]) as s:
+    with ScriptedServer([answer(reason, busy, framed), answer("206 OK", PARTIAL, b"abcd")]) as s:
         client = _core.RangeClient("127.0.0.1", s.port, read_timeout=5.0)
         result = client.get_into("/b", [], bytearray(4), first_byte=10)
         assert (result.failure, result.status) == (F.NONE, 503) and not result.ok
@@ -531,10 +471,10 @@ def test_a_document_is_read_whole_and_its_connection_kept(framing):
     page = b"<EnumerationResults>" + b"x" * 40_000 + b"</EnumerationResults>"
     if framing == "chunked":  # as the service sends listings: in several chunks
         framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (page[:7], page[7:]))
-        answer = _answer("200 OK", CHUNKED, framed + b"0\r\n\r\n")
+        whole = answer("200 OK", CHUNKED, framed + b"0\r\n\r\n")
     else:
-        answer = _answer("200 OK", {"Content-Length": str(len(page))}, page)
-    with _ScriptedServer([answer, answer], delay=0.2) as server:  # answered by a Python thread
+        whole = answer("200 OK", {"Content-Length": str(len(page))}, page)
+    with ScriptedServer([whole, whole], delay=0.2) as server:  # answered by a Python thread
         client = _core.RangeClient("127.0.0.1", server.port, read_timeout=10.0)
         for reused in (False, True):
             result, body = client.get_document("/c?comp=list", [], 1 << 20)
@@ -544,32 +484,44 @@ def test_a_document_is_read_whole_and_its_connection_kept(framing):
 
 
 DOCUMENT_ANSWERS = {  # the request allows 16 bytes
-    "over-the-limit": (_answer("200 OK", {"Content-Length": "17"}, b"x" * 17), F.MALFORMED),
+    "over-the-limit": (answer("200 OK", {"Content-Length": "17"}, b"x" * 17), F.MALFORMED),
     "chunked-over-the-limit": (
-        _answer("200 OK", CHUNKED, b"11\r\n" + b"x" * 17 + b"\r\n0\r\n\r\n"),
+        answer("200 OK", CHUNKED, b"11\r\n" + b"x" * 17 + b"\r\n0\r\n\r\n"),
         F.MALFORMED,
     ),
-    "until-close": (_answer("200 OK", {}, b"abc"), F.MALFORMED),
-    "cut-short": (_answer("200 OK", {"Content-Length": "10"}, b"abc"), F.RESET),
-    "chunked-cut-short": (_answer("200 OK", CHUNKED, b"a\r\nabc"), F.RESET),
-    "bad-chunk": (_answer("200 OK", CHUNKED, b"zz\r\nabc"), F.MALFORMED),
+    "until-close": (answer("200 OK", {}, b"abc"), F.MALFORMED),
+    "cut-short": (answer("200 OK", {"Content-Length": "10"}, b"abc"), F.RESET),
+    "chunked-cut-short": (answer("200 OK", CHUNKED, b"a\r\nabc"), F.RESET),
+    "bad-chunk": (answer("200 OK", CHUNKED, b"zz\r\nabc"), F.MALFORMED),
+    "bytes-after-the-last-chunk": (
+        answer("200 OK", CHUNKED, b"3\r\nabc\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n"),
+        F.MALFORMED,
+    ),
 }
 
 
-@pytest.mark.parametrize(("answer", "failure"), DOCUMENT_ANSWERS.values(), ids=DOCUMENT_ANSWERS)
-def test_a_document_too_long_unframed_or_cut_short_is_typed_and_empty(answer, failure):
-    with _ScriptedServer([answer], close_after=True) as server:
+@pytest.mark.parametrize(("broken", "failure"), DOCUMENT_ANSWERS.values(), ids=DOCUMENT_ANSWERS)
+def test_a_document_too_long_unframed_or_cut_short_is_typed_and_empty(broken, failure):
+    with ScriptedServer([broken], close_after=True) as server:
         client = _core.RangeClient("127.0.0.1", server.port, read_timeout=5.0)
         result, body = client.get_document("/c", [], 16)
         assert result.failure == failure, result.detail
         assert body == b"" and not result.ok and client.idle_connections == 0
 
 
+def test_a_204_is_an_empty_document_on_a_kept_connection():
+    with ScriptedServer([answer("204 No Content", {})]) as server:
+        client = _core.RangeClient("127.0.0.1", server.port, read_timeout=5.0)
+        result, body = client.get_document("/c", [], 16)
+        assert result.ok and result.status == 204 and body == b""
+        assert client.idle_connections == 1
+
+
 def test_a_document_refused_is_its_status_and_error_body():
     error = b"<Error><Code>ContainerNotFound</Code></Error>"
     headers = {"Content-Length": str(len(error)), "x-ms-error-code": "ContainerNotFound"}
-    refused = _answer("404 The specified container does not exist.", headers, error)
-    with _ScriptedServer([refused]) as s:
+    refused = answer("404 The specified container does not exist.", headers, error)
+    with ScriptedServer([refused]) as s:
         client = _core.RangeClient("127.0.0.1", s.port, read_timeout=5.0)
         result, body = client.get_document("/c", [], 1 << 20)
         assert (result.failure, result.status, body) == (F.NONE, 404, b"")
@@ -593,8 +545,8 @@ def test_an_unreachable_proxy_is_a_failure_at_the_proxy(free_port):
 
 
 def test_interim_answers_are_skipped():
-    answer = b"HTTP/1.1 100 Continue\r\n\r\n" + _answer("206 OK", PARTIAL, b"wxyz")
-    with _ScriptedServer([answer]) as server:
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n" + answer("206 OK", PARTIAL, b"wxyz")
+    with ScriptedServer([interim]) as server:
         buffer = bytearray(4)
         client = _core.RangeClient("127.0.0.1", server.port)
         result = client.get_into("/", [], buffer, first_byte=10)
@@ -604,7 +556,7 @@ def test_interim_answers_are_skipped():
 def test_a_server_in_this_process_answers_while_get_into_waits():
     # The scripted server is a Python thread that needs the GIL to answer: get_into waits for
     # it without the GIL, or it would wait out its read timeout.
-    with _ScriptedServer([_answer("206 OK", PARTIAL, b"abcd")], delay=0.3) as server:
+    with ScriptedServer([answer("206 OK", PARTIAL, b"abcd")], delay=0.3) as server:
         client = _core.RangeClient("127.0.0.1", server.port, read_timeout=10.0)
         result = client.get_into("/b", [], bytearray(4), first_byte=10)
         assert result.ok, result.detail
@@ -650,7 +602,7 @@ def test_error_statuses_classify_as_the_sdks_do(azurite, blob_http):
 
 def test_an_egress_503_is_throttling_by_bandwidth_with_its_retry_after():
     busy = {"x-ms-error-code": "ServerBusy", "Retry-After": "2", "Content-Length": "0"}
-    with _ScriptedServer([_answer("503 Egress is over the account limit.", busy)]) as server:
+    with ScriptedServer([answer("503 Egress is over the account limit.", busy)]) as server:
         client = _core.RangeClient("127.0.0.1", server.port, read_timeout=5.0)
         error = range_failure(client.get_into("/b", [], bytearray(4), first_byte=10))
     assert error is not None and failures.is_transient(error) and failures.is_throttled(error)
@@ -673,11 +625,11 @@ def test_connection_failures_are_transient_and_say_what_happened(free_port):
     assert isinstance(error, ConnectionRefusedError) and failures.is_transient(error)
     where = BlobLocation(f"http://127.0.0.1:{free_port}/{ACCOUNT}", ACCOUNT, CONTAINER, BLOB)
     assert failures.failure_reason(error, where).startswith("connection refused")
-    with _ScriptedServer([_answer("206 OK", PARTIAL, b"ab")], close_after=True) as server:
+    with ScriptedServer([answer("206 OK", PARTIAL, b"ab")], close_after=True) as server:
         client = _core.RangeClient("127.0.0.1", server.port, read_timeout=5.0)
         error = range_failure(client.get_into("/b", [], bytearray(4), first_byte=10))
     assert isinstance(error, ConnectionResetError) and failures.is_transient(error)
-    with _ScriptedServer([_answer("206 OK", {**PARTIAL, "Content-Range": "bytes 0-3/9"})]) as s:
+    with ScriptedServer([answer("206 OK", {**PARTIAL, "Content-Range": "bytes 0-3/9"})]) as s:
         client = _core.RangeClient("127.0.0.1", s.port, read_timeout=5.0)
         error = range_failure(client.get_into("/b", [], bytearray(4), first_byte=10))
     assert isinstance(error, RangeMismatch) and error.total_size == 9

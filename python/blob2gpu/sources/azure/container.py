@@ -1,7 +1,7 @@
 """One container's client, built once per load: credentials, an HTTP pool sized for the
 prefetch concurrency, timeouts, and retries owned by blob2gpu (the SDK's own are off, so every
 retry is ours to count and to bound); and, with native_http on, what the core's range reader
-needs to read the load's ranges (native_clients.NativeRanges: the request signer of the same
+needs to read the load's ranges (native_clients.NativeHttp: the request signer of the same
 credential, the range clients of the same endpoint)."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from blob2gpu.sources.azure.credentials import resolve_credential, sas_expiry
 from blob2gpu.sources.azure.failures import archived_error
 from blob2gpu.sources.azure.listing import AuxBlob, BlobListing, if_unchanged, list_checkpoint
 from blob2gpu.sources.azure.location import BlobLocation, parse_blob_uri
-from blob2gpu.sources.azure.native_clients import NativeRanges, RangeClients
+from blob2gpu.sources.azure.native_clients import NativeHttp, RangeClients
 from blob2gpu.sources.azure.native_requests import (
     RangeEndpoint,
     RangeMismatch,
@@ -53,7 +53,7 @@ class BlobContainer:
     credential_source: str  # how the credential was chosen (never the credential itself)
     # The core's range reader for the load's ranged GETs; None: they go through the SDK
     # (native_http off).
-    native: NativeRanges | None = field(default=None, repr=False)
+    native: NativeHttp | None = field(default=None, repr=False)
 
     @property
     def display_uri(self) -> str:
@@ -114,32 +114,37 @@ class BlobContainer:
     def read_small_blob(self, name: str, etag: str | None, size: int) -> bytes:
         """The whole of blob `name` (an index, a manifest) as listed: `size` bytes, at version
         `etag` when given, through the retry policy; the core reads them with native_http on.
-        Raises the typed storage error of a failed read, BlobChanged when the blob is not the
-        listed one any more."""
-        what = f"reading {self.location.describe(name)}"
+        Raises BlobChanged when the blob is not the listed one any more (another etag or
+        size), else the typed storage error of a failed read."""
         if size == 0:
             return b""
-        if self.native is not None:
-            native = self.native
 
-            def read() -> bytes:  # signed at each attempt: a fresh date, a token not expired
-                try:
-                    return native.get_range(*native.signer.range_get(name, 0, size, etag), size)
-                except RangeMismatch as e:
-                    raise BlobChanged(
-                        f"{self.location.describe(name)} changed since it was listed ({size} "
-                        f"bytes then, {e.total_size if e.total_size >= 0 else '?'} now); "
-                        "try again"
-                    ) from None
+        def read() -> bytes:
+            try:
+                if self.native is None:
+                    options = {"etag": etag, "match_condition": if_unchanged()} if etag else {}
+                    blob = self.client.get_blob_client(name)
+                    data: bytes = blob.download_blob(**options).readall()
+                    total = len(data)
+                else:  # signed at each attempt: a fresh date, a token not expired
+                    target, headers = self.native.signer.range_get(name, 0, size, etag)
+                    data, total = self.native.get_range(target, headers, size)
+                if total in (-1, size) and len(data) == size:
+                    return data
+                now = f"{total} bytes now"
+            except RangeMismatch as e:
+                now = f"{e.total_size} bytes now" if e.total_size >= 0 else "another size now"
+            except Exception as e:
+                status = getattr(e, "status_code", None)
+                if status not in (412, 416):
+                    raise
+                now = "another etag now" if status == 412 else "fewer bytes now"
+            raise BlobChanged(
+                f"{self.location.describe(name)} changed since it was listed ({size} bytes "
+                f"then, {now}); try again"
+            )
 
-            return self.retry.run(read, what, name)
-        options = {"etag": etag, "match_condition": if_unchanged()} if etag else {}
-        data: bytes = self.retry.run(
-            lambda: self.client.get_blob_client(name).download_blob(**options).readall(),
-            what,
-            name,
-        )
-        return data
+        return self.retry.run(read, f"reading {self.location.describe(name)}", name)
 
     def read_manifest(self, listing: BlobListing) -> Manifest | None:
         """The checkpoint's blob2gpu.manifest.json, or None when it has none. Raises
@@ -152,7 +157,7 @@ class BlobContainer:
                 f"manifest {self.location.describe(name)} is {listing.manifest_bytes} bytes, more "
                 f"than a manifest holds ({MANIFEST_MAX_BYTES >> 20} MiB): it is not one"
             )
-        data = self.read_small_blob(name, None, listing.manifest_bytes)
+        data = self.read_small_blob(name, listing.manifest_etag, listing.manifest_bytes)
         return Manifest.from_json(data, self.location.describe(name))
 
     def fetch_aux(self, dest: str | os.PathLike[str], verify: str = "auto") -> list[Path]:
@@ -354,7 +359,7 @@ def open_container(
             else RangeClients(endpoint, *timeouts, connections)
         )
         signer = RequestSigner(location, chosen, endpoint.base_path)
-        native = NativeRanges(signer, clients, owned=sessions is None)
+        native = NativeHttp(signer, clients, owned=sessions is None)
     return BlobContainer(
         location=location, client=client, retry=retry, credential_source=how, native=native
     )

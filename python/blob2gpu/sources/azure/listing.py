@@ -29,7 +29,7 @@ from blob2gpu.sources.plan import (
 
 if TYPE_CHECKING:
     from blob2gpu.sources.azure.container import BlobContainer
-    from blob2gpu.sources.azure.native_clients import NativeRanges
+    from blob2gpu.sources.azure.native_clients import NativeHttp
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "blob2gpu.manifest.json"
@@ -66,6 +66,7 @@ class BlobListing:
     aux_blobs: list[AuxBlob]  # config, tokenizer, ... files (other weight formats left out)
     manifest_blob: str | None = None  # blob2gpu.manifest.json beside the shards, if any
     manifest_bytes: int = 0  # its size as listed
+    manifest_etag: str | None = None  # its etag as listed
 
 
 def list_checkpoint(container: BlobContainer) -> BlobListing:
@@ -124,6 +125,7 @@ def list_checkpoint(container: BlobContainer) -> BlobListing:
         aux_blobs=aux,
         manifest_blob=manifest_name if manifest is not None else None,
         manifest_bytes=manifest.size if manifest is not None else 0,
+        manifest_etag=manifest.etag if manifest is not None else None,
     )
 
 
@@ -140,19 +142,21 @@ def _list_level(container: BlobContainer, prefix: str | None) -> list[ListedBlob
     return [b for b in blobs if not (b.size == 0 and b.name in folders)]
 
 
-def _list_level_native(
-    native: NativeRanges, prefix: str | None
-) -> tuple[list[ListedBlob], set[str]]:
+def _list_level_native(native: NativeHttp, prefix: str | None) -> tuple[list[ListedBlob], set[str]]:
     """(blobs, folder names without their '/') of one level, page by page through the core."""
     blobs: list[ListedBlob] = []
     folders: set[str] = set()
     marker: str | None = None
+    markers: set[str] = set()
     while True:
         target, headers = native.signer.list_get(prefix, marker, LIST_PAGE_ENTRIES)
         page = native.get_document(target, headers, LIST_PAGE_MAX_BYTES)
         marker = parse_list_page(page, blobs, folders)
         if not marker:
             return blobs, folders
+        if marker in markers:  # a server that would have it listed forever
+            raise SourceUnavailable(f"the listing sent page marker '{clip(marker)}' twice")
+        markers.add(marker)
 
 
 def parse_list_page(page: bytes, blobs: list[ListedBlob], folders: set[str]) -> str | None:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from blob2gpu import _core
 from blob2gpu.errors import InvalidArgument, SourceUnavailable
@@ -26,6 +28,7 @@ from blob2gpu.sources.azure.native_requests import (
 )
 
 log = logging.getLogger("blob2gpu")
+T = TypeVar("T")
 
 IDLE_CLIENTS_KEPT = 4  # clients of one endpoint kept for later readers (one per load at a time)
 
@@ -111,10 +114,12 @@ def log_request(
 
 
 @dataclass
-class NativeRanges:
-    """How a container's ranged GETs go through the core: the signer of its credential and the
-    RangeClients of its endpoint (`owned`: the container's own, closed with it; else a Loader's,
-    kept across its loads)."""
+class NativeHttp:
+    """How a container's GETs go through the core (native_http): the signer of its credential
+    and the RangeClients of its endpoint (`owned`: the container's own, closed with it; else a
+    Loader's, kept across its loads). A load's ranges go through BlobRangeReader, which keeps
+    one client for all its threads; the listing's pages and small blobs through the methods
+    here, one client lent per request."""
 
     signer: RequestSigner
     clients: RangeClients
@@ -132,32 +137,39 @@ class NativeRanges:
         read by the core without the GIL. Raises what native_requests.range_failure() makes of
         any other answer (RangeHttpError, the connection errors), for the caller's retry to
         classify."""
-        client = self.clients.lend()
-        try:
-            result, body = client.get_document(target, headers, max_bytes)
-        finally:
-            self.clients.give_back(client)
-        error = range_failure(result)
-        log_request(client, target, result, error)
-        if error is not None:
-            raise error
-        return body
+        return self._send(target, lambda client: client.get_document(target, headers, max_bytes))
 
-    def get_range(self, target: str, headers: list[tuple[str, str]], size: int) -> bytes:
-        """The `size` bytes of one signed ranged GET that starts at the blob's first byte (a
-        small blob read whole: the index, the manifest). Raises as get_document() does, and
-        RangeMismatch when the answer is not that range (the blob changed)."""
+    def get_range(
+        self, target: str, headers: list[tuple[str, str]], size: int
+    ) -> tuple[bytes, int]:
+        """(the `size` bytes of one signed ranged GET that starts at the blob's first byte, the
+        blob's whole size as the answer gave it or -1): a small blob read whole, the index or
+        the manifest. Raises as get_document() does, and RangeMismatch when the answer is not
+        that range."""
         data = bytearray(size)
+
+        def call(client: _core.RangeClient) -> tuple[_core.RangeResult, int]:
+            result = client.get_into(target, headers, data, first_byte=0)
+            return result, result.total_size
+
+        total = self._send(target, call)
+        return bytes(data), total
+
+    def _send(
+        self, target: str, call: Callable[[_core.RangeClient], tuple[_core.RangeResult, T]]
+    ) -> T:
+        """call(a lent client) -> (its RangeResult, what it read); returns what it read, or
+        raises what range_failure() makes of the result. The request is logged at DEBUG."""
         client = self.clients.lend()
         try:
-            result = client.get_into(target, headers, data, first_byte=0)
+            result, value = call(client)
         finally:
             self.clients.give_back(client)
         error = range_failure(result)
         log_request(client, target, result, error)
         if error is not None:
             raise error
-        return bytes(data)
+        return value
 
     def close(self) -> None:
         """Close the clients when they are this container's own."""

@@ -10,7 +10,7 @@ standard library's connection errors), so retries, throttling and error messages
 policy whichever reader fetched.
 
 A load's GETs go this way when the native_http setting is on (its default):
-container.open_container() makes the container's NativeRanges (the signer, and the RangeClients
+container.open_container() makes the container's NativeHttp (the signer, and the RangeClients
 of its endpoint: a Loader's, kept across its loads, or the container's own);
 range_reader.BlobRangeReader reads the ranges through them, listing.py the listing's pages
 (get_document) and BlobContainer.read_small_blob the index and the manifest. fetch_aux's files
@@ -272,7 +272,7 @@ class RequestSigner:
             f"{name}:{value}\n" for name, value in sorted(named.items()) if name.startswith("x-ms-")
         )
         resource = f"/{account}{path}" + "".join(
-            f"\n{name.lower()}:{value}" for name, value in sorted(query)
+            f"\n{name.lower()}:{value}" for name, value in sorted(query, key=lambda q: q[0].lower())
         )
         to_sign = "\n".join(lines) + "\n" + canonical + resource
         digest = hmac.new(key, to_sign.encode("utf-8"), hashlib.sha256).digest()
@@ -329,7 +329,8 @@ class _Response:
 
 
 class RangeHttpError(Exception):
-    """The server answered a ranged GET with a status other than 2xx: the fields failures.py
+    """The server answered a GET of the core's (a range, a listing page) with a status other
+    than 2xx: the fields failures.py
     reads from azure-core's HttpResponseError (status_code, error_code, reason, response
     headers), none from a message. `message`: the service's own (the error body's <Message>,
     else the HTTP reason); the text also carries the body's AuthenticationErrorDetail (what the
@@ -381,13 +382,14 @@ class ProxyError(OSError):
 
 
 def range_failure(result: _core.RangeResult) -> Exception | None:
-    """None when `result` is the whole range (result.ok); else the exception it amounts to, of
-    the types sources.azure.failures classifies: RangeHttpError for an error status (412 when
-    the etag no longer matches), RangeMismatch, ssl.SSLCertVerificationError, ProxyError
-    (status_code 407 when the proxy refused its credentials; wrapping the connection error
-    below when the proxy could not be reached), ConnectionRefusedError,
-    socket.gaierror, ConnectTimeoutError, TimeoutError, ConnectionResetError, ConnectionError
-    (a malformed answer), ConnectionAbortedError (the client was closed)."""
+    """None when `result` is the whole answer (result.ok: the range, or the document); else the
+    exception it amounts to, of the types sources.azure.failures classifies: RangeHttpError for
+    an error status (412 when the etag no longer matches), RangeMismatch,
+    ssl.SSLCertVerificationError, ProxyError (status_code 407 when the proxy refused its
+    credentials; wrapping the connection error below when the proxy could not be reached),
+    ConnectionRefusedError, socket.gaierror, ConnectTimeoutError, TimeoutError,
+    ConnectionResetError, ConnectionError (a malformed answer), ConnectionAbortedError (the
+    client was closed)."""
     F = _core.FetchFailure
     failure, detail = result.failure, result.detail
     if failure == F.NONE:
