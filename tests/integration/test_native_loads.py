@@ -331,3 +331,45 @@ def test_a_garbled_listing_page_is_retried(monkeypatch):
                 ("m/a.safetensors", 8, "0x1")
             ]
             assert container.retry.retries == 1
+
+
+LOAD_IN_A_FRESH_INTERPRETER = """
+import json, sys
+import blob2gpu
+started = []
+sys.addaudithook(lambda event, args: started.append(event) if event in (
+    "subprocess.Popen", "os.fork", "os.posix_spawn", "os.exec") else None)
+with blob2gpu.open(sys.argv[1], device="cpu", framework="dlpack") as ck:
+    n = len(ck.to_dict())
+print(json.dumps({"tensors": n, "started": started,
+                  "modules": [m for m in sys.modules if m.startswith(("azure.", "requests"))]}))
+"""
+
+
+def test_a_load_imports_no_sdk_and_starts_no_process(checkpoint, served, monkeypatch):
+    # The SDK's client is made on first use only: its import (hundreds of files) and its user
+    # agent's platform probe (a `uname -p` subprocess) are no part of a load.
+    import subprocess
+
+    def fresh_load() -> dict[str, Any]:
+        run = subprocess.run(
+            [sys.executable, "-c", LOAD_IN_A_FRESH_INTERPRETER, served],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        return dict(json.loads(run.stdout.strip().splitlines()[-1]))
+
+    native = fresh_load()
+    assert native["tensors"] == 6 and native["started"] == []
+    assert [m for m in native["modules"] if m != "azure.storage"] == []
+    monkeypatch.setenv("BLOB2GPU_NATIVE_HTTP", "0")
+    sdk = fresh_load()
+    assert sdk["tensors"] == 6 and "azure.storage.blob" in sdk["modules"]
+
+
+def test_a_blob_uri_without_azure_storage_blob_is_invalid_argument(monkeypatch):
+    monkeypatch.setitem(sys.modules, "azure.storage.blob", None)  # as if it were not installed
+    with pytest.raises(errors.InvalidArgument, match=r"pip install 'blob2gpu\[azure\]'"):
+        open_container("az://c/m", resolve({}))

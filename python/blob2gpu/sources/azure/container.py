@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import os
 import posixpath
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,12 +50,24 @@ class BlobContainer:
     """A container client for one checkpoint location, with its retry policy."""
 
     location: BlobLocation
-    client: Any  # azure.storage.blob.ContainerClient
+    make_client: Callable[[], Any] = field(repr=False)  # azure-storage-blob's ContainerClient
     retry: RetryPolicy
     credential_source: str  # how the credential was chosen (never the credential itself)
-    # The core's range reader for the load's ranged GETs; None: they go through the SDK
-    # (native_http off).
+    # The core's reader for the load's GETs (listing, index, manifest, ranges); None: they go
+    # through the SDK (native_http off).
     native: NativeHttp | None = field(default=None, repr=False)
+    _sdk_client: Any = field(default=None, init=False, repr=False)
+    _sdk_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def client(self) -> Any:
+        """azure-storage-blob's ContainerClient, made on first use: with native_http on, a load
+        never uses it (no import of the SDK, no platform probe of its user agent), only
+        fetch_aux, publishing and preflight do."""
+        with self._sdk_lock:
+            if self._sdk_client is None:
+                self._sdk_client = self.make_client()
+            return self._sdk_client
 
     @property
     def display_uri(self) -> str:
@@ -62,7 +76,10 @@ class BlobContainer:
 
     def close(self) -> None:
         """Close the connections, unless they belong to a Loader's HttpSessions."""
-        self.client.close()
+        with self._sdk_lock:
+            client, self._sdk_client = self._sdk_client, None
+        if client is not None:
+            client.close()
         if self.native is not None:
             self.native.close()
 
@@ -312,35 +329,42 @@ def open_container(
     missing extra, or (native_http on) a proxy or credential the core's range reader cannot
     use."""
     try:
-        from azure.core.pipeline.transport import RequestsTransport
-        from azure.storage.blob import ContainerClient
-    except ImportError as e:
+        sdk = importlib.util.find_spec("azure.storage.blob")
+    except (ImportError, ValueError):  # ValueError: blocked in sys.modules
+        sdk = None
+    if sdk is None:
         raise InvalidArgument(
-            f"Blob URIs need azure-storage-blob: pip install 'blob2gpu[azure]' ({e})"
-        ) from None
+            "Blob URIs need azure-storage-blob: pip install 'blob2gpu[azure]' (it is not installed)"
+        )
     install_log_redaction()  # before the HTTP stack logs its first request
     location = parse_blob_uri(uri)
     chosen, how = resolve_credential(location, credential)
     sas = location.sas or (chosen if isinstance(chosen, str) else None)
     if sas:
         location = dataclasses.replace(location, sas_expiry=sas_expiry(sas))
-    pool = settings.prefetch_concurrency + 4  # the feeder's GETs, listing and header reads
-    transport = RequestsTransport(
-        session=sessions.get(pool) if sessions is not None else _session(pool),
-        session_owner=sessions is None,
-        connection_timeout=settings.connect_timeout_seconds,
-        read_timeout=settings.read_timeout_seconds,
-    )
     account_url = location.account_url + (f"?{location.sas}" if location.sas else "")
-    client = ContainerClient(
-        account_url,
-        location.container,
-        credential=chosen,
-        transport=transport,
-        retry_total=0,
-        connection_timeout=settings.connect_timeout_seconds,
-        read_timeout=settings.read_timeout_seconds,
-    )
+
+    def make_client() -> Any:
+        from azure.core.pipeline.transport import RequestsTransport
+        from azure.storage.blob import ContainerClient
+
+        pool = settings.prefetch_concurrency + 4  # the feeder's GETs, listing and header reads
+        transport = RequestsTransport(
+            session=sessions.get(pool) if sessions is not None else _session(pool),
+            session_owner=sessions is None,
+            connection_timeout=settings.connect_timeout_seconds,
+            read_timeout=settings.read_timeout_seconds,
+        )
+        return ContainerClient(
+            account_url,
+            location.container,
+            credential=chosen,
+            transport=transport,
+            retry_total=0,
+            connection_timeout=settings.connect_timeout_seconds,
+            read_timeout=settings.read_timeout_seconds,
+        )
+
     retry = RetryPolicy(
         location,
         settings.retry_max_attempts,
@@ -360,6 +384,13 @@ def open_container(
         )
         signer = RequestSigner(location, chosen, endpoint.base_path)
         native = NativeHttp(signer, clients, owned=sessions is None)
-    return BlobContainer(
-        location=location, client=client, retry=retry, credential_source=how, native=native
+    container = BlobContainer(
+        location=location,
+        make_client=make_client,
+        retry=retry,
+        credential_source=how,
+        native=native,
     )
+    if native is None:
+        container.client  # noqa: B018  (made now: every request of the load goes through it)
+    return container

@@ -111,13 +111,15 @@ def _proxy_for(
 ) -> tuple[str, int, str | None] | None:
     """(proxy host, port, Proxy-Authorization or None) for a request to host:port, or None to
     go direct."""
-    from requests.utils import should_bypass_proxies
-
     proxies = _environment_proxies(env)
     proxy = proxies.get(scheme) or proxies.get("all")  # ALL_PROXY: requests falls back to it
+    if not proxy:
+        return None
+    from requests.utils import should_bypass_proxies  # imported only when there is a proxy
+
     # requests' own NO_PROXY rule (suffixes, host:port, CIDR ranges, '*'): what the SDK path
     # obeys today.
-    if not proxy or should_bypass_proxies(f"{scheme}://{host}:{port}/", proxies.get("no", "")):
+    if should_bypass_proxies(f"{scheme}://{host}:{port}/", proxies.get("no", "")):
         return None
     parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
     if parsed.scheme != "http" or not parsed.hostname:

@@ -55,7 +55,7 @@ class BlobRangeReader:
         the core's range clients and request signer); stopping: set to cancel the reads
         (defaults to the retry policy's); throttle: told of every answer and every throttled
         one (429, 503), to adapt the load's concurrency and range size."""
-        self._container = container.client
+        self._container = container
         self._native = container.native
         self.location = container.location
         self.retry = container.retry
@@ -167,7 +167,7 @@ class BlobRangeReader:
     def _blob(self, path: str) -> Any:
         with self._lock:
             if path not in self._blobs:
-                self._blobs[path] = self._container.get_blob_client(path)
+                self._blobs[path] = self._container.client.get_blob_client(path)
             return self._blobs[path]
 
     def _attempt(
