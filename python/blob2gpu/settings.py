@@ -305,10 +305,10 @@ class Settings:
     native_http: bool = setting(
         "storage",
         True,
-        "Read a Blob load's listing, index, manifest and ranges with the core's HTTP/1.1 reader "
-        "(TLS from the process's OpenSSL) straight into memory, without the GIL. false: through "
-        "azure-storage-blob on Python threads (to debug, or where the process has no libssl). "
-        "fetch_aux and publishing always use azure-storage-blob.",
+        "Read a Blob load's listing, index, manifest and ranges, and fetch_aux's files, with the "
+        "core's HTTP/1.1 reader (TLS from the process's OpenSSL) straight into memory, without "
+        "the GIL. false: through azure-storage-blob on Python threads (to debug, or where the "
+        "process has no libssl). Publishing always uses azure-storage-blob.",
     )
     on_blob_change: str = setting(
         "storage",

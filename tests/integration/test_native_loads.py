@@ -341,19 +341,20 @@ sys.addaudithook(lambda event, args: started.append(event) if event in (
     "subprocess.Popen", "os.fork", "os.posix_spawn", "os.exec") else None)
 with blob2gpu.open(sys.argv[1], device="cpu", framework="dlpack") as ck:
     n = len(ck.to_dict())
-print(json.dumps({"tensors": n, "started": started,
+aux = sorted(p.rsplit("/", 1)[-1] for p in blob2gpu.fetch_aux(sys.argv[1], sys.argv[2]))
+print(json.dumps({"tensors": n, "aux": aux, "started": started,
                   "modules": [m for m in sys.modules if m.startswith(("azure.", "requests"))]}))
 """
 
 
-def test_a_load_imports_no_sdk_and_starts_no_process(checkpoint, served, monkeypatch):
+def test_a_load_imports_no_sdk_and_starts_no_process(checkpoint, served, monkeypatch, tmp_path):
     # The SDK's client is made on first use only: its import (hundreds of files) and its user
     # agent's platform probe (a `uname -p` subprocess) are no part of a load.
     import subprocess
 
     def fresh_load() -> dict[str, Any]:
         run = subprocess.run(
-            [sys.executable, "-c", LOAD_IN_A_FRESH_INTERPRETER, served],
+            [sys.executable, "-c", LOAD_IN_A_FRESH_INTERPRETER, served, str(tmp_path)],
             capture_output=True,
             text=True,
             timeout=120,
@@ -363,6 +364,7 @@ def test_a_load_imports_no_sdk_and_starts_no_process(checkpoint, served, monkeyp
 
     native = fresh_load()
     assert native["tensors"] == 6 and native["started"] == []
+    assert native["aux"] == ["config.json", "model.safetensors.index.json"]
     assert [m for m in native["modules"] if m != "azure.storage"] == []
     monkeypatch.setenv("BLOB2GPU_NATIVE_HTTP", "0")
     sdk = fresh_load()
@@ -373,3 +375,17 @@ def test_a_blob_uri_without_azure_storage_blob_is_invalid_argument(monkeypatch):
     monkeypatch.setitem(sys.modules, "azure.storage.blob", None)  # as if it were not installed
     with pytest.raises(errors.InvalidArgument, match=r"pip install 'blob2gpu\[azure\]'"):
         open_container("az://c/m", resolve({}))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "sdk"])
+def test_an_aux_file_is_fetched_in_parts_byte_equal(
+    checkpoint, served, monkeypatch, tmp_path, native
+):
+    from blob2gpu.sources.azure import container as container_module
+
+    monkeypatch.setattr(container_module, "AUX_PART_BYTES", 7)  # several ranged GETs a file
+    with open_container(served, resolve({"native_http": native})) as container:
+        written = container.fetch_aux(tmp_path, verify="none")
+    assert sorted(p.name for p in written) == ["config.json", "model.safetensors.index.json"]
+    for path in written:
+        assert path.read_bytes() == (checkpoint / path.name).read_bytes()

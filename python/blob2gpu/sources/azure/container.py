@@ -14,7 +14,7 @@ import os
 import posixpath
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ from blob2gpu.sources.azure.native_requests import (
 )
 from blob2gpu.sources.azure.retry import RetryPolicy
 
+AUX_PART_BYTES = 8 << 20  # an aux file (tokenizer, config) is read in ranged GETs of this size
+
 
 @dataclass
 class BlobContainer:
@@ -62,8 +64,8 @@ class BlobContainer:
     @property
     def client(self) -> Any:
         """azure-storage-blob's ContainerClient, made on first use: with native_http on, a load
-        never uses it (no import of the SDK, no platform probe of its user agent), only
-        fetch_aux, publishing and preflight do."""
+        and fetch_aux never use it (no import of the SDK, no platform probe of its user agent),
+        only publishing and preflight do."""
         with self._sdk_lock:
             if self._sdk_client is None:
                 self._sdk_client = self.make_client()
@@ -231,8 +233,6 @@ class BlobContainer:
         """Stream one aux blob (its listed version) into a temporary file beside `target`;
         returns (temporary path, bytes, SHA-256 hex). The temporary file is gone if it fails;
         a local failure (disk full) is a LocalWriteError, never retried as a storage one."""
-        from azure.core.exceptions import HttpResponseError
-
         try:
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         except OSError as e:
@@ -241,10 +241,7 @@ class BlobContainer:
         size = 0
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
-                stream = self.client.get_blob_client(aux.name).download_blob(
-                    etag=aux.etag, match_condition=if_unchanged()
-                )
-                for chunk in stream.chunks():
+                for chunk in self._aux_chunks(aux):
                     sha.update(chunk)
                     size += len(chunk)
                     try:
@@ -262,13 +259,34 @@ class BlobContainer:
                     raise LocalWriteError(f"writing '{target}' failed: {e.strerror}") from e
         except BaseException as e:
             os.unlink(tmp)
-            if isinstance(e, HttpResponseError) and e.status_code == 412:
+            if getattr(e, "status_code", None) == 412 or isinstance(e, RangeMismatch):
                 raise BlobChanged(
                     f"{self.location.describe(aux.name)} changed since it was listed (its etag "
                     f"is no longer {aux.etag}); nothing was written for it: fetch again"
                 ) from None
             raise
         return tmp, size, sha.hexdigest()
+
+    def _aux_chunks(self, aux: AuxBlob) -> Iterator[bytes]:
+        """The bytes of `aux` at its listed etag, in parts: ranged GETs of AUX_PART_BYTES read
+        by the core (native_http on), else azure-storage-blob's download stream. Raises the
+        request's failure (412 when the etag no longer matches; RangeMismatch, another size)."""
+        if self.native is None:
+            stream = self.client.get_blob_client(aux.name).download_blob(
+                etag=aux.etag, match_condition=if_unchanged()
+            )
+            yield from stream.chunks()
+            return
+        for start in range(0, aux.size, AUX_PART_BYTES):
+            end = min(start + AUX_PART_BYTES, aux.size)
+            target, headers = self.native.signer.range_get(aux.name, start, end, aux.etag)
+            data, total = self.native.get_range(target, headers, end - start, first_byte=start)
+            if total not in (-1, aux.size):
+                raise BlobChanged(
+                    f"{self.location.describe(aux.name)} changed since it was listed ({aux.size} "
+                    f"bytes then, {total} now); nothing was written for it: fetch again"
+                )
+            yield data
 
 
 class HttpSessions:

@@ -140,16 +140,16 @@ class NativeHttp:
         return self._send(target, lambda client: client.get_document(target, headers, max_bytes))
 
     def get_range(
-        self, target: str, headers: list[tuple[str, str]], size: int
+        self, target: str, headers: list[tuple[str, str]], size: int, first_byte: int = 0
     ) -> tuple[bytes, int]:
-        """(the `size` bytes of one signed ranged GET that starts at the blob's first byte, the
-        blob's whole size as the answer gave it or -1): a small blob read whole, the index or
-        the manifest. Raises as get_document() does, and RangeMismatch when the answer is not
-        that range."""
+        """(the `size` bytes of one signed ranged GET from `first_byte`, the blob's whole size
+        as the answer gave it or -1): a small blob read whole (the index, the manifest) or in
+        parts (an aux file). Raises as get_document() does, and RangeMismatch when the answer
+        is not that range."""
         data = bytearray(size)
 
         def call(client: _core.RangeClient) -> tuple[_core.RangeResult, int]:
-            result = client.get_into(target, headers, data, first_byte=0)
+            result = client.get_into(target, headers, data, first_byte=first_byte)
             return result, result.total_size
 
         total = self._send(target, call)

@@ -13,8 +13,8 @@ A load's GETs go this way when the native_http setting is on (its default):
 container.open_container() makes the container's NativeHttp (the signer, and the RangeClients
 of its endpoint: a Loader's, kept across its loads, or the container's own);
 range_reader.BlobRangeReader reads the ranges through them, listing.py the listing's pages
-(get_document) and BlobContainer.read_small_blob the index and the manifest. fetch_aux's files
-and publishing stay on azure-storage-blob.
+(get_document), BlobContainer.read_small_blob the index and the manifest, and fetch_aux its
+files in ranged GETs. Publishing and preflight stay on azure-storage-blob.
 """
 
 from __future__ import annotations
