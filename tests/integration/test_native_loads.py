@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -353,11 +354,13 @@ def test_a_load_imports_no_sdk_and_starts_no_process(checkpoint, served, monkeyp
     import subprocess
 
     def fresh_load() -> dict[str, Any]:
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         run = subprocess.run(
             [sys.executable, "-c", LOAD_IN_A_FRESH_INTERPRETER, served, str(tmp_path)],
             capture_output=True,
             text=True,
             timeout=120,
+            env=env,
         )
         assert run.returncode == 0, run.stderr[-2000:]
         return dict(json.loads(run.stdout.strip().splitlines()[-1]))
@@ -371,10 +374,30 @@ def test_a_load_imports_no_sdk_and_starts_no_process(checkpoint, served, monkeyp
     assert sdk["tensors"] == 6 and "azure.storage.blob" in sdk["modules"]
 
 
-def test_a_blob_uri_without_azure_storage_blob_is_invalid_argument(monkeypatch):
-    monkeypatch.setitem(sys.modules, "azure.storage.blob", None)  # as if it were not installed
+@pytest.mark.parametrize("missing", ["azure.storage.blob", "azure.storage"])
+def test_a_blob_uri_without_azure_storage_blob_is_invalid_argument(monkeypatch, missing):
+    monkeypatch.delitem(sys.modules, "azure.storage.blob", raising=False)
+    monkeypatch.setitem(sys.modules, missing, None)  # as if it (or its parent) were not there
     with pytest.raises(errors.InvalidArgument, match=r"pip install 'blob2gpu\[azure\]'"):
         open_container("az://c/m", resolve({}))
+
+
+def test_the_sdks_client_is_made_on_first_use_with_the_sdks_failures_typed(served, monkeypatch):
+    with open_container(served, resolve({})) as container:
+        assert container._sdk_client is None  # a load never makes it
+        with monkeypatch.context() as broken:
+            broken.setitem(sys.modules, "azure.storage.blob", None)  # uninstalled since open
+            with pytest.raises(errors.InvalidArgument, match=r"pip install 'blob2gpu\[azure\]'"):
+                container.client  # noqa: B018
+        assert container.client is container.client  # made once
+    with pytest.raises(errors.InvalidArgument, match="is closed"):
+        container.client  # noqa: B018  (a closed container makes no client it would leak)
+    # A key without its account's name: the SDK takes the URI's account, as the signer does.
+    key_only = {"account_key": ACCOUNT_KEY}
+    with open_container(served, resolve({}), credential=key_only) as container:
+        assert container.client.exists()
+    with pytest.raises(errors.InvalidArgument, match="cannot use the credential"):
+        open_container(served, resolve({"native_http": False}), credential=object())
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "sdk"])

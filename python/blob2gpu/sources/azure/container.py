@@ -1,8 +1,9 @@
-"""One container's client, built once per load: credentials, an HTTP pool sized for the
-prefetch concurrency, timeouts, and retries owned by blob2gpu (the SDK's own are off, so every
-retry is ours to count and to bound); and, with native_http on, what the core's range reader
-needs to read the load's ranges (native_clients.NativeHttp: the request signer of the same
-credential, the range clients of the same endpoint)."""
+"""One container's clients, opened once per load: with native_http on (the default), what the
+core's reader needs for the listing, the index, the manifest, the ranges and the aux files
+(native_clients.NativeHttp: the request signer of the credential, the range clients of the
+endpoint); azure-storage-blob's ContainerClient (an HTTP pool sized for the prefetch
+concurrency, timeouts, the SDK's own retries off so that every retry is ours to count and to
+bound), made on first use: every request with native_http off, publishing and preflight."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import os
 import posixpath
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from blob2gpu.errors import (
     LocalWriteError,
 )
 from blob2gpu.integrity.manifest import Manifest, require_manifest
-from blob2gpu.redaction import install_log_redaction
+from blob2gpu.redaction import install_log_redaction, redact
 from blob2gpu.settings import Settings
 from blob2gpu.sources.azure.credentials import resolve_credential, sas_expiry
 from blob2gpu.sources.azure.failures import archived_error
@@ -60,13 +61,17 @@ class BlobContainer:
     native: NativeHttp | None = field(default=None, repr=False)
     _sdk_client: Any = field(default=None, init=False, repr=False)
     _sdk_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _closed: bool = field(default=False, init=False, repr=False)
 
     @property
     def client(self) -> Any:
         """azure-storage-blob's ContainerClient, made on first use: with native_http on, a load
         and fetch_aux never use it (no import of the SDK, no platform probe of its user agent),
-        only publishing and preflight do."""
+        only publishing and preflight do. Raises InvalidArgument once the container is closed,
+        or when azure-storage-blob cannot be imported or refuses the credential."""
         with self._sdk_lock:
+            if self._closed:
+                raise InvalidArgument(f"the client of {self.location.describe()} is closed")
             if self._sdk_client is None:
                 self._sdk_client = self.make_client()
             return self._sdk_client
@@ -79,7 +84,7 @@ class BlobContainer:
     def close(self) -> None:
         """Close the connections, unless they belong to a Loader's HttpSessions."""
         with self._sdk_lock:
-            client, self._sdk_client = self._sdk_client, None
+            client, self._sdk_client, self._closed = self._sdk_client, None, True
         if client is not None:
             client.close()
         if self.native is not None:
@@ -299,6 +304,7 @@ class HttpSessions:
         self._sessions: dict[int, Any] = {}
         self._ranges: dict[tuple[RangeEndpoint, float, float, int], RangeClients] = {}
         self._lock = threading.Lock()
+        self._closed = False
 
     def range_clients(
         self, endpoint: RangeEndpoint, connect_timeout: float, read_timeout: float, pool: int
@@ -312,14 +318,18 @@ class HttpSessions:
             return self._ranges[key]
 
     def get(self, pool: int) -> Any:
-        """The requests.Session with `pool` connections per host (made on first use)."""
+        """The requests.Session with `pool` connections per host (made on first use). Raises
+        InvalidArgument once closed."""
         with self._lock:
+            if self._closed:
+                raise InvalidArgument("these HTTP sessions are closed (their Loader is)")
             if pool not in self._sessions:
                 self._sessions[pool] = _session(pool)
             return self._sessions[pool]
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             sessions, self._sessions = list(self._sessions.values()), {}
             ranges, self._ranges = list(self._ranges.values()), {}
         for session in sessions:
@@ -342,13 +352,13 @@ def _session(pool: int) -> Any:
 def open_container(
     uri: str, settings: Settings, credential: Any = None, sessions: HttpSessions | None = None
 ) -> BlobContainer:
-    """Build the client for a Blob URI; its connections come from `sessions` when given (and
-    stay open there), else from a session of its own. Raises InvalidArgument for a bad URI, a
-    missing extra, or (native_http on) a proxy or credential the core's range reader cannot
-    use."""
+    """Open the clients of a Blob URI (azure-storage-blob's made at once only with native_http
+    off); their connections come from `sessions` when given (and stay open there), else their
+    own. Raises InvalidArgument for a bad URI, azure-storage-blob not installed, or (native_http
+    on) a proxy or credential the core's reader cannot use."""
     try:
         sdk = importlib.util.find_spec("azure.storage.blob")
-    except (ImportError, ValueError):  # ValueError: blocked in sys.modules
+    except (ImportError, ValueError):  # a parent package missing; a module without a spec
         sdk = None
     if sdk is None:
         raise InvalidArgument(
@@ -362,9 +372,18 @@ def open_container(
         location = dataclasses.replace(location, sas_expiry=sas_expiry(sas))
     account_url = location.account_url + (f"?{location.sas}" if location.sas else "")
 
+    sdk_credential = chosen
+    if isinstance(chosen, Mapping) and "account_key" in chosen and not chosen.get("account_name"):
+        sdk_credential = {**chosen, "account_name": location.account}  # as the signer takes it
+
     def make_client() -> Any:
-        from azure.core.pipeline.transport import RequestsTransport
-        from azure.storage.blob import ContainerClient
+        try:
+            from azure.core.pipeline.transport import RequestsTransport
+            from azure.storage.blob import ContainerClient
+        except ImportError as e:
+            raise InvalidArgument(
+                f"Blob URIs need azure-storage-blob: pip install 'blob2gpu[azure]' ({e})"
+            ) from None
 
         pool = settings.prefetch_concurrency + 4  # the feeder's GETs, listing and header reads
         transport = RequestsTransport(
@@ -373,15 +392,21 @@ def open_container(
             connection_timeout=settings.connect_timeout_seconds,
             read_timeout=settings.read_timeout_seconds,
         )
-        return ContainerClient(
-            account_url,
-            location.container,
-            credential=chosen,
-            transport=transport,
-            retry_total=0,
-            connection_timeout=settings.connect_timeout_seconds,
-            read_timeout=settings.read_timeout_seconds,
-        )
+        try:
+            return ContainerClient(
+                account_url,
+                location.container,
+                credential=sdk_credential,
+                transport=transport,
+                retry_total=0,
+                connection_timeout=settings.connect_timeout_seconds,
+                read_timeout=settings.read_timeout_seconds,
+            )
+        except (ValueError, TypeError) as e:  # the SDK's word on a credential or URL it refuses
+            raise InvalidArgument(
+                f"azure-storage-blob cannot use the credential or URL of {location.describe()}: "
+                f"{redact(str(e))}"
+            ) from None
 
     retry = RetryPolicy(
         location,
