@@ -68,48 +68,22 @@ def served(request, checkpoint, monkeypatch):
     return f"{server.endpoint()}/native-loads/m"
 
 
-def socket_reads_of_feeders(uri: str, **settings: Any) -> tuple[dict[str, bytes], int]:
-    """Load `uri` to the CPU; returns (its tensors' bytes, how many times a feeder thread came
-    back from a socket read, taking the GIL again: a profile hook counts the returns of the
-    socket's recv_into and the TLS socket's read)."""
+def socket_reads_in_python(
+    uri: str, feeders_only: bool = False, **settings: Any
+) -> tuple[dict[str, bytes], int]:
+    """Load `uri` to the CPU; returns (its tensors' bytes, how many times a thread of this
+    process came back from a socket read, taking the GIL again: a profile hook counts the
+    returns of the socket's recv / recv_into and the TLS socket's read). feeders_only: count
+    the feeder threads' only (the ranges), not the listing's and the index's."""
     count = [0]
 
     def profile(frame: Any, event: str, arg: Any) -> None:
-        if event != "c_return" or getattr(arg, "__name__", "") not in ("recv_into", "read"):
+        if event != "c_return" or getattr(arg, "__name__", "") not in ("recv_into", "read", "recv"):
             return
-        owner = type(getattr(arg, "__self__", None)).__name__
-        if owner in ("socket", "_SSLSocket") and threading.current_thread().name.startswith(
-            "blob2gpu-feeder"
-        ):
+        if type(getattr(arg, "__self__", None)).__name__ not in ("socket", "_SSLSocket"):
+            return
+        if not feeders_only or threading.current_thread().name.startswith("blob2gpu-feeder"):
             count[0] += 1
-
-    threading.setprofile(profile)
-    try:
-        got, _ = load_with_report(uri, "cpu", chunk_bytes=256 * 1024, **settings)
-    finally:
-        threading.setprofile(None)  # type: ignore[arg-type]
-    return got, count[0]
-
-
-def test_a_loads_ranges_are_read_without_a_return_to_python_per_socket_read(checkpoint, served):
-    got, reads = socket_reads_of_feeders(served)
-    assert got == expected(checkpoint)
-    assert reads == 0
-    # The Python path, kept behind the setting, reads the same bytes one socket read at a time.
-    got, reads = socket_reads_of_feeders(served, native_http=False)
-    assert got == expected(checkpoint)
-    assert reads > 0
-
-
-def socket_reads_in_python(uri: str, **settings: Any) -> tuple[dict[str, bytes], int]:
-    """Load `uri` to the CPU; returns (its tensors' bytes, how many socket reads any thread of
-    this process made in Python: the listing's and the index's included)."""
-    count = [0]
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        if event == "c_return" and getattr(arg, "__name__", "") in ("recv_into", "read", "recv"):
-            if type(getattr(arg, "__self__", None)).__name__ in ("socket", "_SSLSocket"):
-                count[0] += 1
 
     threading.setprofile(profile)
     sys.setprofile(profile)
@@ -119,6 +93,18 @@ def socket_reads_in_python(uri: str, **settings: Any) -> tuple[dict[str, bytes],
         sys.setprofile(None)
         threading.setprofile(None)  # type: ignore[arg-type]
     return got, count[0]
+
+
+def test_a_loads_ranges_are_read_without_a_return_to_python_per_socket_read(checkpoint, served):
+    got, reads = socket_reads_in_python(served, feeders_only=True, chunk_bytes=256 * 1024)
+    assert got == expected(checkpoint)
+    assert reads == 0
+    # The Python path, kept behind the setting, reads the same bytes one socket read at a time.
+    got, reads = socket_reads_in_python(
+        served, feeders_only=True, chunk_bytes=256 * 1024, native_http=False
+    )
+    assert got == expected(checkpoint)
+    assert reads > 0
 
 
 def test_a_load_reads_its_listing_and_index_in_the_core_too(checkpoint, served):
