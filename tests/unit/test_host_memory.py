@@ -5,9 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from blob2gpu.loading import host_memory as host_memory_module
 from blob2gpu.loading.host_memory import HostMemory, _mem_available, host_memory
 
 GiB = 1 << 30
+MACHINE = 64 * GiB  # the MemAvailable of the meminfo each test reads
+
+
+@pytest.fixture(autouse=True)
+def meminfo(tmp_path, monkeypatch):
+    """A /proc/meminfo that holds still: the machine's own changes between two reads."""
+    path = tmp_path / "meminfo"
+    path.write_text(f"MemTotal:       {2 * MACHINE >> 10} kB\nMemAvailable:   {MACHINE >> 10} kB\n")
+    monkeypatch.setattr(host_memory_module, "MEMINFO", str(path))
+    return path
 
 
 def _group(directory: Path, files: dict[str, str]) -> None:
@@ -41,7 +53,7 @@ def test_a_v2_group_without_a_limit_leaves_the_machine_s_free_memory(tmp_path):
     root = tmp_path / "cgroup"
     _group(root / "user.slice", {"memory.max": "max\n", "memory.current": str(GiB)})
     got = host_memory(root, _proc(tmp_path, "0::/user.slice\n"))
-    assert got == HostMemory(_mem_available())
+    assert got == HostMemory(MACHINE)
 
 
 def test_a_parent_s_tighter_limit_binds_the_child(tmp_path):
@@ -73,10 +85,10 @@ def test_inside_a_container_the_mounted_root_is_the_container_s_group(tmp_path):
 def test_v1_s_no_limit_and_unreadable_files_leave_the_machine_s_free_memory(tmp_path):
     root = tmp_path / "cgroup"
     _group(root / "memory", {"memory.limit_in_bytes": "9223372036854771712\n"})
-    assert host_memory(root, _proc(tmp_path, "4:memory:/\n")) == HostMemory(_mem_available())
+    assert host_memory(root, _proc(tmp_path, "4:memory:/\n")) == HostMemory(MACHINE)
     _group(root / "memory", {"memory.limit_in_bytes": "garbage\n"})
-    assert host_memory(root, _proc(tmp_path, "4:memory:/\n")) == HostMemory(_mem_available())
-    assert host_memory(root, tmp_path / "no-such-file") == HostMemory(_mem_available())
+    assert host_memory(root, _proc(tmp_path, "4:memory:/\n")) == HostMemory(MACHINE)
+    assert host_memory(root, tmp_path / "no-such-file") == HostMemory(MACHINE)
 
 
 def test_a_group_over_its_limit_has_no_room_left(tmp_path):
@@ -84,3 +96,7 @@ def test_a_group_over_its_limit_has_no_room_left(tmp_path):
     _group(root, {"memory.max": str(GiB), "memory.current": str(2 * GiB)})
     got = host_memory(root, _proc(tmp_path, "0::/\n"))
     assert (got.available, got.limit) == (0, GiB)
+
+
+def test_mem_available_is_read_from_meminfo(meminfo):
+    assert _mem_available() == MACHINE
