@@ -1301,6 +1301,9 @@ void LoadSession::hand_out_locked(const PublishedShard& group, bool keep) {
 bool LoadSession::stuck_locked() const {
   if (!ready_.empty() || !pool_->blocked()) return false;
   for (const auto& shard : shards_) {
+    // An io thread fills a shard's groups while it prepares the header, without this lock: a
+    // shard whose header is not ready has no claim yet, and its vector may be growing.
+    if (!shard->header_ready.load()) continue;
     for (const auto& group : shard->groups) {
       // A group with memory and not yet published will publish: the consumer is not stuck.
       if (group->claim && !group->published && pool_->admitted(*group->claim)) return false;
