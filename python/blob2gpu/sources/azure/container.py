@@ -46,6 +46,7 @@ from blob2gpu.sources.azure.native_requests import (
 from blob2gpu.sources.azure.retry import RetryPolicy
 
 AUX_PART_BYTES = 8 << 20  # an aux file (tokenizer, config) is read in ranged GETs of this size
+FETCH_AGAIN = "nothing was written for it: fetch again"  # after an aux file that changed
 
 
 @dataclass
@@ -145,16 +146,17 @@ class BlobContainer:
 
         def read() -> bytes:
             try:
+                data: bytes | bytearray
                 if self.native is None:
                     options = {"etag": etag, "match_condition": if_unchanged()} if etag else {}
                     blob = self.client.get_blob_client(name)
-                    data: bytes = blob.download_blob(**options).readall()
+                    data = blob.download_blob(**options).readall()
                     total = len(data)
                 else:  # signed at each attempt: a fresh date, a token not expired
                     target, headers = self.native.signer.range_get(name, 0, size, etag)
                     data, total = self.native.get_range(target, headers, size)
                 if total in (-1, size) and len(data) == size:
-                    return data
+                    return bytes(data)  # the index or manifest: small
                 now = f"{total} bytes now"
             except RangeMismatch as e:
                 now = f"{e.total_size} bytes now" if e.total_size >= 0 else "another size now"
@@ -163,10 +165,7 @@ class BlobContainer:
                 if status not in (412, 416):
                     raise
                 now = "another etag now" if status == 412 else "fewer bytes now"
-            raise BlobChanged(
-                f"{self.location.describe(name)} changed since it was listed ({size} bytes "
-                f"then, {now}); try again"
-            )
+            raise self._changed_since_listing(name, f"{size} bytes then, {now}", "try again")
 
         return self.retry.run(read, f"reading {self.location.describe(name)}", name)
 
@@ -265,14 +264,13 @@ class BlobContainer:
         except BaseException as e:
             os.unlink(tmp)
             if getattr(e, "status_code", None) == 412 or isinstance(e, RangeMismatch):
-                raise BlobChanged(
-                    f"{self.location.describe(aux.name)} changed since it was listed (its etag "
-                    f"is no longer {aux.etag}); nothing was written for it: fetch again"
+                raise self._changed_since_listing(
+                    aux.name, f"its etag is no longer {aux.etag}", FETCH_AGAIN
                 ) from None
             raise
         return tmp, size, sha.hexdigest()
 
-    def _aux_chunks(self, aux: AuxBlob) -> Iterator[bytes]:
+    def _aux_chunks(self, aux: AuxBlob) -> Iterator[bytes | bytearray]:
         """The bytes of `aux` at its listed etag, in parts: ranged GETs of AUX_PART_BYTES read
         by the core (native_http on), else azure-storage-blob's download stream. Raises the
         request's failure (412 when the etag no longer matches; RangeMismatch, another size)."""
@@ -287,11 +285,16 @@ class BlobContainer:
             target, headers = self.native.signer.range_get(aux.name, start, end, aux.etag)
             data, total = self.native.get_range(target, headers, end - start, first_byte=start)
             if total not in (-1, aux.size):
-                raise BlobChanged(
-                    f"{self.location.describe(aux.name)} changed since it was listed ({aux.size} "
-                    f"bytes then, {total} now); nothing was written for it: fetch again"
+                raise self._changed_since_listing(
+                    aux.name, f"{aux.size} bytes then, {total} now", FETCH_AGAIN
                 )
             yield data
+
+    def _changed_since_listing(self, name: str, how: str, next_step: str) -> BlobChanged:
+        """Blob `name` is not the one listed any more (`how`: what differs)."""
+        return BlobChanged(
+            f"{self.location.describe(name)} changed since it was listed ({how}); {next_step}"
+        )
 
 
 class HttpSessions:

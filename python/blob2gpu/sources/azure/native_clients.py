@@ -141,7 +141,7 @@ class NativeHttp:
 
     def get_range(
         self, target: str, headers: list[tuple[str, str]], size: int, first_byte: int = 0
-    ) -> tuple[bytes, int]:
+    ) -> tuple[bytearray, int]:
         """(the `size` bytes of one signed ranged GET from `first_byte`, the blob's whole size
         as the answer gave it or -1): a small blob read whole (the index, the manifest) or in
         parts (an aux file). Raises as get_document() does, and RangeMismatch when the answer
@@ -153,7 +153,7 @@ class NativeHttp:
             return result, result.total_size
 
         total = self._send(target, call)
-        return bytes(data), total
+        return data, total
 
     def _send(
         self, target: str, call: Callable[[_core.RangeClient], tuple[_core.RangeResult, T]]
