@@ -45,6 +45,27 @@ void register_file_bindings(py::module_& m) {
       "(error, regular, over_limit); relative paths from dir_fd when given (openat). One call "
       "without the GIL for the whole batch.");
 
+  py::class_<OpenedFile>(m, "OpenedFile")
+      .def_readonly("fd", &OpenedFile::fd,
+                    "The descriptor kept open (the caller closes it); -1 when not kept.")
+      .def_readonly("error", &OpenedFile::error, "errno of open or fstat; 0 when they succeeded.")
+      .def_readonly("regular", &OpenedFile::regular)
+      .def_readonly("size", &OpenedFile::size, "st_size.")
+      .def_readonly("uid", &OpenedFile::uid, "st_uid.")
+      .def_readonly("mode", &OpenedFile::mode, "st_mode.");
+
+  m.def(
+      "open_regular_files",
+      [](const std::vector<std::string>& names, const std::vector<int64_t>& sizes,
+         const std::vector<std::string>& touch, int dir_fd) {
+        BlockingCall blocking;  // every open, fstat and touch of the batch: one return of the GIL
+        return open_regular_files(names, sizes, touch, dir_fd);
+      },
+      py::arg("names"), py::arg("sizes"), py::kw_only(), py::arg("touch"), py::arg("dir_fd"),
+      "An OpenedFile for each name, opened from dir_fd never through a symlink (ELOOP) and kept "
+      "open only as a regular file of sizes[i] bytes (< 0: any); a kept file's touch[i] (when "
+      "not empty) has its modification time set to now. One call without the GIL for the batch.");
+
   m.def(
       "stat_paths",
       [](const std::vector<std::string>& paths, bool follow_symlinks) {

@@ -23,6 +23,11 @@ class OpenFile {
   OpenFile(const OpenFile&) = delete;
   OpenFile& operator=(const OpenFile&) = delete;
   int fd() const { return fd_; }
+  int release() {
+    const int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
 
  private:
   int fd_;
@@ -90,6 +95,43 @@ std::vector<SmallFile> read_small_files(const std::vector<std::string>& paths, u
   files.reserve(paths.size());
   for (const std::string& path : paths)
     files.push_back(read_one(path, limit, follow_symlinks, dir_fd));
+  return files;
+}
+
+std::vector<OpenedFile> open_regular_files(const std::vector<std::string>& names,
+                                           const std::vector<int64_t>& sizes,
+                                           const std::vector<std::string>& touch, int dir_fd) {
+  std::vector<OpenedFile> files(names.size());
+  for (size_t i = 0; i < names.size(); ++i) {
+    OpenedFile& file = files[i];
+    if (has_nul(names[i])) {
+      file.error = EINVAL;
+      continue;
+    }
+    int fd;
+    do {
+      fd = ::openat(dir_fd, names[i].c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOFOLLOW);
+    } while (fd < 0 && errno == EINTR);
+    if (fd < 0) {
+      file.error = errno;
+      continue;
+    }
+    OpenFile open_file(fd);
+    struct stat info{};
+    if (::fstat(fd, &info) != 0) {
+      file.error = errno;
+      continue;
+    }
+    file.regular = S_ISREG(info.st_mode);
+    file.size = static_cast<uint64_t>(info.st_size);
+    file.uid = info.st_uid;
+    file.mode = info.st_mode;
+    const int64_t want = i < sizes.size() ? sizes[i] : -1;
+    if (!file.regular || (want >= 0 && file.size != static_cast<uint64_t>(want))) continue;
+    file.fd = open_file.release();
+    if (i < touch.size() && !touch[i].empty() && !has_nul(touch[i]))
+      ::utimensat(dir_fd, touch[i].c_str(), nullptr, AT_SYMLINK_NOFOLLOW);
+  }
   return files;
 }
 

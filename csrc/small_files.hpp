@@ -36,6 +36,25 @@ struct PathKind {
 
 // stat(2) of each path, or lstat(2) when not following symlinks (a symlink is then neither regular
 // nor a directory). A path with a NUL in it is EINVAL. Blocks on the disk; call it without the GIL.
+struct OpenedFile {
+  int fd = -1;    // the descriptor kept open (the caller closes it); -1 when not kept
+  int error = 0;  // errno of open or fstat; 0 when they succeeded
+  bool regular = false;
+  uint64_t size = 0;  // st_size
+  uint32_t uid = 0;   // st_uid
+  uint32_t mode = 0;  // st_mode
+};
+
+// Opens each name read-only from `dir_fd` (openat; never through a symlink: ELOOP; O_NONBLOCK, so a
+// FIFO does not block the open) and keeps it open only when it is a regular file of sizes[i] bytes
+// (sizes[i] < 0: of any size); else the descriptor is closed and the fields say why. When a file is
+// kept and touch[i] is not empty, that name (from dir_fd, a symlink not followed) has its
+// modification time set to now, failures ignored: the LRU touch of a cache entry's record. A name
+// with a NUL in it is EINVAL. Blocks on the disk; call it without the GIL.
+std::vector<OpenedFile> open_regular_files(const std::vector<std::string>& names,
+                                           const std::vector<int64_t>& sizes,
+                                           const std::vector<std::string>& touch, int dir_fd);
+
 std::vector<PathKind> stat_paths(const std::vector<std::string>& paths, bool follow_symlinks);
 
 }  // namespace blob2gpu

@@ -53,13 +53,14 @@ def test_second_load_is_served_from_the_cache(device, published, container, cach
         assert second.direct_io_bytes == 0  # the cpu target reads into its arena, buffered
 
 
-def test_a_load_of_cache_hits_starts_no_thread_and_reads_the_records_once_at_once(
+def test_a_load_of_cache_hits_starts_no_thread_and_reads_and_opens_the_entries_at_once(
     published, container, cache_dir, blob_env, monkeypatch
 ):
     # The warm path of a scale-from-zero start, in a process whose other threads run Python:
     # each thread started and each file read in Python hands the GIL back and forth. With every
-    # shard a hit, nothing is fetched or written, so no feeder or writer thread is started, and
-    # the records of all shards are read by the core in one call.
+    # shard a hit, nothing is fetched or written, so no feeder or writer thread is started, the
+    # records of all shards are read by the core in one call, and their data files opened (and
+    # the records touched for LRU) in one more.
     import threading
 
     from blob2gpu import _core
@@ -73,14 +74,23 @@ def test_a_load_of_cache_hits_starts_no_thread_and_reads_the_records_once_at_onc
     monkeypatch.setattr(
         _core, "read_small_files", lambda p, *a, **k: (reads.append(len(p)), read(p, *a, **k))[1]
     )
+    opens: list[int] = []
+    open_files = _core.open_regular_files
+    monkeypatch.setattr(
+        _core,
+        "open_regular_files",
+        lambda n, *a, **k: (opens.append(len(n)), open_files(n, *a, **k))[1],
+    )
     one_by_one: list[str] = []
     monkeypatch.setattr(
         CacheDirectory, "read_bounded", lambda d, sub, name, limit: one_by_one.append(name)
     )
+    monkeypatch.setattr(CacheDirectory, "touch", lambda d, sub, name: one_by_one.append(name))
     got, report = cached_load(f"az://{container}/m", cache_dir)
     assert got == expected(published) and report.cache_hit_rate == 1.0
     assert started == []
     assert 3 in reads  # the three records, at once
+    assert opens == [3]  # then the three data files opened, checked and touched, at once
     assert one_by_one == []  # and not again after the load (its hits are known to be there)
 
 

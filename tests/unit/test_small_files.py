@@ -153,3 +153,44 @@ def test_names_relative_to_a_directory_descriptor_never_through_a_symlink(tmp_pa
         os.close(fd)
     assert (record.error, record.data) == (0, b"{}")
     assert (link.error, link.data) == (errno.ELOOP, b"")
+
+
+def test_a_batch_keeps_open_only_regular_files_of_their_size_and_touches_those(tmp_path):
+    # The cache's hits: each data file opened never through a symlink, kept only as a regular
+    # file of its recorded size, and its record touched for LRU only when it was kept.
+    for name in ("good", "short", "good.rec", "short.rec"):
+        (tmp_path / name).write_bytes(b"x" * 8)
+    old = 1_000_000_000
+    for name in ("good.rec", "short.rec"):
+        os.utime(tmp_path / name, (old, old))
+    (tmp_path / "link").symlink_to(tmp_path / "good")
+    os.mkfifo(tmp_path / "fifo")
+    names = ["good", "short", "link", "fifo", "missing", "good\0x", "any"]
+    (tmp_path / "any").write_bytes(b"y" * 3)
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    try:
+        files = _core.open_regular_files(
+            names, [8, 9, 8, 8, 8, 8, -1], touch=["good.rec", "short.rec"], dir_fd=dir_fd
+        )
+        good, short, link, fifo, missing, nul, any_size = files
+        assert good.fd >= 0 and os.pread(good.fd, 8, 0) == b"x" * 8
+        assert (good.regular, good.size, good.uid, good.mode & 0o777) == (
+            True,
+            8,
+            os.geteuid(),
+            (tmp_path / "good").stat().st_mode & 0o777,
+        )
+        assert (short.fd, short.error, short.regular, short.size) == (-1, 0, True, 8)
+        assert (link.fd, link.error) == (-1, errno.ELOOP)
+        assert (fifo.fd, fifo.error, fifo.regular) == (-1, 0, False)  # opened without waiting
+        assert (missing.fd, missing.error) == (-1, errno.ENOENT)
+        assert (nul.fd, nul.error) == (-1, errno.EINVAL)
+        assert any_size.fd >= 0 and any_size.size == 3
+        assert (tmp_path / "good.rec").stat().st_mtime > old  # touched: its file was kept
+        assert (tmp_path / "short.rec").stat().st_mtime == old  # not: its file was refused
+        os.close(good.fd)
+        os.close(any_size.fd)
+        assert len(os.listdir("/proc/self/fd")) == fds_before  # nothing refused was left open
+    finally:
+        os.close(dir_fd)

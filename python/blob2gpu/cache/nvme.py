@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blob2gpu import _core
 from blob2gpu.cache.checks import CHUNK_BYTES, BlobChecks, hash_file
 from blob2gpu.cache.directory import (
     ENTRIES,
@@ -230,28 +231,40 @@ class NvmeCache:
         self.dir.touch(ENTRIES, f"{key}.json")
         return entry
 
-    def open_hit(
-        self, key: str, identity: dict[str, Any], read: bytes | OSError | None = None
-    ) -> tuple[CacheEntry, int] | None:
-        """lookup() and open_data() at once: the entry for `key` when its record says it holds
-        what `identity` says, with its data opened (never through a symlink, a regular file of
-        the recorded size, checked once through the descriptor; the caller closes it), touched
-        for LRU; else None, and whatever entry is under `key` is removed, unless its record was
-        read ahead (`read`, as lookup's), which may be stale by now."""
-        entry = self._entry(key, read)
-        fd = None
-        if entry.record is not None and entry.record.identity() == identity:
-            with contextlib.suppress(OSError):
-                fd = self.open_data(entry)
-        if fd is None:
+    def open_hits(
+        self, wanted: dict[str, tuple[dict[str, Any], bytes | OSError | None]]
+    ) -> dict[str, tuple[CacheEntry, _core.OpenedFile]]:
+        """lookup() and open_data() at once, for each key in `wanted` (its identity, and its
+        record as read_records() read it, or None to read it now): the entries whose record says
+        they hold what their identity says, with their data opened (never through a symlink, a
+        regular file of the recorded size, checked once through the descriptor; the caller
+        closes it) and touched for LRU, every data file in one call of the core. Keys without a
+        hit are left out, and whatever entry is under such a key is removed, unless its record
+        was read ahead, which may be stale by now."""
+        entries = {key: self._entry(key, read) for key, (_, read) in wanted.items()}
+        matching = [
+            key
+            for key, entry in entries.items()
+            if entry.record is not None and entry.record.identity() == wanted[key][0]
+        ]
+        opened = self.dir.open_regular_many(
+            ENTRIES,
+            [f"{key}.bin" for key in matching],
+            [entries[key].size for key in matching],
+            touch=[f"{key}.json" for key in matching],
+        )
+        hits = {
+            key: (entries[key], file)
+            for key, file in zip(matching, opened, strict=True)
+            if not isinstance(file, OSError)
+        }
+        for key, entry in entries.items():
             # A record read ahead may be stale by now (another process published since): what is
             # there is removed only when read now; else the write-through, which looks up again
             # under the entry's lock, removes or replaces it.
-            if read is None and self._exists(entry):
+            if key not in hits and wanted[key][1] is None and self._exists(entry):
                 self.remove(entry)
-            return None
-        self.dir.touch(ENTRIES, f"{key}.json")
-        return entry, fd
+        return hits
 
     def _exists(self, entry: CacheEntry) -> bool:
         for name in (f"{entry.key}.json", f"{entry.key}.bin"):

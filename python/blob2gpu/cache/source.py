@@ -111,25 +111,24 @@ def blob_checks(
 
 @dataclass
 class CacheHit:
-    """A shard read from the cache: its entry, and the descriptor of the data file the core reads
-    (opened here, checked to be a regular file of the listed size)."""
+    """A shard read from the cache: its entry, and the data file the core reads (opened here,
+    checked to be a regular file of the listed size)."""
 
     entry: CacheEntry
     fd: int
+    mappable: bool  # may be mapped into tensors (the cpu target's mmap): see opened()
+
+    @classmethod
+    def opened(cls, entry: CacheEntry, file: _core.OpenedFile) -> CacheHit:
+        """The hit of a data file the core opened. Only a file no other user can write is
+        mappable, since a mapping shows later writes to it."""
+        mappable = file.uid in (os.geteuid(), 0) and not file.mode & 0o022
+        return cls(entry, file.fd, mappable)
 
     @property
     def path(self) -> str:
         """How the core opens this very file (not the entry's name, which may change)."""
         return f"{PROC_FD}/{self.fd}"
-
-    def mappable(self) -> bool:
-        """Whether the file may be mapped into tensors (the cpu target's mmap): only a file no
-        other user can write, since a mapping shows later writes to it."""
-        try:
-            st = os.fstat(self.fd)
-        except OSError:
-            return False
-        return st.st_uid in (os.geteuid(), 0) and not st.st_mode & 0o022
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -216,14 +215,17 @@ class CachedSource(Source):
         again = {i for i, ref in enumerate(plan.shards) if ref.name in self._repaired}
         self.hits = {}
         looked_up = {
-            i: self._key(ref)[0]
+            i: self._key(ref)
             for i, ref in enumerate(plan.shards)
             if i not in bypassed and i not in again
         }
-        records = self.cache.read_records(list(looked_up.values()))
-        for i, key in looked_up.items():
-            if (hit := self._hit(plan.shards[i], key, records[key])) is not None:
-                self.hits[i] = hit
+        records = self.cache.read_records([key for key, _ in looked_up.values()])
+        opened = self.cache.open_hits(
+            {key: (identity, records[key]) for key, identity in looked_up.values()}
+        )
+        for i, (key, _) in looked_up.items():
+            if key in opened:
+                self.hits[i] = CacheHit.opened(*opened[key])
         self._served.update(plan.shards[i].name for i in self.hits)
         archived = {
             ref.path: ref.archived
@@ -264,7 +266,7 @@ class CachedSource(Source):
             checksums=self._checksums(load),
             direct_io=load.settings.cache_direct_io,
             # A mapping shows later writes to the file: only entries no other user can write.
-            mmap=load.mmap and all(hit.mappable() for hit in self.hits.values()),
+            mmap=load.mmap and all(hit.mappable for hit in self.hits.values()),
         )
         fetched = [i for i in range(count) if i not in self.hits]
         return session, self.inner.feed(load, session, fetched, self._writer)
@@ -295,16 +297,13 @@ class CachedSource(Source):
         assert identity is not None, "a remote source's shards have a cache identity"
         return NvmeCache.key_of(identity), identity
 
-    def _hit(
-        self, ref: ShardRef, key: str | None = None, record: bytes | OSError | None = None
-    ) -> CacheHit | None:
-        """Shard `ref`'s entry, opened as a hit; None when the cache has none of the listed
-        version, or its data cannot be opened as a regular file of its size (then removed).
-        record: its record as NvmeCache.read_records() just read it (else read now)."""
+    def _hit(self, ref: ShardRef, key: str) -> CacheHit | None:
+        """Shard `ref`'s entry (under `key`), opened as a hit; None when the cache has none of the
+        listed version, or its data cannot be opened as a regular file of its size (then
+        removed)."""
         assert self.cache is not None
-        found, identity = self._key(ref)
-        opened = self.cache.open_hit(key or found, identity, record)
-        return None if opened is None else CacheHit(*opened)
+        opened = self.cache.open_hits({key: (self._key(ref)[1], None)})
+        return CacheHit.opened(*opened[key]) if key in opened else None
 
     def _has_authority(self, load: PreparedLoad, index: int) -> bool:
         """Whether shard `index`'s bytes are checked against something from Blob: the
