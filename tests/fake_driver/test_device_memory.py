@@ -36,6 +36,11 @@ def varied_shards(count: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]
     return shards
 
 
+def pool_figures(report) -> dict[str, object]:
+    """A streamed load's device memory figures from its report (for assertion messages)."""
+    return {k: v for k, v in report.to_dict().items() if k.startswith("streamed_")}
+
+
 def checkpoint_size(directory) -> int:
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
@@ -263,7 +268,9 @@ def test_a_verified_checkpoint_streams_in_groups_cut_across_manifest_chunks(
         report = checkpoint.report
     assert report.verification == "crc32c" and report.verified_bytes >= total
     assert gpu.parameter_bytes(fake_driver) == want
-    assert fake_driver.peak_device_bytes() - parameters <= cap
+    # Over the cap once in ~35 runs of the fake-driver tests in random order (not reproduced
+    # alone): the report's pool figures say whether the pool grew, kept or raised its cap.
+    assert fake_driver.peak_device_bytes() - parameters <= cap, pool_figures(report)
 
 
 def test_a_consumer_that_keeps_every_streamed_tensor_is_not_left_waiting(
