@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <iterator>
 
 #include "errors.hpp"
 
@@ -497,11 +498,16 @@ void LoadSession::run_open(size_t index, size_t g) {
   std::vector<Spill> spills;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    group.arena = arenas[0];
-    group.realigned.assign(arenas.begin() + 1, arenas.end());
+    group.arena = std::move(arenas[0]);
+    group.realigned.assign(std::make_move_iterator(arenas.begin() + 1),
+                           std::make_move_iterator(arenas.end()));
     group.open = true;
     spills.swap(group.spills);
   }
+  // The group holds its arenas now, and lets them go when it publishes (finish_group): none may
+  // stay held here, or a consumer that dropped every tensor of the group would still seem to
+  // keep it (relieve_locked), and the pool would grow past its cap.
+  arenas.clear();
   changed_.notify_all();  // feeders waiting for this group's memory
   for (const Spill& spill : spills) land_spill(index, g, spill);
   if (!shard.source.path.empty()) post_reads(index, layout.read_begin, layout.read_end);
