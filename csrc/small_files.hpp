@@ -34,8 +34,6 @@ struct PathKind {
   uint64_t size = 0;
 };
 
-// stat(2) of each path, or lstat(2) when not following symlinks (a symlink is then neither regular
-// nor a directory). A path with a NUL in it is EINVAL. Blocks on the disk; call it without the GIL.
 struct OpenedFile {
   int fd = -1;    // the descriptor kept open (the caller closes it); -1 when not kept
   int error = 0;  // errno of open or fstat; 0 when they succeeded
@@ -55,6 +53,8 @@ std::vector<OpenedFile> open_regular_files(const std::vector<std::string>& names
                                            const std::vector<int64_t>& sizes,
                                            const std::vector<std::string>& touch, int dir_fd);
 
+// stat(2) of each path, or lstat(2) when not following symlinks (a symlink is then neither regular
+// nor a directory). A path with a NUL in it is EINVAL. Blocks on the disk; call it without the GIL.
 std::vector<PathKind> stat_paths(const std::vector<std::string>& paths, bool follow_symlinks);
 
 }  // namespace blob2gpu
