@@ -82,9 +82,10 @@ def check_directory(path: Path, st: os.stat_result) -> None:
         )
 
 
-def writable_by_others(st: os.stat_result) -> bool:
-    """Whether users other than the owner may add files to a directory (group or other write)."""
-    return bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+def writable_by_others(mode: int) -> bool:
+    """Whether a file or directory of st_mode `mode` may be written (for a directory: files
+    added to it) by users other than its owner (group or other write)."""
+    return bool(mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
 class CacheDirectory:
@@ -116,7 +117,7 @@ class CacheDirectory:
         fd = self._fds[""] = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
         check_directory(root, st)
-        self.shared = writable_by_others(st)
+        self.shared = writable_by_others(st.st_mode)
         for name in SUBDIRECTORIES:
             try:
                 os.mkdir(name, 0o700, dir_fd=fd)  # opened, then given its mode below
@@ -141,7 +142,7 @@ class CacheDirectory:
                     os.chmod(sub, mode)
                 sub_st = os.fstat(sub)
             check_directory(path, sub_st)
-            self.shared = self.shared or writable_by_others(sub_st)
+            self.shared = self.shared or writable_by_others(sub_st.st_mode)
 
     def fd(self, subdirectory: str) -> int:
         """The descriptor of entries/, tmp/ or locks/."""

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from blob2gpu import _core
 from blob2gpu.cache.checks import BlobChecks
+from blob2gpu.cache.directory import writable_by_others
 from blob2gpu.cache.fill import CacheFill, FillShard, submit_fill, what_was_wrong
 from blob2gpu.cache.nvme import CacheEntry, NvmeCache
 from blob2gpu.cache.writer import CacheWriter
@@ -122,7 +123,7 @@ class CacheHit:
     def opened(cls, entry: CacheEntry, file: _core.OpenedFile) -> CacheHit:
         """The hit of a data file the core opened. Only a file no other user can write is
         mappable, since a mapping shows later writes to it."""
-        mappable = file.uid in (os.geteuid(), 0) and not file.mode & 0o022
+        mappable = file.uid in (os.geteuid(), 0) and not writable_by_others(file.mode)
         return cls(entry, file.fd, mappable)
 
     @property
@@ -297,12 +298,12 @@ class CachedSource(Source):
         assert identity is not None, "a remote source's shards have a cache identity"
         return NvmeCache.key_of(identity), identity
 
-    def _hit(self, ref: ShardRef, key: str) -> CacheHit | None:
-        """Shard `ref`'s entry (under `key`), opened as a hit; None when the cache has none of the
-        listed version, or its data cannot be opened as a regular file of its size (then
-        removed)."""
+    def _hit(self, key: str, identity: dict[str, object]) -> CacheHit | None:
+        """The entry under `key` (a shard's, see _key), opened as a hit; None when the cache has
+        none of the listed version (`identity`), or its data cannot be opened as a regular file
+        of its size (then removed)."""
         assert self.cache is not None
-        opened = self.cache.open_hits({key: (self._key(ref)[1], None)})
+        opened = self.cache.open_hits({key: (identity, None)})
         return CacheHit.opened(*opened[key]) if key in opened else None
 
     def _has_authority(self, load: PreparedLoad, index: int) -> bool:
@@ -377,7 +378,7 @@ class CachedSource(Source):
                     f"{writer_wait_seconds(ref.size):.0f} s: fetched from Blob, not cached"
                 )
                 continue
-            if i not in refetch and (hit := self._hit(ref, key)) is not None:
+            if i not in refetch and (hit := self._hit(key, identity)) is not None:
                 lock.release()  # looked up again under the lock: written meanwhile
                 self.hits[i] = hit
                 self._served.add(ref.name)
