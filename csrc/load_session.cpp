@@ -1414,6 +1414,7 @@ void LoadSession::cancel() {
 void LoadSession::close() {
   // In a forked child nothing may wait for the parent's threads (see LoadPipeline::close).
   if (pipeline_->forked_away()) return;
+  std::lock_guard<std::mutex> one_at_a_time(close_mutex_);
   bool finished;
   {
     std::lock_guard<std::mutex> lock(mutex_);

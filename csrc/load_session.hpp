@@ -249,7 +249,8 @@ class LoadSession {
   // Stops the load: pending reads are skipped, in-flight copies drain, unpublished arenas are
   // freed (or given back to the pool).
   void cancel();
-  // cancel() and wait until no task of this session runs; idempotent.
+  // cancel() and wait until no task of this session runs; idempotent. Concurrent calls (two
+  // Python threads, or one and the pipeline's close) take turns: each returns once it is closed.
   void close();
   SessionStats stats() const;
   size_t shard_count() const { return shards_.size(); }
@@ -485,6 +486,7 @@ class LoadSession {
   std::atomic<bool> cancelled_{false};
   std::atomic<uint64_t> bytes_read_{0};
 
+  std::mutex close_mutex_;     // one close() at a time: a second waits for the first
   std::mutex sequence_mutex_;  // the order of claims and open tasks (taken before mutex_)
   mutable std::mutex mutex_;
   std::condition_variable changed_;

@@ -383,6 +383,49 @@ def test_closing_a_streamed_load_midway_gives_everything_back(fake_driver, write
     assert (fake_driver.live_device_allocations(), blob2gpu._core.live_arena_count()) == before
 
 
+def close_at_once(start: threading.Barrier, closer) -> None:
+    start.wait()
+    closer.close()
+
+
+def test_two_threads_closing_a_streamed_load_at_once_take_turns(fake_driver, write_checkpoint):
+    # close() gives the GIL up, so two Python threads (or one and the pipeline's close) can be in
+    # it at once: the second waits for the first rather than tear the pool down beside it.
+    directory = write_checkpoint(varied_shards(4, seed=17))
+    paths = sorted(directory.glob("*.safetensors"))
+    total = checkpoint_size(directory)
+    gc.collect()
+    before = fake_driver.live_device_allocations(), blob2gpu._core.live_arena_count()
+    fake_driver.set_copy_delay_us(300)
+    for _ in range(8):
+        pipeline = blob2gpu._core.LoadPipeline(
+            "cuda",
+            staging_slots=4,
+            staging_slot_bytes=SLOT,
+            copy_streams=2,
+            io_threads=2,
+            use_pinned_host_fallback=True,
+        )
+        sources = [
+            blob2gpu._core.ShardSource(p.name, size=p.stat().st_size, path=str(p)) for p in paths
+        ]
+        session = pipeline.start_local(sources, device_cap=total // 5)
+        session.next_shard()  # mid-load: groups landing, others waiting for memory
+        start = threading.Barrier(3)
+        threads = [
+            threading.Thread(target=close_at_once, args=(start, closer))
+            for closer in (session, session, pipeline)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in threads)
+        del session, pipeline
+    gc.collect()
+    assert (fake_driver.live_device_allocations(), blob2gpu._core.live_arena_count()) == before
+
+
 def test_a_failure_mid_stream_gives_everything_back(fake_driver, write_checkpoint):
     directory = write_checkpoint(varied_shards(3, seed=17))
     total = checkpoint_size(directory)
