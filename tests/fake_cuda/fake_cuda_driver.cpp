@@ -963,7 +963,6 @@ FAKE_CUDA_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* dptr, size_t bytes) {
     const int device = current_device(s, lock, &error);
     if (device < 0) return error;
     if (dptr == nullptr || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
-    if (fault_fires(s, &s.device_alloc_fail_after)) return CUDA_ERROR_OUT_OF_MEMORY;
     Device& d = s.devices[device];
     // On a GPU an allocation between two streams' work keeps them from overlapping (the
     // programming guide's implicit synchronization): counted while copies are queued.
@@ -973,6 +972,11 @@ FAKE_CUDA_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* dptr, size_t bytes) {
         d.next_offset + rounded + kDeviceGuardGap > kDeviceAddressSpan) {
       return CUDA_ERROR_OUT_OF_MEMORY;
     }
+    // The fault switch counts this call now, under the lock: counted after the unlocked part
+    // below, allocations made at once by several threads would all find the switch unmoved, and
+    // the call that should fail would not.
+    if (fault_fires(s, &s.device_alloc_fail_after)) return CUDA_ERROR_OUT_OF_MEMORY;
+    count_success(&s.device_alloc_fail_after);
     // The address and the budget are reserved under the lock; the memory is made (and poisoned)
     // without it, so other threads' driver calls do not wait behind a large allocation, as they
     // do not on a GPU.
@@ -1003,7 +1007,6 @@ FAKE_CUDA_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* dptr, size_t bytes) {
     ++s.live_device_allocations;
     s.live_device_bytes += bytes;
     s.peak_device_bytes = std::max(s.peak_device_bytes, s.live_device_bytes);
-    count_success(&s.device_alloc_fail_after);
     *dptr = block->address;
     return CUDA_SUCCESS;
   });

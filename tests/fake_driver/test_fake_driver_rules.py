@@ -11,7 +11,7 @@ import time
 
 import blob2gpu
 import pytest
-from fake_framework import FakeFramework
+from fake_framework import FakeFramework, FakeFrameworkError
 
 FRESH = b"\xa5"  # what the fake fills new device memory with
 
@@ -124,3 +124,27 @@ def test_a_stream_may_wait_on_an_event_of_another_context(fake_driver, framework
         on_1.close()  # waits for its stream, which waited on device 0's event
     finally:
         fake_driver.set_device_count(1)
+
+
+def test_a_fault_switch_fails_one_of_the_allocations_made_at_once(fake_driver, framework):
+    # cuMemAlloc makes the memory outside the driver's lock: the switch must count each call
+    # before that, or threads allocating at once all find it unmoved and none of them fails.
+    fw = framework()
+    start = threading.Barrier(8)
+    refused: list[BaseException] = []
+
+    def allocate() -> None:
+        fw.bind()  # the current context is per thread
+        start.wait()
+        try:
+            fw.alloc(8 << 20)
+        except FakeFrameworkError as error:
+            refused.append(error)
+
+    fake_driver.fail_device_alloc_after(3)
+    threads = [threading.Thread(target=allocate) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(refused) == 1 and "CUresult 2" in str(refused[0])  # CUDA_ERROR_OUT_OF_MEMORY
