@@ -296,6 +296,8 @@ PYBIND11_MODULE(_core, m) {
     }
   });
 
+  // The longest header the core accepts: a caller that reads headers itself reads no further.
+  m.attr("MAX_HEADER_BYTES") = py::int_(kMaxHeaderBytes);
   m.def(
       "parse_header",
       [](py::bytes data, py::object file_size, const std::string& shard) {

@@ -78,6 +78,10 @@ class DriverStatus:
     @property
     def value(self) -> int: ...
 
+# --- constants ---------------------------------------------------------------------------------
+
+MAX_HEADER_BYTES: int  # the longest header parse_header accepts (HeaderTooLarge beyond)
+
 # --- functions ---------------------------------------------------------------------------------
 
 def parse_header(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import struct
+import tracemalloc
 
 import blob2gpu
 import pytest
@@ -128,6 +129,26 @@ def test_misaligned_tensors_are_realigned_inside_a_selection(device, tmp_path):
     got, report = load_selected(path, device, tensor_names=["f32", "f64"])
     assert got == {"f32": data["f32"], "f64": data["f64"]}
     assert report.shards[0].needed_bytes == len(data["f32"]) + len(data["f64"])
+
+
+def test_a_header_longer_than_the_core_accepts_is_refused_before_it_is_read(tmp_path):
+    # Selecting without an index reads each shard's header from Python. A shard (sparse here)
+    # whose length prefix claims 150 MB, past the core's cap, is refused with HeaderTooLarge
+    # after the first small read: the 150 MB are neither allocated nor read.
+    claimed = _core.MAX_HEADER_BYTES + 50_000_000
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    with open(directory / "model.safetensors", "wb") as shard:
+        shard.write(struct.pack("<Q", claimed) + b"{}")
+        shard.truncate(8 + claimed + 4096)
+    tracemalloc.start()
+    try:
+        with pytest.raises(errors.HeaderTooLarge, match=str(claimed)):
+            blob2gpu.load(str(directory), tensor_filter=lambda name: True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
 
 
 def test_empty_selection_and_empty_tensors(write_checkpoint):

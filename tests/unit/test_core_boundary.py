@@ -38,6 +38,15 @@ def stub_classes() -> dict[str, ast.ClassDef]:
     }
 
 
+def stub_constants() -> dict[str, str]:
+    """Module-level `NAME: type` declarations: name to the type's name."""
+    return {
+        n.target.id: ast.unparse(n.annotation)
+        for n in stub_tree().body
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+    }
+
+
 def stub_parameters(node: ast.FunctionDef) -> list[tuple[str, bool]]:
     """(name, has a default) per parameter, '*' marking where keyword-only ones start; self
     left out."""
@@ -121,7 +130,7 @@ def test_the_installed_package_ships_the_stub_next_to_the_extension() -> None:
 
 
 def test_every_name_the_module_exports_is_in_the_stub() -> None:
-    declared = set(stub_functions()) | set(stub_classes())
+    declared = set(stub_functions()) | set(stub_classes()) | set(stub_constants())
     assert core_public_names() - declared == set(), "exported by _core but missing in _core.pyi"
 
 
@@ -130,6 +139,8 @@ def test_every_name_the_stub_declares_exists_with_the_same_kind() -> None:
         assert inspect.isbuiltin(getattr(_core, name, None)), f"_core.{name} is not a function"
     for name in stub_classes():
         assert isinstance(getattr(_core, name, None), type), f"_core.{name} is not a class"
+    for name, kind in stub_constants().items():
+        assert type(getattr(_core, name, None)).__name__ == kind, f"_core.{name} is not a {kind}"
 
 
 def test_typed_dicts_in_the_stub_are_stub_only_names() -> None:

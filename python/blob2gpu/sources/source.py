@@ -169,14 +169,15 @@ class Source(ABC):
     def read_header(self, ref: ShardRef) -> _core.ParsedHeader:
         """The parsed header of shard `ref`, read once per source (selecting, then sizing a
         selection, may both need it): one small read, two for a header longer than
-        HEADER_PROBE_BYTES. Raises InvalidHeader and its kinds, and what read_into raises."""
+        HEADER_PROBE_BYTES (never one the core would refuse: the shard's bytes are input).
+        Raises InvalidHeader and its kinds, and what read_into raises."""
         if ref not in self._headers:
             head = bytearray(min(HEADER_PROBE_BYTES, ref.size))
             if head:
                 self.read_into(ref, 0, memoryview(head))
             if len(head) >= 8:
                 need = 8 + struct.unpack("<Q", head[:8])[0]
-                if len(head) < need <= ref.size:
+                if len(head) < need <= min(ref.size, 8 + _core.MAX_HEADER_BYTES):
                     rest = bytearray(need - len(head))
                     self.read_into(ref, len(head), memoryview(rest))
                     head += rest
