@@ -126,12 +126,12 @@ def test_a_ranged_get_through_the_transport_lands_the_blobs_bytes(sdk, azurite, 
 def test_the_contract_check_names_what_is_missing(monkeypatch):
     """missing_internals() reports a piece the SDK lost, by name, instead of raising."""
     import azure.storage.blob._generated.models as generated
-    from blob2gpu.sources.azure import transport
+    from support.transport_probe import installed_versions, missing_internals
 
     monkeypatch.delattr(generated, "ModifiedAccessConditions")
-    missing = transport.missing_internals()
+    missing = missing_internals()
     assert len(missing) == 1 and "ModifiedAccessConditions" in missing[0], missing
-    assert "azure-storage-blob" in transport.installed_versions()
+    assert "azure-storage-blob" in installed_versions()
 
 
 def test_no_other_module_names_an_sdk_private():
