@@ -12,9 +12,10 @@ import pytest
 import torch
 from blob2gpu.cache.nvme import NvmeCache
 from blob2gpu.loading.request import LoadRequest
-from blob2gpu.sources.feeding import Fetch, feed_from_memory
+from blob2gpu.sources.feeding import Fetch
 from conftest import as_bytes, random_tensor, sparse_checkpoint, upload_directory
 from conftest import checkpoint_bytes as expected
+from support.in_memory import feed_from_memory
 
 
 class FromMemory:

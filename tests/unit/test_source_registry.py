@@ -16,12 +16,13 @@ from blob2gpu import _core
 from blob2gpu.errors import InvalidArgument
 from blob2gpu.sources import source as source_module
 from blob2gpu.sources.azure.source import AzureSource
-from blob2gpu.sources.feeding import FeedStats, Fetch, feed_from_memory
+from blob2gpu.sources.feeding import FeedStats, Fetch
 from blob2gpu.sources.local import LocalRangeReader, LocalSource
 from blob2gpu.sources.plan import ShardPlan, ShardRef
 from blob2gpu.sources.source import Source, register, source_class
 from conftest import as_bytes, random_tensor
 from conftest import checkpoint_bytes as expected
+from support.in_memory import feed_from_memory
 
 
 @pytest.mark.parametrize(

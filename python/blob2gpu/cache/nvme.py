@@ -17,6 +17,8 @@ of the listed size, or that is unreadable, is a miss and is removed.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import stat
 import threading
@@ -92,8 +94,6 @@ class EntryLock:
         self.held = False
 
     def try_acquire(self) -> bool:
-        import fcntl
-
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -105,8 +105,6 @@ class EntryLock:
         """Wait for the lock, at most `timeout` seconds (None: as long as it takes); returns
         whether it is held. Polled, not a blocking flock: a holder that never lets go (a hung
         process, or anyone who can open the file) must not stall a load for ever."""
-        import fcntl
-
         if timeout is None:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             self.held = True
@@ -121,8 +119,6 @@ class EntryLock:
         return True
 
     def release(self) -> None:
-        import fcntl
-
         if self._fd >= 0:
             if self.held:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -141,7 +137,6 @@ class NvmeCache:
         self.dir = CacheDirectory(self.root)
         self.entries_dir = self.dir.path(ENTRIES)
         self.tmp_dir = self.dir.path(TMP)
-        self.locks_dir = self.dir.path(LOCKS)
         self.reserved = 0  # bytes of entries this process is writing (not yet in entries/)
 
     @property
@@ -155,8 +150,6 @@ class NvmeCache:
 
     @staticmethod
     def key(account: str, container: str, blob: str, etag: str | None) -> str:
-        import hashlib
-
         text = "\n".join((account, container, blob, etag or ""))
         return hashlib.sha256(text.encode()).hexdigest()[:40]
 
@@ -405,8 +398,6 @@ def _reason(error: OSError) -> str:
 
 def _whole_crc(pieces: list[tuple[int, int, int]]) -> int:
     """CRC32C of a file from the CRCs of pieces that tile it: (offset, length, crc), any order."""
-    from blob2gpu import _core
-
     crc = 0
     for _, length, piece in sorted(pieces):
         crc = _core.crc32c_combine(crc, piece, length)
@@ -471,7 +462,6 @@ class EntryWrite:
             lock.release()
             raise EntryRefused(f"cannot write to the cache: {_reason(e)}") from None
         self._fd = fd
-        self.tmp_path = cache.tmp_dir / name
         with _reserved_lock:
             cache.reserved += self.size
 
@@ -481,8 +471,6 @@ class EntryWrite:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write bytes [offset, offset + len(data)) of the shard; raises OSError."""
-        from blob2gpu import _core
-
         view = memoryview(data)
         done = 0
         while done < len(view):

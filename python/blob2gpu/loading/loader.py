@@ -5,7 +5,6 @@ connections between loads, and runs each load: a request, prepared by the one lo
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterable, Mapping
 
 from blob2gpu.cache.fill import CacheFill, FillResult
@@ -41,8 +40,6 @@ class Loader:
     def __init__(self, config: str | os.PathLike[str] | None = None, **settings: object) -> None:
         self._settings: ResolvedSettings = resolve(settings, config_path=config)
         self._pipelines = DevicePipelines(self._settings)
-        self._lock = threading.Lock()
-        self._closed = False
         self._connections = Connections()  # what its loads' sources keep (HTTP pools)
         self._fills: list[CacheFill] = []  # the cache fills this Loader's loads started
 
@@ -223,8 +220,6 @@ class Loader:
     def close(self) -> None:
         """Release the staging ring, threads, streams and storage connections. Tensors already
         loaded stay valid; a cache fill goes on in the background (wait_for_cache_fill)."""
-        with self._lock:
-            self._closed = True
         self._pipelines.close()
         self._connections.close()
 

@@ -138,22 +138,16 @@ def sized_settings(settings: ResolvedSettings, device: str) -> ResolvedSettings:
     load's pipeline is made with, for whatever the load reads of it: range sizes, memory
     checks); the sized ones' source says so."""
     sized = pipeline_settings(settings, device)
-    shape = {
-        "io_threads": sized["io_threads"],
-        "staging_slots": sized["staging_slots"],
-        "staging_slot_bytes": sized["staging_slot_bytes"],
-    }
-    changed = {name: value for name, value in shape.items() if getattr(settings, name) != value}
+    shape = {name: sized[name] for name in ("io_threads", "staging_slots", "staging_slot_bytes")}
+    changed = [name for name, value in shape.items() if getattr(settings, name) != value]
     if not changed:
         return settings
-    sources = dict(settings.sources)
-    for name in changed:
-        sources[name] = f"sized from the host for {device}"
+    sources = {**settings.sources, **dict.fromkeys(changed, f"sized from the host for {device}")}
     return replace(
         settings,
-        io_threads=sized["io_threads"],
-        staging_slots=sized["staging_slots"],
-        staging_slot_bytes=sized["staging_slot_bytes"],
+        io_threads=shape["io_threads"],
+        staging_slots=shape["staging_slots"],
+        staging_slot_bytes=shape["staging_slot_bytes"],
         sources=sources,
     )
 

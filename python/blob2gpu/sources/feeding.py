@@ -9,7 +9,6 @@ selection's). A header longer than the first range is finished first. sources.az
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -73,23 +72,6 @@ def feed_range(
         session.release(landing)
         raise
     return ranges_after(session, task, session.commit(landing), chunk)
-
-
-def feed_from_memory(session: _core.LoadSession, shard: int, data: memoryview, chunk: int) -> None:
-    """Hand one shard held whole in host memory to the session, range by range in the protocol's
-    order. Raises LoadCancelled when the session was cancelled, and what feed_range raises."""
-    tasks = deque([RangeTask(shard, 0, min(chunk, len(data)), first=True)])
-    while tasks:
-        task = tasks.popleft()
-        source = data[task.start : task.end]
-
-        def fill(view: memoryview, source: memoryview = source) -> None:
-            view[:] = source
-
-        follow_ups = feed_range(session, task, fill, chunk)
-        if follow_ups is None:
-            raise LoadCancelled("the load was cancelled")
-        tasks.extend(follow_ups)
 
 
 @dataclass(frozen=True)
