@@ -33,7 +33,7 @@ from blob2gpu.errors import HeaderTruncated, LoadCancelled
 from blob2gpu.redaction import redact
 from blob2gpu.sources.azure.range_reader import BlobRangeReader
 from blob2gpu.sources.azure.retry import RetryPolicy
-from blob2gpu.sources.azure.throttle import NodeThrottle, ThrottleControl
+from blob2gpu.sources.azure.throttle import ThrottleControl
 from blob2gpu.sources.feeding import FeedStats, RangeTask, feed_range
 from blob2gpu.sources.plan import ShardPlan
 
@@ -66,33 +66,25 @@ class BlobFeeder:
         session: _core.LoadSession,
         plan: ShardPlan,
         container: BlobContainer,
-        retry: RetryPolicy,
-        concurrency: int,
-        chunk_bytes: int,
-        fetch: list[int] | None = None,
+        throttle: ThrottleControl,
+        fetch: list[int],
+        first_range_bytes: int,
         cache_writer: Tee | None = None,
-        first_range_bytes: int | None = None,
-        max_range_bytes: int | None = None,
-        node: NodeThrottle | None = None,
         side_by_side: int = 1,
     ) -> None:
-        """container: the load's (its retry policy is `retry`); concurrency: threads, the
-        ceiling of ranges in flight; chunk_bytes: the range size to start with, which throttling
-        may grow up to max_range_bytes (default: chunk_bytes); node: the throttling budget
-        shared with the node's other loads, or None; side_by_side: shards whose data ranges are
-        fetched in turn (1: shard after shard, in order)."""
+        """container: the load's (its retry policy retries the GETs); throttle: the load's
+        pacing, whose ceiling is the number of threads; fetch: the shards to fetch (not cache
+        hits); first_range_bytes: the size of each shard's first range (it carries the header);
+        side_by_side: shards whose data ranges are fetched in turn (1: shard after shard, in
+        order)."""
         self._session = session
-        self._fetch = list(range(len(plan.shards))) if fetch is None else fetch  # not cache hits
+        self._fetch = fetch
         self._cache_writer = cache_writer  # write-through to the NVMe cache, or None
-        # The first range carries the header; when data lands in host memory it goes through a
-        # staging slot (the arena does not exist yet), so keep it small there.
-        self._first = first_range_bytes or chunk_bytes
+        self._first = first_range_bytes
         self._plan = plan
-        self._retry = retry
-        self._throttle = ThrottleControl(
-            concurrency, chunk_bytes, max_range_bytes or chunk_bytes, node
-        )
-        self._reader = BlobRangeReader(container, retry.stopping, self._throttle)
+        self._retry = retry = container.retry
+        self._throttle = throttle
+        self._reader = BlobRangeReader(container, retry.stopping, throttle)
         self._headers: deque[RangeTask] = deque()  # first ranges (and rests of long headers)
         # Data ranges by shard, each in order; shards in the order their headers were read.
         self._queue: dict[int, deque[RangeTask]] = {}
@@ -103,7 +95,7 @@ class BlobFeeder:
         self._stopping = retry.stopping
         self._threads = [
             threading.Thread(target=self._worker, name=f"blob2gpu-feeder-{i}", daemon=True)
-            for i in range(concurrency)
+            for i in range(throttle.ceiling)
         ]
         self.error: BaseException | None = None
 
@@ -230,12 +222,17 @@ class BlobFeeder:
         """GET attempts (answered or not), retries of the load's every request (listing
         included) and each shard's, the seconds slept backing off, and how it adapted to
         throttling."""
-        return FeedStats(
-            requests=self._reader.requests,
-            retries=self._retry.retries,
-            retry_wait_seconds=self._retry.waited_seconds,
-            shard_retries={
-                ref.name: self._reader.retries_of(ref.path) for ref in self._plan.shards
-            },
-            throttle=self._throttle.stats(),
-        )
+        return read_stats(self._reader, self._retry, self._throttle, self._plan)
+
+
+def read_stats(
+    reader: BlobRangeReader, retry: RetryPolicy, throttle: ThrottleControl | None, plan: ShardPlan
+) -> FeedStats:
+    """What `reader` did for `plan`'s shards, as FeedStats (see BlobFeeder.stats)."""
+    return FeedStats(
+        requests=reader.requests,
+        retries=retry.retries,
+        retry_wait_seconds=retry.waited_seconds,
+        shard_retries={ref.name: reader.retries_of(ref.path) for ref in plan.shards},
+        throttle=throttle.stats() if throttle is not None else None,
+    )

@@ -21,9 +21,9 @@ from blob2gpu.integrity.manifest import Manifest
 from blob2gpu.settings import ResolvedSettings
 from blob2gpu.sources.azure.container import BlobContainer, HttpSessions, open_container
 from blob2gpu.sources.azure.failures import archived_error
-from blob2gpu.sources.azure.feeder import BlobFeeder
+from blob2gpu.sources.azure.feeder import BlobFeeder, read_stats
 from blob2gpu.sources.azure.listing import BlobListing
-from blob2gpu.sources.azure.location import HADOOP_SCHEMES
+from blob2gpu.sources.azure.location import BLOB_SCHEMES
 from blob2gpu.sources.azure.range_reader import BlobRangeReader
 from blob2gpu.sources.azure.retry import RetryPolicy
 from blob2gpu.sources.azure.throttle import NodeThrottle, ThrottleControl
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from blob2gpu.loading.prepare import PreparedLoad
 
 
-@register("az", "http", "https", *HADOOP_SCHEMES)
+@register(*BLOB_SCHEMES)
 class AzureSource(Source):
     """A Blob checkpoint (see the module). credential: an azure credential object, an account
     key (dict) or a SAS, else the environment's (credentials.resolve_credential)."""
@@ -109,11 +109,7 @@ class AzureSource(Source):
         c = self.container
         if stopping is not None:
             c.retry.stopping = stopping  # the retry policy's waits end with it too
-        throttle = None
-        if load is not None:  # paced as an ordinary load's feeder is
-            chunk, slot = range_bytes(load), load.settings.staging_slot_bytes
-            ceiling = load.settings.prefetch_concurrency
-            throttle = ThrottleControl(ceiling, chunk, max(chunk, slot), node_budget(load.settings))
+        throttle = load_throttle(load) if load is not None else None  # as a load's feeder's
         reader = BlobRangeReader(c, None, throttle)
         self._ranges.append(reader)
         return AzureRanges(reader, c.retry, throttle)
@@ -135,7 +131,7 @@ class AzureSource(Source):
         # A repaired cache entry starts the rest of the load anew: its first feeder stopped (and
         # was joined), so the retry policy's stopping event is cleared for this one.
         c.retry.stopping.clear()
-        chunk, slot = range_bytes(load), load.settings.staging_slot_bytes
+        chunk = range_bytes(load)
         # The first range carries the header; its data waits on the host (a staging slot's worth
         # per shard, every shard's header being read first) unless it can land at once: straight
         # into the cpu arena, host staging, or a streamed GPU load's memory, which its group may
@@ -147,15 +143,10 @@ class AzureSource(Source):
             session,
             load.plan,
             c,
-            c.retry,
-            load.settings.prefetch_concurrency,
-            chunk,
+            load_throttle(load),
             fetch=shards,
+            first_range_bytes=min(chunk, 1 << 20) if small_first else chunk,
             cache_writer=tee,
-            first_range_bytes=min(chunk, 1 << 20) if small_first else None,
-            max_range_bytes=max(chunk, slot),
-            # The node's loads share one throttling budget, next to the cache's locks.
-            node=node_budget(load.settings),
             side_by_side=md5_side_by_side(load),
         )
 
@@ -208,13 +199,16 @@ class AzureRanges:
         self.reader.stop()
 
     def stats(self, plan: ShardPlan) -> FeedStats:
-        return FeedStats(
-            requests=self.reader.requests,
-            retries=self.retry.retries,
-            retry_wait_seconds=self.retry.waited_seconds,
-            shard_retries={ref.name: self.reader.retries_of(ref.path) for ref in plan.shards},
-            throttle=self.throttle.stats() if self.throttle is not None else None,
-        )
+        return read_stats(self.reader, self.retry, self.throttle, plan)
+
+
+def load_throttle(load: PreparedLoad) -> ThrottleControl:
+    """How a load's ranged GETs are paced: up to prefetch_concurrency in flight, ranges of
+    range_bytes that throttling may grow to a staging slot, in the budget the node's loads share
+    (next to the cache's locks)."""
+    chunk = range_bytes(load)
+    ceiling, slot = load.settings.prefetch_concurrency, load.settings.staging_slot_bytes
+    return ThrottleControl(ceiling, chunk, max(chunk, slot), node_budget(load.settings))
 
 
 def md5_side_by_side(load: PreparedLoad) -> int:
