@@ -33,6 +33,7 @@ MiB = 1 << 20
 # 256 MiB covers a checkpoint of ~10 TB.
 CONFIG_MAX_BYTES = 1 * MiB
 INDEX_MAX_BYTES = 64 * MiB
+INDEX_NAME = "model.safetensors.index.json"  # a sharded checkpoint's index, beside its shards
 MANIFEST_MAX_BYTES = 256 * MiB
 REPORT_MAX_BYTES = 64 * MiB  # a LoadReport as JSON: a few hundred bytes per shard
 # Arrays and objects within one another: an index nests 2, a manifest 4, a config file 2.

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from blob2gpu import _core
-from blob2gpu.documents import INDEX_MAX_BYTES, clip, file_bytes, parse_json
+from blob2gpu.documents import INDEX_MAX_BYTES, INDEX_NAME, clip, file_bytes, parse_json
 from blob2gpu.errors import InvalidIndex, SourceUnavailable
 from blob2gpu.integrity.manifest import Manifest, read_local_manifest
 from blob2gpu.sources.feeding import FeedStats, Fetch
@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     import threading
 
     from blob2gpu.loading.prepare import PreparedLoad
-
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def _local_path(uri: str) -> Path:
@@ -58,11 +56,7 @@ def _from_index(index_path: Path, read: _core.SmallFile | None = None) -> ShardP
         raise InvalidIndex(
             f"index '{index_path.name}' has no 'weight_map' of tensor name to shard file name"
         )
-    files: list[str] = []
-    for shard in weight_map.values():
-        if shard not in files:
-            files.append(shard)
-    names = sorted(files)
+    names = sorted(set(weight_map.values()))
     for name in names:  # a name that leaves the directory is refused before anything is looked at
         if os.sep in name or name.startswith("."):
             raise _not_beside(index_path, name)

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from blob2gpu.documents import INDEX_MAX_BYTES, clip, parse_json
+from blob2gpu.documents import INDEX_MAX_BYTES, INDEX_NAME, clip, parse_json
 from blob2gpu.errors import BlobNotFound, InvalidIndex, SourceUnavailable
+from blob2gpu.integrity.manifest import MANIFEST_NAME
 from blob2gpu.sources.azure.failures import archived_reason
 from blob2gpu.sources.azure.location import BlobLocation
 from blob2gpu.sources.plan import (
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
     from blob2gpu.sources.azure.container import BlobContainer
     from blob2gpu.sources.azure.native_clients import NativeHttp
 
-INDEX_NAME = "model.safetensors.index.json"
-MANIFEST_NAME = "blob2gpu.manifest.json"
 LIST_PAGE_ENTRIES = 1000  # entries asked for per page of the listing
 LIST_PAGE_MAX_BYTES = 8 << 20  # a page of LIST_PAGE_ENTRIES is ~1 MiB of XML; more is refused
 

@@ -31,7 +31,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import quote, unquote, urlparse
@@ -64,15 +64,9 @@ class RangeEndpoint:
 
     def client_options(self) -> dict[str, Any]:
         """RangeClient(**options): everything but base_path."""
-        return {
-            "host": self.host,
-            "port": self.port,
-            "tls": self.tls,
-            "ca_file": self.ca_file,
-            "proxy_host": self.proxy_host,
-            "proxy_port": self.proxy_port,
-            "proxy_authorization": self.proxy_authorization,
-        }
+        options = asdict(self)
+        del options["base_path"]
+        return options
 
 
 def range_endpoint(
