@@ -44,7 +44,6 @@ class Checkpoint:
         convert: Callable[[_core.TensorView], Tensor],
         pipeline: _core.LoadPipeline,
         keep_completed: bool = False,
-        on_close: Callable[[], None] | None = None,
         fills: list[CacheFill] | None = None,
     ) -> None:
         """A started load: `prepared` by loading.prepare, read by `fetch`. keep_completed: a
@@ -58,7 +57,7 @@ class Checkpoint:
         self._pipeline = pipeline  # for GPU memory readings
         self._convert = convert
         self._report = prepared.report
-        self._on_close = on_close
+        self._on_close: Callable[[], None] | None = None  # call_on_close
         self._keep_completed = keep_completed
         self._tensors: dict[str, Tensor] = {}
         self._metadata: dict[str, str] = {}

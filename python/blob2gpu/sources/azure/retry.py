@@ -40,7 +40,6 @@ class RetryPolicy:
         max_attempts: int,
         backoff_seconds: float,
         backoff_max_seconds: float,
-        stopping: threading.Event | None = None,
         throttled_seconds: float = 120.0,
     ) -> None:
         self.location = location
@@ -48,7 +47,7 @@ class RetryPolicy:
         self.backoff_seconds = backoff_seconds
         self.backoff_max_seconds = backoff_max_seconds
         self.throttled_seconds = throttled_seconds
-        self.stopping = stopping or threading.Event()
+        self.stopping = threading.Event()  # set: the waits end at once (the load is stopping)
         self._lock = threading.Lock()
         self.retries = 0
         self.waited_seconds = 0.0  # backoff slept before retries, summed over threads
