@@ -110,6 +110,7 @@ std::shared_ptr<LoadSession> LoadPipeline::start(std::vector<ShardSource> shards
                       "use another Loader");
     }
     active_ = session.get();
+    active_ref_ = session;
     if (fed && !ring_) {
       // cpu target: data lands in the arena directly, but each shard's first range (header and
       // first data) needs a place before the arena exists. Pageable; untouched pages cost nothing.
@@ -125,6 +126,7 @@ std::shared_ptr<LoadSession> LoadPipeline::start(std::vector<ShardSource> shards
 void LoadPipeline::session_ended() {
   std::lock_guard<std::mutex> lock(mutex_);
   active_ = nullptr;
+  ended_.notify_all();
 }
 
 bool LoadPipeline::forked_away() const {
@@ -142,15 +144,18 @@ void LoadPipeline::close() {
     static_cast<void>(ring_.release());
     return;
   }
-  LoadSession* active = nullptr;
+  std::shared_ptr<LoadSession> active;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::unique_lock<std::mutex> lock(mutex_);
     if (closed_) return;
     closed_ = true;
-    active = active_;
+    active = active_ref_.lock();
+    // A session that cannot be held any more is being destroyed, and its destructor closes it:
+    // wait for that to end rather than touch the dying object.
+    if (!active) ended_.wait(lock, [this] { return active_ == nullptr; });
   }
-  // A session keeps its pipeline alive, so an active one is still valid here.
   if (active) active->close();
+  active.reset();  // if the caller's reference was the last, the session goes here, closed
   threads_.reset();
   engine_.reset();  // drains the reaper: every slot's copies have completed
   ring_.reset();

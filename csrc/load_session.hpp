@@ -220,7 +220,11 @@ class LoadPipeline : public std::enable_shared_from_this<LoadPipeline> {
   std::unique_ptr<CopyEngine> engine_;
   std::unique_ptr<IoThreads> threads_;
   std::mutex mutex_;
-  LoadSession* active_ = nullptr;
+  std::condition_variable ended_;  // active_ went back to nullptr
+  LoadSession* active_ = nullptr;  // the running session (one at a time), until it has closed
+  // To close it from close(): the pipeline owns no share of its sessions (they own it). Expired
+  // while the session's destructor closes it; close() then waits for that instead.
+  std::weak_ptr<LoadSession> active_ref_;
   bool closed_ = false;
 };
 
@@ -250,7 +254,8 @@ class LoadSession {
   // freed (or given back to the pool).
   void cancel();
   // cancel() and wait until no task of this session runs; idempotent. Concurrent calls (two
-  // Python threads, or one and the pipeline's close) take turns: each returns once it is closed.
+  // Python threads, or one and the pipeline's close, which holds a reference to the session
+  // while it closes it) take turns: each returns once it is closed.
   void close();
   SessionStats stats() const;
   size_t shard_count() const { return shards_.size(); }
