@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 ALIGN = 1 << 20  # rank boundaries fall on MiB boundaries: large, aligned requests
 STOP_WAIT_SECONDS = 30.0  # how long closing a fan-out load waits for its exchange thread
-HEADER_LIMIT = 100_000_000 + 8  # the parser's cap on a header: a longer one is not fetched
+HEADER_LIMIT = 8 + _core.MAX_HEADER_BYTES  # the core's cap on a header: a longer one is not read
 
 
 def byte_owners(
