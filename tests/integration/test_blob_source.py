@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import stat
 from datetime import datetime, timedelta, timezone
 
 import blob2gpu
@@ -308,6 +309,19 @@ def test_fetch_aux_downloads_the_other_files_not_other_weight_formats(
     assert names == ["config.json", "model.safetensors.index.json", "tokenizer.json"]
     assert sorted(p.name for p in (tmp_path / "aux").iterdir()) == names  # no temporary files
     assert json.loads((tmp_path / "aux" / "config.json").read_text()) == {"hidden_size": 160}
+
+
+def test_fetched_files_get_the_mode_the_umask_gives(
+    published, azurite, container, blob_env, tmp_path
+):
+    # An init container fetches as one user, the server reads as another: the files are made
+    # as any new file (0666 less the umask), not private to the fetching user.
+    previous = os.umask(0o022)
+    try:
+        paths = blob2gpu.fetch_aux(f"az://{container}/llama", str(tmp_path / "aux"))
+    finally:
+        os.umask(previous)
+    assert paths and {stat.S_IMODE(os.stat(p).st_mode) for p in paths} == {0o644}
 
 
 def test_fetch_aux_checks_files_against_the_manifest(

@@ -13,7 +13,7 @@ import hashlib
 import importlib.util
 import os
 import posixpath
-import tempfile
+import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -238,7 +238,7 @@ class BlobContainer:
         returns (temporary path, bytes, SHA-256 hex). The temporary file is gone if it fails;
         a local failure (disk full) is a LocalWriteError, never retried as a storage one."""
         try:
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+            fd, tmp = _new_file_beside(target)
         except OSError as e:
             raise LocalWriteError(f"cannot create a file in '{target.parent}': {e.strerror}") from e
         sha = hashlib.sha256()
@@ -440,3 +440,18 @@ def open_container(
     if native is None:
         container.client  # noqa: B018  (made now: every request of the load goes through it)
     return container
+
+
+def _new_file_beside(target: Path) -> tuple[int, str]:
+    """A file no one had, beside `target`, to write its bytes into before the rename: created
+    as `target` itself would be (mode 0666 less the umask; mkstemp's 0600 would keep a serving
+    container of another user from reading what an init container fetched), never through an
+    existing name or link (O_EXCL). Raises OSError."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    for _ in range(100):
+        tmp = str(target.parent / f".{target.name}.{secrets.token_hex(6)}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside '{target}'")
