@@ -60,6 +60,28 @@ def test_peers_that_are_missing_are_reported(checkpoint):
         assert r.runs or r.unavailable  # ran here, or says why not
 
 
+def test_the_command_runs_without_torch(checkpoint):
+    # A load's phases need no framework: without torch the blob2gpu rows load to numpy, and
+    # the baselines that need torch say so.
+    blocked = (
+        "import sys, runpy\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith(('torch.', 'safetensors.torch')):\n"
+        "            raise ImportError(f'no module named {name!r}')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "sys.argv = ['blob2gpu', 'bench', sys.argv[1], '--strategies',"
+        " 'host-staging,image-local', '--repeats', '1']\n"
+        "runpy.run_module('blob2gpu', run_name='__main__')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", blocked, str(checkpoint)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    rows = {line.split()[0]: line for line in run.stdout.splitlines()[1:] if line.strip()}
+    assert "unavailable" not in rows["host-staging"] and "unavailable" in rows["image-local"]
+
+
 def test_unknown_strategy():
     with pytest.raises(errors.InvalidArgument, match="unknown strategy teleport"):
         strategy_bench.run("x", ["teleport"])

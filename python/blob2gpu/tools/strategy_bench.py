@@ -78,7 +78,12 @@ def _run_blob2gpu(
 ) -> dict[str, float]:
     import blob2gpu
 
-    framework = "torch" if device == "cpu" or _torch_has_cuda() else "dlpack"
+    # torch where it can hold the tensors; else what needs nothing more (a load's bytes and
+    # phases are the same whatever hands its tensors out).
+    if _torch_installed() and (device == "cpu" or _torch_has_cuda()):
+        framework = "torch"
+    else:
+        framework = "numpy" if device == "cpu" else "dlpack"
     with blob2gpu.open(
         uri, device=device, framework=framework, direct_gpu_load=direct, **settings
     ) as checkpoint:
@@ -94,6 +99,14 @@ def _run_blob2gpu(
         p["model_load_complete"],
         first_use,
     )
+
+
+def _torch_installed() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _torch_has_cuda() -> bool:
@@ -231,7 +244,7 @@ def run(
                     else:
                         result.runs.append(_run_blob2gpu(uri, device, s == "direct-gpu", settings))
                 except ImportError as e:
-                    result.unavailable = f"not installed ({e.name})"
+                    result.unavailable = f"not installed ({e.name or e})"
                 except Exception as e:  # a peer that cannot run here is reported, not fatal
                     if s in ("runai", "fastsafetensors"):
                         result.unavailable = f"{type(e).__name__}: {e}"[:120]
