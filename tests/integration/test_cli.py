@@ -320,6 +320,13 @@ def test_demo_runs(tmp_path):
     assert first_token.split()[-1] == "-"
 
 
+def test_a_demo_that_gets_the_cpu_says_why_and_what_to_try_next():
+    result = run("demo", "--size-mb", "8", env={"BLOB2GPU_CUDA_DRIVER": "/nowhere/libcuda.so.1"})
+    assert result.returncode == 0, result.stderr
+    assert "loading to cpu (no GPU: /nowhere/libcuda.so.1: " in result.stdout
+    assert result.stdout.splitlines()[-2].startswith("next: `blob2gpu load")
+
+
 @pytest.mark.parametrize("size_mb", [8, 24])
 def test_demo_writes_the_size_asked_for(size_mb):
     result = run("demo", "--device", "cpu", "--source", "local", "--size-mb", str(size_mb))

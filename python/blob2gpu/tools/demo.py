@@ -148,10 +148,17 @@ def main(
     import blob2gpu
     from blob2gpu.tools.emulator import Azurite
 
-    if device == "auto":
-        device = "cuda" if _core.driver_info()["available"] else "cpu"
+    loading_to = f"loading to {device}"
+    if device == "auto":  # a machine that gets the CPU says why
+        driver = _core.driver_info()
+        device = "cuda" if driver["available"] else "cpu"
+        loading_to = f"loading to {device}"
+        if not driver["available"]:
+            loading_to += f" (no GPU: {driver['path']}: {driver['detail']})"
     if source == "auto":
-        source = "azurite" if _azurite_missing() is None else "local"
+        if (why_local := _azurite_missing()) is not None:
+            print(f"reading local files: {why_local}")
+        source = "azurite" if why_local is None else "local"
     elif source == "azurite" and (missing := _azurite_missing()) is not None:
         raise SourceUnavailable(f"--source azurite: {missing}; or run with --source local")
     with tempfile.TemporaryDirectory(prefix="blob2gpu-demo-") as tmp:
@@ -166,14 +173,16 @@ def main(
                 uri = f"{azurite.endpoint()}/models/demo"
                 print(f"demo checkpoint: {size_mb:.0f} MB in {shards} shards, served by Azurite")
                 print(f"  at {uri}")
-                print(f"loading to {device}")
+                print(loading_to)
                 report = _load(blob2gpu, uri, device, credential=azurite.connection_string())
         else:
             print(f"demo checkpoint: {size_mb:.0f} MB in {shards} shards at {path} (local files)")
-            print(f"loading to {device}")
+            print(loading_to)
             report = _load(blob2gpu, str(path), device)
     print(report.summary())
     print(report.phase_table())
+    print("next: `blob2gpu load PATH_OR_URI` on a checkpoint of yours, or `blob2gpu emulator`")
+    print("  to serve yours from a local Blob service (README: A local Blob service)")
     return 0
 
 
