@@ -338,10 +338,13 @@ def test_fan_out_gets_are_throttled_like_a_loads(
     # The account answers 4 of the big shard's first ranged GETs 503 ServerBusy (request rate): the
     # rank that got them backs off and asks for the rest of its part in larger ranges than its
     # 64 KiB chunk_bytes, as an ordinary load does (the same throttling control), and both ranks
-    # still end with every tensor.
+    # still end with every tensor. The big shard is 8 MiB, 64 of those ranges per rank: ranges
+    # are cut as threads take them. With 2 MiB (16 per rank) it failed 1 run in 10 to 12 with
+    # two cores kept busy beside it, before this change as after: most likely a slowed rank had
+    # taken its last range before the first 503 came back, so none could grow. 12 of 12 passed.
     directory = write_checkpoint(
         [
-            {"a": random_tensor(torch.float32, (512, 1024), 1)},
+            {"a": random_tensor(torch.float32, (2048, 1024), 1)},
             {"b": random_tensor(torch.int8, (9,), 2)},
         ]
     )
@@ -364,7 +367,7 @@ def test_fan_out_gets_are_throttled_like_a_loads(
     assert fault_proxy.faults.statuses == 0  # all 4 were answered
     gets = [(p, n) for _, p, n, _ in fault_proxy.counters.ranged if p.endswith(".safetensors")]
     big = max({p for p, _ in gets}, key=lambda path: sum(n for p, n in gets if p == path))
-    asked = [n for p, n in gets if p == big]  # the 2 MiB shard's GETs
+    asked = [n for p, n in gets if p == big]  # the 8 MiB shard's GETs
     refused = [n for p, n in fault_proxy.counters.faulted if p == big]  # answered 503
     # chunk_bytes ranges, not one GET per rank's part (the first may all have been refused:
     # a rank that follows its sibling's published decrease asks larger ranges at once)
