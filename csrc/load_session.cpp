@@ -104,13 +104,13 @@ std::shared_ptr<LoadSession> LoadPipeline::start(std::vector<ShardSource> shards
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (closed_) throw CoreError(ErrorKind::InvalidArgument, "the loader is closed");
-    if (active_ != nullptr) {
+    if (running_) {
       throw CoreError(ErrorKind::InvalidArgument,
                       "this loader is already running a load; close its checkpoint first or "
                       "use another Loader");
     }
-    active_ = session.get();
-    active_ref_ = session;
+    running_ = true;
+    active_ = session;
     if (fed && !ring_) {
       // cpu target: data lands in the arena directly, but each shard's first range (header and
       // first data) needs a place before the arena exists. Pageable; untouched pages cost nothing.
@@ -125,7 +125,7 @@ std::shared_ptr<LoadSession> LoadPipeline::start(std::vector<ShardSource> shards
 
 void LoadPipeline::session_ended() {
   std::lock_guard<std::mutex> lock(mutex_);
-  active_ = nullptr;
+  running_ = false;
   ended_.notify_all();
 }
 
@@ -149,10 +149,10 @@ void LoadPipeline::close() {
     std::unique_lock<std::mutex> lock(mutex_);
     if (closed_) return;
     closed_ = true;
-    active = active_ref_.lock();
+    active = active_.lock();
     // A session that cannot be held any more is being destroyed, and its destructor closes it:
     // wait for that to end rather than touch the dying object.
-    if (!active) ended_.wait(lock, [this] { return active_ == nullptr; });
+    if (!active) ended_.wait(lock, [this] { return !running_; });
   }
   if (active) active->close();
   active.reset();  // if the caller's reference was the last, the session goes here, closed

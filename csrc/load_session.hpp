@@ -220,11 +220,11 @@ class LoadPipeline : public std::enable_shared_from_this<LoadPipeline> {
   std::unique_ptr<CopyEngine> engine_;
   std::unique_ptr<IoThreads> threads_;
   std::mutex mutex_;
-  std::condition_variable ended_;  // active_ went back to nullptr
-  LoadSession* active_ = nullptr;  // the running session (one at a time), until it has closed
-  // To close it from close(): the pipeline owns no share of its sessions (they own it). Expired
-  // while the session's destructor closes it; close() then waits for that instead.
-  std::weak_ptr<LoadSession> active_ref_;
+  std::condition_variable ended_;  // running_ went back to false
+  bool running_ = false;           // a session runs (one at a time) until it has closed
+  // The running session, to close it from close(): the pipeline owns no share of its sessions
+  // (they own it). Expired while the session's destructor closes it; close() then waits for that.
+  std::weak_ptr<LoadSession> active_;
   bool closed_ = false;
 };
 

@@ -148,13 +148,12 @@ def main(
     import blob2gpu
     from blob2gpu.tools.emulator import Azurite
 
-    loading_to = f"loading to {device}"
-    if device == "auto":  # a machine that gets the CPU says why
+    no_gpu = ""  # a machine the auto device sends to the CPU says why
+    if device == "auto":
         driver = _core.driver_info()
         device = "cuda" if driver["available"] else "cpu"
-        loading_to = f"loading to {device}"
         if not driver["available"]:
-            loading_to += f" (no GPU: {driver['path']}: {driver['detail']})"
+            no_gpu = f" (no GPU: {driver['path']}: {driver['detail']})"
     if source == "auto":
         if (why_local := _azurite_missing()) is not None:
             print(f"reading local files: {why_local}")
@@ -173,11 +172,11 @@ def main(
                 uri = f"{azurite.endpoint()}/models/demo"
                 print(f"demo checkpoint: {size_mb:.0f} MB in {shards} shards, served by Azurite")
                 print(f"  at {uri}")
-                print(loading_to)
+                print(f"loading to {device}{no_gpu}")
                 report = _load(blob2gpu, uri, device, credential=azurite.connection_string())
         else:
             print(f"demo checkpoint: {size_mb:.0f} MB in {shards} shards at {path} (local files)")
-            print(loading_to)
+            print(f"loading to {device}{no_gpu}")
             report = _load(blob2gpu, str(path), device)
     print(report.summary())
     print(report.phase_table())

@@ -80,9 +80,11 @@ def _run_blob2gpu(
 
     # torch where it can hold the tensors; else what needs nothing more (a load's bytes and
     # phases are the same whatever hands its tensors out).
-    if _torch_installed() and (device == "cpu" or _torch_has_cuda()):
-        framework = "torch"
-    else:
+    try:
+        import torch
+
+        framework = "torch" if device == "cpu" or torch.cuda.is_available() else "dlpack"
+    except ImportError:
         framework = "numpy" if device == "cpu" else "dlpack"
     with blob2gpu.open(
         uri, device=device, framework=framework, direct_gpu_load=direct, **settings
@@ -99,14 +101,6 @@ def _run_blob2gpu(
         p["model_load_complete"],
         first_use,
     )
-
-
-def _torch_installed() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _torch_has_cuda() -> bool:
