@@ -153,9 +153,38 @@ def test_config_show_table(monkeypatch, tmp_path):
     assert lines[0] == f"config file: {config} (from BLOB2GPU_CONFIG)"
     row = next(ln for ln in lines if ln.startswith("model.direct_gpu_load "))
     assert row.split()[1:] == ["true", "env", "MODEL_LOAD_STRATEGY"]
-    assert len(lines) == 2 + len(SCHEMA)
+    assert lines[1].startswith("at load: what a load to ")
+    assert len(lines) == 3 + len(SCHEMA)
     result = run("config", "show", "--config", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2 and "ConfigError" in result.stderr
+
+
+def test_config_show_says_what_a_load_uses_for_settings_left_to_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("BLOB2GPU_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu = json.loads(run("config", "show", "--json", "--device", "cpu").stdout)
+    at_load = {key: doc["at_load"] for key, doc in cpu.items() if "at_load" in doc}
+    assert {doc["device"] for doc in at_load.values()} == {"cpu"}
+    assert at_load["staging.io_threads"]["value"] == 4
+    assert at_load["staging.staging_slots"]["value"] == 8
+    assert at_load["storage.chunk_bytes"]["value"] == 32 << 20
+    assert at_load["staging.streamed_device_bytes"]["how"] == "not bounded on cpu"
+    assert at_load["storage.cache_dir"]["value"] == str(tmp_path / "blob2gpu")
+    assert "storage.copy_streams" not in at_load  # set to a value: nothing to size
+
+    # a GPU load: the fake GPU's memory sizes the streamed bound; a setting given is left alone
+    gpu = run("config", "show", "--json", "--device", "cuda:0", "--set", "staging_slots=16")
+    doc = json.loads(gpu.stdout)
+    total = 8 << 30  # the fake GPU's memory in a new process
+    streamed = doc["staging.streamed_device_bytes"]["at_load"]
+    assert streamed["value"] == min(4 << 30, total // 10) and streamed["device"] == "cuda:0"
+    assert "at_load" not in doc["staging.staging_slots"]
+    assert doc["staging.pinned_staging_bytes"]["at_load"]["value"] >= 64 << 20
+
+    table = run("config", "show", "--device", "cpu").stdout.splitlines()
+    assert table[1] == "at load: what a load to cpu on this host uses where a setting is left to it"
+    row = next(line for line in table if line.startswith("staging.staging_slots "))
+    assert row.split()[1:] == ["0", "default", "8", "(sized", "from", "this", "host", "for", "cpu)"]
 
 
 def test_settings_command_is_gone():

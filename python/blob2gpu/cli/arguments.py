@@ -195,6 +195,11 @@ def _add_config_command(sub: Any) -> None:
     )
     show.add_argument("--json", action="store_true", help="JSON keyed by config key")
     show.add_argument(
+        "--device",
+        help="cpu, cuda or cuda:N: the 'at load' column is what a load to it on this host uses "
+        "for settings left at 0 or empty (default: the first GPU the driver sees, else cpu)",
+    )
+    show.add_argument(
         "--set",
         action="append",
         type=_setting,

@@ -10,9 +10,12 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blob2gpu.errors import Blob2GpuError, LocalWriteError
+
+if TYPE_CHECKING:
+    from blob2gpu.settings import ResolvedSettings
 
 
 @contextlib.contextmanager
@@ -163,6 +166,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
     resolved = resolve(dict(args.set or []), config_path=args.config)
     config = args.config or os.environ.get(CONFIG_ENV)
+    device, at_load = _at_load(resolved, args.device)
     if args.json:
         doc = {
             s.key: {
@@ -172,19 +176,103 @@ def cmd_config_show(args: argparse.Namespace) -> int:
                 "default": s.default,
                 "env": s.env,
             }
+            | (
+                {
+                    "at_load": {
+                        "value": at_load[s.name][0],
+                        "how": at_load[s.name][1],
+                        "device": device,
+                    }
+                }
+                if s.name in at_load
+                else {}
+            )
             for s in SCHEMA
         }
         print(json.dumps(doc, indent=2))
         return 0
     where = "--config" if args.config else CONFIG_ENV
     print(f"config file: {config} (from {where})" if config else "config file: none")
+    print(f"at load: what a load to {device} on this host uses where a setting is left to it")
     key_w = max(len(s.key) for s in SCHEMA)
     values = {s.name: json.dumps(resolved.values[s.name]) for s in SCHEMA}
+    sources = resolved.sources
     value_w = max(len(v) for v in values.values())
-    print(f"{'setting':<{key_w}}  {'value':<{value_w}}  source")
+    source_w = max(len(sources[s.name]) for s in SCHEMA)
+    print(f"{'setting':<{key_w}}  {'value':<{value_w}}  {'source':<{source_w}}  at load")
     for s in SCHEMA:
-        print(f"{s.key:<{key_w}}  {values[s.name]:<{value_w}}  {resolved.sources[s.name]}")
+        used = ""
+        if s.name in at_load:
+            value, how = at_load[s.name]
+            used = f"{json.dumps(value)} ({how})"
+        row = f"{s.key:<{key_w}}  {values[s.name]:<{value_w}}  {sources[s.name]:<{source_w}}"
+        print(f"{row}  {used}".rstrip())
     return 0
+
+
+def _at_load(
+    resolved: ResolvedSettings, requested: str | None
+) -> tuple[str, dict[str, tuple[Any, str]]]:
+    """The device `requested` ('cpu', 'cuda', 'cuda:N'; None: the first GPU when the driver
+    sees one, else cpu), and for each setting left at 0 or empty (sized where it is used), the
+    value a load to it on this host would use and how that was found. Never raises: what cannot
+    be found is said instead."""
+    from blob2gpu import _core
+    from blob2gpu.cache.directory import default_cache_dir
+    from blob2gpu.loading.host_memory import host_budget, memory_size
+    from blob2gpu.loading.memory_fit import default_streamed_cap
+    from blob2gpu.loading.pipelines import pinned_budget, pipeline_settings, this_host
+    from blob2gpu.loading.request import normalize_device
+
+    driver = _core.driver_info()
+    if requested is None:
+        device = "cuda:0" if driver["available"] and driver["devices"] else "cpu"
+    else:
+        device = normalize_device(requested)
+    gpu = device != "cpu"
+    where = f"sized from this host for {'a GPU' if gpu else 'cpu'}"
+    sized = pipeline_settings(resolved, device)
+    used: dict[str, tuple[Any, str]] = {
+        name: (sized[name], where)
+        for name in ("io_threads", "staging_slots", "staging_slot_bytes")
+        if not getattr(resolved, name)
+    }
+    if not resolved.pinned_staging_bytes:
+        used["pinned_staging_bytes"] = (
+            (pinned_budget(resolved, this_host()), "1/32 of this host's memory, 64 MiB..1 GiB")
+            if gpu
+            else (0, "not pinned on cpu")
+        )
+    if not resolved.chunk_bytes:
+        used["chunk_bytes"] = (sized["staging_slot_bytes"], "staging_slot_bytes")
+    if not resolved.streamed_device_bytes:
+        if not gpu:
+            used["streamed_device_bytes"] = (0, "not bounded on cpu")
+        elif not driver["available"]:
+            used["streamed_device_bytes"] = (
+                0,
+                f"10% of the GPU's memory, at most 4 GiB; no GPU here: {driver['detail']}",
+            )
+        else:
+            ordinal = int(device.partition(":")[2] or _core.current_device())
+            total = _core.device_memory(ordinal)[1]
+            used["streamed_device_bytes"] = (
+                default_streamed_cap(total),
+                f"10% of {memory_size(total)}, at most 4 GiB",
+            )
+    if not resolved.cache_dir:
+        try:
+            used["cache_dir"] = (str(default_cache_dir()), "the default")
+        except Blob2GpuError as e:
+            used["cache_dir"] = ("", str(e))
+    if not resolved.cache_max_bytes:
+        used["cache_max_bytes"] = (0, "no cap")
+    if not resolved.host_memory_limit_bytes:
+        budget = host_budget(0)
+        used["host_memory_limit_bytes"] = (budget.available, budget.bound)
+    if not resolved.shard_count:
+        used["shard_count"] = (0, "any number of shards")
+    return device, used
 
 
 def cmd_report_show(args: argparse.Namespace) -> int:

@@ -37,8 +37,13 @@ def streamed_device_cap(request: LoadRequest, pipeline: _core.LoadPipeline) -> i
     if configured > 0:
         return configured
     info = pipeline.memory_info()
-    total = int(info[1]) if info is not None else 0
-    return max(STREAMED_FLOOR, min(STREAMED_DEFAULT_CEILING, int(total * STREAMED_DEFAULT_SHARE)))
+    return default_streamed_cap(int(info[1]) if info is not None else 0)
+
+
+def default_streamed_cap(device_total: int) -> int:
+    """streamed_device_bytes=0 on a GPU with `device_total` bytes of memory: min(4 GiB, 10%)."""
+    share = int(device_total * STREAMED_DEFAULT_SHARE)
+    return max(STREAMED_FLOOR, min(STREAMED_DEFAULT_CEILING, share))
 
 
 def check_memory_fit(

@@ -115,9 +115,7 @@ def pipeline_settings(
     else:
         facts = host or this_host()
         threads = threads or min(MAX_IO_THREADS, max(MIN_IO_THREADS, facts.cpus))
-        budget = settings.pinned_staging_bytes or min(
-            MAX_PINNED, max(MIN_PINNED, facts.memory_bytes // 32)
-        )
+        budget = pinned_budget(settings, facts)
         wanted = slots or min(MAX_SIZED_SLOTS, threads + 2 * settings.copy_streams + 2)
         if not slot_bytes:
             slot_bytes = max(MIN_SLOT_BYTES, min(SLOT_BYTES, budget // wanted // MiB * MiB))
@@ -130,6 +128,14 @@ def pipeline_settings(
         io_threads=threads,
         use_pinned_host_fallback=settings.use_pinned_host_fallback,
         bind_numa_node=settings.bind_numa_node,
+    )
+
+
+def pinned_budget(settings: ResolvedSettings, host: HostFacts) -> int:
+    """The host memory a GPU pipeline's ring may pin: pinned_staging_bytes, or when 0 1/32 of
+    `host`'s memory, at least 64 MiB and at most 1 GiB."""
+    return settings.pinned_staging_bytes or min(
+        MAX_PINNED, max(MIN_PINNED, host.memory_bytes // 32)
     )
 
 
