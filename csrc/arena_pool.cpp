@@ -40,9 +40,10 @@ uint64_t allocate_region(const CudaContext& ctx, uint64_t bytes, const std::stri
     size_t free_bytes = 0, total = 0;
     cuda_driver().cuMemGetInfo(&free_bytes, &total);
     throw CoreError(ErrorKind::GPUOutOfMemory,
-                    what + " (" + mib(bytes) + ") does not fit on cuda:" +
-                        std::to_string(ctx.ordinal()) + " (" + mib(free_bytes) + " free of " +
-                        mib(total) + "); lower streamed_device_bytes or free GPU memory");
+                    what + " (" + mib(bytes) +
+                        ") does not fit on cuda:" + std::to_string(ctx.ordinal()) + " (" +
+                        mib(free_bytes) + " free of " + mib(total) + ")")
+        .with_hint("lower streamed_device_bytes or free GPU memory");
   }
   check_cuda(rc, "cuMemAlloc of " + what + " (" + mib(bytes) + ")");
   return ptr;

@@ -288,10 +288,13 @@ PYBIND11_MODULE(_core, m) {
       py::object cls = errors.attr(error_kind_name(e.kind()));
       py::object shard = e.shard().empty() ? py::none() : py::cast(e.shard());
       py::object offset = e.offset() < 0 ? py::none() : py::cast(e.offset());
+      py::object hint = e.hint().empty() ? py::none() : py::cast(e.hint());
       py::object error = e.kind() == ErrorKind::CudaDriverUnavailable && e.code() >= 0
                              ? cls(e.what(), py::arg("shard") = shard, py::arg("offset") = offset,
+                                   py::arg("hint") = hint,
                                    py::arg("driver_status") = static_cast<DriverStatus>(e.code()))
-                             : cls(e.what(), py::arg("shard") = shard, py::arg("offset") = offset);
+                             : cls(e.what(), py::arg("shard") = shard, py::arg("offset") = offset,
+                                   py::arg("hint") = hint);
       PyErr_SetObject(cls.ptr(), error.ptr());
     }
   });

@@ -41,11 +41,11 @@ std::shared_ptr<DeviceArena> DeviceArena::on_device(std::shared_ptr<CudaContext>
   if (rc == CUDA_ERROR_OUT_OF_MEMORY) {
     size_t free_bytes = 0, total = 0;
     cuda_driver().cuMemGetInfo(&free_bytes, &total);
-    throw CoreError(ErrorKind::GPUOutOfMemory,
-                    label + ": cuda:" + std::to_string(ctx->ordinal()) +
-                        " is out of memory (asked " + mib(request) + ", " + mib(free_bytes) +
-                        " free of " + mib(total) +
-                        "); free GPU memory, use a larger GPU, or load fewer tensors");
+    throw CoreError(ErrorKind::GPUOutOfMemory, label + ": cuda:" + std::to_string(ctx->ordinal()) +
+                                                   " is out of memory (asked " + mib(request) +
+                                                   ", " + mib(free_bytes) + " free of " +
+                                                   mib(total) + ")")
+        .with_hint("free GPU memory, use a larger GPU, or load fewer tensors");
   }
   check_cuda(rc, label + ": cuMemAlloc of " + mib(request));
   arena->ctx_ = std::move(ctx);
@@ -104,8 +104,8 @@ std::shared_ptr<DeviceArena> DeviceArena::on_host(size_t bytes, const std::strin
     arena->host_ = HostBuffer::pageable(bytes, populate);  // every byte will be written
   } catch (const std::bad_alloc&) {
     throw CoreError(ErrorKind::HostOutOfMemory,
-                    label + ": cannot allocate " + mib(bytes) +
-                        " of host memory for the shard; free memory or load to a GPU");
+                    label + ": cannot allocate " + mib(bytes) + " of host memory for the shard")
+        .with_hint("free memory or load to a GPU");
   }
   arena->address_ = reinterpret_cast<uint64_t>(arena->host_.data());
   arena->size_ = bytes;

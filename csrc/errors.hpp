@@ -54,16 +54,24 @@ class CoreError : public std::runtime_error {
         shard_(std::move(shard)),
         offset_(offset),
         code_(code) {}
+  // What to check or change, said after the message (Python's error.hint): `throw
+  // CoreError(...).with_hint("free GPU memory")`.
+  CoreError& with_hint(std::string hint) {
+    hint_ = std::move(hint);
+    return *this;
+  }
   ErrorKind kind() const { return kind_; }
   const std::string& shard() const { return shard_; }
   int64_t offset() const { return offset_; }
   int code() const { return code_; }
+  const std::string& hint() const { return hint_; }
 
  private:
   ErrorKind kind_;
   std::string shard_;
   int64_t offset_;
   int code_;
+  std::string hint_;
 };
 
 }  // namespace blob2gpu

@@ -9,7 +9,7 @@ or the setting to change, and never carry credentials.
 from __future__ import annotations
 
 import copy
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 _E = TypeVar("_E", bound="Blob2GpuError")
 
@@ -20,9 +20,11 @@ class Blob2GpuError(Exception):
     Besides its message (for people), every error carries what code needs as fields set by its
     constructor, None where they do not apply: ``shard`` (the shard's name), ``blob`` (the blob's
     path in its container), ``offset`` (a byte offset in the shard), ``etag`` (the version the
-    load pinned), ``hint`` (what to check or change, as said at the end of the message). Code
-    reads these fields, never the message.
+    load pinned), ``hint`` (what to check or change, as said at the end of the message: the
+    raiser's, else the class's ``remedy``). Code reads these fields, never the message.
     """
+
+    remedy: ClassVar[str | None] = None  # the hint of this diagnosis when the raiser gives none
 
     def __init__(
         self,
@@ -34,6 +36,9 @@ class Blob2GpuError(Exception):
         etag: str | None = None,
         hint: str | None = None,
     ) -> None:
+        hint = hint if hint is not None else self.remedy
+        if hint and hint not in message:
+            message = f"{message}; {hint}" if message else hint
         super().__init__(message)
         self.message = message
         self.shard = shard
@@ -56,6 +61,11 @@ class Blob2GpuError(Exception):
 # --- the safetensors header -------------------------------------------------------------------
 class InvalidHeader(Blob2GpuError, ValueError):
     """A shard's safetensors header breaks the format's rules; the shard is not loaded."""
+
+    remedy = (
+        "the file is not a safetensors shard, or was cut short or changed after it was written: "
+        "write it again and publish it again"
+    )
 
 
 class HeaderTooLarge(InvalidHeader):
@@ -105,6 +115,8 @@ class InvalidMetadata(InvalidHeader):
 class InvalidIndex(InvalidHeader):
     """``model.safetensors.index.json`` is malformed or disagrees with the shards."""
 
+    remedy = "write model.safetensors.index.json again from the shards it is published with"
+
 
 # --- sources ----------------------------------------------------------------------------------
 class SourceUnavailable(Blob2GpuError, OSError):
@@ -117,6 +129,8 @@ class SourceReadError(Blob2GpuError, OSError):
 
 class BlobNotFound(SourceUnavailable):
     """The container or blob does not exist (HTTP 404); the message names both."""
+
+    remedy = "check the URI's account, container and path (blob names are case-sensitive)"
 
 
 class AccessDenied(SourceUnavailable):
@@ -146,6 +160,11 @@ class ChecksumMismatch(Blob2GpuError):
     cache verify --repair` fetches it again); None otherwise. A damaged entry alone is no error:
     the load fetches the shard again from Blob.
     """
+
+    remedy = (
+        "load again (corruption on the wire or in the cache does not repeat); if it does, the "
+        "blob changed after it was published: publish it again (`blob2gpu publish`)"
+    )
 
     def __init__(self, message: str = "", *, cache_entry: str | None = None, **fields: Any):
         super().__init__(message, **fields)

@@ -170,6 +170,8 @@ def test_vram_budget_exceeded_names_shard_and_sizes(fake_driver, write_checkpoin
         fake_driver.set_vram_budget(8 << 30)
     # Whichever shard's arena came second is refused.
     assert "shard 'model-0000" in str(info.value) and "MiB free" in str(info.value)
+    hint = "free GPU memory, use a larger GPU, or load fewer tensors"  # the core's, for code
+    assert info.value.hint == hint and str(info.value).endswith(f"); {hint}")
     gc.collect()
     assert fake_driver.live_device_allocations() == device_before
 

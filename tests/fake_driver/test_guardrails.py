@@ -17,6 +17,7 @@ def test_checkpoint_larger_than_host_memory_fails_before_reading(tmp_path):
     with pytest.raises(errors.InsufficientHostMemory, match=r"needs 4837.*GB of host memory") as e:
         blob2gpu.load(str(shard))
     assert "host_headroom_factor 1.1" in str(e.value) and "available" in str(e.value)
+    assert "host_headroom_factor=1.0" in e.value.hint and str(e.value).endswith(e.value.hint)
     assert _core.live_arena_count() == before
 
 
@@ -29,6 +30,7 @@ def test_checkpoint_larger_than_free_gpu_memory_fails_before_reading(fake_driver
     assert "cuda:0 has 8.59 GB free of 8.59 GB" in message
     assert "23.62 GB (21.47 GB of weights x gpu_headroom_factor 1.1)" in message
     assert "lower gpu_headroom_factor" in message
+    assert info.value.hint.startswith("free GPU memory") and message.endswith(info.value.hint)
     assert fake_driver.live_device_allocations() == allocations
     assert fake_driver.h2d_copies() == 0
 

@@ -190,8 +190,9 @@ def test_an_https_only_sas_over_http_says_to_use_https(published, azurite, conta
 def test_missing_blob_container_and_shard(published, azurite, container, blob_env):
     with pytest.raises(errors.BlobNotFound, match=r"nothere\.safetensors"):
         blob2gpu.load(f"az://{container}/llama/nothere.safetensors")
-    with pytest.raises(errors.BlobNotFound, match=r"container 'nosuchcontainer'"):
+    with pytest.raises(errors.BlobNotFound, match=r"container 'nosuchcontainer'") as info:
         blob2gpu.load("az://nosuchcontainer/llama")
+    assert info.value.hint == errors.BlobNotFound.remedy and "case-sensitive" in info.value.hint
     with pytest.raises(errors.BlobNotFound, match=r"no .safetensors blobs"):
         blob2gpu.load(f"az://{container}/empty-prefix")
     azurite.service().get_container_client(container).delete_blob(

@@ -24,6 +24,23 @@ def test_missing_checkpoint():
         blob2gpu.load("/nonexistent/model.safetensors")
 
 
+def test_errors_say_what_to_check_in_their_hint(tmp_path):
+    with pytest.raises(errors.SourceUnavailable) as missing:
+        blob2gpu.load(str(tmp_path / "nonexistent"))
+    assert missing.value.hint.startswith("check the path")
+    assert str(missing.value).endswith(f"; {missing.value.hint}")
+    shard = tmp_path / "model.safetensors"
+    shard.write_bytes((10).to_bytes(8, "little") + b"{not json}" + bytes(64))
+    with pytest.raises(errors.HeaderNotJson) as corrupt:  # raised by the core, hinted by its class
+        blob2gpu.load(str(shard))
+    assert corrupt.value.hint == errors.InvalidHeader.remedy
+    assert str(corrupt.value).endswith(f"; {errors.InvalidHeader.remedy}")
+    # a raiser's own hint wins, and is said once however the message already ends
+    said = errors.BlobNotFound("no such blob; look elsewhere", hint="look elsewhere")
+    assert (said.hint, str(said)) == ("look elsewhere", "no such blob; look elsewhere")
+    assert errors.LoadCancelled("closed").hint is None  # nothing to check: no hint
+
+
 def test_empty_directory(tmp_path):
     with pytest.raises(errors.SourceUnavailable, match=r"no .safetensors"):
         blob2gpu.load(str(tmp_path))

@@ -544,7 +544,7 @@ def test_size_mismatch_message_reads_as_a_diagnosis() -> None:
         _core.parse_header(raw, shard="model-00002.safetensors")
     assert str(caught.value) == (
         "shard 'model-00002.safetensors': tensor 'layers.0.w': shape [3, 4] x F32 needs 48 bytes"
-        " but data_offsets [0, 40] hold 40"
+        f" but data_offsets [0, 40] hold 40; {errors.InvalidHeader.remedy}"  # then what to do
     )
 
 

@@ -360,15 +360,20 @@ class GroupExchange:
         of error naming that rank on the others (two collectives, a second only on failure)."""
         if self._comm.max_int(int(error is not None)) == 0:
             return
-        said = None if error is None else (type(error).__name__, redact(error))
+        said = None
+        if error is not None:
+            hint = getattr(error, "hint", None)
+            said = (type(error).__name__, redact(error), redact(hint) if hint else None)
         reports = self._comm.all_gather_object(said)
         if error is not None:
             raise error
-        rank, (kind, message) = next((r, x) for r, x in enumerate(reports) if isinstance(x, tuple))
+        rank, (kind, message, hint) = next(
+            (r, x) for r, x in enumerate(reports) if isinstance(x, tuple)
+        )
         cls = getattr(errors, kind, None)
         if not (isinstance(cls, type) and issubclass(cls, errors.Blob2GpuError)):
             cls = errors.SourceReadError
-        raise cls(f"rank {rank} of the fan-out group failed: {message}")
+        raise cls(f"rank {rank} of the fan-out group failed: {message}", hint=hint)
 
     def _fetch(
         self, ref: ShardRef, view: memoryview, base: int, parts: list[tuple[int, int]]

@@ -80,7 +80,8 @@ class Manifest:
         if doc.get("version") != VERSION:
             raise InvalidManifest(
                 f"manifest '{source}' has version {clipped_repr(doc.get('version'))}; this "
-                f"blob2gpu reads version {VERSION}: upgrade blob2gpu"
+                f"blob2gpu reads version {VERSION}",
+                hint="upgrade blob2gpu",
             )
         chunk = doc.get("chunk_bytes")
         files = doc.get("files")
@@ -139,7 +140,8 @@ class Manifest:
             if entry.sha256_chunks is None:
                 raise InvalidManifest(
                     f"verify='sha256' but the manifest entry of '{name}' has no per-chunk SHA-256 "
-                    "(an older manifest): write a new one with `blob2gpu manifest URI`"
+                    "(an older manifest)",
+                    hint="write a new one with `blob2gpu manifest URI`",
                 )
             digests = [bytes.fromhex(d) for d in entry.sha256_chunks]
             return _core.ChunkChecksums(self.chunk_bytes, sha256=digests)
@@ -216,8 +218,8 @@ def require_manifest(manifest: Manifest | None, verify: str, where: str) -> Mani
     then ManifestMissing naming `where` and how to publish one."""
     if manifest is None and verify in ("crc32c", "sha256"):
         raise ManifestMissing(
-            f"verify='{verify}' but {where} has no {MANIFEST_NAME}: "
-            "publish it with `blob2gpu publish` or `blob2gpu manifest`"
+            f"verify='{verify}' but {where} has no {MANIFEST_NAME}",
+            hint="publish it with `blob2gpu publish` or `blob2gpu manifest`",
         )
     return manifest
 

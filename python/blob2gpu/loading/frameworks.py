@@ -69,8 +69,8 @@ def converter(
             if unsupported_dtype == "bytes":
                 return convert(view.as_bytes())
             raise DTypeNotSupported(
-                f"tensor '{view.name}': {framework} cannot hold dtype {view.dtype} ({e}); pass "
-                "unsupported_dtype='bytes' to get its raw bytes as uint8"
+                f"tensor '{view.name}': {framework} cannot hold dtype {view.dtype} ({e})",
+                hint="pass unsupported_dtype='bytes' to get its raw bytes as uint8",
             ) from e
 
     return to_framework

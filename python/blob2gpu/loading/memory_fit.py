@@ -79,9 +79,9 @@ def check_memory_fit(
             holder = f"loading {what}" if device == "cpu" else "host staging of the largest shards"
             raise InsufficientHostMemory(
                 f"{holder} needs {memory_size(need)} of host memory ({memory_size(held)} x "
-                f"host_headroom_factor {settings.host_headroom_factor:g}) but {budget.bound}; "
-                f"{budget.remedy}, load to a GPU ({phrasing.device('cuda')}), or lower "
-                f"host_headroom_factor ({phrasing.setting('host_headroom_factor', 1.0)})"
+                f"host_headroom_factor {settings.host_headroom_factor:g}) but {budget.bound}",
+                hint=f"{budget.remedy}, load to a GPU ({phrasing.device('cuda')}), or lower "
+                f"host_headroom_factor ({phrasing.setting('host_headroom_factor', 1.0)})",
             )
     if measured is not None and 0 < streamed_cap < weights:
         free, total = measured
@@ -91,10 +91,10 @@ def check_memory_fit(
                 f"{device} has {memory_size(free)} free of {memory_size(total)} but streaming "
                 f"{what} needs {memory_size(need)} ({memory_size(streamed_cap)} of "
                 "streamed_device_bytes, the device memory a streamed load holds, x "
-                f"gpu_headroom_factor {settings.gpu_headroom_factor:g}); free GPU memory "
-                "(other processes, caches), or lower streamed_device_bytes "
+                f"gpu_headroom_factor {settings.gpu_headroom_factor:g})",
+                hint="free GPU memory (other processes, caches), or lower streamed_device_bytes "
                 f"({phrasing.setting('streamed_device_bytes', '1GiB')}) or "
-                f"gpu_headroom_factor ({phrasing.setting('gpu_headroom_factor', 1.0)})"
+                f"gpu_headroom_factor ({phrasing.setting('gpu_headroom_factor', 1.0)})",
             )
     elif measured is not None:
         free, total = measured
@@ -103,8 +103,9 @@ def check_memory_fit(
             raise InsufficientGPUMemory(
                 f"{device} has {memory_size(free)} free of {memory_size(total)} but loading "
                 f"{what} needs {memory_size(need)} ({memory_size(weights)} of weights x "
-                f"gpu_headroom_factor {settings.gpu_headroom_factor:g}); free GPU memory (other "
-                "processes, caches), use a larger GPU, quantize or shard the model, or lower "
-                f"gpu_headroom_factor ({phrasing.setting('gpu_headroom_factor', 1.0)})"
+                f"gpu_headroom_factor {settings.gpu_headroom_factor:g})",
+                hint="free GPU memory (other processes, caches), use a larger GPU, quantize or "
+                "shard the model, or lower gpu_headroom_factor "
+                f"({phrasing.setting('gpu_headroom_factor', 1.0)})",
             )
     return measured

@@ -178,7 +178,8 @@ def resolve_source(source: Source, settings: ResolvedSettings) -> ShardPlan:
     if expected and len(plan.shards) != expected:
         raise ShardCountMismatch(
             f"'{plan.uri}' has {len(plan.shards)} shard(s) but model.shard_count is {expected} "
-            f"(source {settings.sources['shard_count']}); fix the URI or the setting"
+            f"(source {settings.sources['shard_count']})",
+            hint="fix the URI or the setting",
         )
     return plan
 

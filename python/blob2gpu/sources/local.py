@@ -100,7 +100,11 @@ def resolve_local(uri: str) -> ShardPlan:
     if path.name.endswith(".index.json"):
         return _from_index(path)
     if kind.error in (errno.ENOENT, errno.ENOTDIR):
-        raise SourceUnavailable(f"checkpoint '{uri}' does not exist")
+        raise SourceUnavailable(
+            f"checkpoint '{uri}' does not exist",
+            hint="check the path: a directory of .safetensors files, one such file or an "
+            "index.json (a Blob checkpoint's URI starts with az:// or https://)",
+        )
     return ShardPlan(uri=str(path), shards=(_ref(path, kind),))
 
 
