@@ -193,6 +193,7 @@ def test_missing_blob_container_and_shard(published, azurite, container, blob_en
     with pytest.raises(errors.BlobNotFound, match=r"container 'nosuchcontainer'") as info:
         blob2gpu.load("az://nosuchcontainer/llama")
     assert info.value.hint == errors.BlobNotFound.remedy and "case-sensitive" in info.value.hint
+    assert str(info.value).count("container 'nosuchcontainer'") == 1  # named once
     with pytest.raises(errors.BlobNotFound, match=r"no .safetensors blobs"):
         blob2gpu.load(f"az://{container}/empty-prefix")
     azurite.service().get_container_client(container).delete_blob(

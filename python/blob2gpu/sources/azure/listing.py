@@ -82,7 +82,7 @@ def list_checkpoint(container: BlobContainer) -> BlobListing:
         b.name: b
         for b in retry.run(
             lambda: _list_level(container, f"{directory}/" if directory else None),
-            f"listing {location.describe()}",
+            "listing",  # the error names the container (the place): not twice
             None,
         )
     }
