@@ -28,3 +28,8 @@ def setting(name: str, value: Any) -> str:
         text = str(value).lower() if isinstance(value, bool) else str(value)
         return f"--set {name}={text}"
     return f"{name}={value!r}"
+
+
+def count(n: int, noun: str) -> str:
+    """'1 tensor', '2 tensors': `n` and `noun`, plural (an s) unless n is 1."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

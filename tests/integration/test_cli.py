@@ -36,7 +36,7 @@ def test_load_prints_summary_and_writes_report(write_checkpoint, tmp_path):
     out = tmp_path / "report.json"
     result = run("load", str(directory), "--device", "cpu", "--report", str(out))
     assert result.returncode == 0, result.stderr
-    assert "GB/s" in result.stdout and "2 tensors from 2 shard(s)" in result.stdout
+    assert "GB/s" in result.stdout and "2 tensors from 2 shards" in result.stdout
     assert "model_load_complete" in result.stdout
     report = json.loads(out.read_text())
     total = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
@@ -266,7 +266,7 @@ def test_load_defaults_to_model_source_uri(write_checkpoint, tmp_path):
     directory = write_checkpoint([{"w": random_tensor(torch.float32, (64, 64))}])
     result = run("load", env={"MODEL_SOURCE_URI": str(directory)})
     assert result.returncode == 0, result.stderr
-    assert "1 tensors from 1 shard(s)" in result.stdout
+    assert "1 tensor from 1 shard to" in result.stdout
     assert "read in" in result.stderr  # the final progress line
     result = run("load", env={"MODEL_SOURCE_URI": ""})
     assert result.returncode == 2 and "MODEL_SOURCE_URI" in result.stderr
@@ -493,7 +493,7 @@ def test_emulator_runs_until_interrupted_and_says_the_connection_string(write_ch
             published = run("publish", str(directory), "az://models/m", env=env)
             assert published.returncode == 0, published.stderr
         loaded = run("load", "az://models/m", env=env)
-        assert loaded.returncode == 0 and "1 tensors" in loaded.stdout, loaded.stderr
+        assert loaded.returncode == 0 and "1 tensor from" in loaded.stdout, loaded.stderr
         process.send_signal(signal.SIGINT if first else signal.SIGTERM)  # Ctrl-C, a stop
         out, err = process.communicate(timeout=60)
         assert process.returncode == 0 and "Azurite stopped." in out, err

@@ -40,7 +40,7 @@ def test_show_prints_the_phase_and_shard_tables(report_file):
     assert result.returncode == 0, result.stderr
     doc = json.loads(report_file.read_text())
     out = result.stdout
-    assert "GB/s" in out and "9 tensors from 3 shard(s) to cpu" in out
+    assert "GB/s" in out and "9 tensors from 3 shards to cpu" in out
     for phase, t in doc["phases"].items():
         line = next(ln for ln in out.splitlines() if ln.startswith(phase))
         assert line.split()[-1] == f"{t:.3f}"

@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from blob2gpu import phrasing
+
 if TYPE_CHECKING:
     from blob2gpu._core import SessionStats
     from blob2gpu.sources.feeding import FeedStats
@@ -224,7 +226,8 @@ class LoadReport:
         """One line: bytes, seconds, GB/s, tensors, shards, device."""
         return (
             f"{self.bytes / 1e9:.3f} GB in {self.seconds:.3f} s = {self.throughput_gbps:.2f} GB/s"
-            f", {self.tensors} tensors from {len(self.shards)} shard(s) to {self.device}"
+            f", {phrasing.count(self.tensors, 'tensor')} from "
+            f"{phrasing.count(len(self.shards), 'shard')} to {self.device}"
         )
 
     def phase_table(self) -> str:
