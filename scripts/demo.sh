@@ -24,10 +24,13 @@ esac
 step "building and installing blob2gpu[$extras] (compiles the C++ core: a minute or two)"
 "$PY" -m pip install -q --no-build-isolation ".[$extras]"
 # The demo serves its checkpoint from a local Azurite when npm can install one; else local files.
-if [ ! -x .azurite/node_modules/.bin/azurite-blob ] && command -v npm >/dev/null; then
-  step "installing Azurite (npm) into .azurite/"
-  npm install --no-save --no-audit --no-fund --loglevel=error --prefix .azurite azurite@3.37.0 \
-    || echo "azurite could not be installed: the demo reads local files"
+# It goes where `blob2gpu emulator` finds it from any directory (tools/emulator.py).
+azurite_dir=$("$PY" -c 'from blob2gpu.tools.emulator import user_azurite_dir; print(user_azurite_dir())')
+if ! "$PY" -c 'import sys; from blob2gpu.tools.emulator import find_azurite; sys.exit(find_azurite() is None)' \
+  && command -v npm >/dev/null; then
+  step "installing Azurite (npm) into $azurite_dir"
+  npm install --no-save --no-audit --no-fund --loglevel=error --prefix "$azurite_dir" azurite@3.37.0 >&2 \
+    || echo "azurite could not be installed: the demo reads local files" >&2
 fi
 step "running: blob2gpu demo $*"
 exec "$PY" -m blob2gpu demo "$@"

@@ -460,6 +460,24 @@ def test_hints_speak_command_line_syntax_on_the_command_line(tmp_path):
         raise AssertionError("400 GB fit in host memory")
 
 
+def test_the_emulator_finds_the_azurite_the_demo_installed_from_any_directory(
+    monkeypatch, tmp_path
+):
+    from blob2gpu.tools import emulator
+
+    monkeypatch.delenv("AZURITE_BLOB", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)  # no .azurite here
+    assert emulator.find_azurite() is None
+    said = emulator.missing()
+    assert f"npm install --prefix {tmp_path / 'data' / 'blob2gpu' / 'azurite'} azurite@" in said
+    launcher = tmp_path / "data" / "blob2gpu" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+    launcher.parent.mkdir(parents=True)
+    launcher.write_text("#!/bin/sh\n")
+    assert emulator.find_azurite() == str(launcher) and emulator.missing() is None
+
+
 def start_emulator(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     from blob2gpu.tools.emulator import find_azurite
     from support.azurite import REPO

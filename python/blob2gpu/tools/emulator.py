@@ -24,16 +24,23 @@ from blob2gpu.sources.azure.location import DEVELOPMENT_ACCOUNT_KEY as ACCOUNT_K
 if TYPE_CHECKING:
     from azure.storage.blob import BlobServiceClient
 
-INSTALL_HINT = "npm install --prefix .azurite azurite@3.37.0"
+AZURITE_PACKAGE = "azurite@3.37.0"
 DEFAULT_PORT = 10000  # Azurite's own, and UseDevelopmentStorage=true's
+
+
+def user_azurite_dir() -> Path:
+    """Where the demo installs Azurite for this user, found from any directory:
+    $XDG_DATA_HOME/blob2gpu/azurite, else ~/.local/share/blob2gpu/azurite."""
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
+    return Path(data) / "blob2gpu" / "azurite"
 
 
 def find_azurite(search: tuple[Path, ...] = ()) -> str | None:
     """The azurite-blob launcher: $AZURITE_BLOB, <dir>/.azurite for each dir in `search` and the
-    current directory, or PATH; None when there is none."""
+    current directory, user_azurite_dir(), or PATH; None when there is none."""
     candidates = [os.environ.get("AZURITE_BLOB")]
-    for d in (*search, Path.cwd()):
-        candidates.append(str(d / ".azurite" / "node_modules" / ".bin" / "azurite-blob"))
+    prefixes = [d / ".azurite" for d in (*search, Path.cwd())] + [user_azurite_dir()]
+    candidates += [str(p / "node_modules" / ".bin" / "azurite-blob") for p in prefixes]
     candidates.append(shutil.which("azurite-blob"))
     return next((c for c in candidates if c and os.path.exists(c)), None)
 
@@ -62,7 +69,7 @@ class Azurite:
         location: a directory to keep the blobs in across restarts (else in memory)."""
         launcher = launcher or find_azurite()
         if launcher is None:
-            raise FileNotFoundError(f"azurite-blob not found; install it with: {INSTALL_HINT}")
+            raise FileNotFoundError(missing())
         self.port = port or _free_port()
         self.location = Path(location) if location is not None else None
         self.scheme = "https" if tls else "http"
@@ -179,8 +186,9 @@ def missing() -> str | None:
     if find_azurite() is not None:
         return None
     return (
-        "azurite-blob was found neither in $AZURITE_BLOB, ./.azurite nor on PATH; install it "
-        f"with: {INSTALL_HINT} (or npm install -g azurite)"
+        f"azurite-blob was found neither in $AZURITE_BLOB, ./.azurite, {user_azurite_dir()} nor "
+        f"on PATH; install it with: npm install --prefix {user_azurite_dir()} {AZURITE_PACKAGE} "
+        "(or npm install -g azurite)"
     )
 
 
