@@ -664,7 +664,8 @@ def _check_environment_names(env: Mapping[str, str]) -> None:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
                 f"unknown environment variable '{clip(name)}'{hint}: blob2gpu reads no such "
-                "variable; unset it, or see docs/settings.md for the known ones"
+                "variable",
+                hint="unset it, or see docs/settings.md for the known ones",
             )
 
 

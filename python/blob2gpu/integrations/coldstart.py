@@ -146,8 +146,8 @@ def _read_config(transformers: Any, directory: Path, uri: str) -> Any:
     where = redact(strip_query(uri))
     if not (directory / "config.json").is_file():
         raise InvalidArgument(
-            f"no config.json beside the weights of '{where}': publish the "
-            "model directory with its config (blob2gpu publish DIR URI)"
+            f"no config.json beside the weights of '{where}'",
+            hint="publish the model directory with its config (blob2gpu publish DIR URI)",
         )
     try:
         return transformers.AutoConfig.from_pretrained(str(directory))

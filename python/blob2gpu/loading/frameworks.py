@@ -50,14 +50,15 @@ def converter(
         module = importlib.import_module(framework)
     except ImportError as e:
         raise InvalidArgument(
-            f"framework '{framework}' is not installed ({e}): pip install 'blob2gpu[{framework}]' "
-            "(or your own build of it), or pick another framework (numpy on the CPU, dlpack)"
+            f"framework '{framework}' is not installed ({e})",
+            hint=f"pip install 'blob2gpu[{framework}]' (or your own build of it), or pick another "
+            "framework (numpy on the CPU, dlpack)",
         ) from None
     convert: Callable[[_core.TensorView], Tensor] | None = getattr(module, "from_dlpack", None)
     if convert is None:
         raise InvalidArgument(
-            f"this {framework} has no from_dlpack (torch >= 1.10, numpy >= 1.22, cupy >= 10 do): "
-            f"upgrade it, or pick framework='dlpack'"
+            f"this {framework} has no from_dlpack (torch >= 1.10, numpy >= 1.22, cupy >= 10 do)",
+            hint="upgrade it, or pick framework='dlpack'",
         )
 
     def to_framework(view: _core.TensorView) -> Tensor:

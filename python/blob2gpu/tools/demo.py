@@ -159,7 +159,7 @@ def main(
             print(f"reading local files: {why_local}")
         source = "azurite" if why_local is None else "local"
     elif source == "azurite" and (missing := _azurite_missing()) is not None:
-        raise SourceUnavailable(f"--source azurite: {missing}; or run with --source local")
+        raise SourceUnavailable(f"--source azurite: {missing}", hint="or run with --source local")
     with tempfile.TemporaryDirectory(prefix="blob2gpu-demo-") as tmp:
         if model == "llama":
             return _llama_cold_start(Path(tmp), device, total_mb, source)
