@@ -322,35 +322,32 @@ def _unreachable(error: BaseException) -> str | None:
 
 
 def connection_problem(error: BaseException, location: BlobLocation) -> tuple[str, str] | None:
-    """(what happened, what to check) when the request never reached a server: the endpoint
-    refused the connection (nothing listens there), its name does not resolve, or it did not
-    answer the connection in time; None otherwise. Decided by the exception types down the
-    cause chain (ConnectionRefusedError, socket.gaierror, urllib3's ConnectTimeoutError)."""
-    import socket
-
+    """(what happened, what to check) when the request never reached a server (_unreachable):
+    the endpoint refused the connection (nothing listens there), its name does not resolve, or
+    it did not answer the connection in time; None otherwise."""
+    unreached = _unreachable(error)
+    if unreached is None:
+        return None
     parsed = urlparse(location.account_url)
     host = parsed.hostname or "?"
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     endpoint = f"{host}:{port}"
-    for e in _causes(error):
-        if isinstance(e, ConnectionRefusedError):
-            return (
-                f"connection refused: nothing listens at {endpoint}",
-                f"check the endpoint ({location.account_url}, from the URI or the connection "
-                "string) and that the storage service (or emulator) runs there",
-            )
-        if isinstance(e, socket.gaierror):
-            return (
-                f"the name '{host}' does not resolve",
-                "check the account name in the URI or connection string, and this node's DNS "
-                "(a private endpoint needs its privatelink zone)",
-            )
-        if type(e).__name__ == "ConnectTimeoutError":  # urllib3: no answer to the connection
-            return (
-                f"no answer from {endpoint} within connect_timeout_seconds",
-                "check the network path to the account (firewall, private endpoint, proxy)",
-            )
-    return None
+    if unreached == "connection refused":
+        return (
+            f"connection refused: nothing listens at {endpoint}",
+            f"check the endpoint ({location.account_url}, from the URI or the connection "
+            "string) and that the storage service (or emulator) runs there",
+        )
+    if unreached == "its name does not resolve":
+        return (
+            f"the name '{host}' does not resolve",
+            "check the account name in the URI or connection string, and this node's DNS "
+            "(a private endpoint needs its privatelink zone)",
+        )
+    return (
+        f"no answer from {endpoint} within connect_timeout_seconds",
+        "check the network path to the account (firewall, private endpoint, proxy)",
+    )
 
 
 def retry_advice(error: BaseException, location: BlobLocation) -> str:
