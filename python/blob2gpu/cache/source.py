@@ -228,14 +228,11 @@ class CachedSource(Source):
             if key in opened:
                 self.hits[i] = CacheHit.opened(*opened[key])
         self._served.update(plan.shards[i].name for i in self.hits)
-        archived = {
-            ref.path: ref.archived
-            for i, ref in enumerate(plan.shards)
-            if ref.archived and i not in self.hits
-        }
-        if archived:
+        try:
+            self.refuse_unreadable(r for i, r in enumerate(plan.shards) if i not in self.hits)
+        except BaseException:
             self._release()
-            raise self.inner.refuse(archived)
+            raise
         self._writer = self._write_through(load, skip=set(bypassed), refetch=again)
 
     def start(self, load: PreparedLoad, pipeline: _core.LoadPipeline) -> Fetch:
@@ -627,13 +624,8 @@ def warm_cache(
     if cache.shared:
         refused = {s.name: NO_AUTHORITY for s in shards if s.checks.authority is None}
         shards = [s for s in shards if s.name not in refused]
-    archived = {
-        s.ref.path: s.ref.archived
-        for s in shards
-        if s.ref.archived and cache.lookup(s.key, s.identity) is None
-    }
-    if archived:
-        raise source.refuse(archived, "warming the cache")
+    uncached = (s.ref for s in shards if s.ref.archived and cache.lookup(s.key, s.identity) is None)
+    source.refuse_unreadable(uncached, "warming the cache")
     return start_fill(cache, shards, source, settings), refused
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import struct
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 from urllib.parse import urlparse
@@ -160,6 +160,13 @@ class Source(ABC):
         said = ", ".join(f"'{path}' ({why})" for path, why in unreadable.items())
         return SourceUnavailable((f"{what}: " if what else "") + f"{said} cannot be read")
 
+    def refuse_unreadable(self, refs: Iterable[ShardRef], what: str | None = None) -> None:
+        """Raise refuse() for those of `refs` the storage serves no bytes of now (an archived
+        blob: ShardRef.archived says why), if any."""
+        unreadable = {ref.path: ref.archived for ref in refs if ref.archived}
+        if unreadable:
+            raise self.refuse(unreadable, what)
+
     # -- reading it --------------------------------------------------------------------------------
     @abstractmethod
     def read_into(self, ref: ShardRef, offset: int, view: memoryview) -> None:
@@ -195,9 +202,7 @@ class Source(ABC):
     def begin(self, load: PreparedLoad) -> None:
         """Decide how `load` reads its shards, before any memory is taken for them; raises
         (refuse()) for shards the storage serves no bytes of now (an archived blob)."""
-        archived = {ref.path: ref.archived for ref in load.plan.shards if ref.archived}
-        if archived:
-            raise self.refuse(archived)
+        self.refuse_unreadable(load.plan.shards)
 
     @abstractmethod
     def start(self, load: PreparedLoad, pipeline: _core.LoadPipeline) -> Fetch:
