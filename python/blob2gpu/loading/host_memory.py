@@ -184,6 +184,15 @@ def _groups_up(base: Path, path: str) -> list[Path]:
     return [base / relative, *(base / p for p in relative.parents)]
 
 
+def affinity_cpus() -> int:
+    """How many CPUs this process may run on (its affinity; the machine's count where that
+    cannot be read), before any cgroup quota."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def cgroup_cpu_quota(
     cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP
 ) -> int | None:

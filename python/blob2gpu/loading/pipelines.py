@@ -16,7 +16,7 @@ from typing import TypedDict
 
 from blob2gpu import _core
 from blob2gpu.errors import InvalidArgument
-from blob2gpu.loading.host_memory import cgroup_cpu_quota, host_memory
+from blob2gpu.loading.host_memory import affinity_cpus, cgroup_cpu_quota, host_memory
 from blob2gpu.settings import ResolvedSettings
 
 MiB = 1 << 20
@@ -46,10 +46,7 @@ class HostFacts:
         tensor-parallel ranks each sized for the whole host would pin eight rings' worth and run
         eight times the threads). Never raises (unknown memory counts as 0: the smallest ring)."""
         env = os.environ if environ is None else environ
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cpus = os.cpu_count() or 1
+        cpus = affinity_cpus()
         quota = cgroup_cpu_quota()
         if quota is not None:
             cpus = min(cpus, quota)

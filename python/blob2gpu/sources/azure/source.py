@@ -8,7 +8,6 @@ node share one throttling budget (NodeThrottle, next to the cache's locks)."""
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +17,7 @@ from blob2gpu import _core
 from blob2gpu.cache.directory import LOCKS, CacheDirectory, default_cache_dir
 from blob2gpu.errors import BlobArchived, ConfigError
 from blob2gpu.integrity.manifest import Manifest
+from blob2gpu.loading.host_memory import affinity_cpus
 from blob2gpu.settings import ResolvedSettings
 from blob2gpu.sources.azure.container import BlobContainer, HttpSessions, open_container
 from blob2gpu.sources.azure.failures import archived_error
@@ -218,11 +218,7 @@ def md5_side_by_side(load: PreparedLoad) -> int:
     whole, at a time); else 1, shard after shard."""
     if not load.content_md5 or load.device_cap > 0:
         return 1
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(load.settings.prefetch_concurrency, cpus))
+    return max(1, min(load.settings.prefetch_concurrency, affinity_cpus()))
 
 
 def range_bytes(load: PreparedLoad) -> int:
