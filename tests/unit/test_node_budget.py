@@ -13,6 +13,7 @@ from blob2gpu.errors import ConfigError
 from blob2gpu.settings import resolve
 from blob2gpu.sources.azure.source import node_budget
 from blob2gpu.sources.azure.throttle import NodeThrottle
+from support.node_state import wait_left
 
 
 def _prepared(cache_dir: str | None, retry_throttled_seconds: float = 120.0) -> Any:
@@ -55,7 +56,7 @@ def test_the_node_s_waits_are_bounded_by_the_load_s_retry_throttled_seconds(tmp_
     node = node_budget(_prepared(str(tmp_path), retry_throttled_seconds=5.0))
     assert isinstance(node, NodeThrottle) and node.max_wait_seconds == 5.0
     NodeThrottle(tmp_path / "locks").publish(60.0)
-    assert node.wait_left() == 0.0
+    assert wait_left(node) == 0.0
 
 
 def test_a_cache_dir_that_cannot_be_made_means_the_load_adapts_alone(tmp_path):

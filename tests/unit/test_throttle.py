@@ -19,6 +19,7 @@ import pytest
 from blob2gpu.sources.azure import throttle
 from blob2gpu.sources.azure.failures import throttled_by_bandwidth
 from blob2gpu.sources.azure.throttle import RANGE_GROWTH, NodeThrottle, ThrottleControl
+from support.node_state import wait_left
 
 KiB = 1 << 10
 
@@ -343,12 +344,12 @@ def test_a_request_reads_the_node_state_once(tmp_path):
 def test_an_unreadable_node_state_is_no_state(tmp_path):
     (tmp_path / NodeThrottle.FILE).write_bytes(b"not a state")
     node = NodeThrottle(tmp_path)
-    assert (node.state().generation, node.wait_left()) == (0, 0.0)
+    assert (node.state().generation, wait_left(node)) == (0, 0.0)
     assert node.publish(0.0, 4, 1024) == 1  # rewritten whole
     assert (node.state().concurrency, node.state().range_bytes) == (4, 1024)
     missing = NodeThrottle(tmp_path / "absent")
     assert missing.publish(1.0) == 0  # cannot be written: the load adapts alone
-    assert missing.wait_left() == 0.0
+    assert wait_left(missing) == 0.0
 
 
 def test_requests_in_flight_never_pass_the_limit():
@@ -647,7 +648,7 @@ def test_a_record_a_loader_writes_is_read(tmp_path):
     (tmp_path / NodeThrottle.FILE).write_bytes(record(generation=3, concurrency=4))
     state = NodeThrottle(tmp_path).state()
     assert (state.generation, state.concurrency, state.range_bytes) == (3, 4, 1024)
-    assert 5.0 < NodeThrottle(tmp_path).wait_left() <= 10.0
+    assert 5.0 < wait_left(NodeThrottle(tmp_path)) <= 10.0
 
 
 @pytest.mark.parametrize(
@@ -673,7 +674,7 @@ def test_a_record_a_loader_writes_is_read(tmp_path):
 def test_a_record_no_loader_could_write_is_ignored_then_overwritten(tmp_path, fields):
     (tmp_path / NodeThrottle.FILE).write_bytes(record(**fields))
     node = NodeThrottle(tmp_path)
-    assert node.state() == throttle.NodeState() and node.wait_left() == 0.0
+    assert node.state() == throttle.NodeState() and wait_left(node) == 0.0
     # A load on that node neither waits nor starts otherwise than on an untouched node.
     control = ThrottleControl(8, 1, 1, NodeThrottle(tmp_path))
     assert control.concurrency == untouched(tmp_path) and control.node_wait() == 0.0
@@ -681,27 +682,27 @@ def test_a_record_no_loader_could_write_is_ignored_then_overwritten(tmp_path, fi
     assert node.publish(2.0, 4, 1024) == 1
     state = node.state()
     assert (state.generation, state.concurrency, state.range_bytes) == (1, 4, 1024)
-    assert 0.0 < node.wait_left() <= 2.0
+    assert 0.0 < wait_left(node) <= 2.0
 
 
 def test_a_wait_is_bounded_by_the_load_s_retry_throttled_seconds(tmp_path):
     (tmp_path / NodeThrottle.FILE).write_bytes(record(wait=60.0))
-    assert NodeThrottle(tmp_path).wait_left() > 50.0  # within the default 120 s
-    assert NodeThrottle(tmp_path, max_wait_seconds=30.0).wait_left() == 0.0
+    assert wait_left(NodeThrottle(tmp_path)) > 50.0  # within the default 120 s
+    assert wait_left(NodeThrottle(tmp_path, max_wait_seconds=30.0)) == 0.0
     # A publication asks for no more than that either, and never keeps a forged wait.
     node = NodeThrottle(tmp_path, max_wait_seconds=30.0)
     node.publish(1e9)
-    assert 25.0 < node.wait_left() <= 30.0
+    assert 25.0 < wait_left(node) <= 30.0
 
 
 def test_publishing_keeps_the_longest_wait_only_while_a_loader_could_have_asked_it(tmp_path):
     node = NodeThrottle(tmp_path)
     node.publish(60.0)
     node.publish(1.0)
-    assert node.wait_left() > 50.0  # the longer wait of the node's loads holds
+    assert wait_left(node) > 50.0  # the longer wait of the node's loads holds
     (tmp_path / NodeThrottle.FILE).write_bytes(record(wait=1e6))
     node.publish(1.0)
-    assert node.wait_left() <= 1.0  # a forged one does not stick
+    assert wait_left(node) <= 1.0  # a forged one does not stick
 
 
 def test_a_fifo_at_the_state_path_is_no_state_and_is_replaced(tmp_path):

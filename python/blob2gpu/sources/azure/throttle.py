@@ -452,19 +452,13 @@ class NodeThrottle:
     CLOCK_SLACK_SECONDS = 5.0
 
     def __init__(
-        self,
-        directory: str | os.PathLike[str],
-        max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS,
-        max_concurrency: int = MAX_CONCURRENCY,
-        max_range_bytes: int = MAX_RANGE_BYTES,
+        self, directory: str | os.PathLike[str], max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS
     ) -> None:
         """max_wait_seconds: the longest a loader asks its node to stay away
-        (retry_throttled_seconds); max_concurrency and max_range_bytes: the most a decrease can
-        come to (the settings' limits). A record beyond any of them is no state."""
+        (retry_throttled_seconds). A record beyond it, or beyond the settings' limits on what a
+        decrease can come to (MAX_CONCURRENCY, MAX_RANGE_BYTES), is no state."""
         self.path = Path(directory) / self.FILE
         self.max_wait_seconds = max_wait_seconds
-        self.max_concurrency = max_concurrency
-        self.max_range_bytes = max_range_bytes
 
     def state(self) -> NodeState:
         """What the node's loads published (all zero: nothing, or a record that cannot be read
@@ -493,16 +487,12 @@ class NodeThrottle:
             and math.isfinite(stamp)
             and 0 < stamp <= now + self.CLOCK_SLACK_SECONDS
             and 0 <= until <= stamp + self.max_wait_seconds
-            and 0 <= concurrency <= self.max_concurrency
-            and 0 <= range_bytes <= self.max_range_bytes
+            and 0 <= concurrency <= MAX_CONCURRENCY
+            and 0 <= range_bytes <= MAX_RANGE_BYTES
             and kind in (0, EGRESS, REQUEST_RATE)
         ):
             return None
         return NodeState(generation, until, stamp, concurrency, range_bytes, kind)
-
-    def wait_left(self) -> float:
-        """Seconds until the node's loads may send again."""
-        return max(0.0, self.state().until - time.time())
 
     def publish(
         self, retry_after: float, concurrency: int = 0, range_bytes: int = 0, kind: int = 0
@@ -528,8 +518,8 @@ class NodeThrottle:
                 generation,
                 min(max(old.until, now + wait), now + self.max_wait_seconds),
                 now,
-                max(0, min(concurrency, self.max_concurrency)),
-                max(0, min(range_bytes, self.max_range_bytes)),
+                max(0, min(concurrency, MAX_CONCURRENCY)),
+                max(0, min(range_bytes, MAX_RANGE_BYTES)),
                 kind,
             )
             os.pwrite(fd, data, 0)
