@@ -176,10 +176,10 @@ def ranged_gets(container_name: str) -> list[str]:
         ref = ShardRef(name="shard.bin", path=BLOB, size=SIZE, etag=etag)
         got = bytearray(SIZE - 3)
         reader.read_into(ref, 3, memoryview(got))
-        if bytes(got) != data[3:] or reader.bytes_read != SIZE - 3 or reader.requests != 1:
+        if bytes(got) != data[3:] or reader.requests != 1:
             problems.append(
-                f"BlobRangeReader: {reader.requests} request(s), {reader.bytes_read} bytes, "
-                f"equal to the blob's: {bytes(got) == data[3:]}"
+                f"BlobRangeReader: {reader.requests} request(s), bytes equal to the blob's: "
+                f"{bytes(got) == data[3:]}"
             )
         blob.delete_blob()
     return problems

@@ -41,8 +41,8 @@ class BlobRangeReader:
     a load.
 
     Counters (read them once the reads are done): `requests`, every GET attempt, answered or not;
-    `bytes_read`, body bytes that landed; retries_of(path), the retries of one blob's ranges
-    (`retry.retries` counts every retry of the load, listing included).
+    retries_of(path), the retries of one blob's ranges (`retry.retries` counts every retry of
+    the load, listing included).
     """
 
     def __init__(
@@ -68,7 +68,6 @@ class BlobRangeReader:
         self._in_flight = 0  # get_into() calls on it
         self._retries: dict[str, int] = {}
         self.requests = 0
-        self.bytes_read = 0
 
     def retries_of(self, path: str) -> int:
         """How many times a range of blob `path` was retried."""
@@ -202,7 +201,6 @@ class BlobRangeReader:
             raise
         with self._lock:
             self._in_flight -= 1
-            self.bytes_read += result.bytes_received
         error = range_failure(result)
         log_request(client, target, result, error)
         if isinstance(error, RangeMismatch):
@@ -230,8 +228,6 @@ class BlobRangeReader:
                 if not n:
                     raise ConnectionResetError(f"connection closed after {pos} of {total} bytes")
                 pos += n
-                with self._lock:
-                    self.bytes_read += n
             response.release()  # keep-alive: back to the pool
             response = None
             return pos, None
