@@ -164,10 +164,6 @@ class NvmeCache:
     def lock(self, key: str) -> EntryLock:
         return EntryLock(self.dir, key)
 
-    def entry_paths(self, key: str) -> tuple[Path, Path]:
-        """Where entry `key`'s bytes and its record are published (whether or not they are)."""
-        return self.entries_dir / f"{key}.bin", self.entries_dir / f"{key}.json"
-
     def read_records(self, keys: list[str]) -> dict[str, bytes | OSError]:
         """The records of entries `keys` as lookup() takes them (`read`): their bytes, or why
         they could not be read; RECORD_BATCH of them at a call."""
@@ -183,8 +179,7 @@ class NvmeCache:
         """Entry `key` with its record read (bounded, never through a symlink; `read`: as
         read_records() read it) and parsed; a record that is missing, unreadable or malformed
         leaves `problem` set."""
-        data_path, meta_path = self.entry_paths(key)
-        entry = CacheEntry(key, data_path, meta_path)
+        entry = CacheEntry(key, self.entries_dir / f"{key}.bin", self.entries_dir / f"{key}.json")
         try:
             if read is None:
                 read = self.dir.read_bounded(ENTRIES, f"{key}.json", MAX_RECORD_BYTES)
@@ -282,13 +277,14 @@ class NvmeCache:
         return [self._entry(key) for key in sorted(keys)]
 
     def total_bytes(self) -> int:
-        total = 0
-        for name in self.dir.names(ENTRIES):
-            if name.endswith(".bin"):
-                with contextlib.suppress(OSError):
-                    st = self.dir.lstat(ENTRIES, name)
-                    total += st.st_size if stat.S_ISREG(st.st_mode) else 0
-        return total
+        return sum(self._data_bytes(n) for n in self.dir.names(ENTRIES) if n.endswith(".bin"))
+
+    def _data_bytes(self, name: str) -> int:
+        """The size of `name` in entries/ when it is a regular file, else 0."""
+        with contextlib.suppress(OSError):
+            st = self.dir.lstat(ENTRIES, name)
+            return st.st_size if stat.S_ISREG(st.st_mode) else 0
+        return 0
 
     def remove(self, entry: CacheEntry) -> None:
         """Remove the entry (its record first: without it the data is not an entry any more). A
@@ -325,10 +321,7 @@ class NvmeCache:
                 continue
             try:
                 if lock.try_acquire():
-                    size = 0
-                    with contextlib.suppress(OSError):
-                        st = self.dir.lstat(ENTRIES, f"{entry.key}.bin")
-                        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+                    size = self._data_bytes(f"{entry.key}.bin")
                     self.remove(entry)
                     total -= size
             finally:
