@@ -15,7 +15,7 @@ from blob2gpu.cache.nvme import EntryLock, EntryRefused, EntryWrite, NvmeCache
 
 @dataclass
 class _Pending:
-    index: int
+    name: str  # the shard's
     entry: EntryWrite
     done: bool = False  # given up or complete: nothing more is queued for it
 
@@ -40,7 +40,6 @@ class CacheWriter:
         self.cache = cache
         self.stats = WriterStats()
         self._pending: dict[int, _Pending] = {}
-        self._names: dict[int, str] = {}
         self._budget = queue_bytes
         self._queued = 0
         self._lock = threading.Lock()
@@ -64,7 +63,6 @@ class CacheWriter:
         """Start writing shard `index` (the caller holds its entry lock, now ours). checks: the
         manifest's checksums of the file, which the entry is checked against before it is
         published (the core checks a Content-MD5 over the same bytes as they land)."""
-        self._names[index] = name
         try:
             self._start()
         except RuntimeError as e:  # no thread to be had: this shard is not cached
@@ -76,7 +74,7 @@ class CacheWriter:
         except EntryRefused as e:
             self.stats.skipped[name] = e.why
             return
-        self._pending[index] = _Pending(index, entry)
+        self._pending[index] = _Pending(name, entry)
 
     def _start(self) -> None:
         """Start the writing and publishing threads, with the first shard to write: a load of
@@ -120,7 +118,7 @@ class CacheWriter:
             why = p.entry.publish()
             p.done = True
             if why is None:
-                self.stats.written.append(self._names[p.index])
+                self.stats.written.append(p.name)
             else:
                 self._skip(p, why)
 
@@ -152,7 +150,7 @@ class CacheWriter:
         self._skip(p, why)
 
     def _skip(self, p: _Pending, why: str) -> None:
-        self.stats.skipped.setdefault(self._names[p.index], why)
+        self.stats.skipped.setdefault(p.name, why)
 
     def close(self) -> WriterStats:
         """Finish queued writes, give up shards not complete, release every lock."""
