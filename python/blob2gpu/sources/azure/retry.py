@@ -66,16 +66,13 @@ class RetryPolicy:
             if self.stopping.wait(remaining):
                 raise LoadCancelled("the load was cancelled while waiting out throttling")
 
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait before retry number `attempt` (1-based): jittered, capped."""
-        ceiling = min(self.backoff_max_seconds, self.backoff_seconds * (2 ** (attempt - 1)))
-        return float(ceiling * random.uniform(0.5, 1.0))
-
     def backoff(self, attempt: int, error: BaseException, stay: float | None = None) -> float:
-        """The wait before retry number `attempt`: the jittered backoff, or longer when the
-        server said, or throttling implies, a longer one (`stay`, drawn by stay_away if not
-        given)."""
-        return max(self.delay(min(attempt, 16)), self.stay_away(error) if stay is None else stay)
+        """The wait before retry number `attempt` (1-based): the jittered, capped backoff, or
+        longer when the server said, or throttling implies, a longer one (`stay`, drawn by
+        stay_away if not given)."""
+        doubled = self.backoff_seconds * (2 ** (min(attempt, 16) - 1))
+        delay = float(min(self.backoff_max_seconds, doubled) * random.uniform(0.5, 1.0))
+        return max(delay, self.stay_away(error) if stay is None else stay)
 
     def stay_away(self, error: BaseException) -> float:
         """How long `error` keeps a request away, at least (a draw: the caller that tells others
