@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from blob2gpu import _core
-from blob2gpu.documents import INDEX_MAX_BYTES, INDEX_NAME, clip, file_bytes, parse_json
+from blob2gpu.documents import INDEX_MAX_BYTES, INDEX_NAME, clip, file_bytes
 from blob2gpu.errors import InvalidIndex, SourceUnavailable
 from blob2gpu.integrity.manifest import Manifest, read_local_manifest
 from blob2gpu.sources.feeding import FeedStats, Fetch
-from blob2gpu.sources.plan import ShardPlan, ShardRef, unread_weights_note
+from blob2gpu.sources.plan import ShardPlan, ShardRef, index_weight_map, unread_weights_note
 from blob2gpu.sources.source import Source, register
 
 if TYPE_CHECKING:
@@ -48,14 +48,7 @@ def _from_index(index_path: Path, read: _core.SmallFile | None = None) -> ShardP
     if read is None:
         read = _core.read_small_files([os.fsencode(index_path)], INDEX_MAX_BYTES)[0]
     raw = file_bytes(read, index_path, INDEX_MAX_BYTES, InvalidIndex, "index", SourceUnavailable)
-    doc = parse_json(raw, InvalidIndex, f"index '{clip(index_path.name)}'")
-    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-    ):
-        raise InvalidIndex(
-            f"index '{index_path.name}' has no 'weight_map' of tensor name to shard file name"
-        )
+    weight_map = index_weight_map(raw, index_path.name)
     names = sorted(set(weight_map.values()))
     for name in names:  # a name that leaves the directory is refused before anything is looked at
         if os.sep in name or name.startswith("."):
@@ -66,7 +59,7 @@ def _from_index(index_path: Path, read: _core.SmallFile | None = None) -> ShardP
         if not kind.regular:
             raise _not_beside(index_path, name)
         refs.append(_ref(shard_path, kind))
-    return ShardPlan(uri=str(index_path), shards=tuple(refs), weight_map=dict(weight_map))
+    return ShardPlan(uri=str(index_path), shards=tuple(refs), weight_map=weight_map)
 
 
 def _not_beside(index_path: Path, name: str) -> SourceUnavailable:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from blob2gpu.documents import clip, parse_json
+from blob2gpu.errors import InvalidIndex
+
 # Weights in formats other than safetensors, often published beside them (pytorch_model.bin,
 # consolidated.pth, GGUF and ONNX exports): gigabytes that are neither loaded nor auxiliary.
 OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -27,6 +30,22 @@ def unread_weights_note(names: Iterable[str]) -> str:
         "first, e.g. with transformers: model.save_pretrained(DIR, safe_serialization=True), "
         "or torch.load the state dict and write it with safetensors.torch.save_file"
     )
+
+
+def index_weight_map(raw: bytes, name: str, file_names_only: bool = False) -> dict[str, str]:
+    """The weight_map (tensor name -> shard file name) of index `name` whose bytes are `raw`;
+    file_names_only: a shard name holding '/' or starting with '.' makes it no index. Raises
+    InvalidIndex."""
+    doc = parse_json(raw, InvalidIndex, f"index '{clip(name)}'")
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str)
+        and isinstance(v, str)
+        and not (file_names_only and ("/" in v or v.startswith(".")))
+        for k, v in weight_map.items()
+    ):
+        raise InvalidIndex(f"index '{name}' has no 'weight_map' of tensor name to shard file name")
+    return dict(weight_map)
 
 
 @dataclass(frozen=True)

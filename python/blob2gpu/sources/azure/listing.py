@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from blob2gpu.documents import INDEX_MAX_BYTES, INDEX_NAME, clip, parse_json
+from blob2gpu.documents import INDEX_MAX_BYTES, INDEX_NAME, clip
 from blob2gpu.errors import BlobNotFound, InvalidIndex, SourceUnavailable
 from blob2gpu.integrity.manifest import MANIFEST_NAME
 from blob2gpu.sources.azure.failures import archived_reason
@@ -24,6 +24,7 @@ from blob2gpu.sources.azure.location import BlobLocation
 from blob2gpu.sources.plan import (
     ShardPlan,
     ShardRef,
+    index_weight_map,
     is_other_weight_file,
     unread_weights_note,
 )
@@ -258,7 +259,7 @@ def _read_index(container: BlobContainer, index: ListedBlob) -> dict[str, str]:
             f"({INDEX_MAX_BYTES >> 20} MiB): it is not one"
         )
     raw = container.read_small_blob(index.name, index.etag, index.size)
-    return _parse_index(raw, index.name)
+    return index_weight_map(raw, index.name, file_names_only=True)
 
 
 def _indexed_shards(
@@ -287,14 +288,3 @@ def if_unchanged() -> Any:
     from azure.core import MatchConditions
 
     return MatchConditions.IfNotModified
-
-
-def _parse_index(raw: bytes, name: str) -> dict[str, str]:
-    doc = parse_json(raw, InvalidIndex, f"index '{clip(name)}'")
-    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and "/" not in v and not v.startswith(".")
-        for k, v in weight_map.items()
-    ):
-        raise InvalidIndex(f"index '{name}' has no 'weight_map' of tensor name to shard file name")
-    return dict(weight_map)
