@@ -3,7 +3,7 @@ disk fell behind the load) are fetched again from Blob straight into their cache
 load leaves the node's cache complete. `blob2gpu cache warm` runs the same fill without a load.
 
 One process-wide thread fills one shard at a time, each range pinned to the etag the load listed
-(the caller's `read_into`: the source's ranged reads, with its retry policy), at no more than
+(the checkpoint source's ranged reads, with its retry policy), at no more than
 `bytes_per_second`, under the entry's lock and published like any entry (EntryWrite). The thread
 is a daemon: it never holds the interpreter open. At exit it is stopped and the shard it was on is
 abandoned (its temporary file removed); a process killed outright leaves only a file in tmp/,
@@ -18,12 +18,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from blob2gpu.cache.checks import BlobChecks, check_bytes
 from blob2gpu.cache.nvme import CacheEntry, EntryRefused, EntryWrite, NvmeCache
 from blob2gpu.errors import Blob2GpuError
 from blob2gpu.sources.plan import ShardRef
+
+if TYPE_CHECKING:
+    from blob2gpu.sources.source import RangeReader, Source
 
 _CACHED = "already cached"  # _fill_one's answer for an entry that was there and checked good
 FILL_RANGE_BYTES = 8 << 20  # the largest ranged GET of the fill, into one reused buffer
@@ -60,22 +63,6 @@ class FillResult:
     repaired: dict[str, str] = field(default_factory=dict)
 
 
-class FillReader(Protocol):
-    """What the fill reads with: its source's ranged reads, over connections of its own."""
-
-    def read_into(self, ref: ShardRef, offset: int, view: memoryview) -> None:
-        """Fill `view` with the listed blob's bytes at `offset` (pinned to its etag)."""
-        ...
-
-    def interrupt(self) -> None:
-        """Break a read in flight (at exit)."""
-        ...
-
-    def close(self) -> None:
-        """Close the connections."""
-        ...
-
-
 class CacheFill:
     """One fill job: some shards of one checkpoint. Made by submit_fill; wait() for its end."""
 
@@ -83,23 +70,25 @@ class CacheFill:
         self,
         cache: NvmeCache,
         shards: Sequence[FillShard],
-        open_reader: Callable[[threading.Event], FillReader],
+        source: Source,
         bytes_per_second: int,
         on_shard: Callable[[str, str | None], None] | None = None,
     ) -> None:
-        """open_reader(stopping): a reader over this job's own storage connections, which ends
-        its reads (and retry waits) when `stopping` is set at exit. bytes_per_second: 0 for no
-        bound. on_shard(name, why_not): called after each shard (why_not None: published)."""
+        """source: the checkpoint's, whose ranged reads the fill makes through a source of its
+        own (source.reopen(): the load's connections close with its Loader; the fill outlives
+        it), ended (retry waits too) when the stopping event is set at exit. bytes_per_second: 0
+        for no bound. on_shard(name, why_not): called after each shard (why_not None:
+        published)."""
         self.cache = cache
         self.shards = list(shards)
         self.total_bytes = sum(s.identity["size"] for s in self.shards)
-        self._open_reader = open_reader
+        self._source = source
         self._rate = bytes_per_second
         self._on_shard = on_shard
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._bytes_done = 0
-        self._reader: FillReader | None = None
+        self._reader: RangeReader | None = None
         self.result = FillResult()
 
     def progress(self) -> tuple[int, int]:
@@ -131,7 +120,8 @@ class CacheFill:
                 self._record(shard.name, "the process exited before the fill reached it")
             return
         try:
-            reader = self._open_reader(stopping)
+            source = self._source.reopen()
+            reader = source.ranges(None, stopping)
         except Exception as e:  # no connection: nothing is filled, the cache stays as it was
             for shard in self.shards:
                 self._record(shard.name, f"the fill could not reach storage: {what_was_wrong(e)}")
@@ -150,17 +140,17 @@ class CacheFill:
         finally:
             with self._lock:
                 self._reader = None
-            reader.close()
+            source.close()
 
     def interrupt(self) -> None:
         """Break the read in flight (the stopping event is set first)."""
         with self._lock:
             reader = self._reader
         if reader is not None:
-            reader.interrupt()
+            reader.stop()
 
     def _fill_one(
-        self, shard: FillShard, reader: FillReader, buffer: memoryview, stopping: threading.Event
+        self, shard: FillShard, reader: RangeReader, buffer: memoryview, stopping: threading.Event
     ) -> str | None:
         """Fetch one shard into its entry; None when published, else why not."""
         try:

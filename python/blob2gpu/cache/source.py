@@ -558,24 +558,6 @@ def unrepaired(error: BaseException, shard: str, entry_key: str) -> BaseExceptio
 
 
 # -- the fill and `cache warm` --------------------------------------------------------------------
-class _FillReader:
-    """The fill's reads, through a source of its own (the load's connections close with its
-    Loader; the fill outlives it), ended by `stopping` at exit."""
-
-    def __init__(self, source: Source, stopping: threading.Event) -> None:
-        self._source = source.reopen()
-        self._ranges = self._source.ranges(None, stopping)
-
-    def read_into(self, ref: ShardRef, offset: int, view: memoryview) -> None:
-        self._ranges.read_into(ref, offset, view)
-
-    def interrupt(self) -> None:
-        self._ranges.stop()
-
-    def close(self) -> None:
-        self._source.close()
-
-
 def start_fill(
     cache: NvmeCache,
     shards: list[FillShard],
@@ -586,11 +568,7 @@ def start_fill(
     """Queue the fill of `shards` (read from `source`'s checkpoint) on the process's fill
     thread, at most settings.cache_fill_bytes_per_second; returns the job. on_shard(name,
     why_not): called as each shard is published (why_not None) or not."""
-
-    def open_reader(stopping: threading.Event) -> _FillReader:
-        return _FillReader(source, stopping)
-
-    job = CacheFill(cache, shards, open_reader, settings.cache_fill_bytes_per_second, on_shard)
+    job = CacheFill(cache, shards, source, settings.cache_fill_bytes_per_second, on_shard)
     return submit_fill(job)
 
 
