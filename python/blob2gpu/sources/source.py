@@ -127,6 +127,8 @@ class Source(ABC):
         Loader keeps between loads (None: connections of this source's own)."""
         self.uri = uri
         self.settings = settings
+        self._credential = credential
+        self._connections = connections
         self._headers: dict[ShardRef, _core.ParsedHeader] = {}
 
     # -- what the checkpoint is -------------------------------------------------------------------
@@ -227,9 +229,9 @@ class Source(ABC):
         return None
 
     def reopen(self) -> Source:
-        """This checkpoint's source over connections of its own (for work that outlives the
-        load's Loader)."""
-        return type(self)(self.uri, self.settings)
+        """This checkpoint's source, with its credential, over connections of its own (for work
+        that outlives the load's Loader)."""
+        return type(self)(self.uri, self.settings, self._credential)
 
     def fetch_aux(self, dest: str | Path) -> list[Path]:
         """Download the files beside the shards (config, tokenizer) into `dest`; see

@@ -29,7 +29,7 @@ from blob2gpu.sources.azure.retry import RetryPolicy
 from blob2gpu.sources.azure.throttle import NodeThrottle, ThrottleControl
 from blob2gpu.sources.feeding import FeedStats, Fetch
 from blob2gpu.sources.plan import ShardPlan, ShardRef
-from blob2gpu.sources.source import Connections, Source, Tee, register
+from blob2gpu.sources.source import Source, Tee, register
 
 if TYPE_CHECKING:
     from blob2gpu.loading.prepare import PreparedLoad
@@ -44,20 +44,10 @@ class AzureSource(Source):
     remote = True
     unverified = "size+etag"
 
-    def __init__(
-        self,
-        uri: str,
-        settings: ResolvedSettings,
-        credential: object = None,
-        connections: Connections | None = None,
-    ) -> None:
-        super().__init__(uri, settings, credential, connections)
-        self._credential = credential
-        self._connections = connections
-        self._container: BlobContainer | None = None
-        self._listing: BlobListing | None = None
-        self._reader: BlobRangeReader | None = None  # headers' reads
-        self._ranges: list[BlobRangeReader] = []  # a fan-out's readers
+    _container: BlobContainer | None = None
+    _listing: BlobListing | None = None
+    _reader: BlobRangeReader | None = None  # headers' reads
+    _ranges: tuple[BlobRangeReader, ...] = ()  # a fan-out's readers
 
     @property
     def container(self) -> BlobContainer:
@@ -111,7 +101,7 @@ class AzureSource(Source):
             c.retry.stopping = stopping  # the retry policy's waits end with it too
         throttle = load_throttle(load) if load is not None else None  # as a load's feeder's
         reader = BlobRangeReader(c, None, throttle)
-        self._ranges.append(reader)
+        self._ranges = (*self._ranges, reader)
         return AzureRanges(reader, c.retry, throttle)
 
     def start(self, load: PreparedLoad, pipeline: _core.LoadPipeline) -> Fetch:
@@ -150,9 +140,6 @@ class AzureSource(Source):
             side_by_side=md5_side_by_side(load),
         )
 
-    def reopen(self) -> AzureSource:
-        return AzureSource(self.uri, self.settings, self._credential)
-
     def fetch_aux(self, dest: str | Path) -> list[Path]:
         """Download the non-weight files beside the shards into `dest` (container.fetch_aux:
         each pinned to its listed etag, checked against the manifest, renamed into place)."""
@@ -170,7 +157,7 @@ class AzureSource(Source):
 
     def _release_readers(self) -> None:
         readers = [self._reader, *self._ranges] if self._reader is not None else self._ranges
-        self._reader, self._ranges = None, []
+        self._reader, self._ranges = None, ()
         for reader in readers:
             reader.close()
 
