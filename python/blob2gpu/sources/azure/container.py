@@ -34,7 +34,7 @@ from blob2gpu.redaction import install_log_redaction, redact
 from blob2gpu.settings import Settings
 from blob2gpu.sources.azure.credentials import resolve_credential, sas_expiry
 from blob2gpu.sources.azure.failures import archived_error
-from blob2gpu.sources.azure.listing import AuxBlob, BlobListing, if_unchanged, list_checkpoint
+from blob2gpu.sources.azure.listing import BlobListing, ListedBlob, if_unchanged, list_checkpoint
 from blob2gpu.sources.azure.location import BlobLocation, parse_blob_uri
 from blob2gpu.sources.azure.native_clients import NativeHttp, RangeClients
 from blob2gpu.sources.azure.native_requests import (
@@ -172,16 +172,17 @@ class BlobContainer:
     def read_manifest(self, listing: BlobListing) -> Manifest | None:
         """The checkpoint's blob2gpu.manifest.json, or None when it has none. Raises
         InvalidManifest for a malformed one, or one larger than a manifest holds (unread)."""
-        name = listing.manifest_blob
-        if name is None:
+        listed = listing.manifest
+        if listed is None:
             return None
-        if listing.manifest_bytes > MANIFEST_MAX_BYTES:  # refused before it is read
+        where = self.location.describe(listed.name)
+        if listed.size > MANIFEST_MAX_BYTES:  # refused before it is read
             raise InvalidManifest(
-                f"manifest {self.location.describe(name)} is {listing.manifest_bytes} bytes, more "
-                f"than a manifest holds ({MANIFEST_MAX_BYTES >> 20} MiB): it is not one"
+                f"manifest {where} is {listed.size} bytes, more than a manifest holds "
+                f"({MANIFEST_MAX_BYTES >> 20} MiB): it is not one"
             )
-        data = self.read_small_blob(name, listing.manifest_etag, listing.manifest_bytes)
-        return Manifest.from_json(data, self.location.describe(name))
+        data = self.read_small_blob(listed.name, listed.etag, listed.size)
+        return Manifest.from_json(data, where)
 
     def fetch_aux(self, dest: str | os.PathLike[str], verify: str = "auto") -> list[Path]:
         """Download the checkpoint's other files (config.json, tokenizer files, the index, ...)
@@ -233,7 +234,7 @@ class BlobContainer:
             written.append(target)
         return written
 
-    def _download_to_temp(self, aux: AuxBlob, target: Path) -> tuple[str, int, str]:
+    def _download_to_temp(self, aux: ListedBlob, target: Path) -> tuple[str, int, str]:
         """Stream one aux blob (its listed version) into a temporary file beside `target`;
         returns (temporary path, bytes, SHA-256 hex). The temporary file is gone if it fails;
         a local failure (disk full) is a LocalWriteError, never retried as a storage one."""
@@ -270,7 +271,7 @@ class BlobContainer:
             raise
         return tmp, size, sha.hexdigest()
 
-    def _aux_chunks(self, aux: AuxBlob) -> Iterator[bytes | bytearray]:
+    def _aux_chunks(self, aux: ListedBlob) -> Iterator[bytes | bytearray]:
         """The bytes of `aux` at its listed etag, in parts: ranged GETs of AUX_PART_BYTES read
         by the core (native_http on), else azure-storage-blob's download stream. Raises the
         request's failure (412 when the etag no longer matches; RangeMismatch, another size)."""

@@ -48,25 +48,15 @@ class ListedBlob:
     archived: str | None  # why the service refuses its bytes now (failures.archived_reason)
 
 
-@dataclass(frozen=True)
-class AuxBlob:
-    """A non-weight file beside the shards (config.json, tokenizer files, the index, ...)."""
-
-    name: str  # the blob's full name
-    size: int
-    etag: str
-    archived: str | None = None  # why the service refuses its bytes now (Archive tier)
-
-
 @dataclass
 class BlobListing:
     """What a Blob URI resolved to: the plan, and the other files beside the weights."""
 
     plan: ShardPlan
-    aux_blobs: list[AuxBlob]  # config, tokenizer, ... files (other weight formats left out)
-    manifest_blob: str | None = None  # blob2gpu.manifest.json beside the shards, if any
-    manifest_bytes: int = 0  # its size as listed
-    manifest_etag: str | None = None  # its etag as listed
+    # The non-weight files beside the shards: config, tokenizer, the index, ... (other weight
+    # formats left out).
+    aux_blobs: list[ListedBlob]
+    manifest: ListedBlob | None = None  # blob2gpu.manifest.json beside the shards, if any
 
 
 def list_checkpoint(container: BlobContainer) -> BlobListing:
@@ -109,7 +99,7 @@ def list_checkpoint(container: BlobContainer) -> BlobListing:
                 )
     weights = set(shard_names)
     aux = [
-        AuxBlob(n, b.size, b.etag, b.archived)
+        b
         for n, b in by_name.items()
         if n not in weights and not n.endswith(".safetensors") and not is_other_weight_file(n)
     ]
@@ -119,14 +109,7 @@ def list_checkpoint(container: BlobContainer) -> BlobListing:
         shards=tuple(_shard_ref(by_name[n]) for n in shard_names),
         weight_map=weight_map,
     )
-    manifest = by_name.get(manifest_name)
-    return BlobListing(
-        plan=plan,
-        aux_blobs=aux,
-        manifest_blob=manifest_name if manifest is not None else None,
-        manifest_bytes=manifest.size if manifest is not None else 0,
-        manifest_etag=manifest.etag if manifest is not None else None,
-    )
+    return BlobListing(plan=plan, aux_blobs=aux, manifest=by_name.get(manifest_name))
 
 
 def _list_level(container: BlobContainer, prefix: str | None) -> list[ListedBlob]:
