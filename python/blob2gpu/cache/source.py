@@ -295,14 +295,6 @@ class CachedSource(Source):
         assert identity is not None, "a remote source's shards have a cache identity"
         return NvmeCache.key_of(identity), identity
 
-    def _hit(self, key: str, identity: dict[str, object]) -> CacheHit | None:
-        """The entry under `key` (a shard's, see _key), opened as a hit; None when the cache has
-        none of the listed version (`identity`), or its data cannot be opened as a regular file
-        of its size (then removed)."""
-        assert self.cache is not None
-        opened = self.cache.open_hits({key: (identity, None)})
-        return CacheHit.opened(*opened[key]) if key in opened else None
-
     def _has_authority(self, load: PreparedLoad, index: int) -> bool:
         """Whether shard `index`'s bytes are checked against something from Blob: the
         manifest's checksums, or the blob's Content-MD5."""
@@ -375,9 +367,11 @@ class CachedSource(Source):
                     f"{writer_wait_seconds(ref.size):.0f} s: fetched from Blob, not cached"
                 )
                 continue
-            if i not in refetch and (hit := self._hit(key, identity)) is not None:
-                lock.release()  # looked up again under the lock: written meanwhile
-                self.hits[i] = hit
+            # Looked up again under the lock (written meanwhile?): an entry not of the listed
+            # version, or whose data is no regular file of its size, is removed.
+            if i not in refetch and key in (hit := cache.open_hits({key: (identity, None)})):
+                lock.release()
+                self.hits[i] = CacheHit.opened(*hit[key])
                 self._served.add(ref.name)
                 continue
             writer.begin(i, ref.name, key, identity, lock, blob_checks(load.manifest, ref))
