@@ -105,7 +105,7 @@ def list_checkpoint(container: BlobContainer) -> BlobListing:
     ]
     manifest_name = posixpath.join(directory, MANIFEST_NAME) if directory else MANIFEST_NAME
     plan = ShardPlan(
-        uri=f"{location.account_url}/{location.container}/{location.path}",
+        uri=container.display_uri,
         shards=tuple(_shard_ref(by_name[n]) for n in shard_names),
         weight_map=weight_map,
     )
