@@ -145,7 +145,7 @@ def test_an_archived_shard_not_in_the_cache_is_refused_without_waiting_or_writin
     blob.set_standard_blob_tier("Archive")
     cache = NvmeCache(cache_dir)
     writer = cache.lock(NvmeCache.key(ACCOUNT, container, name, etag))
-    writer.acquire()
+    assert writer.try_acquire()  # no one else holds it yet
     outcome = []
 
     def load():

@@ -101,14 +101,10 @@ class EntryLock:
         self.held = True
         return True
 
-    def acquire(self, timeout: float | None = None) -> bool:
-        """Wait for the lock, at most `timeout` seconds (None: as long as it takes); returns
-        whether it is held. Polled, not a blocking flock: a holder that never lets go (a hung
-        process, or anyone who can open the file) must not stall a load for ever."""
-        if timeout is None:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            self.held = True
-            return True
+    def acquire(self, timeout: float) -> bool:
+        """Wait for the lock, at most `timeout` seconds; returns whether it is held. Polled, not
+        a blocking flock: a holder that never lets go (a hung process, or anyone who can open
+        the file) must not stall a load for ever."""
         deadline, pause = time.monotonic() + timeout, 0.01
         while not self.try_acquire():
             left = deadline - time.monotonic()
