@@ -400,6 +400,7 @@ def test_every_option_and_command_has_a_help_text():
 def demo_in(directory, path, *args):
     env = {k: v for k, v in os.environ.items() if k != "AZURITE_BLOB"}
     env["PATH"] = path
+    env["XDG_DATA_HOME"] = str(directory / "data")  # not the Azurite a demo installed for this user
     return subprocess.run(
         [sys.executable, "-m", "blob2gpu", "demo", "--device", "cpu", "--size-mb", "8", *args],
         capture_output=True,
