@@ -41,6 +41,25 @@ def test_errors_say_what_to_check_in_their_hint(tmp_path):
     assert errors.LoadCancelled("closed").hint is None  # nothing to check: no hint
 
 
+def test_uri_mistakes_say_what_to_write_in_their_hint(monkeypatch):
+    from blob2gpu.sources.azure.location import parse_blob_uri
+
+    monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
+    monkeypatch.delenv("AZURE_STORAGE_ACCOUNT_NAME", raising=False)
+    mistakes = {
+        "az:///llama": "use az://CONTAINER/PREFIX",
+        "az://models/llama": "set AZURE_STORAGE_ACCOUNT_NAME (or AZURE_STORAGE_CONNECTION_STRING)",
+        "s3://bucket/llama": "give an Azure Blob URI (az://, https://, abfss://) or a local path",
+    }
+    for uri, hint in mistakes.items():
+        with pytest.raises(errors.InvalidArgument) as info:
+            if uri.startswith("az://"):
+                parse_blob_uri(uri, {})
+            else:
+                blob2gpu.load(uri)
+        assert info.value.hint == hint and str(info.value).endswith(f"; {hint}")
+
+
 def test_empty_directory(tmp_path):
     with pytest.raises(errors.SourceUnavailable, match=r"no .safetensors"):
         blob2gpu.load(str(tmp_path))

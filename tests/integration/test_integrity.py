@@ -313,6 +313,7 @@ def test_publish_without_the_right_to_create_the_container_says_what_to_do(
         publish(checkpoint, f"{azurite.endpoint()}/not-there/m?{sas}")
     assert "'not-there'" in str(info.value) and info.value.hint is not None
     assert "create container 'not-there' first" in info.value.hint
+    assert str(info.value).endswith(info.value.hint) and "case-sensitive" not in str(info.value)
     assert not azurite.service().get_container_client("not-there").exists()
 
 

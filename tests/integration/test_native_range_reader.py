@@ -617,6 +617,7 @@ def test_an_untrusted_certificate_is_source_unavailable_at_once(azurite_tls, blo
     mapped = failures.storage_error(error, location(azurite_tls), BLOB)
     assert type(mapped) is errors.SourceUnavailable
     assert "self-signed certificate" in str(mapped) and "REQUESTS_CA_BUNDLE" in str(mapped)
+    assert mapped.hint.startswith("install the CA") and str(mapped).endswith(mapped.hint)
 
 
 def test_connection_failures_are_transient_and_say_what_happened(free_port):

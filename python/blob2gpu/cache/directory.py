@@ -43,7 +43,8 @@ def default_cache_dir() -> Path:
     except RuntimeError:  # no HOME, and no passwd entry for this uid
         raise ConfigError(
             "this process has no home directory (no HOME, no passwd entry for its uid), so the "
-            "cache directory has no default: set cache_dir (BLOB2GPU_CACHE_DIR) or XDG_CACHE_HOME"
+            "cache directory has no default",
+            hint="set cache_dir (BLOB2GPU_CACHE_DIR) or XDG_CACHE_HOME",
         ) from None
     return home / ".cache" / "blob2gpu"
 
@@ -63,13 +64,13 @@ def check_directory(path: Path, st: os.stat_result) -> None:
     group or others without the sticky bit."""
     uid = os.geteuid()
     if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"the cache directory '{path}' is not a directory: set cache_dir")
+        raise ConfigError(f"the cache directory '{path}' is not a directory", hint="set cache_dir")
     if st.st_uid not in (uid, 0):
         raise ConfigError(
             f"the cache directory '{path}' belongs to uid {st.st_uid}, not to this process's user "
-            f"(uid {uid}) or root, so that user could replace what a load reads from it: use a "
-            f"directory of this user's (cache_dir, BLOB2GPU_CACHE_DIR) or give it to this user "
-            f"(chown {uid} '{path}')"
+            f"(uid {uid}) or root, so that user could replace what a load reads from it",
+            hint="use a directory of this user's (cache_dir, BLOB2GPU_CACHE_DIR) or give it to "
+            f"this user (chown {uid} '{path}')",
         )
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
         who = "group and others" if st.st_mode & stat.S_IWGRP else "others"
@@ -130,8 +131,8 @@ class CacheDirectory:
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise ConfigError(
-                        f"'{path}' is not a directory (a symlink or a file is in its place): "
-                        "remove it, the cache makes it again"
+                        f"'{path}' is not a directory (a symlink or a file is in its place)",
+                        hint="remove it, the cache makes it again",
                     ) from None
                 raise
             self._fds[name] = sub

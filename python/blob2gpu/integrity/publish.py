@@ -66,7 +66,8 @@ def publish(
                     f"create container '{container.location.container}' first (az storage "
                     "container create), or use a credential that may create it"
                 )
-                raise BlobNotFound(f"{e}; {hint}", blob=blob, hint=hint) from None
+                said = str(e).removesuffix(f"; {e.hint}")  # this hint instead of the URI check
+                raise BlobNotFound(said, blob=blob, hint=hint) from None
         _upload_manifest(container, prefix, manifest)
         return manifest
 

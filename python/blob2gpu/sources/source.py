@@ -265,8 +265,8 @@ def source_class(uri: str) -> type[Source]:
         return _BY_SCHEME[scheme]
     if len(scheme) > 1 and uri.startswith(f"{scheme}://"):
         raise InvalidArgument(
-            f"'{scheme}://' is not a source blob2gpu reads: give an Azure Blob URI "
-            "(az://, https://, abfss://) or a local path"
+            f"'{scheme}://' is not a source blob2gpu reads",
+            hint="give an Azure Blob URI (az://, https://, abfss://) or a local path",
         )
     return _BY_SCHEME[""]  # a path, a Windows drive letter, a name with a colon
 

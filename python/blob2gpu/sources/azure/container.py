@@ -128,7 +128,7 @@ class BlobContainer:
             )
             raise AccessDenied(
                 f"{self.location.describe()} does not exist and this credential may not "
-                f"create it ({e}); {hint}",
+                f"create it ({e})",
                 hint=hint,
             ) from None
 

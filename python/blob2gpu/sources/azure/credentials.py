@@ -84,8 +84,8 @@ def resolve_credential(
         parsed = urlparse(location.account_url)
         if parsed.scheme != "https":  # loopback included: azure-core and Azurite refuse it too
             raise InvalidArgument(
-                f"refusing to send a bearer token ({how}) over plain HTTP to "
-                f"'{parsed.hostname}': use an https:// URL (emulators: serve HTTPS)"
+                f"refusing to send a bearer token ({how}) over plain HTTP to '{parsed.hostname}'",
+                hint="use an https:// URL (emulators: serve HTTPS)",
             )
     return credential, how
 
@@ -111,7 +111,7 @@ def check_account_key(key: str, origin: str, field: str | None = None) -> None:
         )
         where = f"{origin} ({field})" if field else origin
         raise MalformedCredential(
-            f"the account key in {where} is not base64 ({why}); {hint}", hint=hint
+            f"the account key in {where} is not base64 ({why})", hint=hint
         ) from None
 
 

@@ -44,7 +44,7 @@ def storage_error(
         hint = "copy the account key again, whole (it is base64, 88 characters for Azure's)"
         return MalformedCredential(
             f"{what}: the request to {place} could not be signed with the account key: it is "
-            f"malformed ({_one_line(error)}); {hint}",
+            f"malformed ({_one_line(error)})",
             blob=blob,
             hint=hint,
         )
@@ -56,7 +56,7 @@ def storage_error(
             "AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_KEY or a SAS"
         )
         return AccessDenied(
-            f"{what}: no token to reach {place} ({_one_line(error)}); {hint}", blob=blob, hint=hint
+            f"{what}: no token to reach {place} ({_one_line(error)})", blob=blob, hint=hint
         )
     at_proxy = proxy_problem(error)
     if at_proxy is not None:
@@ -66,21 +66,22 @@ def storage_error(
             hint = f"check the user and password in {variable}"
             return ProxyAuthenticationRefused(
                 f"{what}: the proxy {proxy} refused its credentials (HTTP 407) on the way to "
-                f"{place}; {hint}",
+                f"{place}",
                 blob=blob,
                 hint=hint,
             )
         return StorageUnavailable(
-            f"{what}: the proxy {proxy} failed on the way to {place} ({said}); check that it "
-            f"is reachable and allows this host ({variable}), or leave the host out with "
-            "NO_PROXY"
+            f"{what}: the proxy {proxy} failed on the way to {place} ({said})",
+            hint=f"check that it is reachable and allows this host ({variable}), or leave the "
+            "host out with NO_PROXY",
         )
     untrusted = certificate_problem(error)
     if untrusted is not None:
         host = urlparse(location.account_url).hostname
         return SourceUnavailable(
             f"{what}: the TLS certificate of '{host}' is not trusted ({untrusted}) reaching "
-            f"{place}; install the CA that signed it, or point REQUESTS_CA_BUNDLE at it"
+            f"{place}",
+            hint="install the CA that signed it, or point REQUESTS_CA_BUNDLE at it",
         )
     code = getattr(code, "value", code)  # the SDK hands some codes over as an enum member
     # The generated operations leave the code in the response's header only.

@@ -113,7 +113,9 @@ def parse_blob_uri(uri: str, environ: Mapping[str, str] | None = None) -> BlobLo
     if parsed.scheme == "az":
         container, path = parsed.netloc, parsed.path.lstrip("/")
         if not container:
-            raise InvalidArgument(f"'{redact(uri)}' names no container: use az://CONTAINER/PREFIX")
+            raise InvalidArgument(
+                f"'{redact(uri)}' names no container", hint="use az://CONTAINER/PREFIX"
+            )
         if env.get("AZURE_STORAGE_CONNECTION_STRING"):
             cs = parse_connection_string(env["AZURE_STORAGE_CONNECTION_STRING"])
             account_url, account = _account_url_from_connection_string(cs)
@@ -122,8 +124,8 @@ def parse_blob_uri(uri: str, environ: Mapping[str, str] | None = None) -> BlobLo
             account_url = f"https://{account}.blob.core.windows.net"
         else:
             raise InvalidArgument(
-                "az:// URIs need the storage account: set "
-                "AZURE_STORAGE_ACCOUNT_NAME (or AZURE_STORAGE_CONNECTION_STRING)"
+                "az:// URIs need the storage account",
+                hint="set AZURE_STORAGE_ACCOUNT_NAME (or AZURE_STORAGE_CONNECTION_STRING)",
             )
         return BlobLocation(account_url, account, container, path)
     host = _blob_endpoint_host(parsed.hostname or "")
@@ -177,8 +179,8 @@ def _sas_of(uri: str, query: str) -> str | None:
     keys = {k.lower() for k in parse_qs(query, keep_blank_values=True)}
     if keys & {"snapshot", "versionid"}:
         raise InvalidArgument(
-            f"'{redact(uri)}' names a blob snapshot or version: blob2gpu loads the current "
-            "blobs; copy that version to its own prefix to load it"
+            f"'{redact(uri)}' names a blob snapshot or version: blob2gpu loads the current blobs",
+            hint="copy that version to its own prefix to load it",
         )
     if "sig" not in keys:
         raise InvalidArgument(

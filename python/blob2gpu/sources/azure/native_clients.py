@@ -129,7 +129,8 @@ class NativeHttp:
         if self.signer.sends_token and not self.clients.endpoint.tls:
             raise InvalidArgument(
                 f"refusing to send a bearer token over plain HTTP to "
-                f"'{self.clients.endpoint.host}': use an https:// URL"
+                f"'{self.clients.endpoint.host}'",
+                hint="use an https:// URL",
             )
 
     def get_document(self, target: str, headers: list[tuple[str, str]], max_bytes: int) -> bytes:

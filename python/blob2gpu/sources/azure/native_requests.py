@@ -306,7 +306,7 @@ def _account_key(key: str, location: BlobLocation) -> bytes:
         hint = "copy the account key again, whole (it is base64, 88 characters for Azure's)"
         raise MalformedCredential(
             f"requests to {location.describe()} could not be signed with the account key: it is "
-            f"malformed (not base64); {hint}",
+            "malformed (not base64)",
             hint=hint,
         ) from None
 

@@ -250,7 +250,8 @@ class BlobRangeReader:
             raise BlobChanged(
                 f"shard '{ref.name}': {self.location.describe(ref.path)} changed "
                 f"during the load (HTTP {status}: its etag is no longer {ref.etag}); "
-                "nothing from it was kept: load again"
+                "nothing from it was kept",
+                hint="load again",
             ) from None
         if not is_transient(error):
             raise storage_error(error, self.location, ref.path, what) from None
@@ -261,7 +262,8 @@ class BlobRangeReader:
         said = "?" if size in (-1, "") else size
         return BlobChanged(
             f"shard '{ref.name}': {self.location.describe(ref.path)} changed during "
-            f"the load (expected {ref.size} bytes, the server reports {said}); load again"
+            f"the load (expected {ref.size} bytes, the server reports {said})",
+            hint="load again",
         )
 
     def _check_range(self, ref: ShardRef, response: RangeResponse, start: int, end: int) -> None:

@@ -113,7 +113,7 @@ class RetryPolicy:
             hint = retry_advice(error, self.location)
             raise StorageUnavailable(
                 f"{what}: {self.location.describe(blob)} kept failing after {attempt} attempts "
-                f"(last: {failure_reason(error, self.location)}); {hint}",
+                f"(last: {failure_reason(error, self.location)})",
                 blob=blob,
                 hint=hint,
             ) from None
