@@ -38,11 +38,14 @@ TlsContext::TlsContext(const std::string& ca_file) : ssl_(openssl()) {
     std::string why = take_openssl_errors(ssl_);
     ssl_.SSL_CTX_free(ctx_);
     ctx_ = nullptr;
+    if (ca_file.empty()) {
+      throw CoreError(ErrorKind::SourceUnavailable,
+                      "OpenSSL could not load its default certificate locations: " + why)
+          .with_hint("point REQUESTS_CA_BUNDLE at a PEM file of CA certificates");
+    }
     throw CoreError(ErrorKind::SourceUnavailable,
-                    ca_file.empty()
-                        ? "OpenSSL could not load its default certificate locations: " + why
-                        : "cannot read the CA bundle '" + ca_file + "' (" + why +
-                              "); point REQUESTS_CA_BUNDLE at a PEM file of CA certificates");
+                    "cannot read the CA bundle '" + ca_file + "' (" + why + ")")
+        .with_hint("point REQUESTS_CA_BUNDLE at a PEM file of CA certificates");
   }
 }
 

@@ -327,8 +327,9 @@ def test_a_certificate_for_another_host_is_tls_verify_failed(tmp_path):
 
 
 def test_a_ca_bundle_that_cannot_be_read_is_source_unavailable(tmp_path):
-    with pytest.raises(errors.SourceUnavailable, match="REQUESTS_CA_BUNDLE"):
+    with pytest.raises(errors.SourceUnavailable, match="REQUESTS_CA_BUNDLE") as info:
         _core.RangeClient("127.0.0.1", 443, tls=True, ca_file=str(tmp_path / "missing.pem"))
+    assert info.value.hint == "point REQUESTS_CA_BUNDLE at a PEM file of CA certificates"
 
 
 def test_nothing_listening_and_an_unknown_name_are_typed(free_port):
