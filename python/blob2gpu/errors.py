@@ -243,8 +243,7 @@ class CudaDriverUnavailable(Blob2GpuError, RuntimeError):
         from blob2gpu import phrasing
 
         hint = fields.pop("hint", None) or f"or load to the CPU: {phrasing.device('cpu')}"
-        said = message if hint in message else (f"{message}; {hint}" if message else hint)
-        super().__init__(said, hint=hint, **fields)
+        super().__init__(message, hint=hint, **fields)
         self.driver_status = driver_status
 
 

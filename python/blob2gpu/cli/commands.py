@@ -215,8 +215,9 @@ def _at_load(
 ) -> tuple[str, dict[str, tuple[Any, str]]]:
     """The device `requested` ('cpu', 'cuda', 'cuda:N'; None: the first GPU when the driver
     sees one, else cpu), and for each setting left at 0 or empty (sized where it is used), the
-    value a load to it on this host would use and how that was found. Never raises: what cannot
-    be found is said instead."""
+    value a load to it on this host would use and how that was found (what cannot be found, such
+    as a GPU's memory on a host without one, is said instead). Raises InvalidArgument for a
+    device of another form, and what the driver raises for a GPU it does not have."""
     from blob2gpu import _core
     from blob2gpu.cache.directory import default_cache_dir
     from blob2gpu.loading.host_memory import host_budget, memory_size
