@@ -192,6 +192,22 @@ def test_size_differing_from_the_manifest(checkpoint):
         blob2gpu.load(str(checkpoint))
 
 
+def test_a_shard_the_manifest_does_not_list_is_refused_unless_unchecked(checkpoint):
+    # Another checkpoint's manifest beside these shards (or a shard added after publishing):
+    # the unlisted shard, even corrupted, is not loaded as if it had been checked.
+    manifest = with_manifest(checkpoint)
+    victim = "model-00002-of-00003.safetensors"
+    del manifest.files[victim]
+    (checkpoint / MANIFEST_NAME).write_text(manifest.to_json())
+    flip_byte(checkpoint / victim, 5000)
+    for verify in ("auto", "crc32c", "sha256"):
+        with pytest.raises(errors.InvalidManifest, match=f"does not list '{victim}'") as info:
+            blob2gpu.load(str(checkpoint), verify=verify)
+        assert "changed after it was published" in str(info.value)
+        assert "verify='none'" in info.value.hint
+    assert len(blob2gpu.load(str(checkpoint), verify="none")) == 9  # asked for: unchecked
+
+
 # --- Blob Storage ----------------------------------------------------------------------------
 
 

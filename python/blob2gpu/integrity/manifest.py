@@ -228,7 +228,18 @@ def core_checksums(
     manifest: Manifest | None, shards: Any, algorithm: str = "crc32c"
 ) -> list[_core.ChunkChecksums | None] | None:
     """Per shard, the chunk checksums the core checks it against (by `algorithm`: crc32c or
-    sha256; None for a shard the manifest lacks), or None without a manifest."""
+    sha256), or None without a manifest. Raises InvalidManifest for a shard the manifest lacks:
+    a manifest vouches for every shard a load reads, or the checkpoint changed after it was
+    published (a shard added or replaced, a second checkpoint published over the prefix)."""
     if manifest is None:
         return None
-    return [manifest.checksums_for(s.name, s.size, algorithm) for s in shards]
+    checksums = [manifest.checksums_for(s.name, s.size, algorithm) for s in shards]
+    unlisted = [s.name for s, c in zip(shards, checksums, strict=True) if c is None]
+    if unlisted:
+        raise InvalidManifest(
+            f"{MANIFEST_NAME} does not list {', '.join(repr(n) for n in unlisted[:3])}"
+            + (f" and {len(unlisted) - 3} more shards" if len(unlisted) > 3 else "")
+            + ": the checkpoint changed after it was published",
+            hint="publish it again (`blob2gpu publish`), or load it unchecked (verify='none')",
+        )
+    return checksums
