@@ -3,6 +3,7 @@ it."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 
 from blob2gpu.loading.checkpoint import Checkpoint
@@ -11,7 +12,7 @@ from blob2gpu.loading.loader import Loader
 
 
 def load(
-    uri: str | None = None,
+    uri: str | os.PathLike[str] | None = None,
     device: str = "cpu",
     framework: str = "torch",
     credential: object = None,
@@ -54,7 +55,7 @@ def load(
 
 
 def open(
-    uri: str | None = None,
+    uri: str | os.PathLike[str] | None = None,
     device: str = "cpu",
     framework: str = "torch",
     credential: object = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from pathlib import Path
 
 import blob2gpu
 import numpy as np
@@ -53,6 +54,16 @@ def test_torch_tensors_match_dtype_and_shape(write_checkpoint):
     for name, t in tensors.items():
         assert got[name].dtype == t.dtype and got[name].shape == t.shape
         assert torch.equal(got[name].view(torch.uint8), t.view(torch.uint8)), name
+
+
+def test_a_path_object_names_a_checkpoint_as_its_string_does(write_checkpoint):
+    directory = write_checkpoint([{"a": random_tensor(torch.float32, (4, 4), seed=1)}])
+    assert isinstance(directory, Path)  # the fixture hands back a pathlib.Path
+    assert torch.equal(blob2gpu.load(directory)["a"], blob2gpu.load(str(directory))["a"])
+    with blob2gpu.open(directory / "model-00001-of-00001.safetensors") as checkpoint:
+        assert list(checkpoint.keys()) == ["a"]
+    with blob2gpu.Loader() as loader:
+        assert list(loader.load(directory)) == ["a"]
 
 
 def test_numpy_arrays_match(write_checkpoint):

@@ -49,7 +49,7 @@ class Loader:
 
     def request(
         self,
-        uri: str | None = None,
+        uri: str | os.PathLike[str] | None = None,
         *,
         device: str = "cpu",
         framework: str = "torch",
@@ -83,7 +83,7 @@ class Loader:
 
     def open(
         self,
-        uri: str | None = None,
+        uri: str | os.PathLike[str] | None = None,
         device: str = "cpu",
         framework: str = "torch",
         credential: object = None,
@@ -153,7 +153,7 @@ class Loader:
 
     def load(
         self,
-        uri: str | None = None,
+        uri: str | os.PathLike[str] | None = None,
         device: str = "cpu",
         framework: str = "torch",
         credential: object = None,

@@ -56,10 +56,11 @@ def normalize_device(device: str) -> str:
     raise InvalidArgument(f"device '{device}' is not one of 'cpu', 'cuda', 'cuda:N'")
 
 
-def source_uri(uri: str | None) -> str:
-    """`uri`, or $MODEL_SOURCE_URI when it is None; raises InvalidArgument when both are missing."""
+def source_uri(uri: str | os.PathLike[str] | None) -> str:
+    """`uri` (a path as a string), or $MODEL_SOURCE_URI when it is None; raises InvalidArgument
+    when both are missing."""
     if uri:
-        return uri
+        return os.fspath(uri)
     if os.environ.get(SOURCE_URI_ENV):
         return os.environ[SOURCE_URI_ENV]
     raise InvalidArgument(f"no checkpoint URI given and {SOURCE_URI_ENV} is not set")
