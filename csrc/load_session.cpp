@@ -391,6 +391,7 @@ void LoadSession::prepare_shard(size_t index, const uint8_t* json, size_t json_l
   // A shard checked against its Content-MD5 is handed out only whole: one group.
   layout.group_target = streamed() && !shard.md5 ? group_target_ : 0;
   shard.layout = plan_layout(h, layout);
+  claim_tensor_names(index);
   st.name = label;
   st.file_bytes = file_size;
   st.header_bytes = h.header_bytes;
@@ -415,6 +416,24 @@ void LoadSession::prepare_shard(size_t index, const uint8_t* json, size_t json_l
     shard.stats = st;  // under the lock: stats() may read concurrently
   }
   shard.header_ready = true;
+}
+
+void LoadSession::claim_tensor_names(size_t index) {
+  const Shard& shard = *shards_[index];
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (size_t t : shard.layout.selected) {
+    const std::string& name = shard.header.tensors[t].name;
+    auto [it, claimed] = tensor_shards_.emplace(name, index);
+    if (!claimed) {
+      throw CoreError(ErrorKind::DuplicateTensor,
+                      "tensor '" + name + "' is in shard '" + shards_[it->second]->source.name +
+                          "' and in shard '" + shard.source.name + "'",
+                      shard.source.name)
+          .with_hint(
+              "load one of the shards (its own path or URI), or publish a "
+              "model.safetensors.index.json that maps each tensor to one shard");
+    }
+  }
 }
 
 void LoadSession::open_now(Shard& shard, Group& group) {

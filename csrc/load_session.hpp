@@ -31,6 +31,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <unordered_set>
 #include <utility>
 #include <vector>
@@ -391,6 +392,8 @@ class LoadSession {
   // Parses the header and plans the shard; an unbounded load makes its arenas now.
   void prepare_shard(size_t shard, const uint8_t* json, size_t json_len, uint64_t file_size,
                      ShardStats st);
+  // Records the shard's handed-out tensor names; DuplicateTensor when another shard has one.
+  void claim_tensor_names(size_t index);
   // Unbounded loads: allocates a group's arenas (device, host or the mapped file).
   void open_now(Shard& shard, Group& group);
   // After a shard's groups are ready for landings (unbounded) or its reads are posted: the
@@ -486,6 +489,8 @@ class LoadSession {
   std::atomic<uint64_t> group_received_bytes_{0};  // arrived(from_peer): the peers' parts
   Md5Gauge md5_gauge_;                             // the shards' ContentMd5Verifiers count into it
   std::vector<std::string> checksum_failures_;     // under mutex_
+  std::unordered_map<std::string, size_t>
+      tensor_shards_;  // under mutex_: a handed-out name's shard
   std::atomic<int64_t> min_free_{-1};
   std::chrono::steady_clock::time_point start_;
   std::atomic<bool> cancelled_{false};

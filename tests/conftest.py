@@ -50,11 +50,12 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 RAW_DTYPE_BITS = {"F8_E8M0": 8, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4}
 
 
-def sparse_checkpoint(path, data_bytes: int):
-    """A valid shard whose one U8 tensor is `data_bytes` long, written as a sparse file: its size
-    is real for every reader, but it takes no disk."""
+def sparse_checkpoint(path, data_bytes: int, name: str = "huge"):
+    """A valid shard whose one U8 tensor `name` is `data_bytes` long, written as a sparse file:
+    its size is real for every reader, but it takes no disk. Shards of one checkpoint need a
+    name each (a load refuses a tensor found in two shards)."""
     header = json.dumps(
-        {"huge": {"dtype": "U8", "shape": [data_bytes], "data_offsets": [0, data_bytes]}}
+        {name: {"dtype": "U8", "shape": [data_bytes], "data_offsets": [0, data_bytes]}}
     ).encode()
     header += b" " * (-len(header) % 8)
     with open(path, "wb") as f:

@@ -51,10 +51,12 @@ def load(device: str, paths, digests):
 @pytest.fixture
 def md5_shards(tmp_path):
     paths = [
-        sparse_checkpoint(tmp_path / f"model-{i + 1:05d}-of-{SHARDS:05d}.safetensors", SHARD_BYTES)
+        sparse_checkpoint(
+            tmp_path / f"model-{i + 1:05d}-of-{SHARDS:05d}.safetensors", SHARD_BYTES, f"huge.{i}"
+        )
         for i in range(SHARDS)
     ]
-    return paths, [md5_of(paths[0])] * SHARDS  # the same bytes: the same MD5
+    return paths, [md5_of(p) for p in paths]
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

@@ -58,7 +58,9 @@ def test_the_pipeline_keeps_a_modelled_link_busy_with_default_settings(fake_driv
     # steady state counts, not a ring that swallows the whole checkpoint. Sparse files: no disk.
     shards = 6
     for i in range(shards):
-        sparse_checkpoint(tmp_path / f"model-{i + 1:05d}-of-{shards:05d}.safetensors", 128 << 20)
+        sparse_checkpoint(
+            tmp_path / f"model-{i + 1:05d}-of-{shards:05d}.safetensors", 128 << 20, f"huge.{i}"
+        )
     fake_driver.set_link_gbps(LINK_GBPS)
     with blob2gpu.Loader() as loader:  # every pipeline setting at its default (sized)
         with loader.open(str(tmp_path), device="cuda", framework="dlpack") as checkpoint:

@@ -60,6 +60,24 @@ def test_uri_mistakes_say_what_to_write_in_their_hint(monkeypatch):
         assert info.value.hint == hint and str(info.value).endswith(f"; {hint}")
 
 
+def test_a_tensor_in_two_shards_is_refused_not_taken_from_either(tmp_path):
+    from safetensors.torch import save_file
+
+    # A directory with two variants of one model (no index): which 'w' would a load return?
+    save_file({"w": torch.zeros(4), "only.a": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    save_file({"w": torch.ones(4)}, str(tmp_path / "model.fp16.safetensors"))
+    for device in ("cpu", "cuda"):
+        with pytest.raises(errors.DuplicateTensor, match=r"tensor 'w' is in shard 'model\.") as e:
+            blob2gpu.load(str(tmp_path), device=device, framework="dlpack")
+        assert "model.safetensors" in str(e.value) and "model.fp16.safetensors" in str(e.value)
+        assert e.value.hint.startswith("load one of the shards")
+    with pytest.raises(errors.DuplicateTensor), blob2gpu.open(str(tmp_path)) as checkpoint:
+        list(checkpoint)
+    assert len(blob2gpu.load(str(tmp_path / "model.fp16.safetensors"))) == 1  # one of them
+    with blob2gpu.open(str(tmp_path), tensor_names=["only.a"]) as checkpoint:  # 'w' not wanted
+        assert list(dict(checkpoint)) == ["only.a"]
+
+
 def test_empty_directory(tmp_path):
     with pytest.raises(errors.SourceUnavailable, match=r"no .safetensors"):
         blob2gpu.load(str(tmp_path))
