@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import weakref
 from pathlib import Path
 
@@ -212,6 +213,20 @@ def test_streaming_hands_tensors_out_without_keeping_them(write_checkpoint, blob
             with pytest.raises(blob2gpu.errors.InvalidArgument, match="streamed"):
                 checkpoint.keys()
         assert values == {f"s{s}.t{i}": float(s * 10 + i) for s in range(3) for i in range(3)}
+
+
+def test_what_a_stream_left_is_where_the_next_consumer_goes_on(write_checkpoint):
+    # A consumer that stops early (a serving engine's load_weights), then another stream() or
+    # an iteration: every tensor reaches one of them, once; none of an arrived group is lost.
+    directory = write_checkpoint(
+        [{f"s{s}.t{i}": torch.full((4,), float(s * 10 + i)) for i in range(3)} for s in range(3)]
+    )
+    everything = [f"s{s}.t{i}" for s in range(3) for i in range(3)]
+    for then in ("iterate", "stream"):
+        with blob2gpu.open(str(directory)) as checkpoint:
+            first = [name for name, _ in itertools.islice(checkpoint.stream(), 1)]
+            rest = checkpoint if then == "iterate" else checkpoint.stream()
+            assert sorted(first + [name for name, _ in rest]) == everything, then
 
 
 def test_mapped_tensors_are_aligned_too(tmp_path):

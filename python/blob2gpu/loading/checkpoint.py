@@ -67,6 +67,8 @@ class Checkpoint:
         self._fill: CacheFill | None = None
         self._fills = fills
         self._keep_tensors = True  # stream() hands tensors out without keeping them
+        # Arrived, not kept, not handed out yet: where any later iteration or stream() goes on.
+        self._pending: deque[tuple[str, Tensor]] = deque()
         # Shards kept from an earlier attempt of this load (same blob, same etag), with their
         # tensors, already converted.
         self._preloaded_refs = {ref.name: ref for ref in prepared.preloaded}
@@ -161,8 +163,11 @@ class Checkpoint:
 
     # -- public API -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[str, Tensor]]:
-        """Yield (name, tensor): those already arrived, then the rest in arrival order."""
+        """Yield (name, tensor): those already arrived, then the rest in arrival order (after
+        stream(): the tensors it has not handed out)."""
         yield from list(self._tensors.items())
+        while self._pending:
+            yield self._pending.popleft()
         while (arrived := self._receive_next()) is not None:
             yield from arrived
 
@@ -171,20 +176,20 @@ class Checkpoint:
         memory behind it) lives only as long as the consumer holds it, so a consumer that copies
         each tensor into its own storage (a serving engine's model.load_weights) never holds a
         second full copy of the weights. The index checks of a full iteration run at the end;
-        get(), keys() and to_dict() then raise InvalidArgument."""
+        get(), keys() and to_dict() then raise InvalidArgument. A later stream() or iteration
+        goes on with the tensors this one has not handed out."""
         self._keep_tensors = False
-        kept, self._tensors = self._tensors, {}  # tensors kept by an earlier attempt
-        pending = deque(kept.items())
-        del kept
+        self._pending.extend(self._tensors.items())  # tensors kept by an earlier attempt
+        self._tensors = {}
         # Handed out one by one and let go of as they are: while the next group is awaited, only
         # the consumer's last tensor holds device memory, not the whole previous group.
         while True:
-            while pending:
-                yield pending.popleft()
+            while self._pending:
+                yield self._pending.popleft()
             arrived = self._receive_next()
             if arrived is None:
                 return
-            pending.extend(arrived)
+            self._pending.extend(arrived)
             del arrived
 
     def keys(self) -> list[str]:
