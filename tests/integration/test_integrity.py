@@ -223,6 +223,26 @@ def test_publish_then_load_verified(device, checkpoint, azurite, container, blob
     assert got == expected(checkpoint)
 
 
+def test_publishing_over_another_checkpoint_is_refused_and_uploads_nothing(
+    checkpoint, write_checkpoint, azurite, container, blob_env
+):
+    publish(checkpoint, f"az://{container}/llama")
+    publish(checkpoint, f"az://{container}/llama")  # the same files again: a re-publish
+    other = write_checkpoint([{"new.w": random_tensor(torch.float32, (8, 8))}], name="v2")
+    (other / "model-00001-of-00001.safetensors").rename(other / "model.safetensors")
+    (other / "model.safetensors.index.json").unlink()
+    with pytest.raises(errors.InvalidArgument, match="already holds 'model-00001-of-00003") as e:
+        publish(other, f"az://{container}/llama")
+    assert "'model-00003-of-00003.safetensors' and 1 more" in str(e.value)  # the old index
+    assert "nothing was uploaded" in str(e.value)
+    assert e.value.hint.startswith("publish to a new prefix")
+    names = {b.name for b in azurite.service().get_container_client(container).list_blobs()}
+    assert "llama/model.safetensors" not in names
+    assert sorted(blob2gpu.load(f"az://{container}/llama")) == sorted(expected(checkpoint))
+    publish(other, f"az://{container}/llama-v2")  # a prefix of its own
+    assert list(blob2gpu.load(f"az://{container}/llama-v2")) == ["new.w"]
+
+
 def test_wire_corruption_is_caught(
     device, checkpoint, azurite, container, fault_proxy, monkeypatch
 ):

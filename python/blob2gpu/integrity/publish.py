@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from blob2gpu.documents import INDEX_NAME
 from blob2gpu.errors import BlobNotFound, InvalidArgument, InvalidHeader
 from blob2gpu.integrity.manifest import (
     DEFAULT_CHUNK_BYTES,
@@ -42,7 +43,8 @@ def publish(
     (check_checkpoint). The manifest goes last, so a manifest in storage means its files are all
     there. Returns the manifest. Raises InvalidArgument, SourceUnavailable or an InvalidHeader
     (check_checkpoint), AccessDenied (also when the container is missing and may not be created:
-    its hint says what to do) or StorageUnavailable.
+    its hint says what to do) or StorageUnavailable; InvalidArgument, uploading nothing, when the
+    prefix already holds shards or an index the folder lacks.
     """
     directory = Path(local_dir)
     if not directory.is_dir():
@@ -52,6 +54,7 @@ def publish(
     with _container(uri, credential, settings) as container:
         container.create_if_missing()
         prefix = container.location.path.strip("/")
+        _refuse_other_weights(container, prefix, set(manifest.files))
         for name in sorted(manifest.files):
             blob = f"{prefix}/{name}" if prefix else name
 
@@ -70,6 +73,35 @@ def publish(
                 raise BlobNotFound(said, blob=blob, hint=hint) from None
         _upload_manifest(container, prefix, manifest)
         return manifest
+
+
+def _refuse_other_weights(container: Any, prefix: str, publishing: set[str]) -> None:
+    """Raise InvalidArgument when the prefix already holds shards or an index that the folder
+    being published lacks: a load of the prefix would read them beside the new ones (the old
+    index naming old shards, two variants of a tensor). Nothing is uploaded then."""
+    from blob2gpu.sources.azure.listing import list_level
+
+    level = f"{prefix}/" if prefix else None
+    try:
+        listed = container.retry.run(lambda: list_level(container, level), "listing", None)
+    except BlobNotFound:  # no container (not made: may not be): nothing in it to refuse
+        return
+    others = sorted(
+        name
+        for b in listed
+        if (name := b.name.rsplit("/", 1)[-1]) not in publishing
+        and (name.endswith(".safetensors") or name == INDEX_NAME)
+    )
+    if others:
+        shown = ", ".join(repr(n) for n in others[:3]) + (
+            f" and {len(others) - 3} more" if len(others) > 3 else ""
+        )
+        raise InvalidArgument(
+            f"not publishing to '{prefix or '/'}' in {container.location.describe()}: it "
+            f"already holds {shown}, which this folder lacks and a load would read beside the "
+            "new files; nothing was uploaded",
+            hint="publish to a new prefix (a version of its own), or delete those blobs first",
+        )
 
 
 def check_checkpoint(directory: Path) -> None:

@@ -72,7 +72,7 @@ def list_checkpoint(container: BlobContainer) -> BlobListing:
     by_name = {
         b.name: b
         for b in retry.run(
-            lambda: _list_level(container, f"{directory}/" if directory else None),
+            lambda: list_level(container, f"{directory}/" if directory else None),
             "listing",  # the error names the container (the place): not twice
             None,
         )
@@ -112,7 +112,7 @@ def list_checkpoint(container: BlobContainer) -> BlobListing:
     return BlobListing(plan=plan, aux_blobs=aux, manifest=by_name.get(manifest_name))
 
 
-def _list_level(container: BlobContainer, prefix: str | None) -> list[ListedBlob]:
+def list_level(container: BlobContainer, prefix: str | None) -> list[ListedBlob]:
     """The blobs directly under `prefix`, folders left out.
 
     One level only: a checkpoint's shards, index and aux files sit side by side, and a container
