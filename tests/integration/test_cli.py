@@ -44,6 +44,35 @@ def test_load_prints_summary_and_writes_report(write_checkpoint, tmp_path):
     assert report["seconds"] > 0 and len(report["shards"]) == 2
 
 
+def test_a_report_that_cannot_be_written_fails_before_the_load(write_checkpoint, tmp_path):
+    directory = write_checkpoint([{"w": random_tensor(torch.float32, (64, 64))}])
+    result = run("load", str(directory), "--report", str(tmp_path / "no-such-dir" / "r.json"))
+    assert result.returncode == 2 and "LocalWriteError" in result.stderr
+    assert "no-such-dir' is not a directory" in result.stderr
+    assert "GB/s" not in result.stdout and "GB/s" not in result.stderr  # no load, no progress
+
+
+def test_a_cache_directory_that_cannot_be_used_is_said_not_skipped_quietly(
+    write_checkpoint, tmp_path, azurite, container, blob_env
+):
+    directory = write_checkpoint([{"w": random_tensor(torch.float32, (64, 64))}])
+    upload_directory(azurite, container, directory, "m")
+    not_a_directory = tmp_path / "afile"
+    not_a_directory.write_text("")
+    result = run(
+        "load",
+        f"az://{container}/m",
+        "--set",
+        "local_nvme_cache_enabled=true",
+        "--set",
+        f"cache_dir={not_a_directory}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "NVMe cache: not used for 1 shard(s)" in result.stdout
+    assert "the cache directory is unusable" in result.stdout
+    assert "NVMe cache not used by this load" in result.stderr  # the log's warning
+
+
 def test_load_on_cuda_with_settings(fake_driver, write_checkpoint):
     directory = write_checkpoint([{"w": random_tensor(torch.float32, (64, 64))}])
     result = run("load", str(directory), "--device", "cuda", "--set", "staging_slots=3")

@@ -209,6 +209,7 @@ class CachedSource(Source):
                 self.cache = NvmeCache(settings.cache_dir or None, settings.cache_max_bytes)
             except OSError as e:
                 why = f"the cache directory is unusable: {e.strerror} ({e.filename})"
+                log.warning("NVMe cache not used by this load: %s", why)
                 report.cache_skipped.update(dict.fromkeys((r.name for r in plan.shards), why))
                 return self.inner.begin(load)
         bypassed = self._bypassed(load)

@@ -44,10 +44,22 @@ def _write_text(path: str, text: str) -> None:
             raise
 
 
+def _check_writable(path: str) -> None:
+    """Raise LocalWriteError when the file `path` could not be written (no such directory, not
+    a directory, no permission), before anything is spent on what it would hold."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise LocalWriteError(f"cannot write '{path}': '{directory}' is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise LocalWriteError(f"cannot write '{path}': '{directory}' is not writable")
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     import blob2gpu
     from blob2gpu.operations.progress import LoadProgress, choose_mode
 
+    if args.report:
+        _check_writable(args.report)  # before the load, not after it
     settings = dict(args.set or [])
     selection: dict[str, Any] = {}
     if args.match:  # with --tensor: the union; each name must exist, each glob match
@@ -84,6 +96,10 @@ def cmd_load(args: argparse.Namespace) -> int:
         print(report.phase_table())
         if report.cache_written or report.cache_fill_pending:
             print(_cache_line(report, fill is not None and args.wait_cache_fill))
+        if report.cache_skipped:
+            name, why = next(iter(report.cache_skipped.items()))
+            skipped = len(report.cache_skipped)
+            print(f"NVMe cache: not used for {skipped} shard(s) ('{name}': {why})")
         for name, why in report.cache_repaired.items():
             print(f"NVMe cache: the entry of '{name}' failed its check ({why}): fetched again")
         if args.report:
