@@ -392,6 +392,11 @@ def test_cache_commands(published, container, cache_dir, blob_env):
     assert len(cache.entries()) == 3 and all(cache.verify(e) is None for e in cache.entries())
     pruned = run_cli("cache", "prune", "--cache-dir", str(cache_dir), "--max-bytes", "1")
     assert pruned.returncode == 0 and NvmeCache(cache_dir).entries() == []
+    cached_load(f"az://{container}/m", cache_dir)
+    assert run_cli("cache", "prune", "--cache-dir", str(cache_dir)).returncode == 0
+    assert len(NvmeCache(cache_dir).entries()) == 3  # no cap: nothing to evict
+    emptied = run_cli("cache", "prune", "--cache-dir", str(cache_dir), "--max-bytes", "0")
+    assert emptied.returncode == 0 and NvmeCache(cache_dir).entries() == []  # 0: all of them
 
 
 def test_bytes_that_reach_the_disk_wrong_are_never_published(

@@ -302,14 +302,17 @@ class NvmeCache:
 
     def make_room(self, incoming: int) -> bool:
         """Evict least recently used entries (not being written) until `incoming` bytes fit
-        under max_bytes. Returns whether they fit."""
-        if not self.max_bytes:
-            return True
-        if incoming > self.max_bytes:
+        under max_bytes (0: no cap). Returns whether they fit."""
+        return not self.max_bytes or self._evict_to(self.max_bytes, incoming)
+
+    def _evict_to(self, limit: int, incoming: int = 0) -> bool:
+        """Evict least recently used entries (not being written) until `incoming` bytes fit
+        under `limit`. Returns whether they fit."""
+        if incoming > limit:
             return False
         total = self.total_bytes() + self.reserved
         for entry in sorted(self.entries(), key=lambda e: e.last_used):
-            if total + incoming <= self.max_bytes:
+            if total + incoming <= limit:
                 break
             try:
                 lock = self.lock(entry.key)
@@ -322,7 +325,7 @@ class NvmeCache:
                     total -= size
             finally:
                 lock.release()
-        return total + incoming <= self.max_bytes
+        return total + incoming <= limit
 
     def verify(self, entry: CacheEntry) -> str | None:
         """Re-read an entry and check it against its record (damage on the disk: the record is
@@ -352,8 +355,9 @@ class NvmeCache:
         return None
 
     def prune(self, max_bytes: int | None = None, stale_seconds: float = 3600) -> list[str]:
-        """Remove abandoned temporary files (their writer is gone) and evict to max_bytes (the
-        cache's cap when None). Returns what was removed."""
+        """Remove abandoned temporary files (their writer is gone) and evict down to max_bytes
+        (0: every entry not being written; None: the cache's cap, if it has one). Returns what
+        was removed."""
         removed = []
         now = time.time()
         for name in self.dir.names(TMP):
@@ -372,11 +376,9 @@ class NvmeCache:
             finally:
                 lock.release()
         cap = self.max_bytes if max_bytes is None else max_bytes
-        if cap:
+        if cap or max_bytes is not None:
             before = {e.key for e in self.entries()}
-            saved, self.max_bytes = self.max_bytes, cap
-            self.make_room(0)
-            self.max_bytes = saved
+            self._evict_to(cap)
             removed += sorted(before - {e.key for e in self.entries()})
         return removed
 

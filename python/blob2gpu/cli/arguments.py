@@ -277,7 +277,8 @@ def _add_cache_command(sub: Any) -> None:
                 "--max-bytes",
                 type=_byte_count,
                 default=None,
-                help="evict least recently used entries down to this size",
+                help="evict least recently used entries down to this size (0: all of them; "
+                "default: the cache's cap, cache_max_bytes)",
             )
     warm = cache_sub.add_parser(
         "warm",
