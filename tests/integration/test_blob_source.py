@@ -496,6 +496,21 @@ def test_default_azure_credential_is_made_once_per_process_and_needs_https():
         resolve_credential(local, environ={})
 
 
+def test_a_load_without_any_credential_says_so(published, azurite, container, monkeypatch):
+    from blob2gpu.sources.azure import credentials
+    from blob2gpu.sources.azure.failures import NO_CREDENTIAL
+
+    for var in ("CONNECTION_STRING", "KEY", "SAS_TOKEN", "ACCOUNT_NAME"):
+        monkeypatch.delenv(f"AZURE_STORAGE_{var}", raising=False)
+    monkeypatch.setattr(credentials, "default_azure_credential", lambda: None)  # no identity
+    for native_http in (True, False):
+        with pytest.raises(errors.SourceUnavailable) as info:
+            blob2gpu.load(f"{azurite.endpoint()}/{container}/llama", native_http=native_http)
+        assert info.value.hint is not None and NO_CREDENTIAL in info.value.hint
+        if isinstance(info.value, errors.AccessDenied):  # Azurite: 403; Azure may say 404
+            assert "no credential was found: the request went unsigned" in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("uri", "account_url", "container", "path"),
     [

@@ -374,6 +374,8 @@ def open_container(
     sas = location.sas or (chosen if isinstance(chosen, str) else None)
     if sas:
         location = dataclasses.replace(location, sas_expiry=sas_expiry(sas))
+    elif chosen is None:
+        location = dataclasses.replace(location, anonymous=True)
     account_url = location.account_url + (f"?{location.sas}" if location.sas else "")
 
     sdk_credential = chosen

@@ -91,11 +91,15 @@ def storage_error(
         why = "being rehydrated" if code == "BlobBeingRehydrated" else "in the Archive tier"
         return archived_error(location, {blob or "?": why}, what)
     if status == 404:
+        # Unsigned, a private container answers 404 as if nothing were there.
+        unsigned = f"{BlobNotFound.remedy}, or {NO_CREDENTIAL}" if location.anonymous else None
         if code == "ContainerNotFound" or blob is None:
-            return BlobNotFound(f"{what}: {location.describe()} does not exist ({detail})")
-        return BlobNotFound(f"{what}: {place} does not exist ({detail})")
+            place = location.describe()
+        return BlobNotFound(f"{what}: {place} does not exist ({detail})", hint=unsigned)
     if status in (401, 403):
         meaning, check = DENIALS.get(code or "", (None, DEFAULT_DENIAL_CHECK))
+        if location.anonymous:
+            meaning, check = "no credential was found: the request went unsigned", NO_CREDENTIAL
         expiry = location.sas_expiry
         if expiry is not None and sas_expired(expiry):  # what the service's code cannot say
             meaning = f"the SAS expired at {expiry}"
@@ -103,15 +107,21 @@ def storage_error(
         return AccessDenied(
             f"{what}: access to {place} was denied ({detail}"
             + (f": {meaning}" if meaning else "")
-            + f"); check {check}",
+            + ")",
             blob=blob,
-            hint=f"check {check}",
+            hint=check if location.anonymous else f"check {check}",
         )
     if status in TRANSIENT_STATUS or status is None:
         return StorageUnavailable(f"{what}: {place} is unavailable ({detail}: {_said(error)})")
     return SourceUnavailable(f"{what}: {place} failed ({detail}: {_said(error)})")
 
 
+# What a load without any credential should be given.
+NO_CREDENTIAL = (
+    "give a credential: AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_KEY, a SAS (in the URI or "
+    "AZURE_STORAGE_SAS_TOKEN), or azure-identity for a workload or managed identity "
+    "(pip install 'blob2gpu[identity]')"
+)
 DEFAULT_DENIAL_CHECK = (
     "the credential: SAS expiry and permissions (read, list), the account key, or the "
     "identity's 'Storage Blob Data Reader' role"

@@ -39,6 +39,9 @@ class BlobLocation:
     # The expiry (se=) of the SAS the requests are signed with, wherever it came from (set once
     # the credential is chosen): a refusal after it names it. Not a secret.
     sas_expiry: str | None = None
+    # No credential was given or found (set once it is chosen): requests go unsigned, and a
+    # refusal says so.
+    anonymous: bool = False
 
     def describe(self, blob: str | None = None) -> str:
         """How errors name a place: account, container and blob, never a secret."""
