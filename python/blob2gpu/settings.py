@@ -561,13 +561,17 @@ def _unknown(key: object, source: str, known: list[str]) -> ConfigError:
     shown (clipped); any other (a line of a file that is no config file: /etc/shadow's
     'root:*:...') is not: what a file holds is not echoed."""
     text = str(key)
+    close: list[str] = []
     if _SETTING_NAME.fullmatch(text):
         close = difflib.get_close_matches(text, known, n=1) if len(text) <= 200 else []
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        said = f"unknown setting '{clip(text)}' from {source}{hint}"
+        guess = f" (did you mean '{close[0]}'?)" if close else ""
+        said = f"unknown setting '{clip(text)}' from {source}{guess}"
     else:
         said = f"unknown setting from {source}: a key that is no setting name (not shown)"
-    return ConfigError(said + "; known settings: " + ", ".join(sorted(known)))
+    return ConfigError(
+        said + "; known settings: " + ", ".join(sorted(known)),
+        hint=f"did you mean '{close[0]}'?" if close else None,  # said in the message already
+    )
 
 
 @dataclass(frozen=True)

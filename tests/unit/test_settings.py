@@ -118,8 +118,10 @@ def test_sizes_accept_suffixes(value, expected):
     ],
 )
 def test_errors_name_key_source_and_valid_values(overrides, environ, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match=match) as info:
         resolve(overrides, environ=environ)
+    if "did you mean" in match:  # the guess is the hint too
+        assert info.value.hint == "did you mean 'staging_slots'?"
 
 
 @pytest.mark.parametrize(
