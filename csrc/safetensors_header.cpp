@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <string_view>
 
@@ -418,6 +419,22 @@ class HeaderParser {
   const std::string& shard_;
 };
 
+// What a file whose first bytes are no safetensors length is, when they are a weights format's
+// signature (what users load by mistake), else nullptr.
+const char* other_weights_format(const uint8_t* prefix) {
+  auto starts = [prefix](std::string_view magic) {
+    return std::memcmp(prefix, magic.data(), magic.size()) == 0;
+  };
+  if (starts("PK\x03\x04")) return "a zip archive (PyTorch's torch.save format, or .npz)";
+  if (prefix[0] == 0x80 && prefix[1] >= 2 && prefix[1] <= 5) {
+    return "a Python pickle (PyTorch's legacy torch.save format)";
+  }
+  if (starts("GGUF")) return "a GGUF file (llama.cpp)";
+  if (starts("\x93NUMPY")) return "a NumPy .npy file";
+  if (starts("\x89HDF")) return "an HDF5 file (Keras .h5)";
+  return nullptr;
+}
+
 void check_header_fits(uint64_t header_len, uint64_t file_size, const std::string& shard) {
   if (header_len > kMaxHeaderBytes) {
     fail_shard(ErrorKind::HeaderTooLarge, shard,
@@ -459,7 +476,15 @@ uint64_t read_header_length(const uint8_t* prefix, size_t prefix_len, uint64_t f
   for (size_t i = 0; i < kHeaderLengthBytes; ++i) {
     header_len |= static_cast<uint64_t>(prefix[i]) << (8 * i);
   }
-  check_header_fits(header_len, file_size, shard);
+  try {
+    check_header_fits(header_len, file_size, shard);
+  } catch (CoreError& e) {
+    const char* format = other_weights_format(prefix);
+    if (format == nullptr) throw;
+    throw CoreError(
+        e.kind(), "shard " + quoted(shard) + ": the file is " + format + ", not safetensors", shard)
+        .with_hint("convert it to safetensors first (safetensors.torch.save_file of its tensors)");
+  }
   return header_len;
 }
 

@@ -41,6 +41,21 @@ def test_errors_say_what_to_check_in_their_hint(tmp_path):
     assert errors.LoadCancelled("closed").hint is None  # nothing to check: no hint
 
 
+def test_weights_of_another_format_are_named_as_such(tmp_path):
+    import numpy as np
+
+    torch.save({"w": torch.zeros(4)}, tmp_path / "zip.pt")
+    torch.save({"w": torch.zeros(4)}, tmp_path / "pickle.pt", _use_new_zipfile_serialization=False)
+    np.save(tmp_path / "array.npy", np.zeros(4))
+    said = {"zip.pt": "a zip archive", "pickle.pt": "a Python pickle", "array.npy": "a NumPy"}
+    for name, what in said.items():
+        with pytest.raises(errors.InvalidHeader) as info:
+            blob2gpu.load(str(tmp_path / name))
+        said_first = f"shard '{name}': the file is {what}"
+        assert said_first in str(info.value) and "not safetensors" in str(info.value)
+        assert info.value.hint.startswith("convert it to safetensors first")
+
+
 def test_uri_mistakes_say_what_to_write_in_their_hint(monkeypatch):
     from blob2gpu.sources.azure.location import parse_blob_uri
 
