@@ -196,6 +196,8 @@ def test_missing_blob_container_and_shard(published, azurite, container, blob_en
     assert str(info.value).count("container 'nosuchcontainer'") == 1  # named once
     with pytest.raises(errors.BlobNotFound, match=r"no .safetensors blobs"):
         blob2gpu.load(f"az://{container}/empty-prefix")
+    with pytest.raises(errors.InvalidArgument, match=r"pytorch_model.bin' .* is not safetensors"):
+        blob2gpu.load(f"az://{container}/llama/pytorch_model.bin")  # not a folder named so
     azurite.service().get_container_client(container).delete_blob(
         "llama/model-00003-of-00003.safetensors"
     )

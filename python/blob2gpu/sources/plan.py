@@ -25,11 +25,15 @@ def unread_weights_note(names: Iterable[str]) -> str:
     if not others:
         return ""
     shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-    return (
-        f"; it holds {shown}, a format blob2gpu does not read (only safetensors): convert it "
-        "first, e.g. with transformers: model.save_pretrained(DIR, safe_serialization=True), "
-        "or torch.load the state dict and write it with safetensors.torch.save_file"
-    )
+    said = f"; it holds {shown}, a format blob2gpu does not read (only safetensors)"
+    return f"{said}: {CONVERT_FIRST}"
+
+
+# What to do with weights of another format.
+CONVERT_FIRST = (
+    "convert it first, e.g. with transformers: model.save_pretrained(DIR, safe_serialization="
+    "True), or torch.load the state dict and write it with safetensors.torch.save_file"
+)
 
 
 def index_weight_map(raw: bytes, name: str, file_names_only: bool = False) -> dict[str, str]:

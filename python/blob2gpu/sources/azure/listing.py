@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from blob2gpu.documents import INDEX_MAX_BYTES, INDEX_NAME, clip
-from blob2gpu.errors import BlobNotFound, InvalidIndex, SourceUnavailable
+from blob2gpu.errors import BlobNotFound, InvalidArgument, InvalidIndex, SourceUnavailable
 from blob2gpu.integrity.manifest import MANIFEST_NAME
 from blob2gpu.sources.azure.failures import archived_reason
 from blob2gpu.sources.azure.location import BlobLocation
 from blob2gpu.sources.plan import (
+    CONVERT_FIRST,
     ShardPlan,
     ShardRef,
     index_weight_map,
@@ -65,6 +66,11 @@ def list_checkpoint(container: BlobContainer) -> BlobListing:
     missing shard) or StorageUnavailable."""
     location, retry = container.location, container.retry
     path = location.path.rstrip("/")
+    if is_other_weight_file(path):  # a URI naming a pytorch_model.bin: not a folder of shards
+        raise InvalidArgument(
+            f"{location.describe(path)} is not safetensors: blob2gpu loads safetensors only",
+            hint=CONVERT_FIRST,
+        )
     if path.endswith(".safetensors") or path.endswith(".index.json"):
         directory = posixpath.dirname(path)
     else:
