@@ -273,7 +273,8 @@ def test_blob_overwritten_during_the_load_is_detected(
     arenas = _core.live_arena_count()
     with pytest.raises(errors.BlobChanged, match="model-00003-of-00003.safetensors") as info:
         load(f"az://{container}/m", device, prefetch_concurrency=1)
-    assert "load again" in str(info.value)
+    assert "load again" in str(info.value) and info.value.hint == "load again"
+    assert info.value.blob == victim and info.value.etag is not None  # the version it read
     del info
     gc.collect()
     assert _core.live_arena_count() == arenas

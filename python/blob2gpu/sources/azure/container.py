@@ -165,7 +165,7 @@ class BlobContainer:
                 if status not in (412, 416):
                     raise
                 now = "another etag now" if status == 412 else "fewer bytes now"
-            raise self._changed_since_listing(name, f"{size} bytes then, {now}", "try again")
+            raise self._changed_since_listing(name, etag, f"{size} bytes then, {now}", "try again")
 
         return self.retry.run(read, f"reading {self.location.describe(name)}", name)
 
@@ -266,7 +266,7 @@ class BlobContainer:
             os.unlink(tmp)
             if getattr(e, "status_code", None) == 412 or isinstance(e, RangeMismatch):
                 raise self._changed_since_listing(
-                    aux.name, f"its etag is no longer {aux.etag}", FETCH_AGAIN
+                    aux.name, aux.etag, f"its etag is no longer {aux.etag}", FETCH_AGAIN
                 ) from None
             raise
         return tmp, size, sha.hexdigest()
@@ -287,14 +287,19 @@ class BlobContainer:
             data, total = self.native.get_range(target, headers, end - start, first_byte=start)
             if total not in (-1, aux.size):
                 raise self._changed_since_listing(
-                    aux.name, f"{aux.size} bytes then, {total} now", FETCH_AGAIN
+                    aux.name, aux.etag, f"{aux.size} bytes then, {total} now", FETCH_AGAIN
                 )
             yield data
 
-    def _changed_since_listing(self, name: str, how: str, next_step: str) -> BlobChanged:
-        """Blob `name` is not the one listed any more (`how`: what differs)."""
+    def _changed_since_listing(
+        self, name: str, etag: str | None, how: str, next_step: str
+    ) -> BlobChanged:
+        """Blob `name` is not the one listed (at `etag`) any more (`how`: what differs)."""
         return BlobChanged(
-            f"{self.location.describe(name)} changed since it was listed ({how}); {next_step}"
+            f"{self.location.describe(name)} changed since it was listed ({how})",
+            blob=name,
+            etag=etag,
+            hint=next_step,
         )
 
 

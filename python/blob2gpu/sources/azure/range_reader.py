@@ -251,6 +251,8 @@ class BlobRangeReader:
                 f"shard '{ref.name}': {self.location.describe(ref.path)} changed "
                 f"during the load (HTTP {status}: its etag is no longer {ref.etag}); "
                 "nothing from it was kept",
+                blob=ref.path,
+                etag=ref.etag,
                 hint="load again",
             ) from None
         if not is_transient(error):
@@ -263,6 +265,8 @@ class BlobRangeReader:
         return BlobChanged(
             f"shard '{ref.name}': {self.location.describe(ref.path)} changed during "
             f"the load (expected {ref.size} bytes, the server reports {said})",
+            blob=ref.path,
+            etag=ref.etag,
             hint="load again",
         )
 
