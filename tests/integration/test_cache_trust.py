@@ -152,6 +152,8 @@ def test_a_forged_entry_is_never_served(
     assert got == expected(published)  # not the planted weights
     assert report.verification == ("crc32c" if authority == "manifest" else "content-md5")
     assert list(report.cache_repaired) == [SHARDS[0]]
+    why = report.cache_repaired[SHARDS[0]]  # what was wrong, not what a failed load would do
+    assert why.startswith("ChecksumMismatch: ") and "load again" not in why
     assert [s.cache_hit for s in report.shards] == [False, True, True]
     # Fetched again and written through: the next load reads every shard from the cache.
     got, report = cached_load(uri, cache_dir, verify=verify)

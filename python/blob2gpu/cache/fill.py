@@ -229,8 +229,13 @@ class CacheFill:
 
 
 def what_was_wrong(error: BaseException) -> str:
-    """An error as the report and the fill's skips say it: its kind and first line."""
-    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    """An error as the report and the fill's skips say it: its kind and first line, without its
+    hint (what the user of a failed load would do; here the error was handled)."""
+    said = str(error)
+    hint = getattr(error, "hint", None)
+    if hint:
+        said = said.removesuffix(f"; {hint}")
+    return f"{type(error).__name__}: {said.splitlines()[0] if said else ''}"
 
 
 class _FillThread:
