@@ -254,6 +254,7 @@ class Checkpoint:
         if self._closed:
             return
         self._closed = True
+        self._pending.clear()  # arrived, never handed out: their device memory goes back now
         try:
             self._fetch.close()
             self._fill = self._prepared.source.finish(self._prepared, complete=self._finished)
