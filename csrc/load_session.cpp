@@ -424,7 +424,7 @@ void LoadSession::claim_tensor_names(size_t index) {
   for (size_t t : shard.layout.selected) {
     const std::string& name = shard.header.tensors[t].name;
     auto [it, claimed] = tensor_shards_.emplace(name, index);
-    if (!claimed) {
+    if (!claimed && it->second != index) {
       throw CoreError(ErrorKind::DuplicateTensor,
                       "tensor '" + name + "' is in shard '" + shards_[it->second]->source.name +
                           "' and in shard '" + shard.source.name + "'",

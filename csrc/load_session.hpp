@@ -489,8 +489,8 @@ class LoadSession {
   std::atomic<uint64_t> group_received_bytes_{0};  // arrived(from_peer): the peers' parts
   Md5Gauge md5_gauge_;                             // the shards' ContentMd5Verifiers count into it
   std::vector<std::string> checksum_failures_;     // under mutex_
-  std::unordered_map<std::string, size_t>
-      tensor_shards_;  // under mutex_: a handed-out name's shard
+  // Under mutex_: each handed-out tensor name's shard (claim_tensor_names).
+  std::unordered_map<std::string, size_t> tensor_shards_;
   std::atomic<int64_t> min_free_{-1};
   std::chrono::steady_clock::time_point start_;
   std::atomic<bool> cancelled_{false};
