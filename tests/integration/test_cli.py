@@ -216,6 +216,20 @@ def test_config_show_says_what_a_load_uses_for_settings_left_to_it(monkeypatch, 
     assert row.split()[1:] == ["0", "default", "8", "(sized", "from", "this", "host", "for", "cpu)"]
 
 
+def test_ctrl_c_ends_a_command_with_one_line_and_code_130(monkeypatch, capsys):
+    from blob2gpu import phrasing
+    from blob2gpu.cli import arguments, entry
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(arguments, "cmd_load", interrupted)
+    # main() switches this process's hints to command-line words: back to Python's afterwards.
+    monkeypatch.setattr(phrasing, "_command_line", phrasing._command_line)
+    assert entry.main(["load", "some/checkpoint"]) == 130
+    assert capsys.readouterr().err == "blob2gpu: interrupted\n"  # no traceback
+
+
 def test_settings_command_is_gone():
     assert run("settings").returncode == 2  # replaced by `config show`
 

@@ -14,7 +14,7 @@
     blob2gpu demo                  write a small checkpoint and load it
     blob2gpu emulator              run a local Azurite (blob service) until Ctrl-C
 
-Errors print one line on stderr and exit 2.
+Errors print one line on stderr and exit 2; Ctrl-C prints one line and exits 130.
 """
 
 from blob2gpu.cli.arguments import build_parser

@@ -385,8 +385,9 @@ def _add_emulator_command(sub: Any) -> None:
         "emulator",
         help="run a local Azurite blob service until Ctrl-C, printing its connection string",
         description="Start Azurite's blob service (npm package azurite; found in $AZURITE_BLOB, "
-        "./.azurite or on PATH) on 127.0.0.1, print the AZURE_STORAGE_CONNECTION_STRING to use "
-        "from another shell, and run until interrupted (Ctrl-C or SIGTERM stop it).",
+        "./.azurite, ~/.local/share/blob2gpu/azurite or on PATH) on 127.0.0.1, print the "
+        "AZURE_STORAGE_CONNECTION_STRING to use from another shell, and run until interrupted "
+        "(Ctrl-C or SIGTERM stop it).",
     )
     emulator.add_argument(
         "--port",

@@ -1,4 +1,5 @@
-"""main(): parse the command line, run the command, map blob2gpu's errors to exit code 2."""
+"""main(): parse the command line, run the command, map blob2gpu's errors to exit code 2 (and
+Ctrl-C to 130, the shell's code for SIGINT)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `blob2gpu config show | head`
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: what was running has closed on the way out
+        print("blob2gpu: interrupted", file=sys.stderr)
+        return 130
