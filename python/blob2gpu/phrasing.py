@@ -6,6 +6,7 @@ asks here."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 _command_line = False
@@ -33,3 +34,9 @@ def setting(name: str, value: Any) -> str:
 def count(n: int, noun: str) -> str:
     """'1 tensor', '2 tensors': `n` and `noun`, plural (an s) unless n is 1."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def first_of(names: Sequence[str], shown: int = 3, noun: str = "") -> str:
+    """The first `shown` of `names`, joined, and how many more ('a, b, c and 2 more [noun]')."""
+    more = f" and {len(names) - shown} more" + (f" {noun}" if noun else "")
+    return ", ".join(names[:shown]) + (more if len(names) > shown else "")

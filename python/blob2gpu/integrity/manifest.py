@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blob2gpu import _core
+from blob2gpu import _core, phrasing
 from blob2gpu.documents import (
     MANIFEST_MAX_BYTES,
     clip,
@@ -237,9 +237,9 @@ def core_checksums(
     unlisted = [s.name for s, c in zip(shards, checksums, strict=True) if c is None]
     if unlisted:
         raise InvalidManifest(
-            f"{MANIFEST_NAME} does not list {', '.join(repr(n) for n in unlisted[:3])}"
-            + (f" and {len(unlisted) - 3} more shards" if len(unlisted) > 3 else "")
-            + ": the checkpoint changed after it was published",
+            f"{MANIFEST_NAME} does not list "
+            f"{phrasing.first_of([repr(n) for n in unlisted], noun='shards')}: "
+            "the checkpoint changed after it was published",
             hint="publish it again (`blob2gpu publish`), or load it unchecked (verify='none')",
         )
     return checksums

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from blob2gpu import phrasing
 from blob2gpu.documents import INDEX_NAME
 from blob2gpu.errors import BlobNotFound, InvalidArgument, InvalidHeader
 from blob2gpu.integrity.manifest import (
@@ -93,9 +94,7 @@ def _refuse_other_weights(container: Any, prefix: str, publishing: set[str]) -> 
         and (name.endswith(".safetensors") or name == INDEX_NAME)
     )
     if others:
-        shown = ", ".join(repr(n) for n in others[:3]) + (
-            f" and {len(others) - 3} more" if len(others) > 3 else ""
-        )
+        shown = phrasing.first_of([repr(n) for n in others])
         raise InvalidArgument(
             f"not publishing to '{prefix or '/'}' in {container.location.describe()}: it "
             f"already holds {shown}, which this folder lacks and a load would read beside the "

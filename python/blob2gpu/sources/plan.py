@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from blob2gpu import phrasing
 from blob2gpu.documents import clip, parse_json
 from blob2gpu.errors import InvalidIndex
 
@@ -24,7 +25,7 @@ def unread_weights_note(names: Iterable[str]) -> str:
     others = sorted(n for n in names if is_other_weight_file(n))
     if not others:
         return ""
-    shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    shown = phrasing.first_of(others)
     said = f"; it holds {shown}, a format blob2gpu does not read (only safetensors)"
     return f"{said}: {CONVERT_FIRST}"
 

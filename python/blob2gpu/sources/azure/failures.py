@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
+from blob2gpu import phrasing
 from blob2gpu.errors import (
     AccessDenied,
     Blob2GpuError,
@@ -247,7 +248,7 @@ def archived_error(
     """BlobArchived naming `blobs` (blob name -> archived_reason) and what would make them
     readable."""
     named = [f"'{b}' ({why})" for b, why in blobs.items()]
-    shown = ", ".join(named[:8]) + (f" and {len(named) - 8} more" if len(named) > 8 else "")
+    shown = phrasing.first_of(named, shown=8)
     return BlobArchived(
         (f"{what}: " if what else "")
         + f"{shown} in {location.describe()}: the service serves no bytes of a blob in the "
